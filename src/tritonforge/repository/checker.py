@@ -1,0 +1,200 @@
+"""Checks of a model repository: offline (layout, configs, files, signatures) and live (load, one request)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tritonforge.config import ModelConfig, check_signature, onnx_signature, read_config
+from tritonforge.errors import TritonForgeError
+from tritonforge.repository.writer import STAGING_PREFIX, model_filename, versions
+
+__all__ = ["LiveResult", "Problem", "check_live", "check_repository", "model_dirs", "sample_inputs"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a repository: which model (and version), what, and how bad."""
+
+    model: str
+    message: str
+    version: int | None = None
+    severity: str = "error"  # "error" stops Triton from serving the model; "warning" does not
+
+    def __str__(self) -> str:
+        where = self.model + (f" v{self.version}" if self.version is not None else "")
+        return f"{self.severity}: {where}: {self.message}"
+
+
+@dataclass
+class LiveResult:
+    """What happened to one model on a live server: loaded?, answered?, in how long."""
+
+    model: str
+    loaded: bool
+    answered: bool = False
+    latency_ms: float | None = None
+    outputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.loaded and self.answered
+
+
+def model_dirs(repo: Path) -> list[Path]:
+    """The model folders of a repository (hidden and staging folders skipped), by name."""
+    return sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def check_repository(repo: str | os.PathLike[str]) -> list[Problem]:
+    """Every problem an offline look at ``repo`` finds (an empty list: Triton should load it all).
+
+    Checks the layout, that each config.pbtxt parses and is valid, that its name matches its folder, that
+    each version folder has the model file, and that ONNX files' signatures match their configs.
+    """
+    root = Path(repo)
+    if not root.is_dir():
+        return [Problem(str(root), "the repository folder does not exist")]
+    problems: list[Problem] = []
+    dirs = model_dirs(root)
+    if not dirs:
+        problems.append(Problem(str(root), "the repository has no model folders", severity="warning"))
+    for leftover in root.glob(f"{STAGING_PREFIX}*"):
+        problems.append(
+            Problem(leftover.name, "a staging folder left by an interrupted write; it is safe to delete",
+                    severity="warning")
+        )
+    configs: dict[str, ModelConfig] = {}
+    for model_dir in dirs:
+        config = _check_config(model_dir, problems)
+        if config is not None:
+            configs[model_dir.name] = config
+            _check_versions(model_dir, config, problems)
+    for name, config in configs.items():
+        for step in config.ensemble_steps or ():
+            if step.model_name not in configs:
+                problems.append(Problem(name, f"ensemble step model '{step.model_name}' is not in the repository"))
+    return problems
+
+
+def _check_config(model_dir: Path, problems: list[Problem]) -> ModelConfig | None:
+    name = model_dir.name
+    path = model_dir / "config.pbtxt"
+    if not path.is_file():
+        problems.append(Problem(name, f"no config.pbtxt in {model_dir}; write one (tritonforge add-model does)"))
+        return None
+    try:
+        config = read_config(path)
+    except TritonForgeError as exc:
+        problems.append(Problem(name, exc.message))
+        return None
+    if config.name and config.name != name:
+        problems.append(Problem(name, f"config.pbtxt names the model '{config.name}': rename it to '{name}'"))
+    return config
+
+
+def _check_versions(model_dir: Path, config: ModelConfig, problems: list[Problem]) -> None:
+    name = model_dir.name
+    found = versions(model_dir)
+    if not found:
+        problems.append(Problem(name, "no version folder (1/, 2/, ...): Triton serves nothing for it"))
+    filename = model_filename(config)
+    if filename is None:
+        return
+    for version in found:
+        path = model_dir / str(version) / filename
+        if not path.exists():
+            problems.append(Problem(name, f"missing model file {path.name} in {path.parent}", version))
+            continue
+        if filename.endswith(".onnx"):
+            try:
+                mismatches = check_signature(config, onnx_signature(path))
+            except TritonForgeError as exc:
+                problems.append(Problem(name, exc.message, version))
+                continue
+            problems.extend(Problem(name, f"config and model.onnx disagree: {m}", version) for m in mismatches)
+
+
+def sample_inputs(config: ModelConfig, *, batch: int = 1, variable_dim: int = 4, seed: int = 0) -> dict[str, Any]:
+    """One request's inputs built from ``config``: -1 dims become ``variable_dim``, a batch dim is added.
+
+    Integer inputs get small values (0-9) so that id-like inputs (token ids, indices) stay in range.
+    """
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, Any] = {}
+    for tensor in config.inputs:
+        dims = [variable_dim if d < 0 else d for d in tensor.dims]
+        shape = ([batch] if config.max_batch_size > 0 else []) + dims
+        dtype = tensor.dtype.to_numpy()
+        if dtype == np.object_:
+            arrays[tensor.name] = np.full(shape, b"tritonforge", dtype=np.object_)
+        elif dtype == np.bool_:
+            arrays[tensor.name] = rng.integers(0, 2, size=shape).astype(np.bool_)
+        elif np.issubdtype(dtype, np.integer):
+            arrays[tensor.name] = rng.integers(0, 10, size=shape).astype(dtype)
+        else:
+            arrays[tensor.name] = rng.standard_normal(size=shape).astype(dtype)
+    return arrays
+
+
+def check_live(
+    repo: str | os.PathLike[str], *, timeout_s: float = 60.0, server: Any = None
+) -> list[LiveResult]:
+    """Load each model of ``repo`` in the embedded server, one at a time, and send it one request.
+
+    A model that fails to load is reported with Triton's reason; the others are still tried.
+    """
+    import time
+
+    import tritonclient.grpc as grpcclient
+
+    from tritonforge.errors import ModelLoadError
+    from tritonforge.server import EmbeddedServer
+
+    root = Path(repo)
+    own = server is None
+    if own:
+        server = EmbeddedServer(root, model_control="explicit")
+        server.start()
+    results: list[LiveResult] = []
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        for model_dir in model_dirs(root):
+            name = model_dir.name
+            try:
+                config = read_config(model_dir / "config.pbtxt")
+                server.load_model(name)
+            except (ModelLoadError, TritonForgeError) as exc:
+                results.append(LiveResult(name, loaded=False, error=exc.message))
+                continue
+            result = LiveResult(name, loaded=True)
+            try:
+                arrays = sample_inputs(config)
+                inputs = []
+                for tensor in config.inputs:
+                    array = arrays[tensor.name]
+                    infer_input = grpcclient.InferInput(tensor.name, list(array.shape), tensor.dtype.triton_name)
+                    infer_input.set_data_from_numpy(array)
+                    inputs.append(infer_input)
+                start = time.perf_counter()
+                response = client.infer(name, inputs, client_timeout=timeout_s)
+                result.latency_ms = (time.perf_counter() - start) * 1e3
+                for tensor in config.outputs:
+                    value = response.as_numpy(tensor.name)
+                    if value is None:
+                        raise TritonForgeError(f"the response has no output '{tensor.name}'")
+                    result.outputs[tensor.name] = tuple(value.shape)
+                result.answered = True
+            except Exception as exc:  # report, don't stop: the point is to see every model's state
+                result.error = exc.message if isinstance(exc, TritonForgeError) else str(exc)
+            results.append(result)
+    finally:
+        client.close()
+        if own:
+            server.stop()
+    return results

@@ -1,0 +1,130 @@
+"""Session-wide real Triton server over a repository of tiny real models (built once per session)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+import tiny_models
+from tritonforge.config import (
+    DataType,
+    DynamicBatching,
+    InstanceGroup,
+    InstanceKind,
+    ModelConfig,
+    TensorSpec,
+)
+from tritonforge.repository import add_model
+from tritonforge.server import EmbeddedServer
+
+
+def _spec(name: str, dtype: DataType, dims: tuple[int, ...]) -> TensorSpec:
+    return TensorSpec(name=name, dtype=dtype, dims=dims)
+
+
+def build_test_repository(root: Path) -> Path:
+    work = root / "_src"
+    repo = root / "repo"
+    batching = DynamicBatching(max_queue_delay_us=20_000, preferred_batch_sizes=(8, 16))
+    # mlp: inferred config (the path users take), with a queue delay so concurrent requests are batched
+    add_model(repo, "mlp", tiny_models.mlp_onnx(work / "mlp.onnx"), max_batch_size=32, max_queue_delay_us=20_000)
+    dtypes = ModelConfig(
+        name="dtypes",
+        platform="onnxruntime_onnx",
+        max_batch_size=8,
+        inputs=tuple(_spec(n, t, (4,)) for n, t in
+                     [("half", DataType.FP16), ("long", DataType.INT64), ("int", DataType.INT32),
+                      ("flag", DataType.BOOL)]),
+        outputs=tuple(_spec(f"{n}_out", t, (4,)) for n, t in
+                      [("half", DataType.FP16), ("long", DataType.INT64), ("int", DataType.INT32),
+                       ("flag", DataType.BOOL)]),
+        dynamic_batching=DynamicBatching(),
+    )
+    add_model(repo, "dtypes", tiny_models.dtypes_onnx(work / "dtypes.onnx"), dtypes)
+    fixed = ModelConfig(
+        name="fixed",
+        platform="onnxruntime_onnx",
+        max_batch_size=0,
+        inputs=(_spec("a", DataType.FP32, (2, 3)),),
+        outputs=(_spec("b", DataType.FP32, (3, 2)),),
+    )
+    add_model(repo, "fixed", tiny_models.fixed_onnx(work / "fixed.onnx"), fixed)
+    lookup = ModelConfig(
+        name="lookup",
+        platform="onnxruntime_onnx",
+        max_batch_size=16,
+        inputs=(_spec("ids", DataType.INT64, (-1,)),),
+        outputs=(_spec("vec", DataType.FP32, (-1, 4)),),
+        dynamic_batching=DynamicBatching(max_queue_delay_us=50_000),
+        instance_groups=(InstanceGroup(count=2, kind=InstanceKind.CPU),),
+        parameters={"intra_op_thread_count": "1"},
+    )
+    add_model(repo, "lookup", tiny_models.lookup_onnx(work / "lookup.onnx"), lookup)
+    if _has_torch():
+        affine = ModelConfig(
+            name="affine_ts",
+            platform="pytorch_libtorch",
+            max_batch_size=32,
+            inputs=(_spec("INPUT__0", DataType.FP32, (6,)),),
+            outputs=(_spec("OUTPUT__0", DataType.FP32, (4,)),),
+            dynamic_batching=batching,
+            parameters={"INTRA_OP_THREAD_COUNT": "1"},
+        )
+        add_model(repo, "affine_ts", tiny_models.affine_torchscript(work / "affine.pt"), affine)
+        named = ModelConfig(
+            name="named_ts",
+            platform="pytorch_libtorch",
+            max_batch_size=8,
+            inputs=(_spec("tokens", DataType.INT64, (-1,)), _spec("scale", DataType.FP32, (1,))),
+            outputs=(_spec("OUTPUT__0", DataType.INT64, (1,)), _spec("OUTPUT__1", DataType.FP32, (-1,))),
+            dynamic_batching=DynamicBatching(),
+        )
+        add_model(repo, "named_ts", tiny_models.named_torchscript(work / "named.pt"), named)
+    return repo
+
+
+def _has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_test_repository(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def server(model_repo: Path) -> Iterator[EmbeddedServer]:
+    with EmbeddedServer(model_repo) as running:
+        yield running
+
+
+@pytest.fixture()
+def grpc(server: EmbeddedServer) -> Iterator[grpcclient.InferenceServerClient]:
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    yield client
+    client.close()
+
+
+def triton_infer(
+    client: grpcclient.InferenceServerClient, model: str, inputs: dict[str, np.ndarray], **kwargs: Any
+) -> dict[str, np.ndarray]:
+    """One request through raw tritonclient (so these tests don't depend on our own client)."""
+    from tritonclient.utils import np_to_triton_dtype
+
+    infer_inputs = []
+    for name, array in inputs.items():
+        item = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        item.set_data_from_numpy(array)
+        infer_inputs.append(item)
+    result = client.infer(model, infer_inputs, **kwargs)
+    response = result.get_response()
+    return {out.name: result.as_numpy(out.name) for out in response.outputs}

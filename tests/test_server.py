@@ -1,0 +1,105 @@
+"""The embedded server's lifecycle: start, load failures, explicit control, and a clean stop."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+
+import tiny_models
+from conftest import triton_infer
+from tritonforge.errors import ModelLoadError, ServerError
+from tritonforge.repository import add_model
+from tritonforge.server import EmbeddedServer
+
+
+def _stray(pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if str(pid) in " ".join(p.info["cmdline"] or [])
+            and "triton_python_backend_stub" in " ".join(p.info["cmdline"] or [])]
+
+
+def _shm(prefix: str) -> list[str]:
+    return [f for f in os.listdir("/dev/shm") if f.startswith(prefix)]
+
+
+def test_server_listens_only_on_loopback_with_free_ports(server):
+    assert server.grpc_url.startswith("127.0.0.1:")
+    assert len({server.grpc_port, server.http_port, server.metrics_port}) == 3
+    listening = {c.laddr for c in psutil.Process(server.pid).net_connections() if c.status == "LISTEN"}
+    assert listening and all(addr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for addr in listening)
+
+
+def test_stop_leaves_no_process_shared_memory_or_log_file(tmp_path):
+    repo = tmp_path / "repo"
+    add_model(repo, "mlp", tiny_models.mlp_onnx(tmp_path / "mlp.onnx"), instances=2)
+    server = EmbeddedServer(repo).start()
+    pid, prefix, log_path = server.pid, server._shm_prefix, server._log_path
+    children = psutil.Process(pid).children(recursive=True)
+    assert len(children) == 2  # one backend stub per instance
+    assert _shm(prefix), "the Python backend should have made shared-memory regions"
+    server.stop()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    assert _shm(prefix) == []
+    assert log_path is not None and not log_path.exists()
+    assert "successfully loaded 'mlp'" in server.log  # the log stays readable after stop
+
+
+def test_stop_after_the_server_was_killed_still_sweeps_its_backend_processes(tmp_path):
+    repo = tmp_path / "repo"
+    add_model(repo, "mlp", tiny_models.mlp_onnx(tmp_path / "mlp.onnx"))
+    server = EmbeddedServer(repo).start()
+    children = psutil.Process(server.pid).children(recursive=True)
+    os.kill(server.pid, 9)
+    server.stop()
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+
+
+def test_start_raises_model_load_error_naming_the_model_and_cause(tmp_path):
+    repo = tmp_path / "repo"
+    model = add_model(repo, "broken", tiny_models.mlp_onnx(tmp_path / "mlp.onnx"))
+    (model / "model.onnx").write_bytes(b"this is not an onnx file")
+    with pytest.raises(ModelLoadError) as info:
+        EmbeddedServer(repo, startup_timeout_s=60).start()
+    assert info.value.model == "broken"
+    assert "broken" in info.value.message and "protobuf" in info.value.message.lower()
+
+
+def test_start_raises_server_error_when_the_repository_is_missing(tmp_path):
+    with pytest.raises(ServerError, match="does not exist"):
+        EmbeddedServer(tmp_path / "nowhere")
+
+
+def test_explicit_mode_loads_and_unloads_models_on_demand(tmp_path):
+    repo = tmp_path / "repo"
+    add_model(repo, "mlp", tiny_models.mlp_onnx(tmp_path / "mlp.onnx"))
+    add_model(repo, "fixed", tiny_models.fixed_onnx(tmp_path / "fixed.onnx"))
+    with EmbeddedServer(repo, model_control="explicit", load_models=["fixed"]) as server:
+        assert server.is_model_ready("fixed")
+        assert not server.is_model_ready("mlp")
+        server.load_model("mlp")
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            out = triton_infer(client, "mlp", {"x": np.ones((2, 8), dtype=np.float32)})
+            assert out["probs"].shape == (2, 3)
+            server.unload_model("mlp")
+            assert not server.is_model_ready("mlp")
+        finally:
+            client.close()
+
+
+def test_load_model_raises_model_load_error_with_tritons_reason(tmp_path):
+    repo = tmp_path / "repo"
+    model = add_model(repo, "mlp", tiny_models.mlp_onnx(tmp_path / "mlp.onnx"))
+    shutil.copy(model / "model.onnx", tmp_path / "keep.onnx")
+    (model / "model.onnx").unlink()
+    with EmbeddedServer(repo, model_control="explicit") as server:
+        with pytest.raises(ModelLoadError) as info:
+            server.load_model("mlp")
+        assert info.value.model == "mlp"
+        assert "model.onnx" in info.value.message
