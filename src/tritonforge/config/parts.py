@@ -1,0 +1,601 @@
+"""The pieces of a model config: tensors, batching, instances, versions, warmup, accelerators.
+
+Each is a frozen, keyword-only dataclass mirroring one message of Triton's model_config.proto and
+checking, in ``__post_init__``, what Triton would reject about it on its own. Checks that need the
+whole config (batch sizes against ``max_batch_size``, warmup against inputs) live in ``validate.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+from tritonforge.config._frozen import FrozenDict
+from tritonforge.config.enums import DataType, InstanceKind, TimeoutAction
+from tritonforge.errors import ConfigError
+
+__all__ = [
+    "CustomAccelerator",
+    "DynamicBatching",
+    "EnsembleStep",
+    "InstanceGroup",
+    "ModelWarmup",
+    "OpenVINOAccelerator",
+    "Optimization",
+    "QueuePolicy",
+    "TensorRTAccelerator",
+    "TensorSpec",
+    "VersionPolicy",
+    "WarmupInput",
+]
+
+WILDCARD_DIM = -1
+
+
+def _set(obj: object, name: str, value: Any) -> None:
+    # Frozen dataclasses normalise their own inputs (lists -> tuples, str -> enum) in __post_init__.
+    object.__setattr__(obj, name, value)
+
+
+def _int_tuple(owner: str, field: str, values: Iterable[Any]) -> tuple[int, ...]:
+    try:
+        items = tuple(values)
+    except TypeError as exc:
+        raise ConfigError(f"{owner}: {field} must be a sequence of integers, got {values!r}") from exc
+    for item in items:
+        # bool is an int subclass; True as a dimension is always a mistake.
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise ConfigError(f"{owner}: {field} must hold integers, got {item!r} in {items!r}")
+    return items
+
+
+def _check_dims(owner: str, field: str, dims: Sequence[int], *, wildcard: bool = True) -> None:
+    for index, dim in enumerate(dims):
+        if dim >= 1 or (wildcard and dim == WILDCARD_DIM):
+            continue
+        hint = "an integer >= 1, or -1 for a variable-size dimension" if wildcard else "an integer >= 1"
+        raise ConfigError(f"{owner}: {field}[{index}] is {dim}; each dimension must be {hint}")
+
+
+def _element_count(dims: Sequence[int]) -> int:
+    return -1 if WILDCARD_DIM in dims else math.prod(dims)
+
+
+def _segments(dims: Sequence[int]) -> list[int]:
+    """Element counts of the runs between variable-size dims: [2, 4, -1, 6] -> [8, 6]."""
+    counts, current = [], 1
+    for dim in dims:
+        if dim == WILDCARD_DIM:
+            counts.append(current)
+            current = 1
+        else:
+            current *= dim
+    counts.append(current)
+    return counts
+
+
+def _check_non_negative(owner: str, **values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{owner}: {name} must be an integer >= 0, got {value!r}")
+
+
+def _check_positive(owner: str, **values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TensorSpec:
+    """One model input or output: ``input { name: "x" data_type: TYPE_FP32 dims: [3, -1] }``.
+
+    ``dims`` leave out the batch dimension when the model batches (``max_batch_size > 0``); -1 marks
+    a variable-size dimension. ``reshape`` is the shape the model itself sees, when it differs (an
+    empty reshape turns a ``[1]`` tensor into a scalar; only batching models may do that).
+    ``optional`` and ``allow_ragged_batch`` apply to inputs only.
+
+    Example:
+        >>> TensorSpec(name="image", dtype="FP32", dims=[3, 224, 224]).dims
+        (3, 224, 224)
+
+    Raises:
+        ConfigError: for an empty name, no dims, a dim of 0 or below -1, or a reshape whose element
+            count differs from the dims'.
+    """
+
+    name: str
+    dtype: DataType
+    dims: Sequence[int]
+    optional: bool = False
+    reshape: Sequence[int] | None = None
+    allow_ragged_batch: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"tensor name must be a non-empty string, got {self.name!r}")
+        owner = f"tensor {self.name!r}"
+        try:
+            _set(self, "dtype", DataType.parse(self.dtype))
+        except ConfigError as exc:
+            raise ConfigError(f"{owner}: {exc.message}") from exc
+        _set(self, "dims", _int_tuple(owner, "dims", self.dims))
+        if not self.dims:
+            raise ConfigError(
+                f"{owner}: dims is empty; Triton needs at least one dimension. For a scalar in a "
+                "batching model write dims=(1,) with reshape=()"
+            )
+        _check_dims(owner, "dims", self.dims)
+        if self.reshape is not None:
+            _set(self, "reshape", _int_tuple(owner, "reshape", self.reshape))
+            self._check_reshape(owner)
+
+    def _check_reshape(self, owner: str) -> None:
+        assert self.reshape is not None
+        _check_dims(owner, "reshape", self.reshape)
+        dims_count, reshape_count = _element_count(self.dims), _element_count(self.reshape)
+        if not self.reshape:
+            if dims_count != 1:
+                raise ConfigError(
+                    f"{owner}: an empty reshape (a scalar) needs dims with exactly one element, "
+                    f"got dims {list(self.dims)}"
+                )
+            return
+        mismatch = dims_count != reshape_count or (
+            dims_count == WILDCARD_DIM and _segments(self.dims) != _segments(self.reshape)
+        )
+        if mismatch:
+            raise ConfigError(
+                f"{owner}: reshape {list(self.reshape)} does not hold the same elements as dims "
+                f"{list(self.dims)}; make the products match (between -1 entries, when there are any)"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QueuePolicy:
+    """How a scheduler queue treats waiting requests (``ModelQueuePolicy``).
+
+    Example:
+        >>> QueuePolicy(timeout_action="DELAY", default_timeout_us=50_000).timeout_action
+        <TimeoutAction.DELAY: 'DELAY'>
+
+    Raises:
+        ConfigError: for a negative timeout or queue size.
+    """
+
+    timeout_action: TimeoutAction = TimeoutAction.REJECT
+    default_timeout_us: int = 0
+    allow_timeout_override: bool = False
+    max_queue_size: int = 0
+
+    def __post_init__(self) -> None:
+        _set(self, "timeout_action", TimeoutAction.parse(self.timeout_action))
+        _check_non_negative(
+            "queue policy", default_timeout_us=self.default_timeout_us, max_queue_size=self.max_queue_size
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DynamicBatching:
+    """Triton's dynamic batcher (``dynamic_batching { ... }``); needs ``max_batch_size > 0``.
+
+    Priority levels run 1..``priority_levels``; ``priority_queue_policy`` maps a level to its queue
+    policy and is stored as a read-only mapping.
+
+    Example:
+        >>> DynamicBatching(preferred_batch_sizes=[4, 8], max_queue_delay_us=100).preferred_batch_sizes
+        (4, 8)
+
+    Raises:
+        ConfigError: for a preferred size < 1, a default priority level outside 1..priority_levels,
+            a queue policy for an unknown level, or ordering combined with priorities or DELAY.
+    """
+
+    preferred_batch_sizes: Sequence[int] = ()
+    max_queue_delay_us: int = 0
+    preserve_ordering: bool = False
+    priority_levels: int = 0
+    default_priority_level: int = 0
+    default_queue_policy: QueuePolicy | None = None
+    priority_queue_policy: Mapping[int, QueuePolicy] = dataclasses.field(default_factory=FrozenDict)
+
+    def __post_init__(self) -> None:
+        owner = "dynamic_batching"
+        _set(
+            self,
+            "preferred_batch_sizes",
+            _int_tuple(owner, "preferred_batch_sizes", self.preferred_batch_sizes),
+        )
+        for size in self.preferred_batch_sizes:
+            if size < 1:
+                raise ConfigError(f"{owner}: preferred batch size {size} must be >= 1")
+        _check_non_negative(
+            owner,
+            max_queue_delay_us=self.max_queue_delay_us,
+            priority_levels=self.priority_levels,
+            default_priority_level=self.default_priority_level,
+        )
+        _set(self, "priority_queue_policy", FrozenDict(self.priority_queue_policy))
+        levels = self.priority_levels
+        if levels:
+            if not 1 <= self.default_priority_level <= levels:
+                raise ConfigError(
+                    f"{owner}: default_priority_level must be in 1..{levels} when priority_levels is "
+                    f"{levels}, got {self.default_priority_level}"
+                )
+        elif self.default_priority_level:
+            raise ConfigError(
+                f"{owner}: default_priority_level is {self.default_priority_level} but priority_levels "
+                "is 0; set priority_levels too, or drop default_priority_level"
+            )
+        for level, policy in self.priority_queue_policy.items():
+            if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= levels:
+                raise ConfigError(
+                    f"{owner}: priority_queue_policy has level {level!r}; levels must be in "
+                    f"1..priority_levels ({levels})"
+                )
+            if not isinstance(policy, QueuePolicy):
+                raise ConfigError(f"{owner}: priority_queue_policy[{level}] must be a QueuePolicy")
+        if self.preserve_ordering:
+            self._check_ordering(owner)
+
+    def _check_ordering(self, owner: str) -> None:
+        if self.priority_levels > 1:
+            raise ConfigError(f"{owner}: preserve_ordering allows one priority level at most")
+        policies = [self.default_queue_policy, *self.priority_queue_policy.values()]
+        for policy in policies:
+            if policy and policy.timeout_action is TimeoutAction.DELAY and policy.default_timeout_us:
+                raise ConfigError(
+                    f"{owner}: a queue policy can't DELAY timed-out requests when preserve_ordering "
+                    "is on; use REJECT or turn preserve_ordering off"
+                )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InstanceGroup:
+    """A group of model instances (``instance_group [{ count: 2 kind: KIND_GPU gpus: [0] }]``).
+
+    ``KIND_GPU`` groups are valid anywhere: the generated repositories run on NVIDIA GPU containers.
+    With no ``gpus`` listed Triton spreads the group over every GPU it sees.
+
+    Example:
+        >>> InstanceGroup(count=2, kind="GPU").kind
+        <InstanceKind.GPU: 'GPU'>
+
+    Raises:
+        ConfigError: for count < 1, a negative GPU id, or GPUs listed on a CPU or MODEL group.
+    """
+
+    count: int = 1
+    kind: InstanceKind = InstanceKind.CPU
+    gpus: Sequence[int] = ()
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        owner = f"instance group {self.name!r}" if self.name else "instance group"
+        _set(self, "kind", InstanceKind.parse(self.kind))
+        _check_positive(owner, count=self.count)
+        _set(self, "gpus", _int_tuple(owner, "gpus", self.gpus))
+        if any(gpu < 0 for gpu in self.gpus):
+            raise ConfigError(f"{owner}: GPU ids must be >= 0, got {list(self.gpus)}")
+        if self.gpus and self.kind in (InstanceKind.CPU, InstanceKind.MODEL):
+            raise ConfigError(
+                f"{owner}: kind {self.kind.proto_name} can't list gpus; use kind GPU or drop gpus"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VersionPolicy:
+    """Which versions of a model Triton serves. Build it with ``latest``, ``all`` or ``specific``.
+
+    Example:
+        >>> VersionPolicy.specific(1, 3).versions
+        (1, 3)
+
+    Raises:
+        ConfigError: for latest(n < 1), or specific() without versions or with a version < 1.
+    """
+
+    kind: Literal["latest", "all", "specific"] = "latest"
+    num_versions: int = 1
+    versions: Sequence[int] = ()
+
+    _KINDS: ClassVar[tuple[str, ...]] = ("latest", "all", "specific")
+
+    def __post_init__(self) -> None:
+        owner = "version_policy"
+        if self.kind not in self._KINDS:
+            raise ConfigError(f"{owner}: kind must be one of {self._KINDS}, got {self.kind!r}")
+        _set(self, "versions", _int_tuple(owner, "versions", self.versions))
+        if self.kind == "latest":
+            _check_positive(owner, num_versions=self.num_versions)
+        if self.kind == "specific":
+            if not self.versions:
+                raise ConfigError(f"{owner}: specific() needs at least one version")
+            _check_dims(owner, "versions", self.versions, wildcard=False)
+        elif self.versions:
+            raise ConfigError(f"{owner}: versions are only for specific(), not {self.kind}()")
+
+    @classmethod
+    def latest(cls, n: int = 1) -> VersionPolicy:
+        """Serve the ``n`` highest versions (Triton's default is ``latest(1)``)."""
+        return cls(kind="latest", num_versions=n)
+
+    @classmethod
+    def all(cls) -> VersionPolicy:
+        """Serve every version in the repository."""
+        return cls(kind="all")
+
+    @classmethod
+    def specific(cls, *versions: int) -> VersionPolicy:
+        """Serve exactly these versions."""
+        return cls(kind="specific", versions=versions)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WarmupInput:
+    """The data for one input of a warmup request: zeros, random data, or a file of raw bytes.
+
+    ``input_data_file`` is relative to the model's ``warmup/`` folder, as Triton reads it.
+
+    Example:
+        >>> WarmupInput(dtype="FP32", dims=[3], zero_data=True).dims
+        (3,)
+
+    Raises:
+        ConfigError: unless exactly one data source is given, or for a dim < 1.
+    """
+
+    dtype: DataType
+    dims: Sequence[int]
+    zero_data: bool = False
+    random_data: bool = False
+    input_data_file: str | None = None
+
+    def __post_init__(self) -> None:
+        owner = "warmup input"
+        _set(self, "dtype", DataType.parse(self.dtype))
+        _set(self, "dims", _int_tuple(owner, "dims", self.dims))
+        _check_dims(owner, "dims", self.dims, wildcard=False)
+        sources = [self.zero_data, self.random_data, self.input_data_file is not None]
+        if sum(bool(s) for s in sources) != 1:
+            raise ConfigError(
+                f"{owner}: give exactly one of zero_data=True, random_data=True or input_data_file"
+            )
+        if self.input_data_file is not None and not self.input_data_file:
+            raise ConfigError(f"{owner}: input_data_file must name a file in the model's warmup/ folder")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelWarmup:
+    """A warmup request Triton sends before it marks the model ready (``model_warmup [...]``).
+
+    Example:
+        >>> w = ModelWarmup(name="zeros", batch_size=1,
+        ...                 inputs={"x": WarmupInput(dtype="FP32", dims=[3], zero_data=True)})
+        >>> list(w.inputs)
+        ['x']
+
+    Raises:
+        ConfigError: for an empty name, batch_size < 1 or count < 1.
+    """
+
+    name: str
+    batch_size: int
+    inputs: Mapping[str, WarmupInput]
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError("model warmup: name must be a non-empty string")
+        owner = f"model warmup {self.name!r}"
+        _check_positive(owner, batch_size=self.batch_size, count=self.count)
+        _set(self, "inputs", FrozenDict(self.inputs))
+        for key, value in self.inputs.items():
+            if not isinstance(key, str) or not key:
+                raise ConfigError(f"{owner}: input names must be non-empty strings, got {key!r}")
+            if not isinstance(value, WarmupInput):
+                raise ConfigError(f"{owner}: inputs[{key!r}] must be a WarmupInput")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TensorRTAccelerator:
+    """The ``tensorrt`` GPU execution accelerator of the ONNX Runtime (and TensorFlow) backends.
+
+    Unset options are left out so the backend's defaults apply. ``minimum_segment_size`` and
+    ``max_cached_engines`` are TF-TRT options; ONNX Runtime reads the ``trt_*`` ones.
+
+    Example:
+        >>> TensorRTAccelerator(precision_mode="FP16").parameters()
+        {'precision_mode': 'FP16'}
+
+    Raises:
+        ConfigError: for a precision other than FP32, FP16 or INT8, or a negative size.
+    """
+
+    name: ClassVar[str] = "tensorrt"
+    PRECISIONS: ClassVar[tuple[str, ...]] = ("FP32", "FP16", "INT8")
+
+    precision_mode: str = "FP32"
+    max_workspace_size_bytes: int | None = None
+    max_cached_engines: int | None = None
+    minimum_segment_size: int | None = None
+    trt_engine_cache_enable: bool | None = None
+    trt_engine_cache_path: str | None = None
+
+    def __post_init__(self) -> None:
+        owner = "tensorrt accelerator"
+        precision = str(self.precision_mode).upper()
+        if precision not in self.PRECISIONS:
+            raise ConfigError(
+                f"{owner}: precision_mode must be one of {self.PRECISIONS}, got {self.precision_mode!r}"
+            )
+        _set(self, "precision_mode", precision)
+        sizes = {
+            key: value
+            for key, value in (
+                ("max_workspace_size_bytes", self.max_workspace_size_bytes),
+                ("max_cached_engines", self.max_cached_engines),
+                ("minimum_segment_size", self.minimum_segment_size),
+            )
+            if value is not None
+        }
+        _check_non_negative(owner, **sizes)
+
+    def parameters(self) -> dict[str, str]:
+        """The accelerator's ``parameters`` map, as strings, leaving out unset options."""
+        params = {"precision_mode": self.precision_mode}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "precision_mode" or value is None:
+                continue
+            params[field.name] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        return params
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str]) -> TensorRTAccelerator:
+        """Read the accelerator back from its ``parameters`` map.
+
+        Raises:
+            ConfigError: for an unknown key or a value of the wrong type.
+        """
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in params.items():
+            if key not in known:
+                raise ConfigError(
+                    f"tensorrt accelerator: unknown parameter {key!r}; known: {', '.join(known)}"
+                )
+            if key in ("precision_mode", "trt_engine_cache_path"):
+                values[key] = raw
+            elif key == "trt_engine_cache_enable":
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ConfigError(f"tensorrt accelerator: {key} must be true or false, got {raw!r}")
+                values[key] = raw.lower() in ("true", "1")
+            else:
+                try:
+                    values[key] = int(raw)
+                except ValueError as exc:
+                    raise ConfigError(f"tensorrt accelerator: {key} must be an integer, got {raw!r}") from exc
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OpenVINOAccelerator:
+    """The ``openvino`` CPU execution accelerator of the ONNX Runtime backend.
+
+    Example:
+        >>> OpenVINOAccelerator().name
+        'openvino'
+    """
+
+    name: ClassVar[str] = "openvino"
+
+    def parameters(self) -> dict[str, str]:
+        """No parameters: the backend takes OpenVINO's defaults."""
+        return {}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CustomAccelerator:
+    """Any other execution accelerator, by name and string parameters (e.g. ``cuda``), kept as is.
+
+    Example:
+        >>> CustomAccelerator(name="cuda", params={"cudnn_conv_algo_search": "1"}).parameters()
+        {'cudnn_conv_algo_search': '1'}
+    """
+
+    name: str
+    params: Mapping[str, str] = dataclasses.field(default_factory=FrozenDict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError("execution accelerator: name must be a non-empty string")
+        _set(self, "params", FrozenDict({str(k): str(v) for k, v in self.params.items()}))
+
+    def parameters(self) -> dict[str, str]:
+        """The accelerator's ``parameters`` map."""
+        return dict(self.params)
+
+
+Accelerator = TensorRTAccelerator | OpenVINOAccelerator | CustomAccelerator
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Optimization:
+    """The parts of ``optimization { ... }`` we generate: accelerators, CUDA graphs, pinned memory.
+
+    Pinned-memory flags are written only when turned off, since on is Triton's default.
+
+    Example:
+        >>> opt = Optimization(gpu_accelerators=[TensorRTAccelerator(precision_mode="FP16")])
+        >>> opt.gpu_accelerators[0].name
+        'tensorrt'
+
+    Raises:
+        ConfigError: for an accelerator object of an unknown class.
+    """
+
+    gpu_accelerators: Sequence[Accelerator] = ()
+    cpu_accelerators: Sequence[Accelerator] = ()
+    cuda_graphs: bool = False
+    input_pinned_memory: bool = True
+    output_pinned_memory: bool = True
+
+    def __post_init__(self) -> None:
+        for field in ("gpu_accelerators", "cpu_accelerators"):
+            accelerators = tuple(getattr(self, field))
+            for acc in accelerators:
+                if not isinstance(acc, (TensorRTAccelerator, OpenVINOAccelerator, CustomAccelerator)):
+                    raise ConfigError(
+                        f"optimization: {field} holds {acc!r}; use TensorRTAccelerator, "
+                        "OpenVINOAccelerator or CustomAccelerator"
+                    )
+            _set(self, field, accelerators)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EnsembleStep:
+    """One step of an ensemble: which model runs, and how its tensors map to the ensemble's.
+
+    ``input_map`` maps the step model's input name to the ensemble tensor it reads;
+    ``output_map`` maps the step model's output name to the ensemble tensor it writes.
+    ``model_version=-1`` means the latest version.
+
+    Example:
+        >>> step = EnsembleStep(model_name="tokenizer", input_map={"TEXT": "raw"},
+        ...                     output_map={"IDS": "ids"})
+        >>> step.model_version
+        -1
+
+    Raises:
+        ConfigError: for an empty model name, empty maps, or a version that is neither -1 nor >= 1.
+    """
+
+    model_name: str
+    input_map: Mapping[str, str]
+    output_map: Mapping[str, str]
+    model_version: int = -1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_name, str) or not self.model_name:
+            raise ConfigError("ensemble step: model_name must be a non-empty string")
+        owner = f"ensemble step {self.model_name!r}"
+        if (
+            isinstance(self.model_version, bool)
+            or not isinstance(self.model_version, int)
+            or (self.model_version < 1 and self.model_version != -1)
+        ):
+            raise ConfigError(
+                f"{owner}: model_version must be -1 (latest) or >= 1, got {self.model_version!r}"
+            )
+        for field in ("input_map", "output_map"):
+            mapping = FrozenDict(getattr(self, field))
+            if not mapping:
+                raise ConfigError(f"{owner}: {field} must map at least one tensor")
+            for key, value in mapping.items():
+                if not isinstance(key, str) or not key or not isinstance(value, str) or not value:
+                    raise ConfigError(f"{owner}: {field} must map non-empty names, got {key!r}: {value!r}")
+            _set(self, field, mapping)
