@@ -92,7 +92,7 @@ def add_model_command(
     repo: Path = typer.Argument(..., help="The model repository (created if missing)."),
     name: str = typer.Argument(..., help="The model's name in the repository."),
     file: Path = typer.Argument(..., help="The model file (model.onnx, ...)."),
-    max_batch_size: Optional[int] = typer.Option(None, help="Largest batch (default 64; 0: no batching)."),
+    max_batch_size: Optional[int] = typer.Option(None, help="Largest batch (default 8 for batchable models; 0: no batching)."),
     dynamic_batching: bool = typer.Option(True, help="Let Triton group requests into batches."),
     max_queue_delay_us: int = typer.Option(0, help="How long a request may wait for a fuller batch."),
     instances: int = typer.Option(1, help="Model instances (each runs requests in parallel)."),
@@ -176,6 +176,20 @@ def demo(
         run_demo(console, repo=repo, limit=requests or None)
     except TritonForgeError as exc:
         raise _fail(exc) from None
+
+
+# Each area's verbs live in tritonforge/commands/<area>.py with a register(app) function.
+AREAS: tuple[str, ...] = ()
+
+
+def _register_areas() -> None:
+    import importlib
+
+    for area in AREAS:
+        importlib.import_module(f"tritonforge.commands.{area}").register(app)
+
+
+_register_areas()
 
 
 def main() -> None:
