@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from tritonforge.config import DynamicBatching, ModelConfig, TensorSpec, DataType, InstanceGroup, InstanceKind
+from tritonforge.config import DataType, DynamicBatching, InstanceGroup, InstanceKind, ModelConfig, TensorSpec
 from tritonforge.repository import add_model
 
 __all__ = ["DemoResult", "run_demo"]
@@ -167,8 +167,8 @@ def run_demo(console: Console, *, repo: Path | None = None, limit: int | None = 
         if own_repo:
             shutil.rmtree(root, ignore_errors=True)
     table = Table(title=f"digits test split through Triton ({CONCURRENCY} concurrent clients, 1 image/request)")
-    for column in ("model", "requests", "accuracy (Triton)", "accuracy (in-process)", "max |Δp|",
-                   "batches run", "mean batch", "p50 ms", "p99 ms"):
+    for column in ("model", "requests", "acc Triton", "acc local", "max |Δp|",
+                   "batches", "mean batch", "p50 ms", "p99 ms"):
         table.add_column(column, justify="right" if column != "model" else "left")
     for r in results:
         table.add_row(r.model, str(r.requests), f"{r.accuracy_triton:.4f}", f"{r.accuracy_local:.4f}",

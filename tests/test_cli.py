@@ -1,0 +1,101 @@
+"""The `tritonforge` command, run as users run it (a real subprocess)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+
+import tiny_models
+from conftest import triton_infer
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tritonforge", *args], capture_output=True, text=True, timeout=timeout,
+        env={"COLUMNS": "200", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
+    )
+
+
+def test_add_model_then_validate_live_passes(tmp_path):
+    repo = tmp_path / "repo"
+    onnx_file = tiny_models.mlp_onnx(tmp_path / "mlp.onnx")
+    added = run_cli("add-model", str(repo), "mlp", str(onnx_file), "--max-batch-size", "16", "--instances", "2")
+    assert added.returncode == 0, added.stderr
+    assert "max_batch_size: 16" in added.stdout and "count: 2" in added.stdout
+    checked = run_cli("validate", str(repo), "--live")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "offline checks passed" in checked.stdout
+    assert re.search(r"mlp\s+│\s+yes\s+│\s+yes", checked.stdout), checked.stdout
+
+
+def test_add_model_fails_with_a_clear_message_when_the_file_is_missing(tmp_path):
+    result = run_cli("add-model", str(tmp_path / "repo"), "mlp", str(tmp_path / "missing.onnx"))
+    assert result.returncode == 1
+    assert "missing.onnx does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_validate_exits_1_and_lists_the_problem_when_a_model_file_is_gone(tmp_path):
+    repo = tmp_path / "repo"
+    assert run_cli("add-model", str(repo), "mlp", str(tiny_models.mlp_onnx(tmp_path / "m.onnx"))).returncode == 0
+    (repo / "mlp" / "1" / "model.onnx").unlink()
+    result = run_cli("validate", str(repo))
+    assert result.returncode == 1
+    assert "missing model file model.onnx" in result.stdout
+
+
+def test_serve_answers_until_interrupted_and_leaves_nothing_running(tmp_path):
+    repo = tmp_path / "repo"
+    assert run_cli("add-model", str(repo), "mlp", str(tiny_models.mlp_onnx(tmp_path / "m.onnx"))).returncode == 0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tritonforge", "serve", str(repo)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env={"COLUMNS": "200", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
+    )
+    try:
+        url = None
+        deadline = time.monotonic() + 120
+        assert process.stdout is not None
+        while url is None and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            match = re.match(r"gRPC\s+(\S+)", line)
+            url = match.group(1) if match else None
+        assert url, "serve never printed its gRPC address"
+        descendants = psutil.Process(process.pid).children(recursive=True)
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            out = triton_infer(client, "mlp", {"x": np.ones((1, 8), dtype=np.float32)})
+        finally:
+            client.close()
+        assert out["probs"].shape == (1, 3)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+        time.sleep(0.2)
+        assert not [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+@pytest.mark.slow
+def test_demo_serves_the_digits_models_and_matches_in_process_accuracy():
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    result = run_cli("demo", timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = re.findall(r"(digits_mlp_\w+)\s+│\s+(\d+)\s+│\s+([\d.]+)\s+│\s+([\d.]+)", result.stdout)
+    assert {r[0] for r in rows} == {"digits_mlp_onnx", "digits_mlp_torch"}, result.stdout
+    for _, requests, acc_triton, acc_local in rows:
+        assert int(requests) == 450
+        assert acc_triton == acc_local and float(acc_triton) > 0.9
