@@ -65,6 +65,10 @@ def build_test_repository(root: Path) -> Path:
         parameters={"intra_op_thread_count": "1"},
     )
     add_model(repo, "lookup", tiny_models.lookup_onnx(work / "lookup.onnx"), lookup)
+    # same model, a 4-thread intra-op pool: the thread-count parameter must reach onnxruntime
+    add_model(repo, "lookup_4threads", work / "lookup.onnx",
+              lookup.replace(name="lookup_4threads", instance_groups=(InstanceGroup(count=1, kind=InstanceKind.CPU),),
+                             parameters={"intra_op_thread_count": "4"}))
     if _has_torch():
         affine = ModelConfig(
             name="affine_ts",

@@ -119,8 +119,15 @@ def test_a_failing_request_fails_alone_while_its_batch_neighbours_succeed(server
 def test_instance_count_starts_that_many_backend_processes(server):
     import psutil
 
-    stubs = [p for p in psutil.Process(server.pid).children() if "lookup" in " ".join(p.cmdline())]
-    assert len(stubs) == 2
+    assert len(_stubs(server, "lookup")) == 2
+    assert len(_stubs(server, "lookup_4threads")) == 1
+
+
+def _stubs(server, model: str) -> list:
+    """The backend stub processes serving ``model`` (the stub's first argument is the model file)."""
+    import psutil
+
+    return [p for p in psutil.Process(server.pid).children() if f"/{model}/1/" in p.cmdline()[1]]
 
 
 def test_torchscript_model_answers_equal_to_torch_in_process(grpc, model_repo):
@@ -158,3 +165,15 @@ def test_bad_request_gets_a_clear_error_and_the_server_keeps_serving(grpc, input
     # the same server still answers a good request
     out = triton_infer(grpc, "mlp", {"x": np.zeros((1, 8), dtype=np.float32)})
     assert out["probs"].shape == (1, 3)
+
+
+def test_thread_count_parameter_sizes_onnxruntimes_pool(server, grpc):
+    ids = np.array([[1, 2]], dtype=np.int64)
+    for model in ("lookup", "lookup_4threads"):
+        triton_infer(grpc, model, {"ids": ids})  # pools exist once a session has run
+
+    def threads(model: str) -> int:
+        return _stubs(server, model)[0].num_threads()
+
+    # onnxruntime's intra-op pool has (threads - 1) workers besides the calling thread
+    assert threads("lookup_4threads") - threads("lookup") == 3
