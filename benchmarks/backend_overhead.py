@@ -1,4 +1,4 @@
-"""What serving through the embedded Triton costs, against onnxruntime in-process, on the same model and input.
+"""What serving through the embedded Triton costs against in-process onnxruntime, same model and input.
 
 The model is the real digits MLP (trained on scikit-learn's digits, exported to ONNX). It is served twice
 from one repository: with Triton's dynamic batcher and without (same max_batch_size, one instance each).
@@ -36,8 +36,13 @@ def build_repository(root: Path) -> tuple[Path, np.ndarray]:
     from tritonforge.export import to_onnx
 
     model, _, x_test, _, _ = _train()
-    onnx_file = to_onnx(model, torch.from_numpy(x_test[:4]), root / "src" / "model.onnx",
-                        input_names=["pixels"], output_names=["probs"])
+    onnx_file = to_onnx(
+        model,
+        torch.from_numpy(x_test[:4]),
+        root / "src" / "model.onnx",
+        input_names=["pixels"],
+        output_names=["probs"],
+    )
     repo = root / "repo"
     add_model(repo, "digits_batched", onnx_file, max_batch_size=64)
     add_model(repo, "digits_unbatched", onnx_file, max_batch_size=64, dynamic_batching=False)
@@ -70,7 +75,9 @@ def in_process(onnx_file: Path, x: np.ndarray, concurrency: int, duration_s: flo
     return [v for own in latencies for v in own]
 
 
-async def through_triton(url: str, model: str, x: np.ndarray, concurrency: int, duration_s: float) -> list[float]:
+async def through_triton(
+    url: str, model: str, x: np.ndarray, concurrency: int, duration_s: float
+) -> list[float]:
     import tritonclient.grpc.aio as aioclient
     from tritonclient.grpc import InferInput
 
@@ -99,8 +106,11 @@ async def through_triton(url: str, model: str, x: np.ndarray, concurrency: int, 
 
 def summary(latencies: list[float], duration_s: float) -> dict[str, float]:
     ms = np.array(latencies) * 1e3
-    return {"throughput": len(latencies) / duration_s, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99))}
+    return {
+        "throughput": len(latencies) / duration_s,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+    }
 
 
 def main() -> None:
@@ -122,29 +132,51 @@ def main() -> None:
             for concurrency in levels:
                 with console.status(f"in-process onnxruntime, concurrency {concurrency} ..."):
                     base = summary(in_process(onnx_file, x, concurrency, args.duration_s), args.duration_s)
-                rows.append({"path": "onnxruntime in-process", "concurrency": concurrency, **base, "ratio": 1.0})
-                for model, label in (("digits_batched", "Triton, dynamic batching"),
-                                     ("digits_unbatched", "Triton, no batching")):
+                rows.append(
+                    {"path": "onnxruntime in-process", "concurrency": concurrency, **base, "ratio": 1.0}
+                )
+                for model, label in (
+                    ("digits_batched", "Triton, dynamic batching"),
+                    ("digits_unbatched", "Triton, no batching"),
+                ):
                     with console.status(f"{label}, concurrency {concurrency} ..."):
-                        lat = asyncio.run(through_triton(server.grpc_url, model, x, concurrency, args.duration_s))
+                        lat = asyncio.run(
+                            through_triton(server.grpc_url, model, x, concurrency, args.duration_s)
+                        )
                     figures = summary(lat, args.duration_s)
-                    rows.append({"path": label, "concurrency": concurrency, **figures,
-                                 "ratio": figures["throughput"] / base["throughput"]})
+                    rows.append(
+                        {
+                            "path": label,
+                            "concurrency": concurrency,
+                            **figures,
+                            "ratio": figures["throughput"] / base["throughput"],
+                        }
+                    )
         finally:
             server.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    table = Table(title=f"backend overhead: digits MLP (ONNX), batch-1 requests, {args.duration_s:.0f} s windows")
+    table = Table(
+        title=f"backend overhead: digits MLP (ONNX), batch-1 requests, {args.duration_s:.0f} s windows"
+    )
     for column in ("path", "concurrency", "infer/s", "p50 ms", "p99 ms", "throughput vs in-process"):
         table.add_column(column, justify="left" if column == "path" else "right")
     for r in rows:
-        table.add_row(str(r["path"]), str(r["concurrency"]), f"{r['throughput']:.0f}", f"{r['p50_ms']:.3f}",
-                      f"{r['p99_ms']:.3f}", f"{r['ratio']:.3f}x")
+        table.add_row(
+            str(r["path"]),
+            str(r["concurrency"]),
+            f"{r['throughput']:.0f}",
+            f"{r['p50_ms']:.3f}",
+            f"{r['p99_ms']:.3f}",
+            f"{r['ratio']:.3f}x",
+        )
     console.print(table)
     for concurrency in levels:
         by = {r["path"]: r for r in rows if r["concurrency"] == concurrency}
         gain = by["Triton, dynamic batching"]["throughput"] / by["Triton, no batching"]["throughput"]  # type: ignore[operator]
-        console.print(f"concurrency {concurrency}: dynamic batching gives {gain:.2f}x the throughput of no batching")
+        console.print(
+            f"concurrency {concurrency}: dynamic batching gives {gain:.2f}x the throughput of no batching"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

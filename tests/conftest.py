@@ -32,17 +32,31 @@ def build_test_repository(root: Path) -> Path:
     repo = root / "repo"
     batching = DynamicBatching(max_queue_delay_us=20_000, preferred_batch_sizes=(8, 16))
     # mlp: inferred config (the path users take), with a queue delay so concurrent requests are batched
-    add_model(repo, "mlp", tiny_models.mlp_onnx(work / "mlp.onnx"), max_batch_size=32, max_queue_delay_us=20_000)
+    add_model(
+        repo, "mlp", tiny_models.mlp_onnx(work / "mlp.onnx"), max_batch_size=32, max_queue_delay_us=20_000
+    )
     dtypes = ModelConfig(
         name="dtypes",
         platform="onnxruntime_onnx",
         max_batch_size=8,
-        inputs=tuple(_spec(n, t, (4,)) for n, t in
-                     [("half", DataType.FP16), ("long", DataType.INT64), ("int", DataType.INT32),
-                      ("flag", DataType.BOOL)]),
-        outputs=tuple(_spec(f"{n}_out", t, (4,)) for n, t in
-                      [("half", DataType.FP16), ("long", DataType.INT64), ("int", DataType.INT32),
-                       ("flag", DataType.BOOL)]),
+        inputs=tuple(
+            _spec(n, t, (4,))
+            for n, t in [
+                ("half", DataType.FP16),
+                ("long", DataType.INT64),
+                ("int", DataType.INT32),
+                ("flag", DataType.BOOL),
+            ]
+        ),
+        outputs=tuple(
+            _spec(f"{n}_out", t, (4,))
+            for n, t in [
+                ("half", DataType.FP16),
+                ("long", DataType.INT64),
+                ("int", DataType.INT32),
+                ("flag", DataType.BOOL),
+            ]
+        ),
         dynamic_batching=DynamicBatching(),
     )
     add_model(repo, "dtypes", tiny_models.dtypes_onnx(work / "dtypes.onnx"), dtypes)
@@ -66,9 +80,16 @@ def build_test_repository(root: Path) -> Path:
     )
     add_model(repo, "lookup", tiny_models.lookup_onnx(work / "lookup.onnx"), lookup)
     # same model, a 4-thread intra-op pool: the thread-count parameter must reach onnxruntime
-    add_model(repo, "lookup_4threads", work / "lookup.onnx",
-              lookup.replace(name="lookup_4threads", instance_groups=(InstanceGroup(count=1, kind=InstanceKind.CPU),),
-                             parameters={"intra_op_thread_count": "4"}))
+    add_model(
+        repo,
+        "lookup_4threads",
+        work / "lookup.onnx",
+        lookup.replace(
+            name="lookup_4threads",
+            instance_groups=(InstanceGroup(count=1, kind=InstanceKind.CPU),),
+            parameters={"intra_op_thread_count": "4"},
+        ),
+    )
     if _has_torch():
         affine = ModelConfig(
             name="affine_ts",

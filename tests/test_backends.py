@@ -18,7 +18,7 @@ RNG = np.random.default_rng(7)
 def _local_onnx(path, feeds):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
+    return dict(zip(names, session.run(names, feeds), strict=True))
 
 
 def test_onnx_model_answers_equal_to_onnxruntime_in_process(grpc, model_repo):
@@ -72,7 +72,9 @@ def test_concurrent_requests_run_in_fewer_larger_batches(server):
         before = client.get_inference_statistics("mlp", as_json=True)["model_stats"][0]
         x = RNG.standard_normal((64, 8)).astype(np.float32)
         with ThreadPoolExecutor(16) as pool:
-            outs = list(pool.map(lambda i: triton_infer(client, "mlp", {"x": x[i : i + 1]})["probs"], range(64)))
+            outs = list(
+                pool.map(lambda i: triton_infer(client, "mlp", {"x": x[i : i + 1]})["probs"], range(64))
+            )
         after = client.get_inference_statistics("mlp", as_json=True)["model_stats"][0]
     finally:
         client.close()
@@ -87,7 +89,9 @@ def test_concurrent_requests_run_in_fewer_larger_batches(server):
 def _probs_one_by_one(server, x):
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
-        return np.concatenate([triton_infer(client, "mlp", {"x": x[i : i + 1]})["probs"] for i in range(len(x))])
+        return np.concatenate(
+            [triton_infer(client, "mlp", {"x": x[i : i + 1]})["probs"] for i in range(len(x))]
+        )
     finally:
         client.close()
 
@@ -117,7 +121,6 @@ def test_a_failing_request_fails_alone_while_its_batch_neighbours_succeed(server
 
 
 def test_instance_count_starts_that_many_backend_processes(server):
-    import psutil
 
     assert len(_stubs(server, "lookup")) == 2
     assert len(_stubs(server, "lookup_4threads")) == 1

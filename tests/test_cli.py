@@ -20,7 +20,10 @@ from conftest import triton_infer
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tritonforge", *args], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "tritonforge", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={"COLUMNS": "200", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
     )
 
@@ -28,7 +31,9 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
 def test_add_model_then_validate_live_passes(tmp_path):
     repo = tmp_path / "repo"
     onnx_file = tiny_models.mlp_onnx(tmp_path / "mlp.onnx")
-    added = run_cli("add-model", str(repo), "mlp", str(onnx_file), "--max-batch-size", "16", "--instances", "2")
+    added = run_cli(
+        "add-model", str(repo), "mlp", str(onnx_file), "--max-batch-size", "16", "--instances", "2"
+    )
     assert added.returncode == 0, added.stderr
     assert "max_batch_size: 16" in added.stdout and "count: 2" in added.stdout
     checked = run_cli("validate", str(repo), "--live")
@@ -46,7 +51,9 @@ def test_add_model_fails_with_a_clear_message_when_the_file_is_missing(tmp_path)
 
 def test_validate_exits_1_and_lists_the_problem_when_a_model_file_is_gone(tmp_path):
     repo = tmp_path / "repo"
-    assert run_cli("add-model", str(repo), "mlp", str(tiny_models.mlp_onnx(tmp_path / "m.onnx"))).returncode == 0
+    assert (
+        run_cli("add-model", str(repo), "mlp", str(tiny_models.mlp_onnx(tmp_path / "m.onnx"))).returncode == 0
+    )
     (repo / "mlp" / "1" / "model.onnx").unlink()
     result = run_cli("validate", str(repo))
     assert result.returncode == 1
@@ -55,10 +62,15 @@ def test_validate_exits_1_and_lists_the_problem_when_a_model_file_is_gone(tmp_pa
 
 def test_serve_answers_until_interrupted_and_leaves_nothing_running(tmp_path):
     repo = tmp_path / "repo"
-    assert run_cli("add-model", str(repo), "mlp", str(tiny_models.mlp_onnx(tmp_path / "m.onnx"))).returncode == 0
+    assert (
+        run_cli("add-model", str(repo), "mlp", str(tiny_models.mlp_onnx(tmp_path / "m.onnx"))).returncode == 0
+    )
     process = subprocess.Popen(
-        [sys.executable, "-m", "tritonforge", "serve", str(repo)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, env={"COLUMNS": "200", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
+        [sys.executable, "-m", "tritonforge", "serve", str(repo)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={"COLUMNS": "200", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
     )
     try:
         url = None

@@ -20,7 +20,9 @@ def mlp_file(tmp_path: Path) -> Path:
 
 
 def test_add_model_infers_the_config_from_an_onnx_file(tmp_path, mlp_file):
-    path = add_model(tmp_path / "repo", "mlp", mlp_file, max_batch_size=16, max_queue_delay_us=500, instances=2)
+    path = add_model(
+        tmp_path / "repo", "mlp", mlp_file, max_batch_size=16, max_queue_delay_us=500, instances=2
+    )
     assert path == tmp_path / "repo" / "mlp" / "1"
     config = read_config(tmp_path / "repo" / "mlp" / "config.pbtxt")
     assert config.platform == "onnxruntime_onnx"

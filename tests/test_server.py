@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -19,8 +18,12 @@ from tritonforge.server import EmbeddedServer
 
 
 def _stray(pid: int) -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if str(pid) in " ".join(p.info["cmdline"] or [])
-            and "triton_python_backend_stub" in " ".join(p.info["cmdline"] or [])]
+    return [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(pid) in " ".join(p.info["cmdline"] or [])
+        and "triton_python_backend_stub" in " ".join(p.info["cmdline"] or [])
+    ]
 
 
 def _shm(prefix: str) -> list[str]:

@@ -55,8 +55,12 @@ def dtypes_onnx(path: Path) -> Path:
         helper.make_node("Mul", ["int", "three_i"], ["int_out"]),
         helper.make_node("Not", ["flag"], ["flag_out"]),
     ]
-    spec = [("half", TensorProto.FLOAT16), ("long", TensorProto.INT64), ("int", TensorProto.INT32),
-            ("flag", TensorProto.BOOL)]
+    spec = [
+        ("half", TensorProto.FLOAT16),
+        ("long", TensorProto.INT64),
+        ("int", TensorProto.INT32),
+        ("flag", TensorProto.BOOL),
+    ]
     graph = helper.make_graph(
         nodes,
         "dtypes",
@@ -70,7 +74,10 @@ def dtypes_onnx(path: Path) -> Path:
 def fixed_onnx(path: Path) -> Path:
     """No batch dim: a[2, 3] float32 -> b[3, 2] = transpose(a) * 10 (for max_batch_size 0)."""
     ten = numpy_helper.from_array(np.array(10, dtype=np.float32), "ten")
-    nodes = [helper.make_node("Transpose", ["a"], ["t"], perm=[1, 0]), helper.make_node("Mul", ["t", "ten"], ["b"])]
+    nodes = [
+        helper.make_node("Transpose", ["a"], ["t"], perm=[1, 0]),
+        helper.make_node("Mul", ["t", "ten"], ["b"]),
+    ]
     graph = helper.make_graph(
         nodes,
         "fixed",
@@ -83,7 +90,9 @@ def fixed_onnx(path: Path) -> Path:
 
 def lookup_onnx(path: Path, table_size: int = 10) -> Path:
     """ids[N, S] int64 -> vec[N, S, 4] via Gather on a table: an id >= table_size fails at run time only."""
-    table = numpy_helper.from_array(np.arange(table_size * 4, dtype=np.float32).reshape(table_size, 4), "table")
+    table = numpy_helper.from_array(
+        np.arange(table_size * 4, dtype=np.float32).reshape(table_size, 4), "table"
+    )
     graph = helper.make_graph(
         [helper.make_node("Gather", ["table", "ids"], ["vec"], axis=0)],
         "lookup",

@@ -6,7 +6,6 @@ import signal
 import threading
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -43,12 +42,16 @@ def _fail(exc: TritonForgeError) -> typer.Exit:
 @app.command()
 def serve(
     repo: Path = typer.Argument(..., help="The model repository to serve."),
-    grpc_port: Optional[int] = typer.Option(None, help="gRPC port (default: a free one)."),
-    http_port: Optional[int] = typer.Option(None, help="HTTP port (default: a free one)."),
-    metrics_port: Optional[int] = typer.Option(None, help="Prometheus metrics port (default: a free one)."),
+    grpc_port: int | None = typer.Option(None, help="gRPC port (default: a free one)."),
+    http_port: int | None = typer.Option(None, help="HTTP port (default: a free one)."),
+    metrics_port: int | None = typer.Option(None, help="Prometheus metrics port (default: a free one)."),
     model_control: ModelControl = typer.Option(ModelControl.none, help="'explicit' allows load/unload."),
-    load_model: list[str] = typer.Option([], help="With explicit control: models to load at start ('*': all)."),
-    tritonserver: Optional[Path] = typer.Option(None, help="A tritonserver binary to use instead of the wheel's."),
+    load_model: list[str] = typer.Option(
+        [], help="With explicit control: models to load at start ('*': all)."
+    ),
+    tritonserver: Path | None = typer.Option(
+        None, help="A tritonserver binary to use instead of the wheel's."
+    ),
 ) -> None:
     """Serve REPO with the embedded Triton server until Ctrl-C."""
     from tritonforge.server import EmbeddedServer
@@ -92,12 +95,14 @@ def add_model_command(
     repo: Path = typer.Argument(..., help="The model repository (created if missing)."),
     name: str = typer.Argument(..., help="The model's name in the repository."),
     file: Path = typer.Argument(..., help="The model file (model.onnx, ...)."),
-    max_batch_size: Optional[int] = typer.Option(None, help="Largest batch (default 8 for batchable models; 0: no batching)."),
+    max_batch_size: int | None = typer.Option(
+        None, help="Largest batch (default 8 for batchable models; 0: no batching)."
+    ),
     dynamic_batching: bool = typer.Option(True, help="Let Triton group requests into batches."),
     max_queue_delay_us: int = typer.Option(0, help="How long a request may wait for a fuller batch."),
     instances: int = typer.Option(1, help="Model instances (each runs requests in parallel)."),
     kind: Kind = typer.Option(Kind.cpu, help="Where instances run."),
-    version: Optional[int] = typer.Option(None, help="Version number (default: the next one)."),
+    version: int | None = typer.Option(None, help="Version number (default: the next one)."),
 ) -> None:
     """Add FILE as a new version of model NAME in REPO, with a config read off the file."""
     from tritonforge.repository import add_model
@@ -123,7 +128,9 @@ def add_model_command(
 @app.command()
 def validate(
     repo: Path = typer.Argument(..., help="The model repository to check."),
-    live: bool = typer.Option(False, help="Also load each model in the embedded server and send it a request."),
+    live: bool = typer.Option(
+        False, help="Also load each model in the embedded server and send it a request."
+    ),
 ) -> None:
     """Check REPO offline (layout, configs, files, signatures) and, with --live, on a real server."""
     from tritonforge.repository import check_live, check_repository
@@ -136,8 +143,9 @@ def validate(
             table.add_column(column)
         for p in problems:
             colour = "red" if p.severity == "error" else "yellow"
-            table.add_row(f"[{colour}]{p.severity}[/]", p.model, "" if p.version is None else str(p.version),
-                          p.message)
+            table.add_row(
+                f"[{colour}]{p.severity}[/]", p.model, "" if p.version is None else str(p.version), p.message
+            )
         console.print(table)
     else:
         console.print(f"[green]offline checks passed[/] for {repo}")
@@ -153,8 +161,13 @@ def validate(
             table.add_column(column)
         for r in results:
             detail = r.error or ", ".join(f"{k}{list(v)}" for k, v in r.outputs.items())
-            table.add_row(r.model, _mark(r.loaded), _mark(r.answered),
-                          "" if r.latency_ms is None else f"{r.latency_ms:.1f}", detail)
+            table.add_row(
+                r.model,
+                _mark(r.loaded),
+                _mark(r.answered),
+                "" if r.latency_ms is None else f"{r.latency_ms:.1f}",
+                detail,
+            )
         console.print(table)
         failed = failed or not all(r.ok for r in results)
     raise typer.Exit(code=1 if failed else 0)
@@ -166,7 +179,7 @@ def _mark(ok: bool) -> str:
 
 @app.command()
 def demo(
-    repo: Optional[Path] = typer.Option(None, help="Build the demo repository here (default: a temp dir)."),
+    repo: Path | None = typer.Option(None, help="Build the demo repository here (default: a temp dir)."),
     requests: int = typer.Option(0, help="How many test digits to send (default: the whole test split)."),
 ) -> None:
     """The main job, end to end: train small real models, build a repository, serve it, infer, report."""
@@ -179,7 +192,7 @@ def demo(
 
 
 # Each area's verbs live in tritonforge/commands/<area>.py with a register(app) function.
-AREAS: tuple[str, ...] = ()
+AREAS: tuple[str, ...] = ("ensemble", "build")
 
 
 def _register_areas() -> None:

@@ -76,9 +76,17 @@ def build_demo_repository(repo: Path) -> tuple[Any, np.ndarray, np.ndarray]:
     work = Path(tempfile.mkdtemp(prefix="tritonforge-demo-"))
     try:
         example = torch.from_numpy(x_test[:4])
-        onnx_file = to_onnx(model, example, work / "model.onnx", input_names=["pixels"], output_names=["probs"])
-        add_model(repo, "digits_mlp_onnx", onnx_file, max_batch_size=64, max_queue_delay_us=2000,
-                  manifest={"dataset": "sklearn digits", "trained_by": "tritonforge demo"})
+        onnx_file = to_onnx(
+            model, example, work / "model.onnx", input_names=["pixels"], output_names=["probs"]
+        )
+        add_model(
+            repo,
+            "digits_mlp_onnx",
+            onnx_file,
+            max_batch_size=64,
+            max_queue_delay_us=2000,
+            manifest={"dataset": "sklearn digits", "trained_by": "tritonforge demo"},
+        )
         ts_file = to_torchscript(model, example, work / "model.pt")
         ts_config = ModelConfig(
             name="digits_mlp_torch",
@@ -89,16 +97,27 @@ def build_demo_repository(repo: Path) -> tuple[Any, np.ndarray, np.ndarray]:
             dynamic_batching=DynamicBatching(max_queue_delay_us=2000),
             instance_groups=(InstanceGroup(count=1, kind=InstanceKind.CPU),),
         )
-        add_model(repo, "digits_mlp_torch", ts_file, ts_config,
-                  manifest={"dataset": "sklearn digits", "trained_by": "tritonforge demo"})
+        add_model(
+            repo,
+            "digits_mlp_torch",
+            ts_file,
+            ts_config,
+            manifest={"dataset": "sklearn digits", "trained_by": "tritonforge demo"},
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return model, x_test, y_test
 
 
 def _serve_and_measure(
-    server: Any, name: str, input_name: str, output_name: str, x: np.ndarray, y: np.ndarray,
-    local: np.ndarray, progress: Progress,
+    server: Any,
+    name: str,
+    input_name: str,
+    output_name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    local: np.ndarray,
+    progress: Progress,
 ) -> DemoResult:
     import tritonclient.grpc as grpcclient
 
@@ -144,7 +163,9 @@ def run_demo(console: Console, *, repo: Path | None = None, limit: int | None = 
     own_repo = repo is None
     root = Path(tempfile.mkdtemp(prefix="tritonforge-demo-repo-")) if own_repo else Path(repo)
     try:
-        with console.status("training an MLP on scikit-learn's digits, exporting to ONNX and TorchScript ..."):
+        with console.status(
+            "training an MLP on scikit-learn's digits, exporting to ONNX and TorchScript ..."
+        ):
             model, x_test, y_test = build_demo_repository(root)
         if limit:
             x_test, y_test = x_test[:limit], y_test[:limit]
@@ -157,22 +178,44 @@ def run_demo(console: Console, *, repo: Path | None = None, limit: int | None = 
             console.print(f"Triton is serving on {server.grpc_url} (gRPC)")
             with Progress(console=console, transient=True) as progress:
                 results = [
-                    _serve_and_measure(server, "digits_mlp_onnx", "pixels", "probs", x_test, y_test, local, progress),
-                    _serve_and_measure(server, "digits_mlp_torch", "INPUT__0", "OUTPUT__0", x_test, y_test, local,
-                                       progress),
+                    _serve_and_measure(
+                        server, "digits_mlp_onnx", "pixels", "probs", x_test, y_test, local, progress
+                    ),
+                    _serve_and_measure(
+                        server, "digits_mlp_torch", "INPUT__0", "OUTPUT__0", x_test, y_test, local, progress
+                    ),
                 ]
         finally:
             server.stop()
     finally:
         if own_repo:
             shutil.rmtree(root, ignore_errors=True)
-    table = Table(title=f"digits test split through Triton ({CONCURRENCY} concurrent clients, 1 image/request)")
-    for column in ("model", "requests", "acc Triton", "acc local", "max |Δp|",
-                   "batches", "mean batch", "p50 ms", "p99 ms"):
+    table = Table(
+        title=f"digits test split through Triton ({CONCURRENCY} concurrent clients, 1 image/request)"
+    )
+    for column in (
+        "model",
+        "requests",
+        "acc Triton",
+        "acc local",
+        "max |Δp|",
+        "batches",
+        "mean batch",
+        "p50 ms",
+        "p99 ms",
+    ):
         table.add_column(column, justify="right" if column != "model" else "left")
     for r in results:
-        table.add_row(r.model, str(r.requests), f"{r.accuracy_triton:.4f}", f"{r.accuracy_local:.4f}",
-                      f"{r.max_abs_diff:.2e}", str(r.executions), f"{r.inferences / max(r.executions, 1):.2f}",
-                      f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}")
+        table.add_row(
+            r.model,
+            str(r.requests),
+            f"{r.accuracy_triton:.4f}",
+            f"{r.accuracy_local:.4f}",
+            f"{r.max_abs_diff:.2e}",
+            str(r.executions),
+            f"{r.inferences / max(r.executions, 1):.2f}",
+            f"{r.p50_ms:.2f}",
+            f"{r.p99_ms:.2f}",
+        )
     console.print(table)
     return results

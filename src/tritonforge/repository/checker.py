@@ -66,8 +66,11 @@ def check_repository(repo: str | os.PathLike[str]) -> list[Problem]:
         problems.append(Problem(str(root), "the repository has no model folders", severity="warning"))
     for leftover in root.glob(f"{STAGING_PREFIX}*"):
         problems.append(
-            Problem(leftover.name, "a staging folder left by an interrupted write; it is safe to delete",
-                    severity="warning")
+            Problem(
+                leftover.name,
+                "a staging folder left by an interrupted write; it is safe to delete",
+                severity="warning",
+            )
         )
     configs: dict[str, ModelConfig] = {}
     for model_dir in dirs:
@@ -78,7 +81,9 @@ def check_repository(repo: str | os.PathLike[str]) -> list[Problem]:
     for name, config in configs.items():
         for step in config.ensemble_steps or ():
             if step.model_name not in configs:
-                problems.append(Problem(name, f"ensemble step model '{step.model_name}' is not in the repository"))
+                problems.append(
+                    Problem(name, f"ensemble step model '{step.model_name}' is not in the repository")
+                )
     return problems
 
 
@@ -86,7 +91,9 @@ def _check_config(model_dir: Path, problems: list[Problem]) -> ModelConfig | Non
     name = model_dir.name
     path = model_dir / "config.pbtxt"
     if not path.is_file():
-        problems.append(Problem(name, f"no config.pbtxt in {model_dir}; write one (tritonforge add-model does)"))
+        problems.append(
+            Problem(name, f"no config.pbtxt in {model_dir}; write one (tritonforge add-model does)")
+        )
         return None
     try:
         config = read_config(path)
@@ -117,10 +124,14 @@ def _check_versions(model_dir: Path, config: ModelConfig, problems: list[Problem
             except TritonForgeError as exc:
                 problems.append(Problem(name, exc.message, version))
                 continue
-            problems.extend(Problem(name, f"config and model.onnx disagree: {m}", version) for m in mismatches)
+            problems.extend(
+                Problem(name, f"config and model.onnx disagree: {m}", version) for m in mismatches
+            )
 
 
-def sample_inputs(config: ModelConfig, *, batch: int = 1, variable_dim: int = 4, seed: int = 0) -> dict[str, Any]:
+def sample_inputs(
+    config: ModelConfig, *, batch: int = 1, variable_dim: int = 4, seed: int = 0
+) -> dict[str, Any]:
     """One request's inputs built from ``config``: -1 dims become ``variable_dim``, a batch dim is added.
 
     Integer inputs get small values (0-9) so that id-like inputs (token ids, indices) stay in range.
@@ -178,7 +189,9 @@ def check_live(
                 inputs = []
                 for tensor in config.inputs:
                     array = arrays[tensor.name]
-                    infer_input = grpcclient.InferInput(tensor.name, list(array.shape), tensor.dtype.triton_name)
+                    infer_input = grpcclient.InferInput(
+                        tensor.name, list(array.shape), tensor.dtype.triton_name
+                    )
                     infer_input.set_data_from_numpy(array)
                     inputs.append(infer_input)
                 start = time.perf_counter()

@@ -22,7 +22,7 @@ import platform
 import shutil
 import socket
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,12 +114,14 @@ def add_model(
     instances: int = 1,
     kind: InstanceKind | str = InstanceKind.CPU,
     overwrite: bool = False,
+    extra_files: Sequence[str | os.PathLike[str]] = (),
 ) -> Path:
     """Add ``model_file`` as version ``version`` (default: the next one) of model ``name`` in ``repo``.
 
     With no ``config``, one is inferred from the file (ONNX: names, dtypes, shapes and the batch dim), with
     ``max_batch_size`` (default 64 for batchable models), dynamic batching and ``instances`` of ``kind``.
     ``manifest`` entries are merged into the version's ``manifest.json`` (the registry record).
+    ``extra_files`` are copied beside the model file under their own names (e.g. ONNX external data).
 
     Example:
         >>> add_model("model_repository", "clf", "clf.onnx", max_batch_size=32)   # doctest: +SKIP
@@ -139,6 +141,9 @@ def add_model(
     _check_name(name)
     if not source.exists():
         raise RepositoryError(f"model file {source} does not exist", model=name)
+    for extra in map(Path, extra_files):
+        if not extra.exists():
+            raise RepositoryError(f"file {extra} (to go beside {source.name}) does not exist", model=name)
     if config is None:
         config = infer_config(
             name,
@@ -182,6 +187,8 @@ def add_model(
         version_dir = staging / str(chosen)
         version_dir.mkdir()
         _copy(source, version_dir / filename)
+        for extra in map(Path, extra_files):
+            _copy(extra, version_dir / extra.name)
         (version_dir / "manifest.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         if not model_dir.exists():
             # A new model: stage the whole folder, config included, and rename it into place at once.
@@ -218,8 +225,9 @@ def infer_config(
     platform_name = _PLATFORM_OF_SUFFIX.get(source.suffix)
     if platform_name != "onnxruntime_onnx":
         raise SignatureError(
-            f"can't infer a config for {source.name}: only ONNX files describe their own inputs; give a config "
-            f"(tritonforge.config.ModelConfig), or for TorchScript use torchscript_signature(path, examples)",
+            f"can't infer a config for {source.name}: only ONNX files describe their own inputs; give a "
+            f"config (tritonforge.config.ModelConfig), or for TorchScript use "
+            f"torchscript_signature(path, examples)",
             model=name,
         )
     signature = onnx_signature(source)

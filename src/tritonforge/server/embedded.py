@@ -36,7 +36,9 @@ _LOAD_FAILURES = (
     re.compile(r"failed to load '(?P<model>[^']+)'(?: version (?P<version>\d+))?: (?P<reason>.*?)\"?$"),
     re.compile(r"Poll failed for model directory '(?P<model>[^']+)': (?P<reason>.*?)\"?$"),
 )
-_PORT_IN_USE = re.compile(r"address already in use|failed to start .*service|Socket '.*' already in use", re.I)
+_PORT_IN_USE = re.compile(
+    r"address already in use|failed to start .*service|Socket '.*' already in use", re.I
+)
 
 _running: set[EmbeddedServer] = set()
 _running_lock = threading.Lock()
@@ -84,11 +86,15 @@ class EmbeddedServer:
         self.repositories = [Path(r).resolve() for r in repos]
         for repo in self.repositories:
             if not repo.is_dir():
-                raise ServerError(f"model repository {repo} does not exist (build it first, e.g. `tritonforge build`)")
+                raise ServerError(
+                    f"model repository {repo} does not exist (build it first, e.g. `tritonforge build`)"
+                )
         if model_control not in ("none", "explicit"):
             raise ServerError(f"model_control must be 'none' or 'explicit', not {model_control!r}")
         if load_models and model_control != "explicit":
-            raise ServerError("load_models needs model_control='explicit' (in 'none' mode every model is loaded)")
+            raise ServerError(
+                "load_models needs model_control='explicit' (in 'none' mode every model is loaded)"
+            )
         self.host = host
         self._requested_ports = (grpc_port, http_port, metrics_port)
         self.grpc_port = self.http_port = self.metrics_port = 0
@@ -118,7 +124,9 @@ class EmbeddedServer:
 
     def __repr__(self) -> str:
         state = "running" if self.is_running else "stopped"
-        return f"<EmbeddedServer {state} grpc={self.grpc_url} repository={[str(r) for r in self.repositories]}>"
+        return (
+            f"<EmbeddedServer {state} grpc={self.grpc_url} repository={[str(r) for r in self.repositories]}>"
+        )
 
     def start(self) -> EmbeddedServer:
         """Start the server and wait until it is ready (every model loaded)."""
@@ -149,10 +157,8 @@ class EmbeddedServer:
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGTERM)
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=self.exit_timeout_s + 5)
-                except subprocess.TimeoutExpired:
-                    pass
             # The Python-backend stubs are the server's children in its process group; a server that was
             # killed (or hung) can leave them, so sweep the whole group.
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -276,7 +282,9 @@ class EmbeddedServer:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         libs = [str(d) for d in self.install.library_dirs if d.is_dir()]
         if libs:
-            env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
+            env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(
+                os.pathsep
+            )
         try:
             self._process = subprocess.Popen(
                 args,
@@ -352,11 +360,15 @@ class EmbeddedServer:
             details = [r for m, r in _load_failures(self._current_log()) if m == model]
             extra = f" ({details[-1]})" if details and details[-1] not in reason else ""
             error = ModelLoadError if action == "load" else ServerError
-            raise error(f"could not {action} model '{model}': {reason}{extra}", model=model,
-                        endpoint=self.grpc_url) from exc
+            raise error(
+                f"could not {action} model '{model}': {reason}{extra}", model=model, endpoint=self.grpc_url
+            ) from exc
         except (urllib.error.URLError, OSError) as exc:
-            raise ServerError(f"could not {action} model '{model}': server unreachable ({exc})", model=model,
-                              endpoint=self.grpc_url) from exc
+            raise ServerError(
+                f"could not {action} model '{model}': server unreachable ({exc})",
+                model=model,
+                endpoint=self.grpc_url,
+            ) from exc
 
 
 def _load_failures(log: str) -> list[tuple[str, str]]:

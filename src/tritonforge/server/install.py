@@ -107,7 +107,9 @@ def backend_directory(install: TritonInstall, cache_dir: Path | None = None) -> 
     assert install.wheel_root is not None
     python_backend = install.wheel_root / "tritonserver" / "backends" / "python"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = install.wheel_root / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub"
+    stub = (
+        install.wheel_root / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub"
+    )
     if not stub.is_file():
         raise ServerError(
             f"the nvidia-pytriton wheel has no Python-backend stub for Python {version} "
@@ -115,7 +117,7 @@ def backend_directory(install: TritonInstall, cache_dir: Path | None = None) -> 
         )
     sources = {name: _backend_source(name) for name in PYTHON_BASED_BACKENDS}
     digest = hashlib.sha256()
-    for path in sorted(python_backend.iterdir()) + [stub]:
+    for path in [*sorted(python_backend.iterdir()), stub]:
         if path.is_file():
             digest.update(path.name.encode())
             digest.update(str(path.stat().st_size).encode())

@@ -11,6 +11,7 @@ The framework-specific part is a ``Runner``: ``run(inputs: dict[name, ndarray]) 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -83,7 +84,9 @@ class ServedModel:
                 try:
                     return int(raw)
                 except ValueError as exc:
-                    raise ValueError(f"model '{self.name}': parameter {name}={raw!r} is not an integer") from exc
+                    raise ValueError(
+                        f"model '{self.name}': parameter {name}={raw!r} is not an integer"
+                    ) from exc
         return default
 
 
@@ -127,7 +130,9 @@ class BatchingExecutor:
         names = list(request.requested_output_names())
         return names or [info.name for info in self.model.outputs]
 
-    def _groups(self, parsed: list[tuple[int, Arrays, list[str]]]) -> list[list[tuple[int, Arrays, list[str]]]]:
+    def _groups(
+        self, parsed: list[tuple[int, Arrays, list[str]]]
+    ) -> list[list[tuple[int, Arrays, list[str]]]]:
         """Requests that can share one run: same inputs present, same non-batch dims."""
         if not self.batching:
             return [[item] for item in parsed]
@@ -153,7 +158,7 @@ class BatchingExecutor:
                 self._run_group([item], responses)
             return
         offset = 0
-        for (index, _, wanted), size in zip(group, sizes):
+        for (index, _, wanted), size in zip(group, sizes, strict=True):
             part = {name: value[offset : offset + size] for name, value in outputs.items()}
             responses[index] = self._respond(lambda part=part: part, wanted, size)
             offset += size
@@ -180,7 +185,8 @@ class BatchingExecutor:
             for name in wanted:
                 if name not in outputs:
                     raise ValueError(
-                        f"model '{self.model.name}' produced no output '{name}' (it produced {sorted(outputs)})"
+                        f"model '{self.model.name}' produced no output '{name}' "
+                        f"(it produced {sorted(outputs)})"
                     )
                 value = np.asarray(outputs[name])
                 info = by_name.get(name)
@@ -230,7 +236,7 @@ def onnxruntime_runner(model: ServedModel) -> Runner:
             )
 
     def run(inputs: Arrays) -> Arrays:
-        return dict(zip(known_outputs, session.run(known_outputs, inputs)))
+        return dict(zip(known_outputs, session.run(known_outputs, inputs), strict=True))
 
     return run
 
@@ -250,10 +256,9 @@ def pytorch_runner(model: ServedModel) -> Runner:
     if intra > 0:
         torch.set_num_threads(intra)
     if inter > 0:
-        try:
+        # may only be set once per process; the stub hosts one model instance, so first wins
+        with contextlib.suppress(RuntimeError):
             torch.set_num_interop_threads(inter)
-        except RuntimeError:
-            pass  # may only be set once per process; the stub hosts one model instance, so first wins
     module = torch.jit.load(model.path, map_location="cpu")
     module.eval()
 
@@ -265,6 +270,8 @@ def pytorch_runner(model: ServedModel) -> Runner:
     except Exception:
         arg_names = []
     by_keyword = not by_index and set(input_names) <= set(arg_names)
+    # INPUT__<i> names are positions; otherwise the config's order is the forward's order
+    positional = [n for _, n in sorted(zip(indices, input_names, strict=True))] if by_index else input_names
     output_names = [info.name for info in model.outputs]
     out_indices = [_suffix_index(name) for name in output_names]
     if not all(i is not None for i in out_indices):
@@ -278,15 +285,16 @@ def pytorch_runner(model: ServedModel) -> Runner:
             if by_keyword:
                 result = module(**{name: to_tensor(inputs[name]) for name in input_names if name in inputs})
             else:
-                order = sorted(zip(indices, input_names)) if by_index else list(enumerate(input_names))
-                result = module(*[to_tensor(inputs[name]) for _, name in order if name in inputs])
+                result = module(*[to_tensor(inputs[name]) for name in positional if name in inputs])
         if isinstance(result, dict):
             return {name: result[name].cpu().numpy() for name in output_names if name in result}
         values = list(result) if isinstance(result, (tuple, list)) else [result]
         out: Arrays = {}
-        for name, index in zip(output_names, out_indices):
+        for name, index in zip(output_names, out_indices, strict=True):
             if index >= len(values):
-                raise ValueError(f"output '{name}' asks for result {index}; the module returned {len(values)}")
+                raise ValueError(
+                    f"output '{name}' asks for result {index}; the module returned {len(values)}"
+                )
             out[name] = values[index].detach().cpu().numpy()
         return out
 
