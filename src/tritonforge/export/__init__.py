@@ -1,5 +1,26 @@
-"""Exporters from training frameworks to servable artifacts (torch is imported only when used)."""
+"""Exporters from training frameworks to servable artifacts, each checked against its source.
 
-from tritonforge.export.pytorch import to_onnx, to_torchscript
+torch and scikit-learn are imported only when an exporter is called.
+"""
 
-__all__ = ["to_onnx", "to_torchscript"]
+from tritonforge.export.pytorch import (
+    DEFAULT_OPSET,
+    choose_opset,
+    export_onnx,
+    export_torchscript,
+    to_onnx,
+    to_torchscript,
+)
+from tritonforge.export.result import Artifact
+from tritonforge.export.sklearn import export_sklearn
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "Artifact",
+    "choose_opset",
+    "export_onnx",
+    "export_sklearn",
+    "export_torchscript",
+    "to_onnx",
+    "to_torchscript",
+]

@@ -1,0 +1,7 @@
+"""What an export or quantization hands back (defined beside the figures it carries)."""
+
+from __future__ import annotations
+
+from tritonforge.quantize.verify import Artifact
+
+__all__ = ["Artifact"]
