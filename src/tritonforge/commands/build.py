@@ -1,0 +1,319 @@
+"""CLI verbs that build a repository: export, quantize, models, promote, rollback, build."""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tritonforge.errors import ExportError, QuantizationError, RepositoryError, TritonForgeError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(exc: TritonForgeError) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+    return typer.Exit(code=1)
+
+
+def _load_source(source: str) -> Any:
+    """A model from ``package.module:attribute`` (called if callable) or a pickle file."""
+    path = Path(source)
+    if path.suffix in {".pkl", ".pickle", ".joblib", ".pt", ".pth"}:
+        if not path.is_file():
+            raise ExportError(f"model file {path} does not exist")
+        if path.suffix in {".pt", ".pth"}:
+            import torch
+
+            return torch.load(str(path), weights_only=False)
+        with path.open("rb") as stream:
+            return pickle.load(stream)
+    if ":" not in source:
+        raise ExportError(f"{source!r}: give a pickle file (.pkl/.joblib/.pt) or 'package.module:attribute'")
+    module_name, attribute = source.split(":", 1)
+    try:
+        obj = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ExportError(f"can't import {source}: {exc}") from exc
+    return obj() if callable(obj) and not hasattr(obj, "forward") and not hasattr(obj, "fit") else obj
+
+
+def _load_arrays(path: Path, names: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Named arrays from .npz, or one array from .npy (named after the first of ``names``)."""
+    if not path.is_file():
+        raise TritonForgeError(f"sample file {path} does not exist")
+    if path.suffix == ".npz":
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    return {names[0] if names else "input": np.load(path)}
+
+
+def _batches(arrays: Mapping[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    rows = len(next(iter(arrays.values())))
+    return [{k: v[i : i + size] for k, v in arrays.items()} for i in range(0, rows, size)]
+
+
+def _figures_table(title: str, reports: Mapping[str, Any]) -> Table:
+    table = Table(title=title)
+    for column in ("output", "samples", "max abs", "max rel", "cosine mean", "cosine min", "accuracy",
+                   "ref accuracy", "passed"):
+        table.add_column(column, justify="right" if column not in ("output", "passed") else "left")
+    for name, r in reports.items():
+        table.add_row(
+            name, str(r.samples), f"{r.max_abs:.3g}", f"{r.max_rel:.3g}", f"{r.cosine_mean:.5f}",
+            f"{r.cosine_min:.5f}", "" if r.accuracy is None else f"{r.accuracy:.4f}",
+            "" if r.accuracy_reference is None else f"{r.accuracy_reference:.4f}",
+            "[green]yes[/]" if r.passed else "[red]no: " + "; ".join(r.failures) + "[/]",
+        )
+    return table
+
+
+def _parse_axes(specs: Sequence[str], names: Sequence[str]) -> dict[str, dict[int, str]] | None:
+    if not specs:
+        return None
+    axes: dict[str, dict[int, str]] = {n: {0: "batch"} for n in names}
+    for spec in specs:
+        try:
+            name, axis, label = spec.split(":")
+            axes.setdefault(name, {})[int(axis)] = label
+        except ValueError as exc:
+            raise ExportError(f"--dynamic-axis {spec!r}: use NAME:AXIS:LABEL, e.g. input_ids:1:sequence") from exc
+    return axes
+
+
+def export(
+    source: str = typer.Argument(..., help="A pickled model (.pkl/.joblib/.pt) or 'package.module:attribute'."),
+    out: Path = typer.Option(..., "--out", "-o", help="The artifact to write (.onnx or .pt)."),
+    sample: Path = typer.Option(..., help="Sample inputs (.npy, or .npz of named arrays) to check the export on."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript (torch models only)."),
+    input_name: list[str] = typer.Option([], help="Input names (torch; default: input)."),
+    output_name: list[str] = typer.Option([], help="Output names (torch; default: output)."),
+    dynamic_axis: list[str] = typer.Option([], help="NAME:AXIS:LABEL, e.g. input_ids:1:sequence (axis 0 is batch)."),
+    opset: Optional[int] = typer.Option(None, help="ONNX opset (default 17)."),
+    atol: float = typer.Option(1e-4, help="Largest abs difference from the source that passes."),
+    labels: Optional[Path] = typer.Option(None, help="True labels (.npy) for accuracy figures."),
+    repo: Optional[Path] = typer.Option(None, help="Also register the artifact in this repository."),
+    name: Optional[str] = typer.Option(None, help="The model's name in --repo."),
+    max_batch_size: Optional[int] = typer.Option(None, help="max_batch_size of the registered model."),
+    force: bool = typer.Option(False, help="Register it even if the check failed."),
+) -> None:
+    """Export a PyTorch module or scikit-learn estimator, check it against the source, optionally register it."""
+    from tritonforge.export import export_onnx, export_sklearn, export_torchscript
+    from tritonforge.quantize import Tolerance
+
+    try:
+        with console.status(f"loading {source} ..."):
+            model = _load_source(source)
+        inputs = list(input_name) or ["input"]
+        arrays = _load_arrays(sample, inputs)
+        y = np.load(labels) if labels else None
+        with console.status(f"exporting {type(model).__name__} to {fmt} and checking it against the source ..."):
+            if hasattr(model, "forward"):
+                import torch
+
+                example = tuple(torch.from_numpy(arrays[n]) for n in (inputs if len(arrays) > 1 else arrays))
+                if fmt == "torchscript":
+                    artifact = export_torchscript(model, example, out, tolerance=Tolerance(max_abs=atol))
+                else:
+                    outputs = list(output_name) or ["output"]
+                    artifact = export_onnx(model, example, out, input_names=inputs if len(arrays) > 1 else
+                                           list(arrays), output_names=outputs,
+                                           dynamic_axes=_parse_axes(dynamic_axis, [*inputs, *outputs]),
+                                           opset=opset, tolerance=Tolerance(max_abs=atol))
+            elif hasattr(model, "predict"):
+                artifact = export_sklearn(model, next(iter(arrays.values())), out, labels=y,
+                                          tolerance=Tolerance(max_abs=atol), **({"opset": opset} if opset else {}))
+            else:
+                raise ExportError(f"{type(model).__name__} is neither a torch module nor a scikit-learn estimator")
+        console.print(_figures_table(f"{out}: vs the source", artifact.reports))
+        _maybe_register(artifact, repo, name, source, force, max_batch_size)
+    except TritonForgeError as exc:
+        raise _fail(exc) from None
+    if not artifact.passed and not force:
+        raise typer.Exit(code=1)
+
+
+def _maybe_register(artifact: Any, repo: Path | None, name: str | None, source: str, force: bool,
+                    max_batch_size: int | None) -> None:
+    from tritonforge.registry import register
+
+    if repo is None:
+        return
+    if not name:
+        raise RepositoryError("--repo needs --name (the model's name in the repository)")
+    src: Any = source if Path(source).exists() else {"path": source, "sha256": None}
+    options = {"max_batch_size": max_batch_size} if max_batch_size is not None else {}
+    path = register(repo, name, artifact, source=src, force=force, **options)
+    console.print(f"registered [bold]{name}[/] version {path.name} at {path}")
+
+
+def quantize(
+    source: Path = typer.Argument(..., help="The FP32 ONNX model."),
+    out: Path = typer.Option(..., "--out", "-o", help="The quantized model to write."),
+    mode: str = typer.Option("int8-dynamic", help="int8-dynamic, int8-static or fp16."),
+    holdout: Path = typer.Option(..., help="Held-out inputs (.npz of named arrays, or .npy) to verify on."),
+    calibration: Optional[Path] = typer.Option(None, help="Calibration inputs (.npz/.npy) for int8-static."),
+    labels: Optional[Path] = typer.Option(None, help="True labels of the held-out rows (.npy) for accuracy."),
+    batch_size: int = typer.Option(32, help="Rows per batch when feeding samples."),
+    per_channel: bool = typer.Option(True, help="Per-channel weight scales (INT8)."),
+    keep_io_types: bool = typer.Option(True, help="FP16: keep inputs and outputs FP32."),
+    mask_input: Optional[str] = typer.Option(None, help="An attention-mask input: padded tokens are not compared."),
+    min_cosine_mean: float = typer.Option(0.99, help="Tolerance: least mean cosine similarity to FP32."),
+    min_cosine_min: float = typer.Option(0.95, help="Tolerance: least minimum cosine similarity."),
+    max_accuracy_drop: float = typer.Option(0.01, help="Tolerance: largest accuracy loss (with --labels)."),
+    repo: Optional[Path] = typer.Option(None, help="Also register the result in this repository."),
+    name: Optional[str] = typer.Option(None, help="The model's name in --repo."),
+    max_batch_size: Optional[int] = typer.Option(None, help="max_batch_size of the registered model."),
+    force: bool = typer.Option(False, help="Register it even if it failed its tolerance."),
+) -> None:
+    """Quantize an ONNX model (INT8 dynamic/static, FP16) and verify it against the FP32 source."""
+    from tritonforge.quantize import Tolerance, quantize_dynamic, quantize_static, to_fp16
+
+    tolerance = Tolerance(min_cosine_mean=min_cosine_mean, min_cosine_min=min_cosine_min,
+                          max_accuracy_drop=max_accuracy_drop)
+    try:
+        if not source.is_file():
+            raise QuantizationError(f"model file {source} does not exist")
+        import onnxruntime as ort
+
+        names = [i.name for i in ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).get_inputs()]
+        held = _batches(_load_arrays(holdout, names), batch_size)
+        y = np.load(labels) if labels else None
+        common: dict[str, Any] = {"holdout": held, "tolerance": tolerance, "labels": y, "mask_input": mask_input}
+        with console.status(f"{mode}: quantizing {source.name} and verifying on {len(held)} batches ..."):
+            if mode == "int8-dynamic":
+                artifact = quantize_dynamic(source, out, per_channel=per_channel, **common)
+            elif mode == "int8-static":
+                if calibration is None:
+                    raise QuantizationError("int8-static needs --calibration samples")
+                calib = _batches(_load_arrays(calibration, names), batch_size)
+                artifact = quantize_static(source, out, calibration=calib, per_channel=per_channel, **common)
+            elif mode == "fp16":
+                artifact = to_fp16(source, out, keep_io_types=keep_io_types, **common)
+            else:
+                raise QuantizationError(f"unknown mode {mode!r}: use int8-dynamic, int8-static or fp16")
+        console.print(_figures_table(f"{out.name} ({mode}) vs {source.name}", artifact.reports))
+        size = artifact.settings.get("file_bytes", 0) / max(artifact.settings.get("source_file_bytes", 1), 1)
+        console.print(f"size: {size:.1%} of the source")
+        _maybe_register(artifact, repo, name, str(source), force, max_batch_size)
+    except TritonForgeError as exc:
+        raise _fail(exc) from None
+    if not artifact.passed:
+        err_console.print("[bold red]failed its tolerance:[/] " + "; ".join(artifact.failures()), highlight=False)
+        if not force:
+            raise typer.Exit(code=1)
+
+
+def _figures(manifest: Mapping[str, Any]) -> str:
+    """The few numbers that say how good a version is: its task metric and its distance from its source."""
+    parts = []
+    metrics = manifest.get("metrics") or {}
+    if "test_accuracy" in metrics:
+        parts.append(f"acc {metrics['test_accuracy']:.4f}")
+    if "sentence_cosine_mean" in metrics:
+        parts.append(f"cos {metrics['sentence_cosine_mean']:.4f} (min {metrics['sentence_cosine_min']:.4f})")
+    verification = manifest.get("verification") or {}
+    outputs = list((verification.get("outputs") or {}).values())
+    if outputs:
+        parts.append(f"max|Δ| {max(o.get('max_abs', 0.0) for o in outputs):.2g}")
+        if "sentence_cosine_mean" not in metrics:
+            parts.append(f"cos≥{min(o.get('cosine_min', 1.0) for o in outputs):.4f}")
+    if verification.get("passed") is False:
+        parts.append("[red]FAILED (forced)[/]")
+    return ", ".join(parts)
+
+
+def models(repo: Path = typer.Argument(..., help="The model repository.")) -> None:
+    """List the models and versions in REPO with their figures and which version is served."""
+    from tritonforge.registry import list_models
+
+    try:
+        rows = list_models(repo)
+    except TritonForgeError as exc:
+        raise _fail(exc) from None
+    table = Table(title=f"{repo}: {len({r.model for r in rows})} models, {len(rows)} versions")
+    for column in ("model", "version", "served", "variant", "size MB", "figures", "created"):
+        table.add_column(column, no_wrap=column != "figures")
+    for r in rows:
+        size = (r.manifest.get("artifact") or {}).get("bytes")
+        table.add_row(r.model, str(r.version), "[green]yes[/]" if r.served else "no", r.variant,
+                      "" if size is None else f"{size / 1e6:.1f}", _figures(r.manifest),
+                      str(r.manifest.get("created_at", ""))[:16].replace("T", " "))
+    console.print(table)
+
+
+def promote(
+    repo: Path = typer.Argument(..., help="The model repository."),
+    name: str = typer.Argument(..., help="The model."),
+    version: int = typer.Argument(..., help="The version to serve."),
+    reason: Optional[str] = typer.Option(None, help="Why (kept in the audit log)."),
+) -> None:
+    """Serve VERSION of NAME (its config's version policy), and record it in the audit log."""
+    from tritonforge.registry import promote as do_promote
+
+    try:
+        event = do_promote(repo, name, version, reason=reason)
+    except TritonForgeError as exc:
+        raise _fail(exc) from None
+    console.print(f"[bold]{name}[/]: served versions {event['from']} -> {event['to']}")
+
+
+def rollback(
+    repo: Path = typer.Argument(..., help="The model repository."),
+    name: str = typer.Argument(..., help="The model."),
+    to: Optional[int] = typer.Option(None, help="The version to serve (default: the one served before)."),
+    reason: Optional[str] = typer.Option(None, help="Why (kept in the audit log)."),
+) -> None:
+    """Serve the version NAME served before (or --to), and record it in the audit log."""
+    from tritonforge.registry import rollback as do_rollback
+
+    try:
+        event = do_rollback(repo, name, to=to, reason=reason)
+    except TritonForgeError as exc:
+        raise _fail(exc) from None
+    console.print(f"[bold]{name}[/]: served versions {event['from']} -> {event['to']}")
+
+
+def build(
+    repo: Path = typer.Option(Path("model_repository"), help="The repository to build into."),
+    tools: Path = typer.Option(Path("tools"), help="The folder of build_*.py scripts."),
+    only: list[str] = typer.Option([], help="Run only these scripts (e.g. digits, minilm)."),
+    force: bool = typer.Option(False, help="Rebuild even unchanged models."),
+) -> None:
+    """Build the example repository by running tools/build_*.py (run from the project root)."""
+    scripts = sorted(tools.glob("build_*.py"))
+    if only:
+        scripts = [s for s in scripts if s.stem.removeprefix("build_") in set(only)]
+    if not scripts:
+        raise _fail(RepositoryError(f"no build_*.py scripts in {tools.resolve()}: run this from the project root"))
+    failed = []
+    for script in scripts:
+        console.rule(f"{script.name}")
+        command = [sys.executable, str(script), "--repo", str(repo), *(["--force"] if force else [])]
+        with console.status(f"running {script.name} ..."):
+            done = subprocess.run(command, check=False)
+        if done.returncode:
+            failed.append(script.name)
+    models(repo)
+    if failed:
+        err_console.print(f"[bold red]failed:[/] {', '.join(failed)}; the repository keeps its previous versions")
+        raise typer.Exit(code=1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(export)
+    app.command()(quantize)
+    app.command()(models)
+    app.command()(promote)
+    app.command()(rollback)
+    app.command()(build)

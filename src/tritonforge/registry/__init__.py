@@ -1,0 +1,31 @@
+"""The model registry: manifests per version, served versions (promote / rollback), an audit log."""
+
+from tritonforge.registry.build import Step, build_key, find_built
+from tritonforge.registry.core import (
+    AUDIT_LOG,
+    ModelVersion,
+    audit_log,
+    library_versions,
+    list_models,
+    promote,
+    read_manifest,
+    register,
+    rollback,
+    served_versions,
+)
+
+__all__ = [
+    "AUDIT_LOG",
+    "ModelVersion",
+    "Step",
+    "audit_log",
+    "build_key",
+    "find_built",
+    "library_versions",
+    "list_models",
+    "promote",
+    "read_manifest",
+    "register",
+    "rollback",
+    "served_versions",
+]

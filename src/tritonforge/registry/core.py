@@ -1,0 +1,308 @@
+"""The model registry: versions with their manifests, which version is served, and an audit log.
+
+Each version folder's ``manifest.json`` (written by :func:`tritonforge.repository.add_model`) is the
+record; :func:`register` adds an export/quantization artifact with its settings, figures and library
+versions, refusing one that failed its verification unless forced. :func:`promote` and :func:`rollback`
+set the served version through the config's ``version_policy`` (an atomic config rewrite) and append
+one JSON line per change to ``<repo>/audit.jsonl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import fcntl
+import json
+import os
+from collections.abc import Iterator, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tritonforge.config import ModelConfig, VersionPolicy, write_config
+from tritonforge.errors import QuantizationError, RepositoryError, TritonForgeError
+from tritonforge.export.result import Artifact
+from tritonforge.repository.writer import add_model, file_sha256, infer_config, load_config, versions
+
+__all__ = [
+    "AUDIT_LOG",
+    "ModelVersion",
+    "audit_log",
+    "library_versions",
+    "list_models",
+    "promote",
+    "read_manifest",
+    "register",
+    "rollback",
+    "served_versions",
+]
+
+AUDIT_LOG = "audit.jsonl"
+_LIBRARIES = ("numpy", "onnx", "onnxruntime", "torch", "scikit-learn", "skl2onnx", "transformers",
+              "tokenizers")
+
+
+def library_versions(names: tuple[str, ...] = _LIBRARIES) -> dict[str, str]:
+    """Installed versions of the libraries that shape an artifact (those installed)."""
+    found: dict[str, str] = {}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[name] = metadata.version(name)
+    return found
+
+
+def register(
+    repo: str | os.PathLike[str],
+    name: str,
+    artifact: Artifact,
+    *,
+    source: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    config: ModelConfig | None = None,
+    version: int | None = None,
+    force: bool = False,
+    extra: Mapping[str, Any] | None = None,
+    **add_model_options: Any,
+) -> Path:
+    """Write ``artifact`` into ``repo`` as a new version of ``name``, with its full manifest.
+
+    Args:
+        source: what the artifact was built from: a file (path and sha256 are recorded) or a mapping
+            (e.g. ``{"path": ..., "sha256": ..., "dataset": ...}``); default: the artifact file itself.
+        force: write it even though its verification failed (the manifest says so).
+        extra: more manifest entries (e.g. ``{"metrics": {"test_accuracy": 0.97}}``).
+        add_model_options: passed to :func:`~tritonforge.repository.add_model` (``max_batch_size``, ...).
+
+    Raises:
+        QuantizationError / ExportError: the artifact failed its verification (the figures are in the
+            message) and ``force`` is false.
+        RepositoryError: as :func:`~tritonforge.repository.add_model`.
+    """
+    if not artifact.passed and not force:
+        figures = "; ".join(f"{n}: {r.summary()}" for n, r in artifact.reports.items())
+        from tritonforge.errors import ExportError
+
+        cls = QuantizationError if artifact.stage == "quantization" else ExportError
+        raise cls(
+            f"{artifact.path.name} failed its verification, so it was not written into {repo}: "
+            f"{'; '.join(artifact.failures())}. Figures: {figures}. Pass force=True (--force) to write it anyway",
+            model=name,
+        )
+    manifest: dict[str, Any] = dict(artifact.manifest())
+    manifest["libraries"] = library_versions()
+    manifest["artifact"] = {"file": artifact.path.name, "sha256": file_sha256(artifact.path),
+                            "bytes": artifact.path.stat().st_size}
+    if source is not None:
+        if isinstance(source, Mapping):
+            manifest["source"] = dict(source)
+        else:
+            path = Path(source)
+            if not path.exists():
+                raise RepositoryError(f"source {path} does not exist", model=name)
+            manifest["source"] = {"path": str(path.resolve()), "sha256": file_sha256(path)}
+    if not artifact.passed:
+        manifest["forced"] = True
+    if extra:
+        manifest.update(extra)
+    config = _keep_served_policy(Path(repo) / name, artifact.path, config, add_model_options)
+    return add_model(repo, name, artifact.path, config, version, manifest=manifest,
+                     extra_files=artifact.extra_files, **add_model_options)
+
+
+_INFER_OPTIONS = ("max_batch_size", "dynamic_batching", "max_queue_delay_us", "instances", "kind")
+
+
+def _keep_served_policy(
+    model_dir: Path, artifact: Path, config: ModelConfig | None, options: Mapping[str, Any]
+) -> ModelConfig | None:
+    """A promoted model keeps serving its promoted version when a new version is added."""
+    if (config is not None and config.version_policy is not None) or not (model_dir / "config.pbtxt").is_file():
+        return config
+    try:
+        policy = load_config(model_dir).version_policy
+    except TritonForgeError:
+        return config
+    if policy is None:
+        return config
+    if config is None:
+        config = infer_config(model_dir.name, artifact, **{k: v for k, v in options.items() if k in _INFER_OPTIONS})
+    return config.replace(version_policy=policy)
+
+
+def read_manifest(repo: str | os.PathLike[str], name: str, version: int) -> dict[str, Any]:
+    """The manifest of one version (``{}`` when the version has none).
+
+    Raises:
+        RepositoryError: no such model or version.
+    """
+    model_dir = _model_dir(Path(repo), name)
+    _check_version(model_dir, name, version)
+    path = model_dir / str(version) / "manifest.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RepositoryError(f"{path}: unreadable manifest: {exc}", model=name, version=version) from exc
+
+
+def served_versions(config: ModelConfig, available: list[int]) -> list[int]:
+    """The versions Triton serves under ``config``'s version policy, of those ``available``."""
+    policy = config.version_policy or VersionPolicy.latest(1)
+    if policy.kind == "all":
+        return list(available)
+    if policy.kind == "specific":
+        return [v for v in available if v in set(policy.versions)]
+    return sorted(available)[-policy.num_versions:] if available else []
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelVersion:
+    """One row of ``tritonforge models``."""
+
+    model: str
+    version: int
+    served: bool
+    manifest: Mapping[str, Any]
+
+    @property
+    def variant(self) -> str:
+        quant = self.manifest.get("quantization") or {}
+        if quant.get("mode"):
+            return str(quant["mode"])
+        export = self.manifest.get("export") or {}
+        return str(self.manifest.get("variant") or export.get("format") or self.manifest.get("platform") or "")
+
+
+def list_models(repo: str | os.PathLike[str]) -> list[ModelVersion]:
+    """Every model and version in ``repo`` with its manifest and whether it is served.
+
+    Raises:
+        RepositoryError: ``repo`` is not a folder.
+    """
+    root = Path(repo)
+    if not root.is_dir():
+        raise RepositoryError(f"{root} is not a model repository (no such folder)")
+    rows: list[ModelVersion] = []
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found = versions(model_dir)
+        try:
+            served = set(served_versions(load_config(model_dir), found))
+        except TritonForgeError:
+            served = set()
+        for version in found:
+            rows.append(ModelVersion(model_dir.name, version, version in served,
+                                     read_manifest(root, model_dir.name, version)))
+    return rows
+
+
+def _model_dir(repo: Path, name: str) -> Path:
+    model_dir = repo / name
+    if not name or name.startswith(".") or not model_dir.is_dir():
+        known = sorted(p.name for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if repo.is_dir() else []
+        raise RepositoryError(f"no model '{name}' in {repo}; it has: {', '.join(known) or 'no models'}", model=name)
+    return model_dir
+
+
+def _check_version(model_dir: Path, name: str, version: int) -> list[int]:
+    found = versions(model_dir)
+    if version not in found:
+        raise RepositoryError(
+            f"model '{name}' has no version {version}; it has {', '.join(map(str, found)) or 'none'}",
+            model=name, version=version,
+        )
+    return found
+
+
+@contextlib.contextmanager
+def _locked(repo: Path) -> Iterator[Path]:
+    """Serialise served-version changes of one repository (promote/rollback from several shells)."""
+    log = repo / AUDIT_LOG
+    with open(log, "a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield log
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _set_served(repo: Path, name: str, version: int, action: str, reason: str | None) -> dict[str, Any]:
+    model_dir = _model_dir(repo, name)
+    found = _check_version(model_dir, name, version)
+    with _locked(repo) as log:
+        config = load_config(model_dir)
+        before = served_versions(config, found)
+        write_config(config.replace(version_policy=VersionPolicy.specific(version)), model_dir)
+        from tritonforge.repository.writer import _user
+
+        event = {
+            "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "action": action,
+            "model": name,
+            "from": before,
+            "to": [version],
+            "by": _user(),
+        }
+        if reason:
+            event["reason"] = reason
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(event, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    return event
+
+
+def promote(repo: str | os.PathLike[str], name: str, version: int, *, reason: str | None = None) -> dict[str, Any]:
+    """Serve exactly ``version`` of ``name`` (``version_policy { specific { versions: [v] } }``).
+
+    The config is replaced atomically, so a polling server sees the old policy or the new one, and the
+    change is appended to ``<repo>/audit.jsonl``. Returns the audit event.
+
+    Raises:
+        RepositoryError: no such model, or no such version (the message lists what exists).
+    """
+    return _set_served(Path(repo), name, int(version), "promote", reason)
+
+
+def rollback(
+    repo: str | os.PathLike[str], name: str, *, to: int | None = None, reason: str | None = None
+) -> dict[str, Any]:
+    """Serve the version before the one served now (or ``to``) and record it in the audit log.
+
+    "Before" is the version that was served before the last promote/rollback of this model, per the
+    audit log; without history, the highest version below the lowest served one.
+
+    Raises:
+        RepositoryError: no such model or version, or nothing to roll back to.
+    """
+    root = Path(repo)
+    model_dir = _model_dir(root, name)
+    if to is None:
+        found = versions(model_dir)
+        now = served_versions(load_config(model_dir), found)
+        history = [e for e in audit_log(root) if e.get("model") == name]
+        previous = [v for v in (history[-1].get("from", []) if history else []) if v in found and v not in now]
+        if previous:
+            to = max(previous)
+        else:
+            lower = [v for v in found if now and v < min(now)]
+            if not lower:
+                raise RepositoryError(
+                    f"model '{name}' serves {now or 'nothing'} and has no earlier version to roll back to",
+                    model=name,
+                )
+            to = lower[-1]
+    return _set_served(root, name, int(to), "rollback", reason)
+
+
+def audit_log(repo: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every served-version change recorded in ``repo``, oldest first."""
+    path = Path(repo) / AUDIT_LOG
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError):
+            events.append(json.loads(line))
+    return events
