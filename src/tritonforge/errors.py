@@ -12,6 +12,8 @@
     └── ClientError            an inference or control call failed
         ├── InvalidRequestError    wrong input name, dtype or shape (never retried)
         ├── ModelNotFoundError     no such model / version on the server
+        ├── InferenceFailed        the model ran on the server and failed (a fallback may answer)
+        ├── AuthenticationError    the server refused the call's credentials (headers / TLS)
         ├── TransportError
         │   ├── DeadlineExceeded
         │   └── Unavailable
@@ -25,11 +27,13 @@ from __future__ import annotations
 
 __all__ = [
     "AllEndpointsFailed",
+    "AuthenticationError",
     "ClientError",
     "ConfigError",
     "DeadlineExceeded",
     "EnsembleError",
     "ExportError",
+    "InferenceFailed",
     "InvalidRequestError",
     "ModelLoadError",
     "ModelNotFoundError",
@@ -110,6 +114,14 @@ class InvalidRequestError(ClientError):
 
 class ModelNotFoundError(ClientError):
     """The server has no such model or version (or it is not loaded)."""
+
+
+class InferenceFailed(ClientError):
+    """The server accepted the request but the model failed running it; a fallback model may answer."""
+
+
+class AuthenticationError(ClientError):
+    """The server refused the call's credentials (missing or wrong headers, TLS)."""
 
 
 class TransportError(ClientError):

@@ -1,0 +1,188 @@
+"""numpy <-> Triton's gRPC messages, built for speed, and the input checks against a model's metadata.
+
+A request is ``header + raw_input_contents``: the header (model, version, input names/dtypes/shapes,
+requested outputs) is serialized once per distinct input signature and cached; each call then only appends
+its tensors' bytes as protobuf field 7, so no per-call message objects are built at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+
+from tritonforge.errors import InvalidRequestError
+
+__all__ = ["ModelMetadata", "TensorMetadata", "decode_response", "request_header", "triton_dtype"]
+
+_NUMPY_OF: dict[str, Any] = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
+_DTYPE_OF: dict[np.dtype[Any], str] = {np.dtype(t): name for name, t in _NUMPY_OF.items()}
+_RAW_TAG = b"\x3a"  # field 7 (raw_input_contents), wire type 2 (length-delimited)
+
+
+def triton_dtype(dtype: np.dtype[Any]) -> str:
+    """Triton's wire name for a numpy dtype (``BYTES`` for object/bytes/str arrays)."""
+    name = _DTYPE_OF.get(dtype)
+    if name is not None:
+        return name
+    if dtype.kind in ("O", "S", "U"):
+        return "BYTES"
+    if dtype.byteorder == ">":
+        return triton_dtype(dtype.newbyteorder("<"))
+    raise InvalidRequestError(
+        f"numpy dtype {dtype} has no Triton data type; cast to one of "
+        f"{sorted(_NUMPY_OF)} or use an object array of bytes for BYTES"
+    )
+
+
+@dataclass(frozen=True)
+class TensorMetadata:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """A model's metadata as the server reports it (``-1`` marks a variable dim, the batch dim included)."""
+
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorMetadata, ...]
+    outputs: tuple[TensorMetadata, ...]
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> ModelMetadata:
+        def tensors(items: Any) -> tuple[TensorMetadata, ...]:
+            return tuple(TensorMetadata(t.name, t.datatype, tuple(t.shape)) for t in items)
+
+        return cls(msg.name, tuple(msg.versions), msg.platform, tensors(msg.inputs), tensors(msg.outputs))
+
+    def check_inputs(
+        self, signature: Sequence[tuple[str, str, tuple[int, ...]]], version: str | None, endpoint: str | None
+    ) -> None:
+        """Raise a clear :class:`InvalidRequestError` for a wrong input name, dtype or shape.
+
+        Inputs the model lacks are errors; inputs the caller leaves out are too, unless the model marks none
+        required (metadata doesn't say which are optional, so a missing one is left to the server).
+        """
+        expected = {t.name: t for t in self.inputs}
+
+        def fail(message: str) -> InvalidRequestError:
+            wants = ", ".join(f"{t.name}: {t.datatype}{list(t.shape)}" for t in self.inputs)
+            return InvalidRequestError(
+                f"model {self.name!r}: {message}; the model takes {wants}",
+                model=self.name,
+                version=version,
+                endpoint=endpoint,
+            )
+
+        for name, datatype, shape in signature:
+            spec = expected.get(name)
+            if spec is None:
+                raise fail(f"unknown input {name!r}")
+            if datatype != spec.datatype:
+                raise fail(f"input {name!r} is {datatype} but must be {spec.datatype}")
+            if len(shape) != len(spec.shape) or any(w != -1 and w != s for w, s in zip(spec.shape, shape)):
+                raise fail(f"input {name!r} has shape {list(shape)}, which does not fit {list(spec.shape)}")
+        missing = set(expected) - {name for name, _, _ in signature}
+        if missing and len(missing) == len(expected):
+            raise fail(f"missing inputs {sorted(missing)}")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def request_header(
+    model: str,
+    version: str | None,
+    signature: Sequence[tuple[str, str, tuple[int, ...]]],
+    outputs: Sequence[str] | None,
+    shm: Sequence[tuple[str, int, int]] | None = None,
+) -> bytes:
+    """A serialized ``ModelInferRequest`` without its raw contents (``shm``: region, offset, size per input)."""
+    request = pb.ModelInferRequest(model_name=model, model_version=version or "")
+    for i, (name, datatype, shape) in enumerate(signature):
+        tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
+        if shm is not None:
+            region, offset, size = shm[i]
+            tensor.parameters["shared_memory_region"].string_param = region
+            tensor.parameters["shared_memory_offset"].int64_param = offset
+            tensor.parameters["shared_memory_byte_size"].int64_param = size
+    for name in outputs or ():
+        request.outputs.add(name=name)
+    return request.SerializeToString()
+
+
+def tensor_bytes(array: np.ndarray, datatype: str) -> Any:
+    """The tensor's bytes as Triton expects them (a zero-copy view where the array allows)."""
+    if datatype == "BYTES":
+        if array.dtype.kind == "U":
+            array = array.astype(object)
+        serialized = serialize_byte_tensor(array)
+        return b"" if serialized is None or serialized.size == 0 else serialized.item()
+    if not array.flags.c_contiguous or array.dtype.byteorder == ">":
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return array.data.cast("B") if array.ndim and array.size else array.tobytes()
+
+
+def frame(header: bytes, raws: Sequence[Any]) -> bytes:
+    """``header`` followed by each raw tensor as a ``raw_input_contents`` entry."""
+    parts: list[Any] = [header]
+    for raw in raws:
+        parts.append(_RAW_TAG)
+        parts.append(_varint(len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def decode_response(response: Any) -> dict[str, np.ndarray]:
+    """``{name: ndarray}`` from a ``ModelInferResponse`` (numeric arrays are read-only views of its bytes)."""
+    result: dict[str, np.ndarray] = {}
+    raws = response.raw_output_contents
+    for output, raw in zip(response.outputs, raws):
+        datatype = output.datatype
+        if datatype == "BYTES":
+            result[output.name] = deserialize_bytes_tensor(raw).reshape(tuple(output.shape))
+        else:
+            result[output.name] = np.frombuffer(raw, dtype=_NUMPY_OF[datatype]).reshape(tuple(output.shape))
+    return result
+
+
+def as_array(name: str, value: Any, model: str) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        return np.asarray(value)
+    except Exception as exc:  # numpy raises many kinds for ragged input
+        raise InvalidRequestError(
+            f"input {name!r} for model {model!r} is not array-like: {exc}", model=model
+        ) from exc
+
+
+def signature_of(inputs: Mapping[str, np.ndarray]) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    return tuple((name, triton_dtype(array.dtype), array.shape) for name, array in inputs.items())

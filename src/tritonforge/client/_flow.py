@@ -1,0 +1,176 @@
+"""One call's decisions, written once and driven by both clients: which model, which endpoint, whether to
+retry, wait, fall back or give up. No I/O here: the flow yields what to do next and is sent the outcome.
+
+    flow = call_flow(...)
+    step = next(flow)                       # an Attempt or a Sleep
+    while True:
+        outcome = do(step)                  # the response, or the ClientError it raised
+        step = flow.send(outcome)           # StopIteration(value=response) when done; raises when failed
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tritonforge.client._pool import Endpoint, EndpointPool
+from tritonforge.client.policies import Deadline, Fallback, RetryBudget, RetryPolicy
+from tritonforge.errors import AllEndpointsFailed, ClientError, DeadlineExceeded, Unavailable
+
+__all__ = ["Attempt", "BudgetState", "Sleep", "call_flow"]
+
+
+@dataclass(slots=True)
+class Attempt:
+    """Send the call to ``endpoint`` for ``model``/``version`` within ``timeout_s``."""
+
+    endpoint: Endpoint
+    model: str
+    version: str | None
+    timeout_s: float | None
+    number: int  # 1-based over the whole call
+    retry: bool  # a retry of the same model
+    fallback: bool  # the first attempt of a fallback model
+
+
+@dataclass(slots=True)
+class Sleep:
+    seconds: float
+
+
+class BudgetState:
+    """The live balance of a :class:`RetryBudget` (shared by every call of one client)."""
+
+    def __init__(self, budget: RetryBudget | None, now: float) -> None:
+        self.budget = budget
+        self.tokens = budget.max_tokens if budget else 0.0
+        self.updated = now
+        self._lock = threading.Lock()
+
+    def deposit(self) -> None:
+        budget = self.budget
+        if budget is not None and self.tokens < budget.max_tokens:
+            with self._lock:
+                self.tokens = min(budget.max_tokens, self.tokens + budget.ratio)
+
+    def withdraw(self, now: float) -> bool:
+        budget = self.budget
+        if budget is None:
+            return True
+        with self._lock:
+            elapsed = max(0.0, now - self.updated)
+            self.updated = now
+            self.tokens = min(budget.max_tokens, self.tokens + elapsed * budget.min_retries_per_s)
+            if self.tokens >= 1.0:
+                self.tokens -= 1.0
+                return True
+            return False
+
+
+def _deadline_error(
+    model: str, version: str | None, total_s: float | None, last: ClientError | None, endpoint: str | None
+) -> DeadlineExceeded:
+    why = f" (last error: {last.message})" if last is not None else ""
+    return DeadlineExceeded(
+        f"model {model!r} got no answer within its deadline of {total_s} s{why}; raise timeout_s if the model "
+        "is just slow",
+        model=model,
+        version=version,
+        endpoint=endpoint,
+    )
+
+
+def call_flow(
+    targets: Sequence[tuple[str, str | None]],
+    *,
+    pool: EndpointPool,
+    retry: RetryPolicy,
+    budget: BudgetState,
+    deadline: Deadline,
+    timeout_s: float | None,
+    clock: Callable[[], float],
+    rng: random.Random,
+) -> Generator[Attempt | Sleep, Any, Any]:
+    """Drive one call across ``targets`` (the model and then its fallbacks); returns the response.
+
+    Raises:
+        DeadlineExceeded: the deadline passed; never retried past it.
+        AllEndpointsFailed: no endpoint usable and no retry left.
+        ClientError: the last model's error when no retry or fallback applies.
+    """
+    start = clock()
+    total_s = deadline.total_s if timeout_s is None else timeout_s
+    deadline_at = None if total_s is None else start + total_s
+    budget.deposit()
+    number = 0
+    last: ClientError | None = None
+    for index, (model, version) in enumerate(targets):
+        tried: list[Endpoint] = []
+        attempts = 0
+        while True:
+            now = clock()
+            remaining = None if deadline_at is None else deadline_at - now
+            if remaining is not None and remaining <= 0:
+                raise _deadline_error(
+                    model, version, total_s, last, last.endpoint if last else None
+                ) from last
+            endpoint = pool.acquire(now, tried)
+            if endpoint is None:
+                error: ClientError = AllEndpointsFailed(
+                    f"no endpoint is usable for model {model!r}: all of "
+                    f"{[e.url for e in pool.endpoints]} are down or their circuit is open"
+                    + (f" (last error: {last.message})" if last else ""),
+                    model=model,
+                    version=version,
+                )
+                attempts += 1
+            else:
+                attempts += 1
+                number += 1
+                try:
+                    outcome = yield Attempt(
+                        endpoint,
+                        model,
+                        version,
+                        deadline.attempt_timeout_s(remaining),
+                        number,
+                        retry=attempts > 1,
+                        fallback=index > 0 and attempts == 1,
+                    )
+                except BaseException:  # the driver was cancelled or closed us mid-attempt
+                    pool.release(endpoint, clock(), transport_failure=False)
+                    raise
+                if not isinstance(outcome, ClientError):
+                    pool.release(endpoint, clock(), transport_failure=False)
+                    return outcome
+                error = outcome
+                pool.release(endpoint, clock(), transport_failure=isinstance(error, Unavailable))
+                if endpoint not in tried:
+                    tried.append(endpoint)
+            last = error
+            now = clock()
+            remaining = None if deadline_at is None else deadline_at - now
+            if isinstance(error, DeadlineExceeded):
+                if remaining is None or remaining <= 0:
+                    raise _deadline_error(model, version, total_s, error, error.endpoint) from error
+                retryable = True  # only the attempt's own cap passed; the call still has time
+            else:
+                retryable = retry.is_retryable(error) or isinstance(error, AllEndpointsFailed)
+            if retryable and attempts < retry.max_attempts and budget.withdraw(now):
+                untried = endpoint is not None and any(
+                    e not in tried and pool._available(e, now) for e in pool.endpoints
+                )
+                wait = 0.0 if untried else retry.backoff_s(attempts, rng)
+                if remaining is not None and wait >= remaining:
+                    raise _deadline_error(model, version, total_s, error, error.endpoint) from error
+                if wait > 0:
+                    yield Sleep(wait)
+                continue
+            break
+        if index + 1 < len(targets) and Fallback.should_fall_back(last):
+            continue
+        raise last
+    raise AssertionError("call_flow needs at least one target")  # pragma: no cover

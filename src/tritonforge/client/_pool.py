@@ -1,0 +1,141 @@
+"""Endpoint choice without I/O: least outstanding requests, a circuit breaker per endpoint, health marks."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tritonforge.client.policies import CircuitBreaker
+
+__all__ = ["Endpoint", "EndpointPool", "EndpointStatus"]
+
+State = Literal["closed", "open", "half-open"]
+
+
+class Endpoint:
+    """One server: its address, the transport the client hangs on it, and the pool's bookkeeping."""
+
+    __slots__ = (
+        "consecutive_failures",
+        "handle",
+        "healthy",
+        "opened_at",
+        "outstanding",
+        "probing",
+        "state",
+        "url",
+    )
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.handle: Any = None  # the client's transport (channel + callables) for this endpoint
+        self.outstanding = 0
+        self.consecutive_failures = 0
+        self.state: State = "closed"
+        self.opened_at = 0.0
+        self.probing = False
+        self.healthy = True
+
+    def __repr__(self) -> str:
+        return f"<Endpoint {self.url} {self.state} outstanding={self.outstanding}>"
+
+
+@dataclass(frozen=True)
+class EndpointStatus:
+    """A snapshot of one endpoint as the client sees it."""
+
+    url: str
+    state: State
+    healthy: bool
+    outstanding: int
+    consecutive_failures: int
+
+
+class EndpointPool:
+    """Chooses an endpoint per attempt and learns from outcomes; the clock is passed in (``now``).
+
+    A lock keeps the counts right when the sync client is used from many threads; it is never held across
+    I/O, so the async client takes it too at no risk.
+    """
+
+    def __init__(
+        self, urls: Sequence[str], breaker: CircuitBreaker, rng: random.Random | None = None
+    ) -> None:
+        if not urls:
+            raise ValueError("a client needs at least one endpoint URL")
+        self.endpoints = [Endpoint(u) for u in dict.fromkeys(urls)]
+        self.breaker = breaker
+        self._rng = rng or random.Random()
+        self._lock = threading.Lock()
+        self._single = self.endpoints[0] if len(self.endpoints) == 1 else None
+
+    def _available(self, ep: Endpoint, now: float) -> bool:
+        if ep.state == "closed":
+            return ep.healthy
+        if ep.state == "open" and now - ep.opened_at >= self.breaker.reset_timeout_s:
+            return True  # time for a half-open probe
+        return False
+
+    def acquire(self, now: float, exclude: Collection[Endpoint] = ()) -> Endpoint | None:
+        """The endpoint for the next attempt (counted as outstanding), or ``None`` when none is usable.
+
+        Endpoints in ``exclude`` (already tried by this call) are chosen only when nothing else is usable.
+        """
+        with self._lock:
+            single = self._single
+            if single is not None and single.state == "closed" and single.healthy:
+                single.outstanding += 1
+                return single
+            best: Endpoint | None = None
+            best_key: tuple[int, int, float] | None = None
+            for ep in self.endpoints:
+                if not self._available(ep, now):
+                    continue
+                key = (ep in exclude, ep.outstanding, self._rng.random())
+                if best_key is None or key < best_key:
+                    best, best_key = ep, key
+            if best is None:
+                return None
+            if best.state == "open":
+                best.state = "half-open"
+                best.probing = True
+            best.outstanding += 1
+            return best
+
+    def release(self, ep: Endpoint, now: float, *, transport_failure: bool) -> None:
+        """Record an attempt's outcome: only transport failures count against the endpoint."""
+        with self._lock:
+            ep.outstanding -= 1
+            if transport_failure:
+                ep.consecutive_failures += 1
+                if ep.state == "half-open" or ep.consecutive_failures >= self.breaker.failure_threshold:
+                    ep.state = "open"
+                    ep.opened_at = now
+                ep.probing = False
+            else:
+                ep.consecutive_failures = 0
+                ep.state = "closed"
+                ep.probing = False
+                ep.healthy = True
+
+    def mark_health(self, ep: Endpoint, healthy: bool, now: float) -> None:
+        """A health check's verdict: a failed one takes the endpoint out, a good one brings it back."""
+        with self._lock:
+            ep.healthy = healthy
+            if healthy:
+                if ep.state != "closed":
+                    ep.state = "closed"
+                    ep.consecutive_failures = 0
+            elif ep.state == "closed":
+                ep.state = "open"
+                ep.opened_at = now
+
+    def status(self) -> list[EndpointStatus]:
+        with self._lock:
+            return [
+                EndpointStatus(e.url, e.state, e.healthy, e.outstanding, e.consecutive_failures)
+                for e in self.endpoints
+            ]
