@@ -395,13 +395,27 @@ def _config_json(config: Any) -> str:
     return json_format.MessageToJson(proto, preserving_proto_field_name=True)
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether any non-zombie process is left in process group ``pgid`` (Linux /proc).
+
+    Zombies don't count: orphaned stubs are reparented to PID 1, and a PID 1 that never reaps them would
+    otherwise make every stop wait out its timeout.
+    """
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone while we looked
+        state, group = fields[0], int(fields[2])
+        if group == pgid and state != "Z":
+            return True
+    return False
+
+
 def _wait_group_gone(pgid: int, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return
+    while time.monotonic() < deadline and _group_alive(pgid):
         time.sleep(0.05)
 
 
