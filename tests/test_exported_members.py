@@ -1,0 +1,49 @@
+"""``__all__`` is honest: every listed name exists, none is listed twice, and the public API is re-exported."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+
+import tritonforge
+
+MODULES = ["tritonforge", "tritonforge.errors", "tritonforge.client", "tritonforge.client.policies",
+           "tritonforge.client.observe", "tritonforge.client.shm"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_all_lists_only_names_the_module_has(name: str) -> None:
+    module = importlib.import_module(name)
+    missing = [member for member in module.__all__ if not hasattr(module, member)]
+    assert missing == []
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_all_lists_each_name_once(name: str) -> None:
+    module = importlib.import_module(name)
+    assert len(module.__all__) == len(set(module.__all__))
+
+
+@pytest.mark.parametrize("name", ["tritonforge.errors", "tritonforge.client.policies"])
+def test_all_lists_every_public_class_defined_in_the_module(name: str) -> None:
+    module = importlib.import_module(name)
+    defined = {n for n, obj in vars(module).items()
+               if inspect.isclass(obj) and obj.__module__ == name and not n.startswith("_")}
+    assert defined - set(module.__all__) == set()
+
+
+def test_package_root_reexports_the_clients_and_policies() -> None:
+    import tritonforge.client as client
+
+    for member in ["Client", "AsyncClient", "RetryPolicy", "RetryBudget", "Deadline", "Fallback", "TrafficSplit",
+                   "Variant", "Shadow", "CircuitBreaker", "HealthCheck", "SharedMemory", "TLSConfig"]:
+        assert member in tritonforge.__all__
+        assert getattr(tritonforge, member) is getattr(client, member)
+
+
+def test_package_root_reexports_every_error() -> None:
+    import tritonforge.errors as errors
+
+    assert set(errors.__all__) <= set(tritonforge.__all__)
