@@ -1,0 +1,320 @@
+"""The client's decisions without I/O: policies, the endpoint pool and the call flow, driven directly.
+
+The flow is fed outcomes by hand (the transport edge is ours), so these run without a server.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+
+from tritonforge.client import (
+    CircuitBreaker,
+    Deadline,
+    Fallback,
+    RetryBudget,
+    RetryPolicy,
+    Shadow,
+    TrafficSplit,
+    Variant,
+)
+from tritonforge.client._base import compare_outputs
+from tritonforge.client._flow import Attempt, BudgetState, Sleep, call_flow
+from tritonforge.client._pool import EndpointPool
+from tritonforge.errors import (
+    AllEndpointsFailed,
+    ClientError,
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidRequestError,
+    ModelNotFoundError,
+    Unavailable,
+)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def drive(flow: Any, answer: Callable[[Attempt], Any], clock: FakeClock) -> tuple[Any, list[Attempt]]:
+    """Run a flow to its end; ``answer`` gives each attempt's outcome (a response or a ClientError)."""
+    attempts: list[Attempt] = []
+    try:
+        step = next(flow)
+        while True:
+            if isinstance(step, Sleep):
+                clock.now += step.seconds
+                outcome = None
+            else:
+                attempts.append(step)
+                outcome = answer(step)
+            step = flow.send(outcome)
+    except StopIteration as stop:
+        return stop.value, attempts
+
+
+def make_flow(targets: Sequence[tuple[str, str | None]], pool: EndpointPool, clock: FakeClock, *,
+              retry: RetryPolicy | None = None, budget: BudgetState | None = None,
+              deadline: Deadline | None = None, timeout_s: float | None = None) -> Any:
+    retry = retry or RetryPolicy(max_attempts=3, budget=None)
+    return call_flow(targets, pool=pool, retry=retry, budget=budget or BudgetState(retry.budget, clock()),
+                     deadline=deadline or Deadline(total_s=10.0), timeout_s=timeout_s, clock=clock,
+                     rng=random.Random(0))
+
+
+def pool_of(*urls: str, threshold: int = 2, reset_s: float = 1.0) -> EndpointPool:
+    return EndpointPool(list(urls), CircuitBreaker(failure_threshold=threshold, reset_timeout_s=reset_s),
+                        random.Random(0))
+
+
+# -- value objects -------------------------------------------------------------------------------------
+
+
+def test_policies_have_readable_reprs() -> None:
+    assert repr(Deadline(5.0, attempt_s=1.0)) == "Deadline(total_s=5.0, attempt_s=1.0)"
+    assert repr(Fallback("small", ("clf", 2))) == "Fallback('small', ('clf', '2'))"
+    assert "share=0.05" in repr(Shadow("next", share=0.05))
+
+
+@pytest.mark.parametrize("bad", [lambda: RetryPolicy(max_attempts=0), lambda: Deadline(total_s=-1),
+                                 lambda: TrafficSplit(()), lambda: Variant("m", weight=-1),
+                                 lambda: Shadow("m", share=1.5), lambda: CircuitBreaker(failure_threshold=0)])
+def test_policy_raises_value_error_when_built_with_nonsense(bad: Callable[[], object]) -> None:
+    with pytest.raises(ValueError):
+        bad()
+
+
+def test_retry_policy_backoff_grows_exponentially_within_its_cap() -> None:
+    policy = RetryPolicy(backoff_initial_s=0.1, backoff_multiplier=2.0, backoff_max_s=0.5, jitter=0.0)
+    rng = random.Random(0)
+    assert [policy.backoff_s(n, rng) for n in (1, 2, 3, 4)] == [0.1, 0.2, 0.4, 0.5]
+
+
+def test_retry_policy_full_jitter_stays_below_the_exponential_step() -> None:
+    policy = RetryPolicy(backoff_initial_s=0.1, jitter=1.0)
+    rng = random.Random(1)
+    waits = [policy.backoff_s(2, rng) for _ in range(200)]
+    assert all(0 <= w <= 0.2 for w in waits) and len(set(waits)) > 100
+
+
+def test_retry_policy_retries_only_transient_errors() -> None:
+    policy = RetryPolicy()
+    assert policy.is_retryable(Unavailable("down"))
+    for error in (InvalidRequestError("bad"), ModelNotFoundError("gone"), InferenceFailed("boom")):
+        assert not policy.is_retryable(error)
+
+
+def test_traffic_split_sends_its_share_to_the_canary() -> None:
+    split = TrafficSplit.canary("m", stable="1", candidate="2", share=0.1)
+    rng = random.Random(7)
+    canary = sum(split.choose(None, rng).version == "2" for _ in range(20_000))
+    assert 1_800 <= canary <= 2_200
+
+
+def test_traffic_split_sticky_key_always_chooses_the_same_variant() -> None:
+    split = TrafficSplit.canary("m", stable="1", candidate="2", share=0.5, sticky=True)
+    for key in (f"user-{i}" for i in range(200)):
+        assert len({split.choose(key, random.Random(i)).version for i in range(5)}) == 1
+
+
+def test_traffic_split_never_chooses_a_zero_weight_variant() -> None:
+    split = TrafficSplit((Variant("a", weight=0.0), Variant("b", weight=1.0)))
+    assert {split.choose(None, random.Random(i)).model for i in range(500)} == {"b"}
+
+
+def test_compare_outputs_counts_numeric_and_string_differences() -> None:
+    import numpy as np
+
+    a = {"y": np.array([1.0, 2.0], np.float32), "s": np.array([b"x"], dtype=object)}
+    assert compare_outputs(a, dict(a), 1e-5, 1e-6) == (False, 0.0)
+    mismatch, diff = compare_outputs(a, {**a, "y": np.array([1.0, 2.5], np.float32)}, 1e-5, 1e-6)
+    assert mismatch and diff == pytest.approx(0.5)
+    assert compare_outputs(a, {**a, "s": np.array([b"z"], dtype=object)}, 1e-5, 1e-6)[0]
+    assert compare_outputs(a, {"y": a["y"]}, 1e-5, 1e-6)[0]
+
+
+# -- endpoint pool -------------------------------------------------------------------------------------
+
+
+def test_pool_chooses_the_endpoint_with_least_outstanding_requests() -> None:
+    pool = pool_of("a:1", "b:1", "c:1")
+    chosen = [pool.acquire(0.0) for _ in range(6)]
+    assert sorted(ep.url for ep in chosen if ep) == ["a:1", "a:1", "b:1", "b:1", "c:1", "c:1"]
+    a = pool.endpoints[0]
+    pool.release(a, 0.0, transport_failure=False)
+    pool.release(a, 0.0, transport_failure=False)
+    assert pool.acquire(0.0) is a
+
+
+def test_pool_opens_the_circuit_after_consecutive_failures_and_probes_after_reset() -> None:
+    pool = pool_of("a:1", "b:1", threshold=2, reset_s=1.0)
+    a, b = pool.endpoints
+    for _ in range(2):
+        pool.acquire(0.0, exclude=[b])
+        pool.release(a, 0.0, transport_failure=True)
+    assert a.state == "open"
+    assert {pool.acquire(0.5).url for _ in range(3)} == {"b:1"}  # open: skipped
+    probe = pool.acquire(1.5, exclude=[b])
+    assert probe is a and a.state == "half-open"
+    assert pool.acquire(1.5, exclude=[b]) is b  # one probe at a time
+    pool.release(a, 1.6, transport_failure=False)
+    assert a.state == "closed"
+
+
+def test_pool_reopens_the_circuit_when_the_half_open_probe_fails() -> None:
+    pool = pool_of("a:1", threshold=1, reset_s=1.0)
+    (a,) = pool.endpoints
+    pool.acquire(0.0)
+    pool.release(a, 0.0, transport_failure=True)
+    assert pool.acquire(0.5) is None
+    assert pool.acquire(1.0) is a
+    pool.release(a, 1.0, transport_failure=True)
+    assert a.state == "open" and pool.acquire(1.5) is None
+
+
+def test_pool_health_check_takes_an_endpoint_out_and_brings_it_back() -> None:
+    pool = pool_of("a:1", "b:1", reset_s=100.0)
+    a, b = pool.endpoints
+    pool.mark_health(a, False, 0.0)
+    assert {pool.acquire(1.0).url for _ in range(4)} == {"b:1"}
+    pool.mark_health(a, True, 2.0)
+    assert pool.acquire(2.0) is a
+
+
+def test_pool_raises_value_error_when_given_no_endpoint() -> None:
+    with pytest.raises(ValueError):
+        EndpointPool([], CircuitBreaker())
+
+
+# -- the call flow -------------------------------------------------------------------------------------
+
+
+def test_call_flow_returns_the_first_answer() -> None:
+    clock = FakeClock()
+    result, attempts = drive(make_flow([("m", None)], pool_of("a:1"), clock), lambda a: "ok", clock)
+    assert result == "ok" and len(attempts) == 1 and not attempts[0].retry
+
+
+def test_call_flow_raises_invalid_request_error_without_retrying() -> None:
+    clock = FakeClock()
+    seen: list[Attempt] = []
+
+    def answer(attempt: Attempt) -> Any:
+        seen.append(attempt)
+        return InvalidRequestError("wrong shape")
+
+    flow = make_flow([("m", None), ("fallback", None)], pool_of("a:1", "b:1"), clock)
+    with pytest.raises(InvalidRequestError):
+        drive(flow, answer, clock)
+    assert len(seen) == 1  # no retry, no fallback
+
+
+def test_call_flow_retries_unavailable_on_another_endpoint() -> None:
+    clock = FakeClock()
+
+    def answer(attempt: Attempt) -> Any:
+        return Unavailable("down") if attempt.endpoint.url == "a:1" else "ok"
+
+    pool = pool_of("a:1", "b:1")
+    pool.endpoints[1].outstanding = 5  # make a:1 the first choice
+    result, attempts = drive(make_flow([("m", None)], pool, clock), answer, clock)
+    assert result == "ok" and [a.endpoint.url for a in attempts] == ["a:1", "b:1"] and attempts[1].retry
+    assert pool.endpoints[0].outstanding == 0 and pool.endpoints[1].outstanding == 5
+
+
+def test_call_flow_falls_back_when_the_model_fails() -> None:
+    clock = FakeClock()
+
+    def answer(attempt: Attempt) -> Any:
+        return InferenceFailed("boom") if attempt.model == "primary" else f"from {attempt.model}"
+
+    result, attempts = drive(make_flow([("primary", None), ("backup", "2")], pool_of("a:1"), clock), answer,
+                             clock)
+    assert result == "from backup"
+    assert [(a.model, a.version, a.fallback) for a in attempts] == [("primary", None, False),
+                                                                     ("backup", "2", True)]
+
+
+def test_call_flow_raises_the_last_error_when_every_fallback_fails() -> None:
+    clock = FakeClock()
+    with pytest.raises(ModelNotFoundError):
+        drive(make_flow([("a", None), ("b", None)], pool_of("a:1"), clock), lambda a: ModelNotFoundError("no"),
+              clock)
+
+
+def test_call_flow_raises_deadline_exceeded_instead_of_retrying_forever() -> None:
+    clock = FakeClock()
+    retry = RetryPolicy(max_attempts=1_000_000, backoff_initial_s=0.05, budget=None)
+
+    def answer(attempt: Attempt) -> Any:
+        clock.now += 0.01
+        return Unavailable("down")
+
+    flow = make_flow([("m", None)], pool_of("a:1", threshold=1_000_000), clock, retry=retry, timeout_s=1.0)
+    with pytest.raises(DeadlineExceeded) as caught:
+        drive(flow, answer, clock)
+    assert isinstance(caught.value.__cause__, Unavailable)
+    assert clock.now <= 1.0 + 1e-9
+
+
+def test_call_flow_does_not_retry_when_the_deadline_passed_during_the_attempt() -> None:
+    clock = FakeClock()
+    calls: list[Attempt] = []
+
+    def answer(attempt: Attempt) -> Any:
+        calls.append(attempt)
+        clock.now += 2.0
+        return DeadlineExceeded("slow")
+
+    flow = make_flow([("m", None), ("b", None)], pool_of("a:1", "b:1"), clock, timeout_s=1.0)
+    with pytest.raises(DeadlineExceeded):
+        drive(flow, answer, clock)
+    assert len(calls) == 1
+
+
+def test_call_flow_retries_an_attempt_timeout_while_the_call_has_time() -> None:
+    clock = FakeClock()
+    outcomes = iter([DeadlineExceeded("attempt cap"), "ok"])
+
+    def answer(attempt: Attempt) -> Any:
+        clock.now += attempt.timeout_s or 0
+        return next(outcomes)
+
+    flow = make_flow([("m", None)], pool_of("a:1", "b:1"), clock, deadline=Deadline(10.0, attempt_s=0.5))
+    result, attempts = drive(flow, answer, clock)
+    assert result == "ok" and [a.timeout_s for a in attempts] == [0.5, 0.5]
+
+
+def test_call_flow_raises_all_endpoints_failed_when_every_circuit_is_open() -> None:
+    clock = FakeClock()
+    pool = pool_of("a:1", threshold=1, reset_s=100.0)
+    pool.acquire(0.0)
+    pool.release(pool.endpoints[0], 0.0, transport_failure=True)
+    with pytest.raises(AllEndpointsFailed):
+        drive(make_flow([("m", None)], pool, clock), lambda a: "ok", clock)
+
+
+def test_retry_budget_allows_about_its_ratio_of_retries() -> None:
+    clock = FakeClock()
+    retry = RetryPolicy(max_attempts=5, backoff_initial_s=0.0,
+                        budget=RetryBudget(ratio=0.1, min_retries_per_s=0.0, max_tokens=10.0))
+    budget = BudgetState(retry.budget, 0.0)
+    pool = pool_of("a:1", threshold=1_000_000)
+    sent = 0
+
+    def answer(attempt: Attempt) -> Any:
+        nonlocal sent
+        sent += 1
+        return Unavailable("down")
+
+    for _ in range(1_000):
+        with pytest.raises(Unavailable):
+            drive(make_flow([("m", None)], pool, clock, retry=retry, budget=budget), answer, clock)
+    assert 1_000 < sent <= 1_000 + 10 + 100  # the initial tokens + 10% of the calls, not 5,000
