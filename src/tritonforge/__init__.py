@@ -5,21 +5,8 @@ Heavy frameworks are optional: importing this package needs neither torch nor sc
 
 from __future__ import annotations
 
-from tritonforge.client import (
-    AsyncClient,
-    CircuitBreaker,
-    Client,
-    Deadline,
-    Fallback,
-    HealthCheck,
-    RetryBudget,
-    RetryPolicy,
-    Shadow,
-    SharedMemory,
-    TLSConfig,
-    TrafficSplit,
-    Variant,
-)
+from typing import TYPE_CHECKING, Any
+
 from tritonforge.errors import (
     AllEndpointsFailed,
     AuthenticationError,
@@ -41,6 +28,54 @@ from tritonforge.errors import (
     Unavailable,
 )
 from tritonforge.server import EmbeddedServer
+
+if TYPE_CHECKING:
+    from tritonforge.client import (
+        AsyncClient,
+        CircuitBreaker,
+        Client,
+        Deadline,
+        Fallback,
+        HealthCheck,
+        RetryBudget,
+        RetryPolicy,
+        Shadow,
+        SharedMemory,
+        TLSConfig,
+        TrafficSplit,
+        Variant,
+    )
+
+# The client (grpc, prometheus_client) loads on first use: the Python-based backends import this package
+# inside Triton's stub interpreter, which must not pull in the client's dependencies.
+_CLIENT_NAMES = frozenset({
+    "AsyncClient",
+    "CircuitBreaker",
+    "Client",
+    "Deadline",
+    "Fallback",
+    "HealthCheck",
+    "RetryBudget",
+    "RetryPolicy",
+    "Shadow",
+    "SharedMemory",
+    "TLSConfig",
+    "TrafficSplit",
+    "Variant",
+})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLIENT_NAMES:
+        import tritonforge.client
+
+        return getattr(tritonforge.client, name)
+    raise AttributeError(f"module 'tritonforge' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _CLIENT_NAMES)
+
 
 __version__ = "0.1.0"
 
