@@ -64,6 +64,8 @@ def error_for_status(
     lowered = details.lower()
     if cls is InferenceFailed and any(h in lowered for h in _TRANSPORT_HINTS):
         cls = Unavailable
+    if "protocol is restricted" in lowered:  # Triton answers UNAVAILABLE when a restricted call lacks its header
+        cls = AuthenticationError
     if cls is InvalidRequestError and "unknown model" in lowered:
         cls = ModelNotFoundError
     where = f"model {model!r}" if model else "call"
