@@ -171,7 +171,8 @@ def export_onnx(
             raise ExportError(_explain_export_failure(module, exc, chosen)) from exc
         extra: tuple[Path, ...] = ()
         if work is not None:
-            extra = (_save_external(exported, target),)
+            data = _save_external(exported, target)
+            extra = (data,) if data.exists() else ()
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)

@@ -88,6 +88,8 @@ def register(
             f"{'; '.join(artifact.failures())}. Figures: {figures}. Pass force=True (--force) to write it anyway",
             model=name,
         )
+    if not artifact.path.exists():
+        raise RepositoryError(f"model file {artifact.path} does not exist", model=name)
     manifest: dict[str, Any] = dict(artifact.manifest())
     manifest["libraries"] = library_versions()
     manifest["artifact"] = {"file": artifact.path.name, "sha256": file_sha256(artifact.path),
