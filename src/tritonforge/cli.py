@@ -192,7 +192,7 @@ def demo(
 
 
 # Each area's verbs live in tritonforge/commands/<area>.py with a register(app) function.
-AREAS: tuple[str, ...] = ("ensemble", "build")
+AREAS: tuple[str, ...] = ("ensemble", "build", "loadtest")
 
 
 def _register_areas() -> None:
