@@ -294,7 +294,8 @@ def build(
     scripts = sorted(tools.glob("build_*.py"))
     if only:
         scripts = [s for s in scripts if s.stem.removeprefix("build_") in set(only)]
-    if not scripts:
+    pipelines = not only or "ensembles" in only  # issue 4: `--only ensembles` compiles just the pipelines
+    if not scripts and not pipelines:
         raise _fail(RepositoryError(f"no build_*.py scripts in {tools.resolve()}: run this from the project root"))
     failed = []
     for script in scripts:
@@ -304,6 +305,18 @@ def build(
             done = subprocess.run(command, check=False)
         if done.returncode:
             failed.append(script.name)
+    # --- issue 4 (ensembles): compile ensembles/*.yaml into the repository, after the models they use ---
+    if pipelines and Path("ensembles").is_dir():
+        from tritonforge.ensemble import PipelineCheckError, compile_all
+
+        console.rule("ensembles/")
+        try:
+            for path in compile_all(Path("ensembles"), repo):
+                console.print(f"pipeline model [bold]{path.name}[/] at {path}")
+        except PipelineCheckError as exc:
+            err_console.print(exc.message, markup=False, highlight=False)
+            failed.append("ensembles/")
+    # --- end issue 4 ---
     models(repo)
     if failed:
         err_console.print(f"[bold red]failed:[/] {', '.join(failed)}; the repository keeps its previous versions")

@@ -1,0 +1,102 @@
+"""The example pipelines in ensembles/ on the real example models, through the embedded Triton server.
+
+The digits classifiers are built by tools/build_digits.py (seconds); the MiniLM encoder takes minutes to
+export and quantize, so the text pipeline is exercised here with the offline checks and, through the
+server, by tests/test_ensemble.py's tiny encoder (same tokenizer and pooling blocks).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from tritonforge.config import read_config
+from tritonforge.ensemble import check_specs, compile_specs, load_spec
+from tritonforge.pipelines_demo import run_pipelines_demo
+
+pytest.importorskip("sklearn")
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = ROOT / "ensembles"
+
+
+def load_tool(name: str):
+    tools = str(ROOT / "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    spec = importlib.util.spec_from_file_location(
+        f"tools_{name}_for_ensembles", ROOT / "tools" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def digits_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("examples") / "model_repository"
+    load_tool("build_digits").build(repo)
+    compile_specs([SPECS / "digits_vote.yaml", SPECS / "digits_routed.yaml"], repo)
+    return repo
+
+
+def test_every_example_spec_parses_cleanly() -> None:
+    files = sorted(SPECS.glob("*.yaml"))
+    assert {f.stem for f in files} >= {"text_embedding", "digits_vote", "digits_routed"}
+    for file in files:
+        spec, issues = load_spec(file)
+        assert issues == [] and spec is not None and spec.name == file.stem
+
+
+def test_text_example_is_refused_with_a_named_fix_until_its_encoder_is_built(digits_repo: Path) -> None:
+    _, issues = check_specs([SPECS / "text_embedding.yaml"], digits_repo)
+    assert [(i.pipeline, i.step) for i in issues] == [("text_embedding", "encode")]
+    assert "model 'minilm_encoder' is not in the repository" in issues[0].message
+    assert "tritonforge build" in issues[0].fix
+
+
+def test_digits_examples_compile_to_an_ensemble_and_a_routed_model(digits_repo: Path) -> None:
+    vote = read_config(digits_repo / "digits_vote" / "config.pbtxt")
+    assert vote.is_ensemble and vote.max_batch_size == 64
+    assert [s.model_name for s in vote.ensemble_steps] == [
+        "digits_logreg",
+        "digits_mlp",
+        "digits_random_forest",
+        "digits_vote_combiner",
+    ]
+    routed = read_config(digits_repo / "digits_routed" / "config.pbtxt")
+    assert routed.backend == "python" and [t.name for t in routed.outputs] == ["probabilities", "ROUTE"]
+
+
+@pytest.mark.slow
+def test_pipelines_demo_votes_routes_and_falls_back_on_the_real_digits_models(digits_repo: Path) -> None:
+    out = io.StringIO()
+    result = run_pipelines_demo(Console(file=out, width=140), digits_repo)
+    report = out.getvalue()
+    accuracy = result.digits_accuracy
+    assert set(accuracy) == {"logreg", "mlp", "random_forest", "vote"}
+    assert accuracy["vote"] >= min(accuracy["logreg"], accuracy["mlp"], accuracy["random_forest"])
+    assert min(accuracy.values()) > 0.9
+    # the condition routes as declared: confident rows stay with logreg, the others go to the random forest
+    assert set(result.routed_counts) == {"digits_logreg", "digits_random_forest"}
+    assert sum(result.routed_counts.values()) == 450 and result.routed_accuracy > 0.9
+    # the primary unloaded (a real failure on the server): the fallback answers every row it would have
+    assert "digits_logreg" not in result.fallback_counts and result.fallback_counts["digits_mlp"] > 0
+    assert sum(result.fallback_counts.values()) == 450 and result.fallback_accuracy > 0.9
+    assert "majority vote" in report and "unloaded (forced failure)" in report
+    assert result.text_cosine_min is None  # no text pipeline in this repository
+
+
+def test_compile_into_a_copy_leaves_no_staging_folders(digits_repo: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "repo"
+    shutil.copytree(digits_repo, copy)
+    compile_specs([SPECS / "digits_vote.yaml"], copy)  # again: replaces the generated models in place
+    assert sorted(p.name for p in copy.iterdir() if p.name.startswith(".")) == []
+    assert read_config(copy / "digits_vote" / "config.pbtxt") == read_config(
+        digits_repo / "digits_vote" / "config.pbtxt"
+    )
