@@ -189,7 +189,7 @@ def _vote(console: Any, client: Any, x: np.ndarray, y: np.ndarray, result: Pipel
     for member in VOTE_MEMBERS:
         result.digits_accuracy[member] = float((out[f"p_{member}"].argmax(axis=1) == y).mean())
     result.digits_accuracy["vote"] = float((out["LABEL"].reshape(-1) == y).mean())
-    table = Table(title=f"digits_vote: {len(y)} test digits, three classifiers in parallel + majority vote")
+    table = Table(title=f"digits_vote ({len(y)} test digits)")
     table.add_column("model")
     table.add_column("accuracy", justify="right")
     for name, accuracy in result.digits_accuracy.items():
