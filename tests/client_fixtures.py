@@ -185,8 +185,12 @@ def servers(repo: Path, count: int, **options: object) -> Iterator[list[Embedded
             list(pool.map(EmbeddedServer.start, started))
         yield started
     finally:
-        for server in started:
-            server.stop()
+        stop_all(started)
+
+
+def stop_all(running: list[EmbeddedServer]) -> None:
+    with ThreadPoolExecutor(max(1, len(running))) as pool:
+        list(pool.map(EmbeddedServer.stop, running))
 
 
 def leftover_shm(prefix: str = "tfc_") -> list[str]:
