@@ -72,7 +72,43 @@ def build_models(root: Path) -> Path:
             dynamic_batching=DynamicBatching(),
         )
         add_model(repo, name, tiny_models.lookup_onnx(work / f"{name}.onnx", table_size=size), config)
+    add_model(repo, "slow_lookup", write_slow_model(work / "slow.py"), SLOW_CONFIG)
     return repo
+
+
+SLOW_SECONDS = 3.0
+SLOW_CONFIG = ModelConfig(
+    name="slow_lookup",
+    backend="python",
+    max_batch_size=16,
+    inputs=(TensorSpec(name="ids", dtype=DataType.INT64, dims=(-1,)),),
+    outputs=(TensorSpec(name="vec", dtype=DataType.FP32, dims=(-1, 4)),),
+)
+
+
+def write_slow_model(path: Path) -> Path:
+    """A Python-backend model that answers (zeros) only after SLOW_SECONDS: a step that times out."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        textwrap.dedent(f"""
+        import time
+
+        import numpy as np
+        import triton_python_backend_utils as pb_utils
+
+
+        class TritonPythonModel:
+            def execute(self, requests):
+                time.sleep({SLOW_SECONDS})
+                out = []
+                for request in requests:
+                    ids = pb_utils.get_input_tensor_by_name(request, "ids").as_numpy()
+                    vec = np.zeros((*ids.shape, 4), dtype=np.float32)
+                    out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("vec", vec)]))
+                return out
+        """)
+    )
+    return path
 
 
 GOOD_SPECS = {
@@ -136,6 +172,13 @@ GOOD_SPECS = {
         outputs: [vec]
         route:
           - {model: lookup_small, fallback: [lookup_big], timeout_ms: 5000}
+    """,
+    "slow_fallback.yaml": """
+        name: slow_fallback
+        inputs: [{name: ids, dtype: INT64, dims: [-1]}]
+        outputs: [vec]
+        route:
+          - {model: slow_lookup, fallback: [lookup_big], timeout_ms: 300}
     """,
     "confidence_route.yaml": """
         name: confidence_route
@@ -486,6 +529,16 @@ def test_routed_pipeline_answers_from_the_fallback_when_the_primary_fails(
     rescued = triton_infer(client, "lookup_fallback", {"ids": np.array([[42, 1]], dtype=np.int64)})
     assert rescued["ROUTE"].tolist() == [[b"lookup_big"]]
     np.testing.assert_array_equal(rescued["vec"][0, :, 0], [168.0, 4.0])
+
+
+@pytest.mark.slow
+def test_routed_pipeline_answers_from_the_fallback_when_the_primary_times_out(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    # slow_lookup would answer zeros after 3 s; the 300 ms timeout hands the request to lookup_big instead
+    got = triton_infer(client, "slow_fallback", {"ids": np.array([[2, 50]], dtype=np.int64)})
+    assert got["ROUTE"].tolist() == [[b"lookup_big"]]
+    np.testing.assert_array_equal(got["vec"][0, :, 0], [8.0, 200.0])
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ A request fails (with every model's reason) only when a stage's model and all it
 row is left without an answer. Needs numpy only.
 """
 
+import asyncio
 import json
 
 import numpy as np
@@ -34,18 +35,17 @@ class TritonPythonModel:
         self.batched = int(config.get("max_batch_size", 0)) > 0
         self.dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
 
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self._route(request))
-            except Exception as exc:
-                responses.append(
-                    pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.plan['name']}: {exc}"))
-                )
-        return responses
+    async def execute(self, requests):
+        # a coroutine, so a step's timeout can stop the wait (asyncio.wait_for) and hand over to the fallback
+        return await asyncio.gather(*[self._answer(request) for request in requests])
 
-    def _route(self, request):
+    async def _answer(self, request):
+        try:
+            return await self._route(request)
+        except Exception as exc:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.plan['name']}: {exc}"))
+
+    async def _route(self, request):
         plan = self.plan
         tensors = {}
         for name in plan["inputs"]:
@@ -64,7 +64,7 @@ class TritonPythonModel:
                 continue
             every_row = selected.size == rows
             sub = tensors if every_row else {k: v[selected] for k, v in tensors.items()}
-            model, outputs = self._call_with_fallback(stage, sub)
+            model, outputs = await self._call_with_fallback(stage, sub)
             for name, value in outputs.items():
                 if every_row or name not in result:
                     if every_row:
@@ -106,18 +106,20 @@ class TritonPythonModel:
         reduced = _REDUCE[when["reduce"]](values, axis=1)
         return _COMPARE[when["comparison"]](reduced, when["value"]) & known
 
-    def _call_with_fallback(self, stage, tensors):
+    async def _call_with_fallback(self, stage, tensors):
         failures = []
         for model in [stage["model"], *stage.get("fallback", [])]:
             try:
-                return model, self._call(model, stage, tensors)
+                return model, await self._call(model, stage, tensors)
+            except asyncio.TimeoutError:
+                failures.append(f"{model}: no answer within {stage['timeout_ms']:g} ms")
             except Exception as exc:
                 failures.append(f"{model}: {exc}")
         raise RuntimeError(
             "stage '" + stage["model"] + "' failed, fallbacks included: " + "; ".join(failures)
         )
 
-    def _call(self, model, stage, tensors):
+    async def _call(self, model, stage, tensors):
         inputs = [
             pb_utils.Tensor(model_input, np.ascontiguousarray(tensors[pipeline_input]))
             for model_input, pipeline_input in stage["inputs"].items()
@@ -126,9 +128,11 @@ class TritonPythonModel:
         kwargs = {"model_name": model, "requested_output_names": list(stage["outputs"]), "inputs": inputs}
         if model == stage["model"] and stage.get("version", -1) != -1:
             kwargs["model_version"] = int(stage["version"])
+        pending = pb_utils.InferenceRequest(**kwargs).async_exec()
         if stage.get("timeout_ms"):
-            kwargs["timeout"] = int(stage["timeout_ms"] * 1000)  # microseconds
-        response = pb_utils.InferenceRequest(**kwargs).exec()
+            response = await asyncio.wait_for(pending, stage["timeout_ms"] / 1000)
+        else:
+            response = await pending
         if response.has_error():
             raise RuntimeError(response.error().message())
         return {
