@@ -144,3 +144,39 @@ def test_export_sklearn_raises_export_error_for_a_sample_that_is_not_2d(tmp_path
     x, y = digits
     with pytest.raises(ExportError, match="2-D"):
         export_sklearn(LogisticRegression(max_iter=200).fit(x, y), x[0], Path(tmp_path) / "m.onnx")
+
+
+def test_export_cli_checks_and_registers_a_pickled_estimator(tmp_path, digits):
+    import json
+    import pickle
+
+    from sklearn.linear_model import LogisticRegression
+    from typer.testing import CliRunner
+
+    from tritonforge.cli import app
+
+    x, y = digits
+    (tmp_path / "clf.pkl").write_bytes(pickle.dumps(LogisticRegression(max_iter=500).fit(x[:400], y[:400])))
+    np.save(tmp_path / "x.npy", x[400:])
+    np.save(tmp_path / "y.npy", y[400:])
+    repo = tmp_path / "repo"
+    result = CliRunner().invoke(app, [
+        "export", str(tmp_path / "clf.pkl"), "--out", str(tmp_path / "clf.onnx"), "--sample", str(tmp_path / "x.npy"),
+        "--labels", str(tmp_path / "y.npy"), "--repo", str(repo), "--name", "clf", "--max-batch-size", "32",
+    ], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "probabilities" in result.output and "registered clf version 1" in result.output
+    manifest = json.loads((repo / "clf" / "1" / "manifest.json").read_text())
+    assert manifest["source"]["path"] == str((tmp_path / "clf.pkl").resolve())
+    assert manifest["verification"]["outputs"]["label"]["accuracy"] > 0.8
+
+
+def test_export_cli_fails_clearly_for_a_missing_model_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from tritonforge.cli import app
+
+    np.save(tmp_path / "x.npy", np.zeros((2, 4), np.float32))
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "nope.pkl"), "--out", str(tmp_path / "m.onnx"),
+                                      "--sample", str(tmp_path / "x.npy")])
+    assert result.exit_code == 1 and "nope.pkl does not exist" in " ".join(result.output.split())

@@ -120,3 +120,34 @@ def test_compare_reports_accuracy_cosine_and_relative_error():
     assert report.accuracy == report.accuracy_reference == 0.5
     assert 0.99 < report.cosine_mean < 1.0 and not report.passed
     assert "max abs error 0.1 > 0.05" in report.failures[0]
+
+
+def test_quantize_cli_prints_the_verification_table_and_fails_on_tolerance(tmp_path, digits_mlp):
+    from typer.testing import CliRunner
+
+    from tritonforge.cli import app
+
+    source, holdout, _, labels = digits_mlp
+    np.savez(tmp_path / "hold.npz", x=np.concatenate([h["x"] for h in holdout]))
+    np.save(tmp_path / "y.npy", labels)
+    runner = CliRunner()
+    args = ["quantize", str(source), "--out", str(tmp_path / "int8.onnx"), "--holdout", str(tmp_path / "hold.npz"),
+            "--labels", str(tmp_path / "y.npy"), "--min-cosine-min", "0.9", "--max-accuracy-drop", "0.02"]
+    ok = runner.invoke(app, [*args, "--repo", str(tmp_path / "repo"), "--name", "clf"], env={"COLUMNS": "200"})
+    assert ok.exit_code == 0, ok.output
+    assert "cosine mean" in ok.output and "registered clf version 1" in ok.output
+    strict = runner.invoke(app, [*args[:-4], "--min-cosine-min", "1.0", "--repo", str(tmp_path / "repo"),
+                                 "--name", "clf"], env={"COLUMNS": "200"})
+    assert strict.exit_code == 1 and "failed its verification" in strict.output and "--force" in strict.output
+    assert sorted(p.name for p in (tmp_path / "repo" / "clf").iterdir()) == ["1", "config.pbtxt"]
+
+
+def test_quantize_cli_fails_clearly_for_a_missing_model_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from tritonforge.cli import app
+
+    np.savez(tmp_path / "hold.npz", x=np.zeros((2, 64), np.float32))
+    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "q.onnx"),
+                                      "--holdout", str(tmp_path / "hold.npz")])
+    assert result.exit_code == 1 and "nope.onnx does not exist" in " ".join(result.output.split())

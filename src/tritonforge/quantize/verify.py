@@ -199,9 +199,9 @@ def _failures(
     if tol.max_rel is not None and not max_rel <= tol.max_rel:
         out.append(f"max rel error {max_rel:.3g} > {tol.max_rel:g}")
     if tol.min_cosine_mean is not None and not cos_mean >= tol.min_cosine_mean:
-        out.append(f"mean cosine {cos_mean:.5f} < {tol.min_cosine_mean:g}")
+        out.append(f"mean cosine {cos_mean:.6f} < {tol.min_cosine_mean:g}")
     if tol.min_cosine_min is not None and not cos_min >= tol.min_cosine_min:
-        out.append(f"min cosine {cos_min:.5f} < {tol.min_cosine_min:g}")
+        out.append(f"min cosine {cos_min:.6f} < {tol.min_cosine_min:g}")
     if tol.max_accuracy_drop is not None and acc is not None and acc_ref is not None \
             and not acc_ref - acc <= tol.max_accuracy_drop:
         out.append(f"accuracy {acc:.4f} is {acc_ref - acc:.4f} below the reference's {acc_ref:.4f} "
