@@ -1,8 +1,8 @@
 """The example pipelines in ensembles/ on the real example models, through the embedded Triton server.
 
-The digits classifiers are built by tools/build_digits.py (seconds); the MiniLM encoder takes minutes to
-export and quantize, so the text pipeline is exercised here with the offline checks and, through the
-server, by tests/test_ensemble.py's tiny encoder (same tokenizer and pooling blocks).
+The digits classifiers are built by tools/build_digits.py (seconds); the MiniLM encoder by
+tools/build_minilm.py (about a minute: export, INT8 quantization, checks), and the text pipeline's answers
+are compared with sentence-transformers running the same weights in this process.
 """
 
 from __future__ import annotations
@@ -100,3 +100,40 @@ def test_compile_into_a_copy_leaves_no_staging_folders(digits_repo: Path, tmp_pa
     assert read_config(copy / "digits_vote" / "config.pbtxt") == read_config(
         digits_repo / "digits_vote" / "config.pbtxt"
     )
+
+
+@pytest.fixture(scope="module")
+def text_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("text") / "model_repository"
+    load_tool("build_minilm").build(repo)  # the real MiniLM: FP32 v1 and INT8 v2
+    compile_specs([SPECS / "text_embedding.yaml"], repo)
+    return repo
+
+
+@pytest.mark.slow
+def test_text_embedding_through_triton_matches_sentence_transformers_in_process(text_repo: Path) -> None:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from sentence_transformers import SentenceTransformer
+
+    from conftest import triton_infer
+    from tritonforge.server import EmbeddedServer
+
+    minilm = load_tool("minilm")
+    sentences = minilm.sentences(24, seed=4)  # includes odd and long (> 128 tokens) ones
+    reference = SentenceTransformer(str(minilm.model_dir()), device="cpu")
+    reference.max_seq_length = 256
+    expected = reference.encode(sentences, normalize_embeddings=True, convert_to_numpy=True)
+    batch = np.array([[s.encode()] for s in sentences], dtype=np.object_)
+    with EmbeddedServer(text_repo) as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            got = triton_infer(client, "text_embedding", {"TEXT": batch})["EMBEDDING"]
+            single = triton_infer(client, "text_embedding", {"TEXT": batch[:1]})["EMBEDDING"]
+        finally:
+            client.close()
+    assert got.shape == (24, 384)
+    cosine = (got * expected).sum(axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosine.min() >= 0.999, cosine
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(single[0], got[0], atol=1e-4)  # padding to a longer neighbour changes nothing
