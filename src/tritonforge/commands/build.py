@@ -287,36 +287,33 @@ def rollback(
 def build(
     repo: Path = typer.Option(Path("model_repository"), help="The repository to build into."),
     tools: Path = typer.Option(Path("tools"), help="The folder of build_*.py scripts."),
-    only: list[str] = typer.Option([], help="Run only these scripts (e.g. digits, minilm)."),
+    ensembles: Path = typer.Option(Path("ensembles"), help="Pipeline specs compiled after the models."),
+    only: list[str] = typer.Option([], help="Run only these steps: digits, minilm, ensembles."),
     force: bool = typer.Option(False, help="Rebuild even unchanged models."),
 ) -> None:
-    """Build the example repository by running tools/build_*.py (run from the project root)."""
+    """Build the example repository: tools/build_*.py, then ensembles/ (run from the project root).
+
+    Each script writes every version atomically and skips what is unchanged, so an interrupted build
+    leaves the previous repository servable and a rerun does only what is missing.
+    """
     scripts = sorted(tools.glob("build_*.py"))
     if only:
         scripts = [s for s in scripts if s.stem.removeprefix("build_") in set(only)]
-    pipelines = not only or "ensembles" in only  # issue 4: `--only ensembles` compiles just the pipelines
-    if not scripts and not pipelines:
+    run_ensembles = (not only or "ensembles" in only) and ensembles.is_dir()
+    if not scripts and not run_ensembles:
         raise _fail(RepositoryError(f"no build_*.py scripts in {tools.resolve()}: run this from the project root"))
     failed = []
-    for script in scripts:
-        console.rule(f"{script.name}")
-        command = [sys.executable, str(script), "--repo", str(repo), *(["--force"] if force else [])]
-        with console.status(f"running {script.name} ..."):
+    steps = [[sys.executable, str(s), "--repo", str(repo), *(["--force"] if force else [])] for s in scripts]
+    names = [s.name for s in scripts]
+    if run_ensembles:
+        steps.append([sys.executable, "-m", "tritonforge", "ensemble", "compile", str(ensembles), "--repo", str(repo)])
+        names.append(f"{ensembles}/ (ensemble compile)")
+    for name, command in zip(names, steps):
+        console.rule(name)
+        with console.status(f"running {name} ..."):
             done = subprocess.run(command, check=False)
         if done.returncode:
-            failed.append(script.name)
-    # --- issue 4 (ensembles): compile ensembles/*.yaml into the repository, after the models they use ---
-    if pipelines and Path("ensembles").is_dir():
-        from tritonforge.ensemble import PipelineCheckError, compile_all
-
-        console.rule("ensembles/")
-        try:
-            for path in compile_all(Path("ensembles"), repo):
-                console.print(f"pipeline model [bold]{path.name}[/] at {path}")
-        except PipelineCheckError as exc:
-            err_console.print(exc.message, markup=False, highlight=False)
-            failed.append("ensembles/")
-    # --- end issue 4 ---
+            failed.append(name)
     models(repo)
     if failed:
         err_console.print(f"[bold red]failed:[/] {', '.join(failed)}; the repository keeps its previous versions")
