@@ -20,8 +20,8 @@ from tritonforge.client._codec import (
     as_array,
     frame,
     request_header,
-    signature_of,
     tensor_bytes,
+    triton_dtype,
 )
 from tritonforge.client._flow import Attempt, BudgetState, call_flow
 from tritonforge.client._pool import EndpointPool, EndpointStatus
@@ -137,6 +137,8 @@ class BaseClient:
         self._model_metadata: dict[tuple[str, str | None], ModelMetadata] = {}
         self._headers: dict[Any, bytes] = {}
         self._shm = self._make_shm_pool()
+        self._shm_auto = self.shared_memory.mode == "auto"
+        self._shm_threshold = self.shared_memory.threshold_bytes
         self.shadow_stats: dict[tuple[str, str], ShadowStats] = {}
         self._closed = False
 
@@ -171,11 +173,9 @@ class BaseClient:
 
     def _use_shm(self, call: PreparedCall, url: str) -> bool:
         pool = self._shm
-        if pool is None:
+        if pool is None or (self._shm_auto and call.nbytes < self._shm_threshold):
             return False
-        if pool.kind == "system" and not is_local(url):
-            return False
-        return self.shared_memory.mode != "auto" or call.nbytes >= self.shared_memory.threshold_bytes
+        return pool.kind != "system" or is_local(url)
 
     def _shm_request(
         self, call: PreparedCall, model: str, version: str | None
@@ -184,9 +184,9 @@ class BaseClient:
         sizes = [len(r) for r in call.raws]
         offsets, total = ShmPool.layout(sizes)
         region = self._shm.acquire(total)
-        for raw, offset in zip(call.raws, offsets):
+        for raw, offset in zip(call.raws, offsets, strict=True):
             region.write(offset, raw)
-        shm = [(region.name, off, size) for off, size in zip(offsets, sizes)]
+        shm = [(region.name, off, size) for off, size in zip(offsets, sizes, strict=True)]
         return request_header(model, version, call.signature, call.outputs, shm), region
 
     def _register_request(self, region: SystemRegion | CudaRegion) -> tuple[str, Any]:
@@ -217,12 +217,20 @@ class BaseClient:
             raise ClientError("the client is closed", model=model)
         if not inputs:
             raise InvalidRequestError(f"no inputs given for model {model!r}", model=model)
-        arrays = {name: as_array(name, value, model) for name, value in inputs.items()}
-        signature = signature_of(arrays)
-        raws = [tensor_bytes(arrays[name], datatype) for name, datatype, _ in signature]
-        nbytes = sum(len(r) for r in raws)
+        arrays: dict[str, np.ndarray] = {}
+        signature = []
+        raws = []
+        nbytes = 0
+        for name, value in inputs.items():
+            array = value if type(value) is np.ndarray else as_array(name, value, model)
+            datatype = triton_dtype(array.dtype)
+            raw = tensor_bytes(array, datatype)
+            arrays[name] = array
+            signature.append((name, datatype, array.shape))
+            raws.append(raw)
+            nbytes += len(raw)
         return PreparedCall(
-            model, signature, raws, None if outputs is None else tuple(outputs), nbytes, arrays
+            model, tuple(signature), raws, None if outputs is None else tuple(outputs), nbytes, arrays
         )
 
     def _targets(
