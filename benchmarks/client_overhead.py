@@ -1,0 +1,361 @@
+"""Client overhead: tritonforge's AsyncClient / Client against raw tritonclient.grpc(.aio) and perf_analyzer.
+
+One embedded Triton server, one tiny ONNX model (x[1, 8] -> probs[1, 3]), the same requests from every
+client, at concurrency 1, 16 and 64. Printed per client and concurrency: throughput, p50/p99 latency,
+client CPU per request (``time.process_time`` of this process, which holds the client and its gRPC threads
+but not the server; perf_analyzer's from its own process rusage), and the ratios to raw tritonclient and
+to perf_analyzer. Speed is compared only as ratios within one run: the machine is shared.
+
+    python benchmarks/client_overhead.py                 # ~3 min on 2 cores
+    python benchmarks/client_overhead.py --rounds 1 --concurrency 1 64
+
+perf_analyzer runs when ``/work/shared/tools/perf_analyzer`` (or ``--perf-analyzer PATH``, or one on
+PATH) exists; otherwise the table says it is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import resource
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from tritonforge import AsyncClient, Client
+from tritonforge.repository import add_model
+from tritonforge.server import EmbeddedServer
+
+DEFAULT_PERF_ANALYZER = "/work/shared/tools/perf_analyzer"
+MODEL = "mlp"
+X = np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)
+
+
+@dataclass
+class Result:
+    client: str
+    concurrency: int
+    requests: int
+    seconds: float
+    cpu_s: float
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def cpu_us(self) -> float:
+        return 1e6 * self.cpu_s / max(1, self.requests)
+
+
+def build_repository(root: Path) -> Path:
+    rng = np.random.default_rng(1)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((16, 3)).astype(np.float32), "w2")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[w1, w2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    path = root / "mlp.onnx"
+    onnx.save(model, str(path))
+    repo = root / "repo"
+    add_model(repo, MODEL, path, max_batch_size=64, max_queue_delay_us=100)
+    return repo
+
+
+def _summary(name: str, concurrency: int, latencies: list[float], seconds: float, cpu_s: float) -> Result:
+    lat = np.array(latencies) * 1e3 if latencies else np.array([0.0])
+    return Result(
+        name,
+        concurrency,
+        len(latencies),
+        seconds,
+        cpu_s,
+        float(np.percentile(lat, 50)),
+        float(np.percentile(lat, 99)),
+    )
+
+
+# -- asyncio clients ------------------------------------------------------------------------------------
+
+
+async def _async_run(
+    name: str, concurrency: int, seconds: float, warmup_s: float, call: Callable[[], object]
+) -> Result:
+    latencies: list[float] = []
+    measuring = False
+    stop_at = time.perf_counter() + warmup_s + seconds
+
+    async def worker() -> None:
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                return
+            await call()  # type: ignore[misc]
+            if measuring:
+                latencies.append(time.perf_counter() - t0)
+
+    tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+    await asyncio.sleep(warmup_s)
+    measuring = True
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*tasks)
+    return _summary(name, concurrency, latencies, time.perf_counter() - wall0, time.process_time() - cpu0)
+
+
+async def bench_tritonforge_async(url: str, concurrency: int, seconds: float, warmup_s: float) -> Result:
+    async with AsyncClient(url) as client:
+        inputs = {"x": X}
+
+        def call() -> object:
+            return client.infer(MODEL, inputs)
+
+        return await _async_run("tritonforge AsyncClient", concurrency, seconds, warmup_s, call)
+
+
+async def bench_raw_async(url: str, concurrency: int, seconds: float, warmup_s: float) -> Result:
+    import tritonclient.grpc.aio as aioclient
+
+    client = aioclient.InferenceServerClient(url)
+    try:
+
+        async def call() -> np.ndarray:
+            item = aioclient.InferInput("x", list(X.shape), "FP32")
+            item.set_data_from_numpy(X)
+            result = await client.infer(MODEL, [item])
+            return result.as_numpy("probs")
+
+        return await _async_run("raw tritonclient.grpc.aio", concurrency, seconds, warmup_s, call)
+    finally:
+        await client.close()
+
+
+# -- blocking clients -----------------------------------------------------------------------------------
+
+
+def _threaded_run(
+    name: str, concurrency: int, seconds: float, warmup_s: float, call: Callable[[], object]
+) -> Result:
+    per_thread: list[list[float]] = [[] for _ in range(concurrency)]
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup_s, start + warmup_s + seconds
+
+    def worker(out: list[float]) -> None:
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                return
+            call()
+            if t0 >= measure_from:
+                out.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=worker, args=(out,)) for out in per_thread]
+    for t in threads:
+        t.start()
+    time.sleep(max(0.0, measure_from - time.perf_counter()))
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for t in threads:
+        t.join()
+    latencies = [x for out in per_thread for x in out]
+    return _summary(name, concurrency, latencies, time.perf_counter() - wall0, time.process_time() - cpu0)
+
+
+def bench_tritonforge_sync(url: str, concurrency: int, seconds: float, warmup_s: float) -> Result:
+    with Client(url) as client:
+        inputs = {"x": X}
+        return _threaded_run(
+            "tritonforge Client", concurrency, seconds, warmup_s, lambda: client.infer(MODEL, inputs)
+        )
+
+
+def bench_raw_sync(url: str, concurrency: int, seconds: float, warmup_s: float) -> Result:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+
+    def call() -> np.ndarray:
+        item = grpcclient.InferInput("x", list(X.shape), "FP32")
+        item.set_data_from_numpy(X)
+        return client.infer(MODEL, [item]).as_numpy("probs")
+
+    try:
+        return _threaded_run("raw tritonclient.grpc", concurrency, seconds, warmup_s, call)
+    finally:
+        client.close()
+
+
+# -- perf_analyzer --------------------------------------------------------------------------------------
+
+
+def find_perf_analyzer(given: str | None) -> str | None:
+    for candidate in (given, DEFAULT_PERF_ANALYZER, shutil.which("perf_analyzer")):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def bench_perf_analyzer(exe: str, url: str, concurrency: int, seconds: float) -> Result | None:
+    """perf_analyzer's own figures; its CPU per request from its process rusage over the requests it sent
+    (throughput x its run time: warm-up and stabilisation windows included, a slight overestimate)."""
+    window_ms = max(1000, int(seconds * 1000 / 2))
+    args = [
+        exe,
+        "-m",
+        MODEL,
+        "-u",
+        url,
+        "-i",
+        "grpc",
+        "-b",
+        "1",
+        "--shape",
+        "x:8",
+        "--concurrency-range",
+        f"{concurrency}:{concurrency}",
+        "-p",
+        str(window_ms),
+        "--percentile",
+        "99",
+        "--max-trials",
+        "4",
+        "--stability-percentage",
+        "50",
+    ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    elapsed = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        print(f"perf_analyzer failed at concurrency {concurrency}: {proc.stderr.strip()[-400:]}")
+        return None
+    out = proc.stdout
+    found = re.findall(r"Concurrency: \d+, throughput: ([\d.]+) infer/sec, latency (\d+) usec", out)
+    throughput = (
+        float(found[-1][0]) if found else float(re.findall(r"Throughput: ([\d.]+) infer/sec", out)[-1])
+    )
+    p50 = re.findall(r"p50 latency: (\d+) usec", out)
+    p99 = re.findall(r"p99 latency: (\d+) usec", out)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    requests = max(1, round(throughput * elapsed))
+    return Result(
+        "perf_analyzer (C++)",
+        concurrency,
+        requests,
+        requests / throughput,
+        cpu_s,
+        float(p50[-1]) / 1e3 if p50 else float("nan"),
+        float(p99[-1]) / 1e3 if p99 else float("nan"),
+    )
+
+
+# -- the run --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=2.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds per client (median reported)"
+    )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--perf-analyzer", default=None, help=f"path (default {DEFAULT_PERF_ANALYZER})")
+    parser.add_argument("--no-perf-analyzer", action="store_true")
+    args = parser.parse_args()
+
+    exe = None if args.no_perf_analyzer else find_perf_analyzer(args.perf_analyzer)
+    results: list[Result] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="tf-bench-") as tmp,
+        EmbeddedServer(build_repository(Path(tmp))) as server,
+    ):
+        url = server.grpc_url
+        print(
+            f"server {url}, model {MODEL} x[1, 8] FP32, {os.cpu_count()} cores; "
+            f"perf_analyzer: {exe or 'ABSENT (not measured)'}"
+        )
+        for c in args.concurrency:
+            runs: dict[str, Callable[[], Result]] = {
+                "tf-async": lambda c=c: asyncio.run(
+                    bench_tritonforge_async(url, c, args.seconds, args.warmup)
+                ),
+                "raw-async": lambda c=c: asyncio.run(bench_raw_async(url, c, args.seconds, args.warmup)),
+                "tf-sync": lambda c=c: bench_tritonforge_sync(url, c, args.seconds, args.warmup),
+                "raw-sync": lambda c=c: bench_raw_sync(url, c, args.seconds, args.warmup),
+            }
+            # Rounds alternate the clients (reversed every other round) so load from elsewhere on a shared
+            # machine falls on all of them; each client's median round by throughput is reported.
+            rounds: dict[str, list[Result]] = {k: [] for k in runs}
+            for n in range(args.rounds):
+                for key in list(runs) if n % 2 == 0 else list(reversed(runs)):
+                    r = runs[key]()
+                    rounds[key].append(r)
+                    print(
+                        f"  {r.client:28s} c={c:<3d} {r.throughput:8.0f} req/s  cpu {r.cpu_us:6.0f} us/req",
+                        flush=True,
+                    )
+            for key in runs:
+                ordered = sorted(rounds[key], key=lambda r: r.throughput)
+                results.append(ordered[len(ordered) // 2])
+            if exe:
+                pa = bench_perf_analyzer(exe, url, c, args.seconds)
+                if pa:
+                    results.append(pa)
+                    print(f"  {pa.client:28s} c={c:<3d} {pa.throughput:8.0f} req/s  cpu {pa.cpu_us:6.0f} us")
+    print()
+    print(table(results, perf_analyzer_present=exe is not None))
+
+
+def table(results: list[Result], *, perf_analyzer_present: bool) -> str:
+    by = {(r.client, r.concurrency): r for r in results}
+    raw_of = {
+        "tritonforge AsyncClient": "raw tritonclient.grpc.aio",
+        "tritonforge Client": "raw tritonclient.grpc",
+    }
+    lines = [
+        "| client | conc | req/s | p50 ms | p99 ms | CPU us/req | thr. vs raw | CPU vs raw | thr. vs PA "
+        "| CPU vs PA |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        raw = by.get((raw_of.get(r.client, ""), r.concurrency))
+        pa = by.get(("perf_analyzer (C++)", r.concurrency))
+        vs_raw = f"{r.throughput / raw.throughput:.2f}x" if raw else ""
+        cpu_raw = f"{r.cpu_us / raw.cpu_us:.2f}x" if raw else ""
+        vs_pa = f"{r.throughput / pa.throughput:.2f}x" if pa and pa is not r else ""
+        cpu_pa = f"{r.cpu_us / pa.cpu_us:.2f}x" if pa and pa is not r else ""
+        lines.append(
+            f"| {r.client} | {r.concurrency} | {r.throughput:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
+            f"{r.cpu_us:.0f} | {vs_raw} | {cpu_raw} | {vs_pa} | {cpu_pa} |"
+        )
+    if not perf_analyzer_present:
+        lines.append("\nperf_analyzer is absent on this machine: its rows and ratios are not measured.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
