@@ -147,5 +147,115 @@ def bench_command(
     raise typer.Exit(code=0 if result.complete else 1)
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def tune_command(
+    model: str = typer.Argument(..., help="The model (or ensemble: its composing models are tuned) to tune."),
+    p99_budget_ms: float = typer.Option(..., help="The p99 latency every accepted config must meet."),
+    repository: Path = typer.Option(
+        Path("model_repository"),
+        help="The repository (served by the embedded server with explicit model control).",
+    ),
+    concurrency: str = typer.Option(
+        "1,4,16", help="Levels swept per config (stops at the first over budget)."
+    ),
+    max_batch_size: str = typer.Option("8,16,32,64", help="Max batch sizes to try."),
+    max_queue_delay_us: str = typer.Option("0,200,1000,5000", help="Max queue delays to try (µs)."),
+    instances: str = typer.Option("1,2", help="Instance counts to try."),
+    preferred: str = typer.Option(
+        "none,max", help="Preferred batch sizes: none, max ([mbs]), half ([mbs/2, mbs])."
+    ),
+    window_s: float = typer.Option(1.0, help="Length of one measurement window."),
+    stability_percent: float = typer.Option(15.0, help="Windows agree when within this percentage."),
+    max_windows: int = typer.Option(6, help="Give up on stability after this many windows per level."),
+    max_trials: int | None = typer.Option(
+        None, help="Configs to try at most (default: a third of the space)."
+    ),
+    exhaustive: bool = typer.Option(False, help="Try every config (for comparison with the search)."),
+    write: bool = typer.Option(False, help="Write the winning config(s) into the repository."),
+    output: Path = typer.Option(Path("tune_results"), help="Where tune.json, tune.csv and report.html go."),
+) -> None:
+    """Find the config of MODEL with the highest throughput whose p99 stays within the budget."""
+    from tritonforge.loadtest.bench import embedded_server
+    from tritonforge.loadtest.sweep import SweepSettings
+    from tritonforge.loadtest.tune import SearchSpace, Tuner, write_tune_outputs, write_winner
+
+    try:
+        space = SearchSpace(
+            max_batch_size=_ints(max_batch_size),
+            max_queue_delay_us=_ints(max_queue_delay_us),
+            instances=_ints(instances),
+            preferred=tuple(preferred.split(",")),
+        )
+        settings = SweepSettings(
+            concurrency=_ints(concurrency),
+            window_s=window_s,
+            stability_percent=stability_percent,
+            max_windows=max_windows,
+        )
+    except ValueError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=2) from None
+    try:
+        with embedded_server(repository, model) as server, _progress(1, f"tune {model}") as on_event:
+            tuner = Tuner(
+                server,
+                repository,
+                model,
+                p99_budget_ms=p99_budget_ms,
+                space=space,
+                settings=settings,
+                max_trials=max_trials,
+                exhaustive=exhaustive,
+                on_event=on_event,
+                on_trial=lambda _t: write_tune_outputs(tuner.result("running"), output),
+            )
+            result = tuner.run()
+            on_event("done", {})
+        if write and result.winner is not None:
+            write_winner(result, repository)
+        write_tune_outputs(result, output)
+    except TritonForgeError as exc:
+        raise _fail(exc) from None
+    table = Table(
+        title=f"tune {model}: p99 budget {p99_budget_ms:g} ms, tried {result.tried} of "
+        f"{result.space_size} configs ({result.fraction_tried:.0%}), {result.strategy}"
+    )
+    for column in ("#", "config", "best infer/s within budget", "at concurrency", "lowest p99 ms", "note"):
+        table.add_column(column)
+    for t in result.trials:
+        s = t.summary()
+        note = "[green]winner[/]" if t is result.winner else ("default" if t is result.default else "")
+        if t.error:
+            note = f"[red]{t.error[:60]}[/]"
+        table.add_row(
+            str(t.index),
+            t.label,
+            "-" if s["throughput_rps"] is None else f"{s['throughput_rps']:,.1f}",
+            "-" if s["at_level"] is None else f"{s['at_level']:g}",
+            "-" if s["min_p99_ms"] is None else f"{s['min_p99_ms']:.2f}",
+            note,
+        )
+    console.print(table)
+    if result.winner is None:
+        closest = result.closest
+        where = f"; closest: {closest.label} with p99 {closest.min_p99_ms:.2f} ms" if closest else ""
+        err_console.print(f"[bold red]no config met p99 <= {p99_budget_ms:g} ms[/]{where}")
+        console.print(f"wrote {output / 'tune.json'}, {output / 'report.html'}")
+        raise typer.Exit(code=1)
+    default = result.default.throughput_rps if result.default else None
+    best = result.winner.throughput_rps or 0.0
+    versus = f" ({best / default:.2f}x the default)" if default else " (the default met the budget nowhere)"
+    console.print(
+        f"[green]best:[/] {result.winner.label}: {best:,.1f} infer/s{versus}"
+    )
+    if result.written:
+        console.print("wrote the winning config to " + ", ".join(result.written))
+    console.print(f"wrote {output / 'tune.json'}, {output / 'tune.csv'}, {output / 'report.html'}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
+    app.command("tune")(tune_command)
