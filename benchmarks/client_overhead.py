@@ -240,9 +240,9 @@ def bench_perf_analyzer(exe: str, url: str, concurrency: int, seconds: float) ->
         "--percentile",
         "99",
         "--max-trials",
-        "4",
+        "8",
         "--stability-percentage",
-        "50",
+        "100",
     ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -277,7 +277,7 @@ def bench_perf_analyzer(exe: str, url: str, concurrency: int, seconds: float) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=2.0, help="measured seconds per run")
+    parser.add_argument("--seconds", type=float, default=1.5, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument(
         "--rounds", type=int, default=3, help="alternating rounds per client (median reported)"
@@ -289,6 +289,7 @@ def main() -> None:
 
     exe = None if args.no_perf_analyzer else find_perf_analyzer(args.perf_analyzer)
     results: list[Result] = []
+    paired: dict[tuple[str, int], tuple[float, float]] = {}
     with (
         tempfile.TemporaryDirectory(prefix="tf-bench-") as tmp,
         EmbeddedServer(build_repository(Path(tmp))) as server,
@@ -321,16 +322,30 @@ def main() -> None:
             for key in runs:
                 ordered = sorted(rounds[key], key=lambda r: r.throughput)
                 results.append(ordered[len(ordered) // 2])
+            for ours, raw in (("tf-async", "raw-async"), ("tf-sync", "raw-sync")):
+                pairs = list(zip(rounds[ours], rounds[raw], strict=True))
+                paired[(rounds[ours][0].client, c)] = (
+                    _median([a.throughput / b.throughput for a, b in pairs]),
+                    _median([a.cpu_us / b.cpu_us for a, b in pairs]),
+                )
             if exe:
                 pa = bench_perf_analyzer(exe, url, c, args.seconds)
                 if pa:
                     results.append(pa)
                     print(f"  {pa.client:28s} c={c:<3d} {pa.throughput:8.0f} req/s  cpu {pa.cpu_us:6.0f} us")
     print()
-    print(table(results, perf_analyzer_present=exe is not None))
+    print(table(results, paired, perf_analyzer_present=exe is not None))
 
 
-def table(results: list[Result], *, perf_analyzer_present: bool) -> str:
+def _median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def table(
+    results: list[Result], paired: dict[tuple[str, int], tuple[float, float]], *, perf_analyzer_present: bool
+) -> str:
+    """The figures; "vs raw" is the median over rounds of the ratio to the raw client run next to it (the
+    pairing cancels load that comes and goes on a shared machine); the other columns are median rounds."""
     by = {(r.client, r.concurrency): r for r in results}
     raw_of = {
         "tritonforge AsyncClient": "raw tritonclient.grpc.aio",
@@ -344,8 +359,9 @@ def table(results: list[Result], *, perf_analyzer_present: bool) -> str:
     for r in results:
         raw = by.get((raw_of.get(r.client, ""), r.concurrency))
         pa = by.get(("perf_analyzer (C++)", r.concurrency))
-        vs_raw = f"{r.throughput / raw.throughput:.2f}x" if raw else ""
-        cpu_raw = f"{r.cpu_us / raw.cpu_us:.2f}x" if raw else ""
+        ratios = paired.get((r.client, r.concurrency))
+        vs_raw = f"{ratios[0]:.2f}x" if raw and ratios else ""
+        cpu_raw = f"{ratios[1]:.2f}x" if raw and ratios else ""
         vs_pa = f"{r.throughput / pa.throughput:.2f}x" if pa and pa is not r else ""
         cpu_pa = f"{r.cpu_us / pa.cpu_us:.2f}x" if pa and pa is not r else ""
         lines.append(
