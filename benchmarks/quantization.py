@@ -1,0 +1,126 @@
+"""FP32 vs INT8 vs FP16 MiniLM encoder on CPU: latency, throughput, file size, cosine vs FP32.
+
+Builds the three artifacts exactly as ``tools/build_minilm.py`` does (FP16 with onnxruntime's own
+converter, inputs/outputs kept FP32), then times each in-process with onnxruntime at batch 1/16/64 and
+sequence 32/128 (real sentences, padded to the length). Models are timed round-robin, a round of each in
+turn, so a noisy neighbour slows all of them alike; figures are medians over rounds.
+
+    python benchmarks/quantization.py [--rounds 5] [--threads 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import build_minilm  # noqa: E402
+import minilm  # noqa: E402
+
+BATCHES = (1, 16, 64)
+SEQUENCES = (32, 128)
+
+
+def build_artifacts(work: Path) -> dict[str, Path]:
+    from tritonforge.quantize import Tolerance, to_fp16
+
+    held = build_minilm.holdout()
+    fp32 = build_minilm.export_fp32(minilm.load_encoder(), work, held)
+    int8 = build_minilm.quantize_int8(fp32.path, work, held)
+    fp16 = to_fp16(fp32.path, work / "fp16.onnx", holdout=held, mask_input="attention_mask",
+                   tolerance=Tolerance(min_cosine_mean=0.99))
+    return {"FP32": fp32.path, "INT8": int8.path, "FP16": fp16.path}
+
+
+def sentence_cosines(models: dict[str, Path]) -> dict[str, tuple[float, float]]:
+    held = build_minilm.holdout()
+    out = {}
+    for name, path in models.items():
+        report = build_minilm.sentence_report(models["FP32"], path, held)
+        out[name] = (report.cosine_mean, report.cosine_min)
+    return out
+
+
+def time_models(models: dict[str, Path], rounds: int, threads: int) -> dict[tuple[str, int, int], float]:
+    """Median seconds per batch for each (model, batch, sequence)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    sessions = {n: ort.InferenceSession(str(p), sess_options=options, providers=["CPUExecutionProvider"])
+                for n, p in models.items()}
+    texts = minilm.sentences(256, seed=3)
+    samples: dict[tuple[str, int, int], list[float]] = {}
+    for batch in BATCHES:
+        for seq in SEQUENCES:
+            feeds = minilm.encode((texts * 2)[:batch], max_length=seq, pad_to=seq)
+            for session in sessions.values():
+                session.run(None, feeds)  # warm up
+            iterations = max(2, 64 // batch) * (4 if seq == 32 else 1)
+            for _ in range(rounds):
+                for name, session in sessions.items():
+                    start = time.perf_counter()
+                    for _ in range(iterations):
+                        session.run(None, feeds)
+                    samples.setdefault((name, batch, seq), []).append((time.perf_counter() - start) / iterations)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    parser.add_argument("--keep", type=Path, help="keep the built models here and reuse them next time")
+    args = parser.parse_args(argv)
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=160)
+    with tempfile.TemporaryDirectory(prefix="tritonforge-bench-") as scratch:
+        work = args.keep or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        cached = {"FP32": work / "fp32.onnx", "INT8": work / "int8.onnx", "FP16": work / "fp16.onnx"}
+        if args.keep and all(p.is_file() for p in cached.values()):
+            models = cached
+        else:
+            with console.status("building FP32, INT8 and FP16 encoders ..."):
+                models = build_artifacts(work)
+        sizes = {n: p.stat().st_size for n, p in models.items()}
+        with console.status("cosine similarity of sentence embeddings vs FP32 (256 held-out sentences) ..."):
+            cosines = sentence_cosines(models)
+        with console.status(f"timing ({args.rounds} rounds) ..."):
+            seconds = time_models(models, args.rounds, args.threads)
+    summary = Table(title=f"MiniLM-L6 encoder variants (CPU, {os.cpu_count()} cores)")
+    for column in ("model", "file MB", "size vs FP32", "cosine mean", "cosine min"):
+        summary.add_column(column, justify="right")
+    for name in models:
+        summary.add_row(name, f"{sizes[name] / 1e6:.1f}", f"{sizes[name] / sizes['FP32']:.1%}",
+                        f"{cosines[name][0]:.4f}", f"{cosines[name][1]:.4f}")
+    console.print(summary)
+    table = Table(title="latency (median ms/batch) and throughput (sentences/s); ratio = throughput vs FP32")
+    for column in ("batch", "seq", *(f"{n} ms" for n in models), *(f"{n} /s" for n in models),
+                   *(f"{n} ratio" for n in models if n != "FP32")):
+        table.add_column(column, justify="right")
+    for batch in BATCHES:
+        for seq in SEQUENCES:
+            s = {n: seconds[(n, batch, seq)] for n in models}
+            table.add_row(str(batch), str(seq), *(f"{s[n] * 1e3:.1f}" for n in models),
+                          *(f"{batch / s[n]:.0f}" for n in models),
+                          *(f"{s['FP32'] / s[n]:.2f}x" for n in models if n != "FP32"))
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
