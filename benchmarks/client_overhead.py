@@ -6,7 +6,7 @@ client CPU per request (``time.process_time`` of this process, which holds the c
 but not the server; perf_analyzer's from its own process rusage), and the ratios to raw tritonclient and
 to perf_analyzer. Speed is compared only as ratios within one run: the machine is shared.
 
-    python benchmarks/client_overhead.py                 # ~3 min on 2 cores
+    python benchmarks/client_overhead.py                 # ~5 min on 2 cores
     python benchmarks/client_overhead.py --rounds 1 --concurrency 1 64
 
 perf_analyzer runs when ``/work/shared/tools/perf_analyzer`` (or ``--perf-analyzer PATH``, or one on
@@ -280,7 +280,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.5, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument(
-        "--rounds", type=int, default=3, help="alternating rounds per client (median reported)"
+        "--rounds", type=int, default=7, help="alternating rounds per client (median reported)"
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--perf-analyzer", default=None, help=f"path (default {DEFAULT_PERF_ANALYZER})")
