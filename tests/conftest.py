@@ -121,6 +121,27 @@ def _has_torch() -> bool:
     return True
 
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def example_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real example repository, built once per session by the real `tritonforge build` (slow)."""
+    import subprocess
+    import sys
+
+    repo = tmp_path_factory.mktemp("examples") / "model_repository"
+    done = subprocess.run(
+        [sys.executable, "-m", "tritonforge", "build", "--repo", str(repo)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return repo
+
+
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_test_repository(tmp_path_factory.mktemp("models"))

@@ -101,13 +101,36 @@ def test_serve_answers_until_interrupted_and_leaves_nothing_running(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_serves_the_digits_models_and_matches_in_process_accuracy():
-    pytest.importorskip("torch")
-    pytest.importorskip("sklearn")
-    result = run_cli("demo", timeout=600)
+def test_demo_runs_the_pipelines_and_both_frameworks_on_the_example_repository(example_repo):
+    result = run_cli("demo", "--no-build", "--repo", str(example_repo), timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = re.findall(r"(digits_mlp_\w+)\s+│\s+(\d+)\s+│\s+([\d.]+)\s+│\s+([\d.]+)", result.stdout)
-    assert {r[0] for r in rows} == {"digits_mlp_onnx", "digits_mlp_torch"}, result.stdout
+    out = result.stdout
+    # text_embedding: the nearest sentence to the weather query is the rain one, server == in-process
+    assert re.search(r"will it rain on Saturday\?\s+│\s+Heavy rain is expected", out), out
+    cosine = float(re.search(r"min cosine ([\d.]+)", out).group(1))
+    assert cosine >= 0.999
+    # digits_vote: the vote is at least as accurate as its weakest member
+    members = [float(a) for a in re.findall(r"│ (?:logreg|mlp|random_forest)\s+│\s+([\d.]+)", out)]
+    vote = float(re.search(r"majority vote\s+│\s+([\d.]+)", out).group(1))
+    assert len(members) == 3 and vote >= min(members)
+    # digits_routed answered with its primary unloaded (the fallback took over)
+    assert re.search(r"digits_logreg unloaded \(forced failure\): accuracy 0\.9\d+", out), out
+    # one model from two frameworks, equal accuracy through Triton and in-process
+    rows = re.findall(r"(digits_mlp_\w+)\s+│\s+(\d+)\s+│\s+([\d.]+)\s+│\s+([\d.]+)", out)
+    assert {r[0] for r in rows} == {"digits_mlp_onnx", "digits_mlp_torch"}, out
     for _, requests, acc_triton, acc_local in rows:
         assert int(requests) == 450
         assert acc_triton == acc_local and float(acc_triton) > 0.9
+
+
+def test_demo_refuses_to_build_outside_the_project_root(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "tritonforge", "demo", "--repo", str(tmp_path / "repo")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={"COLUMNS": "200", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
+    )
+    assert result.returncode == 1
+    assert "run this from the project root" in result.stderr

@@ -179,14 +179,16 @@ def _mark(ok: bool) -> str:
 
 @app.command()
 def demo(
-    repo: Path | None = typer.Option(None, help="Build the demo repository here (default: a temp dir)."),
-    requests: int = typer.Option(0, help="How many test digits to send (default: the whole test split)."),
+    repo: Path = typer.Option(Path("model_repository"), help="The example repository to build and serve."),
+    build: bool = typer.Option(True, help="Run `tritonforge build` first (unchanged models are skipped)."),
+    frameworks: bool = typer.Option(True, help="Also serve a torch MLP as ONNX and as TorchScript."),
+    requests: int = typer.Option(0, help="Digits sent in the frameworks part (default: the test split)."),
 ) -> None:
-    """The main job, end to end: train small real models, build a repository, serve it, infer, report."""
-    from tritonforge.demo import run_demo
+    """The main job, end to end: build the example repository, run its pipelines on Triton, report."""
+    from tritonforge.demo import run_main_job
 
     try:
-        run_demo(console, repo=repo, limit=requests or None)
+        run_main_job(console, repo, build=build, frameworks=frameworks, limit=requests or None)
     except TritonForgeError as exc:
         raise _fail(exc) from None
 

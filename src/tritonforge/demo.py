@@ -1,4 +1,8 @@
-"""The main job, end to end, on real data: train, export, build a repository, serve it, infer, report.
+"""The main job, end to end, on real data: build, serve, run the example pipelines, report.
+
+``run_main_job`` builds the example repository (``tritonforge build``: the digits classifiers, the MiniLM
+encoder in FP32 and INT8, the pipelines of ``ensembles/``), runs the pipelines on the embedded server
+(:mod:`tritonforge.pipelines_demo`), then ``run_frameworks_demo`` serves one model from two frameworks:
 
 A small MLP is trained on scikit-learn's bundled digits (8x8 images, 10 classes), exported to ONNX and to
 TorchScript, laid out as a Triton repository with dynamic batching, and served by the embedded Triton server.
@@ -24,7 +28,7 @@ from rich.table import Table
 from tritonforge.config import DataType, DynamicBatching, InstanceGroup, InstanceKind, ModelConfig, TensorSpec
 from tritonforge.repository import add_model
 
-__all__ = ["DemoResult", "run_demo"]
+__all__ = ["DemoResult", "run_frameworks_demo", "run_main_job"]
 
 CONCURRENCY = 8
 
@@ -154,8 +158,46 @@ def _serve_and_measure(
     )
 
 
-def run_demo(console: Console, *, repo: Path | None = None, limit: int | None = None) -> list[DemoResult]:
-    """Run the demo, printing progress and a result table; returns the figures."""
+def run_main_job(
+    console: Console, repo: Path, *, build: bool = True, frameworks: bool = True, limit: int | None = None
+) -> None:
+    """Build the example repository into ``repo`` (from the project root), run its pipelines, and the
+    frameworks demo.
+
+    Raises:
+        RepositoryError: not run from the project root, or the build failed (the repository keeps its
+            previous versions).
+    """
+    import subprocess
+    import sys
+
+    from tritonforge.errors import RepositoryError
+    from tritonforge.pipelines_demo import run_pipelines_demo
+
+    if build:
+        if not (Path("tools").is_dir() and Path("ensembles").is_dir()):
+            raise RepositoryError(
+                f"the example repository is built from tools/ and ensembles/, which {Path.cwd()} lacks: run "
+                f"this from the project root, or pass --no-build with --repo pointing at a built repository"
+            )
+        console.rule("tritonforge build (unchanged models are skipped)")
+        command = [sys.executable, "-m", "tritonforge", "build", "--repo", str(repo)]
+        done = subprocess.run(command, check=False)
+        if done.returncode:
+            raise RepositoryError(f"tritonforge build failed (exit {done.returncode}); see its output above")
+    if not Path(repo).is_dir():
+        raise RepositoryError(f"no repository at {repo}: build it first (tritonforge build)")
+    console.rule("the example pipelines on the embedded Triton server")
+    run_pipelines_demo(console, Path(repo))
+    if frameworks:
+        console.rule("one model, two frameworks: ONNX and TorchScript side by side")
+        run_frameworks_demo(console, limit=limit)
+
+
+def run_frameworks_demo(
+    console: Console, *, repo: Path | None = None, limit: int | None = None
+) -> list[DemoResult]:
+    """Train the digits MLP, serve it as ONNX and TorchScript, print a result table; returns the figures."""
     import torch
 
     from tritonforge.server import EmbeddedServer
