@@ -55,7 +55,9 @@ def client(urls: list[str]) -> Iterator[Client]:
         yield c
 
 
-def raw_infer(url: str, model: str, inputs: dict[str, np.ndarray], version: str = "") -> dict[str, np.ndarray]:
+def raw_infer(
+    url: str, model: str, inputs: dict[str, np.ndarray], version: str = ""
+) -> dict[str, np.ndarray]:
     """The same request through raw tritonclient, as the reference answer."""
     from conftest import triton_infer
 
@@ -84,8 +86,12 @@ def test_async_client_infer_returns_what_raw_tritonclient_returns(urls: list[str
 
 
 def test_client_infer_round_trips_numeric_dtypes(client: Client) -> None:
-    inputs = {"half": np.full((2, 4), 1.5, np.float16), "long": np.arange(8, dtype=np.int64).reshape(2, 4),
-              "int": np.arange(8, dtype=np.int32).reshape(2, 4), "flag": np.array([[True, False] * 2] * 2)}
+    inputs = {
+        "half": np.full((2, 4), 1.5, np.float16),
+        "long": np.arange(8, dtype=np.int64).reshape(2, 4),
+        "int": np.arange(8, dtype=np.int32).reshape(2, 4),
+        "flag": np.array([[True, False] * 2] * 2),
+    }
     out = client.infer("dtypes", inputs)
     assert out["half_out"].dtype == np.float16 and out["long_out"].dtype == np.int64
     np.testing.assert_array_equal(out["half_out"], inputs["half"] * 2)
@@ -107,8 +113,12 @@ def test_client_infer_chooses_the_version_asked_for(client: Client) -> None:
 
 
 def test_client_infer_returns_only_the_outputs_asked_for(client: Client) -> None:
-    inputs = {"half": np.ones((1, 4), np.float16), "long": np.ones((1, 4), np.int64),
-              "int": np.ones((1, 4), np.int32), "flag": np.ones((1, 4), bool)}
+    inputs = {
+        "half": np.ones((1, 4), np.float16),
+        "long": np.ones((1, 4), np.int64),
+        "int": np.ones((1, 4), np.int32),
+        "flag": np.ones((1, 4), bool),
+    }
     assert set(client.infer("dtypes", inputs, outputs=["int_out"])) == {"int_out"}
 
 
@@ -131,12 +141,15 @@ def test_async_client_infer_batched_splits_and_joins_along_the_batch_axis(urls: 
 # -- checks against the model's metadata ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("inputs", "says"), [
-    ({"y": X}, "unknown input 'y'"),
-    ({"x": X.astype(np.float64)}, "is FP64 but must be FP32"),
-    ({"x": X[:, :7]}, "has shape [4, 7]"),
-    ({"x": X[0]}, "has shape [8]"),
-])
+@pytest.mark.parametrize(
+    ("inputs", "says"),
+    [
+        ({"y": X}, "unknown input 'y'"),
+        ({"x": X.astype(np.float64)}, "is FP64 but must be FP32"),
+        ({"x": X[:, :7]}, "has shape [4, 7]"),
+        ({"x": X[0]}, "has shape [8]"),
+    ],
+)
 def test_client_infer_raises_invalid_request_error_when_an_input_does_not_fit(
     client: Client, inputs: dict[str, np.ndarray], says: str
 ) -> None:
@@ -151,8 +164,10 @@ def test_client_infer_raises_invalid_request_error_when_no_inputs_given(client: 
 
 
 def test_client_without_validation_gets_the_servers_invalid_request_error(urls: list[str]) -> None:
-    with Client(urls, validate=False, registry=CollectorRegistry()) as c, \
-            pytest.raises(InvalidRequestError, match="FP64") as caught:
+    with (
+        Client(urls, validate=False, registry=CollectorRegistry()) as c,
+        pytest.raises(InvalidRequestError, match="FP64") as caught,
+    ):
         c.infer("mlp", {"x": X.astype(np.float64)})
     assert caught.value.endpoint in urls
 
@@ -160,8 +175,9 @@ def test_client_without_validation_gets_the_servers_invalid_request_error(urls: 
 # -- errors ---------------------------------------------------------------------------------------------
 
 
-def test_client_infer_raises_model_not_found_error_naming_model_and_endpoint(client: Client,
-                                                                              urls: list[str]) -> None:
+def test_client_infer_raises_model_not_found_error_naming_model_and_endpoint(
+    client: Client, urls: list[str]
+) -> None:
     with pytest.raises(ModelNotFoundError, match="'nope'") as caught:
         client.infer("nope", {"x": X})
     assert caught.value.model == "nope" and caught.value.endpoint in urls
@@ -182,15 +198,19 @@ def test_client_infer_raises_model_not_found_error_for_a_version_not_served(clie
 def test_client_infer_raises_unavailable_when_no_server_listens() -> None:
     from tritonforge.server.embedded import free_port
 
-    with Client(f"127.0.0.1:{free_port()}", retry=RetryPolicy.none(), registry=CollectorRegistry()) as c, \
-            pytest.raises(Unavailable) as caught:
+    with (
+        Client(f"127.0.0.1:{free_port()}", retry=RetryPolicy.none(), registry=CollectorRegistry()) as c,
+        pytest.raises(Unavailable) as caught,
+    ):
         c.infer("mlp", {"x": X}, timeout_s=5.0)
     assert caught.value.endpoint is not None
 
 
 def test_map_grpc_errors_translates_tritonclient_errors() -> None:
-    with pytest.raises(Unavailable, match="'m' version 3 at h:1") as caught, \
-            map_grpc_errors(model="m", version="3", endpoint="h:1"):
+    with (
+        pytest.raises(Unavailable, match="'m' version 3 at h:1") as caught,
+        map_grpc_errors(model="m", version="3", endpoint="h:1"),
+    ):
         raise InferenceServerException("overloaded", status="StatusCode.UNAVAILABLE")
     assert isinstance(caught.value.__cause__, InferenceServerException)
 
@@ -232,7 +252,9 @@ def test_async_client_reports_health_and_metadata(urls: list[str]) -> None:
     asyncio.run(run())
 
 
-def test_client_unload_and_load_model_act_on_every_endpoint(client: Client, pair: list[EmbeddedServer]) -> None:
+def test_client_unload_and_load_model_act_on_every_endpoint(
+    client: Client, pair: list[EmbeddedServer]
+) -> None:
     client.unload_model("echo_str")
     try:
         assert not any(s.is_model_ready("echo_str") for s in pair)
@@ -250,12 +272,16 @@ def test_client_unload_and_load_model_act_on_every_endpoint(client: Client, pair
 def _server_regions(url: str) -> list[str]:
     raw = grpcclient.InferenceServerClient(url)
     try:
-        return [r["name"] for r in raw.get_system_shared_memory_status(as_json=True).get("regions", {}).values()]
+        return [
+            r["name"] for r in raw.get_system_shared_memory_status(as_json=True).get("regions", {}).values()
+        ]
     finally:
         raw.close()
 
 
-def test_client_sends_large_tensors_through_system_shared_memory_and_removes_it_on_close(urls: list[str]) -> None:
+def test_client_sends_large_tensors_through_system_shared_memory_and_removes_it_on_close(
+    urls: list[str],
+) -> None:
     big = np.random.default_rng(1).standard_normal((32, 8)).astype(np.float32)
     c = Client(urls, shared_memory=SharedMemory("auto", threshold_bytes=512), registry=CollectorRegistry())
     try:
@@ -291,7 +317,9 @@ def test_async_client_shared_memory_regions_are_gone_after_close(urls: list[str]
 @pytest.mark.skipif(not cuda_available(), reason="needs a GPU and the CUDA packages (cuda-python)")
 def test_client_sends_tensors_through_cuda_shared_memory(urls: list[str]) -> None:  # pragma: no cover
     big = np.ones((32, 8), np.float32)
-    with Client(urls, shared_memory=SharedMemory("cuda", threshold_bytes=0), registry=CollectorRegistry()) as c:
+    with Client(
+        urls, shared_memory=SharedMemory("cuda", threshold_bytes=0), registry=CollectorRegistry()
+    ) as c:
         out = c.infer("mlp", {"x": big})
         assert c.shm_regions
     np.testing.assert_array_equal(out["probs"], raw_infer(urls[0], "mlp", {"x": big})["probs"])
@@ -320,8 +348,10 @@ def test_client_hooks_see_every_call_with_its_endpoint_and_error(urls: list[str]
         c.infer("mlp", {"x": X})
         with pytest.raises(ModelNotFoundError):
             c.infer("nope", {"x": X})
-    assert [(e.kind, e.model, e.error is None) for e in events] == [("request", "mlp", True),
-                                                                    ("request", "nope", False)]
+    assert [(e.kind, e.model, e.error is None) for e in events] == [
+        ("request", "mlp", True),
+        ("request", "nope", False),
+    ]
     assert all(e.endpoint in urls and e.latency_s > 0 for e in events)
 
 
@@ -331,9 +361,13 @@ def test_client_hooks_see_every_call_with_its_endpoint_and_error(urls: list[str]
 def test_client_sends_headers_on_every_call(client_repo: Path) -> None:
     args = ["--grpc-restricted-protocol=inference,metadata,health:tf-key=s3cret"]
     with cf.servers(client_repo, 1, extra_args=args) as (guarded,):
-        with Client(guarded.grpc_url, retry=RetryPolicy.none(), registry=CollectorRegistry()) as anonymous, \
-                pytest.raises(AuthenticationError, match="restricted"):
+        with (
+            Client(guarded.grpc_url, retry=RetryPolicy.none(), registry=CollectorRegistry()) as anonymous,
+            pytest.raises(AuthenticationError, match="restricted"),
+        ):
             anonymous.infer("mlp", {"x": X})
-        with Client(guarded.grpc_url, headers={"triton-grpc-protocol-tf-key": "s3cret"}, registry=CollectorRegistry()) as allowed:
+        with Client(
+            guarded.grpc_url, headers={"triton-grpc-protocol-tf-key": "s3cret"}, registry=CollectorRegistry()
+        ) as allowed:
             assert allowed.is_server_ready()
             assert allowed.infer("mlp", {"x": X})["probs"].shape == (4, 3)

@@ -70,7 +70,9 @@ def test_client_spreads_requests_over_every_endpoint(urls: list[str]) -> None:
     registry = CollectorRegistry()
     with Client(urls, registry=registry) as c:
         c.infer_many("mlp", [{"x": X}] * 60, concurrency=6)
-    sent = [registry.get_sample_value("tritonforge_client_endpoint_requests_total", {"endpoint": u}) for u in urls]
+    sent = [
+        registry.get_sample_value("tritonforge_client_endpoint_requests_total", {"endpoint": u}) for u in urls
+    ]
     assert all(n and n > 0 for n in sent) and sum(sent) == 60  # type: ignore[misc]
 
 
@@ -115,14 +117,19 @@ def test_client_failing_primary_model_is_answered_by_its_fallback(urls: list[str
         out = c.infer("broken", {"x": X})
     np.testing.assert_array_equal(out["probs"], reference(urls[0], "mlp", X))
     assert [e.kind for e in events] == ["fallback", "request"] and events[-1].error is None
-    assert registry.get_sample_value("tritonforge_client_fallbacks_total",
-                                     {"model": "broken", "fallback": "mlp"}) == 1
+    assert (
+        registry.get_sample_value(
+            "tritonforge_client_fallbacks_total", {"model": "broken", "fallback": "mlp"}
+        )
+        == 1
+    )
 
 
 def test_async_client_missing_model_is_answered_by_the_next_in_its_fallback_chain(urls: list[str]) -> None:
     async def run() -> dict[str, np.ndarray]:
-        async with AsyncClient(urls, fallbacks={"gone": Fallback("broken", "mlp")},
-                               registry=CollectorRegistry()) as c:
+        async with AsyncClient(
+            urls, fallbacks={"gone": Fallback("broken", "mlp")}, registry=CollectorRegistry()
+        ) as c:
             return await c.infer("gone", {"x": X})
 
     np.testing.assert_array_equal(asyncio.run(run())["probs"], reference(urls[0], "mlp", X))
@@ -130,8 +137,12 @@ def test_async_client_missing_model_is_answered_by_the_next_in_its_fallback_chai
 
 def test_client_raises_invalid_request_error_without_falling_back(urls: list[str]) -> None:
     events: list[ClientEvent] = []
-    with Client(urls, fallbacks={"mlp": Fallback("broken")}, hooks=[events.append],
-                registry=CollectorRegistry()) as c, pytest.raises(InvalidRequestError):
+    with (
+        Client(
+            urls, fallbacks={"mlp": Fallback("broken")}, hooks=[events.append], registry=CollectorRegistry()
+        ) as c,
+        pytest.raises(InvalidRequestError),
+    ):
         c.infer("mlp", {"x": X.astype(np.float64)})
     assert [e.kind for e in events] == ["request"]
 
@@ -142,8 +153,10 @@ def test_client_raises_invalid_request_error_without_falling_back(urls: list[str
 def test_client_raises_deadline_exceeded_without_retrying_when_the_deadline_passes(urls: list[str]) -> None:
     events: list[ClientEvent] = []
     retry = RetryPolicy(max_attempts=100, budget=None)
-    with Client(urls, retry=retry, hooks=[events.append], registry=CollectorRegistry()) as c, \
-            pytest.raises(DeadlineExceeded, match="'sleepy'") as caught:
+    with (
+        Client(urls, retry=retry, hooks=[events.append], registry=CollectorRegistry()) as c,
+        pytest.raises(DeadlineExceeded, match="'sleepy'") as caught,
+    ):
         c.infer("sleepy", {"x": ONES}, timeout_s=0.1)
     assert caught.value.model == "sleepy" and caught.value.endpoint in urls
     assert [e.kind for e in events] == ["request"] and events[0].attempt == 1
@@ -153,8 +166,13 @@ def test_async_client_retries_attempt_timeouts_only_until_the_call_deadline(urls
     events: list[ClientEvent] = []
 
     async def run() -> None:
-        async with AsyncClient(urls, deadline=Deadline(total_s=0.5, attempt_s=0.1), hooks=[events.append],
-                               retry=RetryPolicy(max_attempts=1_000, budget=None), registry=CollectorRegistry()) as c:
+        async with AsyncClient(
+            urls,
+            deadline=Deadline(total_s=0.5, attempt_s=0.1),
+            hooks=[events.append],
+            retry=RetryPolicy(max_attempts=1_000, budget=None),
+            registry=CollectorRegistry(),
+        ) as c:
             await c.infer("sleepy", {"x": ONES})
 
     with pytest.raises(DeadlineExceeded):
@@ -167,7 +185,10 @@ def test_async_client_retries_attempt_timeouts_only_until_the_call_deadline(urls
 def test_client_raises_deadline_exceeded_when_every_server_is_down_however_many_retries_allowed() -> None:
     dead = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     retry = RetryPolicy(max_attempts=1_000_000, backoff_initial_s=0.01, backoff_max_s=0.05, budget=None)
-    with Client(dead, retry=retry, registry=CollectorRegistry()) as c, pytest.raises(DeadlineExceeded) as caught:
+    with (
+        Client(dead, retry=retry, registry=CollectorRegistry()) as c,
+        pytest.raises(DeadlineExceeded) as caught,
+    ):
         c.infer("mlp", {"x": X}, timeout_s=0.5)
     assert caught.value.__cause__ is not None
 
@@ -185,8 +206,12 @@ def test_client_shadow_traffic_never_changes_the_response_and_counts_differences
     assert [float(o["y"][0, 0]) for o in outs] == [float(i) for i in range(20)]  # the primary's answers
     assert stats.mirrored == 20 and stats.mismatches == 19  # x * 2 differs from x * 1, except for 0
     assert stats.max_abs_diff == pytest.approx(19.0)
-    assert registry.get_sample_value("tritonforge_client_shadow_mismatches_total",
-                                     {"model": "scale", "shadow": "scale"}) == 19
+    assert (
+        registry.get_sample_value(
+            "tritonforge_client_shadow_mismatches_total", {"model": "scale", "shadow": "scale"}
+        )
+        == 19
+    )
 
 
 def test_async_client_failing_shadow_never_changes_the_response(urls: list[str]) -> None:
@@ -228,18 +253,25 @@ def test_async_client_loses_no_request_when_a_server_dies_mid_run_and_uses_it_ag
             list(pool.map(EmbeddedServer.start, servers))
         urls = [s.grpc_url for s in servers]
         victim = servers[1]
-        expected = np.concatenate([reference(urls[0], "mlp", rows[i:i + 32]) for i in range(0, len(rows), 32)])
+        expected = np.concatenate(
+            [reference(urls[0], "mlp", rows[i : i + 32]) for i in range(0, len(rows), 32)]
+        )
 
         async def run() -> tuple[list[np.ndarray], list[np.ndarray]]:
-            async with AsyncClient(urls, retry=RetryPolicy(max_attempts=6), breaker=CircuitBreaker(2, 0.5),
-                                   health_check=HealthCheck(interval_s=0.2, timeout_s=0.5), registry=registry) as c:
+            async with AsyncClient(
+                urls,
+                retry=RetryPolicy(max_attempts=6),
+                breaker=CircuitBreaker(2, 0.5),
+                health_check=HealthCheck(interval_s=0.2, timeout_s=0.5),
+                registry=registry,
+            ) as c:
                 gate = asyncio.Semaphore(16)
                 done = 0
 
                 async def one(i: int) -> np.ndarray:
                     nonlocal done
                     async with gate:
-                        out = await c.infer("mlp", {"x": rows[i:i + 1]}, timeout_s=30.0)
+                        out = await c.infer("mlp", {"x": rows[i : i + 1]}, timeout_s=30.0)
                         done += 1
                         if done == 150:
                             os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
@@ -255,11 +287,19 @@ def test_async_client_loses_no_request_when_a_server_dies_mid_run_and_uses_it_ag
                     if status.state == "closed" and status.healthy:
                         break
                     await asyncio.sleep(0.1)
-                before = registry.get_sample_value("tritonforge_client_endpoint_requests_total",
-                                                   {"endpoint": victim.grpc_url}) or 0
+                before = (
+                    registry.get_sample_value(
+                        "tritonforge_client_endpoint_requests_total", {"endpoint": victim.grpc_url}
+                    )
+                    or 0
+                )
                 second = await asyncio.gather(*(one(i) for i in range(90)))
-                after = registry.get_sample_value("tritonforge_client_endpoint_requests_total",
-                                                  {"endpoint": victim.grpc_url}) or 0
+                after = (
+                    registry.get_sample_value(
+                        "tritonforge_client_endpoint_requests_total", {"endpoint": victim.grpc_url}
+                    )
+                    or 0
+                )
                 assert after > before, "the restarted server got no traffic"
                 return first, second
 
@@ -268,7 +308,11 @@ def test_async_client_loses_no_request_when_a_server_dies_mid_run_and_uses_it_ag
         cf.stop_all(servers)
     np.testing.assert_allclose(np.stack(first), expected, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(np.stack(second), expected[:90], rtol=1e-6, atol=1e-7)
-    assert registry.get_sample_value("tritonforge_client_failures_total",
-                                     {"model": "mlp", "error": "Unavailable"}) is None
+    assert (
+        registry.get_sample_value(
+            "tritonforge_client_failures_total", {"model": "mlp", "error": "Unavailable"}
+        )
+        is None
+    )
     # the kill did hit requests in flight: they failed on the victim and were answered by a retry elsewhere
     assert (registry.get_sample_value("tritonforge_client_retries_total", {"model": "mlp"}) or 0) > 0

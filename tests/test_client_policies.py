@@ -26,7 +26,6 @@ from tritonforge.client._flow import Attempt, BudgetState, Sleep, call_flow
 from tritonforge.client._pool import EndpointPool
 from tritonforge.errors import (
     AllEndpointsFailed,
-    ClientError,
     DeadlineExceeded,
     InferenceFailed,
     InvalidRequestError,
@@ -60,18 +59,33 @@ def drive(flow: Any, answer: Callable[[Attempt], Any], clock: FakeClock) -> tupl
         return stop.value, attempts
 
 
-def make_flow(targets: Sequence[tuple[str, str | None]], pool: EndpointPool, clock: FakeClock, *,
-              retry: RetryPolicy | None = None, budget: BudgetState | None = None,
-              deadline: Deadline | None = None, timeout_s: float | None = None) -> Any:
+def make_flow(
+    targets: Sequence[tuple[str, str | None]],
+    pool: EndpointPool,
+    clock: FakeClock,
+    *,
+    retry: RetryPolicy | None = None,
+    budget: BudgetState | None = None,
+    deadline: Deadline | None = None,
+    timeout_s: float | None = None,
+) -> Any:
     retry = retry or RetryPolicy(max_attempts=3, budget=None)
-    return call_flow(targets, pool=pool, retry=retry, budget=budget or BudgetState(retry.budget, clock()),
-                     deadline=deadline or Deadline(total_s=10.0), timeout_s=timeout_s, clock=clock,
-                     rng=random.Random(0))
+    return call_flow(
+        targets,
+        pool=pool,
+        retry=retry,
+        budget=budget or BudgetState(retry.budget, clock()),
+        deadline=deadline or Deadline(total_s=10.0),
+        timeout_s=timeout_s,
+        clock=clock,
+        rng=random.Random(0),
+    )
 
 
 def pool_of(*urls: str, threshold: int = 2, reset_s: float = 1.0) -> EndpointPool:
-    return EndpointPool(list(urls), CircuitBreaker(failure_threshold=threshold, reset_timeout_s=reset_s),
-                        random.Random(0))
+    return EndpointPool(
+        list(urls), CircuitBreaker(failure_threshold=threshold, reset_timeout_s=reset_s), random.Random(0)
+    )
 
 
 # -- value objects -------------------------------------------------------------------------------------
@@ -83,9 +97,17 @@ def test_policies_have_readable_reprs() -> None:
     assert "share=0.05" in repr(Shadow("next", share=0.05))
 
 
-@pytest.mark.parametrize("bad", [lambda: RetryPolicy(max_attempts=0), lambda: Deadline(total_s=-1),
-                                 lambda: TrafficSplit(()), lambda: Variant("m", weight=-1),
-                                 lambda: Shadow("m", share=1.5), lambda: CircuitBreaker(failure_threshold=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: RetryPolicy(max_attempts=0),
+        lambda: Deadline(total_s=-1),
+        lambda: TrafficSplit(()),
+        lambda: Variant("m", weight=-1),
+        lambda: Shadow("m", share=1.5),
+        lambda: CircuitBreaker(failure_threshold=0),
+    ],
+)
 def test_policy_raises_value_error_when_built_with_nonsense(bad: Callable[[], object]) -> None:
     with pytest.raises(ValueError):
         bad()
@@ -181,7 +203,7 @@ def test_pool_reopens_the_circuit_when_the_half_open_probe_fails() -> None:
 
 def test_pool_health_check_takes_an_endpoint_out_and_brings_it_back() -> None:
     pool = pool_of("a:1", "b:1", reset_s=100.0)
-    a, b = pool.endpoints
+    a, _ = pool.endpoints
     pool.mark_health(a, False, 0.0)
     assert {pool.acquire(1.0).url for _ in range(4)} == {"b:1"}
     pool.mark_health(a, True, 2.0)
@@ -235,18 +257,24 @@ def test_call_flow_falls_back_when_the_model_fails() -> None:
     def answer(attempt: Attempt) -> Any:
         return InferenceFailed("boom") if attempt.model == "primary" else f"from {attempt.model}"
 
-    result, attempts = drive(make_flow([("primary", None), ("backup", "2")], pool_of("a:1"), clock), answer,
-                             clock)
+    result, attempts = drive(
+        make_flow([("primary", None), ("backup", "2")], pool_of("a:1"), clock), answer, clock
+    )
     assert result == "from backup"
-    assert [(a.model, a.version, a.fallback) for a in attempts] == [("primary", None, False),
-                                                                     ("backup", "2", True)]
+    assert [(a.model, a.version, a.fallback) for a in attempts] == [
+        ("primary", None, False),
+        ("backup", "2", True),
+    ]
 
 
 def test_call_flow_raises_the_last_error_when_every_fallback_fails() -> None:
     clock = FakeClock()
     with pytest.raises(ModelNotFoundError):
-        drive(make_flow([("a", None), ("b", None)], pool_of("a:1"), clock), lambda a: ModelNotFoundError("no"),
-              clock)
+        drive(
+            make_flow([("a", None), ("b", None)], pool_of("a:1"), clock),
+            lambda a: ModelNotFoundError("no"),
+            clock,
+        )
 
 
 def test_call_flow_raises_deadline_exceeded_instead_of_retrying_forever() -> None:
@@ -303,8 +331,11 @@ def test_call_flow_raises_all_endpoints_failed_when_every_circuit_is_open() -> N
 
 def test_retry_budget_allows_about_its_ratio_of_retries() -> None:
     clock = FakeClock()
-    retry = RetryPolicy(max_attempts=5, backoff_initial_s=0.0,
-                        budget=RetryBudget(ratio=0.1, min_retries_per_s=0.0, max_tokens=10.0))
+    retry = RetryPolicy(
+        max_attempts=5,
+        backoff_initial_s=0.0,
+        budget=RetryBudget(ratio=0.1, min_retries_per_s=0.0, max_tokens=10.0),
+    )
     budget = BudgetState(retry.budget, 0.0)
     pool = pool_of("a:1", threshold=1_000_000)
     sent = 0

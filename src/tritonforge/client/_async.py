@@ -254,7 +254,7 @@ class AsyncClient(BaseClient):
         outputs: Sequence[str] | None = None,
         timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Split ``inputs`` along axis 0 into batches of ``batch_size``, run them concurrently, join the answers."""
+        """Split ``inputs`` along axis 0 into ``batch_size`` batches, run them concurrently, join answers."""
         answers = await self.infer_many(
             model,
             split_batches(inputs, batch_size),

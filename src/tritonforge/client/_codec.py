@@ -101,7 +101,10 @@ class ModelMetadata:
                 raise fail(f"unknown input {name!r}")
             if datatype != spec.datatype:
                 raise fail(f"input {name!r} is {datatype} but must be {spec.datatype}")
-            if len(shape) != len(spec.shape) or any(w != -1 and w != s for w, s in zip(spec.shape, shape)):
+            fits = len(shape) == len(spec.shape) and all(
+                w in (-1, s) for w, s in zip(spec.shape, shape, strict=True)
+            )
+            if not fits:
                 raise fail(f"input {name!r} has shape {list(shape)}, which does not fit {list(spec.shape)}")
         missing = set(expected) - {name for name, _, _ in signature}
         if missing and len(missing) == len(expected):
@@ -124,7 +127,7 @@ def request_header(
     outputs: Sequence[str] | None,
     shm: Sequence[tuple[str, int, int]] | None = None,
 ) -> bytes:
-    """A serialized ``ModelInferRequest`` without its raw contents (``shm``: region, offset, size per input)."""
+    """A serialized ``ModelInferRequest`` without raw contents (``shm``: region, offset, size per input)."""
     request = pb.ModelInferRequest(model_name=model, model_version=version or "")
     for i, (name, datatype, shape) in enumerate(signature):
         tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
@@ -164,7 +167,7 @@ def decode_response(response: Any) -> dict[str, np.ndarray]:
     """``{name: ndarray}`` from a ``ModelInferResponse`` (numeric arrays are read-only views of its bytes)."""
     result: dict[str, np.ndarray] = {}
     raws = response.raw_output_contents
-    for output, raw in zip(response.outputs, raws):
+    for output, raw in zip(response.outputs, raws, strict=False):
         datatype = output.datatype
         if datatype == "BYTES":
             result[output.name] = deserialize_bytes_tensor(raw).reshape(tuple(output.shape))

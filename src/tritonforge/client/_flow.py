@@ -75,7 +75,8 @@ def _deadline_error(
 ) -> DeadlineExceeded:
     why = f" (last error: {last.message})" if last is not None else ""
     return DeadlineExceeded(
-        f"model {model!r} got no answer within its deadline of {total_s} s{why}; raise timeout_s if the model "
+        f"model {model!r} got no answer within its deadline of {total_s} s{why}; raise timeout_s if the "
+        "model "
         "is just slow",
         model=model,
         version=version,

@@ -37,7 +37,7 @@ _BY_STATUS: dict[str, type[ClientError]] = {
     _S.UNKNOWN.name: InferenceFailed,
     _S.DATA_LOSS.name: InferenceFailed,
 }
-# A connection lost mid-call surfaces as INTERNAL/UNKNOWN with one of these; it is the transport, not the model.
+# A connection lost mid-call surfaces as INTERNAL/UNKNOWN with one of these: the transport, not the model.
 _TRANSPORT_HINTS = (
     "rst_stream",
     "stream removed",
@@ -64,7 +64,8 @@ def error_for_status(
     lowered = details.lower()
     if cls is InferenceFailed and any(h in lowered for h in _TRANSPORT_HINTS):
         cls = Unavailable
-    if "protocol is restricted" in lowered:  # Triton answers UNAVAILABLE when a restricted call lacks its header
+    # Triton answers UNAVAILABLE when a call to a restricted protocol lacks its header.
+    if "protocol is restricted" in lowered:
         cls = AuthenticationError
     if cls is InvalidRequestError and "unknown model" in lowered:
         cls = ModelNotFoundError

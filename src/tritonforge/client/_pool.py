@@ -75,9 +75,8 @@ class EndpointPool:
     def _available(self, ep: Endpoint, now: float) -> bool:
         if ep.state == "closed":
             return ep.healthy
-        if ep.state == "open" and now - ep.opened_at >= self.breaker.reset_timeout_s:
-            return True  # time for a half-open probe
-        return False
+        # open: usable again for one half-open probe once reset_timeout_s has passed
+        return ep.state == "open" and now - ep.opened_at >= self.breaker.reset_timeout_s
 
     def acquire(self, now: float, exclude: Collection[Endpoint] = ()) -> Endpoint | None:
         """The endpoint for the next attempt (counted as outstanding), or ``None`` when none is usable.

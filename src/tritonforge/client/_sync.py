@@ -44,7 +44,7 @@ def _as_dict(message: Any) -> dict[str, Any]:
 
 
 class Client(BaseClient):
-    """A blocking Triton gRPC client over one or several servers, with retries, fallbacks, routing and shadows.
+    """A blocking Triton gRPC client over one or several servers: retries, fallbacks, routing, shadows.
 
     Example:
         >>> with Client(["localhost:8001", "localhost:8011"], deadline=5.0) as client:   # doctest: +SKIP
@@ -66,7 +66,8 @@ class Client(BaseClient):
         hooks: callables given a :class:`ClientEvent` for each call, retry, fallback and shadow comparison.
 
     Raises (from calls): :class:`InvalidRequestError`, :class:`ModelNotFoundError`, :class:`InferenceFailed`,
-    :class:`DeadlineExceeded`, :class:`Unavailable`, :class:`AllEndpointsFailed`, :class:`AuthenticationError`.
+    :class:`DeadlineExceeded`, :class:`Unavailable`, :class:`AllEndpointsFailed`,
+    :class:`AuthenticationError`.
     """
 
     def __init__(self, urls: str | Sequence[str], **options: Any) -> None:
@@ -272,10 +273,11 @@ class Client(BaseClient):
         outputs: Sequence[str] | None = None,
         timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Split ``inputs`` along axis 0 into batches of ``batch_size``, run them concurrently, join the answers.
+        """Split ``inputs`` along axis 0 into ``batch_size`` batches, run them concurrently, join the answers.
 
         Example:
-            >>> client.infer_batched("mlp", {"x": np.ones((1000, 8), np.float32)}, batch_size=32)  # doctest: +SKIP
+            >>> x = np.ones((1000, 8), np.float32)
+            >>> client.infer_batched("mlp", {"x": x}, batch_size=32)  # doctest: +SKIP
         """
         answers = self.infer_many(
             model,
@@ -429,7 +431,7 @@ class Client(BaseClient):
         return meta
 
     def model_config(self, model: str, version: str | int | None = None) -> Any:
-        """The model's config as the server runs it (``model_config_pb2.ModelConfig``, autofilled fields and all).
+        """The model's config as the server runs it (``model_config_pb2.ModelConfig``, autofilled fields too).
 
         Turn it into a :class:`tritonforge.config.ModelConfig` with ``ModelConfig.from_proto`` when its fields
         are ones we model.

@@ -260,7 +260,8 @@ class TrafficSplit:
 
     Example:
         >>> split = TrafficSplit.canary("clf", stable="1", candidate="2", share=0.1, sticky=True)
-        >>> split.choose(key="user-42", rng=random.Random()) == split.choose(key="user-42", rng=random.Random())
+        >>> side = split.choose(key="user-42", rng=random.Random())
+        >>> all(split.choose(key="user-42", rng=random.Random()) == side for _ in range(10))
         True
     """
 
