@@ -121,7 +121,9 @@ class BaseClient:
         self.routes = dict(routes or {})
         self.fallbacks = dict(fallbacks or {})
         self.shadows = dict(shadows or {})
-        self.shared_memory = SharedMemory(shared_memory) if isinstance(shared_memory, str) else shared_memory
+        self.shared_memory = (
+            SharedMemory(shared_memory) if isinstance(shared_memory, str) else shared_memory  # type: ignore[arg-type]
+        )
         self.headers = {k.lower(): v for k, v in (headers or {}).items()}
         self.tls = tls
         self.validate = validate

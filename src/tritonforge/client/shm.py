@@ -100,7 +100,7 @@ def cuda_available() -> bool:
     except Exception:
         return False
     try:  # pragma: no cover - depends on the machine
-        from cuda import cudart  # type: ignore[import-not-found]
+        from cuda import cudart
 
         err, count = cudart.cudaGetDeviceCount()
         return int(err) == 0 and count > 0
@@ -142,14 +142,13 @@ class ShmPool:
             self._count += 1
             name = f"{self.prefix}{self._count}"
             capacity = 1 << max(12, (size - 1).bit_length())  # powers of two, so regions get reused
-            region: SystemRegion | CudaRegion
-            region = (
+            new: SystemRegion | CudaRegion = (
                 CudaRegion(name, capacity, self.device)
                 if self.kind == "cuda"
                 else SystemRegion(name, capacity)
             )
-            self._all.append(region)
-            return region
+            self._all.append(new)
+            return new
 
     def release(self, region: SystemRegion | CudaRegion) -> None:
         with self._lock:
