@@ -66,9 +66,9 @@ def _progress(total_levels: int, what: str) -> Iterator[Any]:
 def _levels_table(result: Any) -> Table:
     table = Table(title=f"{result.model} ({result.label})" if result.label else result.model)
     for column in (
-        result.mode.replace("_", " "),
+        "conc" if result.mode == "concurrency" else "rate/s",
         "infer/s",
-        "Triton's /s",
+        "Triton/s",
         "p50 ms",
         "p90 ms",
         "p95 ms",
@@ -80,12 +80,13 @@ def _levels_table(result: Any) -> Table:
     for lv in result.levels:
         table.add_row(
             f"{lv.level:g}",
-            f"{lv.throughput_rps:,.1f}",
-            "" if lv.server_throughput_rps is None else f"{lv.server_throughput_rps:,.1f}",
+            f"{lv.throughput_rps:,.0f}",
+            "" if lv.server_throughput_rps is None else f"{lv.server_throughput_rps:,.0f}",
             *(f"{lv.latency_ms[p]:.2f}" for p in ("p50", "p90", "p95", "p99")),
             str(lv.errors),
             "yes" if lv.stable else "[yellow]no[/]",
         )
+    table.caption = "Triton/s: Triton's own request count over the same windows"
     return table
 
 
