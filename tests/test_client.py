@@ -4,6 +4,8 @@ errors, shared memory, metrics, hooks and headers."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from tritonforge import (
     ModelNotFoundError,
     RetryPolicy,
     SharedMemory,
+    TLSConfig,
     Unavailable,
 )
 from tritonforge.client import ClientEvent, map_grpc_errors
@@ -371,3 +374,49 @@ def test_client_sends_headers_on_every_call(client_repo: Path) -> None:
         ) as allowed:
             assert allowed.is_server_ready()
             assert allowed.infer("mlp", {"x": X})["probs"].shape == (4, 3)
+
+
+# -- TLS -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a test certificate")
+def test_client_talks_to_a_tls_server_given_its_root_certificate(client_repo: Path, tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    args = [
+        "--grpc-use-ssl=true",
+        f"--grpc-server-cert={cert}",
+        f"--grpc-server-key={key}",
+        f"--grpc-root-cert={cert}",
+    ]
+    with cf.servers(client_repo, 1, extra_args=args) as (secure,):
+        with Client(
+            secure.grpc_url, tls=TLSConfig(root_certificates=str(cert)), registry=CollectorRegistry()
+        ) as c:
+            assert c.infer("mlp", {"x": X})["probs"].shape == (4, 3)
+        with (
+            Client(secure.grpc_url, retry=RetryPolicy.none(), registry=CollectorRegistry()) as plain,
+            pytest.raises(Unavailable),
+        ):
+            plain.infer("mlp", {"x": X}, timeout_s=5.0)
