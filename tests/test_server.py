@@ -106,3 +106,39 @@ def test_load_model_raises_model_load_error_with_tritons_reason(tmp_path):
             server.load_model("mlp")
         assert info.value.model == "mlp"
         assert "model.onnx" in info.value.message
+
+
+PYTHON_MODEL_USING_THE_VENV = """
+import ssl  # a stdlib extension module: needs the stub to embed this interpreter's own libpython
+
+import numpy as np
+import psutil  # installed only in the venv, not in the system Python
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        answer = np.array([[len(ssl.OPENSSL_VERSION), psutil.cpu_count()]], dtype=np.int64)
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("OUT", answer)]) for _ in requests]
+"""
+
+
+def test_python_models_run_on_this_interpreter_with_its_packages_and_stdlib(tmp_path):
+    from tritonforge.config import DataType, ModelConfig, TensorSpec
+
+    source = tmp_path / "model.py"
+    source.write_text(PYTHON_MODEL_USING_THE_VENV)
+    config = ModelConfig(
+        name="venv_probe",
+        backend="python",
+        inputs=(TensorSpec(name="IN", dtype=DataType.FP32, dims=(1,)),),
+        outputs=(TensorSpec(name="OUT", dtype=DataType.INT64, dims=(1, 2)),),
+    )
+    add_model(tmp_path / "repo", "venv_probe", source, config)
+    with EmbeddedServer(tmp_path / "repo") as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            out = triton_infer(client, "venv_probe", {"IN": np.zeros(1, dtype=np.float32)})["OUT"]
+        finally:
+            client.close()
+    assert out[0, 0] > 0 and out[0, 1] == psutil.cpu_count()

@@ -281,6 +281,12 @@ class EmbeddedServer:
         # first on PATH (PYTHONPATH is not enough): put this interpreter's bin/ first.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         libs = [str(d) for d in self.install.library_dirs if d.is_dir()]
+        # The stub links libpython3.X.so.1.0; unless this interpreter's own comes first, the loader may
+        # pick another build of the same minor version (e.g. the distro's), whose ABI the stdlib's
+        # extension modules (_ssl, ...) of this interpreter don't match.
+        own_libpython = _shared_libpython_dir()
+        if own_libpython is not None:
+            libs.insert(0, str(own_libpython))
         if libs:
             env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(
                 os.pathsep
@@ -371,13 +377,27 @@ class EmbeddedServer:
             ) from exc
 
 
+def _shared_libpython_dir() -> Path | None:
+    """The folder of the running interpreter's shared libpython, if it was built with one."""
+    import sysconfig
+
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        return None
+    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    if not libdir or not soname or not (Path(libdir) / soname).exists():
+        return None
+    return Path(libdir)
+
+
 def _load_failures(log: str) -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
     for line in log.splitlines():
         for pattern in _LOAD_FAILURES:
             match = pattern.search(line)
             if match:
-                item = (match["model"], match["reason"].replace('\\"', '"').strip())
+                # Triton logs the reason JSON-escaped on one line (a Python traceback included)
+                reason = match["reason"].replace('\\"', '"').replace("\\n", "\n").strip()
+                item = (match["model"], reason)
                 if item not in found:
                     found.append(item)
                 break
