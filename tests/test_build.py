@@ -52,7 +52,9 @@ KINDS = ["logreg", "mlp", "random_forest"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_digits_classifier_through_triton_matches_sklearn_exactly(digits_repo, digits_server, digits_tool, kind):
+def test_digits_classifier_through_triton_matches_sklearn_exactly(
+    digits_repo, digits_server, digits_tool, kind
+):
     _, x_test, _, y_test = digits_tool.digits_split()
     estimator = digits_tool.estimators()[kind]
     x_train, _, y_train, _ = digits_tool.digits_split()
@@ -92,8 +94,9 @@ def test_rebuilding_an_unchanged_model_is_skipped(digits_repo, digits_tool):
     assert [(s.status, s.version) for s in steps] == [("SKIPPED", 1)] * 3
 
 
-def test_an_interrupted_build_leaves_the_previous_repository_servable(tmp_path, digits_repo, digits_tool,
-                                                                      monkeypatch):
+def test_an_interrupted_build_leaves_the_previous_repository_servable(
+    tmp_path, digits_repo, digits_tool, monkeypatch
+):
     import shutil
 
     repo = tmp_path / "repo"
@@ -125,7 +128,11 @@ def test_build_cli_runs_the_tools_and_lists_the_models(tmp_path):
     repo = tmp_path / "model_repository"
     done = subprocess.run(
         [sys.executable, "-m", "tritonforge", "build", "--repo", str(repo), "--only", "digits"],
-        cwd=TOOLS.parent, capture_output=True, text=True, timeout=600, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        cwd=TOOLS.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "digits_random_forest" in done.stdout and "3 models, 3 versions" in done.stdout

@@ -26,7 +26,10 @@ def minilm_tool():
 def minilm_repo(tmp_path_factory, minilm_tool):
     repo = tmp_path_factory.mktemp("minilm") / "model_repository"
     steps = minilm_tool.build(repo)
-    assert [(s.variant, s.status, s.version) for s in steps] == [("fp32", "OK", 1), ("int8-dynamic", "OK", 2)], steps
+    assert [(s.variant, s.status, s.version) for s in steps] == [
+        ("fp32", "OK", 1),
+        ("int8-dynamic", "OK", 2),
+    ], steps
     return repo
 
 
@@ -52,13 +55,16 @@ def test_int8_encoder_meets_cosine_and_size_targets(minilm_repo):
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_encoder_versions_answer_through_triton_like_their_artifact(minilm_repo, minilm_server, minilm_tool, version):
+def test_encoder_versions_answer_through_triton_like_their_artifact(
+    minilm_repo, minilm_server, minilm_tool, version
+):
     import onnxruntime as ort
 
     texts = minilm_tool.minilm.sentences(48, seed=7)
     batch = minilm_tool.minilm.encode(texts)
-    session = ort.InferenceSession(str(minilm_repo / "minilm_encoder" / str(version) / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(minilm_repo / "minilm_encoder" / str(version) / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     local = session.run(None, batch)[0]
     client = grpcclient.InferenceServerClient(minilm_server.grpc_url)
     try:
@@ -67,7 +73,9 @@ def test_encoder_versions_answer_through_triton_like_their_artifact(minilm_repo,
             item = grpcclient.InferInput(name, list(array.shape), "INT64")
             item.set_data_from_numpy(array)
             inputs.append(item)
-        served = client.infer("minilm_encoder", inputs, model_version=str(version)).as_numpy("last_hidden_state")
+        served = client.infer("minilm_encoder", inputs, model_version=str(version)).as_numpy(
+            "last_hidden_state"
+        )
     finally:
         client.close()
     assert served.shape == (48, batch["input_ids"].shape[1], 384)

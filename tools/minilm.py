@@ -37,7 +37,6 @@ def load_encoder() -> Any:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModel
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -49,8 +48,9 @@ def load_encoder() -> Any:
             self.bert = bert
 
         def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                             token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+            return self.bert(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids)
+            ).last_hidden_state
 
     return Encoder().eval()
 
@@ -66,7 +66,9 @@ def tokenizer(max_length: int = MAX_LENGTH, pad_to: int | None = None) -> Any:
     return tok
 
 
-def encode(texts: list[str], *, max_length: int = MAX_LENGTH, pad_to: int | None = None) -> dict[str, np.ndarray]:
+def encode(
+    texts: list[str], *, max_length: int = MAX_LENGTH, pad_to: int | None = None
+) -> dict[str, np.ndarray]:
     """Token ids and attention mask (INT64 ``[N, T]``) for ``texts``."""
     encodings = tokenizer(max_length, pad_to).encode_batch(texts)
     return {
@@ -79,21 +81,76 @@ def batches(texts: list[str], size: int = 16, **kwargs: Any) -> list[dict[str, n
     return [encode(texts[i : i + size], **kwargs) for i in range(0, len(texts), size)]
 
 
-_SUBJECTS = ["the model server", "a small team", "my grandmother", "the new library", "this recipe",
-             "the river", "an old violin", "the night train", "our football club", "the city council",
-             "a curious cat", "the stock market", "the weather service", "a quiet student", "the hospital"]
-_VERBS = ["answers", "ignores", "celebrates", "measures", "repairs", "describes", "questions", "follows",
-          "delays", "predicts", "remembers", "protects"]
-_OBJECTS = ["every request within a few milliseconds", "the rising cost of electricity", "a forgotten song",
-            "the results of last year's election", "three broken bicycles", "the migration of birds",
-            "a bug in the tokenizer", "the price of coffee beans", "an unexpected snowstorm",
-            "the history of the Roman empire", "late trains on Monday mornings", "a quantum computer"]
-_TAILS = ["", " yesterday", " with great care", " because nobody else would", ", according to the report",
-          " before the deadline", " in a language nobody speaks", " and then went home", "?", "!",
-          " while the audience watched in silence and the lights slowly dimmed over the stage"]
-_STANDALONE = ["Hi.", "Why?", "Batch inference on CPUs is cheaper than you think.", "I love pizza",
-               "GPU kernels fuse attention and layer normalisation.", "The quick brown fox jumps over the lazy dog.",
-               "Où est la gare ?", "Der Hund schläft.", "1 2 3 4 5 6 7 8 9 10", "e = mc^2"]
+_SUBJECTS = [
+    "the model server",
+    "a small team",
+    "my grandmother",
+    "the new library",
+    "this recipe",
+    "the river",
+    "an old violin",
+    "the night train",
+    "our football club",
+    "the city council",
+    "a curious cat",
+    "the stock market",
+    "the weather service",
+    "a quiet student",
+    "the hospital",
+]
+_VERBS = [
+    "answers",
+    "ignores",
+    "celebrates",
+    "measures",
+    "repairs",
+    "describes",
+    "questions",
+    "follows",
+    "delays",
+    "predicts",
+    "remembers",
+    "protects",
+]
+_OBJECTS = [
+    "every request within a few milliseconds",
+    "the rising cost of electricity",
+    "a forgotten song",
+    "the results of last year's election",
+    "three broken bicycles",
+    "the migration of birds",
+    "a bug in the tokenizer",
+    "the price of coffee beans",
+    "an unexpected snowstorm",
+    "the history of the Roman empire",
+    "late trains on Monday mornings",
+    "a quantum computer",
+]
+_TAILS = [
+    "",
+    " yesterday",
+    " with great care",
+    " because nobody else would",
+    ", according to the report",
+    " before the deadline",
+    " in a language nobody speaks",
+    " and then went home",
+    "?",
+    "!",
+    " while the audience watched in silence and the lights slowly dimmed over the stage",
+]
+_STANDALONE = [
+    "Hi.",
+    "Why?",
+    "Batch inference on CPUs is cheaper than you think.",
+    "I love pizza",
+    "GPU kernels fuse attention and layer normalisation.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Où est la gare ?",
+    "Der Hund schläft.",
+    "1 2 3 4 5 6 7 8 9 10",
+    "e = mc^2",
+]
 
 
 def sentences(n: int = 256, seed: int = 0) -> list[str]:

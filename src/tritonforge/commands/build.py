@@ -8,7 +8,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import typer
@@ -65,13 +65,27 @@ def _batches(arrays: Mapping[str, np.ndarray], size: int) -> list[dict[str, np.n
 
 def _figures_table(title: str, reports: Mapping[str, Any]) -> Table:
     table = Table(title=title)
-    for column in ("output", "samples", "max abs", "max rel", "cosine mean", "cosine min", "accuracy",
-                   "ref accuracy", "passed"):
+    for column in (
+        "output",
+        "samples",
+        "max abs",
+        "max rel",
+        "cosine mean",
+        "cosine min",
+        "accuracy",
+        "ref accuracy",
+        "passed",
+    ):
         table.add_column(column, justify="right" if column not in ("output", "passed") else "left")
     for name, r in reports.items():
         table.add_row(
-            name, str(r.samples), f"{r.max_abs:.3g}", f"{r.max_rel:.3g}", f"{r.cosine_mean:.5f}",
-            f"{r.cosine_min:.5f}", "" if r.accuracy is None else f"{r.accuracy:.4f}",
+            name,
+            str(r.samples),
+            f"{r.max_abs:.3g}",
+            f"{r.max_rel:.3g}",
+            f"{r.cosine_mean:.5f}",
+            f"{r.cosine_min:.5f}",
+            "" if r.accuracy is None else f"{r.accuracy:.4f}",
             "" if r.accuracy_reference is None else f"{r.accuracy_reference:.4f}",
             "[green]yes[/]" if r.passed else "[red]no: " + "; ".join(r.failures) + "[/]",
         )
@@ -87,28 +101,37 @@ def _parse_axes(specs: Sequence[str], names: Sequence[str]) -> dict[str, dict[in
             name, axis, label = spec.split(":")
             axes.setdefault(name, {})[int(axis)] = label
         except ValueError as exc:
-            raise ExportError(f"--dynamic-axis {spec!r}: use NAME:AXIS:LABEL, e.g. input_ids:1:sequence") from exc
+            raise ExportError(
+                f"--dynamic-axis {spec!r}: use NAME:AXIS:LABEL, e.g. input_ids:1:sequence"
+            ) from exc
     return axes
 
 
 def export(
-    source: str = typer.Argument(..., help="A pickled model (.pkl/.joblib/.pt) or 'package.module:attribute'."),
+    source: str = typer.Argument(
+        ..., help="A pickled model (.pkl/.joblib/.pt) or 'package.module:attribute'."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="The artifact to write (.onnx or .pt)."),
-    sample: Path = typer.Option(..., help="Sample inputs (.npy, or .npz of named arrays) to check the export on."),
+    sample: Path = typer.Option(
+        ..., help="Sample inputs (.npy, or .npz of named arrays) to check the export on."
+    ),
     fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript (torch models only)."),
     input_name: list[str] = typer.Option([], help="Input names (torch; default: input)."),
     output_name: list[str] = typer.Option([], help="Output names (torch; default: output)."),
-    dynamic_axis: list[str] = typer.Option([], help="NAME:AXIS:LABEL, e.g. input_ids:1:sequence (axis 0 is batch)."),
-    opset: Optional[int] = typer.Option(None, help="ONNX opset (default 17)."),
+    dynamic_axis: list[str] = typer.Option(
+        [], help="NAME:AXIS:LABEL, e.g. input_ids:1:sequence (axis 0 is batch)."
+    ),
+    opset: int | None = typer.Option(None, help="ONNX opset (default 17)."),
     atol: float = typer.Option(1e-4, help="Largest abs difference from the source that passes."),
-    labels: Optional[Path] = typer.Option(None, help="True labels (.npy) for accuracy figures."),
-    repo: Optional[Path] = typer.Option(None, help="Also register the artifact in this repository."),
-    name: Optional[str] = typer.Option(None, help="The model's name in --repo."),
-    max_batch_size: Optional[int] = typer.Option(None, help="max_batch_size of the registered model."),
+    labels: Path | None = typer.Option(None, help="True labels (.npy) for accuracy figures."),
+    repo: Path | None = typer.Option(None, help="Also register the artifact in this repository."),
+    name: str | None = typer.Option(None, help="The model's name in --repo."),
+    max_batch_size: int | None = typer.Option(None, help="max_batch_size of the registered model."),
     force: bool = typer.Option(False, help="Register it even if the check failed."),
 ) -> None:
-    """Export a PyTorch module or scikit-learn estimator, check it against the source, optionally register it."""
+    """Export a torch module or scikit-learn estimator, check it against its source, register it (--repo)."""
     from tritonforge.export import export_onnx, export_sklearn, export_torchscript
+    from tritonforge.export.sklearn import DEFAULT_SKLEARN_OPSET
     from tritonforge.quantize import Tolerance
 
     try:
@@ -117,7 +140,9 @@ def export(
         inputs = list(input_name) or ["input"]
         arrays = _load_arrays(sample, inputs)
         y = np.load(labels) if labels else None
-        with console.status(f"exporting {type(model).__name__} to {fmt} and checking it against the source ..."):
+        with console.status(
+            f"exporting {type(model).__name__} to {fmt} and checking it against the source ..."
+        ):
             if hasattr(model, "forward"):
                 import torch
 
@@ -126,15 +151,29 @@ def export(
                     artifact = export_torchscript(model, example, out, tolerance=Tolerance(max_abs=atol))
                 else:
                     outputs = list(output_name) or ["output"]
-                    artifact = export_onnx(model, example, out, input_names=inputs if len(arrays) > 1 else
-                                           list(arrays), output_names=outputs,
-                                           dynamic_axes=_parse_axes(dynamic_axis, [*inputs, *outputs]),
-                                           opset=opset, tolerance=Tolerance(max_abs=atol))
+                    artifact = export_onnx(
+                        model,
+                        example,
+                        out,
+                        input_names=inputs if len(arrays) > 1 else list(arrays),
+                        output_names=outputs,
+                        dynamic_axes=_parse_axes(dynamic_axis, [*inputs, *outputs]),
+                        opset=opset,
+                        tolerance=Tolerance(max_abs=atol),
+                    )
             elif hasattr(model, "predict"):
-                artifact = export_sklearn(model, next(iter(arrays.values())), out, labels=y,
-                                          tolerance=Tolerance(max_abs=atol), **({"opset": opset} if opset else {}))
+                artifact = export_sklearn(
+                    model,
+                    next(iter(arrays.values())),
+                    out,
+                    labels=y,
+                    tolerance=Tolerance(max_abs=atol),
+                    opset=opset or DEFAULT_SKLEARN_OPSET,
+                )
             else:
-                raise ExportError(f"{type(model).__name__} is neither a torch module nor a scikit-learn estimator")
+                raise ExportError(
+                    f"{type(model).__name__} is neither a torch module nor a scikit-learn estimator"
+                )
         console.print(_figures_table(f"{out}: vs the source", artifact.reports))
         _maybe_register(artifact, repo, name, source, force, max_batch_size)
     except TritonForgeError as exc:
@@ -143,8 +182,9 @@ def export(
         raise typer.Exit(code=1)
 
 
-def _maybe_register(artifact: Any, repo: Path | None, name: str | None, source: str, force: bool,
-                    max_batch_size: int | None) -> None:
+def _maybe_register(
+    artifact: Any, repo: Path | None, name: str | None, source: str, force: bool, max_batch_size: int | None
+) -> None:
     from tritonforge.registry import register
 
     if repo is None:
@@ -152,7 +192,7 @@ def _maybe_register(artifact: Any, repo: Path | None, name: str | None, source: 
     if not name:
         raise RepositoryError("--repo needs --name (the model's name in the repository)")
     src: Any = source if Path(source).exists() else {"path": source, "sha256": None}
-    options = {"max_batch_size": max_batch_size} if max_batch_size is not None else {}
+    options: dict[str, Any] = {"max_batch_size": max_batch_size} if max_batch_size is not None else {}
     path = register(repo, name, artifact, source=src, force=force, **options)
     console.print(f"registered [bold]{name}[/] version {path.name} at {path}")
 
@@ -162,34 +202,44 @@ def quantize(
     out: Path = typer.Option(..., "--out", "-o", help="The quantized model to write."),
     mode: str = typer.Option("int8-dynamic", help="int8-dynamic, int8-static or fp16."),
     holdout: Path = typer.Option(..., help="Held-out inputs (.npz of named arrays, or .npy) to verify on."),
-    calibration: Optional[Path] = typer.Option(None, help="Calibration inputs (.npz/.npy) for int8-static."),
-    labels: Optional[Path] = typer.Option(None, help="True labels of the held-out rows (.npy) for accuracy."),
+    calibration: Path | None = typer.Option(None, help="Calibration inputs (.npz/.npy) for int8-static."),
+    labels: Path | None = typer.Option(None, help="True labels of the held-out rows (.npy) for accuracy."),
     batch_size: int = typer.Option(32, help="Rows per batch when feeding samples."),
     per_channel: bool = typer.Option(True, help="Per-channel weight scales (INT8)."),
     keep_io_types: bool = typer.Option(True, help="FP16: keep inputs and outputs FP32."),
-    mask_input: Optional[str] = typer.Option(None, help="An attention-mask input: padded tokens are not compared."),
+    mask_input: str | None = typer.Option(
+        None, help="An attention-mask input: padded tokens are not compared."
+    ),
     min_cosine_mean: float = typer.Option(0.99, help="Tolerance: least mean cosine similarity to FP32."),
     min_cosine_min: float = typer.Option(0.95, help="Tolerance: least minimum cosine similarity."),
     max_accuracy_drop: float = typer.Option(0.01, help="Tolerance: largest accuracy loss (with --labels)."),
-    repo: Optional[Path] = typer.Option(None, help="Also register the result in this repository."),
-    name: Optional[str] = typer.Option(None, help="The model's name in --repo."),
-    max_batch_size: Optional[int] = typer.Option(None, help="max_batch_size of the registered model."),
+    repo: Path | None = typer.Option(None, help="Also register the result in this repository."),
+    name: str | None = typer.Option(None, help="The model's name in --repo."),
+    max_batch_size: int | None = typer.Option(None, help="max_batch_size of the registered model."),
     force: bool = typer.Option(False, help="Register it even if it failed its tolerance."),
 ) -> None:
     """Quantize an ONNX model (INT8 dynamic/static, FP16) and verify it against the FP32 source."""
     from tritonforge.quantize import Tolerance, quantize_dynamic, quantize_static, to_fp16
 
-    tolerance = Tolerance(min_cosine_mean=min_cosine_mean, min_cosine_min=min_cosine_min,
-                          max_accuracy_drop=max_accuracy_drop)
+    tolerance = Tolerance(
+        min_cosine_mean=min_cosine_mean, min_cosine_min=min_cosine_min, max_accuracy_drop=max_accuracy_drop
+    )
     try:
         if not source.is_file():
             raise QuantizationError(f"model file {source} does not exist")
         import onnxruntime as ort
 
-        names = [i.name for i in ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).get_inputs()]
+        names = [
+            i.name for i in ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).get_inputs()
+        ]
         held = _batches(_load_arrays(holdout, names), batch_size)
         y = np.load(labels) if labels else None
-        common: dict[str, Any] = {"holdout": held, "tolerance": tolerance, "labels": y, "mask_input": mask_input}
+        common: dict[str, Any] = {
+            "holdout": held,
+            "tolerance": tolerance,
+            "labels": y,
+            "mask_input": mask_input,
+        }
         with console.status(f"{mode}: quantizing {source.name} and verifying on {len(held)} batches ..."):
             if mode == "int8-dynamic":
                 artifact = quantize_dynamic(source, out, per_channel=per_channel, **common)
@@ -209,7 +259,9 @@ def quantize(
     except TritonForgeError as exc:
         raise _fail(exc) from None
     if not artifact.passed:
-        err_console.print("[bold red]failed its tolerance:[/] " + "; ".join(artifact.failures()), highlight=False)
+        err_console.print(
+            "[bold red]failed its tolerance:[/] " + "; ".join(artifact.failures()), highlight=False
+        )
         if not force:
             raise typer.Exit(code=1)
 
@@ -246,9 +298,15 @@ def models(repo: Path = typer.Argument(..., help="The model repository.")) -> No
         table.add_column(column, no_wrap=column != "figures")
     for r in rows:
         size = (r.manifest.get("artifact") or {}).get("bytes")
-        table.add_row(r.model, str(r.version), "[green]yes[/]" if r.served else "no", r.variant,
-                      "" if size is None else f"{size / 1e6:.1f}", _figures(r.manifest),
-                      str(r.manifest.get("created_at", ""))[:16].replace("T", " "))
+        table.add_row(
+            r.model,
+            str(r.version),
+            "[green]yes[/]" if r.served else "no",
+            r.variant,
+            "" if size is None else f"{size / 1e6:.1f}",
+            _figures(r.manifest),
+            str(r.manifest.get("created_at", ""))[:16].replace("T", " "),
+        )
     console.print(table)
 
 
@@ -256,7 +314,7 @@ def promote(
     repo: Path = typer.Argument(..., help="The model repository."),
     name: str = typer.Argument(..., help="The model."),
     version: int = typer.Argument(..., help="The version to serve."),
-    reason: Optional[str] = typer.Option(None, help="Why (kept in the audit log)."),
+    reason: str | None = typer.Option(None, help="Why (kept in the audit log)."),
 ) -> None:
     """Serve VERSION of NAME (its config's version policy), and record it in the audit log."""
     from tritonforge.registry import promote as do_promote
@@ -271,8 +329,8 @@ def promote(
 def rollback(
     repo: Path = typer.Argument(..., help="The model repository."),
     name: str = typer.Argument(..., help="The model."),
-    to: Optional[int] = typer.Option(None, help="The version to serve (default: the one served before)."),
-    reason: Optional[str] = typer.Option(None, help="Why (kept in the audit log)."),
+    to: int | None = typer.Option(None, help="The version to serve (default: the one served before)."),
+    reason: str | None = typer.Option(None, help="Why (kept in the audit log)."),
 ) -> None:
     """Serve the version NAME served before (or --to), and record it in the audit log."""
     from tritonforge.registry import rollback as do_rollback
@@ -301,14 +359,18 @@ def build(
         scripts = [s for s in scripts if s.stem.removeprefix("build_") in set(only)]
     run_ensembles = (not only or "ensembles" in only) and ensembles.is_dir()
     if not scripts and not run_ensembles:
-        raise _fail(RepositoryError(f"no build_*.py scripts in {tools.resolve()}: run this from the project root"))
+        raise _fail(
+            RepositoryError(f"no build_*.py scripts in {tools.resolve()}: run this from the project root")
+        )
     failed = []
     steps = [[sys.executable, str(s), "--repo", str(repo), *(["--force"] if force else [])] for s in scripts]
     names = [s.name for s in scripts]
     if run_ensembles:
-        steps.append([sys.executable, "-m", "tritonforge", "ensemble", "compile", str(ensembles), "--repo", str(repo)])
+        steps.append(
+            [sys.executable, "-m", "tritonforge", "ensemble", "compile", str(ensembles), "--repo", str(repo)]
+        )
         names.append(f"{ensembles}/ (ensemble compile)")
-    for name, command in zip(names, steps):
+    for name, command in zip(names, steps, strict=True):
         console.rule(name)
         with console.status(f"running {name} ..."):
             done = subprocess.run(command, check=False)
@@ -316,7 +378,9 @@ def build(
             failed.append(name)
     models(repo)
     if failed:
-        err_console.print(f"[bold red]failed:[/] {', '.join(failed)}; the repository keeps its previous versions")
+        err_console.print(
+            f"[bold red]failed:[/] {', '.join(failed)}; the repository keeps its previous versions"
+        )
         raise typer.Exit(code=1)
 
 

@@ -46,7 +46,8 @@ def export_sklearn(
     ``labels`` the accuracy of both is recorded.
 
     Example:
-        >>> art = export_sklearn(LogisticRegression().fit(x, y), x_test, "clf.onnx", labels=y_test)  # doctest: +SKIP
+        >>> clf = LogisticRegression().fit(x, y)  # doctest: +SKIP
+        >>> art = export_sklearn(clf, x_test, "clf.onnx", labels=y_test)  # doctest: +SKIP
         >>> art.reports["label"].label_agreement  # doctest: +SKIP
         1.0
 
@@ -78,7 +79,8 @@ def export_sklearn(
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(
-            f"can't convert {type(estimator).__name__} to ONNX: {type(exc).__name__}: {first}. skl2onnx has no "
+            f"can't convert {type(estimator).__name__} to ONNX: {type(exc).__name__}: {first}. "
+            "skl2onnx has no "
             "converter for that estimator/step: replace it, or register a custom converter with "
             "skl2onnx.update_registered_converter"
         ) from exc

@@ -74,12 +74,13 @@ def check_samples(path: str | os.PathLike[str], samples: Sequence[Feeds], what: 
             array = np.asarray(feeds[t.name])
             want = t.shape
             bad = array.ndim != len(want) or any(
-                isinstance(d, int) and d > 0 and d != a for d, a in zip(want, array.shape)
+                isinstance(d, int) and d > 0 and d != a for d, a in zip(want, array.shape, strict=True)
             )
             kind_ok = ("float" in t.type) == np.issubdtype(array.dtype, np.floating)
             if bad or not kind_ok:
                 raise QuantizationError(
-                    f"{what} sample {i}: input '{t.name}' has shape {list(array.shape)} and dtype {array.dtype}, "
+                    f"{what} sample {i}: input '{t.name}' has shape {list(array.shape)} "
+                    f"and dtype {array.dtype}, "
                     f"but the model takes {_shape_text(want)} of {t.type}"
                 )
 
@@ -114,7 +115,7 @@ def verify_onnx(
             names, {k: np.asarray(v, np.float16) if k in half else v for k, v in feeds.items()}
         )
         mask = np.asarray(feeds[mask_input]).astype(bool) if mask_input else None
-        for name, r, g in zip(names, ref_out, got_out):
+        for name, r, g in zip(names, ref_out, got_out, strict=True):
             r = np.asarray(r, dtype=np.float32)
             g = np.asarray(g, dtype=np.float32)
             if mask is not None and r.ndim == 3 and r.shape[:2] == mask.shape:
@@ -138,14 +139,24 @@ def _versions() -> dict[str, str]:
 
 
 def _finish(
-    source: Path, target: Path, settings: dict[str, Any], holdout: Sequence[Feeds] | None,
-    tolerance: Tolerance | None, labels: np.ndarray | None, mask_input: str | None,
+    source: Path,
+    target: Path,
+    settings: dict[str, Any],
+    holdout: Sequence[Feeds] | None,
+    tolerance: Tolerance | None,
+    labels: np.ndarray | None,
+    mask_input: str | None,
 ) -> Artifact:
     if not holdout:
         raise QuantizationError("no held-out samples given: a quantized model is only accepted with figures")
     reports = verify_onnx(source, target, holdout, tolerance=tolerance, labels=labels, mask_input=mask_input)
-    settings = {**settings, "source_model": str(source.resolve()), "libraries": _versions(),
-                "file_bytes": target.stat().st_size, "source_file_bytes": source.stat().st_size}
+    settings = {
+        **settings,
+        "source_model": str(source.resolve()),
+        "libraries": _versions(),
+        "file_bytes": target.stat().st_size,
+        "source_file_bytes": source.stat().st_size,
+    }
     return Artifact(target, "quantization", settings, reports)
 
 
@@ -177,14 +188,25 @@ def quantize_dynamic(
     dst.parent.mkdir(parents=True, exist_ok=True)
     check_samples(src, holdout, what="held-out")
     try:
-        ort_quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=list(op_types), nodes_to_exclude=list(nodes_to_exclude),
-                             # fused contrib ops (Attention, SkipLayerNormalization) defeat shape inference
-                             extra_options={"DefaultTensorType": 1})
+        ort_quantize_dynamic(
+            str(src),
+            str(dst),
+            per_channel=per_channel,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(op_types),
+            nodes_to_exclude=list(nodes_to_exclude),
+            # fused contrib ops (Attention, SkipLayerNormalization) defeat shape inference
+            extra_options={"DefaultTensorType": 1},
+        )
     except Exception as exc:
         raise QuantizationError(f"dynamic INT8 quantization of {src} failed: {exc}") from exc
-    settings = {"mode": "int8-dynamic", "weight_type": "QInt8", "per_channel": per_channel,
-                "op_types": list(op_types), "fp32_nodes": list(nodes_to_exclude)}
+    settings = {
+        "mode": "int8-dynamic",
+        "weight_type": "QInt8",
+        "per_channel": per_channel,
+        "op_types": list(op_types),
+        "fp32_nodes": list(nodes_to_exclude),
+    }
     return _finish(src, dst, settings, holdout, tolerance, labels, mask_input)
 
 
@@ -227,8 +249,11 @@ def quantize_static(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     if method not in methods:
         raise QuantizationError(f"unknown calibration method {method!r}; use one of {sorted(methods)}")
     src, dst = Path(source), Path(target)
@@ -240,17 +265,27 @@ def quantize_static(
         try:
             os.chdir(scratch)  # the calibrator writes augmented models into the working folder
             ort_quantize_static(
-                str(src.resolve()), str(dst.resolve()), _Reader(calibration), quant_format=QuantFormat.QDQ,
-                per_channel=per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                str(src.resolve()),
+                str(dst.resolve()),
+                _Reader(calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
                 calibrate_method=methods[method],
             )
         except Exception as exc:
             raise QuantizationError(f"static INT8 quantization of {src} failed: {exc}") from exc
         finally:
             os.chdir(cwd)
-    settings = {"mode": "int8-static", "format": "QDQ", "per_channel": per_channel, "calibration": method,
-                "calibration_batches": len(calibration),
-                "calibration_rows": int(sum(len(next(iter(s.values()))) for s in calibration))}
+    settings = {
+        "mode": "int8-static",
+        "format": "QDQ",
+        "per_channel": per_channel,
+        "calibration": method,
+        "calibration_batches": len(calibration),
+        "calibration_rows": int(sum(len(next(iter(s.values()))) for s in calibration)),
+    }
     return _finish(src, dst, settings, holdout, tolerance, labels, mask_input)
 
 
@@ -283,5 +318,9 @@ def to_fp16(
         onnx.save(model, str(dst))
     except Exception as exc:
         raise QuantizationError(f"FP16 conversion of {src} failed: {exc}") from exc
-    settings = {"mode": "fp16", "keep_io_types": keep_io_types, "converter": "onnxruntime.transformers.float16"}
+    settings = {
+        "mode": "fp16",
+        "keep_io_types": keep_io_types,
+        "converter": "onnxruntime.transformers.float16",
+    }
     return _finish(src, dst, settings, holdout, tolerance, labels, mask_input)

@@ -151,8 +151,12 @@ def compare(
     got = np.asarray(candidate)
     if ref.shape != got.shape:
         return Report(
-            samples=int(ref.shape[0]) if ref.ndim else 1, max_abs=float("inf"), max_rel=float("inf"),
-            cosine_mean=0.0, cosine_min=0.0, tolerance=tol,
+            samples=int(ref.shape[0]) if ref.ndim else 1,
+            max_abs=float("inf"),
+            max_rel=float("inf"),
+            cosine_mean=0.0,
+            cosine_min=0.0,
+            tolerance=tol,
             failures=(f"shape {got.shape} differs from the reference's {ref.shape}",),
         )
     r64 = ref.astype(np.float64)
@@ -176,7 +180,10 @@ def compare(
         if predictions is not None:
             pred_ref, pred_got = (np.asarray(p).reshape(-1) for p in predictions)
         else:
-            pred_ref, pred_got = ref.reshape(ref.shape[0], -1).argmax(1), got.reshape(got.shape[0], -1).argmax(1)
+            pred_ref, pred_got = (
+                ref.reshape(ref.shape[0], -1).argmax(1),
+                got.reshape(got.shape[0], -1).argmax(1),
+            )
         agreement = float(np.mean(pred_ref == pred_got))
         if labels is not None:
             y = np.asarray(labels).reshape(-1)
@@ -184,14 +191,27 @@ def compare(
     failures = _failures(tol, max_abs, max_rel, cos_mean, cos_min, acc_ref, acc, agreement)
     return Report(
         samples=int(ref.shape[0]) if ref.ndim else 1,
-        max_abs=max_abs, max_rel=max_rel, cosine_mean=cos_mean, cosine_min=cos_min, tolerance=tol,
-        accuracy_reference=acc_ref, accuracy=acc, label_agreement=agreement, failures=tuple(failures),
+        max_abs=max_abs,
+        max_rel=max_rel,
+        cosine_mean=cos_mean,
+        cosine_min=cos_min,
+        tolerance=tol,
+        accuracy_reference=acc_ref,
+        accuracy=acc,
+        label_agreement=agreement,
+        failures=tuple(failures),
     )
 
 
 def _failures(
-    tol: Tolerance, max_abs: float, max_rel: float, cos_mean: float, cos_min: float,
-    acc_ref: float | None, acc: float | None, agreement: float | None,
+    tol: Tolerance,
+    max_abs: float,
+    max_rel: float,
+    cos_mean: float,
+    cos_min: float,
+    acc_ref: float | None,
+    acc: float | None,
+    agreement: float | None,
 ) -> list[str]:
     out: list[str] = []
     if tol.max_abs is not None and not max_abs <= tol.max_abs:
@@ -202,11 +222,21 @@ def _failures(
         out.append(f"mean cosine {cos_mean:.6f} < {tol.min_cosine_mean:g}")
     if tol.min_cosine_min is not None and not cos_min >= tol.min_cosine_min:
         out.append(f"min cosine {cos_min:.6f} < {tol.min_cosine_min:g}")
-    if tol.max_accuracy_drop is not None and acc is not None and acc_ref is not None \
-            and not acc_ref - acc <= tol.max_accuracy_drop:
-        out.append(f"accuracy {acc:.4f} is {acc_ref - acc:.4f} below the reference's {acc_ref:.4f} "
-                   f"(> {tol.max_accuracy_drop:g})")
-    if tol.min_label_agreement is not None and agreement is not None and not agreement >= tol.min_label_agreement:
+    if (
+        tol.max_accuracy_drop is not None
+        and acc is not None
+        and acc_ref is not None
+        and not acc_ref - acc <= tol.max_accuracy_drop
+    ):
+        out.append(
+            f"accuracy {acc:.4f} is {acc_ref - acc:.4f} below the reference's {acc_ref:.4f} "
+            f"(> {tol.max_accuracy_drop:g})"
+        )
+    if (
+        tol.min_label_agreement is not None
+        and agreement is not None
+        and not agreement >= tol.min_label_agreement
+    ):
         out.append(f"label agreement {agreement:.4f} < {tol.min_label_agreement:g}")
     return out
 

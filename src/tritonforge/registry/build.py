@@ -25,9 +25,15 @@ def build_key(variant: str, source_sha256: str, settings: Mapping[str, Any]) -> 
     from tritonforge import __version__
 
     blob = json.dumps(
-        {"variant": variant, "source": source_sha256, "settings": settings, "tritonforge": __version__,
-         "libraries": library_versions()},
-        sort_keys=True, default=str,
+        {
+            "variant": variant,
+            "source": source_sha256,
+            "settings": settings,
+            "tritonforge": __version__,
+            "libraries": library_versions(),
+        },
+        sort_keys=True,
+        default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 

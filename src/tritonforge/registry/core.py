@@ -39,8 +39,16 @@ __all__ = [
 ]
 
 AUDIT_LOG = "audit.jsonl"
-_LIBRARIES = ("numpy", "onnx", "onnxruntime", "torch", "scikit-learn", "skl2onnx", "transformers",
-              "tokenizers")
+_LIBRARIES = (
+    "numpy",
+    "onnx",
+    "onnxruntime",
+    "torch",
+    "scikit-learn",
+    "skl2onnx",
+    "transformers",
+    "tokenizers",
+)
 
 
 def library_versions(names: tuple[str, ...] = _LIBRARIES) -> dict[str, str]:
@@ -85,15 +93,19 @@ def register(
         cls = QuantizationError if artifact.stage == "quantization" else ExportError
         raise cls(
             f"{artifact.path.name} failed its verification, so it was not written into {repo}: "
-            f"{'; '.join(artifact.failures())}. Figures: {figures}. Pass force=True (--force) to write it anyway",
+            f"{'; '.join(artifact.failures())}. Figures: {figures}. "
+            "Pass force=True (--force) to write it anyway",
             model=name,
         )
     if not artifact.path.exists():
         raise RepositoryError(f"model file {artifact.path} does not exist", model=name)
     manifest: dict[str, Any] = dict(artifact.manifest())
     manifest["libraries"] = library_versions()
-    manifest["artifact"] = {"file": artifact.path.name, "sha256": file_sha256(artifact.path),
-                            "bytes": artifact.path.stat().st_size}
+    manifest["artifact"] = {
+        "file": artifact.path.name,
+        "sha256": file_sha256(artifact.path),
+        "bytes": artifact.path.stat().st_size,
+    }
     if source is not None:
         if isinstance(source, Mapping):
             manifest["source"] = dict(source)
@@ -107,8 +119,16 @@ def register(
     if extra:
         manifest.update(extra)
     config = _keep_served_policy(Path(repo) / name, artifact.path, config, add_model_options)
-    return add_model(repo, name, artifact.path, config, version, manifest=manifest,
-                     extra_files=artifact.extra_files, **add_model_options)
+    return add_model(
+        repo,
+        name,
+        artifact.path,
+        config,
+        version,
+        manifest=manifest,
+        extra_files=artifact.extra_files,
+        **add_model_options,
+    )
 
 
 _INFER_OPTIONS = ("max_batch_size", "dynamic_batching", "max_queue_delay_us", "instances", "kind")
@@ -118,7 +138,9 @@ def _keep_served_policy(
     model_dir: Path, artifact: Path, config: ModelConfig | None, options: Mapping[str, Any]
 ) -> ModelConfig | None:
     """A promoted model keeps serving its promoted version when a new version is added."""
-    if (config is not None and config.version_policy is not None) or not (model_dir / "config.pbtxt").is_file():
+    if (config is not None and config.version_policy is not None) or not (
+        model_dir / "config.pbtxt"
+    ).is_file():
         return config
     try:
         policy = load_config(model_dir).version_policy
@@ -127,7 +149,9 @@ def _keep_served_policy(
     if policy is None:
         return config
     if config is None:
-        config = infer_config(model_dir.name, artifact, **{k: v for k, v in options.items() if k in _INFER_OPTIONS})
+        config = infer_config(
+            model_dir.name, artifact, **{k: v for k, v in options.items() if k in _INFER_OPTIONS}
+        )
     return config.replace(version_policy=policy)
 
 
@@ -155,7 +179,7 @@ def served_versions(config: ModelConfig, available: list[int]) -> list[int]:
         return list(available)
     if policy.kind == "specific":
         return [v for v in available if v in set(policy.versions)]
-    return sorted(available)[-policy.num_versions:] if available else []
+    return sorted(available)[-policy.num_versions :] if available else []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +197,9 @@ class ModelVersion:
         if quant.get("mode"):
             return str(quant["mode"])
         export = self.manifest.get("export") or {}
-        return str(self.manifest.get("variant") or export.get("format") or self.manifest.get("platform") or "")
+        return str(
+            self.manifest.get("variant") or export.get("format") or self.manifest.get("platform") or ""
+        )
 
 
 def list_models(repo: str | os.PathLike[str]) -> list[ModelVersion]:
@@ -193,17 +219,25 @@ def list_models(repo: str | os.PathLike[str]) -> list[ModelVersion]:
         except TritonForgeError:
             served = set()
         for version in found:
-            rows.append(ModelVersion(model_dir.name, version, version in served,
-                                     read_manifest(root, model_dir.name, version)))
+            rows.append(
+                ModelVersion(
+                    model_dir.name, version, version in served, read_manifest(root, model_dir.name, version)
+                )
+            )
     return rows
 
 
 def _model_dir(repo: Path, name: str) -> Path:
     model_dir = repo / name
     if not name or name.startswith(".") or not model_dir.is_dir():
-        known = sorted(p.name for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-            if repo.is_dir() else []
-        raise RepositoryError(f"no model '{name}' in {repo}; it has: {', '.join(known) or 'no models'}", model=name)
+        known = (
+            sorted(p.name for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if repo.is_dir()
+            else []
+        )
+        raise RepositoryError(
+            f"no model '{name}' in {repo}; it has: {', '.join(known) or 'no models'}", model=name
+        )
     return model_dir
 
 
@@ -212,7 +246,8 @@ def _check_version(model_dir: Path, name: str, version: int) -> list[int]:
     if version not in found:
         raise RepositoryError(
             f"model '{name}' has no version {version}; it has {', '.join(map(str, found)) or 'none'}",
-            model=name, version=version,
+            model=name,
+            version=version,
         )
     return found
 
@@ -255,7 +290,9 @@ def _set_served(repo: Path, name: str, version: int, action: str, reason: str | 
     return event
 
 
-def promote(repo: str | os.PathLike[str], name: str, version: int, *, reason: str | None = None) -> dict[str, Any]:
+def promote(
+    repo: str | os.PathLike[str], name: str, version: int, *, reason: str | None = None
+) -> dict[str, Any]:
     """Serve exactly ``version`` of ``name`` (``version_policy { specific { versions: [v] } }``).
 
     The config is replaced atomically, so a polling server sees the old policy or the new one, and the
@@ -284,7 +321,9 @@ def rollback(
         found = versions(model_dir)
         now = served_versions(load_config(model_dir), found)
         history = [e for e in audit_log(root) if e.get("model") == name]
-        previous = [v for v in (history[-1].get("from", []) if history else []) if v in found and v not in now]
+        previous = [
+            v for v in (history[-1].get("from", []) if history else []) if v in found and v not in now
+        ]
         if previous:
             to = max(previous)
         else:
