@@ -97,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     parser.add_argument("--keep", type=Path, help="keep the built models here and reuse them next time")
+    parser.add_argument("--batch", type=int, action="append", help="only these batch sizes (repeatable)")
+    parser.add_argument("--seq", type=int, action="append", help="only these sequence lengths (repeatable)")
     args = parser.parse_args(argv)
+    global BATCHES, SEQUENCES
+    BATCHES = tuple(args.batch or BATCHES)
+    SEQUENCES = tuple(args.seq or SEQUENCES)
     from rich.console import Console
     from rich.table import Table
 
