@@ -224,3 +224,35 @@ def test_export_cli_fails_clearly_for_a_missing_model_file(tmp_path):
         ],
     )
     assert result.exit_code == 1 and "nope.pkl does not exist" in " ".join(result.output.split())
+
+
+def test_export_cli_exports_a_saved_torch_module_with_a_sequence_axis(tmp_path):
+    from typer.testing import CliRunner
+
+    from tritonforge.cli import app
+
+    torch.save(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh()), tmp_path / "m.pt")
+    np.savez(
+        tmp_path / "x.npz", tokens=np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "export",
+            str(tmp_path / "m.pt"),
+            "--out",
+            str(tmp_path / "m.onnx"),
+            "--sample",
+            str(tmp_path / "x.npz"),
+            "--output-name",
+            "y",
+            "--dynamic-axis",
+            "tokens:1:sequence",
+            "--dynamic-axis",
+            "y:1:sequence",
+        ],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"tokens": np.zeros((3, 11, 8), np.float32)})[0].shape == (3, 11, 4)

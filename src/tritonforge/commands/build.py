@@ -137,8 +137,11 @@ def export(
     try:
         with console.status(f"loading {source} ..."):
             model = _load_source(source)
-        inputs = list(input_name) or ["input"]
-        arrays = _load_arrays(sample, inputs)
+        arrays = _load_arrays(sample, list(input_name) or ["input"])
+        inputs = list(input_name) or list(arrays)  # an .npz's own order unless names are given
+        missing = [n for n in inputs if n not in arrays]
+        if missing:
+            raise ExportError(f"{sample} has no arrays named {missing}; it has {sorted(arrays)}")
         y = np.load(labels) if labels else None
         with console.status(
             f"exporting {type(model).__name__} to {fmt} and checking it against the source ..."
@@ -146,7 +149,7 @@ def export(
             if hasattr(model, "forward"):
                 import torch
 
-                example = tuple(torch.from_numpy(arrays[n]) for n in (inputs if len(arrays) > 1 else arrays))
+                example = tuple(torch.from_numpy(arrays[n]) for n in inputs)
                 if fmt == "torchscript":
                     artifact = export_torchscript(model, example, out, tolerance=Tolerance(max_abs=atol))
                 else:
@@ -155,7 +158,7 @@ def export(
                         model,
                         example,
                         out,
-                        input_names=inputs if len(arrays) > 1 else list(arrays),
+                        input_names=inputs,
                         output_names=outputs,
                         dynamic_axes=_parse_axes(dynamic_axis, [*inputs, *outputs]),
                         opset=opset,
