@@ -37,16 +37,21 @@ def served(repo: Path) -> Iterator[EmbeddedServer]:
         yield server
 
 
-def sweep(url: str, model: str, settings: SweepSettings, **kwargs: Any) -> SweepResult:
+def sweep(
+    url: str, model: str, settings: SweepSettings, client: str = "tritonforge", **kwargs: Any
+) -> SweepResult:
     async def run() -> SweepResult:
-        async with open_target(url, model) as target:
+        async with open_target(url, model, client=client) as target:  # type: ignore[arg-type]
             return await run_sweep(target.send, settings, model=model, stats=target.stats, **kwargs)
 
     return asyncio.run(run())
 
 
-def test_sweep_throughput_agrees_with_tritons_request_count_within_5_percent(served: EmbeddedServer) -> None:
-    result = sweep(served.grpc_url, "mlp", SweepSettings(concurrency=(1, 4), **FAST))
+@pytest.mark.parametrize("client", ["tritonforge", "tritonclient"])
+def test_sweep_throughput_agrees_with_tritons_request_count_within_5_percent(
+    served: EmbeddedServer, client: str
+) -> None:
+    result = sweep(served.grpc_url, "mlp", SweepSettings(concurrency=(1, 4), **FAST), client=client)
     assert result.complete and [lv.level for lv in result.levels] == [1, 4]
     for level in result.levels:
         assert level.errors == 0 and level.requests > 0
@@ -118,7 +123,7 @@ def test_failed_requests_are_counted_as_errors_with_a_sample_message(served: Emb
     import numpy as np
 
     async def run() -> SweepResult:
-        bad = {"x": np.zeros((1, 5), dtype=np.float32)}  # wrong width: Triton rejects every request
+        bad = {"x": np.zeros((1, 5), dtype=np.float32)}  # wrong width: every request is refused
         async with open_target(served.grpc_url, "mlp", inputs=bad) as target:
             return await run_sweep(
                 target.send, SweepSettings(concurrency=(2,), **FAST), model="mlp", stats=target.stats

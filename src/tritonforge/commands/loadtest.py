@@ -104,6 +104,9 @@ def bench_command(
     max_windows: int = typer.Option(10, help="Give up on stability after this many windows per level."),
     batch: int = typer.Option(1, help="Rows per request (for inputs generated from the config)."),
     data: Path | None = typer.Option(None, help="Real inputs: an .npz with one array per input name."),
+    client: str = typer.Option(
+        "tritonforge", help="What sends: 'tritonforge' (AsyncClient) or 'tritonclient' (raw)."
+    ),
 ) -> None:
     """Sweep MODEL over concurrency levels or request rates, like perf_analyzer; write CSV, JSON and HTML."""
     from tritonforge.loadtest.bench import bench, load_payloads, parse_levels
@@ -125,6 +128,11 @@ def bench_command(
     except ValueError as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(code=2) from None
+    if client not in ("tritonforge", "tritonclient"):
+        err_console.print(
+            f"[bold red]error:[/] --client must be 'tritonforge' or 'tritonclient', not {client!r}"
+        )
+        raise typer.Exit(code=2)
     inputs = load_payloads(data) if data is not None else None
     try:
         with _progress(len(settings.levels), f"bench {model}") as on_event:
@@ -137,6 +145,7 @@ def bench_command(
                 inputs=inputs,
                 batch=batch,
                 on_event=on_event,
+                client=client,  # type: ignore[arg-type]
             )
             on_event("done", {})
     except TritonForgeError as exc:
@@ -249,9 +258,7 @@ def tune_command(
     default = result.default.throughput_rps if result.default else None
     best = result.winner.throughput_rps or 0.0
     versus = f" ({best / default:.2f}x the default)" if default else " (the default met the budget nowhere)"
-    console.print(
-        f"[green]best:[/] {result.winner.label}: {best:,.1f} infer/s{versus}"
-    )
+    console.print(f"[green]best:[/] {result.winner.label}: {best:,.1f} infer/s{versus}")
     if result.written:
         console.print("wrote the winning config to " + ", ".join(result.written))
     console.print(f"wrote {output / 'tune.json'}, {output / 'tune.csv'}, {output / 'report.html'}")

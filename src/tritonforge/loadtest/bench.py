@@ -19,7 +19,7 @@ import numpy as np
 from tritonforge.errors import ModelNotFoundError, RepositoryError
 from tritonforge.loadtest.output import write_results
 from tritonforge.loadtest.sweep import Event, SweepResult, SweepSettings, run_sweep
-from tritonforge.loadtest.target import open_target
+from tritonforge.loadtest.target import Sender, open_target
 
 __all__ = ["DEFAULT_REPOSITORY", "bench", "embedded_server", "load_payloads"]
 
@@ -80,10 +80,12 @@ def bench(
     batch: int = 1,
     on_event: Event | None = None,
     report: bool = True,
+    client: Sender = "tritonforge",
 ) -> SweepResult:
     """Sweep ``model`` on the server at ``url`` (or the embedded server on ``repository``); write
     ``sweep.csv``, ``sweep.json`` and (``report``) ``report.html`` with PNGs into ``output``, after every
-    level, so a sweep cut short keeps what it measured.
+    level, so a sweep cut short keeps what it measured. ``client``: what sends the requests (see
+    :func:`~tritonforge.loadtest.target.open_target`).
 
     Raises:
         ModelNotFoundError: no such model (on the server, or in the repository).
@@ -100,7 +102,7 @@ def bench(
                 write_report([result], out_dir, title=f"tritonforge bench {model}")
 
     async def run(address: str) -> SweepResult:
-        async with open_target(address, model, inputs=inputs, batch=batch) as target:
+        async with open_target(address, model, inputs=inputs, batch=batch, client=client) as target:
             return await run_sweep(
                 target.send,
                 settings,

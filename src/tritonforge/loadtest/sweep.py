@@ -222,6 +222,9 @@ class _Load:
             error = f"{type(exc).__name__}: {exc}"[:300]
         end = time.perf_counter()
         self.records.append((end, end - start, error))
+        if error is not None:
+            # a send that fails before any I/O (a client-side check) never yields: let the loop breathe
+            await asyncio.sleep(0)
 
     async def _worker(self) -> None:
         while not self._stop.is_set():

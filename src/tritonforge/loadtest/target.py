@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import itertools
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -18,7 +18,9 @@ from tritonforge.errors import ModelNotFoundError, Unavailable
 from tritonforge.loadtest.stats import TritonStats, composing_models
 from tritonforge.loadtest.sweep import Send
 
-__all__ = ["Target", "inputs_from_config", "open_target"]
+__all__ = ["Sender", "Target", "inputs_from_config", "open_target"]
+
+Sender = Literal["tritonforge", "tritonclient"]
 
 
 @dataclasses.dataclass
@@ -92,11 +94,15 @@ async def open_target(
     batch: int = 1,
     version: str = "",
     timeout_s: float = 30.0,
+    client: Sender = "tritonforge",
 ) -> AsyncIterator[Target]:
     """An asyncio gRPC connection to ``model`` at ``url`` and a ``send()`` for one request.
 
     ``inputs``: one request's arrays, or several (real samples; requests cycle through them). Without
     them, inputs are generated from the model's config (``batch`` rows).
+    ``client``: what sends the requests — ``"tritonforge"`` (:class:`tritonforge.AsyncClient`, no
+    retries, so failures are seen) or ``"tritonclient"`` (raw ``tritonclient.grpc.aio``, the least
+    overhead per request). Statistics always come through raw tritonclient (Triton's protobuf counters).
 
     Raises:
         ModelNotFoundError: the model is not ready on the server (the message lists those that are).
@@ -104,10 +110,13 @@ async def open_target(
     """
     import tritonclient.grpc.aio as aioclient
 
-    client = aioclient.InferenceServerClient(url)
+    if client not in ("tritonforge", "tritonclient"):
+        raise ValueError(f"client must be 'tritonforge' or 'tritonclient', not {client!r}")
+    raw = aioclient.InferenceServerClient(url)
+    ours: Any = None
     try:
-        await check_model(client, url, model)
-        config = (await client.get_model_config(model)).config
+        await check_model(raw, url, model)
+        config = (await raw.get_model_config(model)).config
         if inputs is None:
             payloads = [inputs_from_config(config, batch=batch)]
         elif isinstance(inputs, Mapping):
@@ -117,12 +126,26 @@ async def open_target(
         if not payloads:
             raise ValueError("inputs: give at least one request's arrays")
         arrays = payloads[0]
-        requests = itertools.cycle([_infer_inputs(p) for p in payloads])
+        send: Send
+        if client == "tritonclient":
+            requests = itertools.cycle([_infer_inputs(p) for p in payloads])
 
-        async def send() -> None:
-            await client.infer(model, next(requests), model_version=version, client_timeout=timeout_s)
+            async def send() -> None:
+                await raw.infer(model, next(requests), model_version=version, client_timeout=timeout_s)
 
-        stats = TritonStats(client, await composing_models(client, model))
-        yield Target(url=url, model=model, inputs=arrays, send=send, stats=stats, client=client)
+        else:
+            from tritonforge.client import AsyncClient, RetryPolicy
+
+            ours = AsyncClient(url, retry=RetryPolicy.none(), metrics=False, shared_memory="off")
+            cycle = itertools.cycle(payloads)
+            pinned = version or None
+
+            async def send() -> None:
+                await ours.infer(model, next(cycle), version=pinned, timeout_s=timeout_s)
+
+        stats = TritonStats(raw, await composing_models(raw, model))
+        yield Target(url=url, model=model, inputs=arrays, send=send, stats=stats, client=raw)
     finally:
-        await client.close()
+        if ours is not None:
+            await ours.aclose()
+        await raw.close()
