@@ -286,3 +286,46 @@ def test_tune_on_the_digits_mlp_finds_within_5_percent_of_the_exhaustive_best_tr
                 f"search found {every.label(found)}; the best of all is {every.label(best)}; "
                 f"throughput ratios measured in pairs: {[round(r, 3) for r in ratios]}"
             )
+
+
+def test_tune_keeps_the_configs_tried_and_says_where_it_stopped_when_the_server_dies(
+    repo: Path, tmp_path: Path
+) -> None:
+    import json
+    import os
+    import signal
+
+    from tritonforge.loadtest.tune import write_tune_outputs
+
+    server = EmbeddedServer(repo, model_control="explicit", load_models=["mlp"])
+    server.start()
+    try:
+
+        def kill_before_the_second_config(kind: str, data: Any) -> None:
+            if kind == "config" and data["index"] == 2:
+                assert server.pid is not None
+                os.killpg(server.pid, signal.SIGKILL)
+
+        space = SearchSpace(
+            max_batch_size=(8, 16, 32), max_queue_delay_us=(500,), instances=(1,), preferred=("none",)
+        )
+        tuner = Tuner(
+            server,
+            repo,
+            "mlp",
+            p99_budget_ms=1000,
+            space=space,
+            settings=QUICK,
+            max_trials=3,
+            on_event=kill_before_the_second_config,
+        )
+        result = tuner.run()
+    finally:
+        server.stop()
+    assert result.stopped_at is not None and result.stopped_at.startswith("config 2 (mbs=")
+    assert result.tried == 2 and result.trials[0].sweep is not None and result.trials[0].sweep.levels
+    assert result.trials[0].throughput_rps is not None and result.trials[1].error is not None
+    write_tune_outputs(result, tmp_path)
+    saved = json.loads((tmp_path / "tune.json").read_text())["tune"]
+    assert saved["stopped_at"] == result.stopped_at and len(saved["trials"]) == 2
+    assert "Stopped early" in (tmp_path / "report.html").read_text()

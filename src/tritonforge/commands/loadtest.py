@@ -224,7 +224,7 @@ def tune_command(
             )
             result = tuner.run()
             on_event("done", {})
-        if write and result.winner is not None:
+        if write and result.winner is not None and result.stopped_at is None:
             write_winner(result, repository)
         write_tune_outputs(result, output)
     except TritonForgeError as exc:
@@ -249,6 +249,13 @@ def tune_command(
             note,
         )
     console.print(table)
+    if result.stopped_at:
+        err_console.print(
+            f"[bold red]stopped early:[/] {result.stopped_at} (the configs tried before are kept; "
+            "nothing written to the repository)"
+        )
+        console.print(f"wrote {output / 'tune.json'}, {output / 'report.html'}")
+        raise typer.Exit(code=1)
     if result.winner is None:
         closest = result.closest
         where = f"; closest: {closest.label} with p99 {closest.min_p99_ms:.2f} ms" if closest else ""

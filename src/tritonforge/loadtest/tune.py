@@ -29,6 +29,7 @@ import dataclasses
 import itertools
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,7 @@ class TuneResult:
     winner: Trial | None
     written: list[str] = dataclasses.field(default_factory=list)
     winner_configs: dict[str, ModelConfig] = dataclasses.field(default_factory=dict)
+    stopped_at: str | None = None
 
     @property
     def tried(self) -> int:
@@ -192,6 +194,7 @@ class TuneResult:
             "winner": None if self.winner is None else self.winner.summary(),
             "closest": None if self.winner is not None or self.closest is None else self.closest.summary(),
             "written": self.written,
+            "stopped_at": self.stopped_at,
             "trials": [t.summary() for t in self.trials],
         }
 
@@ -280,6 +283,10 @@ def tunable_models(repository: Path, model: str) -> tuple[list[str], dict[str, M
     return order, configs
 
 
+class _ServerStopped(Exception):
+    """The server died mid-tune: the search ends, the trials so far are kept."""
+
+
 class Tuner:
     """Tune ``model`` on ``server`` (an :class:`~tritonforge.server.EmbeddedServer` with explicit model
     control, the model loaded) whose repository is ``repository``.
@@ -335,6 +342,7 @@ class Tuner:
         self.loaded = {name: self.configs[name] for name in self.tuned}
         self.trials: list[Trial] = []
         self._by_point: dict[Point, Trial] = {}
+        self.stopped_at: str | None = None
 
     # -- points <-> configs ------------------------------------------------------------------------------
 
@@ -415,7 +423,21 @@ class Tuner:
         self._by_point[point] = trial
         if self.on_trial:
             self.on_trial(trial)
+        if self._server_died(trial):
+            why = trial.error or (trial.sweep.stopped_at if trial.sweep else None) or "no reason given"
+            self.stopped_at = f"config {index} ({label}): the server stopped ({why})"
+            raise _ServerStopped(self.stopped_at)
         return trial
+
+    def _server_died(self, trial: Trial) -> bool:
+        failed = trial.error is not None or (trial.sweep is not None and trial.sweep.stopped_at is not None)
+        # a killed server resets connections a moment before its process is gone: give it that moment
+        deadline = time.monotonic() + (3.0 if failed else 0.0)
+        while self.server.is_running:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def measure(self, point: Point, *, index: int = 0) -> Trial:
         """Load the configs at ``point`` and sweep them, every time (not recorded as a trial; the server
@@ -485,6 +507,8 @@ class Tuner:
                     groups=self.groups,
                 )
                 strategy = f"coordinate search (budget {self.max_trials} of {self.space_size})"
+        except _ServerStopped:
+            strategy = "stopped early: the server stopped"
         finally:
             self._restore()
         return self.result(strategy)
@@ -507,6 +531,7 @@ class Tuner:
             default=default,
             winner=winner,
             winner_configs=winner_configs,
+            stopped_at=self.stopped_at,
         )
 
     def _restore(self) -> None:
@@ -566,6 +591,11 @@ def write_tune_outputs(result: TuneResult, directory: str | os.PathLike[str]) ->
         + "</tr>"
         for t in result.trials
     )
+    if result.stopped_at:
+        verdict = (
+            f"<p class='warn'><b>Stopped early</b> at {_html.escape(result.stopped_at)}; the configs tried "
+            "before are kept below.</p>" + verdict
+        )
     summary = (
         f"{verdict}<p>Strategy: {_html.escape(result.strategy)}; tried {result.tried} of "
         f"{result.space_size} configs ({result.fraction_tried:.0%}). Tuned: "
