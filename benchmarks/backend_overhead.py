@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import summary  # benchmarks/ is on sys.path when a script runs
 from rich.console import Console
 from rich.table import Table
 
@@ -102,15 +103,6 @@ async def through_triton(
     finally:
         await client.close()
     return latencies
-
-
-def summary(latencies: list[float], duration_s: float) -> dict[str, float]:
-    ms = np.array(latencies) * 1e3
-    return {
-        "throughput": len(latencies) / duration_s,
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p99_ms": float(np.percentile(ms, 99)),
-    }
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import summary  # benchmarks/ is on sys.path when a script runs
 from rich.console import Console
 from rich.table import Table
 
@@ -91,15 +92,6 @@ async def measure(url: str, steps: list[Any], concurrency: int, duration_s: floa
             "ensemble (1 request)": await run(ensemble, concurrency, duration_s),
             "client chain (3 requests)": await run(chain, concurrency, duration_s),
         }
-
-
-def summary(latencies: list[float], duration_s: float) -> dict[str, float]:
-    ms = np.array(latencies) * 1e3
-    return {
-        "throughput": len(latencies) / duration_s,
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p99_ms": float(np.percentile(ms, 99)),
-    }
 
 
 def main() -> None:

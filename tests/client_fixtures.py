@@ -145,34 +145,7 @@ def build_client_repository(root: Path) -> Path:
         outputs=(_spec("y", DataType.FP32, (4,)),),
     )
     add_model(repo, "sleepy", sleepy_file, sleepy)
-    add_model(
-        repo,
-        "dtypes",
-        tiny_models.dtypes_onnx(work / "dtypes.onnx"),
-        ModelConfig(
-            name="dtypes",
-            platform="onnxruntime_onnx",
-            max_batch_size=8,
-            inputs=tuple(
-                _spec(n, t, (4,))
-                for n, t in [
-                    ("half", DataType.FP16),
-                    ("long", DataType.INT64),
-                    ("int", DataType.INT32),
-                    ("flag", DataType.BOOL),
-                ]
-            ),
-            outputs=tuple(
-                _spec(f"{n}_out", t, (4,))
-                for n, t in [
-                    ("half", DataType.FP16),
-                    ("long", DataType.INT64),
-                    ("int", DataType.INT32),
-                    ("flag", DataType.BOOL),
-                ]
-            ),
-        ),
-    )
+    add_model(repo, "dtypes", tiny_models.dtypes_onnx(work / "dtypes.onnx"), tiny_models.dtypes_config())
     return repo
 
 

@@ -35,30 +35,7 @@ def build_test_repository(root: Path) -> Path:
     add_model(
         repo, "mlp", tiny_models.mlp_onnx(work / "mlp.onnx"), max_batch_size=32, max_queue_delay_us=20_000
     )
-    dtypes = ModelConfig(
-        name="dtypes",
-        platform="onnxruntime_onnx",
-        max_batch_size=8,
-        inputs=tuple(
-            _spec(n, t, (4,))
-            for n, t in [
-                ("half", DataType.FP16),
-                ("long", DataType.INT64),
-                ("int", DataType.INT32),
-                ("flag", DataType.BOOL),
-            ]
-        ),
-        outputs=tuple(
-            _spec(f"{n}_out", t, (4,))
-            for n, t in [
-                ("half", DataType.FP16),
-                ("long", DataType.INT64),
-                ("int", DataType.INT32),
-                ("flag", DataType.BOOL),
-            ]
-        ),
-        dynamic_batching=DynamicBatching(),
-    )
+    dtypes = tiny_models.dtypes_config()
     add_model(repo, "dtypes", tiny_models.dtypes_onnx(work / "dtypes.onnx"), dtypes)
     fixed = ModelConfig(
         name="fixed",

@@ -71,6 +71,23 @@ def dtypes_onnx(path: Path) -> Path:
     return _save(graph, path)
 
 
+DTYPES_TENSORS = (("half", "FP16"), ("long", "INT64"), ("int", "INT32"), ("flag", "BOOL"))
+
+
+def dtypes_config(name: str = "dtypes"):  # -> tritonforge.config.ModelConfig
+    """The config serving :func:`dtypes_onnx`: four dtypes in, the same four out, batched."""
+    from tritonforge.config import DynamicBatching, ModelConfig, TensorSpec
+
+    return ModelConfig(
+        name=name,
+        platform="onnxruntime_onnx",
+        max_batch_size=8,
+        inputs=tuple(TensorSpec(name=n, dtype=t, dims=(4,)) for n, t in DTYPES_TENSORS),
+        outputs=tuple(TensorSpec(name=f"{n}_out", dtype=t, dims=(4,)) for n, t in DTYPES_TENSORS),
+        dynamic_batching=DynamicBatching(),
+    )
+
+
 def fixed_onnx(path: Path) -> Path:
     """No batch dim: a[2, 3] float32 -> b[3, 2] = transpose(a) * 10 (for max_batch_size 0)."""
     ten = numpy_helper.from_array(np.array(10, dtype=np.float32), "ten")
