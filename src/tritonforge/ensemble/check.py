@@ -362,11 +362,7 @@ class _Checker:
                     )
         if self.issues:
             return None
-        inputs = tuple(
-            TensorSpec(name=d.name, dtype=d.dtype, dims=d.dims, optional=d.optional)
-            for d in spec.inputs
-            if d.dtype is not None and d.dims is not None
-        )
+        inputs = _declared_inputs(spec)
         return Resolved(spec, mbs, inputs, tuple(outputs))
 
     def _cycles(self, graph: Mapping[str, set[str]]) -> None:
@@ -540,11 +536,7 @@ class _Checker:
                     )
         if self.issues:
             return None
-        inputs = tuple(
-            TensorSpec(name=d.name, dtype=d.dtype, dims=d.dims, optional=d.optional)
-            for d in spec.inputs
-            if d.dtype is not None and d.dims is not None
-        )
+        inputs = _declared_inputs(spec)
         outputs = tuple(
             TensorSpec(
                 name=d.name, dtype=d.dtype or produced[d.name].dtype, dims=d.dims or produced[d.name].dims
@@ -556,3 +548,12 @@ class _Checker:
 
 def _who(step: str | None) -> str:
     return "the pipeline input" if step is None else f"step '{step}'"
+
+
+def _declared_inputs(spec: PipelineSpec) -> tuple[TensorSpec, ...]:
+    """The pipeline's own inputs as tensors (those whose dtype and dims the spec declares)."""
+    return tuple(
+        TensorSpec(name=d.name, dtype=d.dtype, dims=d.dims, optional=d.optional)
+        for d in spec.inputs
+        if d.dtype is not None and d.dims is not None
+    )
