@@ -121,3 +121,34 @@ def test_models_promote_rollback_cli(repo):
     rolled = runner.invoke(app, ["rollback", str(repo), "clf"])
     assert rolled.exit_code == 0 and "[1] -> [3]" in rolled.output
     assert json.loads((repo / "audit.jsonl").read_text().splitlines()[-1])["action"] == "rollback"
+
+
+def _pinning_ensemble(repo, version):
+    from tritonforge.config import DataType, EnsembleStep, ModelConfig, TensorSpec, write_config
+
+    config = ModelConfig(
+        name="pipe",
+        platform="ensemble",
+        max_batch_size=8,
+        inputs=(TensorSpec(name="x", dtype=DataType.FP32, dims=(8,)),),
+        outputs=(TensorSpec(name="probs", dtype=DataType.FP32, dims=(3,)),),
+        ensemble_steps=(
+            EnsembleStep(
+                model_name="clf", model_version=version, input_map={"x": "x"}, output_map={"probs": "probs"}
+            ),
+        ),
+    )
+    (repo / "pipe" / "1").mkdir(parents=True)
+    write_config(config, repo / "pipe")
+
+
+def test_promote_raises_repository_error_when_an_ensemble_pins_another_version(repo):
+    _pinning_ensemble(repo, 3)
+    before = (repo / "clf" / "config.pbtxt").read_text()
+    with pytest.raises(RepositoryError, match=r"'pipe' pins v3.*force"):
+        promote(repo, "clf", 2)
+    assert (repo / "clf" / "config.pbtxt").read_text() == before
+    assert audit_log(repo) == []
+    promote(repo, "clf", 3)  # the pinned version itself is fine
+    event = promote(repo, "clf", 2, force=True)
+    assert event["to"] == [2]

@@ -318,12 +318,13 @@ def promote(
     name: str = typer.Argument(..., help="The model."),
     version: int = typer.Argument(..., help="The version to serve."),
     reason: str | None = typer.Option(None, help="Why (kept in the audit log)."),
+    force: bool = typer.Option(False, help="Even if an ensemble pins another version of NAME."),
 ) -> None:
     """Serve VERSION of NAME (its config's version policy), and record it in the audit log."""
     from tritonforge.registry import promote as do_promote
 
     try:
-        event = do_promote(repo, name, version, reason=reason)
+        event = do_promote(repo, name, version, reason=reason, force=force)
     except TritonForgeError as exc:
         raise _fail(exc) from None
     console.print(f"[bold]{name}[/]: served versions {event['from']} -> {event['to']}")
@@ -334,12 +335,13 @@ def rollback(
     name: str = typer.Argument(..., help="The model."),
     to: int | None = typer.Option(None, help="The version to serve (default: the one served before)."),
     reason: str | None = typer.Option(None, help="Why (kept in the audit log)."),
+    force: bool = typer.Option(False, help="Even if an ensemble pins another version of NAME."),
 ) -> None:
     """Serve the version NAME served before (or --to), and record it in the audit log."""
     from tritonforge.registry import rollback as do_rollback
 
     try:
-        event = do_rollback(repo, name, to=to, reason=reason)
+        event = do_rollback(repo, name, to=to, reason=reason, force=force)
     except TritonForgeError as exc:
         raise _fail(exc) from None
     console.print(f"[bold]{name}[/]: served versions {event['from']} -> {event['to']}")

@@ -264,9 +264,35 @@ def _locked(repo: Path) -> Iterator[Path]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _set_served(repo: Path, name: str, version: int, action: str, reason: str | None) -> dict[str, Any]:
+def pinned_by_ensembles(repo: Path, name: str) -> dict[str, int]:
+    """Ensembles of ``repo`` whose steps pin a version of ``name``: ensemble name -> pinned version."""
+    pins: dict[str, int] = {}
+    for config_file in sorted(repo.glob("*/config.pbtxt")):
+        try:
+            config = load_config(config_file.parent)
+        except TritonForgeError:
+            continue  # not ours to judge here; `tritonforge validate` reports it
+        for step in config.ensemble_steps or ():
+            if step.model_name == name and step.model_version > 0:
+                pins[config_file.parent.name] = step.model_version
+    return pins
+
+
+def _set_served(
+    repo: Path, name: str, version: int, action: str, reason: str | None, force: bool = False
+) -> dict[str, Any]:
     model_dir = _model_dir(repo, name)
     found = _check_version(model_dir, name, version)
+    broken = {e: v for e, v in pinned_by_ensembles(repo, name).items() if v != version}
+    if broken and not force:
+        listed = ", ".join(f"'{e}' pins v{v}" for e, v in broken.items())
+        raise RepositoryError(
+            f"serving only version {version} of '{name}' would break ensembles that use another version "
+            f"({listed}): Triton would refuse them. Re-pin those pipelines to v{version} (or unpin them) "
+            f"and recompile, or pass force=True (--force) to {action} anyway",
+            model=name,
+            version=version,
+        )
     with _locked(repo) as log:
         config = load_config(model_dir)
         before = served_versions(config, found)
@@ -291,7 +317,7 @@ def _set_served(repo: Path, name: str, version: int, action: str, reason: str | 
 
 
 def promote(
-    repo: str | os.PathLike[str], name: str, version: int, *, reason: str | None = None
+    repo: str | os.PathLike[str], name: str, version: int, *, reason: str | None = None, force: bool = False
 ) -> dict[str, Any]:
     """Serve exactly ``version`` of ``name`` (``version_policy { specific { versions: [v] } }``).
 
@@ -299,13 +325,19 @@ def promote(
     change is appended to ``<repo>/audit.jsonl``. Returns the audit event.
 
     Raises:
-        RepositoryError: no such model, or no such version (the message lists what exists).
+        RepositoryError: no such model, or no such version (the message lists what exists), or an
+            ensemble pins another version of the model (unless ``force``).
     """
-    return _set_served(Path(repo), name, int(version), "promote", reason)
+    return _set_served(Path(repo), name, int(version), "promote", reason, force)
 
 
 def rollback(
-    repo: str | os.PathLike[str], name: str, *, to: int | None = None, reason: str | None = None
+    repo: str | os.PathLike[str],
+    name: str,
+    *,
+    to: int | None = None,
+    reason: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Serve the version before the one served now (or ``to``) and record it in the audit log.
 
@@ -334,7 +366,7 @@ def rollback(
                     model=name,
                 )
             to = lower[-1]
-    return _set_served(root, name, int(to), "rollback", reason)
+    return _set_served(root, name, int(to), "rollback", reason, force)
 
 
 def audit_log(repo: str | os.PathLike[str]) -> list[dict[str, Any]]:
