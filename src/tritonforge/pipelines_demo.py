@@ -219,7 +219,8 @@ def _routed(
     result.fallback_accuracy = float((out["probabilities"].argmax(axis=1) == y).mean())
     result.fallback_counts = dict(Counter(r.decode() for r in out["ROUTE"].reshape(-1)))
     console.print(
-        f"digits_routed with {ROUTED_PRIMARY} unloaded (forced failure): accuracy {result.fallback_accuracy:.4f}; "
+        f"digits_routed with {ROUTED_PRIMARY} unloaded (forced failure): "
+        f"accuracy {result.fallback_accuracy:.4f}; "
         "answered by "
         + ", ".join(f"{m} {n}" for m, n in sorted(result.fallback_counts.items()))
         + f" in {elapsed:.2f} s",
