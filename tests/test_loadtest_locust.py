@@ -198,3 +198,39 @@ def test_distributed_locust_master_and_worker_share_the_load_with_zero_failures(
     assert master.returncode == 0, log.read_text()[-3000:]
     rows = _stats(prefix)
     assert int(rows["mlp"]["Request Count"]) > 0 and rows["mlp"]["Failure Count"] == "0"
+
+
+@pytest.mark.slow
+def test_headless_20s_run_on_the_example_digits_vote_pipeline_has_zero_failures(
+    example_repo: Path, tmp_path: Path
+) -> None:
+    prefix = tmp_path / "vote"
+    with EmbeddedServer(example_repo) as server:
+        run = subprocess.run(
+            [
+                *LOCUST,
+                "-f",
+                "loadtests/digits_vote.py",
+                "--host",
+                server.grpc_url,
+                "--headless",
+                "-u",
+                "8",
+                "-r",
+                "8",
+                "-t",
+                "20s",
+                "--csv",
+                str(prefix),
+                "--only-summary",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=_env(),
+            cwd=ROOT,
+        )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = _stats(prefix)
+    assert int(rows["digits_vote"]["Request Count"]) > 100
+    assert rows["digits_vote"]["Failure Count"] == "0"
