@@ -277,9 +277,7 @@ class AsyncClient(BaseClient):
     ) -> None:
         if self._closed:
             return
-        mirror = PreparedCall(
-            call.model, call.signature, [bytes(r) for r in call.raws], call.outputs, call.nbytes, {}
-        )
+        mirror = call.mirror()
         task = asyncio.get_running_loop().create_task(
             self._run_shadow(model, shadow, mirror, primary, timeout_s)
         )

@@ -87,6 +87,12 @@ class PreparedCall:
     nbytes: int
     arrays: Mapping[str, np.ndarray]
 
+    def mirror(self) -> PreparedCall:
+        """A copy for a shadow call: owns its bytes (the caller may reuse its buffers), no arrays."""
+        return PreparedCall(
+            self.model, self.signature, [bytes(r) for r in self.raws], self.outputs, self.nbytes, {}
+        )
+
 
 class BaseClient:
     """Options and decisions shared by :class:`Client` and :class:`AsyncClient` (see their docs)."""

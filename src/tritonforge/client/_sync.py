@@ -300,9 +300,7 @@ class Client(BaseClient):
         timeout_s: float | None,
     ) -> None:
         # Own copies: the caller may reuse its arrays as soon as we return.
-        mirror = PreparedCall(
-            call.model, call.signature, [bytes(r) for r in call.raws], call.outputs, call.nbytes, {}
-        )
+        mirror = call.mirror()
         with self._shadow_lock:
             if self._closed:
                 return
