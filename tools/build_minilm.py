@@ -5,8 +5,8 @@ to ONNX with dynamic batch and sequence axes — inputs ``input_ids`` / ``attent
 output ``last_hidden_state`` (FP32 [-1, 384], the token embeddings; pooling belongs to a pipeline) — and
 fused by onnxruntime's BERT optimizer (attention, GELU, skip-layer-norm). That FP32 model is checked
 against the torch module, then quantized to INT8 (dynamic, per-channel weights, embedding tables in
-INT8, layer 2's feed-forward kept FP32) and checked against FP32 on 256 held-out sentences: token
-embeddings and mean-pooled sentence embeddings (mean cosine >= 0.99, minimum >= 0.97).
+INT8, layer 2's feed-forward up-projection kept FP32) and checked against FP32 on 256 held-out
+sentences: token embeddings and mean-pooled sentence embeddings (mean cosine >= 0.99, minimum >= 0.97).
 
     python tools/build_minilm.py [--repo model_repository] [--force]
 """
@@ -34,9 +34,10 @@ from tritonforge.registry import Step, build_key, find_built, register
 
 NAME = "minilm_encoder"
 MAX_BATCH_SIZE = 64
-#: the FFN of layer 2 stays FP32: leaving one node FP32 at a time showed it carries most of INT8's error
-#: on very short inputs ("Why?"), and keeping it lifts the worst sentence cosine from 0.966 to 0.975
-FP32_NODES_PATTERNS = ("layer.2/intermediate/dense/MatMul", "layer.2/output/dense/MatMul")
+#: layer 2's FFN up-projection stays FP32: leaving one node FP32 at a time showed it carries most of INT8's
+#: error on very short inputs ("Why?"); keeping it lifts the worst sentence cosine from 0.968 to 0.975
+#: (keeping the down-projection too gains nothing: 0.975 either way, and costs 8% of INT8's speed)
+FP32_NODES_PATTERNS = ("layer.2/intermediate/dense/MatMul",)
 SENTENCE_TOLERANCE = {"min_cosine_mean": 0.99, "min_cosine_min": 0.97}
 HOLDOUT_SENTENCES = 256
 HOLDOUT_SEED = 1
