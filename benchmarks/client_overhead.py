@@ -1,7 +1,9 @@
 """Client overhead: tritonforge's AsyncClient / Client against raw tritonclient.grpc(.aio) and perf_analyzer.
 
-One embedded Triton server, one tiny ONNX model (x[1, 8] -> probs[1, 3]), the same requests from every
-client, at concurrency 1, 16 and 64. Printed per client and concurrency: throughput, p50/p99 latency,
+One embedded Triton server, one tiny ONNX model (x[1, 8] -> probs[1, 3], dynamic batching), the same
+requests from every client, at concurrency 1, 16 and 64. The AsyncClient runs twice: as users get it
+(client-side batching on: concurrent calls go out as one request) and with ``coalesce=False`` (every
+call its own request, like the raw clients). Printed per client and concurrency: throughput, p50/p99 latency,
 client CPU per request (``time.process_time`` of this process, which holds the client and its gRPC threads
 but not the server; perf_analyzer's from its own process rusage), and the ratios to raw tritonclient and
 to perf_analyzer. Speed is compared only as ratios within one run: the machine is shared.
@@ -126,14 +128,20 @@ async def _async_run(
     return _summary(name, concurrency, latencies, time.perf_counter() - wall0, time.process_time() - cpu0)
 
 
-async def bench_tritonforge_async(url: str, concurrency: int, seconds: float, warmup_s: float) -> Result:
-    async with AsyncClient(url) as client:
+ASYNC_ALONE = "tritonforge AsyncClient, coalesce=False"
+
+
+async def bench_tritonforge_async(
+    url: str, concurrency: int, seconds: float, warmup_s: float, coalesce: bool = True
+) -> Result:
+    async with AsyncClient(url, coalesce=coalesce) as client:
         inputs = {"x": X}
 
         def call() -> object:
             return client.infer(MODEL, inputs)
 
-        return await _async_run("tritonforge AsyncClient", concurrency, seconds, warmup_s, call)
+        name = "tritonforge AsyncClient" if coalesce else ASYNC_ALONE
+        return await _async_run(name, concurrency, seconds, warmup_s, call)
 
 
 async def bench_raw_async(url: str, concurrency: int, seconds: float, warmup_s: float) -> Result:
@@ -304,6 +312,9 @@ def main() -> None:
                 "tf-async": lambda c=c: asyncio.run(
                     bench_tritonforge_async(url, c, args.seconds, args.warmup)
                 ),
+                "tf-async-alone": lambda c=c: asyncio.run(
+                    bench_tritonforge_async(url, c, args.seconds, args.warmup, coalesce=False)
+                ),
                 "raw-async": lambda c=c: asyncio.run(bench_raw_async(url, c, args.seconds, args.warmup)),
                 "tf-sync": lambda c=c: bench_tritonforge_sync(url, c, args.seconds, args.warmup),
                 "raw-sync": lambda c=c: bench_raw_sync(url, c, args.seconds, args.warmup),
@@ -322,7 +333,11 @@ def main() -> None:
             for key in runs:
                 ordered = sorted(rounds[key], key=lambda r: r.throughput)
                 results.append(ordered[len(ordered) // 2])
-            for ours, raw in (("tf-async", "raw-async"), ("tf-sync", "raw-sync")):
+            for ours, raw in (
+                ("tf-async", "raw-async"),
+                ("tf-async-alone", "raw-async"),
+                ("tf-sync", "raw-sync"),
+            ):
                 pairs = list(zip(rounds[ours], rounds[raw], strict=True))
                 paired[(rounds[ours][0].client, c)] = (
                     _median([a.throughput / b.throughput for a, b in pairs]),
@@ -349,6 +364,7 @@ def table(
     by = {(r.client, r.concurrency): r for r in results}
     raw_of = {
         "tritonforge AsyncClient": "raw tritonclient.grpc.aio",
+        ASYNC_ALONE: "raw tritonclient.grpc.aio",
         "tritonforge Client": "raw tritonclient.grpc",
     }
     lines = [

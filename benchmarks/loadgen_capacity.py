@@ -137,7 +137,7 @@ SWEEP = textwrap.dedent(
             from tritonforge.client import RetryPolicy
             x = {"x": np.ones((1, 4), np.float32)}
             async with open_target(url, "identity") as target, AsyncClient(
-                url, retry=RetryPolicy.none(), metrics=False, shared_memory="off"
+                url, retry=RetryPolicy.none(), metrics=False, shared_memory="off", coalesce=False
             ) as client:
                 async def send():
                     await client.infer("identity", x)

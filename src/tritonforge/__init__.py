@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         AsyncClient,
         CircuitBreaker,
         Client,
+        Coalesce,
         Deadline,
         Fallback,
         HealthCheck,
@@ -48,21 +49,24 @@ if TYPE_CHECKING:
 
 # The client (grpc, prometheus_client) loads on first use: the Python-based backends import this package
 # inside Triton's stub interpreter, which must not pull in the client's dependencies.
-_CLIENT_NAMES = frozenset({
-    "AsyncClient",
-    "CircuitBreaker",
-    "Client",
-    "Deadline",
-    "Fallback",
-    "HealthCheck",
-    "RetryBudget",
-    "RetryPolicy",
-    "Shadow",
-    "SharedMemory",
-    "TLSConfig",
-    "TrafficSplit",
-    "Variant",
-})
+_CLIENT_NAMES = frozenset(
+    {
+        "AsyncClient",
+        "CircuitBreaker",
+        "Client",
+        "Coalesce",
+        "Deadline",
+        "Fallback",
+        "HealthCheck",
+        "RetryBudget",
+        "RetryPolicy",
+        "Shadow",
+        "SharedMemory",
+        "TLSConfig",
+        "TrafficSplit",
+        "Variant",
+    }
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -86,6 +90,7 @@ __all__ = [
     "CircuitBreaker",
     "Client",
     "ClientError",
+    "Coalesce",
     "ConfigError",
     "Deadline",
     "DeadlineExceeded",

@@ -17,12 +17,13 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from tritonforge.client._base import INFER_METHOD, BaseClient, PreparedCall, join_batches, split_batches
+from tritonforge.client._coalesce import Batchable, Group, batch_rows, key_of, merge, split
 from tritonforge.client._codec import ModelMetadata, decode_response
 from tritonforge.client._flow import Attempt
 from tritonforge.client._mapping import map_grpc_errors
 from tritonforge.client._pool import Endpoint
-from tritonforge.client.policies import Shadow
-from tritonforge.errors import ClientError
+from tritonforge.client.policies import Coalesce, Shadow
+from tritonforge.errors import ClientError, TransportError
 
 __all__ = ["AsyncClient"]
 
@@ -50,14 +51,28 @@ class AsyncClient(BaseClient):
         ...     out = await client.infer("clf", {"x": np.zeros((1, 8), np.float32)})
 
     Channels open on first use, inside the running event loop; use one client per loop.
-    See :class:`Client` for the options and the errors raised.
+    See :class:`Client` for the options and the errors raised. One option is the async client's own:
+
+    Args:
+        coalesce: client-side batching (:class:`Coalesce`, on by default): concurrent calls to a model
+            with dynamic batching go out as one request, each call getting its own rows back. ``False``
+            sends every call as its own request (load generators want that).
     """
 
-    def __init__(self, urls: str | Sequence[str], **options: Any) -> None:
+    def __init__(
+        self, urls: str | Sequence[str], *, coalesce: Coalesce | bool = True, **options: Any
+    ) -> None:
         super().__init__(urls, **options)
+        if isinstance(coalesce, bool):
+            coalesce = Coalesce(enabled=coalesce)
+        self.coalesce = coalesce
+        self._coalescing = coalesce.enabled
+        self._batchable: dict[tuple[str, str | None], Batchable] = {}
+        self._groups: dict[Any, Group] = {}
         self._opened = False
         self._health_task: asyncio.Task[None] | None = None
         self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self._group_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -98,6 +113,8 @@ class AsyncClient(BaseClient):
                 await self._health_task
         if self._shadow_tasks:
             await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
+        if self._group_tasks:
+            await asyncio.gather(*self._group_tasks, return_exceptions=True)
         if self._opened:
             if self._shm is not None:
                 for region in self._shm.regions():
@@ -186,6 +203,15 @@ class AsyncClient(BaseClient):
         ep = attempt.endpoint
         if self._needs_metadata(attempt.model, attempt.version):
             await self._fetch_metadata(attempt.model, attempt.version, ep, attempt.timeout_s)
+        if (
+            self._coalescing
+            and call.nbytes <= self.coalesce.max_call_bytes
+            and not self._use_shm(call, ep.url)
+        ):
+            limit = await self._merge_limit(attempt)
+            rows = batch_rows(call.signature) if limit else None
+            if rows is not None and 0 < rows < limit:
+                return await self._send_coalesced(call, attempt, rows, limit)
         with map_grpc_errors(model=attempt.model, version=attempt.version, endpoint=ep.url):
             if not self._use_shm(call, ep.url):
                 response = await ep.handle.infer(
@@ -208,6 +234,132 @@ class AsyncClient(BaseClient):
             finally:
                 self._shm.release(region)
             return decode_response(response)
+
+    # -- client-side batching (see _coalesce) -------------------------------------------------------------
+
+    async def _merge_limit(self, attempt: Attempt) -> int:
+        """The most rows a merged request for the attempt's model may carry (0: don't merge)."""
+        batchable = self._batchable.get((attempt.model, attempt.version))
+        if batchable is None:
+            ep = attempt.endpoint
+            with map_grpc_errors(model=attempt.model, version=attempt.version, endpoint=ep.url):
+                response = await ep.handle.stub.ModelConfig(
+                    pb.ModelConfigRequest(name=attempt.model, version=attempt.version or ""),
+                    timeout=attempt.timeout_s,
+                    metadata=self._grpc_metadata,
+                )
+            batchable = Batchable.from_config(response.config)
+            self._batchable[(attempt.model, attempt.version)] = batchable
+        cap = self.coalesce.max_rows
+        return batchable.max_rows if cap is None else min(cap, batchable.max_rows)
+
+    async def _send_coalesced(
+        self, call: PreparedCall, attempt: Attempt, rows: int, limit: int
+    ) -> dict[str, np.ndarray]:
+        """Join the group of calls like this one, or start one and send it when the loop comes round."""
+        ep = attempt.endpoint
+        with map_grpc_errors(model=attempt.model, version=attempt.version, endpoint=ep.url):
+            self._header(call, attempt)  # checks the inputs against the metadata (cached)
+        key = key_of(ep.url, attempt.model, attempt.version, call.outputs, call.signature)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
+        group = self._groups.get(key)
+        if group is not None and group.rows + rows <= limit:
+            group.add(call, attempt, future, rows)
+            if group.rows >= limit:
+                del self._groups[key]  # full: its leader sends it
+            return await future
+        group = self._groups[key] = Group(key)
+        group.add(call, attempt, future, rows)
+        try:
+            await asyncio.sleep(0)  # the calls made before the loop comes round join the group
+        except asyncio.CancelledError:
+            self._close_group(group)
+            group.members.pop(0)
+            group.counts.pop(0)
+            if group.members:
+                self._spawn_delivery(group)
+            raise
+        self._close_group(group)
+        if len(group.members) == 1:
+            with map_grpc_errors(model=attempt.model, version=attempt.version, endpoint=ep.url):
+                response = await ep.handle.infer(
+                    self._encode(call, attempt), timeout=attempt.timeout_s, metadata=self._grpc_metadata
+                )
+            return decode_response(response)
+        self._spawn_delivery(group)  # a task of its own, so cancelling this call doesn't cancel the others'
+        return await future
+
+    def _close_group(self, group: Group) -> None:
+        if self._groups.get(group.key) is group:
+            del self._groups[group.key]
+
+    def _spawn_delivery(self, group: Group) -> None:
+        task = asyncio.get_running_loop().create_task(self._deliver(group))
+        self._group_tasks.add(task)
+        task.add_done_callback(self._group_tasks.discard)
+
+    async def _deliver(self, group: Group) -> None:
+        """Send the group as one request and hand each call its rows; on a failure that isn't the
+        transport's, send the calls one by one so that only a bad call fails."""
+        call, attempt, _ = group.members[0]
+        ep = attempt.endpoint
+        signature, raws = merge(group)
+        rows = sum(group.counts)
+        merged = PreparedCall(call.model, signature, raws, call.outputs, rows, {})  # type: ignore[arg-type]
+        try:
+            with map_grpc_errors(model=attempt.model, version=attempt.version, endpoint=ep.url):
+                response = await ep.handle.infer(
+                    self._encode(merged, attempt), timeout=group.timeout_s(), metadata=self._grpc_metadata
+                )
+            try:
+                parts = split(decode_response(response), group.counts)
+            except ValueError as exc:
+                raise ClientError(
+                    f"model {attempt.model!r} answered {len(group.members)} merged calls with outputs "
+                    f"that don't split by rows ({exc}); send its calls alone with "
+                    "AsyncClient(..., coalesce=False)",
+                    model=attempt.model,
+                    version=attempt.version,
+                    endpoint=ep.url,
+                ) from exc
+        except TransportError as exc:
+            for _, _, future in group.members:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except ClientError:
+            await asyncio.gather(*(self._deliver_alone(c, a, f) for c, a, f in group.members))
+            return
+        except asyncio.CancelledError:
+            for _, _, future in group.members:
+                future.cancel()
+            raise
+        except Exception as exc:  # never leave a caller waiting
+            for _, _, future in group.members:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, future), part in zip(group.members, parts, strict=True):
+            if not future.done():
+                future.set_result(part)
+
+    async def _deliver_alone(self, call: PreparedCall, attempt: Attempt, future: asyncio.Future[Any]) -> None:
+        if future.done():
+            return
+        ep = attempt.endpoint
+        try:
+            with map_grpc_errors(model=attempt.model, version=attempt.version, endpoint=ep.url):
+                response = await ep.handle.infer(
+                    self._encode(call, attempt), timeout=attempt.timeout_s, metadata=self._grpc_metadata
+                )
+            result = decode_response(response)
+        except ClientError as exc:
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result(result)
 
     async def _fetch_metadata(
         self, model: str, version: str | None, ep: Endpoint, timeout_s: float | None

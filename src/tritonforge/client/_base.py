@@ -273,6 +273,9 @@ class BaseClient:
 
     def _encode(self, call: PreparedCall, attempt: Attempt) -> bytes:
         """The request's bytes (header from cache; inputs checked against the metadata the first time)."""
+        return frame(self._header(call, attempt), call.raws)
+
+    def _header(self, call: PreparedCall, attempt: Attempt) -> bytes:
         key = (attempt.model, attempt.version, call.outputs, call.signature)
         header = self._headers.get(key)
         if header is None:
@@ -283,7 +286,7 @@ class BaseClient:
             if len(self._headers) >= _HEADER_CACHE_LIMIT:
                 self._headers.clear()
             self._headers[key] = header
-        return frame(header, call.raws)
+        return header
 
     def _check_for_shm(self, call: PreparedCall, attempt: Attempt) -> None:
         if self.validate:

@@ -356,6 +356,33 @@ class SharedMemory:
 
 
 @dataclass(frozen=True)
+class Coalesce:
+    """Client-side batching (:class:`AsyncClient`): concurrent calls to one model go out as one request.
+
+    Calls queued for the same endpoint, model and version with the same outputs and the same inputs but
+    for the batch dim, by the time the event loop comes round again, are joined along the batch dim into
+    one request (at most ``max_rows`` rows, and never more than the model's ``max_batch_size``); each
+    call gets its own rows of the answer. Only models whose config enables dynamic batching are merged
+    (the server would merge those calls anyway, after a gRPC call each); a merged request that fails for
+    a reason other than the transport is re-sent call by call, so a bad call fails alone. No call waits
+    for company: a lone call goes out on the next turn of the loop. Calls above ``max_call_bytes`` (which
+    joining would copy) and shared-memory calls are sent alone.
+
+    Example:
+        >>> Coalesce(max_rows=32)
+        Coalesce(enabled=True, max_rows=32, max_call_bytes=65536)
+    """
+
+    enabled: bool = True
+    max_rows: int | None = None
+    max_call_bytes: int = 1 << 16
+
+    def __post_init__(self) -> None:
+        _check(self.max_rows is None or self.max_rows >= 1, f"max_rows must be >= 1, not {self.max_rows}")
+        _check(self.max_call_bytes >= 0, f"max_call_bytes must be >= 0, not {self.max_call_bytes}")
+
+
+@dataclass(frozen=True)
 class TLSConfig:
     """TLS for the gRPC channels: PEM bytes (or paths) for the root CA and, for mutual TLS, a client pair.
 

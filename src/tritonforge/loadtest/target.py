@@ -136,7 +136,10 @@ async def open_target(
         else:
             from tritonforge.client import AsyncClient, RetryPolicy
 
-            ours = AsyncClient(url, retry=RetryPolicy.none(), metrics=False, shared_memory="off")
+            # a load generator sends the requests it is asked to: no retries, no client-side batching
+            ours = AsyncClient(
+                url, retry=RetryPolicy.none(), metrics=False, shared_memory="off", coalesce=False
+            )
             cycle = itertools.cycle(payloads)
             pinned = version or None
 
