@@ -276,9 +276,7 @@ def test_tune_on_the_digits_mlp_tries_every_config_exhaustively_and_the_search_a
         # failed CI runs at random. It is reported, not asserted; the benchmark is where it belongs.
         found_rps = measured[found].throughput_rps or 0.0
         best_rps = exhaustive.winner.throughput_rps or 0.0
-        print(
-            f"search: {every.label(found)} {found_rps:.0f}/s; best: {every.label(best)} {best_rps:.0f}/s"
-        )
+        print(f"search: {every.label(found)} {found_rps:.0f}/s; best: {every.label(best)} {best_rps:.0f}/s")
 
 
 def test_tune_keeps_the_configs_tried_and_says_where_it_stopped_when_the_server_dies(

@@ -69,6 +69,7 @@ class AsyncClient(BaseClient):
         self._coalescing = coalesce.enabled
         self._batchable: dict[tuple[str, str | None], Batchable] = {}
         self._groups: dict[Any, Group] = {}
+        self._busy: dict[tuple[str, str, str | None], int] = {}  # calls in flight per endpoint and model
         self._opened = False
         self._health_task: asyncio.Task[None] | None = None
         self._shadow_tasks: set[asyncio.Task[None]] = set()
@@ -211,13 +212,22 @@ class AsyncClient(BaseClient):
             limit = await self._merge_limit(attempt)
             rows = batch_rows(call.signature) if limit else None
             if rows is not None and 0 < rows < limit:
-                return await self._send_coalesced(call, attempt, rows, limit)
+                slot = (ep.url, attempt.model, attempt.version)
+                busy = self._busy.get(slot, 0)
+                self._busy[slot] = busy + 1
+                try:
+                    if busy:  # calls in flight: company is likely, so wait one turn of the loop for it
+                        return await self._send_coalesced(call, attempt, rows, limit)
+                    return await self._send_alone(call, attempt)  # none: no wait, no extra work
+                finally:
+                    left = self._busy[slot] - 1
+                    if left:
+                        self._busy[slot] = left
+                    else:
+                        del self._busy[slot]
+        if not self._use_shm(call, ep.url):
+            return await self._send_alone(call, attempt)
         with map_grpc_errors(model=attempt.model, version=attempt.version, endpoint=ep.url):
-            if not self._use_shm(call, ep.url):
-                response = await ep.handle.infer(
-                    self._encode(call, attempt), timeout=attempt.timeout_s, metadata=self._grpc_metadata
-                )
-                return decode_response(response)
             self._check_for_shm(call, attempt)
             assert self._shm is not None
             body, region = self._shm_request(call, attempt.model, attempt.version)
@@ -282,11 +292,7 @@ class AsyncClient(BaseClient):
             raise
         self._close_group(group)
         if len(group.members) == 1:
-            with map_grpc_errors(model=attempt.model, version=attempt.version, endpoint=ep.url):
-                response = await ep.handle.infer(
-                    self._encode(call, attempt), timeout=attempt.timeout_s, metadata=self._grpc_metadata
-                )
-            return decode_response(response)
+            return await self._send_alone(call, attempt)
         self._spawn_delivery(group)  # a task of its own, so cancelling this call doesn't cancel the others'
         return await future
 
@@ -306,7 +312,7 @@ class AsyncClient(BaseClient):
         ep = attempt.endpoint
         signature, raws = merge(group)
         rows = sum(group.counts)
-        merged = PreparedCall(call.model, signature, raws, call.outputs, rows, {})  # type: ignore[arg-type]
+        merged = PreparedCall(call.model, signature, raws, call.outputs, rows, {})
         try:
             with map_grpc_errors(model=attempt.model, version=attempt.version, endpoint=ep.url):
                 response = await ep.handle.infer(
@@ -344,16 +350,19 @@ class AsyncClient(BaseClient):
             if not future.done():
                 future.set_result(part)
 
+    async def _send_alone(self, call: PreparedCall, attempt: Attempt) -> dict[str, np.ndarray]:
+        ep = attempt.endpoint
+        with map_grpc_errors(model=attempt.model, version=attempt.version, endpoint=ep.url):
+            response = await ep.handle.infer(
+                self._encode(call, attempt), timeout=attempt.timeout_s, metadata=self._grpc_metadata
+            )
+        return decode_response(response)
+
     async def _deliver_alone(self, call: PreparedCall, attempt: Attempt, future: asyncio.Future[Any]) -> None:
         if future.done():
             return
-        ep = attempt.endpoint
         try:
-            with map_grpc_errors(model=attempt.model, version=attempt.version, endpoint=ep.url):
-                response = await ep.handle.infer(
-                    self._encode(call, attempt), timeout=attempt.timeout_s, metadata=self._grpc_metadata
-                )
-            result = decode_response(response)
+            result = await self._send_alone(call, attempt)
         except ClientError as exc:
             if not future.done():
                 future.set_exception(exc)
