@@ -130,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     medians = {p: statistics.median(v) for p, v in confirm.items()}
     summary = Table(title=f"the picks, re-measured {args.confirm}x each (alternating); median req/s")
-    for column in ("pick", "config", "single sweep req/s", "median req/s", "vs exhaustive winner"):
+    for column in ("pick", "config", "its first sweep req/s", "median req/s", "vs exhaustive winner"):
         summary.add_column(column, justify="right")
     for name, point in picks.items():
-        single = (measured.get(point) or search.trials_by_point[point]).throughput_rps or 0.0
+        source = search.trials_by_point if name == "search, fresh" else measured
+        single = source[point].single_rps or 0.0
         summary.add_row(
             name,
             every.label(point),

@@ -216,6 +216,27 @@ def test_coordinate_search_prefers_configs_within_budget_over_faster_ones_outsid
     assert max(tried, key=lambda p: trials[p].score()) == (0,)
 
 
+def test_coordinate_search_re_measures_the_leaders_so_one_lucky_sweep_does_not_steer_it() -> None:
+    true = {p: 100.0 + 10 * p[0] + 20 * p[1] for p in np.ndindex(3, 3)}  # the peak: (2, 2)
+    lucky = {(1, 0): 300.0}  # one sweep of (1, 0) caught a quiet moment: 300/s, truly 110/s
+
+    def pick(refined: bool) -> tuple[int, ...]:
+        trials: dict[tuple[int, ...], Trial] = {}
+
+        def evaluate(p: tuple[int, ...]) -> Trial:
+            trials[p] = _fake_trial(lucky.get(p, true[p]))
+            return trials[p]
+
+        def refine(p: tuple[int, ...]) -> None:
+            trials[p].repeats.extend([true[p], true[p]])
+
+        tried = coordinate_search([3, 3], (0, 0), evaluate, max_trials=9, refine=refine if refined else None)
+        return max(tried, key=lambda p: trials[p].score())
+
+    assert pick(refined=False) == (1, 0)  # trusting every first sweep, the lucky one wins
+    assert pick(refined=True) == (2, 2)
+
+
 # -- the digits MLP: the search against trying every config --------------------------------------------
 
 

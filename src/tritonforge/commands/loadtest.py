@@ -57,6 +57,9 @@ def _progress(total_levels: int, what: str) -> Iterator[Any]:
                     total=data["budget"],
                     description=f"{state['prefix']}{data['label']}",
                 )
+            elif kind == "refine":
+                state["prefix"] = f"re-measuring config {data['index']} "
+                progress.update(task, description=f"{state['prefix']}{data['label']}")
             elif kind == "done":
                 progress.update(task, completed=progress.tasks[0].total)
 
@@ -184,6 +187,9 @@ def tune_command(
         None, help="Configs to try at most (default: a third of the space)."
     ),
     exhaustive: bool = typer.Option(False, help="Try every config (for comparison with the search)."),
+    refine: int = typer.Option(
+        2, help="Re-measure the leading configs this many times and rank them by the median (0: never)."
+    ),
     write: bool = typer.Option(False, help="Write the winning config(s) into the repository."),
     output: Path = typer.Option(Path("tune_results"), help="Where tune.json, tune.csv and report.html go."),
 ) -> None:
@@ -219,6 +225,7 @@ def tune_command(
                 settings=settings,
                 max_trials=max_trials,
                 exhaustive=exhaustive,
+                refine=refine,
                 on_event=on_event,
                 on_trial=lambda _t: write_tune_outputs(tuner.result("running"), output),
             )
@@ -238,6 +245,8 @@ def tune_command(
     for t in result.trials:
         s = t.summary()
         note = "[green]winner[/]" if t is result.winner else ("default" if t is result.default else "")
+        if t.repeats:
+            note = f"{note} (median of {len(t.repeats) + 1} sweeps)".strip()
         if t.error:
             note = f"[red]{t.error[:60]}[/]"
         table.add_row(

@@ -29,6 +29,7 @@ import dataclasses
 import itertools
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -109,6 +110,8 @@ class Trial:
     sweep: SweepResult | None
     budget_ms: float
     error: str | None = None
+    #: throughputs of later re-measurements of the same config (0.0 when one missed the budget)
+    repeats: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def feasible_levels(self) -> list[Any]:
@@ -117,10 +120,18 @@ class Trial:
         return [lv for lv in self.sweep.levels if lv.errors == 0 and lv.p99_ms <= self.budget_ms]
 
     @property
-    def throughput_rps(self) -> float | None:
-        """Best throughput among levels within the budget (None: no level met it)."""
+    def single_rps(self) -> float | None:
+        """Best throughput among the first sweep's levels within the budget (None: no level met it)."""
         levels = self.feasible_levels
         return max(lv.throughput_rps for lv in levels) if levels else None
+
+    @property
+    def throughput_rps(self) -> float | None:
+        """The first sweep's figure, or with re-measurements the median of them all (None: over budget)."""
+        single = self.single_rps
+        if single is None or not self.repeats:
+            return single
+        return statistics.median([single, *self.repeats])
 
     @property
     def best_level(self) -> Any:
@@ -145,6 +156,8 @@ class Trial:
             "config": self.label,
             "knobs": self.knobs,
             "throughput_rps": self.throughput_rps,
+            "first_sweep_rps": self.single_rps,
+            "remeasured_rps": list(self.repeats),
             "at_level": None if best is None else best.level,
             "p99_ms_at_best": None if best is None else best.p99_ms,
             "min_p99_ms": None if not math.isfinite(self.min_p99_ms) else self.min_p99_ms,
@@ -206,6 +219,8 @@ def coordinate_search(
     *,
     max_trials: int,
     groups: Sequence[Sequence[int]] | None = None,
+    refine: Callable[[Point], None] | None = None,
+    refine_top: int = 2,
 ) -> list[Point]:
     """Coordinate search over a grid of ``dims`` (values per dimension), from ``start``.
 
@@ -215,9 +230,16 @@ def coordinate_search(
     evaluated. Dimensions that interact belong in one group. Nearest values are tried first, so a budget
     that runs out mid-group leaves the far ones.
 
+    With ``refine`` (re-measure a point: its trial's figure becomes the median of its measurements), the
+    ``refine_top`` best points of each group are re-measured before the search moves on, and the best
+    ``refine_top`` overall at the end: a single noisy measurement then can't send the search the wrong way,
+    or crown a config that was only lucky once. Each point is refined at most once; refining never counts
+    against ``max_trials`` (it measures configs already tried).
+
     Returns the points evaluated, in order. ``evaluate`` is called once per point.
     """
     tried: dict[Point, Trial] = {}
+    refined: set[Point] = set()
     blocks = [tuple(g) for g in groups] if groups is not None else [(d,) for d in range(len(dims))]
 
     def visit(point: Point) -> Trial | None:
@@ -226,6 +248,18 @@ def coordinate_search(
                 return None
             tried[point] = evaluate(point)
         return tried[point]
+
+    def confirm(points: Iterable[Point]) -> None:
+        if refine is None:
+            return
+        ranked = sorted(points, key=lambda p: tried[p].score(), reverse=True)
+        for point in ranked[:refine_top]:
+            if point not in refined and tried[point].throughput_rps is not None:
+                refined.add(point)
+                refine(point)
+
+    def leader() -> Point:
+        return max(tried, key=lambda p: tried[p].score())
 
     current = start
     best = visit(current)
@@ -244,9 +278,17 @@ def coordinate_search(
                     candidate[d] = v
                 trial = visit(tuple(candidate))
                 if trial is None:
+                    confirm(tried)
                     return list(tried)
                 if trial.score() > best.score():
                     best, current, changed = trial, tuple(candidate), True
+            if refine is not None:
+                others = [d for d in range(len(dims)) if d not in block]
+                confirm(p for p in tried if all(p[d] == base[d] for d in others))
+                top = leader()
+                if top != current:
+                    best, current, changed = tried[top], top, True
+    confirm(tried)
     return list(tried)
 
 
@@ -291,6 +333,11 @@ class Tuner:
     """Tune ``model`` on ``server`` (an :class:`~tritonforge.server.EmbeddedServer` with explicit model
     control, the model loaded) whose repository is ``repository``.
 
+    ``refine``: how many times the leading configs are re-measured (each group's best two as the search
+    goes, the best two overall at the end, exhaustive runs included); their figure is then the median of
+    their sweeps (with 2, one lucky or unlucky sweep out of three can't decide). 0 trusts every first
+    sweep.
+
     Raises (from :meth:`run`):
         ModelNotFoundError: the model is not in the repository.
         TritonForgeError: the model has nothing to tune (no batching model in it).
@@ -307,6 +354,7 @@ class Tuner:
         settings: SweepSettings | None = None,
         max_trials: int | None = None,
         exhaustive: bool = False,
+        refine: int = 2,
         on_event: Event | None = None,
         on_trial: Callable[[Trial], None] | None = None,
     ) -> None:
@@ -317,6 +365,9 @@ class Tuner:
         self.space = space or SearchSpace()
         self.settings = settings or SweepSettings(concurrency=(1, 4, 16), window_s=1.0)
         self.exhaustive = exhaustive
+        if refine < 0:
+            raise ValueError(f"refine must be >= 0, not {refine}")
+        self.refine = refine
         self.on_event = on_event
         self.on_trial = on_trial
         self.tuned, self.configs = tunable_models(self.repository, model)
@@ -429,6 +480,21 @@ class Tuner:
             raise _ServerStopped(self.stopped_at)
         return trial
 
+    def refine_point(self, point: Point) -> None:
+        """Re-measure the config at ``point`` ``refine`` times; its trial's figure becomes the median."""
+        trial = self._by_point[point]
+        for _ in range(self.refine):
+            if self.on_event:
+                self.on_event("refine", {"index": trial.index, "label": trial.label})
+            again = self.measure(point, index=trial.index)
+            if self._server_died(again):
+                why = again.error or (again.sweep.stopped_at if again.sweep else None) or "no reason given"
+                self.stopped_at = (
+                    f"re-measuring config {trial.index} ({trial.label}): the server stopped ({why})"
+                )
+                raise _ServerStopped(self.stopped_at)
+            trial.repeats.append(again.single_rps or 0.0)
+
     def _server_died(self, trial: Trial) -> bool:
         failed = trial.error is not None or (trial.sweep is not None and trial.sweep.stopped_at is not None)
         # a killed server resets connections a moment before its process is gone: give it that moment
@@ -493,10 +559,16 @@ class Tuner:
         """Search (or, with ``exhaustive``, try every config), then restore the configs as served."""
         try:
             start = self.default_point
+            refine = self.refine_point if self.refine else None
             if self.exhaustive:
                 self.evaluate(start)
                 for point in self.points():
                     self.evaluate(point)
+                if refine is not None:  # the same last look at the leaders as the search gives its own
+                    ranked = sorted(self._by_point, key=lambda p: self._by_point[p].score(), reverse=True)
+                    for point in ranked[:2]:
+                        if self._by_point[point].throughput_rps is not None:
+                            refine(point)
                 strategy = "exhaustive"
             else:
                 coordinate_search(
@@ -505,6 +577,7 @@ class Tuner:
                     self.evaluate,
                     max_trials=self.max_trials,
                     groups=self.groups,
+                    refine=refine,
                 )
                 strategy = f"coordinate search (budget {self.max_trials} of {self.space_size})"
         except _ServerStopped:
