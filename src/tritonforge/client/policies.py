@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_DEADLINE",
     "DEFAULT_RETRY",
     "CircuitBreaker",
+    "Coalesce",
     "Deadline",
     "Fallback",
     "HealthCheck",
