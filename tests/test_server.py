@@ -63,6 +63,44 @@ def test_stop_after_the_server_was_killed_still_sweeps_its_backend_processes(tmp
     assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
 
 
+SERVE_UNTIL_KILLED = """
+import sys, time
+from tritonforge.server import EmbeddedServer
+server = EmbeddedServer(sys.argv[1]).start()
+print(server.pid, server._shm_prefix, server._log_path, flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_program_stopped_by_sigterm_leaves_no_server_shared_memory_or_log_behind(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"
+    add_model(repo, "mlp", tiny_models.mlp_onnx(tmp_path / "mlp.onnx"))
+    program = subprocess.Popen(
+        [sys.executable, "-c", SERVE_UNTIL_KILLED, str(repo)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert program.stdout is not None
+        pid_text, prefix, log_name = program.stdout.readline().split()
+        pid = int(pid_text)
+        children = psutil.Process(pid).children(recursive=True)
+        assert children and _shm(prefix)
+        program.send_signal(signal.SIGTERM)
+        assert program.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        program.kill()
+        program.wait()
+        if program.stdout is not None:
+            program.stdout.close()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    assert _shm(prefix) == []
+    assert not os.path.exists(log_name)
+
+
 def test_start_raises_model_load_error_naming_the_model_and_cause(tmp_path):
     repo = tmp_path / "repo"
     model = add_model(repo, "broken", tiny_models.mlp_onnx(tmp_path / "mlp.onnx"))

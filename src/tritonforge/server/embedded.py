@@ -134,6 +134,7 @@ class EmbeddedServer:
             return self
         self.install = find_tritonserver(self._tritonserver)
         backends = backend_directory(self.install)
+        _exit_cleanly_on_sigterm()
         auto_ports = not any(self._requested_ports)
         attempts = 3 if auto_ports else 1
         for attempt in range(attempts):
@@ -437,6 +438,21 @@ def _wait_group_gone(pgid: int, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and _group_alive(pgid):
         time.sleep(0.05)
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """Make SIGTERM a normal exit (``SystemExit``) when nothing else handles it, so ``with`` blocks,
+    ``finally`` and atexit stop the servers. By default SIGTERM ends Python on the spot, and the server,
+    in its own process group, would outlive it with its log, temp files and shared memory."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_exit)
+
+
+def _raise_exit(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once, as before
+    raise SystemExit(128 + signum)
 
 
 @atexit.register
