@@ -285,8 +285,7 @@ class AsyncClient(BaseClient):
             await asyncio.sleep(0)  # the calls made before the loop comes round join the group
         except asyncio.CancelledError:
             self._close_group(group)
-            group.members.pop(0)
-            group.counts.pop(0)
+            group.remove(future)
             if group.members:
                 self._spawn_delivery(group)
             raise
@@ -311,8 +310,7 @@ class AsyncClient(BaseClient):
         call, attempt, _ = group.members[0]
         ep = attempt.endpoint
         signature, raws = merge(group)
-        rows = sum(group.counts)
-        merged = PreparedCall(call.model, signature, raws, call.outputs, rows, {})
+        merged = PreparedCall(call.model, signature, raws, call.outputs, sum(map(len, raws)), {})
         try:
             with map_grpc_errors(model=attempt.model, version=attempt.version, endpoint=ep.url):
                 response = await ep.handle.infer(

@@ -64,17 +64,25 @@ def key_of(
 
 @dataclass(slots=True)
 class Group:
-    """Calls waiting to go out together; ``rows`` is their total batch size."""
+    """Calls waiting to go out together."""
 
     key: CallKey
     members: list[tuple[Any, Attempt, Any]] = field(default_factory=list)  # (call, attempt, future)
-    rows: int = 0
-    counts: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)  # each member's rows
+
+    @property
+    def rows(self) -> int:
+        """The merged request's batch size."""
+        return sum(self.counts)
 
     def add(self, call: Any, attempt: Attempt, future: Any, rows: int) -> None:
         self.members.append((call, attempt, future))
         self.counts.append(rows)
-        self.rows += rows
+
+    def remove(self, future: Any) -> None:
+        """Take out the member waiting on ``future`` (its call was cancelled before the group went out)."""
+        index = next(i for i, (_, _, f) in enumerate(self.members) if f is future)
+        del self.members[index], self.counts[index]
 
     def timeout_s(self) -> float | None:
         """The tightest of the members' timeouts: no call waits past its own deadline."""
