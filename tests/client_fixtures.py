@@ -22,7 +22,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import tiny_models
-from tritonforge.config import DataType, DynamicBatching, ModelConfig, TensorSpec, VersionPolicy
+from tiny_models import spec as _spec
+from tritonforge.config import DataType, DynamicBatching, ModelConfig, VersionPolicy
 from tritonforge.repository import add_model
 from tritonforge.server import EmbeddedServer
 
@@ -95,10 +96,6 @@ ECHO_PY = textwrap.dedent("""
                 out.append(pb_utils.InferenceResponse([pb_utils.Tensor("out", s.astype(np.object_))]))
             return out
 """)
-
-
-def _spec(name: str, dtype: DataType, dims: tuple[int, ...]) -> TensorSpec:
-    return TensorSpec(name=name, dtype=dtype, dims=dims)
 
 
 def build_client_repository(root: Path) -> Path:

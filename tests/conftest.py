@@ -11,20 +11,16 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 import tiny_models
+from tiny_models import spec as _spec
 from tritonforge.config import (
     DataType,
     DynamicBatching,
     InstanceGroup,
     InstanceKind,
     ModelConfig,
-    TensorSpec,
 )
 from tritonforge.repository import add_model
 from tritonforge.server import EmbeddedServer
-
-
-def _spec(name: str, dtype: DataType, dims: tuple[int, ...]) -> TensorSpec:
-    return TensorSpec(name=name, dtype=dtype, dims=dims)
 
 
 def build_test_repository(root: Path) -> Path:

@@ -4,7 +4,6 @@ batching go out as fewer requests, each call gets exactly its own rows, and a ba
 from __future__ import annotations
 
 import asyncio
-import textwrap
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,28 +12,13 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 import tiny_models
+from client_fixtures import ECHO_PY
+from tiny_models import spec as _spec
 from tritonforge import AsyncClient, Coalesce, InferenceFailed
 from tritonforge.client._coalesce import Batchable, Group, batch_rows, merge, split
-from tritonforge.config import DataType, DynamicBatching, ModelConfig, TensorSpec
+from tritonforge.config import DataType, DynamicBatching, ModelConfig
 from tritonforge.repository import add_model
 from tritonforge.server import EmbeddedServer
-
-ECHO_PY = textwrap.dedent("""
-    import numpy as np
-    import triton_python_backend_utils as pb_utils
-
-    class TritonPythonModel:
-        def execute(self, requests):
-            out = []
-            for request in requests:
-                s = pb_utils.get_input_tensor_by_name(request, "s").as_numpy()
-                out.append(pb_utils.InferenceResponse([pb_utils.Tensor("out", s.astype(np.object_))]))
-            return out
-""")
-
-
-def _spec(name: str, dtype: DataType, dims: tuple[int, ...]) -> TensorSpec:
-    return TensorSpec(name=name, dtype=dtype, dims=dims)
 
 
 @pytest.fixture(scope="module")

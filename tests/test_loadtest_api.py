@@ -13,6 +13,12 @@ def test_loadtest_all_lists_only_names_it_has_each_once() -> None:
     assert len(loadtest.__all__) == len(set(loadtest.__all__))
 
 
+def _prints_ok_in_a_fresh_interpreter(code: str) -> None:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
 def test_importing_loadtest_and_its_cli_verbs_neither_imports_locust_nor_patches_with_gevent() -> None:
     code = (
         "import sys, socket\n"
@@ -22,9 +28,7 @@ def test_importing_loadtest_and_its_cli_verbs_neither_imports_locust_nor_patches
         "assert socket.socket.__module__ == 'socket', socket.socket.__module__\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    _prints_ok_in_a_fresh_interpreter(code)
 
 
 def test_importing_the_locust_user_initialises_grpcs_gevent_support_first() -> None:
@@ -36,6 +40,4 @@ def test_importing_the_locust_user_initialises_grpcs_gevent_support_first() -> N
         "assert cygrpc.g_gevent_activated, 'grpc gevent support not initialised'\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    _prints_ok_in_a_fresh_interpreter(code)

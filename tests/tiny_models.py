@@ -13,6 +13,13 @@ OPSET = 17
 RNG = np.random.default_rng(1234)
 
 
+def spec(name: str, dtype, dims: tuple[int, ...]):  # (str, DataType, dims) -> tritonforge.config.TensorSpec
+    """A config tensor: ``spec("x", DataType.FP32, (8,))``."""
+    from tritonforge.config import TensorSpec
+
+    return TensorSpec(name=name, dtype=dtype, dims=dims)
+
+
 def _save(graph: onnx.GraphProto, path: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 9  # onnxruntime in this venv reads IR <= 10; 9 keeps older runtimes happy too
