@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from tritonforge.loadtest import SweepSettings
-    from tritonforge.loadtest.tune import SearchSpace, Tuner, coordinate_search
+    from tritonforge.loadtest.tune import SearchSpace, Tuner
     from tritonforge.server import EmbeddedServer
 
     console = Console(width=140)
@@ -89,13 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             exhaustive = every.run()
             measured = every.trials_by_point
             budget = math.ceil(every.space_size / 3)
-            replayed = coordinate_search(
-                [len(v) for _, _, v in every.dims],
-                every.default_point,
-                measured.__getitem__,
-                max_trials=budget,
-                groups=every.groups,
-            )
+            replayed = every.replay_search(budget)
             point_of = {id(t): p for p, t in measured.items()}
             best = point_of[id(exhaustive.winner)]
             replay_pick = max(replayed, key=lambda p: measured[p].score())

@@ -282,13 +282,7 @@ def test_tune_on_the_digits_mlp_tries_every_config_exhaustively_and_the_search_a
         assert exhaustive.winner is not None
         # the search, replayed over the very measurements the exhaustive run made
         budget = math.ceil(exhaustive.space_size / 3)
-        tried = coordinate_search(
-            [len(v) for _, _, v in every.dims],
-            every.default_point,
-            measured.__getitem__,
-            max_trials=budget,
-            groups=every.groups,
-        )
+        tried = every.replay_search(budget)
         assert len(tried) <= budget
         found = max(tried, key=lambda p: measured[p].score())
         best = next(p for p, t in measured.items() if t is exhaustive.winner)

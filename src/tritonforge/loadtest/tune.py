@@ -212,6 +212,25 @@ class TuneResult:
         }
 
 
+REFINE_TOP = 2  # how many leading configs are re-measured at each look
+
+
+def refine_leaders(
+    trials: Mapping[Point, Trial],
+    points: Iterable[Point],
+    refine: Callable[[Point], None],
+    refined: set[Point],
+    top: int = REFINE_TOP,
+) -> None:
+    """Re-measure the ``top`` best of ``points`` that meet the budget and are not in ``refined`` yet
+    (they are added to it)."""
+    ranked = sorted(points, key=lambda p: trials[p].score(), reverse=True)
+    for point in ranked[:top]:
+        if point not in refined and trials[point].throughput_rps is not None:
+            refined.add(point)
+            refine(point)
+
+
 def coordinate_search(
     dims: Sequence[int],
     start: Point,
@@ -220,7 +239,7 @@ def coordinate_search(
     max_trials: int,
     groups: Sequence[Sequence[int]] | None = None,
     refine: Callable[[Point], None] | None = None,
-    refine_top: int = 2,
+    refine_top: int = REFINE_TOP,
 ) -> list[Point]:
     """Coordinate search over a grid of ``dims`` (values per dimension), from ``start``.
 
@@ -250,13 +269,8 @@ def coordinate_search(
         return tried[point]
 
     def confirm(points: Iterable[Point]) -> None:
-        if refine is None:
-            return
-        ranked = sorted(points, key=lambda p: tried[p].score(), reverse=True)
-        for point in ranked[:refine_top]:
-            if point not in refined and tried[point].throughput_rps is not None:
-                refined.add(point)
-                refine(point)
+        if refine is not None:
+            refine_leaders(tried, points, refine, refined, refine_top)
 
     def leader() -> Point:
         return max(tried, key=lambda p: tried[p].score())
@@ -439,6 +453,26 @@ class Tuner:
             ]
         return out
 
+    def replay_search(self, max_trials: int | None = None) -> list[Point]:
+        """The points the search would try, and in what order, over the configs measured so far (run
+        after an exhaustive run, it shows the search's choices on the very same measurements)."""
+        return self._search(self._by_point.__getitem__, max_trials or self.max_trials)
+
+    def _search(
+        self,
+        evaluate: Callable[[Point], Trial],
+        max_trials: int,
+        refine: Callable[[Point], None] | None = None,
+    ) -> list[Point]:
+        return coordinate_search(
+            [len(v) for _, _, v in self.dims],
+            self.default_point,
+            evaluate,
+            max_trials=max_trials,
+            groups=self.groups,
+            refine=refine,
+        )
+
     @property
     def trials_by_point(self) -> dict[Point, Trial]:
         """Every config tried so far, by its grid point (to replay a search over measured configs)."""
@@ -558,27 +592,16 @@ class Tuner:
     def run(self) -> TuneResult:
         """Search (or, with ``exhaustive``, try every config), then restore the configs as served."""
         try:
-            start = self.default_point
             refine = self.refine_point if self.refine else None
             if self.exhaustive:
-                self.evaluate(start)
+                self.evaluate(self.default_point)
                 for point in self.points():
                     self.evaluate(point)
                 if refine is not None:  # the same last look at the leaders as the search gives its own
-                    ranked = sorted(self._by_point, key=lambda p: self._by_point[p].score(), reverse=True)
-                    for point in ranked[:2]:
-                        if self._by_point[point].throughput_rps is not None:
-                            refine(point)
+                    refine_leaders(self._by_point, list(self._by_point), refine, set())
                 strategy = "exhaustive"
             else:
-                coordinate_search(
-                    [len(v) for _, _, v in self.dims],
-                    start,
-                    self.evaluate,
-                    max_trials=self.max_trials,
-                    groups=self.groups,
-                    refine=refine,
-                )
+                self._search(self.evaluate, self.max_trials, refine)
                 strategy = f"coordinate search (budget {self.max_trials} of {self.space_size})"
         except _ServerStopped:
             strategy = "stopped early: the server stopped"
