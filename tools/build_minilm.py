@@ -233,81 +233,54 @@ def build(repo: Path, *, force: bool = False, console: Any = None) -> list[Step]
         ]
     with tempfile.TemporaryDirectory(prefix="tritonforge-minilm-") as scratch:
         work = Path(scratch)
-        status = console.status if console is not None else None
         _say(console, "loading the MiniLM weights and exporting to ONNX ...")
-        module = minilm.load_encoder()
-        fp32 = export_fp32(module, work, batches)
+        fp32 = export_fp32(minilm.load_encoder(), work, batches)
         if not fp32.passed:
             return [Step(NAME, "fp32", "FAILED", detail="; ".join(fp32.failures()))]
-        extra = {"tokenizer": source["tokenizer"], "variant": "fp32"}
         if built32 is None:
-            metrics = {
-                "sentence_cosine_mean": fp32.reports["sentence_embedding"].cosine_mean,
-                "sentence_cosine_min": fp32.reports["sentence_embedding"].cosine_min,
-                "held_out_sentences": HOLDOUT_SENTENCES,
-            }
-            version = register(
-                repo,
-                NAME,
-                fp32,
-                source=source,
-                config=_config(repo, fp32.path),
-                extra={
-                    **extra,
-                    "metrics": metrics,
-                    "build": {"key": key32, "script": "tools/build_minilm.py"},
-                },
-            )
-            steps.append(Step(NAME, "fp32", "OK", int(version.name), figures=_figures(fp32)))
+            version = _register(repo, fp32, "fp32", key32, source)
+            steps.append(Step(NAME, "fp32", "OK", version, figures=_figures(fp32)))
         else:
             steps.append(Step(NAME, "fp32", "SKIPPED", built32, detail="unchanged"))
-        del status
         _say(console, "quantizing to INT8 and verifying against FP32 ...")
         int8 = quantize_int8(fp32.path, work, batches)
-        if built8 is None:
-            if not int8.passed:
-                steps.append(
-                    Step(
-                        NAME,
-                        "int8-dynamic",
-                        "FAILED",
-                        figures=_figures(int8),
-                        detail="; ".join(int8.failures()),
-                    )
-                )
-                return steps
-            sentence = int8.reports["sentence_embedding"]
-            metrics = {
+        if built8 is not None:
+            steps.append(Step(NAME, "int8-dynamic", "SKIPPED", built8, detail="unchanged"))
+        elif not int8.passed:
+            detail = "; ".join(int8.failures())
+            steps.append(Step(NAME, "int8-dynamic", "FAILED", figures=_figures(int8), detail=detail))
+        else:
+            size = int8.path.stat().st_size / fp32.path.stat().st_size
+            version = _register(repo, int8, "int8-dynamic", key8, source, size_ratio_vs_fp32=size)
+            figures = f"{_figures(int8)}, size {size:.1%} of FP32"
+            steps.append(Step(NAME, "int8-dynamic", "OK", version, figures=figures))
+    return steps
+
+
+def _register(
+    repo: Path, artifact: Any, variant: str, key: str, source: dict[str, Any], **metrics: Any
+) -> int:
+    """Register ``artifact`` as a new version of the encoder, its sentence figures in the manifest."""
+    sentence = artifact.reports["sentence_embedding"]
+    version = register(
+        repo,
+        NAME,
+        artifact,
+        source=source,
+        config=_config(repo, artifact.path),
+        extra={
+            "tokenizer": source["tokenizer"],
+            "variant": variant,
+            "metrics": {
                 "sentence_cosine_mean": sentence.cosine_mean,
                 "sentence_cosine_min": sentence.cosine_min,
                 "held_out_sentences": HOLDOUT_SENTENCES,
-                "size_ratio_vs_fp32": int8.path.stat().st_size / fp32.path.stat().st_size,
-            }
-            version = register(
-                repo,
-                NAME,
-                int8,
-                source=source,
-                config=_config(repo, int8.path),
-                extra={
-                    **extra,
-                    "variant": "int8-dynamic",
-                    "metrics": metrics,
-                    "build": {"key": key8, "script": "tools/build_minilm.py"},
-                },
-            )
-            steps.append(
-                Step(
-                    NAME,
-                    "int8-dynamic",
-                    "OK",
-                    int(version.name),
-                    figures=f"{_figures(int8)}, size {metrics['size_ratio_vs_fp32']:.1%} of FP32",
-                )
-            )
-        else:
-            steps.append(Step(NAME, "int8-dynamic", "SKIPPED", built8, detail="unchanged"))
-    return steps
+                **metrics,
+            },
+            "build": {"key": key, "script": "tools/build_minilm.py"},
+        },
+    )
+    return int(version.name)
 
 
 def _say(console: Any, text: str) -> None:
