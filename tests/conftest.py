@@ -147,3 +147,11 @@ def triton_infer(
     result = client.infer(model, infer_inputs, **kwargs)
     response = result.get_response()
     return {out.name: result.as_numpy(out.name) for out in response.outputs}
+
+
+@pytest.fixture(scope="session")
+def prometheus_bin() -> Path:
+    """Folder with Debian's `prometheus` and `promtool` (installed into a cache when not on PATH)."""
+    from promserver import prometheus_bin as find
+
+    return find()
