@@ -2,8 +2,9 @@
 
 `prometheus_bin()` finds `prometheus` and `promtool` on PATH; when they are not there it fetches
 Debian's package with `apt-get download` and unpacks it with `dpkg -x` into a cache folder (as root it
-refreshes empty package lists first). Nothing is installed system-wide, so no packaged service starts. CI therefore never skips a test that needs it; a run by hand
-on a machine with neither apt nor the binaries fails with a message saying what to install.
+refreshes empty package lists first). Nothing is installed system-wide, so no packaged service starts.
+CI therefore never skips a test that needs it; a run by hand on a machine with neither apt nor the
+binaries fails with a message saying what to install.
 
 `PrometheusServer` runs one server with a generated scrape config (and optional rule files) in a temp dir
 that it removes on exit, and answers PromQL through the HTTP API.
