@@ -12,7 +12,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from conftest import triton_infer
-from tritonforge.repository import check_live, check_repository
+from tritonforge.repository import check_repository
+from tritonforge.server.live import check_live
 from tritonforge.server import EmbeddedServer
 
 pytest.importorskip("sklearn")

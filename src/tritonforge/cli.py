@@ -133,7 +133,8 @@ def validate(
     ),
 ) -> None:
     """Check REPO offline (layout, configs, files, signatures) and, with --live, on a real server."""
-    from tritonforge.repository import check_live, check_repository
+    from tritonforge.repository import check_repository
+    from tritonforge.server.live import check_live
 
     problems = check_repository(repo)
     errors = [p for p in problems if p.severity == "error"]
