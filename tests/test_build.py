@@ -17,17 +17,11 @@ from tritonforge.server.live import check_live
 from tritonforge.server import EmbeddedServer
 
 pytest.importorskip("sklearn")
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 
 def load_tool(name: str):
-    """A tools/ script as a module (the scripts are meant to be run alone, not installed)."""
-    if str(TOOLS) not in sys.path:
-        sys.path.insert(0, str(TOOLS))
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """An example builder (shipped in the package; tools/ holds thin entry points to them)."""
+    return importlib.import_module(f"tritonforge.examples.{name}")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The example pipelines in ensembles/ on the real example models, through the embedded Triton server.
 
-The digits classifiers are built by tools/build_digits.py (seconds); the MiniLM encoder by
-tools/build_minilm.py (about a minute: export, INT8 quantization, checks), and the text pipeline's answers
+The digits classifiers are built by tritonforge.examples.build_digits (seconds); the MiniLM encoder by
+tritonforge.examples.build_minilm (about a minute: export, INT8 quantization, checks), and the text pipeline's answers
 are compared with sentence-transformers running the same weights in this process.
 """
 
@@ -18,7 +18,7 @@ from rich.console import Console
 
 from tritonforge.config import read_config
 from tritonforge.ensemble import check_specs, compile_specs, load_spec
-from tritonforge.pipelines_demo import run_pipelines_demo
+from tritonforge.examples.pipelines_demo import run_pipelines_demo
 
 pytest.importorskip("sklearn")
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,15 +26,7 @@ SPECS = ROOT / "ensembles"
 
 
 def load_tool(name: str):
-    tools = str(ROOT / "tools")
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
-    spec = importlib.util.spec_from_file_location(
-        f"tools_{name}_for_ensembles", ROOT / "tools" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"tritonforge.examples.{name}")
 
 
 @pytest.fixture(scope="module")

@@ -186,7 +186,7 @@ def demo(
     requests: int = typer.Option(0, help="Digits sent in the frameworks part (default: the test split)."),
 ) -> None:
     """The main job, end to end: build the example repository, run its pipelines on Triton, report."""
-    from tritonforge.demo import run_main_job
+    from tritonforge.examples.demo import run_main_job
 
     try:
         run_main_job(console, repo, build=build, frameworks=frameworks, limit=requests or None)
