@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,8 @@ import tritonclient.grpc as grpcclient
 
 from conftest import triton_infer
 from tritonforge.repository import check_repository
-from tritonforge.server.live import check_live
 from tritonforge.server import EmbeddedServer
+from tritonforge.server.live import check_live
 
 pytest.importorskip("sklearn")
 
@@ -123,7 +122,7 @@ def test_build_cli_runs_the_tools_and_lists_the_models(tmp_path):
     repo = tmp_path / "model_repository"
     done = subprocess.run(
         [sys.executable, "-m", "tritonforge", "build", "--repo", str(repo), "--only", "digits"],
-        cwd=TOOLS.parent,
+        cwd=tmp_path,  # any folder: the builders ship in the package
         capture_output=True,
         text=True,
         timeout=600,

@@ -98,7 +98,9 @@ def violations() -> list[str]:
             elif unit in ONLY and target not in ONLY[unit]:
                 found.append(f"{where}: {unit} may import only {sorted(ONLY[unit])}, not {target}")
             elif RANK[target] >= RANK.get(unit, -1):
-                found.append(f"{where}: {unit} (layer {RANK.get(unit)}) imports {target} (layer {RANK[target]})")
+                found.append(
+                    f"{where}: {unit} (layer {RANK.get(unit)}) imports {target} (layer {RANK[target]})"
+                )
     return found
 
 
@@ -114,7 +116,9 @@ def test_imports_point_down_only() -> None:
         ("from ..ensemble import compile_specs\n", "repository (layer 4) imports ensemble (layer 5)"),
     ],
 )
-def test_the_check_catches_an_upward_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source, expected):
+def test_the_check_catches_an_upward_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source, expected
+):
     # The checker itself must be able to fail: plant an upward import in a copy of a lower layer.
     fake = tmp_path / "tritonforge"
     (fake / "repository").mkdir(parents=True)

@@ -217,7 +217,9 @@ def operations(draw: st.DrawFn) -> list[tuple[list[tuple[str, int | None, bool]]
     for _ in range(draw(st.integers(1, 4))):
         models = draw(
             st.lists(
-                st.tuples(NAMES, st.one_of(st.none(), st.integers(-1, 3)), st.booleans()), min_size=1, max_size=3
+                st.tuples(NAMES, st.one_of(st.none(), st.integers(-1, 3)), st.booleans()),
+                min_size=1,
+                max_size=3,
             )
         )
         ops.append((models, draw(st.booleans())))

@@ -1,4 +1,4 @@
-"""Entry point kept for a checkout: the builder ships in the package as `tritonforge.examples.build_minilm`."""
+"""Entry point kept for a checkout; the builder ships as `tritonforge.examples.build_minilm`."""
 
 from __future__ import annotations
 

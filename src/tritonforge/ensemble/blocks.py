@@ -153,7 +153,9 @@ def passthrough_model(tensors: Sequence[TensorSpec], max_batch_size: int) -> Blo
 
     Named after its signature, so pipelines that need the same one share it.
     """
-    parts = [f"{t.dtype.name.lower()}_{'x'.join('v' if d < 0 else str(d) for d in t.dims) or 's'}" for t in tensors]
+    parts = [
+        f"{t.dtype.name.lower()}_{'x'.join('v' if d < 0 else str(d) for d in t.dims) or 's'}" for t in tensors
+    ]
     name = "tritonforge_passthrough_" + "_".join(parts) + f"_b{max_batch_size}"
     if len(name) > 80:
         name = "tritonforge_passthrough_" + hashlib.sha256(name.encode()).hexdigest()[:16]
@@ -162,7 +164,9 @@ def passthrough_model(tensors: Sequence[TensorSpec], max_batch_size: int) -> Blo
         backend="python",
         max_batch_size=max_batch_size,
         inputs=[TensorSpec(name=f"IN_{k}", dtype=t.dtype, dims=list(t.dims)) for k, t in enumerate(tensors)],
-        outputs=[TensorSpec(name=f"OUT_{k}", dtype=t.dtype, dims=list(t.dims)) for k, t in enumerate(tensors)],
+        outputs=[
+            TensorSpec(name=f"OUT_{k}", dtype=t.dtype, dims=list(t.dims)) for k, t in enumerate(tensors)
+        ],
         dynamic_batching=DynamicBatching() if max_batch_size > 0 else None,
         parameters={GENERATED_MARK: "block:passthrough"},
     )

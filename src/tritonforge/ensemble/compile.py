@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tritonforge.config import DynamicBatching, EnsembleStep, InstanceGroup, ModelConfig, write_config
+from tritonforge.config import DynamicBatching, EnsembleStep, InstanceGroup, ModelConfig
 from tritonforge.ensemble.blocks import GENERATED_MARK, BlockModel, block_model, model_file, passthrough_model
 from tritonforge.ensemble.check import Resolved, check_pipeline, known_models
 from tritonforge.ensemble.spec import Issue, PipelineSpec, load_spec
@@ -157,7 +157,10 @@ def ensemble_plan(resolved: Resolved) -> tuple[ModelConfig, list[BlockModel]]:
                 input_map={f"IN_{k}": t.name for k, t in enumerate(resolved.inputs)},
                 output_map={f"OUT_{k}": renamed[t.name] for k, t in enumerate(resolved.inputs)},
             ),
-            *(dataclasses.replace(s, input_map={k: renamed.get(v, v) for k, v in s.input_map.items()}) for s in steps),
+            *(
+                dataclasses.replace(s, input_map={k: renamed.get(v, v) for k, v in s.input_map.items()})
+                for s in steps
+            ),
         ]
     config = ModelConfig(
         name=spec.name,
@@ -295,7 +298,9 @@ def compile_specs(paths: Iterable[str | os.PathLike[str]], repo: str | os.PathLi
                 config, helpers = ensemble_plan(item)
                 for helper in helpers:
                     add_block(helper, "passthrough", spec.name)
-                write.add_model(spec.name, None, config, version=spec.version, overwrite=True, manifest=record)
+                write.add_model(
+                    spec.name, None, config, version=spec.version, overwrite=True, manifest=record
+                )
             written.append(repo_path / spec.name)
     return written
 

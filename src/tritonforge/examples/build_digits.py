@@ -19,10 +19,7 @@ from typing import Any
 
 import numpy as np
 
-
-
 from tritonforge.examples._common import run
-
 from tritonforge.registry import Step, build_key, find_built, register
 
 SEED = 0

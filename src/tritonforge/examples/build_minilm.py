@@ -29,7 +29,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tritonforge.examples import minilm
 from tritonforge.examples._common import run
-
 from tritonforge.registry import Step, build_key, find_built, register
 
 NAME = "minilm_encoder"

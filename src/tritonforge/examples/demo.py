@@ -2,7 +2,8 @@
 
 ``run_main_job`` builds the example repository (``tritonforge build``: the digits classifiers, the MiniLM
 encoder in FP32 and INT8, the pipelines of ``ensembles/``), runs the pipelines on the embedded server
-(:mod:`tritonforge.examples.pipelines_demo`), then ``run_frameworks_demo`` serves one model from two frameworks:
+(:mod:`tritonforge.examples.pipelines_demo`), then ``run_frameworks_demo`` serves one model from two
+frameworks:
 
 A small MLP is trained on scikit-learn's bundled digits (8x8 images, 10 classes), exported to ONNX and to
 TorchScript, laid out as a Triton repository with dynamic batching, and served by the embedded Triton server.

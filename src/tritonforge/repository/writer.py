@@ -243,7 +243,9 @@ class RepositoryWrite:
             raise RepositoryError(f"model file {source} does not exist", model=name)
         for extra in map(Path, extra_files):
             if not extra.exists():
-                raise RepositoryError(f"file {extra} (to go beside the model file) does not exist", model=name)
+                raise RepositoryError(
+                    f"file {extra} (to go beside the model file) does not exist", model=name
+                )
         if config is None:
             if source is None:
                 raise RepositoryError(f"model '{name}' needs a model file or a config", model=name)

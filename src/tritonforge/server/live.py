@@ -35,7 +35,6 @@ class LiveResult:
         return self.loaded and self.answered
 
 
-
 def check_live(
     repo: str | os.PathLike[str], *, timeout_s: float = 60.0, server: Any = None
 ) -> list[LiveResult]:
