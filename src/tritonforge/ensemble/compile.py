@@ -16,7 +16,7 @@ from tritonforge.config import DynamicBatching, EnsembleStep, InstanceGroup, Mod
 from tritonforge.ensemble.blocks import GENERATED_MARK, BlockModel, block_model, model_file, passthrough_model
 from tritonforge.ensemble.check import Resolved, check_pipeline, known_models
 from tritonforge.ensemble.spec import Issue, PipelineSpec, load_spec
-from tritonforge.errors import EnsembleError
+from tritonforge.errors import PipelineCheckError
 from tritonforge.repository import RepositoryWrite
 
 __all__ = [
@@ -29,18 +29,6 @@ __all__ = [
     "router_config",
     "spec_files",
 ]
-
-
-class PipelineCheckError(EnsembleError):
-    """One or more pipeline specs failed their checks; ``issues`` lists every one of them."""
-
-    def __init__(self, issues: Sequence[Issue]) -> None:
-        lines = "\n".join(f"  - {issue}" for issue in issues)
-        super().__init__(
-            f"{len(issues)} problem(s) in the pipeline specs; nothing was written:\n{lines}",
-            model=issues[0].pipeline if issues else None,
-        )
-        self.issues = list(issues)
 
 
 def spec_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
