@@ -102,7 +102,7 @@ def add_model_command(
     max_queue_delay_us: int = typer.Option(0, help="How long a request may wait for a fuller batch."),
     instances: int = typer.Option(1, help="Model instances (each runs requests in parallel)."),
     kind: Kind = typer.Option(Kind.cpu, help="Where instances run."),
-    version: int | None = typer.Option(None, help="Version number (default: the next one)."),
+    version: int | None = typer.Option(None, min=1, help="Version number (default: the next one)."),
 ) -> None:
     """Add FILE as a new version of model NAME in REPO, with a config read off the file."""
     from tritonforge.repository import add_model

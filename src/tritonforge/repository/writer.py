@@ -156,6 +156,7 @@ def add_model(
             is not a valid model name, or no staging folder can be made beside the repository.
         ConfigError: the config is invalid or names another model.
         SignatureError: the config can't be inferred from the file.
+        ValueError / TypeError: ``version`` is below 1 or not an int (a bad argument).
     """
     with RepositoryWrite(repo) as write:
         return write.add_model(
@@ -278,8 +279,10 @@ class RepositoryWrite:
             )
         model_dir = self.repo / name
         chosen = version if version is not None else next_version(model_dir)
-        if isinstance(chosen, bool) or not isinstance(chosen, int) or chosen < 1:
-            raise RepositoryError(f"version must be a positive integer, not {chosen!r}", model=name)
+        if isinstance(chosen, bool) or not isinstance(chosen, int):
+            raise TypeError(f"version must be an int, not {type(chosen).__name__}")
+        if chosen < 1:
+            raise ValueError(f"model '{name}': version must be 1 or more, not {chosen}")
         target = model_dir / str(chosen)
         if target.exists() and not overwrite:
             raise RepositoryError(
