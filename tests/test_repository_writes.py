@@ -255,3 +255,17 @@ def test_any_sequence_of_writes_leaves_a_whole_repository_or_changes_nothing(mlp
             assert staging_leftovers(repo) == ([], [])
             if expected:
                 assert errors_of(repo) == []
+
+
+@pytest.mark.slow
+def test_a_staging_folder_inside_a_repository_stops_triton_which_is_why_validate_calls_it_an_error(
+    tmp_path, mlp_file
+):
+    from tritonforge.errors import ServerError
+
+    repo = tmp_path / "repo"
+    add_model(repo, "mlp", mlp_file)
+    (repo / f"{STAGING_PREFIX}left" / "1").mkdir(parents=True)  # what a killed older writer left
+    assert [p.model for p in check_repository(repo) if p.severity == "error"] == [f"{STAGING_PREFIX}left"]
+    with pytest.raises(ServerError), EmbeddedServer(repo, startup_timeout_s=60):
+        pass
