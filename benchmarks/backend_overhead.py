@@ -33,7 +33,7 @@ from tritonforge.server import EmbeddedServer
 def build_repository(root: Path) -> tuple[Path, np.ndarray]:
     import torch
 
-    from tritonforge.demo import _train
+    from tritonforge.examples.demo import _train
     from tritonforge.export import to_onnx
 
     model, _, x_test, _, _ = _train()

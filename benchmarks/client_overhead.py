@@ -11,8 +11,8 @@ to perf_analyzer. Speed is compared only as ratios within one run: the machine i
     python benchmarks/client_overhead.py                 # ~5 min on 2 cores
     python benchmarks/client_overhead.py --rounds 1 --concurrency 1 64
 
-perf_analyzer runs when ``/work/shared/tools/perf_analyzer`` (or ``--perf-analyzer PATH``, or one on
-PATH) exists; otherwise the table says it is absent.
+perf_analyzer runs when one is found (``--perf-analyzer PATH``, ``$PERF_ANALYZER``, on ``PATH``, or
+``../shared/tools/perf_analyzer`` beside the project); otherwise the table says it is absent.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import asyncio
 import os
 import re
 import resource
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -33,13 +32,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from _common import find_perf_analyzer  # benchmarks/ is on sys.path when a script runs
 from onnx import TensorProto, helper, numpy_helper
 
 from tritonforge import AsyncClient, Client
 from tritonforge.repository import add_model
 from tritonforge.server import EmbeddedServer
 
-DEFAULT_PERF_ANALYZER = "/work/shared/tools/perf_analyzer"
 MODEL = "mlp"
 X = np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)
 
@@ -218,13 +217,6 @@ def bench_raw_sync(url: str, concurrency: int, seconds: float, warmup_s: float) 
 # -- perf_analyzer --------------------------------------------------------------------------------------
 
 
-def find_perf_analyzer(given: str | None) -> str | None:
-    for candidate in (given, DEFAULT_PERF_ANALYZER, shutil.which("perf_analyzer")):
-        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
 def bench_perf_analyzer(exe: str, url: str, concurrency: int, seconds: float) -> Result | None:
     """perf_analyzer's own figures; its CPU per request from its process rusage over the requests it sent
     (throughput x its run time: warm-up and stabilisation windows included, a slight overestimate)."""
@@ -291,7 +283,9 @@ def main() -> None:
         "--rounds", type=int, default=7, help="alternating rounds per client (median reported)"
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--perf-analyzer", default=None, help=f"path (default {DEFAULT_PERF_ANALYZER})")
+    parser.add_argument(
+        "--perf-analyzer", default=None, help="path (else $PERF_ANALYZER, PATH, ../shared/tools/)"
+    )
     parser.add_argument("--no-perf-analyzer", action="store_true")
     args = parser.parse_args()
 

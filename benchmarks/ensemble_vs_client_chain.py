@@ -27,7 +27,7 @@ from rich.table import Table
 
 from tritonforge.client import AsyncClient
 from tritonforge.config import read_config
-from tritonforge.pipelines_demo import CORPUS, QUERIES
+from tritonforge.examples.pipelines_demo import CORPUS, QUERIES
 from tritonforge.server import EmbeddedServer
 
 PIPELINE = "text_embedding"

@@ -3,7 +3,7 @@
 The server runs on one core, the generator on the other (CPU affinity), one generator at a time, each for
 the same duration at the same concurrency, against an identity ONNX model (4 floats in, the same out):
 
-- perf_analyzer (NVIDIA's C++ tool; ``/work/shared/tools/perf_analyzer`` or ``$PERF_ANALYZER``), the
+- perf_analyzer (NVIDIA's C++ tool; ``$PERF_ANALYZER``, on ``PATH``, or ``../shared/tools/``), the
   reference; the output says so when it is absent;
 - raw ``tritonclient.grpc.aio``, N coroutines in a closed loop (the floor of any Python generator);
 - our sweep (``tritonforge.loadtest.sweep``) over the same raw aio client, and over
@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
+from _common import find_perf_analyzer  # benchmarks/ is on sys.path when a script runs
 from onnx import TensorProto, helper
 from rich.console import Console
 from rich.table import Table
@@ -44,7 +45,7 @@ from tritonforge.repository import add_model
 from tritonforge.server import EmbeddedServer
 
 ROOT = Path(__file__).resolve().parent.parent
-PERF_ANALYZER = os.environ.get("PERF_ANALYZER", "/work/shared/tools/perf_analyzer")
+PERF_ANALYZER = find_perf_analyzer()
 MODEL = "identity"
 
 
@@ -227,7 +228,7 @@ def locust_generator(url: str, concurrency: int, duration_s: float, work: Path) 
 
 
 def perf_analyzer(url: str, concurrency: int, duration_s: float) -> list[float] | None:
-    if not (shutil.which(PERF_ANALYZER) or Path(PERF_ANALYZER).exists()):
+    if PERF_ANALYZER is None:
         return None
     window_ms = int(duration_s * 1000 / 3)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -1,6 +1,6 @@
 """FP32 vs INT8 vs FP16 MiniLM encoder on CPU: latency, throughput, file size, cosine vs FP32.
 
-Builds the three artifacts exactly as ``tools/build_minilm.py`` does (FP16 with onnxruntime's own
+Builds the three artifacts exactly as ``tritonforge.examples.build_minilm`` does (FP16 with onnxruntime's own
 converter, inputs/outputs kept FP32), then times each in-process with onnxruntime at batch 1/16/64 and
 sequence 32/128 (real sentences, padded to the length), in the two layouts a server can use on this CPU:
 
@@ -28,11 +28,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import build_minilm  # noqa: E402
-import minilm  # noqa: E402
+from tritonforge.examples import build_minilm, minilm  # noqa: E402
 
 BATCHES = (1, 16, 64)
 SEQUENCES = (32, 128)

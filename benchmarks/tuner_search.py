@@ -1,4 +1,4 @@
-"""The tuner's search against trying every config, on the digits MLP (a real model: tools/build_digits.py).
+"""The tuner's search against trying every config, on the digits MLP (tritonforge.examples.build_digits).
 
 1. **Exhaustive**: every config of the search space (24) is loaded and swept.
 2. **The search, replayed** over those very measurements (coordinate search from the served config,
@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
 
 SPACE = {
     "max_batch_size": (8, 32),
@@ -43,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
 
-    import build_digits
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
+    from tritonforge.examples import build_digits
     from tritonforge.loadtest import SweepSettings
     from tritonforge.loadtest.tune import SearchSpace, Tuner
     from tritonforge.server import EmbeddedServer

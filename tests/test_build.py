@@ -5,28 +5,22 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
 from conftest import triton_infer
-from tritonforge.repository import check_live, check_repository
+from tritonforge.repository import check_repository
 from tritonforge.server import EmbeddedServer
+from tritonforge.server.live import check_live
 
 pytest.importorskip("sklearn")
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 
 def load_tool(name: str):
-    """A tools/ script as a module (the scripts are meant to be run alone, not installed)."""
-    if str(TOOLS) not in sys.path:
-        sys.path.insert(0, str(TOOLS))
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """An example builder (shipped in the package; tools/ holds thin entry points to them)."""
+    return importlib.import_module(f"tritonforge.examples.{name}")
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +122,7 @@ def test_build_cli_runs_the_tools_and_lists_the_models(tmp_path):
     repo = tmp_path / "model_repository"
     done = subprocess.run(
         [sys.executable, "-m", "tritonforge", "build", "--repo", str(repo), "--only", "digits"],
-        cwd=TOOLS.parent,
+        cwd=tmp_path,  # any folder: the builders ship in the package
         capture_output=True,
         text=True,
         timeout=600,

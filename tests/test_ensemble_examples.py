@@ -1,8 +1,8 @@
 """The example pipelines in ensembles/ on the real example models, through the embedded Triton server.
 
-The digits classifiers are built by tools/build_digits.py (seconds); the MiniLM encoder by
-tools/build_minilm.py (about a minute: export, INT8 quantization, checks), and the text pipeline's answers
-are compared with sentence-transformers running the same weights in this process.
+The digits classifiers are built by tritonforge.examples.build_digits (seconds); the MiniLM encoder
+by tritonforge.examples.build_minilm (about a minute: export, INT8 quantization, checks), and the text
+pipeline's answers are compared with sentence-transformers running the same weights in this process.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from rich.console import Console
 
 from tritonforge.config import read_config
 from tritonforge.ensemble import check_specs, compile_specs, load_spec
-from tritonforge.pipelines_demo import run_pipelines_demo
+from tritonforge.examples.pipelines_demo import run_pipelines_demo
 
 pytest.importorskip("sklearn")
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,15 +25,7 @@ SPECS = ROOT / "ensembles"
 
 
 def load_tool(name: str):
-    tools = str(ROOT / "tools")
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
-    spec = importlib.util.spec_from_file_location(
-        f"tools_{name}_for_ensembles", ROOT / "tools" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"tritonforge.examples.{name}")
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +54,16 @@ def test_text_example_is_refused_with_a_named_fix_until_its_encoder_is_built(dig
 def test_digits_examples_compile_to_an_ensemble_and_a_routed_model(digits_repo: Path) -> None:
     vote = read_config(digits_repo / "digits_vote" / "config.pbtxt")
     assert vote.is_ensemble and vote.max_batch_size == 64
+    # the members' probabilities are outputs *and* feed the vote: each is copied out by a passthrough step
+    # so that Triton's per-request pruning never drops a member the vote still needs
     assert [s.model_name for s in vote.ensemble_steps] == [
         "digits_logreg",
         "digits_mlp",
         "digits_random_forest",
         "digits_vote_combiner",
+        *["tritonforge_passthrough_fp32_10_b64"] * 3,
     ]
+    assert (digits_repo / "digits_vote" / "1" / "manifest.json").is_file()
     routed = read_config(digits_repo / "digits_routed" / "config.pbtxt")
     assert routed.backend == "python" and [t.name for t in routed.outputs] == ["probabilities", "ROUTE"]
 
@@ -90,6 +85,41 @@ def test_pipelines_demo_votes_routes_and_falls_back_on_the_real_digits_models(di
     assert sum(result.fallback_counts.values()) == 450 and result.fallback_accuracy > 0.9
     assert "majority vote" in report and "unloaded (forced failure)" in report
     assert result.text_cosine_min is None  # no text pipeline in this repository
+
+
+def test_every_digits_pipeline_answers_every_non_empty_subset_of_its_outputs(digits_repo: Path) -> None:
+    import itertools
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from sklearn.datasets import load_digits
+
+    from conftest import triton_infer
+    from tritonforge.server import EmbeddedServer
+
+    x = load_digits().data[:5].astype(np.float32)
+    failures: dict[tuple[str, ...], str] = {}
+    with EmbeddedServer(digits_repo) as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            for pipeline in ("digits_vote", "digits_routed"):
+                names = [t.name for t in read_config(digits_repo / pipeline / "config.pbtxt").outputs]
+                full = triton_infer(client, pipeline, {"input": x})
+                assert sorted(full) == sorted(names)
+                for size in range(1, len(names) + 1):
+                    for subset in itertools.combinations(names, size):
+                        asked = [grpcclient.InferRequestedOutput(n) for n in subset]
+                        try:
+                            got = triton_infer(client, pipeline, {"input": x}, outputs=asked)
+                        except Exception as exc:  # collect every failing subset, not only the first
+                            failures[(pipeline, *subset)] = str(exc)
+                            continue
+                        assert sorted(got) == sorted(subset), (pipeline, subset)
+                        for name in subset:
+                            np.testing.assert_array_equal(got[name], full[name])
+        finally:
+            client.close()
+    assert failures == {}
 
 
 def test_compile_into_a_copy_leaves_no_staging_folders(digits_repo: Path, tmp_path: Path) -> None:
@@ -130,6 +160,8 @@ def test_text_embedding_through_triton_matches_sentence_transformers_in_process(
         try:
             got = triton_infer(client, "text_embedding", {"TEXT": batch})["EMBEDDING"]
             single = triton_infer(client, "text_embedding", {"TEXT": batch[:1]})["EMBEDDING"]
+            asked = [grpcclient.InferRequestedOutput("EMBEDDING")]  # its one output, requested alone
+            alone = triton_infer(client, "text_embedding", {"TEXT": batch[:2]}, outputs=asked)["EMBEDDING"]
         finally:
             client.close()
     assert got.shape == (24, 384)
@@ -137,3 +169,4 @@ def test_text_embedding_through_triton_matches_sentence_transformers_in_process(
     assert cosine.min() >= 0.999, cosine
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(single[0], got[0], atol=1e-4)  # padding to a longer neighbour changes nothing
+    assert alone.shape == (2, 384)

@@ -4,24 +4,39 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from pathlib import Path
 
 import pytest
 
 import tritonforge
 
-MODULES = [
-    "tritonforge",
-    "tritonforge.errors",
-    "tritonforge.client",
-    "tritonforge.client.policies",
-    "tritonforge.client.observe",
-    "tritonforge.client.shm",
-]
+PACKAGE = Path(tritonforge.__file__).resolve().parent
+#: every subpackage (a folder with an __init__.py: new ones are covered when they land)
+SUBPACKAGES = sorted(
+    "tritonforge." + ".".join(p.parent.relative_to(PACKAGE).parts)
+    for p in PACKAGE.rglob("__init__.py")
+    if p.parent != PACKAGE
+)
+MODULES = sorted(
+    {
+        "tritonforge",
+        "tritonforge.errors",
+        "tritonforge.client.policies",
+        "tritonforge.client.observe",
+        "tritonforge.client.shm",
+        *SUBPACKAGES,
+    }
+)
+
+
+def test_every_subpackage_is_covered() -> None:
+    assert {"tritonforge.client", "tritonforge.verify", "tritonforge.examples"} <= set(SUBPACKAGES)
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_all_lists_only_names_the_module_has(name: str) -> None:
     module = importlib.import_module(name)
+    assert isinstance(getattr(module, "__all__", None), list), f"{name} has no __all__"
     missing = [member for member in module.__all__ if not hasattr(module, member)]
     assert missing == []
 

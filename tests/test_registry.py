@@ -9,8 +9,8 @@ import pytest
 import tiny_models
 from tritonforge.config import read_config
 from tritonforge.errors import RepositoryError
-from tritonforge.quantize.verify import Artifact, compare
 from tritonforge.registry import audit_log, list_models, promote, read_manifest, register, rollback
+from tritonforge.verify import Artifact, compare
 
 
 def _artifact(path, stage="export"):

@@ -11,7 +11,8 @@ import pytest
 import tiny_models
 from tritonforge.config import DataType, ModelConfig, TensorSpec, read_config
 from tritonforge.errors import ConfigError, RepositoryError, SignatureError
-from tritonforge.repository import add_model, check_live, check_repository, file_sha256
+from tritonforge.repository import add_model, check_repository, file_sha256
+from tritonforge.server.live import check_live
 
 
 @pytest.fixture()

@@ -102,7 +102,7 @@ def add_model_command(
     max_queue_delay_us: int = typer.Option(0, help="How long a request may wait for a fuller batch."),
     instances: int = typer.Option(1, help="Model instances (each runs requests in parallel)."),
     kind: Kind = typer.Option(Kind.cpu, help="Where instances run."),
-    version: int | None = typer.Option(None, help="Version number (default: the next one)."),
+    version: int | None = typer.Option(None, min=1, help="Version number (default: the next one)."),
 ) -> None:
     """Add FILE as a new version of model NAME in REPO, with a config read off the file."""
     from tritonforge.repository import add_model
@@ -133,7 +133,8 @@ def validate(
     ),
 ) -> None:
     """Check REPO offline (layout, configs, files, signatures) and, with --live, on a real server."""
-    from tritonforge.repository import check_live, check_repository
+    from tritonforge.repository import check_repository
+    from tritonforge.server.live import check_live
 
     problems = check_repository(repo)
     errors = [p for p in problems if p.severity == "error"]
@@ -185,7 +186,7 @@ def demo(
     requests: int = typer.Option(0, help="Digits sent in the frameworks part (default: the test split)."),
 ) -> None:
     """The main job, end to end: build the example repository, run its pipelines on Triton, report."""
-    from tritonforge.demo import run_main_job
+    from tritonforge.examples.demo import run_main_job
 
     try:
         run_main_job(console, repo, build=build, frameworks=frameworks, limit=requests or None)

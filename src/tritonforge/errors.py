@@ -7,8 +7,10 @@
     ├── ExportError            a model that can't be exported (unsupported layer, failed check vs source)
     ├── QuantizationError      a quantization that failed or missed its tolerance
     ├── EnsembleError          a malformed or inconsistent pipeline spec
+    │   └── PipelineCheckError     every problem of a build's specs at once (``.issues``); nothing written
     ├── ServerError            the embedded Triton server could not start, or died
-    │   └── ModelLoadError     a model failed to load (names the model and Triton's reason)
+    │   ├── ModelLoadError     a model failed to load (names the model and Triton's reason)
+    │   └── ServerGone         the server stopped answering mid-run (a sweep, a tune)
     └── ClientError            an inference or control call failed
         ├── InvalidRequestError    wrong input name, dtype or shape (never retried)
         ├── ModelNotFoundError     no such model / version on the server
@@ -21,9 +23,19 @@
 
 Every error carries the context it is about (``model``, ``version``, ``endpoint``) where it has one, and says
 how to fix the problem where that is known.
+
+The tree is closed: every exception tritonforge defines is here, and every error about what a call is
+given to work on — a file, a repository, a spec, a config, a model, a tensor, a server — raises from it.
+One convention for bad *arguments*: a value that is wrong for the function itself, whatever it points at
+(a wrong type, a negative timeout, a version below 1, an unknown option name), is a programming error and
+raises the builtin ``TypeError`` / ``ValueError``, like the standard library. CLI verbs check their
+options before calling, so a user at a terminal still gets one line, never a traceback.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "AllEndpointsFailed",
@@ -37,9 +49,11 @@ __all__ = [
     "InvalidRequestError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "PipelineCheckError",
     "QuantizationError",
     "RepositoryError",
     "ServerError",
+    "ServerGone",
     "SignatureError",
     "TransportError",
     "TritonForgeError",
@@ -96,12 +110,28 @@ class EnsembleError(TritonForgeError):
     """A pipeline spec that is malformed or inconsistent."""
 
 
+class PipelineCheckError(EnsembleError):
+    """One or more pipeline specs failed their checks; ``issues`` lists every one of them."""
+
+    def __init__(self, issues: Sequence[Any]) -> None:
+        lines = "\n".join(f"  - {issue}" for issue in issues)
+        super().__init__(
+            f"{len(issues)} problem(s) in the pipeline specs; nothing was written:\n{lines}",
+            model=getattr(issues[0], "pipeline", None) if issues else None,
+        )
+        self.issues = list(issues)
+
+
 class ServerError(TritonForgeError):
     """The embedded Triton server could not start, or stopped unexpectedly."""
 
 
 class ModelLoadError(ServerError):
     """A model failed to load on the server; the message carries Triton's reason."""
+
+
+class ServerGone(ServerError):
+    """The server stopped answering mid-run (statistics unreachable, or every request unavailable)."""
 
 
 class ClientError(TritonForgeError):

@@ -349,33 +349,43 @@ def rollback(
 
 def build(
     repo: Path = typer.Option(Path("model_repository"), help="The repository to build into."),
-    tools: Path = typer.Option(Path("tools"), help="The folder of build_*.py scripts."),
-    ensembles: Path = typer.Option(Path("ensembles"), help="Pipeline specs compiled after the models."),
+    tools: Path | None = typer.Option(
+        None, help="A folder of your own build_*.py scripts (default: the example builders shipped here)."
+    ),
+    ensembles: Path | None = typer.Option(
+        None, help="Pipeline specs compiled after the models (default: the example pipelines shipped here)."
+    ),
     only: list[str] = typer.Option([], help="Run only these steps: digits, minilm, ensembles."),
     force: bool = typer.Option(False, help="Rebuild even unchanged models."),
 ) -> None:
-    """Build the example repository: tools/build_*.py, then ensembles/ (run from the project root).
+    """Build the example repository: the example model builders, then the example pipelines.
 
-    Each script writes every version atomically and skips what is unchanged, so an interrupted build
+    Works from any folder (the builders and specs ship in the package, ``pip install tritonforge[examples]``).
+    Each builder writes every version atomically and skips what is unchanged, so an interrupted build
     leaves the previous repository servable and a rerun does only what is missing.
     """
-    scripts = sorted(tools.glob("build_*.py"))
-    if only:
-        scripts = [s for s in scripts if s.stem.removeprefix("build_") in set(only)]
-    run_ensembles = (not only or "ensembles" in only) and ensembles.is_dir()
-    if not scripts and not run_ensembles:
-        raise _fail(
-            RepositoryError(f"no build_*.py scripts in {tools.resolve()}: run this from the project root")
-        )
+    from tritonforge.examples import BUILDERS, SPECS_DIR, builder_module
+
+    flag = ["--force"] if force else []
+    steps: list[tuple[str, list[str]]] = []
+    if tools is None:
+        for name in BUILDERS:
+            if not only or name in only:
+                module = builder_module(name)
+                steps.append((module, [sys.executable, "-m", module, "--repo", str(repo), *flag]))
+    else:
+        for script in sorted(tools.glob("build_*.py")):
+            if not only or script.stem.removeprefix("build_") in only:
+                steps.append((script.name, [sys.executable, str(script), "--repo", str(repo), *flag]))
+    specs = SPECS_DIR if ensembles is None else ensembles
+    if (not only or "ensembles" in only) and specs.is_dir():
+        compile_command = [sys.executable, "-m", "tritonforge", "ensemble", "compile", str(specs)]
+        steps.append((f"{specs}/ (ensemble compile)", [*compile_command, "--repo", str(repo)]))
+    if not steps:
+        where = "the example builders" if tools is None else f"build_*.py scripts in {tools.resolve()}"
+        raise _fail(RepositoryError(f"nothing to build: no {where} match --only {' '.join(only)}"))
     failed = []
-    steps = [[sys.executable, str(s), "--repo", str(repo), *(["--force"] if force else [])] for s in scripts]
-    names = [s.name for s in scripts]
-    if run_ensembles:
-        steps.append(
-            [sys.executable, "-m", "tritonforge", "ensemble", "compile", str(ensembles), "--repo", str(repo)]
-        )
-        names.append(f"{ensembles}/ (ensemble compile)")
-    for name, command in zip(names, steps, strict=True):
+    for name, command in steps:
         console.rule(name)
         with console.status(f"running {name} ..."):
             done = subprocess.run(command, check=False)

@@ -22,15 +22,16 @@ tokenizer), not tritonforge, so a repository built here runs unchanged on NVIDIA
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tritonforge.config import DataType, DynamicBatching, ModelConfig, TensorSpec
 
-__all__ = ["BLOCKS", "BlockModel", "block_model", "model_file"]
+__all__ = ["BLOCKS", "BlockModel", "block_model", "model_file", "passthrough_model"]
 
 BLOCKS = ("tokenizer", "mean_pooling", "combiner")
 COMBINE_METHODS = ("average", "weighted", "vote")
@@ -145,6 +146,31 @@ def block_model(
         parameters=params,
     )
     return BlockModel(config=config, source=model_file(block), extra_files=extra)
+
+
+def passthrough_model(tensors: Sequence[TensorSpec], max_batch_size: int) -> BlockModel:
+    """A model returning its inputs ``IN_<k>`` unchanged as ``OUT_<k>`` (typed like ``tensors``).
+
+    Named after its signature, so pipelines that need the same one share it.
+    """
+    parts = [
+        f"{t.dtype.name.lower()}_{'x'.join('v' if d < 0 else str(d) for d in t.dims) or 's'}" for t in tensors
+    ]
+    name = "tritonforge_passthrough_" + "_".join(parts) + f"_b{max_batch_size}"
+    if len(name) > 80:
+        name = "tritonforge_passthrough_" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    config = ModelConfig(
+        name=name,
+        backend="python",
+        max_batch_size=max_batch_size,
+        inputs=[TensorSpec(name=f"IN_{k}", dtype=t.dtype, dims=list(t.dims)) for k, t in enumerate(tensors)],
+        outputs=[
+            TensorSpec(name=f"OUT_{k}", dtype=t.dtype, dims=list(t.dims)) for k, t in enumerate(tensors)
+        ],
+        dynamic_batching=DynamicBatching() if max_batch_size > 0 else None,
+        parameters={GENERATED_MARK: "block:passthrough"},
+    )
+    return BlockModel(config=config, source=model_file("passthrough"))
 
 
 def _positive(value: Any, what: str) -> int:

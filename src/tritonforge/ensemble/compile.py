@@ -1,24 +1,23 @@
 """Compile checked pipelines into the repository: ensembles, building blocks, routed (BLS) models.
 
-Nothing is written unless every spec of the build passes every check.
+Nothing is written unless every spec of the build passes every check, and a build is staged whole (outside
+the repository) before any model of it moves in: a failure part-way writes nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tritonforge.config import DynamicBatching, EnsembleStep, InstanceGroup, ModelConfig, write_config
-from tritonforge.ensemble.blocks import GENERATED_MARK, block_model, model_file
+from tritonforge.config import DynamicBatching, EnsembleStep, InstanceGroup, ModelConfig
+from tritonforge.ensemble.blocks import GENERATED_MARK, BlockModel, block_model, model_file, passthrough_model
 from tritonforge.ensemble.check import Resolved, check_pipeline, known_models
 from tritonforge.ensemble.spec import Issue, PipelineSpec, load_spec
-from tritonforge.errors import EnsembleError
-from tritonforge.repository import add_model
-from tritonforge.repository.writer import STAGING_PREFIX
+from tritonforge.errors import PipelineCheckError
+from tritonforge.repository import RepositoryWrite
 
 __all__ = [
     "PipelineCheckError",
@@ -26,21 +25,10 @@ __all__ = [
     "compile_all",
     "compile_specs",
     "ensemble_config",
+    "ensemble_plan",
     "router_config",
     "spec_files",
 ]
-
-
-class PipelineCheckError(EnsembleError):
-    """One or more pipeline specs failed their checks; ``issues`` lists every one of them."""
-
-    def __init__(self, issues: Sequence[Issue]) -> None:
-        lines = "\n".join(f"  - {issue}" for issue in issues)
-        super().__init__(
-            f"{len(issues)} problem(s) in the pipeline specs; nothing was written:\n{lines}",
-            model=issues[0].pipeline if issues else None,
-        )
-        self.issues = list(issues)
 
 
 def spec_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -89,7 +77,23 @@ def check_specs(
 
 
 def ensemble_config(resolved: Resolved) -> ModelConfig:
-    """The Triton ensemble config of a checked DAG pipeline."""
+    """The Triton ensemble config of a checked DAG pipeline (see :func:`ensemble_plan`)."""
+    return ensemble_plan(resolved)[0]
+
+
+def ensemble_plan(resolved: Resolved) -> tuple[ModelConfig, list[BlockModel]]:
+    """The ensemble config of a checked DAG pipeline and the passthrough models it needs.
+
+    Triton prunes an ensemble per request when a client names only some outputs: walking back from each
+    output *not* requested, it drops the step producing it once none of that step's outputs is wanted —
+    without asking whether the tensor also feeds another step — and an ensemble input whose consumers
+    were all dropped is taken for the output of step 0 (``EnsembleContext`` in Triton's
+    ``ensemble_scheduler.cc``). So ``LABEL`` alone from ``digits_vote`` dropped the member models the
+    vote needs: "unexpected deadlock, at least one output is not set". The compiled graph avoids both
+    traps: an output that a step also consumes is produced under an internal name and copied out by a
+    passthrough step (dropping the copy drops nothing else), and when some output does not depend on
+    every input, step 0 is a passthrough of the inputs (dropped only when nothing needs any input).
+    """
     spec = resolved.spec
     steps = [
         EnsembleStep(
@@ -97,14 +101,80 @@ def ensemble_config(resolved: Resolved) -> ModelConfig:
         )
         for s in spec.steps
     ]
-    return ModelConfig(
+    mbs = resolved.max_batch_size
+    taken = {t for s in steps for t in (*s.input_map.values(), *s.output_map.values())}
+    taken |= {t.name for t in (*resolved.inputs, *resolved.outputs)}
+
+    def internal(tensor: str, role: str) -> str:
+        name = f"_{tensor}_{role}"
+        while name in taken:
+            name = "_" + name
+        taken.add(name)
+        return name
+
+    models: list[BlockModel] = []
+    consumed = {t for s in steps for t in s.input_map.values()}
+    copies: list[EnsembleStep] = []
+    for output in resolved.outputs:
+        if output.name not in consumed:
+            continue
+        hidden = internal(output.name, "shared")
+        steps = [
+            dataclasses.replace(
+                s,
+                input_map={k: hidden if v == output.name else v for k, v in s.input_map.items()},
+                output_map={k: hidden if v == output.name else v for k, v in s.output_map.items()},
+            )
+            for s in steps
+        ]
+        model = passthrough_model([output], mbs)
+        models.append(model)
+        copies.append(
+            EnsembleStep(
+                model_name=model.config.name, input_map={"IN_0": hidden}, output_map={"OUT_0": output.name}
+            )
+        )
+    steps += copies
+    if not _every_output_needs_every_input(steps, resolved):
+        model = passthrough_model(resolved.inputs, mbs)
+        models.append(model)
+        renamed = {t.name: internal(t.name, "input") for t in resolved.inputs}
+        steps = [
+            EnsembleStep(
+                model_name=model.config.name,
+                input_map={f"IN_{k}": t.name for k, t in enumerate(resolved.inputs)},
+                output_map={f"OUT_{k}": renamed[t.name] for k, t in enumerate(resolved.inputs)},
+            ),
+            *(
+                dataclasses.replace(s, input_map={k: renamed.get(v, v) for k, v in s.input_map.items()})
+                for s in steps
+            ),
+        ]
+    config = ModelConfig(
         name=spec.name,
         platform="ensemble",
-        max_batch_size=resolved.max_batch_size,
+        max_batch_size=mbs,
         inputs=resolved.inputs,
         outputs=resolved.outputs,
         ensemble_steps=steps,
     )
+    return config, models
+
+
+def _every_output_needs_every_input(steps: Sequence[EnsembleStep], resolved: Resolved) -> bool:
+    needs: dict[str, set[str]] = {t.name: {t.name} for t in resolved.inputs}
+    pending = list(steps)
+    while pending:  # the spec is checked acyclic, so each pass settles at least one step
+        ready = [s for s in pending if all(v in needs for v in s.input_map.values())]
+        if not ready:
+            return True  # not ours to judge here; the checks reported it
+        for step in ready:
+            upstream = set().union(*(needs[v] for v in step.input_map.values()))
+            for tensor in step.output_map.values():
+                needs[tensor] = upstream
+            pending.remove(step)
+    everything = {t.name for t in resolved.inputs}
+    return all(needs.get(t.name, everything) == everything for t in resolved.outputs)
 
 
 def router_config(resolved: Resolved) -> ModelConfig:
@@ -158,11 +228,16 @@ def router_config(resolved: Resolved) -> ModelConfig:
 def compile_specs(paths: Iterable[str | os.PathLike[str]], repo: str | os.PathLike[str]) -> list[Path]:
     """Check every spec, then (only if all pass) write blocks, ensembles and routers into ``repo``.
 
+    Every model goes through the one writer (:class:`~tritonforge.repository.RepositoryWrite`), ensembles
+    included (their version folder holds their manifest); the whole build is staged first, so an error
+    part-way leaves the repository as it was.
+
     Returns:
         The model folders written (blocks first, then pipelines).
 
     Raises:
         PipelineCheckError: with every issue found; the repository is left untouched.
+        RepositoryError: the build could not be staged or moved in (nothing, or only whole models, moved).
     """
     repo_path = Path(repo)
     resolved, issues = check_specs(paths, repo_path)
@@ -170,45 +245,51 @@ def compile_specs(paths: Iterable[str | os.PathLike[str]], repo: str | os.PathLi
         raise PipelineCheckError(issues)
     written: list[Path] = []
     seen: set[str] = set()
-    for item in resolved:
-        spec = item.spec
-        for block in spec.models:
-            if block.name in seen:
-                continue
-            seen.add(block.name)
-            built = block_model(
-                block.name,
-                block.block,
-                block.options,
-                block.max_batch_size,
-                base_dir=Path(spec.source).parent if spec.source else None,
-            )
-            add_model(
-                repo_path,
-                block.name,
-                built.source,
-                built.config,
+    with RepositoryWrite(repo_path) as write:
+
+        def add_block(model: BlockModel, block: str, pipeline: str) -> None:
+            if model.config.name in seen:
+                return
+            seen.add(model.config.name)
+            write.add_model(
+                model.config.name,
+                model.source,
+                model.config,
                 version=1,
                 overwrite=True,
-                extra_files=built.extra_files,
-                manifest={"block": block.block, "pipeline": spec.name},
+                extra_files=model.extra_files,
+                manifest={"block": block, "pipeline": pipeline},
             )
-            written.append(repo_path / block.name)
-    for item in resolved:
-        spec = item.spec
-        if spec.is_routed:
-            add_model(
-                repo_path,
-                spec.name,
-                model_file("router"),
-                router_config(item),
-                version=spec.version,
-                overwrite=True,
-                manifest={"pipeline": spec.name, "spec": str(spec.source)},
-            )
-        else:
-            _write_ensemble(repo_path, ensemble_config(item), spec.version)
-        written.append(repo_path / spec.name)
+            written.append(repo_path / model.config.name)
+
+        for item in resolved:
+            spec = item.spec
+            for block in spec.models:
+                base_dir = Path(spec.source).parent if spec.source else None
+                built = block_model(
+                    block.name, block.block, block.options, block.max_batch_size, base_dir=base_dir
+                )
+                add_block(built, block.block, spec.name)
+        for item in resolved:
+            spec = item.spec
+            record = {"pipeline": spec.name, "spec": str(spec.source)}
+            if spec.is_routed:
+                write.add_model(
+                    spec.name,
+                    model_file("router"),
+                    router_config(item),
+                    version=spec.version,
+                    overwrite=True,
+                    manifest=record,
+                )
+            else:
+                config, helpers = ensemble_plan(item)
+                for helper in helpers:
+                    add_block(helper, "passthrough", spec.name)
+                write.add_model(
+                    spec.name, None, config, version=spec.version, overwrite=True, manifest=record
+                )
+            written.append(repo_path / spec.name)
     return written
 
 
@@ -223,20 +304,3 @@ def compile_all(spec_dir: str | os.PathLike[str], repo: str | os.PathLike[str]) 
         PipelineCheckError: every issue of every spec; nothing is written.
     """
     return compile_specs([spec_dir], repo)
-
-
-def _write_ensemble(repo: Path, config: ModelConfig, version: int) -> None:
-    # add_model writes model files; an ensemble has none, only its config and an empty version folder.
-    # Same discipline: stage inside the repository, then rename into place.
-    repo.mkdir(parents=True, exist_ok=True)
-    target = repo / config.name
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=repo))
-    try:
-        staged = staging / "model"
-        (staged / str(version)).mkdir(parents=True)
-        write_config(config, staged / "config.pbtxt")
-        if target.exists():
-            target.rename(staging / "replaced")
-        staged.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -20,7 +20,7 @@ import numpy as np
 
 from tritonforge.errors import ExportError
 from tritonforge.export.result import Artifact
-from tritonforge.quantize.verify import Report, Tolerance, compare
+from tritonforge.verify import Report, Tolerance, compare
 
 __all__ = [
     "DEFAULT_OPSET",

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from tritonforge.quantize.verify import Artifact
+from tritonforge.verify import Artifact
 
 __all__ = ["Artifact"]

@@ -26,6 +26,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from tritonforge.errors import ServerGone
 from tritonforge.loadtest.stats import Counters, ServerSplit, splits
 
 __all__ = [
@@ -189,10 +190,6 @@ class SweepResult:
             server_models=tuple(data.get("server_models", ())),
             label=data.get("label", ""),
         )
-
-
-class ServerGone(Exception):
-    """The server stopped answering (statistics unreachable, or every request unavailable)."""
 
 
 # -- the load ---------------------------------------------------------------------------------------------

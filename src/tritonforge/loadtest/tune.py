@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from tritonforge.config import DynamicBatching, InstanceGroup, ModelConfig, read_config, write_config
-from tritonforge.errors import ModelNotFoundError, TritonForgeError
+from tritonforge.errors import ModelNotFoundError, ServerGone, TritonForgeError
 from tritonforge.loadtest.sweep import Event, SweepResult, SweepSettings, run_sweep
 from tritonforge.loadtest.target import open_target
 
@@ -339,10 +339,6 @@ def tunable_models(repository: Path, model: str) -> tuple[list[str], dict[str, M
     return order, configs
 
 
-class _ServerStopped(Exception):
-    """The server died mid-tune: the search ends, the trials so far are kept."""
-
-
 class Tuner:
     """Tune ``model`` on ``server`` (an :class:`~tritonforge.server.EmbeddedServer` with explicit model
     control, the model loaded) whose repository is ``repository``.
@@ -511,7 +507,7 @@ class Tuner:
         if self._server_died(trial):
             why = trial.error or (trial.sweep.stopped_at if trial.sweep else None) or "no reason given"
             self.stopped_at = f"config {index} ({label}): the server stopped ({why})"
-            raise _ServerStopped(self.stopped_at)
+            raise ServerGone(self.stopped_at)
         return trial
 
     def refine_point(self, point: Point) -> None:
@@ -526,7 +522,7 @@ class Tuner:
                 self.stopped_at = (
                     f"re-measuring config {trial.index} ({trial.label}): the server stopped ({why})"
                 )
-                raise _ServerStopped(self.stopped_at)
+                raise ServerGone(self.stopped_at)
             trial.repeats.append(again.single_rps or 0.0)
 
     def _server_died(self, trial: Trial) -> bool:
@@ -603,7 +599,7 @@ class Tuner:
             else:
                 self._search(self.evaluate, self.max_trials, refine)
                 strategy = f"coordinate search (budget {self.max_trials} of {self.space_size})"
-        except _ServerStopped:
+        except ServerGone:
             strategy = "stopped early: the server stopped"
         finally:
             self._restore()

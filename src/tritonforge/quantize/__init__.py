@@ -8,7 +8,7 @@ from tritonforge.quantize.onnx import (
     to_fp16,
     verify_onnx,
 )
-from tritonforge.quantize.verify import Report, Tolerance, compare
+from tritonforge.verify import Report, Tolerance, compare
 
 __all__ = [
     "DEFAULT_TOLERANCE",

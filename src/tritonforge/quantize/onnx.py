@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from tritonforge.errors import QuantizationError
-from tritonforge.quantize.verify import Artifact, Report, Tolerance, compare
+from tritonforge.verify import Artifact, Report, Tolerance, compare
 
 __all__ = [
     "DEFAULT_TOLERANCE",

@@ -1,4 +1,4 @@
-"""Helpers for the build scripts in ``tools/``: build keys (skip what is unchanged) and step results.
+"""Helpers for model builders (``tritonforge.examples.build_*``): build keys (skip what is unchanged), steps.
 
 A build key is the sha256 of everything that decides an artifact: the source's sha256, the export and
 quantization settings, and the versions of tritonforge and the libraries that did the work. A version

@@ -23,7 +23,14 @@ from typing import Any
 from tritonforge.config import ModelConfig, VersionPolicy, write_config
 from tritonforge.errors import QuantizationError, RepositoryError, TritonForgeError
 from tritonforge.export.result import Artifact
-from tritonforge.repository.writer import add_model, file_sha256, infer_config, load_config, versions
+from tritonforge.repository.writer import (
+    add_model,
+    current_user,
+    file_sha256,
+    infer_config,
+    load_config,
+    versions,
+)
 
 __all__ = [
     "AUDIT_LOG",
@@ -297,15 +304,13 @@ def _set_served(
         config = load_config(model_dir)
         before = served_versions(config, found)
         write_config(config.replace(version_policy=VersionPolicy.specific(version)), model_dir)
-        from tritonforge.repository.writer import _user
-
         event = {
             "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "action": action,
             "model": name,
             "from": before,
             "to": [version],
-            "by": _user(),
+            "by": current_user(),
         }
         if reason:
             event["reason"] = reason

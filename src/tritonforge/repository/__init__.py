@@ -1,9 +1,10 @@
-"""Model repositories: the one writer (atomic), and offline and live checks."""
+"""Model repositories: the one writer (atomic, staged outside the repository) and the offline checks."""
 
-from tritonforge.repository.checker import LiveResult, Problem, check_live, check_repository, sample_inputs
+from tritonforge.repository.checker import Problem, check_repository, sample_inputs
 from tritonforge.repository.writer import (
     DEFAULT_MAX_BATCH_SIZE,
     MODEL_FILENAMES,
+    RepositoryWrite,
     add_model,
     file_sha256,
     infer_config,
@@ -15,10 +16,9 @@ from tritonforge.repository.writer import (
 __all__ = [
     "DEFAULT_MAX_BATCH_SIZE",
     "MODEL_FILENAMES",
-    "LiveResult",
     "Problem",
+    "RepositoryWrite",
     "add_model",
-    "check_live",
     "check_repository",
     "file_sha256",
     "infer_config",

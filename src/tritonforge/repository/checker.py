@@ -1,9 +1,12 @@
-"""Checks of a model repository: offline (layout, configs, files, signatures) and live (load, one request)."""
+"""Offline checks of a model repository: layout, configs, files, signatures, leftovers of interrupted writes.
+
+The live check (load each model in a real server, send one request) is :mod:`tritonforge.server.live`.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +14,9 @@ import numpy as np
 
 from tritonforge.config import ModelConfig, check_signature, onnx_signature, read_config
 from tritonforge.errors import TritonForgeError
-from tritonforge.repository.writer import STAGING_PREFIX, model_filename, versions
+from tritonforge.repository.writer import model_filename, staging_leftovers, versions
 
-__all__ = ["LiveResult", "Problem", "check_live", "check_repository", "model_dirs", "sample_inputs"]
+__all__ = ["Problem", "check_repository", "model_dirs", "sample_inputs"]
 
 
 @dataclass(frozen=True)
@@ -28,22 +31,6 @@ class Problem:
     def __str__(self) -> str:
         where = self.model + (f" v{self.version}" if self.version is not None else "")
         return f"{self.severity}: {where}: {self.message}"
-
-
-@dataclass
-class LiveResult:
-    """What happened to one model on a live server: loaded?, answered?, in how long."""
-
-    model: str
-    loaded: bool
-    answered: bool = False
-    latency_ms: float | None = None
-    outputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.loaded and self.answered
 
 
 def model_dirs(repo: Path) -> list[Path]:
@@ -64,11 +51,21 @@ def check_repository(repo: str | os.PathLike[str]) -> list[Problem]:
     dirs = model_dirs(root)
     if not dirs:
         problems.append(Problem(str(root), "the repository has no model folders", severity="warning"))
-    for leftover in root.glob(f"{STAGING_PREFIX}*"):
+    beside, inside = staging_leftovers(root)
+    for leftover in inside:
         problems.append(
             Problem(
                 leftover.name,
-                "a staging folder left by an interrupted write; it is safe to delete",
+                f"a staging folder inside the repository ({leftover}), left by an interrupted write of an "
+                "older tritonforge: Triton tries to load it as a model and fails to start; delete it",
+            )
+        )
+    for leftover in beside:
+        problems.append(
+            Problem(
+                leftover.name,
+                f"a staging folder beside the repository ({leftover}), left by an interrupted write; Triton "
+                "never looks there and the repository is whole, but it takes disk space: delete it",
                 severity="warning",
             )
         )
@@ -151,63 +148,3 @@ def sample_inputs(
         else:
             arrays[tensor.name] = rng.standard_normal(size=shape).astype(dtype)
     return arrays
-
-
-def check_live(
-    repo: str | os.PathLike[str], *, timeout_s: float = 60.0, server: Any = None
-) -> list[LiveResult]:
-    """Load each model of ``repo`` in the embedded server, one at a time, and send it one request.
-
-    A model that fails to load is reported with Triton's reason; the others are still tried.
-    """
-    import time
-
-    import tritonclient.grpc as grpcclient
-
-    from tritonforge.errors import ModelLoadError
-    from tritonforge.server import EmbeddedServer
-
-    root = Path(repo)
-    own = server is None
-    if own:
-        server = EmbeddedServer(root, model_control="explicit")
-        server.start()
-    results: list[LiveResult] = []
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    try:
-        for model_dir in model_dirs(root):
-            name = model_dir.name
-            try:
-                config = read_config(model_dir / "config.pbtxt")
-                server.load_model(name)
-            except (ModelLoadError, TritonForgeError) as exc:
-                results.append(LiveResult(name, loaded=False, error=exc.message))
-                continue
-            result = LiveResult(name, loaded=True)
-            try:
-                arrays = sample_inputs(config)
-                inputs = []
-                for tensor in config.inputs:
-                    array = arrays[tensor.name]
-                    infer_input = grpcclient.InferInput(
-                        tensor.name, list(array.shape), tensor.dtype.triton_name
-                    )
-                    infer_input.set_data_from_numpy(array)
-                    inputs.append(infer_input)
-                start = time.perf_counter()
-                response = client.infer(name, inputs, client_timeout=timeout_s)
-                result.latency_ms = (time.perf_counter() - start) * 1e3
-                for tensor in config.outputs:
-                    value = response.as_numpy(tensor.name)
-                    if value is None:
-                        raise TritonForgeError(f"the response has no output '{tensor.name}'")
-                    result.outputs[tensor.name] = tuple(value.shape)
-                result.answered = True
-            except Exception as exc:  # report, don't stop: the point is to see every model's state
-                result.error = exc.message if isinstance(exc, TritonForgeError) else str(exc)
-            results.append(result)
-    finally:
-        client.close()
-        if own:
-            server.stop()
-    return results

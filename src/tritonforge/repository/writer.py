@@ -6,14 +6,18 @@ Layout written (Triton's own)::
     <repo>/<name>/<version>/<model file>        model.onnx | model.pt | model.py | model.plan ...
     <repo>/<name>/<version>/manifest.json       what was built from what (the registry record)
 
-Every write is staged in a hidden folder inside the repository (same file system) and renamed into place,
-so an interrupted write leaves either the old state or the new one, never a half model.
+Every write is staged in a hidden folder *beside* the repository (same file system, never inside it: Triton
+would try to load it as a model) and renamed into place, so an interrupted write leaves either the old
+state or the new one, never a half model; :class:`RepositoryWrite` moves several models in together.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import dataclasses
 import datetime as _dt
+import errno
 import getpass
 import hashlib
 import json
@@ -21,6 +25,7 @@ import os
 import platform
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,10 +46,20 @@ from tritonforge.errors import ConfigError, RepositoryError, SignatureError
 __all__ = [
     "DEFAULT_MAX_BATCH_SIZE",
     "MODEL_FILENAMES",
+    "STAGING_ENV",
+    "STAGING_PREFIX",
+    "RepositoryWrite",
     "add_model",
+    "build_manifest",
+    "check_model_name",
+    "current_user",
     "file_sha256",
+    "infer_config",
+    "load_config",
+    "make_staging_dir",
     "model_filename",
     "next_version",
+    "staging_leftovers",
     "versions",
 ]
 
@@ -62,7 +77,10 @@ MODEL_FILENAMES: Mapping[str, str] = {
     "tensorflow_graphdef": "model.graphdef",
 }
 _PLATFORM_OF_SUFFIX = {".onnx": "onnxruntime_onnx", ".pt": "pytorch_libtorch", ".plan": "tensorrt_plan"}
+#: staging folders (beside the repository) start with this
 STAGING_PREFIX = ".tritonforge-staging-"
+#: a folder to stage in instead of the repository's parent (same file system, outside the repository)
+STAGING_ENV = "TRITONFORGE_STAGING_DIR"
 
 
 def model_filename(config: ModelConfig) -> str | None:
@@ -83,6 +101,7 @@ def versions(model_dir: Path) -> list[int]:
 
 
 def next_version(model_dir: Path) -> int:
+    """One more than the highest version folder of ``model_dir`` (1 for a new model)."""
     existing = versions(model_dir)
     return existing[-1] + 1 if existing else 1
 
@@ -103,7 +122,7 @@ def file_sha256(path: Path) -> str:
 def add_model(
     repo: str | os.PathLike[str],
     name: str,
-    model_file: str | os.PathLike[str],
+    model_file: str | os.PathLike[str] | None,
     config: ModelConfig | None = None,
     version: int | None = None,
     *,
@@ -122,6 +141,8 @@ def add_model(
     ``max_batch_size`` (default 64 for batchable models), dynamic batching and ``instances`` of ``kind``.
     ``manifest`` entries are merged into the version's ``manifest.json`` (the registry record).
     ``extra_files`` are copied beside the model file under their own names (e.g. ONNX external data).
+    An ensemble (``config.platform == "ensemble"``) has no model file: pass ``model_file=None``; its
+    version folder gets the manifest alone. Several models written together: :class:`RepositoryWrite`.
 
     Example:
         >>> add_model("model_repository", "clf", "clf.onnx", max_batch_size=32)   # doctest: +SKIP
@@ -131,84 +152,278 @@ def add_model(
         The version folder written.
 
     Raises:
-        RepositoryError: the file is missing, the version exists (and ``overwrite`` is false), or the name
-            is not a valid model name.
+        RepositoryError: the file is missing, the version exists (and ``overwrite`` is false), the name
+            is not a valid model name, or no staging folder can be made beside the repository.
         ConfigError: the config is invalid or names another model.
         SignatureError: the config can't be inferred from the file.
+        ValueError / TypeError: ``version`` is below 1 or not an int (a bad argument).
     """
-    repo_path = Path(repo)
-    source = Path(model_file)
-    _check_name(name)
-    if not source.exists():
-        raise RepositoryError(f"model file {source} does not exist", model=name)
-    for extra in map(Path, extra_files):
-        if not extra.exists():
-            raise RepositoryError(f"file {extra} (to go beside {source.name}) does not exist", model=name)
-    if config is None:
-        config = infer_config(
+    with RepositoryWrite(repo) as write:
+        return write.add_model(
             name,
-            source,
+            model_file,
+            config,
+            version,
+            manifest=manifest,
             max_batch_size=max_batch_size,
             dynamic_batching=dynamic_batching,
             max_queue_delay_us=max_queue_delay_us,
             instances=instances,
             kind=kind,
+            overwrite=overwrite,
+            extra_files=extra_files,
         )
-    elif config.name != name:
-        if config.name:
-            raise ConfigError(
-                f"the config is for model '{config.name}', not '{name}': Triton requires the config name to "
-                f"match the folder; pass a config named '{name}'",
-                model=name,
+
+
+@dataclasses.dataclass(frozen=True)
+class _Staged:
+    name: str
+    version: int
+    overwrite: bool
+    folder: Path  # <staging>/<name>/ with config.pbtxt and <version>/
+
+
+class RepositoryWrite:
+    """Writes to one repository staged together *outside* it, then moved into place in one go.
+
+    Triton loads every folder of a repository as a model, so nothing half-written may ever sit there: the
+    staging folder is a hidden sibling of the repository (``.tritonforge-staging-<repo>-*``, same file
+    system, so moving in is a rename). Nothing is moved until :meth:`commit` (the end of a ``with`` block
+    that raised nothing); an error while staging leaves the repository untouched. Each model lands whole:
+    a new model folder appears by one rename; a new version of an existing model appears by one rename
+    (a replaced version is swapped atomically, ``renameat2(RENAME_EXCHANGE)``) before its config is
+    replaced by another. A writer killed at any moment leaves at most a staging folder beside the
+    repository, which Triton never sees and ``tritonforge validate`` reports.
+
+    Example:
+        >>> with RepositoryWrite("model_repository") as write:           # doctest: +SKIP
+        ...     write.add_model("tokenizer", "tokenizer.py", tokenizer_config, 1)
+        ...     write.add_model("text_embedding", None, ensemble_config, 1)
+
+    Raises:
+        RepositoryError: as :func:`add_model`, and when no staging folder can be made on the repository's
+            file system outside it (set ``TRITONFORGE_STAGING_DIR`` to such a folder).
+    """
+
+    def __init__(self, repo: str | os.PathLike[str]) -> None:
+        self.repo = Path(repo)
+        self._staged: list[_Staged] = []
+        self._staging: Path | None = None
+
+    def __enter__(self) -> RepositoryWrite:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+    def add_model(
+        self,
+        name: str,
+        model_file: str | os.PathLike[str] | None,
+        config: ModelConfig | None = None,
+        version: int | None = None,
+        *,
+        manifest: Mapping[str, Any] | None = None,
+        max_batch_size: int | None = None,
+        dynamic_batching: bool = True,
+        max_queue_delay_us: int = 0,
+        instances: int = 1,
+        kind: InstanceKind | str = InstanceKind.CPU,
+        overwrite: bool = False,
+        extra_files: Sequence[str | os.PathLike[str]] = (),
+    ) -> Path:
+        """Stage one model version (see :func:`add_model`); returns the version folder it will be."""
+        check_model_name(name)
+        if any(s.name == name for s in self._staged):
+            raise RepositoryError(f"model '{name}' is written twice in one repository write", model=name)
+        source = None if model_file is None else Path(model_file)
+        if source is not None and not source.exists():
+            raise RepositoryError(f"model file {source} does not exist", model=name)
+        for extra in map(Path, extra_files):
+            if not extra.exists():
+                raise RepositoryError(
+                    f"file {extra} (to go beside the model file) does not exist", model=name
+                )
+        if config is None:
+            if source is None:
+                raise RepositoryError(f"model '{name}' needs a model file or a config", model=name)
+            config = infer_config(
+                name,
+                source,
+                max_batch_size=max_batch_size,
+                dynamic_batching=dynamic_batching,
+                max_queue_delay_us=max_queue_delay_us,
+                instances=instances,
+                kind=kind,
             )
-        config = config.replace(name=name)
-    config.validate()
-    filename = model_filename(config)
-    if filename is None:
-        raise RepositoryError(f"model '{name}' is an ensemble: it has no model file to add", model=name)
-
-    repo_path.mkdir(parents=True, exist_ok=True)
-    model_dir = repo_path / name
-    chosen = version if version is not None else next_version(model_dir)
-    if chosen < 1:
-        raise RepositoryError(f"version must be a positive integer, not {chosen}", model=name)
-    target = model_dir / str(chosen)
-    if target.exists() and not overwrite:
-        raise RepositoryError(
-            f"model '{name}' already has version {chosen} at {target}; pick another version, leave it out to "
-            f"get the next one ({next_version(model_dir)}), or pass overwrite=True",
-            model=name,
-            version=chosen,
-        )
-
-    record = build_manifest(name, chosen, source, config, manifest)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=repo_path))
-    try:
-        version_dir = staging / str(chosen)
-        version_dir.mkdir()
-        _copy(source, version_dir / filename)
+        elif config.name != name:
+            if config.name:
+                raise ConfigError(
+                    f"the config is for model '{config.name}', not '{name}': Triton requires the config name "
+                    f"to match the folder; pass a config named '{name}'",
+                    model=name,
+                )
+            config = config.replace(name=name)
+        config.validate()
+        filename = model_filename(config)
+        if filename is None and source is not None:
+            raise RepositoryError(
+                f"model '{name}' is an ensemble: it has no model file (pass model_file=None)", model=name
+            )
+        if filename is not None and source is None:
+            raise RepositoryError(
+                f"model '{name}' ({config.platform or config.backend}) needs a model file", model=name
+            )
+        model_dir = self.repo / name
+        chosen = version if version is not None else next_version(model_dir)
+        if isinstance(chosen, bool) or not isinstance(chosen, int):
+            raise TypeError(f"version must be an int, not {type(chosen).__name__}")
+        if chosen < 1:
+            raise ValueError(f"model '{name}': version must be 1 or more, not {chosen}")
+        target = model_dir / str(chosen)
+        if target.exists() and not overwrite:
+            raise RepositoryError(
+                f"model '{name}' already has version {chosen} at {target}; pick another version, leave it "
+                f"out to get the next one ({next_version(model_dir)}), or pass overwrite=True",
+                model=name,
+                version=chosen,
+            )
+        record = build_manifest(name, chosen, source, config, manifest)
+        folder = self._staging_dir() / name
+        version_dir = folder / str(chosen)
+        version_dir.mkdir(parents=True)
+        if source is not None and filename is not None:
+            _copy(source, version_dir / filename)
         for extra in map(Path, extra_files):
             _copy(extra, version_dir / extra.name)
         (version_dir / "manifest.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_config(config, folder / "config.pbtxt")
+        self._staged.append(_Staged(name, chosen, overwrite, folder))
+        return target
+
+    def commit(self) -> list[Path]:
+        """Move every staged model into the repository; returns their version folders.
+
+        Raises:
+            RepositoryError: a version appeared meanwhile (and ``overwrite`` was false); the models
+                already moved stay, the rest is discarded.
+        """
+        written: list[Path] = []
+        try:
+            for staged in self._staged:
+                written.append(self._move_in(staged))
+        finally:
+            self.discard()
+        return written
+
+    def discard(self) -> None:
+        """Drop everything staged; the repository is not touched."""
+        self._staged.clear()
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+
+    def _staging_dir(self) -> Path:
+        if self._staging is None:
+            self.repo.mkdir(parents=True, exist_ok=True)
+            self._staging = make_staging_dir(self.repo)
+        return self._staging
+
+    def _move_in(self, staged: _Staged) -> Path:
+        model_dir = self.repo / staged.name
+        target = model_dir / str(staged.version)
         if not model_dir.exists():
-            # A new model: stage the whole folder, config included, and rename it into place at once.
-            write_config(config, staging / "config.pbtxt")
-            staged_model = staging / "model"
-            staged_model.mkdir()
-            version_dir.rename(staged_model / str(chosen))
-            (staging / "config.pbtxt").rename(staged_model / "config.pbtxt")
-            staged_model.rename(model_dir)
+            with contextlib.suppress(FileExistsError, OSError):
+                # One rename: the whole model (config and version) appears at once.
+                staged.folder.rename(model_dir)
+                return target
+        if target.exists():
+            if not staged.overwrite:
+                raise RepositoryError(
+                    f"model '{staged.name}' got version {staged.version} from another writer meanwhile",
+                    model=staged.name,
+                    version=staged.version,
+                )
+            _replace_dir(staged.folder / str(staged.version), target)
         else:
-            # An existing model: the version folder appears whole (rename), then the config is replaced
-            # atomically; between the two the old config still describes a servable model.
-            if target.exists():
-                old = staging / "replaced"
-                target.rename(old)
-            version_dir.rename(target)
-            write_config(config, model_dir / "config.pbtxt")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+            (staged.folder / str(staged.version)).rename(target)
+        # The new version is in place before the config that may name it; the config swap is atomic.
+        os.replace(staged.folder / "config.pbtxt", model_dir / "config.pbtxt")
+        return target
+
+
+def staging_leftovers(repo: str | os.PathLike[str]) -> tuple[list[Path], list[Path]]:
+    """Folders left by interrupted writes: (beside the repository: harmless, inside it: break Triton)."""
+    root = Path(repo)
+    inside = sorted(root.glob(f"{STAGING_PREFIX}*")) if root.is_dir() else []
+    resolved = root.resolve()
+    beside = sorted(resolved.parent.glob(f"{STAGING_PREFIX}{resolved.name}-*"))
+    override = os.environ.get(STAGING_ENV)
+    if override and Path(override).is_dir():
+        beside += sorted(Path(override).glob(f"{STAGING_PREFIX}{resolved.name}-*"))
+    return beside, inside
+
+
+def make_staging_dir(repo: Path) -> Path:
+    """A fresh staging folder on ``repo``'s file system and outside it (``$TRITONFORGE_STAGING_DIR`` wins).
+
+    Raises:
+        RepositoryError: no such folder can be made (the repository is a mount point and no override
+            is set, or the folder is not writable).
+    """
+    resolved = repo.resolve()
+    override = os.environ.get(STAGING_ENV)
+    parent = Path(override).resolve() if override else resolved.parent
+    why = ""
+    if parent == resolved or resolved in parent.parents:
+        why = f"{parent} is inside the repository, where Triton would try to load it as a model"
+    elif not parent.is_dir():
+        why = f"{parent} is not a folder"
+    elif os.stat(parent).st_dev != os.stat(resolved).st_dev:
+        why = f"{parent} is on another file system than {resolved}, so the move in would not be atomic"
+    if why:
+        raise RepositoryError(
+            f"can't stage writes for {resolved}: {why}; set {STAGING_ENV} to a writable folder on the same "
+            "file system, outside the repository"
+        )
+    try:
+        return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{resolved.name}-", dir=parent))
+    except OSError as exc:
+        raise RepositoryError(
+            f"can't stage writes for {resolved} in {parent}: {exc}; set {STAGING_ENV} to a writable folder "
+            "on the same file system, outside the repository"
+        ) from exc
+
+
+def _replace_dir(new: Path, old: Path) -> None:
+    """Put ``new`` where ``old`` is, with no moment where neither exists (Linux); ``old`` is deleted."""
+    if _exchange(new, old):
+        shutil.rmtree(new, ignore_errors=True)  # ``new`` now holds the old contents
+        return
+    # No atomic exchange on this system: the version is briefly absent between the two renames.
+    parked = new.parent / (new.name + ".old")
+    old.rename(parked)
+    new.rename(old)
+    shutil.rmtree(parked, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def infer_config(
@@ -252,7 +467,7 @@ def infer_config(
 
 
 def build_manifest(
-    name: str, version: int, source: Path, config: ModelConfig, extra: Mapping[str, Any] | None
+    name: str, version: int, source: Path | None, config: ModelConfig, extra: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     """The registry record of one version: what it was built from, by whom, with what."""
     from tritonforge import __version__
@@ -262,12 +477,12 @@ def build_manifest(
         "version": version,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "built_by": {
-            "user": _user(),
+            "user": current_user(),
             "host": socket.gethostname(),
             "tool": f"tritonforge {__version__}",
             "python": platform.python_version(),
         },
-        "source": {"path": str(source.resolve()), "sha256": file_sha256(source)},
+        "source": None if source is None else {"path": str(source.resolve()), "sha256": file_sha256(source)},
         "platform": config.platform or config.backend,
         "signature": {
             "max_batch_size": config.max_batch_size,
@@ -284,7 +499,8 @@ def _tensor_record(tensor: Any) -> dict[str, Any]:
     return {"name": tensor.name, "dtype": tensor.dtype.triton_name, "dims": list(tensor.dims)}
 
 
-def _user() -> str:
+def current_user() -> str:
+    """Who is writing (for manifests and the audit log); ``"unknown"`` when the system can't say."""
     with contextlib.suppress(Exception):
         return getpass.getuser()
     return "unknown"
@@ -297,7 +513,10 @@ def _copy(source: Path, destination: Path) -> None:
         shutil.copy2(source, destination)
 
 
-def _check_name(name: str) -> None:
+def check_model_name(name: str) -> None:
+    """Raises RepositoryError unless ``name`` can be a model folder of a repository."""
+    if not isinstance(name, str):
+        raise TypeError(f"a model name is a str, not {type(name).__name__}")
     if not name or name.startswith(".") or "/" in name or "\\" in name or name.strip() != name:
         raise RepositoryError(
             f"{name!r} is not a usable model name: use letters, digits, '_' or '-' (no '/', no leading '.')",

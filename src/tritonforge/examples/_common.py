@@ -13,8 +13,7 @@ from rich.table import Table
 
 from tritonforge.registry import Step
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_REPO = ROOT / "model_repository"
+DEFAULT_REPO = Path("model_repository")
 
 
 def run(build: Callable[..., list[Step]], description: str, argv: Sequence[str] | None = None) -> int:

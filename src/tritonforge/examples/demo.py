@@ -2,7 +2,8 @@
 
 ``run_main_job`` builds the example repository (``tritonforge build``: the digits classifiers, the MiniLM
 encoder in FP32 and INT8, the pipelines of ``ensembles/``), runs the pipelines on the embedded server
-(:mod:`tritonforge.pipelines_demo`), then ``run_frameworks_demo`` serves one model from two frameworks:
+(:mod:`tritonforge.examples.pipelines_demo`), then ``run_frameworks_demo`` serves one model from two
+frameworks:
 
 A small MLP is trained on scikit-learn's bundled digits (8x8 images, 10 classes), exported to ONNX and to
 TorchScript, laid out as a Triton repository with dynamic batching, and served by the embedded Triton server.
@@ -161,25 +162,19 @@ def _serve_and_measure(
 def run_main_job(
     console: Console, repo: Path, *, build: bool = True, frameworks: bool = True, limit: int | None = None
 ) -> None:
-    """Build the example repository into ``repo`` (from the project root), run its pipelines, and the
+    """Build the example repository into ``repo`` (from any folder), run its pipelines, and the
     frameworks demo.
 
     Raises:
-        RepositoryError: not run from the project root, or the build failed (the repository keeps its
-            previous versions).
+        RepositoryError: the build failed (the repository keeps its previous versions).
     """
     import subprocess
     import sys
 
     from tritonforge.errors import RepositoryError
-    from tritonforge.pipelines_demo import run_pipelines_demo
+    from tritonforge.examples.pipelines_demo import run_pipelines_demo
 
     if build:
-        if not (Path("tools").is_dir() and Path("ensembles").is_dir()):
-            raise RepositoryError(
-                f"the example repository is built from tools/ and ensembles/, which {Path.cwd()} lacks: run "
-                f"this from the project root, or pass --no-build with --repo pointing at a built repository"
-            )
         console.rule("tritonforge build (unchanged models are skipped)")
         command = [sys.executable, "-m", "tritonforge", "build", "--repo", str(repo)]
         done = subprocess.run(command, check=False)

@@ -1,0 +1,90 @@
+"""The live check of a repository: load each model in a real server, one at a time, and send it one request.
+
+It sits above both the server and the repository's offline checks (it drives the one with the other).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tritonforge.config import read_config
+from tritonforge.errors import ModelLoadError, TritonForgeError
+from tritonforge.repository.checker import model_dirs, sample_inputs
+from tritonforge.server.embedded import EmbeddedServer
+
+__all__ = ["LiveResult", "check_live"]
+
+
+@dataclass
+class LiveResult:
+    """What happened to one model on a live server: loaded?, answered?, in how long."""
+
+    model: str
+    loaded: bool
+    answered: bool = False
+    latency_ms: float | None = None
+    outputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.loaded and self.answered
+
+
+def check_live(
+    repo: str | os.PathLike[str], *, timeout_s: float = 60.0, server: Any = None
+) -> list[LiveResult]:
+    """Load each model of ``repo`` in the embedded server, one at a time, and send it one request.
+
+    A model that fails to load is reported with Triton's reason; the others are still tried.
+    """
+    import tritonclient.grpc as grpcclient
+
+    root = Path(repo)
+    own = server is None
+    if own:
+        server = EmbeddedServer(root, model_control="explicit")
+        server.start()
+    results: list[LiveResult] = []
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        for model_dir in model_dirs(root):
+            name = model_dir.name
+            try:
+                config = read_config(model_dir / "config.pbtxt")
+                server.load_model(name)
+            except (ModelLoadError, TritonForgeError) as exc:
+                results.append(LiveResult(name, loaded=False, error=exc.message))
+                continue
+            result = LiveResult(name, loaded=True)
+            try:
+                arrays = sample_inputs(config)
+                inputs = []
+                for tensor in config.inputs:
+                    array = arrays[tensor.name]
+                    infer_input = grpcclient.InferInput(
+                        tensor.name, list(array.shape), tensor.dtype.triton_name
+                    )
+                    infer_input.set_data_from_numpy(array)
+                    inputs.append(infer_input)
+                start = time.perf_counter()
+                response = client.infer(name, inputs, client_timeout=timeout_s)
+                result.latency_ms = (time.perf_counter() - start) * 1e3
+                for tensor in config.outputs:
+                    value = response.as_numpy(tensor.name)
+                    if value is None:
+                        raise TritonForgeError(f"the response has no output '{tensor.name}'")
+                    result.outputs[tensor.name] = tuple(value.shape)
+                result.answered = True
+            except Exception as exc:  # report, don't stop: the point is to see every model's state
+                result.error = exc.message if isinstance(exc, TritonForgeError) else str(exc)
+            results.append(result)
+    finally:
+        client.close()
+        if own:
+            server.stop()
+    return results

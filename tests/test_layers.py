@@ -1,0 +1,130 @@
+"""Layers point down only (ARCHITECTURE.md): every import inside the package is checked against the order.
+
+    commands → (batch, rollout, deploy, observe, loadtest, examples) → (client, server, ensemble, registry)
+             → repository → (export, quantize) → verify → config → errors
+
+Packages on one line do not import each other; the client imports nothing of ours but ``errors`` (apps
+import it alone). A new top-level package or module must be placed in ``LAYERS`` before its first import
+is accepted — that is how batch/, rollout/, deploy/ and observe/ (placed already) stay covered when they
+land. Function-local imports count too: a lazy import still points the way it points.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import tritonforge
+
+PACKAGE = Path(tritonforge.__file__).resolve().parent
+
+#: lowest first; one tuple is one layer
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("errors",),
+    ("config",),
+    ("verify",),
+    ("export", "quantize"),
+    ("repository",),
+    ("client", "server", "ensemble", "registry"),
+    ("batch", "rollout", "deploy", "observe", "loadtest", "examples"),
+    ("commands",),
+    ("cli",),
+    ("__main__",),
+)
+RANK = {name: rank for rank, layer in enumerate(LAYERS) for name in layer}
+#: what a unit may import besides itself, when narrower than "anything below"
+ONLY = {"client": {"errors"}}
+
+
+def unit_of(path: Path) -> str:
+    relative = path.relative_to(PACKAGE)
+    return relative.parts[0].removesuffix(".py")
+
+
+def imports_of(path: Path) -> list[tuple[int, str, list[str]]]:
+    """(line, tritonforge unit imported, names imported) for every import of ours in ``path``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    found: list[tuple[int, str, list[str]]] = []
+    package_parts = ("tritonforge", *path.relative_to(PACKAGE).parent.parts)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "tritonforge":
+                    found.append((node.lineno, parts[1] if len(parts) > 1 else "", []))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package_parts[: len(package_parts) - node.level + 1]
+                parts = [*base, *(node.module or "").split(".")] if node.module else list(base)
+            else:
+                parts = (node.module or "").split(".")
+            if parts[0] != "tritonforge":
+                continue
+            names = [a.name for a in node.names]
+            if len(parts) > 1 and parts[1]:
+                found.append((node.lineno, parts[1], names))
+            else:  # `from tritonforge import x`: x is a unit, or a name of the package root
+                for name in names:
+                    found.append((node.lineno, name if name in RANK else "", [name]))
+    return found
+
+
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+
+
+def test_every_unit_of_the_package_has_a_layer() -> None:
+    units = {unit_of(p) for p in SOURCES} - {"__init__"}
+    assert sorted(units - set(RANK)) == [], "place the new package in LAYERS (tests/test_layers.py)"
+
+
+def violations() -> list[str]:
+    found: list[str] = []
+    for path in SOURCES:
+        unit = unit_of(path)
+        if unit == "__init__":
+            continue  # the package root is the facade: it re-exports from every layer
+        for line, target, names in imports_of(path):
+            where = f"{path.relative_to(PACKAGE.parent)}:{line}"
+            if target == unit:
+                continue
+            if target == "":
+                if names != ["__version__"]:
+                    found.append(f"{where}: {unit} imports {names} from the package root (import the unit)")
+                continue
+            if target not in RANK:
+                found.append(f"{where}: {unit} imports {target}, which has no layer")
+            elif unit in ONLY and target not in ONLY[unit]:
+                found.append(f"{where}: {unit} may import only {sorted(ONLY[unit])}, not {target}")
+            elif RANK[target] >= RANK.get(unit, -1):
+                found.append(
+                    f"{where}: {unit} (layer {RANK.get(unit)}) imports {target} (layer {RANK[target]})"
+                )
+    return found
+
+
+def test_imports_point_down_only() -> None:
+    assert violations() == []
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from tritonforge.server import EmbeddedServer\n", "repository (layer 4) imports server (layer 5)"),
+        ("def f():\n    from tritonforge.client import Client\n", "repository (layer 4) imports client"),
+        ("from ..ensemble import compile_specs\n", "repository (layer 4) imports ensemble (layer 5)"),
+    ],
+)
+def test_the_check_catches_an_upward_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source, expected
+):
+    # The checker itself must be able to fail: plant an upward import in a copy of a lower layer.
+    fake = tmp_path / "tritonforge"
+    (fake / "repository").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    planted = fake / "repository" / "planted.py"
+    planted.write_text(source)
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    monkeypatch.setattr(__import__(__name__), "SOURCES", [planted])
+    assert any(expected in v for v in violations())
