@@ -82,8 +82,10 @@ def slo(
         raise _fail(exc) from None
     groups = rules(parsed)["groups"]
     table = Table(title=f"SLOs from {spec}")
-    for column in ("model", "in ensemble", "objectives"):
-        table.add_column(column, no_wrap=True)
+    longest = max(len(name) for row in parsed.rows for name in row if name)
+    table.add_column("model", no_wrap=True, min_width=longest)
+    table.add_column("in pipeline", no_wrap=True, min_width=longest)
+    table.add_column("objectives")
     by_model = {o.model: o for o in parsed.objectives}
     for model, parent in parsed.rows:
         o = by_model.get(model)

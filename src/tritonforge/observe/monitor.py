@@ -120,6 +120,10 @@ def snapshot(
     return Snapshot(elapsed, rows, totals, servers, batches, costs, summaries), second
 
 
+def _server(url: str) -> str:
+    return url.removeprefix("http://").removesuffix("/metrics")
+
+
 def _num(value: float | None, fmt: str = "{:.1f}") -> str:
     return "-" if value is None else fmt.format(value)
 
@@ -138,8 +142,18 @@ def render(snap: Snapshot, *, active_only: bool = False) -> Table:
     columns += ["compute ms", "batch", "busy inst", "pending"]
     if snap.cost_per_1k:
         columns.append("$/1k inf")
+    widths = {
+        "server": max((len(_server(r.server)) for r in snap.rows), default=6),
+        "model": max((len(r.model) for r in snap.rows), default=5),
+    }
     for c in columns:
-        table.add_column(c, justify="left" if c in ("server", "model", "ver") else "right", no_wrap=True)
+        # names are never cut short, whatever the terminal's width (readable when piped)
+        table.add_column(
+            c,
+            justify="left" if c in ("server", "model", "ver") else "right",
+            no_wrap=True,
+            min_width=widths.get(c),
+        )
 
     def add(r: ModelRates, server: str, style: str | None = None) -> None:
         cells = [
@@ -166,7 +180,7 @@ def render(snap: Snapshot, *, active_only: bool = False) -> Table:
     for r in snap.rows:
         if active_only and r.requests_per_s == 0:
             continue
-        add(r, r.server.removeprefix("http://").removesuffix("/metrics"))
+        add(r, _server(r.server))
     if several or snap.cost_per_1k:
         table.add_section()
         for r in snap.totals:
