@@ -19,7 +19,7 @@ err_console = Console(stderr=True)
 
 def _fail(exc: TritonForgeError | ValueError, code: int = 1) -> typer.Exit:
     message = exc.message if isinstance(exc, TritonForgeError) else str(exc)
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code=code)
 
 
