@@ -42,6 +42,7 @@ __all__ = [
     "SLOError",
     "SLOSpec",
     "dashboard",
+    "dashboard_queries",
     "load_slo",
     "rules",
     "write",
