@@ -133,15 +133,19 @@ def render(snap: Snapshot, *, active_only: bool = False) -> Table:
     several = len(snap.servers) > 1
     table = Table(
         title=f"Triton models over {snap.interval_s:.1f}s on {len(snap.servers)} server(s)",
-        caption=None
-        if snap.summaries
-        else "p50/p99: the servers export no latency summaries (start Triton with "
-        "--metrics-config=summary_latencies=true); mean latency is from counters",
+        caption="p50 p99 mean queue compute: ms per request; batch: inferences per execution; "
+        "busy: instances kept busy"
+        + ("; $/1k: cost of 1,000 inferences" if snap.cost_per_1k else "")
+        + (
+            ""
+            if snap.summaries
+            else "; p50/p99 need Triton's summaries (--metrics-config=summary_latencies=true)"
+        ),
     )
-    columns = ["server", "model", "ver", "req/s", "fail/s", "p50 ms", "p99 ms", "mean ms", "queue ms"]
-    columns += ["compute ms", "batch", "busy inst", "pending"]
+    columns = ["server", "model", "ver", "req/s", "fail/s", "p50", "p99", "mean", "queue", "compute", "batch"]
+    columns += ["busy", "pending"]
     if snap.cost_per_1k:
-        columns.append("$/1k inf")
+        columns.append("$/1k")
     widths = {
         "server": max((len(_server(r.server)) for r in snap.rows), default=6),
         "model": max((len(r.model) for r in snap.rows), default=5),
@@ -152,7 +156,7 @@ def render(snap: Snapshot, *, active_only: bool = False) -> Table:
             c,
             justify="left" if c in ("server", "model", "ver") else "right",
             no_wrap=True,
-            min_width=widths.get(c),
+            min_width=max(len(c), widths.get(c, 0)),
         )
 
     def add(r: ModelRates, server: str, style: str | None = None) -> None:
