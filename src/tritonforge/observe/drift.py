@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
-import math
 import os
 import re
 import tempfile
@@ -501,7 +500,7 @@ def html_report(report: DriftReport, path: str | os.PathLike[str], *, plots: int
         cur = report.current.get(f.feature, np.array([]))
         fig, ax = plt.subplots(figsize=(4, 2.6), dpi=90)
         both = np.concatenate([ref, cur]) if len(ref) else cur
-        edges = np.histogram_bin_edges(both, bins=20) if np.ptp(both) > 0 else 3
+        edges: Any = np.histogram_bin_edges(both, bins=20) if np.ptp(both) > 0 else 3
         ax.hist(ref, bins=edges, alpha=0.55, density=True, label="reference")
         ax.hist(cur, bins=edges, alpha=0.55, density=True, label="current")
         ax.set_title(f"{f.feature}  PSI {f.psi:.3f}" + ("  DRIFTED" if f.drifted else ""), fontsize=9)
@@ -537,7 +536,3 @@ largest PSI {report.max_psi:.3f}.</p>
         fh.write(page)
     os.replace(tmp, out)
     return out
-
-
-def _finite(x: float) -> float:
-    return x if math.isfinite(x) else 0.0

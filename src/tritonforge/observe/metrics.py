@@ -261,7 +261,7 @@ def summed(rates: Iterable[ModelRates], *, by: Sequence[str] = ("model",)) -> li
     for r in rates:
         groups.setdefault(tuple(getattr(r, f) for f in by), []).append(r)
     out = []
-    for key, rows in sorted(groups.items()):
+    for _, rows in sorted(groups.items()):
         requests = sum(r.requests_per_s - r.failures_per_s for r in rows)
         executions = sum(r.inferences_per_s / r.batch_size for r in rows if r.batch_size)
 
@@ -300,7 +300,6 @@ def summed(rates: Iterable[ModelRates], *, by: Sequence[str] = ("model",)) -> li
                 failures_total=sum(r.failures_total for r in rows),
             )
         )
-        del key
     return out
 
 

@@ -181,7 +181,7 @@ def load_slo(path: str | os.PathLike[str]) -> SLOSpec:
 
 def _ordered(rows: list[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
     """Each model's row followed by its composing models' rows."""
-    out = []
+    out: list[tuple[str, str | None]] = []
     for model, parent in rows:
         if parent is None:
             out.append((model, None))
@@ -385,13 +385,13 @@ def dashboard(spec: SLOSpec, *, title: str = "Triton models (tritonforge SLOs)")
         latency_line = None if o is None else (o.p99_latency_ms or o.mean_latency_ms)
         row = [
             ("Requests / s", [(q["success"], "ok"), (q["failure"], "failed")], "reqps", None),
-            ("Error ratio", [(q["error_ratio"], "failed / all")], "percentunit", o and o.error_rate),
+            ("Error ratio", [(q["error_ratio"], "failed / all")], "percentunit", o.error_rate if o else None),
             ("Latency", [(q["p50"], "p50"), (q["p99"], "p99"), (q["mean"], "mean")], "ms", latency_line),
             (
                 "Queue vs compute · batch size",
                 [(q["queue"], "queue ms"), (q["compute"], "compute ms"), (q["batch"], "mean batch size")],
                 "none",
-                o and o.queue_ms,
+                o.queue_ms if o else None,
             ),
         ]
         for i, (name, targets, unit, line) in enumerate(row):
