@@ -237,3 +237,21 @@ def test_json_log_hook_writes_one_line_per_call_with_its_outcome(server: Embedde
     assert ok["latency_ms"] > 0 and len(ok["request_id"]) == 32
     assert failed["outcome"] == "ModelNotFoundError" and "no_such_model" in failed["error"]
     assert hook.errors == 0
+
+
+def test_sampler_wraps_the_async_client_too(server: EmbeddedServer, tmp_path: Path) -> None:
+    import asyncio
+
+    from tritonforge.client import AsyncClient
+
+    async def calls() -> None:
+        async with AsyncClient(server.grpc_url, metrics=False) as raw:
+            client = sampler.wrap(raw)
+            for _ in range(3):
+                out = await client.infer("mlp", {"x": np.ones((2, 8), np.float32)})
+                assert out["probs"].shape == (2, 3)
+
+    with Sampler(tmp_path, share=1.0) as sampler:
+        asyncio.run(calls())
+    data = SampleStore(tmp_path).load("mlp")
+    assert data["x"].shape == (6, 8) and data["probs"].shape == (6, 3)
