@@ -218,3 +218,38 @@ def test_prometheus_fires_the_slo_alerts_of_a_slow_then_failing_model_and_not_of
         finally:
             stop.set()
             thread.join(timeout=30)
+
+
+GPU_TEXT = """# TYPE nv_gpu_utilization gauge
+nv_gpu_utilization{gpu_uuid="GPU-a"} 0.5
+nv_gpu_utilization{gpu_uuid="GPU-b"} 0.3
+# TYPE nv_gpu_memory_used_bytes gauge
+nv_gpu_memory_used_bytes{gpu_uuid="GPU-a"} 2147483648
+nv_gpu_memory_used_bytes{gpu_uuid="GPU-b"} 1073741824
+# TYPE nv_inference_request_success counter
+nv_inference_request_success{model="m",version="1"} SUCCESS
+# TYPE nv_inference_request_failure counter
+nv_inference_request_failure{model="m",reason="BACKEND",version="1"} 2
+nv_inference_request_failure{model="m",reason="REJECTED",version="1"} 1
+"""
+
+
+def test_parse_metrics_averages_gpu_use_sums_failure_reasons_and_survives_a_restart() -> None:
+    from tritonforge.observe import model_rates, parse_metrics
+
+    before = parse_metrics(GPU_TEXT.replace("SUCCESS", "100"), url="u", at_s=0.0)
+    assert before.gpus == 2 and before.server["gpu_utilization"] == pytest.approx(0.4)
+    assert before.server["gpu_memory_used_bytes"] == 3 * 2**30
+    assert before.models[("m", "1")]["failure"] == 3
+    # the server restarted: counters start again from zero, the rate counts from there
+    after = parse_metrics(GPU_TEXT.replace("SUCCESS", "7"), url="u", at_s=2.0)
+    (rates,) = model_rates(before, after)
+    assert rates.requests_per_s == pytest.approx(7 / 2.0)  # not (7 - 100) / 2
+    assert rates.failures_per_s == 0
+
+
+def test_parse_metrics_raises_metrics_error_for_text_that_is_not_prometheus() -> None:
+    from tritonforge.observe import parse_metrics
+
+    with pytest.raises(MetricsError, match="not Prometheus exposition format"):
+        parse_metrics('nv_inference_count{model="m" 1\n', url="http://x/metrics")

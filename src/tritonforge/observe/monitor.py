@@ -120,6 +120,20 @@ def snapshot(
     return Snapshot(elapsed, rows, totals, servers, batches, costs, summaries), second
 
 
+def _machine(url: str, gauges: Mapping[str, float]) -> str:
+    """A server's CPU/GPU use, as far as Triton exports it (nothing for all-zero gauges)."""
+    parts = []
+    if gauges.get("cpu_utilization"):
+        parts.append(f"CPU {gauges['cpu_utilization']:.0%}")
+    if gauges.get("cpu_memory_used_bytes"):
+        parts.append(f"RAM {gauges['cpu_memory_used_bytes'] / 2**30:.1f} GiB")
+    if "gpu_utilization" in gauges:
+        parts.append(f"GPU {gauges['gpu_utilization']:.0%}")
+    if gauges.get("gpu_memory_used_bytes"):
+        parts.append(f"GPU memory {gauges['gpu_memory_used_bytes'] / 2**30:.1f} GiB")
+    return f"{_server(url)}: " + ", ".join(parts) if parts else ""
+
+
 def _server(url: str) -> str:
     return url.removeprefix("http://").removesuffix("/metrics")
 
@@ -131,11 +145,13 @@ def _num(value: float | None, fmt: str = "{:.1f}") -> str:
 def render(snap: Snapshot, *, active_only: bool = False) -> Table:
     """The snapshot as one table: a row per server and model version, then the totals per model."""
     several = len(snap.servers) > 1
+    machine = "; ".join(filter(None, (_machine(url, gauges) for url, gauges in snap.servers.items())))
     table = Table(
         title=f"Triton models over {snap.interval_s:.1f}s on {len(snap.servers)} server(s)",
         caption="p50 p99 mean queue compute: ms per request; batch: inferences per execution; "
         "busy: instances kept busy"
         + ("; $/1k: cost of 1,000 inferences" if snap.cost_per_1k else "")
+        + (f"\n{machine}" if machine else "")
         + (
             ""
             if snap.summaries
