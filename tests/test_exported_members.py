@@ -16,7 +16,10 @@ MODULES = [
     "tritonforge.client.policies",
     "tritonforge.client.observe",
     "tritonforge.client.shm",
-    *[f"tritonforge.observe{m}" for m in ("", ".metrics", ".monitor", ".slo", ".drift", ".sampler", ".logs")],
+    *[
+        f"tritonforge.observe{m}"
+        for m in ("", ".metrics", ".monitor", ".slo", ".drift", ".sampler", ".logs", ".cost")
+    ],
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import threading
@@ -168,7 +169,57 @@ def drift(
     raise typer.Exit(code=1 if report.drifted else 0)
 
 
+def cost(
+    sweep: Path = typer.Argument(
+        ..., help="The sweep.json `tritonforge bench` / `tune` wrote (or its folder)."
+    ),
+    price_per_hour: float = typer.Option(..., help="What the server costs per hour (any currency)."),
+    p99_budget_ms: float | None = typer.Option(None, help="Only levels whose p99 stays within this."),
+    as_json: bool = typer.Option(False, "--json", help="JSON instead of a table."),
+) -> None:
+    """Cost of 1,000 inferences per model, configuration and load level of a bench run."""
+    from tritonforge.observe.cost import bench_costs, cheapest, read_sweeps
+
+    try:
+        rows = bench_costs(read_sweeps(sweep), price_per_hour)
+    except (TritonForgeError, ValueError) as exc:
+        raise _fail(exc) from None
+    best = cheapest(rows, p99_budget_ms)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "price_per_hour": price_per_hour,
+                    "levels": [dataclasses.asdict(r) for r in rows],
+                    "cheapest": [dataclasses.asdict(r) for r in best.values()],
+                }
+            )
+        )
+        return
+    table = Table(title=f"cost per 1,000 inferences at {price_per_hour:g}/hour")
+    for column in ("model", "config", "level", "req/s", "inf/s", "p99 ms", "errors", "per 1k", ""):
+        table.add_column(
+            column, justify="left" if column in ("model", "config", "") else "right", no_wrap=True
+        )
+    for r in rows:
+        mark = "cheapest" if best.get((r.model, r.config)) == r else ""
+        table.add_row(
+            r.model,
+            r.config,
+            f"{r.level:g}",
+            f"{r.requests_per_s:,.1f}",
+            f"{r.inferences_per_s:,.1f}",
+            "-" if r.p99_ms is None else f"{r.p99_ms:.2f}",
+            str(r.errors),
+            "-" if r.cost_per_1k is None else f"{r.cost_per_1k:.6f}",
+            mark,
+            style="bold" if mark else ("red" if r.errors else None),
+        )
+    console.print(table)
+
+
 def register(app: typer.Typer) -> None:
     app.command()(monitor)
     app.command()(slo)
     app.command()(drift)
+    app.command()(cost)

@@ -7,6 +7,7 @@
 - :mod:`~tritonforge.observe.drift`: reference profiles per model version; PSI + KS (BH-controlled).
 - :mod:`~tritonforge.observe.sampler`: a share of real traffic kept in a bounded Parquet store.
 - :mod:`~tritonforge.observe.logs`: one JSON line per client call.
+- :mod:`~tritonforge.observe.cost`: cost per 1,000 inferences from a bench run and an hourly price.
 
 Layering: observe sits above client/server/registry; only ``tritonforge.commands`` imports it.
 Drift and the sampler need the ``observe`` extra (scipy, pyarrow, matplotlib for the HTML plots).
@@ -14,6 +15,7 @@ Drift and the sampler need the ``observe`` extra (scipy, pyarrow, matplotlib for
 
 from __future__ import annotations
 
+from tritonforge.observe.cost import CostRow, bench_costs, cheapest, read_sweeps
 from tritonforge.observe.logs import JsonLogHook, log_record
 from tritonforge.observe.metrics import (
     SUMMARY_FLAGS,
@@ -32,6 +34,7 @@ from tritonforge.observe.slo import SLOError, SLOSpec, dashboard, load_slo, rule
 
 __all__ = [
     "SUMMARY_FLAGS",
+    "CostRow",
     "JsonLogHook",
     "MetricsError",
     "ModelRates",
@@ -40,6 +43,8 @@ __all__ = [
     "Scrape",
     "Snapshot",
     "batch_sizes",
+    "bench_costs",
+    "cheapest",
     "cost_per_1k",
     "dashboard",
     "load_slo",
@@ -47,6 +52,7 @@ __all__ = [
     "metrics_url",
     "model_rates",
     "parse_metrics",
+    "read_sweeps",
     "render",
     "rules",
     "scrape",
