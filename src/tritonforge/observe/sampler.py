@@ -149,6 +149,8 @@ class SampleStore:
             picked = [values[i] for i in idx if values[i] is not None]
             if not picked:
                 continue
+            if len({len(p) for p in picked}) > 1:
+                continue  # rows of different lengths (a variable-length tensor): no fixed features to judge
             if isinstance(picked[0][0], (bytes, str)):
                 out[name] = np.array(picked, dtype=object)
             else:
