@@ -93,6 +93,26 @@ def main() -> None:
         )
     kept = {k: s.stats for k, s in samplers.items()}
     print("sampler stats: " + "; ".join(f"{k}: {v}" for k, v in kept.items()))
+    micro(statistics.median(rows["none"]) / args.threads)
+
+
+def micro(calls_per_s_per_thread: float, n: int = 200_000) -> None:
+    """The sampler's own CPU per call (``record`` at 1%, writer thread included), next to a call's time:
+    steadier than throughput ratios on a busy machine."""
+    x = {"x": np.random.default_rng(0).random((1, 8), dtype=np.float32)}
+    y = {"probs": np.zeros((1, 3), np.float32)}
+    with tempfile.TemporaryDirectory(prefix="tritonforge-sampler-micro-") as tmp:
+        sampler = Sampler(tmp, share=0.01, seed=0)
+        started = time.process_time()
+        for _ in range(n):
+            sampler.record(MODEL, None, x, y)
+        sampler.close()
+        cpu_us = (time.process_time() - started) / n * 1e6
+    call_us = 1e6 / calls_per_s_per_thread
+    print(
+        f"record() at 1%: {cpu_us:.2f} us CPU per call ({n:,} calls, writes included) = "
+        f"{cpu_us / call_us:.2%} of a call ({call_us:,.0f} us per call per thread in the rounds above)"
+    )
 
 
 if __name__ == "__main__":
