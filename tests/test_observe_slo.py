@@ -22,6 +22,7 @@ models:
   slow:   {p99_latency_ms: 50, mean_latency_ms: 50, error_rate: 0.05, queue_ms: 10}
   fine:   {p99_latency_ms: 50, mean_latency_ms: 50, error_rate: 0.05, queue_ms: 10}
   broken: {error_rate: 0.05}
+  drifty: {max_drift_psi: 0.25}
 """
 
 
@@ -136,6 +137,24 @@ def test_rules_fire_for_the_slow_and_the_failing_model_only_after_for_in_promtoo
         "broken: error rate above its objective (0.05)",
         "error rate of broken over 1m is 0.5 (objective 0.05) for 1m.",
     )
+    # what `tritonforge drift --metrics-file` exports, for a drifted model and a calm one
+    series += [
+        {
+            "series": 'tritonforge_drift_psi{model="drifty",version="1",feature="input[3]"}',
+            "values": "0.3x20",
+        },
+        {
+            "series": 'tritonforge_drift_psi{model="drifty",version="1",feature="input[4]"}',
+            "values": "0.01x20",
+        },
+    ]
+    drifty = _alert(
+        "TritonModelInputDrift",
+        "drifty",
+        "max_drift_psi",
+        "drifty: traffic drifted from its reference profile",
+        "largest feature PSI of drifty is 0.3 (objective 0.25); run `tritonforge drift` for the report.",
+    )
     tests = {
         "rule_files": ["rules.yml"],
         "evaluation_interval": "15s",
@@ -150,6 +169,7 @@ def test_rules_fire_for_the_slow_and_the_failing_model_only_after_for_in_promtoo
                     {"eval_time": "4m", "alertname": "TritonModelMeanLatencyHigh", "exp_alerts": [slow_mean]},
                     {"eval_time": "4m", "alertname": "TritonModelErrorRateHigh", "exp_alerts": [broken]},
                     {"eval_time": "4m", "alertname": "TritonModelQueueTimeHigh", "exp_alerts": []},
+                    {"eval_time": "1m", "alertname": "TritonModelInputDrift", "exp_alerts": [drifty]},
                 ],
                 "promql_expr_test": [
                     {
@@ -227,7 +247,7 @@ def test_rules_have_one_alert_per_objective_set(tmp_path: Path) -> None:
             for m in ("slow", "fine")
             for s in ("p99_latency_ms", "mean_latency_ms", "error_rate", "queue_ms")
         ]
-        + [("broken", "error_rate")]
+        + [("broken", "error_rate"), ("drifty", "max_drift_psi")]
     )
     assert dashboard(spec)["panels"][0]["title"] == "slow"
 
