@@ -255,3 +255,22 @@ def test_sampler_wraps_the_async_client_too(server: EmbeddedServer, tmp_path: Pa
         asyncio.run(calls())
     data = SampleStore(tmp_path).load("mlp")
     assert data["x"].shape == (6, 8) and data["probs"].shape == (6, 3)
+
+
+@pytest.mark.slow
+def test_build_digits_stores_a_profile_of_its_verification_split_beside_the_manifest(tmp_path: Path) -> None:
+    import importlib.util
+
+    tools = Path(__file__).resolve().parent.parent / "tools"
+    spec = importlib.util.spec_from_file_location("build_digits_for_drift", tools / "build_digits.py")
+    assert spec is not None and spec.loader is not None
+    build_digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_digits)
+    repo = tmp_path / "repo"
+    (step,) = build_digits.build(repo, kinds=("logreg",))
+    assert step.status == "OK"
+    ref = read_profile(repo, "digits_logreg")
+    _, x_test, _, _ = build_digits.digits_split()
+    assert ref.rows == len(x_test) and ref.version == "1"
+    assert ref.features["input[36]"].mean == pytest.approx(float(x_test[:, 36].mean()), rel=1e-6)
+    assert {f"probabilities[{i}]" for i in range(10)} <= set(ref.features)
