@@ -24,6 +24,8 @@ MODULES = sorted(
         "tritonforge.client.policies",
         "tritonforge.client.observe",
         "tritonforge.client.shm",
+        *(f"tritonforge.observe.{m}" for m in ("metrics", "monitor", "slo", "drift", "sampler", "logs")),
+        "tritonforge.observe.cost",
         *SUBPACKAGES,
     }
 )

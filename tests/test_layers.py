@@ -28,7 +28,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("export", "quantize"),
     ("repository",),
     ("client", "server", "ensemble", "registry"),
-    ("batch", "rollout", "deploy", "observe", "loadtest", "examples"),
+    ("batch", "rollout", "deploy", "observe", "loadtest"),
+    # the example builders and the demo use the product as a user would, drift profiles included
+    ("examples",),
     ("commands",),
     ("cli",),
     ("__main__",),

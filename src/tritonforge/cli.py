@@ -196,6 +196,7 @@ def demo(
 
 # Each area's verbs live in tritonforge/commands/<area>.py with a register(app) function.
 AREAS: tuple[str, ...] = ("ensemble", "build", "loadtest")
+AREAS += ("observe",)  # monitor, slo, drift, cost
 
 
 def _register_areas() -> None:

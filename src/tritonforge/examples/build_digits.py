@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from tritonforge.examples._common import run
+from tritonforge.observe.drift import profile as drift_profile
+from tritonforge.observe.drift import write_profile
 from tritonforge.registry import Step, build_key, find_built, register
 
 SEED = 0
@@ -117,6 +119,12 @@ def build(
                 max_batch_size=MAX_BATCH_SIZE,
                 max_queue_delay_us=500,
             )
+        # drift reference: the verification split and the model's outputs on it, beside the manifest
+        probabilities = estimator.predict_proba(x_test).astype(np.float32)
+        reference = drift_profile(
+            {"input": x_test}, {"probabilities": probabilities}, model=name, version=version.name
+        )
+        write_profile(version, reference)
         label = artifact.reports["label"]
         steps.append(
             Step(

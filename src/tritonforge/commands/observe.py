@@ -1,0 +1,225 @@
+"""``tritonforge monitor``, ``tritonforge slo`` and ``tritonforge drift``: watching models in production."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import threading
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tritonforge.errors import TritonForgeError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(exc: TritonForgeError | ValueError, code: int = 1) -> typer.Exit:
+    message = exc.message if isinstance(exc, TritonForgeError) else str(exc)
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=code)
+
+
+def monitor(
+    urls: list[str] = typer.Argument(
+        ..., help="Triton metrics endpoints (host:port, default path /metrics)."
+    ),
+    grpc: list[str] = typer.Option(
+        [], help="The servers' gRPC host:port (same order) for batch sizes from the statistics API."
+    ),
+    interval: float = typer.Option(2.0, help="Seconds between readings."),
+    once: bool = typer.Option(False, help="One interval, then exit."),
+    as_json: bool = typer.Option(False, "--json", help="JSON (one object per interval) instead of a table."),
+    price_per_hour: float | None = typer.Option(
+        None, help="The hourly price of one server: adds the cost of 1,000 inferences per model."
+    ),
+    active: bool = typer.Option(False, help="Only models that served requests in the interval."),
+) -> None:
+    """Requests/s, failures, latency, queue vs compute, batch size of every model on URL..., live."""
+    from rich.live import Live
+
+    from tritonforge.observe.monitor import render, snapshot
+
+    if interval <= 0:
+        raise _fail(ValueError(f"--interval must be > 0, not {interval}"))
+    stop = threading.Event()
+    if not once:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    try:
+        snap, last = snapshot(urls, interval_s=interval, grpc_urls=grpc, price_per_hour=price_per_hour)
+        if once or as_json:
+            while True:
+                if as_json:
+                    print(json.dumps(snap.as_dict()), flush=True)
+                else:
+                    console.print(render(snap, active_only=active))
+                if once or stop.wait(interval):
+                    return
+                snap, last = snapshot(urls, grpc_urls=grpc, price_per_hour=price_per_hour, previous=last)
+        with Live(render(snap, active_only=active), console=console, auto_refresh=False) as live:
+            while not stop.wait(interval):
+                snap, last = snapshot(urls, grpc_urls=grpc, price_per_hour=price_per_hour, previous=last)
+                live.update(render(snap, active_only=active), refresh=True)
+    except (TritonForgeError, ValueError) as exc:
+        raise _fail(exc) from None
+
+
+def slo(
+    spec: Path = typer.Argument(..., help="The SLO file (see observe/slo.example.yaml)."),
+    out: Path = typer.Option(..., help="Folder for rules.yml and dashboard.json."),
+) -> None:
+    """Turn per-model objectives into Prometheus rules (DIR/rules.yml) and a Grafana dashboard."""
+    from tritonforge.observe.slo import load_slo, rules, write
+
+    try:
+        parsed = load_slo(spec)
+        written = write(parsed, out)
+    except TritonForgeError as exc:
+        raise _fail(exc) from None
+    groups = rules(parsed)["groups"]
+    table = Table(title=f"SLOs from {spec}")
+    longest = max(len(name) for row in parsed.rows for name in row if name)
+    table.add_column("model", no_wrap=True, min_width=longest)
+    table.add_column("in pipeline", no_wrap=True, min_width=longest)
+    table.add_column("objectives")
+    by_model = {o.model: o for o in parsed.objectives}
+    for model, parent in parsed.rows:
+        o = by_model.get(model)
+        shown = ""
+        if o is not None:
+            shown = ", ".join(
+                f"{k}={getattr(o, k):g}"
+                for k in ("p99_latency_ms", "mean_latency_ms", "error_rate", "queue_ms", "max_drift_psi")
+                if getattr(o, k) is not None
+            )
+        table.add_row(model, parent or "", shown or "(dashboard only)")
+    console.print(table)
+    console.print(
+        f"{len(groups[0]['rules'])} recording rules, {len(groups[1]['rules'])} alerts -> {written['rules']}\n"
+        f"dashboard ({len(parsed.rows)} rows) -> {written['dashboard']}"
+    )
+
+
+def drift(
+    store: Path = typer.Option(..., help="The sampler's store (the folder given to Sampler)."),
+    model: str = typer.Option(..., help="The model whose traffic is judged."),
+    repo: Path | None = typer.Option(None, help="The model repository holding the reference profile."),
+    profile: Path | None = typer.Option(None, help="A drift_profile.json (instead of --repo)."),
+    version: str | None = typer.Option(None, help="Reference version (default: newest with a profile)."),
+    traffic_version: str | None = typer.Option(None, help="Only traffic sampled for this version."),
+    limit: int | None = typer.Option(None, help="Judge only the newest N sampled rows."),
+    alpha: float = typer.Option(0.01, help="False discovery rate over the features (Benjamini-Hochberg)."),
+    min_psi: float = typer.Option(0.1, help="Smallest PSI that counts as drift."),
+    html: Path | None = typer.Option(None, help="Write an HTML report with plots here."),
+    metrics_file: Path | None = typer.Option(
+        None, help="Write the scores as Prometheus gauges (textfile-collector format) here."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="JSON instead of a table."),
+) -> None:
+    """Compare sampled traffic with the model's reference profile; exit 1 if it drifted (like diff)."""
+    from tritonforge.observe.drift import compare, html_report, read_profile, write_metrics_file
+    from tritonforge.observe.sampler import SampleStore
+
+    if (repo is None) == (profile is None):
+        raise _fail(ValueError("give the reference as --repo REPO or --profile FILE (one of them)"), 2)
+    try:
+        reference = read_profile(profile) if profile is not None else read_profile(repo, model, version)  # type: ignore[arg-type]
+        traffic = SampleStore(store).load(model, traffic_version, limit=limit)
+        report = compare(reference, traffic, alpha=alpha, min_psi=min_psi)
+        if html is not None:
+            html_report(report, html)
+        if metrics_file is not None:
+            write_metrics_file([report], metrics_file)
+    except (TritonForgeError, ValueError) as exc:
+        raise _fail(exc, 2) from None
+    if as_json:
+        print(json.dumps(report.as_dict()))
+    else:
+        verdict = "[bold red]DRIFTED[/]" if report.drifted else "[green]no drift[/]"
+        table = Table(
+            title=f"{model} v{reference.version}: "
+            f"{len(report.moved)} of {len(report.features)} features moved",
+        )
+        for column in ("feature", "role", "PSI", "KS", "p (BH)", "ref mean", "now mean"):
+            table.add_column(
+                column, justify="left" if column in ("feature", "role") else "right", no_wrap=True
+            )
+        shown = report.moved or sorted(report.features, key=lambda f: -f.psi)[:5]
+        for f in shown[:30]:
+            table.add_row(
+                f.feature,
+                f.role,
+                f"{f.psi:.3f}",
+                f"{f.ks:.3f}",
+                f"{f.p_adjusted:.1e}",
+                f"{f.ref_mean:.3g}",
+                f"{f.cur_mean:.3g}",
+                style="red" if f.drifted else None,
+            )
+        console.print(table)
+        console.print(
+            f"{verdict}: {report.current_rows} sampled rows vs {report.reference_rows} reference rows, "
+            f"largest PSI {report.max_psi:.3f}" + (f"; report {html}" if html else "")
+        )
+    raise typer.Exit(code=1 if report.drifted else 0)
+
+
+def cost(
+    sweep: Path = typer.Argument(
+        ..., help="The sweep.json `tritonforge bench` / `tune` wrote (or its folder)."
+    ),
+    price_per_hour: float = typer.Option(..., help="What the server costs per hour (any currency)."),
+    p99_budget_ms: float | None = typer.Option(None, help="Only levels whose p99 stays within this."),
+    as_json: bool = typer.Option(False, "--json", help="JSON instead of a table."),
+) -> None:
+    """Cost of 1,000 inferences per model, configuration and load level of a bench run."""
+    from tritonforge.observe.cost import bench_costs, cheapest, read_sweeps
+
+    try:
+        rows = bench_costs(read_sweeps(sweep), price_per_hour)
+    except (TritonForgeError, ValueError) as exc:
+        raise _fail(exc) from None
+    best = cheapest(rows, p99_budget_ms)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "price_per_hour": price_per_hour,
+                    "levels": [dataclasses.asdict(r) for r in rows],
+                    "cheapest": [dataclasses.asdict(r) for r in best.values()],
+                }
+            )
+        )
+        return
+    table = Table(title=f"cost per 1,000 inferences at {price_per_hour:g}/hour")
+    for column in ("model", "config", "level", "req/s", "inf/s", "p99 ms", "errors", "per 1k", ""):
+        table.add_column(
+            column, justify="left" if column in ("model", "config", "") else "right", no_wrap=True
+        )
+    for r in rows:
+        mark = "cheapest" if best.get((r.model, r.config)) == r else ""
+        table.add_row(
+            r.model,
+            r.config,
+            f"{r.level:g}",
+            f"{r.requests_per_s:,.1f}",
+            f"{r.inferences_per_s:,.1f}",
+            "-" if r.p99_ms is None else f"{r.p99_ms:.2f}",
+            str(r.errors),
+            "-" if r.cost_per_1k is None else f"{r.cost_per_1k:.6f}",
+            mark,
+            style="bold" if mark else ("red" if r.errors else None),
+        )
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(monitor)
+    app.command()(slo)
+    app.command()(drift)
+    app.command()(cost)

@@ -1,0 +1,210 @@
+"""`tritonforge monitor`: every model on one or several Triton servers, per server and summed.
+
+:func:`snapshot` reads each server twice ``interval_s`` apart and returns a :class:`Snapshot` (rows per
+server and model version, totals per model, server gauges); :func:`render` turns it into a rich table and
+:meth:`Snapshot.as_dict` into JSON for scripts. With a price per hour, each row also carries the cost of
+1,000 inferences at the throughput seen (the server's price shared by its models by compute time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from rich.table import Table
+
+from tritonforge.observe.metrics import (
+    ModelRates,
+    Scrape,
+    batch_sizes,
+    metrics_url,
+    model_rates,
+    scrape,
+    summed,
+)
+
+__all__ = ["Snapshot", "cost_per_1k", "render", "snapshot"]
+
+
+def cost_per_1k(price_per_hour: float, inferences_per_s: float) -> float | None:
+    """What 1,000 inferences cost on a machine priced ``price_per_hour`` serving ``inferences_per_s``.
+
+    Raises:
+        ValueError: a negative price.
+    """
+    if price_per_hour < 0:
+        raise ValueError(f"price per hour must be >= 0, not {price_per_hour}")
+    if inferences_per_s <= 0:
+        return None
+    return price_per_hour / 3600.0 / inferences_per_s * 1000.0
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """What every server did over one interval: rows per server, totals per model, server gauges."""
+
+    interval_s: float
+    rows: list[ModelRates]
+    totals: list[ModelRates]
+    servers: dict[str, dict[str, float]]
+    batch_sizes: dict[str, dict[str, dict[int, int]]]
+    cost_per_1k: dict[str, float | None]
+    summaries: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "interval_s": self.interval_s,
+            "summaries": self.summaries,
+            "servers": self.servers,
+            "models": [r.as_dict() for r in self.rows],
+            "totals": [{**r.as_dict(), "cost_per_1k": self.cost_per_1k.get(r.model)} for r in self.totals],
+            "batch_sizes": {
+                server: {model: {str(k): v for k, v in sizes.items()} for model, sizes in per.items()}
+                for server, per in self.batch_sizes.items()
+            },
+        }
+
+
+def snapshot(
+    urls: Sequence[str],
+    *,
+    interval_s: float = 1.0,
+    grpc_urls: Sequence[str] = (),
+    price_per_hour: float | None = None,
+    previous: Mapping[str, Scrape] | None = None,
+) -> tuple[Snapshot, dict[str, Scrape]]:
+    """Read every server twice ``interval_s`` apart (or once, after ``previous`` readings) and compare.
+
+    ``grpc_urls`` (same order as ``urls``, optional) add the batch sizes from the statistics API.
+    Returns the snapshot and the latest readings (pass them as ``previous`` to continue live).
+
+    Raises:
+        MetricsError: a server could not be read. ValueError: more gRPC URLs than metrics URLs.
+    """
+    if len(grpc_urls) > len(urls):
+        raise ValueError(f"{len(grpc_urls)} --grpc URLs for {len(urls)} metrics URLs: give at most one each")
+    full = [metrics_url(u) for u in urls]
+    with ThreadPoolExecutor(max_workers=max(1, len(full))) as pool:
+        if previous is None:
+            first = dict(zip(full, pool.map(scrape, full), strict=True))
+            time.sleep(interval_s)
+        else:
+            first = dict(previous)
+        second = dict(zip(full, pool.map(scrape, full), strict=True))
+    rows = [r for url in full for r in model_rates(first[url], second[url])]
+    totals = summed(rows)
+    costs: dict[str, float | None] = {}
+    if price_per_hour is not None:
+        for total in totals:
+            # each server's price is shared among its models by the compute time they used
+            cost_per_s = 0.0
+            for url in full:
+                on_server = [r for r in rows if r.server == url]
+                busy = sum(r.busy_instances for r in on_server)
+                mine = sum(r.busy_instances for r in on_server if r.model == total.model)
+                share = mine / busy if busy > 0 else 1.0 / max(1, len({r.model for r in on_server}))
+                cost_per_s += price_per_hour / 3600.0 * share
+            costs[total.model] = (
+                cost_per_s / total.inferences_per_s * 1000.0 if total.inferences_per_s > 0 else None
+            )
+    batches = {
+        full[i]: {f"{m}:{v}": sizes for (m, v), sizes in batch_sizes(g).items() if sizes}
+        for i, g in enumerate(grpc_urls)
+    }
+    summaries = any(s.quantiles for s in second.values())
+    servers = {url: s.server for url, s in second.items()}
+    elapsed = max(second[u].at_s - first[u].at_s for u in full)
+    return Snapshot(elapsed, rows, totals, servers, batches, costs, summaries), second
+
+
+def _machine(url: str, gauges: Mapping[str, float]) -> str:
+    """A server's CPU/GPU use, as far as Triton exports it (nothing for all-zero gauges)."""
+    parts = []
+    if gauges.get("cpu_utilization"):
+        parts.append(f"CPU {gauges['cpu_utilization']:.0%}")
+    if gauges.get("cpu_memory_used_bytes"):
+        parts.append(f"RAM {gauges['cpu_memory_used_bytes'] / 2**30:.1f} GiB")
+    if "gpu_utilization" in gauges:
+        parts.append(f"GPU {gauges['gpu_utilization']:.0%}")
+    if gauges.get("gpu_memory_used_bytes"):
+        parts.append(f"GPU memory {gauges['gpu_memory_used_bytes'] / 2**30:.1f} GiB")
+    return f"{_server(url)}: " + ", ".join(parts) if parts else ""
+
+
+def _server(url: str) -> str:
+    return url.removeprefix("http://").removesuffix("/metrics")
+
+
+def _num(value: float | None, fmt: str = "{:.1f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def render(snap: Snapshot, *, active_only: bool = False) -> Table:
+    """The snapshot as one table: a row per server and model version, then the totals per model."""
+    several = len(snap.servers) > 1
+    machine = "; ".join(filter(None, (_machine(url, gauges) for url, gauges in snap.servers.items())))
+    table = Table(
+        title=f"Triton models over {snap.interval_s:.1f}s on {len(snap.servers)} server(s)",
+        caption="p50 p99 mean queue compute: ms per request; batch: inferences per execution; "
+        "busy: instances kept busy"
+        + ("; $/1k: cost of 1,000 inferences" if snap.cost_per_1k else "")
+        + (f"\n{machine}" if machine else "")
+        + (
+            ""
+            if snap.summaries
+            else "; p50/p99 need Triton's summaries (--metrics-config=summary_latencies=true)"
+        ),
+    )
+    columns = ["server", "model", "ver", "req/s", "fail/s", "p50", "p99", "mean", "queue", "compute", "batch"]
+    columns += ["busy", "pending"]
+    if snap.cost_per_1k:
+        columns.append("$/1k")
+    widths = {
+        "server": max((len(_server(r.server)) for r in snap.rows), default=6),
+        "model": max((len(r.model) for r in snap.rows), default=5),
+    }
+    for c in columns:
+        # names are never cut short, whatever the terminal's width (readable when piped)
+        table.add_column(
+            c,
+            justify="left" if c in ("server", "model", "ver") else "right",
+            no_wrap=True,
+            min_width=max(len(c), widths.get(c, 0)),
+        )
+
+    def add(r: ModelRates, server: str, style: str | None = None) -> None:
+        cells = [
+            server,
+            r.model,
+            r.version,
+            _num(r.requests_per_s),
+            _num(r.failures_per_s),
+            _num(r.p50_ms, "{:.2f}"),
+            _num(r.p99_ms, "{:.2f}"),
+            _num(r.mean_latency_ms, "{:.2f}"),
+            _num(r.queue_ms, "{:.2f}"),
+            _num(r.compute_ms, "{:.2f}"),
+            _num(r.batch_size, "{:.2f}"),
+            _num(r.busy_instances, "{:.2f}"),
+            f"{r.pending:g}",
+        ]
+        if snap.cost_per_1k:
+            cells.append(_num(snap.cost_per_1k.get(r.model) if r.server == "all" else None, "{:.5f}"))
+        if r.failures_per_s > 0:
+            style = "red"
+        table.add_row(*cells, style=style)
+
+    for r in snap.rows:
+        if active_only and r.requests_per_s == 0:
+            continue
+        add(r, _server(r.server))
+    if several or snap.cost_per_1k:
+        table.add_section()
+        for r in snap.totals:
+            if active_only and r.requests_per_s == 0:
+                continue
+            add(r, "all", "bold")
+    return table

@@ -1,0 +1,452 @@
+"""SLOs as code: a small YAML file of per-model objectives -> Prometheus rules and a Grafana dashboard.
+
+The file (see ``observe/slo.example.yaml``)::
+
+    window: 5m                  # rates are taken over this window
+    for: 5m                     # an objective broken this long fires its alert
+    selector: 'job="triton"'    # optional: added to every Triton series the rules read
+    ensembles: ../ensembles     # optional: pipeline specs, to add an ensemble's composing models as rows
+    severity: page              # the alerts' severity label (per model too)
+    models:
+      digits_vote:
+        p99_latency_ms: 50      # Triton's summary quantile (needs --metrics-config=summary_latencies=true)
+        mean_latency_ms: 20     # from counters, always available
+        error_rate: 0.01        # failed / all requests
+        queue_ms: 10            # mean time in Triton's queue
+        max_drift_psi: 0.25     # the largest feature PSI `tritonforge drift --metrics-file` exported
+
+:func:`load_slo` checks it (every error names the key and how to fix it); :func:`rules` builds the
+recording rules (``model:tritonforge_*:rate<window>``) and one alert per objective and model;
+:func:`dashboard` builds a Grafana dashboard with a row per model (and per composing model of an
+ensemble); :func:`write` puts ``rules.yml`` and ``dashboard.json`` into a folder atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tritonforge.errors import TritonForgeError
+
+__all__ = [
+    "OBJECTIVES",
+    "Objective",
+    "SLOError",
+    "SLOSpec",
+    "dashboard",
+    "dashboard_queries",
+    "load_slo",
+    "rules",
+    "write",
+]
+
+OBJECTIVES = ("p99_latency_ms", "mean_latency_ms", "error_rate", "queue_ms", "max_drift_psi")
+_DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
+_TOP_KEYS = {"window", "for", "selector", "ensembles", "severity", "models"}
+_MODEL_KEYS = {*OBJECTIVES, "for", "severity"}
+
+
+class SLOError(TritonForgeError):
+    """An SLO file that cannot be turned into rules (names the file, the key and the fix)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """One model's objectives (``None``: not set) and how long a breach lasts before it fires."""
+
+    model: str
+    for_: str
+    severity: str
+    p99_latency_ms: float | None = None
+    mean_latency_ms: float | None = None
+    error_rate: float | None = None
+    queue_ms: float | None = None
+    max_drift_psi: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SLOSpec:
+    """A parsed SLO file: objectives per model, and the dashboard's rows (composing models expanded)."""
+
+    window: str
+    for_: str
+    selector: str
+    objectives: tuple[Objective, ...]
+    rows: tuple[tuple[str, str | None], ...]  # (model, the ensemble it serves in, if any)
+    source: str = ""
+
+
+def _duration(value: Any, where: str) -> str:
+    text = str(value).strip()
+    if not _DURATION.match(text):
+        raise SLOError(f"{where}: {value!r} is not a Prometheus duration (write e.g. 30s, 5m, 1h)")
+    return text
+
+
+def _number(value: Any, where: str, *, at_most: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise SLOError(f"{where}: {value!r} must be a number above 0")
+    if at_most is not None and value > at_most:
+        raise SLOError(f"{where}: {value!r} must be at most {at_most} (a share, e.g. 0.01 for 1%)")
+    return float(value)
+
+
+def _composing(spec_dir: Path) -> dict[str, list[str]]:
+    """{pipeline name: the models it runs} from the pipeline specs in ``spec_dir``."""
+    from tritonforge.ensemble.spec import load_spec
+
+    out: dict[str, list[str]] = {}
+    for path in sorted(spec_dir.glob("*.yaml")):
+        spec, issues = load_spec(path)
+        if spec is None:
+            problems = "; ".join(str(i) for i in issues)
+            raise SLOError(f"ensemble spec {path} does not parse ({problems}): fix it or drop `ensembles`")
+        models: list[str] = []
+        for step in spec.steps:
+            models.append(step.model)
+        for stage in spec.route:
+            models.extend((stage.model, *stage.fallback))
+        models.extend(m.name for m in spec.models if m.name not in models)
+        out[spec.name] = list(dict.fromkeys(models))
+    return out
+
+
+def load_slo(path: str | os.PathLike[str]) -> SLOSpec:
+    """Read and check an SLO file.
+
+    Raises:
+        SLOError: unreadable YAML, an unknown key, a bad duration or objective, no models.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SLOError(f"cannot read SLO file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise SLOError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SLOError(f"{path}: expected a mapping with a `models:` key at the top")
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise SLOError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+    window = _duration(data.get("window", "5m"), f"{path}: window")
+    for_ = _duration(data.get("for", "5m"), f"{path}: for")
+    selector = str(data.get("selector", "")).strip().strip("{}")
+    severity = str(data.get("severity", "page"))
+    models = data.get("models")
+    if not isinstance(models, dict) or not models:
+        raise SLOError(f"{path}: `models:` must map each model name to its objectives (none given)")
+    objectives = []
+    for name, body in models.items():
+        where = f"{path}: models.{name}"
+        if not isinstance(body, dict):
+            raise SLOError(f"{where}: expected a mapping of objectives ({', '.join(OBJECTIVES)})")
+        bad = set(body) - _MODEL_KEYS
+        if bad:
+            raise SLOError(f"{where}: unknown key(s) {sorted(bad)}; objectives are {', '.join(OBJECTIVES)}")
+        values = {
+            key: _number(body[key], f"{where}.{key}", at_most=1.0 if key == "error_rate" else None)
+            for key in OBJECTIVES
+            if key in body
+        }
+        objectives.append(
+            Objective(
+                model=str(name),
+                for_=_duration(body.get("for", for_), f"{where}.for"),
+                severity=str(body.get("severity", severity)),
+                **values,
+            )
+        )
+    rows: list[tuple[str, str | None]] = [(o.model, None) for o in objectives]
+    if "ensembles" in data:
+        spec_dir = (path.parent / str(data["ensembles"])).resolve()
+        if not spec_dir.is_dir():
+            raise SLOError(f"{path}: ensembles: {spec_dir} is not a folder of pipeline specs")
+        pipelines = _composing(spec_dir)
+        for o in objectives:
+            for member in pipelines.get(o.model, []):
+                if (member, o.model) not in rows:
+                    rows.append((member, o.model))
+        rows = _ordered(rows)
+    return SLOSpec(window, for_, selector, tuple(objectives), tuple(rows), str(path))
+
+
+def _ordered(rows: list[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
+    """Each model's row followed by its composing models' rows."""
+    out: list[tuple[str, str | None]] = []
+    for model, parent in rows:
+        if parent is None:
+            out.append((model, None))
+            out.extend(r for r in rows if r[1] == model)
+    return out
+
+
+# -- rules --------------------------------------------------------------------------------------------
+
+
+def _sel(spec: SLOSpec, extra: str = "") -> str:
+    parts = [p for p in (spec.selector, extra) if p]
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _record_names(window: str) -> dict[str, str]:
+    return {
+        "requests": f"model:tritonforge_requests:rate{window}",
+        "failures": f"model:tritonforge_failures:rate{window}",
+        "error_ratio": f"model:tritonforge_error_ratio:rate{window}",
+        "latency_mean_ms": f"model:tritonforge_latency_mean_ms:rate{window}",
+        "queue_ms": f"model:tritonforge_queue_mean_ms:rate{window}",
+        "compute_ms": f"model:tritonforge_compute_mean_ms:rate{window}",
+        "batch_size": f"model:tritonforge_batch_size:rate{window}",
+        "p99_ms": "model:tritonforge_latency_p99_ms:max",
+        "p50_ms": "model:tritonforge_latency_p50_ms:max",
+    }
+
+
+def _exprs(spec: SLOSpec, window: str) -> dict[str, str]:
+    s, w = _sel(spec), window
+
+    def rate(metric: str) -> str:
+        return f"sum by (model) (rate({metric}{s}[{w}]))"
+
+    success, failure = rate("nv_inference_request_success"), rate("nv_inference_request_failure")
+    # a model without failure series yet still gets a 0 (not an empty result)
+    failures = f"({failure} or {success} * 0)"
+    q50, q99 = 'quantile="0.5"', 'quantile="0.99"'
+    compute = " + ".join(
+        rate(f"nv_inference_compute_{part}_duration_us") for part in ("input", "infer", "output")
+    )
+    return {
+        "requests": f"{success} + {failures}",
+        "failures": failures,
+        "error_ratio": f"{failures} / ({success} + {failures})",
+        "latency_mean_ms": f"{rate('nv_inference_request_duration_us')} / {success} / 1000",
+        "queue_ms": f"{rate('nv_inference_queue_duration_us')} / {success} / 1000",
+        "compute_ms": f"({compute}) / {success} / 1000",
+        "batch_size": f"{rate('nv_inference_count')} / {rate('nv_inference_exec_count')}",
+        "p99_ms": f"max by (model) (nv_inference_request_summary_us{_sel(spec, q99)}) / 1000",
+        "p50_ms": f"max by (model) (nv_inference_request_summary_us{_sel(spec, q50)}) / 1000",
+    }
+
+
+_ALERTS = {
+    # objective: (alert name, recorded series key, what it measures, unit)
+    "p99_latency_ms": ("TritonModelP99LatencyHigh", "p99_ms", "p99 latency", "ms"),
+    "mean_latency_ms": ("TritonModelMeanLatencyHigh", "latency_mean_ms", "mean latency", "ms"),
+    "error_rate": ("TritonModelErrorRateHigh", "error_ratio", "error rate", ""),
+    "queue_ms": ("TritonModelQueueTimeHigh", "queue_ms", "mean queue time", "ms"),
+}
+
+
+def rules(spec: SLOSpec) -> dict[str, Any]:
+    """Prometheus rule groups: the recording rules every objective reads, and one alert per objective.
+
+    Raises:
+        SLOError: never for a spec from :func:`load_slo` (kept for hand-built specs with no objectives).
+    """
+    if not spec.objectives:
+        raise SLOError("an SLO spec without objectives gives no rules: add models with objectives")
+    names, exprs = _record_names(spec.window), _exprs(spec, spec.window)
+    recording = [{"record": names[k], "expr": exprs[k]} for k in names]
+    alerts: list[dict[str, Any]] = []
+    for o in spec.objectives:
+        for objective, (alert, key, what, unit) in _ALERTS.items():
+            threshold = getattr(o, objective)
+            if threshold is None:
+                continue
+            shown = f'{{{{ $value | printf "%.4g" }}}}{unit}'
+            alerts.append(
+                {
+                    "alert": alert,
+                    "expr": f'{names[key]}{{model="{o.model}"}} > {threshold:g}',
+                    "for": o.for_,
+                    "labels": {"severity": o.severity, "slo": objective, "model": o.model},
+                    "annotations": {
+                        "summary": f"{o.model}: {what} above its objective ({threshold:g}{unit})",
+                        "description": f"{what} of {o.model} over {spec.window} is {shown} "
+                        f"(objective {threshold:g}{unit}) for {o.for_}.",
+                    },
+                }
+            )
+        if o.max_drift_psi is not None:
+            alerts.append(
+                {
+                    "alert": "TritonModelInputDrift",
+                    "expr": f'max by (model) (tritonforge_drift_psi{{model="{o.model}"}})'
+                    f" > {o.max_drift_psi:g}",
+                    "for": "0s",
+                    "labels": {"severity": o.severity, "slo": "max_drift_psi", "model": o.model},
+                    "annotations": {
+                        "summary": f"{o.model}: traffic drifted from its reference profile",
+                        "description": f"largest feature PSI of {o.model} is "
+                        f'{{{{ $value | printf "%.3g" }}}} '
+                        f"(objective {o.max_drift_psi:g}); run `tritonforge drift` for the report.",
+                    },
+                }
+            )
+    return {
+        "groups": [
+            {"name": "tritonforge-slo-recording", "rules": recording},
+            {"name": "tritonforge-slo-alerts", "rules": alerts},
+        ]
+    }
+
+
+# -- dashboard ----------------------------------------------------------------------------------------
+
+_DS = {"type": "prometheus", "uid": "${datasource}"}
+
+
+def _panel(
+    pid: int, title: str, targets: list[tuple[str, str]], x: int, y: int, unit: str, thresholds: float | None
+) -> dict[str, Any]:
+    steps: list[dict[str, Any]] = [{"color": "green", "value": None}]
+    if thresholds is not None:
+        steps.append({"color": "red", "value": thresholds})
+    return {
+        "id": pid,
+        "type": "timeseries",
+        "title": title,
+        "datasource": _DS,
+        "gridPos": {"h": 8, "w": 6, "x": x, "y": y},
+        "fieldConfig": {
+            "defaults": {
+                "unit": unit,
+                "thresholds": {"mode": "absolute", "steps": steps},
+                "custom": {"thresholdsStyle": {"mode": "line" if thresholds is not None else "off"}},
+            },
+            "overrides": [],
+        },
+        "options": {"legend": {"displayMode": "list", "placement": "bottom"}, "tooltip": {"mode": "multi"}},
+        "targets": [
+            {"refId": chr(65 + i), "datasource": _DS, "expr": expr, "legendFormat": legend}
+            for i, (expr, legend) in enumerate(targets)
+        ],
+    }
+
+
+def dashboard_queries(spec: SLOSpec, model: str, rate_window: str = "$__rate_interval") -> dict[str, str]:
+    """The PromQL of a model's panels (the dashboard reads Triton's series directly: no rules needed)."""
+    m = f'model="{model}"'
+    s = _sel(spec, m)
+
+    def rate(metric: str) -> str:
+        return f"sum(rate({metric}{s}[{rate_window}]))"
+
+    success, failure = rate("nv_inference_request_success"), rate("nv_inference_request_failure")
+    q50, q99 = ',quantile="0.5"', ',quantile="0.99"'
+    return {
+        "success": success,
+        "failure": failure,
+        "error_ratio": f"{failure} / ({success} + {failure})",
+        "p50": f"max(nv_inference_request_summary_us{_sel(spec, m + q50)}) / 1000",
+        "p99": f"max(nv_inference_request_summary_us{_sel(spec, m + q99)}) / 1000",
+        "mean": f"{rate('nv_inference_request_duration_us')} / {success} / 1000",
+        "queue": f"{rate('nv_inference_queue_duration_us')} / {success} / 1000",
+        "compute": f"({rate('nv_inference_compute_input_duration_us')} + "
+        f"{rate('nv_inference_compute_infer_duration_us')} + "
+        f"{rate('nv_inference_compute_output_duration_us')}) / {success} / 1000",
+        "batch": f"{rate('nv_inference_count')} / {rate('nv_inference_exec_count')}",
+    }
+
+
+def dashboard(spec: SLOSpec, *, title: str = "Triton models (tritonforge SLOs)") -> dict[str, Any]:
+    """A Grafana dashboard (JSON model, importable as is): one row per model and per composing model.
+
+    Each row: requests and failures per second; error ratio; p50/p99 and mean latency; queue vs compute
+    time; the mean batch size. Objective thresholds are drawn as lines on their panels.
+    """
+    by_model = {o.model: o for o in spec.objectives}
+    panels: list[dict[str, Any]] = []
+    pid, y = 1, 0
+    for model, parent in spec.rows:
+        o = by_model.get(model)
+        q = dashboard_queries(spec, model)
+        title_row = model if parent is None else f"{parent} / {model}"
+        panels.append(
+            {
+                "id": pid,
+                "type": "row",
+                "title": title_row,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+                "panels": [],
+            }
+        )
+        pid, y = pid + 1, y + 1
+        latency_line = None if o is None else (o.p99_latency_ms or o.mean_latency_ms)
+        row = [
+            ("Requests / s", [(q["success"], "ok"), (q["failure"], "failed")], "reqps", None),
+            ("Error ratio", [(q["error_ratio"], "failed / all")], "percentunit", o.error_rate if o else None),
+            ("Latency", [(q["p50"], "p50"), (q["p99"], "p99"), (q["mean"], "mean")], "ms", latency_line),
+            (
+                "Queue vs compute · batch size",
+                [(q["queue"], "queue ms"), (q["compute"], "compute ms"), (q["batch"], "mean batch size")],
+                "none",
+                o.queue_ms if o else None,
+            ),
+        ]
+        for i, (name, targets, unit, line) in enumerate(row):
+            panels.append(_panel(pid, f"{model}: {name}", targets, 6 * i, y, unit, line))
+            pid += 1
+        y += 8
+    return {
+        "title": title,
+        "uid": "tritonforge-slo",
+        "tags": ["triton", "tritonforge"],
+        "timezone": "browser",
+        "schemaVersion": 39,
+        "version": 1,
+        "editable": True,
+        "refresh": "10s",
+        "time": {"from": "now-1h", "to": "now"},
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Prometheus",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {},
+                    "hide": 0,
+                    "refresh": 1,
+                }
+            ]
+        },
+        "annotations": {"list": []},
+        "panels": panels,
+    }
+
+
+def write(spec: SLOSpec, out: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write ``rules.yml`` and ``dashboard.json`` into ``out`` (both or neither: staged, then moved).
+
+    Raises:
+        SLOError: ``out`` exists and is not a folder, or cannot be written.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SLOError(f"--out {out} is a file: give a folder for rules.yml and dashboard.json")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        header = f"# generated by `tritonforge slo {spec.source}`; edit the SLO file, not this one\n"
+        files = {
+            "rules.yml": header + yaml.safe_dump(rules(spec), sort_keys=False, width=1000),
+            "dashboard.json": json.dumps(dashboard(spec), indent=2) + "\n",
+        }
+        with tempfile.TemporaryDirectory(dir=out, prefix=".slo-") as tmp:
+            for name, text in files.items():
+                (Path(tmp) / name).write_text(text)
+            for name in files:
+                shutil.move(str(Path(tmp) / name), out / name)
+    except OSError as exc:
+        raise SLOError(f"cannot write into {out}: {exc.strerror}") from None
+    return {name.split(".")[0]: out / name for name in ("rules.yml", "dashboard.json")}

@@ -1,0 +1,256 @@
+"""Observe against real servers: `monitor` over two embedded Tritons, and SLO alerts that a real
+Prometheus fires for a model made slow or failing while a healthy model stays quiet."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from observe_fixtures import build_observe_repository, knob_input
+from promserver import PrometheusServer
+from tritonforge.client import Client, RetryPolicy
+from tritonforge.errors import ClientError
+from tritonforge.observe import SUMMARY_FLAGS, MetricsError, scrape, snapshot
+from tritonforge.observe.slo import dashboard_queries, load_slo, write
+from tritonforge.server import EmbeddedServer
+
+
+@pytest.fixture(scope="module")
+def observe_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_observe_repository(tmp_path_factory.mktemp("observe"))
+
+
+@pytest.fixture(scope="module")
+def servers(observe_repo: Path) -> Iterator[tuple[EmbeddedServer, EmbeddedServer]]:
+    with (
+        EmbeddedServer(observe_repo, extra_args=SUMMARY_FLAGS) as first,
+        EmbeddedServer(observe_repo, extra_args=SUMMARY_FLAGS) as second,
+    ):
+        yield first, second
+
+
+def _client(server: EmbeddedServer) -> Client:
+    return Client(server.grpc_url, retry=RetryPolicy.none(), metrics=False)
+
+
+def test_monitor_counts_each_servers_requests_and_sums_them(
+    servers: tuple[EmbeddedServer, EmbeddedServer],
+) -> None:
+    first, second = servers
+    urls = [first.metrics_url, second.metrics_url]
+    before = {s.url: s for s in (scrape(u) for u in urls)}
+    with _client(first) as a, _client(second) as b:
+        for _ in range(6):
+            a.infer("steady", knob_input())
+        for _ in range(4):
+            b.infer("steady", knob_input())
+        with pytest.raises(ClientError):
+            a.infer("knob", knob_input(fail=True))
+        # concurrent calls to the dynamic-batching mlp: the batcher groups them
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: b.infer("mlp", {"x": np.ones((1, 8), np.float32)}), range(32)))
+    snap, _ = snapshot(urls, grpc_urls=[first.grpc_url, second.grpc_url], previous=before)
+    seen = {(r.server, r.model): r for r in snap.rows}
+
+    def served(url: str, model: str) -> float:
+        counters = before[url].models.get((model, "1"), {})
+        return seen[(url, model)].requests_total - counters.get("success", 0) - counters.get("failure", 0)
+
+    assert served(urls[0], "steady") == 6
+    assert served(urls[1], "steady") == 4
+    assert (
+        seen[(urls[0], "knob")].failures_total - before[urls[0]].models[("knob", "1")].get("failure", 0) == 1
+    )
+    assert seen[(urls[0], "steady")].requests_per_s > 0
+    assert seen[(urls[0], "steady")].p99_ms is not None  # summaries are on
+    total = next(t for t in snap.totals if t.model == "steady")
+    assert total.requests_per_s == pytest.approx(
+        seen[(urls[0], "steady")].requests_per_s + seen[(urls[1], "steady")].requests_per_s
+    )
+    mlp = seen[(urls[1], "mlp")]
+    assert mlp.batch_size is not None and mlp.batch_size > 1.0
+    assert max(snap.batch_sizes[urls[1]]["mlp:1"]) > 1  # the statistics API saw batches of several
+
+
+def test_monitor_once_json_lists_every_model_of_both_servers(
+    servers: tuple[EmbeddedServer, EmbeddedServer],
+) -> None:
+    first, second = servers
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tritonforge",
+            "monitor",
+            first.metrics_url,
+            second.metrics_url,
+            "--once",
+            "--json",
+            "--interval",
+            "0.3",
+            "--price-per-hour",
+            "3.6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert {m["server"] for m in data["models"]} == {first.metrics_url, second.metrics_url}
+    assert {(m["server"], m["model"]) for m in data["models"]} >= {
+        (s.metrics_url, model) for s in servers for model in ("knob", "steady", "mlp")
+    }
+    assert {t["model"] for t in data["totals"]} == {"knob", "steady", "mlp"}
+    assert data["summaries"] is True
+
+
+def test_monitor_table_names_each_server_and_model_unbroken_when_piped(
+    servers: tuple[EmbeddedServer, EmbeddedServer],
+) -> None:
+    first, second = servers
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tritonforge",
+            "monitor",
+            first.metrics_url,
+            second.metrics_url,
+            "--once",
+            "--interval",
+            "0.3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    for server in servers:
+        assert server.metrics_url.removeprefix("http://").removesuffix("/metrics") in done.stdout
+    assert "steady" in done.stdout and "knob" in done.stdout
+
+
+def test_monitor_exits_1_with_a_one_line_error_when_a_server_is_unreachable() -> None:
+    from tritonforge.server import free_port
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tritonforge", "monitor", f"127.0.0.1:{free_port()}", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0
+    assert "cannot read Triton's metrics" in done.stderr
+    with pytest.raises(MetricsError, match="metrics port"):
+        scrape(f"127.0.0.1:{free_port()}")
+
+
+LIVE_SLO = """
+window: 5s
+for: 2s
+models:
+  knob:   {p99_latency_ms: 1000, error_rate: 0.2}
+  steady: {p99_latency_ms: 1000, error_rate: 0.2}
+"""
+
+
+def _wait_alert(prom: PrometheusServer, name: str, model: str, timeout_s: float = 90.0) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alerts = prom.alerts()
+        if any(
+            a["labels"]["alertname"] == name and a["labels"]["model"] == model and a["state"] == "firing"
+            for a in alerts
+        ):
+            return alerts
+        time.sleep(0.5)
+    raise AssertionError(f"{name} for {model} never fired: {prom.alerts()}\n{prom.log()[-1500:]}")
+
+
+@pytest.mark.slow
+def test_prometheus_fires_the_slo_alerts_of_a_slow_then_failing_model_and_not_of_a_healthy_one(
+    servers: tuple[EmbeddedServer, EmbeddedServer], tmp_path: Path, prometheus_bin: Path
+) -> None:
+    server = servers[0]
+    slo = tmp_path / "slo.yaml"
+    slo.write_text(LIVE_SLO)
+    spec = load_slo(slo)
+    written = write(spec, tmp_path / "out")
+    target = server.metrics_url.removeprefix("http://").split("/")[0]
+    stop = threading.Event()
+    # slow: far above the objective, so a busy CI machine's hiccups on the healthy model stay below it
+    mode = {"knob": knob_input(delay_ms=1500)}
+
+    def traffic() -> None:
+        with _client(server) as client:
+            while not stop.is_set():
+                client.infer("steady", knob_input())
+                with contextlib.suppress(ClientError):
+                    client.infer("knob", mode["knob"])
+                time.sleep(0.05)
+
+    with PrometheusServer({"triton": [target]}, scrape_interval_s=0.5, rule_files=[written["rules"]]) as prom:
+        prom.wait_for_targets()
+        thread = threading.Thread(target=traffic, daemon=True)
+        thread.start()
+        try:
+            alerts = _wait_alert(prom, "TritonModelP99LatencyHigh", "knob")
+            assert not [a for a in alerts if a["labels"]["model"] == "steady"], alerts
+            mode["knob"] = knob_input(fail=True)
+            alerts = _wait_alert(prom, "TritonModelErrorRateHigh", "knob")
+            assert not [a for a in alerts if a["labels"]["model"] == "steady"], alerts
+            # the dashboard's queries are valid PromQL that Prometheus answers for these series
+            for model in ("knob", "steady"):
+                for name, expr in dashboard_queries(spec, model, rate_window="5s").items():
+                    assert isinstance(prom.query(expr), list), name
+            assert prom.values(dashboard_queries(spec, "steady", rate_window="5s")["success"])
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+
+
+GPU_TEXT = """# TYPE nv_gpu_utilization gauge
+nv_gpu_utilization{gpu_uuid="GPU-a"} 0.5
+nv_gpu_utilization{gpu_uuid="GPU-b"} 0.3
+# TYPE nv_gpu_memory_used_bytes gauge
+nv_gpu_memory_used_bytes{gpu_uuid="GPU-a"} 2147483648
+nv_gpu_memory_used_bytes{gpu_uuid="GPU-b"} 1073741824
+# TYPE nv_inference_request_success counter
+nv_inference_request_success{model="m",version="1"} SUCCESS
+# TYPE nv_inference_request_failure counter
+nv_inference_request_failure{model="m",reason="BACKEND",version="1"} 2
+nv_inference_request_failure{model="m",reason="REJECTED",version="1"} 1
+"""
+
+
+def test_parse_metrics_averages_gpu_use_sums_failure_reasons_and_survives_a_restart() -> None:
+    from tritonforge.observe import model_rates, parse_metrics
+
+    before = parse_metrics(GPU_TEXT.replace("SUCCESS", "100"), url="u", at_s=0.0)
+    assert before.gpus == 2 and before.server["gpu_utilization"] == pytest.approx(0.4)
+    assert before.server["gpu_memory_used_bytes"] == 3 * 2**30
+    assert before.models[("m", "1")]["failure"] == 3
+    # the server restarted: counters start again from zero, the rate counts from there
+    after = parse_metrics(GPU_TEXT.replace("SUCCESS", "7"), url="u", at_s=2.0)
+    (rates,) = model_rates(before, after)
+    assert rates.requests_per_s == pytest.approx(7 / 2.0)  # not (7 - 100) / 2
+    assert rates.failures_per_s == 0
+
+
+def test_parse_metrics_raises_metrics_error_for_text_that_is_not_prometheus() -> None:
+    from tritonforge.observe import parse_metrics
+
+    with pytest.raises(MetricsError, match="not Prometheus exposition format"):
+        parse_metrics('nv_inference_count{model="m" 1\n', url="http://x/metrics")

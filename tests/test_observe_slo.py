@@ -1,0 +1,276 @@
+"""SLOs as code: the YAML is checked, the rules pass the real promtool (check + unit tests), the
+dashboard is a Grafana JSON model with a row per model, an ensemble's composing models included."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from promserver import promtool
+from tritonforge.observe.slo import SLOError, dashboard, load_slo, rules, write
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = PROJECT_ROOT / "observe" / "slo.example.yaml"
+
+UNIT_SLO = """
+window: 1m
+for: 1m
+models:
+  slow:   {p99_latency_ms: 50, mean_latency_ms: 50, error_rate: 0.05, queue_ms: 10}
+  fine:   {p99_latency_ms: 50, mean_latency_ms: 50, error_rate: 0.05, queue_ms: 10}
+  broken: {error_rate: 0.05}
+  drifty: {max_drift_psi: 0.25}
+"""
+
+
+def _slo(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "slo.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("models: {m: {p99_latency_ms: 5}}\nwindw: 5m\n", "unknown key(s) ['windw']"),
+        ("window: five\nmodels: {m: {p99_latency_ms: 5}}\n", "not a Prometheus duration"),
+        ("models: {m: {error_rate: 5}}\n", "must be at most 1.0"),
+        ("models: {m: {p99_latency_ms: -1}}\n", "must be a number above 0"),
+        ("models: {m: {p99: 5}}\n", "objectives are p99_latency_ms"),
+        ("window: 5m\n", "`models:` must map each model name"),
+        ("models: [\n", "is not valid YAML"),
+    ],
+)
+def test_load_slo_raises_slo_error_naming_the_key_when_the_file_is_wrong(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(SLOError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        load_slo(_slo(tmp_path, text))
+
+
+def test_example_slo_expands_each_pipeline_into_rows_of_its_composing_models() -> None:
+    spec = load_slo(EXAMPLE)
+    under_vote = [model for model, parent in spec.rows if parent == "digits_vote"]
+    assert under_vote == ["digits_logreg", "digits_mlp", "digits_random_forest", "digits_vote_combiner"]
+    under_text = [model for model, parent in spec.rows if parent == "text_embedding"]
+    assert under_text == ["minilm_tokenizer", "minilm_encoder", "mean_pool_384"]
+    assert spec.rows[0] == ("digits_vote", None)
+
+
+def test_example_rules_pass_promtool_check_rules(tmp_path: Path, prometheus_bin: Path) -> None:
+    written = write(load_slo(EXAMPLE), tmp_path / "out")
+    done = promtool("check", "rules", str(written["rules"]))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
+
+
+def _series(
+    model: str, *, success: str, failure: str, p99_us: float, duration: str, queue: str
+) -> list[dict]:
+    labels = f'model="{model}",version="1"'
+    return [
+        {"series": f"nv_inference_request_success{{{labels}}}", "values": success},
+        {"series": f'nv_inference_request_failure{{{labels},reason="BACKEND"}}', "values": failure},
+        {
+            "series": f'nv_inference_request_summary_us{{{labels},quantile="0.99"}}',
+            "values": f"{p99_us:g}x20",
+        },
+        {"series": f"nv_inference_request_duration_us{{{labels}}}", "values": duration},
+        {"series": f"nv_inference_queue_duration_us{{{labels}}}", "values": queue},
+    ]
+
+
+def _alert(name: str, model: str, slo: str, summary: str, description: str) -> dict:
+    return {
+        "exp_labels": {"severity": "page", "slo": slo, "model": model},
+        "exp_annotations": {"summary": summary, "description": description},
+    }
+
+
+def test_rules_fire_for_the_slow_and_the_failing_model_only_after_for_in_promtool_unit_tests(
+    tmp_path: Path, prometheus_bin: Path
+) -> None:
+    write(load_slo(_slo(tmp_path, UNIT_SLO)), tmp_path)
+    # per 15 s: slow answers 10 requests taking 90 ms each, fine 10 taking 1 ms, broken fails half of its
+    series = [
+        *_series(
+            "slow",
+            success="0+10x20",
+            failure="0+0x20",
+            p99_us=90_000,
+            duration="0+900000x20",
+            queue="0+1000x20",
+        ),
+        *_series(
+            "fine",
+            success="0+10x20",
+            failure="0+0x20",
+            p99_us=1_000,
+            duration="0+10000x20",
+            queue="0+1000x20",
+        ),
+        *_series(
+            "broken", success="0+5x20", failure="0+5x20", p99_us=1_000, duration="0+5000x20", queue="0+500x20"
+        ),
+    ]
+    slow_p99 = _alert(
+        "TritonModelP99LatencyHigh",
+        "slow",
+        "p99_latency_ms",
+        "slow: p99 latency above its objective (50ms)",
+        "p99 latency of slow over 1m is 90ms (objective 50ms) for 1m.",
+    )
+    slow_mean = _alert(
+        "TritonModelMeanLatencyHigh",
+        "slow",
+        "mean_latency_ms",
+        "slow: mean latency above its objective (50ms)",
+        "mean latency of slow over 1m is 90ms (objective 50ms) for 1m.",
+    )
+    broken = _alert(
+        "TritonModelErrorRateHigh",
+        "broken",
+        "error_rate",
+        "broken: error rate above its objective (0.05)",
+        "error rate of broken over 1m is 0.5 (objective 0.05) for 1m.",
+    )
+    # what `tritonforge drift --metrics-file` exports, for a drifted model and a calm one
+    series += [
+        {
+            "series": 'tritonforge_drift_psi{model="drifty",version="1",feature="input[3]"}',
+            "values": "0.3x20",
+        },
+        {
+            "series": 'tritonforge_drift_psi{model="drifty",version="1",feature="input[4]"}',
+            "values": "0.01x20",
+        },
+    ]
+    drifty = _alert(
+        "TritonModelInputDrift",
+        "drifty",
+        "max_drift_psi",
+        "drifty: traffic drifted from its reference profile",
+        "largest feature PSI of drifty is 0.3 (objective 0.25); run `tritonforge drift` for the report.",
+    )
+    tests = {
+        "rule_files": ["rules.yml"],
+        "evaluation_interval": "15s",
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": series,
+                "alert_rule_test": [
+                    # not yet: the breach has not lasted `for: 1m`
+                    {"eval_time": "45s", "alertname": "TritonModelP99LatencyHigh", "exp_alerts": []},
+                    {"eval_time": "4m", "alertname": "TritonModelP99LatencyHigh", "exp_alerts": [slow_p99]},
+                    {"eval_time": "4m", "alertname": "TritonModelMeanLatencyHigh", "exp_alerts": [slow_mean]},
+                    {"eval_time": "4m", "alertname": "TritonModelErrorRateHigh", "exp_alerts": [broken]},
+                    {"eval_time": "4m", "alertname": "TritonModelQueueTimeHigh", "exp_alerts": []},
+                    {"eval_time": "1m", "alertname": "TritonModelInputDrift", "exp_alerts": [drifty]},
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": 'model:tritonforge_error_ratio:rate1m{model="broken"}',
+                        "eval_time": "4m",
+                        "exp_samples": [
+                            {"labels": 'model:tritonforge_error_ratio:rate1m{model="broken"}', "value": 0.5}
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    (tmp_path / "rules.test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    done = promtool("test", "rules", "rules.test.yml", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_wrong_expectation_fails_promtool_unit_tests(tmp_path: Path, prometheus_bin: Path) -> None:
+    """The unit test above can fail: expecting the healthy model to alert is caught."""
+    write(load_slo(_slo(tmp_path, UNIT_SLO)), tmp_path)
+    series = _series(
+        "fine", success="0+10x20", failure="0+0x20", p99_us=1_000, duration="0+10000x20", queue="0+1000x20"
+    )
+    wrong = _alert("TritonModelP99LatencyHigh", "fine", "p99_latency_ms", "x", "y")
+    tests = {
+        "rule_files": ["rules.yml"],
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": series,
+                "alert_rule_test": [
+                    {"eval_time": "4m", "alertname": "TritonModelP99LatencyHigh", "exp_alerts": [wrong]}
+                ],
+            }
+        ],
+    }
+    (tmp_path / "rules.test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    done = promtool("test", "rules", "rules.test.yml", cwd=tmp_path)
+    assert done.returncode != 0
+
+
+def test_dashboard_is_a_grafana_model_with_a_row_and_four_panels_per_model(tmp_path: Path) -> None:
+    spec = load_slo(EXAMPLE)
+    written = write(spec, tmp_path)
+    board = json.loads(written["dashboard"].read_text())
+    rows = [p for p in board["panels"] if p["type"] == "row"]
+    assert [r["title"] for r in rows][:3] == [
+        "digits_vote",
+        "digits_vote / digits_logreg",
+        "digits_vote / digits_mlp",
+    ]
+    assert len(rows) == len(spec.rows)
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
+    graphs = [p for p in board["panels"] if p["type"] == "timeseries"]
+    assert len(graphs) == 4 * len(rows)
+    for panel in graphs:
+        assert panel["datasource"]["uid"] == "${datasource}"
+        assert panel["targets"] and all(t["expr"] for t in panel["targets"])
+        assert panel["gridPos"]["w"] == 6
+    assert board["templating"]["list"][0]["type"] == "datasource"
+    # the objective is drawn on its panel
+    vote_errors = next(p for p in graphs if p["title"] == "digits_vote: Error ratio")
+    steps = vote_errors["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert steps[-1]["value"] == 0.01
+
+
+def test_rules_have_one_alert_per_objective_set(tmp_path: Path) -> None:
+    spec = load_slo(_slo(tmp_path, UNIT_SLO))
+    alerts = rules(spec)["groups"][1]["rules"]
+    assert sorted((a["labels"]["model"], a["labels"]["slo"]) for a in alerts) == sorted(
+        [
+            (m, s)
+            for m in ("slow", "fine")
+            for s in ("p99_latency_ms", "mean_latency_ms", "error_rate", "queue_ms")
+        ]
+        + [("broken", "error_rate"), ("drifty", "max_drift_psi")]
+    )
+    assert dashboard(spec)["panels"][0]["title"] == "slow"
+
+
+def test_slo_cli_writes_both_files_and_fails_on_one_line_for_a_bad_file(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tritonforge", "slo", str(EXAMPLE), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "rules.yml").is_file() and (tmp_path / "out" / "dashboard.json").is_file()
+    assert "digits_random_forest" in done.stdout  # composing models listed, names whole
+    bad = _slo(tmp_path, "models: {m: {error_rate: 2}}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "tritonforge", "slo", str(bad), "--out", str(tmp_path / "bad")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and done.stderr.strip().count("\n") == 0
+    assert "models.m.error_rate" in done.stderr and not (tmp_path / "bad").exists()
