@@ -48,7 +48,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert artifact.passed
     repo = root / "repo"
     version_dir = add_model(repo, "digits_logreg", artifact.path, max_batch_size=64)
-    # what the build does after verification (tools/build_digits.py)
+    # what the build does after verification (tritonforge.examples.build_digits)
     ref = profile(
         {"input": x_ref},
         {"probabilities": clf.predict_proba(x_ref).astype(np.float32)},
@@ -259,13 +259,8 @@ def test_sampler_wraps_the_async_client_too(server: EmbeddedServer, tmp_path: Pa
 
 @pytest.mark.slow
 def test_build_digits_stores_a_profile_of_its_verification_split_beside_the_manifest(tmp_path: Path) -> None:
-    import importlib.util
+    from tritonforge.examples import build_digits
 
-    tools = Path(__file__).resolve().parent.parent / "tools"
-    spec = importlib.util.spec_from_file_location("build_digits_for_drift", tools / "build_digits.py")
-    assert spec is not None and spec.loader is not None
-    build_digits = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build_digits)
     repo = tmp_path / "repo"
     (step,) = build_digits.build(repo, kinds=("logreg",))
     assert step.status == "OK"
