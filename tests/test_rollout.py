@@ -120,7 +120,8 @@ def _events(repo: Path, model: str, action: str) -> list[dict]:
 def _left_clean(repo: Path, server: EmbeddedServer, model: str) -> None:
     assert load_state(repo, model) is None
     assert not (repo / f"{model}__rollout").exists()
-    assert not state_paths(repo, model).stats.exists()
+    assert not state_paths(repo, model).stats_files()
+    assert not [p for p in repo.iterdir() if p.is_dir() and p.name.startswith(".")]
     assert not any((repo / model).glob("*/model.py"))
     assert "tritonforge_rollout" not in load_config(repo / model).parameters
 
@@ -210,3 +211,26 @@ def test_rollout_abort_after_a_crash_restores_the_stable_version(repo, server):
         rollout.abort()
     _left_clean(repo, server, "aborted")
     assert json.loads(json.dumps(read_manifest(repo, "aborted", 2)))  # manifests untouched and readable
+
+
+def test_rollout_under_poll_mode_promotes_with_zero_failed_requests(tmp_path):
+    files = tmp_path / "files"
+    root = tmp_path / "repo"
+    add_model(root, "polled", mlp(files / "stable.onnx"), max_batch_size=16)
+    add_model(root, "polled", mlp(files / "good.onnx"), max_batch_size=16)
+    from tritonforge.registry import promote
+
+    promote(root, "polled", 1)
+    poll = ["--model-control-mode=poll", "--repository-poll-secs=1"]
+    with EmbeddedServer(root, extra_args=poll) as polled:
+        with Load(polled.grpc_url, "polled") as load:
+            outcome = Rollout(root, polled.grpc_url, "polled").start(
+                2, steps=[50, 100], hold_s=1.0, thresholds=_limits())
+            deadline = time.monotonic() + 30
+            while polled.is_model_ready("polled__rollout") and time.monotonic() < deadline:
+                time.sleep(0.2)
+        assert outcome.result == "promoted"
+        assert load.failures == [] and load.ok > 50
+        assert polled.is_model_ready("polled", 2) and not polled.is_model_ready("polled", 1)
+        assert not polled.is_model_ready("polled__rollout")
+        _left_clean(root, polled, "polled")

@@ -346,7 +346,6 @@ class Rollout:
         self.on_event(f"{self.model}: loading v{state.stable} and v{state.candidate} as '{state.twin}'")
         self._load(state.twin, lambda: all(
             self._ready(state.twin, v) for v in (state.stable, state.candidate)))
-        self.paths.stats.mkdir(parents=True, exist_ok=True)
         splitter = ModelConfig(
             name=self.model,
             backend="python",
@@ -360,7 +359,7 @@ class Rollout:
                 SPLITTER_MARK: "splitter",
                 "rollout_target": state.twin,
                 "rollout_state": str(self.paths.state.relative_to(self.repo)),
-                "rollout_stats": str(self.paths.stats.relative_to(self.repo)),
+                "rollout_stats": self.paths.stats_prefix,
             },
         )
         model_dir = self.repo / self.model
@@ -384,7 +383,7 @@ class Rollout:
         with contextlib.suppress(ClientError):
             self._client_().unload_model(state.twin)
         shutil.rmtree(self.repo / state.twin, ignore_errors=True)
-        shutil.rmtree(self.paths.stats, ignore_errors=True)
+        self._remove_stats()
 
     def _promote(self, state: RolloutState) -> Outcome:
         state.weight = 100.0
@@ -396,6 +395,7 @@ class Rollout:
                          reason=f"rollout passed {passed} step(s)" + (f": {state.reason}" if state.reason else ""))
         self._audit(state, "rollout-done", details={"result": "promoted", "steps_passed": passed})
         self._clear()
+        self._remove_stats()  # a last write of the old splitter may have raced the first removal
         return Outcome(self.model, "promoted", state.stable, state.candidate, tuple(state.verdicts))
 
     def _rollback(self, state: RolloutState, reason: str, evidence: Evidence | None) -> Outcome:
@@ -410,16 +410,22 @@ class Rollout:
             save_state(self.repo, state)
             self._audit(state, "rollout-step", reason=reason, details=record)
             self.on_event(f"{self.model}: step {state.step_index + 1} FAILED: {reason}; rolling back")
-        if self.paths.stats.exists() or (self.repo / state.twin).exists() or self._splitter_files(state):
+        if self.paths.stats_files() or (self.repo / state.twin).exists() or self._splitter_files(state):
             self._restore(state, state.stable)
         self._audit(state, "rollback", reason=reason, details={
             "from": [state.stable, state.candidate], "to": [state.stable], "rollout": True})
         self._clear()
+        self._remove_stats()
         return Outcome(self.model, "rolled_back", state.stable, state.candidate, tuple(state.verdicts), reason)
 
     def _splitter_files(self, state: RolloutState) -> bool:
         return (self.repo / self.model / str(state.stable) / "model.py").exists() or bool(
             load_config(self.repo / self.model).parameters.get(SPLITTER_MARK))
+
+    def _remove_stats(self) -> None:
+        for file in self.paths.stats_files():
+            with contextlib.suppress(FileNotFoundError):
+                file.unlink()
 
     def _clear(self) -> None:
         for path in (self.paths.state, self.paths.control):
@@ -436,7 +442,7 @@ class Rollout:
         return self._client
 
     def _snapshot(self, state: RolloutState) -> Any:
-        return read_snapshot(self.paths.stats, self._client_(), state.twin, state.stable, state.candidate)
+        return read_snapshot(self.paths.stats_files(), self._client_(), state.twin, state.stable, state.candidate)
 
     def _ready(self, model: str, version: int | None = None) -> bool:
         return bool(self._client_().is_model_ready(model, version))

@@ -36,12 +36,12 @@ def _empty_arm(buckets: int) -> dict[str, Any]:
     return {"calls": 0, "errors": 0, "timeouts": 0, "hist": [0] * buckets}
 
 
-def _sum_stats(stats_dir: Path) -> tuple[dict[str, dict[str, Any]], int, int, list[dict[str, Any]], list[float]]:
+def _sum_stats(files: list[Path]) -> tuple[dict[str, dict[str, Any]], int, int, list[dict[str, Any]], list[float]]:
     arms: dict[str, dict[str, Any]] = {}
     compared = agreed = 0
     disagreements: list[dict[str, Any]] = []
     bounds: list[float] = []
-    for file in sorted(stats_dir.glob("*.json")) if stats_dir.is_dir() else []:
+    for file in files:
         try:
             record = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -78,9 +78,9 @@ def _triton_counts(client: Any, twin: str, versions: dict[str, int]) -> dict[str
     return counts
 
 
-def read_snapshot(stats_dir: Path, client: Any, twin: str, stable: int, candidate: int) -> Snapshot:
-    """The counters now: the splitter's files in ``stats_dir`` summed, and Triton's for the twin."""
-    arms, compared, agreed, disagreements, bounds = _sum_stats(stats_dir)
+def read_snapshot(stats_files: list[Path], client: Any, twin: str, stable: int, candidate: int) -> Snapshot:
+    """The counters now: the splitter's ``stats_files`` summed, and Triton's for the twin."""
+    arms, compared, agreed, disagreements, bounds = _sum_stats(stats_files)
     triton = _triton_counts(client, twin, {"stable": stable, "candidate": candidate}) if client else {}
     return Snapshot(arms, compared, agreed, triton, tuple(disagreements[-5:]), tuple(bounds))
 

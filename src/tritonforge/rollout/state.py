@@ -1,10 +1,12 @@
 """A rollout's persisted state: one JSON file per model, replaced atomically, and the controller's lock.
 
-Everything lives in ``<repo>/.tritonforge-rollout/``: ``<model>.json`` (the state; the splitter model
-re-reads its ``weight`` from it), ``<model>.stats/`` (the splitter's counters, one file per instance),
-``<model>.lock`` (held by the running controller, so a crashed controller is told apart from a live
-one: the kernel drops the lock with the process) and ``<model>.control`` (pause/resume/abort requests
-from another shell).
+Everything lives in files at the repository's top level, named ``.tritonforge-rollout-<model>.*``
+(never a folder: Triton takes every folder of the repository, hidden ones too, for a model, and a
+server starting in ``none`` or ``poll`` mode exits when one fails to load): ``.json`` (the state; the
+splitter model re-reads its ``weight`` from it), ``.stats-<instance>.json`` (the splitter's counters,
+one file per instance), ``.lock`` (held by the running controller, so a crashed controller is told
+apart from a live one: the kernel drops the lock with the process) and ``.control`` (pause / resume /
+abort requests from another shell).
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from typing import Any
 
 from tritonforge.errors import TritonForgeError
 
-__all__ = ["STATE_DIR", "RolloutError", "RolloutState", "Thresholds", "state_paths"]
+__all__ = ["STATE_PREFIX", "RolloutError", "RolloutState", "Thresholds", "state_paths"]
 
-STATE_DIR = ".tritonforge-rollout"
+STATE_PREFIX = ".tritonforge-rollout-"
 PHASES = ("preparing", "running", "paused", "promoting", "rolling_back")
 
 
@@ -138,20 +140,25 @@ class RolloutState:
 class StatePaths:
     root: Path
     state: Path
-    stats: Path
+    stats_prefix: str
     lock: Path
     control: Path
+
+    def stats_files(self) -> list[Path]:
+        """The splitter's counter files (one per instance that has answered)."""
+        return sorted(self.root.glob(f"{self.stats_prefix}*.json"))
 
 
 def state_paths(repo: str | os.PathLike[str], model: str) -> StatePaths:
     """Where the rollout of ``model`` in ``repo`` keeps its files."""
-    root = Path(repo) / STATE_DIR
+    root = Path(repo)
+    base = f"{STATE_PREFIX}{model}"
     return StatePaths(
         root=root,
-        state=root / f"{model}.json",
-        stats=root / f"{model}.stats",
-        lock=root / f"{model}.lock",
-        control=root / f"{model}.control",
+        state=root / f"{base}.json",
+        stats_prefix=f"{base}.stats-",
+        lock=root / f"{base}.lock",
+        control=root / f"{base}.control",
     )
 
 

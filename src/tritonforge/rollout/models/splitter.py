@@ -60,10 +60,8 @@ class TritonPythonModel:
         self.target = params["rollout_target"]
         root = os.path.dirname(os.path.abspath(args["model_repository"]))
         self.state_path = os.path.join(root, params["rollout_state"])
-        stats_dir = os.path.join(root, params["rollout_stats"])
-        os.makedirs(stats_dir, exist_ok=True)
         tag = f"{os.getpid()}-{args['model_instance_name']}".replace("/", "_")
-        self.stats_path = os.path.join(stats_dir, f"{tag}.json")
+        self.stats_path = os.path.join(root, f"{params['rollout_stats']}{tag}.json")
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
         self.dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
@@ -96,6 +94,8 @@ class TritonPythonModel:
         if not force and now - self.written_at < 0.2:
             return
         self.written_at = now
+        if not os.path.exists(self.state_path):
+            return  # the rollout is over (or being cleaned up): leave no counters behind
         record = {
             "at": time.time(),
             "arms": {name: arm.as_dict() for name, arm in self.arms.items()},
@@ -208,9 +208,3 @@ class TritonPythonModel:
                     "candidate": np.asarray(candidate[name])[row].ravel()[:4].tolist(),
                 }
             )
-
-    def finalize(self):
-        try:
-            self._write_stats(force=True)
-        except Exception:
-            pass
