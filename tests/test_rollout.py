@@ -28,7 +28,7 @@ from tritonforge.server import EmbeddedServer
 
 pytestmark = pytest.mark.slow
 
-MODELS = ("good", "wrong", "slow", "resumed", "aborted")
+MODELS = ("good", "wrong", "slow", "resumed", "aborted", "flip", "gated")
 DEADLINE_S = 10.0
 
 
@@ -43,6 +43,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "slow": mlp(files / "slow.onnx", slow_matmuls=40),
         "resumed": mlp(files / "good2.onnx"),
         "aborted": mlp(files / "good3.onnx"),
+        "flip": mlp(files / "wrong2.onnx", seed=9),
+        "gated": mlp(files / "wrong3.onnx", seed=8),
     }
     from tritonforge.registry import promote
 
@@ -50,6 +52,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         add_model(root, name, stable, max_batch_size=16)
         add_model(root, name, candidates[name], max_batch_size=16)
         promote(root, name, 1, reason="initial")
+    add_model(root, "gated", mlp(files / "good4.onnx"), max_batch_size=16)  # v3: as good as v1
+    promote(root, "gated", 1)
     return root
 
 
@@ -234,3 +238,97 @@ def test_rollout_under_poll_mode_promotes_with_zero_failed_requests(tmp_path):
         assert polled.is_model_ready("polled", 2) and not polled.is_model_ready("polled", 1)
         assert not polled.is_model_ready("polled__rollout")
         _left_clean(root, polled, "polled")
+
+
+def test_promote_and_rollback_live_keep_serving_with_zero_failed_requests(repo, server):
+    from tritonforge.rollout.live import promote_live, rollback_live
+
+    with Load(server.grpc_url, "flip") as load:
+        promote_live(repo, server.grpc_url, "flip", 2, reason="try v2")
+        assert server.is_model_ready("flip", 2) and not server.is_model_ready("flip", 1)
+        time.sleep(0.5)
+        rollback_live(repo, server.grpc_url, "flip", reason="back")
+        assert server.is_model_ready("flip", 1) and not server.is_model_ready("flip", 2)
+    assert load.failures == [] and load.ok > 20
+    assert [e["to"] for e in audit_log(repo) if e.get("model") == "flip"][-2:] == [[2], [1]]
+
+
+def _holdout(path: Path) -> Path:
+    """Labels are the stable version's own answers, so v1 (and v3, the same function) score 1.0."""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(5).random((200, 8), dtype=np.float32)
+    labels = ort.InferenceSession(str(mlp(path.with_suffix(".onnx")))).run(None, {"x": x})[0].argmax(1)
+    np.savez(path, x=x, labels=labels)
+    return path
+
+
+def test_evaluate_runs_the_holdout_through_the_server_and_records_figures(repo, server, tmp_path):
+    from tritonforge.rollout.gates import evaluate
+
+    data = _holdout(tmp_path / "holdout.npz")
+    served = evaluate(repo, server.grpc_url, "gated", data)
+    assert served.version == 1 and served.figures["accuracy"] == 1.0 and served.figures["samples"] == 200
+    candidate = evaluate(repo, server.grpc_url, "gated", data, version=2)  # not loaded: a temporary name
+    assert candidate.figures["accuracy"] < 0.9
+    manifest = read_manifest(repo, "gated", 2)
+    assert manifest["metrics"]["accuracy"] == candidate.figures["accuracy"]
+    assert manifest["evaluations"][-1]["data_sha256"] == candidate.data_sha256
+    assert not (repo / "gated__eval_v2").exists() and not server.is_model_ready("gated__eval_v2")
+    assert [e["version"] for e in _events(repo, "gated", "evaluate")][-2:] == [1, 2]
+    evaluate(repo, server.grpc_url, "gated", data, version=3)
+
+
+def test_gates_refuse_a_worse_candidate_with_its_figures_and_run_the_retraining_hook(repo, server, tmp_path):
+    from tritonforge.rollout.gates import GateError, check_gates
+
+    if not read_manifest(repo, "gated", 3).get("evaluations"):
+        test_evaluate_runs_the_holdout_through_the_server_and_records_figures(repo, server, tmp_path)
+    marker = tmp_path / "hook.txt"
+    hook = f'echo "$TRITONFORGE_MODEL $TRITONFORGE_VERSION $TRITONFORGE_GATE_FAILURES" > {marker}'
+    with pytest.raises(GateError, match=r"accuracy 0\.\d+ is not >= 0\.97") as caught:
+        check_gates(repo, "gated", 2, require=["accuracy>=0.97"], hook=hook)
+    assert marker.read_text().startswith("gated 2 [")
+    with pytest.raises(GateError, match="worse than the served v1"):
+        check_gates(repo, "gated", 2, no_worse_than_serving=True)
+    assert check_gates(repo, "gated", 3, require=["accuracy>=0.97"], no_worse_than_serving=True)["accuracy"] == 1
+    assert caught.value.failures
+    failed = _events(repo, "gated", "gate-failed")[-2]
+    assert failed["version"] == 2 and failed["figures"]["accuracy"] < 0.9
+    with pytest.raises(GateError, match="no evaluation"):
+        check_gates(repo, "good", 2, require=["accuracy>=0.5"])
+    with pytest.raises(ValueError, match="must look like"):
+        check_gates(repo, "gated", 3, require=["accuracy=>0.9"])
+
+
+def test_cli_promote_and_rollout_refuse_a_failed_gate_in_one_line_on_stderr(repo, server, tmp_path):
+    from typer.testing import CliRunner
+
+    from tritonforge.cli import app
+
+    if not read_manifest(repo, "gated", 2).get("evaluations"):
+        test_evaluate_runs_the_holdout_through_the_server_and_records_figures(repo, server, tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(app, ["promote", str(repo), "gated", "2", "--require", "accuracy>=0.97"])
+    assert result.exit_code == 1 and "failed its gate" in result.stderr and "accuracy 0." in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = runner.invoke(app, ["rollout", "gated", "--to", "2", "--url", server.grpc_url, "--repo", str(repo),
+                                 "--no-worse-than-serving"])
+    assert result.exit_code == 1 and "worse than the served v1" in result.stderr
+    assert _serves(repo, "gated") == [1] and load_state(repo, "gated") is None
+
+
+def test_audit_command_shows_every_change_as_a_table_and_as_json(repo, server):
+    from typer.testing import CliRunner
+
+    from tritonforge.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["audit", str(repo), "--json"])
+    assert result.exit_code == 0
+    events = json.loads(result.stdout)
+    actions = {e["action"] for e in events}
+    assert {"promote"} <= actions
+    assert all({"at", "by", "action"} <= set(e) for e in events)
+    table = runner.invoke(app, ["audit", str(repo), "--model", "flip"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "flip" in table.stdout and "promote" in table.stdout

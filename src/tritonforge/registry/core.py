@@ -119,7 +119,7 @@ def register(
     if extra:
         manifest.update(extra)
     config = _keep_served_policy(Path(repo) / name, artifact.path, config, add_model_options)
-    return add_model(
+    written = add_model(
         repo,
         name,
         artifact.path,
@@ -129,6 +129,12 @@ def register(
         extra_files=artifact.extra_files,
         **add_model_options,
     )
+    from tritonforge.registry.audit import record_event
+
+    record_event(repo, "add-model", model=name, version=int(written.name), details={
+        "file": artifact.path.name, "sha256": manifest["artifact"]["sha256"], "passed": artifact.passed,
+        "stage": artifact.stage})
+    return written
 
 
 _INFER_OPTIONS = ("max_batch_size", "dynamic_batching", "max_queue_delay_us", "instances", "kind")

@@ -162,6 +162,8 @@ def evaluate(
                     time.sleep(0.2)
                 target = temporary
             rows = len(labels)
+            if config.max_batch_size > 0:
+                batch_size = min(batch_size, config.max_batch_size)
             parts = []
             for start in range(0, rows, batch_size):
                 batch = {k: np.ascontiguousarray(v[start:start + batch_size]) for k, v in inputs.items()}
