@@ -11,16 +11,20 @@ from tritonforge.export.pytorch import (
     to_onnx,
     to_torchscript,
 )
+from tritonforge.export.prune import PruneResult, export_pruned_onnx, prune_neurons
 from tritonforge.export.result import Artifact
 from tritonforge.export.sklearn import export_sklearn
 
 __all__ = [
     "DEFAULT_OPSET",
     "Artifact",
+    "PruneResult",
     "choose_opset",
     "export_onnx",
+    "export_pruned_onnx",
     "export_sklearn",
     "export_torchscript",
+    "prune_neurons",
     "to_onnx",
     "to_torchscript",
 ]
