@@ -28,8 +28,17 @@ def _train(model, x, y, steps: int) -> None:
     model.eval()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small matrices: one thread is fastest, and on a busy 2-core runner many threads thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def digits():
+def digits(one_thread):
     data = sklearn_datasets.load_digits()
     x = torch.tensor(data.data / 16.0, dtype=torch.float32)
     y = torch.tensor(data.target, dtype=torch.long)
@@ -40,7 +49,7 @@ def digits():
         torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128), torch.nn.ReLU(),
         torch.nn.Linear(128, 10),
     )
-    _train(model, x[train], y[train], 300)
+    _train(model, x[train], y[train], 200)
     return model, x[train], y[train], x[test], y[test]
 
 
