@@ -49,26 +49,39 @@ def main(argv: list[str] | None = None) -> int:
     order = torch.randperm(len(x))
     train, test = order[:1400], order[1400:]
     model = torch.nn.Sequential(
-        torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128), torch.nn.ReLU(),
+        torch.nn.Linear(64, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 128),
+        torch.nn.ReLU(),
         torch.nn.Linear(128, 10),
     )
     _train(model, x[train], y[train], 200)
     console = Console()
     rows = {}
     with tempfile.TemporaryDirectory() as work:
-        full = export_onnx(model, x[test][:4], Path(work) / "full.onnx", input_names=["x"], output_names=["logits"])
+        full = export_onnx(
+            model, x[test][:4], Path(work) / "full.onnx", input_names=["x"], output_names=["logits"]
+        )
         rows["full"] = (full.path, None)
         for amount in (0.5, 0.75):
             artifact = export_pruned_onnx(
-                model, x[test][:4], Path(work) / f"pruned{int(amount * 100)}.onnx", amount=amount,
-                holdout=x[test], labels=y[test].numpy(), input_names=["x"], output_names=["logits"],
+                model,
+                x[test][:4],
+                Path(work) / f"pruned{int(amount * 100)}.onnx",
+                amount=amount,
+                holdout=x[test],
+                labels=y[test].numpy(),
+                input_names=["x"],
+                output_names=["logits"],
                 finetune=lambda m: _train(m, x[train], y[train], 150),
             )
             rows[f"pruned {int(amount * 100)}%"] = (artifact.path, artifact)
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
-        sessions = {n: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
-                    for n, (p, _) in rows.items()}
+        sessions = {
+            n: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+            for n, (p, _) in rows.items()
+        }
         test_x = x[test].numpy()
         timings: dict[tuple[str, int], list[float]] = {}
         for batch in (1, 256):
@@ -83,8 +96,16 @@ def main(argv: list[str] | None = None) -> int:
                         session.run(None, feeds)
                     timings.setdefault((name, batch), []).append((time.perf_counter() - start) / calls * 1e6)
         table = Table(title=f"digits MLP, full vs pruned ({args.rounds} rounds; best / median us per call)")
-        for column in ("model", "hidden", "params", "file KB", "test accuracy", "gate", "batch 1 us",
-                       "batch 256 us"):
+        for column in (
+            "model",
+            "hidden",
+            "params",
+            "file KB",
+            "test accuracy",
+            "gate",
+            "batch 1 us",
+            "batch 256 us",
+        ):
             table.add_column(column, justify="left" if column in ("model", "hidden", "gate") else "right")
         for name, (path, artifact) in rows.items():
             logits = sessions[name].run(None, {"x": test_x})[0]
@@ -99,8 +120,15 @@ def main(argv: list[str] | None = None) -> int:
             for batch in (1, 256):
                 values = timings[(name, batch)]
                 cells.append(f"{min(values):.1f} / {statistics.median(values):.1f}")
-            table.add_row(name, hidden, str(params), f"{path.stat().st_size / 1024:.1f}", f"{accuracy:.4f}", gate,
-                          *cells)
+            table.add_row(
+                name,
+                hidden,
+                str(params),
+                f"{path.stat().st_size / 1024:.1f}",
+                f"{accuracy:.4f}",
+                gate,
+                *cells,
+            )
         console.print(table)
     return 0
 

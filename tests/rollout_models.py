@@ -24,8 +24,11 @@ def _weights(seed: int) -> list[np.ndarray]:
 def mlp(path: Path, *, seed: int = 7, slow_matmuls: int = 0, size: int = 384) -> Path:
     """x[N, 8] -> probs[N, 3]; ``slow_matmuls`` chained size x size products feed a branch that adds 0."""
     w1, b1, w2 = _weights(seed)
-    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
-             numpy_helper.from_array(w2, "w2")]
+    inits = [
+        numpy_helper.from_array(w1, "w1"),
+        numpy_helper.from_array(b1, "b1"),
+        numpy_helper.from_array(w2, "w2"),
+    ]
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h0"]),
         helper.make_node("Add", ["h0", "b1"], ["h1"]),
@@ -51,7 +54,8 @@ def mlp(path: Path, *, seed: int = 7, slow_matmuls: int = 0, size: int = 384) ->
         final = "logits_slow"
     nodes.append(helper.make_node("Softmax", [final], ["probs"], axis=-1))
     graph = helper.make_graph(
-        nodes, "mlp",
+        nodes,
+        "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", FEATURES])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", CLASSES])],
         initializer=inits,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 
@@ -46,7 +45,10 @@ def digits(one_thread):
     order = torch.randperm(len(x))
     train, test = order[:1400], order[1400:]
     model = torch.nn.Sequential(
-        torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128), torch.nn.ReLU(),
+        torch.nn.Linear(64, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 128),
+        torch.nn.ReLU(),
         torch.nn.Linear(128, 10),
     )
     _train(model, x[train], y[train], 200)
@@ -72,8 +74,15 @@ def test_pruned_onnx_is_smaller_and_passes_the_gate_after_finetuning(digits, tmp
     model, x_train, y_train, x_test, y_test = digits
     full = export_onnx(model, x_test[:4], tmp_path / "full.onnx", input_names=["x"], output_names=["logits"])
     artifact = export_pruned_onnx(
-        model, x_test[:4], tmp_path / "pruned.onnx", amount=0.75, holdout=x_test, labels=y_test.numpy(),
-        input_names=["x"], output_names=["logits"], finetune=lambda m: _train(m, x_train, y_train, 150),
+        model,
+        x_test[:4],
+        tmp_path / "pruned.onnx",
+        amount=0.75,
+        holdout=x_test,
+        labels=y_test.numpy(),
+        input_names=["x"],
+        output_names=["logits"],
+        finetune=lambda m: _train(m, x_train, y_train, 150),
     )
     report = artifact.reports["logits"]
     assert artifact.passed, report.summary()
@@ -83,13 +92,22 @@ def test_pruned_onnx_is_smaller_and_passes_the_gate_after_finetuning(digits, tmp
     assert artifact.manifest()["pruning"]["widths"] == {"0": [256, 64], "2": [128, 32]}
 
 
-def test_pruning_too_far_without_finetuning_fails_the_tolerance_gate_and_the_registry_refuses_it(digits, tmp_path):
+def test_pruning_too_far_without_finetuning_fails_the_tolerance_gate_and_the_registry_refuses_it(
+    digits, tmp_path
+):
     from tritonforge.registry import register
 
     model, _, _, x_test, y_test = digits
     artifact = export_pruned_onnx(
-        model, x_test[:4], tmp_path / "over.onnx", amount=0.97, holdout=x_test, labels=y_test.numpy(),
-        input_names=["x"], output_names=["logits"], tolerance=Tolerance(max_accuracy_drop=0.01),
+        model,
+        x_test[:4],
+        tmp_path / "over.onnx",
+        amount=0.97,
+        holdout=x_test,
+        labels=y_test.numpy(),
+        input_names=["x"],
+        output_names=["logits"],
+        tolerance=Tolerance(max_accuracy_drop=0.01),
     )
     assert not artifact.passed and "accuracy" in artifact.failures()[0]
     with pytest.raises(ExportError, match="failed its verification"):
@@ -115,8 +133,15 @@ def test_pruned_model_serves_through_the_real_server_with_the_gate_s_accuracy(di
 
     model, x_train, y_train, x_test, y_test = digits
     artifact = export_pruned_onnx(
-        model, x_test[:4], tmp_path / "served.onnx", amount=0.5, holdout=x_test, labels=y_test.numpy(),
-        input_names=["x"], output_names=["logits"], finetune=lambda m: _train(m, x_train, y_train, 100),
+        model,
+        x_test[:4],
+        tmp_path / "served.onnx",
+        amount=0.5,
+        holdout=x_test,
+        labels=y_test.numpy(),
+        input_names=["x"],
+        output_names=["logits"],
+        finetune=lambda m: _train(m, x_train, y_train, 100),
     )
     repo = tmp_path / "repo"
     register(repo, "digits_pruned", artifact, max_batch_size=512)

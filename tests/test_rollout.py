@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from rollout_models import mlp
 
+from rollout_models import mlp
 from tritonforge.registry import audit_log, read_manifest, served_versions
 from tritonforge.repository import add_model
 from tritonforge.repository.writer import load_config, versions
@@ -87,7 +87,7 @@ class Load:
                     assert result.as_numpy("probs").shape == (2, 3)
                     with self.lock:
                         self.ok += 1
-                except Exception as exc:  # noqa: BLE001 - every failure is what the test counts
+                except Exception as exc:
                     with self.lock:
                         self.failures.append(repr(exc)[:300])
                 time.sleep(0.005)
@@ -133,7 +133,8 @@ def _left_clean(repo: Path, server: EmbeddedServer, model: str) -> None:
 def test_rollout_moves_a_good_candidate_to_100_percent_with_zero_failed_requests(repo, server):
     with Load(server.grpc_url, "good") as load:
         outcome = Rollout(repo, server.grpc_url, "good").start(
-            2, steps=[10, 50, 100], hold_s=1.5, thresholds=_limits(), reason="good candidate")
+            2, steps=[10, 50, 100], hold_s=1.5, thresholds=_limits(), reason="good candidate"
+        )
     assert outcome.result == "promoted", outcome
     assert load.failures == [] and load.ok > 100
     assert _serves(repo, "good") == [2]
@@ -149,7 +150,8 @@ def test_rollout_moves_a_good_candidate_to_100_percent_with_zero_failed_requests
 def test_rollout_rolls_a_wrong_candidate_back_at_the_first_step_with_zero_failed_requests(repo, server):
     with Load(server.grpc_url, "wrong") as load:
         outcome = Rollout(repo, server.grpc_url, "wrong").start(
-            2, steps=[10, 50, 100], hold_s=1.5, thresholds=_limits())
+            2, steps=[10, 50, 100], hold_s=1.5, thresholds=_limits()
+        )
     assert outcome.result == "rolled_back"
     assert "agreement" in outcome.reason
     assert load.failures == [] and load.ok > 50
@@ -158,14 +160,19 @@ def test_rollout_rolls_a_wrong_candidate_back_at_the_first_step_with_zero_failed
     step = _events(repo, "wrong", "rollout-step")[-1]
     assert step["verdict"] == "fail" and step["step"] == 1 and step["weight"] == 10
     assert step["evidence"]["agreement"] < 0.99 and step["evidence"]["disagreements"]
-    assert _events(repo, "wrong", "rollback")[-1]["to"] == [1]
+    assert _events(repo, "wrong", "rollout-rollback")[-1]["to"] == [1]
+    from tritonforge.registry import rollback
+
+    assert rollback(repo, "wrong")["to"] == [1]  # the failed candidate is not "the version served before"
+    assert _serves(repo, "wrong") == [1]
     _left_clean(repo, server, "wrong")
 
 
 def test_rollout_rolls_a_slow_candidate_back_at_the_first_step_with_zero_failed_requests(repo, server):
     with Load(server.grpc_url, "slow") as load:
         outcome = Rollout(repo, server.grpc_url, "slow").start(
-            2, steps=[10, 50, 100], hold_s=1.5, thresholds=_limits(max_p99_ms=150.0, min_requests=10))
+            2, steps=[10, 50, 100], hold_s=1.5, thresholds=_limits(max_p99_ms=150.0, min_requests=10)
+        )
     assert outcome.result == "rolled_back"
     assert "p99" in outcome.reason
     assert load.failures == []
@@ -178,11 +185,31 @@ def test_rollout_rolls_a_slow_candidate_back_at_the_first_step_with_zero_failed_
 
 
 def test_rollout_killed_mid_way_is_resumed_from_its_saved_state_and_finishes(repo, server):
-    cmd = [sys.executable, "-m", "tritonforge", "rollout", "resumed", "--to", "2", "--url", server.grpc_url,
-           "--repo", str(repo), "--steps", "10,50,100", "--hold", "1.5", "--max-error-rate", "0",
-           "--min-requests", "15"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tritonforge",
+        "rollout",
+        "resumed",
+        "--to",
+        "2",
+        "--url",
+        server.grpc_url,
+        "--repo",
+        str(repo),
+        "--steps",
+        "10,50,100",
+        "--hold",
+        "1.5",
+        "--max-error-rate",
+        "0",
+        "--min-requests",
+        "15",
+    ]
     with Load(server.grpc_url, "resumed") as load:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         try:
             deadline = time.monotonic() + 120
             while not _events(repo, "resumed", "rollout-step") and time.monotonic() < deadline:
@@ -207,7 +234,9 @@ def test_rollout_killed_mid_way_is_resumed_from_its_saved_state_and_finishes(rep
 def test_rollout_abort_after_a_crash_restores_the_stable_version(repo, server):
     rollout = Rollout(repo, server.grpc_url, "aborted")
     with Load(server.grpc_url, "aborted") as load:
-        rollout.start(2, steps=[10, 100], hold_s=0.5, thresholds=_limits(min_requests=1_000_000), max_hold_s=0)
+        rollout.start(
+            2, steps=[10, 100], hold_s=0.5, thresholds=_limits(min_requests=1_000_000), max_hold_s=0
+        )
     assert load.failures == []
     assert _serves(repo, "aborted") == [1]
     assert "not enough traffic" in _events(repo, "aborted", "rollout-step")[-1]["reasons"]
@@ -229,7 +258,8 @@ def test_rollout_under_poll_mode_promotes_with_zero_failed_requests(tmp_path):
     with EmbeddedServer(root, extra_args=poll) as polled:
         with Load(polled.grpc_url, "polled") as load:
             outcome = Rollout(root, polled.grpc_url, "polled").start(
-                2, steps=[50, 100], hold_s=1.0, thresholds=_limits())
+                2, steps=[50, 100], hold_s=1.0, thresholds=_limits()
+            )
             deadline = time.monotonic() + 30
             while polled.is_model_ready("polled__rollout") and time.monotonic() < deadline:
                 time.sleep(0.2)
@@ -291,7 +321,9 @@ def test_gates_refuse_a_worse_candidate_with_its_figures_and_run_the_retraining_
     assert marker.read_text().startswith("gated 2 [")
     with pytest.raises(GateError, match="worse than the served v1"):
         check_gates(repo, "gated", 2, no_worse_than_serving=True)
-    assert check_gates(repo, "gated", 3, require=["accuracy>=0.97"], no_worse_than_serving=True)["accuracy"] == 1
+    assert (
+        check_gates(repo, "gated", 3, require=["accuracy>=0.97"], no_worse_than_serving=True)["accuracy"] == 1
+    )
     assert caught.value.failures
     failed = _events(repo, "gated", "gate-failed")[-2]
     assert failed["version"] == 2 and failed["figures"]["accuracy"] < 0.9
@@ -312,8 +344,20 @@ def test_cli_promote_and_rollout_refuse_a_failed_gate_in_one_line_on_stderr(repo
     result = runner.invoke(app, ["promote", str(repo), "gated", "2", "--require", "accuracy>=0.97"])
     assert result.exit_code == 1 and "failed its gate" in result.stderr and "accuracy 0." in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    result = runner.invoke(app, ["rollout", "gated", "--to", "2", "--url", server.grpc_url, "--repo", str(repo),
-                                 "--no-worse-than-serving"])
+    result = runner.invoke(
+        app,
+        [
+            "rollout",
+            "gated",
+            "--to",
+            "2",
+            "--url",
+            server.grpc_url,
+            "--repo",
+            str(repo),
+            "--no-worse-than-serving",
+        ],
+    )
     assert result.exit_code == 1 and "worse than the served v1" in result.stderr
     assert _serves(repo, "gated") == [1] and load_state(repo, "gated") is None
 

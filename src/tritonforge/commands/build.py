@@ -328,11 +328,21 @@ def promote(
     from tritonforge.registry import promote as do_promote
 
     try:
+        from tritonforge.rollout.live import refuse_during_rollout
+
+        refuse_during_rollout(repo, name, "promote")
         if require or no_worse_than_serving:
             from tritonforge.rollout.gates import check_gates
 
-            check_gates(repo, name, version, require=require, no_worse_than_serving=no_worse_than_serving,
-                        hook=on_gate_fail, action="promote")
+            check_gates(
+                repo,
+                name,
+                version,
+                require=require,
+                no_worse_than_serving=no_worse_than_serving,
+                hook=on_gate_fail,
+                action="promote",
+            )
         if url:
             from tritonforge.rollout.live import promote_live
 
@@ -358,9 +368,10 @@ def rollback(
     from tritonforge.registry import rollback as do_rollback
 
     try:
-        if url:
-            from tritonforge.rollout.live import rollback_live
+        from tritonforge.rollout.live import refuse_during_rollout, rollback_live
 
+        refuse_during_rollout(repo, name, "roll back")
+        if url:
             event = rollback_live(repo, url, name, to=to, reason=reason, force=force)
         else:
             event = do_rollback(repo, name, to=to, reason=reason, force=force)

@@ -34,13 +34,20 @@ def rollout_command(
     repo: Path = typer.Option(Path("model_repository"), help="The model repository the server serves."),
     steps: str = typer.Option("5,25,50,100", help="Percent of traffic on the candidate at each step."),
     hold: float = typer.Option(60.0, help="Seconds each step is held and judged."),
-    max_hold: float | None = typer.Option(None, help="Longest a step waits for enough traffic (default 10x hold)."),
-    max_error_rate: float | None = typer.Option(None, help="Largest failed share of candidate calls (0.01 = 1%)."),
+    max_hold: float | None = typer.Option(
+        None, help="Longest a step waits for enough traffic (default 10x hold)."
+    ),
+    max_error_rate: float | None = typer.Option(
+        None, help="Largest failed share of candidate calls (0.01 = 1%)."
+    ),
     max_p99_ms: float | None = typer.Option(None, help="Largest candidate p99 latency in ms."),
-    min_agreement: float | None = typer.Option(None, help="Smallest share of mirrored rows equal to stable's."),
+    min_agreement: float | None = typer.Option(
+        None, help="Smallest share of mirrored rows equal to stable's."
+    ),
     min_requests: int | None = typer.Option(None, help="Candidate calls needed before a step is judged."),
     candidate_timeout_ms: float | None = typer.Option(
-        None, help="A candidate call slower than this is answered by stable (and counted as an error)."),
+        None, help="A candidate call slower than this is answered by stable (and counted as an error)."
+    ),
     thresholds: Path | None = typer.Option(None, help="Thresholds from a JSON/YAML file (flags override)."),
     require: list[str] = typer.Option([], help="Gate on the candidate's evaluation, e.g. 'accuracy>=0.97'."),
     no_worse_than_serving: bool = typer.Option(False, help="Gate: candidate's figures >= the served one's."),
@@ -58,15 +65,24 @@ def rollout_command(
 
     if sum([pause, resume, abort, status]) > 1:
         raise _fail(ValueError("give at most one of --pause, --resume, --abort, --status"))
-    driver = Rollout(repo, url, model, on_event=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    driver = Rollout(
+        repo, url, model, on_event=lambda line: console.print(line, highlight=False, soft_wrap=True)
+    )
     try:
         if status:
             state = driver.status()
             if state is None:
                 console.print(f"no rollout of {model} in progress")
                 return
-            console.print(json.dumps({k: v for k, v in state.as_dict().items() if k != "original_config"},
-                                     indent=2, default=str), markup=False, highlight=False)
+            console.print(
+                json.dumps(
+                    {k: v for k, v in state.as_dict().items() if k != "original_config"},
+                    indent=2,
+                    default=str,
+                ),
+                markup=False,
+                highlight=False,
+            )
             return
         if pause:
             driver.pause()
@@ -78,7 +94,9 @@ def rollout_command(
             outcome = driver.resume()
         else:
             if to is None:
-                raise _fail(ValueError("give the candidate version with --to V (or --resume/--abort/--pause)"))
+                raise _fail(
+                    ValueError("give the candidate version with --to V (or --resume/--abort/--pause)")
+                )
             overrides = {
                 "max_error_rate": max_error_rate,
                 "max_p99_ms": max_p99_ms,
@@ -91,19 +109,32 @@ def rollout_command(
             else:
                 limits = Thresholds(**{k: v for k, v in overrides.items() if v is not None})
             if require or no_worse_than_serving:
-                check_gates(repo, model, to, require=require, no_worse_than_serving=no_worse_than_serving,
-                            hook=on_gate_fail, action="rollout")
-            outcome = driver.start(to, steps=_steps(steps), hold_s=hold, thresholds=limits, reason=reason,
-                                   max_hold_s=max_hold)
+                check_gates(
+                    repo,
+                    model,
+                    to,
+                    require=require,
+                    no_worse_than_serving=no_worse_than_serving,
+                    hook=on_gate_fail,
+                    action="rollout",
+                )
+            outcome = driver.start(
+                to, steps=_steps(steps), hold_s=hold, thresholds=limits, reason=reason, max_hold_s=max_hold
+            )
     except (TritonForgeError, ValueError) as exc:
         raise _fail(exc) from None
     _print_verdicts(outcome)
     if outcome.result == "rolled_back":
-        err_console.print(f"[bold red]rolled back[/] {model} to v{outcome.stable}: {outcome.reason}",
-                          highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold red]rolled back[/] {model} to v{outcome.stable}: {outcome.reason}",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(code=2)
-    console.print(f"{model}: {outcome.result.replace('_', ' ')} (v{outcome.stable} -> v{outcome.candidate})",
-                  highlight=False)
+    console.print(
+        f"{model}: {outcome.result.replace('_', ' ')} (v{outcome.stable} -> v{outcome.candidate})",
+        highlight=False,
+    )
 
 
 def _steps(text: str) -> list[float]:
@@ -117,15 +148,30 @@ def _print_verdicts(outcome: object) -> None:
     if not verdicts:
         return
     table = Table(title=f"{getattr(outcome, 'model', '')}: steps")
-    for column in ("step", "weight %", "verdict", "cand calls", "error rate", "cand p99 ms", "stable p99 ms",
-                   "agreement", "why"):
+    for column in (
+        "step",
+        "weight %",
+        "verdict",
+        "cand calls",
+        "error rate",
+        "cand p99 ms",
+        "stable p99 ms",
+        "agreement",
+        "why",
+    ):
         table.add_column(column, overflow="fold")
     for v in verdicts:
         e = v.get("evidence", {})
         table.add_row(
-            str(v.get("step")), f"{v.get('weight', 0):g}", v.get("verdict", ""), str(e.get("candidate_calls", "")),
-            str(e.get("error_rate", "")), str(e.get("candidate_p99_ms", "")), str(e.get("stable_p99_ms", "")),
-            str(e.get("agreement", "")), v.get("reasons", ""),
+            str(v.get("step")),
+            f"{v.get('weight', 0):g}",
+            v.get("verdict", ""),
+            str(e.get("candidate_calls", "")),
+            str(e.get("error_rate", "")),
+            str(e.get("candidate_p99_ms", "")),
+            str(e.get("stable_p99_ms", "")),
+            str(e.get("agreement", "")),
+            v.get("reasons", ""),
         )
     console.print(table)
 
@@ -175,8 +221,14 @@ def audit_command(
     for column in ("at", "by", "action", "model", "what", "why"):
         table.add_column(column, overflow="fold", no_wrap=column in ("action", "model"))
     for e in events:
-        table.add_row(e.get("at", ""), e.get("by", ""), e.get("action", ""), e.get("model", ""), _what(e),
-                      str(e.get("reason", "")))
+        table.add_row(
+            e.get("at", ""),
+            e.get("by", ""),
+            e.get("action", ""),
+            e.get("model", ""),
+            _what(e),
+            str(e.get("reason", "")),
+        )
     console.print(table)
 
 

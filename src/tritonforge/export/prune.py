@@ -31,8 +31,21 @@ from tritonforge.quantize.verify import Tolerance, compare
 __all__ = ["PruneResult", "export_pruned_onnx", "prune_neurons"]
 
 _ELEMENTWISE = (
-    "ReLU", "ReLU6", "LeakyReLU", "GELU", "SiLU", "Tanh", "Sigmoid", "ELU", "SELU", "Mish", "Hardswish",
-    "Hardtanh", "Softplus", "Dropout", "Identity",
+    "ReLU",
+    "ReLU6",
+    "LeakyReLU",
+    "GELU",
+    "SiLU",
+    "Tanh",
+    "Sigmoid",
+    "ELU",
+    "SELU",
+    "Mish",
+    "Hardswish",
+    "Hardtanh",
+    "Softplus",
+    "Dropout",
+    "Identity",
 )
 DEFAULT_PRUNE_TOLERANCE = Tolerance(max_accuracy_drop=0.02, min_label_agreement=0.95)
 
@@ -102,7 +115,8 @@ def prune_neurons(
     found = list(pairs) if pairs is not None else _find_pairs(module)
     if not found:
         raise ExportError(
-            f"{type(module).__name__}: no prunable pair of nn.Linear layers found (an nn.Sequential of Linear "
+            f"{type(module).__name__}: no prunable pair of nn.Linear layers found (an nn.Sequential of "
+            "Linear "
             "and elementwise layers); name them with pairs=[('fc1', 'fc2')]"
         )
     layers = dict(module.named_modules())
@@ -112,7 +126,9 @@ def prune_neurons(
         first, second = layers.get(first_name), layers.get(second_name)
         for name, layer in ((first_name, first), (second_name, second)):
             if not isinstance(layer, nn.Linear):
-                raise ExportError(f"layer '{name}' of {type(module).__name__} is not an nn.Linear (or is missing)")
+                raise ExportError(
+                    f"layer '{name}' of {type(module).__name__} is not an nn.Linear (or is missing)"
+                )
         assert isinstance(first, nn.Linear) and isinstance(second, nn.Linear)
         if first.out_features != second.in_features:
             raise ExportError(
@@ -123,7 +139,7 @@ def prune_neurons(
         if not 0.0 <= share < 1.0:
             raise ExportError(f"amount for '{first_name}' must be a fraction in [0, 1), not {share}")
         width = first.out_features
-        keep = max(min_width, int(round(width * (1.0 - share))))
+        keep = max(min_width, round(width * (1.0 - share)))
         with torch.no_grad():
             importance = first.weight.norm(dim=1) * second.weight.norm(dim=0)
             kept = torch.sort(torch.topk(importance, keep).indices).values
@@ -189,7 +205,9 @@ def export_pruned_onnx(
     pruned_module = pruned.module.eval()
     artifact = export_onnx(pruned_module, example, path, input_names=input_names, output_names=output_names)
     if not artifact.passed:
-        raise ExportError(f"the pruned model's ONNX export does not match it: {'; '.join(artifact.failures())}")
+        raise ExportError(
+            f"the pruned model's ONNX export does not match it: {'; '.join(artifact.failures())}"
+        )
     inputs = holdout if isinstance(holdout, tuple) else (holdout,)
     with torch.no_grad():
         reference = source(*inputs)

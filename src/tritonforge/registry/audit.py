@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tritonforge.registry.core import AUDIT_LOG, _locked
+from tritonforge.registry.core import _locked
 
 __all__ = ["current_user", "record_event"]
 
@@ -65,11 +65,8 @@ def record_event(
     if details:
         event.update({k: v for k, v in details.items() if k not in event})
     line = json.dumps(event, sort_keys=True, default=str) + "\n"
-    with _locked(root) as log:
-        with open(log, "a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+    with _locked(root) as log, open(log, "a", encoding="utf-8") as handle:
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
     return event
-
-

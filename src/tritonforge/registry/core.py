@@ -131,9 +131,18 @@ def register(
     )
     from tritonforge.registry.audit import record_event
 
-    record_event(repo, "add-model", model=name, version=int(written.name), details={
-        "file": artifact.path.name, "sha256": manifest["artifact"]["sha256"], "passed": artifact.passed,
-        "stage": artifact.stage})
+    record_event(
+        repo,
+        "add-model",
+        model=name,
+        version=int(written.name),
+        details={
+            "file": artifact.path.name,
+            "sha256": manifest["artifact"]["sha256"],
+            "passed": artifact.passed,
+            "stage": artifact.stage,
+        },
+    )
     return written
 
 
@@ -358,7 +367,11 @@ def rollback(
     if to is None:
         found = versions(model_dir)
         now = served_versions(load_config(model_dir), found)
-        history = [e for e in audit_log(root) if e.get("model") == name]
+        history = [
+            e
+            for e in audit_log(root)
+            if e.get("model") == name and e.get("action") in ("promote", "rollback")
+        ]
         previous = [
             v for v in (history[-1].get("from", []) if history else []) if v in found and v not in now
         ]

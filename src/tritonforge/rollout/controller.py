@@ -155,13 +155,14 @@ class Rollout:
                 f"{self.paths.state}; restore its config.pbtxt by hand",
                 model=self.model,
             )
-        if config.is_ensemble or config.backend == "python" and not config.platform:
+        if config.is_ensemble or (config.backend == "python" and not config.platform):
             pass  # a Python or ensemble model rolls out the same way: the twin holds its versions
         found = versions(model_dir)
         served = served_versions(config, found)
         if len(served) != 1:
             raise RolloutError(
-                f"'{self.model}' serves versions {served or 'none'}; a rollout moves traffic from exactly one "
+                f"'{self.model}' serves versions {served or 'none'}; a rollout moves traffic from exactly "
+                "one "
                 f"served version: promote one first (tritonforge promote {self.repo} {self.model} V)",
                 model=self.model,
             )
@@ -189,8 +190,12 @@ class Rollout:
         )
         with controller_lock(self.repo, self.model):
             save_state(self.repo, state)
-            self._audit(state, "rollout-start", reason=reason, details={
-                "steps": state.steps, "hold_s": state.hold_s, "thresholds": state.thresholds})
+            self._audit(
+                state,
+                "rollout-start",
+                reason=reason,
+                details={"steps": state.steps, "hold_s": state.hold_s, "thresholds": state.thresholds},
+            )
             return self._drive(state)
 
     def resume(self) -> Outcome:
@@ -203,8 +208,14 @@ class Rollout:
         state = self._require_state()
         if controller_running(self.repo, self.model):
             request_control(self.repo, self.model, "resume")
-            return Outcome(self.model, "resumed", state.stable, state.candidate, tuple(state.verdicts),
-                           "the running controller was asked to resume")
+            return Outcome(
+                self.model,
+                "resumed",
+                state.stable,
+                state.candidate,
+                tuple(state.verdicts),
+                "the running controller was asked to resume",
+            )
         with controller_lock(self.repo, self.model):
             state = self._require_state()
             if state.phase == "paused":
@@ -241,7 +252,9 @@ class Rollout:
             deadline = time.monotonic() + self.ready_timeout_s
             while time.monotonic() < deadline and load_state(self.repo, self.model) is not None:
                 time.sleep(_POLL_S)
-            return Outcome(self.model, "rolled_back", state.stable, state.candidate, tuple(state.verdicts), reason)
+            return Outcome(
+                self.model, "rolled_back", state.stable, state.candidate, tuple(state.verdicts), reason
+            )
         with controller_lock(self.repo, self.model):
             state = self._require_state()
             return self._rollback(state, reason, None)
@@ -275,8 +288,10 @@ class Rollout:
         weight = state.steps[state.step_index]
         state.weight = weight
         save_state(self.repo, state)
-        self.on_event(f"{self.model}: step {state.step_index + 1}/{len(state.steps)}: {weight:g}% to "
-                      f"v{state.candidate}, holding {state.hold_s:g} s")
+        self.on_event(
+            f"{self.model}: step {state.step_index + 1}/{len(state.steps)}: {weight:g}% to "
+            f"v{state.candidate}, holding {state.hold_s:g} s"
+        )
         limits = state.limits
         max_hold = state.max_hold_s if state.max_hold_s is not None else max(10 * state.hold_s, 30.0)
         time.sleep(0.3)  # the splitter re-reads the weight at most every 0.1 s per instance
@@ -303,8 +318,12 @@ class Rollout:
             if verdict == "fail":
                 return self._rollback(state, "; ".join(reasons), evidence)
             if verdict == "pass":
-                record = {"step": state.step_index + 1, "weight": weight, "verdict": "pass",
-                          "evidence": evidence.as_dict()}
+                record = {
+                    "step": state.step_index + 1,
+                    "weight": weight,
+                    "verdict": "pass",
+                    "evidence": evidence.as_dict(),
+                }
                 state.verdicts.append(record)
                 state.step_index += 1
                 save_state(self.repo, state)
@@ -313,8 +332,10 @@ class Rollout:
                 return None
             if elapsed >= max_hold:
                 return self._rollback(
-                    state, f"not enough traffic to judge the step within {max_hold:g} s: {reasons[0]}",
-                    evidence)
+                    state,
+                    f"not enough traffic to judge the step within {max_hold:g} s: {reasons[0]}",
+                    evidence,
+                )
 
     def _wait_paused(self, state: RolloutState) -> str:
         while True:
@@ -340,12 +361,17 @@ class Rollout:
             staging.mkdir()
             for version in (state.stable, state.candidate):
                 _link_tree(self.repo / self.model / str(version), staging / str(version))
-            write_config(original.replace(
-                name=state.twin, version_policy=VersionPolicy.specific(state.stable, state.candidate)), staging)
+            write_config(
+                original.replace(
+                    name=state.twin, version_policy=VersionPolicy.specific(state.stable, state.candidate)
+                ),
+                staging,
+            )
             staging.rename(twin_dir)
         self.on_event(f"{self.model}: loading v{state.stable} and v{state.candidate} as '{state.twin}'")
-        self._load(state.twin, lambda: all(
-            self._ready(state.twin, v) for v in (state.stable, state.candidate)))
+        self._load(
+            state.twin, lambda: all(self._ready(state.twin, v) for v in (state.stable, state.candidate))
+        )
         splitter = ModelConfig(
             name=self.model,
             backend="python",
@@ -391,8 +417,12 @@ class Rollout:
         self.on_event(f"{self.model}: every step passed; promoting v{state.candidate}")
         self._restore(state, state.candidate)
         passed = sum(1 for v in state.verdicts if v.get("verdict") == "pass")
-        registry_promote(self.repo, self.model, state.candidate,
-                         reason=f"rollout passed {passed} step(s)" + (f": {state.reason}" if state.reason else ""))
+        registry_promote(
+            self.repo,
+            self.model,
+            state.candidate,
+            reason=f"rollout passed {passed} step(s)" + (f": {state.reason}" if state.reason else ""),
+        )
         self._audit(state, "rollout-done", details={"result": "promoted", "steps_passed": passed})
         self._clear()
         self._remove_stats()  # a last write of the old splitter may have raced the first removal
@@ -400,8 +430,12 @@ class Rollout:
 
     def _rollback(self, state: RolloutState, reason: str, evidence: Evidence | None) -> Outcome:
         if state.phase != "rolling_back":
-            record = {"step": state.step_index + 1, "weight": state.weight, "verdict": "fail",
-                      "reasons": reason}
+            record = {
+                "step": state.step_index + 1,
+                "weight": state.weight,
+                "verdict": "fail",
+                "reasons": reason,
+            }
             if evidence is not None:
                 record["evidence"] = evidence.as_dict()
             state.verdicts.append(record)
@@ -412,15 +446,22 @@ class Rollout:
             self.on_event(f"{self.model}: step {state.step_index + 1} FAILED: {reason}; rolling back")
         if self.paths.stats_files() or (self.repo / state.twin).exists() or self._splitter_files(state):
             self._restore(state, state.stable)
-        self._audit(state, "rollback", reason=reason, details={
-            "from": [state.stable, state.candidate], "to": [state.stable], "rollout": True})
+        self._audit(
+            state,
+            "rollout-rollback",
+            reason=reason,
+            details={"from": [state.stable, state.candidate], "to": [state.stable], "rollout": True},
+        )
         self._clear()
         self._remove_stats()
-        return Outcome(self.model, "rolled_back", state.stable, state.candidate, tuple(state.verdicts), reason)
+        return Outcome(
+            self.model, "rolled_back", state.stable, state.candidate, tuple(state.verdicts), reason
+        )
 
     def _splitter_files(self, state: RolloutState) -> bool:
         return (self.repo / self.model / str(state.stable) / "model.py").exists() or bool(
-            load_config(self.repo / self.model).parameters.get(SPLITTER_MARK))
+            load_config(self.repo / self.model).parameters.get(SPLITTER_MARK)
+        )
 
     def _remove_stats(self) -> None:
         for file in self.paths.stats_files():
@@ -442,7 +483,9 @@ class Rollout:
         return self._client
 
     def _snapshot(self, state: RolloutState) -> Any:
-        return read_snapshot(self.paths.stats_files(), self._client_(), state.twin, state.stable, state.candidate)
+        return read_snapshot(
+            self.paths.stats_files(), self._client_(), state.twin, state.stable, state.candidate
+        )
 
     def _ready(self, model: str, version: int | None = None) -> bool:
         return bool(self._client_().is_model_ready(model, version))
@@ -465,7 +508,9 @@ class Rollout:
             self._client_().load_model(model)
         except ClientError as exc:
             if "poll" not in str(exc).lower():
-                raise RolloutError(f"the server refused to load '{model}': {exc.message}", model=model) from exc
+                raise RolloutError(
+                    f"the server refused to load '{model}': {exc.message}", model=model
+                ) from exc
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if done():
@@ -482,14 +527,28 @@ class Rollout:
     def _require_state(self) -> RolloutState:
         state = load_state(self.repo, self.model)
         if state is None:
-            raise RolloutError(f"no rollout of '{self.model}' is in progress in {self.repo}", model=self.model)
+            raise RolloutError(
+                f"no rollout of '{self.model}' is in progress in {self.repo}", model=self.model
+            )
         return state
 
-    def _audit(self, state: RolloutState, action: str, *, reason: str | None = None,
-               details: dict[str, Any] | None = None) -> None:
+    def _audit(
+        self,
+        state: RolloutState,
+        action: str,
+        *,
+        reason: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         merged = {"stable": state.stable, "candidate": state.candidate, **(details or {})}
-        record_event(self.repo, action, model=self.model, version=state.candidate,
-                     reason=reason or state.reason, details=merged)
+        record_event(
+            self.repo,
+            action,
+            model=self.model,
+            version=state.candidate,
+            reason=reason or state.reason,
+            details=merged,
+        )
 
 
 def _link_tree(source: Path, destination: Path) -> None:
@@ -511,7 +570,8 @@ def _link_tree(source: Path, destination: Path) -> None:
 def _evidence_line(model: str, record: dict[str, Any]) -> str:
     e = record.get("evidence", {})
     return (
-        f"{model}: step {record['step']} ({record['weight']:g}%) passed: {e.get('candidate_calls')} candidate "
+        f"{model}: step {record['step']} ({record['weight']:g}%) passed: {e.get('candidate_calls')} "
+        "candidate "
         f"calls, error rate {e.get('error_rate')}, p99 {e.get('candidate_p99_ms')} ms "
         f"(stable {e.get('stable_p99_ms')} ms), agreement {e.get('agreement')}"
     )
@@ -519,5 +579,3 @@ def _evidence_line(model: str, record: dict[str, Any]) -> str:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-

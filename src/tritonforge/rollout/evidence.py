@@ -36,7 +36,9 @@ def _empty_arm(buckets: int) -> dict[str, Any]:
     return {"calls": 0, "errors": 0, "timeouts": 0, "hist": [0] * buckets}
 
 
-def _sum_stats(files: list[Path]) -> tuple[dict[str, dict[str, Any]], int, int, list[dict[str, Any]], list[float]]:
+def _sum_stats(
+    files: list[Path],
+) -> tuple[dict[str, dict[str, Any]], int, int, list[dict[str, Any]], list[float]]:
     arms: dict[str, dict[str, Any]] = {}
     compared = agreed = 0
     disagreements: list[dict[str, Any]] = []
@@ -54,7 +56,7 @@ def _sum_stats(files: list[Path]) -> tuple[dict[str, dict[str, Any]], int, int, 
             total = arms.setdefault(name, _empty_arm(len(arm["hist"])))
             for key in ("calls", "errors", "timeouts"):
                 total[key] += int(arm.get(key, 0))
-            total["hist"] = [a + b for a, b in zip(total["hist"], arm["hist"])]
+            total["hist"] = [a + b for a, b in zip(total["hist"], arm["hist"], strict=True)]
     return arms, compared, agreed, disagreements, bounds
 
 
@@ -63,7 +65,7 @@ def _triton_counts(client: Any, twin: str, versions: dict[str, int]) -> dict[str
     for arm, version in versions.items():
         try:
             stats = client.model_statistics(twin, version).get("model_stats", [])
-        except Exception:  # noqa: BLE001 - evidence is best-effort while versions load/unload
+        except Exception:
             stats = []
         entry = stats[0].get("inference_stats", {}) if stats else {}
         success = entry.get("success", {})
@@ -143,10 +145,12 @@ class Evidence:
             "stable_p99_ms": None if self.stable_p99_ms is None else round(self.stable_p99_ms, 2),
             "agreement": None if self.agreement is None else round(self.agreement, 5),
             "compared_rows": self.compared_rows,
-            "triton_candidate": {k: int(v) for k, v in self.triton.get("candidate", {}).items()
-                                 if k in ("success", "fail")},
-            "triton_stable": {k: int(v) for k, v in self.triton.get("stable", {}).items()
-                              if k in ("success", "fail")},
+            "triton_candidate": {
+                k: int(v) for k, v in self.triton.get("candidate", {}).items() if k in ("success", "fail")
+            },
+            "triton_stable": {
+                k: int(v) for k, v in self.triton.get("stable", {}).items() if k in ("success", "fail")
+            },
             "candidate_compute_mean_ms": mean_ms("candidate"),
             "stable_compute_mean_ms": mean_ms("stable"),
             "disagreements": list(self.disagreements),
@@ -159,7 +163,11 @@ class Evidence:
         def arm(name: str) -> dict[str, Any]:
             a = after.arms.get(name, _empty_arm(buckets))
             b = before.arms.get(name, _empty_arm(len(a["hist"])))
-            hist = [x - y for x, y in zip(a["hist"], b["hist"])] if len(b["hist"]) == len(a["hist"]) else a["hist"]
+            hist = (
+                [x - y for x, y in zip(a["hist"], b["hist"], strict=True)]
+                if len(b["hist"]) == len(a["hist"])
+                else a["hist"]
+            )
             return {
                 "calls": a["calls"] - b["calls"],
                 "errors": a["errors"] - b["errors"],
@@ -169,8 +177,10 @@ class Evidence:
 
         cand, stab = arm("candidate"), arm("stable")
         triton = {
-            name: {k: after.triton.get(name, {}).get(k, 0.0) - before.triton.get(name, {}).get(k, 0.0)
-                   for k in after.triton.get(name, {})}
+            name: {
+                k: after.triton.get(name, {}).get(k, 0.0) - before.triton.get(name, {}).get(k, 0.0)
+                for k in after.triton.get(name, {})
+            }
             for name in after.triton
         }
         return cls(
@@ -184,7 +194,8 @@ class Evidence:
             compared_rows=after.compared - before.compared,
             agreed_rows=after.agreed - before.agreed,
             triton=triton,
-            disagreements=after.disagreements if after.agreed - before.agreed < after.compared - before.compared
+            disagreements=after.disagreements
+            if after.agreed - before.agreed < after.compared - before.compared
             else (),
         )
 
@@ -197,8 +208,10 @@ def judge(evidence: Evidence, limits: Thresholds, *, final: bool) -> tuple[str, 
     """
     breaches: list[str] = []
     enough = evidence.candidate_calls >= limits.min_requests
-    if evidence.candidate_calls and evidence.error_rate > limits.max_error_rate and (
-        enough or evidence.candidate_errors > limits.max_error_rate * limits.min_requests
+    if (
+        evidence.candidate_calls
+        and evidence.error_rate > limits.max_error_rate
+        and (enough or evidence.candidate_errors > limits.max_error_rate * limits.min_requests)
     ):
         breaches.append(
             f"error rate {evidence.error_rate:.2%} > {limits.max_error_rate:.2%} "

@@ -42,8 +42,14 @@ _GATE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|==|>|<)\s*([-+0-9.eE]+)\s*$"
 class GateError(RolloutError):
     """A version failed an evaluation gate; ``failures`` lists each failed check with its figures."""
 
-    def __init__(self, message: str, *, failures: Sequence[str] = (), model: str | None = None,
-                 version: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        failures: Sequence[str] = (),
+        model: str | None = None,
+        version: int | None = None,
+    ) -> None:
         super().__init__(message, model=model, version=version)
         self.failures = list(failures)
 
@@ -67,16 +73,19 @@ def _labels_and_inputs(data: Path, input_names: Sequence[str]) -> tuple[np.ndarr
         raise RolloutError(f"{data}: not a readable .npz holdout ({exc})") from exc
     label_key = next((k for k in ("labels", "y", "label") if k in arrays), None)
     if label_key is None:
-        raise RolloutError(f"{data}: no labels; save them as 'labels' beside the inputs "
-                           f"({', '.join(input_names)})")
+        raise RolloutError(
+            f"{data}: no labels; save them as 'labels' beside the inputs ({', '.join(input_names)})"
+        )
     labels = arrays.pop(label_key)
     if all(n in arrays for n in input_names):
         inputs = {n: arrays[n] for n in input_names}
     elif len(input_names) == 1 and len(arrays) == 1:
         inputs = {input_names[0]: next(iter(arrays.values()))}
     else:
-        raise RolloutError(f"{data}: has arrays {', '.join(sorted(arrays)) or 'none'} besides the labels; "
-                           f"the model needs {', '.join(input_names)}")
+        raise RolloutError(
+            f"{data}: has arrays {', '.join(sorted(arrays)) or 'none'} besides the labels; "
+            f"the model needs {', '.join(input_names)}"
+        )
     return labels, inputs
 
 
@@ -134,7 +143,9 @@ def evaluate(
             raise RolloutError(f"'{model}' serves no version; give --version", model=model)
         version = max(served)
     if version not in found:
-        raise RolloutError(f"'{model}' has no version {version}; it has {', '.join(map(str, found))}", model=model)
+        raise RolloutError(
+            f"'{model}' has no version {version}; it has {', '.join(map(str, found))}", model=model
+        )
     path = Path(data)
     labels, inputs = _labels_and_inputs(path, [t.name for t in config.inputs])
     scored = output or config.outputs[0].name
@@ -150,15 +161,19 @@ def evaluate(
                 _link_tree(model_dir / str(version), staging / str(version))
                 from tritonforge.config import VersionPolicy, write_config
 
-                write_config(config.replace(name=temporary, version_policy=VersionPolicy.specific(version)),
-                             staging)
+                write_config(
+                    config.replace(name=temporary, version_policy=VersionPolicy.specific(version)), staging
+                )
                 with contextlib.suppress(ClientError):
                     client.load_model(temporary)
                 deadline = time.monotonic() + ready_timeout_s
                 while not client.is_model_ready(temporary, version):
                     if time.monotonic() > deadline:
-                        raise RolloutError(f"v{version} of '{model}' did not load for evaluation on {url}",
-                                           model=model, version=version)
+                        raise RolloutError(
+                            f"v{version} of '{model}' did not load for evaluation on {url}",
+                            model=model,
+                            version=version,
+                        )
                     time.sleep(0.2)
                 target = temporary
             rows = len(labels)
@@ -166,11 +181,14 @@ def evaluate(
                 batch_size = min(batch_size, config.max_batch_size)
             parts = []
             for start in range(0, rows, batch_size):
-                batch = {k: np.ascontiguousarray(v[start:start + batch_size]) for k, v in inputs.items()}
+                batch = {k: np.ascontiguousarray(v[start : start + batch_size]) for k, v in inputs.items()}
                 parts.append(client.infer(target, batch, version=version, outputs=[scored])[scored])
         except ClientError as exc:
-            raise RolloutError(f"evaluating v{version} of '{model}' on {url} failed: {exc.message}",
-                               model=model, version=version) from exc
+            raise RolloutError(
+                f"evaluating v{version} of '{model}' on {url} failed: {exc.message}",
+                model=model,
+                version=version,
+            ) from exc
         finally:
             if temporary is not None:
                 with contextlib.suppress(ClientError):
@@ -191,8 +209,13 @@ def evaluate(
     manifest.setdefault("evaluations", []).append(record)
     manifest["metrics"] = {**manifest.get("metrics", {}), **figures}
     write_json_atomic(manifest_path, manifest)
-    record_event(root, "evaluate", model=model, version=version,
-                 details={"data": path.name, "data_sha256": digest[:12], "figures": figures})
+    record_event(
+        root,
+        "evaluate",
+        model=model,
+        version=version,
+        details={"data": path.name, "data_sha256": digest[:12], "figures": figures},
+    )
     return Evaluation(model, version, figures, str(path), digest)
 
 
@@ -236,8 +259,10 @@ def check_gates(
     failures: list[str] = []
     figures: dict[str, float] = dict(latest["figures"]) if latest else {}
     if latest is None:
-        failures.append(f"v{version} has no evaluation; run `tritonforge evaluate {model} --version {version} "
-                        "--data HOLDOUT` first")
+        failures.append(
+            f"v{version} has no evaluation; run `tritonforge evaluate {model} --version {version} "
+            "--data HOLDOUT` first"
+        )
     for name, op, bound in gates:
         if latest is None:
             break
@@ -253,8 +278,10 @@ def check_gates(
                 failures.append(f"the served v{other} has no evaluation to compare with; evaluate it first")
                 continue
             if theirs.get("data_sha256") != latest.get("data_sha256"):
-                failures.append(f"v{version} and the served v{other} were evaluated on different data; "
-                                "evaluate both on the same holdout")
+                failures.append(
+                    f"v{version} and the served v{other} were evaluated on different data; "
+                    "evaluate both on the same holdout"
+                )
                 continue
             for name, value in theirs["figures"].items():
                 if name == "samples" or name not in figures:
@@ -262,18 +289,31 @@ def check_gates(
                 lower = any(word in name for word in LOWER_IS_BETTER)
                 worse = figures[name] > value if lower else figures[name] < value
                 if worse:
-                    failures.append(f"{name} {figures[name]:.4f} is worse than the served v{other}'s {value:.4f}")
+                    failures.append(
+                        f"{name} {figures[name]:.4f} is worse than the served v{other}'s {value:.4f}"
+                    )
     if failures:
-        record_event(root, "gate-failed", model=model, version=version,
-                     details={"for": action, "failures": failures, "figures": figures, "hook": hook})
+        record_event(
+            root,
+            "gate-failed",
+            model=model,
+            version=version,
+            details={"for": action, "failures": failures, "figures": figures, "hook": hook},
+        )
         if hook:
             run_hook(hook, model=model, version=version, failures=failures)
-        raise GateError(f"v{version} of '{model}' failed its gate(s), so it was not {action}d: "
-                        + "; ".join(failures), failures=failures, model=model, version=version)
+        raise GateError(
+            f"v{version} of '{model}' failed its gate(s), so it was not {action}d: " + "; ".join(failures),
+            failures=failures,
+            model=model,
+            version=version,
+        )
     return figures
 
 
-def run_hook(command: str, *, model: str, version: int, failures: Sequence[str], timeout_s: float = 600.0) -> int:
+def run_hook(
+    command: str, *, model: str, version: int, failures: Sequence[str], timeout_s: float = 600.0
+) -> int:
     """Run the retraining hook ``command`` (through the shell) with the failure in its environment:
     ``TRITONFORGE_MODEL``, ``TRITONFORGE_VERSION``, ``TRITONFORGE_GATE_FAILURES`` (JSON list).
 

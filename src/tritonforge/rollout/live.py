@@ -20,10 +20,15 @@ from tritonforge.registry import promote, rollback, served_versions
 from tritonforge.repository.writer import load_config, versions
 from tritonforge.rollout.state import RolloutError, load_state
 
-__all__ = ["promote_live", "reload_served", "rollback_live"]
+__all__ = ["promote_live", "refuse_during_rollout", "reload_served", "rollback_live"]
 
 
-def _refuse_during_rollout(repo: Path, model: str, action: str) -> None:
+def refuse_during_rollout(repo: str | os.PathLike[str], model: str, action: str) -> None:
+    """Refuse a served-version change while a rollout of ``model`` is in progress.
+
+    Raises:
+        RolloutError: naming the rollout and how to end it.
+    """
     state = load_state(repo, model)
     if state is not None:
         raise RolloutError(
@@ -33,7 +38,9 @@ def _refuse_during_rollout(repo: Path, model: str, action: str) -> None:
         )
 
 
-def reload_served(url: str, repo: str | os.PathLike[str], model: str, *, timeout_s: float = 120.0) -> list[int]:
+def reload_served(
+    url: str, repo: str | os.PathLike[str], model: str, *, timeout_s: float = 120.0
+) -> list[int]:
     """Make the server at ``url`` serve what ``repo``'s config of ``model`` says; return those versions.
 
     Raises:
@@ -49,7 +56,9 @@ def reload_served(url: str, repo: str | os.PathLike[str], model: str, *, timeout
             client.load_model(model)
         except ClientError as exc:
             if "poll" not in str(exc).lower():
-                raise RolloutError(f"the server refused to load '{model}': {exc.message}", model=model) from exc
+                raise RolloutError(
+                    f"the server refused to load '{model}': {exc.message}", model=model
+                ) from exc
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if all(client.is_model_ready(model, v) for v in want) and not any(
@@ -61,7 +70,12 @@ def reload_served(url: str, repo: str | os.PathLike[str], model: str, *, timeout
 
 
 def promote_live(
-    repo: str | os.PathLike[str], url: str, model: str, version: int, *, reason: str | None = None,
+    repo: str | os.PathLike[str],
+    url: str,
+    model: str,
+    version: int,
+    *,
+    reason: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     """:func:`~tritonforge.registry.promote`, then the running server reloaded to serve it.
@@ -70,14 +84,19 @@ def promote_live(
         RepositoryError: as promote. RolloutError: a rollout of the model is in progress, or the reload
             failed.
     """
-    _refuse_during_rollout(Path(repo), model, "promote")
+    refuse_during_rollout(repo, model, "promote")
     event = promote(repo, model, version, reason=reason, force=force)
     reload_served(url, repo, model)
     return event
 
 
 def rollback_live(
-    repo: str | os.PathLike[str], url: str, model: str, *, to: int | None = None, reason: str | None = None,
+    repo: str | os.PathLike[str],
+    url: str,
+    model: str,
+    *,
+    to: int | None = None,
+    reason: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     """:func:`~tritonforge.registry.rollback`, then the running server reloaded to serve it.
@@ -86,7 +105,7 @@ def rollback_live(
         RepositoryError: as rollback. RolloutError: a rollout of the model is in progress, or the
             reload failed.
     """
-    _refuse_during_rollout(Path(repo), model, "roll back")
+    refuse_during_rollout(repo, model, "roll back")
     event = rollback(repo, model, to=to, reason=reason, force=force)
     reload_served(url, repo, model)
     return event

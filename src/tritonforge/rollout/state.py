@@ -87,7 +87,8 @@ class Thresholds:
         unknown = sorted(set(data) - known)
         if unknown:
             raise RolloutError(
-                f"thresholds file {file}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+                f"thresholds file {file}: unknown key(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
             )
         data.update({k: v for k, v in overrides.items() if v is not None})
         try:
@@ -196,7 +197,9 @@ def load_state(repo: str | os.PathLike[str], model: str) -> RolloutState | None:
     try:
         return RolloutState.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError) as exc:
-        raise RolloutError(f"{path}: unreadable rollout state ({exc}); fix or remove it", model=model) from exc
+        raise RolloutError(
+            f"{path}: unreadable rollout state ({exc}); fix or remove it", model=model
+        ) from exc
 
 
 def save_state(repo: str | os.PathLike[str], state: RolloutState) -> None:
@@ -212,7 +215,7 @@ def controller_lock(repo: str | os.PathLike[str], model: str) -> Iterator[None]:
     """
     path = state_paths(repo, model).lock
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+", encoding="utf-8")
+    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole rollout
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -131,7 +131,8 @@ class TritonPythonModel:
                 if error is not None:
                     raise RuntimeError(error)
             out = [
-                pb_utils.Tensor(n, np.ascontiguousarray(outputs[n]).astype(self.dtypes[n])) for n in self.outputs
+                pb_utils.Tensor(n, np.ascontiguousarray(outputs[n]).astype(self.dtypes[n]))
+                for n in self.outputs
             ]
             return pb_utils.InferenceResponse(output_tensors=out)
         except Exception as exc:
