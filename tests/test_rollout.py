@@ -28,7 +28,7 @@ from tritonforge.server import EmbeddedServer
 
 pytestmark = pytest.mark.slow
 
-MODELS = ("good", "wrong", "slow", "resumed", "aborted", "flip", "gated")
+MODELS = ("good", "wrong", "slow", "resumed", "aborted", "flip", "gated", "paused")
 DEADLINE_S = 10.0
 
 
@@ -45,6 +45,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "aborted": mlp(files / "good3.onnx"),
         "flip": mlp(files / "wrong2.onnx", seed=9),
         "gated": mlp(files / "wrong3.onnx", seed=8),
+        "paused": mlp(files / "good5.onnx"),
     }
     from tritonforge.registry import promote
 
@@ -161,10 +162,7 @@ def test_rollout_rolls_a_wrong_candidate_back_at_the_first_step_with_zero_failed
     assert step["verdict"] == "fail" and step["step"] == 1 and step["weight"] == 10
     assert step["evidence"]["agreement"] < 0.99 and step["evidence"]["disagreements"]
     assert _events(repo, "wrong", "rollout-rollback")[-1]["to"] == [1]
-    from tritonforge.registry import rollback
-
-    assert rollback(repo, "wrong")["to"] == [1]  # the failed candidate is not "the version served before"
-    assert _serves(repo, "wrong") == [1]
+    assert not _events(repo, "wrong", "rollback")  # the registry's rollback history is left alone
     _left_clean(repo, server, "wrong")
 
 
@@ -376,3 +374,45 @@ def test_audit_command_shows_every_change_as_a_table_and_as_json(repo, server):
     assert all({"at", "by", "action"} <= set(e) for e in events)
     table = runner.invoke(app, ["audit", str(repo), "--model", "flip"], env={"COLUMNS": "200"})
     assert table.exit_code == 0 and "flip" in table.stdout and "promote" in table.stdout
+
+
+def test_rollout_pause_holds_the_weight_until_resume_from_another_caller(repo, server):
+    import concurrent.futures
+
+    def wait_for(check, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not check():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.1)
+
+    with Load(server.grpc_url, "paused") as load, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(
+            Rollout(repo, server.grpc_url, "paused").start,
+            2,
+            steps=[20, 100],
+            hold_s=2.0,
+            thresholds=_limits(min_requests=5),
+        )
+        wait_for(lambda: (s := load_state(repo, "paused")) is not None and s.phase == "running")
+        Rollout(repo, server.grpc_url, "paused").pause()
+        wait_for(lambda: load_state(repo, "paused").phase == "paused")
+        held = load_state(repo, "paused")
+        time.sleep(3.0)  # three holds' worth: no step may pass while paused
+        assert load_state(repo, "paused").step_index == held.step_index
+        assert load_state(repo, "paused").weight == held.weight == 20
+        assert not running.done()
+        Rollout(repo, server.grpc_url, "paused").resume()
+        outcome = running.result(timeout=120)
+    assert outcome.result == "promoted"
+    assert load.failures == []
+    assert _serves(repo, "paused") == [2]
+    assert [e["action"] for e in audit_log(repo) if e.get("model") == "paused"][-7:] == [
+        "rollout-start",
+        "rollout-pause",
+        "rollout-resume",
+        "rollout-step",
+        "rollout-step",
+        "promote",
+        "rollout-done",
+    ]
+    _left_clean(repo, server, "paused")
