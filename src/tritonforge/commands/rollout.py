@@ -209,6 +209,8 @@ def audit_command(
     """Show REPO's audit log: who changed what, when and why."""
     from tritonforge.registry import audit_log
 
+    if not repo.is_dir():
+        raise _fail(ValueError(f"{repo} is not a model repository (no such folder)"))
     events = audit_log(repo)
     if model:
         events = [e for e in events if e.get("model") == model]
