@@ -28,7 +28,7 @@ from tritonforge.server import EmbeddedServer
 
 pytestmark = pytest.mark.slow
 
-MODELS = ("good", "wrong", "slow", "resumed", "aborted", "flip", "gated", "paused")
+MODELS = ("good", "wrong", "slow", "resumed", "aborted", "flip", "gated", "paused", "late")
 DEADLINE_S = 10.0
 
 
@@ -46,6 +46,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "flip": mlp(files / "wrong2.onnx", seed=9),
         "gated": mlp(files / "wrong3.onnx", seed=8),
         "paused": mlp(files / "good5.onnx"),
+        "late": mlp(files / "slow2.onnx", slow_matmuls=40),
     }
     from tritonforge.registry import promote
 
@@ -416,3 +417,17 @@ def test_rollout_pause_holds_the_weight_until_resume_from_another_caller(repo, s
         "rollout-done",
     ]
     _left_clean(repo, server, "paused")
+
+
+def test_rollout_answers_from_stable_when_the_candidate_is_later_than_its_timeout(repo, server):
+    with Load(server.grpc_url, "late") as load:
+        outcome = Rollout(repo, server.grpc_url, "late").start(
+            2, steps=[50, 100], hold_s=1.5, thresholds=_limits(candidate_timeout_ms=30.0, min_requests=10)
+        )
+    assert outcome.result == "rolled_back" and "error rate" in outcome.reason
+    assert load.failures == []
+    evidence = _events(repo, "late", "rollout-step")[-1]["evidence"]
+    assert (
+        evidence["candidate_timeouts"] >= 1 and evidence["candidate_timeouts"] == evidence["candidate_errors"]
+    )
+    _left_clean(repo, server, "late")
