@@ -57,7 +57,7 @@ def test_promote_sets_the_version_policy_and_appends_to_the_audit_log(repo):
     event = promote(repo, "clf", 2, reason="canary was fine")
     assert read_config(repo / "clf").version_policy.versions == (2,)
     assert event["from"] == [3] and event["to"] == [2]
-    [logged] = audit_log(repo)
+    [logged] = [e for e in audit_log(repo) if e["action"] != "add-model"]
     assert logged["action"] == "promote" and logged["reason"] == "canary was fine"
     assert [r.version for r in list_models(repo) if r.served] == [2]
 
@@ -67,8 +67,20 @@ def test_rollback_returns_to_the_version_served_before(repo):
     promote(repo, "clf", 1)
     event = rollback(repo, "clf")
     assert event["to"] == [3]
-    assert [e["action"] for e in audit_log(repo)] == ["promote", "promote", "rollback"]
+    assert [e["action"] for e in audit_log(repo) if e["action"] != "add-model"] == [
+        "promote",
+        "promote",
+        "rollback",
+    ]
     assert rollback(repo, "clf", to=2)["to"] == [2]
+
+
+def test_register_appends_an_add_model_event_with_the_artifact_to_the_audit_log(repo):
+    events = audit_log(repo)
+    assert [(e["action"], e["model"], e["version"]) for e in events] == [
+        ("add-model", "clf", v) for v in (1, 2, 3)
+    ]
+    assert all(len(e["sha256"]) == 64 and e["passed"] and e["by"] and e["at"] for e in events)
 
 
 def test_rollback_without_history_serves_the_next_lower_version(repo):
@@ -90,7 +102,7 @@ def test_promote_raises_repository_error_for_an_unknown_model(repo):
 def test_promote_raises_repository_error_for_an_unknown_version(repo):
     with pytest.raises(RepositoryError, match="no version 9; it has 1, 2, 3"):
         promote(repo, "clf", 9)
-    assert audit_log(repo) == []
+    assert [e["action"] for e in audit_log(repo)] == ["add-model"] * 3
 
 
 def test_a_promoted_model_keeps_its_served_version_when_a_version_is_added(repo, tmp_path):
@@ -148,7 +160,7 @@ def test_promote_raises_repository_error_when_an_ensemble_pins_another_version(r
     with pytest.raises(RepositoryError, match=r"'pipe' pins v3.*force"):
         promote(repo, "clf", 2)
     assert (repo / "clf" / "config.pbtxt").read_text() == before
-    assert audit_log(repo) == []
+    assert [e["action"] for e in audit_log(repo)] == ["add-model"] * 3
     promote(repo, "clf", 3)  # the pinned version itself is fine
     event = promote(repo, "clf", 2, force=True)
     assert event["to"] == [2]

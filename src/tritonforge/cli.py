@@ -121,6 +121,9 @@ def add_model_command(
         )
     except TritonForgeError as exc:
         raise _fail(exc) from None
+    from tritonforge.registry.audit import record_event
+
+    record_event(repo, "add-model", model=name, version=int(path.name), details={"file": str(file)})
     console.print(f"added [bold]{name}[/] version {path.name} at {path}")
     console.print((path.parent / "config.pbtxt").read_text(), markup=False, highlight=False)
 
@@ -195,7 +198,7 @@ def demo(
 
 
 # Each area's verbs live in tritonforge/commands/<area>.py with a register(app) function.
-AREAS: tuple[str, ...] = ("ensemble", "build", "loadtest")
+AREAS: tuple[str, ...] = ("ensemble", "build", "loadtest", "rollout")
 AREAS += ("observe",)  # monitor, slo, drift, cost
 
 

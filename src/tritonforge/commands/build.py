@@ -22,7 +22,7 @@ err_console = Console(stderr=True)
 
 
 def _fail(exc: TritonForgeError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
     return typer.Exit(code=1)
 
 
@@ -319,13 +319,39 @@ def promote(
     version: int = typer.Argument(..., help="The version to serve."),
     reason: str | None = typer.Option(None, help="Why (kept in the audit log)."),
     force: bool = typer.Option(False, help="Even if an ensemble pins another version of NAME."),
+    url: str | None = typer.Option(None, help="Also reload it on this running server (no downtime)."),
+    require: list[str] = typer.Option([], help="Gate on VERSION's evaluation, e.g. 'accuracy>=0.97'."),
+    no_worse_than_serving: bool = typer.Option(False, help="Gate: VERSION's figures >= the served one's."),
+    on_gate_fail: str | None = typer.Option(None, help="A command run when a gate fails (retraining hook)."),
 ) -> None:
     """Serve VERSION of NAME (its config's version policy), and record it in the audit log."""
     from tritonforge.registry import promote as do_promote
 
     try:
-        event = do_promote(repo, name, version, reason=reason, force=force)
-    except TritonForgeError as exc:
+        from tritonforge.rollout.live import refuse_during_rollout
+
+        refuse_during_rollout(repo, name, "promote")
+        if require or no_worse_than_serving:
+            from tritonforge.rollout.gates import check_gates
+
+            check_gates(
+                repo,
+                name,
+                version,
+                require=require,
+                no_worse_than_serving=no_worse_than_serving,
+                hook=on_gate_fail,
+                action="promote",
+            )
+        if url:
+            from tritonforge.rollout.live import promote_live
+
+            event = promote_live(repo, url, name, version, reason=reason, force=force)
+        else:
+            event = do_promote(repo, name, version, reason=reason, force=force)
+    except (TritonForgeError, ValueError) as exc:
+        if isinstance(exc, ValueError):
+            exc = TritonForgeError(str(exc))
         raise _fail(exc) from None
     console.print(f"[bold]{name}[/]: served versions {event['from']} -> {event['to']}")
 
@@ -336,12 +362,19 @@ def rollback(
     to: int | None = typer.Option(None, help="The version to serve (default: the one served before)."),
     reason: str | None = typer.Option(None, help="Why (kept in the audit log)."),
     force: bool = typer.Option(False, help="Even if an ensemble pins another version of NAME."),
+    url: str | None = typer.Option(None, help="Also reload it on this running server (no downtime)."),
 ) -> None:
     """Serve the version NAME served before (or --to), and record it in the audit log."""
     from tritonforge.registry import rollback as do_rollback
 
     try:
-        event = do_rollback(repo, name, to=to, reason=reason, force=force)
+        from tritonforge.rollout.live import refuse_during_rollout, rollback_live
+
+        refuse_during_rollout(repo, name, "roll back")
+        if url:
+            event = rollback_live(repo, url, name, to=to, reason=reason, force=force)
+        else:
+            event = do_rollback(repo, name, to=to, reason=reason, force=force)
     except TritonForgeError as exc:
         raise _fail(exc) from None
     console.print(f"[bold]{name}[/]: served versions {event['from']} -> {event['to']}")

@@ -64,5 +64,10 @@ def compile_command(
         _print_issues(exc.issues)
         err_console.print("[bold red]nothing was written[/]")
         raise typer.Exit(code=1) from None
+    from tritonforge.registry.audit import record_event
+
+    record_event(
+        repo, "compile", details={"specs": [str(s) for s in specs], "written": [str(p) for p in written]}
+    )
     for path in written:
         console.print(f"wrote {path}", highlight=False)

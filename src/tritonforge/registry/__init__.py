@@ -1,5 +1,6 @@
 """The model registry: manifests per version, served versions (promote / rollback), an audit log."""
 
+from tritonforge.registry.audit import current_user, record_event
 from tritonforge.registry.build import Step, build_key, find_built
 from tritonforge.registry.core import (
     AUDIT_LOG,
@@ -20,11 +21,13 @@ __all__ = [
     "Step",
     "audit_log",
     "build_key",
+    "current_user",
     "find_built",
     "library_versions",
     "list_models",
     "promote",
     "read_manifest",
+    "record_event",
     "register",
     "rollback",
     "served_versions",

@@ -126,7 +126,7 @@ def register(
     if extra:
         manifest.update(extra)
     config = _keep_served_policy(Path(repo) / name, artifact.path, config, add_model_options)
-    return add_model(
+    written = add_model(
         repo,
         name,
         artifact.path,
@@ -136,6 +136,21 @@ def register(
         extra_files=artifact.extra_files,
         **add_model_options,
     )
+    from tritonforge.registry.audit import record_event
+
+    record_event(
+        repo,
+        "add-model",
+        model=name,
+        version=int(written.name),
+        details={
+            "file": artifact.path.name,
+            "sha256": manifest["artifact"]["sha256"],
+            "passed": artifact.passed,
+            "stage": artifact.stage,
+        },
+    )
+    return written
 
 
 _INFER_OPTIONS = ("max_batch_size", "dynamic_batching", "max_queue_delay_us", "instances", "kind")
@@ -357,7 +372,11 @@ def rollback(
     if to is None:
         found = versions(model_dir)
         now = served_versions(load_config(model_dir), found)
-        history = [e for e in audit_log(root) if e.get("model") == name]
+        history = [
+            e
+            for e in audit_log(root)
+            if e.get("model") == name and e.get("action") in ("promote", "rollback")
+        ]
         previous = [
             v for v in (history[-1].get("from", []) if history else []) if v in found and v not in now
         ]

@@ -500,7 +500,10 @@ def _tensor_record(tensor: Any) -> dict[str, Any]:
 
 
 def current_user() -> str:
-    """Who is writing (for manifests and the audit log); ``"unknown"`` when the system can't say."""
+    """Who is writing (manifests, audit log): ``$TRITONFORGE_USER`` when set (CI, bots), else the login
+    name; ``"unknown"`` when the system can't say."""
+    if os.environ.get("TRITONFORGE_USER"):
+        return os.environ["TRITONFORGE_USER"]
     with contextlib.suppress(Exception):
         return getpass.getuser()
     return "unknown"

@@ -1,0 +1,266 @@
+"""A rollout's persisted state: one JSON file per model, replaced atomically, and the controller's lock.
+
+Everything lives in files at the repository's top level, named ``.tritonforge-rollout-<model>.*``
+(never a folder: Triton takes every folder of the repository, hidden ones too, for a model, and a
+server starting in ``none`` or ``poll`` mode exits when one fails to load): ``.json`` (the state; the
+splitter model re-reads its ``weight`` from it), ``.stats-<instance>.json`` (the splitter's counters,
+one file per instance), ``.lock`` (held by the running controller, so a crashed controller is told
+apart from a live one: the kernel drops the lock with the process) and ``.control`` (pause / resume /
+abort requests from another shell).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tritonforge.errors import TritonForgeError
+
+__all__ = ["STATE_PREFIX", "RolloutError", "RolloutState", "Thresholds", "state_paths"]
+
+STATE_PREFIX = ".tritonforge-rollout-"
+PHASES = ("preparing", "running", "paused", "promoting", "rolling_back")
+
+
+class RolloutError(TritonForgeError):
+    """A rollout can't start, continue or finish (the message says why and what to run next)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """Limits a candidate must stay within at every step.
+
+    ``max_error_rate`` is a fraction (0.01 = 1 %), ``max_p99_ms`` the candidate's p99 latency as the
+    splitter sees it, ``min_agreement`` the fraction of mirrored rows whose outputs match stable's within
+    ``agreement_atol``/``agreement_rtol``; ``min_requests`` candidate calls are needed before a step is
+    judged (a breach with fewer is judged at once only when it can't be undone by more traffic).
+    """
+
+    max_error_rate: float = 0.01
+    max_p99_ms: float | None = None
+    min_agreement: float | None = 0.99
+    agreement_atol: float = 1e-3
+    agreement_rtol: float = 1e-3
+    min_requests: int = 20
+    candidate_timeout_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ValueError(f"max_error_rate must be a fraction in [0, 1], not {self.max_error_rate}")
+        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
+            raise ValueError(f"min_agreement must be a fraction in [0, 1], not {self.min_agreement}")
+        if self.max_p99_ms is not None and self.max_p99_ms <= 0:
+            raise ValueError(f"max_p99_ms must be positive, not {self.max_p99_ms}")
+        if self.min_requests < 1:
+            raise ValueError(f"min_requests must be at least 1, not {self.min_requests}")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> Thresholds:
+        """Thresholds from a JSON or YAML file (keys as the fields), then ``overrides`` that are not None.
+
+        Raises:
+            RolloutError: the file is missing, unreadable or has unknown keys.
+        """
+        file = Path(path)
+        if not file.is_file():
+            raise RolloutError(f"thresholds file {file} does not exist")
+        try:
+            text = file.read_text(encoding="utf-8")
+            if file.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except (OSError, ValueError) as exc:
+            raise RolloutError(f"thresholds file {file}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise RolloutError(f"thresholds file {file}: expected a mapping of threshold names to values")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RolloutError(
+                f"thresholds file {file}: unknown key(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise RolloutError(f"thresholds file {file}: {exc}") from exc
+
+
+@dataclasses.dataclass
+class RolloutState:
+    """What a rollout is doing; saved after every change so a new process can carry on."""
+
+    model: str
+    stable: int
+    candidate: int
+    steps: list[float]
+    hold_s: float
+    thresholds: dict[str, Any]
+    original_config: str
+    twin: str
+    phase: str = "preparing"
+    step_index: int = 0
+    weight: float = 0.0
+    reason: str | None = None
+    by: str | None = None
+    started_at: str | None = None
+    verdicts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    max_hold_s: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        limits = Thresholds(**self.thresholds)
+        # the splitter reads these from the same file
+        record["candidate_timeout_ms"] = limits.candidate_timeout_ms
+        record["agreement_atol"] = limits.agreement_atol
+        record["agreement_rtol"] = limits.agreement_rtol
+        return record
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RolloutState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @property
+    def limits(self) -> Thresholds:
+        return Thresholds(**self.thresholds)
+
+
+@dataclasses.dataclass(frozen=True)
+class StatePaths:
+    root: Path
+    state: Path
+    stats_prefix: str
+    lock: Path
+    control: Path
+
+    def stats_files(self) -> list[Path]:
+        """The splitter's counter files (one per instance that has answered)."""
+        return sorted(self.root.glob(f"{self.stats_prefix}*.json"))
+
+
+def state_paths(repo: str | os.PathLike[str], model: str) -> StatePaths:
+    """Where the rollout of ``model`` in ``repo`` keeps its files."""
+    root = Path(repo)
+    base = f"{STATE_PREFIX}{model}"
+    return StatePaths(
+        root=root,
+        state=root / f"{base}.json",
+        stats_prefix=f"{base}.stats-",
+        lock=root / f"{base}.lock",
+        control=root / f"{base}.control",
+    )
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Replace ``path`` with ``data`` at once (temp file, fsync, rename, fsync of the folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True, default=str)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_state(repo: str | os.PathLike[str], model: str) -> RolloutState | None:
+    """The saved rollout of ``model``, or None when none is in progress.
+
+    Raises:
+        RolloutError: the state file is unreadable.
+    """
+    path = state_paths(repo, model).state
+    if not path.is_file():
+        return None
+    try:
+        return RolloutState.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as exc:
+        raise RolloutError(
+            f"{path}: unreadable rollout state ({exc}); fix or remove it", model=model
+        ) from exc
+
+
+def save_state(repo: str | os.PathLike[str], state: RolloutState) -> None:
+    write_json_atomic(state_paths(repo, state.model).state, state.as_dict())
+
+
+@contextlib.contextmanager
+def controller_lock(repo: str | os.PathLike[str], model: str) -> Iterator[None]:
+    """Hold the controller lock of ``model``'s rollout.
+
+    Raises:
+        RolloutError: another controller holds it (a live process: the lock dies with its holder).
+    """
+    path = state_paths(repo, model).lock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole rollout
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RolloutError(
+                f"the rollout of '{model}' is being driven by {holder}; use --pause, --resume or --abort "
+                "to steer it",
+                model=model,
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def controller_running(repo: str | os.PathLike[str], model: str) -> bool:
+    """Whether a live process drives ``model``'s rollout (holds its lock)."""
+    path = state_paths(repo, model).lock
+    if not path.exists():
+        return False
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def request_control(repo: str | os.PathLike[str], model: str, command: str) -> None:
+    """Ask the running controller to ``pause``, ``resume`` or ``abort``."""
+    write_json_atomic(state_paths(repo, model).control, {"command": command, "pid": os.getpid()})
+
+
+def take_control_request(repo: str | os.PathLike[str], model: str) -> str | None:
+    path = state_paths(repo, model).control
+    try:
+        command = json.loads(path.read_text(encoding="utf-8")).get("command")
+    except (OSError, ValueError):
+        return None
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return command

@@ -1,0 +1,433 @@
+"""Canary rollouts through the real server, under steady concurrent load from apps that only know the
+model's name: a good candidate goes to 100 %, a wrong and a slow one are rolled back at the first step,
+a killed controller is resumed — each with zero failed requests and the verdicts in the audit log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from rollout_models import mlp
+from tritonforge.registry import audit_log, read_manifest, served_versions
+from tritonforge.repository import add_model
+from tritonforge.repository.writer import load_config, versions
+from tritonforge.rollout import Rollout, RolloutError, Thresholds
+from tritonforge.rollout.state import load_state, state_paths
+from tritonforge.server import EmbeddedServer
+
+pytestmark = pytest.mark.slow
+
+MODELS = ("good", "wrong", "slow", "resumed", "aborted", "flip", "gated", "paused", "late")
+DEADLINE_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("rollout") / "repo"
+    files = tmp_path_factory.mktemp("rollout_files")
+    stable = mlp(files / "stable.onnx")
+    candidates = {
+        "good": mlp(files / "good.onnx"),  # the same function, a new file
+        "wrong": mlp(files / "wrong.onnx", seed=8),
+        "slow": mlp(files / "slow.onnx", slow_matmuls=40),
+        "resumed": mlp(files / "good2.onnx"),
+        "aborted": mlp(files / "good3.onnx"),
+        "flip": mlp(files / "wrong2.onnx", seed=9),
+        "gated": mlp(files / "wrong3.onnx", seed=8),
+        "paused": mlp(files / "good5.onnx"),
+        "late": mlp(files / "slow2.onnx", slow_matmuls=40),
+    }
+    from tritonforge.registry import promote
+
+    for name in MODELS:
+        add_model(root, name, stable, max_batch_size=16)
+        add_model(root, name, candidates[name], max_batch_size=16)
+        promote(root, name, 1, reason="initial")
+    add_model(root, "gated", mlp(files / "good4.onnx"), max_batch_size=16)  # v3: as good as v1
+    promote(root, "gated", 1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path) -> Iterator[EmbeddedServer]:
+    with EmbeddedServer(repo, model_control="explicit", load_models=list(MODELS)) as running:
+        yield running
+
+
+class Load:
+    """Apps calling the model by name from a few threads (deadline per call), counting every failure."""
+
+    def __init__(self, url: str, model: str, threads: int = 3) -> None:
+        self.url, self.model = url, model
+        self.ok = 0
+        self.failures: list[str] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        client = grpcclient.InferenceServerClient(self.url)
+        rng = np.random.default_rng()
+        try:
+            while not self.stop.is_set():
+                x = rng.random((2, 8), dtype=np.float32)
+                inp = grpcclient.InferInput("x", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                try:
+                    result = client.infer(self.model, [inp], client_timeout=DEADLINE_S)
+                    assert result.as_numpy("probs").shape == (2, 3)
+                    with self.lock:
+                        self.ok += 1
+                except Exception as exc:
+                    with self.lock:
+                        self.failures.append(repr(exc)[:300])
+                time.sleep(0.005)
+        finally:
+            client.close()
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.5)
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+
+def _limits(**changes: object) -> Thresholds:
+    base = dict(max_error_rate=0.0, max_p99_ms=None, min_agreement=0.99, min_requests=15)
+    base.update(changes)
+    return Thresholds(**base)  # type: ignore[arg-type]
+
+
+def _serves(repo: Path, model: str) -> list[int]:
+    return served_versions(load_config(repo / model), versions(repo / model))
+
+
+def _events(repo: Path, model: str, action: str) -> list[dict]:
+    return [e for e in audit_log(repo) if e.get("model") == model and e.get("action") == action]
+
+
+def _left_clean(repo: Path, server: EmbeddedServer, model: str) -> None:
+    assert load_state(repo, model) is None
+    assert not (repo / f"{model}__rollout").exists()
+    assert not state_paths(repo, model).stats_files()
+    assert not [p for p in repo.iterdir() if p.is_dir() and p.name.startswith(".")]
+    assert not any((repo / model).glob("*/model.py"))
+    assert "tritonforge_rollout" not in load_config(repo / model).parameters
+
+
+def test_rollout_moves_a_good_candidate_to_100_percent_with_zero_failed_requests(repo, server):
+    with Load(server.grpc_url, "good") as load:
+        outcome = Rollout(repo, server.grpc_url, "good").start(
+            2, steps=[10, 50, 100], hold_s=1.5, thresholds=_limits(), reason="good candidate"
+        )
+    assert outcome.result == "promoted", outcome
+    assert load.failures == [] and load.ok > 100
+    assert _serves(repo, "good") == [2]
+    assert server.is_model_ready("good", 2) and not server.is_model_ready("good", 1)
+    steps = _events(repo, "good", "rollout-step")
+    assert [e["verdict"] for e in steps] == ["pass", "pass", "pass"]
+    assert all(e["evidence"]["agreement"] == 1.0 for e in steps)
+    assert all(e["evidence"]["candidate_calls"] >= 15 for e in steps)
+    assert _events(repo, "good", "promote")[-1]["to"] == [2]
+    _left_clean(repo, server, "good")
+
+
+def test_rollout_rolls_a_wrong_candidate_back_at_the_first_step_with_zero_failed_requests(repo, server):
+    with Load(server.grpc_url, "wrong") as load:
+        outcome = Rollout(repo, server.grpc_url, "wrong").start(
+            2, steps=[10, 50, 100], hold_s=1.5, thresholds=_limits()
+        )
+    assert outcome.result == "rolled_back"
+    assert "agreement" in outcome.reason
+    assert load.failures == [] and load.ok > 50
+    assert _serves(repo, "wrong") == [1]
+    assert server.is_model_ready("wrong", 1)
+    step = _events(repo, "wrong", "rollout-step")[-1]
+    assert step["verdict"] == "fail" and step["step"] == 1 and step["weight"] == 10
+    assert step["evidence"]["agreement"] < 0.99 and step["evidence"]["disagreements"]
+    assert _events(repo, "wrong", "rollout-rollback")[-1]["to"] == [1]
+    assert not _events(repo, "wrong", "rollback")  # the registry's rollback history is left alone
+    _left_clean(repo, server, "wrong")
+
+
+def test_rollout_rolls_a_slow_candidate_back_at_the_first_step_with_zero_failed_requests(repo, server):
+    with Load(server.grpc_url, "slow") as load:
+        outcome = Rollout(repo, server.grpc_url, "slow").start(
+            2, steps=[10, 50, 100], hold_s=1.5, thresholds=_limits(max_p99_ms=150.0, min_requests=10)
+        )
+    assert outcome.result == "rolled_back"
+    assert "p99" in outcome.reason
+    assert load.failures == []
+    assert _serves(repo, "slow") == [1]
+    step = _events(repo, "slow", "rollout-step")[-1]
+    assert step["verdict"] == "fail" and step["step"] == 1
+    assert step["evidence"]["candidate_p99_ms"] > 150.0
+    assert step["evidence"]["agreement"] == 1.0  # right answers, too late
+    _left_clean(repo, server, "slow")
+
+
+def test_rollout_killed_mid_way_is_resumed_from_its_saved_state_and_finishes(repo, server):
+    cmd = [
+        sys.executable,
+        "-m",
+        "tritonforge",
+        "rollout",
+        "resumed",
+        "--to",
+        "2",
+        "--url",
+        server.grpc_url,
+        "--repo",
+        str(repo),
+        "--steps",
+        "10,50,100",
+        "--hold",
+        "1.5",
+        "--max-error-rate",
+        "0",
+        "--min-requests",
+        "15",
+    ]
+    with Load(server.grpc_url, "resumed") as load:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not _events(repo, "resumed", "rollout-step") and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        state = load_state(repo, "resumed")
+        assert state is not None and state.phase == "running" and state.step_index >= 1
+        time.sleep(1.0)  # the splitter keeps serving the split with no controller alive
+        with pytest.raises(RolloutError, match="already in progress"):
+            Rollout(repo, server.grpc_url, "resumed").start(2)
+        outcome = Rollout(repo, server.grpc_url, "resumed").resume()
+    assert outcome.result == "promoted"
+    assert load.failures == []
+    assert _serves(repo, "resumed") == [2]
+    assert _events(repo, "resumed", "rollout-resume")
+    assert [e["weight"] for e in _events(repo, "resumed", "rollout-step")][-1] == 100
+    _left_clean(repo, server, "resumed")
+
+
+def test_rollout_abort_after_a_crash_restores_the_stable_version(repo, server):
+    rollout = Rollout(repo, server.grpc_url, "aborted")
+    with Load(server.grpc_url, "aborted") as load:
+        rollout.start(
+            2, steps=[10, 100], hold_s=0.5, thresholds=_limits(min_requests=1_000_000), max_hold_s=0
+        )
+    assert load.failures == []
+    assert _serves(repo, "aborted") == [1]
+    assert "not enough traffic" in _events(repo, "aborted", "rollout-step")[-1]["reasons"]
+    with pytest.raises(RolloutError, match="no rollout"):
+        rollout.abort()
+    _left_clean(repo, server, "aborted")
+    assert json.loads(json.dumps(read_manifest(repo, "aborted", 2)))  # manifests untouched and readable
+
+
+def test_rollout_under_poll_mode_promotes_with_zero_failed_requests(tmp_path):
+    files = tmp_path / "files"
+    root = tmp_path / "repo"
+    add_model(root, "polled", mlp(files / "stable.onnx"), max_batch_size=16)
+    add_model(root, "polled", mlp(files / "good.onnx"), max_batch_size=16)
+    from tritonforge.registry import promote
+
+    promote(root, "polled", 1)
+    poll = ["--model-control-mode=poll", "--repository-poll-secs=1"]
+    with EmbeddedServer(root, extra_args=poll) as polled:
+        with Load(polled.grpc_url, "polled") as load:
+            outcome = Rollout(root, polled.grpc_url, "polled").start(
+                2, steps=[50, 100], hold_s=1.0, thresholds=_limits()
+            )
+            deadline = time.monotonic() + 30
+            while polled.is_model_ready("polled__rollout") and time.monotonic() < deadline:
+                time.sleep(0.2)
+        assert outcome.result == "promoted"
+        assert load.failures == [] and load.ok > 50
+        assert polled.is_model_ready("polled", 2) and not polled.is_model_ready("polled", 1)
+        assert not polled.is_model_ready("polled__rollout")
+        _left_clean(root, polled, "polled")
+
+
+def test_promote_and_rollback_live_keep_serving_with_zero_failed_requests(repo, server):
+    from tritonforge.rollout.live import promote_live, rollback_live
+
+    with Load(server.grpc_url, "flip") as load:
+        promote_live(repo, server.grpc_url, "flip", 2, reason="try v2")
+        assert server.is_model_ready("flip", 2) and not server.is_model_ready("flip", 1)
+        time.sleep(0.5)
+        rollback_live(repo, server.grpc_url, "flip", reason="back")
+        assert server.is_model_ready("flip", 1) and not server.is_model_ready("flip", 2)
+    assert load.failures == [] and load.ok > 20
+    assert [e["to"] for e in audit_log(repo) if e.get("model") == "flip"][-2:] == [[2], [1]]
+
+
+def _holdout(path: Path) -> Path:
+    """Labels are the stable version's own answers, so v1 (and v3, the same function) score 1.0."""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(5).random((200, 8), dtype=np.float32)
+    labels = ort.InferenceSession(str(mlp(path.with_suffix(".onnx")))).run(None, {"x": x})[0].argmax(1)
+    np.savez(path, x=x, labels=labels)
+    return path
+
+
+def test_evaluate_runs_the_holdout_through_the_server_and_records_figures(repo, server, tmp_path):
+    from tritonforge.rollout.gates import evaluate
+
+    data = _holdout(tmp_path / "holdout.npz")
+    served = evaluate(repo, server.grpc_url, "gated", data)
+    assert served.version == 1 and served.figures["accuracy"] == 1.0 and served.figures["samples"] == 200
+    candidate = evaluate(repo, server.grpc_url, "gated", data, version=2)  # not loaded: a temporary name
+    assert candidate.figures["accuracy"] < 0.9
+    manifest = read_manifest(repo, "gated", 2)
+    assert manifest["metrics"]["accuracy"] == candidate.figures["accuracy"]
+    assert manifest["evaluations"][-1]["data_sha256"] == candidate.data_sha256
+    assert not (repo / "gated__eval_v2").exists() and not server.is_model_ready("gated__eval_v2")
+    assert [e["version"] for e in _events(repo, "gated", "evaluate")][-2:] == [1, 2]
+    evaluate(repo, server.grpc_url, "gated", data, version=3)
+
+
+def test_gates_refuse_a_worse_candidate_with_its_figures_and_run_the_retraining_hook(repo, server, tmp_path):
+    from tritonforge.rollout.gates import GateError, check_gates
+
+    if not read_manifest(repo, "gated", 3).get("evaluations"):
+        test_evaluate_runs_the_holdout_through_the_server_and_records_figures(repo, server, tmp_path)
+    marker = tmp_path / "hook.txt"
+    hook = f'echo "$TRITONFORGE_MODEL $TRITONFORGE_VERSION $TRITONFORGE_GATE_FAILURES" > {marker}'
+    with pytest.raises(GateError, match=r"accuracy 0\.\d+ is not >= 0\.97") as caught:
+        check_gates(repo, "gated", 2, require=["accuracy>=0.97"], hook=hook)
+    assert marker.read_text().startswith("gated 2 [")
+    with pytest.raises(GateError, match="worse than the served v1"):
+        check_gates(repo, "gated", 2, no_worse_than_serving=True)
+    assert (
+        check_gates(repo, "gated", 3, require=["accuracy>=0.97"], no_worse_than_serving=True)["accuracy"] == 1
+    )
+    assert caught.value.failures
+    failed = _events(repo, "gated", "gate-failed")[-2]
+    assert failed["version"] == 2 and failed["figures"]["accuracy"] < 0.9
+    with pytest.raises(GateError, match="no evaluation"):
+        check_gates(repo, "good", 2, require=["accuracy>=0.5"])
+    with pytest.raises(ValueError, match="must look like"):
+        check_gates(repo, "gated", 3, require=["accuracy=>0.9"])
+
+
+def test_cli_promote_and_rollout_refuse_a_failed_gate_in_one_line_on_stderr(repo, server, tmp_path):
+    from typer.testing import CliRunner
+
+    from tritonforge.cli import app
+
+    if not read_manifest(repo, "gated", 2).get("evaluations"):
+        test_evaluate_runs_the_holdout_through_the_server_and_records_figures(repo, server, tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(app, ["promote", str(repo), "gated", "2", "--require", "accuracy>=0.97"])
+    assert result.exit_code == 1 and "failed its gate" in result.stderr and "accuracy 0." in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = runner.invoke(
+        app,
+        [
+            "rollout",
+            "gated",
+            "--to",
+            "2",
+            "--url",
+            server.grpc_url,
+            "--repo",
+            str(repo),
+            "--no-worse-than-serving",
+        ],
+    )
+    assert result.exit_code == 1 and "worse than the served v1" in result.stderr
+    assert _serves(repo, "gated") == [1] and load_state(repo, "gated") is None
+
+
+def test_audit_command_shows_every_change_as_a_table_and_as_json(repo, server):
+    from typer.testing import CliRunner
+
+    from tritonforge.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["audit", str(repo), "--json"])
+    assert result.exit_code == 0
+    events = json.loads(result.stdout)
+    actions = {e["action"] for e in events}
+    assert {"promote"} <= actions
+    assert all({"at", "by", "action"} <= set(e) for e in events)
+    table = runner.invoke(app, ["audit", str(repo), "--model", "flip"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "flip" in table.stdout and "promote" in table.stdout
+
+
+def test_rollout_pause_holds_the_weight_until_resume_from_another_caller(repo, server):
+    import concurrent.futures
+
+    def wait_for(check, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not check():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.1)
+
+    with Load(server.grpc_url, "paused") as load, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(
+            Rollout(repo, server.grpc_url, "paused").start,
+            2,
+            steps=[20, 100],
+            hold_s=2.0,
+            thresholds=_limits(min_requests=5),
+        )
+        wait_for(lambda: (s := load_state(repo, "paused")) is not None and s.phase == "running")
+        Rollout(repo, server.grpc_url, "paused").pause()
+        wait_for(lambda: load_state(repo, "paused").phase == "paused")
+        held = load_state(repo, "paused")
+        time.sleep(3.0)  # three holds' worth: no step may pass while paused
+        assert load_state(repo, "paused").step_index == held.step_index
+        assert load_state(repo, "paused").weight == held.weight == 20
+        assert not running.done()
+        Rollout(repo, server.grpc_url, "paused").resume()
+        outcome = running.result(timeout=120)
+    assert outcome.result == "promoted"
+    assert load.failures == []
+    assert _serves(repo, "paused") == [2]
+    assert [e["action"] for e in audit_log(repo) if e.get("model") == "paused"][-7:] == [
+        "rollout-start",
+        "rollout-pause",
+        "rollout-resume",
+        "rollout-step",
+        "rollout-step",
+        "promote",
+        "rollout-done",
+    ]
+    _left_clean(repo, server, "paused")
+
+
+def test_rollout_answers_from_stable_when_the_candidate_is_later_than_its_timeout(repo, server):
+    with Load(server.grpc_url, "late") as load:
+        outcome = Rollout(repo, server.grpc_url, "late").start(
+            2, steps=[50, 100], hold_s=1.5, thresholds=_limits(candidate_timeout_ms=30.0, min_requests=10)
+        )
+    assert outcome.result == "rolled_back" and "error rate" in outcome.reason
+    assert load.failures == []
+    evidence = _events(repo, "late", "rollout-step")[-1]["evidence"]
+    assert (
+        evidence["candidate_timeouts"] >= 1 and evidence["candidate_timeouts"] == evidence["candidate_errors"]
+    )
+    _left_clean(repo, server, "late")
