@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tritonclient.grpc import model_config_pb2 as pb2
+
 from tritonforge.config._frozen import FrozenDict
 from tritonforge.config.parts import (
     DynamicBatching,
@@ -17,6 +19,7 @@ from tritonforge.config.parts import (
     RepositoryAgent,
     TensorSpec,
     VersionPolicy,
+    canonical_extra,
 )
 from tritonforge.config.sequence import SequenceBatching
 from tritonforge.config.validate import validate_config
@@ -103,8 +106,7 @@ class ModelConfig:
         agents = _tuple_of(owner, "repository_agents", self.repository_agents, RepositoryAgent)
         object.__setattr__(self, "repository_agents", agents)
         object.__setattr__(self, "parameters", FrozenDict(self.parameters))
-        if not isinstance(self.extra, str):
-            raise ConfigError(f"{owner}: extra must be config.pbtxt text (a str), got {self.extra!r}")
+        object.__setattr__(self, "extra", canonical_extra(owner, self.extra, pb2.ModelConfig))
         for field, cls in (
             ("dynamic_batching", DynamicBatching),
             ("sequence_batching", SequenceBatching),

@@ -12,6 +12,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
+from tritonclient.grpc import model_config_pb2 as pb2
+
 from tritonforge.config._frozen import FrozenDict
 from tritonforge.config._strictness import unusual
 from tritonforge.config.enums import DataType, InstanceKind, TimeoutAction
@@ -78,9 +80,34 @@ def _segments(dims: Sequence[int]) -> list[int]:
     return counts
 
 
-def _check_extra(owner: str, extra: Any) -> None:
+def canonical_extra(owner: str, extra: Any, *message_types: Any) -> str:
+    """``extra`` text in one canonical form (so equal configs compare equal), parsed as the first of
+    ``message_types`` that accepts it.
+
+    Raises:
+        ConfigError: naming ``owner``, for text that is not a str or not valid text of those messages.
+    """
+    from google.protobuf import text_format
+
     if not isinstance(extra, str):
         raise ConfigError(f"{owner}: extra must be config.pbtxt text (a str), got {extra!r}")
+    if not extra.strip():
+        return ""
+    problem = ""
+    for message_type in message_types:
+        message = message_type()
+        try:
+            text_format.Parse(extra, message)
+        except text_format.ParseError as exc:
+            problem = problem or str(exc)
+            continue
+        return text_format.MessageToString(message, as_one_line=True).strip()
+    names = " or ".join(t.DESCRIPTOR.name for t in message_types)
+    raise ConfigError(f"{owner}: extra is not valid {names} text: {problem}")
+
+
+def _check_extra(obj: object, owner: str, *message_types: Any) -> None:
+    _set(obj, "extra", canonical_extra(owner, obj.extra, *message_types))
 
 
 def _check_non_negative(owner: str, **values: int) -> None:
@@ -129,7 +156,7 @@ class TensorSpec:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"tensor name must be a non-empty string, got {self.name!r}")
         owner = f"tensor {self.name!r}"
-        _check_extra(owner, self.extra)
+        _check_extra(self, owner, pb2.ModelInput, pb2.ModelOutput)
         try:
             _set(self, "dtype", DataType.parse(self.dtype))
         except ConfigError as exc:
@@ -292,7 +319,7 @@ class InstanceGroup:
     def __post_init__(self) -> None:
         owner = f"instance group {self.name!r}" if self.name else "instance group"
         _set(self, "kind", InstanceKind.parse(self.kind))
-        _check_extra(owner, self.extra)
+        _check_extra(self, owner, pb2.ModelInstanceGroup)
         if isinstance(self.count, bool) or not isinstance(self.count, int):
             raise ConfigError(f"{owner}: count must be an integer >= 1, got {self.count!r}")
         if self.count < 1:
@@ -606,7 +633,7 @@ class EnsembleStep:
         if not isinstance(self.model_name, str) or not self.model_name:
             raise ConfigError("ensemble step: model_name must be a non-empty string")
         owner = f"ensemble step {self.model_name!r}"
-        _check_extra(owner, self.extra)
+        _check_extra(self, owner, pb2.ModelEnsembling.Step)
         if (
             isinstance(self.model_version, bool)
             or not isinstance(self.model_version, int)

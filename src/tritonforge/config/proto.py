@@ -124,10 +124,7 @@ def _to_text(message: Message) -> str:
 
 def _parse_extra(text: str, message_type: type, where: str) -> Message:
     message = message_type()
-    try:
-        text_format.Parse(text, message)
-    except text_format.ParseError as exc:
-        raise ConfigError(f"{where}: extra is not valid {message_type.__name__} text: {exc}") from exc
+    text_format.Parse(text, message)  # the dataclasses keep only text that parses
     leftover = _residual(message)
     if leftover != message:
         modelled = sorted(
@@ -158,7 +155,11 @@ def check_extras(config: ModelConfig) -> None:
     ):
         for tensor in tensors:
             if tensor.extra:
-                _parse_extra(tensor.extra, message_type, f"{owner}: {kind} {tensor.name!r}")
+                where = f"{owner}: {kind} {tensor.name!r}"
+                try:
+                    _parse_extra(tensor.extra, message_type, where)
+                except text_format.ParseError as exc:
+                    raise ConfigError(f"{where}: extra is not valid {kind} text: {exc}") from exc
     for group in config.instance_groups:
         if group.extra:
             _parse_extra(group.extra, pb2.ModelInstanceGroup, f"{owner}: instance group {group.name!r}")

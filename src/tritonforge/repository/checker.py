@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from tritonforge.config import ModelConfig, check_signature, onnx_signature, read_config
+from tritonforge.config.pbtxt import read_model_dir
 from tritonforge.errors import TritonForgeError
 from tritonforge.repository.writer import STAGING_PREFIX, model_filename, versions
 
@@ -88,18 +89,14 @@ def check_repository(repo: str | os.PathLike[str]) -> list[Problem]:
 
 
 def _check_config(model_dir: Path, problems: list[Problem]) -> ModelConfig | None:
+    # Errors only where Triton refuses the model; what it accepts but looks wrong is a warning.
     name = model_dir.name
-    path = model_dir / "config.pbtxt"
-    if not path.is_file():
-        problems.append(
-            Problem(name, f"no config.pbtxt in {model_dir}; write one (tritonforge add-model does)")
-        )
-        return None
     try:
-        config = read_config(path)
+        config = read_model_dir(model_dir)
     except TritonForgeError as exc:
         problems.append(Problem(name, exc.message))
         return None
+    problems.extend(Problem(name, warning, severity="warning") for warning in config.warnings)
     if config.name and config.name != name:
         problems.append(Problem(name, f"config.pbtxt names the model '{config.name}': rename it to '{name}'"))
     return config
@@ -118,7 +115,7 @@ def _check_versions(model_dir: Path, config: ModelConfig, problems: list[Problem
         if not path.exists():
             problems.append(Problem(name, f"missing model file {path.name} in {path.parent}", version))
             continue
-        if filename.endswith(".onnx"):
+        if filename.endswith(".onnx") and (config.inputs or config.outputs):  # none: auto-completed
             try:
                 mismatches = check_signature(config, onnx_signature(path))
             except TritonForgeError as exc:
