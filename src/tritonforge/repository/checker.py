@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from tritonforge.config import ModelConfig, check_signature, onnx_signature, read_config
+from tritonforge.config import ModelConfig, check_signature, onnx_signature
 from tritonforge.config.pbtxt import read_model_dir
 from tritonforge.errors import TritonForgeError
 from tritonforge.repository.writer import STAGING_PREFIX, model_filename, versions
@@ -79,6 +79,7 @@ def check_repository(repo: str | os.PathLike[str]) -> list[Problem]:
         if config is not None:
             configs[model_dir.name] = config
             _check_versions(model_dir, config, problems)
+            _check_label_files(model_dir, config, problems)
     for name, config in configs.items():
         for step in config.ensemble_steps or ():
             if step.model_name not in configs:
@@ -100,6 +101,18 @@ def _check_config(model_dir: Path, problems: list[Problem]) -> ModelConfig | Non
     if config.name and config.name != name:
         problems.append(Problem(name, f"config.pbtxt names the model '{config.name}': rename it to '{name}'"))
     return config
+
+
+def _check_label_files(model_dir: Path, config: ModelConfig, problems: list[Problem]) -> None:
+    for output in config.to_proto().output:
+        if output.label_filename and not (model_dir / output.label_filename).is_file():
+            problems.append(
+                Problem(
+                    model_dir.name,
+                    f"output '{output.name}' names label file {output.label_filename}, which is not in "
+                    f"{model_dir}; Triton refuses to load the model without it",
+                )
+            )
 
 
 def _check_versions(model_dir: Path, config: ModelConfig, problems: list[Problem]) -> None:
@@ -163,6 +176,7 @@ def check_live(
 
     from tritonforge.errors import ModelLoadError
     from tritonforge.server import EmbeddedServer
+    from tritonforge.server.probe import fetch_config, infer_once
 
     root = Path(repo)
     own = server is None
@@ -175,28 +189,23 @@ def check_live(
         for model_dir in model_dirs(root):
             name = model_dir.name
             try:
-                config = read_config(model_dir / "config.pbtxt")
                 server.load_model(name)
             except (ModelLoadError, TritonForgeError) as exc:
                 results.append(LiveResult(name, loaded=False, error=exc.message))
                 continue
             result = LiveResult(name, loaded=True)
             try:
+                # The server's config: auto-completed inputs and outputs included.
+                config = fetch_config(client, name, timeout_s=timeout_s)
                 arrays = sample_inputs(config)
-                inputs = []
-                for tensor in config.inputs:
-                    array = arrays[tensor.name]
-                    infer_input = grpcclient.InferInput(
-                        tensor.name, list(array.shape), tensor.dtype.triton_name
-                    )
-                    infer_input.set_data_from_numpy(array)
-                    inputs.append(infer_input)
                 start = time.perf_counter()
-                response = client.infer(name, inputs, client_timeout=timeout_s)
+                outputs = infer_once(client, name, config, arrays, timeout_s=timeout_s)
                 result.latency_ms = (time.perf_counter() - start) * 1e3
                 for tensor in config.outputs:
-                    value = response.as_numpy(tensor.name)
+                    value = outputs.get(tensor.name)
                     if value is None:
+                        if config.decoupled:  # a decoupled model may answer with fewer outputs
+                            continue
                         raise TritonForgeError(f"the response has no output '{tensor.name}'")
                     result.outputs[tensor.name] = tuple(value.shape)
                 result.answered = True
