@@ -119,10 +119,13 @@ class ModelConfig:
                     f"{owner}: {field} must be a {cls.__name__} or None, got {value!r}", model=self.name
                 )
         self.validate()
-        if self.extra or any(
-            part.extra
-            for part in (*self.inputs, *self.outputs, *self.instance_groups, *(self.ensemble_steps or ()))
-        ):
+        parts: tuple[TensorSpec | InstanceGroup | EnsembleStep, ...] = (
+            *self.inputs,
+            *self.outputs,
+            *self.instance_groups,
+            *(self.ensemble_steps or ()),
+        )
+        if self.extra or any(part.extra for part in parts):
             # The carried-through text must parse and must not set a field modelled here.
             from tritonforge.config.proto import check_extras
 

@@ -106,7 +106,7 @@ def canonical_extra(owner: str, extra: Any, *message_types: Any) -> str:
     raise ConfigError(f"{owner}: extra is not valid {names} text: {problem}")
 
 
-def _check_extra(obj: object, owner: str, *message_types: Any) -> None:
+def _check_extra(obj: Any, owner: str, *message_types: Any) -> None:
     _set(obj, "extra", canonical_extra(owner, obj.extra, *message_types))
 
 
