@@ -342,19 +342,25 @@ def _parse_or_refuse(text: str) -> None:
     assert ModelConfig.from_pbtxt(config.to_pbtxt()) == config
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(st.lists(st.sampled_from(_FRAGMENTS), max_size=8))
 def test_from_pbtxt_of_any_mix_of_fragments_gives_a_config_or_a_config_error(parts: list[str]) -> None:
     _parse_or_refuse("\n".join(parts))
 
 
-@settings(max_examples=150, deadline=None, derandomize=True)
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
 @given(st.text(max_size=200))
 def test_from_pbtxt_of_any_text_gives_a_config_or_a_config_error(text: str) -> None:
     _parse_or_refuse(text)
 
 
-@settings(max_examples=100, deadline=None, derandomize=True)
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
 @given(st.binary(max_size=200))
 def test_from_proto_of_any_wire_bytes_gives_a_config_or_a_config_error(data: bytes) -> None:
     pb = model_config_pb2.ModelConfig()
@@ -364,3 +370,19 @@ def test_from_proto_of_any_wire_bytes_gives_a_config_or_a_config_error(data: byt
         return
     with contextlib.suppress(ConfigError):
         ModelConfig.from_proto(pb)
+
+
+def test_config_package_exports_every_public_class_of_its_modules() -> None:
+    import inspect
+
+    import tritonforge.config as package
+    from tritonforge.config import enums, parts, sequence
+
+    for module in (enums, parts, sequence):
+        defined = {
+            name
+            for name, obj in vars(module).items()
+            if inspect.isclass(obj) and obj.__module__ == module.__name__ and not name.startswith("_")
+        }
+        assert defined <= set(package.__all__), defined - set(package.__all__)
+    assert all(hasattr(package, name) for name in package.__all__)
