@@ -5,7 +5,10 @@ errors only where Triton refuses, and no input that makes the parser crash or ha
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import pytest
 from google.protobuf import text_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 from tritonclient.grpc import model_config_pb2
 
 from tritonforge.config import (
@@ -34,6 +38,11 @@ from tritonforge.config import (
 from tritonforge.errors import ConfigError
 
 GOLDEN = Path(__file__).parent / "golden"
+
+# Hypothesis caches what it reads of the source under ./.hypothesis; keep that in a temp dir removed at exit.
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="tritonforge-hypothesis-")
+set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, True)
 
 
 def tensor(name: str, dtype: str, dims: list[int], **kwargs: object) -> TensorSpec:
@@ -301,6 +310,7 @@ def test_sequence_parts_raise_config_error_when_invalid() -> None:
 
 
 # ---------------------------------------------------------------- hostile text: ConfigError or a config
+
 
 _FRAGMENTS = [
     'name: "m"',
