@@ -37,7 +37,7 @@ from tritonforge.config.parts import (
     VersionPolicy,
     WarmupInput,
 )
-from tritonforge.config.pbtxt import read_config, write_config
+from tritonforge.config.pbtxt import read_config, read_model_dir, write_config
 from tritonforge.config.sequence import (
     ControlInput,
     DirectStrategy,
@@ -90,6 +90,7 @@ __all__ = [
     "config_from_signature",
     "onnx_signature",
     "read_config",
+    "read_model_dir",
     "torchscript_signature",
     "write_config",
 ]

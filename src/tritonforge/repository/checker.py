@@ -9,8 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from tritonforge.config import ModelConfig, check_signature, onnx_signature
-from tritonforge.config.pbtxt import read_model_dir
+from tritonforge.config import ModelConfig, check_signature, onnx_signature, read_model_dir
 from tritonforge.errors import TritonForgeError
 from tritonforge.repository.writer import STAGING_PREFIX, model_filename, versions
 
