@@ -104,7 +104,7 @@ def _ready(url: str) -> bool:
 
 
 @pytest.mark.slow
-def test_serve_binds_the_host_polls_the_repository_keeps_its_log_and_passes_tritonserver_flags(tmp_path):
+def test_serve_binds_the_host_polls_the_repo_caches_keeps_its_log_and_passes_tritonserver_flags(tmp_path):
     repo = tmp_path / "repo"
     onnx_file = tiny_models.mlp_onnx(tmp_path / "mlp.onnx")
     add_model(repo, "mlp", onnx_file)
@@ -115,6 +115,7 @@ def test_serve_binds_the_host_polls_the_repository_keeps_its_log_and_passes_trit
             "--host", "127.0.0.2",
             "--model-control", "poll", "--repository-poll-secs", "1",
             "--log-file", str(log),
+            "--response-cache-byte-size", "1048576",
             "--", "--exit-timeout-secs=5",
         ],
         stdout=subprocess.PIPE,
@@ -156,6 +157,7 @@ def test_serve_binds_the_host_polls_the_repository_keeps_its_log_and_passes_trit
     text = log.read_text()  # kept after stop
     assert re.search(r"exit_timeout\s+\|\s+5\s", text), "the flag after -- did not reach tritonserver"
     assert re.search(r"model_control_mode\s+\|\s+MODE_POLL", text)
+    assert re.search(r"cache_enabled\s+\|\s+1", text)
     assert "successfully loaded 'mlp_late'" in text
 
 

@@ -416,6 +416,10 @@ class EmbeddedServer:
             args.append(f"--repository-poll-secs={self.poll_interval_s}")
         if self.response_cache_bytes:
             args.append(f"--cache-config=local,size={self.response_cache_bytes}")
+            # The wheel keeps its cache library beside the binary, not in /opt/tritonserver/caches.
+            caches = self.install.binary.parent.parent / "caches" if self.install is not None else None
+            if caches is not None and caches.is_dir():
+                args.append(f"--cache-directory={caches}")
         args += [f"--grpc-restricted-protocol={spec}" for spec in self.grpc_restricted_protocols]
         args += [f"--http-restricted-api={spec}" for spec in self.http_restricted_apis]
         cert, key, root, mutual = self.grpc_tls
