@@ -628,14 +628,21 @@ def test_ensemble_step_raises_config_error_when_maps_or_version_invalid() -> Non
 # ---------------------------------------------------------------- protobuf and files
 
 
-def test_from_proto_raises_config_error_when_fields_are_not_modelled() -> None:
+def test_from_proto_carries_fields_without_a_dataclass_field_through_unchanged() -> None:
     pb = golden_minimal_onnx().to_proto()
-    pb.sequence_batching.max_sequence_idle_microseconds = 10
-    pb.input[0].is_shape_tensor = True
-    with pytest.raises(ConfigError, match=r"sequence_batching.*|input\[0\]\.is_shape_tensor") as info:
-        ModelConfig.from_proto(pb)
-    assert "sequence_batching" in info.value.message
-    assert "input[0].is_shape_tensor" in info.value.message
+    pb.runtime = "model.py"
+    pb.model_operations.op_library_filename.append("ops.so")
+    pb.optimization.graph.level = 1
+    pb.optimization.cuda.busy_wait_events = True
+    pb.input[0].format = model_config_pb2.ModelInput.FORMAT_NCHW
+    pb.output[0].label_filename = "labels.txt"
+    pb.instance_group[0].rate_limiter.priority = 2
+    pb.batch_input.add(target_name=["n"], source_input=["x"], data_type=model_config_pb2.TYPE_FP32)
+    cfg = ModelConfig.from_proto(pb)
+    assert "model_operations" in cfg.extra and "graph" in cfg.extra
+    assert cfg.inputs[0].extra == "format: FORMAT_NCHW"
+    assert cfg.to_proto() == pb
+    assert ModelConfig.from_pbtxt(cfg.to_pbtxt()) == cfg
 
 
 def test_from_proto_raises_config_error_when_data_type_missing() -> None:

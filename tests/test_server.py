@@ -101,6 +101,85 @@ def test_a_program_stopped_by_sigterm_leaves_no_server_shared_memory_or_log_behi
     assert not os.path.exists(log_name)
 
 
+SERVE_UNTIL_SIGKILLED = """
+import sys, time
+from tritonforge.server import EmbeddedServer
+server = EmbeddedServer(sys.argv[1]).start()
+print(server.pid, server._shm_prefix, server._log_path, server.grpc_port, server.http_port,
+      server.metrics_port, flush=True)
+time.sleep(300)
+"""
+
+
+def _group_alive(pgid: int) -> bool:
+    return any(
+        p.info["status"] != psutil.STATUS_ZOMBIE
+        for p in psutil.process_iter(["status"])
+        if _pgid(p.pid) == pgid
+    )
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_program_killed_by_sigkill_leaves_no_server_stub_port_or_shared_memory_behind(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = tmp_path / "repo"
+    add_model(repo, "mlp", tiny_models.mlp_onnx(tmp_path / "mlp.onnx"))
+    program = subprocess.Popen(
+        [sys.executable, "-c", SERVE_UNTIL_SIGKILLED, str(repo)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert program.stdout is not None
+        pid_text, prefix, log_name, *ports_text = program.stdout.readline().split()
+        pid, ports = int(pid_text), [int(p) for p in ports_text]
+        stubs = psutil.Process(pid).children(recursive=True)
+        assert stubs and _shm(prefix) and all(_listening(port) for port in ports)
+        program.send_signal(signal.SIGKILL)  # no handler, no atexit, no finally: only the watchdog is left
+        assert program.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        program.kill()
+        program.wait()
+        if program.stdout is not None:
+            program.stdout.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (_group_alive(pid) or _shm(prefix) or os.path.exists(log_name)):
+        time.sleep(0.2)
+    assert not _group_alive(pid), "the server or a backend stub outlived its owner"
+    assert not any(s.is_running() and s.status() != psutil.STATUS_ZOMBIE for s in stubs)
+    assert _shm(prefix) == []
+    assert not os.path.exists(log_name)
+    assert not any(_listening(port) for port in ports)
+
+
+def test_a_clean_stop_ends_the_watchdog_without_it_touching_anything(tmp_path):
+    repo = tmp_path / "repo"
+    add_model(repo, "mlp", tiny_models.mlp_onnx(tmp_path / "mlp.onnx"))
+    server = EmbeddedServer(repo, log_file=tmp_path / "logs" / "triton.log").start()
+    watchdog = server._watchdog
+    assert watchdog is not None and watchdog._process.poll() is None
+    server.stop()
+    assert watchdog._process.wait(timeout=10) == 0
+    assert (tmp_path / "logs" / "triton.log").exists()  # a log file the user named is kept
+    assert "successfully loaded 'mlp'" in (tmp_path / "logs" / "triton.log").read_text()
+
+
 def test_start_raises_model_load_error_naming_the_model_and_cause(tmp_path):
     repo = tmp_path / "repo"
     model = add_model(repo, "broken", tiny_models.mlp_onnx(tmp_path / "mlp.onnx"))

@@ -1,16 +1,26 @@
-"""The ``tritonforge`` command: parses arguments and calls the library; no logic of its own."""
+"""The ``tritonforge`` command: parses arguments and calls the library; no logic of its own.
+
+Every verb reports an error the same way, as one line on stderr and a non-zero exit code: a bad argument
+(exit 2), an error of ours (exit 1), an interrupted run (130), and anything unexpected (exit 1; the
+traceback only with ``TRITONFORGE_DEBUG=1``). :func:`main` is that one place.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.exceptions import TyperException
 
+from tritonforge.commands import DEBUG_ENV, fail, print_error
 from tritonforge.errors import TritonForgeError
 
 app = typer.Typer(
@@ -21,12 +31,14 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
-err_console = Console(stderr=True)
+# Where run() hands serve the arguments after `--`.
+PASSTHROUGH = "tritonserver_args"
 
 
 class ModelControl(str, Enum):
     none = "none"
     explicit = "explicit"
+    poll = "poll"
 
 
 class Kind(str, Enum):
@@ -34,37 +46,84 @@ class Kind(str, Enum):
     gpu = "gpu"
 
 
-def _fail(exc: TritonForgeError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
-    return typer.Exit(code=1)
+_fail = fail
 
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     repo: Path = typer.Argument(..., help="The model repository to serve."),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to bind gRPC, HTTP and metrics to (e.g. 127.0.0.2; 0.0.0.0: all)."
+    ),
     grpc_port: int | None = typer.Option(None, help="gRPC port (default: a free one)."),
     http_port: int | None = typer.Option(None, help="HTTP port (default: a free one)."),
     metrics_port: int | None = typer.Option(None, help="Prometheus metrics port (default: a free one)."),
-    model_control: ModelControl = typer.Option(ModelControl.none, help="'explicit' allows load/unload."),
+    model_control: ModelControl = typer.Option(
+        ModelControl.none,
+        "--model-control",
+        "--model-control-mode",
+        help="'explicit' allows load/unload; 'poll' reloads what changes in REPO.",
+    ),
+    repository_poll_secs: int = typer.Option(15, help="With --model-control poll: seconds between scans."),
     load_model: list[str] = typer.Option(
         [], help="With explicit control: models to load at start ('*': all)."
+    ),
+    response_cache_byte_size: int = typer.Option(
+        0, help="Size of Triton's response cache (0: off); models opt in with response_cache."
+    ),
+    log_file: Path | None = typer.Option(None, help="Write the server log here and keep it after stop."),
+    log_verbose: int = typer.Option(0, help="Triton's log verbosity (0: off, 1: verbose)."),
+    exit_timeout_secs: int = typer.Option(10, help="How long Triton waits for in-flight requests at stop."),
+    grpc_restricted_protocol: list[str] = typer.Option(
+        [], help="'<protocols>:<header>=<value>': gRPC protocols only for calls sending that header."
+    ),
+    http_restricted_api: list[str] = typer.Option(
+        [], help="'<apis>:<header>=<value>': HTTP APIs only for calls sending that header."
+    ),
+    grpc_server_cert: Path | None = typer.Option(None, help="gRPC TLS: the server certificate (PEM)."),
+    grpc_server_key: Path | None = typer.Option(None, help="gRPC TLS: the server's private key (PEM)."),
+    grpc_root_cert: Path | None = typer.Option(None, help="gRPC TLS: the CA certificate (PEM)."),
+    grpc_use_ssl_mutual: bool = typer.Option(
+        False, help="gRPC mutual TLS: clients must present a certificate signed by --grpc-root-cert."
     ),
     tritonserver: Path | None = typer.Option(
         None, help="A tritonserver binary to use instead of the wheel's."
     ),
 ) -> None:
-    """Serve REPO with the embedded Triton server until Ctrl-C."""
+    """Serve REPO with the embedded Triton server until Ctrl-C.
+
+    Arguments after `--` go to tritonserver unchanged (and win over the flags above), e.g.
+    `tritonforge serve REPO -- --exit-timeout-secs=5 --log-info=false`.
+    """
     from tritonforge.server import EmbeddedServer
 
-    server = EmbeddedServer(
-        repo,
-        grpc_port=grpc_port,
-        http_port=http_port,
-        metrics_port=metrics_port,
-        model_control=model_control.value,
-        load_models=load_model,
-        tritonserver=tritonserver,
-    )
+    extra_args = list((ctx.obj or {}).get(PASSTHROUGH, ()))
+    try:
+        server = EmbeddedServer(
+            repo,
+            host=host,
+            grpc_port=grpc_port,
+            http_port=http_port,
+            metrics_port=metrics_port,
+            model_control=model_control.value,
+            poll_interval_s=repository_poll_secs,
+            load_models=load_model,
+            tritonserver=tritonserver,
+            response_cache_bytes=response_cache_byte_size or None,
+            log_file=log_file,
+            log_verbose=log_verbose,
+            exit_timeout_s=exit_timeout_secs,
+            grpc_restricted_protocols=grpc_restricted_protocol,
+            http_restricted_apis=http_restricted_api,
+            grpc_server_cert=grpc_server_cert,
+            grpc_server_key=grpc_server_key,
+            grpc_root_cert=grpc_root_cert,
+            grpc_mutual_tls=grpc_use_ssl_mutual,
+            extra_args=extra_args,
+        )
+    except TritonForgeError as exc:
+        raise _fail(exc) from None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -78,11 +137,14 @@ def serve(
             table.add_row(entry.get("name", ""), entry.get("version", ""), entry.get("state", ""))
         console.print(table)
         console.print(f"gRPC    {server.grpc_url}\nHTTP    {server.http_url}\nmetrics {server.metrics_url}")
+        if log_file is not None:
+            console.print(f"log     {log_file}")
         console.print("Ctrl-C stops the server.")
         while not stop.wait(0.5):
             if not server.is_running:
-                err_console.print("[bold red]the server stopped unexpectedly[/]; last lines of its log:")
-                err_console.print(server.log_tail(), markup=False, highlight=False)
+                last = server.log_tail(1) or "(empty log)"
+                kept = f"; its log is {log_file}" if log_file is not None else "; --log-file keeps its log"
+                print_error(f"the server stopped unexpectedly{kept}; its last line: {last}")
                 raise typer.Exit(code=1)
     except TritonForgeError as exc:
         raise _fail(exc) from None
@@ -174,6 +236,11 @@ def validate(
             )
         console.print(table)
         failed = failed or not all(r.ok for r in results)
+        if not all(r.ok for r in results):
+            bad = [r.model for r in results if not r.ok]
+            print_error(f"{len(bad)} model(s) failed on the live server: {', '.join(bad)}")
+    if errors:
+        print_error(f"{len(errors)} error(s) in {repo}; the table above lists each")
     raise typer.Exit(code=1 if failed else 0)
 
 
@@ -212,8 +279,54 @@ def _register_areas() -> None:
 _register_areas()
 
 
-def main() -> None:
-    app()
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the command line; every error ends as one line on stderr and a non-zero exit code."""
+    sys.exit(run(argv))
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """The command line's exit code for ``argv`` (default: ``sys.argv[1:]``)."""
+    debug = bool(os.environ.get(DEBUG_ENV))
+    args = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if "--" in args:  # `serve REPO -- ARGS`: ARGS go to tritonserver unchanged
+        cut = args.index("--")
+        args, passthrough = args[:cut], args[cut + 1 :]
+        if not args or args[0] != "serve":
+            print_error("only `tritonforge serve` takes `-- ARGS` (flags passed to tritonserver)")
+            return 2
+    try:
+        result = app(
+            args=args, prog_name="tritonforge", standalone_mode=False, obj={PASSTHROUGH: passthrough}
+        )
+    except (typer.Abort, KeyboardInterrupt):
+        print_error("interrupted", prefix="stopped")
+        return 130
+    except TyperException as exc:  # click's usage errors (typer vendors click): bad or missing arguments
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare verb group: its help, not an error
+            console.print(message, markup=False, highlight=False)
+            return 0
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        print_error(message + hint)
+        return int(getattr(exc, "exit_code", 2))
+    except TritonForgeError as exc:
+        if debug:
+            raise
+        print_error(exc.message)
+        return 1
+    except OSError as exc:  # a file or a port the user named
+        if debug:
+            raise
+        print_error(str(exc))
+        return 1
+    except Exception as exc:  # a bug; still one line, with a way to see more
+        if debug:
+            raise
+        print_error(f"unexpected {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback)")
+        return 1
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,3 +1,46 @@
-"""CLI verbs by area. Each module has ``register(app)``; :mod:`tritonforge.cli` lists them in ``AREAS``."""
+"""CLI verbs by area. Each module has ``register(app)``; :mod:`tritonforge.cli` lists them in ``AREAS``.
 
-__all__: list[str] = []  # the verbs are reached through tritonforge.cli, not imported
+Errors are reported one way everywhere: :func:`print_error` writes one line on stderr (never wrapped,
+never read as markup), and :func:`fail` does that and returns the ``typer.Exit`` to raise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from tritonforge.errors import TritonForgeError
+
+__all__ = ["DEBUG_ENV", "err_console", "fail", "one_line", "print_error"]
+
+#: Set to 1 to see the full message and the traceback of an unexpected error.
+DEBUG_ENV = "TRITONFORGE_DEBUG"
+_MAX_JOINED = 400
+
+# soft_wrap: a piped stderr is 80 columns to rich, and a wrapped error is several lines.
+err_console = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line: its lines joined with " | ", or its first line and a count when long."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if not lines:
+        return "(no message)"
+    joined = " | ".join(lines)
+    if len(joined) <= _MAX_JOINED or os.environ.get(DEBUG_ENV):
+        return joined
+    return f"{lines[0]} (+{len(lines) - 1} more lines; set {DEBUG_ENV}=1 to see them)"
+
+
+def print_error(message: str, *, prefix: str = "error") -> None:
+    """Write ``prefix: message`` as one line on stderr."""
+    err_console.print(Text.assemble((f"{prefix}: ", "bold red"), one_line(message)))
+
+
+def fail(exc: TritonForgeError) -> typer.Exit:
+    """Report ``exc`` on one line and return the exit (code 1) to raise."""
+    print_error(exc.message)
+    return typer.Exit(code=1)

@@ -15,15 +15,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tritonforge.commands import err_console, fail
 from tritonforge.errors import ExportError, QuantizationError, RepositoryError, TritonForgeError
 
 console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(exc: TritonForgeError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=1)
+_fail = fail  # one way to report errors for every verb (tritonforge.commands)
 
 
 def _load_source(source: str) -> Any:

@@ -8,8 +8,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tritonforge.commands import print_error
+
 console = Console()
-err_console = Console(stderr=True)
 
 ensemble_app = typer.Typer(
     help="Multi-model pipelines: check and compile ensembles/*.yaml.", no_args_is_help=True
@@ -26,7 +27,8 @@ def _print_issues(issues: list) -> None:  # type: ignore[type-arg]
         table.add_column(column, overflow="fold")
     for issue in issues:
         table.add_row(issue.pipeline, issue.step or "", issue.tensor or "", issue.message, issue.fix)
-    err_console.print(table)
+    # The report goes to stdout like validate's; stderr gets the one error line every verb gives.
+    console.print(table)
 
 
 @ensemble_app.command()
@@ -40,6 +42,7 @@ def check(
     resolved, issues = check_specs(specs, repo)
     if issues:
         _print_issues(issues)
+        print_error(f"{len(issues)} problem(s) in the pipeline spec(s); the table above lists each")
         raise typer.Exit(code=1)
     for item in resolved:
         kind = "routed (BLS)" if item.spec.is_routed else "ensemble"
@@ -62,7 +65,7 @@ def compile_command(
         written = compile_specs(specs, repo)
     except PipelineCheckError as exc:
         _print_issues(exc.issues)
-        err_console.print("[bold red]nothing was written[/]")
+        print_error(f"{len(exc.issues)} problem(s) in the pipeline spec(s); nothing was written")
         raise typer.Exit(code=1) from None
     from tritonforge.registry.audit import record_event
 

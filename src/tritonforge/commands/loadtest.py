@@ -12,15 +12,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from tritonforge.commands import err_console, fail
 from tritonforge.errors import TritonForgeError
 
 console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(exc: TritonForgeError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
-    return typer.Exit(code=1)
+_fail = fail  # one way to report errors for every verb (tritonforge.commands)
 
 
 @contextlib.contextmanager

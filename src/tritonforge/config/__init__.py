@@ -20,7 +20,7 @@ or infer it from a model file with ``onnx_signature`` / ``torchscript_signature`
 
 from __future__ import annotations
 
-from tritonforge.config.enums import DataType, InstanceKind, TimeoutAction
+from tritonforge.config.enums import ControlKind, DataType, InstanceKind, TimeoutAction
 from tritonforge.config.model import ModelConfig
 from tritonforge.config.parts import (
     CustomAccelerator,
@@ -31,12 +31,22 @@ from tritonforge.config.parts import (
     OpenVINOAccelerator,
     Optimization,
     QueuePolicy,
+    RepositoryAgent,
     TensorRTAccelerator,
     TensorSpec,
     VersionPolicy,
     WarmupInput,
 )
-from tritonforge.config.pbtxt import read_config, write_config
+from tritonforge.config.pbtxt import read_config, read_model_dir, write_config
+from tritonforge.config.sequence import (
+    ControlInput,
+    DirectStrategy,
+    InitialState,
+    OldestStrategy,
+    SequenceBatching,
+    SequenceControl,
+    SequenceState,
+)
 from tritonforge.config.signature import (
     DEFAULT_MAX_BATCH_SIZE,
     Signature,
@@ -50,17 +60,26 @@ from tritonforge.config.validate import BACKEND_OF_PLATFORM
 __all__ = [
     "BACKEND_OF_PLATFORM",
     "DEFAULT_MAX_BATCH_SIZE",
+    "ControlInput",
+    "ControlKind",
     "CustomAccelerator",
     "DataType",
+    "DirectStrategy",
     "DynamicBatching",
     "EnsembleStep",
+    "InitialState",
     "InstanceGroup",
     "InstanceKind",
     "ModelConfig",
     "ModelWarmup",
+    "OldestStrategy",
     "OpenVINOAccelerator",
     "Optimization",
     "QueuePolicy",
+    "RepositoryAgent",
+    "SequenceBatching",
+    "SequenceControl",
+    "SequenceState",
     "Signature",
     "TensorRTAccelerator",
     "TensorSpec",
@@ -71,6 +90,7 @@ __all__ = [
     "config_from_signature",
     "onnx_signature",
     "read_config",
+    "read_model_dir",
     "torchscript_signature",
     "write_config",
 ]

@@ -1,4 +1,5 @@
-"""Enums mirroring model_config.proto: tensor data types, instance kinds, queue timeout actions."""
+"""Enums mirroring model_config.proto: tensor data types, instance kinds, queue timeout actions,
+sequence-control kinds."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from tritonforge.errors import ConfigError
 
-__all__ = ["DataType", "InstanceKind", "TimeoutAction"]
+__all__ = ["ControlKind", "DataType", "InstanceKind", "TimeoutAction"]
 
 
 class DataType(enum.Enum):
@@ -192,6 +193,37 @@ class TimeoutAction(enum.Enum):
             ConfigError: for any other value.
         """
         return _parse_enum(cls, value, "", "timeout action")
+
+
+class ControlKind(enum.Enum):
+    """What a sequence batcher's control input carries (``CONTROL_SEQUENCE_START`` ...).
+
+    ``START``, ``END`` and ``READY`` are flags (two false/true values); ``CORRID`` carries the
+    sequence's correlation id (a ``data_type``).
+
+    Example:
+        >>> ControlKind.parse("CONTROL_SEQUENCE_START") is ControlKind.START
+        True
+    """
+
+    START = "START"
+    READY = "READY"
+    END = "END"
+    CORRID = "CORRID"
+
+    @property
+    def proto_name(self) -> str:
+        """The name in config.pbtxt, e.g. ``CONTROL_SEQUENCE_START``."""
+        return f"CONTROL_SEQUENCE_{self.value}"
+
+    @classmethod
+    def parse(cls, value: Any) -> ControlKind:
+        """Read a kind from ``"START"``, ``"CONTROL_SEQUENCE_START"``, ``"start"`` or a ``ControlKind``.
+
+        Raises:
+            ConfigError: for any other value.
+        """
+        return _parse_enum(cls, value, "CONTROL_SEQUENCE_", "sequence control kind")
 
 
 def _parse_enum(cls: Any, value: Any, prefix: str, what: str) -> Any:

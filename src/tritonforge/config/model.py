@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tritonclient.grpc import model_config_pb2 as pb2
+
 from tritonforge.config._frozen import FrozenDict
 from tritonforge.config.parts import (
     DynamicBatching,
@@ -14,9 +16,12 @@ from tritonforge.config.parts import (
     InstanceGroup,
     ModelWarmup,
     Optimization,
+    RepositoryAgent,
     TensorSpec,
     VersionPolicy,
+    canonical_extra,
 )
+from tritonforge.config.sequence import SequenceBatching
 from tritonforge.config.validate import validate_config
 from tritonforge.errors import ConfigError
 
@@ -42,6 +47,16 @@ class ModelConfig:
     ``python``, ...), or both when they agree. ``max_batch_size=0`` means the model does not batch and
     its tensors' dims are full shapes; otherwise dims leave out the batch dimension.
 
+    Every field of Triton's ``model_config.proto`` is kept: the common ones as fields here (a stateful
+    model's ``sequence_batching``, a ``decoupled`` model's transaction policy, ``repository_agents``, ...),
+    and the rest in ``extra``, config.pbtxt text carried through unchanged (e.g.
+    ``extra='model_operations { op_library_filename: "ops.so" }'``). Inputs and outputs may be empty for a
+    backend that auto-completes them (the python backend's ``auto_complete_config``, ONNX Runtime).
+
+    Built in code, a config is refused for anything Triton would refuse and for what is surely a mistake
+    though Triton loads it (two inputs of one name, a dynamic batcher on a model that does not batch).
+    Read from text or protobuf, only what Triton refuses raises; the rest is listed in :attr:`warnings`.
+
     Example:
         >>> cfg = ModelConfig(
         ...     name="resnet",
@@ -59,8 +74,8 @@ class ModelConfig:
     """
 
     name: str
-    inputs: Sequence[TensorSpec]
-    outputs: Sequence[TensorSpec]
+    inputs: Sequence[TensorSpec] = ()
+    outputs: Sequence[TensorSpec] = ()
     max_batch_size: int = 0
     platform: str | None = None
     backend: str | None = None
@@ -73,6 +88,10 @@ class ModelConfig:
     optimization: Optimization | None = None
     default_model_filename: str | None = None
     ensemble_steps: Sequence[EnsembleStep] | None = None
+    sequence_batching: SequenceBatching | None = None
+    decoupled: bool = False
+    repository_agents: Sequence[RepositoryAgent] = ()
+    extra: str = ""
 
     def __post_init__(self) -> None:
         owner = f"model {self.name!r}"
@@ -84,9 +103,13 @@ class ModelConfig:
         if self.ensemble_steps is not None:
             steps = _tuple_of(owner, "ensemble_steps", self.ensemble_steps, EnsembleStep)
             object.__setattr__(self, "ensemble_steps", steps)
+        agents = _tuple_of(owner, "repository_agents", self.repository_agents, RepositoryAgent)
+        object.__setattr__(self, "repository_agents", agents)
         object.__setattr__(self, "parameters", FrozenDict(self.parameters))
+        object.__setattr__(self, "extra", canonical_extra(owner, self.extra, pb2.ModelConfig))
         for field, cls in (
             ("dynamic_batching", DynamicBatching),
+            ("sequence_batching", SequenceBatching),
             ("version_policy", VersionPolicy),
             ("optimization", Optimization),
         ):
@@ -96,6 +119,22 @@ class ModelConfig:
                     f"{owner}: {field} must be a {cls.__name__} or None, got {value!r}", model=self.name
                 )
         self.validate()
+        parts: tuple[TensorSpec | InstanceGroup | EnsembleStep, ...] = (
+            *self.inputs,
+            *self.outputs,
+            *self.instance_groups,
+            *(self.ensemble_steps or ()),
+        )
+        if self.extra or any(part.extra for part in parts):
+            # The carried-through text must parse and must not set a field modelled here.
+            from tritonforge.config.proto import check_extras
+
+            check_extras(self)
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What Triton accepts in this config but is likely a mistake (set when read from text/protobuf)."""
+        return tuple(getattr(self, "_warnings", ()))
 
     def validate(self) -> None:
         """Check the fields against each other; ``__post_init__`` already calls this.
@@ -149,9 +188,11 @@ class ModelConfig:
     def from_proto(cls, pb: Any) -> ModelConfig:
         """Build from a ``model_config_pb2.ModelConfig`` message.
 
+        Fields without a dataclass field of their own are kept in ``extra``; what Triton accepts but
+        looks wrong is listed in :attr:`warnings` rather than raised.
+
         Raises:
-            ConfigError: for fields tritonforge does not model (so they are never dropped silently)
-                and for anything Triton would reject.
+            ConfigError: for anything Triton would reject (naming the field).
         """
         from tritonforge.config.proto import config_from_proto
 

@@ -12,7 +12,10 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
+from tritonclient.grpc import model_config_pb2 as pb2
+
 from tritonforge.config._frozen import FrozenDict
+from tritonforge.config._strictness import unusual
 from tritonforge.config.enums import DataType, InstanceKind, TimeoutAction
 from tritonforge.errors import ConfigError
 
@@ -25,6 +28,7 @@ __all__ = [
     "OpenVINOAccelerator",
     "Optimization",
     "QueuePolicy",
+    "RepositoryAgent",
     "TensorRTAccelerator",
     "TensorSpec",
     "VersionPolicy",
@@ -76,6 +80,36 @@ def _segments(dims: Sequence[int]) -> list[int]:
     return counts
 
 
+def canonical_extra(owner: str, extra: Any, *message_types: Any) -> str:
+    """``extra`` text in one canonical form (so equal configs compare equal), parsed as the first of
+    ``message_types`` that accepts it.
+
+    Raises:
+        ConfigError: naming ``owner``, for text that is not a str or not valid text of those messages.
+    """
+    from google.protobuf import text_format
+
+    if not isinstance(extra, str):
+        raise ConfigError(f"{owner}: extra must be config.pbtxt text (a str), got {extra!r}")
+    if not extra.strip():
+        return ""
+    problem = ""
+    for message_type in message_types:
+        message = message_type()
+        try:
+            text_format.Parse(extra, message)
+        except text_format.ParseError as exc:
+            problem = problem or str(exc)
+            continue
+        return text_format.MessageToString(message, as_one_line=True).strip()
+    names = " or ".join(t.DESCRIPTOR.name for t in message_types)
+    raise ConfigError(f"{owner}: extra is not valid {names} text: {problem}")
+
+
+def _check_extra(obj: Any, owner: str, *message_types: Any) -> None:
+    _set(obj, "extra", canonical_extra(owner, obj.extra, *message_types))
+
+
 def _check_non_negative(owner: str, **values: int) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -95,7 +129,10 @@ class TensorSpec:
     ``dims`` leave out the batch dimension when the model batches (``max_batch_size > 0``); -1 marks
     a variable-size dimension. ``reshape`` is the shape the model itself sees, when it differs (an
     empty reshape turns a ``[1]`` tensor into a scalar; only batching models may do that).
-    ``optional`` and ``allow_ragged_batch`` apply to inputs only.
+    ``optional`` and ``allow_ragged_batch`` apply to inputs only. ``is_shape_tensor`` marks a tensor that
+    holds a shape (TensorRT shape tensors). ``extra`` is config.pbtxt text for the fields of
+    ``ModelInput`` / ``ModelOutput`` not modelled here (``format``, ``label_filename``,
+    ``is_non_linear_format_io``), carried through unchanged.
 
     Example:
         >>> TensorSpec(name="image", dtype="FP32", dims=[3, 224, 224]).dims
@@ -112,11 +149,14 @@ class TensorSpec:
     optional: bool = False
     reshape: Sequence[int] | None = None
     allow_ragged_batch: bool = False
+    is_shape_tensor: bool = False
+    extra: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"tensor name must be a non-empty string, got {self.name!r}")
         owner = f"tensor {self.name!r}"
+        _check_extra(self, owner, pb2.ModelInput, pb2.ModelOutput)
         try:
             _set(self, "dtype", DataType.parse(self.dtype))
         except ConfigError as exc:
@@ -226,7 +266,7 @@ class DynamicBatching:
                     f"{levels}, got {self.default_priority_level}"
                 )
         elif self.default_priority_level:
-            raise ConfigError(
+            unusual(
                 f"{owner}: default_priority_level is {self.default_priority_level} but priority_levels "
                 "is 0; set priority_levels too, or drop default_priority_level"
             )
@@ -258,7 +298,9 @@ class InstanceGroup:
     """A group of model instances (``instance_group [{ count: 2 kind: KIND_GPU gpus: [0] }]``).
 
     ``KIND_GPU`` groups are valid anywhere: the generated repositories run on NVIDIA GPU containers.
-    With no ``gpus`` listed Triton spreads the group over every GPU it sees.
+    With no ``gpus`` listed Triton spreads the group over every GPU it sees. ``extra`` is config.pbtxt
+    text for the fields of ``ModelInstanceGroup`` not modelled here (``rate_limiter``, ``passive``,
+    ``host_policy``, ``profile``, ``secondary_devices``), carried through unchanged.
 
     Example:
         >>> InstanceGroup(count=2, kind="GPU").kind
@@ -272,11 +314,17 @@ class InstanceGroup:
     kind: InstanceKind = InstanceKind.CPU
     gpus: Sequence[int] = ()
     name: str = ""
+    extra: str = ""
 
     def __post_init__(self) -> None:
         owner = f"instance group {self.name!r}" if self.name else "instance group"
         _set(self, "kind", InstanceKind.parse(self.kind))
-        _check_positive(owner, count=self.count)
+        _check_extra(self, owner, pb2.ModelInstanceGroup)
+        if isinstance(self.count, bool) or not isinstance(self.count, int):
+            raise ConfigError(f"{owner}: count must be an integer >= 1, got {self.count!r}")
+        if self.count < 1:
+            # Triton loads a negative count (as one instance), but it is surely not what was meant.
+            unusual(f"{owner}: count must be an integer >= 1, got {self.count!r}")
         _set(self, "gpus", _int_tuple(owner, "gpus", self.gpus))
         if any(gpu < 0 for gpu in self.gpus):
             raise ConfigError(f"{owner}: GPU ids must be >= 0, got {list(self.gpus)}")
@@ -562,7 +610,8 @@ class EnsembleStep:
 
     ``input_map`` maps the step model's input name to the ensemble tensor it reads;
     ``output_map`` maps the step model's output name to the ensemble tensor it writes.
-    ``model_version=-1`` means the latest version.
+    ``model_version=-1`` means the latest version. ``extra`` is config.pbtxt text for the fields of a
+    ``Step`` not modelled here (``model_namespace``), carried through unchanged.
 
     Example:
         >>> step = EnsembleStep(model_name="tokenizer", input_map={"TEXT": "raw"},
@@ -578,11 +627,13 @@ class EnsembleStep:
     input_map: Mapping[str, str]
     output_map: Mapping[str, str]
     model_version: int = -1
+    extra: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_name, str) or not self.model_name:
             raise ConfigError("ensemble step: model_name must be a non-empty string")
         owner = f"ensemble step {self.model_name!r}"
+        _check_extra(self, owner, pb2.ModelEnsembling.Step)
         if (
             isinstance(self.model_version, bool)
             or not isinstance(self.model_version, int)
@@ -599,3 +650,31 @@ class EnsembleStep:
                 if not isinstance(key, str) or not key or not isinstance(value, str) or not value:
                     raise ConfigError(f"{owner}: {field} must map non-empty names, got {key!r}: {value!r}")
             _set(self, field, mapping)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RepositoryAgent:
+    """A model repository agent Triton runs on the model's files before loading (e.g. ``checksum``).
+
+    Example:
+        >>> RepositoryAgent(name="checksum", parameters={"MD5:1/model.onnx": "..."}).name
+        'checksum'
+
+    Raises:
+        ConfigError: for an empty name or non-string parameters.
+    """
+
+    name: str
+    parameters: Mapping[str, str] = dataclasses.field(default_factory=FrozenDict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError("model repository agent: name must be a non-empty string")
+        params = FrozenDict(self.parameters)
+        for key, value in params.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ConfigError(
+                    f"model repository agent {self.name!r}: parameters must map strings to strings, "
+                    f"got {key!r}: {value!r}"
+                )
+        _set(self, "parameters", params)

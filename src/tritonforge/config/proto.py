@@ -1,17 +1,20 @@
 """Conversion between the config dataclasses and ``model_config_pb2`` messages, both ways.
 
-Reading refuses fields tritonforge does not model, rather than dropping them: a config read and
-written back must mean what it meant.
+Nothing is lost on the way: a field with a dataclass field of its own is converted, and every other
+field of ``model_config.proto`` (set by a newer Triton, or simply not modelled here) is kept as
+config.pbtxt text in the ``extra`` of the nearest dataclass and merged back when writing.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf import text_format
 from google.protobuf.message import Message
 from tritonclient.grpc import model_config_pb2 as pb2
 
-from tritonforge.config.enums import DataType, InstanceKind, TimeoutAction
+from tritonforge.config._strictness import lenient
+from tritonforge.config.enums import ControlKind, DataType, InstanceKind, TimeoutAction
 from tritonforge.config.model import ModelConfig
 from tritonforge.config.parts import (
     Accelerator,
@@ -23,97 +26,151 @@ from tritonforge.config.parts import (
     OpenVINOAccelerator,
     Optimization,
     QueuePolicy,
+    RepositoryAgent,
     TensorRTAccelerator,
     TensorSpec,
     VersionPolicy,
     WarmupInput,
 )
+from tritonforge.config.sequence import (
+    ControlInput,
+    DirectStrategy,
+    InitialState,
+    OldestStrategy,
+    SequenceBatching,
+    SequenceControl,
+    SequenceState,
+)
 from tritonforge.errors import ConfigError
 
-__all__ = ["config_from_proto", "config_to_proto"]
+__all__ = ["check_extras", "config_from_proto", "config_to_proto"]
 
-# The fields each message may carry for us to read it without losing anything.
-_SUPPORTED: dict[str, set[str]] = {
+FULL, PARTIAL, ITEM = "full", "partial", "item"
+
+# Per message: the fields the dataclasses model. FULL: converted with every sub-field. PARTIAL: a singular
+# message of which only some sub-fields are modelled (the rest stay in the parent's ``extra``). ITEM: a
+# repeated message whose items each keep their own ``extra``. Any field not listed goes to ``extra``.
+_MODELLED: dict[str, dict[str, str]] = {
     "ModelConfig": {
-        "name",
-        "platform",
-        "backend",
-        "version_policy",
-        "max_batch_size",
-        "input",
-        "output",
-        "optimization",
-        "dynamic_batching",
-        "ensemble_scheduling",
-        "instance_group",
-        "default_model_filename",
-        "parameters",
-        "model_warmup",
-        "response_cache",
+        "name": FULL,
+        "platform": FULL,
+        "backend": FULL,
+        "version_policy": FULL,
+        "max_batch_size": FULL,
+        "input": ITEM,
+        "output": ITEM,
+        "optimization": PARTIAL,
+        "dynamic_batching": FULL,
+        "sequence_batching": FULL,
+        "ensemble_scheduling": PARTIAL,
+        "instance_group": ITEM,
+        "default_model_filename": FULL,
+        "parameters": FULL,
+        "model_warmup": FULL,
+        "model_transaction_policy": FULL,
+        "model_repository_agents": FULL,
+        "response_cache": FULL,
     },
-    "ModelInput": {"name", "data_type", "dims", "reshape", "allow_ragged_batch", "optional"},
-    "ModelOutput": {"name", "data_type", "dims", "reshape"},
-    "ModelTensorReshape": {"shape"},
-    "ModelVersionPolicy": {"latest", "all", "specific"},
-    "Latest": {"num_versions"},
-    "All": set(),
-    "Specific": {"versions"},
-    "ModelDynamicBatching": {
-        "preferred_batch_size",
-        "max_queue_delay_microseconds",
-        "preserve_ordering",
-        "priority_levels",
-        "default_priority_level",
-        "default_queue_policy",
-        "priority_queue_policy",
+    "ModelInput": {
+        name: FULL
+        for name in (
+            "name",
+            "data_type",
+            "dims",
+            "reshape",
+            "is_shape_tensor",
+            "allow_ragged_batch",
+            "optional",
+        )
     },
-    "ModelQueuePolicy": {
-        "timeout_action",
-        "default_timeout_microseconds",
-        "allow_timeout_override",
-        "max_queue_size",
-    },
-    "ModelInstanceGroup": {"name", "kind", "count", "gpus"},
-    "ModelWarmup": {"name", "batch_size", "inputs", "count"},
-    "Input": {"data_type", "dims", "zero_data", "random_data", "input_data_file"},
-    "ModelEnsembling": {"step"},
-    "Step": {"model_name", "model_version", "input_map", "output_map"},
+    "ModelOutput": {name: FULL for name in ("name", "data_type", "dims", "reshape", "is_shape_tensor")},
+    "ModelInstanceGroup": {name: FULL for name in ("name", "kind", "count", "gpus")},
+    "Step": {name: FULL for name in ("model_name", "model_version", "input_map", "output_map")},
+    "ModelEnsembling": {"step": ITEM},
     "ModelOptimizationPolicy": {
-        "cuda",
-        "execution_accelerators",
-        "input_pinned_memory",
-        "output_pinned_memory",
+        "cuda": PARTIAL,
+        "execution_accelerators": FULL,
+        "input_pinned_memory": FULL,
+        "output_pinned_memory": FULL,
     },
-    "Cuda": {"graphs"},
-    "ExecutionAccelerators": {"gpu_execution_accelerator", "cpu_execution_accelerator"},
-    "Accelerator": {"name", "parameters"},
-    "PinnedMemoryBuffer": {"enable"},
-    "ModelParameter": {"string_value"},
-    "ModelResponseCache": {"enable"},
+    "Cuda": {"graphs": FULL},
 }
 
 
-def _unsupported_fields(message: Message, path: str = "") -> list[str]:
-    found: list[str] = []
-    supported = _SUPPORTED.get(message.DESCRIPTOR.name)
+def _residual(message: Message) -> Message:
+    """A copy of ``message`` holding only the fields no dataclass field models."""
+    rest = type(message)()
+    rest.CopyFrom(message)
+    modelled = _MODELLED.get(message.DESCRIPTOR.name, {})
     for field, value in message.ListFields():
-        where = f"{path}{field.name}"
-        if supported is not None and field.name not in supported:
-            found.append(where)
+        how = modelled.get(field.name)
+        if how is None:
             continue
-        if field.message_type is None:
-            continue
-        if field.message_type.GetOptions().map_entry:
-            value_field = field.message_type.fields_by_name["value"]
-            if value_field.message_type is not None:
-                for key, item in value.items():
-                    found += _unsupported_fields(item, f"{where}[{key!r}].")
-        elif field.is_repeated:
-            for index, item in enumerate(value):
-                found += _unsupported_fields(item, f"{where}[{index}].")
+        if how == PARTIAL:
+            inner = _residual(value)
+            # An empty block that was written stays (it may mean something); one emptied by us goes.
+            if inner.ByteSize() == 0 and value.ByteSize() != 0:
+                rest.ClearField(field.name)
+            else:
+                getattr(rest, field.name).CopyFrom(inner)
         else:
-            found += _unsupported_fields(value, f"{where}.")
-    return found
+            rest.ClearField(field.name)
+    return rest
+
+
+def _to_text(message: Message) -> str:
+    return text_format.MessageToString(message, as_one_line=True).strip()
+
+
+def _parse_extra(text: str, message_type: type, where: str) -> Message:
+    message = message_type()
+    text_format.Parse(text, message)  # the dataclasses keep only text that parses
+    leftover = _residual(message)
+    if leftover != message:
+        modelled = sorted(
+            f.name for f, _ in message.ListFields() if f.name in _MODELLED.get(message.DESCRIPTOR.name, {})
+        )
+        # A PARTIAL block may sit in extra for its unmodelled part; name only what is modelled in it.
+        raise ConfigError(
+            f"{where}: extra sets {', '.join(modelled)}, which tritonforge models as fields; set them "
+            "through the dataclass's own keywords instead"
+        )
+    return message
+
+
+def check_extras(config: ModelConfig) -> None:
+    """Check that every ``extra`` parses and sets only fields without a dataclass field of their own.
+
+    Raises:
+        ConfigError: naming the model and the part whose ``extra`` is wrong.
+    """
+    owner = f"model {config.name!r}"
+    if config.extra:
+        extra = _parse_extra(config.extra, pb2.ModelConfig, owner)
+        if extra.HasField("ensemble_scheduling") and config.ensemble_steps is None:
+            raise ConfigError(f"{owner}: extra has ensemble_scheduling but the model has no ensemble_steps")
+    for kind, tensors, message_type in (
+        ("input", config.inputs, pb2.ModelInput),
+        ("output", config.outputs, pb2.ModelOutput),
+    ):
+        for tensor in tensors:
+            if tensor.extra:
+                where = f"{owner}: {kind} {tensor.name!r}"
+                try:
+                    _parse_extra(tensor.extra, message_type, where)
+                except text_format.ParseError as exc:
+                    raise ConfigError(f"{where}: extra is not valid {kind} text: {exc}") from exc
+    for group in config.instance_groups:
+        if group.extra:
+            _parse_extra(group.extra, pb2.ModelInstanceGroup, f"{owner}: instance group {group.name!r}")
+    for step in config.ensemble_steps or ():
+        if step.extra:
+            _parse_extra(step.extra, pb2.ModelEnsembling.Step, f"{owner}: ensemble step {step.model_name!r}")
+
+
+def _merge_extra(pb: Any, extra: str) -> None:
+    if extra:
+        text_format.Merge(extra, pb)
 
 
 # ---------------------------------------------------------------- dataclass -> protobuf
@@ -139,6 +196,7 @@ def config_to_proto(config: ModelConfig) -> Any:
         item.kind = pb2.ModelInstanceGroup.Kind.Value(group.kind.proto_name)
         if group.name:
             item.name = group.name
+        _merge_extra(item, group.extra)
     if config.optimization is not None:
         _optimization_to_proto(config.optimization, pb.optimization)
     if config.default_model_filename:
@@ -152,13 +210,66 @@ def config_to_proto(config: ModelConfig) -> Any:
     if config.ensemble_steps is not None:
         pb.ensemble_scheduling.SetInParent()
         for step in config.ensemble_steps:
-            pb.ensemble_scheduling.step.add(
+            item = pb.ensemble_scheduling.step.add(
                 model_name=step.model_name,
                 model_version=step.model_version,
                 input_map=dict(step.input_map),
                 output_map=dict(step.output_map),
             )
+            _merge_extra(item, step.extra)
+    if config.sequence_batching is not None:
+        _sequence_to_proto(config.sequence_batching, pb.sequence_batching)
+    if config.decoupled:
+        pb.model_transaction_policy.decoupled = True
+    if config.repository_agents:
+        for agent in config.repository_agents:
+            pb.model_repository_agents.agents.add(name=agent.name, parameters=dict(agent.parameters))
+    _merge_extra(pb, config.extra)
     return pb
+
+
+def _sequence_to_proto(seq: SequenceBatching, pb: Any) -> None:
+    pb.SetInParent()
+    if isinstance(seq.strategy, DirectStrategy):
+        pb.direct.SetInParent()
+        pb.direct.max_queue_delay_microseconds = seq.strategy.max_queue_delay_us
+        pb.direct.minimum_slot_utilization = seq.strategy.minimum_slot_utilization
+    elif isinstance(seq.strategy, OldestStrategy):
+        pb.oldest.SetInParent()
+        pb.oldest.max_candidate_sequences = seq.strategy.max_candidate_sequences
+        pb.oldest.preferred_batch_size.extend(seq.strategy.preferred_batch_sizes)
+        pb.oldest.max_queue_delay_microseconds = seq.strategy.max_queue_delay_us
+        pb.oldest.preserve_ordering = seq.strategy.preserve_ordering
+    pb.max_sequence_idle_microseconds = seq.max_sequence_idle_us
+    for control_input in seq.control_inputs:
+        item = pb.control_input.add(name=control_input.name)
+        for control in control_input.controls:
+            entry = item.control.add(
+                int32_false_true=control.int32_false_true,
+                fp32_false_true=control.fp32_false_true,
+                bool_false_true=control.bool_false_true,
+            )
+            entry.kind = pb2.ModelSequenceBatching.Control.Kind.Value(control.kind.proto_name)
+            if control.dtype is not None:
+                entry.data_type = _dtype_to_proto(control.dtype)
+    for state in seq.states:
+        item = pb.state.add(
+            input_name=state.input_name,
+            output_name=state.output_name,
+            data_type=0 if state.dtype is None else _dtype_to_proto(state.dtype),
+            dims=state.dims,
+            use_same_buffer_for_input_output=state.use_same_buffer_for_input_output,
+            use_growable_memory=state.use_growable_memory,
+        )
+        for initial in state.initial_states:
+            entry = item.initial_state.add(name=initial.name, data_type=_dtype_to_proto(initial.dtype))
+            entry.dims.extend(initial.dims)
+            if initial.zero_data:
+                entry.zero_data = True
+            else:
+                assert initial.data_file is not None
+                entry.data_file = initial.data_file
+    pb.iterative_sequence = seq.iterative
 
 
 def _dtype_to_proto(dtype: DataType) -> int:
@@ -177,6 +288,9 @@ def _tensor_to_proto(spec: TensorSpec, pb: Any) -> None:
         pb.optional = True
     if spec.allow_ragged_batch:
         pb.allow_ragged_batch = True
+    if spec.is_shape_tensor:
+        pb.is_shape_tensor = True
+    _merge_extra(pb, spec.extra)
 
 
 def _version_policy_to_proto(policy: VersionPolicy, pb: Any) -> None:
@@ -251,33 +365,46 @@ def _warmup_to_proto(warmup: ModelWarmup, pb: Any) -> None:
 
 
 def config_from_proto(pb: Any) -> ModelConfig:
-    """``model_config_pb2.ModelConfig`` -> ``ModelConfig``.
+    """``model_config_pb2.ModelConfig`` -> ``ModelConfig``, keeping every field (unmodelled ones in
+    ``extra``). What Triton accepts but looks wrong goes to the config's ``warnings``.
 
     Raises:
-        ConfigError: for fields tritonforge does not model, and for invalid configs.
+        ConfigError: for what Triton would refuse, naming the model and the field.
     """
     if not isinstance(pb, pb2.ModelConfig):
         raise ConfigError(f"expected a model_config_pb2.ModelConfig, got {type(pb).__name__}")
-    unsupported = _unsupported_fields(pb)
-    if unsupported:
-        raise ConfigError(
-            f"model {pb.name!r}: tritonforge.config does not support {', '.join(unsupported)} yet; "
-            "remove them or extend tritonforge.config",
-            model=pb.name or None,
-        )
+    try:
+        with lenient() as notes:
+            config = _config_from_proto(pb)
+    except ConfigError as exc:
+        if exc.model is not None or not pb.name:
+            raise
+        raise ConfigError(f"model {pb.name!r}: {exc.message}", model=pb.name) from exc
+    prefix = f"model {pb.name!r}: "
+    object.__setattr__(
+        config, "_warnings", tuple(n if n.startswith(prefix) else prefix + n for n in dict.fromkeys(notes))
+    )
+    return config
+
+
+def _config_from_proto(pb: Any) -> ModelConfig:
     ensemble = pb.ensemble_scheduling if pb.HasField("ensemble_scheduling") else None
+    policy = pb.model_repository_agents
     return ModelConfig(
         name=pb.name,
         platform=pb.platform or None,
         backend=pb.backend or None,
         max_batch_size=pb.max_batch_size,
-        inputs=tuple(_tensor_from_proto(t) for t in pb.input),
-        outputs=tuple(_tensor_from_proto(t) for t in pb.output),
+        inputs=tuple(_tensor_from_proto(t, "input") for t in pb.input),
+        outputs=tuple(_tensor_from_proto(t, "output") for t in pb.output),
         version_policy=_version_policy_from_proto(pb.version_policy)
         if pb.HasField("version_policy")
         else None,
         dynamic_batching=_batching_from_proto(pb.dynamic_batching)
         if pb.HasField("dynamic_batching")
+        else None,
+        sequence_batching=_sequence_from_proto(pb.sequence_batching)
+        if pb.HasField("sequence_batching")
         else None,
         instance_groups=tuple(_instance_group_from_proto(g) for g in pb.instance_group),
         optimization=_optimization_from_proto(pb.optimization) if pb.HasField("optimization") else None,
@@ -285,6 +412,11 @@ def config_from_proto(pb: Any) -> ModelConfig:
         parameters={key: value.string_value for key, value in sorted(pb.parameters.items())},
         warmup=tuple(_warmup_from_proto(w) for w in pb.model_warmup),
         response_cache=pb.response_cache.enable,
+        decoupled=pb.model_transaction_policy.decoupled,
+        repository_agents=tuple(
+            RepositoryAgent(name=agent.name, parameters=dict(sorted(agent.parameters.items())))
+            for agent in policy.agents
+        ),
         ensemble_steps=None
         if ensemble is None
         else tuple(
@@ -293,27 +425,106 @@ def config_from_proto(pb: Any) -> ModelConfig:
                 model_version=step.model_version,
                 input_map=dict(sorted(step.input_map.items())),
                 output_map=dict(sorted(step.output_map.items())),
+                extra=_to_text(_residual(step)),
             )
             for step in ensemble.step
         ),
+        extra=_to_text(_residual(pb)),
     )
 
 
-def _dtype_from_proto(value: int, where: str) -> DataType:
-    name = pb2.DataType.Name(value)
+def _enum_name(enum_type: Any, value: int, where: str, field: str) -> str:
+    """The name of an enum value; a number the enum does not define is our ConfigError, not ValueError."""
+    try:
+        return str(enum_type.Name(value))
+    except ValueError:
+        known = ", ".join(name for name in enum_type.keys() if not name.endswith("INVALID"))  # noqa: SIM118
+        raise ConfigError(f"{where}: {field} {value} is not one Triton knows; use one of {known}") from None
+
+
+def _dtype_from_proto(value: int, where: str, field: str = "data_type") -> DataType:
+    name = _enum_name(pb2.DataType, value, where, field)
     if name == "TYPE_INVALID":
-        raise ConfigError(f"{where}: data_type is missing; set it, e.g. data_type: TYPE_FP32")
+        raise ConfigError(f"{where}: {field} is missing; set it, e.g. {field}: TYPE_FP32")
     return DataType.parse(name)
 
 
-def _tensor_from_proto(pb: Any) -> TensorSpec:
+def _tensor_from_proto(pb: Any, kind: str) -> TensorSpec:
+    where = f"{kind} {pb.name!r}"
     return TensorSpec(
         name=pb.name,
-        dtype=_dtype_from_proto(pb.data_type, f"tensor {pb.name!r}"),
+        dtype=_dtype_from_proto(pb.data_type, where),
         dims=tuple(pb.dims),
         reshape=tuple(pb.reshape.shape) if pb.HasField("reshape") else None,
         optional=getattr(pb, "optional", False),
         allow_ragged_batch=getattr(pb, "allow_ragged_batch", False),
+        is_shape_tensor=pb.is_shape_tensor,
+        extra=_to_text(_residual(pb)),
+    )
+
+
+def _sequence_from_proto(pb: Any) -> SequenceBatching:
+    choice = pb.WhichOneof("strategy_choice")
+    strategy: DirectStrategy | OldestStrategy | None = None
+    if choice == "direct":
+        strategy = DirectStrategy(
+            max_queue_delay_us=pb.direct.max_queue_delay_microseconds,
+            minimum_slot_utilization=pb.direct.minimum_slot_utilization,
+        )
+    elif choice == "oldest":
+        strategy = OldestStrategy(
+            max_candidate_sequences=pb.oldest.max_candidate_sequences,
+            preferred_batch_sizes=tuple(pb.oldest.preferred_batch_size),
+            max_queue_delay_us=pb.oldest.max_queue_delay_microseconds,
+            preserve_ordering=pb.oldest.preserve_ordering,
+        )
+    control_inputs = []
+    for item in pb.control_input:
+        controls = []
+        for control in item.control:
+            where = f"sequence control input {item.name!r}"
+            kind = _enum_name(pb2.ModelSequenceBatching.Control.Kind, control.kind, where, "kind")
+            dtype_name = _enum_name(pb2.DataType, control.data_type, where, "data_type")
+            controls.append(
+                SequenceControl(
+                    kind=ControlKind.parse(kind),
+                    int32_false_true=tuple(control.int32_false_true),
+                    fp32_false_true=tuple(control.fp32_false_true),
+                    bool_false_true=tuple(control.bool_false_true),
+                    dtype=None if dtype_name == "TYPE_INVALID" else DataType.parse(dtype_name),
+                )
+            )
+        control_inputs.append(ControlInput(name=item.name, controls=tuple(controls)))
+    states = []
+    for state in pb.state:
+        where = f"sequence state {state.input_name!r}"
+        initial = tuple(
+            InitialState(
+                name=init.name,
+                dtype=_dtype_from_proto(init.data_type, f"{where} initial state {init.name!r}"),
+                dims=tuple(init.dims),
+                zero_data=init.WhichOneof("state_data") == "zero_data",
+                data_file=init.data_file if init.WhichOneof("state_data") == "data_file" else None,
+            )
+            for init in state.initial_state
+        )
+        states.append(
+            SequenceState(
+                input_name=state.input_name,
+                output_name=state.output_name,
+                dtype=None if state.data_type == 0 else _dtype_from_proto(state.data_type, where),
+                dims=tuple(state.dims),
+                initial_states=initial,
+                use_same_buffer_for_input_output=state.use_same_buffer_for_input_output,
+                use_growable_memory=state.use_growable_memory,
+            )
+        )
+    return SequenceBatching(
+        strategy=strategy,
+        max_sequence_idle_us=pb.max_sequence_idle_microseconds,
+        control_inputs=tuple(control_inputs),
+        states=tuple(states),
+        iterative=pb.iterative_sequence,
     )
 
 
@@ -329,7 +540,11 @@ def _version_policy_from_proto(pb: Any) -> VersionPolicy:
 
 def _queue_policy_from_proto(pb: Any) -> QueuePolicy:
     return QueuePolicy(
-        timeout_action=TimeoutAction.parse(pb2.ModelQueuePolicy.TimeoutAction.Name(pb.timeout_action)),
+        timeout_action=TimeoutAction.parse(
+            _enum_name(
+                pb2.ModelQueuePolicy.TimeoutAction, pb.timeout_action, "queue policy", "timeout_action"
+            )
+        ),
         default_timeout_us=pb.default_timeout_microseconds,
         allow_timeout_override=pb.allow_timeout_override,
         max_queue_size=pb.max_queue_size,
@@ -354,12 +569,14 @@ def _batching_from_proto(pb: Any) -> DynamicBatching:
 
 
 def _instance_group_from_proto(pb: Any) -> InstanceGroup:
+    where = f"instance group {pb.name!r}" if pb.name else "instance group"
     return InstanceGroup(
         name=pb.name,
-        kind=InstanceKind.parse(pb2.ModelInstanceGroup.Kind.Name(pb.kind)),
+        kind=InstanceKind.parse(_enum_name(pb2.ModelInstanceGroup.Kind, pb.kind, where, "kind")),
         # Triton reads a missing count as 1.
         count=pb.count or 1,
         gpus=tuple(pb.gpus),
+        extra=_to_text(_residual(pb)),
     )
 
 

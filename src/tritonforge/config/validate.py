@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from tritonforge.config._strictness import unusual
 from tritonforge.config.parts import EnsembleStep, TensorSpec
 from tritonforge.errors import ConfigError
 
@@ -45,6 +46,8 @@ def validate_config(config: ModelConfig) -> None:
         _check_platform,
         _check_tensors,
         _check_batching,
+        _check_sequence,
+        _check_response_cache,
         _check_warmup,
         _check_ensemble,
     ):
@@ -78,10 +81,13 @@ def _check_platform(config: ModelConfig) -> None:
             "(e.g. 'onnxruntime', 'python')"
         )
     if platform is not None and platform not in BACKEND_OF_PLATFORM:
-        raise ConfigError(
+        message = (
             f"unknown platform {platform!r}; use one of {', '.join(sorted(BACKEND_OF_PLATFORM))}, "
             "or set backend instead"
         )
+        if not backend:
+            raise ConfigError(message)
+        unusual(message + " (Triton ignores it since backend is set)")
     if backend is not None and not backend:
         raise ConfigError("backend must be a non-empty name, or None")
     if platform == ENSEMBLE_PLATFORM and backend:
@@ -97,11 +103,23 @@ def _check_unique(kind: str, tensors: Sequence[TensorSpec]) -> None:
     seen: set[str] = set()
     for tensor in tensors:
         if tensor.name in seen:
-            raise ConfigError(f"{kind} name {tensor.name!r} appears twice; tensor names must be unique")
+            # Triton loads it, but a request can then feed only one of the two.
+            unusual(f"{kind} name {tensor.name!r} appears twice; tensor names must be unique")
         seen.add(tensor.name)
 
 
+def _check_shape_tensors(config: ModelConfig) -> None:
+    shaped = [t.name for t in (*config.inputs, *config.outputs) if t.is_shape_tensor]
+    tensorrt = config.platform == "tensorrt_plan" or config.backend == "tensorrt"
+    if shaped and not tensorrt:
+        raise ConfigError(
+            f"tensors {shaped} are shape tensors, which Triton supports only for the TensorRT platform "
+            "(tensorrt_plan); drop is_shape_tensor"
+        )
+
+
 def _check_tensors(config: ModelConfig) -> None:
+    _check_shape_tensors(config)
     # An output may share its name with an input: Triton keeps the two lists apart.
     _check_unique("input", config.inputs)
     _check_unique("output", config.outputs)
@@ -125,14 +143,45 @@ def _check_batching(config: ModelConfig) -> None:
     if batching is None:
         return
     if mbs == 0:
-        raise ConfigError(
-            "dynamic_batching needs a batching model; set max_batch_size > 0 or drop dynamic_batching"
-        )
+        # Triton accepts it (the batcher then only queues), but it batches nothing.
+        unusual("dynamic_batching needs a batching model; set max_batch_size > 0 or drop dynamic_batching")
     too_big = [size for size in batching.preferred_batch_sizes if size > mbs]
     if too_big:
         raise ConfigError(
             f"preferred batch sizes {too_big} exceed max_batch_size {mbs}; lower them or raise max_batch_size"
         )
+
+
+def _check_response_cache(config: ModelConfig) -> None:
+    if not config.response_cache:
+        return
+    if config.sequence_batching is not None:
+        raise ConfigError("the response cache does not support sequence batching; drop response_cache")
+    if config.decoupled:
+        raise ConfigError("the response cache does not support decoupled models; drop response_cache")
+
+
+def _check_sequence(config: ModelConfig) -> None:
+    seq = config.sequence_batching
+    if seq is None:
+        return
+    if config.dynamic_batching is not None:
+        raise ConfigError("a model has one scheduler: dynamic_batching or sequence_batching, not both")
+    strategy = seq.strategy
+    limit = max(config.max_batch_size, 1)
+    for size in getattr(strategy, "preferred_batch_sizes", ()):
+        if size > limit:
+            raise ConfigError(
+                f"sequence_batching.oldest: preferred batch size {size} exceeds max_batch_size "
+                f"{config.max_batch_size}; lower it or raise max_batch_size"
+            )
+    inputs = {tensor.name for tensor in config.inputs}
+    for control_input in seq.control_inputs:
+        if control_input.name in inputs:
+            unusual(
+                f"sequence control input {control_input.name!r} is also a model input; Triton fills "
+                "control inputs itself, so leave it out of the inputs"
+            )
 
 
 def _check_warmup(config: ModelConfig) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tritonforge.config import ModelConfig, check_signature, onnx_signature, read_config
+from tritonforge.config import ModelConfig, check_signature, onnx_signature, read_model_dir
 from tritonforge.errors import TritonForgeError
 from tritonforge.repository.writer import model_filename, staging_leftovers, versions
 
@@ -75,6 +75,7 @@ def check_repository(repo: str | os.PathLike[str]) -> list[Problem]:
         if config is not None:
             configs[model_dir.name] = config
             _check_versions(model_dir, config, problems)
+            _check_label_files(model_dir, config, problems)
     for name, config in configs.items():
         for step in config.ensemble_steps or ():
             if step.model_name not in configs:
@@ -85,21 +86,29 @@ def check_repository(repo: str | os.PathLike[str]) -> list[Problem]:
 
 
 def _check_config(model_dir: Path, problems: list[Problem]) -> ModelConfig | None:
+    # Errors only where Triton refuses the model; what it accepts but looks wrong is a warning.
     name = model_dir.name
-    path = model_dir / "config.pbtxt"
-    if not path.is_file():
-        problems.append(
-            Problem(name, f"no config.pbtxt in {model_dir}; write one (tritonforge add-model does)")
-        )
-        return None
     try:
-        config = read_config(path)
+        config = read_model_dir(model_dir)
     except TritonForgeError as exc:
         problems.append(Problem(name, exc.message))
         return None
+    problems.extend(Problem(name, warning, severity="warning") for warning in config.warnings)
     if config.name and config.name != name:
         problems.append(Problem(name, f"config.pbtxt names the model '{config.name}': rename it to '{name}'"))
     return config
+
+
+def _check_label_files(model_dir: Path, config: ModelConfig, problems: list[Problem]) -> None:
+    for output in config.to_proto().output:
+        if output.label_filename and not (model_dir / output.label_filename).is_file():
+            problems.append(
+                Problem(
+                    model_dir.name,
+                    f"output '{output.name}' names label file {output.label_filename}, which is not in "
+                    f"{model_dir}; Triton refuses to load the model without it",
+                )
+            )
 
 
 def _check_versions(model_dir: Path, config: ModelConfig, problems: list[Problem]) -> None:
@@ -115,7 +124,7 @@ def _check_versions(model_dir: Path, config: ModelConfig, problems: list[Problem
         if not path.exists():
             problems.append(Problem(name, f"missing model file {path.name} in {path.parent}", version))
             continue
-        if filename.endswith(".onnx"):
+        if filename.endswith(".onnx") and (config.inputs or config.outputs):  # none: auto-completed
             try:
                 mismatches = check_signature(config, onnx_signature(path))
             except TritonForgeError as exc:

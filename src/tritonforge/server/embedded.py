@@ -29,7 +29,16 @@ from tritonforge.server.install import TritonInstall, backend_directory, find_tr
 __all__ = ["DEFAULT_STARTUP_TIMEOUT_S", "EmbeddedServer", "free_port"]
 
 DEFAULT_STARTUP_TIMEOUT_S = 180.0
-ModelControl = Literal["none", "explicit"]
+ModelControl = Literal["none", "explicit", "poll"]
+_MODEL_CONTROLS = ("none", "explicit", "poll")
+# Triton's restricted-protocol spec: "<protocol>[,<protocol>...]:<header>=<value>".
+_RESTRICTED_SPEC = re.compile(r"^(?P<protocols>[a-z-]+(?:,[a-z-]+)*):(?P<key>[^=\s]+)=(?P<value>\S*)$")
+# The HTTP endpoints EmbeddedServer itself calls, by the restricted-API group Triton files them under.
+_HTTP_API_OF_PATH = (
+    ("/v2/repository", "model-repository"),
+    ("/v2/health", "health"),
+    ("/v2/models", "health"),
+)
 
 # Triton's log lines that name a model which did not load, and why.
 _LOAD_FAILURES = (
@@ -58,8 +67,22 @@ class EmbeddedServer:
         >>> with EmbeddedServer("model_repository") as server:           # doctest: +SKIP
         ...     client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
 
-    Ports default to free loopback ports. ``model_control="explicit"`` starts with only ``load_models``
-    loaded (all of them with ``["*"]``) and allows :meth:`load_model` / :meth:`unload_model`.
+    Ports default to free ports on ``host`` (loopback unless told otherwise; every 127.x.y.z address is
+    loopback, so several servers can each have their own). ``model_control="explicit"`` starts with only
+    ``load_models`` loaded (all of them with ``["*"]``) and allows :meth:`load_model` /
+    :meth:`unload_model`; ``"poll"`` has Triton rescan the repository every ``poll_interval_s`` seconds
+    and (re)load what changed.
+
+    The options mirror tritonserver's own flags: ``response_cache_bytes`` (``--cache-config
+    local,size=``), ``log_file`` (kept after stop; by default the log is a temporary file removed on
+    stop), ``log_verbose``, ``exit_timeout_s``, ``grpc_restricted_protocols`` /
+    ``http_restricted_apis`` (Triton's ``"<protocols>:<header>=<value>"`` specs), gRPC TLS
+    (``grpc_server_cert``, ``grpc_server_key``, ``grpc_root_cert``, ``grpc_mutual_tls``), and
+    ``extra_args``, passed to tritonserver unchanged after everything else (so they win).
+
+    The server never outlives its owner: a small watchdog process holds a pipe from this process and,
+    when the pipe closes without a clean stop (the owner was killed, even by SIGKILL), ends the server's
+    process group and removes its shared memory and temporary files.
 
     Raises (from :meth:`start`):
         ModelLoadError: a model failed to load; names the model and Triton's reason.
@@ -81,6 +104,15 @@ class EmbeddedServer:
         exit_timeout_s: int = 10,
         log_verbose: int = 0,
         extra_args: Sequence[str] = (),
+        poll_interval_s: int = 15,
+        response_cache_bytes: int | None = None,
+        log_file: str | os.PathLike[str] | None = None,
+        grpc_restricted_protocols: Sequence[str] = (),
+        http_restricted_apis: Sequence[str] = (),
+        grpc_server_cert: str | os.PathLike[str] | None = None,
+        grpc_server_key: str | os.PathLike[str] | None = None,
+        grpc_root_cert: str | os.PathLike[str] | None = None,
+        grpc_mutual_tls: bool = False,
     ) -> None:
         repos = [repository] if isinstance(repository, (str, os.PathLike)) else list(repository)
         self.repositories = [Path(r).resolve() for r in repos]
@@ -89,12 +121,42 @@ class EmbeddedServer:
                 raise ServerError(
                     f"model repository {repo} does not exist (build it first, e.g. `tritonforge build`)"
                 )
-        if model_control not in ("none", "explicit"):
-            raise ServerError(f"model_control must be 'none' or 'explicit', not {model_control!r}")
+        if model_control not in _MODEL_CONTROLS:
+            raise ServerError(f"model_control must be 'none', 'explicit' or 'poll', not {model_control!r}")
         if load_models and model_control != "explicit":
             raise ServerError(
-                "load_models needs model_control='explicit' (in 'none' mode every model is loaded)"
+                f"load_models needs model_control='explicit' (in '{model_control}' mode all models load)"
             )
+        for name, value, low in (
+            ("poll_interval_s", poll_interval_s, 1),
+            ("exit_timeout_s", exit_timeout_s, 0),
+            ("log_verbose", log_verbose, 0),
+            ("response_cache_bytes", 0 if response_cache_bytes is None else response_cache_bytes, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ServerError(f"{name} must be an integer >= {low}, got {value!r}")
+        for flag, specs in (
+            ("grpc_restricted_protocols", grpc_restricted_protocols),
+            ("http_restricted_apis", http_restricted_apis),
+        ):
+            for spec in specs:
+                if not _RESTRICTED_SPEC.match(spec):
+                    raise ServerError(
+                        f"{flag}: {spec!r} is not '<protocol>[,<protocol>...]:<header>=<value>', "
+                        "e.g. 'model-repository,shared-memory:admin-key=s3cret'"
+                    )
+        tls_files = {"grpc_server_cert": grpc_server_cert, "grpc_server_key": grpc_server_key}
+        if any(tls_files.values()) and not all(tls_files.values()):
+            raise ServerError("gRPC TLS needs both grpc_server_cert and grpc_server_key")
+        if (grpc_mutual_tls or grpc_root_cert) and not all(tls_files.values()):
+            raise ServerError(
+                "grpc_root_cert / grpc_mutual_tls need grpc_server_cert and grpc_server_key too"
+            )
+        if grpc_mutual_tls and not grpc_root_cert:
+            raise ServerError("grpc_mutual_tls needs grpc_root_cert (the CA that signs client certificates)")
+        for name, path in {**tls_files, "grpc_root_cert": grpc_root_cert}.items():
+            if path is not None and not Path(path).is_file():
+                raise ServerError(f"{name}: {path} is not a file")
         self.host = host
         self._requested_ports = (grpc_port, http_port, metrics_port)
         self.grpc_port = self.http_port = self.metrics_port = 0
@@ -105,8 +167,19 @@ class EmbeddedServer:
         self.exit_timeout_s = exit_timeout_s
         self.log_verbose = log_verbose
         self.extra_args = tuple(extra_args)
+        self.poll_interval_s = poll_interval_s
+        self.response_cache_bytes = response_cache_bytes
+        self.log_file = None if log_file is None else Path(log_file).resolve()
+        self.grpc_restricted_protocols = tuple(grpc_restricted_protocols)
+        self.http_restricted_apis = tuple(http_restricted_apis)
+        self.grpc_tls = (grpc_server_cert, grpc_server_key, grpc_root_cert, grpc_mutual_tls)
+        self._http_headers = _http_headers(
+            [*self.http_restricted_apis, *_flag_values(self.extra_args, "--http-restricted-api")]
+        )
         self._process: subprocess.Popen[bytes] | None = None
+        self._watchdog: _Watchdog | None = None
         self._log_path: Path | None = None
+        self._log_offset = 0
         self._log_text = ""
         self._shm_prefix = f"tfg_{uuid.uuid4().hex[:10]}_"
         self.install: TritonInstall | None = None
@@ -141,6 +214,8 @@ class EmbeddedServer:
             self._launch(backends)
             try:
                 self._wait_ready()
+                if self._watchdog is not None:
+                    self._watchdog.ready()
                 break
             except ServerError as exc:
                 port_clash = bool(_PORT_IN_USE.search(self._current_log()))
@@ -172,9 +247,13 @@ class EmbeddedServer:
                 os.unlink(region)
         if self._log_path is not None:
             self._log_text = self._current_log()
-            with contextlib.suppress(OSError):
-                self._log_path.unlink()
+            if self.log_file is None:  # a temporary log; one the user named is kept
+                with contextlib.suppress(OSError):
+                    self._log_path.unlink()
             self._log_path = None
+        if self._watchdog is not None:
+            self._watchdog.release()
+            self._watchdog = None
         with _running_lock:
             _running.discard(self)
 
@@ -214,9 +293,19 @@ class EmbeddedServer:
         if self._log_path is None:
             return self._log_text
         try:
-            return self._log_path.read_text(errors="replace")
+            with self._log_path.open("rb") as handle:
+                handle.seek(self._log_offset)  # a kept log file may hold earlier runs; read only this one
+                return handle.read().decode(errors="replace")
         except OSError:
             return self._log_text
+
+    def _effective_exit_timeout_s(self) -> int:
+        """The exit timeout tritonserver runs with: the last --exit-timeout-secs of extra_args wins."""
+        given = _flag_values(self.extra_args, "--exit-timeout-secs")
+        try:
+            return int(given[-1]) if given else self.exit_timeout_s
+        except ValueError:
+            return self.exit_timeout_s
 
     # -- model control -----------------------------------------------------------------------------------
 
@@ -258,8 +347,15 @@ class EmbeddedServer:
         self.grpc_port = grpc_port or free_port(self.host)
         self.http_port = http_port or free_port(self.host)
         self.metrics_port = metrics_port or free_port(self.host)
-        fd, log_name = tempfile.mkstemp(prefix="tritonforge-server-", suffix=".log")
-        self._log_path = Path(log_name)
+        if self.log_file is not None:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._log_path = self.log_file
+            self._log_offset = os.fstat(fd).st_size
+        else:
+            fd, log_name = tempfile.mkstemp(prefix="tritonforge-server-", suffix=".log")
+            self._log_path = Path(log_name)
+            self._log_offset = 0
         args = [
             str(self.install.binary),
             *[f"--model-repository={repo}" for repo in self.repositories],
@@ -275,6 +371,7 @@ class EmbeddedServer:
             f"--log-verbose={self.log_verbose}",
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
             *[f"--load-model={name}" for name in self.load_models],
+            *self._option_args(),
             *self.extra_args,
         ]
         env = dict(os.environ)
@@ -292,6 +389,9 @@ class EmbeddedServer:
             env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(
                 os.pathsep
             )
+        # The watchdog starts first, so that no moment exists in which a server runs unwatched but for the
+        # few instructions between Popen returning and the watchdog learning the server's group.
+        watchdog = _Watchdog.start(self._shm_prefix, None if self.log_file is not None else self._log_path)
         try:
             self._process = subprocess.Popen(
                 args,
@@ -302,9 +402,34 @@ class EmbeddedServer:
                 start_new_session=True,  # one process group: stop() can sweep the stubs with it
             )
         except OSError as exc:
+            watchdog.release()
             raise ServerError(f"could not start {self.install.binary}: {exc}") from exc
         finally:
             os.close(fd)
+        watchdog.watch(self._process.pid)
+        self._watchdog = watchdog
+
+    def _option_args(self) -> list[str]:
+        """tritonserver flags for the options that have one, in tritonserver's own spelling."""
+        args: list[str] = []
+        if self.model_control == "poll":
+            args.append(f"--repository-poll-secs={self.poll_interval_s}")
+        if self.response_cache_bytes:
+            args.append(f"--cache-config=local,size={self.response_cache_bytes}")
+            # The wheel keeps its cache library beside the binary, not in /opt/tritonserver/caches.
+            caches = self.install.binary.parent.parent / "caches" if self.install is not None else None
+            if caches is not None and caches.is_dir():
+                args.append(f"--cache-directory={caches}")
+        args += [f"--grpc-restricted-protocol={spec}" for spec in self.grpc_restricted_protocols]
+        args += [f"--http-restricted-api={spec}" for spec in self.http_restricted_apis]
+        cert, key, root, mutual = self.grpc_tls
+        if cert is not None and key is not None:
+            args += ["--grpc-use-ssl=true", f"--grpc-server-cert={cert}", f"--grpc-server-key={key}"]
+            if root is not None:
+                args.append(f"--grpc-root-cert={root}")
+            if mutual:
+                args.append("--grpc-use-ssl-mutual=true")
+        return args
 
     def _wait_ready(self) -> None:
         assert self._process is not None
@@ -340,9 +465,16 @@ class EmbeddedServer:
         if not self.is_running:
             raise ServerError(f"{what}: the server is not running")
 
+    def _headers_for(self, path: str) -> dict[str, str]:
+        for prefix, api in _HTTP_API_OF_PATH:
+            if path.startswith(prefix) and api in self._http_headers:
+                return dict([self._http_headers[api]])
+        return {}
+
     def _get_status(self, path: str) -> int:
+        request = urllib.request.Request(self.http_url + path, headers=self._headers_for(path))
         try:
-            with urllib.request.urlopen(self.http_url + path, timeout=2) as response:
+            with urllib.request.urlopen(request, timeout=2) as response:
                 return int(response.status)
         except urllib.error.HTTPError as exc:
             return int(exc.code)
@@ -351,7 +483,9 @@ class EmbeddedServer:
 
     def _request(self, path: str, body: dict[str, Any]) -> str:
         request = urllib.request.Request(
-            self.http_url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+            self.http_url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", **self._headers_for(path)},
         )
         with urllib.request.urlopen(request, timeout=600) as response:
             return str(response.read().decode())
@@ -376,6 +510,85 @@ class EmbeddedServer:
                 model=model,
                 endpoint=self.grpc_url,
             ) from exc
+
+
+def _flag_values(args: Sequence[str], flag: str) -> list[str]:
+    """The values given to ``flag`` in ``args`` (``--flag=value`` or ``--flag value``), in order."""
+    values: list[str] = []
+    for index, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            values.append(arg.split("=", 1)[1])
+        elif arg == flag and index + 1 < len(args):
+            values.append(args[index + 1])
+    return values
+
+
+def _http_headers(specs: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """{API group: (header, value)} from Triton's ``--http-restricted-api`` specs."""
+    headers: dict[str, tuple[str, str]] = {}
+    for spec in specs:
+        match = _RESTRICTED_SPEC.match(spec)
+        if match:
+            for api in match["protocols"].split(","):
+                headers[api] = (match["key"], match["value"])
+    return headers
+
+
+class _Watchdog:
+    """A small process that ends the server when its owner (this process) ends without stopping it.
+
+    It reads a pipe whose only write end this process holds. The kernel closes that end whatever ends the
+    owner, SIGKILL included, so the watchdog sees end-of-file and sweeps what the owner would have: the
+    server's process group (the server and its Python-backend stubs), the shared-memory regions with the
+    server's prefix, the temporary log, and an empty ``/tmp/python_env_*`` the Python backend made for
+    the server. A clean stop says ``done`` first and the watchdog exits without touching anything.
+    Chosen over ``prctl(PR_SET_PDEATHSIG)`` (``preexec_fn`` is unsafe with threads, and the signal follows
+    the *thread* that forked, not the process) and over ``setpriv --pdeathsig`` (it kills the server but
+    not its stubs' group or its shared memory, and it is not on every system).
+    """
+
+    SCRIPT = Path(__file__).with_name("_watchdog.py")
+
+    def __init__(self, process: subprocess.Popen[bytes], pipe: int) -> None:
+        self._process = process
+        self._pipe = pipe
+
+    @classmethod
+    def start(cls, shm_prefix: str, temp_log: Path | None) -> _Watchdog:
+        read_end, write_end = os.pipe()  # both non-inheritable: no child of ours holds the write end
+        try:
+            args = [sys.executable, "-I", str(cls.SCRIPT), shm_prefix, str(temp_log or "")]
+            process = subprocess.Popen(
+                args,
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C to the owner's terminal must not end it first
+            )
+        except OSError as exc:
+            os.close(write_end)
+            raise ServerError(f"could not start the server's watchdog: {exc}") from exc
+        finally:
+            os.close(read_end)
+        return cls(process, write_end)
+
+    def watch(self, pgid: int) -> None:
+        self._send(f"pgid {pgid} {time.time():.3f}\n")
+
+    def ready(self) -> None:
+        self._send(f"ready {time.time():.3f}\n")
+
+    def release(self) -> None:
+        """The owner stopped the server itself: the watchdog exits without doing anything."""
+        self._send("done\n")
+        with contextlib.suppress(OSError):
+            os.close(self._pipe)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(timeout=5)
+
+    def _send(self, line: str) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._pipe, line.encode())
 
 
 def _shared_libpython_dir() -> Path | None:

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tritonforge.config import read_config
 from tritonforge.errors import ModelLoadError, TritonForgeError
 from tritonforge.repository.checker import model_dirs, sample_inputs
 from tritonforge.server.embedded import EmbeddedServer
+from tritonforge.server.probe import fetch_config, infer_once
 
 __all__ = ["LiveResult", "check_live"]
 
@@ -55,28 +55,23 @@ def check_live(
         for model_dir in model_dirs(root):
             name = model_dir.name
             try:
-                config = read_config(model_dir / "config.pbtxt")
                 server.load_model(name)
             except (ModelLoadError, TritonForgeError) as exc:
                 results.append(LiveResult(name, loaded=False, error=exc.message))
                 continue
             result = LiveResult(name, loaded=True)
             try:
+                # The server's config: auto-completed inputs and outputs included.
+                config = fetch_config(client, name, timeout_s=timeout_s)
                 arrays = sample_inputs(config)
-                inputs = []
-                for tensor in config.inputs:
-                    array = arrays[tensor.name]
-                    infer_input = grpcclient.InferInput(
-                        tensor.name, list(array.shape), tensor.dtype.triton_name
-                    )
-                    infer_input.set_data_from_numpy(array)
-                    inputs.append(infer_input)
                 start = time.perf_counter()
-                response = client.infer(name, inputs, client_timeout=timeout_s)
+                outputs = infer_once(client, name, config, arrays, timeout_s=timeout_s)
                 result.latency_ms = (time.perf_counter() - start) * 1e3
                 for tensor in config.outputs:
-                    value = response.as_numpy(tensor.name)
+                    value = outputs.get(tensor.name)
                     if value is None:
+                        if config.decoupled:  # a decoupled model may answer with fewer outputs
+                            continue
                         raise TritonForgeError(f"the response has no output '{tensor.name}'")
                     result.outputs[tensor.name] = tuple(value.shape)
                 result.answered = True
