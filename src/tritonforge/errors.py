@@ -10,7 +10,9 @@
     ├── ServerError            the embedded Triton server could not start, or died
     │   └── ModelLoadError     a model failed to load (names the model and Triton's reason)
     └── ClientError            an inference or control call failed
-        ├── InvalidRequestError    wrong input name, dtype or shape (never retried)
+        ├── InvalidRequestError    wrong input name, dtype, shape or value (never retried)
+        │   ├── RequestTooLarge    over the server's message limit (``.limit_bytes``)
+        │   └── NotOffered         the server does not offer this call (not Triton: UNIMPLEMENTED)
         ├── ModelNotFoundError     no such model / version on the server
         ├── InferenceFailed        the model ran on the server and failed (a fallback may answer)
         ├── AuthenticationError    the server refused the call's credentials (headers / TLS)
@@ -37,8 +39,10 @@ __all__ = [
     "InvalidRequestError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "NotOffered",
     "QuantizationError",
     "RepositoryError",
+    "RequestTooLarge",
     "ServerError",
     "SignatureError",
     "TransportError",
@@ -110,6 +114,29 @@ class ClientError(TritonForgeError):
 
 class InvalidRequestError(ClientError):
     """The request itself is wrong (input name, dtype, shape); retrying can't help."""
+
+
+class RequestTooLarge(InvalidRequestError):
+    """The request is over the server's message limit (``limit_bytes``, when the server said it).
+
+    Never retried and never held against the endpoint: send fewer rows per call, or shared memory.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str | None = None,
+        version: str | int | None = None,
+        endpoint: str | None = None,
+        limit_bytes: int | None = None,
+    ) -> None:
+        super().__init__(message, model=model, version=version, endpoint=endpoint)
+        self.limit_bytes = limit_bytes
+
+
+class NotOffered(InvalidRequestError):
+    """The server does not offer this call (gRPC UNIMPLEMENTED: e.g. Triton's own RPCs on another server)."""
 
 
 class ModelNotFoundError(ClientError):
