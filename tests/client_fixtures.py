@@ -183,22 +183,28 @@ class BlockingAsyncClient:
     def __init__(self, client: AsyncClient) -> None:
         self.client = client
         self.runner = asyncio.Runner()
+        self.closed = False
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.client, name)
         if inspect.iscoroutinefunction(attr):
-            return lambda *args, **kwargs: self.runner.run(attr(*args, **kwargs))
+            return lambda *args, **kwargs: self.run(attr(*args, **kwargs))
         return attr
 
     def run(self, coro: Any) -> Any:
-        """Run a coroutine on the client's loop (e.g. ``asyncio.gather`` of many calls)."""
+        """Run a coroutine on the client's loop (after close: on a loop of its own)."""
+        if self.closed:
+            return asyncio.run(coro)
         return self.runner.run(coro)
 
     def close(self) -> None:
+        if self.closed:
+            return
         try:
             self.runner.run(self.client.aclose())
         finally:
             self.runner.close()
+            self.closed = True
 
     def __enter__(self) -> BlockingAsyncClient:
         return self

@@ -89,7 +89,9 @@ def test_client_raises_request_too_large_over_mlservers_limit_and_the_endpoint_s
     assert client.endpoints[0].state == "closed"
 
 
-def test_client_infer_batched_splits_under_mlservers_message_limit(client: Any, mlserver: mf.MLServer) -> None:
+def test_client_infer_batched_splits_under_mlservers_message_limit(
+    client: Any, mlserver: mf.MLServer
+) -> None:
     x = np.tile(mlserver.x, (5, 1))  # 8985 rows, 4.6 MB in one batch would be refused
     out = client.infer_batched("digits", {"x": x}, batch_size=len(x))
     np.testing.assert_array_equal(labels(out), np.tile(mlserver.labels, 5))
@@ -113,11 +115,13 @@ def test_client_health_and_metadata_calls_work_on_mlserver(client: Any, mlserver
     assert any(m["name"] == "digits" for m in client.repository_index())
 
 
-def test_client_reports_what_mlserver_does_not_offer_as_not_offered(client: Any, mlserver: mf.MLServer) -> None:
+def test_client_reports_what_mlserver_does_not_offer_as_not_offered(
+    client: Any, mlserver: mf.MLServer
+) -> None:
     caps = client.capabilities()[mlserver.grpc_url]
     assert (caps.model_config, caps.statistics, caps.shared_memory) == (False, False, False)
     assert caps.streaming is not None
-    with pytest.raises(NotOffered, match="model config.*model_metadata"):
+    with pytest.raises(NotOffered, match=r"model config.*model_metadata"):
         client.model_config("digits")
     with pytest.raises(NotOffered, match="statistics"):
         client.model_statistics("digits")

@@ -433,7 +433,10 @@ class BaseClient:
                     f"input names for model {model!r} are non-empty strings, not {name!r}", model=model
                 )
             array = value if type(value) is np.ndarray else as_array(name, value, model)
+            datatype = "BYTES"
             try:
+                if array.dtype.kind == "O" and not all(isinstance(e, (bytes, str)) for e in array.flat):
+                    raise TypeError("an element is neither bytes nor str")
                 datatype = triton_dtype(array.dtype)
                 raw = tensor_bytes(array, datatype)
             except InvalidRequestError as exc:
