@@ -219,6 +219,16 @@ def test_client_non_finite_policy_for_another_model_does_not_allow_them_here(
         c.infer("mlp", {"x": np.full((1, 8), np.inf, np.float32)})
 
 
+def test_client_keeps_an_endpoint_healthy_through_requests_that_are_wrong(face: str, urls: list[str]) -> None:
+    with cf.make_client(face, urls[0], validate=False) as c:
+        for _ in range(6):  # twice the breaker's threshold, each one refused by the server
+            with pytest.raises(InvalidRequestError):
+                c.infer("mlp", {"x": X.astype(np.float64)})
+        (status,) = c.endpoints
+        assert (status.state, status.consecutive_failures) == ("closed", 0)
+        assert c.infer("mlp", {"x": X})["probs"].shape == (4, 3)
+
+
 # -- errors ---------------------------------------------------------------------------------------------
 
 

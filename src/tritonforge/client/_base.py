@@ -599,7 +599,7 @@ class BaseClient:
         timeout_s: float | None = None,
     ) -> Flow[list[dict[str, np.ndarray]]]:
         """Every request as its own call, ``concurrency`` at a time; the first error raised after all ran."""
-        if isinstance(requests, Mapping) or not isinstance(requests, Sequence):
+        if isinstance(requests, (str, bytes, Mapping)) or not isinstance(requests, Sequence):
             raise InvalidRequestError(
                 f"requests for model {model!r} must be a list of {{input name: array}} mappings, not "
                 f"{type(requests).__name__}",
