@@ -146,6 +146,19 @@ def test_client_infer_many_gives_our_error_or_answers_for_any_requests(client: A
     assert isinstance(requests, list) and len(outs) == len(requests)
 
 
+@PROPERTY
+@given(inputs=INPUTS, batch_size=st.one_of(st.integers(-1, 40), st.none(), st.floats(0, 5)))
+def test_client_infer_batched_gives_our_error_or_answers_for_any_input(
+    client: Any, reference: Any, inputs: Any, batch_size: Any
+) -> None:
+    try:
+        out = client.infer_batched("mlp", inputs, batch_size=batch_size)
+    except (ClientError, ValueError):  # ValueError: a batch_size that is not an int >= 1 (a bad argument)
+        return
+    assert _valid_inputs(inputs, None) and isinstance(batch_size, int)
+    np.testing.assert_array_equal(out["probs"], reference(inputs["x"]))
+
+
 def test_client_infer_with_a_list_of_pairs_names_the_fix(client: Any) -> None:
     x = np.zeros((1, 8), np.float32)
     with pytest.raises(InvalidRequestError, match=r"must be a mapping \{input name: array\}, not list"):

@@ -49,15 +49,14 @@ def test_client_infer_on_mlserver_returns_the_models_predictions(client: Any, ml
 
 
 def test_async_client_answers_64_concurrent_small_calls_on_mlserver(mlserver: mf.MLServer) -> None:
-    async def run() -> tuple[list[dict[str, np.ndarray]], dict[str, Capabilities]]:
+    async def run() -> tuple[list[dict[str, np.ndarray]], Capabilities]:
         async with AsyncClient(mlserver.grpc_url) as c:
             outs = await asyncio.gather(*(c.infer("digits", {"x": mlserver.x[i : i + 1]}) for i in range(64)))
-            return list(outs), {e.url: e for e in c._pool.endpoints}  # type: ignore[misc]
+            return list(outs), (await c.capabilities())[mlserver.grpc_url]
 
-    outs, endpoints = asyncio.run(run())
+    outs, caps = asyncio.run(run())
     np.testing.assert_array_equal(np.concatenate([labels(o) for o in outs]), mlserver.labels[:64])
-    # the server has no model configs: asked once at most, remembered, and no merging without one
-    assert endpoints[mlserver.grpc_url].capabilities.model_config is False  # type: ignore[attr-defined]
+    assert caps.model_config is False  # remembered: calls go alone, without asking again
 
 
 def test_client_sends_a_large_tensor_as_bytes_when_mlserver_takes_no_shared_memory(

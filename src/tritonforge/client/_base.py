@@ -10,11 +10,10 @@ in one place, and the two faces cannot drift apart.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Collection, Generator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar, cast
@@ -29,14 +28,20 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonforge.client._coalesce import Batchable, batch_rows
 from tritonforge.client._codec import (
     ModelMetadata,
-    as_array,
     decode_response,
     frame,
     request_header,
-    tensor_bytes,
-    triton_dtype,
 )
 from tritonforge.client._flow import Attempt, BudgetState, Each, Op, Rpc, Sleep, Spawn, call_flow, one
+from tritonforge.client._inputs import (
+    NonFinitePolicy,
+    PreparedCall,
+    as_version,
+    join_batches,
+    prepare,
+    smaller_limit,
+)
+from tritonforge.client._inputs import batches as split_under
 from tritonforge.client._mapping import too_large
 from tritonforge.client._pool import Capabilities, Endpoint, EndpointPool, EndpointStatus
 from tritonforge.client.observe import ClientEvent, ClientMetrics, Hook, ShadowStats
@@ -81,8 +86,6 @@ __all__ = [
     "Outputs",
     "PreparedCall",
     "Transport",
-    "join_batches",
-    "split_batches",
 ]
 
 T = TypeVar("T")
@@ -159,14 +162,6 @@ def _as_dict(message: Any) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
-def _version(version: str | int | None) -> str | None:
-    if version is None:
-        return None
-    if isinstance(version, bool) or not isinstance(version, (str, int)):
-        raise InvalidRequestError(f"a model version is a number or a string, not {version!r}")
-    return str(version)
-
-
 class Transport:
     """One endpoint's channel and the inference service's calls on it (sync or grpc.aio alike)."""
 
@@ -181,24 +176,6 @@ class Transport:
         # Raw bytes in (the codec frames the request), a parsed response out.
         self.methods["ModelInfer"] = channel.unary_unary(
             INFER_METHOD, request_serializer=None, response_deserializer=pb.ModelInferResponse.FromString
-        )
-
-
-@dataclass(slots=True)
-class PreparedCall:
-    """One call's inputs, encoded once whatever the number of attempts."""
-
-    model: str
-    signature: tuple[tuple[str, str, tuple[int, ...]], ...]
-    raws: list[Any]
-    outputs: tuple[str, ...] | None
-    nbytes: int
-    arrays: Mapping[str, np.ndarray]
-
-    def mirror(self) -> PreparedCall:
-        """A copy for a shadow call: owns its bytes (the caller may reuse its buffers), no arrays."""
-        return PreparedCall(
-            self.model, self.signature, [bytes(r) for r in self.raws], self.outputs, self.nbytes, {}
         )
 
 
@@ -271,7 +248,7 @@ class BaseClient:
         self.validate = validate
         if isinstance(allow_non_finite, str):
             allow_non_finite = (allow_non_finite,)
-        self.allow_non_finite: bool | frozenset[str] = (
+        self.allow_non_finite: NonFinitePolicy = (
             allow_non_finite if isinstance(allow_non_finite, bool) else frozenset(allow_non_finite)
         )
         if coalesce is None or isinstance(coalesce, bool):
@@ -396,89 +373,8 @@ class BaseClient:
     def _prepare(
         self, model: str, inputs: Mapping[str, Any], outputs: Sequence[str] | None, timeout_s: float | None
     ) -> PreparedCall:
-        """Check and encode one call's inputs; any bad input raises :class:`InvalidRequestError`."""
         self._check_open(model if isinstance(model, str) else None)
-        if not isinstance(model, str) or not model:
-            raise InvalidRequestError(f"a model name is a non-empty string, not {model!r}")
-        if not isinstance(inputs, Mapping):
-            raise InvalidRequestError(
-                f"inputs for model {model!r} must be a mapping {{input name: array}}, not "
-                f"{type(inputs).__name__}; e.g. client.infer({model!r}, {{'x': array}})",
-                model=model,
-            )
-        if not inputs:
-            raise InvalidRequestError(f"no inputs given for model {model!r}", model=model)
-        if outputs is not None and (
-            isinstance(outputs, (str, bytes))
-            or not isinstance(outputs, (Sequence, Collection))
-            or not all(isinstance(o, str) and o for o in outputs)
-        ):
-            raise InvalidRequestError(
-                f"outputs for model {model!r} must be a list of output names, not {outputs!r}", model=model
-            )
-        if timeout_s is not None and (
-            isinstance(timeout_s, bool)
-            or not isinstance(timeout_s, (int, float))
-            or not timeout_s >= 0
-            or math.isinf(timeout_s)
-        ):
-            raise InvalidRequestError(f"timeout_s must be a number of seconds >= 0, not {timeout_s!r}")
-        arrays: dict[str, np.ndarray] = {}
-        signature = []
-        raws = []
-        nbytes = 0
-        for name, value in inputs.items():
-            if not isinstance(name, str) or not name:
-                raise InvalidRequestError(
-                    f"input names for model {model!r} are non-empty strings, not {name!r}", model=model
-                )
-            array = value if type(value) is np.ndarray else as_array(name, value, model)
-            datatype = "BYTES"
-            try:
-                if array.dtype.kind == "O" and not all(isinstance(e, (bytes, str)) for e in array.flat):
-                    raise TypeError("an element is neither bytes nor str")
-                datatype = triton_dtype(array.dtype)
-                raw = tensor_bytes(array, datatype)
-            except InvalidRequestError as exc:
-                raise InvalidRequestError(f"input {name!r} of model {model!r}: {exc}", model=model) from exc
-            except Exception as exc:  # BYTES elements that are neither bytes nor str, ...
-                raise InvalidRequestError(
-                    f"input {name!r} of model {model!r} can't be sent as {datatype}: {exc}; BYTES inputs "
-                    "take bytes or str elements",
-                    model=model,
-                ) from exc
-            if array.dtype.kind == "f" and not self._non_finite_allowed(model, name):
-                self._check_finite(model, name, array)
-            arrays[name] = array
-            signature.append((name, datatype, array.shape))
-            raws.append(raw)
-            nbytes += len(raw)
-        return PreparedCall(
-            model, tuple(signature), raws, None if outputs is None else tuple(outputs), nbytes, arrays
-        )
-
-    def _non_finite_allowed(self, model: str, name: str) -> bool:
-        allowed = self.allow_non_finite
-        if isinstance(allowed, bool):
-            return allowed
-        return name in allowed or f"{model}/{name}" in allowed
-
-    @staticmethod
-    def _check_finite(model: str, name: str, array: np.ndarray) -> None:
-        finite = np.isfinite(array)
-        if finite.all():
-            return
-        if array.ndim == 0:
-            where = "its value"
-        else:
-            bad = np.flatnonzero(~finite.reshape(len(array), -1).all(axis=1))
-            shown = ", ".join(map(str, bad[:10])) + (f", … ({len(bad)} rows)" if len(bad) > 10 else "")
-            where = f"rows [{shown}]"
-        raise InvalidRequestError(
-            f"input {name!r} of model {model!r} has NaN or ±inf in {where}; clean or impute them, or send "
-            f"them on purpose with allow_non_finite={{'{name}'}} (or True) on the client",
-            model=model,
-        )
+        return prepare(model, inputs, outputs, timeout_s, self.allow_non_finite)
 
     def _check_inputs(self, call: PreparedCall, attempt: Attempt) -> None:
         if self.validate:
@@ -509,7 +405,7 @@ class BaseClient:
             variant = split.choose(key, self._rng)
             first = (variant.model, variant.version)
         else:
-            first = (model, _version(version))
+            first = (model, as_version(version))
         fallback = self.fallbacks.get(model)
         if fallback is None:
             return [first]
@@ -627,15 +523,15 @@ class BaseClient:
         timeout_s: float | None = None,
     ) -> Flow[dict[str, np.ndarray]]:
         """Batches of ``batch_size`` rows, fewer under a message limit (learnt from a refusal if need be)."""
-        limit: int | None = None
+        limit = self._known_limit()
         while True:
-            batches = self._batches(model, inputs, batch_size, limit)
+            batches = split_under(model, inputs, batch_size, limit)
             try:
                 answers = yield from self._infer_many_flow(
                     model, batches, concurrency, version, outputs, timeout_s
                 )
             except RequestTooLarge as exc:
-                limit = self._smaller_limit(exc, limit)
+                limit = smaller_limit(exc, limit)
             else:
                 return join_batches(answers)
 
@@ -830,7 +726,7 @@ class BaseClient:
         return self._flag_flow("ServerReady", pb.ServerReadyRequest(), "ready")
 
     def _is_model_ready_flow(self, model: str, version: str | int | None) -> Flow[bool]:
-        v = _version(version)
+        v = as_version(version)
         return self._flag_flow(
             "ModelReady", pb.ModelReadyRequest(name=model, version=v or ""), "ready", model, v
         )
@@ -839,7 +735,7 @@ class BaseClient:
         return _as_dict((yield from self._control_flow("ServerMetadata", pb.ServerMetadataRequest())))
 
     def _model_metadata_flow(self, model: str, version: str | int | None) -> Flow[ModelMetadata]:
-        v = _version(version)
+        v = as_version(version)
         request = pb.ModelMetadataRequest(name=model, version=v or "")
         response = yield from self._control_flow("ModelMetadata", request, model=model, version=v)
         meta = ModelMetadata.from_proto(response)
@@ -847,7 +743,7 @@ class BaseClient:
         return meta
 
     def _model_config_flow(self, model: str, version: str | int | None) -> Flow[Any]:
-        v = _version(version)
+        v = as_version(version)
         request = pb.ModelConfigRequest(name=model, version=v or "")
         response = yield from self._control_flow(
             "ModelConfig", request, model=model, version=v, feature="model_config"
@@ -855,7 +751,7 @@ class BaseClient:
         return response.config
 
     def _model_statistics_flow(self, model: str, version: str | int | None) -> Flow[dict[str, Any]]:
-        v = _version(version)
+        v = as_version(version)
         request = pb.ModelStatisticsRequest(name=model, version=v or "")
         return _as_dict(
             (
@@ -951,51 +847,10 @@ class BaseClient:
             yield Each([one(r) for r in rpcs])
         pool.close()
 
-    # -- batches -----------------------------------------------------------------------------------------
-
-    def _batches(
-        self, model: str, inputs: Mapping[str, Any], batch_size: int, limit_bytes: int | None
-    ) -> list[dict[str, np.ndarray]]:
-        """``inputs`` split along axis 0 into batches of ``batch_size`` rows, fewer when a request of that
-        many rows would be over the message limit (``limit_bytes``, else the smallest limit an endpoint
-        named)."""
-        if not isinstance(inputs, Mapping) or not inputs:
-            raise InvalidRequestError(
-                f"inputs for model {model!r} must be a non-empty mapping {{input name: array}}", model=model
-            )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, not {batch_size!r}")
-        arrays = {name: as_array(str(name), value, model) for name, value in inputs.items()}
+    def _known_limit(self) -> int | None:
+        """The smallest message limit an endpoint has named (``None``: none known yet)."""
         known = [ep.capabilities.max_message_bytes for ep in self._pool.endpoints]
-        limits = [x for x in (limit_bytes, *known) if x]
-        if limits:
-            limit = min(limits)
-            rows = max((len(a) for a in arrays.values() if a.ndim), default=1) or 1
-            total = sum(
-                a.nbytes if a.dtype.kind != "O" else sum(map(len, a.ravel())) + 4 * a.size
-                for a in arrays.values()
-            )
-            per_row = max(1, -(-total // rows))
-            fit = int(limit * _ROW_MARGIN) // per_row
-            if fit < 1:
-                raise RequestTooLarge(
-                    f"model {model!r}: one row of inputs is about {per_row} bytes, over the server's "
-                    f"message limit of {limit} bytes; use shared memory on the same host, or raise the "
-                    "server's limit",
-                    model=model,
-                    limit_bytes=limit,
-                )
-            batch_size = min(batch_size, fit)
-        return split_batches(arrays, batch_size)
-
-    @staticmethod
-    def _smaller_limit(error: RequestTooLarge, limit_bytes: int | None) -> int:
-        """The limit to split under after ``error`` (re-raised when it names none)."""
-        if not error.limit_bytes:
-            raise error
-        return (
-            error.limit_bytes if limit_bytes is None or error.limit_bytes < limit_bytes else limit_bytes // 2
-        )
+        return min((k for k in known if k), default=None)
 
     # -- metrics and hooks -------------------------------------------------------------------------------
 
@@ -1120,21 +975,3 @@ def compare_outputs(
         elif not np.array_equal(want, got):
             mismatch = True
     return mismatch, worst
-
-
-def split_batches(inputs: Mapping[str, np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
-    lengths = {len(np.asarray(a)) for a in inputs.values()}
-    if len(lengths) != 1:
-        raise ClientError(f"inputs must share their first dim to be batched, got lengths {sorted(lengths)}")
-    (n,) = lengths
-    return [
-        {k: np.asarray(a)[i : i + batch_size] for k, a in inputs.items()} for i in range(0, n, batch_size)
-    ]
-
-
-def join_batches(answers: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if not answers:
-        return {}
-    return {name: np.concatenate([a[name] for a in answers]) for name in answers[0]}
