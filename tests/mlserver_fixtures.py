@@ -1,11 +1,12 @@
 """A real Open Inference Protocol server that is not Triton: Seldon's MLServer, for the interop tests.
 
 MLServer's dependencies (numpy 2, its own grpcio/protobuf pins) clash with ours (nvidia-pytriton pins
-numpy<2), so it lives in a venv of its own, built on first use under the cache folder and kept, keyed by
-its version and the Python's: ``$TRITONFORGE_CACHE`` or ``~/.cache/tritonforge``. A marker file written
-last tells a finished venv from one a killed build left half-made (which is rebuilt); a file lock keeps two
-test sessions from building it at once. The model is a scikit-learn classifier on the digits data that
-scikit-learn ships, trained inside that venv (so the pickle matches the scikit-learn that loads it).
+numpy<2), so it lives in a venv of its own, built on first use and kept, keyed by its version and the
+Python's, in the backends' cache folder (``$TRITONFORGE_CACHE``, else ``$XDG_CACHE_HOME`` or ``~/.cache``,
+then ``tritonforge``). A marker file written last tells a finished venv from one a killed build left
+half-made (which is rebuilt); a file lock keeps two test sessions from building it at once. The model
+is a scikit-learn classifier on the digits data that scikit-learn ships, trained inside that venv (so
+the pickle matches the scikit-learn that loads it).
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ TRAIN = textwrap.dedent("""
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("TRITONFORGE_CACHE") or Path.home() / ".cache" / "tritonforge")
+    """The same cache folder as the embedded server's backends (``tritonforge.server.install``)."""
+    if os.environ.get("TRITONFORGE_CACHE"):
+        return Path(os.environ["TRITONFORGE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tritonforge"
 
 
 def mlserver_venv() -> Path:
@@ -104,6 +108,12 @@ def build_models(venv: Path, root: Path) -> Path:
         "parameters": {"uri": "./model.joblib", "version": "1"},
     }
     (digits / "model-settings.json").write_text(json.dumps(settings))
+    # the same model with nothing declared: its metadata lists no inputs (the client can't check them)
+    plain = models / "digits_plain"
+    plain.mkdir()
+    shutil.copy(digits / "model.joblib", plain / "model.joblib")
+    bare = {k: v for k, v in settings.items() if k not in ("inputs", "outputs")} | {"name": "digits_plain"}
+    (plain / "model-settings.json").write_text(json.dumps(bare))
     return models
 
 

@@ -48,6 +48,14 @@ def test_client_infer_on_mlserver_returns_the_models_predictions(client: Any, ml
     np.testing.assert_array_equal(labels(out), mlserver.labels[:10])
 
 
+def test_client_infer_on_mlserver_works_for_a_model_that_declares_no_inputs(
+    client: Any, mlserver: mf.MLServer
+) -> None:
+    assert client.model_metadata("digits_plain").inputs == ()
+    out = client.infer("digits_plain", {"whatever": mlserver.x[:4]})
+    np.testing.assert_array_equal(labels(out), mlserver.labels[:4])
+
+
 def test_async_client_answers_64_concurrent_small_calls_on_mlserver(mlserver: mf.MLServer) -> None:
     async def run() -> tuple[list[dict[str, np.ndarray]], Capabilities]:
         async with AsyncClient(mlserver.grpc_url) as c:

@@ -69,6 +69,7 @@ from tritonforge.client.shm import (
     system_shm_available,
 )
 from tritonforge.errors import (
+    AuthenticationError,
     ClientError,
     InvalidRequestError,
     NotOffered,
@@ -303,14 +304,21 @@ class BaseClient:
 
     def _connect(self, grpc_module: Any) -> None:
         """A channel per endpoint from ``grpc`` or ``grpc.aio`` (they share these two functions)."""
-        credentials = self._credentials()
+        self._grpc_module = grpc_module
+        self._credentials_cache = self._credentials()
         for ep in self._pool.endpoints:
-            channel = (
-                grpc_module.insecure_channel(ep.url, options=self._channel_options)
-                if credentials is None
-                else grpc_module.secure_channel(ep.url, credentials, options=self._channel_options)
+            self._attach(ep)
+
+    def _attach(self, ep: Endpoint) -> None:
+        """Give one endpoint its channel (also for an endpoint that joins the pool later)."""
+        channel = (
+            self._grpc_module.insecure_channel(ep.url, options=self._channel_options)
+            if self._credentials_cache is None
+            else self._grpc_module.secure_channel(
+                ep.url, self._credentials_cache, options=self._channel_options
             )
-            ep.handle = Transport(channel)
+        )
+        ep.handle = Transport(channel)
 
     # -- shared memory -----------------------------------------------------------------------------------
 
@@ -379,7 +387,9 @@ class BaseClient:
     def _check_inputs(self, call: PreparedCall, attempt: Attempt) -> None:
         if self.validate:
             meta = self._model_metadata.get((attempt.model, attempt.version))
-            if meta is not None:
+            # A server may declare no inputs at all (MLServer without them in model-settings.json):
+            # nothing to check against, the server checks.
+            if meta is not None and meta.inputs:
                 meta.check_inputs(call.signature, attempt.version, attempt.endpoint.url)
 
     def _encode(self, call: PreparedCall, attempt: Attempt) -> bytes:
@@ -631,7 +641,7 @@ class BaseClient:
                     attempt.model,
                     attempt.version,
                 )
-            except NotOffered:
+            except (NotOffered, AuthenticationError):  # not offered, or not to us (restricted protocol)
                 ep.capabilities.model_config = False
                 return 0
             finally:
