@@ -182,7 +182,7 @@ class BlockingAsyncClient:
 
     def __init__(self, client: AsyncClient) -> None:
         self.client = client
-        self.runner = asyncio.Runner()
+        self.loop = asyncio.new_event_loop()  # not asyncio.Runner: Python 3.10 has none
         self.closed = False
 
     def __getattr__(self, name: str) -> Any:
@@ -195,15 +195,16 @@ class BlockingAsyncClient:
         """Run a coroutine on the client's loop (after close: on a loop of its own)."""
         if self.closed:
             return asyncio.run(coro)
-        return self.runner.run(coro)
+        return self.loop.run_until_complete(coro)
 
     def close(self) -> None:
         if self.closed:
             return
         try:
-            self.runner.run(self.client.aclose())
+            self.loop.run_until_complete(self.client.aclose())
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         finally:
-            self.runner.close()
+            self.loop.close()
             self.closed = True
 
     def __enter__(self) -> BlockingAsyncClient:

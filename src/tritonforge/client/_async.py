@@ -94,7 +94,8 @@ class AsyncClient(BaseClient):
             call = op.endpoint.handle.methods[op.method]
             if op.method != "ModelStreamInfer":
                 return await call(op.request, timeout=op.timeout_s, metadata=self._grpc_metadata)
-            stream = call(iter(()), timeout=op.timeout_s)  # a probe: an empty stream, answered or refused
+            # a probe: an empty stream, answered or refused
+            stream = call(iter(()), timeout=op.timeout_s, metadata=self._grpc_metadata)
             return [answer async for answer in stream]
 
     async def _settle(self, flow: Flow[Any], gate: asyncio.Semaphore) -> Any:

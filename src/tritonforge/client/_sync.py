@@ -73,7 +73,8 @@ class Client(BaseClient):
         if kind is Rpc:
             with map_grpc_errors(model=op.model, version=op.version, endpoint=op.endpoint.url):
                 if op.method == "ModelStreamInfer":  # a probe: an empty stream, answered or refused
-                    return list(op.endpoint.handle.methods[op.method](iter(()), timeout=op.timeout_s))
+                    stream = op.endpoint.handle.methods[op.method]
+                    return list(stream(iter(()), timeout=op.timeout_s, metadata=self._grpc_metadata))
                 call = op.endpoint.handle.methods[op.method]
                 return call(op.request, timeout=op.timeout_s, metadata=self._grpc_metadata)
         if kind is Sleep:
