@@ -93,7 +93,9 @@ def test_infer_batched_flow_splits_under_the_limit_a_refusal_names(client: Clien
 
     def serve(op: Rpc) -> Any:
         if len(op.request) > 1200:
-            return RequestTooLarge("too big", limit_bytes=1200, endpoint=op.endpoint.url)
+            refused = RequestTooLarge("too big", endpoint=op.endpoint.url)
+            refused.limit_bytes = 1200
+            return refused
         rows = _rows(op.request)
         sent.append(rows)
         response = pb.ModelInferResponse()

@@ -122,17 +122,7 @@ class RequestTooLarge(InvalidRequestError):
     Never retried and never held against the endpoint: send fewer rows per call, or shared memory.
     """
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        model: str | None = None,
-        version: str | int | None = None,
-        endpoint: str | None = None,
-        limit_bytes: int | None = None,
-    ) -> None:
-        super().__init__(message, model=model, version=version, endpoint=endpoint)
-        self.limit_bytes = limit_bytes
+    limit_bytes: int | None = None  # set where the limit is known
 
 
 class NotOffered(InvalidRequestError):

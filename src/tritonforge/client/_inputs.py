@@ -188,13 +188,14 @@ def batches(
         per_row = max(1, -(-total // rows))
         fit = int(limit_bytes * _ROW_MARGIN) // per_row
         if fit < 1:
-            raise RequestTooLarge(
+            error = RequestTooLarge(
                 f"model {model!r}: one row of inputs is about {per_row} bytes, over the server's "
                 f"message limit of {limit_bytes} bytes; use shared memory on the same host, or raise the "
                 "server's limit",
                 model=model,
-                limit_bytes=limit_bytes,
             )
+            error.limit_bytes = limit_bytes
+            raise error
         batch_size = min(batch_size, fit)
     return split_batches(arrays, batch_size, model)
 

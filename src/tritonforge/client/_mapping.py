@@ -105,15 +105,16 @@ def too_large(
     size, limit = (int(match.group(1)), int(match.group(2))) if match else (None, None)
     said = f" of {size} bytes" if size is not None else ""
     over = f"the server's message limit of {limit} bytes" if limit else "the server's message limit"
-    return RequestTooLarge(
+    error = RequestTooLarge(
         f"{where}: the request{said} is over {over}; send fewer rows per call (infer_batched splits "
         "under the limit), use shared memory on the same host, or raise the server's limit "
         "(MLServer: grpc_max_message_length; Triton takes up to 2 GB)",
         model=model,
         version=version,
         endpoint=endpoint,
-        limit_bytes=limit,
     )
+    error.limit_bytes = limit
+    return error
 
 
 class map_grpc_errors:
