@@ -124,3 +124,9 @@ def test_run_throws_an_error_into_the_flow_where_it_can_be_handled() -> None:
 
     assert drive(flow(), lambda op: ClientError("no"))[0] == "handled"
     assert drive(flow(), lambda op: "yes")[0] == "answered"
+
+
+def test_client_raises_value_error_when_asked_for_client_side_batching() -> None:
+    with pytest.raises(ValueError, match="needs AsyncClient"):
+        Client(URLS, coalesce=True)
+    Client(URLS, coalesce=False, metrics=False).close()
