@@ -10,19 +10,24 @@ Models, each tiny and real:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
+import inspect
 import textwrap
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from prometheus_client import CollectorRegistry
 
 import tiny_models
 from tiny_models import spec as _spec
+from tritonforge.client import AsyncClient, Client
 from tritonforge.config import DataType, DynamicBatching, ModelConfig, VersionPolicy
 from tritonforge.repository import add_model
 from tritonforge.server import EmbeddedServer
@@ -165,3 +170,56 @@ def stop_all(running: list[EmbeddedServer]) -> None:
 
 def leftover_shm(prefix: str = "tfc_") -> list[str]:
     return glob.glob(f"/dev/shm/{prefix}*")
+
+
+# -- one test, both faces ---------------------------------------------------------------------------------
+
+
+class BlockingAsyncClient:
+    """An :class:`AsyncClient` driven through blocking calls on an event loop of its own, so that one test
+    body covers both faces: every coroutine method is run to completion, everything else is passed through.
+    """
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+        self.loop = asyncio.new_event_loop()  # not asyncio.Runner: Python 3.10 has none
+        self.closed = False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.client, name)
+        if inspect.iscoroutinefunction(attr):
+            return lambda *args, **kwargs: self.run(attr(*args, **kwargs))
+        return attr
+
+    def run(self, coro: Any) -> Any:
+        """Run a coroutine on the client's loop (after close: on a loop of its own)."""
+        if self.closed:
+            return asyncio.run(coro)
+        return self.loop.run_until_complete(coro)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.loop.run_until_complete(self.client.aclose())
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        finally:
+            self.loop.close()
+            self.closed = True
+
+    def __enter__(self) -> BlockingAsyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+FACES = ("sync", "async")
+
+
+def make_client(face: str, urls: str | list[str], **options: Any) -> Any:
+    """A :class:`Client` (``face="sync"``) or a blocking-driven :class:`AsyncClient` (``"async"``)."""
+    options.setdefault("registry", CollectorRegistry())
+    if face == "sync":
+        return Client(urls, **options)
+    return BlockingAsyncClient(AsyncClient(urls, **options))

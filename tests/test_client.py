@@ -1,13 +1,16 @@
 """Client and AsyncClient against real embedded Triton servers: inference, dtypes, checks, control calls,
-errors, shared memory, metrics, hooks and headers."""
+errors, shared memory, metrics, hooks and headers. Each test runs against both faces (``face``: the sync
+Client, and the AsyncClient driven through blocking calls)."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,10 +20,10 @@ from tritonclient.utils import InferenceServerException
 
 import client_fixtures as cf
 from tritonforge import (
-    AsyncClient,
     AuthenticationError,
     Client,
     ClientError,
+    DeadlineExceeded,
     InferenceFailed,
     InvalidRequestError,
     ModelNotFoundError,
@@ -52,9 +55,14 @@ def urls(pair: list[EmbeddedServer]) -> list[str]:
     return [s.grpc_url for s in pair]
 
 
+@pytest.fixture(params=cf.FACES)
+def face(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture()
-def client(urls: list[str]) -> Iterator[Client]:
-    with Client(urls, registry=CollectorRegistry()) as c:
+def client(face: str, urls: list[str]) -> Iterator[Any]:
+    with cf.make_client(face, urls) as c:
         yield c
 
 
@@ -74,21 +82,12 @@ def raw_infer(
 # -- inference ----------------------------------------------------------------------------------------
 
 
-def test_client_infer_returns_what_raw_tritonclient_returns(client: Client, urls: list[str]) -> None:
+def test_client_infer_returns_what_raw_tritonclient_returns(client: Any, urls: list[str]) -> None:
     out = client.infer("mlp", {"x": X})
     np.testing.assert_array_equal(out["probs"], raw_infer(urls[0], "mlp", {"x": X})["probs"])
 
 
-def test_async_client_infer_returns_what_raw_tritonclient_returns(urls: list[str]) -> None:
-    async def run() -> dict[str, np.ndarray]:
-        async with AsyncClient(urls, registry=CollectorRegistry()) as c:
-            return await c.infer("mlp", {"x": X})
-
-    out = asyncio.run(run())
-    np.testing.assert_array_equal(out["probs"], raw_infer(urls[0], "mlp", {"x": X})["probs"])
-
-
-def test_client_infer_round_trips_numeric_dtypes(client: Client) -> None:
+def test_client_infer_round_trips_numeric_dtypes(client: Any) -> None:
     inputs = {
         "half": np.full((2, 4), 1.5, np.float16),
         "long": np.arange(8, dtype=np.int64).reshape(2, 4),
@@ -103,19 +102,19 @@ def test_client_infer_round_trips_numeric_dtypes(client: Client) -> None:
     np.testing.assert_array_equal(out["flag_out"], ~inputs["flag"])
 
 
-def test_client_infer_round_trips_strings(client: Client) -> None:
+def test_client_infer_round_trips_strings(client: Any) -> None:
     words = np.array([[b"hello"], ["wörld".encode()], [b""]], dtype=object)
     np.testing.assert_array_equal(client.infer("echo_str", {"s": words})["out"], words)
     assert client.infer("echo_str", {"s": np.array([["text"]])})["out"][0, 0] == b"text"
 
 
-def test_client_infer_chooses_the_version_asked_for(client: Client) -> None:
+def test_client_infer_chooses_the_version_asked_for(client: Any) -> None:
     x = np.ones((1, 4), np.float32)
     assert client.infer("scale", {"x": x}, version=1)["y"][0, 0] == 1.0
     assert client.infer("scale", {"x": x}, version="2")["y"][0, 0] == 2.0
 
 
-def test_client_infer_returns_only_the_outputs_asked_for(client: Client) -> None:
+def test_client_infer_returns_only_the_outputs_asked_for(client: Any) -> None:
     inputs = {
         "half": np.ones((1, 4), np.float16),
         "long": np.ones((1, 4), np.int64),
@@ -125,20 +124,17 @@ def test_client_infer_returns_only_the_outputs_asked_for(client: Client) -> None
     assert set(client.infer("dtypes", inputs, outputs=["int_out"])) == {"int_out"}
 
 
-def test_client_infer_many_keeps_the_order_of_requests(client: Client) -> None:
+def test_client_infer_many_keeps_the_order_of_requests(client: Any) -> None:
     xs = [np.full((1, 4), i, np.float32) for i in range(40)]
     outs = client.infer_many("scale", [{"x": x} for x in xs], version=2, concurrency=8)
     assert [float(o["y"][0, 0]) for o in outs] == [2.0 * i for i in range(40)]
 
 
-def test_async_client_infer_batched_splits_and_joins_along_the_batch_axis(urls: list[str]) -> None:
+def test_client_infer_batched_splits_and_joins_along_the_batch_axis(client: Any) -> None:
     x = np.arange(100 * 4, dtype=np.float32).reshape(100, 4)
-
-    async def run() -> dict[str, np.ndarray]:
-        async with AsyncClient(urls, registry=CollectorRegistry()) as c:
-            return await c.infer_batched("scale", {"x": x}, batch_size=16, version=2)
-
-    np.testing.assert_array_equal(asyncio.run(run())["y"], x * 2)
+    np.testing.assert_array_equal(
+        client.infer_batched("scale", {"x": x}, batch_size=16, version=2)["y"], x * 2
+    )
 
 
 # -- checks against the model's metadata ---------------------------------------------------------------
@@ -154,55 +150,114 @@ def test_async_client_infer_batched_splits_and_joins_along_the_batch_axis(urls: 
     ],
 )
 def test_client_infer_raises_invalid_request_error_when_an_input_does_not_fit(
-    client: Client, inputs: dict[str, np.ndarray], says: str
+    client: Any, inputs: dict[str, np.ndarray], says: str
 ) -> None:
     with pytest.raises(InvalidRequestError, match=r"model 'mlp'.*" + says.replace("[", r"\[")) as caught:
         client.infer("mlp", inputs)
     assert caught.value.model == "mlp"
 
 
-def test_client_infer_raises_invalid_request_error_when_no_inputs_given(client: Client) -> None:
+def test_client_infer_raises_invalid_request_error_when_no_inputs_given(client: Any) -> None:
     with pytest.raises(InvalidRequestError):
         client.infer("mlp", {})
 
 
-def test_client_without_validation_gets_the_servers_invalid_request_error(urls: list[str]) -> None:
+def test_client_without_validation_gets_the_servers_invalid_request_error(face: str, urls: list[str]) -> None:
     with (
-        Client(urls, validate=False, registry=CollectorRegistry()) as c,
+        cf.make_client(face, urls, validate=False) as c,
         pytest.raises(InvalidRequestError, match="FP64") as caught,
     ):
         c.infer("mlp", {"x": X.astype(np.float64)})
     assert caught.value.endpoint in urls
 
 
+@pytest.mark.parametrize(
+    ("inputs", "says"),
+    [
+        ([("x", X)], "must be a mapping"),
+        ((("x", X),), "must be a mapping"),
+        ("x", "must be a mapping"),
+        (None, "must be a mapping"),
+        ({1: X}, "input names .* are non-empty strings"),
+        ({"x": [[1.0, 2.0], [3.0]]}, "'x'"),
+        ({"x": X.astype(np.complex64)}, "input 'x' .* complex64 has no Triton data type"),
+        ({"x": np.array([{"a": 1}], dtype=object)}, "input 'x' .* BYTES inputs take bytes or str"),
+    ],
+)
+def test_client_infer_raises_invalid_request_error_for_inputs_of_the_wrong_kind(
+    client: Any, inputs: Any, says: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=says):
+        client.infer("mlp", inputs)
+
+
+def test_client_infer_raises_invalid_request_error_naming_input_and_rows_with_nan_or_inf(client: Any) -> None:
+    x = X.copy()
+    x[1, 3], x[3, 0] = np.nan, -np.inf
+    with pytest.raises(
+        InvalidRequestError, match=r"input 'x' of model 'mlp' has NaN or ±inf in rows \[1, 3\]"
+    ):
+        client.infer("mlp", {"x": x})
+    assert client.endpoints[0].state == "closed"
+
+
+@pytest.mark.parametrize("allow", [True, {"x"}, {"mlp/x"}, "x"])
+def test_client_sends_nan_and_inf_when_the_policy_allows_them(face: str, urls: list[str], allow: Any) -> None:
+    x = X.copy()
+    x[2] = np.nan
+    with cf.make_client(face, urls, allow_non_finite=allow) as c:
+        out = c.infer("mlp", {"x": x})
+    assert np.isnan(out["probs"][2]).all() and np.isfinite(out["probs"][[0, 1, 3]]).all()
+
+
+def test_client_non_finite_policy_for_another_model_does_not_allow_them_here(
+    face: str, urls: list[str]
+) -> None:
+    with (
+        cf.make_client(face, urls, allow_non_finite={"other/x"}) as c,
+        pytest.raises(InvalidRequestError, match="rows \\[0\\]"),
+    ):
+        c.infer("mlp", {"x": np.full((1, 8), np.inf, np.float32)})
+
+
+def test_client_keeps_an_endpoint_healthy_through_requests_that_are_wrong(face: str, urls: list[str]) -> None:
+    with cf.make_client(face, urls[0], validate=False) as c:
+        for _ in range(6):  # twice the breaker's threshold, each one refused by the server
+            with pytest.raises(InvalidRequestError):
+                c.infer("mlp", {"x": X.astype(np.float64)})
+        (status,) = c.endpoints
+        assert (status.state, status.consecutive_failures) == ("closed", 0)
+        assert c.infer("mlp", {"x": X})["probs"].shape == (4, 3)
+
+
 # -- errors ---------------------------------------------------------------------------------------------
 
 
 def test_client_infer_raises_model_not_found_error_naming_model_and_endpoint(
-    client: Client, urls: list[str]
+    client: Any, urls: list[str]
 ) -> None:
     with pytest.raises(ModelNotFoundError, match="'nope'") as caught:
         client.infer("nope", {"x": X})
     assert caught.value.model == "nope" and caught.value.endpoint in urls
 
 
-def test_client_infer_raises_inference_failed_when_the_model_fails_on_the_server(client: Client) -> None:
+def test_client_infer_raises_inference_failed_when_the_model_fails_on_the_server(client: Any) -> None:
     with pytest.raises(InferenceFailed, match="Gather") as caught:
         client.infer("broken", {"x": X})
     assert caught.value.model == "broken"
 
 
-def test_client_infer_raises_model_not_found_error_for_a_version_not_served(client: Client) -> None:
+def test_client_infer_raises_model_not_found_error_for_a_version_not_served(client: Any) -> None:
     with pytest.raises(ModelNotFoundError) as caught:
         client.infer("scale", {"x": np.ones((1, 4), np.float32)}, version=7)
     assert caught.value.version == "7"
 
 
-def test_client_infer_raises_unavailable_when_no_server_listens() -> None:
+def test_client_infer_raises_unavailable_when_no_server_listens(face: str) -> None:
     from tritonforge.server.embedded import free_port
 
     with (
-        Client(f"127.0.0.1:{free_port()}", retry=RetryPolicy.none(), registry=CollectorRegistry()) as c,
+        cf.make_client(face, f"127.0.0.1:{free_port()}", retry=RetryPolicy.none()) as c,
         pytest.raises(Unavailable) as caught,
     ):
         c.infer("mlp", {"x": X}, timeout_s=5.0)
@@ -218,17 +273,34 @@ def test_map_grpc_errors_translates_tritonclient_errors() -> None:
     assert isinstance(caught.value.__cause__, InferenceServerException)
 
 
-def test_client_raises_client_error_when_used_after_close(urls: list[str]) -> None:
-    c = Client(urls, registry=CollectorRegistry())
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.infer("mlp", {"x": X}),
+        lambda c: c.infer_many("mlp", [{"x": X}]),
+        lambda c: c.model_metadata("mlp"),
+        lambda c: c.model_config("mlp"),
+        lambda c: c.model_statistics(),
+        lambda c: c.server_metadata(),
+        lambda c: c.repository_index(),
+        lambda c: c.endpoint_health(),
+        lambda c: c.capabilities(),
+        lambda c: c.load_model("mlp"),
+        lambda c: c.unload_model("mlp"),
+        lambda c: c.is_server_ready(),
+    ],
+)
+def test_client_raises_client_error_on_every_call_after_close(face: str, urls: list[str], call: Any) -> None:
+    c = cf.make_client(face, urls)
     c.close()
     with pytest.raises(ClientError, match="closed"):
-        c.infer("mlp", {"x": X})
+        call(c)
 
 
 # -- health, metadata, config, statistics, model control -----------------------------------------------
 
 
-def test_client_reports_health_metadata_config_and_statistics(client: Client, urls: list[str]) -> None:
+def test_client_reports_health_metadata_config_and_statistics(client: Any, urls: list[str]) -> None:
     assert client.is_server_live() and client.is_server_ready()
     assert client.endpoint_health() == {u: True for u in urls}
     assert client.is_model_ready("mlp") and not client.is_model_ready("nope")
@@ -242,22 +314,35 @@ def test_client_reports_health_metadata_config_and_statistics(client: Client, ur
     assert {m["name"] for m in client.repository_index()} >= {"mlp", "scale", "broken"}
 
 
-def test_async_client_reports_health_and_metadata(urls: list[str]) -> None:
-    async def run() -> None:
-        async with AsyncClient(urls, registry=CollectorRegistry()) as c:
-            assert await c.is_server_ready()
-            assert await c.endpoint_health() == {u: True for u in urls}
-            assert (await c.model_metadata("scale")).versions == ("1", "2")
-            assert (await c.model_config("scale")).max_batch_size == 16
-            assert "model_stats" in await c.model_statistics("scale")
-            assert await c.is_model_ready("scale", 2)
-
-    asyncio.run(run())
+def test_client_reports_every_capability_of_triton(client: Any, urls: list[str]) -> None:
+    caps = client.capabilities()
+    assert set(caps) == set(urls)
+    assert all(c.model_config and c.statistics and c.shared_memory and c.streaming for c in caps.values())
+    assert client.model_metadata("scale").versions == ("1", "2")
+    assert client.is_model_ready("scale", 2)
 
 
-def test_client_unload_and_load_model_act_on_every_endpoint(
-    client: Client, pair: list[EmbeddedServer]
+@pytest.mark.timeout(120)
+def test_client_load_model_gives_up_on_a_hung_server_after_its_timeout(
+    face: str, urls: list[str], pair: list[EmbeddedServer]
 ) -> None:
+    with socket.socket() as hung:  # accepts connections, never answers one
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        hung_url = f"127.0.0.1:{hung.getsockname()[1]}"
+        with cf.make_client(face, [hung_url, urls[0]]) as c:
+            with pytest.raises(DeadlineExceeded) as caught:
+                c.load_model("echo_str", timeout_s=5.0)
+            assert caught.value.endpoint == hung_url  # the first endpoint's error
+            with pytest.raises(DeadlineExceeded):
+                c.unload_model("nope_never_loaded", timeout_s=1.0)
+    deadline = time.monotonic() + 60
+    while not pair[0].is_model_ready("echo_str") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pair[0].is_model_ready("echo_str")  # the live endpoint was asked too, at the same time
+
+
+def test_client_unload_and_load_model_act_on_every_endpoint(client: Any, pair: list[EmbeddedServer]) -> None:
     client.unload_model("echo_str")
     try:
         assert not any(s.is_model_ready("echo_str") for s in pair)
@@ -283,10 +368,10 @@ def _server_regions(url: str) -> list[str]:
 
 
 def test_client_sends_large_tensors_through_system_shared_memory_and_removes_it_on_close(
-    urls: list[str],
+    face: str, urls: list[str]
 ) -> None:
     big = np.random.default_rng(1).standard_normal((32, 8)).astype(np.float32)
-    c = Client(urls, shared_memory=SharedMemory("auto", threshold_bytes=512), registry=CollectorRegistry())
+    c = cf.make_client(face, urls, shared_memory=SharedMemory("auto", threshold_bytes=512))
     try:
         small = c.infer("mlp", {"x": X})
         assert c.shm_regions == []  # under the threshold: in the message
@@ -303,15 +388,11 @@ def test_client_sends_large_tensors_through_system_shared_memory_and_removes_it_
     assert set(regions) & set(_server_regions(urls[0]) + _server_regions(urls[1])) == set()
 
 
-def test_async_client_shared_memory_regions_are_gone_after_close(urls: list[str]) -> None:
+def test_client_shared_memory_regions_are_gone_after_close(face: str, urls: list[str]) -> None:
     big = np.arange(16 * 4, dtype=np.float32).reshape(16, 4)
-
-    async def run() -> tuple[list[str], dict[str, np.ndarray]]:
-        async with AsyncClient(urls, shared_memory="system", registry=CollectorRegistry()) as c:
-            out = await c.infer("scale", {"x": big}, version=2)
-            return c.shm_regions, out
-
-    regions, out = asyncio.run(run())
+    with cf.make_client(face, urls, shared_memory="system") as c:
+        out = c.infer("scale", {"x": big}, version=2)
+        regions = c.shm_regions
     np.testing.assert_array_equal(out["y"], big * 2)
     assert regions and [r for r in regions if cf.leftover_shm(r)] == []
     assert set(regions) & set(_server_regions(urls[0]) + _server_regions(urls[1])) == set()
@@ -331,9 +412,11 @@ def test_client_sends_tensors_through_cuda_shared_memory(urls: list[str]) -> Non
 # -- metrics and hooks ----------------------------------------------------------------------------------
 
 
-def test_client_counts_requests_failures_and_latency_per_model_and_endpoint(urls: list[str]) -> None:
+def test_client_counts_requests_failures_and_latency_per_model_and_endpoint(
+    face: str, urls: list[str]
+) -> None:
     registry = CollectorRegistry()
-    with Client(urls, registry=registry) as c:
+    with cf.make_client(face, urls, registry=registry) as c:
         for _ in range(3):
             c.infer("mlp", {"x": X})
         with pytest.raises(InferenceFailed):
@@ -345,9 +428,9 @@ def test_client_counts_requests_failures_and_latency_per_model_and_endpoint(urls
     assert sum(value("tritonforge_client_endpoint_requests_total", {"endpoint": u}) or 0 for u in urls) == 4
 
 
-def test_client_hooks_see_every_call_with_its_endpoint_and_error(urls: list[str]) -> None:
+def test_client_hooks_see_every_call_with_its_endpoint_and_error(face: str, urls: list[str]) -> None:
     events: list[ClientEvent] = []
-    with Client(urls, hooks=[events.append], registry=CollectorRegistry()) as c:
+    with cf.make_client(face, urls, hooks=[events.append]) as c:
         c.infer("mlp", {"x": X})
         with pytest.raises(ModelNotFoundError):
             c.infer("nope", {"x": X})
@@ -364,16 +447,16 @@ def test_client_hooks_see_every_call_with_its_endpoint_and_error(urls: list[str]
 def test_client_sends_headers_on_every_call(client_repo: Path) -> None:
     args = ["--grpc-restricted-protocol=inference,metadata,health:tf-key=s3cret"]
     with cf.servers(client_repo, 1, extra_args=args) as (guarded,):
-        with (
-            Client(guarded.grpc_url, retry=RetryPolicy.none(), registry=CollectorRegistry()) as anonymous,
-            pytest.raises(AuthenticationError, match="restricted"),
-        ):
-            anonymous.infer("mlp", {"x": X})
-        with Client(
-            guarded.grpc_url, headers={"triton-grpc-protocol-tf-key": "s3cret"}, registry=CollectorRegistry()
-        ) as allowed:
-            assert allowed.is_server_ready()
-            assert allowed.infer("mlp", {"x": X})["probs"].shape == (4, 3)
+        for face in cf.FACES:
+            with (
+                cf.make_client(face, guarded.grpc_url, retry=RetryPolicy.none()) as anonymous,
+                pytest.raises(AuthenticationError, match="restricted"),
+            ):
+                anonymous.infer("mlp", {"x": X})
+            secret = {"triton-grpc-protocol-tf-key": "s3cret"}
+            with cf.make_client(face, guarded.grpc_url, headers=secret) as allowed:
+                assert allowed.is_server_ready()
+                assert allowed.infer("mlp", {"x": X})["probs"].shape == (4, 3)
 
 
 # -- TLS -------------------------------------------------------------------------------------------------

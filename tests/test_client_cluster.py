@@ -21,7 +21,6 @@ from conftest import triton_infer
 from tritonforge import (
     AsyncClient,
     CircuitBreaker,
-    Client,
     Deadline,
     DeadlineExceeded,
     Fallback,
@@ -55,6 +54,11 @@ def urls(cluster: list[EmbeddedServer]) -> list[str]:
     return [s.grpc_url for s in cluster]
 
 
+@pytest.fixture(params=cf.FACES)
+def face(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 def reference(url: str, model: str, x: np.ndarray) -> np.ndarray:
     raw = grpcclient.InferenceServerClient(url)
     try:
@@ -66,9 +70,9 @@ def reference(url: str, model: str, x: np.ndarray) -> np.ndarray:
 # -- balancing ------------------------------------------------------------------------------------------
 
 
-def test_client_spreads_requests_over_every_endpoint(urls: list[str]) -> None:
+def test_client_spreads_requests_over_every_endpoint(face: str, urls: list[str]) -> None:
     registry = CollectorRegistry()
-    with Client(urls, registry=registry) as c:
+    with cf.make_client(face, urls, registry=registry) as c:
         c.infer_many("mlp", [{"x": X}] * 60, concurrency=6)
     sent = [
         registry.get_sample_value("tritonforge_client_endpoint_requests_total", {"endpoint": u}) for u in urls
@@ -79,16 +83,16 @@ def test_client_spreads_requests_over_every_endpoint(urls: list[str]) -> None:
 # -- canary and A/B routing -----------------------------------------------------------------------------
 
 
-def test_client_canary_gets_its_share_of_requests(urls: list[str]) -> None:
+def test_client_canary_gets_its_share_of_requests(face: str, urls: list[str]) -> None:
     split = TrafficSplit.canary("scale", stable="1", candidate="2", share=0.1)
-    with Client(urls, routes={"scale": split}, registry=CollectorRegistry()) as c:
+    with cf.make_client(face, urls, routes={"scale": split}) as c:
         outs = c.infer_many("scale", [{"x": ONES}] * 2_000, concurrency=16)
     canary = sum(float(o["y"][0, 0]) == 2.0 for o in outs)
     assert sum(float(o["y"][0, 0]) == 1.0 for o in outs) + canary == 2_000
     assert 140 <= canary <= 260  # 10% +- 3%
 
 
-def test_client_sticky_keys_always_land_on_the_same_side(urls: list[str]) -> None:
+def test_async_client_sticky_keys_always_land_on_the_same_side(urls: list[str]) -> None:
     split = TrafficSplit.canary("scale", stable="1", candidate="2", share=0.3, sticky=True)
 
     async def run() -> dict[str, set[float]]:
@@ -110,10 +114,12 @@ def test_client_sticky_keys_always_land_on_the_same_side(urls: list[str]) -> Non
 # -- fallbacks -------------------------------------------------------------------------------------------
 
 
-def test_client_failing_primary_model_is_answered_by_its_fallback(urls: list[str]) -> None:
+def test_client_failing_primary_model_is_answered_by_its_fallback(face: str, urls: list[str]) -> None:
     registry = CollectorRegistry()
     events: list[ClientEvent] = []
-    with Client(urls, fallbacks={"broken": Fallback("mlp")}, hooks=[events.append], registry=registry) as c:
+    with cf.make_client(
+        face, urls, fallbacks={"broken": Fallback("mlp")}, hooks=[events.append], registry=registry
+    ) as c:
         out = c.infer("broken", {"x": X})
     np.testing.assert_array_equal(out["probs"], reference(urls[0], "mlp", X))
     assert [e.kind for e in events] == ["fallback", "request"] and events[-1].error is None
@@ -125,21 +131,25 @@ def test_client_failing_primary_model_is_answered_by_its_fallback(urls: list[str
     )
 
 
-def test_async_client_missing_model_is_answered_by_the_next_in_its_fallback_chain(urls: list[str]) -> None:
-    async def run() -> dict[str, np.ndarray]:
-        async with AsyncClient(
-            urls, fallbacks={"gone": Fallback("broken", "mlp")}, registry=CollectorRegistry()
-        ) as c:
-            return await c.infer("gone", {"x": X})
+def test_client_missing_model_is_answered_by_the_next_in_its_fallback_chain(
+    face: str, urls: list[str]
+) -> None:
+    with cf.make_client(
+        face, urls, fallbacks={"gone": Fallback("broken", "mlp")}, registry=CollectorRegistry()
+    ) as c:
+        out = c.infer("gone", {"x": X})
+    np.testing.assert_array_equal(out["probs"], reference(urls[0], "mlp", X))
 
-    np.testing.assert_array_equal(asyncio.run(run())["probs"], reference(urls[0], "mlp", X))
 
-
-def test_client_raises_invalid_request_error_without_falling_back(urls: list[str]) -> None:
+def test_client_raises_invalid_request_error_without_falling_back(face: str, urls: list[str]) -> None:
     events: list[ClientEvent] = []
     with (
-        Client(
-            urls, fallbacks={"mlp": Fallback("broken")}, hooks=[events.append], registry=CollectorRegistry()
+        cf.make_client(
+            face,
+            urls,
+            fallbacks={"mlp": Fallback("broken")},
+            hooks=[events.append],
+            registry=CollectorRegistry(),
         ) as c,
         pytest.raises(InvalidRequestError),
     ):
@@ -150,11 +160,13 @@ def test_client_raises_invalid_request_error_without_falling_back(urls: list[str
 # -- deadlines -------------------------------------------------------------------------------------------
 
 
-def test_client_raises_deadline_exceeded_without_retrying_when_the_deadline_passes(urls: list[str]) -> None:
+def test_client_raises_deadline_exceeded_without_retrying_when_the_deadline_passes(
+    face: str, urls: list[str]
+) -> None:
     events: list[ClientEvent] = []
     retry = RetryPolicy(max_attempts=100, budget=None)
     with (
-        Client(urls, retry=retry, hooks=[events.append], registry=CollectorRegistry()) as c,
+        cf.make_client(face, urls, retry=retry, hooks=[events.append]) as c,
         pytest.raises(DeadlineExceeded, match="'sleepy'") as caught,
     ):
         c.infer("sleepy", {"x": ONES}, timeout_s=0.1)
@@ -162,31 +174,32 @@ def test_client_raises_deadline_exceeded_without_retrying_when_the_deadline_pass
     assert [e.kind for e in events] == ["request"] and events[0].attempt == 1
 
 
-def test_async_client_retries_attempt_timeouts_only_until_the_call_deadline(urls: list[str]) -> None:
+def test_client_retries_attempt_timeouts_only_until_the_call_deadline(face: str, urls: list[str]) -> None:
     events: list[ClientEvent] = []
-
-    async def run() -> None:
-        async with AsyncClient(
+    with (
+        cf.make_client(
+            face,
             urls,
             deadline=Deadline(total_s=0.5, attempt_s=0.1),
             hooks=[events.append],
             retry=RetryPolicy(max_attempts=1_000, budget=None),
             registry=CollectorRegistry(),
-        ) as c:
-            await c.infer("sleepy", {"x": ONES})
-
-    with pytest.raises(DeadlineExceeded):
-        asyncio.run(run())
+        ) as c,
+        pytest.raises(DeadlineExceeded),
+    ):
+        c.infer("sleepy", {"x": ONES})
     retries = [e for e in events if e.kind == "retry"]
     assert 1 <= len(retries) <= 5  # each attempt got its 0.1 s; none ran past the 0.5 s call
     assert events[-1].kind == "request" and isinstance(events[-1].error, DeadlineExceeded)
 
 
-def test_client_raises_deadline_exceeded_when_every_server_is_down_however_many_retries_allowed() -> None:
+def test_client_raises_deadline_exceeded_when_every_server_is_down_however_many_retries_allowed(
+    face: str,
+) -> None:
     dead = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     retry = RetryPolicy(max_attempts=1_000_000, backoff_initial_s=0.01, backoff_max_s=0.05, budget=None)
     with (
-        Client(dead, retry=retry, registry=CollectorRegistry()) as c,
+        cf.make_client(face, dead, retry=retry) as c,
         pytest.raises(DeadlineExceeded) as caught,
     ):
         c.infer("mlp", {"x": X}, timeout_s=0.5)
@@ -196,10 +209,12 @@ def test_client_raises_deadline_exceeded_when_every_server_is_down_however_many_
 # -- shadow traffic --------------------------------------------------------------------------------------
 
 
-def test_client_shadow_traffic_never_changes_the_response_and_counts_differences(urls: list[str]) -> None:
+def test_client_shadow_traffic_never_changes_the_response_and_counts_differences(
+    face: str, urls: list[str]
+) -> None:
     registry = CollectorRegistry()
     shadow = Shadow("scale", version="2", share=1.0)
-    with Client(urls, shadows={"scale": shadow}, registry=registry) as c:
+    with cf.make_client(face, urls, shadows={"scale": shadow}, registry=registry) as c:
         outs = [c.infer("scale", {"x": ONES * i}, version=1) for i in range(20)]
         c.wait_shadows()
         stats = c.shadow_stats[("scale", "scale")]
@@ -214,22 +229,21 @@ def test_client_shadow_traffic_never_changes_the_response_and_counts_differences
     )
 
 
-def test_async_client_failing_shadow_never_changes_the_response(urls: list[str]) -> None:
-    async def run() -> tuple[list[dict[str, np.ndarray]], int, int]:
-        async with AsyncClient(urls, shadows={"mlp": Shadow("broken")}, registry=CollectorRegistry()) as c:
-            outs = [await c.infer("mlp", {"x": X}) for _ in range(5)]
-            await c.wait_shadows()
-            stats = c.shadow_stats[("mlp", "broken")]
-            return outs, stats.errors, stats.mismatches
-
-    outs, errors, mismatches = asyncio.run(run())
+def test_client_failing_shadow_never_changes_the_response(face: str, urls: list[str]) -> None:
+    with cf.make_client(face, urls, shadows={"mlp": Shadow("broken")}) as c:
+        outs = [c.infer("mlp", {"x": X}) for _ in range(5)]
+        c.wait_shadows()
+        stats = c.shadow_stats[("mlp", "broken")]
+        errors, mismatches = stats.errors, stats.mismatches
     expected = reference(urls[0], "mlp", X)
     assert all(np.array_equal(o["probs"], expected) for o in outs)
     assert errors == 5 and mismatches == 0
 
 
-def test_client_identical_shadow_counts_no_difference(urls: list[str]) -> None:
-    with Client(urls, shadows={"mlp": Shadow("mlp", share=0.5)}, seed=5, registry=CollectorRegistry()) as c:
+def test_client_identical_shadow_counts_no_difference(face: str, urls: list[str]) -> None:
+    with cf.make_client(
+        face, urls, shadows={"mlp": Shadow("mlp", share=0.5)}, seed=5, registry=CollectorRegistry()
+    ) as c:
         for _ in range(40):
             c.infer("mlp", {"x": X})
         c.wait_shadows()

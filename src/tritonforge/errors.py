@@ -12,7 +12,9 @@
     │   ├── ModelLoadError     a model failed to load (names the model and Triton's reason)
     │   └── ServerGone         the server stopped answering mid-run (a sweep, a tune)
     └── ClientError            an inference or control call failed
-        ├── InvalidRequestError    wrong input name, dtype or shape (never retried)
+        ├── InvalidRequestError    wrong input name, dtype, shape or value (never retried)
+        │   ├── RequestTooLarge    over the server's message limit (``.limit_bytes``)
+        │   └── NotOffered         the server does not offer this call (not Triton: UNIMPLEMENTED)
         ├── ModelNotFoundError     no such model / version on the server
         ├── InferenceFailed        the model ran on the server and failed (a fallback may answer)
         ├── AuthenticationError    the server refused the call's credentials (headers / TLS)
@@ -49,9 +51,11 @@ __all__ = [
     "InvalidRequestError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "NotOffered",
     "PipelineCheckError",
     "QuantizationError",
     "RepositoryError",
+    "RequestTooLarge",
     "ServerError",
     "ServerGone",
     "SignatureError",
@@ -140,6 +144,19 @@ class ClientError(TritonForgeError):
 
 class InvalidRequestError(ClientError):
     """The request itself is wrong (input name, dtype, shape); retrying can't help."""
+
+
+class RequestTooLarge(InvalidRequestError):
+    """The request is over the server's message limit (``limit_bytes``, when the server said it).
+
+    Never retried and never held against the endpoint: send fewer rows per call, or shared memory.
+    """
+
+    limit_bytes: int | None = None  # set where the limit is known
+
+
+class NotOffered(InvalidRequestError):
+    """The server does not offer this call (gRPC UNIMPLEMENTED: e.g. Triton's own RPCs on another server)."""
 
 
 class ModelNotFoundError(ClientError):

@@ -17,9 +17,10 @@ Errors are those of :mod:`tritonforge.errors` (``ClientError`` and below), mappe
 from __future__ import annotations
 
 from tritonforge.client._async import AsyncClient
+from tritonforge.client._base import DEFAULT_CONTROL_TIMEOUT_S, InferOptions, ManyOptions
 from tritonforge.client._codec import ModelMetadata, TensorMetadata
 from tritonforge.client._mapping import map_grpc_errors
-from tritonforge.client._pool import EndpointStatus
+from tritonforge.client._pool import Capabilities, EndpointStatus
 from tritonforge.client._sync import Client
 from tritonforge.client.observe import ClientEvent, ShadowStats
 from tritonforge.client.policies import (
@@ -40,9 +41,11 @@ from tritonforge.client.policies import (
 )
 
 __all__ = [
+    "DEFAULT_CONTROL_TIMEOUT_S",
     "DEFAULT_DEADLINE",
     "DEFAULT_RETRY",
     "AsyncClient",
+    "Capabilities",
     "CircuitBreaker",
     "Client",
     "ClientEvent",
@@ -51,6 +54,8 @@ __all__ = [
     "EndpointStatus",
     "Fallback",
     "HealthCheck",
+    "InferOptions",
+    "ManyOptions",
     "ModelMetadata",
     "RetryBudget",
     "RetryPolicy",

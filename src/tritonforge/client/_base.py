@@ -1,35 +1,55 @@
-"""What the sync and async clients share, none of it I/O: options, the endpoint pool, targets (routing and
-fallbacks), request encoding with its caches, shadow decisions and comparisons, metrics and hooks."""
+"""The client's core, none of it I/O: options, the endpoint pool, what each endpoint offers, targets (routing
+and fallbacks), input checks, request encoding with its caches, every public call as a flow of operations,
+shadow decisions and comparisons, metrics and hooks.
+
+Every public method of :class:`Client` and :class:`AsyncClient` is one line: it drives the matching
+``_<name>_flow`` generator here, which yields the I/O to do (:class:`~tritonforge.client._flow.Rpc`,
+``Each``, ``Sleep``, ``Spawn``) and is sent the answers. So a decision, a request or a response is shaped
+in one place, and the two faces cannot drift apart.
+"""
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Generator, Iterable, Mapping, Sequence
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, TypeVar, cast
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from tritonforge.client._coalesce import Batchable, batch_rows
 from tritonforge.client._codec import (
     ModelMetadata,
-    as_array,
+    decode_response,
     frame,
     request_header,
-    tensor_bytes,
-    triton_dtype,
 )
-from tritonforge.client._flow import Attempt, BudgetState, call_flow
-from tritonforge.client._pool import EndpointPool, EndpointStatus
+from tritonforge.client._flow import Attempt, BudgetState, Each, Op, Rpc, Sleep, Spawn, call_flow, one
+from tritonforge.client._inputs import (
+    NonFinitePolicy,
+    PreparedCall,
+    as_version,
+    join_batches,
+    prepare,
+    smaller_limit,
+)
+from tritonforge.client._inputs import batches as split_under
+from tritonforge.client._mapping import too_large
+from tritonforge.client._pool import Capabilities, Endpoint, EndpointPool, EndpointStatus
 from tritonforge.client.observe import ClientEvent, ClientMetrics, Hook, ShadowStats
 from tritonforge.client.policies import (
     DEFAULT_DEADLINE,
     DEFAULT_RETRY,
     CircuitBreaker,
+    Coalesce,
     Deadline,
     Fallback,
     HealthCheck,
@@ -48,11 +68,64 @@ from tritonforge.client.shm import (
     is_local,
     system_shm_available,
 )
-from tritonforge.errors import ClientError, InvalidRequestError
+from tritonforge.errors import (
+    AuthenticationError,
+    ClientError,
+    InvalidRequestError,
+    NotOffered,
+    RequestTooLarge,
+    TransportError,
+)
 
-__all__ = ["INFER_METHOD", "BaseClient", "PreparedCall", "join_batches", "split_batches"]
+__all__ = [
+    "DEFAULT_CONTROL_TIMEOUT_S",
+    "INFER_METHOD",
+    "BaseClient",
+    "Flow",
+    "InferOptions",
+    "ManyOptions",
+    "Outputs",
+    "PreparedCall",
+    "Transport",
+]
+
+T = TypeVar("T")
+Flow = Generator[Op, Any, T]
+Outputs = dict[str, np.ndarray]
+
+
+class InferOptions(TypedDict, total=False):
+    """The keyword options of ``infer`` (all optional).
+
+    Attributes:
+        version: a version; ``None`` lets a route choose, or the server's policy.
+        outputs: the outputs to return (all when ``None``).
+        timeout_s: this call's deadline, retries and fallbacks included.
+        key: the stickiness key for routes with ``sticky=True`` (a user or session id).
+    """
+
+    version: str | int | None
+    outputs: Sequence[str] | None
+    timeout_s: float | None
+    key: str | bytes | None
+
+
+class ManyOptions(TypedDict, total=False):
+    """The keyword options of ``infer_many`` and ``infer_batched`` (all optional).
+
+    Attributes:
+        concurrency: requests in flight at once (``infer_many``: 16, ``infer_batched``: 4).
+        version / outputs / timeout_s: as :class:`InferOptions`, for every request.
+    """
+
+    concurrency: int
+    version: str | int | None
+    outputs: Sequence[str] | None
+    timeout_s: float | None
+
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+DEFAULT_CONTROL_TIMEOUT_S = 300.0  # load/unload: long enough for a big model, never forever
 _HEADER_CACHE_LIMIT = 4096
 _CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_send_message_length", -1),
@@ -61,6 +134,14 @@ _CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
+# What a server that is not Triton may lack, and what to use instead.
+_NOT_OFFERED_HINT = {
+    "model_config": "ModelConfig is Triton's own call; client.model_metadata() works on every v2 server",
+    "statistics": "ModelStatistics is Triton's own call; read the server's own metrics instead",
+    "shared_memory": "tensors go in the message instead",
+    "streaming": "use infer()",
+}
+_ROW_MARGIN = 0.9  # of a message limit, left for the request's header when splitting batches
 
 
 def _pem(value: bytes | str | None) -> bytes | None:
@@ -70,32 +151,63 @@ def _pem(value: bytes | str | None) -> bytes | None:
 
 
 def _url(url: str) -> str:
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"an endpoint URL is a 'host:port' string, not {url!r}")
     for scheme in ("grpc://", "grpcs://"):
         if url.startswith(scheme):
             return url[len(scheme) :]
     return url
 
 
-@dataclass(slots=True)
-class PreparedCall:
-    """One call's inputs, encoded once whatever the number of attempts."""
+def _as_dict(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
-    model: str
-    signature: tuple[tuple[str, str, tuple[int, ...]], ...]
-    raws: list[Any]
-    outputs: tuple[str, ...] | None
-    nbytes: int
-    arrays: Mapping[str, np.ndarray]
 
-    def mirror(self) -> PreparedCall:
-        """A copy for a shadow call: owns its bytes (the caller may reuse its buffers), no arrays."""
-        return PreparedCall(
-            self.model, self.signature, [bytes(r) for r in self.raws], self.outputs, self.nbytes, {}
+class Transport:
+    """One endpoint's channel and the inference service's calls on it (sync or grpc.aio alike)."""
+
+    __slots__ = ("channel", "methods")
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        self.methods: dict[str, Any] = {
+            name: value for name, value in vars(stub).items() if not name.startswith("_")
+        }
+        # Raw bytes in (the codec frames the request), a parsed response out.
+        self.methods["ModelInfer"] = channel.unary_unary(
+            INFER_METHOD, request_serializer=None, response_deserializer=pb.ModelInferResponse.FromString
         )
 
 
 class BaseClient:
-    """Options and decisions shared by :class:`Client` and :class:`AsyncClient` (see their docs)."""
+    """Options and decisions shared by :class:`Client` and :class:`AsyncClient` (see their docs).
+
+    Args:
+        urls: one ``host:port`` or a list of them (replicas serving the same models).
+        deadline: a :class:`Deadline` or a number of seconds for a whole call (``timeout_s`` per call wins).
+        retry: :class:`RetryPolicy` for transient errors (``RetryPolicy.none()`` to disable).
+        breaker: :class:`CircuitBreaker` per endpoint.
+        health_check: :class:`HealthCheck` run in the background.
+        routes: ``{model: TrafficSplit}`` (A/B, canary).
+        fallbacks: ``{model: Fallback}``.
+        shadows: ``{model: Shadow}``.
+        shared_memory: :class:`SharedMemory` or its mode (``"auto"``, ``"system"``, ``"cuda"``, ``"off"``);
+            a server that does not take a region gets the bytes in the message.
+        headers: sent with every call (Triton's restricted protocols, auth proxies).
+        tls: :class:`TLSConfig`.
+        validate: check inputs against the model's metadata before sending (once per input signature).
+        allow_non_finite: NaN and ±inf inputs are refused by default; ``True`` sends them for every input,
+            a collection of input names (``"x"``, or ``"model/x"`` for one model's) for those inputs only.
+        coalesce: client-side batching (:class:`Coalesce`); :class:`AsyncClient` only, on by default there.
+        registry: prometheus registry for the client metrics.
+        metrics: ``False`` turns the client metrics off.
+        hooks: callables given a :class:`ClientEvent` for each call, retry, fallback and shadow comparison.
+        channel_options: extra gRPC channel options.
+        seed: seeds the client's randomness (routing, jitter) for reproducible runs.
+    """
+
+    _coalesce_default = False
 
     def __init__(
         self,
@@ -112,6 +224,8 @@ class BaseClient:
         headers: Mapping[str, str] | None = None,
         tls: TLSConfig | None = None,
         validate: bool = True,
+        allow_non_finite: bool | Collection[str] = False,
+        coalesce: Coalesce | bool | None = None,
         registry: CollectorRegistry | None = None,
         metrics: bool = True,
         hooks: Iterable[Hook] = (),
@@ -133,6 +247,20 @@ class BaseClient:
         self.headers = {k.lower(): v for k, v in (headers or {}).items()}
         self.tls = tls
         self.validate = validate
+        if isinstance(allow_non_finite, str):
+            allow_non_finite = (allow_non_finite,)
+        self.allow_non_finite: NonFinitePolicy = (
+            allow_non_finite if isinstance(allow_non_finite, bool) else frozenset(allow_non_finite)
+        )
+        if coalesce is None or isinstance(coalesce, bool):
+            coalesce = Coalesce(enabled=self._coalesce_default if coalesce is None else coalesce)
+        if coalesce.enabled and not self._coalesce_default:
+            raise ValueError(
+                f"client-side batching (coalesce) needs AsyncClient; {type(self).__name__} sends each call "
+                "as its own request (the server's dynamic batcher still merges them)"
+            )
+        self.coalesce = coalesce
+        self._coalescing = coalesce.enabled
         self.hooks: list[Hook] = list(hooks)
         self._rng = random.Random(seed)
         self._pool = EndpointPool(self.urls, self.breaker, random.Random(seed))
@@ -143,15 +271,25 @@ class BaseClient:
         if tls is not None and tls.server_name:
             self._channel_options.append(("grpc.ssl_target_name_override", tls.server_name))
         self._model_metadata: dict[tuple[str, str | None], ModelMetadata] = {}
+        self._batchable: dict[tuple[str, str | None], Batchable] = {}
+        self._probing: set[tuple[str, str | None]] = set()
         self._headers: dict[Any, bytes] = {}
         self._shm = self._make_shm_pool()
         self._shm_auto = self.shared_memory.mode == "auto"
         self._shm_threshold = self.shared_memory.threshold_bytes
         self.shadow_stats: dict[tuple[str, str], ShadowStats] = {}
         self._closed = False
+        self._setup()
+
+    def _setup(self) -> None:
+        """The face's own state (channels, threads or tasks), made at the end of ``__init__``."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.urls}{' closed' if self._closed else ''}>"
+
+    def _check_open(self, model: str | None = None) -> None:
+        if self._closed:
+            raise ClientError(f"the {type(self).__name__} is closed; make a new one", model=model)
 
     # -- channels ----------------------------------------------------------------------------------------
 
@@ -163,6 +301,24 @@ class BaseClient:
             private_key=_pem(self.tls.private_key),
             certificate_chain=_pem(self.tls.certificate_chain),
         )
+
+    def _connect(self, grpc_module: Any) -> None:
+        """A channel per endpoint from ``grpc`` or ``grpc.aio`` (they share these two functions)."""
+        self._grpc_module = grpc_module
+        self._credentials_cache = self._credentials()
+        for ep in self._pool.endpoints:
+            self._attach(ep)
+
+    def _attach(self, ep: Endpoint) -> None:
+        """Give one endpoint its channel (also for an endpoint that joins the pool later)."""
+        channel = (
+            self._grpc_module.insecure_channel(ep.url, options=self._channel_options)
+            if self._credentials_cache is None
+            else self._grpc_module.secure_channel(
+                ep.url, self._credentials_cache, options=self._channel_options
+            )
+        )
+        ep.handle = Transport(channel)
 
     # -- shared memory -----------------------------------------------------------------------------------
 
@@ -179,11 +335,13 @@ class BaseClient:
             return ShmPool("cuda", self.shared_memory.cuda_device)  # pragma: no cover - needs a GPU
         return ShmPool("system") if system_shm_available() else None
 
-    def _use_shm(self, call: PreparedCall, url: str) -> bool:
+    def _use_shm(self, call: PreparedCall, ep: Endpoint) -> bool:
         pool = self._shm
         if pool is None or (self._shm_auto and call.nbytes < self._shm_threshold):
             return False
-        return pool.kind != "system" or is_local(url)
+        if ep.capabilities.shared_memory is False:
+            return False
+        return pool.kind != "system" or is_local(ep.url)
 
     def _shm_request(
         self, call: PreparedCall, model: str, version: str | None
@@ -218,28 +376,35 @@ class BaseClient:
         """Names of the shared-memory regions this client holds (all removed by close)."""
         return [] if self._shm is None else [r.name for r in self._shm.regions()]
 
-    # -- calls -------------------------------------------------------------------------------------------
+    # -- input checks ------------------------------------------------------------------------------------
 
-    def _prepare(self, model: str, inputs: Mapping[str, Any], outputs: Sequence[str] | None) -> PreparedCall:
-        if self._closed:
-            raise ClientError("the client is closed", model=model)
-        if not inputs:
-            raise InvalidRequestError(f"no inputs given for model {model!r}", model=model)
-        arrays: dict[str, np.ndarray] = {}
-        signature = []
-        raws = []
-        nbytes = 0
-        for name, value in inputs.items():
-            array = value if type(value) is np.ndarray else as_array(name, value, model)
-            datatype = triton_dtype(array.dtype)
-            raw = tensor_bytes(array, datatype)
-            arrays[name] = array
-            signature.append((name, datatype, array.shape))
-            raws.append(raw)
-            nbytes += len(raw)
-        return PreparedCall(
-            model, tuple(signature), raws, None if outputs is None else tuple(outputs), nbytes, arrays
-        )
+    def _prepare(
+        self, model: str, inputs: Mapping[str, Any], outputs: Sequence[str] | None, timeout_s: float | None
+    ) -> PreparedCall:
+        self._check_open(model if isinstance(model, str) else None)
+        return prepare(model, inputs, outputs, timeout_s, self.allow_non_finite)
+
+    def _check_inputs(self, call: PreparedCall, attempt: Attempt) -> None:
+        if self.validate:
+            meta = self._model_metadata.get((attempt.model, attempt.version))
+            # A server may declare no inputs at all (MLServer without them in model-settings.json):
+            # nothing to check against, the server checks.
+            if meta is not None and meta.inputs:
+                meta.check_inputs(call.signature, attempt.version, attempt.endpoint.url)
+
+    def _encode(self, call: PreparedCall, attempt: Attempt) -> bytes:
+        """The request's bytes (header from cache; inputs checked against the metadata the first time)."""
+        key = (attempt.model, attempt.version, call.outputs, call.signature)
+        header = self._headers.get(key)
+        if header is None:
+            self._check_inputs(call, attempt)
+            header = request_header(attempt.model, attempt.version, call.signature, call.outputs)
+            if len(self._headers) >= _HEADER_CACHE_LIMIT:
+                self._headers.clear()
+            self._headers[key] = header
+        return frame(header, call.raws)
+
+    # -- routing -----------------------------------------------------------------------------------------
 
     def _targets(
         self, model: str, version: str | int | None, key: str | bytes | None
@@ -250,14 +415,24 @@ class BaseClient:
             variant = split.choose(key, self._rng)
             first = (variant.model, variant.version)
         else:
-            first = (model, None if version is None else str(version))
+            first = (model, as_version(version))
         fallback = self.fallbacks.get(model)
         if fallback is None:
             return [first]
         return [first, *(t for t in fallback.chain if t != first)]
 
-    def _flow(self, targets: Sequence[tuple[str, str | None]], timeout_s: float | None) -> Any:
-        return call_flow(
+    # -- flows: one call across endpoints, retries and fallbacks -------------------------------------------
+
+    def _call_flow(
+        self,
+        targets: Sequence[tuple[str, str | None]],
+        timeout_s: float | None,
+        send: Callable[[Attempt], Flow[Any]],
+        on_attempt: Callable[[Attempt], None] | None = None,
+    ) -> Flow[Any]:
+        """Run ``send`` (a flow per attempt) under the call's retry, fallback and deadline decisions."""
+        self._check_open(targets[0][0] or None)
+        flow = call_flow(
             targets,
             pool=self._pool,
             retry=self.retry,
@@ -267,31 +442,427 @@ class BaseClient:
             clock=time.monotonic,
             rng=self._rng,
         )
+        try:
+            step = next(flow)
+            while True:
+                if type(step) is Attempt:
+                    if on_attempt is not None:
+                        on_attempt(step)
+                    try:
+                        outcome = yield from send(step)
+                    except ClientError as exc:
+                        self._on_attempt_error(step, exc)
+                        outcome = exc
+                else:
+                    yield cast(Sleep, step)
+                    outcome = None
+                step = flow.send(outcome)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            flow.close()
 
-    def _needs_metadata(self, model: str, version: str | None) -> bool:
-        return self.validate and (model, version) not in self._model_metadata
+    def _infer_flow(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        version: str | int | None = None,
+        outputs: Sequence[str] | None = None,
+        timeout_s: float | None = None,
+        key: str | bytes | None = None,
+    ) -> Flow[dict[str, np.ndarray]]:
+        started = time.perf_counter()
+        call = self._prepare(model, inputs, outputs, timeout_s)
+        targets = self._targets(model, version, key)
+        last: list[Attempt] = []
 
-    def _encode(self, call: PreparedCall, attempt: Attempt) -> bytes:
-        """The request's bytes (header from cache; inputs checked against the metadata the first time)."""
-        return frame(self._header(call, attempt), call.raws)
+        def on_attempt(attempt: Attempt) -> None:
+            last[:] = (attempt,)
+            self._on_attempt(model, attempt)
 
-    def _header(self, call: PreparedCall, attempt: Attempt) -> bytes:
-        key = (attempt.model, attempt.version, call.outputs, call.signature)
-        header = self._headers.get(key)
-        if header is None:
-            if self.validate:
-                meta = self._model_metadata[(attempt.model, attempt.version)]
-                meta.check_inputs(call.signature, attempt.version, attempt.endpoint.url)
-            header = request_header(attempt.model, attempt.version, call.signature, call.outputs)
-            if len(self._headers) >= _HEADER_CACHE_LIMIT:
-                self._headers.clear()
-            self._headers[key] = header
-        return header
+        try:
+            result = yield from self._call_flow(
+                targets, timeout_s, partial(self._attempt_flow, call), on_attempt
+            )
+        except ClientError as exc:
+            self._on_done(model, targets[0][1], started, exc, last[0] if last else None)
+            raise
+        self._on_done(model, targets[0][1], started, None, last[0] if last else None)
+        if self.shadows and not self._closed:
+            shadow = self._shadow_for(model)
+            if shadow is not None:
+                # Own copies: the caller may reuse its arrays as soon as we return.
+                yield Spawn(self._shadow_flow(model, shadow, call.mirror(), result, timeout_s))
+        return result
 
-    def _check_for_shm(self, call: PreparedCall, attempt: Attempt) -> None:
-        if self.validate:
-            meta = self._model_metadata[(attempt.model, attempt.version)]
-            meta.check_inputs(call.signature, attempt.version, attempt.endpoint.url)
+    def _infer_many_flow(
+        self,
+        model: str,
+        requests: Sequence[Mapping[str, Any]],
+        concurrency: int = 16,
+        version: str | int | None = None,
+        outputs: Sequence[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> Flow[list[dict[str, np.ndarray]]]:
+        """Every request as its own call, ``concurrency`` at a time; the first error raised after all ran."""
+        if isinstance(requests, (str, bytes, Mapping)) or not isinstance(requests, Sequence):
+            raise InvalidRequestError(
+                f"requests for model {model!r} must be a list of {{input name: array}} mappings, not "
+                f"{type(requests).__name__}",
+                model=model,
+            )
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency must be an int >= 1, not {concurrency!r}")
+        if not requests:
+            return []
+        flows = [self._infer_flow(model, r, version, outputs, timeout_s) for r in requests]
+        answers = yield Each(flows, concurrency)
+        for answer in answers:
+            if isinstance(answer, ClientError):
+                raise answer
+        return answers
+
+    def _infer_batched_flow(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        batch_size: int,
+        concurrency: int = 4,
+        version: str | int | None = None,
+        outputs: Sequence[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> Flow[dict[str, np.ndarray]]:
+        """Batches of ``batch_size`` rows, fewer under a message limit (learnt from a refusal if need be)."""
+        limit = self._known_limit()
+        while True:
+            batches = split_under(model, inputs, batch_size, limit)
+            try:
+                answers = yield from self._infer_many_flow(
+                    model, batches, concurrency, version, outputs, timeout_s
+                )
+            except RequestTooLarge as exc:
+                limit = smaller_limit(exc, limit)
+            else:
+                return join_batches(answers)
+
+    def _attempt_flow(self, call: PreparedCall, attempt: Attempt) -> Flow[dict[str, np.ndarray]]:
+        """One attempt of a call at one endpoint: metadata first (once), then shared memory or bytes."""
+        ep = attempt.endpoint
+        model, version = attempt.model, attempt.version
+        if self.validate and (model, version) not in self._model_metadata:
+            response = yield Rpc(
+                ep,
+                "ModelMetadata",
+                pb.ModelMetadataRequest(name=model, version=version or ""),
+                attempt.timeout_s,
+                model,
+                version,
+            )
+            self._model_metadata[(model, version)] = ModelMetadata.from_proto(response)
+        if self._use_shm(call, ep):
+            answer = yield from self._shm_attempt_flow(call, attempt)
+            if answer is not None:
+                return answer
+        merge = None
+        if self._coalescing and call.nbytes <= self.coalesce.max_call_bytes:
+            limit = yield from self._merge_limit_flow(attempt)
+            rows = batch_rows(call.signature) if limit else None
+            if rows is not None and 0 < rows < limit:
+                merge = (call, attempt, rows, limit)
+        body = self._encode(call, attempt)
+        limit_bytes = ep.capabilities.max_message_bytes
+        if limit_bytes is not None and len(body) > limit_bytes:
+            where = f"model {model!r}" + (f" version {version}" if version else "") + f" at {ep.url}"
+            raise too_large(
+                where,
+                f"message larger than max ({len(body)} vs. {limit_bytes})",
+                model=model,
+                version=version,
+                endpoint=ep.url,
+            )
+        try:
+            answer = yield Rpc(ep, "ModelInfer", body, attempt.timeout_s, model, version, merge)
+        except RequestTooLarge as exc:
+            if exc.limit_bytes:
+                ep.capabilities.max_message_bytes = exc.limit_bytes
+            raise
+        # A merged call (AsyncClient) comes back already decoded: its rows of the merged answer.
+        return answer if type(answer) is dict else decode_response(answer)
+
+    def _shm_attempt_flow(self, call: PreparedCall, attempt: Attempt) -> Flow[dict[str, np.ndarray] | None]:
+        """Send the inputs through a shared-memory region; ``None`` when the endpoint won't take one."""
+        ep = attempt.endpoint
+        self._check_inputs(call, attempt)
+        pool = self._shm
+        assert pool is not None
+        body, taken = self._shm_request(call, attempt.model, attempt.version)
+        region: SystemRegion | CudaRegion | None = taken
+        try:
+            if ep.url not in taken.registered_on:
+                method, request = self._register_request(taken)
+                try:
+                    yield Rpc(ep, method, request, attempt.timeout_s, attempt.model, attempt.version)
+                except TransportError:
+                    raise
+                except ClientError:
+                    # Not offered (not Triton), or the server can't open it (another host, a container
+                    # without our /dev/shm): never ask this endpoint again, send bytes.
+                    ep.capabilities.shared_memory = False
+                    pool.discard(taken)
+                    region = None
+                    return None
+                taken.registered_on.add(ep.url)
+                ep.capabilities.shared_memory = True
+            response = yield Rpc(ep, "ModelInfer", body, attempt.timeout_s, attempt.model, attempt.version)
+        finally:
+            if region is not None:
+                pool.release(region)
+        return decode_response(response)
+
+    def _merge_limit_flow(self, attempt: Attempt) -> Flow[int]:
+        """The most rows a merged request for the attempt's model may carry (0: don't merge).
+
+        Asks for the model's config once; a server without configs (not Triton) is never asked again,
+        and while the question is out other calls go alone instead of asking too.
+        """
+        key = (attempt.model, attempt.version)
+        batchable = self._batchable.get(key)
+        if batchable is None:
+            ep = attempt.endpoint
+            if ep.capabilities.model_config is False or key in self._probing:
+                return 0
+            self._probing.add(key)
+            try:
+                response = yield Rpc(
+                    ep,
+                    "ModelConfig",
+                    pb.ModelConfigRequest(name=attempt.model, version=attempt.version or ""),
+                    attempt.timeout_s,
+                    attempt.model,
+                    attempt.version,
+                )
+            except (NotOffered, AuthenticationError):  # not offered, or not to us (restricted protocol)
+                ep.capabilities.model_config = False
+                return 0
+            finally:
+                self._probing.discard(key)
+            ep.capabilities.model_config = True
+            batchable = Batchable.from_config(response.config)
+            self._batchable[key] = batchable
+        cap = self.coalesce.max_rows
+        return batchable.max_rows if cap is None else min(cap, batchable.max_rows)
+
+    # -- flows: shadows ----------------------------------------------------------------------------------
+
+    def _shadow_flow(
+        self,
+        model: str,
+        shadow: Shadow,
+        call: PreparedCall,
+        primary: dict[str, np.ndarray],
+        timeout_s: float | None,
+    ) -> Flow[None]:
+        started = time.perf_counter()
+        try:
+            result = yield from self._call_flow(
+                [(shadow.model, shadow.version)], timeout_s, partial(self._attempt_flow, call)
+            )
+        except ClientError as exc:
+            self._record_shadow(model, shadow, primary, None, exc, time.perf_counter() - started)
+        else:
+            self._record_shadow(model, shadow, primary, result, None, time.perf_counter() - started)
+
+    # -- flows: health, metadata, config, statistics, model control --------------------------------------
+
+    def _control_flow(
+        self,
+        method: str,
+        request: Any,
+        *,
+        model: str = "",
+        version: str | None = None,
+        timeout_s: float | None = None,
+        feature: str | None = None,
+    ) -> Flow[Any]:
+        """One control-plane call on one endpoint (retried elsewhere like an inference).
+
+        ``feature``: the :class:`Capabilities` field the call needs; an endpoint known not to offer it
+        raises :class:`NotOffered` at once, and an UNIMPLEMENTED answer is remembered.
+        """
+
+        def send(attempt: Attempt) -> Flow[Any]:
+            caps = attempt.endpoint.capabilities
+            if feature is not None and getattr(caps, feature) is False:
+                raise self._not_offered(feature, attempt.endpoint, model or None)
+            try:
+                response = yield Rpc(
+                    attempt.endpoint, method, request, attempt.timeout_s, model or None, version
+                )
+            except NotOffered:
+                if feature is None:
+                    raise
+                setattr(caps, feature, False)
+                raise self._not_offered(feature, attempt.endpoint, model or None) from None
+            if feature is not None:
+                setattr(caps, feature, True)
+            return response
+
+        return (yield from self._call_flow([(model, version)], timeout_s, send))
+
+    @staticmethod
+    def _not_offered(feature: str, ep: Endpoint, model: str | None) -> NotOffered:
+        return NotOffered(
+            f"the server at {ep.url} does not offer {feature.replace('_', ' ')} (it answered UNIMPLEMENTED: "
+            f"likely not Triton); {_NOT_OFFERED_HINT[feature]}",
+            model=model,
+            endpoint=ep.url,
+        )
+
+    def _flag_flow(
+        self, method: str, request: Any, field: str, model: str = "", version: str | None = None
+    ) -> Flow[bool]:
+        try:
+            response = yield from self._control_flow(method, request, model=model, version=version)
+        except ClientError:
+            if self._closed:
+                raise
+            return False
+        return bool(getattr(response, field))
+
+    def _is_server_live_flow(self) -> Flow[bool]:
+        return self._flag_flow("ServerLive", pb.ServerLiveRequest(), "live")
+
+    def _is_server_ready_flow(self) -> Flow[bool]:
+        return self._flag_flow("ServerReady", pb.ServerReadyRequest(), "ready")
+
+    def _is_model_ready_flow(self, model: str, version: str | int | None) -> Flow[bool]:
+        v = as_version(version)
+        return self._flag_flow(
+            "ModelReady", pb.ModelReadyRequest(name=model, version=v or ""), "ready", model, v
+        )
+
+    def _server_metadata_flow(self) -> Flow[dict[str, Any]]:
+        return _as_dict((yield from self._control_flow("ServerMetadata", pb.ServerMetadataRequest())))
+
+    def _model_metadata_flow(self, model: str, version: str | int | None) -> Flow[ModelMetadata]:
+        v = as_version(version)
+        request = pb.ModelMetadataRequest(name=model, version=v or "")
+        response = yield from self._control_flow("ModelMetadata", request, model=model, version=v)
+        meta = ModelMetadata.from_proto(response)
+        self._model_metadata[(model, v)] = meta
+        return meta
+
+    def _model_config_flow(self, model: str, version: str | int | None) -> Flow[Any]:
+        v = as_version(version)
+        request = pb.ModelConfigRequest(name=model, version=v or "")
+        response = yield from self._control_flow(
+            "ModelConfig", request, model=model, version=v, feature="model_config"
+        )
+        return response.config
+
+    def _model_statistics_flow(self, model: str, version: str | int | None) -> Flow[dict[str, Any]]:
+        v = as_version(version)
+        request = pb.ModelStatisticsRequest(name=model, version=v or "")
+        return _as_dict(
+            (
+                yield from self._control_flow(
+                    "ModelStatistics", request, model=model, version=v, feature="statistics"
+                )
+            )
+        )
+
+    def _repository_index_flow(self) -> Flow[list[dict[str, Any]]]:
+        response = yield from self._control_flow("RepositoryIndex", pb.RepositoryIndexRequest())
+        return _as_dict(response).get("models", [])
+
+    def _health_flow(self) -> Flow[dict[str, bool]]:
+        """Ask every endpoint at once whether it is ready, and feed the answers to the pool."""
+        self._check_open()
+        timeout_s = self.health_check.timeout_s if self.health_check is not None else 1.0
+        endpoints = list(self._pool.endpoints)
+        answers = yield Each(
+            [one(Rpc(ep, "ServerReady", pb.ServerReadyRequest(), timeout_s)) for ep in endpoints]
+        )
+        now = time.monotonic()
+        result = {}
+        for ep, answer in zip(endpoints, answers, strict=True):
+            ready = not isinstance(answer, ClientError) and bool(answer.ready)
+            self._pool.mark_health(ep, ready, now)
+            result[ep.url] = ready
+        return result
+
+    def _load_model_flow(self, model: str, config: str | None, timeout_s: float | None) -> Flow[None]:
+        request = pb.RepositoryModelLoadRequest(model_name=model)
+        if config is not None:
+            request.parameters["config"].string_param = config
+        return self._every_endpoint_flow("RepositoryModelLoad", request, model, timeout_s)
+
+    def _unload_model_flow(self, model: str, timeout_s: float | None) -> Flow[None]:
+        request = pb.RepositoryModelUnloadRequest(model_name=model)
+        return self._every_endpoint_flow("RepositoryModelUnload", request, model, timeout_s)
+
+    def _every_endpoint_flow(
+        self, method: str, request: Any, model: str, timeout_s: float | None
+    ) -> Flow[None]:
+        """One control call to every endpoint at once, each under ``timeout_s``; raises the first error."""
+        self._check_open(model)
+        if not isinstance(model, str) or not model:
+            raise InvalidRequestError(f"a model name is a non-empty string, not {model!r}")
+        timeout = DEFAULT_CONTROL_TIMEOUT_S if timeout_s is None else timeout_s
+        endpoints = list(self._pool.endpoints)
+        answers = yield Each([one(Rpc(ep, method, request, timeout, model)) for ep in endpoints])
+        self._model_metadata = {k: v for k, v in self._model_metadata.items() if k[0] != model}
+        self._batchable = {k: v for k, v in self._batchable.items() if k[0] != model}
+        self._headers.clear()
+        errors = [a for a in answers if isinstance(a, ClientError)]
+        if errors:
+            raise errors[0]
+
+    def _capabilities_flow(self) -> Flow[dict[str, Capabilities]]:
+        """Probe what each endpoint offers that is not known yet; ``{url: Capabilities}`` (copies)."""
+        self._check_open()
+        probes: list[tuple[Endpoint, str]] = []
+        rpcs: list[Rpc] = []
+        asks = {
+            "model_config": ("ModelConfig", pb.ModelConfigRequest(name="")),
+            "statistics": ("ModelStatistics", pb.ModelStatisticsRequest(name="")),
+            "shared_memory": ("SystemSharedMemoryStatus", pb.SystemSharedMemoryStatusRequest()),
+            "streaming": ("ModelStreamInfer", ()),
+        }
+        for ep in self._pool.endpoints:
+            for feature, (method, request) in asks.items():
+                if getattr(ep.capabilities, feature) is None:
+                    probes.append((ep, feature))
+                    rpcs.append(Rpc(ep, method, request, 5.0))
+        answers = (yield Each([one(r) for r in rpcs])) if rpcs else []
+        for (ep, feature), answer in zip(probes, answers, strict=True):
+            if isinstance(answer, NotOffered):
+                setattr(ep.capabilities, feature, False)
+            elif not isinstance(answer, TransportError):  # any other answer: the call exists
+                setattr(ep.capabilities, feature, True)
+        return {ep.url: replace(ep.capabilities) for ep in self._pool.endpoints}
+
+    def _close_flow(self) -> Flow[None]:
+        """Unregister our shared-memory regions from the servers that know them, then remove them."""
+        pool = self._shm
+        if pool is None:
+            return
+        rpcs = []
+        for region in pool.regions():
+            method, request = self._unregister_request(region)
+            rpcs += [
+                Rpc(ep, method, request, 2.0) for ep in self._pool.endpoints if ep.url in region.registered_on
+            ]
+        if rpcs:
+            yield Each([one(r) for r in rpcs])
+        pool.close()
+
+    def _known_limit(self) -> int | None:
+        """The smallest message limit an endpoint has named (``None``: none known yet)."""
+        known = [ep.capabilities.max_message_bytes for ep in self._pool.endpoints]
+        return min((k for k in known if k), default=None)
+
+    # -- metrics and hooks -------------------------------------------------------------------------------
 
     def _on_attempt(self, call_model: str, attempt: Attempt) -> None:
         metrics = self._metrics
@@ -414,21 +985,3 @@ def compare_outputs(
         elif not np.array_equal(want, got):
             mismatch = True
     return mismatch, worst
-
-
-def split_batches(inputs: Mapping[str, np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
-    lengths = {len(np.asarray(a)) for a in inputs.values()}
-    if len(lengths) != 1:
-        raise ClientError(f"inputs must share their first dim to be batched, got lengths {sorted(lengths)}")
-    (n,) = lengths
-    return [
-        {k: np.asarray(a)[i : i + batch_size] for k, a in inputs.items()} for i in range(0, n, batch_size)
-    ]
-
-
-def join_batches(answers: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if not answers:
-        return {}
-    return {name: np.concatenate([a[name] for a in answers]) for name in answers[0]}

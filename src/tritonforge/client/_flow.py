@@ -6,6 +6,11 @@ retry, wait, fall back or give up. No I/O here: the flow yields what to do next 
     while True:
         outcome = do(step)                  # the response, or the ClientError it raised
         step = flow.send(outcome)           # StopIteration(value=response) when done; raises when failed
+
+The clients' own flows (``BaseClient._*_flow``) go one level further: they yield the I/O itself as small
+operations (:class:`Rpc`, :class:`Each`, :class:`Sleep`, :class:`Spawn`), and each face is a driver that
+performs them — blocking in :class:`Client`, awaited in :class:`AsyncClient` — and feeds back the answer,
+or throws in the error (:class:`Run` does the feeding, so a driver is a loop of a few lines).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from tritonforge.client._pool import Endpoint, EndpointPool
 from tritonforge.client.policies import Deadline, Fallback, RetryBudget, RetryPolicy
 from tritonforge.errors import AllEndpointsFailed, ClientError, DeadlineExceeded, Unavailable
 
-__all__ = ["Attempt", "BudgetState", "Sleep", "call_flow"]
+__all__ = ["Attempt", "BudgetState", "Each", "Op", "Rpc", "Run", "Sleep", "Spawn", "call_flow", "one"]
 
 
 @dataclass(slots=True)
@@ -38,7 +43,94 @@ class Attempt:
 
 @dataclass(slots=True)
 class Sleep:
+    """Wait ``seconds`` (a backoff), then carry on."""
+
     seconds: float
+
+
+@dataclass(slots=True)
+class Rpc:
+    """Call ``method`` of the inference service on ``endpoint``; its answer (or our error) comes back.
+
+    ``ModelInfer`` takes the request's bytes (framed by the codec); every other method a protobuf message.
+    ``merge`` (AsyncClient only): ``(call, attempt, rows, limit)`` when the call may be merged with others.
+    """
+
+    endpoint: Endpoint
+    method: str
+    request: Any
+    timeout_s: float | None
+    model: str | None = None
+    version: str | None = None
+    merge: Any = None
+
+
+@dataclass(slots=True)
+class Each:
+    """Drive the flows at once, at most ``concurrency`` at a time; the list of their results comes back in
+    order, a failed one as its :class:`ClientError`."""
+
+    flows: list[Generator[Any, Any, Any]]
+    concurrency: int | None = None
+
+
+def one(rpc: Rpc) -> Generator[Rpc, Any, Any]:
+    """A flow of a single RPC (to put it in an :class:`Each`)."""
+    return (yield rpc)
+
+
+@dataclass(slots=True)
+class Spawn:
+    """Run ``flow`` in the background (a shadow call); nothing comes back."""
+
+    flow: Generator[Any, Any, Any]
+
+
+Op = Rpc | Each | Sleep | Spawn
+
+
+class Run:
+    """One flow being driven: ``op`` is what to do now; feed back its answer or its error until ``done``.
+
+    A driver is then a short loop (blocking: ``run.step(do)``; awaited: ``run.feed(await settled(op))``)::
+
+        run = Run(flow)
+        while not run.done:
+            run.step(do)
+        return run.result
+    """
+
+    __slots__ = ("done", "flow", "op", "result")
+
+    def __init__(self, flow: Generator[Any, Any, Any]) -> None:
+        self.flow = flow
+        self.done = False
+        self.result: Any = None
+        self.op: Any = None
+        self._advance(flow.send, None)
+
+    def _advance(self, how: Callable[[Any], Any], value: Any) -> None:
+        try:
+            self.op = how(value)
+        except StopIteration as stop:
+            self.done = True
+            self.result = stop.value
+
+    def feed(self, outcome: Any) -> None:
+        """The op's outcome goes back into the flow: an answer is sent in, a :class:`ClientError` raised."""
+        if isinstance(outcome, ClientError):
+            self._advance(self.flow.throw, outcome)
+        else:
+            self._advance(self.flow.send, outcome)
+
+    def step(self, do: Callable[[Any], Any]) -> None:
+        """Do the op with ``do`` (blocking) and feed back what came of it."""
+        try:
+            answer = do(self.op)
+        except ClientError as exc:
+            self._advance(self.flow.throw, exc)
+        else:
+            self._advance(self.flow.send, answer)
 
 
 class BudgetState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from types import TracebackType
 
 import grpc
@@ -13,6 +14,8 @@ from tritonforge.errors import (
     InferenceFailed,
     InvalidRequestError,
     ModelNotFoundError,
+    NotOffered,
+    RequestTooLarge,
     Unavailable,
 )
 
@@ -23,7 +26,7 @@ _BY_STATUS: dict[str, type[ClientError]] = {
     _S.INVALID_ARGUMENT.name: InvalidRequestError,
     _S.OUT_OF_RANGE.name: InvalidRequestError,
     _S.FAILED_PRECONDITION.name: InvalidRequestError,
-    _S.UNIMPLEMENTED.name: InvalidRequestError,
+    _S.UNIMPLEMENTED.name: NotOffered,
     _S.ALREADY_EXISTS.name: InvalidRequestError,
     _S.NOT_FOUND.name: ModelNotFoundError,
     _S.DEADLINE_EXCEEDED.name: DeadlineExceeded,
@@ -49,6 +52,8 @@ _TRANSPORT_HINTS = (
     "connection refused",
     "end of tcp stream",
 )
+# gRPC's own words for a message over a limit, e.g. "Received message larger than max (5000019 vs. 4194304)".
+_TOO_LARGE = re.compile(r"message larger than max \((\d+) vs\. (\d+)\)", re.IGNORECASE)
 _HINTS = {
     ModelNotFoundError: " (is it in the repository and loaded? see client.repository_index())",
     Unavailable: " (is the server up? retried where the policy allows)",
@@ -74,12 +79,42 @@ def error_for_status(
         where += f" version {version}"
     if endpoint:
         where += f" at {endpoint}"
+    if status == _S.RESOURCE_EXHAUSTED.name and "larger than max" in lowered:
+        return too_large(where, details, model=model, version=version, endpoint=endpoint)
+    if cls is NotOffered:
+        return NotOffered(
+            f"{where} failed: the server does not offer this call (UNIMPLEMENTED: {details}); it is "
+            "likely not Triton, and only offers the Open Inference Protocol's core calls",
+            model=model,
+            version=version,
+            endpoint=endpoint,
+        )
     return cls(
         f"{where} failed: {status}: {details}{_HINTS.get(cls, '')}",
         model=model,
         version=version,
         endpoint=endpoint,
     )
+
+
+def too_large(
+    where: str, details: str, *, model: str | None, version: str | None, endpoint: str | None
+) -> RequestTooLarge:
+    """The clear error for a request over a message limit, naming the limit when gRPC said it."""
+    match = _TOO_LARGE.search(details)
+    size, limit = (int(match.group(1)), int(match.group(2))) if match else (None, None)
+    said = f" of {size} bytes" if size is not None else ""
+    over = f"the server's message limit of {limit} bytes" if limit else "the server's message limit"
+    error = RequestTooLarge(
+        f"{where}: the request{said} is over {over}; send fewer rows per call (infer_batched splits "
+        "under the limit), use shared memory on the same host, or raise the server's limit "
+        "(MLServer: grpc_max_message_length; Triton takes up to 2 GB)",
+        model=model,
+        version=version,
+        endpoint=endpoint,
+    )
+    error.limit_bytes = limit
+    return error
 
 
 class map_grpc_errors:

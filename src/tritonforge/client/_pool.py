@@ -10,15 +10,31 @@ from typing import Any, Literal
 
 from tritonforge.client.policies import CircuitBreaker
 
-__all__ = ["Endpoint", "EndpointPool", "EndpointStatus"]
+__all__ = ["Capabilities", "Endpoint", "EndpointPool", "EndpointStatus"]
 
 State = Literal["closed", "open", "half-open"]
+
+
+@dataclass
+class Capabilities:
+    """What one server offers beyond the Open Inference Protocol's core, learnt lazily and kept.
+
+    ``None``: not asked yet; ``False``: the server answered UNIMPLEMENTED (not offered, not an error).
+    ``max_message_bytes``: the message limit the server named when it refused a request as too large.
+    """
+
+    model_config: bool | None = None
+    statistics: bool | None = None
+    shared_memory: bool | None = None
+    streaming: bool | None = None
+    max_message_bytes: int | None = None
 
 
 class Endpoint:
     """One server: its address, the transport the client hangs on it, and the pool's bookkeeping."""
 
     __slots__ = (
+        "capabilities",
         "consecutive_failures",
         "handle",
         "healthy",
@@ -38,6 +54,7 @@ class Endpoint:
         self.opened_at = 0.0
         self.probing = False
         self.healthy = True
+        self.capabilities = Capabilities()
 
     def __repr__(self) -> str:
         return f"<Endpoint {self.url} {self.state} outstanding={self.outstanding}>"

@@ -156,6 +156,16 @@ class ShmPool:
                 return
             self._free.append(region)
 
+    def discard(self, region: SystemRegion | CudaRegion) -> None:
+        """Remove a region no server took (a failed registration); one a server holds goes back instead."""
+        if region.registered_on:
+            self.release(region)
+            return
+        with self._lock:
+            if region in self._all:
+                self._all.remove(region)
+        region.destroy()
+
     def regions(self) -> list[SystemRegion | CudaRegion]:
         with self._lock:
             return list(self._all)
