@@ -127,7 +127,10 @@ def _non_string_key(value: Any) -> tuple[str, Any] | None:
     parts, key = found
     path = ""
     for part in reversed(parts):
-        path += f"[{part}]" if isinstance(part, int) else (f".{show(part)[1:-1]}" if path else show(part)[1:-1])
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{show(part)[1:-1]}" if path else show(part)[1:-1]
     return path, key
 
 
