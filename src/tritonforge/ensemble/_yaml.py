@@ -89,13 +89,17 @@ def load_bounded(text: str) -> Any:
             f"the spec is {len(text)} characters long; at most {MAX_SPEC_CHARS} are read.",
             "check that this is the right file; a spec is a few kilobytes.",
         )
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # the reader already checks the characters
         data = loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
+        if isinstance(exc, yaml.reader.ReaderError):
+            problem = f"{exc.reason} (character #x{exc.character:04x} at position {exc.position})"
+        else:
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())[:200]
         raise SpecTextError(
             f"the YAML does not parse{where}: {problem}.",
             "fix the YAML syntax (indentation, ':' after keys, closed brackets).",
@@ -107,7 +111,8 @@ def load_bounded(text: str) -> Any:
             "write numbers of a sensible size.",
         ) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     bad = _non_string_key(data)
     if bad is not None:
         path, key = bad

