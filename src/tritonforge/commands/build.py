@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from tritonforge.commands._output import make_console
 from tritonforge.errors import ExportError, QuantizationError, RepositoryError, TritonForgeError
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 
 def _fail(exc: TritonForgeError) -> typer.Exit:
