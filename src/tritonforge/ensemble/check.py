@@ -38,14 +38,23 @@ class ModelInfo:
     origin: str = "repository"
 
     @classmethod
-    def of(cls, config: ModelConfig, **kwargs: object) -> ModelInfo:
+    def of(
+        cls,
+        config: ModelConfig,
+        *,
+        versions: tuple[int, ...] | None = None,
+        replaceable: bool = True,
+        origin: str = "repository",
+    ) -> ModelInfo:
         return cls(
             config.name,
             {t.name: t for t in config.inputs},
             {t.name: t for t in config.outputs},
             config.max_batch_size,
-            **kwargs,
-        )  # type: ignore[arg-type]
+            versions=versions,
+            replaceable=replaceable,
+            origin=origin,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,7 +420,7 @@ class _Checker:
                     tensor=decl.name,
                 )
             if dtype is not None and (dims or decl.dims):
-                outputs.append(TensorSpec(name=decl.name, dtype=dtype, dims=decl.dims or dims))
+                outputs.append(TensorSpec(name=decl.name, dtype=dtype, dims=decl.dims or dims or ()))
         return tuple(outputs)
 
     def _cycles(self, graph: Mapping[str, set[str]]) -> None:

@@ -493,6 +493,7 @@ def _steps(col: _Collector, value: Any) -> tuple[StepSpec, ...]:
                 step=label,
             )
             continue
+        model = str(model)
         if bad_name(name) is not None:
             col.add(
                 f"the step's 'name' {bad_name(name)}, got {show(name)}.",
