@@ -7,8 +7,11 @@ so CI runs the same examples every time) over the loader and the checks. No serv
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
+import tempfile
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +21,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from tritonforge.config import DataType, TensorSpec
 from tritonforge.ensemble import (
@@ -37,6 +41,12 @@ from tritonforge.ensemble._limits import (
     MAX_NODES,
     MAX_SPEC_CHARS,
 )
+
+# Hypothesis caches on disk (constants of the code under test, unicode tables) even without an example
+# database: a per-process temp folder, removed at exit, instead of a .hypothesis/ in the working directory.
+_HYPOTHESIS_HOME = Path(tempfile.gettempdir()) / f"tritonforge-hypothesis-{os.getpid()}"
+set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
 
 # Every issue is one line of readable size: the CLI prints one a line, and a hostile value must not
 # turn into megabytes of text.
