@@ -15,6 +15,7 @@ from typing import IO, Any
 from rich.console import Console, ConsoleDimensions
 from rich.rule import Rule
 from rich.table import Table
+from rich.text import Text
 
 __all__ = ["PIPE_WIDTH", "Problem", "make_console", "print_problems"]
 
@@ -65,7 +66,7 @@ def print_problems(
     problems: Sequence[Problem],
     *,
     columns: Sequence[str] = ("where", "problem", "fix"),
-    rows: Sequence[Sequence[str]] | None = None,
+    rows: Sequence[Sequence[str | Text]] | None = None,
 ) -> None:
     """Problems as a table at a terminal (``rows`` under ``columns``, default one row per problem), or
     one ``where: problem — fix`` line each when piped, so each line holds every name whole."""

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from rich.text import Text
 
 from tritonforge.commands._output import make_console, print_problems
 
@@ -37,7 +38,11 @@ def _print_issues(issues: Sequence[Issue]) -> None:
         f"{len(issues)} problem(s)",
         problems,
         columns=("pipeline", "step", "tensor", "problem", "fix"),
-        rows=[(i.pipeline, i.step or "", i.tensor or "", i.message, i.fix) for i in issues],
+        # Text, not markup: a message quoting a bad value may hold brackets
+        rows=[
+            tuple(Text(c) for c in (i.pipeline, i.step or "", i.tensor or "", i.message, i.fix))
+            for i in issues
+        ],
     )
 
 
