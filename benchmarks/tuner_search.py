@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tritonforge.examples import build_digits
     from tritonforge.loadtest import SweepSettings
-    from tritonforge.loadtest.tune import SearchSpace, Tuner
+    from tritonforge.loadtest.search import SearchSpace
+    from tritonforge.loadtest.tune import Tuner
     from tritonforge.server import EmbeddedServer
 
     console = Console(width=140)

@@ -126,6 +126,24 @@ def server(model_repo: Path) -> Iterator[EmbeddedServer]:
         yield running
 
 
+@pytest.fixture(scope="session")
+def loadtest_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``mlp``, ``scale`` and the ensemble ``pipe`` over them, for the load-test, sweep and locust tests.
+
+    Read-only: a test that changes configs (the tuner) builds its own.
+    """
+    from test_loadtest_models import build_loadtest_repository
+
+    return build_loadtest_repository(tmp_path_factory.mktemp("loadtest"))
+
+
+@pytest.fixture(scope="session")
+def loadtest_server(loadtest_repo: Path) -> Iterator[EmbeddedServer]:
+    """One server over ``loadtest_repo`` for every module that only sends it requests."""
+    with EmbeddedServer(loadtest_repo) as running:
+        yield running
+
+
 @pytest.fixture()
 def grpc(server: EmbeddedServer) -> Iterator[grpcclient.InferenceServerClient]:
     client = grpcclient.InferenceServerClient(server.grpc_url)

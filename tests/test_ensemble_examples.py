@@ -1,8 +1,8 @@
 """The example pipelines in ensembles/ on the real example models, through the embedded Triton server.
 
-The digits classifiers are built by tritonforge.examples.build_digits (seconds); the MiniLM encoder
-by tritonforge.examples.build_minilm (about a minute: export, INT8 quantization, checks), and the text
-pipeline's answers are compared with sentence-transformers running the same weights in this process.
+The digits classifiers are built by tritonforge.examples.build_digits (seconds); the MiniLM encoder comes
+from the session's ``example_repo`` (`tritonforge build`, built once per session), and the text pipeline's
+answers are compared with sentence-transformers running the same weights in this process.
 """
 
 from __future__ import annotations
@@ -133,11 +133,11 @@ def test_compile_into_a_copy_leaves_no_staging_folders(digits_repo: Path, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def text_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("text") / "model_repository"
-    load_tool("build_minilm").build(repo)  # the real MiniLM: FP32 v1 and INT8 v2
-    compile_specs([SPECS / "text_embedding.yaml"], repo)
-    return repo
+def text_repo(example_repo: Path) -> Path:
+    """The session's example repository: the real MiniLM (FP32 v1, INT8 v2) and text_embedding compiled
+    by `tritonforge build` (read-only here; built once for the whole session, not once more per module)."""
+    assert (example_repo / "text_embedding" / "config.pbtxt").is_file()
+    return example_repo
 
 
 @pytest.mark.slow
@@ -155,7 +155,8 @@ def test_text_embedding_through_triton_matches_sentence_transformers_in_process(
     reference.max_seq_length = 256
     expected = reference.encode(sentences, normalize_embeddings=True, convert_to_numpy=True)
     batch = np.array([[s.encode()] for s in sentences], dtype=np.object_)
-    with EmbeddedServer(text_repo) as server:
+    # only the pipeline (Triton loads the models it runs): the example repository holds many more
+    with EmbeddedServer(text_repo, model_control="explicit", load_models=["text_embedding"]) as server:
         client = grpcclient.InferenceServerClient(server.grpc_url)
         try:
             got = triton_infer(client, "text_embedding", {"TEXT": batch})["EMBEDDING"]

@@ -12,12 +12,10 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from test_loadtest_models import build_loadtest_repository
 from tritonforge.server import EmbeddedServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,9 +23,8 @@ LOCUST = [sys.executable, "-m", "locust"]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    with EmbeddedServer(build_loadtest_repository(tmp_path_factory.mktemp("locust"))) as server:
-        yield server
+def served(loadtest_server: EmbeddedServer) -> EmbeddedServer:
+    return loadtest_server  # shared with the sweep and load-test-model tests: one server start-up
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -63,21 +63,20 @@ def build_loadtest_repository(root: Path) -> Path:
     return repo
 
 
-def test_loadtest_repository_serves_the_ensemble_as_mlp_then_scale(tmp_path: Path) -> None:
+def test_loadtest_repository_serves_the_ensemble_as_mlp_then_scale(loadtest_server: EmbeddedServer) -> None:
+    """``loadtest_server`` (conftest) serves the repository ``build_loadtest_repository`` builds."""
     import tritonclient.grpc as grpcclient
 
-    repo = build_loadtest_repository(tmp_path)
     x = np.random.default_rng(0).standard_normal((2, FEATURES)).astype(np.float32)
-    with EmbeddedServer(repo) as server:
-        client = grpcclient.InferenceServerClient(server.grpc_url)
-        try:
+    client = grpcclient.InferenceServerClient(loadtest_server.grpc_url)
+    try:
 
-            def call(model: str, name: str, array: np.ndarray, out: str) -> np.ndarray:
-                item = grpcclient.InferInput(name, list(array.shape), "FP32")
-                item.set_data_from_numpy(array)
-                return client.infer(model, [item]).as_numpy(out)
+        def call(model: str, name: str, array: np.ndarray, out: str) -> np.ndarray:
+            item = grpcclient.InferInput(name, list(array.shape), "FP32")
+            item.set_data_from_numpy(array)
+            return client.infer(model, [item]).as_numpy(out)
 
-            probs = call("mlp", "x", x, "probs")
-            np.testing.assert_allclose(call("pipe", "x", x, "out"), probs * 2, rtol=1e-5)
-        finally:
-            client.close()
+        probs = call("mlp", "x", x, "probs")
+        np.testing.assert_allclose(call("pipe", "x", x, "out"), probs * 2, rtol=1e-5)
+    finally:
+        client.close()

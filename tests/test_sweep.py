@@ -8,14 +8,12 @@ import csv
 import json
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
-from test_loadtest_models import build_loadtest_repository
 from tritonforge.cli import app
 from tritonforge.errors import ModelNotFoundError
 from tritonforge.loadtest.bench import bench
@@ -27,14 +25,13 @@ FAST = {"window_s": 0.5, "warmup_s": 0.2, "max_windows": 6, "stability_percent":
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_loadtest_repository(tmp_path_factory.mktemp("loadtest"))
+def repo(loadtest_repo: Path) -> Path:
+    return loadtest_repo
 
 
 @pytest.fixture(scope="module")
-def served(repo: Path) -> Iterator[EmbeddedServer]:
-    with EmbeddedServer(repo) as server:
-        yield server
+def served(loadtest_server: EmbeddedServer) -> EmbeddedServer:
+    return loadtest_server  # shared with the locust and load-test-model tests: one server start-up
 
 
 def sweep(

@@ -18,8 +18,9 @@ from test_loadtest_models import build_loadtest_repository
 from tritonforge.cli import app
 from tritonforge.config import read_config
 from tritonforge.errors import ModelNotFoundError
+from tritonforge.loadtest.search import SearchSpace, Trial, coordinate_search
 from tritonforge.loadtest.sweep import SweepSettings
-from tritonforge.loadtest.tune import SearchSpace, Trial, Tuner, coordinate_search
+from tritonforge.loadtest.tune import Tuner
 from tritonforge.server import EmbeddedServer
 
 QUICK = SweepSettings(concurrency=(1, 8), window_s=0.3, warmup_s=0.2, stability_percent=30, max_windows=4)
@@ -301,7 +302,7 @@ def test_tune_keeps_the_configs_tried_and_says_where_it_stopped_when_the_server_
     import os
     import signal
 
-    from tritonforge.loadtest.tune import write_tune_outputs
+    from tritonforge.loadtest.tune_output import write_tune_outputs
 
     server = EmbeddedServer(repo, model_control="explicit", load_models=["mlp"])
     server.start()

@@ -16,11 +16,11 @@ from enum import Enum
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from typer.exceptions import TyperException
 
 from tritonforge.commands import DEBUG_ENV, fail, print_error
+from tritonforge.commands._output import make_console, print_problems
 from tritonforge.errors import TritonForgeError
 
 app = typer.Typer(
@@ -30,7 +30,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
+console = make_console()
 # Where run() hands serve the arguments after `--`.
 PASSTHROUGH = "tritonserver_args"
 
@@ -204,15 +204,24 @@ def validate(
     problems = check_repository(repo)
     errors = [p for p in problems if p.severity == "error"]
     if problems:
-        table = Table(title=f"{repo}: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
-        for column in ("severity", "model", "version", "problem"):
-            table.add_column(column)
-        for p in problems:
-            colour = "red" if p.severity == "error" else "yellow"
-            table.add_row(
-                f"[{colour}]{p.severity}[/]", p.model, "" if p.version is None else str(p.version), p.message
-            )
-        console.print(table)
+        print_problems(
+            console,
+            f"{repo}: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)",
+            [
+                (f"{p.severity}: {p.model}" + ("" if p.version is None else f"/{p.version}"), p.message, "")
+                for p in problems
+            ],
+            columns=("severity", "model", "version", "problem"),
+            rows=[
+                (
+                    f"[{'red' if p.severity == 'error' else 'yellow'}]{p.severity}[/]",
+                    p.model,
+                    "" if p.version is None else str(p.version),
+                    p.message,
+                )
+                for p in problems
+            ],
+        )
     else:
         console.print(f"[green]offline checks passed[/] for {repo}")
     failed = bool(errors)

@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from tritonforge.commands import err_console, fail
+from tritonforge.commands._output import make_console
 from tritonforge.errors import ExportError, QuantizationError, RepositoryError, TritonForgeError
 
-console = Console()
+console = make_console()
 _fail = fail  # one way to report errors for every verb (tritonforge.commands)
 
 

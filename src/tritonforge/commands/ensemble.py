@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
 from tritonforge.commands import print_error
+from tritonforge.commands._output import make_console, print_problems
 
-console = Console()
+if TYPE_CHECKING:
+    from tritonforge.ensemble import Issue
+
+console = make_console()
 
 ensemble_app = typer.Typer(
     help="Multi-model pipelines: check and compile ensembles/*.yaml.", no_args_is_help=True
@@ -21,14 +26,25 @@ def register(app: typer.Typer) -> None:
     app.add_typer(ensemble_app, name="ensemble")
 
 
-def _print_issues(issues: list) -> None:  # type: ignore[type-arg]
-    table = Table(title=f"{len(issues)} problem(s)", show_lines=True)
-    for column in ("pipeline", "step", "tensor", "problem", "fix"):
-        table.add_column(column, overflow="fold")
+def _print_issues(issues: Sequence[Issue]) -> None:
+    problems = []
     for issue in issues:
-        table.add_row(issue.pipeline, issue.step or "", issue.tensor or "", issue.message, issue.fix)
+        where = "/".join(part for part in (issue.pipeline, issue.step) if part)
+        if issue.tensor and f"'{issue.tensor}'" not in issue.message:
+            where += f" (tensor '{issue.tensor}')"
+        problems.append((f"{issue.source}: {where}" if issue.source else where, issue.message, issue.fix))
     # The report goes to stdout like validate's; stderr gets the one error line every verb gives.
-    console.print(table)
+    print_problems(
+        console,
+        f"{len(issues)} problem(s)",
+        problems,
+        columns=("pipeline", "step", "tensor", "problem", "fix"),
+        # Text, not markup: a message quoting a bad value may hold brackets
+        rows=[
+            tuple(Text(c) for c in (i.pipeline, i.step or "", i.tensor or "", i.message, i.fix))
+            for i in issues
+        ],
+    )
 
 
 @ensemble_app.command()

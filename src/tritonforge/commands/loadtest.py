@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tritonforge.commands import err_console, fail
+from tritonforge.commands._output import make_console
 from tritonforge.errors import TritonForgeError
 
-console = Console()
+console = make_console()
 _fail = fail  # one way to report errors for every verb (tritonforge.commands)
 
 
@@ -190,9 +190,9 @@ def tune_command(
     output: Path = typer.Option(Path("tune_results"), help="Where tune.json, tune.csv and report.html go."),
 ) -> None:
     """Find the config of MODEL with the highest throughput whose p99 stays within the budget."""
-    from tritonforge.loadtest.bench import embedded_server
+    from tritonforge.loadtest.search import SearchSpace
     from tritonforge.loadtest.sweep import SweepSettings
-    from tritonforge.loadtest.tune import SearchSpace, Tuner, write_tune_outputs, write_winner
+    from tritonforge.loadtest.tune import tune
 
     try:
         space = SearchSpace(
@@ -211,29 +211,31 @@ def tune_command(
         err_console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(code=2) from None
     try:
-        with embedded_server(repository, model) as server, _progress(1, f"tune {model}") as on_event:
-            tuner = Tuner(
-                server,
-                repository,
+        with _progress(1, f"tune {model}") as on_event:
+            result = tune(
                 model,
+                repository=repository,
                 p99_budget_ms=p99_budget_ms,
                 space=space,
                 settings=settings,
                 max_trials=max_trials,
                 exhaustive=exhaustive,
                 refine=refine,
+                write=write,
+                output=output,
                 on_event=on_event,
-                on_trial=lambda _t: write_tune_outputs(tuner.result("running"), output),
             )
-            result = tuner.run()
             on_event("done", {})
-        if write and result.winner is not None and result.stopped_at is None:
-            write_winner(result, repository)
-        write_tune_outputs(result, output)
     except TritonForgeError as exc:
         raise _fail(exc) from None
+    console.print(_trials_table(result))
+    raise typer.Exit(code=_print_verdict(result, output))
+
+
+def _trials_table(result: Any) -> Table:
+    """Every config tried, with its figure within the budget and how it ranks."""
     table = Table(
-        title=f"tune {model}: p99 budget {p99_budget_ms:g} ms, tried {result.tried} of "
+        title=f"tune {result.model}: p99 budget {result.budget_ms:g} ms, tried {result.tried} of "
         f"{result.space_size} configs ({result.fraction_tried:.0%}), {result.strategy}"
     )
     for column in ("#", "config", "best infer/s within budget", "at concurrency", "lowest p99 ms", "note"):
@@ -253,20 +255,24 @@ def tune_command(
             "-" if s["min_p99_ms"] is None else f"{s['min_p99_ms']:.2f}",
             note,
         )
-    console.print(table)
+    return table
+
+
+def _print_verdict(result: Any, output: Path) -> int:
+    """Say how the tune ended (stopped, nothing within budget, or the winner); the exit code."""
     if result.stopped_at:
         err_console.print(
             f"[bold red]stopped early:[/] {result.stopped_at} (the configs tried before are kept; "
             "nothing written to the repository)"
         )
         console.print(f"wrote {output / 'tune.json'}, {output / 'report.html'}")
-        raise typer.Exit(code=1)
+        return 1
     if result.winner is None:
         closest = result.closest
         where = f"; closest: {closest.label} with p99 {closest.min_p99_ms:.2f} ms" if closest else ""
-        err_console.print(f"[bold red]no config met p99 <= {p99_budget_ms:g} ms[/]{where}")
+        err_console.print(f"[bold red]no config met p99 <= {result.budget_ms:g} ms[/]{where}")
         console.print(f"wrote {output / 'tune.json'}, {output / 'report.html'}")
-        raise typer.Exit(code=1)
+        return 1
     default = result.default.throughput_rps if result.default else None
     best = result.winner.throughput_rps or 0.0
     versus = f" ({best / default:.2f}x the default)" if default else " (the default met the budget nowhere)"
@@ -274,6 +280,7 @@ def tune_command(
     if result.written:
         console.print("wrote the winning config to " + ", ".join(result.written))
     console.print(f"wrote {output / 'tune.json'}, {output / 'tune.csv'}, {output / 'report.html'}")
+    return 0
 
 
 def register(app: typer.Typer) -> None:

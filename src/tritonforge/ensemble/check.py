@@ -17,8 +17,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from tritonforge.config import DataType, ModelConfig, TensorSpec, read_config
+from tritonforge.ensemble._limits import MAX_ISSUES, names, show
 from tritonforge.ensemble.blocks import GENERATED_MARK, block_model
-from tritonforge.ensemble.spec import Issue, PipelineSpec
+from tritonforge.ensemble.spec import Issue, PipelineSpec, StepSpec
 from tritonforge.errors import TritonForgeError
 
 __all__ = ["ModelInfo", "Resolved", "check_pipeline", "known_models"]
@@ -37,14 +38,23 @@ class ModelInfo:
     origin: str = "repository"
 
     @classmethod
-    def of(cls, config: ModelConfig, **kwargs: object) -> ModelInfo:
+    def of(
+        cls,
+        config: ModelConfig,
+        *,
+        versions: tuple[int, ...] | None = None,
+        replaceable: bool = True,
+        origin: str = "repository",
+    ) -> ModelInfo:
         return cls(
             config.name,
             {t.name: t for t in config.inputs},
             {t.name: t for t in config.outputs},
             config.max_batch_size,
-            **kwargs,
-        )  # type: ignore[arg-type]
+            versions=versions,
+            replaceable=replaceable,
+            origin=origin,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +149,7 @@ def check_pipeline(
     if spec.name in {b.name for b in spec.models}:
         checker.add(f"a building block has the pipeline's own name '{spec.name}'.", "rename one of them.")
     resolved = checker.check_route() if spec.is_routed else checker.check_dag()
-    return (resolved if not checker.issues else None), checker.issues
+    return (resolved if not checker.issues else None), checker.result()
 
 
 def _full(dims: Sequence[int], batched: bool) -> tuple[int, ...]:
@@ -154,21 +164,38 @@ def _dtype(value: DataType) -> str:
     return value.triton_name
 
 
+_Producer = tuple[str | None, DataType | None, tuple[int, ...] | None]
+"""Who writes a tensor (None: the caller, as a pipeline input), its dtype and full shape (None: unknown)."""
+
+
 class _Checker:
     def __init__(self, spec: PipelineSpec, models: Mapping[str, ModelInfo]) -> None:
         self.spec = spec
         self.models = models
         self.issues: list[Issue] = []
+        self.dropped = 0
 
     def add(self, message: str, fix: str = "", *, step: str | None = None, tensor: str | None = None) -> None:
+        if len(self.issues) >= MAX_ISSUES:
+            self.dropped += 1
+            return
         self.issues.append(Issue(self.spec.name, message, fix, step, tensor, self.spec.source))
+
+    def result(self) -> list[Issue]:
+        """The issues found, the ones past ``MAX_ISSUES`` counted in one last issue."""
+        if not self.dropped:
+            return self.issues
+        more = Issue(
+            self.spec.name, f"... and {self.dropped} more issue(s) not shown.", "fix the ones above first."
+        )
+        return [*self.issues, dataclasses.replace(more, source=self.spec.source)]
 
     def model(self, step: str, name: str, version: int = -1) -> ModelInfo | None:
         info = self.models.get(name)
         if info is None:
-            known = ", ".join(sorted(self.models)) or "none"
             self.add(
-                f"model '{name}' is not in the repository nor declared under 'models:' (known: {known}).",
+                f"model '{name}' is not in the repository nor declared under 'models:' (known: "
+                f"{names(self.models) if self.models else 'none'}).",
                 "build it into the repository first (tritonforge build / add-model), declare it as a "
                 "building block, or correct the name.",
                 step=step,
@@ -176,7 +203,7 @@ class _Checker:
             return None
         if version != -1 and info.versions is not None and version not in info.versions:
             self.add(
-                f"model '{name}' has no version {version} (it has {list(info.versions)}).",
+                f"model '{name}' has no version {version} (it has {names(map(str, info.versions))}).",
                 "pin an existing version, or leave 'version' out for the latest.",
                 step=step,
             )
@@ -217,15 +244,51 @@ class _Checker:
                 infos[step.name] = info
         mbs = self.batch_size(infos.items())
         batched = mbs > 0
-        # producers: tensor -> (who, dtype, full shape); a pipeline input is produced by the caller
-        producers: dict[str, tuple[str | None, DataType | None, tuple[int, ...] | None]] = {}
+        producers = self._producers(infos, batched)
+        consumed: set[str] = set()
+        graph: dict[str, set[str]] = {s.name: set() for s in spec.steps}
+        for step in spec.steps:
+            info = infos.get(step.name)
+            if info is not None:
+                self._unfed_inputs(step.name, info, step.inputs, routed=False)
+            for model_input, tensor in step.inputs.items():
+                consumed.add(tensor)
+                self._edge(step, info, model_input, tensor, producers, graph)
+        self._cycles(graph)
         for decl in spec.inputs:
+            if decl.name not in consumed:
+                self.add(
+                    f"pipeline input '{decl.name}' is not read by any step.",
+                    "feed it to a step, or remove it from the inputs.",
+                    tensor=decl.name,
+                )
+        outputs = self._dag_outputs(producers, batched)
+        output_names = {o.name for o in spec.outputs}
+        for step in spec.steps:
+            for tensor in step.outputs.values():
+                if tensor not in consumed and tensor not in output_names:
+                    self.add(
+                        f"tensor '{tensor}' is written but never read nor a pipeline output; Triton "
+                        "refuses such ensembles.",
+                        "drop it from the step's outputs (a model output "
+                        "may be left unmapped) or list it under the pipeline's outputs.",
+                        step=step.name,
+                        tensor=tensor,
+                    )
+        if self.issues:
+            return None
+        return Resolved(spec, mbs, _declared_inputs(spec), outputs)
+
+    def _producers(self, infos: Mapping[str, ModelInfo], batched: bool) -> dict[str, _Producer]:
+        """Every tensor's one producer (the caller for pipeline inputs); reports unknown and doubled ones."""
+        producers: dict[str, _Producer] = {}
+        for decl in self.spec.inputs:
             producers[decl.name] = (
                 None,
                 decl.dtype,
                 None if decl.dims is None else _full(decl.dims, batched),
             )
-        for step in spec.steps:
+        for step in self.spec.steps:
             info = infos.get(step.name)
             for model_output, tensor in step.outputs.items():
                 out = None
@@ -234,15 +297,15 @@ class _Checker:
                     if out is None:
                         self.add(
                             f"model '{info.name}' has no output '{model_output}' (it has "
-                            f"{sorted(info.outputs)}).",
+                            f"{names(info.outputs)}).",
                             "map one of the model's outputs.",
                             step=step.name,
                             tensor=model_output,
                         )
                 if tensor in producers:
-                    other = producers[tensor][0]
                     self.add(
-                        f"tensor '{tensor}' has two producers: {_who(other)} and step '{step.name}'.",
+                        f"tensor '{tensor}' has two producers: {_who(producers[tensor][0])} and step "
+                        f"'{step.name}'.",
                         "give each written tensor its own name (rename one side in 'outputs').",
                         step=step.name,
                         tensor=tensor,
@@ -253,73 +316,82 @@ class _Checker:
                     None if out is None else out.dtype,
                     None if out is None or info is None else _full(out.dims, info.max_batch_size > 0),
                 )
-        consumed: set[str] = set()
-        graph: dict[str, set[str]] = {s.name: set() for s in spec.steps}
-        for step in spec.steps:
-            info = infos.get(step.name)
-            if info is not None:
-                for name, tensor_spec in info.inputs.items():
-                    if name not in step.inputs and not tensor_spec.optional:
-                        self.add(
-                            f"required input '{name}' of model '{info.name}' is not fed.",
-                            f"map it in the step's inputs: {{{name}: <pipeline tensor>}}.",
-                            step=step.name,
-                            tensor=name,
-                        )
-            for model_input, tensor in step.inputs.items():
-                consumed.add(tensor)
-                target = None if info is None else info.inputs.get(model_input)
-                if info is not None and target is None:
-                    self.add(
-                        f"model '{info.name}' has no input '{model_input}' (it has {sorted(info.inputs)}).",
-                        "map the model's own input names.",
-                        step=step.name,
-                        tensor=model_input,
-                    )
-                if tensor not in producers:
-                    written = sorted(producers)
-                    self.add(
-                        f"tensor '{tensor}' is read but has no producer: no pipeline input or step output "
-                        f"writes it (written: {written}).",
-                        "add it to the pipeline's inputs, or map a step's output to it.",
-                        step=step.name,
-                        tensor=tensor,
-                    )
-                    continue
-                who, dtype, shape = producers[tensor]
-                if who is not None:
-                    graph[who].add(step.name)
-                if target is None or info is None:
-                    continue
-                if dtype is not None and dtype is not target.dtype:
-                    self.add(
-                        f"dtype mismatch on tensor '{tensor}': {_who(who)} gives {_dtype(dtype)} but "
-                        f"model '{info.name}' input '{model_input}' takes {_dtype(target.dtype)}.",
-                        "make both sides the same type (cast in the producing model, or export the "
-                        "consumer with the producer's type).",
-                        step=step.name,
-                        tensor=tensor,
-                    )
-                want = _full(target.dims, info.max_batch_size > 0)
-                if shape is not None and not _compatible(shape, want):
-                    self.add(
-                        f"shape mismatch on tensor '{tensor}': {_who(who)} gives {list(shape)} but model "
-                        f"'{info.name}' input '{model_input}' takes {list(want)} (batch dim shown as -1).",
-                        "make the dims agree (-1 matches any size).",
-                        step=step.name,
-                        tensor=tensor,
-                    )
-        self._cycles(graph)
-        for decl in spec.inputs:
-            if decl.name not in consumed:
+        return producers
+
+    def _unfed_inputs(self, step: str, info: ModelInfo, fed: Mapping[str, str], *, routed: bool) -> None:
+        for name, tensor_spec in info.inputs.items():
+            if name in fed or tensor_spec.optional:
+                continue
+            if routed:
                 self.add(
-                    f"pipeline input '{decl.name}' is not read by any step.",
-                    "feed it to a step, or remove it from the inputs.",
-                    tensor=decl.name,
+                    f"required input '{name}' of model '{info.name}' is not fed by any pipeline input.",
+                    f"add a pipeline input '{name}', or map it: inputs: {{{name}: <pipeline input>}}.",
+                    step=step,
+                    tensor=name,
                 )
+            else:
+                self.add(
+                    f"required input '{name}' of model '{info.name}' is not fed.",
+                    f"map it in the step's inputs: {{{name}: <pipeline tensor>}}.",
+                    step=step,
+                    tensor=name,
+                )
+
+    def _edge(
+        self,
+        step: StepSpec,
+        info: ModelInfo | None,
+        model_input: str,
+        tensor: str,
+        producers: Mapping[str, _Producer],
+        graph: dict[str, set[str]],
+    ) -> None:
+        """One read: the tensor has a producer (an edge of the graph) whose dtype and shape fit the input."""
+        target = None if info is None else info.inputs.get(model_input)
+        if info is not None and target is None:
+            self.add(
+                f"model '{info.name}' has no input '{model_input}' (it has {names(info.inputs)}).",
+                "map the model's own input names.",
+                step=step.name,
+                tensor=model_input,
+            )
+        if tensor not in producers:
+            self.add(
+                f"tensor '{tensor}' is read but has no producer: no pipeline input or step output "
+                f"writes it (written: {names(producers)}).",
+                "add it to the pipeline's inputs, or map a step's output to it.",
+                step=step.name,
+                tensor=tensor,
+            )
+            return
+        who, dtype, shape = producers[tensor]
+        if who is not None:
+            graph[who].add(step.name)
+        if target is None or info is None:
+            return
+        if dtype is not None and dtype is not target.dtype:
+            self.add(
+                f"dtype mismatch on tensor '{tensor}': {_who(who)} gives {_dtype(dtype)} but "
+                f"model '{info.name}' input '{model_input}' takes {_dtype(target.dtype)}.",
+                "make both sides the same type (cast in the producing model, or export the "
+                "consumer with the producer's type).",
+                step=step.name,
+                tensor=tensor,
+            )
+        want = _full(target.dims, info.max_batch_size > 0)
+        if shape is not None and not _compatible(shape, want):
+            self.add(
+                f"shape mismatch on tensor '{tensor}': {_who(who)} gives {list(shape)} but model "
+                f"'{info.name}' input '{model_input}' takes {list(want)} (batch dim shown as -1).",
+                "make the dims agree (-1 matches any size).",
+                step=step.name,
+                tensor=tensor,
+            )
+
+    def _dag_outputs(self, producers: Mapping[str, _Producer], batched: bool) -> tuple[TensorSpec, ...]:
+        """The pipeline's outputs, typed by their producing steps; reports unwritten or mis-declared ones."""
         outputs: list[TensorSpec] = []
-        output_names = {o.name for o in spec.outputs}
-        for decl in spec.outputs:
+        for decl in self.spec.outputs:
             if decl.name not in producers or producers[decl.name][0] is None:
                 self.add(
                     f"pipeline output '{decl.name}' is not written by any step.",
@@ -348,54 +420,45 @@ class _Checker:
                     tensor=decl.name,
                 )
             if dtype is not None and (dims or decl.dims):
-                outputs.append(TensorSpec(name=decl.name, dtype=dtype, dims=decl.dims or dims))
-        for step in spec.steps:
-            for tensor in step.outputs.values():
-                if tensor not in consumed and tensor not in output_names:
-                    self.add(
-                        f"tensor '{tensor}' is written but never read nor a pipeline output; Triton "
-                        "refuses such ensembles.",
-                        "drop it from the step's outputs (a model output "
-                        "may be left unmapped) or list it under the pipeline's outputs.",
-                        step=step.name,
-                        tensor=tensor,
-                    )
-        if self.issues:
-            return None
-        inputs = _declared_inputs(spec)
-        return Resolved(spec, mbs, inputs, tuple(outputs))
+                outputs.append(TensorSpec(name=decl.name, dtype=dtype, dims=decl.dims or dims or ()))
+        return tuple(outputs)
 
     def _cycles(self, graph: Mapping[str, set[str]]) -> None:
+        # Iterative depth-first search: a pipeline of a thousand chained steps must not hit the recursion
+        # limit. Grey nodes (on the current path) met again close a cycle.
         state: dict[str, int] = {}
-        path: list[str] = []
         reported: set[frozenset[str]] = set()
-
-        def visit(node: str) -> None:
-            state[node] = 1
-            path.append(node)
-            for nxt in sorted(graph[node]):
-                if state.get(nxt) == 1:
+        for root in sorted(graph):
+            if root in state:
+                continue
+            path: list[str] = [root]
+            stack = [iter(sorted(graph[root]))]
+            state[root] = 1
+            while stack:
+                nxt = next(stack[-1], None)
+                if nxt is None:
+                    state[path.pop()] = 2
+                    stack.pop()
+                elif state.get(nxt) == 1:
                     cycle = [*path[path.index(nxt) :], nxt]
-                    key = frozenset(cycle)
-                    if key not in reported:
-                        reported.add(key)
-                        tensors = [self._edge_tensor(a, b) for a, b in itertools.pairwise(cycle)]
-                        self.add(
-                            f"steps form a cycle: {' -> '.join(cycle)} (through tensors {tensors}); a "
-                            "pipeline must be a DAG.",
-                            "break the loop: one of these steps must read a "
-                            "tensor produced earlier, not one produced downstream.",
-                            step=cycle[0],
-                            tensor=tensors[0],
-                        )
+                    if frozenset(cycle) not in reported:
+                        reported.add(frozenset(cycle))
+                        self._report_cycle(cycle)
                 elif state.get(nxt) is None:
-                    visit(nxt)
-            path.pop()
-            state[node] = 2
+                    state[nxt] = 1
+                    path.append(nxt)
+                    stack.append(iter(sorted(graph[nxt])))
 
-        for node in sorted(graph):
-            if node not in state:
-                visit(node)
+    def _report_cycle(self, cycle: Sequence[str]) -> None:
+        tensors = [self._edge_tensor(a, b) for a, b in itertools.pairwise(cycle)]
+        shown = " -> ".join(cycle) if len(cycle) <= 12 else " -> ".join([*cycle[:6], "...", *cycle[-5:]])
+        self.add(
+            f"steps form a cycle: {shown} (through tensors {names(tensors)}); a pipeline must be a DAG.",
+            "break the loop: one of these steps must read a "
+            "tensor produced earlier, not one produced downstream.",
+            step=cycle[0],
+            tensor=tensors[0],
+        )
 
     def _edge_tensor(self, producer: str, consumer: str) -> str:
         written = next(set(s.outputs.values()) for s in self.spec.steps if s.name == producer)
@@ -406,15 +469,37 @@ class _Checker:
 
     def check_route(self) -> Resolved | None:
         spec = self.spec
-        used: list[tuple[str, ModelInfo, dict[str, str], dict[str, str]]] = []
-        input_names = {d.name for d in spec.inputs}
         output_decls = {d.name: d for d in spec.outputs}
-        if spec.route_output in input_names or spec.route_output in output_decls:
+        if spec.route_output in {d.name for d in spec.inputs} or spec.route_output in output_decls:
             self.add(
-                f"'route_output' {spec.route_output!r} clashes with a pipeline tensor.",
+                f"'route_output' {show(spec.route_output)} clashes with a pipeline tensor.",
                 "pick another route_output name.",
                 tensor=spec.route_output,
             )
+        used = self._route_models()
+        mbs = self.batch_size((stage, info) for stage, info, _, _ in used)
+        batched = mbs > 0
+        produced: dict[str, TensorSpec] = {}
+        for stage, info, input_map, output_map in used:
+            self._unfed_inputs(stage, info, input_map, routed=True)
+            self._route_inputs(stage, info, input_map, batched)
+            self._route_outputs(stage, info, output_map, produced, batched)
+        if self.issues:
+            return None
+        outputs = tuple(
+            TensorSpec(
+                name=d.name, dtype=d.dtype or produced[d.name].dtype, dims=d.dims or produced[d.name].dims
+            )
+            for d in spec.outputs
+        )
+        return Resolved(spec, mbs, _declared_inputs(spec), outputs)
+
+    def _route_models(self) -> list[tuple[str, ModelInfo, dict[str, str], dict[str, str]]]:
+        """Each stage's model and fallbacks with their input and output maps; checks the conditions."""
+        spec = self.spec
+        input_names = {d.name for d in spec.inputs}
+        output_names = {d.name for d in spec.outputs}
+        used: list[tuple[str, ModelInfo, dict[str, str], dict[str, str]]] = []
         for index, stage in enumerate(spec.route):
             for name in (stage.model, *stage.fallback):
                 info = self.model(stage.model, name, stage.version if name == stage.model else -1)
@@ -428,122 +513,111 @@ class _Checker:
                 outputs = (
                     dict(stage.outputs)
                     if stage.outputs is not None
-                    else {n: n for n in info.outputs if n in output_decls}
+                    else {n: n for n in info.outputs if n in output_names}
                 )
                 used.append((stage.model, info, inputs, outputs))
-            if stage.when is not None:
-                tensor = stage.when.tensor
-                if tensor not in input_names and tensor not in output_decls:
-                    self.add(
-                        f"the condition reads '{tensor}', which is neither a pipeline input nor output.",
-                        "test a pipeline input, or an output an earlier stage gives.",
-                        step=stage.model,
-                        tensor=tensor,
-                    )
-                elif tensor in output_decls and index == 0:
-                    self.add(
-                        f"the first stage's condition reads output '{tensor}', which no earlier stage "
-                        "has produced.",
-                        "test a pipeline input, or move the condition to a later stage.",
-                        step=stage.model,
-                        tensor=tensor,
-                    )
-        mbs = self.batch_size((stage, info) for stage, info, _, _ in used)
-        batched = mbs > 0
-        produced: dict[str, TensorSpec] = {}
-        for stage, info, inputs, outputs in used:
-            model_batched = info.max_batch_size > 0
-            for name, tensor_spec in info.inputs.items():
-                if name not in inputs and not tensor_spec.optional:
-                    self.add(
-                        f"required input '{name}' of model '{info.name}' is not fed by any pipeline input.",
-                        f"add a pipeline input '{name}', or map it: inputs: {{{name}: <pipeline input>}}.",
-                        step=stage,
-                        tensor=name,
-                    )
-            for model_input, tensor in inputs.items():
-                decl = next((d for d in spec.inputs if d.name == tensor), None)
-                target = info.inputs.get(model_input)
-                if decl is None or target is None:
-                    self.add(
-                        f"input map {model_input!r}: {tensor!r} of model '{info.name}' names an unknown "
-                        f"{'pipeline input' if decl is None else 'model input'}.",
-                        "map model inputs to pipeline inputs.",
-                        step=stage,
-                        tensor=tensor,
-                    )
-                    continue
-                if decl.dtype is not None and decl.dtype is not target.dtype:
-                    self.add(
-                        f"dtype mismatch on tensor '{tensor}': the pipeline gives {_dtype(decl.dtype)} but "
-                        f"model '{info.name}' input '{model_input}' takes {_dtype(target.dtype)}.",
-                        "declare the pipeline input with the model's dtype.",
-                        step=stage,
-                        tensor=tensor,
-                    )
-                if decl.dims is not None and not _compatible(
-                    _full(decl.dims, batched), _full(target.dims, model_batched)
-                ):
-                    self.add(
-                        f"shape mismatch on tensor '{tensor}': pipeline input dims {list(decl.dims)} vs "
-                        f"model '{info.name}' input '{model_input}' dims {list(target.dims)}.",
-                        "make the dims agree (-1 matches any size).",
-                        step=stage,
-                        tensor=tensor,
-                    )
-            for name in output_decls:
-                if name not in outputs.values():
-                    self.add(
-                        f"model '{info.name}' gives no output mapped to pipeline output '{name}' (it has "
-                        f"{sorted(info.outputs)}); every stage and fallback must give every output.",
-                        "map one with outputs: {<model output>: " + name + "}.",
-                        step=stage,
-                        tensor=name,
-                    )
-            for model_output, tensor in outputs.items():
-                out = info.outputs.get(model_output)
-                if out is None:
-                    self.add(
-                        f"model '{info.name}' has no output '{model_output}'.",
-                        f"map one of {sorted(info.outputs)}.",
-                        step=stage,
-                        tensor=model_output,
-                    )
-                    continue
-                dims = out.dims if model_batched == batched else None
-                decl_out = output_decls.get(tensor)
-                first = produced.setdefault(
-                    tensor, TensorSpec(name=tensor, dtype=out.dtype, dims=dims or [-1])
+            if stage.when is None:
+                continue
+            tensor = stage.when.tensor
+            if tensor not in input_names and tensor not in output_names:
+                self.add(
+                    f"the condition reads '{tensor}', which is neither a pipeline input nor output.",
+                    "test a pipeline input, or an output an earlier stage gives.",
+                    step=stage.model,
+                    tensor=tensor,
                 )
-                if first.dtype is not out.dtype or (
-                    decl_out and decl_out.dtype and decl_out.dtype is not out.dtype
-                ):
-                    self.add(
-                        f"dtype mismatch on output '{tensor}': model '{info.name}' gives "
-                        f"{_dtype(out.dtype)}, "
-                        f"another stage or the declaration says {_dtype(first.dtype)}.",
-                        "make every stage's output the same type.",
-                        step=stage,
-                        tensor=tensor,
-                    )
-                if dims is not None and not _compatible(first.dims, dims):
-                    self.add(
-                        f"shape mismatch on output '{tensor}': model '{info.name}' gives {list(dims)}, "
-                        f"another stage {list(first.dims)}.",
-                        "make the stages' outputs agree.",
-                        step=stage,
-                        tensor=tensor,
-                    )
-        if self.issues:
-            return None
-        inputs = _declared_inputs(spec)
-        outputs = tuple(
-            TensorSpec(
-                name=d.name, dtype=d.dtype or produced[d.name].dtype, dims=d.dims or produced[d.name].dims
-            )
-            for d in spec.outputs
-        )
-        return Resolved(spec, mbs, inputs, outputs)
+            elif tensor in output_names and index == 0:
+                self.add(
+                    f"the first stage's condition reads output '{tensor}', which no earlier stage "
+                    "has produced.",
+                    "test a pipeline input, or move the condition to a later stage.",
+                    step=stage.model,
+                    tensor=tensor,
+                )
+        return used
+
+    def _route_inputs(self, stage: str, info: ModelInfo, inputs: Mapping[str, str], batched: bool) -> None:
+        """A stage model's inputs are pipeline inputs of the same dtype and a compatible shape."""
+        for model_input, tensor in inputs.items():
+            decl = next((d for d in self.spec.inputs if d.name == tensor), None)
+            target = info.inputs.get(model_input)
+            if decl is None or target is None:
+                self.add(
+                    f"input map {show(model_input)}: {show(tensor)} of model '{info.name}' names an unknown "
+                    f"{'pipeline input' if decl is None else 'model input'}.",
+                    "map model inputs to pipeline inputs.",
+                    step=stage,
+                    tensor=tensor,
+                )
+                continue
+            if decl.dtype is not None and decl.dtype is not target.dtype:
+                self.add(
+                    f"dtype mismatch on tensor '{tensor}': the pipeline gives {_dtype(decl.dtype)} but "
+                    f"model '{info.name}' input '{model_input}' takes {_dtype(target.dtype)}.",
+                    "declare the pipeline input with the model's dtype.",
+                    step=stage,
+                    tensor=tensor,
+                )
+            if decl.dims is not None and not _compatible(
+                _full(decl.dims, batched), _full(target.dims, info.max_batch_size > 0)
+            ):
+                self.add(
+                    f"shape mismatch on tensor '{tensor}': pipeline input dims {list(decl.dims)} vs "
+                    f"model '{info.name}' input '{model_input}' dims {list(target.dims)}.",
+                    "make the dims agree (-1 matches any size).",
+                    step=stage,
+                    tensor=tensor,
+                )
+
+    def _route_outputs(
+        self,
+        stage: str,
+        info: ModelInfo,
+        outputs: Mapping[str, str],
+        produced: dict[str, TensorSpec],
+        batched: bool,
+    ) -> None:
+        """A stage model gives every pipeline output, agreeing in dtype and shape with the other stages."""
+        output_decls = {d.name: d for d in self.spec.outputs}
+        for name in output_decls:
+            if name not in outputs.values():
+                self.add(
+                    f"model '{info.name}' gives no output mapped to pipeline output '{name}' (it has "
+                    f"{names(info.outputs)}); every stage and fallback must give every output.",
+                    "map one with outputs: {<model output>: " + name + "}.",
+                    step=stage,
+                    tensor=name,
+                )
+        for model_output, tensor in outputs.items():
+            out = info.outputs.get(model_output)
+            if out is None:
+                self.add(
+                    f"model '{info.name}' has no output '{model_output}'.",
+                    f"map one of {names(info.outputs)}.",
+                    step=stage,
+                    tensor=model_output,
+                )
+                continue
+            dims = out.dims if (info.max_batch_size > 0) == batched else None
+            decl_out = output_decls.get(tensor)
+            first = produced.setdefault(tensor, TensorSpec(name=tensor, dtype=out.dtype, dims=dims or [-1]))
+            declared = decl_out.dtype if decl_out is not None else None
+            if first.dtype is not out.dtype or (declared is not None and declared is not out.dtype):
+                self.add(
+                    f"dtype mismatch on output '{tensor}': model '{info.name}' gives {_dtype(out.dtype)}, "
+                    f"another stage or the declaration says {_dtype(first.dtype)}.",
+                    "make every stage's output the same type.",
+                    step=stage,
+                    tensor=tensor,
+                )
+            if dims is not None and not _compatible(first.dims, dims):
+                self.add(
+                    f"shape mismatch on output '{tensor}': model '{info.name}' gives {list(dims)}, "
+                    f"another stage {list(first.dims)}.",
+                    "make the stages' outputs agree.",
+                    step=stage,
+                    tensor=tensor,
+                )
 
 
 def _who(step: str | None) -> str:

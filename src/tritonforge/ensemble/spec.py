@@ -39,9 +39,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tritonforge.config import DataType
+from tritonforge.ensemble._limits import (
+    INT32_MAX,
+    INT64_MAX,
+    MAX_ISSUES,
+    MAX_LIST_ITEMS,
+    MAX_SPEC_CHARS,
+    bad_name,
+    show,
+)
+from tritonforge.ensemble._yaml import SpecTextError, load_bounded
 from tritonforge.errors import ConfigError
 
 __all__ = [
@@ -192,19 +200,55 @@ class _Collector:
         self.pipeline = pipeline
         self.source = source
         self.issues: list[Issue] = []
+        self.dropped = 0
 
     def add(self, message: str, fix: str = "", *, step: str | None = None, tensor: str | None = None) -> None:
+        if len(self.issues) >= MAX_ISSUES:
+            self.dropped += 1
+            return
         self.issues.append(Issue(self.pipeline, message, fix, step, tensor, self.source))
+
+    def result(self) -> list[Issue]:
+        if self.dropped:
+            return [
+                *self.issues,
+                Issue(
+                    self.pipeline,
+                    f"... and {self.dropped} more issue(s) not shown.",
+                    "fix the ones above first.",
+                    source=self.source,
+                ),
+            ]
+        return self.issues
 
 
 def load_spec(path: str | Path) -> tuple[PipelineSpec | None, list[Issue]]:
-    """Read one spec file: the spec (None when it can't be built) and every issue found on the way."""
+    """Read one spec file: the spec (None when it can't be built) and every issue found on the way.
+
+    Never raises for what the file holds: an unreadable, binary, huge or hostile file is an issue.
+    """
     file = Path(path)
     try:
-        text = file.read_text()
+        if file.exists() and not file.is_file():
+            raise IsADirectoryError(0, "it is not a regular file")  # a folder, a FIFO (would block)...
+        with file.open("rb") as stream:
+            raw = stream.read(MAX_SPEC_CHARS * 4 + 1)  # utf-8: at most 4 bytes a character
     except OSError as exc:
         return None, [
-            Issue(file.stem, f"can't read the spec: {exc.strerror}", "check the path", source=str(file))
+            Issue(
+                file.stem, f"can't read the spec: {exc.strerror or exc}", "check the path", source=str(file)
+            )
+        ]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, [
+            Issue(
+                file.stem,
+                f"the spec is not UTF-8 text (byte {exc.start}).",
+                "save it as UTF-8, or check that this is a spec file.",
+                source=str(file),
+            )
         ]
     return parse_spec(text, source=str(file), default_name=file.stem)
 
@@ -212,21 +256,15 @@ def load_spec(path: str | Path) -> tuple[PipelineSpec | None, list[Issue]]:
 def parse_spec(
     text: str, *, source: str | None = None, default_name: str = "pipeline"
 ) -> tuple[PipelineSpec | None, list[Issue]]:
-    """Parse spec YAML text; returns the spec (or None) and all the issues found (an empty list: clean)."""
+    """Parse spec YAML text; returns the spec (or None) and all the issues found (an empty list: clean).
+
+    Whatever the text holds, the answer is a spec or issues, never an exception: too long, too deep, an
+    alias bomb, non-string keys and values of the wrong type are all issues (see ``_limits`` for bounds).
+    """
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        return None, [
-            Issue(
-                default_name,
-                f"the YAML does not parse{where}: {problem}.",
-                "fix the YAML syntax (indentation, ':' after keys, closed brackets).",
-                source=source,
-            )
-        ]
+        data = load_bounded(text)
+    except SpecTextError as exc:
+        return None, [Issue(default_name, exc.problem, exc.fix, source=source)]
     if not isinstance(data, Mapping):
         return None, [
             Issue(
@@ -237,31 +275,31 @@ def parse_spec(
             )
         ]
     name = data.get("name", default_name)
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        name_text = str(name)
-        issues = _Collector(name_text, source)
+    problem = _bad_model_name(name)
+    if problem is not None:
+        issues = _Collector(name if isinstance(name, str) and not bad_name(name) else default_name, source)
         issues.add(
-            f"'name' must be a model name (letters, digits, '_', '-'), got {name!r}.",
-            "give the pipeline a name such as 'text_embedding'.",
+            f"'name' {problem}, got {show(name)}.",
+            "give the pipeline a name such as 'text_embedding' (letters, digits, '_', '-').",
         )
-        return None, issues.issues
+        return None, issues.result()
     col = _Collector(name, source)
     for key in sorted(set(data) - _TOP_KEYS):
-        col.add(f"unknown key '{key}'.", f"use only {sorted(_TOP_KEYS)}.")
+        col.add(f"unknown key {show(key)}.", f"use only {sorted(_TOP_KEYS)}.")
     version = _int(col, data.get("version", 1), "version", minimum=1) or 1
     mbs = data.get("max_batch_size")
-    max_batch_size = None if mbs is None else _int(col, mbs, "max_batch_size", minimum=0)
-    instances = _int(col, data.get("instances", 1), "instances", minimum=1) or 1
+    max_batch_size = None if mbs is None else _int(col, mbs, "max_batch_size", minimum=0, maximum=INT32_MAX)
+    instances = _int(col, data.get("instances", 1), "instances", minimum=1, maximum=INT32_MAX) or 1
     dynamic = data.get("dynamic_batching", True)
     if not isinstance(dynamic, bool):
-        col.add(f"'dynamic_batching' must be true or false, got {dynamic!r}.")
+        col.add(f"'dynamic_batching' must be true or false, got {show(dynamic)}.")
         dynamic = True
     inputs = _tensors(col, data.get("inputs"), "inputs", need_type=True)
     outputs = _tensors(col, data.get("outputs"), "outputs", need_type=False)
     models = _models(col, data.get("models", []))
     route_output = data.get("route_output", "ROUTE")
-    if not isinstance(route_output, str) or not route_output:
-        col.add(f"'route_output' must be a tensor name, got {route_output!r}.")
+    if bad_name(route_output):
+        col.add(f"'route_output' must be a tensor name, got {show(route_output)}.")
         route_output = "ROUTE"
     steps: tuple[StepSpec, ...] = ()
     route: tuple[RouteStage, ...] = ()
@@ -290,18 +328,62 @@ def parse_spec(
         route_output=route_output,
         source=source,
     )
-    return spec, col.issues
+    return spec, col.result()
 
 
-def _int(col: _Collector, value: Any, what: str, *, minimum: int, step: str | None = None) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        col.add(f"'{what}' must be an integer >= {minimum}, got {value!r}.", step=step)
+def _bad_model_name(value: Any) -> str | None:
+    """Why ``value`` can't name a model (a folder of the repository); None when it can."""
+    problem = bad_name(value)
+    if problem is None and ("/" in value or "\\" in value or value.startswith(".")):
+        problem = "must not hold '/' or '\\' nor start with '.' (it names a folder of the repository)"
+    return problem
+
+
+def _int(
+    col: _Collector,
+    value: Any,
+    what: str,
+    *,
+    minimum: int,
+    maximum: int = INT64_MAX,
+    step: str | None = None,
+) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        col.add(f"'{what}' must be an integer from {minimum} to {maximum}, got {show(value)}.", step=step)
+        return None
+    return value
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (bool, non-number, NaN, inf, an int too big for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _list(col: _Collector, value: Any, what: str, *, step: str | None = None) -> list[Any] | None:
+    """``value`` when it is a list of at most MAX_LIST_ITEMS (else an issue and None)."""
+    if not isinstance(value, list):
+        return None
+    if len(value) > MAX_LIST_ITEMS:
+        col.add(
+            f"'{what}' has {len(value)} entries; a pipeline takes at most {MAX_LIST_ITEMS}.",
+            "split the pipeline into smaller ones.",
+            step=step,
+        )
         return None
     return value
 
 
 def _tensors(col: _Collector, value: Any, what: str, *, need_type: bool) -> tuple[TensorDecl, ...]:
-    if not isinstance(value, list) or not value:
+    items = _list(col, value, what)
+    if not items:
+        if items is None and isinstance(value, list):
+            return ()  # too long: reported
         col.add(
             f"'{what}' must be a non-empty list of tensors.",
             f"write e.g. {what}: [{{name: x, dtype: FP32, dims: [64]}}].",
@@ -309,11 +391,11 @@ def _tensors(col: _Collector, value: Any, what: str, *, need_type: bool) -> tupl
         return ()
     decls: list[TensorDecl] = []
     seen: set[str] = set()
-    for item in value:
+    for item in items:
         if isinstance(item, str):
             item = {"name": item}
-        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str) or not item["name"]:
-            col.add(f"each of '{what}' needs a 'name', got {item!r}.")
+        if not isinstance(item, Mapping) or bad_name(item.get("name")):
+            col.add(f"each of '{what}' needs a 'name' (a non-empty one-line string), got {show(item)}.")
             continue
         name = item["name"]
         if name in seen:
@@ -322,14 +404,17 @@ def _tensors(col: _Collector, value: Any, what: str, *, need_type: bool) -> tupl
         seen.add(name)
         for key in sorted(set(item) - {"name", "dtype", "dims", "optional"}):
             col.add(
-                f"unknown key '{key}' on a tensor of '{what}'.",
+                f"unknown key {show(key)} on a tensor of '{what}'.",
                 "use name, dtype, dims, optional.",
                 tensor=name,
             )
         dtype = None
         if item.get("dtype") is not None:
+            raw_dtype = item["dtype"]
             try:
-                dtype = DataType.parse(item["dtype"])
+                if not isinstance(raw_dtype, str) or len(raw_dtype) > 64:
+                    raise ConfigError(f"a dtype is a type name such as FP32, got {show(raw_dtype)}")
+                dtype = DataType.parse(raw_dtype)
             except ConfigError as exc:
                 col.add(exc.message, "use a Triton type such as FP32, INT64 or BYTES.", tensor=name)
         elif need_type:
@@ -342,10 +427,15 @@ def _tensors(col: _Collector, value: Any, what: str, *, need_type: bool) -> tupl
             if (
                 not isinstance(raw, list)
                 or not raw
-                or not all(isinstance(d, int) and not isinstance(d, bool) and (d > 0 or d == -1) for d in raw)
+                or len(raw) > MAX_LIST_ITEMS
+                or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and (0 < d <= INT64_MAX or d == -1)
+                    for d in raw
+                )
             ):
                 col.add(
-                    f"dims must be a non-empty list of positive integers or -1, got {raw!r}.", tensor=name
+                    f"dims must be a non-empty list of positive integers or -1, got {show(raw)}.",
+                    tensor=name,
                 )
             else:
                 dims = tuple(raw)
@@ -355,48 +445,68 @@ def _tensors(col: _Collector, value: Any, what: str, *, need_type: bool) -> tupl
                 "add dims without the batch dimension, e.g. [64] or [-1] for a variable length.",
                 tensor=name,
             )
-        optional = bool(item.get("optional", False))
+        optional = item.get("optional", False)
+        if not isinstance(optional, bool):
+            col.add(f"'optional' must be true or false, got {show(optional)}.", tensor=name)
+            optional = False
         decls.append(TensorDecl(name, dtype, dims, optional))
     return tuple(decls)
 
 
 def _name_map(col: _Collector, value: Any, what: str, step: str) -> dict[str, str] | None:
-    if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+    if isinstance(value, list) and len(value) <= MAX_LIST_ITEMS and all(bad_name(v) is None for v in value):
         return {v: v for v in value}
-    if isinstance(value, Mapping) and all(
-        isinstance(k, str) and k and isinstance(v, str) and v for k, v in value.items()
+    if (
+        isinstance(value, Mapping)
+        and len(value) <= MAX_LIST_ITEMS
+        and all(bad_name(k) is None and bad_name(v) is None for k, v in value.items())
     ):
         return dict(value)
     col.add(
-        f"'{what}' must map the model's tensor names to pipeline tensor names, got {value!r}.",
-        f"write {what}: {{model_tensor: pipeline_tensor}} or a list of names.",
+        f"'{what}' must map the model's tensor names to pipeline tensor names, got {show(value)}.",
+        f"write {what}: {{model_tensor: pipeline_tensor}} or a list of names (at most {MAX_LIST_ITEMS}).",
         step=step,
     )
     return None
 
 
 def _steps(col: _Collector, value: Any) -> tuple[StepSpec, ...]:
-    if not isinstance(value, list) or not value:
+    items = _list(col, value, "steps")
+    if not items:
+        if items is None and isinstance(value, list):
+            return ()
         col.add("'steps' must be a non-empty list.", "list each model the pipeline runs.")
         return ()
     steps: list[StepSpec] = []
     names: set[str] = set()
-    for index, item in enumerate(value):
+    for index, item in enumerate(items):
         if not isinstance(item, Mapping):
-            col.add(f"step #{index + 1} must be a mapping, got {item!r}.")
+            col.add(f"step #{index + 1} must be a mapping, got {show(item)}.")
             continue
         model = item.get("model")
         name = item.get("name", model)
-        label = name if isinstance(name, str) and name else f"#{index + 1}"
-        if not isinstance(model, str) or not model:
-            col.add("the step names no 'model'.", "add model: <a model in the repository>.", step=label)
+        label = name if bad_name(name) is None else f"#{index + 1}"
+        if _bad_model_name(model) is not None:
+            col.add(
+                f"the step names no 'model' (got {show(model)}).",
+                "add model: <a model in the repository>.",
+                step=label,
+            )
+            continue
+        model = str(model)
+        if bad_name(name) is not None:
+            col.add(
+                f"the step's 'name' {bad_name(name)}, got {show(name)}.",
+                "name the step with a string, or leave 'name' out to use the model's name.",
+                step=label,
+            )
             continue
         if name in names:
             col.add(f"two steps are named '{name}'.", "give each step its own 'name'.", step=label)
             continue
         names.add(name)
         for key in sorted(set(item) - _STEP_KEYS):
-            col.add(f"unknown key '{key}'.", f"a step has {sorted(_STEP_KEYS)}.", step=label)
+            col.add(f"unknown key {show(key)}.", f"a step has {sorted(_STEP_KEYS)}.", step=label)
         version = _int(col, item.get("version", -1), "version", minimum=-1, step=label)
         if version == 0:
             col.add(
@@ -421,31 +531,40 @@ def _steps(col: _Collector, value: Any) -> tuple[StepSpec, ...]:
 
 
 def _route(col: _Collector, value: Any) -> tuple[RouteStage, ...]:
-    if not isinstance(value, list) or not value:
+    items = _list(col, value, "route")
+    if not items:
+        if items is None and isinstance(value, list):
+            return ()
         col.add("'route' must be a non-empty list of stages.", "list the models to try, first one first.")
         return ()
     stages: list[RouteStage] = []
-    for index, item in enumerate(value):
+    for index, item in enumerate(items):
         if isinstance(item, str):
             item = {"model": item}
-        if not isinstance(item, Mapping) or not isinstance(item.get("model"), str) or not item["model"]:
-            col.add(f"route stage #{index + 1} needs a 'model', got {item!r}.")
+        if not isinstance(item, Mapping) or _bad_model_name(item.get("model")) is not None:
+            col.add(f"route stage #{index + 1} needs a 'model', got {show(item)}.")
             continue
         label = item["model"]
         for key in sorted(set(item) - _STAGE_KEYS):
-            col.add(f"unknown key '{key}'.", f"a route stage has {sorted(_STAGE_KEYS)}.", step=label)
+            col.add(f"unknown key {show(key)}.", f"a route stage has {sorted(_STAGE_KEYS)}.", step=label)
         fallback = item.get("fallback", [])
         if isinstance(fallback, str):
             fallback = [fallback]
-        if not isinstance(fallback, list) or not all(isinstance(f, str) and f for f in fallback):
-            col.add(f"'fallback' must be a model name or a list of them, got {fallback!r}.", step=label)
+        if (
+            not isinstance(fallback, list)
+            or len(fallback) > MAX_LIST_ITEMS
+            or not all(_bad_model_name(f) is None for f in fallback)
+        ):
+            col.add(f"'fallback' must be a model name or a list of them, got {show(fallback)}.", step=label)
             fallback = []
         timeout = item.get("timeout_ms")
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
-        ):
-            col.add(f"'timeout_ms' must be a positive number, got {timeout!r}.", step=label)
-            timeout = None
+        if timeout is not None:
+            timeout = _number(timeout)
+            if timeout is None or timeout <= 0:
+                col.add(
+                    f"'timeout_ms' must be a positive number, got {show(item.get('timeout_ms'))}.", step=label
+                )
+                timeout = None
         version = _int(col, item.get("version", -1), "version", minimum=-1, step=label) or -1
         when = _condition(col, item.get("when"), label) if item.get("when") is not None else None
         inputs = _name_map(col, item["inputs"], "inputs", label) if "inputs" in item else None
@@ -455,7 +574,7 @@ def _route(col: _Collector, value: Any) -> tuple[RouteStage, ...]:
                 model=label,
                 fallback=tuple(fallback),
                 version=version if version > 0 else -1,
-                timeout_ms=None if timeout is None else float(timeout),
+                timeout_ms=timeout,
                 when=when,
                 inputs=inputs,
                 outputs=outputs,
@@ -468,61 +587,69 @@ def _condition(col: _Collector, value: Any, step: str) -> Condition | None:
     fix = (
         "write when: {tensor: probabilities, reduce: max, below: 0.9} (below / above / equals / not_equals)."
     )
-    if not isinstance(value, Mapping) or not isinstance(value.get("tensor"), str):
-        col.add(f"'when' must name a tensor and a comparison, got {value!r}.", fix, step=step)
+    if not isinstance(value, Mapping) or bad_name(value.get("tensor")) is not None:
+        col.add(f"'when' must name a tensor and a comparison, got {show(value)}.", fix, step=step)
         return None
+    tensor = value["tensor"]
     reduce = value.get("reduce", "max")
-    if reduce not in REDUCERS:
+    if not isinstance(reduce, str) or reduce not in REDUCERS:
         col.add(
-            f"'reduce' must be one of {list(REDUCERS)}, got {reduce!r}.",
+            f"'reduce' must be one of {list(REDUCERS)}, got {show(reduce)}.",
             fix,
             step=step,
-            tensor=value["tensor"],
+            tensor=tensor,
         )
         return None
     comparisons = [c for c in COMPARISONS if c in value]
     extra = set(value) - {"tensor", "reduce", *COMPARISONS}
     if len(comparisons) != 1 or extra:
         col.add(
-            f"'when' needs exactly one of {list(COMPARISONS)} and nothing else, got {dict(value)!r}.",
+            f"'when' needs exactly one of {list(COMPARISONS)} and nothing else, got {show(dict(value))}.",
             fix,
             step=step,
-            tensor=value["tensor"],
+            tensor=tensor,
         )
         return None
-    threshold = value[comparisons[0]]
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-        col.add(f"the threshold must be a number, got {threshold!r}.", fix, step=step, tensor=value["tensor"])
+    threshold = _number(value[comparisons[0]])
+    if threshold is None:
+        col.add(
+            f"the threshold must be a finite number, got {show(value[comparisons[0]])}.",
+            fix,
+            step=step,
+            tensor=tensor,
+        )
         return None
-    return Condition(tensor=value["tensor"], comparison=comparisons[0], value=float(threshold), reduce=reduce)
+    return Condition(tensor=tensor, comparison=comparisons[0], value=threshold, reduce=reduce)
 
 
 def _models(col: _Collector, value: Any) -> tuple[BlockModelSpec, ...]:
-    if value in (None, []):
+    if value is None or value == []:
         return ()
-    if not isinstance(value, list):
-        col.add(f"'models' must be a list of building blocks, got {value!r}.")
+    items = _list(col, value, "models")
+    if items is None:
+        if not isinstance(value, list):
+            col.add(f"'models' must be a list of building blocks, got {show(value)}.")
         return ()
     models: list[BlockModelSpec] = []
-    for item in value:
+    for item in items:
         if (
             not isinstance(item, Mapping)
-            or not isinstance(item.get("name"), str)
-            or not isinstance(item.get("block"), str)
+            or _bad_model_name(item.get("name")) is not None
+            or bad_name(item.get("block")) is not None
         ):
             col.add(
-                f"each of 'models' needs 'name' and 'block', got {item!r}.",
+                f"each of 'models' needs 'name' (a model name) and 'block', got {show(item)}.",
                 "write {name: my_tokenizer, block: tokenizer, options: {...}}.",
             )
             continue
         for key in sorted(set(item) - _MODEL_KEYS):
-            col.add(f"unknown key '{key}' on model '{item['name']}'.", f"use {sorted(_MODEL_KEYS)}.")
+            col.add(f"unknown key {show(key)} on model '{item['name']}'.", f"use {sorted(_MODEL_KEYS)}.")
         options = item.get("options", {}) or {}
         if not isinstance(options, Mapping):
-            col.add(f"'options' of model '{item['name']}' must be a mapping, got {options!r}.")
+            col.add(f"'options' of model '{item['name']}' must be a mapping, got {show(options)}.")
             options = {}
         mbs = item.get("max_batch_size")
         if mbs is not None:
-            mbs = _int(col, mbs, f"max_batch_size of {item['name']}", minimum=1)
+            mbs = _int(col, mbs, f"max_batch_size of {item['name']}", minimum=1, maximum=INT32_MAX)
         models.append(BlockModelSpec(item["name"], item["block"], dict(options), mbs))
     return tuple(models)

@@ -2,7 +2,9 @@
 
 - :func:`run_sweep` / :func:`bench`: perf_analyzer-style sweeps (concurrency or request rate, windows until
   stable, percentiles, Triton's server-side split per model) -> CSV, JSON, HTML.
-- :class:`Tuner`: Model Analyzer-style search for the fastest config within a p99 budget (ensembles too).
+- :class:`Tuner` / :func:`tune`: Model Analyzer-style search for the fastest config within a p99 budget
+  (ensembles too); the pure search is :mod:`~tritonforge.loadtest.search`, the writers
+  :mod:`~tritonforge.loadtest.tune_output`.
 - :func:`write_report`: the HTML report with its PNGs.
 - ``tritonforge.loadtest.user.TritonUser``: the locust user. Import it from its module: importing locust
   monkey-patches the process with gevent, so this package never does it for you.
@@ -18,9 +20,11 @@ from __future__ import annotations
 from tritonforge.loadtest.bench import bench, load_payloads
 from tritonforge.loadtest.output import write_results
 from tritonforge.loadtest.report import write_report
+from tritonforge.loadtest.search import SearchSpace, Trial, TuneResult, coordinate_search
 from tritonforge.loadtest.sweep import LevelResult, SweepResult, SweepSettings, run_level, run_sweep
 from tritonforge.loadtest.target import inputs_from_config, open_target
-from tritonforge.loadtest.tune import SearchSpace, Trial, Tuner, TuneResult, coordinate_search, write_winner
+from tritonforge.loadtest.tune import Tuner, tune
+from tritonforge.loadtest.tune_output import write_tune_outputs, write_winner
 
 __all__ = [
     "LevelResult",
@@ -37,7 +41,9 @@ __all__ = [
     "open_target",
     "run_level",
     "run_sweep",
+    "tune",
     "write_report",
     "write_results",
+    "write_tune_outputs",
     "write_winner",
 ]

@@ -1,0 +1,84 @@
+"""Consoles for every verb: tables at the terminal's width there, and whole lines when piped.
+
+Rich lays out for 80 columns (or the width of a terminal on another stream) when its own stream is not a
+terminal, which folds a long model name over two lines in a CI log and defeats ``grep``. A
+:func:`make_console` console renders wide when its stream is not a terminal (tables take their natural
+width, text is never wrapped), and :func:`print_problems` prints a list of problems as a table at a
+terminal and as one ``where: problem — fix`` line each elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import IO, Any
+
+from rich.console import Console, ConsoleDimensions
+from rich.rule import Rule
+from rich.table import Table
+from rich.text import Text
+
+__all__ = ["PIPE_WIDTH", "Problem", "make_console", "print_problems"]
+
+PIPE_WIDTH = 10_000
+"""The width laid out for when not on a terminal: wider than any line the CLI prints."""
+_RULE_WIDTH = 80
+
+Problem = tuple[str, str, str]
+"""Where (``file: pipeline/step``), what is wrong, how to fix it ("" when unknown)."""
+
+
+class _PipeAwareConsole(Console):
+    """A rich console that lays out at ``PIPE_WIDTH`` when its stream is not a terminal.
+
+    Unless given a ``width``: ``$COLUMNS`` is ignored then, since CI runners often set it to 80.
+    """
+
+    def __init__(self, *args: Any, width: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, width=width, **kwargs)
+        self._given_width = width
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self._given_width is None and not self.is_terminal:
+            return ConsoleDimensions(PIPE_WIDTH, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+    def rule(self, title: Any = "", **kwargs: Any) -> None:
+        if self.is_terminal:
+            super().rule(title, **kwargs)
+        else:  # a full-width rule would be PIPE_WIDTH characters of dashes
+            self.print(Rule(title, **kwargs), width=_RULE_WIDTH)
+
+
+def make_console(*, stderr: bool = False, file: IO[str] | None = None) -> Console:
+    """The console a verb prints with (``stderr`` for errors and problems; ``file`` for tests)."""
+    return _PipeAwareConsole(stderr=stderr, file=file)
+
+
+def print_problems(
+    console: Console,
+    title: str,
+    problems: Sequence[Problem],
+    *,
+    columns: Sequence[str] = ("where", "problem", "fix"),
+    rows: Sequence[Sequence[str | Text]] | None = None,
+) -> None:
+    """Problems as a table at a terminal (``rows`` under ``columns``, default one row per problem), or
+    one ``where: problem — fix`` line each when piped, so each line holds every name whole."""
+    if not console.is_terminal:
+        console.print(title, markup=False, highlight=False)
+        for where, problem, fix in problems:
+            line = f"{where}: {problem}" if where else problem
+            console.print(f"{line} — {fix}" if fix else line, markup=False, highlight=False)
+        return
+    table = Table(title=title, show_lines=True)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows if rows is not None else problems:
+        table.add_row(*row)
+    console.print(table)
