@@ -49,12 +49,13 @@ def test_ensemble_check_piped_prints_each_problem_on_one_line_with_file_step_and
         steps: [{{name: the_first_step, model: {LONG_MODEL}, inputs: [x], outputs: [probs]}}]
         """)
     )
+    # the problems are the report (stdout); stderr holds the one error line every verb gives
     result = run_piped("ensemble", "check", "specs", "--repo", "repo", cwd=tmp_path)
     assert result.returncode == 1
-    [line] = lines_with(result.stderr, LONG_MODEL)
+    [line] = lines_with(result.stdout, LONG_MODEL)
     assert line.startswith("specs/p.yaml: pipeline_with_a_long_name/the_first_step: model ")
     assert " — build it into the repository first" in line
-    assert "┃" not in result.stderr and "│" not in result.stderr  # no table when piped
+    assert "┃" not in result.stdout and "│" not in result.stdout  # no table when piped
 
 
 def test_validate_piped_prints_each_problem_on_one_line_with_the_whole_model_name(tmp_path: Path) -> None:
