@@ -7,6 +7,7 @@
     ├── ExportError            a model that can't be exported (unsupported layer, failed check vs source)
     ├── QuantizationError      a quantization that failed or missed its tolerance
     ├── EnsembleError          a malformed or inconsistent pipeline spec
+    ├── DeployError            deployment options that can't be generated, or manifests that don't validate
     ├── ServerError            the embedded Triton server could not start, or died
     │   └── ModelLoadError     a model failed to load (names the model and Triton's reason)
     └── ClientError            an inference or control call failed
@@ -31,6 +32,7 @@ __all__ = [
     "ClientError",
     "ConfigError",
     "DeadlineExceeded",
+    "DeployError",
     "EnsembleError",
     "ExportError",
     "InferenceFailed",
@@ -94,6 +96,10 @@ class QuantizationError(TritonForgeError):
 
 class EnsembleError(TritonForgeError):
     """A pipeline spec that is malformed or inconsistent."""
+
+
+class DeployError(TritonForgeError):
+    """Deployment options that can't be turned into manifests, or generated manifests that don't validate."""
 
 
 class ServerError(TritonForgeError):
