@@ -17,8 +17,6 @@ from typing import Any
 
 
 def build(plan: dict[str, Any]) -> Any:
-    from kubernetes.client import V1ObjectMeta, V1ResourceRequirements
-
     from kserve import constants
     from kserve.models import (
         V1beta1InferenceService,
@@ -27,6 +25,7 @@ def build(plan: dict[str, Any]) -> Any:
         V1beta1ModelSpec,
         V1beta1PredictorSpec,
     )
+    from kubernetes.client import V1ObjectMeta, V1ResourceRequirements
 
     model = V1beta1ModelSpec(
         model_format=V1beta1ModelFormat(name="triton"),
@@ -69,9 +68,8 @@ def load(data: Any, kind: str) -> Any:
     caller sees as a difference on the way back."""
     import re
 
-    import kubernetes.client.models as core
-
     import kserve.models
+    import kubernetes.client.models as core
 
     if data is None:
         return None

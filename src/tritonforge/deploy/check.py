@@ -185,7 +185,9 @@ def validate_object(obj: dict[str, Any], version: str = KUBERNETES_VERSION) -> t
 
         errors = sorted(jsonschema.Draft7Validator(CRD_FIELDS[kind]).iter_errors(obj), key=str)
         if kind[1] == "ScaledObject" and not errors:
-            behavior = obj["spec"].get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior")
+            behavior = (
+                obj["spec"].get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior")
+            )
             if behavior is not None:
                 probe = _hpa_probe(obj, behavior)
                 try:

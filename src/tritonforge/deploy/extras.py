@@ -91,6 +91,8 @@ def compose_file(spec: DeploySpec, repository: Path, compose_dir: Path, *, gpus:
     }
     if gpus:
         service["deploy"] = {
-            "resources": {"reservations": {"devices": [{"driver": "nvidia", "count": gpus, "capabilities": ["gpu"]}]}}
+            "resources": {
+                "reservations": {"devices": [{"driver": "nvidia", "count": gpus, "capabilities": ["gpu"]}]}
+            }
         }
     return {"name": spec.name, "services": {"triton": service}}

@@ -169,11 +169,19 @@ def _readme(spec: DeploySpec, sizing: Sizing | None, notes: Sequence[str]) -> st
     return "\n".join(lines)
 
 
+class _SafeDumper(yaml.SafeDumper):
+    """The safe dumper, writing a dict used twice (a selector and the pod labels) out in full both
+    times: anchors and aliases are valid YAML but read badly and some tools reject them."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def _dump(content: Any) -> str:
     if isinstance(content, str):
         return content
     docs = content if isinstance(content, list) else [content]
-    return yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False, width=120)
+    return yaml.dump_all(docs, Dumper=_SafeDumper, sort_keys=False, default_flow_style=False, width=120)
 
 
 def generate(
@@ -182,6 +190,7 @@ def generate(
     spec: DeploySpec | None = None,
     *,
     sizing: Sizing | None = None,
+    instances: Mapping[str, int] | None = None,
     locustfiles: Mapping[str, str] | None = None,
     force: bool = False,
 ) -> Generated:
@@ -198,20 +207,22 @@ def generate(
         raise DeployError(f"{target} exists and is not empty; pass --force to replace it")
     counts = repository_models(repo)
     notes: list[str] = []
+    measured = dict(instances or {})
     instances = {m: n for m, n in counts.items() if n}
     if sizing is not None:
-        for model, n in sizing.instances.items():
-            if model not in counts:
-                raise DeployError(f"the measured config names model '{model}', which {repo} doesn't have")
-            if instances.get(model) != n:
-                notes.append(
-                    f"'{model}' was measured with {n} instance(s) but {repo} has {instances.get(model)}: "
-                    "write the tuned configs first (`tritonforge tune ... --write`) and upload the repository"
-                )
-            instances[model] = n
+        measured.update(sizing.instances)
         spec = spec.replace(
             replicas=sizing.replicas, min_replicas=sizing.min_replicas, max_replicas=sizing.max_replicas
         )
+    for model, n in measured.items():
+        if model not in counts:
+            raise DeployError(f"the measured config names model '{model}', which {repo} doesn't have")
+        if instances.get(model) != n:
+            notes.append(
+                f"'{model}' was measured with {n} instance(s) but {repo} has {instances.get(model)}: "
+                "write the tuned configs first (`tritonforge tune ... --write`) and upload the repository"
+            )
+        instances[model] = n
     spec = spec.replace(models=tuple(counts), instances=instances)
     if spec.store.kind in ("s3", "gs", "as"):
         notes.append(

@@ -40,8 +40,12 @@ USER_ID = 1000  # the `triton-server` user of NVIDIA's image
 
 SPOT_TOLERATIONS: list[Obj] = [
     {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"},
-    {"key": "kubernetes.azure.com/scalesetpriority", "operator": "Equal", "value": "spot",
-     "effect": "NoSchedule"},
+    {
+        "key": "kubernetes.azure.com/scalesetpriority",
+        "operator": "Equal",
+        "value": "spot",
+        "effect": "NoSchedule",
+    },
     {"key": "eks.amazonaws.com/capacityType", "operator": "Equal", "value": "SPOT", "effect": "NoSchedule"},
 ]
 SPOT_NODE_TERMS: list[tuple[str, str]] = [
@@ -324,7 +328,10 @@ def prometheus_adapter_configmap(spec: DeploySpec, *, adapter_namespace: str = "
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {**_meta("prometheus-adapter-triton", spec, "autoscaling"), "namespace": adapter_namespace},
+        "metadata": {
+            **_meta("prometheus-adapter-triton", spec, "autoscaling"),
+            "namespace": adapter_namespace,
+        },
         "data": {"config.yaml": yaml.safe_dump({"rules": [adapter_rule(spec)]}, sort_keys=False)},
     }
 
@@ -381,7 +388,10 @@ def _locust_container(spec: DeploySpec, role: str, args: Sequence[str], model: s
             {"name": "TRITONFORGE_MODEL", "value": model},
             {"name": "HOME", "value": "/tmp"},
         ],
-        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+        "resources": {
+            "requests": {"cpu": "500m", "memory": "512Mi"},
+            "limits": {"cpu": "1", "memory": "1Gi"},
+        },
         "securityContext": _container_security(),
         "volumeMounts": [
             {"name": "locustfiles", "mountPath": "/locust", "readOnly": True},
@@ -401,7 +411,8 @@ def locust_objects(spec: DeploySpec, locustfiles: Mapping[str, str], model: str)
         from tritonforge.errors import DeployError
 
         raise DeployError(
-            f"locustfile {spec.locustfile!r} is not among the load tests found ({', '.join(sorted(locustfiles))})"
+            f"locustfile {spec.locustfile!r} is not among the load tests found "
+            f"({', '.join(sorted(locustfiles))}); pass --locustfile"
         )
     target = f"{spec.name}:{GRPC_PORT}"
     script = f"/locust/{spec.locustfile}"
@@ -483,7 +494,9 @@ def batch_job(spec: DeploySpec, *, model: str) -> Obj:
             {
                 "name": SHARD_ENV,
                 "valueFrom": {
-                    "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+                    "fieldRef": {
+                        "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+                    }
                 },
             },
             {"name": "HOME", "value": "/tmp"},
@@ -515,7 +528,9 @@ def batch_job(spec: DeploySpec, *, model: str) -> Obj:
                                 {
                                     "weight": 100,
                                     "preference": {
-                                        "matchExpressions": [{"key": key, "operator": "In", "values": [value]}]
+                                        "matchExpressions": [
+                                            {"key": key, "operator": "In", "values": [value]}
+                                        ]
                                     },
                                 }
                                 for key, value in SPOT_NODE_TERMS

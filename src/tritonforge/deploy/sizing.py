@@ -68,7 +68,9 @@ def load_measurement(path: str | Path) -> tuple[dict[str, Any], dict[str, int], 
         )
     for sweep in sweeps:
         if sweep.get("label") == winner["config"]:
-            instances = {m: int(k["instances"]) for m, k in winner.get("knobs", {}).items() if "instances" in k}
+            instances = {
+                m: int(k["instances"]) for m, k in winner.get("knobs", {}).items() if "instances" in k
+            }
             return sweep, instances, f"tune winner '{winner['config']}' of '{tune['model']}' ({file})"
     raise DeployError(f"{file}: no sweep labelled with the winner's config {winner['config']!r}")
 

@@ -15,8 +15,8 @@ from tritonforge.errors import DeployError
 
 __all__ = [
     "DEFAULT_IMAGE",
-    "HTTP_PORT",
     "GRPC_PORT",
+    "HTTP_PORT",
     "METRICS_PORT",
     "PROBE_PATHS",
     "TRITON_CONTAINER_TAGS",
@@ -143,7 +143,9 @@ class DeploySpec:
     name: str = "triton"
     image: str = DEFAULT_IMAGE
     store: ModelStore = dataclasses.field(
-        default_factory=lambda: ModelStore(kind="pvc", uri="pvc://triton-models", claim_or_image="triton-models")
+        default_factory=lambda: ModelStore(
+            kind="pvc", uri="pvc://triton-models", claim_or_image="triton-models"
+        )
     )
     models: Sequence[str] = ()
     #: instances per model (from the repository's configs or a tune result), for sizing and the notes
