@@ -77,8 +77,18 @@ def test_generate_writes_base_overlays_autoscaling_kserve_locust_batch_and_compo
     ):
         assert (out / rel).is_file(), rel
     kinds = {d.get("kind") for p in out.rglob("*.yaml") for d in _docs(p)}
-    assert {"Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor", "HorizontalPodAutoscaler",
-            "ScaledObject", "InferenceService", "Job", "ConfigMap", "Namespace"} <= kinds
+    assert {
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+        "HorizontalPodAutoscaler",
+        "ScaledObject",
+        "InferenceService",
+        "Job",
+        "ConfigMap",
+        "Namespace",
+    } <= kinds
 
 
 def test_check_tree_finds_every_generated_object_valid(out: Path) -> None:
@@ -123,7 +133,7 @@ def test_deployment_is_non_root_read_only_with_probes_on_triton_health_and_secre
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    assert f"--model-repository=s3://models-bucket/triton" in container["args"]
+    assert "--model-repository=s3://models-bucket/triton" in container["args"]
     for env in container["env"]:
         assert "value" not in env and env["valueFrom"]["secretKeyRef"]["name"] == "triton-model-store"
     assert {c["topologyKey"] for c in pod["topologySpreadConstraints"]} == {
@@ -201,8 +211,16 @@ def _level(level: float, rps: float, p99: float, errors: int = 0) -> dict[str, A
 
 
 def test_size_for_plans_pods_at_the_utilisation_of_the_best_level_within_budget() -> None:
-    sweep = {"model": "m", "mode": "concurrency", "levels": [
-        _level(1, 100, 5), _level(4, 300, 12), _level(16, 500, 80), _level(32, 900, 300, errors=3)]}
+    sweep = {
+        "model": "m",
+        "mode": "concurrency",
+        "levels": [
+            _level(1, 100, 5),
+            _level(4, 300, 12),
+            _level(16, 500, 80),
+            _level(32, 900, 300, errors=3),
+        ],
+    }
     sizing = size_for(1000, sweep, p99_budget_ms=50, utilisation=0.5)
     assert sizing.per_replica_rps == 300  # level 16 is over budget, level 32 had errors
     assert sizing.replicas == 7  # 1000 / (300 * 0.5) = 6.7
@@ -228,9 +246,18 @@ def test_cli_deploy_sizes_prod_from_a_real_bench_sweep(
     target = round(best * 3)
     result = CliRunner().invoke(
         app,
-        ["deploy", str(model_repo), "--out", str(tmp_path / "out"), "--loadtests",
-         str(PROJECT_ROOT / "loadtests"), "--target-rps", str(target), "--sweep",
-         str(tmp_path / "bench" / "sweep.json")],
+        [
+            "deploy",
+            str(model_repo),
+            "--out",
+            str(tmp_path / "out"),
+            "--loadtests",
+            str(PROJECT_ROOT / "loadtests"),
+            "--target-rps",
+            str(target),
+            "--sweep",
+            str(tmp_path / "bench" / "sweep.json"),
+        ],
     )
     assert result.exit_code == 0, result.output
     sizing = json.loads((tmp_path / "out" / "sizing.json").read_text())
@@ -245,8 +272,15 @@ def test_cli_deploy_on_the_example_repository_writes_valid_manifests(
     example_repo: Path, tmp_path: Path
 ) -> None:
     result = CliRunner().invoke(
-        app, ["deploy", str(example_repo), "--out", str(tmp_path / "deploy"), "--loadtests",
-              str(PROJECT_ROOT / "loadtests")]
+        app,
+        [
+            "deploy",
+            str(example_repo),
+            "--out",
+            str(tmp_path / "deploy"),
+            "--loadtests",
+            str(PROJECT_ROOT / "loadtests"),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "deploy/loadtest/locust.yaml").is_file()
@@ -331,8 +365,10 @@ def test_autoscaling_promql_is_clearly_higher_under_load_than_idle_per_pod(
         yaml.safe_load((d / "autoscaling/prometheus-adapter-values.yaml").read_text())["rules"]["custom"][0]
         for d in (out, ratio_out)
     ]
-    keda = [_docs(d / "overlays/prod/keda-scaledobject.yaml")[0]["spec"]["triggers"][0]["metadata"]["query"]
-            for d in (out, ratio_out)]
+    keda = [
+        _docs(d / "overlays/prod/keda-scaledobject.yaml")[0]["spec"]["triggers"][0]["metadata"]["query"]
+        for d in (out, ratio_out)
+    ]
     hpa_queries = [render_adapter_query(r["metricsQuery"], namespace=NAMESPACE, pods=PODS) for r in rules]
     targets = {
         f"{server.host}:{server.metrics_port}": PODS[0],
@@ -357,14 +393,17 @@ def test_autoscaling_promql_is_clearly_higher_under_load_than_idle_per_pod(
             for thread in threads:
                 thread.join(timeout=30)
     assert failures == []
-    for before, after in zip(idle, loaded):
-        by_pod_before = {json.loads(k)["pod"] if k.startswith("{") else k: v for k, v in before.items()}
-        by_pod_after = {json.loads(k)["pod"] if k.startswith("{") else k: v for k, v in after.items()}
-        assert set(by_pod_after) == set(PODS)
-        for pod in PODS:
-            assert by_pod_after[pod] > 0
-            assert by_pod_after[pod] > 5 * by_pod_before.get(pod, 0.0), (pod, by_pod_before, by_pod_after)
-    # queue time per request: at least a millisecond under load (8 callers on one instance per pod)
-    assert min(v for v in loaded[0].values()) > 1000
-    for before, after in zip(idle_keda, loaded_keda):
-        assert len(after) == 1 and next(iter(after.values())) > 5 * next(iter(before.values()), 0.0)
+
+    def by_pod(values: dict[str, float]) -> dict[str, float]:
+        return {json.loads(key)["pod"]: value for key, value in values.items()}
+
+    # queue time per request (us) must be well above the ~tens of us a lone request waits; the ratio well
+    # above 0. Idle is exactly 0 for every pod (present, not missing: the HPA always gets a value).
+    floors = (100.0, 0.2)
+    for before, after, floor in zip(idle, loaded, floors, strict=True):
+        assert by_pod(before) == dict.fromkeys(PODS, 0.0)
+        assert set(by_pod(after)) == set(PODS)
+        assert min(by_pod(after).values()) > floor, after
+    for before, after, floor in zip(idle_keda, loaded_keda, floors, strict=True):
+        assert list(before.values()) == [0.0]
+        assert len(after) == 1 and next(iter(after.values())) > floor

@@ -13,7 +13,6 @@ sees a missing metric -- the "unable to get metric" of server#6247 came from a r
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -72,7 +71,8 @@ def render_adapter_query(
     Raises:
         DeployError: the template uses a field this filler doesn't know (so the check would be wrong).
     """
-    matchers = f'namespace="{namespace}",pod=~"{"|".join(re.escape(p) for p in pods)}"'
+    # the adapter joins the names as they are (pod names are DNS labels: nothing to escape in a regex)
+    matchers = f'namespace="{namespace}",pod=~"{"|".join(pods)}"'
     filled = metrics_query.replace("<<.LabelMatchers>>", matchers).replace("<<.GroupBy>>", group_by)
     if "<<" in filled:
         raise DeployError(f"metricsQuery uses a template field not filled here: {filled}")
