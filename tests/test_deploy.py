@@ -203,6 +203,27 @@ def test_cli_deploy_fails_on_one_line_for_a_missing_repository(tmp_path: Path) -
     assert not (tmp_path / "out").exists()
 
 
+def test_only_commands_import_deploy_and_deploy_imports_no_command() -> None:
+    import ast
+
+    src = PROJECT_ROOT / "src" / "tritonforge"
+    for path in src.rglob("*.py"):
+        rel = path.relative_to(src).parts
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            for name in names:
+                if name.startswith("tritonforge.deploy"):
+                    assert rel[0] in ("deploy", "commands"), path
+                if rel[0] == "deploy":
+                    assert not name.startswith(("tritonforge.commands", "tritonforge.cli")), path
+
+
 # -- sizing from a measured sweep ---------------------------------------------------------------------------
 
 
