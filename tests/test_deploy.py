@@ -254,6 +254,26 @@ def test_size_for_raises_deploy_error_when_no_level_is_usable() -> None:
         size_for(10, sweep, p99_budget_ms=50)
 
 
+def test_a_tune_winner_gives_the_sweep_and_instance_counts_and_a_note_when_the_repository_differs(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    tune = {
+        "sweeps": [
+            {"model": "mlp", "label": "default", "mode": "concurrency", "levels": [_level(4, 100, 9)]},
+            {"model": "mlp", "label": "mlp: 2 inst", "mode": "concurrency", "levels": [_level(4, 180, 9)]},
+        ],
+        "tune": {"model": "mlp", "winner": {"config": "mlp: 2 inst", "knobs": {"mlp": {"instances": 2}}}},
+    }
+    (tmp_path / "tune.json").write_text(json.dumps(tune))
+    sweep, instances, source = load_measurement(tmp_path / "tune.json")
+    assert sweep["label"] == "mlp: 2 inst" and instances == {"mlp": 2} and "tune winner" in source
+    sizing = size_for(500, sweep, instances=instances, source=source)
+    generated = generate(model_repo, tmp_path / "out", sizing=sizing)
+    assert generated.spec.instances["mlp"] == 2
+    assert any("'mlp' was measured with 2 instance(s)" in note for note in generated.notes)
+    assert _docs(tmp_path / "out/overlays/prod/hpa.yaml")[0]["spec"]["minReplicas"] == sizing.min_replicas
+
+
 @pytest.mark.slow
 def test_cli_deploy_sizes_prod_from_a_real_bench_sweep(
     server: EmbeddedServer, model_repo: Path, tmp_path: Path
