@@ -51,6 +51,17 @@ class Generated:
     sizing: Sizing | None = None
 
 
+def python_models(repository: Path) -> list[str]:
+    """The models served by Triton's Python backend (their imports must be in the image)."""
+    from tritonforge.config import read_config
+
+    return [
+        folder.name
+        for folder in sorted(p for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+        if read_config(folder).backend == "python"
+    ]
+
+
 def repository_models(repository: Path) -> dict[str, int]:
     """Each model of ``repository`` and its instance count (ensembles: 0, they run no instances).
 
@@ -224,6 +235,12 @@ def generate(
             )
         instances[model] = n
     spec = spec.replace(models=tuple(counts), instances=instances)
+    python = python_models(repo)
+    if python:
+        notes.append(
+            f"{', '.join(python)} run on Triton's Python backend: what they import beyond numpy must be in "
+            f"the image (build one FROM {spec.image} that pip-installs it, and pass it with --image)"
+        )
     if spec.store.kind in ("s3", "gs", "as"):
         notes.append(
             f"create the Secret '{spec.store.secret}' with the object store's credentials before applying "
