@@ -200,7 +200,21 @@ def test_cli_deploy_fails_on_one_line_for_a_missing_repository(tmp_path: Path) -
     result = CliRunner().invoke(app, ["deploy", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 1
     assert "no model repository" in result.output
+    assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_deploy_fails_on_one_line_for_a_prometheus_url_without_scheme(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(
+        app, ["deploy", str(model_repo), "--out", str(tmp_path / "out"), "--prometheus-url", "prom:9090"]
+    )
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "error: Prometheus URL 'prom:9090' must be http(s)://host[:port], e.g. "
+        "http://prometheus-operated.monitoring.svc:9090"
+    ]
 
 
 def test_only_commands_import_deploy_and_deploy_imports_no_command() -> None:

@@ -22,7 +22,7 @@ class Metric(str, Enum):
 
 
 def _fail(exc: TritonForgeError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
     return typer.Exit(code=1)
 
 
@@ -62,6 +62,9 @@ def deploy(
     scale_down_window_s: int = typer.Option(300, help="Scale-down stabilisation window."),
     dev_namespace: str = typer.Option("tritonforge-dev", help="Namespace of the dev overlay."),
     prod_namespace: str = typer.Option("tritonforge-prod", help="Namespace of the prod overlay."),
+    prometheus_url: str = typer.Option(
+        "http://prometheus-operated.monitoring.svc:9090", help="Prometheus that KEDA and the adapter query."
+    ),
     loadtests: Path = typer.Option(Path("loadtests"), help="Folder of locustfiles for the locust ConfigMap."),
     locustfile: str = typer.Option("any_model.py", help="The locustfile the locust pods run."),
     batch_model: str = typer.Option("", help="Model of the batch Job (default: the first one)."),
@@ -115,6 +118,7 @@ def deploy(
             batch_input=batch_input,
             batch_output=batch_output,
             batch_shards=batch_shards,
+            prometheus_url=prometheus_url,
         )
         sizing = None
         instances = None

@@ -38,7 +38,6 @@ from tritonforge.errors import DeployError
 __all__ = ["Generated", "generate", "overlay_patches", "repository_models"]
 
 KUSTOMIZE = "kustomize.config.k8s.io/v1beta1"
-PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
 Obj = dict[str, Any]
 
 
@@ -89,6 +88,13 @@ def repository_models(repository: Path) -> dict[str, int]:
     return models
 
 
+def _adapter_prometheus(url: str) -> Obj:
+    """The prometheus-adapter chart takes the URL without its port, and the port apart."""
+    scheme, _, rest = url.rstrip("/").partition("://")
+    host, _, port = rest.partition(":")
+    return {"url": f"{scheme}://{host}", "port": int(port or (443 if scheme == "https" else 80))}
+
+
 def _small(spec: DeploySpec) -> DeploySpec:
     return spec.replace(cpu_request="1", cpu_limit="2", memory_request="2Gi", memory_limit="4Gi", gpus=0)
 
@@ -125,7 +131,7 @@ def _overlay(spec: DeploySpec, overlay: str) -> dict[str, Any]:
         "namespace.yaml": kube.namespace(namespace, spec),
         "hpa.yaml": kube.hpa(scaled, min_replicas=low, max_replicas=high),
         "keda-scaledobject.yaml": kube.keda_scaled_object(
-            scaled, namespace=namespace, min_replicas=low, max_replicas=high, prometheus_url=PROMETHEUS_URL
+            scaled, namespace=namespace, min_replicas=low, max_replicas=high
         ),
         "kustomization.yaml": _kustomization(
             ["namespace.yaml", "../../base", "hpa.yaml"],
@@ -268,7 +274,7 @@ def generate(
             files[f"overlays/{overlay}/{name}"] = content
     rule = adapter_rule(spec)
     files["autoscaling/prometheus-adapter-values.yaml"] = {
-        "prometheus": {"url": "http://prometheus-operated.monitoring.svc", "port": 9090},
+        "prometheus": _adapter_prometheus(spec.prometheus_url),
         "rules": {"default": False, "custom": [rule]},
     }
     files["autoscaling/prometheus-adapter-rules.yaml"] = kube.prometheus_adapter_configmap(spec)

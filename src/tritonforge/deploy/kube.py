@@ -336,9 +336,7 @@ def prometheus_adapter_configmap(spec: DeploySpec, *, adapter_namespace: str = "
     }
 
 
-def keda_scaled_object(
-    spec: DeploySpec, *, namespace: str, min_replicas: int, max_replicas: int, prometheus_url: str
-) -> Obj:
+def keda_scaled_object(spec: DeploySpec, *, namespace: str, min_replicas: int, max_replicas: int) -> Obj:
     """KEDA's alternative to the HPA + adapter: the same metric, queried from Prometheus by KEDA."""
     threshold = str(spec.target_queue_us) if spec.metric == "queue_time" else f"{spec.target_queue_ratio:g}"
     return {
@@ -366,7 +364,7 @@ def keda_scaled_object(
                     "type": "prometheus",
                     "metricType": "Value",
                     "metadata": {
-                        "serverAddress": prometheus_url,
+                        "serverAddress": spec.prometheus_url,
                         "query": keda_query(spec, namespace),
                         "threshold": threshold,
                         "ignoreNullValues": "false",

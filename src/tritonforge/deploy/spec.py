@@ -179,6 +179,8 @@ class DeploySpec:
     batch_shards: int = 4
     batch_image: str = "tritonforge:latest"
     canary_traffic_percent: int = 10
+    #: the Prometheus that KEDA queries and prometheus-adapter reads (prometheus-operator's default Service)
+    prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
 
     def __post_init__(self) -> None:
         _check_name(self.name, "deployment name")
@@ -202,6 +204,11 @@ class DeploySpec:
             raise DeployError("canary traffic must be a percentage (0-100)")
         if self.batch_shards < 1:
             raise DeployError("batch shards must be >= 1")
+        if not re.match(r"^https?://[^/:]+(:\d+)?/?$", self.prometheus_url):
+            raise DeployError(
+                f"Prometheus URL {self.prometheus_url!r} must be http(s)://host[:port], e.g. "
+                "http://prometheus-operated.monitoring.svc:9090"
+            )
 
     def replace(self, **changes: object) -> DeploySpec:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
