@@ -245,6 +245,18 @@ def _level(level: float, rps: float, p99: float, errors: int = 0) -> dict[str, A
     return {"level": level, "throughput_rps": rps, "latency_ms": {"p99": p99}, "errors": errors}
 
 
+def test_render_adapter_query_fills_the_template_as_the_adapter_does() -> None:
+    template = "sum by (<<.GroupBy>>) (rate(x{<<.LabelMatchers>>}[1m]))"
+    assert render_adapter_query(template, namespace="ns", pods=["a-1", "b-2"]) == (
+        'sum by (pod) (rate(x{namespace="ns",pod=~"a-1|b-2"}[1m]))'
+    )
+    assert render_adapter_query(template, namespace="ns", pods=["a-1"]) == (
+        'sum by (pod) (rate(x{namespace="ns",pod="a-1"}[1m]))'
+    )
+    with pytest.raises(DeployError):
+        render_adapter_query("<<.Series>>{<<.LabelMatchers>>}", namespace="ns", pods=["a"])
+
+
 def test_size_for_plans_pods_at_the_utilisation_of_the_best_level_within_budget() -> None:
     sweep = {
         "model": "m",

@@ -65,14 +65,17 @@ def adapter_rule(spec: DeploySpec) -> dict[str, Any]:
 def render_adapter_query(
     metrics_query: str, *, namespace: str, pods: Sequence[str], group_by: str = "pod"
 ) -> str:
-    """Fill a ``metricsQuery`` template as prometheus-adapter does for ``pods/<metric>`` in ``namespace``:
-    ``<<.LabelMatchers>>`` -> ``namespace="ns",pod=~"a|b"``, ``<<.GroupBy>>`` -> ``pod``.
+    """Fill a ``metricsQuery`` template as prometheus-adapter does for ``pods/<metric>`` in ``namespace``
+    (its ``metricsQuery.Build``): ``<<.LabelMatchers>>`` -> ``namespace="ns",pod=~"a|b"`` (``pod="a"`` for
+    one pod; the names joined as they are), ``<<.GroupBy>>`` -> ``pod``.
 
     Raises:
-        DeployError: the template uses a field this filler doesn't know (so the check would be wrong).
+        DeployError: no pods, or a template field this filler doesn't fill (the check would be wrong).
     """
-    # the adapter joins the names as they are (pod names are DNS labels: nothing to escape in a regex)
-    matchers = f'namespace="{namespace}",pod=~"{"|".join(pods)}"'
+    if not pods:
+        raise DeployError("the adapter asks about at least one pod")
+    pod_matcher = f'pod="{pods[0]}"' if len(pods) == 1 else f'pod=~"{"|".join(pods)}"'
+    matchers = f'namespace="{namespace}",{pod_matcher}'
     filled = metrics_query.replace("<<.LabelMatchers>>", matchers).replace("<<.GroupBy>>", group_by)
     if "<<" in filled:
         raise DeployError(f"metricsQuery uses a template field not filled here: {filled}")
