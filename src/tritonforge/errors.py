@@ -8,6 +8,7 @@
     ├── QuantizationError      a quantization that failed or missed its tolerance
     ├── EnsembleError          a malformed or inconsistent pipeline spec
     │   └── PipelineCheckError     every problem of a build's specs at once (``.issues``); nothing written
+    ├── DeployError            deployment options that can't be generated, or manifests that don't validate
     ├── ServerError            the embedded Triton server could not start, or died
     │   ├── ModelLoadError     a model failed to load (names the model and Triton's reason)
     │   └── ServerGone         the server stopped answering mid-run (a sweep, a tune)
@@ -45,6 +46,7 @@ __all__ = [
     "ClientError",
     "ConfigError",
     "DeadlineExceeded",
+    "DeployError",
     "EnsembleError",
     "ExportError",
     "InferenceFailed",
@@ -124,6 +126,10 @@ class PipelineCheckError(EnsembleError):
             model=getattr(issues[0], "pipeline", None) if issues else None,
         )
         self.issues = list(issues)
+
+
+class DeployError(TritonForgeError):
+    """Deployment options that can't be turned into manifests, or generated manifests that don't validate."""
 
 
 class ServerError(TritonForgeError):

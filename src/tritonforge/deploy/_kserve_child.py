@@ -1,0 +1,115 @@
+"""Runs the ``kserve`` SDK in its own interpreter (started by :mod:`tritonforge.deploy.extras`).
+
+Why a separate process: kserve's generated protobuf module registers the KServe v2 gRPC messages
+(``inference.ServerLiveRequest``, ...) in protobuf's default pool, and ``tritonclient.grpc`` registers the
+very same names; whichever is imported second fails with "duplicate symbol". So this script never imports
+tritonforge or tritonclient. It reads one JSON request on stdin and writes one JSON answer on stdout:
+
+- ``{"op": "build", "plan": {...}}`` -> ``{"object": <InferenceService as a dict>}``
+- ``{"op": "check", "object": {...}}`` -> ``{"object": <the object read into the SDK's models and back>}``
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def build(plan: dict[str, Any]) -> Any:
+    from kserve import constants
+    from kserve.models import (
+        V1beta1InferenceService,
+        V1beta1InferenceServiceSpec,
+        V1beta1ModelFormat,
+        V1beta1ModelSpec,
+        V1beta1PredictorSpec,
+    )
+    from kubernetes.client import V1ObjectMeta, V1ResourceRequirements
+
+    model = V1beta1ModelSpec(
+        model_format=V1beta1ModelFormat(name="triton"),
+        runtime=plan["runtime"],
+        runtime_version=plan["runtime_version"],
+        storage_uri=plan["storage_uri"],
+        name="kserve-container",
+        protocol_version="v2",
+        args=plan["args"],
+        resources=V1ResourceRequirements(**plan["resources"]),
+    )
+    return V1beta1InferenceService(
+        api_version=constants.KSERVE_V1BETA1,
+        kind="InferenceService",
+        metadata=V1ObjectMeta(name=plan["name"], labels=plan["labels"]),
+        spec=V1beta1InferenceServiceSpec(
+            predictor=V1beta1PredictorSpec(
+                model=model,
+                min_replicas=plan["min_replicas"],
+                max_replicas=plan["max_replicas"],
+                canary_traffic_percent=plan["canary_traffic_percent"],
+            )
+        ),
+    )
+
+
+_PRIMITIVES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "object": (object,),
+}
+
+
+def load(data: Any, kind: str) -> Any:
+    """``data`` read into the SDK's model classes (kserve's, and Kubernetes' that they nest). kserve writes
+    ``list[X]`` / ``dict(str, X)``, the Kubernetes client ``List[X]`` / ``Dict[str, X]``: both are read.
+    A class's constructor checks its required fields; a key the class doesn't map is dropped, which the
+    caller sees as a difference on the way back."""
+    import re
+
+    import kserve.models
+    import kubernetes.client.models as core
+
+    if data is None:
+        return None
+    found = re.fullmatch(r"(?:list|List)\[(.*)\]", kind)
+    if found:
+        if not isinstance(data, list):
+            raise TypeError(f"expected a list for {kind}, got {data!r}")
+        return [load(item, found.group(1)) for item in data]
+    found = re.fullmatch(r"dict\([^,]*, (.*)\)|Dict\[[^,]*, (.*)\]", kind)
+    if found:
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a mapping for {kind}, got {data!r}")
+        inner = found.group(1) or found.group(2)
+        return {key: load(value, inner) for key, value in data.items()}
+    if kind in _PRIMITIVES:
+        if not isinstance(data, _PRIMITIVES[kind]) or (kind == "int" and isinstance(data, bool)):
+            raise TypeError(f"expected {kind}, got {data!r}")
+        return data
+    cls = getattr(kserve.models, kind, None) or getattr(core, kind)
+    if not isinstance(data, dict):
+        raise TypeError(f"expected a {kind} mapping, got {data!r}")
+    kwargs = {
+        attr: load(data[key], cls.openapi_types[attr])
+        for attr, key in cls.attribute_map.items()
+        if key in data
+    }
+    return cls(**kwargs)
+
+
+def main() -> None:
+    request = json.load(sys.stdin)
+    from kserve import ApiClient
+
+    client = ApiClient()
+    if request["op"] == "build":
+        obj = build(request["plan"])
+    else:
+        obj = load(request["object"], "V1beta1InferenceService")
+    json.dump({"object": client.sanitize_for_serialization(obj)}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

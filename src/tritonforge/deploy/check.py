@@ -1,0 +1,326 @@
+"""Offline checks of a generated tree, the way a cluster would judge it (no cluster needed).
+
+- core Kubernetes objects: ``kubernetes-validate`` against the schemas of ``KUBERNETES_VERSION``, strict
+  (an unknown field is an error, as ``kubectl apply --validate=strict`` makes it);
+- the overlays: their JSON patches applied to the base (RFC 6902, the ``jsonpatch`` library), the
+  results validated like the base;
+- KServe's InferenceService: read into the ``kserve`` SDK's models and written back unchanged (a field
+  the SDK doesn't know would be dropped, so it shows as a difference);
+- ServiceMonitor and KEDA ScaledObject (CRDs, no upstream schema offline): the fields we write must be
+  ones those CRDs define, with the types they define (:data:`CRD_FIELDS`);
+- every kustomization's resources exist.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tritonforge.errors import DeployError
+
+__all__ = ["KUBERNETES_VERSION", "Finding", "check_tree", "validate_object"]
+
+#: the Kubernetes version whose schemas the objects must satisfy
+KUBERNETES_VERSION = "1.31.0"
+
+# The fields of the CRDs we write (prometheus-operator monitoring.coreos.com/v1, KEDA keda.sh/v1alpha1),
+# as JSON schema: enough to catch a misspelt or misplaced field, not the whole CRD.
+_STR = {"type": "string"}
+_INT = {"type": "integer"}
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+_META = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": _STR, "namespace": _STR, "labels": _LABELS, "annotations": _LABELS},
+    "additionalProperties": False,
+}
+_SELECTOR = {"type": "object", "properties": {"matchLabels": _LABELS}, "additionalProperties": False}
+CRD_FIELDS: dict[tuple[str, str], dict[str, Any]] = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": _STR,
+            "kind": _STR,
+            "metadata": _META,
+            "spec": {
+                "type": "object",
+                "required": ["selector", "endpoints"],
+                "additionalProperties": False,
+                "properties": {
+                    "selector": _SELECTOR,
+                    "endpoints": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "port": _STR,
+                                "path": _STR,
+                                "interval": {"type": "string", "pattern": "^(0|(([0-9]+)(h|m|s|ms))+)$"},
+                                "scrapeTimeout": {"type": "string", "pattern": "^(0|(([0-9]+)(h|m|s|ms))+)$"},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+        "additionalProperties": False,
+    },
+    ("keda.sh/v1alpha1", "ScaledObject"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": _STR,
+            "kind": _STR,
+            "metadata": _META,
+            "spec": {
+                "type": "object",
+                "required": ["scaleTargetRef", "triggers"],
+                "additionalProperties": False,
+                "properties": {
+                    "scaleTargetRef": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {"apiVersion": _STR, "kind": _STR, "name": _STR},
+                        "additionalProperties": False,
+                    },
+                    "minReplicaCount": _INT,
+                    "maxReplicaCount": _INT,
+                    "pollingInterval": _INT,
+                    "cooldownPeriod": _INT,
+                    "advanced": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            # KEDA passes this to the HPA it creates: checked below as HPA behavior
+                            "horizontalPodAutoscalerConfig": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {"name": _STR, "behavior": {"type": "object"}},
+                            },
+                            "restoreToOriginalReplicaCount": {"type": "boolean"},
+                        },
+                    },
+                    "triggers": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["type", "metadata"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "type": {"enum": ["prometheus"]},
+                                "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                                "name": _STR,
+                                # KEDA's prometheus scaler: every metadata value is a string
+                                "metadata": {
+                                    "type": "object",
+                                    "required": ["serverAddress", "query", "threshold"],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        k: _STR
+                                        for k in (
+                                            "serverAddress",
+                                            "query",
+                                            "threshold",
+                                            "activationThreshold",
+                                            "ignoreNullValues",
+                                            "namespace",
+                                        )
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+        "additionalProperties": False,
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One object checked: where it is, what it is, how it was checked, and the problem (None: valid)."""
+
+    file: str
+    kind: str
+    name: str
+    how: str
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def _import_validator() -> Any:
+    try:
+        import kubernetes_validate
+    except ImportError as exc:
+        raise DeployError(
+            "checking manifests needs kubernetes-validate: pip install 'tritonforge[deploy]'"
+        ) from exc
+    return kubernetes_validate
+
+
+def validate_object(obj: dict[str, Any], version: str = KUBERNETES_VERSION) -> tuple[str, str | None]:
+    """How ``obj`` was checked and its problem (None when valid).
+
+    Raises:
+        DeployError: the validator is not installed.
+    """
+    kv = _import_validator()
+    kind = (obj.get("apiVersion", ""), obj.get("kind", ""))
+    if kind in CRD_FIELDS:
+        import jsonschema
+
+        errors = sorted(jsonschema.Draft7Validator(CRD_FIELDS[kind]).iter_errors(obj), key=str)
+        if kind[1] == "ScaledObject" and not errors:
+            behavior = (
+                obj["spec"].get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior")
+            )
+            if behavior is not None:
+                probe = _hpa_probe(obj, behavior)
+                try:
+                    kv.validate(probe, version, strict=True)
+                except kv.ValidationError as exc:
+                    return "CRD fields + HPA behavior", f"behavior: {exc.message}"
+        how = "CRD fields"
+        if errors:
+            first = errors[0]
+            return how, f"{'/'.join(map(str, first.absolute_path))}: {first.message}"
+        return how, None
+    if kind == ("serving.kserve.io/v1beta1", "InferenceService"):
+        return "kserve SDK models", _kserve_problem(obj)
+    try:
+        kv.validate(obj, version, strict=True)
+    except kv.SchemaNotFoundError:
+        return "none", f"no schema for {kind[0]} {kind[1]} in Kubernetes {version} or our CRD list"
+    except kv.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.path)
+        return f"Kubernetes {version} schema", f"{where}: {exc.message}"
+    return f"Kubernetes {version} schema", None
+
+
+def _hpa_probe(obj: dict[str, Any], behavior: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": obj["metadata"]["name"]},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "x"},
+            "maxReplicas": 1,
+            "behavior": behavior,
+        },
+    }
+
+
+def _kserve_problem(obj: dict[str, Any]) -> str | None:
+    from tritonforge.deploy.extras import kserve_sdk
+
+    try:
+        back = kserve_sdk({"op": "check", "object": obj})
+    except DeployError as exc:
+        return exc.message
+    if back != obj:
+        return f"fields the kserve SDK doesn't know: {sorted(_diff(obj, back))}"
+    return None
+
+
+def _diff(a: Any, b: Any, path: str = "") -> set[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: set[str] = set()
+        for key in set(a) | set(b):
+            out |= _diff(a.get(key), b.get(key), f"{path}/{key}")
+        return out
+    return set() if a == b else {path or "/"}
+
+
+def _docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def check_tree(out: str | Path, version: str = KUBERNETES_VERSION) -> list[Finding]:
+    """Check every manifest under ``out`` (a ``tritonforge deploy`` tree); one finding per object.
+
+    Raises:
+        DeployError: the validator is not installed, or ``out`` is no generated tree.
+    """
+    import jsonpatch
+
+    root = Path(out)
+    if not (root / "base" / "kustomization.yaml").is_file():
+        raise DeployError(f"{root} is not a `tritonforge deploy` output (no base/kustomization.yaml)")
+    findings: list[Finding] = []
+    skip = {"docker-compose.yaml", "prometheus-adapter-values.yaml"}
+    for path in sorted(root.rglob("*.yaml")):
+        rel = str(path.relative_to(root))
+        if path.name in skip:
+            continue
+        for doc in _docs(path):
+            if path.name == "kustomization.yaml":
+                findings.append(_check_kustomization(path, rel, doc))
+                continue
+            how, problem = validate_object(doc, version)
+            findings.append(_finding(rel, doc, how, problem))
+    base = [d for p in (root / "base").glob("*.yaml") if p.name != "kustomization.yaml" for d in _docs(p)]
+    for overlay in sorted((root / "overlays").iterdir()):
+        findings.extend(_check_overlay(overlay, root, base, version, jsonpatch))
+    findings.extend(_check_compose(root))
+    return findings
+
+
+def _finding(rel: str, doc: dict[str, Any], how: str, problem: str | None) -> Finding:
+    return Finding(rel, str(doc.get("kind")), str(doc.get("metadata", {}).get("name")), how, problem)
+
+
+def _check_kustomization(path: Path, rel: str, doc: dict[str, Any]) -> Finding:
+    missing = [r for r in doc.get("resources", []) if not (path.parent / r).exists()]
+    problem = f"resources not found: {missing}" if missing else None
+    return Finding(rel, "Kustomization", path.parent.name, "resources exist", problem)
+
+
+def _check_overlay(
+    overlay: Path, root: Path, base: Iterable[dict[str, Any]], version: str, jsonpatch: Any
+) -> list[Finding]:
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    namespace = kustomization.get("namespace")
+    rendered = []
+    for obj in base:
+        obj = copy.deepcopy(obj)
+        for patch in kustomization.get("patches", []):
+            target = patch["target"]
+            if obj["kind"] == target["kind"] and obj["metadata"]["name"] == target["name"]:
+                obj = jsonpatch.apply_patch(obj, json.loads(patch["patch"]))
+        if namespace:
+            obj["metadata"]["namespace"] = namespace
+        rendered.append(obj)
+    rel = str(overlay.relative_to(root))
+    out = []
+    for obj in rendered:
+        how, problem = validate_object(obj, version)
+        out.append(_finding(f"{rel} (base + patches)", obj, how, problem))
+    return out
+
+
+def _check_compose(root: Path) -> list[Finding]:
+    path = root / "compose" / "docker-compose.yaml"
+    if not path.is_file():
+        return []
+    doc = yaml.safe_load(path.read_text())
+    service = doc.get("services", {}).get("triton", {})
+    problems = [k for k in ("image", "command", "healthcheck", "volumes") if k not in service]
+    source = (path.parent / service.get("volumes", [{}])[0].get("source", "")).resolve()
+    if not (source / ".").is_dir():
+        problems.append(f"the bind-mounted repository {source} does not exist")
+    problem = f"missing or wrong: {problems}" if problems else None
+    return [Finding("compose/docker-compose.yaml", "compose", "triton", "structure", problem)]

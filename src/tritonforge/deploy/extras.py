@@ -1,0 +1,98 @@
+"""The parts beyond plain Kubernetes: a KServe InferenceService (built with the ``kserve`` SDK's models) and
+a docker-compose file for one host with NVIDIA's container."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tritonforge.deploy.kube import labels, resources
+from tritonforge.deploy.spec import GRPC_PORT, HTTP_PORT, METRICS_PORT, PROBE_PATHS, DeploySpec, triton_args
+from tritonforge.errors import DeployError
+
+__all__ = ["compose_file", "inference_service", "kserve_sdk"]
+
+
+def inference_service(spec: DeploySpec, *, gpus: int) -> dict[str, Any]:
+    """KServe's InferenceService on its Triton runtime, with ``canary_traffic_percent`` of the traffic on
+    the newest revision when it is rolled out. Built from the SDK's models (in a separate interpreter, see
+    :mod:`tritonforge.deploy._kserve_child`), so a field KServe doesn't have can't be written.
+
+    Raises:
+        DeployError: the ``kserve`` SDK is missing or failed (``pip install 'tritonforge[deploy]'``).
+    """
+    last = spec.image.rsplit("/", 1)[-1]
+    plan = {
+        "name": spec.name,
+        "labels": labels(spec, "kserve"),
+        "runtime": "kserve-tritonserver",
+        "runtime_version": last.split(":", 1)[1] if ":" in last else None,
+        "storage_uri": spec.store.kserve_uri,
+        "args": [f"--grpc-max-connection-age={spec.grpc_max_connection_age_ms}", "--strict-readiness=true"],
+        "resources": resources(spec, gpus),
+        "min_replicas": spec.min_replicas,
+        "max_replicas": spec.max_replicas,
+        "canary_traffic_percent": spec.canary_traffic_percent,
+    }
+    return kserve_sdk({"op": "build", "plan": plan})
+
+
+def kserve_sdk(request: dict[str, Any]) -> dict[str, Any]:
+    """One request to the kserve SDK in its own interpreter; the object it answers.
+
+    Raises:
+        DeployError: the SDK is not installed, or it failed (its error is in the message).
+    """
+    script = Path(__file__).with_name("_kserve_child.py")
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise DeployError(f"could not run the kserve SDK: {exc}") from exc
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        hint = " (pip install 'tritonforge[deploy]')" if "No module named" in last else ""
+        raise DeployError(f"the kserve SDK failed: {last}{hint}")
+    return dict(json.loads(done.stdout)["object"])
+
+
+def compose_file(spec: DeploySpec, repository: Path, compose_dir: Path, *, gpus: int) -> dict[str, Any]:
+    """docker-compose for one host: NVIDIA's container on the local repository (read-only bind mount),
+    the same arguments as the pods, a GPU reservation and a healthcheck on Triton's readiness."""
+    local = os.path.relpath(repository.resolve(), compose_dir.resolve())
+    args = [a for a in triton_args(spec, gpus=gpus) if not a.startswith("--model-repository=")]
+    service: dict[str, Any] = {
+        "image": spec.image,
+        "command": ["tritonserver", "--model-repository=/models", *args],
+        "user": "1000:1000",
+        "read_only": True,
+        "tmpfs": ["/tmp"],
+        "shm_size": "1gb",
+        "volumes": [{"type": "bind", "source": local, "target": "/models", "read_only": True}],
+        "ports": [f"{p}:{p}" for p in (HTTP_PORT, GRPC_PORT, METRICS_PORT)],
+        "healthcheck": {
+            "test": ["CMD", "curl", "-fsS", f"http://localhost:{HTTP_PORT}{PROBE_PATHS['readiness']}"],
+            "interval": "10s",
+            "timeout": "3s",
+            "retries": 3,
+            "start_period": "120s",
+        },
+        "restart": "unless-stopped",
+        "stop_grace_period": f"{spec.exit_timeout_s + 15}s",
+    }
+    if gpus:
+        service["deploy"] = {
+            "resources": {
+                "reservations": {"devices": [{"driver": "nvidia", "count": gpus, "capabilities": ["gpu"]}]}
+            }
+        }
+    return {"name": spec.name, "services": {"triton": service}}

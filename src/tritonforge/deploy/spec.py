@@ -1,0 +1,236 @@
+"""What a deployment is made of: the image, where the model repository comes from, the server's arguments.
+
+The image tag follows the Triton we build and test with: the ``nvidia-pytriton`` 0.7.0 wheel carries Triton
+2.51.0, which NVIDIA ships as the ``24.10`` container (NGC tags are ``YY.MM``; 2.46 is 24.05, 2.53 is 24.12).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+from tritonforge.errors import DeployError
+
+__all__ = [
+    "DEFAULT_IMAGE",
+    "GRPC_PORT",
+    "HTTP_PORT",
+    "METRICS_PORT",
+    "PROBE_PATHS",
+    "TRITON_CONTAINER_TAGS",
+    "TRITON_VERSION",
+    "DeploySpec",
+    "ModelStore",
+    "image_for",
+    "parse_model_store",
+    "triton_args",
+]
+
+#: the Triton version of the binary we run here (the nvidia-pytriton 0.7.0 wheel)
+TRITON_VERSION = "2.51.0"
+#: Triton release -> NGC container tag (checked against NVIDIA's release notes)
+TRITON_CONTAINER_TAGS: Mapping[str, str] = {"2.46.0": "24.05", "2.51.0": "24.10", "2.53.0": "24.12"}
+DEFAULT_IMAGE = f"nvcr.io/nvidia/tritonserver:{TRITON_CONTAINER_TAGS[TRITON_VERSION]}-py3"
+
+HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
+#: Triton's health endpoints, as the probes use them
+PROBE_PATHS: Mapping[str, str] = {
+    "startup": "/v2/health/ready",
+    "readiness": "/v2/health/ready",
+    "liveness": "/v2/health/live",
+}
+#: where the repository sits inside the pod for the PVC and baked-image sources
+MOUNT_PATH = "/models"
+
+StoreKind = Literal["s3", "gs", "as", "pvc", "image"]
+Metric = Literal["queue_time", "queue_ratio"]
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def image_for(triton_version: str) -> str:
+    """NVIDIA's container image for a Triton release.
+
+    Raises:
+        DeployError: a release we have no container tag for (give ``--image`` instead).
+    """
+    tag = TRITON_CONTAINER_TAGS.get(triton_version)
+    if tag is None:
+        known = ", ".join(f"{v} -> {t}" for v, t in TRITON_CONTAINER_TAGS.items())
+        raise DeployError(f"no known NGC tag for Triton {triton_version} (known: {known}); pass --image")
+    return f"nvcr.io/nvidia/tritonserver:{tag}-py3"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStore:
+    """Where the pods read the model repository from.
+
+    ``s3``/``gs``/``as``: an object store URI that Triton reads itself; credentials come from the Secret
+    named ``secret`` (never inline). ``pvc``: a PersistentVolumeClaim mounted read-only at ``/models``.
+    ``image``: a baked image holding the repository at ``/models`` (an init container copies it).
+    """
+
+    kind: StoreKind
+    uri: str
+    #: the PVC's claim name, or the baked image reference
+    claim_or_image: str = ""
+    subpath: str = ""
+    secret: str = ""
+    pvc_size: str = "10Gi"
+
+    @property
+    def repository_arg(self) -> str:
+        """The value of ``--model-repository`` inside the pod."""
+        if self.kind in ("s3", "gs", "as"):
+            return self.uri
+        return MOUNT_PATH if not self.subpath else f"{MOUNT_PATH}/{self.subpath}"
+
+    @property
+    def kserve_uri(self) -> str:
+        """The same place as a KServe ``storageUri`` (KServe reads Azure blobs over https)."""
+        if self.kind == "as":
+            account, _, rest = self.uri[len("as://") :].partition("/")
+            return f"https://{account}.blob.core.windows.net/{rest}"
+        if self.kind == "image":
+            return f"oci://{self.claim_or_image}"
+        return self.uri
+
+
+def parse_model_store(uri: str, *, name: str, secret: str = "") -> ModelStore:
+    """``s3://bucket/path``, ``gs://bucket/path``, ``as://account/container/path``, ``pvc://claim[/sub]``,
+    or ``image://registry/repo:tag``.
+
+    Raises:
+        DeployError: an unknown scheme, a URI with no bucket/path, or credentials given inline.
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep or not rest.strip("/"):
+        raise DeployError(
+            f"model store {uri!r} is not a URI: use s3://bucket/path, gs://bucket/path, "
+            "as://account/container/path, pvc://claim[/subpath] or image://registry/repo:tag"
+        )
+    if scheme in ("s3", "gs", "as"):
+        if "@" in rest.split("/", 1)[0] or "?" in rest:
+            raise DeployError(
+                f"model store {uri!r} carries credentials or parameters; put credentials in a Secret and "
+                "name it with --credentials-secret"
+            )
+        if scheme == "as" and rest.count("/") < 1:
+            raise DeployError(f"model store {uri!r}: Azure needs as://account/container[/path]")
+        return ModelStore(kind=scheme, uri=uri.rstrip("/"), secret=secret or f"{name}-model-store")  # type: ignore[arg-type]
+    if scheme == "pvc":
+        claim, _, sub = rest.partition("/")
+        _check_name(claim, "PVC claim name")
+        return ModelStore(kind="pvc", uri=uri, claim_or_image=claim, subpath=sub.strip("/"))
+    if scheme == "image":
+        return ModelStore(kind="image", uri=uri, claim_or_image=rest)
+    raise DeployError(f"model store scheme {scheme!r} is not supported: use s3, gs, as, pvc or image")
+
+
+def _check_name(value: str, what: str) -> None:
+    if not _NAME.match(value) or len(value) > 63:
+        raise DeployError(
+            f"{what} {value!r} is not a valid Kubernetes name (lower-case letters, digits and '-', "
+            "at most 63 characters, starting and ending alphanumeric)"
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeploySpec:
+    """Everything the generated manifests are made from. Sizes are Kubernetes quantities."""
+
+    name: str = "triton"
+    image: str = DEFAULT_IMAGE
+    store: ModelStore = dataclasses.field(
+        default_factory=lambda: ModelStore(
+            kind="pvc", uri="pvc://triton-models", claim_or_image="triton-models"
+        )
+    )
+    models: Sequence[str] = ()
+    #: instances per model (from the repository's configs or a tune result), for sizing and the notes
+    instances: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    replicas: int = 2
+    min_replicas: int = 2
+    max_replicas: int = 8
+    cpu_request: str = "2"
+    cpu_limit: str = "4"
+    memory_request: str = "4Gi"
+    memory_limit: str = "8Gi"
+    gpus: int = 0
+    metric: Metric = "queue_time"
+    #: HPA/KEDA target: mean queue time per request (us), or queue/compute ratio
+    target_queue_us: int = 20_000
+    target_queue_ratio: float = 1.0
+    scale_down_window_s: int = 300
+    #: gRPC connections are closed after this age so clients rebalance over new replicas (server#6177)
+    grpc_max_connection_age_ms: int = 60_000
+    exit_timeout_s: int = 30
+    dev_namespace: str = "tritonforge-dev"
+    prod_namespace: str = "tritonforge-prod"
+    prod_gpus: int = 1
+    locust_image: str = "tritonforge-locust:latest"
+    locustfile: str = "any_model.py"
+    locust_workers: int = 2
+    #: the batch Job: ``tritonforge batch-infer MODEL --input IN --output OUT --shard K/N``
+    batch_model: str = ""
+    batch_input: str = ""
+    batch_output: str = ""
+    batch_shards: int = 4
+    batch_image: str = "tritonforge:latest"
+    canary_traffic_percent: int = 10
+    #: the Prometheus that KEDA queries and prometheus-adapter reads (prometheus-operator's default Service)
+    prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
+
+    def __post_init__(self) -> None:
+        _check_name(self.name, "deployment name")
+        for namespace in (self.dev_namespace, self.prod_namespace):
+            _check_name(namespace, "namespace")
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise DeployError(
+                f"need 1 <= min replicas ({self.min_replicas}) <= max replicas ({self.max_replicas})"
+            )
+        if not self.min_replicas <= self.replicas <= self.max_replicas:
+            raise DeployError(
+                f"replicas ({self.replicas}) must lie within [{self.min_replicas}, {self.max_replicas}]"
+            )
+        if self.gpus < 0 or self.prod_gpus < 0:
+            raise DeployError("GPU counts can't be negative")
+        if self.target_queue_us <= 0 or self.target_queue_ratio <= 0:
+            raise DeployError("the autoscaling target must be positive")
+        if self.metric not in ("queue_time", "queue_ratio"):
+            raise DeployError(f"metric must be 'queue_time' or 'queue_ratio', not {self.metric!r}")
+        if not 0 <= self.canary_traffic_percent <= 100:
+            raise DeployError("canary traffic must be a percentage (0-100)")
+        if self.batch_shards < 1:
+            raise DeployError("batch shards must be >= 1")
+        if not re.match(r"^https?://[^/:]+(:\d+)?/?$", self.prometheus_url):
+            raise DeployError(
+                f"Prometheus URL {self.prometheus_url!r} must be http(s)://host[:port], e.g. "
+                "http://prometheus-operated.monitoring.svc:9090"
+            )
+
+    def replace(self, **changes: object) -> DeploySpec:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def triton_args(spec: DeploySpec, *, gpus: int | None = None) -> list[str]:
+    """``tritonserver``'s arguments in the pod (the tests run exactly these on the real binary, with the
+    repository, ports and addresses swapped for loopback ones)."""
+    gpus = spec.gpus if gpus is None else gpus
+    return [
+        f"--model-repository={spec.store.repository_arg}",
+        "--model-control-mode=none",
+        f"--http-port={HTTP_PORT}",
+        f"--grpc-port={GRPC_PORT}",
+        f"--metrics-port={METRICS_PORT}",
+        "--allow-metrics=true",
+        "--allow-cpu-metrics=true",
+        f"--allow-gpu-metrics={'true' if gpus else 'false'}",
+        "--metrics-interval-ms=2000",
+        # readiness means every model is ready, so a pod gets traffic only once it can serve all of them
+        "--strict-readiness=true",
+        f"--exit-timeout-secs={spec.exit_timeout_s}",
+        f"--grpc-max-connection-age={spec.grpc_max_connection_age_ms}",
+        "--log-verbose=0",
+    ]
