@@ -9,6 +9,12 @@
     ├── EnsembleError          a malformed or inconsistent pipeline spec
     │   └── PipelineCheckError     every problem of a build's specs at once (``.issues``); nothing written
     ├── DeployError            deployment options that can't be generated, or manifests that don't validate
+    ├── ObserveError           metrics, SLO files or traffic that can't be read or compared
+    │   ├── MetricsError           a metrics endpoint that can't be read or holds no Triton metrics
+    │   ├── SLOError               an SLO file that can't become rules (names the file, key and fix)
+    │   └── DriftError             a profile or traffic that can't be compared (names model and feature)
+    ├── RolloutError           a rollout that can't start, continue or finish (says what to run next)
+    │   └── GateError              a version failed an evaluation gate (``.failures``, with the figures)
     ├── ServerError            the embedded Triton server could not start, or died
     │   ├── ModelLoadError     a model failed to load (names the model and Triton's reason)
     │   └── ServerGone         the server stopped answering mid-run (a sweep, a tune)
@@ -47,17 +53,23 @@ __all__ = [
     "ConfigError",
     "DeadlineExceeded",
     "DeployError",
+    "DriftError",
     "EnsembleError",
     "ExportError",
+    "GateError",
     "InferenceFailed",
     "InvalidRequestError",
+    "MetricsError",
     "ModelLoadError",
     "ModelNotFoundError",
     "NotOffered",
+    "ObserveError",
     "PipelineCheckError",
     "QuantizationError",
     "RepositoryError",
     "RequestTooLarge",
+    "RolloutError",
+    "SLOError",
     "ServerError",
     "ServerGone",
     "SignatureError",
@@ -130,6 +142,41 @@ class PipelineCheckError(EnsembleError):
 
 class DeployError(TritonForgeError):
     """Deployment options that can't be turned into manifests, or generated manifests that don't validate."""
+
+
+class ObserveError(TritonForgeError):
+    """Metrics, an SLO file or sampled traffic that can't be read or compared."""
+
+
+class MetricsError(ObserveError):
+    """A metrics endpoint could not be read or did not hold Triton's metrics."""
+
+
+class SLOError(ObserveError):
+    """An SLO file that cannot be turned into rules (names the file, the key and the fix)."""
+
+
+class DriftError(ObserveError):
+    """A profile or traffic that cannot be compared (names the model/feature and the fix)."""
+
+
+class RolloutError(TritonForgeError):
+    """A rollout can't start, continue or finish (the message says why and what to run next)."""
+
+
+class GateError(RolloutError):
+    """A version failed an evaluation gate; ``failures`` lists each failed check with its figures."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        failures: Sequence[str] = (),
+        model: str | None = None,
+        version: int | None = None,
+    ) -> None:
+        super().__init__(message, model=model, version=version)
+        self.failures = list(failures)
 
 
 class ServerError(TritonForgeError):

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from tritonforge.errors import TritonForgeError
+from tritonforge.errors import DriftError
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -61,10 +61,6 @@ _WIDE = 64  # a tensor with more values per row than this is summarised per row 
 _VOCAB = 5000
 _EPS = 1e-4
 _WORD = re.compile(r"\w+", re.UNICODE)
-
-
-class DriftError(TritonForgeError):
-    """A profile or traffic that cannot be compared (names the model/feature and the fix)."""
 
 
 # -- features -----------------------------------------------------------------------------------------

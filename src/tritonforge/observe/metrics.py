@@ -23,7 +23,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tritonforge.errors import TritonForgeError
+from tritonforge.errors import MetricsError
 
 __all__ = [
     "SUMMARY_FLAGS",
@@ -63,10 +63,6 @@ _SERVER_GAUGES = {
     "nv_gpu_memory_total_bytes": "gpu_memory_total_bytes",
     "nv_gpu_power_usage": "gpu_power_watts",
 }
-
-
-class MetricsError(TritonForgeError):
-    """A metrics endpoint could not be read or did not hold Triton's metrics."""
 
 
 @dataclasses.dataclass

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from tritonforge.errors import TritonForgeError
+from tritonforge.errors import SLOError
 
 __all__ = [
     "OBJECTIVES",
@@ -52,10 +52,6 @@ OBJECTIVES = ("p99_latency_ms", "mean_latency_ms", "error_rate", "queue_ms", "ma
 _DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
 _TOP_KEYS = {"window", "for", "selector", "ensembles", "severity", "models"}
 _MODEL_KEYS = {*OBJECTIVES, "for", "severity"}
-
-
-class SLOError(TritonForgeError):
-    """An SLO file that cannot be turned into rules (names the file, the key and the fix)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,32 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from tritonforge.errors import ClientError
+from tritonforge.errors import ClientError, GateError, RolloutError
 from tritonforge.registry import read_manifest, served_versions
 from tritonforge.registry.audit import record_event
 from tritonforge.repository.writer import load_config, versions
-from tritonforge.rollout.state import RolloutError, write_json_atomic
+from tritonforge.rollout.state import write_json_atomic
 
 __all__ = ["Evaluation", "GateError", "check_gates", "evaluate", "parse_gate", "run_hook"]
 
 LOWER_IS_BETTER = ("error", "loss")
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 _GATE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|==|>|<)\s*([-+0-9.eE]+)\s*$")
-
-
-class GateError(RolloutError):
-    """A version failed an evaluation gate; ``failures`` lists each failed check with its figures."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        failures: Sequence[str] = (),
-        model: str | None = None,
-        version: int | None = None,
-    ) -> None:
-        super().__init__(message, model=model, version=version)
-        self.failures = list(failures)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,16 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tritonforge.errors import TritonForgeError
+from tritonforge.errors import RolloutError
 
 __all__ = ["STATE_PREFIX", "RolloutError", "RolloutState", "Thresholds", "state_paths"]
 
 STATE_PREFIX = ".tritonforge-rollout-"
 PHASES = ("preparing", "running", "paused", "promoting", "rolling_back")
-
-
-class RolloutError(TritonForgeError):
-    """A rollout can't start, continue or finish (the message says why and what to run next)."""
 
 
 @dataclasses.dataclass(frozen=True)
