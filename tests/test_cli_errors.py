@@ -46,6 +46,14 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     "bench": (["m", "--url", "127.0.0.1:1"], "did not answer"),
     "tune": (["m", "--repository", "/nonexistent/repo"], "error: "),
     "ensemble": (["check", "/nonexistent/spec.yaml"], "problem(s) in the pipeline spec(s)"),
+    "rollout": (["m", "--url", "127.0.0.1:1", "--repo", "/nonexistent/repo"], "give the candidate version"),
+    "evaluate": (["m", "--url", "127.0.0.1:1", "--data", "/nonexistent/d.npz"], "error: "),
+    "audit": (["/nonexistent/repo"], "/nonexistent/repo is not a model repository"),
+    "deploy": (["/nonexistent/repo", "--out", "/nonexistent/out"], "no model repository at /nonexistent/repo"),
+    "monitor": (["127.0.0.1:1", "--once"], "cannot read Triton's metrics"),
+    "slo": (["/nonexistent/slo.yaml", "--out", "/nonexistent/out"], "error: "),
+    "drift": (["m", "--store", "/nonexistent/store", "--repo", "/nonexistent/repo"], "error: "),
+    "cost": (["/nonexistent/sweep.json", "--price-per-hour", "1"], "error: "),
 }
 
 
