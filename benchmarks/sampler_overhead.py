@@ -4,9 +4,9 @@ One embedded Triton server, the tiny ONNX MLP of ``client_overhead.py`` (x[1, 8]
 ``Client`` in a closed loop from ``--threads`` threads. Each round runs the three variants back to back on
 the same client (no hooks; the hook ``Sampler(share=0.01)``; ``share=1.0``) for ``--seconds`` each, in a
 rotating order so drift of the machine's load does not favour one. With a hook the client builds a
-``ClientEvent`` per call (tensors by reference), so its cost is counted too. Printed: every round's throughput per variant,
-then per variant the median ratio to "none" and its spread (min..max over rounds). The sampler's writes
-(Parquet, on its own thread) land in a temp dir that is removed at the end.
+``ClientEvent`` per call (tensors by reference), so its cost is counted too. Printed: every round's
+throughput per variant, then per variant the median ratio to "none" and its spread (min..max over
+rounds). The sampler's writes (Parquet, on its own thread) land in a temp dir that is removed at the end.
 
     python benchmarks/sampler_overhead.py                      # 5 rounds x 3 variants x 5 s
     python benchmarks/sampler_overhead.py --rounds 3 --seconds 2
@@ -110,7 +110,16 @@ def micro(calls_per_s_per_thread: float, n: int = 200_000) -> None:
         for i in range(n):
             sampler(
                 ClientEvent(
-                    "request", MODEL, "1", "127.0.0.1:8001", 1e-3, None, 1, request_id=str(i), inputs=x, outputs=y
+                    "request",
+                    MODEL,
+                    "1",
+                    "127.0.0.1:8001",
+                    1e-3,
+                    None,
+                    1,
+                    request_id=str(i),
+                    inputs=x,
+                    outputs=y,
                 )
             )
         sampler.close()

@@ -22,7 +22,7 @@ import pytest
 import client_fixtures as cf
 import tiny_models
 from tiny_models import spec as _spec
-from tritonforge.client import ClientEvent, Fallback, RetryPolicy
+from tritonforge.client import ClientEvent, Fallback, RetryPolicy, Shadow
 from tritonforge.config import DataType, DynamicBatching, ModelConfig
 from tritonforge.errors import InvalidRequestError, ModelNotFoundError
 from tritonforge.repository import add_model
@@ -121,11 +121,27 @@ def test_infer_many_numbers_each_requests_id_after_the_given_prefix(
 ) -> None:
     with cf.make_client(face, verbose_server.grpc_url) as c:
         c.infer("whoami", {"x": X[:1]})  # metadata and config known: the async face merges from now on
-        outs = c.infer_many("whoami", [{"x": X[i : i + 1]} for i in range(4)], request_id="job", concurrency=4)
+        outs = c.infer_many(
+            "whoami", [{"x": X[i : i + 1]} for i in range(4)], request_id="job", concurrency=4
+        )
     for i, out in enumerate(outs):
         assert f"job-{i}" in _ids(out)
     if face == "async":  # concurrent calls went out merged: one request whose id names every call in it
         assert any(len(_ids(out)) > 1 for out in outs)
+
+
+def test_a_shadow_call_is_sent_with_the_calls_request_id_and_a_shadow_suffix(
+    face: str, verbose_server: EmbeddedServer
+) -> None:
+    events: list[ClientEvent] = []
+    with cf.make_client(
+        face, verbose_server.grpc_url, shadows={"mlp": Shadow("whoami")}, hooks=[events.append]
+    ) as c:
+        c.infer("mlp", {"x": X}, request_id="mirror-7")
+        c.wait_shadows()
+    shadow = next(e for e in events if e.kind == "shadow")
+    assert shadow.request_id == "mirror-7.shadow"
+    assert shadow.outputs is not None and _ids(dict(shadow.outputs)) == {"mirror-7.shadow"}
 
 
 def test_client_raises_invalid_request_error_for_a_request_id_that_is_not_a_non_empty_string(
@@ -158,9 +174,7 @@ def test_request_events_carry_the_calls_input_and_output_arrays_not_copies(
     face: str, verbose_server: EmbeddedServer
 ) -> None:
     events: list[ClientEvent] = []
-    with cf.make_client(
-        face, verbose_server.grpc_url, hooks=[events.append], retry=RetryPolicy.none()
-    ) as c:
+    with cf.make_client(face, verbose_server.grpc_url, hooks=[events.append], retry=RetryPolicy.none()) as c:
         out = c.infer("mlp", {"x": X})
         with pytest.raises(ModelNotFoundError):
             c.infer("nope", {"x": X})
@@ -238,18 +252,24 @@ def test_sampler_wrap_still_works_by_adding_the_hook_once(
 ) -> None:
     from tritonforge.observe.sampler import Sampler
 
-    with Sampler(tmp_path, share=1.0, seed=0) as sampler:
-        with cf.make_client(face, verbose_server.grpc_url) as raw:
-            with pytest.warns(DeprecationWarning, match="add_hook"):
-                client = sampler.wrap(raw)
-                assert sampler.wrap(client) is raw
-            client.infer("mlp", {"x": X})
-            assert [h for h in raw.hooks if h is sampler] == [sampler]
+    with (
+        Sampler(tmp_path, share=1.0, seed=0) as sampler,
+        cf.make_client(face, verbose_server.grpc_url) as raw,
+    ):
+        with pytest.warns(DeprecationWarning, match="add_hook"):
+            client = sampler.wrap(raw)
+            assert sampler.wrap(client) is raw
+        client.infer("mlp", {"x": X})
+        assert [h for h in raw.hooks if h is sampler] == [sampler]
     assert sampler.stats.seen == 1 and sampler.stats.kept == 1
 
 
 def test_sampler_wrap_raises_type_error_for_an_object_without_hooks(tmp_path: Path) -> None:
     from tritonforge.observe.sampler import Sampler
 
-    with Sampler(tmp_path) as sampler, pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="hooks"):
+    with (
+        Sampler(tmp_path) as sampler,
+        pytest.warns(DeprecationWarning),
+        pytest.raises(TypeError, match="hooks"),
+    ):
         sampler.wrap(object())

@@ -10,6 +10,7 @@ in one place, and the two faces cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -556,11 +557,14 @@ class BaseClient:
             self._request_id(model, request_id)  # checked once, here
         if not requests:
             return []
+        ids = (
+            [None] * len(requests)
+            if request_id is None
+            else [f"{request_id}-{i}" for i in range(len(requests))]
+        )
         flows = [
-            self._infer_flow(
-                model, r, version, outputs, timeout_s, None, None if request_id is None else f"{request_id}-{i}"
-            )
-            for i, r in enumerate(requests)
+            self._infer_flow(model, r, version, outputs, timeout_s, request_id=rid)
+            for r, rid in zip(requests, ids, strict=True)
         ]
         answers = yield Each(flows, concurrency)
         for answer in answers:
@@ -988,7 +992,8 @@ class BaseClient:
             first = id(hook) not in self._hooks_warned
             self._hooks_warned.add(id(hook))
         if first:
-            try:  # a warnings filter set to "error" must not turn the report into the call's failure
+            # a warnings filter set to "error" must not turn the report into the call's failure
+            with contextlib.suppress(Exception):
                 warnings.warn(
                     f"client hook {getattr(hook, '__qualname__', None) or type(hook).__qualname__} raised "
                     f"{type(exc).__name__}: {exc} (on a {self.__class__.__name__} call; the call went on; "
@@ -996,8 +1001,6 @@ class BaseClient:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-            except Exception:  # noqa: S110 - reporting is best effort; the count above stays
-                pass
 
     # -- shadows -----------------------------------------------------------------------------------------
 

@@ -44,7 +44,13 @@ class PreparedCall:
     def mirror(self, request_id: str = "") -> PreparedCall:
         """A copy for a shadow call: owns its bytes (the caller may reuse its buffers), no arrays."""
         return PreparedCall(
-            self.model, self.signature, [bytes(r) for r in self.raws], self.outputs, self.nbytes, {}, request_id
+            self.model,
+            self.signature,
+            [bytes(r) for r in self.raws],
+            self.outputs,
+            self.nbytes,
+            {},
+            request_id,
         )
 
 

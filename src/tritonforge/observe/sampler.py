@@ -263,7 +263,8 @@ class Sampler:
         hooks = getattr(client, "hooks", None)
         if not isinstance(hooks, list):
             raise TypeError(
-                f"Sampler.wrap needs a tritonforge Client or AsyncClient (with hooks), not {type(client).__name__}"
+                "Sampler.wrap needs a tritonforge Client or AsyncClient (with hooks), not "
+                f"{type(client).__name__}; pass hooks=[sampler] to the client instead"
             )
         if not any(h is self for h in hooks):
             hooks.append(self)
