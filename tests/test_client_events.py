@@ -14,6 +14,7 @@ import json
 import textwrap
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,8 @@ def test_request_events_carry_the_calls_input_and_output_arrays_not_copies(
     assert ok.inputs is not None and ok.inputs["x"] is X
     assert ok.outputs is not None and ok.outputs["probs"] is out["probs"]
     assert failed.inputs is not None and failed.inputs["x"] is X and failed.outputs is None
+    # events stay comparable, hashable and short to print with arrays on them
+    assert ok == replace(ok) and hash(ok) == hash(replace(ok)) and "probs" not in repr(ok)
 
 
 def test_retry_and_fallback_events_carry_no_tensors(face: str, verbose_server: EmbeddedServer) -> None:

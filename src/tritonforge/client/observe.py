@@ -23,7 +23,7 @@ import threading
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -62,8 +62,9 @@ class ClientEvent:
     response_bytes: int = 0
     mismatch: bool | None = None
     request_id: str | None = None
-    inputs: Mapping[str, np.ndarray] | None = None
-    outputs: Mapping[str, np.ndarray] | None = None
+    # Left out of ==, hash and repr: arrays don't compare to a bool, aren't hashable and print at length.
+    inputs: Mapping[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
+    outputs: Mapping[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
 
 
 Hook = Callable[[ClientEvent], None]
