@@ -1,11 +1,12 @@
 """Sampler overhead: client throughput with the traffic sampler at 1% (and 100%) against none.
 
 One embedded Triton server, the tiny ONNX MLP of ``client_overhead.py`` (x[1, 8] -> probs[1, 3]), the sync
-``Client`` in a closed loop from ``--threads`` threads. Each round runs the three variants back to back
-(no sampler; ``Sampler(share=0.01).wrap(client)``; ``share=1.0``) for ``--seconds`` each, in a rotating
-order so drift of the machine's load does not favour one. Printed: every round's throughput per variant,
-then per variant the median ratio to "none" and its spread (min..max over rounds). The sampler's writes
-(Parquet, on its own thread) land in a temp dir that is removed at the end.
+``Client`` in a closed loop from ``--threads`` threads. Each round runs the three variants back to back on
+the same client (no hooks; the hook ``Sampler(share=0.01)``; ``share=1.0``) for ``--seconds`` each, in a
+rotating order so drift of the machine's load does not favour one. With a hook the client builds a
+``ClientEvent`` per call (tensors by reference), so its cost is counted too. Printed: every round's
+throughput per variant, then per variant the median ratio to "none" and its spread (min..max over
+rounds). The sampler's writes (Parquet, on its own thread) land in a temp dir that is removed at the end.
 
     python benchmarks/sampler_overhead.py                      # 5 rounds x 3 variants x 5 s
     python benchmarks/sampler_overhead.py --rounds 3 --seconds 2
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from client_overhead import MODEL, build_repository
 
-from tritonforge.client import Client
+from tritonforge.client import Client, ClientEvent
 from tritonforge.observe.sampler import Sampler
 from tritonforge.server import EmbeddedServer
 
@@ -71,13 +72,14 @@ def main() -> None:
                 "1%": Sampler(Path(tmp) / "s1", share=0.01, seed=0),
                 "100%": Sampler(Path(tmp) / "s100", share=1.0, seed=0),
             }
-            clients = {"none": client, **{k: s.wrap(client) for k, s in samplers.items()}}
+            hooks = {"none": [], **{k: [s] for k, s in samplers.items()}}
             run(client, args.threads, 1.0)  # warm-up
             rows: dict[str, list[float]] = {v: [] for v in VARIANTS}
             for r in range(args.rounds):
                 order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
                 for variant in order:
-                    rows[variant].append(run(clients[variant], args.threads, args.seconds))
+                    client.hooks[:] = hooks[variant]
+                    rows[variant].append(run(client, args.threads, args.seconds))
                 print(
                     f"round {r + 1}: " + "  ".join(f"{v} {rows[v][-1]:,.0f}/s" for v in VARIANTS), flush=True
                 )
@@ -97,20 +99,34 @@ def main() -> None:
 
 
 def micro(calls_per_s_per_thread: float, n: int = 200_000) -> None:
-    """The sampler's own CPU per call (``record`` at 1%, writer thread included), next to a call's time:
-    steadier than throughput ratios on a busy machine."""
+    """The sampler hook's own CPU per call (the client's ``ClientEvent`` plus ``sampler(event)`` at 1%, the
+    writer thread's Parquet writes included), next to a call's time: steadier than throughput ratios on a
+    busy machine."""
     x = {"x": np.random.default_rng(0).random((1, 8), dtype=np.float32)}
     y = {"probs": np.zeros((1, 3), np.float32)}
     with tempfile.TemporaryDirectory(prefix="tritonforge-sampler-micro-") as tmp:
         sampler = Sampler(tmp, share=0.01, seed=0)
         started = time.process_time()
-        for _ in range(n):
-            sampler.record(MODEL, None, x, y)
+        for i in range(n):
+            sampler(
+                ClientEvent(
+                    "request",
+                    MODEL,
+                    "1",
+                    "127.0.0.1:8001",
+                    1e-3,
+                    None,
+                    1,
+                    request_id=str(i),
+                    inputs=x,
+                    outputs=y,
+                )
+            )
         sampler.close()
         cpu_us = (time.process_time() - started) / n * 1e6
     call_us = 1e6 / calls_per_s_per_thread
     print(
-        f"record() at 1%: {cpu_us:.2f} us CPU per call ({n:,} calls, writes included) = "
+        f"event + sampler hook at 1%: {cpu_us:.2f} us CPU per call ({n:,} calls, writes included) = "
         f"{cpu_us / call_us:.2%} of a call ({call_us:,.0f} us per call per thread in the rounds above)"
     )
 

@@ -217,7 +217,9 @@ class AsyncClient(BaseClient):
         call, attempt, _ = group.members[0]
         ep = attempt.endpoint
         signature, raws = merge(group)
-        merged = PreparedCall(call.model, signature, raws, call.outputs, sum(map(len, raws)), {})
+        # One request, one id: the members' ids joined, so grepping Triton's log for any call's id finds it.
+        ids = ",".join(member.request_id for member, _, _ in group.members)
+        merged = PreparedCall(call.model, signature, raws, call.outputs, sum(map(len, raws)), {}, ids)
         try:
             body = self._encode(merged, attempt)
             response = await self._rpc(

@@ -10,8 +10,13 @@ in one place, and the two faces cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
 import random
+import threading
 import time
+import warnings
 from collections.abc import Callable, Collection, Generator, Iterable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
@@ -102,12 +107,15 @@ class InferOptions(TypedDict, total=False):
         outputs: the outputs to return (all when ``None``).
         timeout_s: this call's deadline, retries and fallbacks included.
         key: the stickiness key for routes with ``sticky=True`` (a user or session id).
+        request_id: the call's id, sent to Triton as the request's ``id`` (its logs and traces show it) and
+            put on the call's events; by default the client makes one (``<client prefix>-<counter>``).
     """
 
     version: str | int | None
     outputs: Sequence[str] | None
     timeout_s: float | None
     key: str | bytes | None
+    request_id: str | None
 
 
 class ManyOptions(TypedDict, total=False):
@@ -116,12 +124,15 @@ class ManyOptions(TypedDict, total=False):
     Attributes:
         concurrency: requests in flight at once (``infer_many``: 16, ``infer_batched``: 4).
         version / outputs / timeout_s: as :class:`InferOptions`, for every request.
+        request_id: a prefix: request ``i`` is sent with the id ``<request_id>-<i>`` (by default each
+            request gets one of the client's own ids).
     """
 
     concurrency: int
     version: str | int | None
     outputs: Sequence[str] | None
     timeout_s: float | None
+    request_id: str | None
 
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -202,7 +213,8 @@ class BaseClient:
         coalesce: client-side batching (:class:`Coalesce`); :class:`AsyncClient` only, on by default there.
         registry: prometheus registry for the client metrics.
         metrics: ``False`` turns the client metrics off.
-        hooks: callables given a :class:`ClientEvent` for each call, retry, fallback and shadow comparison.
+        hooks: callables given a :class:`ClientEvent` for each call, retry, fallback and shadow comparison;
+            a hook that raises never fails the call (counted in ``hook_errors``, warned about once per hook).
         channel_options: extra gRPC channel options.
         seed: seeds the client's randomness (routing, jitter) for reproducible runs.
     """
@@ -262,6 +274,13 @@ class BaseClient:
         self.coalesce = coalesce
         self._coalescing = coalesce.enabled
         self.hooks: list[Hook] = list(hooks)
+        self.hook_errors = 0
+        self._hooks_warned: set[int] = set()
+        self._hook_lock = threading.Lock()
+        # Request ids: a random prefix per client and a counter (next() on a count is atomic in CPython),
+        # ~0.1 us a call where uuid4() costs ~1.5 us; unique across clients with 2^32 prefixes in practice.
+        self._id_prefix = os.urandom(4).hex() + "-"
+        self._id_counter = itertools.count(1)
         self._rng = random.Random(seed)
         self._pool = EndpointPool(self.urls, self.breaker, random.Random(seed))
         self._budget = BudgetState(retry.budget, time.monotonic())
@@ -353,7 +372,8 @@ class BaseClient:
         for raw, offset in zip(call.raws, offsets, strict=True):
             region.write(offset, raw)
         shm = [(region.name, off, size) for off, size in zip(offsets, sizes, strict=True)]
-        return request_header(model, version, call.signature, call.outputs, shm), region
+        header = request_header(model, version, call.signature, call.outputs, shm)
+        return frame(header, (), call.request_id), region
 
     def _register_request(self, region: SystemRegion | CudaRegion) -> tuple[str, Any]:
         if isinstance(region, SystemRegion):
@@ -402,7 +422,7 @@ class BaseClient:
             if len(self._headers) >= _HEADER_CACHE_LIMIT:
                 self._headers.clear()
             self._headers[key] = header
-        return frame(header, call.raws)
+        return frame(header, call.raws, call.request_id)
 
     # -- routing -----------------------------------------------------------------------------------------
 
@@ -470,30 +490,46 @@ class BaseClient:
         outputs: Sequence[str] | None = None,
         timeout_s: float | None = None,
         key: str | bytes | None = None,
+        request_id: str | None = None,
     ) -> Flow[dict[str, np.ndarray]]:
         started = time.perf_counter()
         call = self._prepare(model, inputs, outputs, timeout_s)
+        rid = call.request_id = self._request_id(model, request_id)
         targets = self._targets(model, version, key)
         last: list[Attempt] = []
 
         def on_attempt(attempt: Attempt) -> None:
             last[:] = (attempt,)
-            self._on_attempt(model, attempt)
+            self._on_attempt(model, attempt, rid)
 
         try:
             result = yield from self._call_flow(
                 targets, timeout_s, partial(self._attempt_flow, call), on_attempt
             )
         except ClientError as exc:
-            self._on_done(model, targets[0][1], started, exc, last[0] if last else None)
+            self._on_done(model, targets[0][1], started, exc, last[0] if last else None, call, None)
             raise
-        self._on_done(model, targets[0][1], started, None, last[0] if last else None)
+        self._on_done(model, targets[0][1], started, None, last[0] if last else None, call, result)
         if self.shadows and not self._closed:
             shadow = self._shadow_for(model)
             if shadow is not None:
                 # Own copies: the caller may reuse its arrays as soon as we return.
-                yield Spawn(self._shadow_flow(model, shadow, call.mirror(), result, timeout_s))
+                yield Spawn(self._shadow_flow(model, shadow, call.mirror(rid + ".shadow"), result, timeout_s))
         return result
+
+    def _request_id(self, model: str, given: str | None) -> str:
+        """The caller's request id (checked), or a new one of the client's.
+
+        Raises:
+            InvalidRequestError: a ``request_id`` that is not a non-empty string.
+        """
+        if given is None:
+            return self._id_prefix + format(next(self._id_counter), "x")
+        if not isinstance(given, str) or not given:
+            raise InvalidRequestError(
+                f"request_id for model {model!r} must be a non-empty string, not {given!r}", model=model
+            )
+        return given
 
     def _infer_many_flow(
         self,
@@ -503,8 +539,12 @@ class BaseClient:
         version: str | int | None = None,
         outputs: Sequence[str] | None = None,
         timeout_s: float | None = None,
+        request_id: str | None = None,
     ) -> Flow[list[dict[str, np.ndarray]]]:
-        """Every request as its own call, ``concurrency`` at a time; the first error raised after all ran."""
+        """Every request as its own call, ``concurrency`` at a time; the first error raised after all ran.
+
+        ``request_id``: a prefix; request ``i`` gets the id ``<request_id>-<i>``.
+        """
         if isinstance(requests, (str, bytes, Mapping)) or not isinstance(requests, Sequence):
             raise InvalidRequestError(
                 f"requests for model {model!r} must be a list of {{input name: array}} mappings, not "
@@ -513,9 +553,19 @@ class BaseClient:
             )
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency must be an int >= 1, not {concurrency!r}")
+        if request_id is not None:
+            self._request_id(model, request_id)  # checked once, here
         if not requests:
             return []
-        flows = [self._infer_flow(model, r, version, outputs, timeout_s) for r in requests]
+        ids = (
+            [None] * len(requests)
+            if request_id is None
+            else [f"{request_id}-{i}" for i in range(len(requests))]
+        )
+        flows = [
+            self._infer_flow(model, r, version, outputs, timeout_s, request_id=rid)
+            for r, rid in zip(requests, ids, strict=True)
+        ]
         answers = yield Each(flows, concurrency)
         for answer in answers:
             if isinstance(answer, ClientError):
@@ -531,14 +581,18 @@ class BaseClient:
         version: str | int | None = None,
         outputs: Sequence[str] | None = None,
         timeout_s: float | None = None,
+        request_id: str | None = None,
     ) -> Flow[dict[str, np.ndarray]]:
-        """Batches of ``batch_size`` rows, fewer under a message limit (learnt from a refusal if need be)."""
+        """Batches of ``batch_size`` rows, fewer under a message limit (learnt from a refusal if need be).
+
+        ``request_id``: a prefix; batch ``i`` gets the id ``<request_id>-<i>``.
+        """
         limit = self._known_limit()
         while True:
             batches = split_under(model, inputs, batch_size, limit)
             try:
                 answers = yield from self._infer_many_flow(
-                    model, batches, concurrency, version, outputs, timeout_s
+                    model, batches, concurrency, version, outputs, timeout_s, request_id
                 )
             except RequestTooLarge as exc:
                 limit = smaller_limit(exc, limit)
@@ -668,9 +722,13 @@ class BaseClient:
                 [(shadow.model, shadow.version)], timeout_s, partial(self._attempt_flow, call)
             )
         except ClientError as exc:
-            self._record_shadow(model, shadow, primary, None, exc, time.perf_counter() - started)
+            self._record_shadow(
+                model, shadow, primary, None, exc, time.perf_counter() - started, call.request_id
+            )
         else:
-            self._record_shadow(model, shadow, primary, result, None, time.perf_counter() - started)
+            self._record_shadow(
+                model, shadow, primary, result, None, time.perf_counter() - started, call.request_id
+            )
 
     # -- flows: health, metadata, config, statistics, model control --------------------------------------
 
@@ -864,7 +922,7 @@ class BaseClient:
 
     # -- metrics and hooks -------------------------------------------------------------------------------
 
-    def _on_attempt(self, call_model: str, attempt: Attempt) -> None:
+    def _on_attempt(self, call_model: str, attempt: Attempt, request_id: str | None = None) -> None:
         metrics = self._metrics
         if metrics is not None:
             metrics.attempt(attempt.endpoint.url)
@@ -880,6 +938,7 @@ class BaseClient:
                     attempt.version,
                     attempt.endpoint.url,
                     attempt=attempt.number,
+                    request_id=request_id,
                 )
             )
 
@@ -894,6 +953,8 @@ class BaseClient:
         started: float,
         error: ClientError | None,
         attempt: Attempt | None,
+        call: PreparedCall,
+        result: dict[str, np.ndarray] | None,
     ) -> None:
         latency_s = time.perf_counter() - started
         metrics = self._metrics
@@ -911,12 +972,35 @@ class BaseClient:
                     latency_s,
                     error,
                     attempt.number if attempt else 0,
+                    request_id=call.request_id,
+                    inputs=call.arrays,
+                    outputs=result,
                 )
             )
 
     def _fire(self, event: ClientEvent) -> None:
+        """Give ``event`` to every hook; a hook's exception never reaches the call (counted, warned once)."""
         for hook in self.hooks:
-            hook(event)
+            try:
+                hook(event)
+            except Exception as exc:
+                self._hook_failed(hook, exc)
+
+    def _hook_failed(self, hook: Hook, exc: Exception) -> None:
+        with self._hook_lock:
+            self.hook_errors += 1
+            first = id(hook) not in self._hooks_warned
+            self._hooks_warned.add(id(hook))
+        if first:
+            # a warnings filter set to "error" must not turn the report into the call's failure
+            with contextlib.suppress(Exception):
+                warnings.warn(
+                    f"client hook {getattr(hook, '__qualname__', None) or type(hook).__qualname__} raised "
+                    f"{type(exc).__name__}: {exc} (on a {self.__class__.__name__} call; the call went on; "
+                    "this hook's further errors are only counted in client.hook_errors)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     # -- shadows -----------------------------------------------------------------------------------------
 
@@ -934,6 +1018,7 @@ class BaseClient:
         candidate: Mapping[str, np.ndarray] | None,
         error: ClientError | None,
         latency_s: float,
+        request_id: str | None = None,
     ) -> None:
         stats = self.shadow_stats.setdefault((model, shadow.model), ShadowStats())
         stats.mirrored += 1
@@ -950,7 +1035,17 @@ class BaseClient:
             self._metrics.shadow(model, shadow.model, mismatch)
         if self.hooks:
             self._fire(
-                ClientEvent("shadow", shadow.model, shadow.version, None, latency_s, error, mismatch=mismatch)
+                ClientEvent(
+                    "shadow",
+                    shadow.model,
+                    shadow.version,
+                    None,
+                    latency_s,
+                    error,
+                    mismatch=mismatch,
+                    request_id=request_id,
+                    outputs=candidate,
+                )
             )
 
     # -- introspection -----------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ No I/O here. :class:`AsyncClient` queues each eligible call under a key (endpoin
 requested outputs, and every input's name, dtype and non-batch dims); the calls queued by the time the
 event loop comes round again go out as one request whose inputs are the calls' inputs joined along the
 batch dim — in the wire format that is their raw bytes one after another, BYTES tensors included — and
-each call gets its own rows of the answer.
+each call gets its own rows of the answer. The merged request's ``id`` is the calls' request ids joined by
+commas, so Triton's log line for it is found by any one of them.
 
 Only models whose config has ``max_batch_size > 0`` and dynamic batching are merged: their owner has
 declared that requests may be batched together, and the server would do the same merge, only after a

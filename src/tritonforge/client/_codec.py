@@ -35,6 +35,7 @@ _NUMPY_OF: dict[str, Any] = {
 }
 _DTYPE_OF: dict[np.dtype[Any], str] = {np.dtype(t): name for name, t in _NUMPY_OF.items()}
 _RAW_TAG = b"\x3a"  # field 7 (raw_input_contents), wire type 2 (length-delimited)
+_ID_TAG = b"\x1a"  # field 3 (id), wire type 2: protobuf takes fields in any order, so it follows the header
 
 
 def triton_dtype(dtype: np.dtype[Any]) -> str:
@@ -153,9 +154,16 @@ def tensor_bytes(array: np.ndarray, datatype: str) -> Any:
     return array.data.cast("B") if array.ndim and array.size else array.tobytes()
 
 
-def frame(header: bytes, raws: Sequence[Any]) -> bytes:
-    """``header`` followed by each raw tensor as a ``raw_input_contents`` entry."""
+def frame(header: bytes, raws: Sequence[Any], request_id: str = "") -> bytes:
+    """``header``, the request's ``id`` (when given), then each raw tensor as a ``raw_input_contents`` entry.
+
+    The cached header carries no id; appending field 3 after it is valid protobuf (fields may come in any
+    order), so a per-call id costs a few bytes and no re-serialization.
+    """
     parts: list[Any] = [header]
+    if request_id:
+        encoded = request_id.encode()
+        parts += (_ID_TAG, _varint(len(encoded)), encoded)
     for raw in raws:
         parts.append(_RAW_TAG)
         parts.append(_varint(len(raw)))

@@ -39,11 +39,18 @@ class PreparedCall:
     outputs: tuple[str, ...] | None
     nbytes: int
     arrays: Mapping[str, np.ndarray]
+    request_id: str = ""  # sent as the ModelInferRequest's ``id`` (Triton's logs and traces show it)
 
-    def mirror(self) -> PreparedCall:
+    def mirror(self, request_id: str = "") -> PreparedCall:
         """A copy for a shadow call: owns its bytes (the caller may reuse its buffers), no arrays."""
         return PreparedCall(
-            self.model, self.signature, [bytes(r) for r in self.raws], self.outputs, self.nbytes, {}
+            self.model,
+            self.signature,
+            [bytes(r) for r in self.raws],
+            self.outputs,
+            self.nbytes,
+            {},
+            request_id,
         )
 
 

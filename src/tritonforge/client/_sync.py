@@ -150,11 +150,14 @@ class Client(BaseClient):
         Args:
             model: the model's name (routes and fallbacks configured for it apply).
             inputs: ``{input name: array}``; strings as object arrays of ``bytes`` (Triton's BYTES).
-            options: ``version``, ``outputs``, ``timeout_s``, ``key`` (see :class:`InferOptions`).
+            options: ``version``, ``outputs``, ``timeout_s``, ``key``, ``request_id`` (the id Triton's
+                request carries and the call's events show; the client makes one by default), see
+                :class:`InferOptions`.
 
         Raises:
             InvalidRequestError: inputs that are not a mapping of arrays, a wrong input name, dtype or shape
-                (checked before sending), NaN/±inf where not allowed; RequestTooLarge over the server's
+                (checked before sending), NaN/±inf where not allowed, a ``request_id`` that is not a
+                non-empty string; RequestTooLarge over the server's
                 message limit (never retried, the endpoint stays healthy).
             ModelNotFoundError / InferenceFailed: no such model / the model failed, and no fallback answered.
             DeadlineExceeded: no answer within the deadline. AllEndpointsFailed: no server is usable.

@@ -8,9 +8,13 @@ shadow comparison; a locust ``User`` turns them into ``environment.events.reques
 
     def report(event: ClientEvent) -> None:
         if event.kind == "request":
-            print(event.model, event.endpoint, event.latency_s, event.error)
+            print(event.request_id, event.model, event.endpoint, event.latency_s, event.error)
 
     client = Client("localhost:8001", hooks=[report])
+
+Hooks run on the caller's thread (the event loop for :class:`AsyncClient`) right after the call finished,
+so a hook must be quick; one that raises never fails the call: its error is counted in
+``client.hook_errors`` and reported once per hook as a :class:`RuntimeWarning`.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from __future__ import annotations
 import threading
 import weakref
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -39,6 +44,12 @@ class ClientEvent:
 
     ``latency_s`` is the whole call's (``request``) or the shadow call's; ``error`` is ``None`` on success;
     ``mismatch`` is set for ``shadow`` events.
+
+    ``request_id`` is the call's id, the one sent to Triton as the request's ``id`` (every attempt, retries
+    and fallbacks included; a shadow call sends ``<id>.shadow``). ``inputs`` / ``outputs`` are the call's
+    tensors, on ``request`` events (``outputs`` also on ``shadow`` ones): references to the caller's arrays
+    and to the answer, not copies, so a hook that keeps them must copy them; ``None`` where they don't apply
+    (no outputs for a failed call, no tensors on ``retry`` / ``fallback`` events).
     """
 
     kind: EventKind
@@ -50,6 +61,10 @@ class ClientEvent:
     attempt: int = 1
     response_bytes: int = 0
     mismatch: bool | None = None
+    request_id: str | None = None
+    # Left out of ==, hash and repr: arrays don't compare to a bool, aren't hashable and print at length.
+    inputs: Mapping[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
+    outputs: Mapping[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
 
 
 Hook = Callable[[ClientEvent], None]

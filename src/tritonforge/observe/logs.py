@@ -1,10 +1,13 @@
 """Structured logs: one JSON line per finished client call, as a client hook.
 
     client = Client("localhost:8001", hooks=[JsonLogHook(sys.stderr)])
-    # {"ts": "...", "request_id": "9f1c...", "model": "mlp", "version": "1", "endpoint": "localhost:8001",
+    client.infer("mlp", {"x": x}, request_id="order-1234")
+    # {"ts": "...", "request_id": "order-1234", "model": "mlp", "version": "1", "endpoint": "localhost:8001",
     #  "attempts": 1, "latency_ms": 0.84, "outcome": "ok"}
 
-The request id is the event's own when the client sets one (``event.request_id``), else a fresh one.
+The request id is the call's (``event.request_id``): the caller's ``request_id=``, else the client's own
+(``<client prefix>-<counter>``), the same id the client sent to Triton as the request's ``id``, so a line
+here and Triton's log or trace of that request line up. (An event without one gets a fresh uuid.)
 Writing never raises into the call: a failed write is counted in ``errors``.
 """
 

@@ -6,25 +6,29 @@ writes them as Parquet files (pyarrow) into a :class:`SampleStore`: ``<root>/<mo
 part-<ns>.parquet``, one row per batch row, one list column per tensor. The store is bounded: when its
 files pass ``max_bytes`` the oldest are deleted (rotation). Every error inside is swallowed and counted.
 
-Today's client events carry no tensors, so the sampler sees calls through :meth:`Sampler.wrap` (a thin
-proxy whose ``infer`` records after the call returned); :meth:`Sampler.__call__` is also a client hook
-that records from ``event.inputs`` / ``event.outputs`` once the client's events carry them::
+A sampler is a client hook: it reads a finished call's tensors from the ``request`` event
+(``event.inputs`` / ``event.outputs``, references to the caller's arrays and the answer; a kept call's are
+copied before the call returns), on :class:`~tritonforge.client.Client` and
+:class:`~tritonforge.client.AsyncClient` alike::
 
     sampler = Sampler("samples/", share=0.01)
-    client = sampler.wrap(Client("localhost:8001"))
-    client.infer("digits_mlp", {"input": x})           # 1 call in 100 lands in samples/digits_mlp/...
-    SampleStore("samples/").load("digits_mlp")         # {"input": rows, "probabilities": rows}
+    client = Client("localhost:8001", hooks=[sampler])   # or client.add_hook(sampler)
+    client.infer("digits_mlp", {"input": x})            # 1 call in 100 lands in samples/digits_mlp/...
+    SampleStore("samples/").load("digits_mlp")          # {"input": rows, "probabilities": rows}
+
+``Sampler.wrap(client)`` (the way before events carried tensors) still works: it adds the hook to the
+client and returns the client itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import queue
 import random
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +37,7 @@ import numpy as np
 
 from tritonforge.errors import TritonForgeError
 
-__all__ = ["SampleStore", "SampledClient", "Sampler", "SamplerStats"]
+__all__ = ["SampleStore", "Sampler", "SamplerStats"]
 
 _STOP = object()
 
@@ -231,18 +235,40 @@ class Sampler:
         return True
 
     def __call__(self, event: Any) -> None:
-        """A client hook: records a finished call when the event carries its tensors (never raises)."""
+        """The client hook: records a successful call's ``event.inputs`` / ``event.outputs`` (never raises);
+        other events (retries, fallbacks, shadows, failed calls, events without tensors) are ignored."""
         try:
-            inputs = getattr(event, "inputs", None)
-            if getattr(event, "kind", None) != "request" or inputs is None or getattr(event, "error", None):
+            inputs = event.inputs
+            if event.kind != "request" or inputs is None or event.error is not None:
                 return
-            self.record(event.model, event.version, inputs, getattr(event, "outputs", None))
+            self.record(event.model, event.version, inputs, event.outputs)
         except Exception:
             self.stats.errors += 1
 
-    def wrap(self, client: Any) -> SampledClient:
-        """``client`` (sync or async) whose ``infer`` calls are sampled; everything else passes through."""
-        return SampledClient(client, self)
+    def wrap(self, client: Any) -> Any:
+        """Deprecated: ``client.add_hook(sampler)`` (or ``hooks=[sampler]``) does the same.
+
+        Adds this sampler to ``client``'s hooks (once) and returns ``client`` itself, so that code written
+        for the former proxy keeps working; every call of that client is now sampled.
+
+        Raises:
+            TypeError: ``client`` has no hooks (not a tritonforge client).
+        """
+        warnings.warn(
+            "Sampler.wrap(client) is deprecated: the sampler is a client hook, pass hooks=[sampler] to the "
+            "client or call client.add_hook(sampler)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        hooks = getattr(client, "hooks", None)
+        if not isinstance(hooks, list):
+            raise TypeError(
+                "Sampler.wrap needs a tritonforge Client or AsyncClient (with hooks), not "
+                f"{type(client).__name__}; pass hooks=[sampler] to the client instead"
+            )
+        if not any(h is self for h in hooks):
+            hooks.append(self)
+        return client
 
     # -- the writer thread --------------------------------------------------------------------------------
 
@@ -318,36 +344,3 @@ def _rows(ts: float, tensors: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
                 row[name] = values.astype(np.float64).tolist()
         out.append(row)
     return out
-
-
-class SampledClient:
-    """A client whose ``infer`` results are offered to a :class:`Sampler` after each successful call."""
-
-    def __init__(self, client: Any, sampler: Sampler) -> None:
-        self._client = client
-        self._sampler = sampler
-        if inspect.iscoroutinefunction(getattr(client, "infer", None)):
-            self.infer = self._ainfer  # type: ignore[method-assign]
-
-    def infer(
-        self, model: str, inputs: Mapping[str, Any], version: str | int | None = None, **kw: Any
-    ) -> Any:
-        result = self._client.infer(model, inputs, version, **kw)
-        self._sampler.record(model, version, inputs, result)
-        return result
-
-    async def _ainfer(
-        self, model: str, inputs: Mapping[str, Any], version: str | int | None = None, **kw: Any
-    ) -> Any:
-        result = await self._client.infer(model, inputs, version, **kw)
-        self._sampler.record(model, version, inputs, result)
-        return result
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
-
-    def __enter__(self) -> SampledClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._client.close()
