@@ -49,7 +49,7 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     "rollout": (["m", "--url", "127.0.0.1:1", "--repo", "/nonexistent/repo"], "give the candidate version"),
     "evaluate": (["m", "--url", "127.0.0.1:1", "--data", "/nonexistent/d.npz"], "error: "),
     "audit": (["/nonexistent/repo"], "/nonexistent/repo is not a model repository"),
-    "deploy": (["/nonexistent/repo", "--out", "/nonexistent/out"], "no model repository at /nonexistent/repo"),
+    "deploy": (["/nonexistent/repo", "--out", "/nonexistent/out"], "no model repository at /nonexistent"),
     "monitor": (["127.0.0.1:1", "--once"], "cannot read Triton's metrics"),
     "slo": (["/nonexistent/slo.yaml", "--out", "/nonexistent/out"], "error: "),
     "drift": (["m", "--store", "/nonexistent/store", "--repo", "/nonexistent/repo"], "error: "),
