@@ -40,7 +40,7 @@ def print_error(message: str, *, prefix: str = "error") -> None:
     err_console.print(Text.assemble((f"{prefix}: ", "bold red"), one_line(message)))
 
 
-def fail(exc: TritonForgeError) -> typer.Exit:
-    """Report ``exc`` on one line and return the exit (code 1) to raise."""
-    print_error(exc.message)
-    return typer.Exit(code=1)
+def fail(exc: TritonForgeError | ValueError, code: int = 1) -> typer.Exit:
+    """Report ``exc`` on one line and return the exit (``code``, 1 by default) to raise."""
+    print_error(exc.message if isinstance(exc, TritonForgeError) else str(exc))
+    return typer.Exit(code=code)

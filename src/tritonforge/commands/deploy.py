@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from tritonforge.commands import fail
+from tritonforge.commands._output import make_console
 from tritonforge.errors import DeployError, TritonForgeError
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
 
 
 class Metric(str, Enum):
@@ -21,9 +21,7 @@ class Metric(str, Enum):
     queue_ratio = "queue-ratio"
 
 
-def _fail(exc: TritonForgeError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=1)
+_fail = fail  # one way to report errors for every verb (tritonforge.commands)
 
 
 def _measure(repo: Path, model: str, levels: str) -> tuple[dict[str, Any], str]:

@@ -9,19 +9,16 @@ import threading
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from tritonforge.commands import fail
+from tritonforge.commands._output import make_console
 from tritonforge.errors import TritonForgeError
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
 
 
-def _fail(exc: TritonForgeError | ValueError, code: int = 1) -> typer.Exit:
-    message = exc.message if isinstance(exc, TritonForgeError) else str(exc)
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=code)
+_fail = fail  # one way to report errors for every verb (tritonforge.commands)
 
 
 def monitor(

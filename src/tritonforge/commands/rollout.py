@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from tritonforge.commands import err_console, fail
+from tritonforge.commands._output import make_console
 from tritonforge.errors import TritonForgeError
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
 
 
-def _fail(exc: TritonForgeError | ValueError) -> typer.Exit:
-    message = exc.message if isinstance(exc, TritonForgeError) else str(exc)
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=1)
+_fail = fail  # one way to report errors for every verb (tritonforge.commands)
 
 
 def register(app: typer.Typer) -> None:
@@ -97,7 +95,7 @@ def rollout_command(
                 raise _fail(
                     ValueError("give the candidate version with --to V (or --resume/--abort/--pause)")
                 )
-            overrides = {
+            overrides: dict[str, Any] = {
                 "max_error_rate": max_error_rate,
                 "max_p99_ms": max_p99_ms,
                 "min_agreement": min_agreement,
@@ -237,7 +235,7 @@ def audit_command(
 _SHOWN = {"at", "by", "action", "model", "reason"}
 
 
-def _what(event: dict) -> str:  # type: ignore[type-arg]
+def _what(event: dict[str, Any]) -> str:
     parts = []
     for key in sorted(set(event) - _SHOWN):
         value = event[key]

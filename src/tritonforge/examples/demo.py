@@ -198,7 +198,7 @@ def run_frameworks_demo(
     from tritonforge.server import EmbeddedServer
 
     own_repo = repo is None
-    root = Path(tempfile.mkdtemp(prefix="tritonforge-demo-repo-")) if own_repo else Path(repo)
+    root = Path(tempfile.mkdtemp(prefix="tritonforge-demo-repo-")) if repo is None else Path(repo)
     try:
         with console.status(
             "training an MLP on scikit-learn's digits, exporting to ONNX and TorchScript ..."

@@ -148,7 +148,13 @@ def backend_directory(install: TritonInstall, cache_dir: Path | None = None) -> 
 
 
 def _backend_source(name: str) -> str:
-    return resources.files("tritonforge.server").joinpath("backends", name, "model.py").read_text()
+    return (
+        resources.files("tritonforge.server")
+        .joinpath("backends")
+        .joinpath(name)
+        .joinpath("model.py")
+        .read_text()
+    )
 
 
 def _cache_root() -> Path:
