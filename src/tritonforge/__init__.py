@@ -24,6 +24,7 @@ from tritonforge.errors import (
     QuantizationError,
     RepositoryError,
     RequestTooLarge,
+    SecretError,
     ServerError,
     ServerGone,
     SignatureError,
@@ -36,6 +37,7 @@ from tritonforge.server import EmbeddedServer
 if TYPE_CHECKING:
     from tritonforge.client import (
         AsyncClient,
+        Auth,
         CircuitBreaker,
         Client,
         Coalesce,
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
 _CLIENT_NAMES = frozenset(
     {
         "AsyncClient",
+        "Auth",
         "CircuitBreaker",
         "Client",
         "Coalesce",
@@ -90,6 +93,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AllEndpointsFailed",
     "AsyncClient",
+    "Auth",
     "AuthenticationError",
     "CircuitBreaker",
     "Client",
@@ -114,6 +118,7 @@ __all__ = [
     "RequestTooLarge",
     "RetryBudget",
     "RetryPolicy",
+    "SecretError",
     "ServerError",
     "ServerGone",
     "Shadow",

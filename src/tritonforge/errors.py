@@ -8,6 +8,7 @@
     ├── QuantizationError      a quantization that failed or missed its tolerance
     ├── EnsembleError          a malformed or inconsistent pipeline spec
     │   └── PipelineCheckError     every problem of a build's specs at once (``.issues``); nothing written
+    ├── SecretError            a secret given in the clear, unset, or in a file others can read
     ├── ServerError            the embedded Triton server could not start, or died
     │   ├── ModelLoadError     a model failed to load (names the model and Triton's reason)
     │   └── ServerGone         the server stopped answering mid-run (a sweep, a tune)
@@ -56,6 +57,7 @@ __all__ = [
     "QuantizationError",
     "RepositoryError",
     "RequestTooLarge",
+    "SecretError",
     "ServerError",
     "ServerGone",
     "SignatureError",
@@ -124,6 +126,11 @@ class PipelineCheckError(EnsembleError):
             model=getattr(issues[0], "pipeline", None) if issues else None,
         )
         self.issues = list(issues)
+
+
+class SecretError(TritonForgeError):
+    """A secret (key, password) that can't be read safely: given in the clear on a command line, from an
+    unset environment variable, or from a file its group or the world can read."""
 
 
 class ServerError(TritonForgeError):
