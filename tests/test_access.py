@@ -24,15 +24,15 @@ import pytest
 from rollout_models import mlp
 from tritonforge.cli import run
 from tritonforge.client import AsyncClient, Auth, Client, RetryPolicy, TLSConfig
+from tritonforge.client.secrets import read_secret
+from tritonforge.commands.access import server_secrets
 from tritonforge.errors import AuthenticationError, SecretError
 from tritonforge.registry import promote, served_versions
 from tritonforge.repository import add_model
 from tritonforge.repository.writer import load_config, versions
 from tritonforge.rollout import Rollout, Thresholds
 from tritonforge.rollout.state import load_state
-from tritonforge.secrets import read_secret
 from tritonforge.server import EmbeddedServer
-from tritonforge.server.access import server_secrets
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl for test certificates")
 

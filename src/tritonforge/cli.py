@@ -102,7 +102,7 @@ def serve(
 
     extra_args = list((ctx.obj or {}).get(PASSTHROUGH, ()))
     try:
-        from tritonforge.server.access import server_secrets  # keys from env/0600 files, never argv
+        from tritonforge.commands.access import server_secrets  # keys from env/0600 files, never argv
 
         grpc_restricted_protocol, http_restricted_api = server_secrets(
             grpc_restricted_protocol, http_restricted_api, grpc_server_key

@@ -475,12 +475,13 @@ class Auth:
     @classmethod
     def from_specs(cls, specs: Iterable[str], *, tls: TLSConfig | None = None) -> Auth:
         """From Triton's own ``"<groups>:<header>=<ref>"`` specs, each value a secret reference
-        (``env:NAME`` or ``@PATH`` of a 0600 file; see :mod:`tritonforge.secrets`), never the secret itself.
+        (``env:NAME`` or ``@PATH`` of a 0600 file; see :mod:`tritonforge.client.secrets`), never the
+        secret itself.
 
         Raises:
             SecretError: a malformed spec, an unset variable, or a file others can read.
         """
-        from tritonforge.secrets import resolve_restricted_spec
+        from tritonforge.client.secrets import resolve_restricted_spec
 
         keys: dict[str, tuple[str, str]] = {}
         for spec in specs:

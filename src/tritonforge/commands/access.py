@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ import typer
 from tritonforge.commands import fail
 from tritonforge.errors import TritonForgeError
 
-__all__ = ["ACCESS_ENV", "build_auth", "with_access"]
+__all__ = ["ACCESS_ENV", "build_auth", "server_secrets", "with_access"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,8 +51,8 @@ def build_auth(
             key readable by others; a client certificate without its key (or the reverse).
     """
     from tritonforge.client.policies import Auth, TLSConfig
+    from tritonforge.client.secrets import check_private
     from tritonforge.errors import SecretError
-    from tritonforge.secrets import check_private
 
     tls = None
     if (tls_client_cert is None) != (tls_client_key is None):
@@ -71,6 +72,31 @@ def build_auth(
     if not auth and tls is None:
         return None
     return Auth.from_specs(auth or [], tls=tls)
+
+
+def server_secrets(
+    grpc_restricted: list[str],
+    http_restricted: list[str],
+    grpc_server_key: str | os.PathLike[str] | None = None,
+) -> tuple[list[str], list[str]]:
+    """``serve``'s restricted-protocol specs with their keys read from their references (``env:NAME``,
+    ``@PATH`` of a 0600 file), once the server's TLS key is known to be private.
+
+    Example:
+        >>> server_secrets(["model-repository:admin-key=env:ADMIN_KEY"], [])         # doctest: +SKIP
+        (['model-repository:admin-key=s3cret'], [])
+
+    Raises:
+        SecretError: a key given in the clear, an unset variable, a file others can read (the message says
+            ``chmod 600 FILE``), or a malformed spec.
+    """
+    from tritonforge.client.secrets import check_private, resolve_restricted_spec
+
+    if grpc_server_key is not None:
+        check_private(grpc_server_key, what="--grpc-server-key")
+    grpc = [resolve_restricted_spec(s, what="--grpc-restricted-protocol") for s in grpc_restricted]
+    http = [resolve_restricted_spec(s, what="--http-restricted-api") for s in http_restricted]
+    return grpc, http
 
 
 def _options() -> list[inspect.Parameter]:
