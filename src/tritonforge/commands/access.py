@@ -109,6 +109,7 @@ def _options() -> list[inspect.Parameter]:
             default=typer.Option(
                 [],
                 "--auth",
+                metavar="SPEC",
                 envvar=ACCESS_ENV["auth"],
                 help=f"'<protocols>:<header>=<ref>': the key sent with those calls; <ref> is {ref}.",
             ),

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tritonforge.commands.access import with_access
 from tritonforge.errors import TritonForgeError
 
 console = Console()
@@ -24,6 +25,7 @@ def _fail(exc: TritonForgeError | ValueError, code: int = 1) -> typer.Exit:
     return typer.Exit(code=code)
 
 
+@with_access
 def monitor(
     urls: list[str] = typer.Argument(
         ..., help="Triton metrics endpoints (host:port, default path /metrics)."
@@ -38,6 +40,7 @@ def monitor(
         None, help="The hourly price of one server: adds the cost of 1,000 inferences per model."
     ),
     active: bool = typer.Option(False, help="Only models that served requests in the interval."),
+    access: object = None,
 ) -> None:
     """Requests/s, failures, latency, queue vs compute, batch size of every model on URL..., live."""
     from rich.live import Live
@@ -51,7 +54,9 @@ def monitor(
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
     try:
-        snap, last = snapshot(urls, interval_s=interval, grpc_urls=grpc, price_per_hour=price_per_hour)
+        snap, last = snapshot(
+            urls, interval_s=interval, grpc_urls=grpc, price_per_hour=price_per_hour, auth=access
+        )
         if once or as_json:
             while True:
                 if as_json:
@@ -60,10 +65,14 @@ def monitor(
                     console.print(render(snap, active_only=active))
                 if once or stop.wait(interval):
                     return
-                snap, last = snapshot(urls, grpc_urls=grpc, price_per_hour=price_per_hour, previous=last)
+                snap, last = snapshot(
+                    urls, grpc_urls=grpc, price_per_hour=price_per_hour, previous=last, auth=access
+                )
         with Live(render(snap, active_only=active), console=console, auto_refresh=False) as live:
             while not stop.wait(interval):
-                snap, last = snapshot(urls, grpc_urls=grpc, price_per_hour=price_per_hour, previous=last)
+                snap, last = snapshot(
+                    urls, grpc_urls=grpc, price_per_hour=price_per_hour, previous=last, auth=access
+                )
                 live.update(render(snap, active_only=active), refresh=True)
     except (TritonForgeError, ValueError) as exc:
         raise _fail(exc) from None
