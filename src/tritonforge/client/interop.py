@@ -73,7 +73,7 @@ def tritonclient_for(url: str, auth: Auth | None = None, *, aio: bool = False) -
     if aio:
         import tritonclient.grpc.aio as module
     else:
-        import tritonclient.grpc as module  # type: ignore[no-redef]
+        import tritonclient.grpc as module
     if auth is None:
         return module.InferenceServerClient(url)
     kwargs: dict[str, Any] = {}
