@@ -30,6 +30,7 @@ from tritonforge.errors import (
     RepositoryError,
     RequestTooLarge,
     RolloutError,
+    SecretError,
     ServerError,
     ServerGone,
     SignatureError,
@@ -43,6 +44,7 @@ from tritonforge.server import EmbeddedServer
 if TYPE_CHECKING:
     from tritonforge.client import (
         AsyncClient,
+        Auth,
         CircuitBreaker,
         Client,
         Coalesce,
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
 _CLIENT_NAMES = frozenset(
     {
         "AsyncClient",
+        "Auth",
         "CircuitBreaker",
         "Client",
         "Coalesce",
@@ -97,6 +100,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AllEndpointsFailed",
     "AsyncClient",
+    "Auth",
     "AuthenticationError",
     "CircuitBreaker",
     "Client",
@@ -128,6 +132,7 @@ __all__ = [
     "RetryPolicy",
     "RolloutError",
     "SLOError",
+    "SecretError",
     "ServerError",
     "ServerGone",
     "Shadow",

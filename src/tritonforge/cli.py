@@ -76,10 +76,12 @@ def serve(
     log_verbose: int = typer.Option(0, help="Triton's log verbosity (0: off, 1: verbose)."),
     exit_timeout_secs: int = typer.Option(10, help="How long Triton waits for in-flight requests at stop."),
     grpc_restricted_protocol: list[str] = typer.Option(
-        [], help="'<protocols>:<header>=<value>': gRPC protocols only for calls sending that header."
+        [],
+        help="'<protocols>:<header>=<ref>': gRPC protocols only for calls sending that header; "
+        "<ref> is env:NAME or @FILE (mode 0600), never the key itself.",
     ),
     http_restricted_api: list[str] = typer.Option(
-        [], help="'<apis>:<header>=<value>': HTTP APIs only for calls sending that header."
+        [], help="'<apis>:<header>=<ref>': HTTP APIs only for calls sending that header (<ref> as above)."
     ),
     grpc_server_cert: Path | None = typer.Option(None, help="gRPC TLS: the server certificate (PEM)."),
     grpc_server_key: Path | None = typer.Option(None, help="gRPC TLS: the server's private key (PEM)."),
@@ -100,6 +102,11 @@ def serve(
 
     extra_args = list((ctx.obj or {}).get(PASSTHROUGH, ()))
     try:
+        from tritonforge.commands.access import server_secrets  # keys from env/0600 files, never argv
+
+        grpc_restricted_protocol, http_restricted_api = server_secrets(
+            grpc_restricted_protocol, http_restricted_api, grpc_server_key
+        )
         server = EmbeddedServer(
             repo,
             host=host,

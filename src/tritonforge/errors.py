@@ -15,6 +15,7 @@
     │   └── DriftError             a profile or traffic that can't be compared (names model and feature)
     ├── RolloutError           a rollout that can't start, continue or finish (says what to run next)
     │   └── GateError              a version failed an evaluation gate (``.failures``, with the figures)
+    ├── SecretError            a secret given in the clear, unset, or in a file others can read
     ├── ServerError            the embedded Triton server could not start, or died
     │   ├── ModelLoadError     a model failed to load (names the model and Triton's reason)
     │   └── ServerGone         the server stopped answering mid-run (a sweep, a tune)
@@ -70,6 +71,7 @@ __all__ = [
     "RequestTooLarge",
     "RolloutError",
     "SLOError",
+    "SecretError",
     "ServerError",
     "ServerGone",
     "SignatureError",
@@ -177,6 +179,11 @@ class GateError(RolloutError):
     ) -> None:
         super().__init__(message, model=model, version=version)
         self.failures = list(failures)
+
+
+class SecretError(TritonForgeError):
+    """A secret (key, password) that can't be read safely: given in the clear on a command line, from an
+    unset environment variable, or from a file its group or the world can read."""
 
 
 class ServerError(TritonForgeError):

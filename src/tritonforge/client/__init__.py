@@ -26,6 +26,8 @@ from tritonforge.client.observe import ClientEvent, ShadowStats
 from tritonforge.client.policies import (
     DEFAULT_DEADLINE,
     DEFAULT_RETRY,
+    PROTOCOL_GROUPS,
+    Auth,
     CircuitBreaker,
     Coalesce,
     Deadline,
@@ -44,7 +46,9 @@ __all__ = [
     "DEFAULT_CONTROL_TIMEOUT_S",
     "DEFAULT_DEADLINE",
     "DEFAULT_RETRY",
+    "PROTOCOL_GROUPS",
     "AsyncClient",
+    "Auth",
     "Capabilities",
     "CircuitBreaker",
     "Client",

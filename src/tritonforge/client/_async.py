@@ -90,12 +90,14 @@ class AsyncClient(BaseClient):
         return None
 
     async def _rpc(self, op: Rpc) -> Any:
-        with map_grpc_errors(model=op.model, version=op.version, endpoint=op.endpoint.url):
+        with map_grpc_errors(
+            model=op.model, version=op.version, endpoint=op.endpoint.url, method=op.method, tls=self._tls_mode
+        ):
             call = op.endpoint.handle.methods[op.method]
             if op.method != "ModelStreamInfer":
-                return await call(op.request, timeout=op.timeout_s, metadata=self._grpc_metadata)
+                return await call(op.request, timeout=op.timeout_s, metadata=self._metadata(op.method))
             # a probe: an empty stream, answered or refused
-            stream = call(iter(()), timeout=op.timeout_s, metadata=self._grpc_metadata)
+            stream = call(iter(()), timeout=op.timeout_s, metadata=self._metadata(op.method))
             return [answer async for answer in stream]
 
     async def _settle(self, flow: Flow[Any], gate: asyncio.Semaphore) -> Any:

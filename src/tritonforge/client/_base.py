@@ -53,6 +53,8 @@ from tritonforge.client.observe import ClientEvent, ClientMetrics, Hook, ShadowS
 from tritonforge.client.policies import (
     DEFAULT_DEADLINE,
     DEFAULT_RETRY,
+    PROTOCOL_GROUPS,
+    Auth,
     CircuitBreaker,
     Coalesce,
     Deadline,
@@ -205,8 +207,10 @@ class BaseClient:
         shadows: ``{model: Shadow}``.
         shared_memory: :class:`SharedMemory` or its mode (``"auto"``, ``"system"``, ``"cuda"``, ``"off"``);
             a server that does not take a region gets the bytes in the message.
-        headers: sent with every call (Triton's restricted protocols, auth proxies).
+        headers: sent with every call (auth proxies; for Triton's restricted protocols prefer ``auth``).
         tls: :class:`TLSConfig`.
+        auth: :class:`Auth`: each call sends only its protocol group's key (inference, model-repository,
+            ...); its ``tls`` is the channel's when ``tls`` is not given.
         validate: check inputs against the model's metadata before sending (once per input signature).
         allow_non_finite: NaN and ±inf inputs are refused by default; ``True`` sends them for every input,
             a collection of input names (``"x"``, or ``"model/x"`` for one model's) for those inputs only.
@@ -235,6 +239,7 @@ class BaseClient:
         shared_memory: SharedMemory | str = "auto",
         headers: Mapping[str, str] | None = None,
         tls: TLSConfig | None = None,
+        auth: Auth | None = None,
         validate: bool = True,
         allow_non_finite: bool | Collection[str] = False,
         coalesce: Coalesce | bool | None = None,
@@ -257,7 +262,12 @@ class BaseClient:
             SharedMemory(shared_memory) if isinstance(shared_memory, str) else shared_memory  # type: ignore[arg-type]
         )
         self.headers = {k.lower(): v for k, v in (headers or {}).items()}
-        self.tls = tls
+        if auth is not None and not isinstance(auth, Auth):
+            raise TypeError(f"auth must be an Auth, not {type(auth).__name__}")
+        if tls is not None and auth is not None and auth.tls is not None and auth.tls != tls:
+            raise ValueError("give TLS once: either tls=... or Auth(..., tls=...)")
+        self.auth = auth
+        self.tls = tls if tls is not None else (auth.tls if auth is not None else None)
         self.validate = validate
         if isinstance(allow_non_finite, str):
             allow_non_finite = (allow_non_finite,)
@@ -286,9 +296,12 @@ class BaseClient:
         self._budget = BudgetState(retry.budget, time.monotonic())
         self._metrics = ClientMetrics(registry) if metrics else None
         self._grpc_metadata: tuple[tuple[str, str], ...] | None = tuple(self.headers.items()) or None
+        self._metadata_of = self._metadata_by_method()
+        # what a connection closed during the handshake means (see _mapping): None, "tls" or "mutual"
+        self._tls_mode = None if self.tls is None else ("mutual" if self.tls.private_key else "tls")
         self._channel_options = list(_CHANNEL_OPTIONS) + list(channel_options)
-        if tls is not None and tls.server_name:
-            self._channel_options.append(("grpc.ssl_target_name_override", tls.server_name))
+        if self.tls is not None and self.tls.server_name:
+            self._channel_options.append(("grpc.ssl_target_name_override", self.tls.server_name))
         self._model_metadata: dict[tuple[str, str | None], ModelMetadata] = {}
         self._batchable: dict[tuple[str, str | None], Batchable] = {}
         self._probing: set[tuple[str, str | None]] = set()
@@ -299,6 +312,19 @@ class BaseClient:
         self.shadow_stats: dict[tuple[str, str], ShadowStats] = {}
         self._closed = False
         self._setup()
+
+    def _metadata_by_method(self) -> dict[str, tuple[tuple[str, str], ...] | None]:
+        """Each RPC's gRPC metadata: the client's headers and its protocol group's key (computed once)."""
+        auth = self.auth
+        table: dict[str, tuple[tuple[str, str], ...] | None] = {}
+        for method in PROTOCOL_GROUPS:
+            pair = auth.grpc_metadata(method) if auth is not None else None
+            table[method] = (*self.headers.items(), pair) if pair is not None else self._grpc_metadata
+        return table
+
+    def _metadata(self, method: str) -> tuple[tuple[str, str], ...] | None:
+        """The metadata to send with ``method`` (the drivers ask this for every RPC)."""
+        return self._metadata_of.get(method, self._grpc_metadata)
 
     def _setup(self) -> None:
         """The face's own state (channels, threads or tasks), made at the end of ``__init__``."""
@@ -781,6 +807,8 @@ class BaseClient:
     ) -> Flow[bool]:
         try:
             response = yield from self._control_flow(method, request, model=model, version=version)
+        except AuthenticationError:
+            raise  # "not ready" would hide that we lack the key
         except ClientError:
             if self._closed:
                 raise
@@ -845,7 +873,8 @@ class BaseClient:
         result = {}
         for ep, answer in zip(endpoints, answers, strict=True):
             ready = not isinstance(answer, ClientError) and bool(answer.ready)
-            self._pool.mark_health(ep, ready, now)
+            if not isinstance(answer, AuthenticationError):  # refused us: the server is up, we lack a key
+                self._pool.mark_health(ep, ready, now)
             result[ep.url] = ready
         return result
 

@@ -7,6 +7,7 @@ from types import TracebackType
 
 import grpc
 
+from tritonforge.client.policies import GRPC_HEADER_PREFIX, PROTOCOL_GROUPS
 from tritonforge.errors import (
     AuthenticationError,
     ClientError,
@@ -54,6 +55,10 @@ _TRANSPORT_HINTS = (
 )
 # gRPC's own words for a message over a limit, e.g. "Received message larger than max (5000019 vs. 4194304)".
 _TOO_LARGE = re.compile(r"message larger than max \((\d+) vs\. (\d+)\)", re.IGNORECASE)
+# A TLS handshake the server refused (no client certificate under mutual TLS, an untrusted one): who we
+# are, not whether the server is up; never retried and never held against the endpoint.
+_TLS_REFUSED = ("handshake", "certificate required", "certificate_required", "alert bad certificate")
+_EXPECTED_HEADER = re.compile(r"expecting header '([^']+)'")
 _HINTS = {
     ModelNotFoundError: " (is it in the repository and loaded? see client.repository_index())",
     Unavailable: " (is the server up? retried where the policy allows)",
@@ -62,16 +67,30 @@ _HINTS = {
 
 
 def error_for_status(
-    status: str, details: str, *, model: str | None, version: str | None, endpoint: str | None
+    status: str,
+    details: str,
+    *,
+    model: str | None,
+    version: str | None,
+    endpoint: str | None,
+    method: str | None = None,
+    tls: str | None = None,
 ) -> ClientError:
-    """Our error for a gRPC status name (``"UNAVAILABLE"``) and Triton's message."""
+    """Our error for a gRPC status name (``"UNAVAILABLE"``) and Triton's message (``method``: the RPC;
+    ``tls``: the channel's TLS, ``None``, ``"tls"`` or ``"mutual"``)."""
     cls = _BY_STATUS.get(status, ClientError)
     lowered = details.lower()
     if cls is InferenceFailed and any(h in lowered for h in _TRANSPORT_HINTS):
         cls = Unavailable
     # Triton answers UNAVAILABLE when a call to a restricted protocol lacks its header.
     if "protocol is restricted" in lowered:
-        cls = AuthenticationError
+        return _refused(details, method, model=model, version=version, endpoint=endpoint)
+    if cls is Unavailable and (
+        any(h in lowered for h in _TLS_REFUSED)
+        # a TLS server that wants a client certificate closes the connection mid-handshake
+        or (tls is not None and "failed to connect" in lowered and "socket closed" in lowered)
+    ):
+        return _tls_refused(details, tls, model=model, version=version, endpoint=endpoint)
     if cls is InvalidRequestError and "unknown model" in lowered:
         cls = ModelNotFoundError
     where = f"model {model!r}" if model else "call"
@@ -91,6 +110,46 @@ def error_for_status(
         )
     return cls(
         f"{where} failed: {status}: {details}{_HINTS.get(cls, '')}",
+        model=model,
+        version=version,
+        endpoint=endpoint,
+    )
+
+
+def _refused(
+    details: str, method: str | None, *, model: str | None, version: str | None, endpoint: str | None
+) -> AuthenticationError:
+    """A call whose protocol group the server restricts, sent without that group's key."""
+    group = PROTOCOL_GROUPS.get(method or "", "") or "<group>"
+    expected = _EXPECTED_HEADER.search(details)
+    header = expected.group(1).removeprefix(GRPC_HEADER_PREFIX) if expected else "<header>"
+    at = f" at {endpoint}" if endpoint else ""
+    about = f" for model {model!r}" if model else ""
+    return AuthenticationError(
+        f"the server{at} refused the '{group}' call {method or ''}{about}: that group is restricted to "
+        f"callers with its key (header '{header}'); pass it: auth=Auth({{'{group}': ('{header}', KEY)}}), "
+        f"or --auth '{group}:{header}=env:VAR' (or =@FILE, mode 0600) on the command line",
+        model=model,
+        version=version,
+        endpoint=endpoint,
+    )
+
+
+def _tls_refused(
+    details: str, tls: str | None, *, model: str | None, version: str | None, endpoint: str | None
+) -> AuthenticationError:
+    at = f" at {endpoint}" if endpoint else ""
+    ours = (
+        "the client sent no certificate"
+        if tls == "tls"
+        else "the server did not accept the client's certificate"
+        if tls == "mutual"
+        else "TLS failed"
+    )
+    return AuthenticationError(
+        f"the server{at} refused the TLS handshake ({ours}: {details}); under mutual TLS the client needs "
+        "a certificate signed by the server's CA: TLSConfig(root_certificates=CA, certificate_chain=CERT, "
+        "private_key=KEY), or --tls-root-cert/--tls-client-cert/--tls-client-key on the command line",
         model=model,
         version=version,
         endpoint=endpoint,
@@ -127,12 +186,22 @@ class map_grpc_errors:
     A class, not ``@contextmanager``: it wraps every request, and this costs a fraction of the generator's.
     """
 
-    __slots__ = ("endpoint", "model", "version")
+    __slots__ = ("endpoint", "method", "model", "tls", "version")
 
-    def __init__(self, *, model: str | None = None, version: str | None = None, endpoint: str | None = None):
+    def __init__(
+        self,
+        *,
+        model: str | None = None,
+        version: str | None = None,
+        endpoint: str | None = None,
+        method: str | None = None,
+        tls: str | None = None,
+    ):
         self.model = model
         self.version = version
         self.endpoint = endpoint
+        self.method = method
+        self.tls = tls
 
     def __enter__(self) -> map_grpc_errors:
         return self
@@ -142,25 +211,46 @@ class map_grpc_errors:
     ) -> None:
         if exc is None or isinstance(exc, ClientError):
             return
-        mapped = translate(exc, model=self.model, version=self.version, endpoint=self.endpoint)
+        mapped = translate(
+            exc,
+            model=self.model,
+            version=self.version,
+            endpoint=self.endpoint,
+            method=self.method,
+            tls=self.tls,
+        )
         if mapped is not None:
             raise mapped from exc
 
 
 def translate(
-    exc: BaseException, *, model: str | None, version: str | None, endpoint: str | None
+    exc: BaseException,
+    *,
+    model: str | None,
+    version: str | None,
+    endpoint: str | None,
+    method: str | None = None,
+    tls: str | None = None,
 ) -> ClientError | None:
     """Our error for a foreign one, or ``None`` when it is not a gRPC / tritonclient error."""
     if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
         code = exc.code()
         details = exc.details() if hasattr(exc, "details") else str(exc)
         return error_for_status(
-            code.name if code else "UNKNOWN", details or "", model=model, version=version, endpoint=endpoint
+            code.name if code else "UNKNOWN",
+            details or "",
+            model=model,
+            version=version,
+            endpoint=endpoint,
+            method=method,
+            tls=tls,
         )
     module = type(exc).__module__ or ""
     if module.startswith("tritonclient"):
         status = getattr(exc, "status", lambda: None)()
         name = str(status).rsplit(".", 1)[-1] if status else "UNKNOWN"
         message = getattr(exc, "message", lambda: str(exc))()
-        return error_for_status(name, str(message), model=model, version=version, endpoint=endpoint)
+        return error_for_status(
+            name, str(message), model=model, version=version, endpoint=endpoint, method=method, tls=tls
+        )
     return None

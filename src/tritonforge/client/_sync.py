@@ -71,12 +71,18 @@ class Client(BaseClient):
     def _do(self, op: Any) -> Any:
         kind = type(op)
         if kind is Rpc:
-            with map_grpc_errors(model=op.model, version=op.version, endpoint=op.endpoint.url):
+            with map_grpc_errors(
+                model=op.model,
+                version=op.version,
+                endpoint=op.endpoint.url,
+                method=op.method,
+                tls=self._tls_mode,
+            ):
                 if op.method == "ModelStreamInfer":  # a probe: an empty stream, answered or refused
                     stream = op.endpoint.handle.methods[op.method]
-                    return list(stream(iter(()), timeout=op.timeout_s, metadata=self._grpc_metadata))
+                    return list(stream(iter(()), timeout=op.timeout_s, metadata=self._metadata(op.method)))
                 call = op.endpoint.handle.methods[op.method]
-                return call(op.request, timeout=op.timeout_s, metadata=self._grpc_metadata)
+                return call(op.request, timeout=op.timeout_s, metadata=self._metadata(op.method))
         if kind is Sleep:
             time.sleep(op.seconds)
             return None

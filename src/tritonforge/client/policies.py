@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,6 +34,9 @@ from tritonforge.errors import (
 __all__ = [
     "DEFAULT_DEADLINE",
     "DEFAULT_RETRY",
+    "GRPC_HEADER_PREFIX",
+    "PROTOCOL_GROUPS",
+    "Auth",
     "CircuitBreaker",
     "Coalesce",
     "Deadline",
@@ -398,6 +401,114 @@ class TLSConfig:
 
     def __repr__(self) -> str:  # never print key material
         return f"TLSConfig(server_name={self.server_name!r}, mutual={self.private_key is not None})"
+
+
+#: Triton's gRPC protocol groups (``--grpc-restricted-protocol``): which group each RPC belongs to.
+PROTOCOL_GROUPS: Mapping[str, str] = {
+    "ServerLive": "health",
+    "ServerReady": "health",
+    "ModelReady": "health",
+    "ServerMetadata": "metadata",
+    "ModelMetadata": "metadata",
+    "ModelInfer": "inference",
+    "ModelStreamInfer": "inference",
+    "ModelConfig": "model-config",
+    "ModelStatistics": "statistics",
+    "RepositoryIndex": "model-repository",
+    "RepositoryModelLoad": "model-repository",
+    "RepositoryModelUnload": "model-repository",
+    "SystemSharedMemoryStatus": "shared-memory",
+    "SystemSharedMemoryRegister": "shared-memory",
+    "SystemSharedMemoryUnregister": "shared-memory",
+    "CudaSharedMemoryStatus": "shared-memory",
+    "CudaSharedMemoryRegister": "shared-memory",
+    "CudaSharedMemoryUnregister": "shared-memory",
+    "TraceSetting": "trace",
+    "LogSettings": "logging",
+}
+_GROUPS = frozenset(PROTOCOL_GROUPS.values())
+#: gRPC sends a restricted protocol's header under this prefix (Triton strips it before comparing).
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
+
+
+class Auth:
+    """Who the client is: a header per Triton protocol group, and TLS (mutual TLS with a client pair).
+
+    Triton restricts a group of calls to callers that send its header
+    (``--grpc-restricted-protocol=model-repository:admin-key=...``); the client sends each call the header
+    of its group only, so an inference key is never sent with a load, and the operator key only with
+    model-repository calls. Groups: ``health``, ``metadata``, ``inference``, ``model-config``,
+    ``statistics``, ``model-repository``, ``shared-memory``, ``trace``, ``logging``.
+
+    Example:
+        >>> Auth({"inference": ("infer-key", os.environ["INFER_KEY"]),                   # doctest: +SKIP
+        ...       "model-repository,statistics": ("admin-key", os.environ["ADMIN_KEY"])},
+        ...      tls=TLSConfig(root_certificates="ca.pem", private_key="me.key", certificate_chain="me.pem"))
+        >>> Auth.from_specs(["model-repository:admin-key=env:ADMIN_KEY"])              # doctest: +SKIP
+
+    Raises:
+        ValueError: an unknown group, or an empty header name or value.
+    """
+
+    __slots__ = ("keys", "tls")
+
+    def __init__(
+        self, keys: Mapping[str, tuple[str, str]] | None = None, *, tls: TLSConfig | None = None
+    ) -> None:
+        resolved: dict[str, tuple[str, str]] = {}
+        for groups, pair in (keys or {}).items():
+            if not isinstance(pair, tuple) or len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+                raise ValueError(f"Auth: group {groups!r} needs a (header, value) pair of strings")
+            header, value = pair
+            if not header or not value:
+                raise ValueError(f"Auth: group {groups!r} has an empty header name or value")
+            for group in groups.split(","):
+                if group not in _GROUPS:
+                    raise ValueError(
+                        f"Auth: unknown protocol group {group!r}; Triton's groups are "
+                        f"{', '.join(sorted(_GROUPS))}"
+                    )
+                resolved[group] = (header.lower(), value)
+        self.keys: Mapping[str, tuple[str, str]] = resolved
+        self.tls = tls
+
+    @classmethod
+    def from_specs(cls, specs: Iterable[str], *, tls: TLSConfig | None = None) -> Auth:
+        """From Triton's own ``"<groups>:<header>=<ref>"`` specs, each value a secret reference
+        (``env:NAME`` or ``@PATH`` of a 0600 file; see :mod:`tritonforge.client.secrets`), never the
+        secret itself.
+
+        Raises:
+            SecretError: a malformed spec, an unset variable, or a file others can read.
+        """
+        from tritonforge.client.secrets import resolve_restricted_spec
+
+        keys: dict[str, tuple[str, str]] = {}
+        for spec in specs:
+            resolved = resolve_restricted_spec(spec, what="auth")
+            groups, _, pair = resolved.partition(":")
+            header, _, value = pair.partition("=")
+            keys[groups] = (header, value)
+        return cls(keys, tls=tls)
+
+    def group_of(self, method: str) -> str | None:
+        """The protocol group of an RPC (``"RepositoryModelLoad"`` → ``"model-repository"``)."""
+        return PROTOCOL_GROUPS.get(method)
+
+    def grpc_metadata(self, method: str) -> tuple[str, str] | None:
+        """The ``(header, value)`` pair to send with ``method`` over gRPC, if its group has one."""
+        pair = self.keys.get(PROTOCOL_GROUPS.get(method, ""))
+        return None if pair is None else (GRPC_HEADER_PREFIX + pair[0], pair[1])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Auth) and dict(self.keys) == dict(other.keys) and self.tls == other.tls
+
+    def __hash__(self) -> int:
+        return hash((tuple(sorted(self.keys.items())), self.tls))
+
+    def __repr__(self) -> str:  # never print a secret
+        groups = ", ".join(f"{g}: {h}=***" for g, (h, _) in sorted(self.keys.items()))
+        return f"Auth({{{groups}}}, tls={self.tls!r})"
 
 
 DEFAULT_DEADLINE = Deadline()

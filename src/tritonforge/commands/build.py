@@ -16,6 +16,7 @@ from rich.table import Table
 
 from tritonforge.commands import err_console, fail
 from tritonforge.commands._output import make_console
+from tritonforge.commands.access import with_access
 from tritonforge.errors import ExportError, QuantizationError, RepositoryError, TritonForgeError
 
 console = make_console()
@@ -309,6 +310,7 @@ def models(repo: Path = typer.Argument(..., help="The model repository.")) -> No
     console.print(table)
 
 
+@with_access
 def promote(
     repo: Path = typer.Argument(..., help="The model repository."),
     name: str = typer.Argument(..., help="The model."),
@@ -319,6 +321,7 @@ def promote(
     require: list[str] = typer.Option([], help="Gate on VERSION's evaluation, e.g. 'accuracy>=0.97'."),
     no_worse_than_serving: bool = typer.Option(False, help="Gate: VERSION's figures >= the served one's."),
     on_gate_fail: str | None = typer.Option(None, help="A command run when a gate fails (retraining hook)."),
+    access: object = None,
 ) -> None:
     """Serve VERSION of NAME (its config's version policy), and record it in the audit log."""
     from tritonforge.registry import promote as do_promote
@@ -342,7 +345,15 @@ def promote(
         if url:
             from tritonforge.rollout.live import promote_live
 
-            event = promote_live(repo, url, name, version, reason=reason, force=force)
+            event = promote_live(
+                repo,
+                url,
+                name,
+                version,
+                reason=reason,
+                force=force,
+                auth=access,  # type: ignore[arg-type]
+            )
         else:
             event = do_promote(repo, name, version, reason=reason, force=force)
     except (TritonForgeError, ValueError) as exc:
@@ -352,6 +363,7 @@ def promote(
     console.print(f"[bold]{name}[/]: served versions {event['from']} -> {event['to']}")
 
 
+@with_access
 def rollback(
     repo: Path = typer.Argument(..., help="The model repository."),
     name: str = typer.Argument(..., help="The model."),
@@ -359,6 +371,7 @@ def rollback(
     reason: str | None = typer.Option(None, help="Why (kept in the audit log)."),
     force: bool = typer.Option(False, help="Even if an ensemble pins another version of NAME."),
     url: str | None = typer.Option(None, help="Also reload it on this running server (no downtime)."),
+    access: object = None,
 ) -> None:
     """Serve the version NAME served before (or --to), and record it in the audit log."""
     from tritonforge.registry import rollback as do_rollback
@@ -368,7 +381,15 @@ def rollback(
 
         refuse_during_rollout(repo, name, "roll back")
         if url:
-            event = rollback_live(repo, url, name, to=to, reason=reason, force=force)
+            event = rollback_live(
+                repo,
+                url,
+                name,
+                to=to,
+                reason=reason,
+                force=force,
+                auth=access,  # type: ignore[arg-type]
+            )
         else:
             event = do_rollback(repo, name, to=to, reason=reason, force=force)
     except TritonForgeError as exc:

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from tritonforge.commands import err_console, fail
 from tritonforge.commands._output import make_console
+from tritonforge.commands.access import with_access
 from tritonforge.errors import TritonForgeError
 
 console = make_console()
@@ -89,6 +90,7 @@ def _levels_table(result: Any) -> Table:
     return table
 
 
+@with_access
 def bench_command(
     model: str = typer.Argument(..., help="The model (or ensemble) to sweep."),
     url: str | None = typer.Option(
@@ -106,6 +108,7 @@ def bench_command(
     client: str = typer.Option(
         "tritonforge", help="What sends: 'tritonforge' (AsyncClient) or 'tritonclient' (raw)."
     ),
+    access: object = None,
 ) -> None:
     """Sweep MODEL over concurrency levels or request rates, like perf_analyzer; write CSV, JSON and HTML."""
     from tritonforge.loadtest.bench import bench, load_payloads, parse_levels
@@ -145,6 +148,7 @@ def bench_command(
                 batch=batch,
                 on_event=on_event,
                 client=client,  # type: ignore[arg-type]
+                auth=access,  # type: ignore[arg-type]
             )
             on_event("done", {})
     except TritonForgeError as exc:

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from tritonforge.commands import fail
 from tritonforge.commands._output import make_console
+from tritonforge.commands.access import with_access
 from tritonforge.errors import TritonForgeError
 
 console = make_console()
@@ -21,6 +22,7 @@ console = make_console()
 _fail = fail  # one way to report errors for every verb (tritonforge.commands)
 
 
+@with_access
 def monitor(
     urls: list[str] = typer.Argument(
         ..., help="Triton metrics endpoints (host:port, default path /metrics)."
@@ -35,6 +37,7 @@ def monitor(
         None, help="The hourly price of one server: adds the cost of 1,000 inferences per model."
     ),
     active: bool = typer.Option(False, help="Only models that served requests in the interval."),
+    access: object = None,
 ) -> None:
     """Requests/s, failures, latency, queue vs compute, batch size of every model on URL..., live."""
     from rich.live import Live
@@ -48,7 +51,9 @@ def monitor(
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
     try:
-        snap, last = snapshot(urls, interval_s=interval, grpc_urls=grpc, price_per_hour=price_per_hour)
+        snap, last = snapshot(
+            urls, interval_s=interval, grpc_urls=grpc, price_per_hour=price_per_hour, auth=access
+        )
         if once or as_json:
             while True:
                 if as_json:
@@ -57,10 +62,14 @@ def monitor(
                     console.print(render(snap, active_only=active))
                 if once or stop.wait(interval):
                     return
-                snap, last = snapshot(urls, grpc_urls=grpc, price_per_hour=price_per_hour, previous=last)
+                snap, last = snapshot(
+                    urls, grpc_urls=grpc, price_per_hour=price_per_hour, previous=last, auth=access
+                )
         with Live(render(snap, active_only=active), console=console, auto_refresh=False) as live:
             while not stop.wait(interval):
-                snap, last = snapshot(urls, grpc_urls=grpc, price_per_hour=price_per_hour, previous=last)
+                snap, last = snapshot(
+                    urls, grpc_urls=grpc, price_per_hour=price_per_hour, previous=last, auth=access
+                )
                 live.update(render(snap, active_only=active), refresh=True)
     except (TritonForgeError, ValueError) as exc:
         raise _fail(exc) from None

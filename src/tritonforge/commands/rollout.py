@@ -11,6 +11,7 @@ from rich.table import Table
 
 from tritonforge.commands import err_console, fail
 from tritonforge.commands._output import make_console
+from tritonforge.commands.access import with_access
 from tritonforge.errors import TritonForgeError
 
 console = make_console()
@@ -25,6 +26,7 @@ def register(app: typer.Typer) -> None:
     app.command("audit")(audit_command)
 
 
+@with_access
 def rollout_command(
     model: str = typer.Argument(..., help="The model whose traffic moves (apps keep calling this name)."),
     to: int | None = typer.Option(None, "--to", help="The candidate version."),
@@ -55,6 +57,7 @@ def rollout_command(
     resume: bool = typer.Option(False, "--resume", help="Carry on a paused or interrupted rollout."),
     abort: bool = typer.Option(False, "--abort", help="Roll back now."),
     status: bool = typer.Option(False, "--status", help="Show the rollout in progress, if any."),
+    access: object = None,
 ) -> None:
     """Move MODEL's live traffic to version --to in steps, judging each on live evidence; a breach rolls
     back at once, passing every step promotes."""
@@ -64,7 +67,11 @@ def rollout_command(
     if sum([pause, resume, abort, status]) > 1:
         raise _fail(ValueError("give at most one of --pause, --resume, --abort, --status"))
     driver = Rollout(
-        repo, url, model, on_event=lambda line: console.print(line, highlight=False, soft_wrap=True)
+        repo,
+        url,
+        model,
+        on_event=lambda line: console.print(line, highlight=False, soft_wrap=True),
+        auth=access,  # type: ignore[arg-type]
     )
     try:
         if status:
@@ -174,6 +181,7 @@ def _print_verdicts(outcome: object) -> None:
     console.print(table)
 
 
+@with_access
 def evaluate_command(
     model: str = typer.Argument(..., help="The model to evaluate."),
     data: Path = typer.Option(..., help="A labelled holdout (.npz with the model's inputs and 'labels')."),
@@ -182,12 +190,22 @@ def evaluate_command(
     repo: Path = typer.Option(Path("model_repository"), help="The repository whose manifest records it."),
     output: str | None = typer.Option(None, help="The output to score (default: the model's first)."),
     batch_size: int = typer.Option(64, help="Rows per request."),
+    access: object = None,
 ) -> None:
     """Run a labelled holdout through the server and record the figures in the version's manifest."""
     from tritonforge.rollout.gates import evaluate
 
     try:
-        result = evaluate(repo, url, model, data, version=version, output=output, batch_size=batch_size)
+        result = evaluate(
+            repo,
+            url,
+            model,
+            data,
+            version=version,
+            output=output,
+            batch_size=batch_size,
+            auth=access,  # type: ignore[arg-type]
+        )
     except (TritonForgeError, ValueError) as exc:
         raise _fail(exc) from None
     table = Table(title=f"{model} v{result.version} on {data.name}")

@@ -12,7 +12,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from tritonforge.errors import ModelNotFoundError, RepositoryError
 from tritonforge.loadtest.output import write_results
 from tritonforge.loadtest.sweep import Event, SweepResult, SweepSettings, run_sweep
 from tritonforge.loadtest.target import Sender, open_target
+
+if TYPE_CHECKING:
+    from tritonforge.client.policies import Auth
 
 __all__ = ["DEFAULT_REPOSITORY", "bench", "embedded_server", "load_payloads"]
 
@@ -81,11 +84,12 @@ def bench(
     on_event: Event | None = None,
     report: bool = True,
     client: Sender = "tritonforge",
+    auth: Auth | None = None,
 ) -> SweepResult:
     """Sweep ``model`` on the server at ``url`` (or the embedded server on ``repository``); write
     ``sweep.csv``, ``sweep.json`` and (``report``) ``report.html`` with PNGs into ``output``, after every
     level, so a sweep cut short keeps what it measured. ``client``: what sends the requests (see
-    :func:`~tritonforge.loadtest.target.open_target`).
+    :func:`~tritonforge.loadtest.target.open_target`); ``auth``: keys and TLS for a restricted ``url``.
 
     Raises:
         ModelNotFoundError: no such model (on the server, or in the repository).
@@ -102,7 +106,9 @@ def bench(
                 write_report([result], out_dir, title=f"tritonforge bench {model}")
 
     async def run(address: str) -> SweepResult:
-        async with open_target(address, model, inputs=inputs, batch=batch, client=client) as target:
+        async with open_target(
+            address, model, inputs=inputs, batch=batch, client=client, auth=auth
+        ) as target:
             return await run_sweep(
                 target.send,
                 settings,

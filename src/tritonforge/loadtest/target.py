@@ -10,13 +10,16 @@ import contextlib
 import dataclasses
 import itertools
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from tritonforge.errors import ModelNotFoundError, Unavailable
 from tritonforge.loadtest.stats import TritonStats, composing_models
 from tritonforge.loadtest.sweep import Send
+
+if TYPE_CHECKING:
+    from tritonforge.client.policies import Auth
 
 __all__ = ["Sender", "Target", "inputs_from_config", "open_target"]
 
@@ -95,6 +98,7 @@ async def open_target(
     version: str = "",
     timeout_s: float = 30.0,
     client: Sender = "tritonforge",
+    auth: Auth | None = None,
 ) -> AsyncIterator[Target]:
     """An asyncio gRPC connection to ``model`` at ``url`` and a ``send()`` for one request.
 
@@ -103,16 +107,17 @@ async def open_target(
     ``client``: what sends the requests — ``"tritonforge"`` (:class:`tritonforge.AsyncClient`, no
     retries, so failures are seen) or ``"tritonclient"`` (raw ``tritonclient.grpc.aio``, the least
     overhead per request). Statistics always come through raw tritonclient (Triton's protobuf counters).
+    ``auth``: the keys and TLS a restricted server asks for (:class:`tritonforge.client.Auth`), for both.
 
     Raises:
         ModelNotFoundError: the model is not ready on the server (the message lists those that are).
         Unavailable: the server did not answer.
     """
-    import tritonclient.grpc.aio as aioclient
+    from tritonforge.client.interop import tritonclient_for
 
     if client not in ("tritonforge", "tritonclient"):
         raise ValueError(f"client must be 'tritonforge' or 'tritonclient', not {client!r}")
-    raw = aioclient.InferenceServerClient(url)
+    raw = tritonclient_for(url, auth, aio=True)
     ours: Any = None
     try:
         await check_model(raw, url, model)
@@ -138,7 +143,7 @@ async def open_target(
 
             # a load generator sends the requests it is asked to: no retries, no client-side batching
             ours = AsyncClient(
-                url, retry=RetryPolicy.none(), metrics=False, shared_memory="off", coalesce=False
+                url, retry=RetryPolicy.none(), metrics=False, shared_memory="off", coalesce=False, auth=auth
             )
             cycle = itertools.cycle(payloads)
             pinned = version or None

@@ -299,16 +299,20 @@ def summed(rates: Iterable[ModelRates], *, by: Sequence[str] = ("model",)) -> li
     return out
 
 
-def batch_sizes(grpc_url: str, *, timeout_s: float = 5.0) -> dict[tuple[str, str], dict[int, int]]:
+def batch_sizes(
+    grpc_url: str, *, timeout_s: float = 5.0, auth: Any = None
+) -> dict[tuple[str, str], dict[int, int]]:
     """From Triton's statistics API: per model version, how many executions ran at each batch size.
+    ``auth``: a :class:`tritonforge.client.Auth` (the 'statistics' key, TLS) for a restricted server.
 
     Raises:
         MetricsError: the server's gRPC endpoint could not be read.
     """
-    import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    client = grpcclient.InferenceServerClient(grpc_url)
+    from tritonforge.client.interop import tritonclient_for
+
+    client = tritonclient_for(grpc_url, auth)
     try:
         stats = client.get_inference_statistics(as_json=True, client_timeout=timeout_s)
     except InferenceServerException as exc:

@@ -75,10 +75,12 @@ def snapshot(
     grpc_urls: Sequence[str] = (),
     price_per_hour: float | None = None,
     previous: Mapping[str, Scrape] | None = None,
+    auth: Any = None,
 ) -> tuple[Snapshot, dict[str, Scrape]]:
     """Read every server twice ``interval_s`` apart (or once, after ``previous`` readings) and compare.
 
-    ``grpc_urls`` (same order as ``urls``, optional) add the batch sizes from the statistics API.
+    ``grpc_urls`` (same order as ``urls``, optional) add the batch sizes from the statistics API
+    (``auth``: a :class:`tritonforge.client.Auth` where that API is restricted or behind mutual TLS).
     Returns the snapshot and the latest readings (pass them as ``previous`` to continue live).
 
     Raises:
@@ -111,7 +113,7 @@ def snapshot(
                 cost_per_s / total.inferences_per_s * 1000.0 if total.inferences_per_s > 0 else None
             )
     batches = {
-        full[i]: {f"{m}:{v}": sizes for (m, v), sizes in batch_sizes(g).items() if sizes}
+        full[i]: {f"{m}:{v}": sizes for (m, v), sizes in batch_sizes(g, auth=auth).items() if sizes}
         for i, g in enumerate(grpc_urls)
     }
     summaries = any(s.quantiles for s in second.values())

@@ -22,7 +22,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tritonforge.config import DynamicBatching, InstanceGroup, ModelConfig, VersionPolicy, write_config
 from tritonforge.errors import ClientError
@@ -43,6 +43,9 @@ from tritonforge.rollout.state import (
     state_paths,
     take_control_request,
 )
+
+if TYPE_CHECKING:
+    from tritonforge.client.policies import Auth
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -95,6 +98,8 @@ class Rollout:
         >>> Rollout("model_repository", "localhost:8001", "clf").start(to=2, hold_s=30)   # doctest: +SKIP
 
     ``on_event`` is called with a short line for each thing that happens (the CLI prints them).
+    ``auth``: the client's credentials (:class:`~tritonforge.client.Auth`) where the server restricts its
+    model-repository or statistics calls, or asks for mutual TLS.
     """
 
     def __init__(
@@ -105,8 +110,10 @@ class Rollout:
         *,
         on_event: Callable[[str], None] | None = None,
         ready_timeout_s: float = 120.0,
+        auth: Auth | None = None,
     ) -> None:
         self.repo = Path(repo)
+        self.auth = auth
         self.url = url
         self.model = model
         self.paths = state_paths(repo, model)
@@ -135,6 +142,8 @@ class Rollout:
         Raises:
             RolloutError: a rollout of this model is already in progress, the model serves more or less
                 than one version, ``to`` is missing or is the served one.
+            AuthenticationError: the server refuses our model-repository or statistics calls (checked
+                before anything changes: pass ``auth=``).
             ClientError: the server can't be reached or refuses a load (the message says why).
         """
         existing = load_state(self.repo, self.model)
@@ -173,6 +182,7 @@ class Rollout:
             )
         if to == stable:
             raise RolloutError(f"'{self.model}' already serves v{to}", model=self.model, version=to)
+        self._check_access()
         limits = thresholds or Thresholds()
         state = RolloutState(
             model=self.model,
@@ -479,8 +489,19 @@ class Rollout:
         if self._client is None:
             from tritonforge.client import Client
 
-            self._client = Client(self.url, metrics=False)
+            self._client = Client(self.url, metrics=False, auth=self.auth)
         return self._client
+
+    def _check_access(self) -> None:
+        """Refuse before anything changes when the server won't take our model-repository and statistics
+        calls (restricted protocols without our key, mutual TLS without our certificate).
+
+        Raises:
+            AuthenticationError: naming the refused protocol group and how to pass its key.
+        """
+        client = self._client_()
+        client.repository_index()
+        client.model_statistics(self.model)
 
     def _snapshot(self, state: RolloutState) -> Any:
         return read_snapshot(

@@ -22,7 +22,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from tritonforge.registry import read_manifest, served_versions
 from tritonforge.registry.audit import record_event
 from tritonforge.repository.writer import load_config, versions
 from tritonforge.rollout.state import write_json_atomic
+
+if TYPE_CHECKING:
+    from tritonforge.client.policies import Auth
 
 __all__ = ["Evaluation", "GateError", "check_gates", "evaluate", "parse_gate", "run_hook"]
 
@@ -104,6 +107,7 @@ def evaluate(
     output: str | None = None,
     batch_size: int = 64,
     ready_timeout_s: float = 120.0,
+    auth: Auth | None = None,
 ) -> Evaluation:
     """Score ``version`` of ``model`` (default: the served one) on a labelled holdout, through the server.
 
@@ -137,7 +141,7 @@ def evaluate(
     if scored not in [t.name for t in config.outputs]:
         raise RolloutError(f"'{model}' has no output '{scored}'", model=model)
     target, temporary = model, None
-    with Client(url, metrics=False) as client:
+    with Client(url, metrics=False, auth=auth) as client:
         try:
             if not client.is_model_ready(model, version):
                 temporary = f"{model}__eval_v{version}"

@@ -13,14 +13,17 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tritonforge.errors import ClientError
 from tritonforge.registry import promote, rollback, served_versions
 from tritonforge.repository.writer import load_config, versions
 from tritonforge.rollout.state import RolloutError, load_state
 
-__all__ = ["promote_live", "refuse_during_rollout", "reload_served", "rollback_live"]
+if TYPE_CHECKING:
+    from tritonforge.client.policies import Auth
+
+__all__ = ["check_access", "promote_live", "refuse_during_rollout", "reload_served", "rollback_live"]
 
 
 def refuse_during_rollout(repo: str | os.PathLike[str], model: str, action: str) -> None:
@@ -38,10 +41,25 @@ def refuse_during_rollout(repo: str | os.PathLike[str], model: str, action: str)
         )
 
 
+def check_access(url: str, auth: Auth | None) -> None:
+    """Ask the server at ``url`` for its repository index: refused (restricted model-repository calls
+    without our key, mutual TLS without our certificate) before the repository is changed, not after.
+
+    Raises:
+        AuthenticationError: naming the refused group and how to pass its key.
+    """
+    from tritonforge.client import Client, RetryPolicy
+
+    with Client(url, metrics=False, auth=auth, retry=RetryPolicy.none()) as client:
+        client.repository_index()
+
+
 def reload_served(
-    url: str, repo: str | os.PathLike[str], model: str, *, timeout_s: float = 120.0
+    url: str, repo: str | os.PathLike[str], model: str, *, timeout_s: float = 120.0, auth: Auth | None = None
 ) -> list[int]:
     """Make the server at ``url`` serve what ``repo``'s config of ``model`` says; return those versions.
+
+    ``auth``: the client's :class:`~tritonforge.client.Auth` (the operator key, TLS) where needed.
 
     Raises:
         RolloutError: the server refused the load, or did not serve exactly those versions in time.
@@ -51,7 +69,7 @@ def reload_served(
     root = Path(repo)
     want = served_versions(load_config(root / model), versions(root / model))
     others = [v for v in versions(root / model) if v not in want]
-    with Client(url, metrics=False) as client:
+    with Client(url, metrics=False, auth=auth) as client:
         try:
             client.load_model(model)
         except ClientError as exc:
@@ -77,6 +95,7 @@ def promote_live(
     *,
     reason: str | None = None,
     force: bool = False,
+    auth: Auth | None = None,
 ) -> dict[str, Any]:
     """:func:`~tritonforge.registry.promote`, then the running server reloaded to serve it.
 
@@ -85,8 +104,9 @@ def promote_live(
             failed.
     """
     refuse_during_rollout(repo, model, "promote")
+    check_access(url, auth)
     event = promote(repo, model, version, reason=reason, force=force)
-    reload_served(url, repo, model)
+    reload_served(url, repo, model, auth=auth)
     return event
 
 
@@ -98,6 +118,7 @@ def rollback_live(
     to: int | None = None,
     reason: str | None = None,
     force: bool = False,
+    auth: Auth | None = None,
 ) -> dict[str, Any]:
     """:func:`~tritonforge.registry.rollback`, then the running server reloaded to serve it.
 
@@ -106,6 +127,7 @@ def rollback_live(
             reload failed.
     """
     refuse_during_rollout(repo, model, "roll back")
+    check_access(url, auth)
     event = rollback(repo, model, to=to, reason=reason, force=force)
-    reload_served(url, repo, model)
+    reload_served(url, repo, model, auth=auth)
     return event
