@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from tritonforge.errors import (
     AllEndpointsFailed,
     AuthenticationError,
+    BatchError,
     ClientError,
     ConfigError,
     DeadlineExceeded,
@@ -87,6 +88,7 @@ __all__ = [
     "AllEndpointsFailed",
     "AsyncClient",
     "AuthenticationError",
+    "BatchError",
     "CircuitBreaker",
     "Client",
     "ClientError",

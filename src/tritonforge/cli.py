@@ -194,7 +194,7 @@ def demo(
 
 
 # Each area's verbs live in tritonforge/commands/<area>.py with a register(app) function.
-AREAS: tuple[str, ...] = ("ensemble", "build", "loadtest")
+AREAS: tuple[str, ...] = ("ensemble", "build", "loadtest", "batch")
 
 
 def _register_areas() -> None:

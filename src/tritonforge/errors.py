@@ -7,6 +7,7 @@
     ├── ExportError            a model that can't be exported (unsupported layer, failed check vs source)
     ├── QuantizationError      a quantization that failed or missed its tolerance
     ├── EnsembleError          a malformed or inconsistent pipeline spec
+    ├── BatchError             a batch run that can't start or go on (input, mapping, output folder, limits)
     ├── ServerError            the embedded Triton server could not start, or died
     │   └── ModelLoadError     a model failed to load (names the model and Triton's reason)
     └── ClientError            an inference or control call failed
@@ -28,6 +29,7 @@ from __future__ import annotations
 __all__ = [
     "AllEndpointsFailed",
     "AuthenticationError",
+    "BatchError",
     "ClientError",
     "ConfigError",
     "DeadlineExceeded",
@@ -94,6 +96,11 @@ class QuantizationError(TritonForgeError):
 
 class EnsembleError(TritonForgeError):
     """A pipeline spec that is malformed or inconsistent."""
+
+
+class BatchError(TritonForgeError):
+    """A batch inference run that can't start or go on: unreadable input, a column mapping that doesn't fit
+    the model, an output folder holding another run, too many failed rows."""
 
 
 class ServerError(TritonForgeError):
