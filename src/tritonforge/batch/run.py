@@ -206,7 +206,7 @@ async def arun_batch(
             meta = await client.model_metadata(model, v)
             config = await client.model_config(model, v)
         except ClientError as exc:
-            raise BatchError(f"model {model!r} on {', '.join(url_list)}: {exc.message}") from exc
+            raise BatchError(exc.message, model=model, endpoint=exc.endpoint) from exc
         batched = int(config.max_batch_size) > 0
         plans = plan_inputs(meta.inputs, batched, columns, mapping)
         out_names = list(outputs) if outputs else [t.name for t in meta.outputs]
@@ -394,6 +394,14 @@ class _Runner:
 
     async def _shard(self, shard: _Shard) -> None:
         try:
+            await self._do_shard(shard)
+        except asyncio.CancelledError:
+            return  # abandoned: the shard is redone by the next run
+        except Exception as exc:  # a bug or a disk error: stop, keep what is committed, say what happened
+            self._stop_now("failed", exc)
+
+    async def _do_shard(self, shard: _Shard) -> None:
+        try:
             prepared = await asyncio.to_thread(prepare, shard.table, self.plans)
             errors = [
                 {"row_id": shard.first_row + i, "stage": "input", "error": reason} for i, reason in sorted(prepared.bad.items())
@@ -478,8 +486,8 @@ class _Runner:
         tables = []
         for row_ids, outs in parts:
             cols = {"row_id": pa.array(np.asarray(row_ids, dtype=np.int64))}
-            for name, value in outs.items():
-                cols[name] = outputs_to_arrow(name, value, self.variable.get(name, False))
+            for name in self.engine.outputs or sorted(outs):  # one column order for every batch
+                cols[name] = outputs_to_arrow(name, outs[name], self.variable.get(name, False))
             tables.append(pa.table(cols))
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         return table.sort_by("row_id").combine_chunks()

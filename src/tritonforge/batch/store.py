@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -106,6 +107,7 @@ class Manifest:
         self.settings = dict(settings)
         self.shards: dict[int, dict[str, Any]] = {}
         self.started_at = time.time()
+        self._lock = threading.Lock()  # shards are committed from worker threads; one manifest write at a time
         if self.path.exists():
             try:
                 data = json.loads(self.path.read_text())
@@ -155,8 +157,9 @@ class Manifest:
             atomic_write_table(out_path, outputs)
         elif out_path.exists():
             out_path.unlink()
-        self.shards[index] = {**entry, "finished_at": round(time.time(), 3)}
-        self.save()
+        with self._lock:
+            self.shards[index] = {**entry, "finished_at": round(time.time(), 3)}
+            self.save()
 
     def save(self) -> None:
         data = {

@@ -20,7 +20,7 @@ err_console = Console(stderr=True)
 
 
 def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code=1)
 
 
@@ -200,12 +200,14 @@ def register(app: typer.Typer) -> None:
                 f"error: stopped: more than {max_errors} rows failed (see {output}/_errors/); "
                 "fix the data or raise --max-errors, then run again to resume",
                 highlight=False,
+                soft_wrap=True,
             )
         elif result.status == "interrupted":
             err_console.print(
                 f"interrupted: {result.shards_done}/{result.shards_total} shards finished; run again to resume",
                 highlight=False,
+                soft_wrap=True,
             )
         elif failed:
-            err_console.print(f"{failed:,} rows failed: see {output}/_errors/", highlight=False)
+            err_console.print(f"{failed:,} rows failed: see {output}/_errors/", highlight=False, soft_wrap=True)
         raise typer.Exit(code=result.exit_code)
