@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -311,3 +312,92 @@ def test_sigterm_stops_cleanly_within_the_grace_period_and_a_rerun_finishes(tmp_
     table = read_outputs(out)
     assert table.column("row_id").to_pylist() == list(range(n))
     np.testing.assert_array_equal(np.stack(table.column("y").to_numpy(zero_copy_only=False)), x * 2)
+
+
+# -- Ray Data on a real local cluster ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real Ray cluster on this machine: a head and one worker node (1 CPU each), loopback only, its
+    files in a folder of its own; every process it started is gone afterwards."""
+    # Ray turns 127.0.0.1 into the machine's outward address unless told the "cluster" is local-only;
+    # read when ray is imported, so set first (the nodes and workers inherit it)
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray = pytest.importorskip("ray")
+    import shutil
+    import tempfile
+
+    from ray.cluster_utils import Cluster
+
+    temp_dir = tempfile.mkdtemp(prefix="tfray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp_dir  # all of Ray's files (and its address file) here, not in /tmp/ray
+    node = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "object_store_memory": 80 * 1024 * 1024}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    try:
+        cluster.add_node(**node)
+        assert cluster.address.startswith("127.0.0.1:")
+        ray.init(address=cluster.address, _node_ip_address="127.0.0.1", logging_level="ERROR", log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        import psutil
+
+        left = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+        for p in left:  # only processes of this cluster (they name its folder)
+            p.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        if saved is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved
+        assert left == []
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")  # Ray Data's own, about its own settings
+def test_ray_data_map_batches_with_triton_predictor_on_a_local_cluster_equals_in_process(
+    tmp_path, batch_repo, urls, digits, ray_cluster
+):
+    import ray
+
+    from tritonforge.batch import TritonPredictor
+
+    assert len(ray.nodes()) == 2 and all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray.nodes())
+    x = digits[:400].copy()
+    x[5, 0] = np.nan  # still a valid FP32 value: answered
+    table = pa.table({"row": pa.array(np.arange(400)), "input": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 64)})
+    ds = ray.data.from_arrow([table.slice(i, 100) for i in range(0, 400, 100)])  # four blocks
+    out = ds.map_batches(
+        TritonPredictor,
+        fn_constructor_kwargs={"model": "digits_logreg", "urls": urls, "outputs": ["label"], "concurrency": 4},
+        compute=ray.data.ActorPoolStrategy(size=2),  # two actors, one client each
+        num_cpus=0.5,
+        batch_size=64,
+        batch_format="pyarrow",
+    )
+    result = out.to_arrow_refs()
+    answered = pa.concat_tables(ray.get(result)).sort_by("row")
+    assert answered.column("row").to_pylist() == list(range(400))
+    assert set(answered.column("error").to_pylist()) == {""}
+    want = in_process(batch_repo, x)["label"]
+    np.testing.assert_array_equal(answered.column("label").to_numpy(), want)
+
+
+def test_triton_predictor_marks_failed_rows_in_the_error_column_and_answers_the_rest(urls):
+    from tritonforge.batch import TritonPredictor
+
+    predictor = TritonPredictor("double", urls, batch_size=4)
+    try:
+        x = np.ones((10, 4), np.float32)
+        x[3] = -1
+        out = predictor({"x": x})
+    finally:
+        predictor.close()
+    errors = out.column("error").to_pylist()
+    assert [i for i, e in enumerate(errors) if e] == [3] and "negative input" in errors[3]
+    y = np.stack(out.column("y").to_numpy(zero_copy_only=False))
+    np.testing.assert_array_equal(np.delete(y, 3, axis=0), np.delete(x, 3, axis=0) * 2)
