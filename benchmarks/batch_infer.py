@@ -55,13 +55,33 @@ def find_perf_analyzer() -> str | None:
     return None
 
 
-def perf_analyzer_best(exe: str, url: str, model: str, batch: int, seconds: float) -> tuple[float, int] | None:
+def perf_analyzer_best(
+    exe: str, url: str, model: str, batch: int, seconds: float
+) -> tuple[float, int] | None:
     """perf_analyzer's best inferences/s (and the concurrency that gave it) at batch ``batch``."""
     best: tuple[float, int] | None = None
     for concurrency in (1, 2, 4, 8, 16):
-        args = [exe, "-m", model, "-u", url, "-i", "grpc", "-b", str(batch), "--shape", "input:64",
-                "--concurrency-range", f"{concurrency}:{concurrency}", "-p", str(int(seconds * 1000)),
-                "--max-trials", "6", "--stability-percentage", "50"]
+        args = [
+            exe,
+            "-m",
+            model,
+            "-u",
+            url,
+            "-i",
+            "grpc",
+            "-b",
+            str(batch),
+            "--shape",
+            "input:64",
+            "--concurrency-range",
+            f"{concurrency}:{concurrency}",
+            "-p",
+            str(int(seconds * 1000)),
+            "--max-trials",
+            "6",
+            "--stability-percentage",
+            "50",
+        ]
         proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             print(f"perf_analyzer failed at concurrency {concurrency}: {proc.stderr.strip()[-300:]}")
@@ -78,8 +98,11 @@ def write_dataset(x: np.ndarray, path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"input": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 64)}), path,
-                   row_group_size=65_536)
+    pq.write_table(
+        pa.table({"input": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 64)}),
+        path,
+        row_group_size=65_536,
+    )
 
 
 def in_process_labels(repo: Path, model: str, x: np.ndarray) -> np.ndarray:
@@ -114,10 +137,10 @@ def thread_pool(url: str, model: str, x: np.ndarray, threads: int) -> float:
 
 
 def digits(args: argparse.Namespace) -> None:
+    import build_digits
+
     from tritonforge.batch import read_outputs, run_batch
     from tritonforge.server import EmbeddedServer
-
-    import build_digits
 
     work = Path(tempfile.mkdtemp(prefix="tf-batch-bench-"))
     try:
@@ -132,45 +155,71 @@ def digits(args: argparse.Namespace) -> None:
         exe = None if args.no_perf_analyzer else find_perf_analyzer()
         with EmbeddedServer(repo, load_models=[args.model], model_control="explicit") as server:
             url = server.grpc_url
-            rounds: dict[str, list[float]] = {"batch-infer": [], "naive loop": [], f"thread pool ({args.threads})": []}
+            rounds: dict[str, list[float]] = {
+                "batch-infer": [],
+                "naive loop": [],
+                f"thread pool ({args.threads})": [],
+            }
             batch_size = None
             for r in range(args.rounds):
                 out = work / f"out-{r}"
-                result = run_batch(args.model, url, data, out, concurrency=args.concurrency,
-                                   shard_rows=args.shard_rows, max_errors=0)
+                result = run_batch(
+                    args.model,
+                    url,
+                    data,
+                    out,
+                    concurrency=args.concurrency,
+                    shard_rows=args.shard_rows,
+                    max_errors=0,
+                )
                 got = read_outputs(out).column("label").to_numpy()
                 assert result.exit_code == 0 and np.array_equal(got, want), "outputs differ from in-process"
                 shutil.rmtree(out)
                 rounds["batch-infer"].append(result.rows_per_s)
                 rounds["naive loop"].append(naive(url, args.model, x[: args.naive_rows]))
-                rounds[f"thread pool ({args.threads})"].append(thread_pool(url, args.model, x[: args.naive_rows], args.threads))
-                print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f} rows/s" for k, v in rounds.items())
-                      + f" (batch-infer p50 {result.latencies_ms['p50']:.1f} ms, p99 {result.latencies_ms['p99']:.1f} ms "
-                      f"per request; {result.requests} requests)")
+                rounds[f"thread pool ({args.threads})"].append(
+                    thread_pool(url, args.model, x[: args.naive_rows], args.threads)
+                )
+                print(
+                    f"round {r + 1}: "
+                    + ", ".join(f"{k} {v[-1]:,.0f} rows/s" for k, v in rounds.items())
+                    + f" (batch-infer p50 {result.latencies_ms['p50']:.1f} ms, "
+                    f"p99 {result.latencies_ms['p99']:.1f} ms "
+                    f"per request; {result.requests} requests)"
+                )
                 batch_size = round((result.rows_ok) / max(1, result.requests))
-            pa_best = perf_analyzer_best(exe, url, args.model, batch_size or 64, args.pa_seconds) if exe else None
-        print(f"\n{args.model}, {args.rows:,} rows (naive loops over {args.naive_rows:,}); outputs equal to "
-              f"onnxruntime in-process in every round; perf_analyzer: {exe or 'ABSENT (not measured)'}")
+            pa_best = (
+                perf_analyzer_best(exe, url, args.model, batch_size or 64, args.pa_seconds) if exe else None
+            )
+        print(
+            f"\n{args.model}, {args.rows:,} rows (naive loops over {args.naive_rows:,}); outputs equal to "
+            f"onnxruntime in-process in every round; perf_analyzer: {exe or 'ABSENT (not measured)'}"
+        )
         header = f"{'method':<22} {'rows/s (median)':>16} {'min':>10} {'max':>10} {'batch-infer vs it':>18}"
         print(header)
         print("-" * len(header))
         bi = rounds["batch-infer"]
         for name, values in rounds.items():
             ratio = statistics.median(b / v for b, v in zip(bi, values, strict=True))
-            print(f"{name:<22} {statistics.median(values):>16,.0f} {min(values):>10,.0f} {max(values):>10,.0f} "
-                  f"{ratio:>17.2f}x")
+            print(
+                f"{name:<22} {statistics.median(values):>16,.0f} {min(values):>10,.0f} {max(values):>10,.0f} "
+                f"{ratio:>17.2f}x"
+            )
         if pa_best is not None:
-            print(f"{'perf_analyzer best':<22} {pa_best[0]:>16,.0f} {'':>10} {'':>10} "
-                  f"{statistics.median(bi) / pa_best[0]:>17.2f}x  (batch {batch_size}, concurrency {pa_best[1]})")
+            print(
+                f"{'perf_analyzer best':<22} {pa_best[0]:>16,.0f} {'':>10} {'':>10} "
+                f"{statistics.median(bi) / pa_best[0]:>17.2f}x  "
+                f"(batch {batch_size}, concurrency {pa_best[1]})"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def text(args: argparse.Namespace) -> None:
+    import minilm
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    import minilm
     from tritonforge.batch import read_outputs, run_batch
     from tritonforge.pipelines_demo import _text_in_process
     from tritonforge.server import EmbeddedServer
@@ -182,13 +231,24 @@ def text(args: argparse.Namespace) -> None:
         sentences = minilm.sentences(args.sentences)
         pq.write_table(pa.table({"TEXT": sentences}), work / "sentences.parquet")
         with EmbeddedServer(args.repo) as server:
-            result = run_batch("text_embedding", server.grpc_url, work / "sentences.parquet", work / "out",
-                               concurrency=args.concurrency, batch_size=16, max_errors=0)
+            result = run_batch(
+                "text_embedding",
+                server.grpc_url,
+                work / "sentences.parquet",
+                work / "out",
+                concurrency=args.concurrency,
+                batch_size=16,
+                max_errors=0,
+            )
         got = np.stack(read_outputs(work / "out").column("EMBEDDING").to_numpy(zero_copy_only=False))
-        local = np.concatenate([_text_in_process(args.repo, sentences[i : i + 64]) for i in range(0, len(sentences), 64)])
+        local = np.concatenate(
+            [_text_in_process(args.repo, sentences[i : i + 64]) for i in range(0, len(sentences), 64)]
+        )
         cos = np.sum(got * local, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(local, axis=1)
-        print(f"text_embedding over {len(sentences):,} sentences: {result.rows_per_s:,.1f} rows/s, "
-              f"{result.rows_failed} failed; vs in-process cosine min {cos.min():.6f}, mean {cos.mean():.6f}")
+        print(
+            f"text_embedding over {len(sentences):,} sentences: {result.rows_per_s:,.1f} rows/s, "
+            f"{result.rows_failed} failed; vs in-process cosine min {cos.min():.6f}, mean {cos.mean():.6f}"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -31,8 +31,9 @@ class TritonPythonModel:
         for request in requests:
             x = pb_utils.get_input_tensor_by_name(request, "x").as_numpy()
             if (x < 0).any():
-                out.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"negative input at row(s) {{np.flatnonzero((x < 0).any(axis=1)).tolist()}}")))
+                bad = np.flatnonzero((x < 0).any(axis=1)).tolist()
+                error = pb_utils.TritonError(f"negative input at row(s) {{bad}}")
+                out.append(pb_utils.InferenceResponse(error=error))
                 continue
             out.append(pb_utils.InferenceResponse([pb_utils.Tensor("y", (x * 2).astype(np.float32))]))
         return out

@@ -1,4 +1,4 @@
-"""Batch inference over datasets (tritonforge.batch, `tritonforge batch-infer`) through two real Triton servers."""
+"""Batch inference over datasets (tritonforge.batch, `batch-infer`) through two real Triton servers."""
 
 from __future__ import annotations
 
@@ -64,7 +64,9 @@ def digits(digits_tool):
 def in_process(repo: Path, x: np.ndarray) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(repo / "digits_logreg" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(repo / "digits_logreg" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, {"input": x}), strict=True))
 
@@ -109,7 +111,9 @@ def finished_shards(out: Path) -> int:
 def test_batch_run_outputs_equal_in_process_onnxruntime_for_every_row(tmp_path, batch_repo, urls, digits):
     pq.write_table(digits_table(digits[:500]), tmp_path / "a.parquet", row_group_size=128)
     pq.write_table(digits_table(digits[500:]), tmp_path / "b.parquet")
-    result = run_batch("digits_logreg", urls, tmp_path / "*.parquet", tmp_path / "out", shard_rows=256, concurrency=4)
+    result = run_batch(
+        "digits_logreg", urls, tmp_path / "*.parquet", tmp_path / "out", shard_rows=256, concurrency=4
+    )
     assert result.status == "complete" and result.exit_code == EXIT_OK
     assert (result.rows_ok, result.rows_failed, result.shards_total) == (900, 0, 4)
     table = read_outputs(tmp_path / "out")
@@ -132,8 +136,15 @@ def test_batch_cli_reads_csv_columns_and_numpy_and_answers_like_parquet(tmp_path
     want = in_process(batch_repo, x)["label"]
     for source, extra in (("digits.csv", ["--map", "input=pixel_*"]), ("digits.npy", [])):
         out = tmp_path / f"out-{source}"
-        done = cli("digits_logreg", *sum((["--url", u] for u in urls), []), "--input", str(tmp_path / source),
-                   "--output", str(out), *extra)
+        done = cli(
+            "digits_logreg",
+            *[arg for u in urls for arg in ("--url", u)],
+            "--input",
+            str(tmp_path / source),
+            "--output",
+            str(out),
+            *extra,
+        )
         assert done.returncode == 0, done.stderr
         assert "throughput" in done.stdout and "queue µs" in done.stdout  # the summary and Triton's split
         np.testing.assert_array_equal(read_outputs(out).column("label").to_numpy(), want)
@@ -176,10 +187,25 @@ def test_failing_rows_go_to_the_errors_file_with_reasons_and_the_rest_are_answer
 def test_run_stops_with_exit_4_past_max_errors_and_keeps_finished_shards(tmp_path, urls):
     x = np.ones((300, 4), dtype=np.float32)
     x[150:] = -1  # every row of the later shards fails
-    pq.write_table(pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 4)}), tmp_path / "x.parquet")
+    pq.write_table(
+        pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 4)}), tmp_path / "x.parquet"
+    )
     out = tmp_path / "out"
-    done = cli("double", "--url", urls[0], "--input", str(tmp_path / "x.parquet"), "--output", str(out),
-               "--shard-rows", "50", "--max-errors", "10", "--concurrency", "1")
+    done = cli(
+        "double",
+        "--url",
+        urls[0],
+        "--input",
+        str(tmp_path / "x.parquet"),
+        "--output",
+        str(out),
+        "--shard-rows",
+        "50",
+        "--max-errors",
+        "10",
+        "--concurrency",
+        "1",
+    )
     assert done.returncode == EXIT_TOO_MANY_FAILURES, done.stderr
     assert "--max-errors" in done.stderr
     assert finished_shards(out) >= 3  # the three clean shards were committed
@@ -204,7 +230,7 @@ def test_plan_inputs_raises_batch_error_naming_the_columns_when_an_input_has_non
 
 def test_open_dataset_raises_batch_error_for_an_unknown_format_or_no_match(tmp_path):
     (tmp_path / "x.txt").write_text("1\n")
-    with pytest.raises(BatchError, match="unknown input format '.txt'"):
+    with pytest.raises(BatchError, match=r"unknown input format '\.txt'"):
         open_dataset(tmp_path / "x.txt")
     with pytest.raises(BatchError, match="no file matches"):
         open_dataset(str(tmp_path / "*.parquet"))
@@ -213,7 +239,7 @@ def test_open_dataset_raises_batch_error_for_an_unknown_format_or_no_match(tmp_p
 def test_an_output_folder_holding_another_run_is_refused(tmp_path, urls):
     np.save(tmp_path / "x.npy", np.ones((10, 4), np.float32))
     run_batch("double", urls, tmp_path / "x.npy", tmp_path / "out")
-    with pytest.raises(BatchError, match="holds a run with other settings \\(.*shard_rows"):
+    with pytest.raises(BatchError, match=r"holds a run with other settings \(.*shard_rows"):
         run_batch("double", urls, tmp_path / "x.npy", tmp_path / "out", shard_rows=5)
 
 
@@ -259,10 +285,27 @@ def test_a_leftover_file_of_an_unfinished_shard_is_replaced_not_read(tmp_path, u
 def test_a_run_killed_twice_with_sigkill_then_restarted_writes_each_row_exactly_once(tmp_path, urls):
     n = 1500
     x = np.random.default_rng(0).random((n, 4), dtype=np.float32)
-    pq.write_table(pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 4)}), tmp_path / "x.parquet")
+    pq.write_table(
+        pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 4)}), tmp_path / "x.parquet"
+    )
     out = tmp_path / "out"
-    args = ("double_slow", "--url", urls[0], "--url", urls[1], "--input", str(tmp_path / "x.parquet"),
-            "--output", str(out), "--shard-rows", "50", "--batch-size", "5", "--concurrency", "2")
+    args = (
+        "double_slow",
+        "--url",
+        urls[0],
+        "--url",
+        urls[1],
+        "--input",
+        str(tmp_path / "x.parquet"),
+        "--output",
+        str(out),
+        "--shard-rows",
+        "50",
+        "--batch-size",
+        "5",
+        "--concurrency",
+        "2",
+    )
     for kill_after in (3, 9):
         proc = popen(*args)
         deadline = time.monotonic() + 120
@@ -282,7 +325,9 @@ def test_a_run_killed_twice_with_sigkill_then_restarted_writes_each_row_exactly_
     np.testing.assert_array_equal(np.stack(table.column("y").to_numpy(zero_copy_only=False)), x * 2)
     assert read_errors(out) == []
     # and the files on disk are exactly the committed ones: nothing half-written left behind
-    assert sorted(p.name for p in out.glob("part-*.parquet")) == [f"part-{i:06d}.parquet" for i in range(n // 50)]
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == [
+        f"part-{i:06d}.parquet" for i in range(n // 50)
+    ]
     assert not list(out.rglob(".*"))
 
 
@@ -292,8 +337,23 @@ def test_sigterm_stops_cleanly_within_the_grace_period_and_a_rerun_finishes(tmp_
     x = np.random.default_rng(1).random((n, 4), dtype=np.float32)
     np.save(tmp_path / "x.npy", x)
     out = tmp_path / "out"
-    args = ("double_slow", "--url", urls[0], "--input", str(tmp_path / "x.npy"), "--output", str(out),
-            "--shard-rows", "100", "--batch-size", "5", "--concurrency", "2", "--grace-s", "5")
+    args = (
+        "double_slow",
+        "--url",
+        urls[0],
+        "--input",
+        str(tmp_path / "x.npy"),
+        "--output",
+        str(out),
+        "--shard-rows",
+        "100",
+        "--batch-size",
+        "5",
+        "--concurrency",
+        "2",
+        "--grace-s",
+        "5",
+    )
     proc = popen(*args)
     deadline = time.monotonic() + 120
     while finished_shards(out) < 2 and proc.poll() is None and time.monotonic() < deadline:
@@ -330,7 +390,9 @@ def ray_cluster():
 
     from ray.cluster_utils import Cluster
 
-    temp_dir = tempfile.mkdtemp(prefix="tfray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    temp_dir = tempfile.mkdtemp(
+        prefix="tfray-", dir="/tmp"
+    )  # short: Ray's socket paths must stay < 108 chars
     saved = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = temp_dir  # all of Ray's files (and its address file) here, not in /tmp/ray
     node = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "object_store_memory": 80 * 1024 * 1024}
@@ -338,7 +400,9 @@ def ray_cluster():
     try:
         cluster.add_node(**node)
         assert cluster.address.startswith("127.0.0.1:")
-        ray.init(address=cluster.address, _node_ip_address="127.0.0.1", logging_level="ERROR", log_to_driver=False)
+        ray.init(
+            address=cluster.address, _node_ip_address="127.0.0.1", logging_level="ERROR", log_to_driver=False
+        )
         yield cluster
     finally:
         ray.shutdown()
@@ -369,11 +433,21 @@ def test_ray_data_map_batches_with_triton_predictor_on_a_local_cluster_equals_in
     assert len(ray.nodes()) == 2 and all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray.nodes())
     x = digits[:400].copy()
     x[5, 0] = np.nan  # still a valid FP32 value: answered
-    table = pa.table({"row": pa.array(np.arange(400)), "input": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 64)})
+    table = pa.table(
+        {
+            "row": pa.array(np.arange(400)),
+            "input": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 64),
+        }
+    )
     ds = ray.data.from_arrow([table.slice(i, 100) for i in range(0, 400, 100)])  # four blocks
     out = ds.map_batches(
         TritonPredictor,
-        fn_constructor_kwargs={"model": "digits_logreg", "urls": urls, "outputs": ["label"], "concurrency": 4},
+        fn_constructor_kwargs={
+            "model": "digits_logreg",
+            "urls": urls,
+            "outputs": ["label"],
+            "concurrency": 4,
+        },
         compute=ray.data.ActorPoolStrategy(size=2),  # two actors, one client each
         num_cpus=0.5,
         batch_size=64,

@@ -49,7 +49,12 @@ class InputPlan:
     columns: tuple[str, ...]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"input": self.name, "datatype": self.datatype, "dims": list(self.dims), "columns": list(self.columns)}
+        return {
+            "input": self.name,
+            "datatype": self.datatype,
+            "dims": list(self.dims),
+            "columns": list(self.columns),
+        }
 
 
 def plan_inputs(
@@ -70,7 +75,9 @@ def plan_inputs(
     for spec in inputs:
         dims = tuple(int(d) for d in spec.shape[1:]) if batched else tuple(int(d) for d in spec.shape)
         if spec.datatype not in NUMPY_DTYPES:
-            raise BatchError(f"input {spec.name!r} has datatype {spec.datatype}, which batch inference can't fill")
+            raise BatchError(
+                f"input {spec.name!r} has datatype {spec.datatype}, which batch inference can't fill"
+            )
         wanted = mapping.get(spec.name)
         if wanted is None:
             if spec.name in columns:
@@ -86,8 +93,10 @@ def plan_inputs(
             patterns = [wanted] if isinstance(wanted, str) else list(wanted)
             chosen_list: list[str] = []
             for pattern in patterns:
-                hits = [c for c in columns if fnmatch.fnmatchcase(c, pattern)] if _is_glob(pattern) else (
-                    [pattern] if pattern in columns else []
+                hits = (
+                    [c for c in columns if fnmatch.fnmatchcase(c, pattern)]
+                    if _is_glob(pattern)
+                    else ([pattern] if pattern in columns else [])
                 )
                 if not hits:
                     raise BatchError(
@@ -163,7 +172,11 @@ def _input_values(table: Any, plan: InputPlan, n: int, bad: dict[int, str]) -> A
     col = _column(table, name)
     import pyarrow as pa
 
-    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type):
+    if (
+        pa.types.is_list(col.type)
+        or pa.types.is_large_list(col.type)
+        or pa.types.is_fixed_size_list(col.type)
+    ):
         return _lists(col, name, dtype, plan, n, bad)
     flat = _scalars(col, name, dtype, plan, bad)
     want = tuple(d if d > 0 else 1 for d in plan.dims)
@@ -205,7 +218,9 @@ def _scalars(col: Any, name: str, dtype: Any, plan: InputPlan, bad: dict[int, st
         try:
             converted = pc.cast(pa.array([value]), target, safe=True)[0].as_py()
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            bad.setdefault(i, f"column {name!r}: {value!r} is not a valid {plan.datatype} value for input {plan.name!r}")
+            bad.setdefault(
+                i, f"column {name!r}: {value!r} is not a valid {plan.datatype} value for input {plan.name!r}"
+            )
             continue
         out[i] = converted
     return out
@@ -214,21 +229,18 @@ def _scalars(col: Any, name: str, dtype: Any, plan: InputPlan, bad: dict[int, st
 def _lists(col: Any, name: str, dtype: Any, plan: InputPlan, n: int, bad: dict[int, str]) -> Any:
     """A (nested) list column: a dense array when every row has the shape the model takes (or one shared
     shape under variable dims), else a list of per-row arrays; rows that can't fit are marked bad."""
-    import pyarrow as pa
 
-    rows = col.to_pylist() if not pa.types.is_fixed_size_list(col.type) or col.null_count else None
-    if rows is None:
-        flat, shape = col, []
-        while pa.types.is_fixed_size_list(flat.type):
-            shape.append(flat.type.list_size)
-            flat = flat.flatten()
-        if flat.null_count == 0 and _fits(tuple(shape), plan.dims):
-            values = _scalars(flat, name, dtype, plan, bad_flat := {})
+    dense = _dense(col)
+    if dense is not None:  # the fast path: every row has one shape, no nulls, and it fits
+        flat, shape = dense
+        bad_flat: dict[int, str] = {}
+        if _fits(shape, plan.dims):
+            values = _scalars(flat, name, dtype, plan, bad_flat)
             if not bad_flat:
                 return values.reshape((n, *shape))
-        rows = col.to_pylist()
+    rows = col.to_pylist()
     per_row: list[Any] = [None] * n
-    shapes = set()
+    shapes: set[tuple[int, ...]] = set()
     for i, value in enumerate(rows):
         if value is None:
             bad.setdefault(i, f"column {name!r} is null")
@@ -236,7 +248,9 @@ def _lists(col: Any, name: str, dtype: Any, plan: InputPlan, n: int, bad: dict[i
         try:
             arr = np.array(value, dtype=dtype if dtype is not np.object_ else object)
         except (TypeError, ValueError) as exc:
-            bad.setdefault(i, f"column {name!r}: {_short(value)} is not a valid {plan.datatype} array ({exc})")
+            bad.setdefault(
+                i, f"column {name!r}: {_short(value)} is not a valid {plan.datatype} array ({exc})"
+            )
             continue
         if dtype is np.object_:
             arr = np.vectorize(lambda v: v.encode() if isinstance(v, str) else v, otypes=[object])(arr)
@@ -245,19 +259,49 @@ def _lists(col: Any, name: str, dtype: Any, plan: InputPlan, n: int, bad: dict[i
             continue
         if not _fits(arr.shape, plan.dims):
             bad.setdefault(
-                i, f"column {name!r}: a value of shape {list(arr.shape)} doesn't fit input {plan.name!r} {list(plan.dims)}"
+                i,
+                f"column {name!r}: a value of shape {list(arr.shape)} doesn't fit input {plan.name!r} "
+                f"{list(plan.dims)}",
             )
             continue
         per_row[i] = arr
         shapes.add(arr.shape)
     if len(shapes) <= 1:
-        shape = next(iter(shapes), tuple(d if d > 0 else 0 for d in plan.dims))
-        out = np.zeros((n, *shape), dtype=dtype)
+        common: tuple[int, ...] = next(iter(shapes), tuple(d if d > 0 else 0 for d in plan.dims))
+        out = np.zeros((n, *common), dtype=dtype)
         for i, arr in enumerate(per_row):
             if arr is not None:
                 out[i] = arr
         return out
     return [np.zeros(0, dtype=dtype) if a is None else a for a in per_row]
+
+
+def _dense(col: Any) -> tuple[Any, tuple[int, ...]] | None:
+    """(flat values, per-row shape) of a (nested) list column whose rows all have one shape and no nulls."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    shape: list[int] = []
+    cur = col
+    while (
+        pa.types.is_list(cur.type)
+        or pa.types.is_large_list(cur.type)
+        or pa.types.is_fixed_size_list(cur.type)
+    ):
+        if cur.null_count:
+            return None
+        if pa.types.is_fixed_size_list(cur.type):
+            size = cur.type.list_size
+        else:
+            lengths = pc.list_value_length(cur).to_numpy(zero_copy_only=False)
+            if len(lengths) and (lengths != lengths[0]).any():
+                return None
+            size = int(lengths[0]) if len(lengths) else 0
+        shape.append(size)
+        cur = cur.flatten()
+    if cur.null_count:
+        return None
+    return cur, tuple(shape)
 
 
 def _fits(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
@@ -272,7 +316,11 @@ def _short(value: Any) -> str:
 def shape_groups(arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Positions of rows that can share a request: all of them when every input is dense, else grouped by
     the shapes of the ragged inputs' rows (in order of first appearance)."""
-    ragged = [a for a in arrays.values() if a.dtype == object and a.ndim == 1 and len(a) and isinstance(a[0], np.ndarray)]
+    ragged = [
+        a
+        for a in arrays.values()
+        if a.dtype == object and a.ndim == 1 and len(a) and isinstance(a[0], np.ndarray)
+    ]
     n = len(next(iter(arrays.values()))) if arrays else 0
     if not ragged:
         return [np.arange(n)]

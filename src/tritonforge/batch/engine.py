@@ -69,7 +69,7 @@ class Engine:
 
     def batches(self, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Row positions of each request: rows of one shape together, ``batch_size`` at a time."""
-        out = []
+        out: list[np.ndarray] = []
         for group in shape_groups(arrays):
             out.extend(group[i : i + self.batch_size] for i in range(0, len(group), self.batch_size))
         return out
@@ -136,7 +136,9 @@ def _pad(arrays: list[np.ndarray]) -> list[np.ndarray]:
     for a in arrays:
         widths = [(0, 0)] + [(0, m - s) for m, s in zip(longest, a.shape[1:], strict=True)]
         fill: Any = b"" if a.dtype == object else 0
-        padded.append(np.pad(a, widths, constant_values=fill) if a.dtype != object else _pad_object(a, longest, fill))
+        padded.append(
+            np.pad(a, widths, constant_values=fill) if a.dtype != object else _pad_object(a, longest, fill)
+        )
     return padded
 
 

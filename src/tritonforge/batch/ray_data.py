@@ -87,7 +87,9 @@ class TritonPredictor:
         self.concurrency = max(1, concurrency)
         # one loop per actor, on its own thread: Ray may call from a thread that already runs a loop
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="tritonforge-predictor", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="tritonforge-predictor", daemon=True
+        )
         self._thread.start()
         self._client = AsyncClient(urls, **dict(client_options or {}))
         try:
@@ -202,7 +204,9 @@ def _as_table(batch: Any) -> Any:
         return pa.table({k: numpy_to_arrow(np.asarray(v)) for k, v in batch.items()})
     if hasattr(batch, "to_dict") and hasattr(batch, "columns"):  # pandas
         return pa.Table.from_pandas(batch, preserve_index=False)
-    raise BatchError(f"TritonPredictor got a batch of type {type(batch).__name__}; use batch_format='pyarrow'")
+    raise BatchError(
+        f"TritonPredictor got a batch of type {type(batch).__name__}; use batch_format='pyarrow'"
+    )
 
 
 def _arrow(array: np.ndarray) -> Any:

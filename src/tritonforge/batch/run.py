@@ -1,4 +1,4 @@
-"""A batch run: a dataset through a model into Parquet shards, resumable, preemption-safe, honest about failures.
+"""A batch run: a dataset through a model into Parquet shards; resumable, preemption-safe, honest.
 
 The rows are cut into shards of ``shard_rows`` consecutive row ids (shard ``i`` holds rows
 ``[i * shard_rows, (i + 1) * shard_rows)``); ``shard=(K, N)`` takes the shards ``i`` with ``i % N == K``,
@@ -127,7 +127,9 @@ class _Shard:
     table: Any = None
 
 
-def run_batch(model: str, urls: str | Sequence[str], input: Any, output: str | Path, **options: Any) -> BatchResult:
+def run_batch(
+    model: str, urls: str | Sequence[str], input: Any, output: str | Path, **options: Any
+) -> BatchResult:
     """Run ``model`` over the dataset at ``input`` into ``output`` (see :func:`arun_batch`); blocking.
 
     Example:
@@ -171,7 +173,8 @@ async def arun_batch(
         concurrency: requests in flight.
         shard_rows: rows per output shard (the unit of resuming).
         shard: ``(K, N)``: this process takes shards ``i % N == K``.
-        max_errors: stop once more rows than this have failed (all runs on the folder counted); None: no limit.
+        max_errors: stop once more rows than this have failed (all runs on the folder counted);
+            None: no limit.
         grace_s: after SIGTERM, how long shards under way may take to finish.
         handle_signals: stop cleanly on SIGTERM / SIGINT (the CLI does; a library caller may not want it).
         on_event: ``fn(kind, data)`` for progress: ``start``, ``rows``, ``shard``, ``stopping``, ``done``.
@@ -237,8 +240,10 @@ async def arun_batch(
         rows_of = {i: min(shard_rows, dataset.rows - i * shard_rows) for i in mine}
         rows_total = sum(rows_of.values())
         rows_skipped = sum(rows_of[i] for i in mine if i in manifest.done)
-        ok_before, failed_before = manifest.totals()
-        engine = Engine(client, model, version=v, batched=batched, batch_size=size, outputs=out_names, timeout_s=timeout_s)
+        _, failed_before = manifest.totals()
+        engine = Engine(
+            client, model, version=v, batched=batched, batch_size=size, outputs=out_names, timeout_s=timeout_s
+        )
         stats_models = await _composing(client, model, config)
         before = await _statistics(url_list, stats_models, options)
         runner = _Runner(
@@ -385,12 +390,19 @@ class _Runner:
                 task = asyncio.get_running_loop().create_task(self._shard(shard))
                 workers.add(task)
                 self._tasks.add(task)
-                task.add_done_callback(lambda t: (open_shards.release(), workers.discard(t), self._tasks.discard(t)))
+                task.add_done_callback(lambda t: self._worker_done(t, open_shards, workers))
             if workers:
                 await asyncio.gather(*workers, return_exceptions=True)
         finally:
             if self._grace_task is not None:
                 self._grace_task.cancel()
+
+    def _worker_done(
+        self, task: asyncio.Task[None], open_shards: asyncio.Semaphore, workers: set[asyncio.Task[None]]
+    ) -> None:
+        open_shards.release()
+        workers.discard(task)
+        self._tasks.discard(task)
 
     async def _shard(self, shard: _Shard) -> None:
         try:
@@ -403,8 +415,9 @@ class _Runner:
     async def _do_shard(self, shard: _Shard) -> None:
         try:
             prepared = await asyncio.to_thread(prepare, shard.table, self.plans)
-            errors = [
-                {"row_id": shard.first_row + i, "stage": "input", "error": reason} for i, reason in sorted(prepared.bad.items())
+            errors: list[dict[str, Any]] = [
+                {"row_id": shard.first_row + i, "stage": "input", "error": reason}
+                for i, reason in sorted(prepared.bad.items())
             ]
             self._count_failures(len(errors))
             if errors:
@@ -452,16 +465,20 @@ class _Runner:
         table = await asyncio.to_thread(self._table, ok_tables)
         errors.sort(key=lambda e: e["row_id"])
         ok = 0 if table is None else table.num_rows
-        await asyncio.shield(asyncio.to_thread(
-            self.manifest.commit,
-            shard.index,
-            table,
-            errors,
-            {"first_row": shard.first_row, "rows": shard.rows, "rows_ok": ok, "rows_failed": len(errors)},
-        ))
+        await asyncio.shield(
+            asyncio.to_thread(
+                self.manifest.commit,
+                shard.index,
+                table,
+                errors,
+                {"first_row": shard.first_row, "rows": shard.rows, "rows_ok": ok, "rows_failed": len(errors)},
+            )
+        )
         self.rows_ok += ok
         self.rows_failed += len(errors)
-        self.emit("shard", {"index": shard.index, "rows": shard.rows, "rows_ok": ok, "rows_failed": len(errors)})
+        self.emit(
+            "shard", {"index": shard.index, "rows": shard.rows, "rows_ok": ok, "rows_failed": len(errors)}
+        )
 
     def _request_done(self, task: asyncio.Task[RowResult]) -> None:
         self.slots.release()
@@ -565,21 +582,27 @@ async def _composing(client: Any, model: str, config: Any) -> list[str]:
             continue
         found.append(name)
         with contextlib.suppress(ClientError):
-            pending.extend(step.model_name for step in (await client.model_config(name)).ensemble_scheduling.step)
+            pending.extend(
+                step.model_name for step in (await client.model_config(name)).ensemble_scheduling.step
+            )
     return found
 
 
 _STAT_FIELDS = ("queue", "compute_input", "compute_infer", "compute_output")
 
 
-async def _statistics(urls: Sequence[str], models: Sequence[str], options: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+async def _statistics(
+    urls: Sequence[str], models: Sequence[str], options: Mapping[str, Any]
+) -> dict[str, dict[str, int]]:
     """Triton's cumulative counters per model, summed over endpoints (each asked alone)."""
     from tritonforge.client import AsyncClient
 
     totals: dict[str, dict[str, int]] = {}
     for url in urls:
         try:
-            async with AsyncClient(url, metrics=False, **{k: v for k, v in options.items() if k in ("tls", "headers")}) as c:
+            async with AsyncClient(
+                url, metrics=False, **{k: v for k, v in options.items() if k in ("tls", "headers")}
+            ) as c:
                 data = await c.model_statistics("")
         except ClientError:
             continue
@@ -597,7 +620,9 @@ async def _statistics(urls: Sequence[str], models: Sequence[str], options: Mappi
     return totals
 
 
-def _splits(before: Mapping[str, Mapping[str, int]], after: Mapping[str, Mapping[str, int]]) -> list[ServerSplit]:
+def _splits(
+    before: Mapping[str, Mapping[str, int]], after: Mapping[str, Mapping[str, int]]
+) -> list[ServerSplit]:
     out = []
     for name, a in after.items():
         b = before.get(name, {})

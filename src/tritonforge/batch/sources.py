@@ -40,7 +40,9 @@ def _pa() -> Any:
     try:
         import pyarrow
     except ImportError as exc:  # pragma: no cover - pyarrow comes with the [batch] extra
-        raise BatchError("batch inference reads and writes files with pyarrow: pip install 'tritonforge[batch]'") from exc
+        raise BatchError(
+            "batch inference reads and writes files with pyarrow: pip install 'tritonforge[batch]'"
+        ) from exc
     return pyarrow
 
 
@@ -115,9 +117,7 @@ def _files(path: str | Path) -> list[Path]:
         found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in FORMATS)
         found = [q for q in found if not any(part.startswith((".", "_")) for part in q.relative_to(p).parts)]
         if not found:
-            raise BatchError(
-                f"{p}: no input files in this folder (looked for {', '.join(sorted(FORMATS))})"
-            )
+            raise BatchError(f"{p}: no input files in this folder (looked for {', '.join(sorted(FORMATS))})")
         return found
     if p.is_file():
         return [p]
@@ -155,7 +155,7 @@ def _count(path: Path, fmt: str) -> int:
 
 
 def _read(f: DatasetFile, skip: int, rows: int) -> Iterator[Any]:
-    """Record batches of a file from row ``skip`` on (at most ``rows`` rows per batch, for the array formats)."""
+    """Record batches of a file from row ``skip`` on (at most ``rows`` rows each, for the array formats)."""
     pa = _pa()
     try:
         if f.format == "parquet":

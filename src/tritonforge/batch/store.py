@@ -107,15 +107,23 @@ class Manifest:
         self.settings = dict(settings)
         self.shards: dict[int, dict[str, Any]] = {}
         self.started_at = time.time()
-        self._lock = threading.Lock()  # shards are committed from worker threads; one manifest write at a time
+        self._lock = (
+            threading.Lock()
+        )  # shards are committed from worker threads; one manifest write at a time
         if self.path.exists():
             try:
                 data = json.loads(self.path.read_text())
             except (OSError, ValueError) as exc:
-                raise BatchError(f"{self.path}: unreadable manifest ({exc}); remove it to start over") from exc
+                raise BatchError(
+                    f"{self.path}: unreadable manifest ({exc}); remove it to start over"
+                ) from exc
             if data.get("settings") != json.loads(json.dumps(self.settings)):
                 old = data.get("settings", {})
-                diff = sorted(k for k in set(old) | set(self.settings) if old.get(k) != json.loads(json.dumps(self.settings.get(k))))
+                diff = sorted(
+                    k
+                    for k in set(old) | set(self.settings)
+                    if old.get(k) != json.loads(json.dumps(self.settings.get(k)))
+                )
                 raise BatchError(
                     f"{self.root} holds a run with other settings ({', '.join(diff)} differ); "
                     "use another --output folder, or remove this one to start over"
@@ -136,7 +144,9 @@ class Manifest:
 
     def clean_temporaries(self, owned: set[int]) -> None:
         """Remove temporary files a killed run of this shard set left (not other processes' shards)."""
-        names = {shard_paths(self.root, i)[0].name for i in owned} | {shard_paths(self.root, i)[1].name for i in owned}
+        names = {shard_paths(self.root, i)[0].name for i in owned} | {
+            shard_paths(self.root, i)[1].name for i in owned
+        }
         names.add(self.path.name)
         for folder in (self.root, self.root / ERRORS_DIR):
             if not folder.is_dir():
@@ -146,7 +156,9 @@ class Manifest:
                     with contextlib.suppress(OSError):
                         p.unlink()
 
-    def commit(self, index: int, outputs: Any | None, errors: list[dict[str, Any]], entry: Mapping[str, Any]) -> None:
+    def commit(
+        self, index: int, outputs: Any | None, errors: list[dict[str, Any]], entry: Mapping[str, Any]
+    ) -> None:
         """Write shard ``index``'s files, then record it (the commit point)."""
         out_path, err_path = shard_paths(self.root, index)
         if errors:

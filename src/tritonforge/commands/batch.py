@@ -1,4 +1,4 @@
-"""``tritonforge batch-infer``: a dataset through a model into Parquet shards (see :mod:`tritonforge.batch`)."""
+"""``tritonforge batch-infer``: a dataset through a model into Parquet shards (:mod:`tritonforge.batch`)."""
 
 from __future__ import annotations
 
@@ -133,7 +133,9 @@ def register(app: typer.Typer) -> None:
     @app.command("batch-infer")
     def batch_infer(
         model: str = typer.Argument(..., help="The model or ensemble to run."),
-        url: list[str] = typer.Option(..., "--url", help="Triton gRPC endpoint HOST:PORT; repeat for several."),
+        url: list[str] = typer.Option(
+            ..., "--url", help="Triton gRPC endpoint HOST:PORT; repeat for several."
+        ),
         input: list[str] = typer.Option(
             ..., "--input", help="Parquet/CSV/JSONL/NumPy file, folder or glob; repeatable."
         ),
@@ -143,7 +145,9 @@ def register(app: typer.Typer) -> None:
         ),
         outputs: list[str] = typer.Option([], "--outputs", help="Outputs to keep (default: all)."),
         version: str | None = typer.Option(None, help="Model version (default: the server's choice)."),
-        batch_size: int | None = typer.Option(None, help="Rows per request (default: the model's max batch)."),
+        batch_size: int | None = typer.Option(
+            None, help="Rows per request (default: the model's max batch)."
+        ),
         concurrency: int = typer.Option(8, help="Requests in flight."),
         shard_rows: int = typer.Option(10_000, help="Rows per output shard (the unit of resuming)."),
         shard: str = typer.Option("0/1", help="K/N: this process takes shards i with i % N == K."),
@@ -204,10 +208,13 @@ def register(app: typer.Typer) -> None:
             )
         elif result.status == "interrupted":
             err_console.print(
-                f"interrupted: {result.shards_done}/{result.shards_total} shards finished; run again to resume",
+                f"interrupted: {result.shards_done}/{result.shards_total} shards finished; "
+                "run again to resume",
                 highlight=False,
                 soft_wrap=True,
             )
         elif failed:
-            err_console.print(f"{failed:,} rows failed: see {output}/_errors/", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"{failed:,} rows failed: see {output}/_errors/", highlight=False, soft_wrap=True
+            )
         raise typer.Exit(code=result.exit_code)
