@@ -5,6 +5,7 @@ small Python models, served by two embedded Triton servers (the client balances 
     double          x[N, 4] FP32 -> y = 2x; a request holding a negative value fails (a model error)
     double_slow     the same, 10 ms per execution (so a run can be killed mid-way)
     textlen         text[N, 1] BYTES -> chars[N, 1] INT64 (UTF-8 characters of each string)
+    double_twice    an ensemble: x -> double -> double -> y = 4x
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 from tiny_models import spec as _spec
-from tritonforge.config import DataType, DynamicBatching, ModelConfig
+from tritonforge.config import DataType, DynamicBatching, EnsembleStep, ModelConfig, write_config
 from tritonforge.repository import add_model
 
 DOUBLE_PY = """
@@ -84,4 +85,17 @@ def build_batch_repository(root: Path, digits_tool: object) -> Path:
         dynamic_batching=DynamicBatching(),
     )
     _python_model(repo, work, "textlen", TEXTLEN_PY, textlen)
+    twice = ModelConfig(
+        name="double_twice",
+        platform="ensemble",
+        max_batch_size=16,
+        inputs=(_spec("x", DataType.FP32, (4,)),),
+        outputs=(_spec("y", DataType.FP32, (4,)),),
+        ensemble_steps=(
+            EnsembleStep(model_name="double", input_map={"x": "x"}, output_map={"y": "mid"}),
+            EnsembleStep(model_name="double", input_map={"x": "mid"}, output_map={"y": "y"}),
+        ),
+    )
+    (repo / "double_twice" / "1").mkdir(parents=True)
+    write_config(twice, repo / "double_twice" / "config.pbtxt")
     return repo

@@ -160,6 +160,18 @@ def test_text_column_is_sent_to_a_bytes_input_as_utf8(tmp_path, urls):
     assert read_outputs(tmp_path / "out").column("chars").to_pylist() == [len(t) for t in texts]
 
 
+def test_an_ensemble_runs_like_any_model_and_its_steps_get_their_server_side_split(tmp_path, urls):
+    x = np.arange(40 * 4, dtype=np.float32).reshape(40, 4)
+    np.save(tmp_path / "x.npy", x)
+    result = run_batch("double_twice", urls, tmp_path / "x.npy", tmp_path / "out")
+    assert result.exit_code == EXIT_OK
+    got = np.stack(read_outputs(tmp_path / "out").column("y").to_numpy(zero_copy_only=False))
+    np.testing.assert_array_equal(got, x * 4)
+    split = {s.model: s for s in result.server}
+    assert set(split) == {"double_twice", "double"}
+    assert split["double"].inferences == 2 * 40  # two steps, every row
+
+
 # -- failures ----------------------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ MODULES = [
     "tritonforge.client.policies",
     "tritonforge.client.observe",
     "tritonforge.client.shm",
+    "tritonforge.batch",
 ]
 
 
