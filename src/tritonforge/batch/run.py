@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import signal
 import threading
@@ -387,32 +388,31 @@ class _Runner:
                 if shard is None or self.stopping:
                     open_shards.release()
                     break
-                task = asyncio.get_running_loop().create_task(self._shard(shard))
+                slot = _Slot(open_shards)
+                task = asyncio.get_running_loop().create_task(self._shard(shard, slot))
                 workers.add(task)
                 self._tasks.add(task)
-                task.add_done_callback(lambda t: self._worker_done(t, open_shards, workers))
+                task.add_done_callback(functools.partial(self._worker_done, slot=slot, workers=workers))
             if workers:
                 await asyncio.gather(*workers, return_exceptions=True)
         finally:
             if self._grace_task is not None:
                 self._grace_task.cancel()
 
-    def _worker_done(
-        self, task: asyncio.Task[None], open_shards: asyncio.Semaphore, workers: set[asyncio.Task[None]]
-    ) -> None:
-        open_shards.release()
+    def _worker_done(self, task: asyncio.Task[None], slot: _Slot, workers: set[asyncio.Task[None]]) -> None:
+        slot.release()
         workers.discard(task)
         self._tasks.discard(task)
 
-    async def _shard(self, shard: _Shard) -> None:
+    async def _shard(self, shard: _Shard, slot: _Slot) -> None:
         try:
-            await self._do_shard(shard)
+            await self._do_shard(shard, slot)
         except asyncio.CancelledError:
             return  # abandoned: the shard is redone by the next run
         except Exception as exc:  # a bug or a disk error: stop, keep what is committed, say what happened
             self._stop_now("failed", exc)
 
-    async def _do_shard(self, shard: _Shard) -> None:
+    async def _do_shard(self, shard: _Shard, slot: _Slot) -> None:
         try:
             prepared = await asyncio.to_thread(prepare, shard.table, self.plans)
             errors: list[dict[str, Any]] = [
@@ -433,6 +433,7 @@ class _Runner:
                 t.add_done_callback(self._request_done)
                 requests.append(t)
             results: list[RowResult] = list(await asyncio.gather(*requests))
+            slot.release()  # answered: the next shard may start while this one is written
         except asyncio.CancelledError:
             for t in locals().get("requests", []):
                 t.cancel()
@@ -508,6 +509,19 @@ class _Runner:
             tables.append(pa.table(cols))
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         return table.sort_by("row_id").combine_chunks()
+
+
+class _Slot:
+    """One shard's place among the shards under way, given back once (when answered, or at the end)."""
+
+    def __init__(self, gate: asyncio.Semaphore) -> None:
+        self.gate = gate
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.gate.release()
 
 
 class _Reader:
