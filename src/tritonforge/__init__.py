@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from tritonforge.errors import (
     AllEndpointsFailed,
     AuthenticationError,
+    BatchError,
     ClientError,
     ConfigError,
     DeadlineExceeded,
@@ -102,6 +103,7 @@ __all__ = [
     "AsyncClient",
     "Auth",
     "AuthenticationError",
+    "BatchError",
     "CircuitBreaker",
     "Client",
     "ClientError",

@@ -281,7 +281,7 @@ def demo(
 
 
 # Each area's verbs live in tritonforge/commands/<area>.py with a register(app) function.
-AREAS: tuple[str, ...] = ("ensemble", "build", "loadtest", "rollout", "deploy")
+AREAS: tuple[str, ...] = ("ensemble", "build", "loadtest", "rollout", "deploy", "batch")
 AREAS += ("observe",)  # monitor, slo, drift, cost
 
 

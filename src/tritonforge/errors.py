@@ -16,6 +16,7 @@
     ├── RolloutError           a rollout that can't start, continue or finish (says what to run next)
     │   └── GateError              a version failed an evaluation gate (``.failures``, with the figures)
     ├── SecretError            a secret given in the clear, unset, or in a file others can read
+    ├── BatchError             a batch run that can't start or go on (input, mapping, output folder, limits)
     ├── ServerError            the embedded Triton server could not start, or died
     │   ├── ModelLoadError     a model failed to load (names the model and Triton's reason)
     │   └── ServerGone         the server stopped answering mid-run (a sweep, a tune)
@@ -50,6 +51,7 @@ from typing import Any
 __all__ = [
     "AllEndpointsFailed",
     "AuthenticationError",
+    "BatchError",
     "ClientError",
     "ConfigError",
     "DeadlineExceeded",
@@ -184,6 +186,11 @@ class GateError(RolloutError):
 class SecretError(TritonForgeError):
     """A secret (key, password) that can't be read safely: given in the clear on a command line, from an
     unset environment variable, or from a file its group or the world can read."""
+
+
+class BatchError(TritonForgeError):
+    """A batch inference run that can't start or go on: unreadable input, a column mapping that doesn't fit
+    the model, an output folder holding another run, too many failed rows."""
 
 
 class ServerError(TritonForgeError):

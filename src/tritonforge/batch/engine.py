@@ -1,0 +1,148 @@
+"""Rows through a model: requests of many rows, many in flight, and failures narrowed down to their rows.
+
+A request that the model refuses or fails on (:class:`InvalidRequestError`, :class:`InferenceFailed`) is
+split in halves and retried until the failing rows stand alone; they are reported with the model's reason,
+their neighbours answered. Transport failures (the server gone after the client's own retries) are not a
+row's fault: they propagate, and the run stops with its finished shards kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tritonforge.batch.columns import shape_groups, take
+from tritonforge.errors import InferenceFailed, InvalidRequestError
+
+__all__ = ["Engine", "RowResult"]
+
+ROW_ERRORS = (InvalidRequestError, InferenceFailed)
+
+
+@dataclass
+class RowResult:
+    """The answer for a set of rows: outputs for ``rows`` (positions in the caller's arrays) in order,
+    and ``failed``: position -> reason."""
+
+    rows: np.ndarray
+    outputs: dict[str, np.ndarray]
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+class Engine:
+    """Sends rows to ``model`` through an :class:`~tritonforge.client.AsyncClient`.
+
+    Args:
+        client: an open ``AsyncClient`` (one or several endpoints).
+        model: the model (or ensemble) name; ``version``: None for the server's choice.
+        batched: whether the model takes a batch dim (``max_batch_size > 0``); if not, rows go one by one.
+        batch_size: rows per request (at most the model's ``max_batch_size``).
+        outputs: the outputs to ask for (None: all).
+        timeout_s: per-request timeout (None: the client's deadline).
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        model: str,
+        *,
+        version: str | None,
+        batched: bool,
+        batch_size: int,
+        outputs: Sequence[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        self.client = client
+        self.model = model
+        self.version = version
+        self.batched = batched
+        self.batch_size = max(1, batch_size if batched else 1)
+        self.outputs = list(outputs) if outputs else None
+        self.timeout_s = timeout_s
+        self.latencies_s: list[float] = []
+        self.requests = 0
+
+    def batches(self, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Row positions of each request: rows of one shape together, ``batch_size`` at a time."""
+        out: list[np.ndarray] = []
+        for group in shape_groups(arrays):
+            out.extend(group[i : i + self.batch_size] for i in range(0, len(group), self.batch_size))
+        return out
+
+    async def _call(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.batched:
+            inputs = {k: v[0] for k, v in inputs.items()}
+        started = time.perf_counter()
+        out = await self.client.infer(self.model, inputs, self.version, self.outputs, self.timeout_s)
+        self.latencies_s.append(time.perf_counter() - started)
+        self.requests += 1
+        if not self.batched:
+            out = {k: np.asarray(v)[None, ...] for k, v in out.items()}
+        return out
+
+    async def run(self, arrays: Mapping[str, np.ndarray], rows: np.ndarray) -> RowResult:
+        """Answer ``rows`` (positions in ``arrays``); a row-level failure is narrowed down by halving."""
+        try:
+            out = await self._call(take(arrays, rows))
+        except ROW_ERRORS as exc:
+            if len(rows) == 1:
+                return RowResult(rows[:0], {}, {int(rows[0]): _reason(exc)})
+            mid = len(rows) // 2
+            left, right = await asyncio.gather(self.run(arrays, rows[:mid]), self.run(arrays, rows[mid:]))
+            return _join(left, right)
+        for name, value in out.items():
+            if value.shape[:1] != (len(rows),):
+                raise InferenceFailed(
+                    f"model {self.model!r} answered {len(rows)} rows with output {name!r} of shape "
+                    f"{list(value.shape)}; batch inference needs one output row per input row",
+                    model=self.model,
+                )
+        return RowResult(rows, out)
+
+
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {getattr(exc, 'message', str(exc))}"
+
+
+def _join(a: RowResult, b: RowResult) -> RowResult:
+    failed = {**a.failed, **b.failed}
+    if not len(a.rows):
+        return RowResult(b.rows, b.outputs, failed)
+    if not len(b.rows):
+        return RowResult(a.rows, a.outputs, failed)
+    return RowResult(np.concatenate([a.rows, b.rows]), join_outputs([a.outputs, b.outputs]), failed)
+
+
+def join_outputs(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate outputs along the rows; a variable dim is padded to the longest (zeros/empty bytes)."""
+    out = {}
+    for name in parts[0]:
+        arrays = [p[name] for p in parts]
+        if len({a.shape[1:] for a in arrays}) > 1:
+            arrays = _pad(arrays)
+        out[name] = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+    return out
+
+
+def _pad(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    ndim = arrays[0].ndim
+    longest = [max(a.shape[d] for a in arrays) for d in range(1, ndim)]
+    padded = []
+    for a in arrays:
+        widths = [(0, 0)] + [(0, m - s) for m, s in zip(longest, a.shape[1:], strict=True)]
+        fill: Any = b"" if a.dtype == object else 0
+        padded.append(
+            np.pad(a, widths, constant_values=fill) if a.dtype != object else _pad_object(a, longest, fill)
+        )
+    return padded
+
+
+def _pad_object(a: np.ndarray, longest: list[int], fill: Any) -> np.ndarray:
+    out = np.full((a.shape[0], *longest), fill, dtype=object)
+    out[tuple(slice(0, s) for s in a.shape)] = a
+    return out
