@@ -1,8 +1,7 @@
 """batch-infer against the loop a user would write, and against perf_analyzer, on the same model and server.
 
 The digits MLP (tritonforge.examples.build_digits) on the embedded Triton server; the digits test split
-repeated to
-``--rows`` rows as Parquet. In alternating rounds:
+repeated to ``--rows`` rows as Parquet. In alternating rounds:
 
 - **batch-infer**: ``tritonforge.batch.run_batch`` over every row (requests of the model's max batch,
   ``--concurrency`` in flight, Parquet shards written), its outputs checked against onnxruntime in-process;
