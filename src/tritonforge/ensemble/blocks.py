@@ -82,7 +82,8 @@ def block_model(
     if block == "tokenizer":
         tokenizer = _tokenizer_file(str(options.get("tokenizer", DEFAULT_TOKENIZER)), base_dir)
         max_length = _positive(options.get("max_length", 256), "max_length")
-        params.update(tokenizer_file="tokenizer.json", max_length=str(max_length))
+        # threads: the tokenizer's pool is sized, never left at "all cores" beside the model servers
+        params.update(tokenizer_file="tokenizer.json", max_length=str(max_length), threads="1")
         inputs = [TensorSpec(name="TEXT", dtype=DataType.STRING, dims=[1])]
         outputs = [
             TensorSpec(name="input_ids", dtype=DataType.INT64, dims=[-1]),

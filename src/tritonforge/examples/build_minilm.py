@@ -198,9 +198,11 @@ def quantize_int8(fp32: Path, work: Path, batches: list[dict[str, np.ndarray]]) 
 
 def _config(repo: Path, path: Path) -> Any:
     from tritonforge.config import DynamicBatching, VersionPolicy
-    from tritonforge.repository import infer_config
+    from tritonforge.repository import available_cpus, infer_config
 
-    config = infer_config(NAME, path, max_batch_size=MAX_BATCH_SIZE)
+    # the latency layout (one instance, every core this build may use), named explicitly: a pool left at
+    # onnxruntime's default would also spin its idle workers against the other models' threads
+    config = infer_config(NAME, path, max_batch_size=MAX_BATCH_SIZE, intra_op_threads=available_cpus())
     config = config.replace(dynamic_batching=DynamicBatching(max_queue_delay_us=2000))
     if (repo / NAME / "config.pbtxt").is_file():
         return config  # the registry keeps whatever version policy was promoted

@@ -107,7 +107,8 @@ class BatchingExecutor:
         self.batching = model.max_batch_size > 0
         # (name, dtype or None when any dtype is taken as is, optional) per input, in config order
         self._inputs = [
-            (info.name, None if info.dtype == np.object_ else info.dtype, info.optional) for info in model.inputs
+            (info.name, None if info.dtype == np.object_ else info.dtype, info.optional)
+            for info in model.inputs
         ]
         self._output_dtypes = {
             info.name: None if info.dtype == np.object_ else info.dtype for info in model.outputs

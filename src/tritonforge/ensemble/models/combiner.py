@@ -33,8 +33,10 @@ class TritonPythonModel:
                 members = [pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.names]
                 shape = members[0].shape
                 if len(shape) != 2 or any(m.shape != shape for m in members):
-                    raise ValueError(f"inputs {self.names} must share one [rows, classes] shape, got "
-                                     f"{[m.shape for m in members]}")
+                    raise ValueError(
+                        f"inputs {self.names} must share one [rows, classes] shape, got "
+                        f"{[m.shape for m in members]}"
+                    )
                 if good and shape[1] != good[0][1][0].shape[1]:
                     # a different class count can't share the batch: answer it alone
                     responses[index] = self._answer([(index, members)])[0][1]
@@ -52,7 +54,7 @@ class TritonPythonModel:
             rows = [members[0].shape[0] for _, members in items]
             probs = np.empty((self.count, sum(rows), items[0][1][0].shape[1]), dtype=np.float32)
             offset = 0
-            for (_, members), n in zip(items, rows):
+            for (_, members), n in zip(items, rows, strict=True):
                 for k, member in enumerate(members):
                     probs[k, offset : offset + n] = member  # the one copy (and cast) per request
                 offset += n
@@ -63,7 +65,7 @@ class TritonPythonModel:
             return [(index, _error(exc)) for index, _ in items]
         answers = []
         offset = 0
-        for (index, _), n in zip(items, rows):
+        for (index, _), n in zip(items, rows, strict=True):
             end = offset + n
             answers.append(
                 (

@@ -56,12 +56,17 @@ class TritonPythonModel:
             encodings = None  # find the request at fault: tokenise each alone below
         for index, first, count in spans:
             try:
-                own = encodings[first : first + count] if encodings is not None else (
-                    self.tokenizer.encode_batch(texts[first : first + count])
+                own = (
+                    encodings[first : first + count]
+                    if encodings is not None
+                    else (self.tokenizer.encode_batch(texts[first : first + count]))
                 )
                 ids, mask = self._arrays(own)
                 responses[index] = pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor("input_ids", ids), pb_utils.Tensor("attention_mask", mask)]
+                    output_tensors=[
+                        pb_utils.Tensor("input_ids", ids),
+                        pb_utils.Tensor("attention_mask", mask),
+                    ]
                 )
             except Exception as exc:
                 responses[index] = _error(exc)
@@ -75,7 +80,7 @@ class TritonPythonModel:
         width = max(lengths, default=0)
         ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)
-        for row, (encoding, length) in enumerate(zip(encodings, lengths)):
+        for row, (encoding, length) in enumerate(zip(encodings, lengths, strict=True)):
             ids[row, :length] = encoding.ids
             mask[row, :length] = 1
         return ids, mask
