@@ -276,6 +276,9 @@ def onnxruntime_options(model: ServedModel) -> Any:
     entries = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
     entries.update({k: v for k, v in params.items() if k.startswith("session.")})
     for key, value in entries.items():
+        if key.endswith(".allow_spinning") and value not in ("0", "1"):
+            # onnxruntime would take any text here silently and spin
+            raise ValueError(f'model \'{model.name}\': parameter {key}={value!r} must be "0" or "1"')
         try:
             options.add_session_config_entry(key, value)
         except Exception as exc:
