@@ -106,7 +106,7 @@ def main() -> None:
     if exe is None:
         sys.exit("perf_analyzer not found: pass --perf-analyzer PATH or set $PERF_ANALYZER")
     levels = [int(c) for c in args.concurrency.split(",")]
-    console = Console()
+    console = Console(width=160)  # names unbroken when piped
     root = Path(tempfile.mkdtemp(prefix="tritonforge-bench-floor-"))
     rounds: list[dict[str, Any]] = []
     try:

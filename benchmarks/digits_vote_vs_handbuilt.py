@@ -218,7 +218,7 @@ def main() -> None:
     if exe is None:
         sys.exit("perf_analyzer not found: pass --perf-analyzer PATH or set $PERF_ANALYZER")
     levels = [int(c) for c in args.concurrency.split(",")]
-    console = Console()
+    console = Console(width=160)  # names unbroken when piped
     root = Path(tempfile.mkdtemp(prefix="tritonforge-bench-vote-"))
     rounds: list[dict[str, Any]] = []
     idle_mib: dict[str, float] = {}

@@ -221,7 +221,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=160)  # names unbroken when piped
     steps = steps_of(args.repo)
     models = [PIPELINE, *(s.model_name for s in steps)]
     levels = [int(c) for c in args.concurrency.split(",")]

@@ -7,7 +7,8 @@ the same repository, both started with a local cache (``--cache-config local,siz
 and pooling alike), one without. Closed-loop ``tritonclient.grpc.aio`` workers send the same seeded
 sentence sequence to each, the two alternating round by round (ABBA...). Figures per round: throughput,
 p50, and the hit rate from Triton's own statistics (``cache_hit`` / ``cache_miss`` counts). The cached
-answers are checked equal to the uncached ones first. Take the figures on a quiet machine.
+answers are checked equal to the uncached ones first. The cache stays warm from round to round (the
+steady state of a long-running server). Take the figures on a quiet machine.
 
     tritonforge build                      # the example repository, pipelines included
     python benchmarks/response_cache.py [--repo model_repository] [--rounds 5] [--duration-s 3]
@@ -55,6 +56,23 @@ def zipf_sequence(pool: list[str], length: int, a: float, seed: int = 1) -> list
     order = rng.permutation(len(pool))  # which sentence gets which rank
     ranks = np.minimum(rng.zipf(a, size=length), len(pool)) - 1
     return [np.array([[pool[order[r]].encode()]], dtype=np.object_) for r in ranks]
+
+
+def cache_args(size_bytes: int) -> list[str]:
+    """tritonserver flags for a local response cache of ``size_bytes``.
+
+    The wheel's server looks for its cache library under ``/opt/tritonserver/caches`` (the container's
+    place); the wheel ships it under ``tritonserver/caches``, so point the server there when it exists.
+    """
+    from tritonforge.server import find_tritonserver
+
+    args = ["--cache-config", f"local,size={size_bytes}"]
+    install = find_tritonserver()
+    for folder in (install.binary.parent.parent / "caches", Path("/opt/tritonserver/caches")):
+        if (folder / "local").is_dir():
+            args += ["--cache-directory", str(folder)]
+            break
+    return args
 
 
 def cached_copy(repo: Path, root: Path) -> Path:
@@ -127,7 +145,7 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.repo / PIPELINE / "config.pbtxt").is_file():
         raise SystemExit(f"{args.repo} has no {PIPELINE} pipeline; run `tritonforge build` first")
-    console = Console()
+    console = Console(width=160)  # names unbroken when piped
     levels = [int(c) for c in args.concurrency.split(",")]
     texts = zipf_sequence(sentence_pool(args.distinct), 200_000, args.zipf_a)
     unique_share = len({t[0, 0] for t in texts[:10_000]}) / 10_000
@@ -139,8 +157,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="tritonforge-bench-cache-"))
     servers: dict[str, EmbeddedServer] = {}
     rounds: list[dict[str, Any]] = []
-    # the flag the server needs for any model's cache; both sides get it, so only the config differs
-    cache_flag = ["--cache-config", f"local,size={CACHE_BYTES}"]
+    # the flags the server needs for any model's cache; both sides get them, so only the config differs
+    cache_flag = cache_args(CACHE_BYTES)
     try:
         with console.status("starting one Triton per side ..."):
             servers[UNCACHED] = EmbeddedServer(args.repo, extra_args=cache_flag).start()
