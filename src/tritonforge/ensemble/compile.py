@@ -91,7 +91,8 @@ def ensemble_plan(resolved: Resolved) -> tuple[ModelConfig, list[BlockModel]]:
     ``ensemble_scheduler.cc``). So ``LABEL`` alone from ``digits_vote`` dropped the member models the
     vote needs: "unexpected deadlock, at least one output is not set". The compiled graph avoids both
     traps: an output that a step also consumes is produced under an internal name and copied out by a
-    passthrough step (dropping the copy drops nothing else), and when some output does not depend on
+    passthrough step, one for all such outputs (dropping the copy drops nothing else; one Python hop
+    instead of one per output), and when some output does not depend on
     every input, step 0 is a passthrough of the inputs (dropped only when nothing needs any input).
     """
     spec = resolved.spec
