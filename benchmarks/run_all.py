@@ -56,7 +56,7 @@ PLANS: dict[str, Plan] = {
         quick=("--window-ms", "500"), rounds=True, json=True, perf_analyzer=True
     ),
     "ensemble_vs_client_chain": Plan(quick=("--duration-s", "0.5"), rounds=True, json=True, repo=True),
-    "loadgen_capacity": Plan(quick=("--duration-s", "3"), json=True),  # locust reports nothing under ~2 s
+    "loadgen_capacity": Plan(quick=("--duration-s", "3"), json=True),  # locust needs whole seconds
     "quantization": Plan(quick=("--batch", "1", "--seq", "16"), rounds=True),
     "response_cache": Plan(
         quick=("--duration-s", "0.5", "--distinct", "200"), rounds=True, json=True, repo=True
