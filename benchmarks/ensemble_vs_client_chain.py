@@ -3,11 +3,17 @@
 Same server, same models, same sentences: ``text_embedding`` (tokenizer -> MiniLM encoder -> mean pooling,
 compiled from ``ensembles/text_embedding.yaml``) is called once per sentence, against a client that calls
 the tokenizer, then the encoder, then the pooling model itself, carrying the intermediate tensors (token ids,
-mask, 384-d token embeddings) back and forth. Closed-loop ``tritonforge.client.AsyncClient`` workers, one
-sentence per request, at concurrency 1 and 16. Figures are ratios within the same run (noisy machines).
+mask, 384-d token embeddings) back and forth. Each is driven twice: through ``tritonforge.client.AsyncClient``
+and through a chain written with raw ``tritonclient.grpc.aio`` (so the comparison does not rest on our
+client). Closed-loop workers, one sentence per request, at concurrency 1 and 16; the four paths alternate
+round by round (ABBA...) and the tables give the median of the rounds with their spread.
+
+Before the rounds, a profile of the ensemble alone: Triton's per-step statistics (queue, compute input,
+infer and output per composing model, per request) show where an ensemble request's time goes.
+Figures are ratios within the same run: take them on a quiet machine.
 
     tritonforge build                      # the example repository, pipelines included
-    python benchmarks/ensemble_vs_client_chain.py [--repo model_repository] [--duration-s 5]
+    python benchmarks/ensemble_vs_client_chain.py [--repo model_repository] [--duration-s 3] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import summary  # benchmarks/ is on sys.path when a script runs
+from _common import alternating, model_stats, spread, summary  # benchmarks/ is on sys.path
 from rich.console import Console
 from rich.table import Table
 
@@ -67,90 +73,218 @@ async def run(
     return latencies
 
 
-async def measure(url: str, steps: list[Any], concurrency: int, duration_s: float) -> dict[str, list[float]]:
-    # every call its own request, as the ensemble's steps are: this compares round trips, not batching
-    async with AsyncClient(url, coalesce=False) as client:
+ENSEMBLE_OURS, CHAIN_OURS = "ensemble, AsyncClient", "chain, AsyncClient"
+ENSEMBLE_RAW, CHAIN_RAW = "ensemble, raw grpc.aio", "chain, raw grpc.aio"
+PATHS = (ENSEMBLE_OURS, CHAIN_OURS, ENSEMBLE_RAW, CHAIN_RAW)
 
-        async def ensemble(text: np.ndarray) -> np.ndarray:
-            return (await client.infer(PIPELINE, {"TEXT": text}))["EMBEDDING"]
 
-        async def chain(text: np.ndarray) -> np.ndarray:
-            tensors: dict[str, np.ndarray] = {"TEXT": text}
-            for step in steps:
-                version = None if step.model_version == -1 else step.model_version
-                out = await client.infer(
-                    step.model_name,
-                    {name: tensors[source] for name, source in step.input_map.items()},
-                    version=version,
-                    outputs=list(step.output_map),
-                )
-                tensors.update({step.output_map[name]: value for name, value in out.items()})
-            return tensors["EMBEDDING"]
+class Paths:
+    """The four ways to embed a sentence, each an ``async (text) -> embedding`` call."""
 
-        same = np.abs(await ensemble(sentence_batches()[0]) - await chain(sentence_batches()[0])).max()
-        assert same < 1e-5, f"the two paths disagree by {same}"
+    def __init__(self, url: str, steps: list[Any]) -> None:
+        import tritonclient.grpc.aio as aioclient
+
+        self.steps = steps
+        # every call its own request, as the ensemble's steps are: this compares round trips, not batching
+        self.ours = AsyncClient(url, coalesce=False)
+        self.raw = aioclient.InferenceServerClient(url)
+
+    async def close(self) -> None:
+        await self.ours.aclose()
+        await self.raw.close()
+
+    def calls(self) -> dict[str, Callable[[np.ndarray], Awaitable[np.ndarray]]]:
         return {
-            "ensemble (1 request)": await run(ensemble, concurrency, duration_s),
-            "client chain (3 requests)": await run(chain, concurrency, duration_s),
+            ENSEMBLE_OURS: self.ensemble_ours,
+            CHAIN_OURS: self.chain_ours,
+            ENSEMBLE_RAW: self.ensemble_raw,
+            CHAIN_RAW: self.chain_raw,
         }
+
+    async def ensemble_ours(self, text: np.ndarray) -> np.ndarray:
+        return (await self.ours.infer(PIPELINE, {"TEXT": text}))["EMBEDDING"]
+
+    async def chain_ours(self, text: np.ndarray) -> np.ndarray:
+        tensors: dict[str, np.ndarray] = {"TEXT": text}
+        for step in self.steps:
+            version = None if step.model_version == -1 else step.model_version
+            out = await self.ours.infer(
+                step.model_name,
+                {name: tensors[source] for name, source in step.input_map.items()},
+                version=version,
+                outputs=list(step.output_map),
+            )
+            tensors.update({step.output_map[name]: value for name, value in out.items()})
+        return tensors["EMBEDDING"]
+
+    async def _raw_infer(
+        self, model: str, inputs: dict[str, np.ndarray], outputs: list[str], version: str = ""
+    ) -> dict[str, np.ndarray]:
+        from tritonclient.grpc import InferInput, InferRequestedOutput
+        from tritonclient.utils import np_to_triton_dtype
+
+        items = []
+        for name, array in inputs.items():
+            item = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            item.set_data_from_numpy(array)
+            items.append(item)
+        result = await self.raw.infer(
+            model, items, model_version=version, outputs=[InferRequestedOutput(n) for n in outputs]
+        )
+        return {name: result.as_numpy(name) for name in outputs}
+
+    async def ensemble_raw(self, text: np.ndarray) -> np.ndarray:
+        return (await self._raw_infer(PIPELINE, {"TEXT": text}, ["EMBEDDING"]))["EMBEDDING"]
+
+    async def chain_raw(self, text: np.ndarray) -> np.ndarray:
+        tensors: dict[str, np.ndarray] = {"TEXT": text}
+        for step in self.steps:
+            version = "" if step.model_version == -1 else str(step.model_version)
+            out = await self._raw_infer(
+                step.model_name,
+                {name: tensors[source] for name, source in step.input_map.items()},
+                list(step.output_map),
+                version,
+            )
+            tensors.update({step.output_map[name]: value for name, value in out.items()})
+        return tensors["EMBEDDING"]
+
+
+async def measure(
+    url: str, steps: list[Any], concurrency: int, duration_s: float, order: list[str]
+) -> dict[str, list[float]]:
+    paths = Paths(url, steps)
+    try:
+        calls = paths.calls()
+        first = sentence_batches()[0]
+        reference = await calls[ENSEMBLE_RAW](first)
+        for name, call in calls.items():
+            same = np.abs(await call(first) - reference).max()
+            assert same < 1e-5, f"{name} disagrees with the ensemble by {same}"
+        return {name: await run(calls[name], concurrency, duration_s) for name in order}
+    finally:
+        await paths.close()
+
+
+_STAT_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def step_profile(server: EmbeddedServer, steps: list[Any], concurrency: int, duration_s: float) -> list[dict]:
+    """Where the ensemble's time goes: per composing model, microseconds per request in each phase."""
+    models = [PIPELINE, *(s.model_name for s in steps)]
+
+    def snapshot() -> dict[str, dict[str, Any]]:
+        return {m: model_stats(server.http_url, m) for m in models}
+
+    async def ensemble_only() -> None:
+        paths = Paths(server.grpc_url, steps)
+        try:
+            await run(paths.ensemble_raw, concurrency, duration_s)
+        finally:
+            await paths.close()
+
+    before = snapshot()
+    asyncio.run(ensemble_only())
+    after = snapshot()
+    rows = []
+    for m in models:
+        a, b = after[m]["inference_stats"], before[m]["inference_stats"]
+        count = int(a["success"]["count"]) - int(b["success"]["count"])
+        executions = int(after[m].get("execution_count", 0)) - int(before[m].get("execution_count", 0))
+        row: dict[str, Any] = {"model": m, "requests": count, "executions": executions}
+        for part in _STAT_PARTS:
+            ns = int(a[part]["ns"]) - int(b[part]["ns"])
+            row[f"{part}_us"] = ns / max(1, count) / 1e3
+        rows.append(row)
+    return rows
+
+
+def print_profile(console: Console, rows: list[dict], concurrency: int) -> None:
+    table = Table(title=f"ensemble alone, concurrency {concurrency}: Triton's statistics, us per request")
+    for column in ("model", "requests", "executions", *_STAT_PARTS):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in rows:
+        table.add_row(
+            r["model"],
+            str(r["requests"]),
+            str(r["executions"]),
+            *(f"{r[f'{p}_us']:.0f}" for p in _STAT_PARTS),
+        )
+    console.print(table)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--repo", type=Path, default=Path("model_repository"))
-    parser.add_argument("--duration-s", type=float, default=5.0)
+    parser.add_argument("--duration-s", type=float, default=3.0, help="closed-loop window per path and round")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (median reported)")
     parser.add_argument("--concurrency", default="1,16")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=160)  # names unbroken when piped
     steps = steps_of(args.repo)
     models = [PIPELINE, *(s.model_name for s in steps)]
-    rows: list[dict[str, Any]] = []
+    levels = [int(c) for c in args.concurrency.split(",")]
+    rounds: list[dict[str, Any]] = []
+    profiles: dict[int, list[dict]] = {}
     with console.status("starting Triton ..."):
         server = EmbeddedServer(args.repo, model_control="explicit", load_models=models).start()
     try:
-        for concurrency in (int(c) for c in args.concurrency.split(",")):
-            with console.status(f"concurrency {concurrency} ..."):
-                results = asyncio.run(measure(server.grpc_url, steps, concurrency, args.duration_s))
-            base = None
-            for path, latencies in results.items():
-                figures = summary(latencies, args.duration_s)
-                base = base or figures
-                rows.append(
-                    {
-                        "path": path,
-                        "concurrency": concurrency,
-                        **figures,
-                        "vs_ensemble": figures["throughput"] / base["throughput"],
-                    }
-                )
+        for concurrency in levels:
+            with console.status(f"profiling the ensemble at concurrency {concurrency} ..."):
+                profiles[concurrency] = step_profile(server, steps, concurrency, args.duration_s)
+            print_profile(console, profiles[concurrency], concurrency)
+        for r, order in enumerate(alternating(args.rounds, list(PATHS))):
+            for concurrency in levels:
+                with console.status(f"round {r + 1}/{args.rounds}, concurrency {concurrency} ..."):
+                    results = asyncio.run(
+                        measure(server.grpc_url, steps, concurrency, args.duration_s, order)
+                    )
+                for path, latencies in results.items():
+                    figures = summary(latencies, args.duration_s)
+                    rounds.append({"round": r + 1, "path": path, "concurrency": concurrency, **figures})
+                    console.print(
+                        f"round {r + 1} c={concurrency:<3} {path:<24} {figures['throughput']:>8,.0f} req/s "
+                        f"p50 {figures['p50_ms']:.2f} ms",
+                        highlight=False,
+                    )
     finally:
         server.stop()
     table = Table(
-        title=f"text_embedding: one ensemble request vs the client chaining 3 steps ({args.duration_s:g} s)"
+        title=f"text_embedding: one ensemble request vs a client chaining 3 steps — median of {args.rounds} "
+        f"alternating rounds of {args.duration_s:g} s (min-max, ±half-range); re-measure on a quiet machine"
     )
-    for column in ("path", "concurrency", "req/s", "p50 ms", "p99 ms", "throughput vs ensemble"):
+    for column in ("concurrency", "path", "req/s", "p50 ms", "p99 ms"):
         table.add_column(column, justify="left" if column == "path" else "right")
-    for r in rows:
-        table.add_row(
-            r["path"],
-            str(r["concurrency"]),
-            f"{r['throughput']:,.0f}",
-            f"{r['p50_ms']:.2f}",
-            f"{r['p99_ms']:.2f}",
-            f"{r['vs_ensemble']:.3f}x",
-        )
+    summaries = []
+    for c in levels:
+        by = {p: [x for x in rounds if x["concurrency"] == c and x["path"] == p] for p in PATHS}
+        for path in PATHS:
+            table.add_row(
+                str(c),
+                path,
+                spread([x["throughput"] for x in by[path]]),
+                spread([x["p50_ms"] for x in by[path]]),
+                spread([x["p99_ms"] for x in by[path]]),
+            )
+        for ens, chain in ((ENSEMBLE_OURS, CHAIN_OURS), (ENSEMBLE_RAW, CHAIN_RAW)):
+            ratios = [
+                e["throughput"] / h["throughput"]
+                for e, h in zip(by[ens], by[chain], strict=True)
+                if h["throughput"]
+            ]
+            summaries.append({"concurrency": c, "ensemble": ens, "chain": chain, "ratios": ratios})
     console.print(table)
-    for concurrency in sorted({r["concurrency"] for r in rows}):
-        ens, chain = (r for r in rows if r["concurrency"] == concurrency)
+    for s in summaries:
         console.print(
-            f"concurrency {concurrency}: the ensemble gives {ens['throughput'] / chain['throughput']:.2f}x "
-            f"the chain's throughput; p50 {chain['p50_ms'] / ens['p50_ms']:.2f}x lower, "
-            f"p99 {chain['p99_ms'] / ens['p99_ms']:.2f}x lower",
+            f"concurrency {s['concurrency']}: {s['ensemble']} / {s['chain']} throughput "
+            f"{spread(s['ratios'])}x (per-round ratios)",
             highlight=False,
         )
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(
+            json.dumps({"rounds": rounds, "ratios": summaries, "profiles": profiles}, indent=2)
+        )
 
 
 if __name__ == "__main__":

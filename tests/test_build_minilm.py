@@ -54,6 +54,17 @@ def test_int8_encoder_meets_cosine_and_size_targets(minilm_repo):
     assert [p for p in check_repository(minilm_repo) if p.severity == "error"] == []
 
 
+def test_encoder_layout_is_chosen_by_measurement_and_recorded_with_why(minilm_repo):
+    from tritonforge.config import read_config
+
+    layout = _manifest(minilm_repo, 2)["layout"]
+    assert len(layout["measured_rows_per_s"]) >= 2 and layout["why"]
+    assert all(min(rounds) > 0 for rounds in layout["measured_rows_per_s"].values())
+    config = read_config(minilm_repo / "minilm_encoder")
+    assert [g.count for g in config.instance_groups] == [layout["instances"]]
+    assert config.parameters["intra_op_thread_count"] == str(layout["intra_op_threads"])
+
+
 @pytest.mark.parametrize("version", [1, 2])
 def test_encoder_versions_answer_through_triton_like_their_artifact(
     minilm_repo, minilm_server, minilm_tool, version

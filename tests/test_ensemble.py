@@ -517,6 +517,58 @@ def test_weighted_combiner_averages_members_with_their_weights(
 
 
 @pytest.mark.slow
+def test_blocks_answer_requests_batched_together_as_they_answer_each_alone(
+    served: tuple[Path, EmbeddedServer], client: grpcclient.InferenceServerClient
+) -> None:
+    """The tokenizer, pooling and combiner work on all of an execute's requests at once; each request
+    must still get exactly its own answer (own padding length, own rows)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, server = served
+    rng = np.random.default_rng(7)
+    words = ["a", "cat", "sat", "on", "the", "mat", "while", "Triton", "serves", "models", "fast"]
+    texts = [
+        np.array(
+            [[" ".join(rng.choice(words, size=int(rng.integers(1, 14)))).encode()] for _ in range(k)],
+            dtype=np.object_,
+        )
+        for k in rng.integers(1, 4, size=24)
+    ]
+    xs = [rng.standard_normal((int(k), 8)).astype(np.float32) for k in rng.integers(1, 5, size=24)]
+    alone_text = [triton_infer(client, "text_tiny", {"TEXT": t}) for t in texts]
+    alone_vote = [triton_infer(client, "vote_tiny", {"x": x}) for x in xs]
+
+    def stats(model: str) -> tuple[int, int]:
+        s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
+
+    before = {m: stats(m) for m in ("tiny_tokenizer", "tiny_pool", "vote3")}
+    connections = [grpcclient.InferenceServerClient(server.grpc_url) for _ in range(12)]
+    try:
+        with ThreadPoolExecutor(len(connections)) as pool:
+            together_text = list(
+                pool.map(
+                    lambda i: triton_infer(connections[i % 12], "text_tiny", {"TEXT": texts[i]}), range(24)
+                )
+            )
+            together_vote = list(
+                pool.map(lambda i: triton_infer(connections[i % 12], "vote_tiny", {"x": xs[i]}), range(24))
+            )
+    finally:
+        for c in connections:
+            c.close()
+    for alone, together in zip(alone_text, together_text, strict=True):
+        assert together["EMBEDDING"].shape == alone["EMBEDDING"].shape
+        np.testing.assert_allclose(together["EMBEDDING"], alone["EMBEDDING"], atol=1e-5)
+    for alone, together in zip(alone_vote, together_vote, strict=True):
+        np.testing.assert_array_equal(together["LABEL"], alone["LABEL"])
+        np.testing.assert_allclose(together["VOTES"], alone["VOTES"], atol=1e-6)
+    # the 24 concurrent requests really were batched: fewer than 24 executions somewhere
+    executions = [stats(m)[1] - before[m][1] for m in ("tiny_tokenizer", "tiny_pool", "vote3")]
+    assert min(executions) < 24, executions
+
+
+@pytest.mark.slow
 def test_routed_pipeline_answers_from_the_fallback_when_the_primary_fails(
     client: grpcclient.InferenceServerClient,
 ) -> None:

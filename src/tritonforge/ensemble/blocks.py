@@ -94,7 +94,8 @@ def block_model(
             raise ValueError(f"'tokenizer' must be a path or a package name, got {show(name_or_path)}")
         tokenizer = _tokenizer_file(name_or_path, base_dir)
         max_length = _positive(options.get("max_length", 256), "max_length", INT32_MAX)
-        params.update(tokenizer_file="tokenizer.json", max_length=str(max_length))
+        # threads: the tokenizer's pool is sized, never left at "all cores" beside the model servers
+        params.update(tokenizer_file="tokenizer.json", max_length=str(max_length), threads="1")
         inputs = [TensorSpec(name="TEXT", dtype=DataType.STRING, dims=[1])]
         outputs = [
             TensorSpec(name="input_ids", dtype=DataType.INT64, dims=[-1]),

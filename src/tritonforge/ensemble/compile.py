@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tritonforge.config import DynamicBatching, EnsembleStep, InstanceGroup, ModelConfig
+from tritonforge.config import DynamicBatching, EnsembleStep, InstanceGroup, ModelConfig, TensorSpec
 from tritonforge.ensemble.blocks import GENERATED_MARK, BlockModel, block_model, model_file, passthrough_model
 from tritonforge.ensemble.check import Resolved, check_pipeline, known_models
 from tritonforge.ensemble.spec import Issue, PipelineSpec, load_spec
@@ -91,7 +91,8 @@ def ensemble_plan(resolved: Resolved) -> tuple[ModelConfig, list[BlockModel]]:
     ``ensemble_scheduler.cc``). So ``LABEL`` alone from ``digits_vote`` dropped the member models the
     vote needs: "unexpected deadlock, at least one output is not set". The compiled graph avoids both
     traps: an output that a step also consumes is produced under an internal name and copied out by a
-    passthrough step (dropping the copy drops nothing else), and when some output does not depend on
+    passthrough step, one for all such outputs (dropping the copy drops nothing else; one Python hop
+    instead of one per output), and when some output does not depend on
     every input, step 0 is a passthrough of the inputs (dropped only when nothing needs any input).
     """
     spec = resolved.spec
@@ -114,7 +115,7 @@ def ensemble_plan(resolved: Resolved) -> tuple[ModelConfig, list[BlockModel]]:
 
     models: list[BlockModel] = []
     consumed = {t for s in steps for t in s.input_map.values()}
-    copies: list[EnsembleStep] = []
+    shared: list[tuple[TensorSpec, str]] = []  # outputs also read by a step, and their internal names
     for output in resolved.outputs:
         if output.name not in consumed:
             continue
@@ -127,14 +128,19 @@ def ensemble_plan(resolved: Resolved) -> tuple[ModelConfig, list[BlockModel]]:
             )
             for s in steps
         ]
-        model = passthrough_model([output], mbs)
+        shared.append((output, hidden))
+    if shared:
+        # one copy step for all of them: every Python-model hop costs a round trip through its stub, and
+        # one step is dropped as safely as several (it feeds no other step)
+        model = passthrough_model([output for output, _ in shared], mbs)
         models.append(model)
-        copies.append(
+        steps.append(
             EnsembleStep(
-                model_name=model.config.name, input_map={"IN_0": hidden}, output_map={"OUT_0": output.name}
+                model_name=model.config.name,
+                input_map={f"IN_{k}": hidden for k, (_, hidden) in enumerate(shared)},
+                output_map={f"OUT_{k}": output.name for k, (output, _) in enumerate(shared)},
             )
         )
-    steps += copies
     if not _every_output_needs_every_input(steps, resolved):
         model = passthrough_model(resolved.inputs, mbs)
         models.append(model)

@@ -27,7 +27,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from tritonforge.config import DataType, DynamicBatching, InstanceGroup, InstanceKind, ModelConfig, TensorSpec
-from tritonforge.repository import add_model
+from tritonforge.repository import add_model, pytorch_thread_parameters
 
 __all__ = ["DemoResult", "run_frameworks_demo", "run_main_job"]
 
@@ -101,6 +101,7 @@ def build_demo_repository(repo: Path) -> tuple[Any, np.ndarray, np.ndarray]:
             outputs=(TensorSpec(name="OUTPUT__0", dtype=DataType.FP32, dims=(10,)),),
             dynamic_batching=DynamicBatching(max_queue_delay_us=2000),
             instance_groups=(InstanceGroup(count=1, kind=InstanceKind.CPU),),
+            parameters=pytorch_thread_parameters(),
         )
         add_model(
             repo,

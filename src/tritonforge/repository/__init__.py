@@ -1,6 +1,12 @@
 """Model repositories: the one writer (atomic, staged outside the repository) and the offline checks."""
 
 from tritonforge.repository.checker import Problem, check_repository, sample_inputs
+from tritonforge.repository.threads import (
+    DEFAULT_INTRA_OP_THREADS,
+    available_cpus,
+    onnxruntime_thread_parameters,
+    pytorch_thread_parameters,
+)
 from tritonforge.repository.writer import (
     DEFAULT_MAX_BATCH_SIZE,
     MODEL_FILENAMES,
@@ -14,16 +20,20 @@ from tritonforge.repository.writer import (
 )
 
 __all__ = [
+    "DEFAULT_INTRA_OP_THREADS",
     "DEFAULT_MAX_BATCH_SIZE",
     "MODEL_FILENAMES",
     "Problem",
     "RepositoryWrite",
     "add_model",
+    "available_cpus",
     "check_repository",
     "file_sha256",
     "infer_config",
     "model_filename",
     "next_version",
+    "onnxruntime_thread_parameters",
+    "pytorch_thread_parameters",
     "sample_inputs",
     "versions",
 ]

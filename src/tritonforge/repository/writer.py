@@ -42,6 +42,7 @@ from tritonforge.config import (
     write_config,
 )
 from tritonforge.errors import ConfigError, RepositoryError, SignatureError
+from tritonforge.repository.threads import DEFAULT_INTRA_OP_THREADS, onnxruntime_thread_parameters
 
 __all__ = [
     "DEFAULT_MAX_BATCH_SIZE",
@@ -435,8 +436,14 @@ def infer_config(
     max_queue_delay_us: int = 0,
     instances: int = 1,
     kind: InstanceKind | str = InstanceKind.CPU,
+    intra_op_threads: int = DEFAULT_INTRA_OP_THREADS,
 ) -> ModelConfig:
-    """A config for ``source`` read off the file itself (ONNX only: TorchScript needs example inputs)."""
+    """A config for ``source`` read off the file itself (ONNX only: TorchScript needs example inputs).
+
+    The config names its thread pools (``intra_op_threads`` per instance, one inter-op thread, spinning
+    off: :func:`~tritonforge.repository.threads.onnxruntime_thread_parameters`) rather than leaving
+    onnxruntime to size each instance's pool to every core.
+    """
     platform_name = _PLATFORM_OF_SUFFIX.get(source.suffix)
     if platform_name != "onnxruntime_onnx":
         raise SignatureError(
@@ -463,6 +470,7 @@ def infer_config(
         dynamic_batching=batching,
         instances=instances,
         kind=kind,
+        parameters=onnxruntime_thread_parameters(intra_op_threads),
     )
 
 

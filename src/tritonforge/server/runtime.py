@@ -91,16 +91,40 @@ class ServedModel:
 
 
 class BatchingExecutor:
-    """Turns a list of Triton requests into batched runner calls and per-request responses."""
+    """Turns a list of Triton requests into batched runner calls and per-request responses.
+
+    The per-request work is kept to what Triton's Python backend needs: inputs are read as zero-copy
+    views of the request's shared memory (``as_numpy``), converted only when their dtype differs from the
+    config's, concatenated once per batch (never for a lone request), and the outputs are handed back as
+    contiguous slices of the batch's result (views, no per-request copy before Triton's own one into the
+    response's shared memory). Tensor facts are looked up once at start, not per request.
+    """
 
     def __init__(self, model: ServedModel, runner: Runner, pb_utils: Any) -> None:
         self.model = model
         self.runner = runner
         self.pb = pb_utils
         self.batching = model.max_batch_size > 0
+        # (name, dtype or None when any dtype is taken as is, optional) per input, in config order
+        self._inputs = [
+            (info.name, None if info.dtype == np.object_ else info.dtype, info.optional)
+            for info in model.inputs
+        ]
+        self._output_dtypes = {
+            info.name: None if info.dtype == np.object_ else info.dtype for info in model.outputs
+        }
+        self._all_outputs = [info.name for info in model.outputs]
 
     # The public entry point of the stub's execute().
     def execute(self, requests: Sequence[Any]) -> list[Any]:
+        if len(requests) == 1:  # the common case at low load: no grouping, no concatenation
+            request = requests[0]
+            try:
+                arrays = self._read_inputs(request)
+                wanted = self._requested_outputs(request)
+            except Exception as exc:
+                return [self._error(exc)]
+            return [self._respond_run(arrays, wanted)]
         responses: list[Any] = [None] * len(requests)
         parsed: list[tuple[int, Arrays, list[str]]] = []
         for index, request in enumerate(requests):
@@ -114,21 +138,21 @@ class BatchingExecutor:
 
     def _read_inputs(self, request: Any) -> Arrays:
         arrays: Arrays = {}
-        for info in self.model.inputs:
-            tensor = self.pb.get_input_tensor_by_name(request, info.name)
+        get = self.pb.get_input_tensor_by_name
+        for name, dtype, optional in self._inputs:
+            tensor = get(request, name)
             if tensor is None:
-                if info.optional:
+                if optional:
                     continue
-                raise ValueError(f"input '{info.name}' is required by model '{self.model.name}' but missing")
+                raise ValueError(f"input '{name}' is required by model '{self.model.name}' but missing")
             array = tensor.as_numpy()
-            if array.dtype != info.dtype and info.dtype != np.object_:
-                array = array.astype(info.dtype)
-            arrays[info.name] = array
+            if dtype is not None and array.dtype != dtype:
+                array = array.astype(dtype)
+            arrays[name] = array
         return arrays
 
     def _requested_outputs(self, request: Any) -> list[str]:
-        names = list(request.requested_output_names())
-        return names or [info.name for info in self.model.outputs]
+        return request.requested_output_names() or self._all_outputs
 
     def _groups(
         self, parsed: list[tuple[int, Arrays, list[str]]]
@@ -138,14 +162,14 @@ class BatchingExecutor:
             return [[item] for item in parsed]
         groups: dict[tuple[Any, ...], list[tuple[int, Arrays, list[str]]]] = {}
         for item in parsed:
-            key = tuple(sorted((name, a.shape[1:], a.dtype.str) for name, a in item[1].items()))
+            key = tuple((name, a.shape[1:], a.dtype.str) for name, a in item[1].items())
             groups.setdefault(key, []).append(item)
         return list(groups.values())
 
     def _run_group(self, group: list[tuple[int, Arrays, list[str]]], responses: list[Any]) -> None:
         if len(group) == 1:
             index, arrays, wanted = group[0]
-            responses[index] = self._respond(lambda: self.runner(arrays), wanted, None)
+            responses[index] = self._respond_run(arrays, wanted)
             return
         sizes = [self._batch_size(arrays) for _, arrays, _ in group]
         merged = {name: np.concatenate([arrays[name] for _, arrays, _ in group]) for name in group[0][1]}
@@ -159,9 +183,12 @@ class BatchingExecutor:
             return
         offset = 0
         for (index, _, wanted), size in zip(group, sizes, strict=True):
-            part = {name: value[offset : offset + size] for name, value in outputs.items()}
-            responses[index] = self._respond(lambda part=part: part, wanted, size)
-            offset += size
+            end = offset + size
+            try:
+                responses[index] = self._response({n: v[offset:end] for n, v in outputs.items()}, wanted)
+            except Exception as exc:
+                responses[index] = self._error(exc)
+            offset = end
 
     @staticmethod
     def _batch_size(arrays: Arrays) -> int:
@@ -177,48 +204,99 @@ class BatchingExecutor:
                     f"output '{name}' has shape {value.shape}, whose first dim is not the batch of {expected}"
                 )
 
-    def _respond(self, run: Callable[[], Arrays], wanted: list[str], batch: int | None) -> Any:
+    def _respond_run(self, arrays: Arrays, wanted: list[str]) -> Any:
         try:
-            outputs = run()
-            tensors = []
-            by_name = {info.name: info for info in self.model.outputs}
-            for name in wanted:
-                if name not in outputs:
-                    raise ValueError(
-                        f"model '{self.model.name}' produced no output '{name}' "
-                        f"(it produced {sorted(outputs)})"
-                    )
-                value = np.asarray(outputs[name])
-                info = by_name.get(name)
-                if info is not None and info.dtype != np.object_ and value.dtype != info.dtype:
-                    value = value.astype(info.dtype)
-                tensors.append(self.pb.Tensor(name, np.ascontiguousarray(value)))
-            return self.pb.InferenceResponse(output_tensors=tensors)
+            return self._response(self.runner(arrays), wanted)
         except Exception as exc:
             return self._error(exc)
+
+    def _response(self, outputs: Arrays, wanted: list[str]) -> Any:
+        tensors = []
+        dtypes = self._output_dtypes
+        make = self.pb.Tensor
+        for name in wanted:
+            value = outputs.get(name)
+            if value is None:
+                raise ValueError(
+                    f"model '{self.model.name}' produced no output '{name}' (it produced {sorted(outputs)})"
+                )
+            if not isinstance(value, np.ndarray):
+                value = np.asarray(value)
+            dtype = dtypes.get(name)
+            if dtype is not None and value.dtype != dtype:
+                value = value.astype(dtype)
+            if not value.flags.c_contiguous:
+                value = np.ascontiguousarray(value)
+            tensors.append(make(name, value))
+        return self.pb.InferenceResponse(output_tensors=tensors)
 
     def _error(self, exc: BaseException) -> Any:
         message = f"{type(exc).__name__}: {exc}"
         return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message))
 
 
-def onnxruntime_runner(model: ServedModel) -> Runner:
-    """An onnxruntime session for the model, honouring Triton's ORT backend thread parameters."""
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_intra_op_threads(model: ServedModel) -> int:
+    """Intra-op threads for a model whose config names none: the CPUs shared out among its instances.
+
+    Each instance is its own stub process with its own pool, so N instances of all-core pools would
+    oversubscribe the machine N times over.
+    """
+    instances = sum(int(g.get("count", 1) or 1) for g in model.config.get("instance_group", [])) or 1
+    return max(1, available_cpus() // instances)
+
+
+def onnxruntime_options(model: ServedModel) -> Any:
+    """onnxruntime ``SessionOptions`` from Triton's ORT backend parameters; no pool is left at its default.
+
+    ``intra_op_thread_count`` / ``inter_op_thread_count`` as the C++ backend reads them (``0`` means
+    onnxruntime's own default, as there); absent, intra-op threads are the CPUs shared among the model's
+    instances and inter-op threads 1 (sequential execution uses none). ``execution_mode`` ``1`` runs
+    branches in parallel. Every ``session.*`` parameter is a session config entry; spinning
+    (``session.intra_op.allow_spinning`` / ``session.inter_op.allow_spinning``) is off unless set to
+    ``1``, so idle pools of the many models of one server do not burn the cores the busy ones need.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    intra = model.int_parameter("intra_op_thread_count", "INTRA_OP_THREAD_COUNT")
-    inter = model.int_parameter("inter_op_thread_count", "INTER_OP_THREAD_COUNT")
-    if intra > 0:
-        options.intra_op_num_threads = intra
-    if inter > 0:
-        options.inter_op_num_threads = inter
+    params = model.parameters
+    intra = model.int_parameter("intra_op_thread_count", "INTRA_OP_THREAD_COUNT", default=-1)
+    inter = model.int_parameter("inter_op_thread_count", "INTER_OP_THREAD_COUNT", default=-1)
+    options.intra_op_num_threads = default_intra_op_threads(model) if intra < 0 else intra
+    options.inter_op_num_threads = 1 if inter < 0 else inter
+    if model.int_parameter("execution_mode", default=0) == 1:
+        options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+    entries = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
+    entries.update({k: v for k, v in params.items() if k.startswith("session.")})
+    for key, value in entries.items():
+        if key.endswith(".allow_spinning") and value not in ("0", "1"):
+            # onnxruntime would take any text here silently and spin
+            raise ValueError(f'model \'{model.name}\': parameter {key}={value!r} must be "0" or "1"')
+        try:
+            options.add_session_config_entry(key, value)
+        except Exception as exc:
+            raise ValueError(f"model '{model.name}': parameter {key}={value!r} was refused: {exc}") from exc
     level = model.int_parameter("graph_optimization_level", default=99)
     options.graph_optimization_level = {
         -1: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         0: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         1: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     }.get(level, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    return options
+
+
+def onnxruntime_runner(model: ServedModel) -> Runner:
+    """An onnxruntime session for the model, honouring Triton's ORT backend thread parameters."""
+    import onnxruntime as ort
+
+    options = onnxruntime_options(model)
     session = ort.InferenceSession(model.path, sess_options=options, providers=["CPUExecutionProvider"])
     known_inputs = {i.name for i in session.get_inputs()}
     known_outputs = [o.name for o in session.get_outputs()]
@@ -251,14 +329,15 @@ def pytorch_runner(model: ServedModel) -> Runner:
     """A TorchScript module for the model, with Triton's pytorch backend naming and thread parameters."""
     import torch
 
-    intra = model.int_parameter("INTRA_OP_THREAD_COUNT", "intra_op_thread_count")
-    inter = model.int_parameter("INTER_OP_THREAD_COUNT", "inter_op_thread_count")
-    if intra > 0:
-        torch.set_num_threads(intra)
-    if inter > 0:
+    intra = model.int_parameter("INTRA_OP_THREAD_COUNT", "intra_op_thread_count", default=-1)
+    inter = model.int_parameter("INTER_OP_THREAD_COUNT", "inter_op_thread_count", default=-1)
+    # absent: the CPUs shared among the model's instances, and one inter-op thread (as for onnxruntime)
+    if intra != 0:
+        torch.set_num_threads(default_intra_op_threads(model) if intra < 0 else intra)
+    if inter != 0:
         # may only be set once per process; the stub hosts one model instance, so first wins
         with contextlib.suppress(RuntimeError):
-            torch.set_num_interop_threads(inter)
+            torch.set_num_interop_threads(1 if inter < 0 else inter)
     module = torch.jit.load(model.path, map_location="cpu")
     module.eval()
 
@@ -273,8 +352,9 @@ def pytorch_runner(model: ServedModel) -> Runner:
     # INPUT__<i> names are positions; otherwise the config's order is the forward's order
     positional = [n for _, n in sorted(zip(indices, input_names, strict=True))] if by_index else input_names
     output_names = [info.name for info in model.outputs]
-    out_indices = [_suffix_index(name) for name in output_names]
-    if not all(i is not None for i in out_indices):
+    suffixes = [_suffix_index(name) for name in output_names]
+    out_indices = [i for i in suffixes if i is not None]
+    if len(out_indices) != len(output_names):
         out_indices = list(range(len(output_names)))
 
     def to_tensor(array: np.ndarray) -> torch.Tensor:

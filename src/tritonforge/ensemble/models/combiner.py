@@ -3,7 +3,10 @@
 Methods (the ``method`` parameter): ``average`` (mean of the probabilities), ``weighted`` (weighted mean,
 ``weights`` parameter), ``vote`` (majority of the members' argmax; PROBABILITIES holds the vote shares and
 ties go to the class with the highest mean probability). Outputs PROBABILITIES [N, classes] and LABEL [N, 1].
-Needs numpy only.
+
+Every request Triton's dynamic batcher hands over in one ``execute`` is combined in one vectorised pass:
+the members' rows are copied once into one [members, rows, classes] array, combined, and the results
+handed back per request as slices (views) of the batch's result. Needs numpy only.
 """
 
 import json
@@ -18,41 +21,80 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.method = params.get("method", "average")
         self.count = int(params["inputs"])
+        self.names = [f"PROBS_{i}" for i in range(self.count)]
         weights = np.asarray(json.loads(params.get("weights", "[]")) or [1.0] * self.count, dtype=np.float64)
-        self.weights = weights / weights.sum()
+        self.weights = (weights / weights.sum()).astype(np.float32)
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
+        responses = [None] * len(requests)
+        good = []  # (index, [member arrays]) of the requests whose inputs are usable
+        for index, request in enumerate(requests):
             try:
-                probs = np.stack(
-                    [
-                        pb_utils.get_input_tensor_by_name(request, f"PROBS_{i}").as_numpy()
-                        for i in range(self.count)
-                    ]
-                ).astype(np.float64)  # [members, N, classes]
-                combined, label = combine(probs, self.method, self.weights)
-                responses.append(
+                members = [pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.names]
+                shape = members[0].shape
+                if len(shape) != 2 or any(m.shape != shape for m in members):
+                    raise ValueError(
+                        f"inputs {self.names} must share one [rows, classes] shape, got "
+                        f"{[m.shape for m in members]}"
+                    )
+                if good and shape[1] != good[0][1][0].shape[1]:
+                    # a different class count can't share the batch: answer it alone
+                    responses[index] = self._answer([(index, members)])[0][1]
+                    continue
+                good.append((index, members))
+            except Exception as exc:
+                responses[index] = _error(exc)
+        if good:
+            for index, response in self._answer(good):
+                responses[index] = response
+        return responses
+
+    def _answer(self, items):
+        try:
+            rows = [members[0].shape[0] for _, members in items]
+            probs = np.empty((self.count, sum(rows), items[0][1][0].shape[1]), dtype=np.float32)
+            offset = 0
+            for (_, members), n in zip(items, rows, strict=True):
+                for k, member in enumerate(members):
+                    probs[k, offset : offset + n] = member  # the one copy (and cast) per request
+                offset += n
+            combined, label = combine(probs, self.method, self.weights)
+            combined = combined.astype(np.float32, copy=False)
+            label = label.astype(np.int64, copy=False)[:, None]
+        except Exception as exc:
+            return [(index, _error(exc)) for index, _ in items]
+        answers = []
+        offset = 0
+        for (index, _), n in zip(items, rows, strict=True):
+            end = offset + n
+            answers.append(
+                (
+                    index,
                     pb_utils.InferenceResponse(
                         output_tensors=[
-                            pb_utils.Tensor("PROBABILITIES", combined.astype(np.float32)),
-                            pb_utils.Tensor("LABEL", label.astype(np.int64)[:, None]),
+                            pb_utils.Tensor("PROBABILITIES", combined[offset:end]),
+                            pb_utils.Tensor("LABEL", label[offset:end]),
                         ]
-                    )
+                    ),
                 )
-            except Exception as exc:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"combiner: {exc}")))
-        return responses
+            )
+            offset = end
+        return answers
+
+
+def _error(exc):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"combiner: {exc}"))
 
 
 def combine(probs, method, weights):
-    """probs [members, N, classes] -> (combined [N, classes], label [N])."""
+    """probs [members, N, classes] -> (combined [N, classes], label [N]); the whole batch at once."""
     if method == "vote":
-        classes = probs.shape[2]
-        votes = np.eye(classes)[probs.argmax(axis=2)].sum(axis=0)  # [N, classes]
+        members, _, classes = probs.shape
+        picks = probs.argmax(axis=2)  # [members, N]
+        votes = (picks[..., None] == np.arange(classes)).sum(axis=0, dtype=np.float32)  # [N, classes]
         mean = probs.mean(axis=0)
         # among the classes with the most votes, the one with the highest mean probability wins
         label = np.where(votes == votes.max(axis=1, keepdims=True), mean, -1.0).argmax(axis=1)
-        return votes / probs.shape[0], label
-    combined = np.tensordot(weights, probs, axes=1)
+        return votes / np.float32(members), label
+    combined = np.tensordot(np.asarray(weights, dtype=probs.dtype), probs, axes=1)
     return combined, combined.argmax(axis=1)

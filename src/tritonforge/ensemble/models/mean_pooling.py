@@ -2,6 +2,11 @@
 
 ``EMBEDDING[i] = sum_t mask[i,t] * tokens[i,t,:] / sum_t mask[i,t]``, then divided by its L2 norm (unless the
 ``normalize`` parameter is "0"), as sentence-transformers' all-MiniLM models do. Needs numpy only.
+
+The token embeddings are the largest tensor of the text pipeline, so they are never copied: each request's
+are read in place from Triton's shared memory (a zero-copy view) and reduced by one ``einsum`` (no
+[rows, tokens, dim] temporary, no BLAS thread pool). Requests are not concatenated, since that would copy
+the embeddings only to save a few numpy calls per request.
 """
 
 import json
@@ -22,20 +27,9 @@ class TritonPythonModel:
             try:
                 tokens = pb_utils.get_input_tensor_by_name(request, "TOKEN_EMBEDDINGS").as_numpy()
                 mask = pb_utils.get_input_tensor_by_name(request, "ATTENTION_MASK").as_numpy()
-                if tokens.shape[:2] != mask.shape:
-                    raise ValueError(
-                        f"token embeddings {tokens.shape} and mask {mask.shape} disagree on "
-                        "batch and sequence dims"
-                    )
-                weights = mask.astype(np.float32)[..., None]
-                pooled = (tokens.astype(np.float32) * weights).sum(axis=1) / np.maximum(
-                    weights.sum(axis=1), 1e-9
-                )
-                if self.normalize:
-                    pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
                 responses.append(
                     pb_utils.InferenceResponse(
-                        output_tensors=[pb_utils.Tensor("EMBEDDING", pooled.astype(np.float32))]
+                        output_tensors=[pb_utils.Tensor("EMBEDDING", pool(tokens, mask, self.normalize))]
                     )
                 )
             except Exception as exc:
@@ -43,3 +37,19 @@ class TritonPythonModel:
                     pb_utils.InferenceResponse(error=pb_utils.TritonError(f"mean_pooling: {exc}"))
                 )
         return responses
+
+
+def pool(tokens, mask, normalize):
+    """tokens [N, T, D], mask [N, T] -> float32 [N, D] (L2-normalised when ``normalize``)."""
+    if tokens.ndim != 3 or tokens.shape[:2] != mask.shape:
+        raise ValueError(
+            f"token embeddings {tokens.shape} and mask {mask.shape} disagree on batch and sequence dims"
+        )
+    if tokens.dtype != np.float32:
+        tokens = tokens.astype(np.float32)
+    weights = mask.astype(np.float32)
+    pooled = np.einsum("nt,ntd->nd", weights, tokens)
+    pooled /= np.maximum(weights.sum(axis=1, keepdims=True), np.float32(1e-9))
+    if normalize:
+        pooled /= np.maximum(np.sqrt(np.einsum("nd,nd->n", pooled, pooled))[:, None], np.float32(1e-12))
+    return pooled
