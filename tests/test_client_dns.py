@@ -161,8 +161,11 @@ def test_client_follows_replicas_that_appear_and_disappear_under_load_and_no_cal
                 load.wait_for_answers(three)
                 assert load.count(one) == left_at  # a removed replica gets no new call
 
-                listing.set(two)  # a pod terminates: unlisted and stopped at once, under load
-            load.wait_for_answers(two)
+                # a pod terminates: unlisted, then stopped once clients have left it (its preStop sleep)
+                listing.set(two)
+                wait_until(lambda: three not in picked(client), f"{three} to leave the pool")
+                load.wait_for_answers(two)
+            load.wait_for_answers(two)  # and on, after it stopped
             assert picked(client) == {two}
 
             listing.set(one, two)  # a replica comes back

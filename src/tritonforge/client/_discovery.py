@@ -37,7 +37,9 @@ __all__ = [
 ]
 
 DEFAULT_GRPC_PORT = 8001
-DEFAULT_REFRESH_S = 30.0
+# Short: a terminating pod keeps serving only for its preStop sleep (5 s in the generated Deployment) before
+# Triton unloads its models and answers NOT_FOUND; a look-up is one cheap getaddrinfo.
+DEFAULT_REFRESH_S = 2.0
 SCHEME = "dns://"
 
 
@@ -185,7 +187,7 @@ class Discovery:
         ... # doctest: +SKIP
 
     Attributes:
-        refresh_s: re-resolve every ``refresh_s`` seconds (30). Replicas that appear are used from then on;
+        refresh_s: re-resolve every ``refresh_s`` seconds (2). Replicas that appear are used from then on;
             those that vanish get no new calls, and their calls in flight finish.
         resolver: ``resolver(target) -> {"ip:port", ...}``; the system resolver (``getaddrinfo``) by
             default. Another one (a service registry, a test) raises :class:`Unavailable` when it fails.
