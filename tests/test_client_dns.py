@@ -4,6 +4,7 @@ disappear (as pods behind a headless Service do) while both faces run steady loa
 from __future__ import annotations
 
 import asyncio
+import textwrap
 import threading
 import time
 from collections import Counter
@@ -17,7 +18,9 @@ import pytest
 
 import tiny_models
 from client_fixtures import FACES, make_client, stop_all
+from tiny_models import spec
 from tritonforge.client import ClientEvent, Discovery, DnsTarget
+from tritonforge.config import DataType, ModelConfig
 from tritonforge.errors import ClientError, Unavailable
 from tritonforge.repository import add_model
 from tritonforge.server import EmbeddedServer
@@ -25,6 +28,19 @@ from tritonforge.server import EmbeddedServer
 NAME = "dns:///triton-headless.ns.svc.cluster.local:8001"
 REFRESH_S = 0.1
 X = {"x": np.ones((1, 8), np.float32)}
+SLOW_S = 1.5
+SLOW_PY = textwrap.dedent(f"""
+    import time
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            time.sleep({SLOW_S})
+            return [
+                pb_utils.InferenceResponse([pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy())])
+                for r in requests
+            ]
+""")
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +48,17 @@ def mlp_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("dns")
     repo = root / "repo"
     add_model(repo, "mlp", tiny_models.mlp_onnx(root / "mlp.onnx"), max_batch_size=8)
+    slow_file = root / "slow" / "model.py"
+    slow_file.parent.mkdir()
+    slow_file.write_text(SLOW_PY)
+    slow = ModelConfig(
+        name="slow",
+        backend="python",
+        max_batch_size=0,
+        inputs=(spec("x", DataType.FP32, (1,)),),
+        outputs=(spec("y", DataType.FP32, (1,)),),
+    )
+    add_model(repo, "slow", slow_file, slow)
     return repo
 
 
@@ -143,7 +170,8 @@ def test_client_follows_replicas_that_appear_and_disappear_under_load_and_no_cal
     try:
         with Load(client, face) as load:
             load.wait_for_answers(one)
-            with EmbeddedServer(mlp_repo, host="127.0.0.3") as third:  # a pod starts, becomes ready ...
+            third_pod = EmbeddedServer(mlp_repo, host="127.0.0.3", model_control="explicit", load_models=["mlp"])
+            with third_pod as third:  # a pod starts, becomes ready ...
                 three = third.grpc_url
                 listing.set(one, three)  # ... and the name lists it
                 load.wait_for_answers(three)
@@ -173,6 +201,57 @@ def test_client_follows_replicas_that_appear_and_disappear_under_load_and_no_cal
             assert picked(client) == {one, two}
         assert load.failures == []
         assert listing.lookups > 10  # re-resolved all along, not once
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_a_call_in_flight_on_a_replica_that_leaves_the_name_gets_its_answer(
+    face: str, replicas: list[EmbeddedServer]
+) -> None:
+    one, two = (server.grpc_url for server in replicas)
+    listing = Listing(one)
+    client = make_client(face, NAME, discovery=Discovery(refresh_s=REFRESH_S, resolver=listing))
+    seen: dict[str, Any] = {}
+
+    def outstanding_on_one() -> int:
+        return sum(s.outstanding for s in client.endpoints if s.url == one)
+
+    def leave_while_in_flight() -> None:  # runs while the slow call is in flight on `one`
+        wait_until(lambda: outstanding_on_one() == 1, f"the slow call to be in flight on {one}")
+        listing.set(two)
+        wait_until(lambda: picked(client) == {two}, f"{one} to leave the pool")
+        seen["draining"] = [(e.url, e.outstanding) for e in client._pool.draining]
+
+    x = {"x": np.array([7.0], np.float32)}
+    try:
+        if face == "sync":
+            leaving = threading.Thread(target=leave_while_in_flight)
+            leaving.start()
+            out = client.infer("slow", x)
+            leaving.join()
+        else:  # the flip runs in a thread while the client's loop drives the call
+
+            async def call_while_leaving() -> Any:
+                flip = asyncio.create_task(asyncio.to_thread(leave_while_in_flight))
+                answer = await client.client.infer("slow", x)
+                await flip
+                return answer
+
+            out = client.run(call_while_leaving())
+        assert seen["draining"] == [(one, 1)]  # left the pick set, its call still counted in flight
+        np.testing.assert_array_equal(out["y"], x["x"])  # ... and answered by the server that left
+        closed = lambda: client._pool.every_endpoint() == client._pool.endpoints  # noqa: E731
+        if face == "sync":
+            wait_until(closed, f"{one} closed")
+        else:  # the re-resolution task runs on the client's loop: let it run until then
+
+            async def until_closed() -> None:
+                while not closed():
+                    await asyncio.sleep(0.02)
+
+            client.run(asyncio.wait_for(until_closed(), 60))
+        assert picked(client) == {two}
     finally:
         client.close()
 
