@@ -36,10 +36,11 @@ SLOW_PY = textwrap.dedent(f"""
     class TritonPythonModel:
         def execute(self, requests):
             time.sleep({SLOW_S})
-            return [
-                pb_utils.InferenceResponse([pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy())])
-                for r in requests
-            ]
+            out = []
+            for request in requests:
+                x = pb_utils.get_input_tensor_by_name(request, "x").as_numpy()
+                out.append(pb_utils.InferenceResponse([pb_utils.Tensor("y", x)]))
+            return out
 """)
 
 
@@ -170,7 +171,9 @@ def test_client_follows_replicas_that_appear_and_disappear_under_load_and_no_cal
     try:
         with Load(client, face) as load:
             load.wait_for_answers(one)
-            third_pod = EmbeddedServer(mlp_repo, host="127.0.0.3", model_control="explicit", load_models=["mlp"])
+            third_pod = EmbeddedServer(
+                mlp_repo, host="127.0.0.3", model_control="explicit", load_models=["mlp"]
+            )
             with third_pod as third:  # a pod starts, becomes ready ...
                 three = third.grpc_url
                 listing.set(one, three)  # ... and the name lists it
@@ -181,9 +184,7 @@ def test_client_follows_replicas_that_appear_and_disappear_under_load_and_no_cal
                 listing.set(two, three)  # scale-in: one is no longer listed (its server runs on)
                 wait_until(lambda: one not in picked(client), f"{one} to leave the pool")
                 # its calls in flight finished and its channel is closed: the client holds it no more
-                wait_until(
-                    lambda: one not in {e.url for e in client._pool.every_endpoint()}, f"{one} closed"
-                )
+                wait_until(lambda: one not in {e.url for e in client._pool.every_endpoint()}, f"{one} closed")
                 left_at = load.count(one)
                 load.wait_for_answers(two)
                 load.wait_for_answers(three)
