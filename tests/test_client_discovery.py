@@ -152,13 +152,15 @@ def test_pool_apply_drains_a_removed_endpoint_until_its_calls_in_flight_are_rele
     assert [e.url for e in pool.endpoints] == ["b:1"] and pool.draining == [busy]
     assert all(pool.acquire(0.0).url == "b:1" for _ in range(3))  # never picked again
     pool.release(busy, 0.0, transport_failure=False)  # the call finishes normally
+    assert pool.take_idle() == []  # idle now: one more turn for calls the pool does not count
     assert pool.take_idle() == [busy] and pool.draining == []
     assert [e.url for e in pool.every_endpoint()] == ["b:1"]
 
 
-def test_pool_apply_returns_an_idle_removed_endpoint_at_once_for_closing() -> None:
+def test_pool_hands_back_an_idle_removed_endpoint_for_closing_on_the_next_turn() -> None:
     pool = _pool("a:1", "b:1")
-    idle = pool.apply([], ["b:1"], _attach)
+    assert pool.apply([], ["b:1"], _attach) == []
+    idle = pool.apply([], [], _attach)
     assert [e.url for e in idle] == ["b:1"] and pool.draining == []
 
 

@@ -165,7 +165,7 @@ class AsyncClient(BaseClient):
             await asyncio.sleep(self._sources.refresh_s)
             await asyncio.to_thread(self._sources.refresh)
             for ep in self._rediscover():
-                await ep.handle.channel.close()
+                self._spawn(ep.handle.channel.close())  # awaited by aclose() even if we are cancelled
 
     async def wait_shadows(self) -> None:
         """Wait until every shadow call (and merged request) started so far has finished."""

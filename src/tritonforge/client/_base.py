@@ -187,7 +187,7 @@ class BaseClient:
     Args:
         urls: one ``host:port`` or a list of them (replicas serving the same models); a
             ``dns:///name:port`` URL stands for every address of ``name``, re-resolved in the background.
-        discovery: :class:`Discovery`, how ``dns:///`` URLs are re-resolved (every 30 s by default).
+        discovery: :class:`Discovery`, how ``dns:///`` URLs are re-resolved (every 2 s by default).
         deadline: a :class:`Deadline` or a number of seconds for a whole call (``timeout_s`` per call wins).
         retry: :class:`RetryPolicy` for transient errors (``RetryPolicy.none()`` to disable).
         breaker: :class:`CircuitBreaker` per endpoint.

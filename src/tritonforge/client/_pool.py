@@ -81,7 +81,9 @@ class EndpointPool:
     ``endpoints`` is the pick set. :meth:`apply` changes it (DNS discovery): it is replaced, never mutated
     in place, so a flow iterating over it meanwhile sees a consistent list. A removed endpoint is
     *draining*: never picked again, its calls in flight finish (``release`` still counts them), and once
-    none is left :meth:`apply` or :meth:`take_idle` hands it back for its channel to be closed.
+    none has been left for a whole turn (two calls of :meth:`apply` or :meth:`take_idle` in a row find it
+    idle) it is handed back for its channel to be closed. The extra turn spares the calls the pool does not
+    count (a health check, ``load_model`` on every endpoint) that took the endpoint just before it left.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class EndpointPool:
         self._lock = threading.Lock()
         self._single = self.endpoints[0] if len(self.endpoints) == 1 else None
         self.draining: list[Endpoint] = []
+        self._quiet: list[Endpoint] = []  # draining endpoints found idle last turn
 
     def _available(self, ep: Endpoint, now: float) -> bool:
         if ep.state == "closed":
@@ -166,7 +169,7 @@ class EndpointPool:
         are never cancelled: a removed endpoint keeps its transport until its last call is released.
 
         Returns:
-            Draining endpoints with no call in flight, taken out of the pool: close their transports.
+            Draining endpoints idle since the last turn, taken out of the pool: close their transports.
         """
         added, removed = list(dict.fromkeys(added)), set(removed)
         with self._lock:
@@ -185,18 +188,21 @@ class EndpointPool:
             self.endpoints = active
             self._single = active[0] if len(active) == 1 else None
             self.draining = draining
+            self._quiet = [e for e in self._quiet if e in draining]
             return self._take_idle()
 
     def take_idle(self) -> list[Endpoint]:
-        """Draining endpoints whose last call has finished, taken out of the pool: close their transports."""
+        """Draining endpoints idle since the last turn, taken out of the pool: close their transports."""
         with self._lock:
             return self._take_idle()
 
     def _take_idle(self) -> list[Endpoint]:
         idle = [e for e in self.draining if e.outstanding <= 0]
-        if idle:
-            self.draining = [e for e in self.draining if e.outstanding > 0]
-        return idle
+        done = [e for e in idle if e in self._quiet]
+        self._quiet = [e for e in idle if e not in done]
+        if done:
+            self.draining = [e for e in self.draining if e not in done]
+        return done
 
     def every_endpoint(self) -> list[Endpoint]:
         """The pick set and the draining endpoints (every transport the client holds)."""
