@@ -183,14 +183,17 @@ class Discovery:
     """How a client finds the replicas behind its ``dns:///`` URLs.
 
     Example:
-        >>> Client("dns:///triton-headless.ns.svc.cluster.local:8001", discovery=Discovery(refresh_s=10))
-        ... # doctest: +SKIP
+        >>> name = "dns:///triton-headless.ns.svc.cluster.local:8001"
+        >>> client = Client(name, discovery=Discovery(refresh_s=1.0))  # doctest: +SKIP
 
     Attributes:
         refresh_s: re-resolve every ``refresh_s`` seconds (2). Replicas that appear are used from then on;
             those that vanish get no new calls, and their calls in flight finish.
         resolver: ``resolver(target) -> {"ip:port", ...}``; the system resolver (``getaddrinfo``) by
             default. Another one (a service registry, a test) raises :class:`Unavailable` when it fails.
+
+    Raises:
+        ValueError: ``refresh_s`` is not a positive number of seconds.
     """
 
     refresh_s: float = DEFAULT_REFRESH_S
