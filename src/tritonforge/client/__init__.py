@@ -10,6 +10,9 @@ memory and metrics, with the same methods on :class:`Client` and :class:`AsyncCl
                            fallbacks={"clf": Fallback("clf_small")}) as client:
         out = await client.infer("clf", {"x": batch})
 
+A ``dns:///name:port`` URL (a Kubernetes headless Service) stands for every replica behind the name,
+re-resolved in the background (:class:`Discovery`).
+
 Errors are those of :mod:`tritonforge.errors` (``ClientError`` and below), mapped in one place
 (:func:`map_grpc_errors`).
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 from tritonforge.client._async import AsyncClient
 from tritonforge.client._base import DEFAULT_CONTROL_TIMEOUT_S, InferOptions, ManyOptions
 from tritonforge.client._codec import ModelMetadata, TensorMetadata
+from tritonforge.client._discovery import Discovery, DnsTarget
 from tritonforge.client._mapping import map_grpc_errors
 from tritonforge.client._pool import Capabilities, EndpointStatus
 from tritonforge.client._sync import Client
@@ -55,6 +59,8 @@ __all__ = [
     "ClientEvent",
     "Coalesce",
     "Deadline",
+    "Discovery",
+    "DnsTarget",
     "EndpointStatus",
     "Fallback",
     "HealthCheck",

@@ -51,6 +51,7 @@ class AsyncClient(BaseClient):
         self._busy: dict[tuple[str, str, str | None], int] = {}  # calls in flight per endpoint and model
         self._opened = False
         self._health_task: asyncio.Task[None] | None = None
+        self._discovery_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # shadows and merged requests in flight
 
     # -- the driver --------------------------------------------------------------------------------------
@@ -132,20 +133,23 @@ class AsyncClient(BaseClient):
         self._opened = True
         if self.health_check is not None:
             self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+        if self._sources.dynamic:
+            self._discovery_task = asyncio.get_running_loop().create_task(self._discovery_loop())
 
     async def aclose(self) -> None:
         """Stop health checks, finish shadow calls, unregister and remove shared memory, close channels."""
         if self._closed:
             return
         self._closed = True
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+        for task in (self._health_task, self._discovery_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.wait_shadows()
         if self._opened:
             await self._drive(self._close_flow())
-            for ep in self._pool.endpoints:
+            for ep in self._pool.every_endpoint():
                 await ep.handle.channel.close()
         elif self._shm is not None:
             self._shm.close()
@@ -156,6 +160,14 @@ class AsyncClient(BaseClient):
             await asyncio.sleep(self.health_check.interval_s)
             with contextlib.suppress(ClientError):
                 await self._drive(self._health_flow())
+
+    async def _discovery_loop(self) -> None:
+        """Re-resolve the ``dns:///`` URLs every ``refresh_s`` (off the loop); close drained channels."""
+        while not self._closed:
+            await asyncio.sleep(self._sources.refresh_s)
+            await asyncio.to_thread(self._sources.refresh)
+            for ep in self._rediscover():
+                self._spawn(ep.handle.channel.close())  # awaited by aclose() even if we are cancelled
 
     async def wait_shadows(self) -> None:
         """Wait until every shadow call (and merged request) started so far has finished."""

@@ -37,6 +37,7 @@ from tritonforge.client._codec import (
     frame,
     request_header,
 )
+from tritonforge.client._discovery import Discovery, EndpointSources, diff_endpoints
 from tritonforge.client._flow import Attempt, BudgetState, Each, Op, Rpc, Sleep, Spawn, call_flow, one
 from tritonforge.client._inputs import (
     NonFinitePolicy,
@@ -197,7 +198,9 @@ class BaseClient:
     """Options and decisions shared by :class:`Client` and :class:`AsyncClient` (see their docs).
 
     Args:
-        urls: one ``host:port`` or a list of them (replicas serving the same models).
+        urls: one ``host:port`` or a list of them (replicas serving the same models); a
+            ``dns:///name:port`` URL stands for every address of ``name``, re-resolved in the background.
+        discovery: :class:`Discovery`, how ``dns:///`` URLs are re-resolved (every 2 s by default).
         deadline: a :class:`Deadline` or a number of seconds for a whole call (``timeout_s`` per call wins).
         retry: :class:`RetryPolicy` for transient errors (``RetryPolicy.none()`` to disable).
         breaker: :class:`CircuitBreaker` per endpoint.
@@ -248,6 +251,7 @@ class BaseClient:
         hooks: Iterable[Hook] = (),
         channel_options: Sequence[tuple[str, Any]] = (),
         seed: int | None = None,
+        discovery: Discovery | None = None,
     ) -> None:
         url_list = [urls] if isinstance(urls, str) else list(urls)
         self.urls = [_url(u) for u in url_list]
@@ -292,7 +296,8 @@ class BaseClient:
         self._id_prefix = os.urandom(4).hex() + "-"
         self._id_counter = itertools.count(1)
         self._rng = random.Random(seed)
-        self._pool = EndpointPool(self.urls, self.breaker, random.Random(seed))
+        self._sources = EndpointSources(self.urls, discovery or Discovery())
+        self._pool = EndpointPool(self._sources.first(), self.breaker, random.Random(seed))
         self._budget = BudgetState(retry.budget, time.monotonic())
         self._metrics = ClientMetrics(registry) if metrics else None
         self._grpc_metadata: tuple[tuple[str, str], ...] | None = tuple(self.headers.items()) or None
@@ -364,6 +369,11 @@ class BaseClient:
             )
         )
         ep.handle = Transport(channel)
+
+    def _rediscover(self) -> list[Endpoint]:
+        """Bring the pool in line with the last resolution; the drained endpoints whose channels to close."""
+        change = diff_endpoints([e.url for e in self._pool.endpoints], self._sources.current())
+        return self._pool.apply(change.added, change.removed, self._attach)
 
     # -- shared memory -----------------------------------------------------------------------------------
 

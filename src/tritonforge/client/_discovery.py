@@ -18,16 +18,18 @@ import dataclasses
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from tritonforge.errors import Unavailable
 
 __all__ = [
     "DEFAULT_GRPC_PORT",
     "DEFAULT_REFRESH_S",
+    "Discovery",
     "DnsDiscovery",
     "DnsTarget",
     "EndpointChange",
+    "EndpointSources",
     "diff_endpoints",
     "parse_dns_target",
     "resolve",
@@ -35,7 +37,9 @@ __all__ = [
 ]
 
 DEFAULT_GRPC_PORT = 8001
-DEFAULT_REFRESH_S = 30.0
+# Short: a terminating pod keeps serving only for its preStop sleep (5 s in the generated Deployment) before
+# Triton unloads its models and answers NOT_FOUND; a look-up is one cheap getaddrinfo.
+DEFAULT_REFRESH_S = 2.0
 SCHEME = "dns://"
 
 
@@ -124,7 +128,7 @@ class DnsDiscovery:
         target: DnsTarget | str,
         *,
         refresh_s: float = DEFAULT_REFRESH_S,
-        resolver: Callable[[DnsTarget], frozenset[str]] = resolve,
+        resolver: Callable[[DnsTarget], Iterable[str]] = resolve,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if refresh_s <= 0:
@@ -157,7 +161,9 @@ class DnsDiscovery:
         first = self._next_at is None
         self._next_at = self._clock() + self.refresh_s
         try:
-            found = self._resolver(self.target)
+            found = frozenset(self._resolver(self.target))
+            if not found:  # an empty answer is a blip like a failure, never a reason to empty the pool
+                raise Unavailable(f"{self.target.host} resolved to no address", endpoint=str(self.target))
         except Unavailable as exc:
             self.last_error = exc
             if first:
@@ -170,6 +176,80 @@ class DnsDiscovery:
 
     def refresh_if_due(self) -> EndpointChange:
         return self.refresh() if self.due() else EndpointChange()
+
+
+@dataclasses.dataclass(frozen=True)
+class Discovery:
+    """How a client finds the replicas behind its ``dns:///`` URLs.
+
+    Example:
+        >>> name = "dns:///triton-headless.ns.svc.cluster.local:8001"
+        >>> client = Client(name, discovery=Discovery(refresh_s=1.0))  # doctest: +SKIP
+
+    Attributes:
+        refresh_s: re-resolve every ``refresh_s`` seconds (2). Replicas that appear are used from then on;
+            those that vanish get no new calls, and their calls in flight finish.
+        resolver: ``resolver(target) -> {"ip:port", ...}``; the system resolver (``getaddrinfo``) by
+            default. Another one (a service registry, a test) raises :class:`Unavailable` when it fails.
+
+    Raises:
+        ValueError: ``refresh_s`` is not a positive number of seconds.
+    """
+
+    refresh_s: float = DEFAULT_REFRESH_S
+    resolver: Callable[[DnsTarget], Iterable[str]] = resolve
+
+    def __post_init__(self) -> None:
+        if not self.refresh_s > 0:
+            raise ValueError(f"Discovery(refresh_s=...) must be > 0 seconds, not {self.refresh_s!r}")
+
+
+class EndpointSources:
+    """The endpoints a client's URLs stand for: plain ``host:port`` ones as given, ``dns:///`` ones resolved.
+
+    Raises:
+        ValueError: a malformed ``dns:///`` URL (see :func:`parse_dns_target`).
+    """
+
+    def __init__(self, urls: Sequence[str], discovery: Discovery) -> None:
+        self.refresh_s = discovery.refresh_s
+        self._order = list(urls)
+        self._lookups = {
+            url: DnsDiscovery(url, refresh_s=discovery.refresh_s, resolver=discovery.resolver)
+            for url in dict.fromkeys(urls)
+            if url.startswith(SCHEME)
+        }
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether any URL is resolved (so the client must re-resolve in the background)."""
+        return bool(self._lookups)
+
+    def first(self) -> list[str]:
+        """Resolve every ``dns:///`` URL for the first time; every endpoint, in the order of the URLs.
+
+        Raises:
+            Unavailable: a name does not resolve (``endpoint`` names the ``dns:///`` URL).
+        """
+        for lookup in self._lookups.values():
+            lookup.refresh()
+        return self.current()
+
+    def refresh(self) -> None:
+        """Re-resolve every name (blocking I/O); a failed look-up keeps that name's last endpoints."""
+        for lookup in self._lookups.values():
+            try:
+                lookup.refresh()
+            except Exception as exc:  # a foreign resolver's own error: kept like a failed look-up
+                lookup.last_error = Unavailable(f"resolving {lookup.target} failed: {exc!r}")
+
+    def current(self) -> list[str]:
+        """Every endpoint as last resolved (each once, in the order of the URLs; a name's sorted)."""
+        found: list[str] = []
+        for url in self._order:
+            lookup = self._lookups.get(url)
+            found += [url] if lookup is None else sorted(lookup.endpoints)
+        return list(dict.fromkeys(found))
 
 
 def watch(

@@ -1,10 +1,11 @@
-"""Endpoint choice without I/O: least outstanding requests, a circuit breaker per endpoint, health marks."""
+"""Endpoint choice without I/O: least outstanding requests, a circuit breaker per endpoint, health marks,
+and endpoints that come and go (DNS discovery): added ones join the pick set, removed ones drain."""
 
 from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -76,6 +77,13 @@ class EndpointPool:
 
     A lock keeps the counts right when the sync client is used from many threads; it is never held across
     I/O, so the async client takes it too at no risk.
+
+    ``endpoints`` is the pick set. :meth:`apply` changes it (DNS discovery): it is replaced, never mutated
+    in place, so a flow iterating over it meanwhile sees a consistent list. A removed endpoint is
+    *draining*: never picked again, its calls in flight finish (``release`` still counts them), and once
+    none has been left for a whole turn (two calls of :meth:`apply` or :meth:`take_idle` in a row find it
+    idle) it is handed back for its channel to be closed. The extra turn spares the calls the pool does not
+    count (a health check, ``load_model`` on every endpoint) that took the endpoint just before it left.
     """
 
     def __init__(
@@ -88,6 +96,8 @@ class EndpointPool:
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._single = self.endpoints[0] if len(self.endpoints) == 1 else None
+        self.draining: list[Endpoint] = []
+        self._quiet: list[Endpoint] = []  # draining endpoints found idle last turn
 
     def _available(self, ep: Endpoint, now: float) -> bool:
         if ep.state == "closed":
@@ -148,6 +158,56 @@ class EndpointPool:
             elif ep.state == "closed":
                 ep.state = "open"
                 ep.opened_at = now
+
+    def apply(
+        self, added: Iterable[str], removed: Iterable[str], attach: Callable[[Endpoint], None]
+    ) -> list[Endpoint]:
+        """Add the endpoints at ``added``, drain those at ``removed``; the drained endpoints now idle.
+
+        A new endpoint is given its transport by ``attach`` (outside the lock) before it can be picked; an
+        address that comes back while still draining is picked again on its old transport. Calls in flight
+        are never cancelled: a removed endpoint keeps its transport until its last call is released.
+
+        Returns:
+            Draining endpoints idle since the last turn, taken out of the pool: close their transports.
+        """
+        added, removed = list(dict.fromkeys(added)), set(removed)
+        with self._lock:
+            known = {e.url for e in self.endpoints} | {e.url for e in self.draining}
+        fresh = [Endpoint(url) for url in added if url not in known]
+        for ep in fresh:
+            attach(ep)
+        with self._lock:
+            wanted = set(added)
+            revived = [e for e in self.draining if e.url in wanted]
+            draining = [e for e in self.draining if e.url not in wanted]
+            active = [e for e in self.endpoints if e.url not in removed]
+            draining += [e for e in self.endpoints if e.url in removed]
+            active_urls = {e.url for e in active}
+            active += [e for e in revived + fresh if e.url not in active_urls]
+            self.endpoints = active
+            self._single = active[0] if len(active) == 1 else None
+            self.draining = draining
+            self._quiet = [e for e in self._quiet if e in draining]
+            return self._take_idle()
+
+    def take_idle(self) -> list[Endpoint]:
+        """Draining endpoints idle since the last turn, taken out of the pool: close their transports."""
+        with self._lock:
+            return self._take_idle()
+
+    def _take_idle(self) -> list[Endpoint]:
+        idle = [e for e in self.draining if e.outstanding <= 0]
+        done = [e for e in idle if e in self._quiet]
+        self._quiet = [e for e in idle if e not in done]
+        if done:
+            self.draining = [e for e in self.draining if e not in done]
+        return done
+
+    def every_endpoint(self) -> list[Endpoint]:
+        """The pick set and the draining endpoints (every transport the client holds)."""
+        with self._lock:
+            return self.endpoints + self.draining
 
     def status(self) -> list[EndpointStatus]:
         with self._lock:

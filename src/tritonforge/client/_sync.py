@@ -56,6 +56,12 @@ class Client(BaseClient):
                 target=self._health_loop, name="tritonforge-health", daemon=True
             )
             self._health_thread.start()
+        self._discovery_thread: threading.Thread | None = None
+        if self._sources.dynamic:
+            self._discovery_thread = threading.Thread(
+                target=self._discovery_loop, name="tritonforge-dns", daemon=True
+            )
+            self._discovery_thread.start()
 
     # -- the driver --------------------------------------------------------------------------------------
 
@@ -122,11 +128,12 @@ class Client(BaseClient):
             return
         self._closed = True
         self._stop.set()
-        if self._health_thread is not None:
-            self._health_thread.join()
+        for thread in (self._health_thread, self._discovery_thread):
+            if thread is not None:
+                thread.join()
         self.wait_shadows()
         self._drive(self._close_flow())
-        for ep in self._pool.endpoints:
+        for ep in self._pool.every_endpoint():
             ep.handle.channel.close()
 
     def _health_loop(self) -> None:
@@ -136,6 +143,15 @@ class Client(BaseClient):
                 self._drive(self._health_flow())
             except ClientError:
                 return  # closed meanwhile
+
+    def _discovery_loop(self) -> None:
+        """Re-resolve the ``dns:///`` URLs every ``refresh_s``; close the channels of drained replicas."""
+        while not self._stop.wait(self._sources.refresh_s):
+            self._sources.refresh()
+            if self._stop.is_set():
+                return  # closed during the look-up: close() owns the channels now
+            for ep in self._rediscover():
+                ep.handle.channel.close()
 
     def wait_shadows(self) -> None:
         """Wait until every shadow call started so far has been compared."""
