@@ -55,6 +55,9 @@ SPOT_NODE_TERMS: list[tuple[str, str]] = [
 ]
 
 
+#: how long a terminating pod serves on after leaving the Service (see the preStop hook)
+PRESTOP_SLEEP_S = 15
+
 def labels(spec: DeploySpec, component: str = "server") -> dict[str, str]:
     return {
         "app.kubernetes.io/name": spec.name,
@@ -170,7 +173,9 @@ def deployment(spec: DeploySpec) -> Obj:
         "readinessProbe": _probe("readiness", period_s=5, failures=3),
         "livenessProbe": _probe("liveness", period_s=10, failures=3),
         # endpoints drop the pod before Triton stops taking requests
-        "lifecycle": {"preStop": {"exec": {"command": ["sleep", "5"]}}},
+        # clients re-resolve the headless Service every 2 s behind a DNS TTL (CoreDNS: 5 s): a terminating
+        # pod keeps serving until they have left it, or its calls fail with NOT_FOUND once Triton unloads
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
         "securityContext": _container_security(),
         "volumeMounts": mounts,
     }
@@ -179,7 +184,7 @@ def deployment(spec: DeploySpec) -> Obj:
     selector = labels(spec)
     pod_spec: Obj = {
         "securityContext": _pod_security(),
-        "terminationGracePeriodSeconds": spec.exit_timeout_s + 15,
+        "terminationGracePeriodSeconds": PRESTOP_SLEEP_S + spec.exit_timeout_s + 15,
         "containers": [container],
         "volumes": volumes,
         "topologySpreadConstraints": [
