@@ -15,17 +15,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 import tiny_models
+from cli_runner import run_tritonforge as run_cli
 from conftest import triton_infer
-
-
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tritonforge", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={"COLUMNS": "200", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
-    )
 
 
 def test_add_model_then_validate_live_passes(tmp_path):

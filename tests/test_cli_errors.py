@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -17,18 +18,10 @@ import psutil
 import pytest
 
 import tiny_models
+from cli_runner import run_tritonforge
 from tritonforge.repository import add_model
 
-
-def run_cli(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tritonforge", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},  # piped, no COLUMNS: 80 wide
-    )
+run_cli = functools.partial(run_tritonforge, timeout=120, columns=None)  # piped, no COLUMNS: 80 wide
 
 
 # verb -> (arguments, what the one line must say). Paths under /nonexistent never exist.
