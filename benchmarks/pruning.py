@@ -27,7 +27,8 @@ from sklearn.datasets import load_digits
 from tritonforge.export import export_onnx, export_pruned_onnx
 
 
-def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+    """``steps`` full-batch Adam steps of cross-entropy, then eval mode."""
     optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
     model.train()
     for _ in range(steps):
@@ -37,17 +38,14 @@ def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int)
     model.eval()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+def digits_mlp() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 64-256-128-10 MLP trained on digits (seed 0): ``(model, x, y, train rows, test rows)``."""
     torch.manual_seed(0)
     data = load_digits()
     x = torch.tensor(data.data / 16.0, dtype=torch.float32)
     y = torch.tensor(data.target, dtype=torch.long)
     order = torch.randperm(len(x))
-    train, test = order[:1400], order[1400:]
+    train_rows, test_rows = order[:1400], order[1400:]
     model = torch.nn.Sequential(
         torch.nn.Linear(64, 256),
         torch.nn.ReLU(),
@@ -55,25 +53,34 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.ReLU(),
         torch.nn.Linear(128, 10),
     )
-    _train(model, x[train], y[train], 200)
+    train(model, x[train_rows], y[train_rows], 200)
+    return model, x, y, train_rows, test_rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    model, x, y, train_rows, test_rows = digits_mlp()
     console = Console()
     rows = {}
     with tempfile.TemporaryDirectory() as work:
         full = export_onnx(
-            model, x[test][:4], Path(work) / "full.onnx", input_names=["x"], output_names=["logits"]
+            model, x[test_rows][:4], Path(work) / "full.onnx", input_names=["x"], output_names=["logits"]
         )
         rows["full"] = (full.path, None)
         for amount in (0.5, 0.75):
             artifact = export_pruned_onnx(
                 model,
-                x[test][:4],
+                x[test_rows][:4],
                 Path(work) / f"pruned{int(amount * 100)}.onnx",
                 amount=amount,
-                holdout=x[test],
-                labels=y[test].numpy(),
+                holdout=x[test_rows],
+                labels=y[test_rows].numpy(),
                 input_names=["x"],
                 output_names=["logits"],
-                finetune=lambda m: _train(m, x[train], y[train], 150),
+                finetune=lambda m: train(m, x[train_rows], y[train_rows], 150),
             )
             rows[f"pruned {int(amount * 100)}%"] = (artifact.path, artifact)
         options = ort.SessionOptions()
@@ -82,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             n: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
             for n, (p, _) in rows.items()
         }
-        test_x = x[test].numpy()
+        test_x = x[test_rows].numpy()
         timings: dict[tuple[str, int], list[float]] = {}
         for batch in (1, 256):
             feeds = {"x": np.ascontiguousarray(np.resize(test_x, (batch, 64)))}
@@ -109,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             table.add_column(column, justify="left" if column in ("model", "hidden", "gate") else "right")
         for name, (path, artifact) in rows.items():
             logits = sessions[name].run(None, {"x": test_x})[0]
-            accuracy = float((logits.argmax(1) == y[test].numpy()).mean())
+            accuracy = float((logits.argmax(1) == y[test_rows].numpy()).mean())
             import onnx
 
             inits = onnx.load(str(path)).graph.initializer

@@ -13,9 +13,9 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+from tiny_models import python_model
 from tiny_models import spec as _spec
 from tritonforge.config import DataType, DynamicBatching, EnsembleStep, ModelConfig, write_config
-from tritonforge.repository import add_model
 
 DOUBLE_PY = """
 import time
@@ -55,13 +55,6 @@ TEXTLEN_PY = textwrap.dedent("""
 """)
 
 
-def _python_model(repo: Path, work: Path, name: str, code: str, config: ModelConfig) -> None:
-    path = work / name / "model.py"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(code)
-    add_model(repo, name, path, config)
-
-
 def build_batch_repository(root: Path, digits_tool: object) -> Path:
     work, repo = root / "_src", root / "repo"
     steps = digits_tool.build(repo, kinds=("logreg",))  # type: ignore[attr-defined]
@@ -75,7 +68,7 @@ def build_batch_repository(root: Path, digits_tool: object) -> Path:
             outputs=(_spec("y", DataType.FP32, (4,)),),
             dynamic_batching=DynamicBatching(),
         )
-        _python_model(repo, work, name, DOUBLE_PY.format(sleep=sleep), config)
+        python_model(repo, work, config, DOUBLE_PY.format(sleep=sleep))
     textlen = ModelConfig(
         name="textlen",
         backend="python",
@@ -84,7 +77,7 @@ def build_batch_repository(root: Path, digits_tool: object) -> Path:
         outputs=(_spec("chars", DataType.INT64, (1,)),),
         dynamic_batching=DynamicBatching(),
     )
-    _python_model(repo, work, "textlen", TEXTLEN_PY, textlen)
+    python_model(repo, work, textlen, TEXTLEN_PY)
     twice = ModelConfig(
         name="double_twice",
         platform="ensemble",

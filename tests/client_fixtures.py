@@ -125,9 +125,6 @@ def build_client_repository(root: Path) -> Path:
         outputs=(_spec("probs", DataType.FP32, (3,)),),
     )
     add_model(repo, "broken", broken_onnx(work / "broken.onnx"), broken)
-    echo_file = work / "echo" / "model.py"
-    echo_file.parent.mkdir(parents=True, exist_ok=True)
-    echo_file.write_text(ECHO_PY)
     echo = ModelConfig(
         name="echo_str",
         backend="python",
@@ -135,10 +132,7 @@ def build_client_repository(root: Path) -> Path:
         inputs=(_spec("s", DataType.STRING, (1,)),),
         outputs=(_spec("out", DataType.STRING, (1,)),),
     )
-    add_model(repo, "echo_str", echo_file, echo)
-    sleepy_file = work / "sleepy" / "model.py"
-    sleepy_file.parent.mkdir(parents=True, exist_ok=True)
-    sleepy_file.write_text(SLEEPY_PY)
+    tiny_models.python_model(repo, work, echo, ECHO_PY)
     sleepy = ModelConfig(
         name="sleepy",
         backend="python",
@@ -146,7 +140,7 @@ def build_client_repository(root: Path) -> Path:
         inputs=(_spec("x", DataType.FP32, (4,)),),
         outputs=(_spec("y", DataType.FP32, (4,)),),
     )
-    add_model(repo, "sleepy", sleepy_file, sleepy)
+    tiny_models.python_model(repo, work, sleepy, SLEEPY_PY)
     add_model(repo, "dtypes", tiny_models.dtypes_onnx(work / "dtypes.onnx"), tiny_models.dtypes_config())
     return repo
 

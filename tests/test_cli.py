@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -15,17 +12,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 import tiny_models
+from cli_runner import run_tritonforge as run_cli
+from cli_runner import tritonforge_process
 from conftest import triton_infer
-
-
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tritonforge", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={"COLUMNS": "200", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
-    )
 
 
 def test_add_model_then_validate_live_passes(tmp_path):
@@ -65,14 +54,7 @@ def test_serve_answers_until_interrupted_and_leaves_nothing_running(tmp_path):
     assert (
         run_cli("add-model", str(repo), "mlp", str(tiny_models.mlp_onnx(tmp_path / "m.onnx"))).returncode == 0
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tritonforge", "serve", str(repo)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={"COLUMNS": "200", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
-    )
-    try:
+    with tritonforge_process("serve", str(repo)) as process:
         url = None
         deadline = time.monotonic() + 120
         assert process.stdout is not None
@@ -92,12 +74,6 @@ def test_serve_answers_until_interrupted_and_leaves_nothing_running(tmp_path):
         assert process.wait(timeout=60) == 0
         time.sleep(0.2)
         assert not [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
 
 
 @pytest.mark.slow

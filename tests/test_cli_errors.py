@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -17,18 +17,10 @@ import psutil
 import pytest
 
 import tiny_models
+from cli_runner import run_tritonforge, tritonforge_process
 from tritonforge.repository import add_model
 
-
-def run_cli(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tritonforge", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},  # piped, no COLUMNS: 80 wide
-    )
+run_cli = functools.partial(run_tritonforge, timeout=120, columns=None)  # piped, no COLUMNS: 80 wide
 
 
 # verb -> (arguments, what the one line must say). Paths under /nonexistent never exist.
@@ -117,21 +109,14 @@ def test_serve_binds_the_host_polls_the_repo_caches_keeps_its_log_and_passes_tri
     onnx_file = tiny_models.mlp_onnx(tmp_path / "mlp.onnx")
     add_model(repo, "mlp", onnx_file)
     log = tmp_path / "logs" / "server.log"
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "tritonforge", "serve", str(repo),
-            "--host", "127.0.0.2",
-            "--model-control", "poll", "--repository-poll-secs", "1",
-            "--log-file", str(log),
-            "--response-cache-byte-size", "1048576",
-            "--", "--exit-timeout-secs=5",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={"COLUMNS": "200", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
-    )  # fmt: skip
-    try:
+    with tritonforge_process(
+        "serve", str(repo),
+        "--host", "127.0.0.2",
+        "--model-control", "poll", "--repository-poll-secs", "1",
+        "--log-file", str(log),
+        "--response-cache-byte-size", "1048576",
+        "--", "--exit-timeout-secs=5",
+    ) as process:  # fmt: skip
         assert process.stdout is not None
         http = grpc = None
         deadline = time.monotonic() + 180
@@ -156,12 +141,6 @@ def test_serve_binds_the_host_polls_the_repo_caches_keeps_its_log_and_passes_tri
         assert _ready(f"{http}/v2/models/mlp_late/ready")
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
     text = log.read_text()  # kept after stop
     assert re.search(r"exit_timeout\s+\|\s+5\s", text), "the flag after -- did not reach tritonserver"
     assert re.search(r"model_control_mode\s+\|\s+MODE_POLL", text)

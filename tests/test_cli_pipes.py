@@ -6,32 +6,22 @@ the output is grepped line by line for names longer than 80 columns would hold.
 
 from __future__ import annotations
 
+import functools
 import io
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 from rich.table import Table
 
 import tiny_models
+from cli_runner import run_tritonforge
 from tritonforge.commands._output import make_console, print_problems
 from tritonforge.repository import add_model
 
 LONG_MODEL = "no_such_model_with_a_name_long_enough_to_fold_at_eighty_columns_zz"
 
 
-def run_piped(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "COLUMNS": "80"}
-    return subprocess.run(
-        [sys.executable, "-m", "tritonforge", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+run_piped = functools.partial(run_tritonforge, timeout=120, columns=80)
 
 
 def lines_with(text: str, *needles: str) -> list[str]:

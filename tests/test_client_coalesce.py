@@ -44,9 +44,6 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         dynamic_batching=DynamicBatching(),
     )
     add_model(repo, "lookup", tiny_models.lookup_onnx(work / "lookup.onnx"), lookup)
-    echo_file = work / "echo" / "model.py"
-    echo_file.parent.mkdir(parents=True)
-    echo_file.write_text(ECHO_PY)
     echo = ModelConfig(
         name="echo_str",
         backend="python",
@@ -55,7 +52,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         outputs=(_spec("out", DataType.STRING, (1,)),),
         dynamic_batching=DynamicBatching(),
     )
-    add_model(repo, "echo_str", echo_file, echo)
+    tiny_models.python_model(repo, work, echo, ECHO_PY)
     with EmbeddedServer(repo) as server:
         yield server.grpc_url
 

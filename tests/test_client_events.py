@@ -51,9 +51,6 @@ def verbose_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedde
     root = tmp_path_factory.mktemp("events")
     repo, work = root / "repo", root / "_src"
     add_model(repo, "mlp", tiny_models.mlp_onnx(work / "mlp.onnx"), max_batch_size=32, max_queue_delay_us=500)
-    model_py = work / "whoami" / "model.py"
-    model_py.parent.mkdir(parents=True)
-    model_py.write_text(WHOAMI_PY)
     whoami = ModelConfig(
         name="whoami",
         backend="python",
@@ -62,7 +59,7 @@ def verbose_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedde
         outputs=(_spec("id", DataType.STRING, (1,)),),
         dynamic_batching=DynamicBatching(),  # so the AsyncClient merges concurrent calls to it
     )
-    add_model(repo, "whoami", model_py, whoami)
+    tiny_models.python_model(repo, work, whoami, WHOAMI_PY)
     with EmbeddedServer(repo, log_verbose=1) as server:
         yield server
 

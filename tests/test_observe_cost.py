@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cli_runner import run_tritonforge
 from tritonforge.errors import TritonForgeError
 from tritonforge.observe.cost import bench_costs, cheapest, read_sweeps
 from tritonforge.server import EmbeddedServer
@@ -45,20 +44,8 @@ def test_cost_of_1000_inferences_is_the_hourly_price_over_inferences_per_hour(sw
 
 
 def test_cost_cli_prints_json_with_the_cheapest_level(sweep_dir: Path) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tritonforge",
-            "cost",
-            str(sweep_dir / "sweep.json"),
-            "--price-per-hour",
-            "1.2",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    done = run_tritonforge(
+        "cost", str(sweep_dir / "sweep.json"), "--price-per-hour", "1.2", "--json", timeout=120, columns=None
     )
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)

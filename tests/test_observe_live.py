@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli_runner import run_tritonforge
 from observe_fixtures import build_observe_repository, knob_input
 from promserver import PrometheusServer
 from tritonforge.client import Client, RetryPolicy
@@ -86,24 +85,18 @@ def test_monitor_once_json_lists_every_model_of_both_servers(
     servers: tuple[EmbeddedServer, EmbeddedServer],
 ) -> None:
     first, second = servers
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tritonforge",
-            "monitor",
-            first.metrics_url,
-            second.metrics_url,
-            "--once",
-            "--json",
-            "--interval",
-            "0.3",
-            "--price-per-hour",
-            "3.6",
-        ],
-        capture_output=True,
-        text=True,
+    done = run_tritonforge(
+        "monitor",
+        first.metrics_url,
+        second.metrics_url,
+        "--once",
+        "--json",
+        "--interval",
+        "0.3",
+        "--price-per-hour",
+        "3.6",
         timeout=120,
+        columns=None,
     )
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
@@ -119,21 +112,15 @@ def test_monitor_table_names_each_server_and_model_unbroken_when_piped(
     servers: tuple[EmbeddedServer, EmbeddedServer],
 ) -> None:
     first, second = servers
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tritonforge",
-            "monitor",
-            first.metrics_url,
-            second.metrics_url,
-            "--once",
-            "--interval",
-            "0.3",
-        ],
-        capture_output=True,
-        text=True,
+    done = run_tritonforge(
+        "monitor",
+        first.metrics_url,
+        second.metrics_url,
+        "--once",
+        "--interval",
+        "0.3",
         timeout=120,
+        columns=None,
     )
     assert done.returncode == 0, done.stderr
     for server in servers:
@@ -144,12 +131,7 @@ def test_monitor_table_names_each_server_and_model_unbroken_when_piped(
 def test_monitor_exits_1_with_a_one_line_error_when_a_server_is_unreachable() -> None:
     from tritonforge.server import free_port
 
-    done = subprocess.run(
-        [sys.executable, "-m", "tritonforge", "monitor", f"127.0.0.1:{free_port()}", "--once"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_tritonforge("monitor", f"127.0.0.1:{free_port()}", "--once", timeout=60, columns=None)
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0
     assert "cannot read Triton's metrics" in done.stderr

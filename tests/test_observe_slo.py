@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cli_runner import run_tritonforge
 from promserver import promtool
 from tritonforge.observe.slo import SLOError, dashboard, load_slo, rules, write
 
@@ -253,24 +254,11 @@ def test_rules_have_one_alert_per_objective_set(tmp_path: Path) -> None:
 
 
 def test_slo_cli_writes_both_files_and_fails_on_one_line_for_a_bad_file(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [sys.executable, "-m", "tritonforge", "slo", str(EXAMPLE), "--out", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_tritonforge("slo", str(EXAMPLE), "--out", str(tmp_path / "out"), timeout=120, columns=None)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "rules.yml").is_file() and (tmp_path / "out" / "dashboard.json").is_file()
     assert "digits_random_forest" in done.stdout  # composing models listed, names whole
     bad = _slo(tmp_path, "models: {m: {error_rate: 2}}\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "tritonforge", "slo", str(bad), "--out", str(tmp_path / "bad")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_tritonforge("slo", str(bad), "--out", str(tmp_path / "bad"), timeout=120, columns=None)
     assert done.returncode == 1 and done.stderr.strip().count("\n") == 0
     assert "models.m.error_rate" in done.stderr and not (tmp_path / "bad").exists()

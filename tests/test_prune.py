@@ -4,27 +4,21 @@ judges it against the unpruned model, and the pruned model serves through the re
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import onnx
 import pytest
 
 torch = pytest.importorskip("torch")
-sklearn_datasets = pytest.importorskip("sklearn.datasets")
+pytest.importorskip("sklearn.datasets")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from pruning import digits_mlp, train  # noqa: E402
 
 from tritonforge.errors import ExportError  # noqa: E402
 from tritonforge.export import export_onnx, export_pruned_onnx, prune_neurons  # noqa: E402
 from tritonforge.verify import Tolerance  # noqa: E402
-
-
-def _train(model, x, y, steps: int) -> None:
-    optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
-    model.train()
-    for _ in range(steps):
-        optimiser.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimiser.step()
-    model.eval()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,21 +32,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def digits(one_thread):
-    data = sklearn_datasets.load_digits()
-    x = torch.tensor(data.data / 16.0, dtype=torch.float32)
-    y = torch.tensor(data.target, dtype=torch.long)
-    torch.manual_seed(0)
-    order = torch.randperm(len(x))
-    train, test = order[:1400], order[1400:]
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, 256),
-        torch.nn.ReLU(),
-        torch.nn.Linear(256, 128),
-        torch.nn.ReLU(),
-        torch.nn.Linear(128, 10),
-    )
-    _train(model, x[train], y[train], 200)
-    return model, x[train], y[train], x[test], y[test]
+    model, x, y, train_rows, test_rows = digits_mlp()  # the benchmark's model, trained the same way
+    return model, x[train_rows], y[train_rows], x[test_rows], y[test_rows]
 
 
 def _hidden_widths(path: Path) -> list[int]:
@@ -82,7 +63,7 @@ def test_pruned_onnx_is_smaller_and_passes_the_gate_after_finetuning(digits, tmp
         labels=y_test.numpy(),
         input_names=["x"],
         output_names=["logits"],
-        finetune=lambda m: _train(m, x_train, y_train, 150),
+        finetune=lambda m: train(m, x_train, y_train, 150),
     )
     report = artifact.reports["logits"]
     assert artifact.passed, report.summary()
@@ -141,7 +122,7 @@ def test_pruned_model_serves_through_the_real_server_with_the_gate_s_accuracy(di
         labels=y_test.numpy(),
         input_names=["x"],
         output_names=["logits"],
-        finetune=lambda m: _train(m, x_train, y_train, 100),
+        finetune=lambda m: train(m, x_train, y_train, 100),
     )
     repo = tmp_path / "repo"
     register(repo, "digits_pruned", artifact, max_batch_size=512)

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -63,45 +70,8 @@ def test_stop_after_the_server_was_killed_still_sweeps_its_backend_processes(tmp
     assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
 
 
+# a program that starts a server, prints what a test must find of it, and waits to be stopped
 SERVE_UNTIL_KILLED = """
-import sys, time
-from tritonforge.server import EmbeddedServer
-server = EmbeddedServer(sys.argv[1]).start()
-print(server.pid, server._shm_prefix, server._log_path, flush=True)
-time.sleep(300)
-"""
-
-
-def test_a_program_stopped_by_sigterm_leaves_no_server_shared_memory_or_log_behind(tmp_path):
-    import signal
-    import subprocess
-    import sys
-
-    repo = tmp_path / "repo"
-    add_model(repo, "mlp", tiny_models.mlp_onnx(tmp_path / "mlp.onnx"))
-    program = subprocess.Popen(
-        [sys.executable, "-c", SERVE_UNTIL_KILLED, str(repo)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert program.stdout is not None
-        pid_text, prefix, log_name = program.stdout.readline().split()
-        pid = int(pid_text)
-        children = psutil.Process(pid).children(recursive=True)
-        assert children and _shm(prefix)
-        program.send_signal(signal.SIGTERM)
-        assert program.wait(timeout=60) == 128 + signal.SIGTERM
-    finally:
-        program.kill()
-        program.wait()
-        if program.stdout is not None:
-            program.stdout.close()
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
-    assert _shm(prefix) == []
-    assert not os.path.exists(log_name)
-
-
-SERVE_UNTIL_SIGKILLED = """
 import sys, time
 from tritonforge.server import EmbeddedServer
 server = EmbeddedServer(sys.argv[1]).start()
@@ -109,6 +79,39 @@ print(server.pid, server._shm_prefix, server._log_path, server.grpc_port, server
       server.metrics_port, flush=True)
 time.sleep(300)
 """
+
+
+@contextlib.contextmanager
+def _serving_program(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """Runs SERVE_UNTIL_KILLED on a one-model repository; yields it and its printed fields (pid, shm
+    prefix, log path, gRPC, HTTP and metrics ports); killed (if still running) at the end."""
+    repo = tmp_path / "repo"
+    add_model(repo, "mlp", tiny_models.mlp_onnx(tmp_path / "mlp.onnx"))
+    program = subprocess.Popen(
+        [sys.executable, "-c", SERVE_UNTIL_KILLED, str(repo)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert program.stdout is not None
+        yield program, program.stdout.readline().split()
+    finally:
+        program.kill()
+        program.wait()
+        if program.stdout is not None:
+            program.stdout.close()
+
+
+def test_a_program_stopped_by_sigterm_leaves_no_server_shared_memory_or_log_behind(tmp_path):
+    with _serving_program(tmp_path) as (program, fields):
+        pid_text, prefix, log_name, *_ = fields
+        pid = int(pid_text)
+        children = psutil.Process(pid).children(recursive=True)
+        assert children and _shm(prefix)
+        program.send_signal(signal.SIGTERM)
+        assert program.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    assert _shm(prefix) == []
+    assert not os.path.exists(log_name)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -135,29 +138,13 @@ def _listening(port: int) -> bool:
 
 
 def test_a_program_killed_by_sigkill_leaves_no_server_stub_port_or_shared_memory_behind(tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    repo = tmp_path / "repo"
-    add_model(repo, "mlp", tiny_models.mlp_onnx(tmp_path / "mlp.onnx"))
-    program = subprocess.Popen(
-        [sys.executable, "-c", SERVE_UNTIL_SIGKILLED, str(repo)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert program.stdout is not None
-        pid_text, prefix, log_name, *ports_text = program.stdout.readline().split()
+    with _serving_program(tmp_path) as (program, fields):
+        pid_text, prefix, log_name, *ports_text = fields
         pid, ports = int(pid_text), [int(p) for p in ports_text]
         stubs = psutil.Process(pid).children(recursive=True)
         assert stubs and _shm(prefix) and all(_listening(port) for port in ports)
         program.send_signal(signal.SIGKILL)  # no handler, no atexit, no finally: only the watchdog is left
         assert program.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        program.kill()
-        program.wait()
-        if program.stdout is not None:
-            program.stdout.close()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (_group_alive(pid) or _shm(prefix) or os.path.exists(log_name)):
         time.sleep(0.2)

@@ -3,15 +3,15 @@ stateful (sequence batching), auto-completed (no config.pbtxt) and ensemble mode
 
 from __future__ import annotations
 
+import functools
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from cli_runner import run_tritonforge
 from tritonforge.repository import check_repository
 from tritonforge.server import EmbeddedServer
 from tritonforge.server.live import check_live
@@ -183,14 +183,7 @@ def interop_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return python_backend_style_repository(tmp_path_factory.mktemp("interop") / "repo")
 
 
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tritonforge", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={"COLUMNS": "200", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
-    )
+run_cli = functools.partial(run_tritonforge, timeout=600)
 
 
 def test_check_repository_accepts_decoupled_sequence_auto_complete_and_ensemble_models(interop_repo):

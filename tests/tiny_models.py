@@ -81,6 +81,16 @@ def dtypes_onnx(path: Path) -> Path:
 DTYPES_TENSORS = (("half", "FP16"), ("long", "INT64"), ("int", "INT32"), ("flag", "BOOL"))
 
 
+def python_model(repo: Path, work: Path, config, code: str) -> Path:  # config: ModelConfig
+    """Write ``code`` as ``work/<name>/model.py``; add it to ``repo`` as the Python model ``config``."""
+    from tritonforge.repository import add_model
+
+    path = work / config.name / "model.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(code)
+    return add_model(repo, config.name, path, config)
+
+
 def dtypes_config(name: str = "dtypes"):  # -> tritonforge.config.ModelConfig
     """The config serving :func:`dtypes_onnx`: four dtypes in, the same four out, batched."""
     from tritonforge.config import DynamicBatching, ModelConfig, TensorSpec

@@ -78,7 +78,9 @@ class Engine:
         if not self.batched:
             inputs = {k: v[0] for k, v in inputs.items()}
         started = time.perf_counter()
-        out = await self.client.infer(self.model, inputs, self.version, self.outputs, self.timeout_s)
+        out = await self.client.infer(
+            self.model, inputs, version=self.version, outputs=self.outputs, timeout_s=self.timeout_s
+        )
         self.latencies_s.append(time.perf_counter() - started)
         self.requests += 1
         if not self.batched:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from tritonforge.batch.engine import Engine, RowResult
 from tritonforge.batch.sources import Dataset, digest, open_dataset
 from tritonforge.batch.store import Manifest
 from tritonforge.errors import BatchError, ClientError
+
+if TYPE_CHECKING:  # the client is imported where it is used, as AsyncClient is
+    from tritonforge.client._stats import Counters
 
 __all__ = [
     "EXIT_FAILED_ROWS",
@@ -602,16 +605,14 @@ async def _composing(client: Any, model: str, config: Any) -> list[str]:
     return found
 
 
-_STAT_FIELDS = ("queue", "compute_input", "compute_infer", "compute_output")
-
-
 async def _statistics(
     urls: Sequence[str], models: Sequence[str], options: Mapping[str, Any]
-) -> dict[str, dict[str, int]]:
+) -> dict[str, Counters]:
     """Triton's cumulative counters per model, summed over endpoints (each asked alone)."""
     from tritonforge.client import AsyncClient
+    from tritonforge.client._stats import Counters
 
-    totals: dict[str, dict[str, int]] = {}
+    totals: dict[str, Counters] = {}
     for url in urls:
         try:
             async with AsyncClient(
@@ -622,40 +623,27 @@ async def _statistics(
             continue
         for stat in data.get("model_stats", []):
             name = stat.get("name")
-            if name not in models:
-                continue
-            t = totals.setdefault(name, {})
-            inf = stat.get("inference_stats", {})
-            t["requests"] = t.get("requests", 0) + int(inf.get("success", {}).get("count", 0))
-            for f in _STAT_FIELDS:
-                t[f] = t.get(f, 0) + int(inf.get(f, {}).get("ns", 0))
-            t["inferences"] = t.get("inferences", 0) + int(stat.get("inference_count", 0))
-            t["executions"] = t.get("executions", 0) + int(stat.get("execution_count", 0))
+            if name in models:
+                totals[name] = totals.get(name, Counters()) + Counters.from_dict(stat)
     return totals
 
 
-def _splits(
-    before: Mapping[str, Mapping[str, int]], after: Mapping[str, Mapping[str, int]]
-) -> list[ServerSplit]:
+def _splits(before: Mapping[str, Counters], after: Mapping[str, Counters]) -> list[ServerSplit]:
+    from tritonforge.client._stats import Counters, split
+
     out = []
     for name, a in after.items():
-        b = before.get(name, {})
-        d = {key: a.get(key, 0) - b.get(key, 0) for key in a}
-        reqs = d.get("requests", 0)
-
-        def per(f: str, d: Mapping[str, int] = d, reqs: int = reqs) -> float:
-            return d.get(f, 0) / reqs / 1e3 if reqs else 0.0
-
+        s = split(before.get(name, Counters()), a)
         out.append(
             ServerSplit(
                 model=name,
-                requests=reqs,
-                inferences=d.get("inferences", 0),
-                executions=d.get("executions", 0),
-                queue_us=per("queue"),
-                compute_input_us=per("compute_input"),
-                compute_infer_us=per("compute_infer"),
-                compute_output_us=per("compute_output"),
+                requests=s.requests,
+                inferences=s.inferences,
+                executions=s.executions,
+                queue_us=s.queue_us,
+                compute_input_us=s.compute_input_us,
+                compute_infer_us=s.compute_infer_us,
+                compute_output_us=s.compute_output_us,
             )
         )
     return out

@@ -115,38 +115,16 @@ def _options() -> list[inspect.Parameter]:
             ),
             annotation=list[str],
         ),
+    ] + [
         inspect.Parameter(
-            "tls_root_cert",
-            kw,
-            default=typer.Option(
-                None, envvar=ACCESS_ENV["tls_root_cert"], help="TLS: the CA to trust (PEM)."
-            ),
-            annotation=Path | None,
-        ),
-        inspect.Parameter(
-            "tls_client_cert",
-            kw,
-            default=typer.Option(
-                None, envvar=ACCESS_ENV["tls_client_cert"], help="Mutual TLS: this client's certificate."
-            ),
-            annotation=Path | None,
-        ),
-        inspect.Parameter(
-            "tls_client_key",
-            kw,
-            default=typer.Option(
-                None, envvar=ACCESS_ENV["tls_client_key"], help="Mutual TLS: this client's key (mode 0600)."
-            ),
-            annotation=Path | None,
-        ),
-        inspect.Parameter(
-            "tls_server_name",
-            kw,
-            default=typer.Option(
-                None, envvar=ACCESS_ENV["tls_server_name"], help="TLS: the name the server's certificate has."
-            ),
-            annotation=str | None,
-        ),
+            name, kw, default=typer.Option(None, envvar=ACCESS_ENV[name], help=text), annotation=kind
+        )
+        for name, kind, text in (
+            ("tls_root_cert", Path | None, "TLS: the CA to trust (PEM)."),
+            ("tls_client_cert", Path | None, "Mutual TLS: this client's certificate."),
+            ("tls_client_key", Path | None, "Mutual TLS: this client's key (mode 0600)."),
+            ("tls_server_name", str | None, "TLS: the name the server's certificate has."),
+        )
     ]
 
 

@@ -13,15 +13,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from tritonforge.commands import fail, print_error
 from tritonforge.errors import TritonForgeError
 
 console = Console()
 err_console = Console(stderr=True)
-
-
-def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=1)
 
 
 def _mapping(items: list[str]) -> dict[str, list[str]]:
@@ -168,7 +164,7 @@ def register(app: typer.Typer) -> None:
             shard_kn = parse_shard(shard)
             mapping = _mapping(map_)
         except ValueError as exc:
-            raise _fail(str(exc)) from None
+            raise fail(exc) from None
         progress = _Progress(quiet or not sys.stderr.isatty())
         try:
             result = run_batch(
@@ -191,20 +187,18 @@ def register(app: typer.Typer) -> None:
             )
         except TritonForgeError as exc:
             progress.stop()
-            raise _fail(exc.message) from None
+            raise fail(exc) from None
         except ValueError as exc:
             progress.stop()
-            raise _fail(str(exc)) from None
+            raise fail(exc) from None
         console.print(_summary(result))
         if result.server:
             console.print(_server_table(result))
         failed = result.rows_failed + result.failed_before
         if result.status == "too many failures":
-            err_console.print(
-                f"error: stopped: more than {max_errors} rows failed (see {output}/_errors/); "
-                "fix the data or raise --max-errors, then run again to resume",
-                highlight=False,
-                soft_wrap=True,
+            print_error(
+                f"stopped: more than {max_errors} rows failed (see {output}/_errors/); "
+                "fix the data or raise --max-errors, then run again to resume"
             )
         elif result.status == "interrupted":
             err_console.print(

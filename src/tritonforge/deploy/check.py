@@ -41,109 +41,106 @@ _META = {
     "additionalProperties": False,
 }
 _SELECTOR = {"type": "object", "properties": {"matchLabels": _LABELS}, "additionalProperties": False}
-CRD_FIELDS: dict[tuple[str, str], dict[str, Any]] = {
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): {
+_DURATION = {"type": "string", "pattern": "^(0|(([0-9]+)(h|m|s|ms))+)$"}
+
+
+def _resource(spec: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a whole object of one kind: the Kubernetes envelope around its ``spec`` schema."""
+    return {
         "type": "object",
         "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": _STR,
-            "kind": _STR,
-            "metadata": _META,
-            "spec": {
-                "type": "object",
-                "required": ["selector", "endpoints"],
-                "additionalProperties": False,
-                "properties": {
-                    "selector": _SELECTOR,
-                    "endpoints": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "properties": {
-                                "port": _STR,
-                                "path": _STR,
-                                "interval": {"type": "string", "pattern": "^(0|(([0-9]+)(h|m|s|ms))+)$"},
-                                "scrapeTimeout": {"type": "string", "pattern": "^(0|(([0-9]+)(h|m|s|ms))+)$"},
-                            },
+        "properties": {"apiVersion": _STR, "kind": _STR, "metadata": _META, "spec": spec},
+        "additionalProperties": False,
+    }
+
+
+CRD_FIELDS: dict[tuple[str, str], dict[str, Any]] = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): _resource(
+        {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": _SELECTOR,
+                "endpoints": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": _STR,
+                            "path": _STR,
+                            "interval": _DURATION,
+                            "scrapeTimeout": _DURATION,
                         },
                     },
                 },
             },
-        },
-        "additionalProperties": False,
-    },
-    ("keda.sh/v1alpha1", "ScaledObject"): {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": _STR,
-            "kind": _STR,
-            "metadata": _META,
-            "spec": {
-                "type": "object",
-                "required": ["scaleTargetRef", "triggers"],
-                "additionalProperties": False,
-                "properties": {
-                    "scaleTargetRef": {
-                        "type": "object",
-                        "required": ["name"],
-                        "properties": {"apiVersion": _STR, "kind": _STR, "name": _STR},
-                        "additionalProperties": False,
+        }
+    ),
+    ("keda.sh/v1alpha1", "ScaledObject"): _resource(
+        {
+            "type": "object",
+            "required": ["scaleTargetRef", "triggers"],
+            "additionalProperties": False,
+            "properties": {
+                "scaleTargetRef": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {"apiVersion": _STR, "kind": _STR, "name": _STR},
+                    "additionalProperties": False,
+                },
+                "minReplicaCount": _INT,
+                "maxReplicaCount": _INT,
+                "pollingInterval": _INT,
+                "cooldownPeriod": _INT,
+                "advanced": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        # KEDA passes this to the HPA it creates: checked below as HPA behavior
+                        "horizontalPodAutoscalerConfig": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {"name": _STR, "behavior": {"type": "object"}},
+                        },
+                        "restoreToOriginalReplicaCount": {"type": "boolean"},
                     },
-                    "minReplicaCount": _INT,
-                    "maxReplicaCount": _INT,
-                    "pollingInterval": _INT,
-                    "cooldownPeriod": _INT,
-                    "advanced": {
+                },
+                "triggers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
                         "type": "object",
+                        "required": ["type", "metadata"],
                         "additionalProperties": False,
                         "properties": {
-                            # KEDA passes this to the HPA it creates: checked below as HPA behavior
-                            "horizontalPodAutoscalerConfig": {
+                            "type": {"enum": ["prometheus"]},
+                            "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                            "name": _STR,
+                            # KEDA's prometheus scaler: every metadata value is a string
+                            "metadata": {
                                 "type": "object",
+                                "required": ["serverAddress", "query", "threshold"],
                                 "additionalProperties": False,
-                                "properties": {"name": _STR, "behavior": {"type": "object"}},
-                            },
-                            "restoreToOriginalReplicaCount": {"type": "boolean"},
-                        },
-                    },
-                    "triggers": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "required": ["type", "metadata"],
-                            "additionalProperties": False,
-                            "properties": {
-                                "type": {"enum": ["prometheus"]},
-                                "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
-                                "name": _STR,
-                                # KEDA's prometheus scaler: every metadata value is a string
-                                "metadata": {
-                                    "type": "object",
-                                    "required": ["serverAddress", "query", "threshold"],
-                                    "additionalProperties": False,
-                                    "properties": {
-                                        k: _STR
-                                        for k in (
-                                            "serverAddress",
-                                            "query",
-                                            "threshold",
-                                            "activationThreshold",
-                                            "ignoreNullValues",
-                                            "namespace",
-                                        )
-                                    },
+                                "properties": {
+                                    k: _STR
+                                    for k in (
+                                        "serverAddress",
+                                        "query",
+                                        "threshold",
+                                        "activationThreshold",
+                                        "ignoreNullValues",
+                                        "namespace",
+                                    )
                                 },
                             },
                         },
                     },
                 },
             },
-        },
-        "additionalProperties": False,
-    },
+        }
+    ),
 }
 
 
