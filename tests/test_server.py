@@ -24,6 +24,11 @@ from tritonforge.repository import add_model
 from tritonforge.server import EmbeddedServer
 
 
+def _connections(process: psutil.Process) -> list:
+    """The process's sockets (psutil < 6, which the kserve SDK pins, names it ``connections``)."""
+    return (getattr(process, "net_connections", None) or process.connections)()
+
+
 def _stray(pid: int) -> list[psutil.Process]:
     return [
         p
@@ -40,7 +45,7 @@ def _shm(prefix: str) -> list[str]:
 def test_server_listens_only_on_loopback_with_free_ports(server):
     assert server.grpc_url.startswith("127.0.0.1:")
     assert len({server.grpc_port, server.http_port, server.metrics_port}) == 3
-    listening = {c.laddr for c in psutil.Process(server.pid).net_connections() if c.status == "LISTEN"}
+    listening = {c.laddr for c in _connections(psutil.Process(server.pid)) if c.status == "LISTEN"}
     assert listening and all(addr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for addr in listening)
 
 
