@@ -40,7 +40,10 @@ SPECS = {
           - {name: x, dtype: FP32, dims: [8], missing: impute}
         outputs: [probs, MISSING]
         steps:
-          - {name: fill, model: mean_filler, inputs: {INPUT: x}, outputs: {OUTPUT: x_filled, MISSING: MISSING}}
+          - name: fill
+            model: mean_filler
+            inputs: {INPUT: x}
+            outputs: {OUTPUT: x_filled, MISSING: MISSING}
           - {name: classify, model: clf, inputs: {x: x_filled}, outputs: [probs]}
         """,
     "impute_constant.yaml": f"""
@@ -99,7 +102,9 @@ def client(served: tuple[Path, EmbeddedServer]) -> Iterator[Client]:
         yield connection
 
 
-def test_mean_impute_step_answers_nan_and_inf_rows_as_the_model_answers_the_filled_rows(client: Client) -> None:
+def test_mean_impute_step_answers_nan_and_inf_rows_as_the_model_answers_the_filled_rows(
+    client: Client,
+) -> None:
     x = with_holes(12, seed=1)
     got = client.infer("impute_mean", {"x": x})
     missing = ~np.isfinite(x)
@@ -131,9 +136,11 @@ def test_nan_into_a_pipeline_without_impute_is_refused_by_the_client_naming_inpu
     x = np.zeros((4, FEATURES), np.float32)
     x[1, 2] = np.nan
     x[3, 0] = np.inf
-    with Client(served[1].grpc_url, registry=CollectorRegistry()) as strict:
-        with pytest.raises(InvalidRequestError) as caught:
-            strict.infer("plain", {"x": x})
+    with (
+        Client(served[1].grpc_url, registry=CollectorRegistry()) as strict,
+        pytest.raises(InvalidRequestError) as caught,
+    ):
+        strict.infer("plain", {"x": x})
     assert "'x'" in caught.value.message and "rows [1, 3]" in caught.value.message
 
 
@@ -171,7 +178,9 @@ def issues_of(tmp_path: Path, repo: Path, text: str) -> list[str]:
     return [str(i) for i in issues]
 
 
-def test_check_refuses_an_imputed_input_that_a_model_reads_directly(tmp_path: Path, models_repo: Path) -> None:
+def test_check_refuses_an_imputed_input_that_a_model_reads_directly(
+    tmp_path: Path, models_repo: Path
+) -> None:
     issues = issues_of(
         tmp_path,
         models_repo,
@@ -184,7 +193,8 @@ def test_check_refuses_an_imputed_input_that_a_model_reads_directly(tmp_path: Pa
     )
     assert len(issues) == 1
     assert "step 'classify', tensor 'x': pipeline input 'x' is declared missing: impute" in issues[0]
-    assert "would see NaN/inf" in issues[0] and "Fix: feed the input to an 'impute' building block" in issues[0]
+    assert "would see NaN/inf" in issues[0]
+    assert "Fix: feed the input to an 'impute' building block" in issues[0]
 
 
 def test_check_refuses_an_impute_step_on_an_input_declared_reject_or_not_float(
@@ -223,6 +233,7 @@ def test_check_refuses_an_impute_step_on_an_input_declared_reject_or_not_float(
         ({"strategy": "mean", "features": 2, "means": [1.0, 1e400]}, "'means' must hold 2 finite numbers"),
         ({"strategy": "mean", "features": 2, "means": "nowhere.npy"}, "can't read means file"),
         ({"strategy": "mean", "features": 2, "means": "m.csv"}, "must end in .json or .npy"),
+        ({"strategy": "mean", "features": 2, "means": "."}, "must end in .json or .npy"),
         ({"strategy": "mean", "features": 2, "means": [1, 2], "value": 3}, "'value' only applies"),
         ({"means": [1, 2]}, "'means' only apply to strategy 'mean'"),
         ({"features": 10**9}, "'features' must be an integer from 1 to 65536"),
@@ -242,7 +253,11 @@ def test_impute_block_refuses_bad_options_with_a_clear_message(
 
 def test_impute_block_reads_means_from_a_json_file_and_serves_fp64(tmp_path: Path) -> None:
     (tmp_path / "m.json").write_text("[1, 2.5]")
-    built = block_model("f", "impute", {"strategy": "mean", "features": 2, "means": "m.json", "dtype": "FP64"},
-                        base_dir=tmp_path)
+    built = block_model(
+        "f",
+        "impute",
+        {"strategy": "mean", "features": 2, "means": "m.json", "dtype": "FP64"},
+        base_dir=tmp_path,
+    )
     assert json.loads(built.config.parameters["fill"]) == [1.0, 2.5]
     assert [t.dtype for t in built.config.inputs] == [DataType.FP64]

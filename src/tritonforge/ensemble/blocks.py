@@ -243,19 +243,21 @@ def _means(value: Any, features: int, base_dir: Path | None) -> list[float]:
         path = Path(value) if Path(value).is_absolute() else (base_dir or Path.cwd()) / value
         where = f"means file {show(str(path))}"
         try:
+            if path.suffix not in (".json", ".npy"):
+                raise ValueError(f"{where} must end in .json or .npy")
+            if not path.is_file():  # missing, a folder, a FIFO (reading one would block)
+                raise ValueError("no such regular file")
             if path.suffix == ".npy":
                 import numpy as np
 
                 array = np.load(path, mmap_mode="r", allow_pickle=False)  # the header first: no huge read
                 fits = array.ndim == 1 and array.dtype.kind in "fiu" and array.size <= MAX_IMPUTE_FEATURES
                 value = np.asarray(array).tolist() if fits else f"<an array of shape {array.shape}>"
-            elif path.suffix == ".json":
-                if path.stat().st_size > MAX_IMPUTE_FEATURES * 32:
-                    raise ValueError("too large")
-                value = json.loads(path.read_text(encoding="utf-8"))
             else:
-                raise ValueError(f"{where} must end in .json or .npy")
-        except (OSError, ValueError) as exc:
+                if path.stat().st_size > MAX_IMPUTE_FEATURES * 32:
+                    raise ValueError(f"it is over {MAX_IMPUTE_FEATURES * 32} bytes")
+                value = json.loads(path.read_text(encoding="utf-8"))
+        except Exception as exc:  # unreadable, not npy / JSON, nested too deep...: a message, not a crash
             raise ValueError(f"can't read {where}: {exc}") from None
     if (
         not isinstance(value, list)

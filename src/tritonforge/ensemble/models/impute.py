@@ -54,7 +54,10 @@ class TritonPythonModel:
         offset = 0
         for index, array in items:
             end = offset + array.shape[0]
-            tensors = [pb_utils.Tensor("OUTPUT", filled[offset:end]), pb_utils.Tensor("MISSING", missing[offset:end])]
+            tensors = [
+                pb_utils.Tensor("OUTPUT", filled[offset:end]),
+                pb_utils.Tensor("MISSING", missing[offset:end]),
+            ]
             answers.append((index, pb_utils.InferenceResponse(output_tensors=tensors)))
             offset = end
         return answers
