@@ -222,6 +222,20 @@ def test_check_refuses_an_impute_step_on_an_input_declared_reject_or_not_float(
     assert "'missing' must be one of ['reject', 'allow', 'impute'], got 'sometimes'" in text
 
 
+def test_check_refuses_imputing_in_a_routed_pipeline_and_accepts_allow(
+    tmp_path: Path, models_repo: Path
+) -> None:
+    routed = """
+        name: p
+        inputs: [{name: x, dtype: FP32, dims: [8], missing: %s}]
+        outputs: [probs]
+        route: [clf]
+        """
+    issues = issues_of(tmp_path, models_repo, routed % "impute")
+    assert len(issues) == 1 and "a routed pipeline can't impute input 'x'" in issues[0]
+    assert issues_of(tmp_path, models_repo, routed % "allow") == []
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

@@ -121,7 +121,7 @@ class StepSpec:
 
 @dataclasses.dataclass(frozen=True)
 class BlockModelSpec:
-    """A building-block model (tokenizer, pooling, combiner) the pipeline adds to the repository."""
+    """A building-block model (tokenizer, pooling, combiner, impute) the pipeline adds to the repository."""
 
     name: str
     block: str
