@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 import tiny_models
@@ -275,3 +277,42 @@ def test_impute_block_reads_means_from_a_json_file_and_serves_fp64(tmp_path: Pat
     )
     assert json.loads(built.config.parameters["fill"]) == [1.0, 2.5]
     assert [t.dtype for t in built.config.inputs] == [DataType.FP64]
+
+
+ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=4),
+    st.sampled_from(["constant", "mean", "FP32", "FP64", "m.json", "m.npy", "bad.json", "/dev/null.npy"]),
+)
+
+
+@settings(
+    max_examples=150,
+    derandomize=True,  # the same examples on every run: a CI failure reproduces locally
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    options=st.dictionaries(
+        st.sampled_from(["features", "dtype", "strategy", "value", "means", "other"]), ANY_VALUE, max_size=5
+    )
+)
+def test_impute_block_gives_a_config_or_a_value_error_for_any_options(
+    tmp_path: Path, options: dict[str, object]
+) -> None:
+    (tmp_path / "m.json").write_text("[1, 2, 3, 4]")
+    (tmp_path / "bad.json").write_text("[" * 100_000)
+    np.save(tmp_path / "m.npy", np.arange(4.0))
+    try:
+        built = block_model("f", "impute", options, base_dir=tmp_path)
+    except ValueError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 600
+        return
+    fill = json.loads(built.config.parameters["fill"])
+    assert np.isfinite(fill).all()
+    assert built.config.inputs[0].dtype in (DataType.FP32, DataType.FP64)
