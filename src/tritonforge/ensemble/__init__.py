@@ -8,7 +8,7 @@
     compile_all("ensembles", "model_repository")   # PipelineCheckError (an EnsembleError): writes nothing
 
 See :mod:`tritonforge.ensemble.spec` for the YAML, :mod:`tritonforge.ensemble.blocks` for the building blocks
-(tokenizer, mean pooling, combiner) and ``models/router.py`` for routing and fallback.
+(tokenizer, mean pooling, combiner, impute) and ``models/router.py`` for routing and fallback.
 """
 
 from __future__ import annotations

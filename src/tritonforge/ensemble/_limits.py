@@ -15,6 +15,7 @@ __all__ = [
     "INT32_MAX",
     "INT64_MAX",
     "MAX_COMBINER_INPUTS",
+    "MAX_IMPUTE_FEATURES",
     "MAX_ISSUES",
     "MAX_LIST_ITEMS",
     "MAX_NAME_CHARS",
@@ -36,6 +37,8 @@ MAX_LIST_ITEMS = 1_000
 """Steps, route stages, building blocks, pipeline inputs or outputs in one pipeline."""
 MAX_COMBINER_INPUTS = 256
 """Member models one combiner block takes."""
+MAX_IMPUTE_FEATURES = 65_536
+"""Features one impute block fills (its per-feature means travel in the model config)."""
 MAX_NAME_CHARS = 256
 """Characters in a pipeline, step, model or tensor name."""
 MAX_ISSUES = 200

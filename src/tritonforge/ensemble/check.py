@@ -255,6 +255,7 @@ class _Checker:
                 consumed.add(tensor)
                 self._edge(step, info, model_input, tensor, producers, graph)
         self._cycles(graph)
+        self._missing_policies(infos)
         for decl in spec.inputs:
             if decl.name not in consumed:
                 self.add(
@@ -278,6 +279,43 @@ class _Checker:
         if self.issues:
             return None
         return Resolved(spec, mbs, _declared_inputs(spec), outputs)
+
+    def _missing_policies(self, infos: Mapping[str, ModelInfo]) -> None:
+        """An input declared ``missing: impute`` feeds only impute blocks (so no model sees NaN/inf), is
+        FP32/FP64, and an impute block reading a pipeline input has it declared ``impute``."""
+        policy = {d.name: d for d in self.spec.inputs}
+        for step in self.spec.steps:
+            info = infos.get(step.name)
+            imputes = info is not None and info.origin == "block:impute"
+            for tensor in step.inputs.values():
+                decl = policy.get(tensor)
+                if decl is None or info is None:
+                    continue
+                if decl.missing == "impute" and not imputes:
+                    self.add(
+                        f"pipeline input '{tensor}' is declared missing: impute but model '{info.name}' "
+                        "reads it before any imputation, so it would see NaN/inf.",
+                        "feed the input to an 'impute' building block and this step the block's OUTPUT, "
+                        "or declare missing: allow.",
+                        step=step.name,
+                        tensor=tensor,
+                    )
+                elif imputes and decl.missing != "impute":
+                    self.add(
+                        f"step '{step.name}' imputes pipeline input '{tensor}', which is declared "
+                        f"missing: {decl.missing}.",
+                        "declare the input with missing: impute.",
+                        step=step.name,
+                        tensor=tensor,
+                    )
+        for decl in self.spec.inputs:
+            if decl.missing == "impute" and decl.dtype not in (None, DataType.FP32, DataType.FP64):
+                self.add(
+                    f"only FP32/FP64 values can be missing (NaN/inf); input '{decl.name}' is "
+                    f"{_dtype(decl.dtype)}.",
+                    "drop 'missing: impute' from it.",
+                    tensor=decl.name,
+                )
 
     def _producers(self, infos: Mapping[str, ModelInfo], batched: bool) -> dict[str, _Producer]:
         """Every tensor's one producer (the caller for pipeline inputs); reports unknown and doubled ones."""
@@ -476,6 +514,13 @@ class _Checker:
                 "pick another route_output name.",
                 tensor=spec.route_output,
             )
+        for decl in spec.inputs:
+            if decl.missing == "impute":
+                self.add(
+                    f"a routed pipeline can't impute input '{decl.name}' (only an ensemble has steps).",
+                    "impute in an ensemble pipeline and route to it, or declare missing: allow / reject.",
+                    tensor=decl.name,
+                )
         used = self._route_models()
         mbs = self.batch_size((stage, info) for stage, info, _, _ in used)
         batched = mbs > 0

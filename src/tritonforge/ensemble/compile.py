@@ -20,6 +20,7 @@ from tritonforge.errors import PipelineCheckError
 from tritonforge.repository import RepositoryWrite
 
 __all__ = [
+    "MISSING_PARAMETER",
     "PipelineCheckError",
     "check_specs",
     "compile_all",
@@ -29,6 +30,10 @@ __all__ = [
     "router_config",
     "spec_files",
 ]
+
+
+MISSING_PARAMETER = "tritonforge_missing"
+"""Parameter of a compiled pipeline: its inputs' declared NaN/±inf policy, JSON ``{input: policy}``."""
 
 
 def spec_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -163,8 +168,15 @@ def ensemble_plan(resolved: Resolved) -> tuple[ModelConfig, list[BlockModel]]:
         inputs=resolved.inputs,
         outputs=resolved.outputs,
         ensemble_steps=steps,
+        parameters=_missing_parameter(spec),
     )
     return config, models
+
+
+def _missing_parameter(spec: PipelineSpec) -> dict[str, str]:
+    """The inputs' declared NaN/±inf policy, as the compiled config's ``tritonforge_missing`` parameter
+    (JSON ``{input: reject | allow | impute}``), for clients and people reading the repository."""
+    return {MISSING_PARAMETER: json.dumps({d.name: d.missing for d in spec.inputs}, sort_keys=True)}
 
 
 def _every_output_needs_every_input(steps: Sequence[EnsembleStep], resolved: Resolved) -> bool:
@@ -227,7 +239,11 @@ def router_config(resolved: Resolved) -> ModelConfig:
         outputs=(*resolved.outputs, route),
         dynamic_batching=DynamicBatching() if batched and spec.dynamic_batching else None,
         instance_groups=(InstanceGroup(count=spec.instances),),
-        parameters={"plan": json.dumps(plan, sort_keys=True), GENERATED_MARK: "router"},
+        parameters={
+            "plan": json.dumps(plan, sort_keys=True),
+            GENERATED_MARK: "router",
+            **_missing_parameter(spec),
+        },
     )
 
 

