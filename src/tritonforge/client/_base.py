@@ -21,11 +21,12 @@ from collections.abc import Callable, Collection, Generator, Iterable, Mapping, 
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
@@ -84,6 +85,9 @@ from tritonforge.errors import (
     RequestTooLarge,
     TransportError,
 )
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2 as pb2
 
 __all__ = [
     "DEFAULT_CONTROL_TIMEOUT_S",
@@ -173,7 +177,7 @@ def _url(url: str) -> str:
     return url
 
 
-def _as_dict(message: Any) -> dict[str, Any]:
+def _as_dict(message: Message) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
@@ -848,7 +852,7 @@ class BaseClient:
         self._model_metadata[(model, v)] = meta
         return meta
 
-    def _model_config_flow(self, model: str, version: str | int | None) -> Flow[Any]:
+    def _model_config_flow(self, model: str, version: str | int | None) -> Flow[pb2.ModelConfig]:
         v = as_version(version)
         request = pb.ModelConfigRequest(name=model, version=v or "")
         response = yield from self._control_flow(
