@@ -40,20 +40,19 @@ AUTO_COMPLETE_FILES: tuple[tuple[str, str, str], ...] = (
 
 # Messages whose ``kind`` enum has a meaningful first value (CONTROL_SEQUENCE_START, BATCH_ELEMENT_COUNT)
 # that proto3 would leave out, so that a reader could not tell which control or batch input it is.
-_KIND_FIRST = ("Control", "BatchInput", "BatchOutput")
+_KIND_FIRST = (pb2.ModelSequenceBatching.Control, pb2.BatchInput, pb2.BatchOutput)
 
 
 def _format_defaults(message: Message, indent: int, as_one_line: bool) -> str | None:
     """Print what proto3 leaves out but people need to read: ``enable: false`` inside
     ``input_pinned_memory {}`` (an empty block means "disabled" to Triton but reads as "enabled"), and a
     ``kind`` whose value is its enum's first one."""
-    name = message.DESCRIPTOR.name
-    if name == "PinnedMemoryBuffer" and not message.enable:
+    if isinstance(message, pb2.ModelOptimizationPolicy.PinnedMemoryBuffer) and not message.enable:
         out = io.StringIO()
         field = message.DESCRIPTOR.fields_by_name["enable"]
         text_format.PrintField(field, False, out, as_one_line=as_one_line)
         return out.getvalue().rstrip()
-    if name in _KIND_FIRST and message.kind == 0:
+    if isinstance(message, _KIND_FIRST) and message.kind == 0:
         field = message.DESCRIPTOR.fields_by_name["kind"]
         lines = [f"kind: {field.enum_type.values_by_number[0].name}"]
         rest = text_format.MessageToString(

@@ -631,8 +631,9 @@ def _config_json(config: ModelConfig | pb2.ModelConfig | dict[str, Any] | str) -
     if isinstance(config, dict):
         return json.dumps(config)
     from google.protobuf import json_format
+    from google.protobuf.message import Message
 
-    proto = config.to_proto() if hasattr(config, "to_proto") else config
+    proto = config if isinstance(config, Message) else config.to_proto()
     return json_format.MessageToJson(proto, preserving_proto_field_name=True)
 
 
