@@ -58,6 +58,7 @@ SPOT_NODE_TERMS: list[tuple[str, str]] = [
 #: how long a terminating pod serves on after leaving the Service (see the preStop hook)
 PRESTOP_SLEEP_S = 15
 
+
 def labels(spec: DeploySpec, component: str = "server") -> dict[str, str]:
     return {
         "app.kubernetes.io/name": spec.name,
