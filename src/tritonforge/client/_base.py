@@ -415,7 +415,7 @@ class BaseClient:
         header = request_header(model, version, call.signature, call.outputs, shm)
         return frame(header, (), call.request_id), region
 
-    def _register_request(self, region: SystemRegion | CudaRegion) -> tuple[str, Any]:
+    def _register_request(self, region: SystemRegion | CudaRegion) -> tuple[str, Message]:
         if isinstance(region, SystemRegion):
             return "SystemSharedMemoryRegister", pb.SystemSharedMemoryRegisterRequest(
                 name=region.name, key=region.key, offset=0, byte_size=region.size
@@ -424,7 +424,7 @@ class BaseClient:
             name=region.name, raw_handle=region.raw_handle(), device_id=region.device, byte_size=region.size
         )
 
-    def _unregister_request(self, region: SystemRegion | CudaRegion) -> tuple[str, Any]:
+    def _unregister_request(self, region: SystemRegion | CudaRegion) -> tuple[str, Message]:
         if isinstance(region, SystemRegion):
             return "SystemSharedMemoryUnregister", pb.SystemSharedMemoryUnregisterRequest(name=region.name)
         return "CudaSharedMemoryUnregister", pb.CudaSharedMemoryUnregisterRequest(  # pragma: no cover - GPU
@@ -775,7 +775,7 @@ class BaseClient:
     def _control_flow(
         self,
         method: str,
-        request: Any,
+        request: Message,
         *,
         model: str = "",
         version: str | None = None,
@@ -817,7 +817,7 @@ class BaseClient:
         )
 
     def _flag_flow(
-        self, method: str, request: Any, field: str, model: str = "", version: str | None = None
+        self, method: str, request: Message, field: str, model: str = "", version: str | None = None
     ) -> Flow[bool]:
         try:
             response = yield from self._control_flow(method, request, model=model, version=version)
@@ -903,7 +903,7 @@ class BaseClient:
         return self._every_endpoint_flow("RepositoryModelUnload", request, model, timeout_s)
 
     def _every_endpoint_flow(
-        self, method: str, request: Any, model: str, timeout_s: float | None
+        self, method: str, request: Message, model: str, timeout_s: float | None
     ) -> Flow[None]:
         """One control call to every endpoint at once, each under ``timeout_s``; raises the first error."""
         self._check_open(model)
