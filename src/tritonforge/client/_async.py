@@ -21,6 +21,7 @@ from tritonforge.client._pool import Capabilities
 from tritonforge.errors import ClientError, TransportError
 
 if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2 as pb2
     from typing_extensions import Unpack
 
 __all__ = ["AsyncClient"]
@@ -358,7 +359,7 @@ class AsyncClient(BaseClient):
         """
         return await self._drive(self._model_metadata_flow(model, version))
 
-    async def model_config(self, model: str, version: str | int | None = None) -> Any:
+    async def model_config(self, model: str, version: str | int | None = None) -> pb2.ModelConfig:
         """The model's config as the server runs it (see :meth:`Client.model_config`).
 
         Raises:

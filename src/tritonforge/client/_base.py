@@ -21,11 +21,12 @@ from collections.abc import Callable, Collection, Generator, Iterable, Mapping, 
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
@@ -84,6 +85,9 @@ from tritonforge.errors import (
     RequestTooLarge,
     TransportError,
 )
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2 as pb2
 
 __all__ = [
     "DEFAULT_CONTROL_TIMEOUT_S",
@@ -173,7 +177,7 @@ def _url(url: str) -> str:
     return url
 
 
-def _as_dict(message: Any) -> dict[str, Any]:
+def _as_dict(message: Message) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
@@ -411,7 +415,7 @@ class BaseClient:
         header = request_header(model, version, call.signature, call.outputs, shm)
         return frame(header, (), call.request_id), region
 
-    def _register_request(self, region: SystemRegion | CudaRegion) -> tuple[str, Any]:
+    def _register_request(self, region: SystemRegion | CudaRegion) -> tuple[str, Message]:
         if isinstance(region, SystemRegion):
             return "SystemSharedMemoryRegister", pb.SystemSharedMemoryRegisterRequest(
                 name=region.name, key=region.key, offset=0, byte_size=region.size
@@ -420,7 +424,7 @@ class BaseClient:
             name=region.name, raw_handle=region.raw_handle(), device_id=region.device, byte_size=region.size
         )
 
-    def _unregister_request(self, region: SystemRegion | CudaRegion) -> tuple[str, Any]:
+    def _unregister_request(self, region: SystemRegion | CudaRegion) -> tuple[str, Message]:
         if isinstance(region, SystemRegion):
             return "SystemSharedMemoryUnregister", pb.SystemSharedMemoryUnregisterRequest(name=region.name)
         return "CudaSharedMemoryUnregister", pb.CudaSharedMemoryUnregisterRequest(  # pragma: no cover - GPU
@@ -771,7 +775,7 @@ class BaseClient:
     def _control_flow(
         self,
         method: str,
-        request: Any,
+        request: Message,
         *,
         model: str = "",
         version: str | None = None,
@@ -813,7 +817,7 @@ class BaseClient:
         )
 
     def _flag_flow(
-        self, method: str, request: Any, field: str, model: str = "", version: str | None = None
+        self, method: str, request: Message, field: str, model: str = "", version: str | None = None
     ) -> Flow[bool]:
         try:
             response = yield from self._control_flow(method, request, model=model, version=version)
@@ -848,7 +852,7 @@ class BaseClient:
         self._model_metadata[(model, v)] = meta
         return meta
 
-    def _model_config_flow(self, model: str, version: str | int | None) -> Flow[Any]:
+    def _model_config_flow(self, model: str, version: str | int | None) -> Flow[pb2.ModelConfig]:
         v = as_version(version)
         request = pb.ModelConfigRequest(name=model, version=v or "")
         response = yield from self._control_flow(
@@ -899,7 +903,7 @@ class BaseClient:
         return self._every_endpoint_flow("RepositoryModelUnload", request, model, timeout_s)
 
     def _every_endpoint_flow(
-        self, method: str, request: Any, model: str, timeout_s: float | None
+        self, method: str, request: Message, model: str, timeout_s: float | None
     ) -> Flow[None]:
         """One control call to every endpoint at once, each under ``timeout_s``; raises the first error."""
         self._check_open(model)

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tritonforge.client._flow import Attempt
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2 as pb2
 
 __all__ = ["Batchable", "CallKey", "Group", "batch_rows", "key_of", "merge", "split"]
 
@@ -36,7 +39,7 @@ class Batchable:
     max_rows: int  # 0: never merge
 
     @classmethod
-    def from_config(cls, config: Any) -> Batchable:
+    def from_config(cls, config: pb2.ModelConfig) -> Batchable:
         """From a ``ModelConfig`` message: merge only with ``max_batch_size > 0`` and dynamic batching."""
         if config.max_batch_size > 0 and config.HasField("dynamic_batching"):
             return cls(int(config.max_batch_size))

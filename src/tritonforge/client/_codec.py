@@ -7,7 +7,7 @@ its tensors' bytes as protobuf field 7, so no per-call message objects are built
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,8 +71,8 @@ class ModelMetadata:
     outputs: tuple[TensorMetadata, ...]
 
     @classmethod
-    def from_proto(cls, msg: Any) -> ModelMetadata:
-        def tensors(items: Any) -> tuple[TensorMetadata, ...]:
+    def from_proto(cls, msg: pb.ModelMetadataResponse) -> ModelMetadata:
+        def tensors(items: Iterable[pb.ModelMetadataResponse.TensorMetadata]) -> tuple[TensorMetadata, ...]:
             return tuple(TensorMetadata(t.name, t.datatype, tuple(t.shape)) for t in items)
 
         return cls(msg.name, tuple(msg.versions), msg.platform, tensors(msg.inputs), tensors(msg.outputs))
@@ -171,7 +171,7 @@ def frame(header: bytes, raws: Sequence[Any], request_id: str = "") -> bytes:
     return b"".join(parts)
 
 
-def decode_response(response: Any) -> dict[str, np.ndarray]:
+def decode_response(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     """``{name: ndarray}`` from a ``ModelInferResponse`` (numeric arrays are read-only views of its bytes)."""
     result: dict[str, np.ndarray] = {}
     raws = response.raw_output_contents

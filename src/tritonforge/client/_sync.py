@@ -19,6 +19,7 @@ from tritonforge.client._pool import Capabilities
 from tritonforge.errors import ClientError
 
 if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2 as pb2
     from typing_extensions import Unpack
 
 __all__ = ["Client"]
@@ -248,7 +249,7 @@ class Client(BaseClient):
         """
         return self._drive(self._model_metadata_flow(model, version))
 
-    def model_config(self, model: str, version: str | int | None = None) -> Any:
+    def model_config(self, model: str, version: str | int | None = None) -> pb2.ModelConfig:
         """The model's config as the server runs it (``model_config_pb2.ModelConfig``, autofilled fields too).
 
         Turn it into a :class:`tritonforge.config.ModelConfig` with ``ModelConfig.from_proto`` when its fields

@@ -177,7 +177,7 @@ class ModelConfig:
         )
         return self.replace(max_batch_size=max_batch_size, dynamic_batching=batching)
 
-    def to_proto(self) -> Any:
+    def to_proto(self) -> pb2.ModelConfig:
         """This config as ``tritonclient.grpc.model_config_pb2.ModelConfig``."""
         # proto.py imports this module for from_proto; importing it here keeps the cycle one-way.
         from tritonforge.config.proto import config_to_proto
@@ -185,7 +185,7 @@ class ModelConfig:
         return config_to_proto(self)
 
     @classmethod
-    def from_proto(cls, pb: Any) -> ModelConfig:
+    def from_proto(cls, pb: pb2.ModelConfig) -> ModelConfig:
         """Build from a ``model_config_pb2.ModelConfig`` message.
 
         Fields without a dataclass field of their own are kept in ``extra``; what Triton accepts but

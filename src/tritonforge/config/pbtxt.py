@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf import text_format
+from google.protobuf.message import Message
 from tritonclient.grpc import model_config_pb2 as pb2
 
 from tritonforge.config.model import ModelConfig
@@ -39,20 +40,19 @@ AUTO_COMPLETE_FILES: tuple[tuple[str, str, str], ...] = (
 
 # Messages whose ``kind`` enum has a meaningful first value (CONTROL_SEQUENCE_START, BATCH_ELEMENT_COUNT)
 # that proto3 would leave out, so that a reader could not tell which control or batch input it is.
-_KIND_FIRST = ("Control", "BatchInput", "BatchOutput")
+_KIND_FIRST = (pb2.ModelSequenceBatching.Control, pb2.BatchInput, pb2.BatchOutput)
 
 
-def _format_defaults(message: Any, indent: int, as_one_line: bool) -> str | None:
+def _format_defaults(message: Message, indent: int, as_one_line: bool) -> str | None:
     """Print what proto3 leaves out but people need to read: ``enable: false`` inside
     ``input_pinned_memory {}`` (an empty block means "disabled" to Triton but reads as "enabled"), and a
     ``kind`` whose value is its enum's first one."""
-    name = message.DESCRIPTOR.name
-    if name == "PinnedMemoryBuffer" and not message.enable:
+    if isinstance(message, pb2.ModelOptimizationPolicy.PinnedMemoryBuffer) and not message.enable:
         out = io.StringIO()
         field = message.DESCRIPTOR.fields_by_name["enable"]
         text_format.PrintField(field, False, out, as_one_line=as_one_line)
         return out.getvalue().rstrip()
-    if name in _KIND_FIRST and message.kind == 0:
+    if isinstance(message, _KIND_FIRST) and message.kind == 0:
         field = message.DESCRIPTOR.fields_by_name["kind"]
         lines = [f"kind: {field.enum_type.values_by_number[0].name}"]
         rest = text_format.MessageToString(
@@ -72,7 +72,7 @@ _PRINT_OPTIONS: dict[str, Any] = {
 }
 
 
-def proto_to_pbtxt(pb: Any) -> str:
+def proto_to_pbtxt(pb: pb2.ModelConfig) -> str:
     """Print a ``model_config_pb2.ModelConfig`` as config.pbtxt text.
 
     proto3 leaves fields at their default out, but ``max_batch_size: 0`` must be written: Triton's
@@ -104,7 +104,7 @@ def proto_to_pbtxt(pb: Any) -> str:
     return out.getvalue()
 
 
-def pbtxt_to_proto(text: str, *, source: str | os.PathLike[str] | None = None) -> Any:
+def pbtxt_to_proto(text: str, *, source: str | os.PathLike[str] | None = None) -> pb2.ModelConfig:
     """Parse config.pbtxt text into a ``model_config_pb2.ModelConfig``.
 
     Raises:

@@ -7,7 +7,7 @@ config.pbtxt text in the ``extra`` of the nearest dataclass and merged back when
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from google.protobuf import text_format
 from google.protobuf.message import Message
@@ -42,6 +42,9 @@ from tritonforge.config.sequence import (
     SequenceState,
 )
 from tritonforge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 __all__ = ["check_extras", "config_from_proto", "config_to_proto"]
 
@@ -122,7 +125,7 @@ def _to_text(message: Message) -> str:
     return text_format.MessageToString(message, as_one_line=True).strip()
 
 
-def _parse_extra(text: str, message_type: type, where: str) -> Message:
+def _parse_extra(text: str, message_type: type[Message], where: str) -> Message:
     message = message_type()
     text_format.Parse(text, message)  # the dataclasses keep only text that parses
     leftover = _residual(message)
@@ -168,7 +171,7 @@ def check_extras(config: ModelConfig) -> None:
             _parse_extra(step.extra, pb2.ModelEnsembling.Step, f"{owner}: ensemble step {step.model_name!r}")
 
 
-def _merge_extra(pb: Any, extra: str) -> None:
+def _merge_extra(pb: Message, extra: str) -> None:
     if extra:
         text_format.Merge(extra, pb)
 
@@ -176,7 +179,7 @@ def _merge_extra(pb: Any, extra: str) -> None:
 # ---------------------------------------------------------------- dataclass -> protobuf
 
 
-def config_to_proto(config: ModelConfig) -> Any:
+def config_to_proto(config: ModelConfig) -> pb2.ModelConfig:
     """``ModelConfig`` -> ``model_config_pb2.ModelConfig``."""
     pb = pb2.ModelConfig(name=config.name, max_batch_size=config.max_batch_size)
     if config.platform:
@@ -228,7 +231,7 @@ def config_to_proto(config: ModelConfig) -> Any:
     return pb
 
 
-def _sequence_to_proto(seq: SequenceBatching, pb: Any) -> None:
+def _sequence_to_proto(seq: SequenceBatching, pb: pb2.ModelSequenceBatching) -> None:
     pb.SetInParent()
     if isinstance(seq.strategy, DirectStrategy):
         pb.direct.SetInParent()
@@ -276,7 +279,7 @@ def _dtype_to_proto(dtype: DataType) -> int:
     return pb2.DataType.Value(dtype.proto_name)
 
 
-def _tensor_to_proto(spec: TensorSpec, pb: Any) -> None:
+def _tensor_to_proto(spec: TensorSpec, pb: pb2.ModelInput | pb2.ModelOutput) -> None:
     pb.name = spec.name
     pb.data_type = _dtype_to_proto(spec.dtype)
     pb.dims.extend(spec.dims)
@@ -293,7 +296,7 @@ def _tensor_to_proto(spec: TensorSpec, pb: Any) -> None:
     _merge_extra(pb, spec.extra)
 
 
-def _version_policy_to_proto(policy: VersionPolicy, pb: Any) -> None:
+def _version_policy_to_proto(policy: VersionPolicy, pb: pb2.ModelVersionPolicy) -> None:
     if policy.kind == "latest":
         pb.latest.num_versions = policy.num_versions
     elif policy.kind == "all":
@@ -302,7 +305,7 @@ def _version_policy_to_proto(policy: VersionPolicy, pb: Any) -> None:
         pb.specific.versions.extend(policy.versions)
 
 
-def _queue_policy_to_proto(policy: QueuePolicy, pb: Any) -> None:
+def _queue_policy_to_proto(policy: QueuePolicy, pb: pb2.ModelQueuePolicy) -> None:
     pb.SetInParent()
     pb.timeout_action = pb2.ModelQueuePolicy.TimeoutAction.Value(policy.timeout_action.proto_name)
     pb.default_timeout_microseconds = policy.default_timeout_us
@@ -310,7 +313,7 @@ def _queue_policy_to_proto(policy: QueuePolicy, pb: Any) -> None:
     pb.max_queue_size = policy.max_queue_size
 
 
-def _batching_to_proto(batching: DynamicBatching, pb: Any) -> None:
+def _batching_to_proto(batching: DynamicBatching, pb: pb2.ModelDynamicBatching) -> None:
     pb.SetInParent()
     pb.preferred_batch_size.extend(batching.preferred_batch_sizes)
     pb.max_queue_delay_microseconds = batching.max_queue_delay_us
@@ -323,7 +326,7 @@ def _batching_to_proto(batching: DynamicBatching, pb: Any) -> None:
         _queue_policy_to_proto(policy, pb.priority_queue_policy[level])
 
 
-def _optimization_to_proto(opt: Optimization, pb: Any) -> None:
+def _optimization_to_proto(opt: Optimization, pb: pb2.ModelOptimizationPolicy) -> None:
     pb.SetInParent()
     if opt.cuda_graphs:
         pb.cuda.graphs = True
@@ -342,7 +345,7 @@ def _optimization_to_proto(opt: Optimization, pb: Any) -> None:
         pb.output_pinned_memory.SetInParent()
 
 
-def _warmup_to_proto(warmup: ModelWarmup, pb: Any) -> None:
+def _warmup_to_proto(warmup: ModelWarmup, pb: pb2.ModelWarmup) -> None:
     pb.name = warmup.name
     pb.batch_size = warmup.batch_size
     # Triton runs a sample once for count 0 or 1; writing 1 would only add noise.
@@ -364,7 +367,7 @@ def _warmup_to_proto(warmup: ModelWarmup, pb: Any) -> None:
 # ---------------------------------------------------------------- protobuf -> dataclass
 
 
-def config_from_proto(pb: Any) -> ModelConfig:
+def config_from_proto(pb: pb2.ModelConfig) -> ModelConfig:
     """``model_config_pb2.ModelConfig`` -> ``ModelConfig``, keeping every field (unmodelled ones in
     ``extra``). What Triton accepts but looks wrong goes to the config's ``warnings``.
 
@@ -387,7 +390,7 @@ def config_from_proto(pb: Any) -> ModelConfig:
     return config
 
 
-def _config_from_proto(pb: Any) -> ModelConfig:
+def _config_from_proto(pb: pb2.ModelConfig) -> ModelConfig:
     ensemble = pb.ensemble_scheduling if pb.HasField("ensemble_scheduling") else None
     policy = pb.model_repository_agents
     return ModelConfig(
@@ -433,7 +436,7 @@ def _config_from_proto(pb: Any) -> ModelConfig:
     )
 
 
-def _enum_name(enum_type: Any, value: int, where: str, field: str) -> str:
+def _enum_name(enum_type: EnumTypeWrapper, value: int, where: str, field: str) -> str:
     """The name of an enum value; a number the enum does not define is our ConfigError, not ValueError."""
     try:
         return str(enum_type.Name(value))
@@ -449,7 +452,7 @@ def _dtype_from_proto(value: int, where: str, field: str = "data_type") -> DataT
     return DataType.parse(name)
 
 
-def _tensor_from_proto(pb: Any, kind: str) -> TensorSpec:
+def _tensor_from_proto(pb: pb2.ModelInput | pb2.ModelOutput, kind: str) -> TensorSpec:
     where = f"{kind} {pb.name!r}"
     return TensorSpec(
         name=pb.name,
@@ -463,7 +466,7 @@ def _tensor_from_proto(pb: Any, kind: str) -> TensorSpec:
     )
 
 
-def _sequence_from_proto(pb: Any) -> SequenceBatching:
+def _sequence_from_proto(pb: pb2.ModelSequenceBatching) -> SequenceBatching:
     choice = pb.WhichOneof("strategy_choice")
     strategy: DirectStrategy | OldestStrategy | None = None
     if choice == "direct":
@@ -528,7 +531,7 @@ def _sequence_from_proto(pb: Any) -> SequenceBatching:
     )
 
 
-def _version_policy_from_proto(pb: Any) -> VersionPolicy:
+def _version_policy_from_proto(pb: pb2.ModelVersionPolicy) -> VersionPolicy:
     choice = pb.WhichOneof("policy_choice")
     if choice == "all":
         return VersionPolicy.all()
@@ -538,7 +541,7 @@ def _version_policy_from_proto(pb: Any) -> VersionPolicy:
     return VersionPolicy.latest(pb.latest.num_versions or 1)
 
 
-def _queue_policy_from_proto(pb: Any) -> QueuePolicy:
+def _queue_policy_from_proto(pb: pb2.ModelQueuePolicy) -> QueuePolicy:
     return QueuePolicy(
         timeout_action=TimeoutAction.parse(
             _enum_name(
@@ -551,7 +554,7 @@ def _queue_policy_from_proto(pb: Any) -> QueuePolicy:
     )
 
 
-def _batching_from_proto(pb: Any) -> DynamicBatching:
+def _batching_from_proto(pb: pb2.ModelDynamicBatching) -> DynamicBatching:
     return DynamicBatching(
         preferred_batch_sizes=tuple(pb.preferred_batch_size),
         max_queue_delay_us=pb.max_queue_delay_microseconds,
@@ -568,7 +571,7 @@ def _batching_from_proto(pb: Any) -> DynamicBatching:
     )
 
 
-def _instance_group_from_proto(pb: Any) -> InstanceGroup:
+def _instance_group_from_proto(pb: pb2.ModelInstanceGroup) -> InstanceGroup:
     where = f"instance group {pb.name!r}" if pb.name else "instance group"
     return InstanceGroup(
         name=pb.name,
@@ -580,7 +583,7 @@ def _instance_group_from_proto(pb: Any) -> InstanceGroup:
     )
 
 
-def _accelerator_from_proto(pb: Any) -> Accelerator:
+def _accelerator_from_proto(pb: pb2.ModelOptimizationPolicy.ExecutionAccelerators.Accelerator) -> Accelerator:
     params = dict(sorted(pb.parameters.items()))
     if pb.name == TensorRTAccelerator.name:
         return TensorRTAccelerator.from_parameters(params)
@@ -589,7 +592,7 @@ def _accelerator_from_proto(pb: Any) -> Accelerator:
     return CustomAccelerator(name=pb.name, params=params)
 
 
-def _optimization_from_proto(pb: Any) -> Optimization:
+def _optimization_from_proto(pb: pb2.ModelOptimizationPolicy) -> Optimization:
     accelerators = pb.execution_accelerators
     return Optimization(
         gpu_accelerators=tuple(_accelerator_from_proto(a) for a in accelerators.gpu_execution_accelerator),
@@ -600,7 +603,7 @@ def _optimization_from_proto(pb: Any) -> Optimization:
     )
 
 
-def _warmup_from_proto(pb: Any) -> ModelWarmup:
+def _warmup_from_proto(pb: pb2.ModelWarmup) -> ModelWarmup:
     inputs = {}
     for name, item in sorted(pb.inputs.items()):
         source = item.WhichOneof("input_data_type")

@@ -6,9 +6,12 @@ one-request payloads, so the same data fits a model, an ensemble, or a model wit
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2 as pb2
 
 __all__ = ["SENTENCES", "digits_payloads", "text_payloads"]
 
@@ -24,11 +27,13 @@ SENTENCES = (
 )
 
 
-def _shape(config: Any, rows: int, dims: tuple[int, ...]) -> tuple[int, ...]:
+def _shape(config: pb2.ModelConfig, rows: int, dims: tuple[int, ...]) -> tuple[int, ...]:
     return (rows, *dims) if config.max_batch_size > 0 else dims
 
 
-def digits_payloads(config: Any, *, count: int = 450, batch: int = 1) -> list[dict[str, np.ndarray]]:
+def digits_payloads(
+    config: pb2.ModelConfig, *, count: int = 450, batch: int = 1
+) -> list[dict[str, np.ndarray]]:
     """scikit-learn's digits (the last ``count`` images, float32 pixels 0-16) for the model's first input.
 
     Raises:
@@ -44,7 +49,9 @@ def digits_payloads(config: Any, *, count: int = 450, batch: int = 1) -> list[di
     ]
 
 
-def text_payloads(config: Any, *, sentences: tuple[str, ...] = SENTENCES) -> list[dict[str, np.ndarray]]:
+def text_payloads(
+    config: pb2.ModelConfig, *, sentences: tuple[str, ...] = SENTENCES
+) -> list[dict[str, np.ndarray]]:
     """One sentence per request, as Triton BYTES, for the model's first input."""
     name = config.input[0].name
     dims = tuple(int(d) if d > 0 else 1 for d in config.input[0].dims) or (1,)

@@ -19,6 +19,8 @@ from tritonforge.loadtest.stats import TritonStats, composing_models
 from tritonforge.loadtest.sweep import Send
 
 if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2 as pb2
+
     from tritonforge.client.policies import Auth
 
 __all__ = ["Sender", "Target", "inputs_from_config", "open_target"]
@@ -40,7 +42,7 @@ class Target:
         return self.stats.models
 
 
-def inputs_from_config(config: Any, *, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+def inputs_from_config(config: pb2.ModelConfig, *, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
     """One request's inputs for a model config as Triton returns it (``model_config_pb2.ModelConfig``).
 
     Built through :func:`tritonforge.repository.sample_inputs`, from the config's inputs only (the server

@@ -21,10 +21,15 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tritonforge.errors import ModelLoadError, ServerError
 from tritonforge.server.install import TritonInstall, backend_directory, find_tritonserver
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2 as pb2
+
+    from tritonforge.config import ModelConfig
 
 __all__ = ["DEFAULT_STARTUP_TIMEOUT_S", "EmbeddedServer", "free_port"]
 
@@ -309,7 +314,9 @@ class EmbeddedServer:
 
     # -- model control -----------------------------------------------------------------------------------
 
-    def load_model(self, name: str, config: Any = None) -> None:
+    def load_model(
+        self, name: str, config: ModelConfig | pb2.ModelConfig | dict[str, Any] | str | None = None
+    ) -> None:
         """Load (or reload) ``name``; ``config`` (a ModelConfig, dict or JSON string) overrides config.pbtxt.
 
         Raises:
@@ -618,14 +625,15 @@ def _load_failures(log: str) -> list[tuple[str, str]]:
     return found
 
 
-def _config_json(config: Any) -> str:
+def _config_json(config: ModelConfig | pb2.ModelConfig | dict[str, Any] | str) -> str:
     if isinstance(config, str):
         return config
     if isinstance(config, dict):
         return json.dumps(config)
     from google.protobuf import json_format
+    from google.protobuf.message import Message
 
-    proto = config.to_proto() if hasattr(config, "to_proto") else config
+    proto = config if isinstance(config, Message) else config.to_proto()
     return json_format.MessageToJson(proto, preserving_proto_field_name=True)
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tritonforge.config import ModelConfig
 from tritonforge.errors import ConfigError, TritonForgeError
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import InferenceServerClient, InferInput
 
 __all__ = ["fetch_config", "infer_once"]
 
@@ -23,7 +26,7 @@ __all__ = ["fetch_config", "infer_once"]
 _SEQUENCE_ID = 1
 
 
-def fetch_config(client: Any, name: str, *, timeout_s: float = 60.0) -> ModelConfig:
+def fetch_config(client: InferenceServerClient, name: str, *, timeout_s: float = 60.0) -> ModelConfig:
     """The config the server runs ``name`` with, auto-completed fields included.
 
     Raises:
@@ -37,7 +40,12 @@ def fetch_config(client: Any, name: str, *, timeout_s: float = 60.0) -> ModelCon
 
 
 def infer_once(
-    client: Any, name: str, config: ModelConfig, arrays: Mapping[str, np.ndarray], *, timeout_s: float = 60.0
+    client: InferenceServerClient,
+    name: str,
+    config: ModelConfig,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    timeout_s: float = 60.0,
 ) -> dict[str, np.ndarray]:
     """Send ``arrays`` to model ``name`` once through ``client`` (a ``tritonclient.grpc`` client) and return
     the outputs it answered with (for a decoupled model: the last value of each output over all responses).
@@ -66,7 +74,12 @@ def infer_once(
 
 
 def _stream_once(
-    client: Any, name: str, inputs: list[Any], names: list[str], sequence: dict[str, Any], timeout_s: float
+    client: InferenceServerClient,
+    name: str,
+    inputs: list[InferInput],
+    names: list[str],
+    sequence: dict[str, Any],
+    timeout_s: float,
 ) -> dict[str, np.ndarray]:
     answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
     client.start_stream(callback=lambda result, error: answers.put((result, error)), stream_timeout=timeout_s)
