@@ -620,7 +620,12 @@ def test_restricted_args_on_the_real_tritonserver_refuse_calls_without_the_key_a
             assert answer.status == 200, kind
     inputs = {"a": np.ones((2, 3), np.float32)}
     with grpcclient.InferenceServerClient(guarded_server.grpc_url) as client:
-        with pytest.raises(Exception, match="(?i)unauthenticated|x-api-key|restricted|permission"):
+        with pytest.raises(Exception, match=r"(?i)unauthenticated|x-api-key|restricted|permission"):
             triton_infer(client, "fixed", inputs)
-        out = triton_infer(client, "fixed", inputs, headers={"x-api-key": KEY_VALUES["TRITON_RESTRICT_KEY_0"]})
+        out = triton_infer(
+            client,
+            "fixed",
+            inputs,
+            headers={"triton-grpc-protocol-x-api-key": KEY_VALUES["TRITON_RESTRICT_KEY_0"]},
+        )
     assert out["b"].shape == (3, 2)

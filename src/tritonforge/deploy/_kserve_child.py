@@ -6,7 +6,7 @@ very same names; whichever is imported second fails with "duplicate symbol". So 
 tritonforge or tritonclient. It reads one JSON request on stdin and writes one JSON answer on stdout:
 
 - ``{"op": "build", "plan": {...}}`` -> ``{"object": <InferenceService as a dict>}``
-- ``{"op": "canary", "name": ..., "steps": [5, ...]}`` -> ``{"objects": [<patch per step>, <rollback: 0>]}``
+- ``{"op": "canary", "name": ..., "steps": [5, ...]}`` -> ``{"object": {"objects": [<patches>, <rollback>]}}``
 - ``{"op": "check", "object": {...}}`` -> ``{"object": <the object read into the SDK's models and back>}``
 """
 
@@ -125,7 +125,9 @@ def main() -> None:
     client = ApiClient()
     if request["op"] == "canary":
         objects = canary(request["name"], request["steps"])
-        json.dump({"objects": [client.sanitize_for_serialization(o) for o in objects]}, sys.stdout)
+        json.dump(
+            {"object": {"objects": [client.sanitize_for_serialization(o) for o in objects]}}, sys.stdout
+        )
         return
     if request["op"] == "build":
         obj = build(request["plan"])

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from tritonforge.deploy.kube import labels, resources
-from tritonforge.deploy.spec import GRPC_PORT, HTTP_PORT, METRICS_PORT, PROBE_PATHS, DeploySpec, Restriction, triton_args
+from tritonforge.deploy.spec import (
+    GRPC_PORT,
+    HTTP_PORT,
+    METRICS_PORT,
+    PROBE_PATHS,
+    DeploySpec,
+    Restriction,
+    triton_args,
+)
 from tritonforge.errors import DeployError
 
 __all__ = ["compose_file", "inference_service", "kserve_sdk"]

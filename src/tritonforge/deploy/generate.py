@@ -302,7 +302,7 @@ def generate(
     files["kserve/inferenceservice.yaml"] = inference_service(spec, gpus=spec.prod_gpus)
     if spec.canary_steps:
         *steps, rollback = canary_patches(spec)
-        for i, (percent, patch) in enumerate(zip(spec.canary_steps, steps), 1):
+        for i, (percent, patch) in enumerate(zip(spec.canary_steps, steps, strict=True), 1):
             files[f"kserve/canary/{step_file(i, percent)}"] = patch
         files["kserve/canary/rollback.yaml"] = rollback
         plan = canary_plan(spec, namespace=spec.prod_namespace, thresholds=dict(canary_thresholds or {}))

@@ -59,6 +59,7 @@ SPOT_NODE_TERMS: list[tuple[str, str]] = [
 #: how long a terminating pod serves on after leaving the Service (see the preStop hook)
 PRESTOP_SLEEP_S = 15
 
+
 def labels(spec: DeploySpec, component: str = "server") -> dict[str, str]:
     return {
         "app.kubernetes.io/name": spec.name,
@@ -151,7 +152,10 @@ def _access_env_and_volumes(spec: DeploySpec) -> tuple[list[Obj], list[Obj], lis
         if spec.mtls:
             items.append({"key": "ca.crt", "path": "ca.crt"})
         volumes.append(
-            {"name": "grpc-tls", "secret": {"secretName": spec.tls_secret, "defaultMode": 0o400, "items": items}}
+            {
+                "name": "grpc-tls",
+                "secret": {"secretName": spec.tls_secret, "defaultMode": 0o400, "items": items},
+            }
         )
         mounts.append({"name": "grpc-tls", "mountPath": TLS_MOUNT_PATH, "readOnly": True})
     return env, volumes, mounts

@@ -19,10 +19,10 @@ __all__ = [
     "HTTP_PORT",
     "METRICS_PORT",
     "PROBE_PATHS",
+    "TLS_MOUNT_PATH",
     "TRITON_CONTAINER_TAGS",
     "TRITON_VERSION",
     "DeploySpec",
-    "TLS_MOUNT_PATH",
     "ModelStore",
     "Restriction",
     "image_for",
@@ -186,7 +186,8 @@ def parse_restriction(text: str, *, index: int = 0) -> Restriction:
     unknown = [g for g in groups if g not in RESTRICTABLE_GROUPS]
     if unknown:
         raise DeployError(
-            f"--restrict {text!r}: unknown group(s) {', '.join(unknown)}; use {', '.join(RESTRICTABLE_GROUPS)}"
+            f"--restrict {text!r}: unknown group(s) {', '.join(unknown)}; "
+            f"use {', '.join(RESTRICTABLE_GROUPS)}"
         )
     if not _HEADER.match(header):
         raise DeployError(f"--restrict {text!r}: header {header!r} must be letters, digits and '-'")
