@@ -8,6 +8,7 @@ import json
 import re
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -378,6 +379,15 @@ def test_deployment_arguments_serve_on_the_real_tritonserver_and_take_effect(
         assert client.get_server_metadata().version == TRITON_VERSION  # the image tag's Triton
         out = triton_infer(client, "fixed", {"a": np.ones((2, 3), np.float32)})
     assert out["b"].shape == (3, 2)
+    body = json.dumps(
+        {"inputs": [{"name": "a", "shape": [2, 3], "datatype": "FP32", "data": [1.0] * 6}]}
+    ).encode()
+    url = guarded_server.http_url + "/v2/models/fixed/infer"
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=5)
+    keyed = urllib.request.Request(url, data=body, headers={"x-api-key": KEY_VALUES["TRITON_RESTRICT_KEY_0"]})
+    with urllib.request.urlopen(keyed, timeout=5) as answer:
+        assert answer.status == 200
     options = {
         cells[1].strip(): cells[2].strip()
         for cells in (line.split("|") for line in deployed_server.log.splitlines())
@@ -527,6 +537,19 @@ def test_restricted_keys_come_from_secrets_by_env_and_the_args_name_those_env_va
     assert container["readinessProbe"]["httpGet"]["path"] == PROBE_PATHS["readiness"]
 
 
+def test_kserve_and_compose_take_the_same_keys_by_reference(guarded: Path) -> None:
+    (isvc,) = _docs(guarded / "kserve/inferenceservice.yaml")
+    model = isvc["spec"]["predictor"]["model"]
+    assert {e["name"] for e in model["env"]} == set(KEY_VALUES)
+    assert "--grpc-restricted-protocol=inference:x-api-key=$(TRITON_RESTRICT_KEY_0)" in model["args"]
+    (compose,) = _docs(guarded / "compose/docker-compose.yaml")
+    command = compose["services"]["triton"]["command"]
+    assert any(
+        a.startswith("--http-restricted-api=inference:x-api-key=${TRITON_RESTRICT_KEY_0:?") for a in command
+    )
+    assert not any("$(" in a or a.startswith("--grpc-use-ssl") for a in command)
+
+
 def test_no_generated_file_holds_a_key_value(guarded: Path) -> None:
     for path in guarded.rglob("*"):
         if path.is_file():
@@ -593,6 +616,25 @@ def test_parse_restriction_raises_deploy_error_naming_the_bad_value(text: str) -
         parse_restriction(text)
 
 
+def test_cli_deploy_writes_the_canary_plan_and_access_control_and_they_validate(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "d"
+    result = CliRunner().invoke(
+        app,
+        [
+            "deploy", str(model_repo), "--out", str(target), "--canary-steps", "10,100",
+            "--canary-hold", "60", "--restrict", RESTRICT[0], "--tls-secret", "grpc-tls", "--mtls",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (
+        "objects valid" in result.output and "create the kubernetes.io/tls Secret 'grpc-tls'" in result.output
+    )
+    plan = json.loads((target / "kserve/canary/plan.json").read_text())
+    assert [s["patch"] for s in plan["steps"]] == ["step-1-10pct.yaml", "step-2-100pct.yaml"]
+
+
 def test_cli_deploy_fails_on_one_line_when_health_is_restricted(model_repo: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app, ["deploy", str(model_repo), "--out", str(tmp_path / "d"), "--restrict", "health:x=k/v"]
@@ -629,3 +671,12 @@ def test_restricted_args_on_the_real_tritonserver_refuse_calls_without_the_key_a
             headers={"triton-grpc-protocol-x-api-key": KEY_VALUES["TRITON_RESTRICT_KEY_0"]},
         )
     assert out["b"].shape == (3, 2)
+    body = json.dumps(
+        {"inputs": [{"name": "a", "shape": [2, 3], "datatype": "FP32", "data": [1.0] * 6}]}
+    ).encode()
+    url = guarded_server.http_url + "/v2/models/fixed/infer"
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=5)
+    keyed = urllib.request.Request(url, data=body, headers={"x-api-key": KEY_VALUES["TRITON_RESTRICT_KEY_0"]})
+    with urllib.request.urlopen(keyed, timeout=5) as answer:
+        assert answer.status == 200
