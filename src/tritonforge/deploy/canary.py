@@ -8,7 +8,6 @@ and, per step, the PromQL that judges the canary on Triton's per-version metrics
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from tritonforge.deploy.spec import DeploySpec
@@ -118,8 +117,3 @@ def canary_plan(
         "rollback": f"kubectl patch inferenceservice {spec.name} -n {namespace} --type merge "
         "--patch-file kserve/canary/rollback.yaml",
     }
-
-
-def patch_percents(patches: Sequence[dict[str, Any]]) -> list[int]:
-    """The ``canaryTrafficPercent`` each patch sets (for checks and tests)."""
-    return [int(p["spec"]["predictor"]["canaryTrafficPercent"]) for p in patches]
