@@ -5,8 +5,10 @@ scraping two real servers -- is clearly higher under load than idle, per pod."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +30,9 @@ from tritonforge.deploy import (
     check_tree,
     generate,
     load_measurement,
+    parse_canary_steps,
     parse_model_store,
+    parse_restriction,
     render_adapter_query,
     size_for,
     triton_args,
@@ -474,3 +478,196 @@ def test_autoscaling_promql_is_clearly_higher_under_load_than_idle_per_pod(
     for before, after, floor in zip(idle_keda, loaded_keda, floors, strict=True):
         assert list(before.values()) == [0.0]
         assert len(after) == 1 and next(iter(after.values())) > floor
+
+
+# -- access control and the KServe canary plan --------------------------------------------------------------
+
+#: the values the Secrets would hold (only ever in the test's environment, never in a generated file)
+KEY_VALUES = {"TRITON_RESTRICT_KEY_0": "s3cr3t-infer-9f1c", "TRITON_RESTRICT_KEY_1": "s3cr3t-admin-77ab"}
+RESTRICT = (
+    "inference:x-api-key=triton-keys/infer",
+    "model-repository,model-config,statistics:x-admin-key=triton-keys/admin",
+)
+
+
+def _access_spec() -> DeploySpec:
+    return DeploySpec(
+        restrictions=tuple(parse_restriction(r, index=i) for i, r in enumerate(RESTRICT)),
+        tls_secret="triton-grpc-tls",
+        mtls=True,
+        canary_steps=(5, 25, 50, 100),
+        canary_hold_s=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def guarded(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tree with restricted protocols, gRPC mTLS and a canary plan."""
+    target = tmp_path_factory.mktemp("deploy-guarded") / "deploy"
+    generate(model_repo, target, _access_spec(), canary_thresholds={"max_mean_latency_ms": 50.0})
+    return target
+
+
+def _expand(args: list[str], env: dict[str, str]) -> list[str]:
+    """Kubernetes' ``$(VAR)`` expansion of container args (an undefined var stays as written)."""
+    return [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in args]
+
+
+def test_restricted_keys_come_from_secrets_by_env_and_the_args_name_those_env_vars(guarded: Path) -> None:
+    container = _docs(guarded / "base/deployment.yaml")[0]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert env == {
+        "TRITON_RESTRICT_KEY_0": {"name": "triton-keys", "key": "infer"},
+        "TRITON_RESTRICT_KEY_1": {"name": "triton-keys", "key": "admin"},
+    }
+    referenced = {v for a in container["args"] for v in re.findall(r"\$\((\w+)\)", a)}
+    assert referenced == set(env)
+    assert "--grpc-restricted-protocol=inference:x-api-key=$(TRITON_RESTRICT_KEY_0)" in container["args"]
+    assert "--http-restricted-api=inference:x-api-key=$(TRITON_RESTRICT_KEY_0)" in container["args"]
+    assert not any("health" in a for a in container["args"] if "restricted" in a)
+    assert container["readinessProbe"]["httpGet"]["path"] == PROBE_PATHS["readiness"]
+
+
+def test_kserve_and_compose_take_the_same_keys_by_reference(guarded: Path) -> None:
+    (isvc,) = _docs(guarded / "kserve/inferenceservice.yaml")
+    model = isvc["spec"]["predictor"]["model"]
+    assert {e["name"] for e in model["env"]} == set(KEY_VALUES)
+    assert "--grpc-restricted-protocol=inference:x-api-key=$(TRITON_RESTRICT_KEY_0)" in model["args"]
+    (compose,) = _docs(guarded / "compose/docker-compose.yaml")
+    command = compose["services"]["triton"]["command"]
+    assert any(
+        a.startswith("--http-restricted-api=inference:x-api-key=${TRITON_RESTRICT_KEY_0:?") for a in command
+    )
+    assert not any("$(" in a or a.startswith("--grpc-use-ssl") for a in command)
+
+
+def test_no_generated_file_holds_a_key_value(guarded: Path) -> None:
+    for path in guarded.rglob("*"):
+        if path.is_file():
+            text = path.read_text()
+            for value in KEY_VALUES.values():
+                assert value not in text, path
+
+
+def test_grpc_tls_files_come_from_a_tls_secret_mounted_0400_and_the_args_point_at_them(guarded: Path) -> None:
+    pod = _docs(guarded / "base/deployment.yaml")[0]["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "grpc-tls")
+    assert volume["secret"]["secretName"] == "triton-grpc-tls"
+    assert volume["secret"]["defaultMode"] == 0o400
+    assert {i["key"] for i in volume["secret"]["items"]} == {"tls.crt", "tls.key", "ca.crt"}
+    container = pod["containers"][0]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "grpc-tls")
+    assert mount["readOnly"] is True
+    args = container["args"]
+    assert "--grpc-use-ssl=true" in args and "--grpc-use-ssl-mutual=true" in args
+    for flag in ("--grpc-server-cert=", "--grpc-server-key=", "--grpc-root-cert="):
+        (path,) = [a.removeprefix(flag) for a in args if a.startswith(flag)]
+        assert path.startswith(mount["mountPath"] + "/")
+        assert Path(path).name in {i["path"] for i in volume["secret"]["items"]}
+
+
+def test_the_guarded_tree_validates_offline_with_its_canary_patches(guarded: Path) -> None:
+    findings = check_tree(guarded)
+    assert [f for f in findings if not f.ok] == []
+    checked = {f.file for f in findings}
+    assert "kserve/canary/step-1-5pct.yaml" in checked and "kserve/canary/rollback.yaml" in checked
+
+
+def test_canary_plan_has_one_patch_per_step_and_the_promql_per_version(guarded: Path) -> None:
+    plan = json.loads((guarded / "kserve/canary/plan.json").read_text())
+    assert [s["canary_traffic_percent"] for s in plan["steps"]] == [5, 25, 50, 100]
+    assert plan["hold_s"] == 120 and plan["thresholds"]["max_mean_latency_ms"] == 50.0
+    for step in plan["steps"]:
+        (patch,) = _docs(guarded / "kserve/canary" / step["patch"])
+        assert patch == {
+            "apiVersion": "serving.kserve.io/v1beta1",
+            "kind": "InferenceService",
+            "metadata": {"name": "triton"},
+            "spec": {"predictor": {"canaryTrafficPercent": step["canary_traffic_percent"]}},
+        }
+        assert step["patch"] in step["apply"] and "kubectl patch inferenceservice triton" in step["apply"]
+        assert all("by (model, version)" in q for q in step["queries"].values())
+    (rollback,) = _docs(guarded / "kserve/canary/rollback.yaml")
+    assert rollback["spec"]["predictor"]["canaryTrafficPercent"] == 0
+    assert "kubectl patch inferenceservice triton" in (guarded / "README.md").read_text()
+
+
+@pytest.mark.parametrize("text", ["5,25,50", "25,5,100", "0,100", "5,x,100", ""])
+def test_parse_canary_steps_raises_deploy_error_for_steps_that_do_not_climb_to_100(text: str) -> None:
+    with pytest.raises(DeployError, match="canary-steps"):
+        parse_canary_steps(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["health,inference:x-key=keys/k", "inference:x-key=keys", "inference=keys/k", "bogus:x-key=keys/k"],
+)
+def test_parse_restriction_raises_deploy_error_naming_the_bad_value(text: str) -> None:
+    with pytest.raises(DeployError, match="--restrict"):
+        parse_restriction(text)
+
+
+def test_cli_deploy_writes_the_canary_plan_and_access_control_and_they_validate(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "d"
+    result = CliRunner().invoke(
+        app,
+        [
+            "deploy", str(model_repo), "--out", str(target), "--canary-steps", "10,100",
+            "--canary-hold", "60", "--restrict", RESTRICT[0], "--tls-secret", "grpc-tls", "--mtls",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (
+        "objects valid" in result.output and "create the kubernetes.io/tls Secret 'grpc-tls'" in result.output
+    )
+    plan = json.loads((target / "kserve/canary/plan.json").read_text())
+    assert [s["patch"] for s in plan["steps"]] == ["step-1-10pct.yaml", "step-2-100pct.yaml"]
+
+
+def test_cli_deploy_fails_on_one_line_when_health_is_restricted(model_repo: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["deploy", str(model_repo), "--out", str(tmp_path / "d"), "--restrict", "health:x=k/v"]
+    )
+    assert result.exit_code != 0
+    assert "health group must stay unrestricted" in result.output
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.fixture(scope="module")
+def guarded_server(model_repo: Path) -> Iterator[EmbeddedServer]:
+    """The real tritonserver with the guarded Deployment's arguments, ``$(VAR)`` expanded from test values
+    as the kubelet expands them from the Secrets (TLS left out: no certificates here)."""
+    spec = _access_spec().replace(tls_secret="", mtls=False)
+    args = _expand([a for a in triton_args(spec) if not a.startswith(SWAPPED)], KEY_VALUES)
+    with EmbeddedServer(model_repo, host="127.0.0.3", extra_args=args) as running:
+        yield running
+
+
+def test_restricted_args_on_the_real_tritonserver_refuse_calls_without_the_key_and_keep_health_open(
+    guarded_server: EmbeddedServer,
+) -> None:
+    for kind, path in PROBE_PATHS.items():
+        with urllib.request.urlopen(guarded_server.http_url + path, timeout=5) as answer:
+            assert answer.status == 200, kind
+    inputs = {"a": np.ones((2, 3), np.float32)}
+    with grpcclient.InferenceServerClient(guarded_server.grpc_url) as client:
+        with pytest.raises(Exception, match=r"(?i)unauthenticated|x-api-key|restricted|permission"):
+            triton_infer(client, "fixed", inputs)
+        out = triton_infer(
+            client,
+            "fixed",
+            inputs,
+            headers={"triton-grpc-protocol-x-api-key": KEY_VALUES["TRITON_RESTRICT_KEY_0"]},
+        )
+    assert out["b"].shape == (3, 2)
+    body = json.dumps(
+        {"inputs": [{"name": "a", "shape": [2, 3], "datatype": "FP32", "data": [1.0] * 6}]}
+    ).encode()
+    url = guarded_server.http_url + "/v2/models/fixed/infer"
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=5)
+    keyed = urllib.request.Request(url, data=body, headers={"x-api-key": KEY_VALUES["TRITON_RESTRICT_KEY_0"]})
+    with urllib.request.urlopen(keyed, timeout=5) as answer:
+        assert answer.status == 200

@@ -76,6 +76,20 @@ def deploy(
     target_rps: float | None = typer.Option(None, help="Size prod replicas for this many requests/s."),
     p99_budget_ms: float | None = typer.Option(None, help="Only levels within this p99 count as capacity."),
     utilisation: float = typer.Option(0.7, help="Share of a pod's measured capacity to plan for."),
+    canary_steps: str = typer.Option(
+        "", help="KServe canary plan: traffic percent per step, e.g. 5,25,50,100 (as `rollout --steps`)."
+    ),
+    canary_hold: int = typer.Option(300, help="Seconds each canary step is held and judged."),
+    canary_max_error_rate: float = typer.Option(0.01, help="Canary plan: largest failed share of calls."),
+    canary_max_latency_ms: float | None = typer.Option(None, help="Canary plan: largest mean latency (ms)."),
+    canary_min_requests: int = typer.Option(100, help="Canary plan: calls needed before a step is judged."),
+    restrict: list[str] = typer.Option(
+        [],
+        help="Restrict protocol groups to a header whose value is a Secret's key: "
+        "GROUPS:HEADER=SECRET_NAME/KEY (repeatable; health stays open for the probes).",
+    ),
+    tls_secret: str = typer.Option("", help="kubernetes.io/tls Secret with gRPC's tls.crt and tls.key."),
+    mtls: bool = typer.Option(False, "--mtls", help="Require client certificates (the Secret's ca.crt)."),
     check: bool = typer.Option(True, help="Validate every generated object offline afterwards."),
 ) -> None:
     """Write Kubernetes (kustomize base + overlays, HPA/KEDA on Triton's queue time), KServe, locust,
@@ -86,8 +100,10 @@ def deploy(
         generate,
         load_measurement,
         parse_model_store,
+        parse_restriction,
         size_for,
     )
+    from tritonforge.deploy.canary import parse_canary_steps
     from tritonforge.deploy.spec import DEFAULT_IMAGE
 
     try:
@@ -117,7 +133,18 @@ def deploy(
             batch_output=batch_output,
             batch_shards=batch_shards,
             prometheus_url=prometheus_url,
+            canary_steps=parse_canary_steps(canary_steps) if canary_steps else (),
+            canary_hold_s=canary_hold,
+            restrictions=tuple(parse_restriction(r, index=i) for i, r in enumerate(restrict)),
+            tls_secret=tls_secret,
+            mtls=mtls,
         )
+        thresholds: dict[str, float] = {
+            "max_error_rate": canary_max_error_rate,
+            "min_requests": canary_min_requests,
+        }
+        if canary_max_latency_ms is not None:
+            thresholds["max_mean_latency_ms"] = canary_max_latency_ms
         sizing = None
         instances = None
         measured: tuple[dict[str, Any], dict[str, int], str] | None = None
@@ -148,7 +175,14 @@ def deploy(
         )
         with console.status(f"writing manifests for {repo} ..."):
             generated = generate(
-                repo, out, spec, sizing=sizing, instances=instances, locustfiles=locustfiles, force=force
+                repo,
+                out,
+                spec,
+                sizing=sizing,
+                instances=instances,
+                locustfiles=locustfiles,
+                canary_thresholds=thresholds,
+                force=force,
             )
         findings = check_tree(out) if check else []
     except (TritonForgeError, ValueError) as exc:

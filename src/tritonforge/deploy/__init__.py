@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+from tritonforge.deploy.canary import canary_patches, canary_plan, parse_canary_steps
 from tritonforge.deploy.check import KUBERNETES_VERSION, Finding, check_tree, validate_object
 from tritonforge.deploy.generate import Generated, generate, overlay_patches, repository_models
 from tritonforge.deploy.metrics import (
@@ -27,8 +28,10 @@ from tritonforge.deploy.spec import (
     TRITON_VERSION,
     DeploySpec,
     ModelStore,
+    Restriction,
     image_for,
     parse_model_store,
+    parse_restriction,
     triton_args,
 )
 
@@ -42,15 +45,20 @@ __all__ = [
     "Finding",
     "Generated",
     "ModelStore",
+    "Restriction",
     "Sizing",
     "adapter_rule",
+    "canary_patches",
+    "canary_plan",
     "check_tree",
     "generate",
     "image_for",
     "keda_query",
     "load_measurement",
     "overlay_patches",
+    "parse_canary_steps",
     "parse_model_store",
+    "parse_restriction",
     "pod_query",
     "render_adapter_query",
     "repository_models",

@@ -6,6 +6,7 @@ very same names; whichever is imported second fails with "duplicate symbol". So 
 tritonforge or tritonclient. It reads one JSON request on stdin and writes one JSON answer on stdout:
 
 - ``{"op": "build", "plan": {...}}`` -> ``{"object": <InferenceService as a dict>}``
+- ``{"op": "canary", "name": ..., "steps": [5, ...]}`` -> ``{"object": {"objects": [<patches>, <rollback>]}}``
 - ``{"op": "check", "object": {...}}`` -> ``{"object": <the object read into the SDK's models and back>}``
 """
 
@@ -36,6 +37,7 @@ def build(plan: dict[str, Any]) -> Any:
         protocol_version="v2",
         args=plan["args"],
         resources=V1ResourceRequirements(**plan["resources"]),
+        env=load(plan.get("env") or None, "list[V1EnvVar]"),
     )
     return V1beta1InferenceService(
         api_version=constants.KSERVE_V1BETA1,
@@ -99,11 +101,34 @@ def load(data: Any, kind: str) -> Any:
     return cls(**kwargs)
 
 
+def canary(name: str, steps: list[int]) -> list[Any]:
+    """One InferenceService patch per step (then one with 0: the rollback), only canaryTrafficPercent."""
+    from kserve import constants
+    from kserve.models import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
+    from kubernetes.client import V1ObjectMeta
+
+    return [
+        V1beta1InferenceService(
+            api_version=constants.KSERVE_V1BETA1,
+            kind="InferenceService",
+            metadata=V1ObjectMeta(name=name),
+            spec=V1beta1InferenceServiceSpec(predictor=V1beta1PredictorSpec(canary_traffic_percent=percent)),
+        )
+        for percent in [*steps, 0]
+    ]
+
+
 def main() -> None:
     request = json.load(sys.stdin)
     from kserve import ApiClient
 
     client = ApiClient()
+    if request["op"] == "canary":
+        objects = canary(request["name"], request["steps"])
+        json.dump(
+            {"object": {"objects": [client.sanitize_for_serialization(o) for o in objects]}}, sys.stdout
+        )
+        return
     if request["op"] == "build":
         obj = build(request["plan"])
     else:

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from tritonforge.deploy.kube import labels, resources
-from tritonforge.deploy.spec import GRPC_PORT, HTTP_PORT, METRICS_PORT, PROBE_PATHS, DeploySpec, triton_args
+from tritonforge.deploy.spec import (
+    GRPC_PORT,
+    HTTP_PORT,
+    METRICS_PORT,
+    PROBE_PATHS,
+    DeploySpec,
+    Restriction,
+    triton_args,
+)
 from tritonforge.errors import DeployError
 
 __all__ = ["compose_file", "inference_service", "kserve_sdk"]
@@ -32,13 +41,28 @@ def inference_service(spec: DeploySpec, *, gpus: int) -> dict[str, Any]:
         "runtime": "kserve-tritonserver",
         "runtime_version": last.split(":", 1)[1] if ":" in last else None,
         "storage_uri": spec.store.kserve_uri,
-        "args": [f"--grpc-max-connection-age={spec.grpc_max_connection_age_ms}", "--strict-readiness=true"],
+        "args": [
+            f"--grpc-max-connection-age={spec.grpc_max_connection_age_ms}",
+            "--strict-readiness=true",
+            *[a for r in spec.restrictions for a in _restricted(r)],
+        ],
+        "env": [
+            {"name": r.env, "valueFrom": {"secretKeyRef": {"name": r.secret, "key": r.key}}}
+            for r in spec.restrictions
+        ],
         "resources": resources(spec, gpus),
         "min_replicas": spec.min_replicas,
         "max_replicas": spec.max_replicas,
         "canary_traffic_percent": spec.canary_traffic_percent,
     }
     return kserve_sdk({"op": "build", "plan": plan})
+
+
+def _restricted(restriction: Restriction) -> list[str]:
+    return [
+        f"--grpc-restricted-protocol={restriction.spec_arg()}",
+        f"--http-restricted-api={restriction.spec_arg()}",
+    ]
 
 
 def kserve_sdk(request: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +93,13 @@ def compose_file(spec: DeploySpec, repository: Path, compose_dir: Path, *, gpus:
     """docker-compose for one host: NVIDIA's container on the local repository (read-only bind mount),
     the same arguments as the pods, a GPU reservation and a healthcheck on Triton's readiness."""
     local = os.path.relpath(repository.resolve(), compose_dir.resolve())
-    args = [a for a in triton_args(spec, gpus=gpus) if not a.startswith("--model-repository=")]
+    # compose reads the restricted-protocol keys from the host's environment (or .env): ${VAR}, never a
+    # literal; the gRPC TLS files of --tls-secret live in a Kubernetes Secret, so compose serves without them
+    args = [
+        re.sub(r"\$\((\w+)\)", r"${\1:?set \1 to the key}", a)
+        for a in triton_args(spec, gpus=gpus)
+        if not a.startswith(("--model-repository=", "--grpc-use-ssl", "--grpc-server-", "--grpc-root-cert"))
+    ]
     service: dict[str, Any] = {
         "image": spec.image,
         "command": ["tritonserver", "--model-repository=/models", *args],

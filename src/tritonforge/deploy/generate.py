@@ -7,6 +7,7 @@ Layout of ``OUT/``::
     overlays/prod/         namespace, sized replicas, GPUs, HPA min..max (KEDA alternative beside it)
     autoscaling/           prometheus-adapter rule (Helm values and a ConfigMap) serving the HPA metric
     kserve/                InferenceService on KServe's Triton runtime, with canary traffic
+    kserve/canary/         with --canary-steps: one patch per step, rollback.yaml and plan.json
     loadtest/              distributed locust (ConfigMap of loadtests/, master, workers) + its Dockerfile
     batch/                 Indexed Job running `tritonforge batch-infer --shard K/N`, and its data PVC
     compose/               docker-compose.yaml for one host
@@ -29,6 +30,7 @@ from typing import Any
 import yaml
 
 from tritonforge.deploy import kube
+from tritonforge.deploy.canary import canary_patches, canary_plan, step_file
 from tritonforge.deploy.extras import compose_file, inference_service
 from tritonforge.deploy.metrics import adapter_rule, keda_query, pod_query
 from tritonforge.deploy.sizing import Sizing
@@ -179,6 +181,23 @@ def _readme(spec: DeploySpec, sizing: Sizing | None, notes: Sequence[str]) -> st
         f"    {pod_query(spec, spec.prod_namespace)}",
         "",
     ]
+    if spec.canary_steps:
+        lines += [
+            "## KServe canary",
+            "",
+            f"Steps {', '.join(f'{p}%' for p in spec.canary_steps)}, each held {spec.canary_hold_s} s "
+            "(kserve/canary/plan.json: thresholds and the PromQL per step). Roll out the new version",
+            "(a new storageUri in kserve/inferenceservice.yaml, `kubectl apply -f`), then per step:",
+            "",
+            *[
+                f"    kubectl patch inferenceservice {spec.name} -n {spec.prod_namespace} --type merge "
+                f"--patch-file kserve/canary/{step_file(i, p)}"
+                for i, p in enumerate(spec.canary_steps, 1)
+            ],
+            "",
+            "and on a breached threshold: `... --patch-file kserve/canary/rollback.yaml`.",
+            "",
+        ]
     if sizing is not None:
         lines += ["## Sizing", "", *[f"- {r}" for r in sizing.reasons], ""]
     if notes:
@@ -209,6 +228,7 @@ def generate(
     sizing: Sizing | None = None,
     instances: Mapping[str, int] | None = None,
     locustfiles: Mapping[str, str] | None = None,
+    canary_thresholds: Mapping[str, float] | None = None,
     force: bool = False,
 ) -> Generated:
     """Write every manifest for serving ``repository`` into ``out`` (built beside it, then moved into
@@ -280,6 +300,27 @@ def generate(
     files["autoscaling/prometheus-adapter-rules.yaml"] = kube.prometheus_adapter_configmap(spec)
     files["autoscaling/keda-query-prod.promql"] = keda_query(spec, spec.prod_namespace) + "\n"
     files["kserve/inferenceservice.yaml"] = inference_service(spec, gpus=spec.prod_gpus)
+    if spec.canary_steps:
+        *steps, rollback = canary_patches(spec)
+        for i, (percent, patch) in enumerate(zip(spec.canary_steps, steps, strict=True), 1):
+            files[f"kserve/canary/{step_file(i, percent)}"] = patch
+        files["kserve/canary/rollback.yaml"] = rollback
+        plan = canary_plan(spec, namespace=spec.prod_namespace, thresholds=dict(canary_thresholds or {}))
+        files["kserve/canary/plan.json"] = json.dumps(plan, indent=2) + "\n"
+    if spec.restrictions:
+        secrets = sorted({(r.secret, r.key) for r in spec.restrictions})
+        notes.append(
+            "create the restricted-protocol key Secret(s) before applying: "
+            + ", ".join(f"'{name}' (key '{key}')" for name, key in secrets)
+            + "; compose reads them from the host's env vars "
+            + ", ".join(r.env for r in spec.restrictions)
+        )
+    if spec.tls_secret:
+        notes.append(
+            f"create the kubernetes.io/tls Secret '{spec.tls_secret}' (tls.crt, tls.key"
+            + (", ca.crt for the client certificates" if spec.mtls else "")
+            + "); KServe and compose are written without gRPC TLS"
+        )
     if locustfiles is not None:
         files["loadtest/locust.yaml"] = kube.locust_objects(spec, locustfiles, batch_model)
         files["loadtest/kustomization.yaml"] = _kustomization(["locust.yaml"])

@@ -16,6 +16,7 @@ from tritonforge.deploy.spec import (
     METRICS_PORT,
     MOUNT_PATH,
     PROBE_PATHS,
+    TLS_MOUNT_PATH,
     DeploySpec,
     triton_args,
 )
@@ -137,6 +138,29 @@ def _store_env_and_volumes(spec: DeploySpec) -> tuple[list[Obj], list[Obj], list
     return env, volumes, mounts
 
 
+def _access_env_and_volumes(spec: DeploySpec) -> tuple[list[Obj], list[Obj], list[Obj]]:
+    """Restricted-protocol keys as env vars from their Secrets (the args name them as ``$(VAR)``), and the
+    gRPC TLS files from a ``kubernetes.io/tls`` Secret, mounted read-only with mode 0400."""
+    env: list[Obj] = [
+        {"name": r.env, "valueFrom": {"secretKeyRef": {"name": r.secret, "key": r.key}}}
+        for r in spec.restrictions
+    ]
+    volumes: list[Obj] = []
+    mounts: list[Obj] = []
+    if spec.tls_secret:
+        items = [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}]
+        if spec.mtls:
+            items.append({"key": "ca.crt", "path": "ca.crt"})
+        volumes.append(
+            {
+                "name": "grpc-tls",
+                "secret": {"secretName": spec.tls_secret, "defaultMode": 0o400, "items": items},
+            }
+        )
+        mounts.append({"name": "grpc-tls", "mountPath": TLS_MOUNT_PATH, "readOnly": True})
+    return env, volumes, mounts
+
+
 def _probe(kind: str, *, period_s: int, failures: int) -> Obj:
     return {
         "httpGet": {"path": PROBE_PATHS[kind], "port": "http"},
@@ -155,6 +179,10 @@ def deployment(spec: DeploySpec) -> Obj:
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
     ]
     mounts += [{"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    access_env, access_volumes, access_mounts = _access_env_and_volumes(spec)
+    env += access_env
+    volumes += access_volumes
+    mounts += access_mounts
     image = spec.store.claim_or_image if spec.store.kind == "image" else spec.image
     container: Obj = {
         "name": "triton",

@@ -19,12 +19,15 @@ __all__ = [
     "HTTP_PORT",
     "METRICS_PORT",
     "PROBE_PATHS",
+    "TLS_MOUNT_PATH",
     "TRITON_CONTAINER_TAGS",
     "TRITON_VERSION",
     "DeploySpec",
     "ModelStore",
+    "Restriction",
     "image_for",
     "parse_model_store",
+    "parse_restriction",
     "triton_args",
 ]
 
@@ -43,6 +46,23 @@ PROBE_PATHS: Mapping[str, str] = {
 }
 #: where the repository sits inside the pod for the PVC and baked-image sources
 MOUNT_PATH = "/models"
+
+#: where the gRPC TLS files of ``--tls-secret`` are mounted (a ``kubernetes.io/tls`` Secret's keys)
+TLS_MOUNT_PATH = "/etc/triton/tls"
+#: Triton's protocol groups for ``--grpc-restricted-protocol`` / ``--http-restricted-api``; ``health`` is
+#: left out on purpose: the kubelet's probes send no header, so health must stay unrestricted
+RESTRICTABLE_GROUPS = (
+    "metadata",
+    "inference",
+    "shared-memory",
+    "model-config",
+    "model-repository",
+    "statistics",
+    "trace",
+    "logging",
+)
+_HEADER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 
 StoreKind = Literal["s3", "gs", "as", "pvc", "image"]
 Metric = Literal["queue_time", "queue_ratio"]
@@ -128,6 +148,55 @@ def parse_model_store(uri: str, *, name: str, secret: str = "") -> ModelStore:
     raise DeployError(f"model store scheme {scheme!r} is not supported: use s3, gs, as, pvc or image")
 
 
+@dataclasses.dataclass(frozen=True)
+class Restriction:
+    """Protocol groups that need ``header`` to carry the value of key ``key`` in Secret ``secret``. The pod
+    reads the value into env var ``env`` and Triton gets it as ``$(ENV)``: no key is ever written out."""
+
+    groups: tuple[str, ...]
+    header: str
+    secret: str
+    key: str
+    env: str
+
+    def spec_arg(self) -> str:
+        """Triton's ``<groups>:<header>=<value>`` with the value left for Kubernetes to expand."""
+        return f"{','.join(self.groups)}:{self.header}=$({self.env})"
+
+
+def parse_restriction(text: str, *, index: int = 0) -> Restriction:
+    """``GROUPS:HEADER=SECRET_NAME/KEY`` (groups comma-separated), e.g.
+    ``inference,model-repository:x-api-key=triton-keys/admin``.
+
+    Raises:
+        DeployError: a malformed value, an unknown or the ``health`` group, or bad Secret/key names.
+    """
+    form = "GROUPS:HEADER=SECRET_NAME/KEY, e.g. inference:x-api-key=triton-keys/api-key"
+    groups_text, sep, rest = text.partition(":")
+    header, sep2, ref = rest.partition("=")
+    secret, sep3, key = ref.partition("/")
+    if not (sep and sep2 and sep3) or not groups_text or not header or not secret or not key:
+        raise DeployError(f"--restrict {text!r} must be {form}")
+    groups = tuple(g.strip() for g in groups_text.split(","))
+    if "health" in groups:
+        raise DeployError(
+            f"--restrict {text!r}: the health group must stay unrestricted (the kubelet's probes send no "
+            "header); restrict the other groups"
+        )
+    unknown = [g for g in groups if g not in RESTRICTABLE_GROUPS]
+    if unknown:
+        raise DeployError(
+            f"--restrict {text!r}: unknown group(s) {', '.join(unknown)}; "
+            f"use {', '.join(RESTRICTABLE_GROUPS)}"
+        )
+    if not _HEADER.match(header):
+        raise DeployError(f"--restrict {text!r}: header {header!r} must be letters, digits and '-'")
+    _check_name(secret, "Secret name")
+    if not _SECRET_KEY.match(key):
+        raise DeployError(f"--restrict {text!r}: Secret key {key!r} must be letters, digits, '-', '_' or '.'")
+    return Restriction(groups, header.lower(), secret, key, env=f"TRITON_RESTRICT_KEY_{index}")
+
+
 def _check_name(value: str, what: str) -> None:
     if not _NAME.match(value) or len(value) > 63:
         raise DeployError(
@@ -179,6 +248,14 @@ class DeploySpec:
     batch_shards: int = 4
     batch_image: str = "tritonforge:latest"
     canary_traffic_percent: int = 10
+    #: KServe canary plan: traffic percent at each step (empty: no plan) and how long each is held
+    canary_steps: tuple[int, ...] = ()
+    canary_hold_s: int = 300
+    #: access control: restricted protocol groups (keys from Secrets), gRPC TLS from a kubernetes.io/tls
+    #: Secret, and client certificates required (mTLS, the Secret's ca.crt)
+    restrictions: tuple[Restriction, ...] = ()
+    tls_secret: str = ""
+    mtls: bool = False
     #: the Prometheus that KEDA queries and prometheus-adapter reads (prometheus-operator's default Service)
     prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
 
@@ -202,6 +279,23 @@ class DeploySpec:
             raise DeployError(f"metric must be 'queue_time' or 'queue_ratio', not {self.metric!r}")
         if not 0 <= self.canary_traffic_percent <= 100:
             raise DeployError("canary traffic must be a percentage (0-100)")
+        if self.canary_steps and (
+            any(not 0 < s <= 100 for s in self.canary_steps)
+            or list(self.canary_steps) != sorted(set(self.canary_steps))
+            or self.canary_steps[-1] != 100
+        ):
+            raise DeployError(
+                f"canary steps {list(self.canary_steps)} must be increasing percentages in (0, 100] "
+                "ending at 100, e.g. 5,25,50,100"
+            )
+        if self.canary_hold_s <= 0:
+            raise DeployError("the canary hold must be a positive number of seconds")
+        if self.tls_secret:
+            _check_name(self.tls_secret, "TLS Secret name")
+        if self.mtls and not self.tls_secret:
+            raise DeployError("--mtls needs --tls-secret (a kubernetes.io/tls Secret with ca.crt)")
+        if len({r.env for r in self.restrictions}) != len(self.restrictions):
+            raise DeployError("two restrictions share one env var; parse them with distinct indexes")
         if self.batch_shards < 1:
             raise DeployError("batch shards must be >= 1")
         if not re.match(r"^https?://[^/:]+(:\d+)?/?$", self.prometheus_url):
@@ -233,4 +327,24 @@ def triton_args(spec: DeploySpec, *, gpus: int | None = None) -> list[str]:
         f"--exit-timeout-secs={spec.exit_timeout_s}",
         f"--grpc-max-connection-age={spec.grpc_max_connection_age_ms}",
         "--log-verbose=0",
+        *access_args(spec),
     ]
+
+
+def access_args(spec: DeploySpec) -> list[str]:
+    """The restricted-protocol flags (gRPC and HTTP alike, values as ``$(ENV)``) and the gRPC TLS flags."""
+    args: list[str] = []
+    for restriction in spec.restrictions:
+        args += [
+            f"--grpc-restricted-protocol={restriction.spec_arg()}",
+            f"--http-restricted-api={restriction.spec_arg()}",
+        ]
+    if spec.tls_secret:
+        args += [
+            "--grpc-use-ssl=true",
+            f"--grpc-server-cert={TLS_MOUNT_PATH}/tls.crt",
+            f"--grpc-server-key={TLS_MOUNT_PATH}/tls.key",
+        ]
+        if spec.mtls:
+            args += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={TLS_MOUNT_PATH}/ca.crt"]
+    return args
