@@ -26,11 +26,11 @@ Figures from a shared machine are noisy; re-measure on a quiet one before quotin
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,18 +39,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def find_perf_analyzer() -> str | None:
-    for candidate in (
-        os.environ.get("PERF_ANALYZER"),
-        shutil.which("perf_analyzer"),
-        str(ROOT.parent / "shared" / "tools" / "perf_analyzer"),
-        "/work/shared/tools/perf_analyzer",
-    ):
-        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+from _common import find_perf_analyzer  # noqa: E402  (beside this file, not a package)
 
 
 def perf_analyzer_best(
