@@ -7,6 +7,7 @@ than a clear issue.
 
 from __future__ import annotations
 
+import math
 import reprlib
 from collections.abc import Iterable
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = [
     "MAX_NODES",
     "MAX_SPEC_CHARS",
     "bad_name",
+    "finite_number",
     "names",
     "show",
 ]
@@ -93,3 +95,14 @@ def bad_name(value: Any) -> str | None:
     if not value.isprintable():
         return "holds a control character (a newline, a tab...)"
     return None
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (bool, non-number, NaN, ±inf, an int too big for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None

@@ -40,6 +40,7 @@ from tritonforge.ensemble._limits import (
     INT64_MAX,
     MAX_COMBINER_INPUTS,
     MAX_IMPUTE_FEATURES,
+    finite_number,
     show,
 )
 
@@ -216,7 +217,7 @@ def _impute(
     if strategy == "constant":
         if "means" in options:
             raise ValueError("'means' only apply to strategy 'mean' (this one is 'constant'); use 'value'")
-        value = _finite(options.get("value", 0.0))
+        value = finite_number(options.get("value", 0.0))
         if value is None:
             raise ValueError(f"'value' must be a finite number, got {show(options.get('value'))}")
         fill: float | list[float] = value
@@ -262,24 +263,13 @@ def _means(value: Any, features: int, base_dir: Path | None) -> list[float]:
     if (
         not isinstance(value, list)
         or len(value) != features
-        or not all(_finite(v) is not None for v in value)
+        or not all(finite_number(v) is not None for v in value)
     ):
         raise ValueError(
             f"{where} must hold {features} finite numbers (one per feature), a .json or .npy file path, "
             f"got {show(value)}"
         )
     return [float(v) for v in value]
-
-
-def _finite(value: Any) -> float | None:
-    """``value`` as a finite float (None for a bool, a non-number, NaN, ±inf or an int too big)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _positive(value: Any, what: str, maximum: int) -> int:

@@ -34,7 +34,6 @@ A *routed* pipeline has ``route:`` instead of ``steps:`` and compiles to a BLS P
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from tritonforge.ensemble._limits import (
     MAX_LIST_ITEMS,
     MAX_SPEC_CHARS,
     bad_name,
+    finite_number,
     show,
 )
 from tritonforge.ensemble._yaml import SpecTextError, load_bounded
@@ -359,17 +359,6 @@ def _int(
     return value
 
 
-def _number(value: Any) -> float | None:
-    """``value`` as a finite float, or None (bool, non-number, NaN, inf, an int too big for a float)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _list(col: _Collector, value: Any, what: str, *, step: str | None = None) -> list[Any] | None:
     """``value`` when it is a list of at most MAX_LIST_ITEMS (else an issue and None)."""
     if not isinstance(value, list):
@@ -574,7 +563,7 @@ def _route(col: _Collector, value: Any) -> tuple[RouteStage, ...]:
             fallback = []
         timeout = item.get("timeout_ms")
         if timeout is not None:
-            timeout = _number(timeout)
+            timeout = finite_number(timeout)
             if timeout is None or timeout <= 0:
                 col.add(
                     f"'timeout_ms' must be a positive number, got {show(item.get('timeout_ms'))}.", step=label
@@ -625,7 +614,7 @@ def _condition(col: _Collector, value: Any, step: str) -> Condition | None:
             tensor=tensor,
         )
         return None
-    threshold = _number(value[comparisons[0]])
+    threshold = finite_number(value[comparisons[0]])
     if threshold is None:
         col.add(
             f"the threshold must be a finite number, got {show(value[comparisons[0]])}.",
