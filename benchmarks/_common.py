@@ -182,3 +182,24 @@ def machine_stamp() -> dict[str, Any]:
                 stamp["cpu_model"] = line.split(":", 1)[1].strip()
                 break
     return stamp
+
+
+def perf_analyzer_run_args(doc: str | None, concurrency: str) -> tuple[Any, str, list[int]]:
+    """The options every alternating perf_analyzer benchmark takes, parsed: (args, perf_analyzer, levels).
+
+    Exits with a one-line message when perf_analyzer is not found.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (median reported)")
+    parser.add_argument("--window-ms", type=int, default=3000, help="perf_analyzer measurement window")
+    parser.add_argument("--concurrency", default=concurrency)
+    parser.add_argument("--perf-analyzer", default=None, help="path (else $PERF_ANALYZER, PATH, shared/)")
+    parser.add_argument("--json", type=Path, help="also write the rounds and medians here")
+    args = parser.parse_args()
+    exe = find_perf_analyzer(args.perf_analyzer)
+    if exe is None:
+        sys.exit("perf_analyzer not found: pass --perf-analyzer PATH or set $PERF_ANALYZER")
+    return args, exe, [int(c) for c in args.concurrency.split(",")]

@@ -13,17 +13,20 @@ Figures are comparable only within one run: take them on a quiet machine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import alternating, find_perf_analyzer, run_perf_analyzer, spread  # benchmarks/ on sys.path
+from _common import (  # benchmarks/ on sys.path
+    alternating,
+    perf_analyzer_run_args,
+    run_perf_analyzer,
+    spread,
+)
 from rich.console import Console
 from rich.table import Table
 
@@ -95,17 +98,7 @@ def check_answers(server: EmbeddedServer) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (median reported)")
-    parser.add_argument("--window-ms", type=int, default=3000, help="perf_analyzer measurement window")
-    parser.add_argument("--concurrency", default="1,16")
-    parser.add_argument("--perf-analyzer", default=None, help="path (else $PERF_ANALYZER, PATH, shared/)")
-    parser.add_argument("--json", type=Path, help="also write the rounds and medians here")
-    args = parser.parse_args()
-    exe = find_perf_analyzer(args.perf_analyzer)
-    if exe is None:
-        sys.exit("perf_analyzer not found: pass --perf-analyzer PATH or set $PERF_ANALYZER")
-    levels = [int(c) for c in args.concurrency.split(",")]
+    args, exe, levels = perf_analyzer_run_args(__doc__, "1,16")
     console = Console(width=160)  # names unbroken when piped
     root = Path(tempfile.mkdtemp(prefix="tritonforge-bench-floor-"))
     rounds: list[dict[str, Any]] = []

@@ -21,10 +21,8 @@ Figures are comparable only within one run: take them on a quiet machine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import tempfile
 import textwrap
 from pathlib import Path
@@ -33,7 +31,7 @@ from typing import Any
 import numpy as np
 from _common import (  # benchmarks/ is on sys.path when a script runs
     alternating,
-    find_perf_analyzer,
+    perf_analyzer_run_args,
     run_perf_analyzer,
     spread,
     success_count,
@@ -207,17 +205,7 @@ def measure(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (median reported)")
-    parser.add_argument("--window-ms", type=int, default=3000, help="perf_analyzer measurement window")
-    parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--perf-analyzer", default=None, help="path (else $PERF_ANALYZER, PATH, shared/)")
-    parser.add_argument("--json", type=Path, help="also write the rounds and medians here")
-    args = parser.parse_args()
-    exe = find_perf_analyzer(args.perf_analyzer)
-    if exe is None:
-        sys.exit("perf_analyzer not found: pass --perf-analyzer PATH or set $PERF_ANALYZER")
-    levels = [int(c) for c in args.concurrency.split(",")]
+    args, exe, levels = perf_analyzer_run_args(__doc__, "1,8,32")
     console = Console(width=160)  # names unbroken when piped
     root = Path(tempfile.mkdtemp(prefix="tritonforge-bench-vote-"))
     rounds: list[dict[str, Any]] = []
