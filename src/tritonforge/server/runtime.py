@@ -97,7 +97,8 @@ class BatchingExecutor:
     views of the request's shared memory (``as_numpy``), converted only when their dtype differs from the
     config's, concatenated once per batch (never for a lone request), and the outputs are handed back as
     contiguous slices of the batch's result (views, no per-request copy before Triton's own one into the
-    response's shared memory). Tensor facts are looked up once at start, not per request.
+    response's shared memory). Tensor facts are looked up once at start, output dtypes and layout are
+    settled once per batch, and a model with one output never asks a request which outputs it wants.
     """
 
     def __init__(self, model: ServedModel, runner: Runner, pb_utils: Any) -> None:
@@ -114,6 +115,8 @@ class BatchingExecutor:
             info.name: None if info.dtype == np.object_ else info.dtype for info in model.outputs
         }
         self._all_outputs = [info.name for info in model.outputs]
+        # one output: a request wants it whether it names it or not (Triton sends all when none is named)
+        self._ask_wanted = len(self._all_outputs) != 1
 
     # The public entry point of the stub's execute().
     def execute(self, requests: Sequence[Any]) -> list[Any]:
@@ -126,21 +129,34 @@ class BatchingExecutor:
                 return [self._error(exc)]
             return [self._respond_run(arrays, wanted)]
         responses: list[Any] = [None] * len(requests)
-        parsed: list[tuple[int, Arrays, list[str]]] = []
+        groups: dict[tuple[Any, ...], list[tuple[int, Arrays, list[str]]]] = {}
+        batching = self.batching
         for index, request in enumerate(requests):
             try:
-                parsed.append((index, self._read_inputs(request), self._requested_outputs(request)))
+                arrays = self._read_inputs(request)
+                wanted = self._requested_outputs(request)
             except Exception as exc:
                 responses[index] = self._error(exc)
-        for group in self._groups(parsed):
+                continue
+            if not batching:
+                responses[index] = self._respond_run(arrays, wanted)
+                continue
+            # requests that can share one run: same inputs present, same non-batch dims and dtypes
+            key = tuple([(name, a.shape[1:], a.dtype.str) for name, a in arrays.items()])
+            groups.setdefault(key, []).append((index, arrays, wanted))
+        for group in groups.values():
             self._run_group(group, responses)
         return responses
 
     def _read_inputs(self, request: Any) -> Arrays:
+        """The request's inputs by config name, as numpy views of its shared memory (dtype per config).
+
+        One pass over ``request.inputs()`` (``get_input_tensor_by_name`` would scan them once per input).
+        """
+        given = {tensor.name(): tensor for tensor in request.inputs()}
         arrays: Arrays = {}
-        get = self.pb.get_input_tensor_by_name
         for name, dtype, optional in self._inputs:
-            tensor = get(request, name)
+            tensor = given.get(name)
             if tensor is None:
                 if optional:
                     continue
@@ -152,83 +168,92 @@ class BatchingExecutor:
         return arrays
 
     def _requested_outputs(self, request: Any) -> list[str]:
+        if not self._ask_wanted:
+            return self._all_outputs
         return request.requested_output_names() or self._all_outputs
-
-    def _groups(
-        self, parsed: list[tuple[int, Arrays, list[str]]]
-    ) -> list[list[tuple[int, Arrays, list[str]]]]:
-        """Requests that can share one run: same inputs present, same non-batch dims."""
-        if not self.batching:
-            return [[item] for item in parsed]
-        groups: dict[tuple[Any, ...], list[tuple[int, Arrays, list[str]]]] = {}
-        for item in parsed:
-            key = tuple((name, a.shape[1:], a.dtype.str) for name, a in item[1].items())
-            groups.setdefault(key, []).append(item)
-        return list(groups.values())
 
     def _run_group(self, group: list[tuple[int, Arrays, list[str]]], responses: list[Any]) -> None:
         if len(group) == 1:
             index, arrays, wanted = group[0]
             responses[index] = self._respond_run(arrays, wanted)
             return
-        sizes = [self._batch_size(arrays) for _, arrays, _ in group]
-        merged = {name: np.concatenate([arrays[name] for _, arrays, _ in group]) for name in group[0][1]}
         try:
-            outputs = self.runner(merged)
-            self._check_batch(outputs, sum(sizes))
+            sizes = [self._batch_size(arrays) for _, arrays, _ in group]
+        except ValueError:
+            for item in group:  # the request whose inputs disagree fails alone
+                self._run_group([item], responses)
+            return
+        names = list(group[0][1])
+        merged = {name: np.concatenate([arrays[name] for _, arrays, _ in group]) for name in names}
+        try:
+            outputs = self._settled(self.runner(merged), sum(sizes))
         except Exception:
             # One request may be poisoning the batch: answer each alone so only the bad one fails.
             for item in group:
                 self._run_group([item], responses)
             return
+        make, respond = self.pb.Tensor, self.pb.InferenceResponse
         offset = 0
         for (index, _, wanted), size in zip(group, sizes, strict=True):
             end = offset + size
             try:
-                responses[index] = self._response({n: v[offset:end] for n, v in outputs.items()}, wanted)
+                responses[index] = respond(
+                    output_tensors=[make(name, self._output(outputs, name)[offset:end]) for name in wanted]
+                )
             except Exception as exc:
                 responses[index] = self._error(exc)
             offset = end
 
     @staticmethod
     def _batch_size(arrays: Arrays) -> int:
+        if len(arrays) == 1:
+            for array in arrays.values():
+                if array.ndim > 0:
+                    return int(array.shape[0])
         sizes = {a.shape[0] for a in arrays.values() if a.ndim > 0}
         if len(sizes) != 1:
             raise ValueError(f"inputs disagree on the batch size: {sorted(sizes)}")
         return sizes.pop()
 
-    def _check_batch(self, outputs: Arrays, expected: int) -> None:
+    def _settled(self, outputs: Arrays, expected: int | None) -> Arrays:
+        """The runner's outputs as C-contiguous arrays of the config's dtypes (once per run, not per request).
+
+        ``expected``: the batch every output's first dim must have (``None``: no batch to split).
+        """
+        dtypes = self._output_dtypes
+        settled: Arrays = {}
         for name, value in outputs.items():
-            if value.ndim == 0 or value.shape[0] != expected:
+            if not isinstance(value, np.ndarray):
+                value = np.asarray(value)
+            if expected is not None and (value.ndim == 0 or value.shape[0] != expected):
                 raise ValueError(
                     f"output '{name}' has shape {value.shape}, whose first dim is not the batch of {expected}"
                 )
-
-    def _respond_run(self, arrays: Arrays, wanted: list[str]) -> Any:
-        try:
-            return self._response(self.runner(arrays), wanted)
-        except Exception as exc:
-            return self._error(exc)
-
-    def _response(self, outputs: Arrays, wanted: list[str]) -> Any:
-        tensors = []
-        dtypes = self._output_dtypes
-        make = self.pb.Tensor
-        for name in wanted:
-            value = outputs.get(name)
-            if value is None:
-                raise ValueError(
-                    f"model '{self.model.name}' produced no output '{name}' (it produced {sorted(outputs)})"
-                )
-            if not isinstance(value, np.ndarray):
-                value = np.asarray(value)
             dtype = dtypes.get(name)
             if dtype is not None and value.dtype != dtype:
                 value = value.astype(dtype)
             if not value.flags.c_contiguous:
                 value = np.ascontiguousarray(value)
-            tensors.append(make(name, value))
-        return self.pb.InferenceResponse(output_tensors=tensors)
+            settled[name] = value
+        return settled
+
+    def _output(self, outputs: Arrays, name: str) -> np.ndarray:
+        value = outputs.get(name)
+        if value is None:
+            raise ValueError(
+                f"model '{self.model.name}' produced no output '{name}' (it produced {sorted(outputs)})"
+            )
+        return value
+
+    def _respond_run(self, arrays: Arrays, wanted: list[str]) -> Any:
+        try:
+            outputs = self._settled(self.runner(arrays), None)
+            make = self.pb.Tensor
+            return self.pb.InferenceResponse(
+                output_tensors=[make(name, self._output(outputs, name)) for name in wanted]
+            )
+        except Exception as exc:
+            return self._error(exc)
 
     def _error(self, exc: BaseException) -> Any:
         message = f"{type(exc).__name__}: {exc}"
@@ -313,8 +338,14 @@ def onnxruntime_runner(model: ServedModel) -> Runner:
                 f"(the file has {known_outputs})"
             )
 
+    # The session's own binding, without the Python wrapper's per-call checks (input names, OrtValue
+    # ownership, graph capture): the config's inputs were matched against the file above, and the binding
+    # still refuses a missing or misshapen input. Falls back to the public run() if onnxruntime moves it.
+    binding = getattr(session, "_sess", None)
+    raw_run = binding.run if binding is not None and hasattr(binding, "run") else session.run
+
     def run(inputs: Arrays) -> Arrays:
-        return dict(zip(known_outputs, session.run(known_outputs, inputs), strict=True))
+        return dict(zip(known_outputs, raw_run(known_outputs, inputs, None), strict=True))
 
     return run
 
