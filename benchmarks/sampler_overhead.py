@@ -2,13 +2,14 @@
 
 One embedded Triton server, the tiny ONNX MLP of ``client_overhead.py`` (x[1, 8] -> probs[1, 3]), the sync
 ``Client`` in a closed loop from ``--threads`` threads. Each round runs the three variants back to back on
-the same client (no hooks; the hook ``Sampler(share=0.01)``; ``share=1.0``) for ``--seconds`` each, in a
-rotating order so drift of the machine's load does not favour one. With a hook the client builds a
-``ClientEvent`` per call (tensors by reference), so its cost is counted too. Printed: every round's
-throughput per variant, then per variant the median ratio to "none" and its spread (min..max over
+the same client (no hooks; the hook ``Sampler(share=0.01)``; ``share=1.0``) for ``--seconds`` each, the six
+orders of the three taken in turn so drift of the machine's load favours none, and each sampler's pending
+writes flushed after its turn (uncounted) so they never spill into the next variant's. With a hook the
+client builds a ``ClientEvent`` per call (tensors by reference), so its cost is counted too. Printed: every
+round's throughput per variant, then per variant the median ratio to "none" and its spread (min..max over
 rounds). The sampler's writes (Parquet, on its own thread) land in a temp dir that is removed at the end.
 
-    python benchmarks/sampler_overhead.py                      # 5 rounds x 3 variants x 5 s
+    python benchmarks/sampler_overhead.py                      # 12 rounds x 3 variants x 3 s
     python benchmarks/sampler_overhead.py --rounds 3 --seconds 2
 
 Figures from a shared machine are noise; re-measure on a quiet one before quoting them.
@@ -17,6 +18,7 @@ Figures from a shared machine are noise; re-measure on a quiet one before quotin
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -61,8 +63,8 @@ def run(client: object, threads: int, seconds: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=4)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tritonforge-sampler-bench-") as tmp:
@@ -75,11 +77,14 @@ def main() -> None:
             hooks = {"none": [], **{k: [s] for k, s in samplers.items()}}
             run(client, args.threads, 1.0)  # warm-up
             rows: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            orders = list(itertools.permutations(VARIANTS))
             for r in range(args.rounds):
-                order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
-                for variant in order:
+                for variant in orders[r % len(orders)]:
                     client.hooks[:] = hooks[variant]
                     rows[variant].append(run(client, args.threads, args.seconds))
+                    client.hooks[:] = []
+                    if variant in samplers:  # its writes land before the next variant, not during it
+                        samplers[variant].flush()
                 print(
                     f"round {r + 1}: " + "  ".join(f"{v} {rows[v][-1]:,.0f}/s" for v in VARIANTS), flush=True
                 )
