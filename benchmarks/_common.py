@@ -19,6 +19,13 @@ import numpy as np
 BESIDE_PROJECT = Path(__file__).resolve().parent.parent.parent / "shared" / "tools" / "perf_analyzer"
 
 
+def wide_console() -> Any:
+    """A rich console wide enough that no table of ours wraps a name, in a terminal or piped into a log."""
+    from rich.console import Console
+
+    return Console(width=200)
+
+
 def find_perf_analyzer(given: str | None = None) -> str | None:
     """perf_analyzer: ``given``, ``$PERF_ANALYZER``, on ``PATH`` or in ``../shared/tools/``; else None."""
     # ``shared/tools/`` beside the checkout, or beside a folder holding it (a worktree in ``wt/<name>``)

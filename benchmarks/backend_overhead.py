@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import summary  # benchmarks/ is on sys.path when a script runs
-from rich.console import Console
+from _common import summary, wide_console  # benchmarks/ is on sys.path when a script runs
 from rich.table import Table
 
 from tritonforge.config import DynamicBatching, read_config
@@ -112,7 +111,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    console = Console()
+    console = wide_console()  # names unbroken when piped
     root = Path(tempfile.mkdtemp(prefix="tritonforge-bench-"))
     rows: list[dict[str, object]] = []
     try:

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import (  # benchmarks/ on sys.path
+from _common import (
     alternating,
     perf_analyzer_run_args,
     run_perf_analyzer,
     spread,
+    wide_console,  # benchmarks/ on sys.path
 )
-from rich.console import Console
 from rich.table import Table
 
 from tritonforge.config import DataType, DynamicBatching, InstanceGroup, InstanceKind, ModelConfig, TensorSpec
@@ -99,7 +99,7 @@ def check_answers(server: EmbeddedServer) -> None:
 
 def main() -> None:
     args, exe, levels = perf_analyzer_run_args(__doc__, "1,16")
-    console = Console(width=160)  # names unbroken when piped
+    console = wide_console()  # names unbroken when piped
     root = Path(tempfile.mkdtemp(prefix="tritonforge-bench-floor-"))
     rounds: list[dict[str, Any]] = []
     try:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import (  # benchmarks/ is on sys.path when a script runs
+from _common import (
     alternating,
     perf_analyzer_run_args,
     run_perf_analyzer,
@@ -37,6 +37,7 @@ from _common import (  # benchmarks/ is on sys.path when a script runs
     success_count,
     tree_cpu_s,
     tree_rss_mib,
+    wide_console,  # benchmarks/ is on sys.path when a script runs
 )
 from rich.console import Console
 from rich.table import Table
@@ -206,7 +207,7 @@ def measure(
 
 def main() -> None:
     args, exe, levels = perf_analyzer_run_args(__doc__, "1,8,32")
-    console = Console(width=160)  # names unbroken when piped
+    console = wide_console()  # names unbroken when piped
     root = Path(tempfile.mkdtemp(prefix="tritonforge-bench-vote-"))
     rounds: list[dict[str, Any]] = []
     idle_mib: dict[str, float] = {}

@@ -36,9 +36,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
-from _common import find_perf_analyzer  # benchmarks/ is on sys.path when a script runs
+from _common import find_perf_analyzer, wide_console  # benchmarks/ is on sys.path when a script runs
 from onnx import TensorProto, helper
-from rich.console import Console
 from rich.table import Table
 
 from tritonforge.repository import add_model
@@ -283,7 +282,7 @@ def main() -> None:
     args = parser.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
         sys.exit("needs two cores: one for the server, one for the load generator")
-    console = Console(width=120)
+    console = wide_console()  # names unbroken when piped
     work = Path(tempfile.mkdtemp(prefix="tritonforge-loadgen-"))
     rows: dict[str, list[float] | None] = {}
     notes: list[str] = []

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from rich.console import Console
+from _common import wide_console  # benchmarks/ is on sys.path
 from rich.table import Table
 from sklearn.datasets import load_digits
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model, x, y, train_rows, test_rows = digits_mlp()
-    console = Console()
+    console = wide_console()  # names unbroken when piped
     rows = {}
     with tempfile.TemporaryDirectory() as work:
         full = export_onnx(

@@ -157,10 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     global BATCHES, SEQUENCES
     BATCHES = tuple(args.batch or BATCHES)
     SEQUENCES = tuple(args.seq or SEQUENCES)
-    from rich.console import Console
+    from _common import wide_console  # benchmarks/ is on sys.path
     from rich.table import Table
 
-    console = Console(width=160)
+    console = wide_console()  # names unbroken when piped
     with tempfile.TemporaryDirectory(prefix="tritonforge-bench-") as scratch:
         work = args.keep or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)

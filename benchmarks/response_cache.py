@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import alternating, model_stats, spread, summary  # benchmarks/ is on sys.path
-from rich.console import Console
+from _common import alternating, model_stats, spread, summary, wide_console  # benchmarks/ is on sys.path
 from rich.table import Table
 
 from tritonforge.config import read_config, write_config
@@ -145,7 +144,7 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.repo / PIPELINE / "config.pbtxt").is_file():
         raise SystemExit(f"{args.repo} has no {PIPELINE} pipeline; run `tritonforge build` first")
-    console = Console(width=160)  # names unbroken when piped
+    console = wide_console()  # names unbroken when piped
     levels = [int(c) for c in args.concurrency.split(",")]
     texts = zipf_sequence(sentence_pool(args.distinct), 200_000, args.zipf_a)
     unique_share = len({t[0, 0] for t in texts[:10_000]}) / 10_000

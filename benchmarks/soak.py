@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from rich.console import Console
+from _common import wide_console  # benchmarks/ is on sys.path
 from rich.table import Table
 
 from tritonforge.client import AsyncClient
@@ -106,7 +106,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--every", type=float, default=5.0, help="memory sampling interval (s)")
     args = parser.parse_args()
-    console = Console()
+    console = wide_console()  # names unbroken when piped
     with tempfile.TemporaryDirectory(prefix="tritonforge-soak-") as work:
         repo = Path(work) / "repo"
         with console.status("building the digits MLP"):

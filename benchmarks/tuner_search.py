@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
 
-    from rich.console import Console
+    from _common import wide_console  # benchmarks/ is on sys.path
     from rich.progress import Progress
     from rich.table import Table
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from tritonforge.loadtest.tune import Tuner
     from tritonforge.server import EmbeddedServer
 
-    console = Console(width=140)
+    console = wide_console()  # names unbroken when piped
     settings = SweepSettings(
         concurrency=tuple(args.concurrency),
         window_s=args.window_s,
