@@ -222,6 +222,67 @@ def step_profile(
     return rows
 
 
+def _process_cpu(server_pid: int) -> dict[str, float]:
+    """CPU seconds so far per server process: ``tritonserver`` and each backend stub, named by its model."""
+    import psutil
+
+    root = psutil.Process(server_pid)
+    seconds: dict[str, float] = {}
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times, argv = proc.cpu_times(), proc.cmdline()
+        except psutil.Error:
+            continue
+        name = "tritonserver" if proc.pid == server_pid else _stub_model(argv, proc.pid)
+        seconds[name] = seconds.get(name, 0.0) + times.user + times.system
+    return seconds
+
+
+def _stub_model(argv: list[str], pid: int) -> str:
+    # a Python-backend stub's argv: <stub> <model file> <shm region> <sizes> <sizes> <parent pid>
+    # <backend dir> <ipc size> <instance name> ...; the model folder is two levels above its file
+    if len(argv) > 1 and "/" in argv[1]:
+        path = Path(argv[1])
+        return f"stub {path.parent.parent.name} v{path.parent.name}"
+    return f"process {pid}"
+
+
+def cpu_profile(server: EmbeddedServer, steps: list[Any], concurrency: int, duration_s: float) -> list[dict]:
+    """CPU per request of each server process and of the client, ensemble vs chain (raw clients)."""
+    assert server.pid is not None
+    per_path: dict[str, dict[str, float]] = {}
+    for path in (ENSEMBLE_RAW, CHAIN_RAW):
+
+        async def one(name: str = path) -> int:
+            paths = Paths(server.grpc_url, steps)
+            try:
+                return len((await run(paths.calls()[name], concurrency, duration_s))[0])
+            finally:
+                await paths.close()
+
+        before, client0 = _process_cpu(server.pid), time.process_time()
+        count = max(1, asyncio.run(one()))
+        after, client1 = _process_cpu(server.pid), time.process_time()
+        used = {k: (v - before.get(k, 0.0)) / count * 1e6 for k, v in after.items()}
+        used = {k: v for k, v in used.items() if v >= 5}  # idle stubs left out
+        used["client (this process)"] = (client1 - client0) / count * 1e6
+        per_path[path] = used
+    names = sorted({k for used in per_path.values() for k in used}, key=lambda k: (k.startswith("client"), k))
+    return [{"process": k, **{p: per_path[p].get(k, 0.0) for p in per_path}} for k in names]
+
+
+def print_cpu_profile(console: Console, rows: list[dict], concurrency: int) -> None:
+    table = Table(title=f"CPU us per request by process, concurrency {concurrency} (raw grpc.aio clients)")
+    for column in ("process", ENSEMBLE_RAW, CHAIN_RAW):
+        table.add_column(column, justify="left" if column == "process" else "right")
+    for r in rows:
+        table.add_row(r["process"], f"{r[ENSEMBLE_RAW]:,.0f}", f"{r[CHAIN_RAW]:,.0f}")
+    table.add_row(
+        "total", *(f"{sum(r[p] for r in rows):,.0f}" for p in (ENSEMBLE_RAW, CHAIN_RAW)), style="bold"
+    )
+    console.print(table)
+
+
 def print_profile(console: Console, rows: list[dict], concurrency: int) -> None:
     table = Table(title=f"ensemble alone, concurrency {concurrency}: Triton's statistics, us per request")
     for column in ("model", "requests", "executions", *_STAT_PARTS):
@@ -250,6 +311,7 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     rounds: list[dict[str, Any]] = []
     profiles: dict[int, list[dict]] = {}
+    cpu_profiles: dict[int, list[dict]] = {}
     with console.status("starting Triton ..."):
         server = EmbeddedServer(args.repo, model_control="explicit", load_models=models).start()
     try:
@@ -257,6 +319,9 @@ def main() -> None:
             with console.status(f"profiling the ensemble at concurrency {concurrency} ..."):
                 profiles[concurrency] = step_profile(server, served, steps, concurrency, args.duration_s)
             print_profile(console, profiles[concurrency], concurrency)
+            with console.status(f"CPU per process at concurrency {concurrency} ..."):
+                cpu_profiles[concurrency] = cpu_profile(server, steps, concurrency, args.duration_s)
+            print_cpu_profile(console, cpu_profiles[concurrency], concurrency)
         for r, order in enumerate(alternating(args.rounds, list(PATHS))):
             for concurrency in levels:
                 with console.status(f"round {r + 1}/{args.rounds}, concurrency {concurrency} ..."):
@@ -324,7 +389,10 @@ def main() -> None:
         )
     if args.json:
         args.json.write_text(
-            json.dumps({"rounds": rounds, "ratios": summaries, "profiles": profiles}, indent=2)
+            json.dumps(
+                {"rounds": rounds, "ratios": summaries, "profiles": profiles, "cpu_profiles": cpu_profiles},
+                indent=2,
+            )
         )
 
 

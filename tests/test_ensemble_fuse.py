@@ -123,3 +123,18 @@ def test_fused_pipeline_answers_as_the_chain_of_its_original_three_models(served
             np.testing.assert_allclose(got, chain, atol=1e-6)
     finally:
         client.close()
+
+
+def test_cli_compile_no_fuse_writes_the_steps_as_declared(repo: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tritonforge.cli import app
+
+    specs = write_specs(tmp_path / "specs", TEXT_SPEC)
+    result = CliRunner().invoke(app, ["ensemble", "compile", str(specs), "--repo", str(repo), "--no-fuse"])
+    assert result.exit_code == 0, result.output
+    assert steps_of(repo, "text_tiny") == ["tiny_pool", "tiny_tokenizer", "tiny_encoder"]
+    result = CliRunner().invoke(app, ["ensemble", "compile", str(specs), "--repo", str(repo)])
+    assert result.exit_code == 0, result.output
+    assert steps_of(repo, "text_tiny") == ["tiny_tokenizer", FUSED]
+    assert f"wrote {repo / FUSED}" in result.output.replace("\n", "")
