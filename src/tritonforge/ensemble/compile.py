@@ -12,6 +12,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from tritonforge.config import DynamicBatching, EnsembleStep, InstanceGroup, ModelConfig, TensorSpec
 from tritonforge.ensemble.blocks import GENERATED_MARK, BlockModel, block_model, model_file, passthrough_model
@@ -304,7 +305,7 @@ def compile_specs(
                 add_block(built, block.block, spec.name)
         for item in resolved:
             spec = item.spec
-            record = {"pipeline": spec.name, "spec": str(spec.source)}
+            record: dict[str, Any] = {"pipeline": spec.name, "spec": str(spec.source)}
             if spec.is_routed:
                 write.add_model(
                     spec.name,

@@ -55,8 +55,8 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
     Pairs that cannot be fused exactly are left as they are.
 
     Raises:
-        EnsembleError: never for an unfusable pair (it is compiled unfused); onnx / onnxruntime errors
-            reading a model that its config names propagate as they would when serving it.
+        OSError: the scratch folder can't be written. An unfusable pair raises nothing: it is compiled
+            as written (so is one whose graph onnx or onnxruntime can't load or run here).
     """
     spec = resolved.spec
     blocks = {m.name: m for m in spec.models}
@@ -84,11 +84,14 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
         folder = scratch / name
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / "model.onnx"
-        dim = _write_fused(model_path, target, token_output, mask_input, out_name, normalize)
-        if dim is None:
+        try:
+            dim = _write_fused(model_path, target, token_output, mask_input, out_name, normalize)
+            difference = (
+                float("inf") if dim is None else _check(model_path, target, token_output, out_name, normalize)
+            )
+        except Exception:  # a graph onnx or onnxruntime can't take apart or run here: compiled unfused
             continue
-        difference = _check(model_path, target, token_output, out_name, normalize, config)
-        if not difference <= FUSE_TOLERANCE:
+        if dim is None or not difference <= FUSE_TOLERANCE:
             continue
         fused_config = config.replace(
             name=name,
@@ -256,9 +259,7 @@ def _write_fused(
     return dim
 
 
-def _check(
-    source: Path, fused: Path, tokens: str, output: str, normalize: bool, config: ModelConfig
-) -> float:
+def _check(source: Path, fused: Path, tokens: str, output: str, normalize: bool) -> float:
     """Largest |fused - (source + the block's numpy pooling)| on a padded batch of two sequences."""
     import onnxruntime as ort
 
@@ -281,7 +282,8 @@ def _check(
         elif "type" in info.name.lower():
             feeds[info.name] = np.zeros_like(mask, dtype=dtype)
         else:
-            feeds[info.name] = (rng.integers(1000, 2000, size=mask.shape) * mask).astype(dtype)
+            # small ids: any vocabulary holds them
+            feeds[info.name] = (rng.integers(1, 8, size=mask.shape) * mask).astype(dtype)
     mask_name = next((n for n in feeds if "mask" in n.lower()), None)
     if mask_name is None:
         return float("inf")
