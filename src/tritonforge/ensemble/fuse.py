@@ -100,13 +100,18 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
             default_model_filename=None,
             parameters={**config.parameters, GENERATED_MARK: f"fused:{encoder.model}:{version}+{pool.model}"},
         )
+        source_sha256 = _sha256(model_path)
         record = {
             "block": "fused",
+            "variant": "fused",
+            # the model it was made from (not the scratch copy the writer was handed)
+            "source": {"path": str(model_path.resolve()), "sha256": source_sha256},
+            "artifact": {"bytes": target.stat().st_size},
             "pipeline": spec.name,
             "fused": {
                 "steps": [encoder.name, pool.name],
                 "from": [
-                    {"model": encoder.model, "version": version, "sha256": _sha256(model_path)},
+                    {"model": encoder.model, "version": version, "sha256": source_sha256},
                     {"model": pool.model, "block": "mean_pooling", "options": dict(block.options)},
                 ],
                 "appended": "mean pooling over the attention mask" + (", L2 norm" if normalize else ""),
