@@ -1,12 +1,15 @@
 """The text pipeline as one ensemble request versus the client calling its three steps one by one.
 
 Same server, same models, same sentences: ``text_embedding`` (tokenizer -> MiniLM encoder -> mean pooling,
-compiled from ``ensembles/text_embedding.yaml``) is called once per sentence, against a client that calls
-the tokenizer, then the encoder, then the pooling model itself, carrying the intermediate tensors (token ids,
-mask, 384-d token embeddings) back and forth. Each is driven twice: through ``tritonforge.client.AsyncClient``
-and through a chain written with raw ``tritonclient.grpc.aio`` (so the comparison does not rest on our
-client). Closed-loop workers, one sentence per request, at concurrency 1 and 16; the four paths alternate
-round by round (ABBA...) and the tables give the median of the rounds with their spread.
+compiled from ``ensembles/text_embedding.yaml``; the compiler fuses the encoder and the pooling into one ONNX
+model, so the ensemble runs two steps) is called once per sentence, against a client that calls the
+original three models as a user would — the tokenizer, then the encoder, then the pooling model — carrying
+the intermediate tensors (token ids, mask, 384-d token embeddings) back and forth. Each is driven twice:
+through ``tritonforge.client.AsyncClient`` and through a chain written with raw ``tritonclient.grpc.aio``
+(so the comparison does not rest on our client). Closed-loop workers, one sentence per request, at
+concurrency 1 and 16; the four paths alternate round by round (ABBA...) and the tables give the median of
+the rounds with their spread, and the CPU time per request of the server (tritonserver and its backend
+stubs) and of the client process, which contention moves less than throughput.
 
 Before the rounds, a profile of the ensemble alone: Triton's per-step statistics (queue, compute input,
 infer and output per composing model, per request) show where an ensemble request's time goes.
@@ -27,23 +30,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import alternating, model_stats, spread, summary  # benchmarks/ is on sys.path
+from _common import alternating, model_stats, spread, summary, tree_cpu_s  # benchmarks/ is on sys.path
 from rich.console import Console
 from rich.table import Table
 
 from tritonforge.client import AsyncClient
 from tritonforge.config import read_config
+from tritonforge.ensemble import check_specs, ensemble_config
+from tritonforge.examples import SPECS_DIR
 from tritonforge.examples.pipelines_demo import CORPUS, QUERIES
 from tritonforge.server import EmbeddedServer
 
 PIPELINE = "text_embedding"
 
 
-def steps_of(repo: Path) -> list[Any]:
+def steps_of(repo: Path) -> tuple[list[Any], list[Any]]:
+    """The compiled ensemble's steps (as served), and the spec's three steps unfused (the client chain)."""
     config = read_config(repo / PIPELINE / "config.pbtxt")
-    if not config.ensemble_steps or len(config.ensemble_steps) != 3:
-        raise SystemExit(f"{repo / PIPELINE} is not the 3-step text pipeline; run `tritonforge build` first")
-    return list(config.ensemble_steps)
+    resolved, issues = check_specs([SPECS_DIR / f"{PIPELINE}.yaml"], repo)
+    if issues or not resolved or not config.ensemble_steps:
+        raise SystemExit(f"{repo / PIPELINE} is not the text pipeline; run `tritonforge build` first")
+    chain = list(ensemble_config(resolved[0]).ensemble_steps or ())
+    if len(chain) != 3:
+        raise SystemExit(f"{PIPELINE}.yaml is not the 3-step text pipeline")
+    return list(config.ensemble_steps), chain
 
 
 def sentence_batches() -> list[np.ndarray]:
@@ -51,12 +61,16 @@ def sentence_batches() -> list[np.ndarray]:
 
 
 async def run(
-    call: Callable[[np.ndarray], Awaitable[np.ndarray]], concurrency: int, duration_s: float
-) -> list[float]:
+    call: Callable[[np.ndarray], Awaitable[np.ndarray]],
+    concurrency: int,
+    duration_s: float,
+    server_pid: int | None = None,
+) -> tuple[list[float], dict[str, float]]:
     texts = sentence_batches()
     for text in texts:  # warm the channel and every model on every sentence length
         await call(text)
     latencies: list[float] = []
+    cpu = _cpu_now(server_pid)
     stop_at = time.perf_counter() + duration_s
 
     async def worker(offset: int) -> None:
@@ -70,7 +84,14 @@ async def run(
             i += 1
 
     await asyncio.gather(*[worker(k) for k in range(concurrency)])
-    return latencies
+    server_s, client_s = (b - a for a, b in zip(cpu, _cpu_now(server_pid), strict=True))
+    n = max(1, len(latencies))
+    return latencies, {"server_cpu_us": server_s / n * 1e6, "client_cpu_us": client_s / n * 1e6}
+
+
+def _cpu_now(server_pid: int | None) -> tuple[float, float]:
+    """CPU seconds so far of the server's process tree (0 without one) and of this (client) process."""
+    return (tree_cpu_s(server_pid) if server_pid else 0.0), time.process_time()
 
 
 ENSEMBLE_OURS, CHAIN_OURS = "ensemble, AsyncClient", "chain, AsyncClient"
@@ -151,8 +172,8 @@ class Paths:
 
 
 async def measure(
-    url: str, steps: list[Any], concurrency: int, duration_s: float, order: list[str]
-) -> dict[str, list[float]]:
+    url: str, steps: list[Any], concurrency: int, duration_s: float, order: list[str], server_pid: int | None
+) -> dict[str, tuple[list[float], dict[str, float]]]:
     paths = Paths(url, steps)
     try:
         calls = paths.calls()
@@ -161,7 +182,7 @@ async def measure(
         for name, call in calls.items():
             same = np.abs(await call(first) - reference).max()
             assert same < 1e-5, f"{name} disagrees with the ensemble by {same}"
-        return {name: await run(calls[name], concurrency, duration_s) for name in order}
+        return {name: await run(calls[name], concurrency, duration_s, server_pid) for name in order}
     finally:
         await paths.close()
 
@@ -169,9 +190,11 @@ async def measure(
 _STAT_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
 
 
-def step_profile(server: EmbeddedServer, steps: list[Any], concurrency: int, duration_s: float) -> list[dict]:
-    """Where the ensemble's time goes: per composing model, microseconds per request in each phase."""
-    models = [PIPELINE, *(s.model_name for s in steps)]
+def step_profile(
+    server: EmbeddedServer, served: list[Any], steps: list[Any], concurrency: int, duration_s: float
+) -> list[dict]:
+    """Where the ensemble's time goes: per composing model (``served``), microseconds per request."""
+    models = [PIPELINE, *(s.model_name for s in served)]
 
     def snapshot() -> dict[str, dict[str, Any]]:
         return {m: model_stats(server.http_url, m) for m in models}
@@ -199,6 +222,67 @@ def step_profile(server: EmbeddedServer, steps: list[Any], concurrency: int, dur
     return rows
 
 
+def _process_cpu(server_pid: int) -> dict[str, float]:
+    """CPU seconds so far per server process: ``tritonserver`` and each backend stub, named by its model."""
+    import psutil
+
+    root = psutil.Process(server_pid)
+    seconds: dict[str, float] = {}
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times, argv = proc.cpu_times(), proc.cmdline()
+        except psutil.Error:
+            continue
+        name = "tritonserver" if proc.pid == server_pid else _stub_model(argv, proc.pid)
+        seconds[name] = seconds.get(name, 0.0) + times.user + times.system
+    return seconds
+
+
+def _stub_model(argv: list[str], pid: int) -> str:
+    # a Python-backend stub's argv: <stub> <model file> <shm region> <sizes> <sizes> <parent pid>
+    # <backend dir> <ipc size> <instance name> ...; the model folder is two levels above its file
+    if len(argv) > 1 and "/" in argv[1]:
+        path = Path(argv[1])
+        return f"stub {path.parent.parent.name} v{path.parent.name}"
+    return f"process {pid}"
+
+
+def cpu_profile(server: EmbeddedServer, steps: list[Any], concurrency: int, duration_s: float) -> list[dict]:
+    """CPU per request of each server process and of the client, ensemble vs chain (raw clients)."""
+    assert server.pid is not None
+    per_path: dict[str, dict[str, float]] = {}
+    for path in (ENSEMBLE_RAW, CHAIN_RAW):
+
+        async def one(name: str = path) -> int:
+            paths = Paths(server.grpc_url, steps)
+            try:
+                return len((await run(paths.calls()[name], concurrency, duration_s))[0])
+            finally:
+                await paths.close()
+
+        before, client0 = _process_cpu(server.pid), time.process_time()
+        count = max(1, asyncio.run(one()))
+        after, client1 = _process_cpu(server.pid), time.process_time()
+        used = {k: (v - before.get(k, 0.0)) / count * 1e6 for k, v in after.items()}
+        used = {k: v for k, v in used.items() if v >= 5}  # idle stubs left out
+        used["client (this process)"] = (client1 - client0) / count * 1e6
+        per_path[path] = used
+    names = sorted({k for used in per_path.values() for k in used}, key=lambda k: (k.startswith("client"), k))
+    return [{"process": k, **{p: per_path[p].get(k, 0.0) for p in per_path}} for k in names]
+
+
+def print_cpu_profile(console: Console, rows: list[dict], concurrency: int) -> None:
+    table = Table(title=f"CPU us per request by process, concurrency {concurrency} (raw grpc.aio clients)")
+    for column in ("process", ENSEMBLE_RAW, CHAIN_RAW):
+        table.add_column(column, justify="left" if column == "process" else "right")
+    for r in rows:
+        table.add_row(r["process"], f"{r[ENSEMBLE_RAW]:,.0f}", f"{r[CHAIN_RAW]:,.0f}")
+    table.add_row(
+        "total", *(f"{sum(r[p] for r in rows):,.0f}" for p in (ENSEMBLE_RAW, CHAIN_RAW)), style="bold"
+    )
+    console.print(table)
+
+
 def print_profile(console: Console, rows: list[dict], concurrency: int) -> None:
     table = Table(title=f"ensemble alone, concurrency {concurrency}: Triton's statistics, us per request")
     for column in ("model", "requests", "executions", *_STAT_PARTS):
@@ -222,30 +306,35 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args()
     console = Console(width=160)  # names unbroken when piped
-    steps = steps_of(args.repo)
-    models = [PIPELINE, *(s.model_name for s in steps)]
+    served, steps = steps_of(args.repo)
+    models = list(dict.fromkeys([PIPELINE, *(s.model_name for s in served), *(s.model_name for s in steps)]))
     levels = [int(c) for c in args.concurrency.split(",")]
     rounds: list[dict[str, Any]] = []
     profiles: dict[int, list[dict]] = {}
+    cpu_profiles: dict[int, list[dict]] = {}
     with console.status("starting Triton ..."):
         server = EmbeddedServer(args.repo, model_control="explicit", load_models=models).start()
     try:
         for concurrency in levels:
             with console.status(f"profiling the ensemble at concurrency {concurrency} ..."):
-                profiles[concurrency] = step_profile(server, steps, concurrency, args.duration_s)
+                profiles[concurrency] = step_profile(server, served, steps, concurrency, args.duration_s)
             print_profile(console, profiles[concurrency], concurrency)
+            with console.status(f"CPU per process at concurrency {concurrency} ..."):
+                cpu_profiles[concurrency] = cpu_profile(server, steps, concurrency, args.duration_s)
+            print_cpu_profile(console, cpu_profiles[concurrency], concurrency)
         for r, order in enumerate(alternating(args.rounds, list(PATHS))):
             for concurrency in levels:
                 with console.status(f"round {r + 1}/{args.rounds}, concurrency {concurrency} ..."):
                     results = asyncio.run(
-                        measure(server.grpc_url, steps, concurrency, args.duration_s, order)
+                        measure(server.grpc_url, steps, concurrency, args.duration_s, order, server.pid)
                     )
-                for path, latencies in results.items():
-                    figures = summary(latencies, args.duration_s)
+                for path, (latencies, cpu) in results.items():
+                    figures = {**summary(latencies, args.duration_s), **cpu}
                     rounds.append({"round": r + 1, "path": path, "concurrency": concurrency, **figures})
                     console.print(
                         f"round {r + 1} c={concurrency:<3} {path:<24} {figures['throughput']:>8,.0f} req/s "
-                        f"p50 {figures['p50_ms']:.2f} ms",
+                        f"p50 {figures['p50_ms']:.2f} ms  CPU/request server {cpu['server_cpu_us']:,.0f} us "
+                        f"client {cpu['client_cpu_us']:,.0f} us",
                         highlight=False,
                     )
     finally:
@@ -254,7 +343,8 @@ def main() -> None:
         title=f"text_embedding: one ensemble request vs a client chaining 3 steps — median of {args.rounds} "
         f"alternating rounds of {args.duration_s:g} s (min-max, ±half-range); re-measure on a quiet machine"
     )
-    for column in ("concurrency", "path", "req/s", "p50 ms", "p99 ms"):
+    columns = ("concurrency", "path", "req/s", "p50 ms", "p99 ms", "server CPU us/req", "client CPU us/req")
+    for column in columns:
         table.add_column(column, justify="left" if column == "path" else "right")
     summaries = []
     for c in levels:
@@ -266,6 +356,8 @@ def main() -> None:
                 spread([x["throughput"] for x in by[path]]),
                 spread([x["p50_ms"] for x in by[path]]),
                 spread([x["p99_ms"] for x in by[path]]),
+                spread([x["server_cpu_us"] for x in by[path]]),
+                spread([x["client_cpu_us"] for x in by[path]]),
             )
         for ens, chain in ((ENSEMBLE_OURS, CHAIN_OURS), (ENSEMBLE_RAW, CHAIN_RAW)):
             ratios = [
@@ -273,17 +365,34 @@ def main() -> None:
                 for e, h in zip(by[ens], by[chain], strict=True)
                 if h["throughput"]
             ]
-            summaries.append({"concurrency": c, "ensemble": ens, "chain": chain, "ratios": ratios})
+            cpu_ratios = [
+                (h["server_cpu_us"] + h["client_cpu_us"]) / (e["server_cpu_us"] + e["client_cpu_us"])
+                for e, h in zip(by[ens], by[chain], strict=True)
+                if e["server_cpu_us"] + e["client_cpu_us"]
+            ]
+            summaries.append(
+                {
+                    "concurrency": c,
+                    "ensemble": ens,
+                    "chain": chain,
+                    "ratios": ratios,
+                    "cpu_ratios": cpu_ratios,
+                }
+            )
     console.print(table)
     for s in summaries:
         console.print(
             f"concurrency {s['concurrency']}: {s['ensemble']} / {s['chain']} throughput "
-            f"{spread(s['ratios'])}x (per-round ratios)",
+            f"{spread(s['ratios'])}x (per-round ratios); chain / ensemble CPU per request (server + client) "
+            f"{spread(s['cpu_ratios'])}x",
             highlight=False,
         )
     if args.json:
         args.json.write_text(
-            json.dumps({"rounds": rounds, "ratios": summaries, "profiles": profiles}, indent=2)
+            json.dumps(
+                {"rounds": rounds, "ratios": summaries, "profiles": profiles, "cpu_profiles": cpu_profiles},
+                indent=2,
+            )
         )
 
 

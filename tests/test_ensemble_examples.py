@@ -171,3 +171,46 @@ def test_text_embedding_through_triton_matches_sentence_transformers_in_process(
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(single[0], got[0], atol=1e-4)  # padding to a longer neighbour changes nothing
     assert alone.shape == (2, 384)
+
+
+@pytest.mark.slow
+def test_text_embedding_fused_answers_as_the_chain_of_tokenizer_encoder_and_pooling(text_repo: Path) -> None:
+    """The build fuses MiniLM and its mean pooling into one ONNX model (tritonforge.ensemble.fuse); the
+    pipeline must answer as a client calling the original three models one by one, on the real server."""
+    import json
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from conftest import triton_infer
+    from tritonforge.config import read_config
+    from tritonforge.server import EmbeddedServer
+
+    fused = "minilm_encoder_v1__mean_pool_384"
+    steps = read_config(text_repo / "text_embedding" / "config.pbtxt").ensemble_steps or ()
+    assert [s.model_name for s in steps] == ["minilm_tokenizer", fused]
+    assert read_config(text_repo / fused / "config.pbtxt").platform == "onnxruntime_onnx"
+    record = json.loads((text_repo / fused / "1" / "manifest.json").read_text())["fused"]
+    assert [m["model"] for m in record["from"]] == ["minilm_encoder", "mean_pool_384"]
+    sentences = load_tool("minilm").sentences(6, seed=11)
+    models = ["text_embedding", "minilm_tokenizer", "minilm_encoder", "mean_pool_384"]
+    with EmbeddedServer(text_repo, model_control="explicit", load_models=models) as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            for batch in ([sentences[0]], sentences):  # one sentence, and several padded to the longest
+                text = np.array([[s.encode()] for s in batch], dtype=np.object_)
+                got = triton_infer(client, "text_embedding", {"TEXT": text})["EMBEDDING"]
+                tokens = triton_infer(client, "minilm_tokenizer", {"TEXT": text})
+                hidden = triton_infer(client, "minilm_encoder", tokens, model_version="1")
+                chain = triton_infer(
+                    client,
+                    "mean_pool_384",
+                    {
+                        "TOKEN_EMBEDDINGS": hidden["last_hidden_state"],
+                        "ATTENTION_MASK": tokens["attention_mask"],
+                    },
+                )["EMBEDDING"]
+                assert got.shape == chain.shape == (len(batch), 384)
+                np.testing.assert_allclose(got, chain, atol=1e-5)
+        finally:
+            client.close()

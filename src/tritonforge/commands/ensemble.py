@@ -73,12 +73,15 @@ def check(
 def compile_command(
     specs: list[Path] = typer.Argument(..., help="Spec files or folders of *.yaml."),
     repo: Path = typer.Option(Path("model_repository"), help="The model repository to write into."),
+    fuse: bool = typer.Option(
+        True, help="Fuse an ONNX step and the mean pooling after it into one ONNX model (same answer)."
+    ),
 ) -> None:
     """Check SPECS, then write their ensembles, building blocks and routers into REPO (nothing on error)."""
     from tritonforge.ensemble import PipelineCheckError, compile_specs
 
     try:
-        written = compile_specs(specs, repo)
+        written = compile_specs(specs, repo, fuse=fuse)
     except PipelineCheckError as exc:
         _print_issues(exc.issues)
         print_error(f"{len(exc.issues)} problem(s) in the pipeline spec(s); nothing was written")

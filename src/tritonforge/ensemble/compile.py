@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from tritonforge.config import DynamicBatching, EnsembleStep, InstanceGroup, ModelConfig, TensorSpec
 from tritonforge.ensemble.blocks import GENERATED_MARK, BlockModel, block_model, model_file, passthrough_model
 from tritonforge.ensemble.check import Resolved, check_pipeline, known_models
+from tritonforge.ensemble.fuse import fuse_pipeline
 from tritonforge.ensemble.spec import Issue, PipelineSpec, load_spec
 from tritonforge.errors import PipelineCheckError
 from tritonforge.repository import RepositoryWrite
@@ -247,8 +250,15 @@ def router_config(resolved: Resolved) -> ModelConfig:
     )
 
 
-def compile_specs(paths: Iterable[str | os.PathLike[str]], repo: str | os.PathLike[str]) -> list[Path]:
+def compile_specs(
+    paths: Iterable[str | os.PathLike[str]], repo: str | os.PathLike[str], *, fuse: bool = True
+) -> list[Path]:
     """Check every spec, then (only if all pass) write blocks, ensembles and routers into ``repo``.
+
+    With ``fuse`` (the default), an ONNX step whose token embeddings feed only a ``mean_pooling`` block
+    is compiled, with the pooling, into one fused ONNX model that the ensemble calls instead of the two
+    (:mod:`tritonforge.ensemble.fuse`; same answer within float tolerance, checked at compile time). The
+    source models stay in the repository; the fused one's manifest records what was fused.
 
     Every model goes through the one writer (:class:`~tritonforge.repository.RepositoryWrite`), ensembles
     included (their version folder holds their manifest); the whole build is staged first, so an error
@@ -267,7 +277,8 @@ def compile_specs(paths: Iterable[str | os.PathLike[str]], repo: str | os.PathLi
         raise PipelineCheckError(issues)
     written: list[Path] = []
     seen: set[str] = set()
-    with RepositoryWrite(repo_path) as write:
+    scratch_dir = tempfile.TemporaryDirectory(prefix="tritonforge-fuse-")
+    with scratch_dir as scratch, RepositoryWrite(repo_path) as write:
 
         def add_block(model: BlockModel, block: str, pipeline: str) -> None:
             if model.config.name in seen:
@@ -294,7 +305,7 @@ def compile_specs(paths: Iterable[str | os.PathLike[str]], repo: str | os.PathLi
                 add_block(built, block.block, spec.name)
         for item in resolved:
             spec = item.spec
-            record = {"pipeline": spec.name, "spec": str(spec.source)}
+            record: dict[str, Any] = {"pipeline": spec.name, "spec": str(spec.source)}
             if spec.is_routed:
                 write.add_model(
                     spec.name,
@@ -305,6 +316,22 @@ def compile_specs(paths: Iterable[str | os.PathLike[str]], repo: str | os.PathLi
                     manifest=record,
                 )
             else:
+                if fuse:
+                    item, fused = fuse_pipeline(item, repo_path, Path(scratch) / spec.name)
+                    if fused:
+                        record["fused_models"] = [m.config.name for m in fused]
+                    for model in fused:
+                        if model.config.name not in seen:
+                            seen.add(model.config.name)
+                            write.add_model(
+                                model.config.name,
+                                model.source,
+                                model.config,
+                                version=1,
+                                overwrite=True,
+                                manifest=model.manifest,
+                            )
+                            written.append(repo_path / model.config.name)
                 config, helpers = ensemble_plan(item)
                 for helper in helpers:
                     add_block(helper, "passthrough", spec.name)

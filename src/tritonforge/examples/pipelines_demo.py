@@ -15,6 +15,7 @@ the pipelines compiled from ``ensembles/``) and runs:
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -149,6 +150,12 @@ def _text_in_process(repo: Path, texts: list[str]) -> np.ndarray | None:
     if tokenizer_dir is None or encoder is None:
         return None
     encoder_dir, version = encoder
+    fused_record = encoder_dir / str(version) / "manifest.json"
+    if version != -1 and fused_record.is_file():
+        # a fused encoder+pooling (tritonforge.ensemble.fuse): compare against the model it was made from
+        fused = json.loads(fused_record.read_text()).get("fused")
+        if fused:
+            encoder_dir, version = repo / fused["from"][0]["model"], int(fused["from"][0]["version"])
     if version == -1:
         version = max(int(p.name) for p in encoder_dir.iterdir() if p.name.isdigit())
     tokenizer_config = read_config(tokenizer_dir / "config.pbtxt")

@@ -1,0 +1,319 @@
+"""Compile-time fusion: an ONNX step and the mean pooling step after it become one plain ONNX model.
+
+In an ensemble every step is its own model instance, and each Python-backend step is its own stub process:
+a hop costs a round trip through the stub and copies of its tensors — for the text pipeline, the 384-d
+token embeddings of every token. Mean pooling is a handful of ONNX operators, so when a pipeline runs an
+ONNX model whose token embeddings feed only a ``mean_pooling`` block, the compiler appends the pooling to
+that model's graph and the ensemble calls the fused model instead of the two (a client chaining the
+models cannot do this). The fused model is a plain ONNX model (``platform: "onnxruntime_onnx"``, no custom
+operators), so the repository still runs unchanged on NVIDIA's container; it takes the source model's
+config (batching, instances, threads), and its manifest records what was fused from which file and the
+largest difference from the unfused pair on a check batch. The source models stay in the repository for
+anyone who calls them one by one.
+
+Fused only when the result is the same: the embeddings feed nothing else and are not a pipeline output,
+the pooling's mask is one of the ONNX model's own inputs, the source version is known and its file is
+an FP32-output ONNX graph; otherwise the steps compile as written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tritonforge.config import DataType, ModelConfig, TensorSpec, read_config
+from tritonforge.ensemble.blocks import GENERATED_MARK
+from tritonforge.ensemble.check import Resolved
+from tritonforge.ensemble.spec import StepSpec
+
+__all__ = ["FusedModel", "fuse_pipeline", "mean_pooling_graph"]
+
+#: largest |fused - unfused| accepted on the check batch (float32 sums in another order)
+FUSE_TOLERANCE = 1e-4
+_ONNX_PLATFORMS = ("onnxruntime_onnx",)
+_ONNX_BACKENDS = ("onnxruntime",)
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedModel:
+    """A fused model to write: its config, its ONNX file (in a scratch folder) and its manifest record."""
+
+    config: ModelConfig
+    source: Path
+    manifest: Mapping[str, Any]
+
+
+def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolved, list[FusedModel]]:
+    """``resolved`` with every fusable (ONNX model -> mean pooling) pair of steps replaced by one step.
+
+    The fused ONNX files are written under ``scratch``; the caller writes them into the repository.
+    Pairs that cannot be fused exactly are left as they are.
+
+    Raises:
+        OSError: the scratch folder can't be written. An unfusable pair raises nothing: it is compiled
+            as written (so is one whose graph onnx or onnxruntime can't load or run here).
+    """
+    spec = resolved.spec
+    blocks = {m.name: m for m in spec.models}
+    steps = list(spec.steps)
+    fused_models: list[FusedModel] = []
+    for pool in list(steps):
+        block = blocks.get(pool.model)
+        if block is None or block.block != "mean_pooling":
+            continue
+        plan = _pair(steps, pool, resolved, repo)
+        if plan is None:
+            continue
+        encoder, config, version, model_path, mask_input = plan
+        name = _fused_name(encoder.model, version, pool.model)
+        existing = repo / name / "config.pbtxt"
+        if existing.is_file():
+            try:
+                if GENERATED_MARK not in read_config(existing).parameters:
+                    continue  # someone's own model of that name: never overwritten
+            except Exception:
+                continue
+        normalize = block.options.get("normalize", True) is not False
+        out_name = next(iter(pool.outputs))  # the pooling block's one output, EMBEDDING
+        token_output = next(iter(encoder.outputs))
+        folder = scratch / name
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / "model.onnx"
+        try:
+            dim = _write_fused(model_path, target, token_output, mask_input, out_name, normalize)
+            difference = (
+                float("inf") if dim is None else _check(model_path, target, token_output, out_name, normalize)
+            )
+        except Exception:  # a graph onnx or onnxruntime can't take apart or run here: compiled unfused
+            continue
+        if dim is None or not difference <= FUSE_TOLERANCE:
+            continue
+        fused_config = config.replace(
+            name=name,
+            outputs=[TensorSpec(name=out_name, dtype=DataType.FP32, dims=[dim])],
+            version_policy=None,
+            default_model_filename=None,
+            parameters={**config.parameters, GENERATED_MARK: f"fused:{encoder.model}:{version}+{pool.model}"},
+        )
+        source_sha256 = _sha256(model_path)
+        record = {
+            "block": "fused",
+            "variant": "fused",
+            # the model it was made from (not the scratch copy the writer was handed)
+            "source": {"path": str(model_path.resolve()), "sha256": source_sha256},
+            "artifact": {"bytes": target.stat().st_size},
+            "pipeline": spec.name,
+            "fused": {
+                "steps": [encoder.name, pool.name],
+                "from": [
+                    {"model": encoder.model, "version": version, "sha256": source_sha256},
+                    {"model": pool.model, "block": "mean_pooling", "options": dict(block.options)},
+                ],
+                "appended": "mean pooling over the attention mask" + (", L2 norm" if normalize else ""),
+                "max_abs_diff_vs_unfused": difference,
+                "why": "one model instead of two: no Python-backend hop, no copy of the token embeddings",
+            },
+        }
+        fused_models.append(FusedModel(config=fused_config, source=target, manifest=record))
+        index = steps.index(encoder)
+        steps[index] = StepSpec(
+            name=f"{encoder.name}+{pool.name}",
+            model=name,
+            inputs=dict(encoder.inputs),
+            outputs=dict(pool.outputs),
+            version=1,
+        )
+        steps.remove(pool)
+    if not fused_models:
+        return resolved, []
+    return dataclasses.replace(resolved, spec=dataclasses.replace(spec, steps=tuple(steps))), fused_models
+
+
+def _pair(
+    steps: list[StepSpec], pool: StepSpec, resolved: Resolved, repo: Path
+) -> tuple[StepSpec, ModelConfig, int, Path, str] | None:
+    """The ONNX step feeding ``pool`` and what fusing needs, or None when the pair is not fusable."""
+    tokens = pool.inputs.get("TOKEN_EMBEDDINGS")
+    mask = pool.inputs.get("ATTENTION_MASK")
+    if tokens is None or mask is None or len(pool.outputs) != 1:
+        return None
+    producers = [s for s in steps if tokens in s.outputs.values()]
+    if len(producers) != 1 or len(producers[0].outputs) != 1:
+        return None
+    encoder = producers[0]
+    if any(tokens in s.inputs.values() for s in steps if s is not pool):
+        return None
+    if tokens in {t.name for t in resolved.outputs}:
+        return None
+    mask_inputs = [k for k, v in encoder.inputs.items() if v == mask]
+    if not mask_inputs:
+        return None
+    config_path = repo / encoder.model / "config.pbtxt"
+    if not config_path.is_file():
+        return None
+    try:
+        config = read_config(config_path)
+    except Exception:
+        return None
+    if config.platform not in _ONNX_PLATFORMS and config.backend not in _ONNX_BACKENDS:
+        return None
+    if config.max_batch_size <= 0 or config.ensemble_steps is not None:
+        return None
+    version = encoder.version
+    if version == -1:
+        if config.version_policy is not None and config.version_policy.kind == "specific":
+            return None
+        versions = [int(p.name) for p in (repo / encoder.model).iterdir() if p.name.isdigit()]
+        if not versions:
+            return None
+        version = max(versions)
+    model_path = repo / encoder.model / str(version) / (config.default_model_filename or "model.onnx")
+    if not model_path.is_file():
+        return None
+    return encoder, config, version, model_path, mask_inputs[0]
+
+
+def _fused_name(model: str, version: int, pool: str) -> str:
+    name = f"{model}_v{version}__{pool}"
+    if len(name) > 100:
+        name = f"{model[:40]}_fused_{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    return name
+
+
+def mean_pooling_graph(
+    tokens: str, mask: str, output: str, *, normalize: bool, prefix: str = "tritonforge_pool"
+) -> tuple[list[Any], list[Any]]:
+    """ONNX nodes (opset >= 13) and initializers computing the ``mean_pooling`` block's answer.
+
+    ``output[n] = sum_t mask[n,t] * tokens[n,t,:] / max(sum_t mask[n,t], 1e-9)``, then divided by
+    ``max(L2 norm, 1e-12)`` when ``normalize`` — the block's formula, as a batched MatMul.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    def t(name: str) -> str:
+        return f"{prefix}/{name}"
+
+    inits = [
+        numpy_helper.from_array(np.array([1], dtype=np.int64), t("axis1")),
+        numpy_helper.from_array(np.array(1e-9, dtype=np.float32), t("eps_count")),
+        numpy_helper.from_array(np.array(1e-12, dtype=np.float32), t("eps_norm")),
+    ]
+    nodes = [
+        helper.make_node("Cast", [mask], [t("mask_f")], to=TensorProto.FLOAT, name=t("cast")),
+        helper.make_node("Unsqueeze", [t("mask_f"), t("axis1")], [t("mask_row")], name=t("unsqueeze")),
+        helper.make_node("MatMul", [t("mask_row"), tokens], [t("summed3")], name=t("matmul")),
+        helper.make_node("Squeeze", [t("summed3"), t("axis1")], [t("summed")], name=t("squeeze")),
+        helper.make_node(
+            "ReduceSum", [t("mask_f"), t("axis1")], [t("count")], keepdims=1, name=t("count_sum")
+        ),
+        helper.make_node("Max", [t("count"), t("eps_count")], [t("count_c")], name=t("count_max")),
+    ]
+    mean = output if not normalize else t("mean")
+    nodes.append(helper.make_node("Div", [t("summed"), t("count_c")], [mean], name=t("mean_div")))
+    if normalize:
+        nodes += [
+            helper.make_node("Mul", [mean, mean], [t("sq")], name=t("sq")),
+            helper.make_node("ReduceSum", [t("sq"), t("axis1")], [t("ss")], keepdims=1, name=t("ss")),
+            helper.make_node("Sqrt", [t("ss")], [t("norm")], name=t("sqrt")),
+            helper.make_node("Max", [t("norm"), t("eps_norm")], [t("norm_c")], name=t("norm_max")),
+            helper.make_node("Div", [mean, t("norm_c")], [output], name=t("norm_div")),
+        ]
+    return nodes, inits
+
+
+def _write_fused(
+    source: Path, target: Path, tokens: str, mask: str, output: str, normalize: bool
+) -> int | None:
+    """Write ``source`` with pooling appended to ``target``; the embedding dim (-1 if unknown), or None."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    outs = {o.name: o for o in graph.output}
+    ins = {i.name for i in graph.input}
+    if opset < 13 or tokens not in outs or mask not in ins:
+        return None
+    token_type = outs[tokens].type.tensor_type
+    if token_type.elem_type != TensorProto.FLOAT or len(token_type.shape.dim) != 3:
+        return None
+    last = token_type.shape.dim[2]
+    dim = last.dim_value if last.HasField("dim_value") and last.dim_value > 0 else -1
+    if model.ByteSize() > 1_900_000_000:
+        return None  # a single-file ONNX model stops at 2 GB
+    taken = {n for node in graph.node for n in (*node.input, *node.output)} | ins
+    if output in taken:
+        return None
+    nodes, inits = mean_pooling_graph(tokens, mask, output, normalize=normalize)
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    batch = token_type.shape.dim[0]
+    out = helper.make_tensor_value_info(
+        output, TensorProto.FLOAT, [batch.dim_param or (batch.dim_value or None), dim if dim > 0 else None]
+    )
+    del graph.output[:]
+    graph.output.append(out)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(target))
+    return dim
+
+
+def _check(source: Path, fused: Path, tokens: str, output: str, normalize: bool) -> float:
+    """Largest |fused - (source + the block's numpy pooling)| on a padded batch of two sequences."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    feeds: dict[str, np.ndarray] = {}
+    first = ort.InferenceSession(str(source), sess_options=options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    lengths = (9, 5)
+    mask = np.zeros((2, max(lengths)), dtype=np.int64)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+    for info in first.get_inputs():
+        dtype = np.int64 if "int64" in info.type else np.int32 if "int32" in info.type else None
+        if dtype is None:
+            return float("inf")
+        if "mask" in info.name.lower():
+            feeds[info.name] = mask.astype(dtype)
+        elif "type" in info.name.lower():
+            feeds[info.name] = np.zeros_like(mask, dtype=dtype)
+        else:
+            # small ids: any vocabulary holds them
+            feeds[info.name] = (rng.integers(1, 8, size=mask.shape) * mask).astype(dtype)
+    mask_name = next((n for n in feeds if "mask" in n.lower()), None)
+    if mask_name is None:
+        return float("inf")
+    token_embeddings = first.run([tokens], feeds)[0]
+    expected = _pool(token_embeddings, feeds[mask_name], normalize)
+    second = ort.InferenceSession(str(fused), sess_options=options, providers=["CPUExecutionProvider"])
+    got = second.run([output], feeds)[0]
+    if got.shape != expected.shape:
+        return float("inf")
+    return float(np.abs(got - expected).max())
+
+
+def _pool(tokens: np.ndarray, mask: np.ndarray, normalize: bool) -> np.ndarray:
+    """The ``mean_pooling`` block's formula (models/mean_pooling.py), for the check."""
+    weights = mask.astype(np.float32)
+    pooled = np.einsum("nt,ntd->nd", weights, tokens.astype(np.float32))
+    pooled /= np.maximum(weights.sum(axis=1, keepdims=True), np.float32(1e-9))
+    if normalize:
+        pooled /= np.maximum(np.sqrt(np.einsum("nd,nd->n", pooled, pooled))[:, None], np.float32(1e-12))
+    return pooled
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
