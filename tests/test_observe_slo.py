@@ -11,6 +11,14 @@ import yaml
 
 from cli_runner import run_tritonforge
 from promserver import promtool
+from tritonforge.config import (
+    DataType,
+    EnsembleStep,
+    ModelConfig,
+    TensorSpec,
+    read_config,
+    write_config,
+)
 from tritonforge.observe.slo import SLOError, dashboard, load_slo, rules, write
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -54,11 +62,68 @@ def test_load_slo_raises_slo_error_naming_the_key_when_the_file_is_wrong(
 
 def test_example_slo_expands_each_pipeline_into_rows_of_its_composing_models() -> None:
     spec = load_slo(EXAMPLE)
+    # the example names the project's repository: once built, its compiled pipelines decide the rows
+    compiled = PROJECT_ROOT / "model_repository"
+    vote, text = compiled / "digits_vote" / "config.pbtxt", compiled / "text_embedding" / "config.pbtxt"
+    under_vote = [model for model, parent in spec.rows if parent == "digits_vote"]
+    assert under_vote == (
+        _steps(vote)
+        if vote.is_file()
+        else ["digits_logreg", "digits_mlp", "digits_random_forest", "digits_vote_combiner"]
+    )
+    under_text = [model for model, parent in spec.rows if parent == "text_embedding"]
+    assert under_text == (
+        _steps(text) if text.is_file() else ["minilm_tokenizer", "minilm_encoder", "mean_pool_384"]
+    )
+    assert spec.rows[0] == ("digits_vote", None)
+
+
+def _steps(config_file: Path) -> list[str]:
+    return list(dict.fromkeys(s.model_name for s in read_config(config_file).ensemble_steps or ()))
+
+
+def test_rows_follow_the_compiled_pipeline_in_the_repository_not_the_spec(tmp_path: Path) -> None:
+    # the compiler fused text_embedding's encoder and pooling: the fused model takes the traffic
+    repo = tmp_path / "repo"
+    fused = ModelConfig(
+        name="text_embedding",
+        platform="ensemble",
+        inputs=(TensorSpec(name="text", dtype=DataType.STRING, dims=(1,)),),
+        outputs=(TensorSpec(name="embedding", dtype=DataType.FP32, dims=(384,)),),
+        ensemble_steps=(
+            EnsembleStep(
+                model_name="minilm_tokenizer", input_map={"TEXT": "text"}, output_map={"IDS": "ids"}
+            ),
+            EnsembleStep(
+                model_name="minilm_encoder_v1__mean_pool_384",
+                input_map={"input_ids": "ids"},
+                output_map={"EMBEDDING": "embedding"},
+            ),
+        ),
+    )
+    write_config(fused, repo / "text_embedding" / "config.pbtxt")
+    slo = tmp_path / "slo" / "slo.yaml"
+    slo.parent.mkdir()
+    slo.write_text(
+        f"ensembles: {PROJECT_ROOT / 'ensembles'}\nrepository: {repo}\n"
+        "models:\n  text_embedding: {error_rate: 0.01}\n  digits_vote: {error_rate: 0.01}\n"
+    )
+    spec = load_slo(slo)
+    under_text = [model for model, parent in spec.rows if parent == "text_embedding"]
+    assert under_text == ["minilm_tokenizer", "minilm_encoder_v1__mean_pool_384"]
+    # a pipeline the repository does not hold compiled keeps its spec's models
     under_vote = [model for model, parent in spec.rows if parent == "digits_vote"]
     assert under_vote == ["digits_logreg", "digits_mlp", "digits_random_forest", "digits_vote_combiner"]
-    under_text = [model for model, parent in spec.rows if parent == "text_embedding"]
-    assert under_text == ["minilm_tokenizer", "minilm_encoder", "mean_pool_384"]
-    assert spec.rows[0] == ("digits_vote", None)
+
+
+def test_a_repository_that_is_not_a_folder_is_an_slo_error_naming_it(tmp_path: Path) -> None:
+    slo = _slo(
+        tmp_path,
+        f"ensembles: {PROJECT_ROOT / 'ensembles'}\nrepository: {tmp_path / 'nowhere'}\n"
+        "models:\n  text_embedding: {error_rate: 0.01}\n",
+    )
+    with pytest.raises(SLOError, match=r"repository: .*nowhere is not a model repository"):
+        load_slo(slo)
 
 
 def test_example_rules_pass_promtool_check_rules(tmp_path: Path, prometheus_bin: Path) -> None:

@@ -6,6 +6,8 @@ The file (see ``observe/slo.example.yaml``)::
     for: 5m                     # an objective broken this long fires its alert
     selector: 'job="triton"'    # optional: added to every Triton series the rules read
     ensembles: ../ensembles     # optional: pipeline specs, to add an ensemble's composing models as rows
+    repository: ../model_repository  # optional: the compiled pipelines there name the models they
+                                #   really run (a fused encoder+pooling model, passthrough helpers)
     severity: page              # the alerts' severity label (per model too)
     models:
       digits_vote:
@@ -50,7 +52,7 @@ __all__ = [
 
 OBJECTIVES = ("p99_latency_ms", "mean_latency_ms", "error_rate", "queue_ms", "max_drift_psi")
 _DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
-_TOP_KEYS = {"window", "for", "selector", "ensembles", "severity", "models"}
+_TOP_KEYS = {"window", "for", "selector", "ensembles", "repository", "severity", "models"}
 _MODEL_KEYS = {*OBJECTIVES, "for", "severity"}
 
 
@@ -115,6 +117,32 @@ def _composing(spec_dir: Path) -> dict[str, list[str]]:
     return out
 
 
+def _compiled(repo: Path, pipelines: dict[str, list[str]]) -> dict[str, list[str]]:
+    """``pipelines`` with each ensemble that ``repo`` holds compiled replaced by the models its steps run.
+
+    The compiler may run other models than the spec names (an encoder fused with its pooling step, the
+    passthrough helper of an output another step reads); the compiled config is what takes the traffic.
+    A pipeline not compiled there, or not an ensemble (a routed pipeline's router), keeps its spec's list.
+
+    Raises:
+        SLOError: a compiled pipeline's config.pbtxt that does not parse.
+    """
+    from tritonforge.config import read_config
+
+    out = dict(pipelines)
+    for name in pipelines:
+        config_file = repo / name / "config.pbtxt"
+        if not config_file.is_file():
+            continue
+        try:
+            config = read_config(config_file)
+        except Exception as exc:
+            raise SLOError(f"{config_file} does not parse ({exc}): rebuild it or drop `repository`") from None
+        if config.ensemble_steps:
+            out[name] = list(dict.fromkeys(step.model_name for step in config.ensemble_steps))
+    return out
+
+
 def load_slo(path: str | os.PathLike[str]) -> SLOSpec:
     """Read and check an SLO file.
 
@@ -167,6 +195,13 @@ def load_slo(path: str | os.PathLike[str]) -> SLOSpec:
         if not spec_dir.is_dir():
             raise SLOError(f"{path}: ensembles: {spec_dir} is not a folder of pipeline specs")
         pipelines = _composing(spec_dir)
+        if "repository" in data:
+            repo = (path.parent / str(data["repository"])).resolve()
+            if not repo.is_dir():
+                raise SLOError(
+                    f"{path}: repository: {repo} is not a model repository (build it, or drop `repository`)"
+                )
+            pipelines = _compiled(repo, pipelines)
         for o in objectives:
             for member in pipelines.get(o.model, []):
                 if (member, o.model) not in rows:
