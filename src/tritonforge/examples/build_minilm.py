@@ -204,7 +204,10 @@ def _config(repo: Path, path: Path) -> Any:
     # the latency layout (one instance, every core this build may use), named explicitly: a pool left at
     # onnxruntime's default would also spin its idle workers against the other models' threads
     config = infer_config(NAME, path, max_batch_size=MAX_BATCH_SIZE, intra_op_threads=available_cpus())
-    config = config.replace(dynamic_batching=DynamicBatching(max_queue_delay_us=2000))
+    # A sentence keeps a core busy for milliseconds, so under load requests queue behind the running batch
+    # and group by themselves; a longer delay would only hold a lone request back (2 ms of a ~5 ms answer
+    # at concurrency 1), in the encoder and in any pipeline compiled over it.
+    config = config.replace(dynamic_batching=DynamicBatching(max_queue_delay_us=100))
     if (repo / NAME / "config.pbtxt").is_file():
         return config  # the registry keeps whatever version policy was promoted
     return config.replace(version_policy=VersionPolicy.all())  # serve FP32 and INT8 side by side
