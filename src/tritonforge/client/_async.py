@@ -16,7 +16,7 @@ from tritonforge.client._base import BaseClient, Flow, InferOptions, ManyOptions
 from tritonforge.client._coalesce import Group, key_of, merge, split
 from tritonforge.client._codec import ModelMetadata, decode_response
 from tritonforge.client._flow import Attempt, Each, Rpc, Run, Sleep
-from tritonforge.client._mapping import map_grpc_errors
+from tritonforge.client._mapping import translate
 from tritonforge.client._pool import Capabilities
 from tritonforge.errors import ClientError, TransportError
 
@@ -92,15 +92,29 @@ class AsyncClient(BaseClient):
         return None
 
     async def _rpc(self, op: Rpc) -> Any:
-        with map_grpc_errors(
-            model=op.model, version=op.version, endpoint=op.endpoint.url, method=op.method, tls=self._tls_mode
-        ):
-            call = op.endpoint.handle.methods[op.method]
-            if op.method != "ModelStreamInfer":
-                return await call(op.request, timeout=op.timeout_s, metadata=self._metadata(op.method))
+        # try/except rather than ``with map_grpc_errors(...)``: no object per request on the way that works
+        method = op.method
+        try:
+            call = op.endpoint.handle.methods[method]
+            if method != "ModelStreamInfer":
+                return await call(op.request, timeout=op.timeout_s, metadata=self._metadata(method))
             # a probe: an empty stream, answered or refused
-            stream = call(iter(()), timeout=op.timeout_s, metadata=self._metadata(op.method))
+            stream = call(iter(()), timeout=op.timeout_s, metadata=self._metadata(method))
             return [answer async for answer in stream]
+        except ClientError:
+            raise
+        except Exception as exc:
+            mapped = translate(
+                exc,
+                model=op.model,
+                version=op.version,
+                endpoint=op.endpoint.url,
+                method=method,
+                tls=self._tls_mode,
+            )
+            if mapped is None:
+                raise
+            raise mapped from exc
 
     async def _settle(self, flow: Flow[Any], gate: asyncio.Semaphore) -> Any:
         """The flow's result, or the error it raised (driven once ``gate`` lets it in)."""
