@@ -192,9 +192,13 @@ class Transport:
         self.methods: dict[str, Any] = {
             name: value for name, value in vars(stub).items() if not name.startswith("_")
         }
-        # Raw bytes in (the codec frames the request), a parsed response out.
+        # Raw bytes in (the codec frames the request), a parsed response out; registered with the channel
+        # once, as the generated stub does, so gRPC does not look the method up again for every call.
         self.methods["ModelInfer"] = channel.unary_unary(
-            INFER_METHOD, request_serializer=None, response_deserializer=pb.ModelInferResponse.FromString
+            INFER_METHOD,
+            request_serializer=None,
+            response_deserializer=pb.ModelInferResponse.FromString,
+            _registered_method=True,
         )
 
 
