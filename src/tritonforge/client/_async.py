@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc.aio
 import numpy as np
 
-from tritonforge.client._base import BaseClient, Flow, InferOptions, ManyOptions, Outputs, PreparedCall
+from tritonforge.client._base import (
+    BaseClient,
+    FastCall,
+    Flow,
+    InferOptions,
+    ManyOptions,
+    Outputs,
+    PreparedCall,
+)
 from tritonforge.client._coalesce import Group, key_of, merge, split
 from tritonforge.client._codec import ModelMetadata, decode_response
 from tritonforge.client._flow import Attempt, Each, Rpc, Run, Sleep
@@ -317,7 +325,19 @@ class AsyncClient(BaseClient):
             As :meth:`Client.infer`: InvalidRequestError (RequestTooLarge), ModelNotFoundError,
             InferenceFailed, DeadlineExceeded, AllEndpointsFailed.
         """
-        return await self._drive(self._infer_flow(model, inputs, **options))
+        if not self._opened:
+            self._open()
+        fast = self._fast_infer(model, inputs, options)
+        if type(fast) is not FastCall:
+            return await self._drive(fast)  # type: ignore[arg-type]
+        try:
+            response = await self._rpc(fast.rpc)
+        except ClientError as exc:
+            return await self._drive(self._fast_failed(fast, exc))
+        except BaseException:
+            self._fast_abandoned(fast)
+            raise
+        return self._fast_done(fast, response)
 
     async def infer_many(
         self, model: str, requests: Sequence[Mapping[str, Any]], **options: Unpack[ManyOptions]
