@@ -3,10 +3,13 @@
 One embedded Triton server, one tiny ONNX model (x[1, 8] -> probs[1, 3], dynamic batching), the same
 requests from every client, at concurrency 1, 16 and 64. The AsyncClient runs twice: as users get it
 (client-side batching on: concurrent calls go out as one request) and with ``coalesce=False`` (every
-call its own request, like the raw clients). Printed per client and concurrency: throughput, p50/p99 latency,
-client CPU per request (``time.process_time`` of this process, which holds the client and its gRPC threads
-but not the server; perf_analyzer's from its own process rusage), and the ratios to raw tritonclient and
-to perf_analyzer. Speed is compared only as ratios within one run: the machine is shared.
+call its own request, like the raw clients); a bare grpc.aio call (cached request bytes, the answer parsed to
+numpy, nothing else) shows the floor of any asyncio client in Python. Printed per client and concurrency:
+throughput, p50/p99 latency, client CPU per request (``time.process_time`` of this process, which holds the
+client and its gRPC threads but not the server; perf_analyzer's from its own process rusage), and the ratios
+to raw tritonclient and to perf_analyzer. perf_analyzer runs inside the alternating rounds, so every ratio
+is taken within a round and reported as its median and min-max over the rounds; the last lines give the
+aim's figures (``coalesce=False`` vs perf_analyzer). Speed is compared only as ratios within one run.
 
     python benchmarks/client_overhead.py                 # ~5 min on 2 cores
     python benchmarks/client_overhead.py --rounds 1 --concurrency 1 64
