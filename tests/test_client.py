@@ -4,6 +4,7 @@ Client, and the AsyncClient driven through blocking calls)."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 import client_fixtures as cf
 from tritonforge import (
+    AsyncClient,
     AuthenticationError,
     Client,
     ClientError,
@@ -410,6 +412,25 @@ def test_client_sends_tensors_through_cuda_shared_memory(urls: list[str]) -> Non
 
 
 # -- metrics and hooks ----------------------------------------------------------------------------------
+
+
+def test_async_client_on_one_endpoint_frees_it_when_a_call_is_cancelled_or_times_out(urls: list[str]) -> None:
+    ones = np.ones((1, 4), np.float32)
+
+    async def run() -> tuple[list[int], list[int], str]:
+        async with AsyncClient(urls[0], coalesce=False, registry=CollectorRegistry()) as c:
+            await c.infer("sleepy", {"x": ones})  # the signature is known: the next calls take the fast path
+            task = asyncio.ensure_future(c.infer("sleepy", {"x": ones}))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            after_cancel = [e.outstanding for e in c.endpoints]
+            with pytest.raises(DeadlineExceeded, match="'sleepy'"):
+                await c.infer("sleepy", {"x": ones}, timeout_s=0.1)
+            return after_cancel, [e.outstanding for e in c.endpoints], c.endpoints[0].state
+
+    assert asyncio.run(run()) == ([0], [0], "closed")
 
 
 def test_client_on_one_endpoint_answers_counts_and_fails_every_call_like_its_first(
