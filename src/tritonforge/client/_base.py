@@ -603,8 +603,8 @@ class BaseClient:
         self, model: str, inputs: Mapping[str, Any], options: InferOptions
     ) -> FastCall | Flow[Outputs]:
         """``infer``'s call as a :class:`FastCall` when its first attempt needs no decision the flows make
-        (one target, one usable endpoint, inputs already validated, no shared memory, no client-side
-        batching, no shadow); otherwise the call's flow, to drive as usual.
+        (one target, one usable endpoint, inputs already validated, no shared memory, no shadow, nothing
+        client-side batching could merge it with); otherwise the call's flow, to drive as usual.
 
         The face sends ``FastCall.rpc`` itself, then hands the answer to :meth:`_fast_done`, or its error to
         :meth:`_fast_failed` (which returns the flow that carries on with retries and fallbacks exactly as
@@ -623,7 +623,7 @@ class BaseClient:
         call.request_id = self._request_id(model, options.get("request_id"))
         targets = self._targets(model, options.get("version"), options.get("key"))
         ep = self._pool.only()
-        if ep is None or self._coalescing or len(targets) > 1 or model in self.shadows:
+        if ep is None or len(targets) > 1 or model in self.shadows or self._may_merge(call, targets[0]):
             return self._prepared_infer_flow(model, call, targets, timeout_s, started)
         target_model, target_version = targets[0]
         header = self._headers.get((target_model, target_version, call.outputs, call.signature))
@@ -771,8 +771,8 @@ class BaseClient:
         merge = None
         if self._coalescing and call.nbytes <= self.coalesce.max_call_bytes:
             limit = yield from self._merge_limit_flow(attempt)
-            rows = batch_rows(call.signature) if limit else None
-            if rows is not None and 0 < rows < limit:
+            rows = _merge_rows(call, limit)
+            if rows is not None:
                 merge = (call, attempt, rows, limit)
         body = self._encode(call, attempt)
         limit_bytes = ep.capabilities.max_message_bytes
@@ -854,8 +854,19 @@ class BaseClient:
             ep.capabilities.model_config = True
             batchable = Batchable.from_config(response.config)
             self._batchable[key] = batchable
+        return self._merge_limit(batchable)
+
+    def _merge_limit(self, batchable: Batchable) -> int:
         cap = self.coalesce.max_rows
         return batchable.max_rows if cap is None else min(cap, batchable.max_rows)
+
+    def _may_merge(self, call: PreparedCall, target: tuple[str, str | None]) -> bool:
+        """Whether client-side batching may merge ``call`` (``True`` while the model's config is unknown:
+        the flow asks for it)."""
+        if not self._coalescing or call.nbytes > self.coalesce.max_call_bytes:
+            return False
+        batchable = self._batchable.get(target)
+        return batchable is None or _merge_rows(call, self._merge_limit(batchable)) is not None
 
     # -- flows: shadows ----------------------------------------------------------------------------------
 
@@ -1212,6 +1223,12 @@ class BaseClient:
     def add_hook(self, hook: Hook) -> None:
         """Call ``hook(event)`` for every finished call, retry, fallback and shadow comparison."""
         self.hooks.append(hook)
+
+
+def _merge_rows(call: PreparedCall, limit: int) -> int | None:
+    """The call's rows when a merged request of at most ``limit`` rows has room for others (else ``None``)."""
+    rows = batch_rows(call.signature) if limit else None
+    return rows if rows is not None and 0 < rows < limit else None
 
 
 def compare_outputs(
