@@ -4,6 +4,7 @@ Client, and the AsyncClient driven through blocking calls)."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 import client_fixtures as cf
 from tritonforge import (
+    AsyncClient,
     AuthenticationError,
     Client,
     ClientError,
@@ -410,6 +412,52 @@ def test_client_sends_tensors_through_cuda_shared_memory(urls: list[str]) -> Non
 
 
 # -- metrics and hooks ----------------------------------------------------------------------------------
+
+
+def test_async_client_on_one_endpoint_frees_it_when_a_call_is_cancelled_or_times_out(urls: list[str]) -> None:
+    ones = np.ones((1, 4), np.float32)
+
+    async def run() -> tuple[list[int], list[int], str]:
+        async with AsyncClient(urls[0], coalesce=False, registry=CollectorRegistry()) as c:
+            await c.infer("sleepy", {"x": ones})  # the signature is known: the next calls take the fast path
+            task = asyncio.ensure_future(c.infer("sleepy", {"x": ones}))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            after_cancel = [e.outstanding for e in c.endpoints]
+            with pytest.raises(DeadlineExceeded, match="'sleepy'"):
+                await c.infer("sleepy", {"x": ones}, timeout_s=0.1)
+            return after_cancel, [e.outstanding for e in c.endpoints], c.endpoints[0].state
+
+    assert asyncio.run(run()) == ([0], [0], "closed")
+
+
+def test_client_on_one_endpoint_answers_counts_and_fails_every_call_like_its_first(
+    face: str, urls: list[str]
+) -> None:
+    # One endpoint and a known input signature: AsyncClient's calls after the first take the fast path
+    # (no flow machinery), which must answer, count, report and fail exactly as the flow does.
+    registry = CollectorRegistry()
+    events: list[ClientEvent] = []
+    with cf.make_client(face, urls[0], registry=registry, hooks=[events.append]) as c:
+        outs = [c.infer("mlp", {"x": X}, request_id=f"m-{i}") for i in range(3)]
+        for i in range(2):
+            with pytest.raises(InferenceFailed, match="Gather") as caught:
+                c.infer("broken", {"x": X}, request_id=f"b-{i}")
+            assert caught.value.model == "broken" and caught.value.endpoint == urls[0]
+        assert [e.outstanding for e in c.endpoints] == [0]
+    want = raw_infer(urls[0], "mlp", {"x": X})["probs"]
+    for out in outs:
+        np.testing.assert_array_equal(out["probs"], want)
+    value = registry.get_sample_value
+    assert value("tritonforge_client_requests_total", {"model": "mlp"}) == 3
+    assert value("tritonforge_client_failures_total", {"model": "broken", "error": "InferenceFailed"}) == 2
+    assert value("tritonforge_client_endpoint_requests_total", {"endpoint": urls[0]}) == 5
+    requests = [e for e in events if e.kind == "request"]
+    assert [e.request_id for e in requests] == ["m-0", "m-1", "m-2", "b-0", "b-1"]
+    assert [e.error is None for e in requests] == [True, True, True, False, False]
+    assert all(e.endpoint == urls[0] and e.attempt == 1 for e in requests)
 
 
 def test_client_counts_requests_failures_and_latency_per_model_and_endpoint(

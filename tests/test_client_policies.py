@@ -26,6 +26,7 @@ from tritonforge.client._flow import Attempt, BudgetState, Sleep, call_flow
 from tritonforge.client._pool import EndpointPool
 from tritonforge.errors import (
     AllEndpointsFailed,
+    ClientError,
     DeadlineExceeded,
     InferenceFailed,
     InvalidRequestError,
@@ -318,6 +319,62 @@ def test_call_flow_retries_an_attempt_timeout_while_the_call_has_time() -> None:
     flow = make_flow([("m", None)], pool_of("a:1", "b:1"), clock, deadline=Deadline(10.0, attempt_s=0.5))
     result, attempts = drive(flow, answer, clock)
     assert result == "ok" and [a.timeout_s for a in attempts] == [0.5, 0.5]
+
+
+def _resumed_flow(
+    error: ClientError, *, retry: RetryPolicy | None = None, start: float = 0.0
+) -> tuple[Any, EndpointPool, FakeClock]:
+    """A flow resumed after a first attempt made outside it (the fast path) that failed with ``error``."""
+    clock = FakeClock()
+    pool = pool_of("a:1")
+    endpoint = pool.acquire(clock())
+    assert endpoint is not None
+    retry = retry or RetryPolicy(max_attempts=3, budget=None)
+    flow = call_flow(
+        [("m", None)],
+        pool=pool,
+        retry=retry,
+        budget=BudgetState(retry.budget, clock()),
+        deadline=Deadline(total_s=10.0),
+        timeout_s=None,
+        clock=clock,
+        rng=random.Random(0),
+        resumed=(start, endpoint, error),
+    )
+    return flow, pool, clock
+
+
+def test_call_flow_resumed_after_a_failed_first_attempt_retries_as_its_second() -> None:
+    flow, pool, clock = _resumed_flow(Unavailable("down"))
+    result, attempts = drive(flow, lambda a: "ok", clock)
+    assert result == "ok" and [(a.number, a.retry) for a in attempts] == [(2, True)]
+    assert pool.endpoints[0].outstanding == 0 and pool.endpoints[0].consecutive_failures == 0
+
+
+def test_call_flow_resumed_counts_the_first_attempt_against_max_attempts() -> None:
+    flow, pool, clock = _resumed_flow(Unavailable("down"), retry=RetryPolicy(max_attempts=2, budget=None))
+    seen: list[Attempt] = []
+
+    def answer(attempt: Attempt) -> Any:
+        seen.append(attempt)
+        return Unavailable("still down")
+
+    with pytest.raises(Unavailable, match="still down"):
+        drive(flow, answer, clock)
+    assert len(seen) == 1 and pool.endpoints[0].outstanding == 0
+
+
+def test_call_flow_resumed_raises_invalid_request_error_without_an_attempt() -> None:
+    flow, pool, clock = _resumed_flow(InvalidRequestError("wrong shape"))
+    with pytest.raises(InvalidRequestError, match="wrong shape"):
+        drive(flow, lambda a: "never", clock)
+    assert pool.endpoints[0].outstanding == 0
+
+
+def test_call_flow_resumed_keeps_the_deadline_of_the_first_attempts_start() -> None:
+    flow, _, clock = _resumed_flow(Unavailable("down"), start=-10.0)  # the 10 s deadline is over
+    with pytest.raises(DeadlineExceeded):
+        drive(flow, lambda a: "too late", clock)
 
 
 def test_call_flow_raises_all_endpoints_failed_when_every_circuit_is_open() -> None:

@@ -12,11 +12,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc.aio
 import numpy as np
 
-from tritonforge.client._base import BaseClient, Flow, InferOptions, ManyOptions, Outputs, PreparedCall
+from tritonforge.client._base import (
+    BaseClient,
+    FastCall,
+    Flow,
+    InferOptions,
+    ManyOptions,
+    Outputs,
+    PreparedCall,
+)
 from tritonforge.client._coalesce import Group, key_of, merge, split
 from tritonforge.client._codec import ModelMetadata, decode_response
 from tritonforge.client._flow import Attempt, Each, Rpc, Run, Sleep
-from tritonforge.client._mapping import map_grpc_errors
+from tritonforge.client._mapping import translate
 from tritonforge.client._pool import Capabilities
 from tritonforge.errors import ClientError, TransportError
 
@@ -92,15 +100,29 @@ class AsyncClient(BaseClient):
         return None
 
     async def _rpc(self, op: Rpc) -> Any:
-        with map_grpc_errors(
-            model=op.model, version=op.version, endpoint=op.endpoint.url, method=op.method, tls=self._tls_mode
-        ):
-            call = op.endpoint.handle.methods[op.method]
-            if op.method != "ModelStreamInfer":
-                return await call(op.request, timeout=op.timeout_s, metadata=self._metadata(op.method))
+        # try/except rather than ``with map_grpc_errors(...)``: no object per request on the way that works
+        method = op.method
+        try:
+            call = op.endpoint.handle.methods[method]
+            if method != "ModelStreamInfer":
+                return await call(op.request, timeout=op.timeout_s, metadata=self._metadata(method))
             # a probe: an empty stream, answered or refused
-            stream = call(iter(()), timeout=op.timeout_s, metadata=self._metadata(op.method))
+            stream = call(iter(()), timeout=op.timeout_s, metadata=self._metadata(method))
             return [answer async for answer in stream]
+        except ClientError:
+            raise
+        except Exception as exc:
+            mapped = translate(
+                exc,
+                model=op.model,
+                version=op.version,
+                endpoint=op.endpoint.url,
+                method=method,
+                tls=self._tls_mode,
+            )
+            if mapped is None:
+                raise
+            raise mapped from exc
 
     async def _settle(self, flow: Flow[Any], gate: asyncio.Semaphore) -> Any:
         """The flow's result, or the error it raised (driven once ``gate`` lets it in)."""
@@ -303,7 +325,19 @@ class AsyncClient(BaseClient):
             As :meth:`Client.infer`: InvalidRequestError (RequestTooLarge), ModelNotFoundError,
             InferenceFailed, DeadlineExceeded, AllEndpointsFailed.
         """
-        return await self._drive(self._infer_flow(model, inputs, **options))
+        if not self._opened:
+            self._open()
+        fast = self._fast_infer(model, inputs, options)
+        if type(fast) is not FastCall:
+            return await self._drive(fast)  # type: ignore[arg-type]
+        try:
+            response = await self._rpc(fast.rpc)
+        except ClientError as exc:
+            return await self._drive(self._fast_failed(fast, exc))
+        except BaseException:
+            self._fast_abandoned(fast)
+            raise
+        return self._fast_done(fast, response)
 
     async def infer_many(
         self, model: str, requests: Sequence[Mapping[str, Any]], **options: Unpack[ManyOptions]

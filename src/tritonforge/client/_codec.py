@@ -112,7 +112,12 @@ class ModelMetadata:
             raise fail(f"missing inputs {sorted(missing)}")
 
 
+_SMALL_VARINTS = tuple(bytes((n,)) for n in range(0x80))  # lengths under 128 are one byte: no loop
+
+
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -165,9 +170,7 @@ def frame(header: bytes, raws: Sequence[Any], request_id: str = "") -> bytes:
         encoded = request_id.encode()
         parts += (_ID_TAG, _varint(len(encoded)), encoded)
     for raw in raws:
-        parts.append(_RAW_TAG)
-        parts.append(_varint(len(raw)))
-        parts.append(raw)
+        parts += (_RAW_TAG, _varint(len(raw)), raw)
     return b"".join(parts)
 
 
@@ -177,10 +180,11 @@ def decode_response(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     raws = response.raw_output_contents
     for output, raw in zip(response.outputs, raws, strict=False):
         datatype = output.datatype
-        if datatype == "BYTES":
-            result[output.name] = deserialize_bytes_tensor(raw).reshape(tuple(output.shape))
-        else:
-            result[output.name] = np.frombuffer(raw, dtype=_NUMPY_OF[datatype]).reshape(tuple(output.shape))
+        array = (
+            deserialize_bytes_tensor(raw) if datatype == "BYTES" else np.frombuffer(raw, _NUMPY_OF[datatype])
+        )
+        array.shape = output.shape  # in place: no second array object as reshape() makes
+        result[output.name] = array
     return result
 
 

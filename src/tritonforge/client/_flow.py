@@ -186,63 +186,81 @@ def call_flow(
     timeout_s: float | None,
     clock: Callable[[], float],
     rng: random.Random,
+    resumed: tuple[float, Endpoint, ClientError] | None = None,
 ) -> Generator[Attempt | Sleep, Any, Any]:
     """Drive one call across ``targets`` (the model and then its fallbacks); returns the response.
+
+    ``resumed``: ``(start, endpoint, error)`` when the call's first attempt was made outside the flow (the
+    clients' fast path, ``BaseClient._fast_infer``): it began at ``start`` (``clock`` time, the budget's
+    deposit made), went to ``endpoint`` (still counted outstanding) for ``targets[0]`` and failed with
+    ``error``; the flow goes on exactly as if it had made that attempt itself.
 
     Raises:
         DeadlineExceeded: the deadline passed; never retried past it.
         AllEndpointsFailed: no endpoint usable and no retry left.
         ClientError: the last model's error when no retry or fallback applies.
     """
-    start = clock()
+    if resumed is None:
+        start = clock()
+        budget.deposit()
+    else:
+        start = resumed[0]
     total_s = deadline.total_s if timeout_s is None else timeout_s
     deadline_at = None if total_s is None else start + total_s
-    budget.deposit()
     number = 0
     last: ClientError | None = None
     for index, (model, version) in enumerate(targets):
         tried: list[Endpoint] = []
         attempts = 0
+        endpoint: Endpoint | None
+        error: ClientError
         while True:
-            now = clock()
-            remaining = None if deadline_at is None else deadline_at - now
-            if remaining is not None and remaining <= 0:
-                raise _deadline_error(
-                    model, version, total_s, last, last.endpoint if last else None
-                ) from last
-            endpoint = pool.acquire(now, tried)
-            if endpoint is None:
-                error: ClientError = AllEndpointsFailed(
-                    f"no endpoint is usable for model {model!r}: all of "
-                    f"{[e.url for e in pool.endpoints]} are down or their circuit is open"
-                    + (f" (last error: {last.message})" if last else ""),
-                    model=model,
-                    version=version,
-                )
-                attempts += 1
-            else:
-                attempts += 1
-                number += 1
-                try:
-                    outcome = yield Attempt(
-                        endpoint,
-                        model,
-                        version,
-                        deadline.attempt_timeout_s(remaining),
-                        number,
-                        retry=attempts > 1,
-                        fallback=index > 0 and attempts == 1,
-                    )
-                except BaseException:  # the driver was cancelled or closed us mid-attempt
-                    pool.release(endpoint, clock(), transport_failure=False)
-                    raise
-                if not isinstance(outcome, ClientError):
-                    pool.release(endpoint, clock(), transport_failure=False)
-                    return outcome
-                error = outcome
+            if resumed is not None:
+                endpoint, error = resumed[1], resumed[2]
+                resumed = None
+                attempts = number = 1
                 pool.release(endpoint, clock(), transport_failure=isinstance(error, Unavailable))
-                if endpoint not in tried:
-                    tried.append(endpoint)
+                tried.append(endpoint)
+            else:
+                now = clock()
+                remaining = None if deadline_at is None else deadline_at - now
+                if remaining is not None and remaining <= 0:
+                    raise _deadline_error(
+                        model, version, total_s, last, last.endpoint if last else None
+                    ) from last
+                endpoint = pool.acquire(now, tried)
+                if endpoint is None:
+                    error = AllEndpointsFailed(
+                        f"no endpoint is usable for model {model!r}: all of "
+                        f"{[e.url for e in pool.endpoints]} are down or their circuit is open"
+                        + (f" (last error: {last.message})" if last else ""),
+                        model=model,
+                        version=version,
+                    )
+                    attempts += 1
+                else:
+                    attempts += 1
+                    number += 1
+                    try:
+                        outcome = yield Attempt(
+                            endpoint,
+                            model,
+                            version,
+                            deadline.attempt_timeout_s(remaining),
+                            number,
+                            retry=attempts > 1,
+                            fallback=index > 0 and attempts == 1,
+                        )
+                    except BaseException:  # the driver was cancelled or closed us mid-attempt
+                        pool.release(endpoint, clock(), transport_failure=False)
+                        raise
+                    if not isinstance(outcome, ClientError):
+                        pool.release(endpoint, clock(), transport_failure=False)
+                        return outcome
+                    error = outcome
+                    pool.release(endpoint, clock(), transport_failure=isinstance(error, Unavailable))
+                    if endpoint not in tried:
+                        tried.append(endpoint)
             last = error
             now = clock()
             remaining = None if deadline_at is None else deadline_at - now

@@ -105,6 +105,11 @@ class EndpointPool:
         # open: usable again for one half-open probe once reset_timeout_s has passed
         return ep.state == "open" and now - ep.opened_at >= self.breaker.reset_timeout_s
 
+    def only(self) -> Endpoint | None:
+        """The pool's one endpoint when it has just one and it is usable (closed circuit, healthy)."""
+        single = self._single
+        return single if single is not None and single.state == "closed" and single.healthy else None
+
     def acquire(self, now: float, exclude: Collection[Endpoint] = ()) -> Endpoint | None:
         """The endpoint for the next attempt (counted as outstanding), or ``None`` when none is usable.
 
