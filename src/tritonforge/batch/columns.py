@@ -331,10 +331,15 @@ def shape_groups(arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
 
 
 def take(arrays: Mapping[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
-    """The rows ``idx`` of every input, ragged inputs stacked (their rows share one shape)."""
+    """The rows ``idx`` (increasing positions) of every input, ragged inputs stacked (their rows share
+    one shape). A run of consecutive rows, the usual request, is a view: no copy."""
+    n = len(idx)
+    rows: Any = idx
+    if n and int(idx[-1]) - int(idx[0]) == n - 1:  # increasing and as many as the span: consecutive
+        rows = slice(int(idx[0]), int(idx[0]) + n)
     out = {}
     for name, a in arrays.items():
-        part = a[idx]
+        part = a[rows]
         if a.dtype == object and a.ndim == 1 and len(part) and isinstance(part[0], np.ndarray):
             part = np.stack(list(part))
         out[name] = part

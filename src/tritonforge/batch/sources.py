@@ -86,10 +86,9 @@ class Dataset:
         return [{"name": f.path.name, "bytes": f.path.stat().st_size, "rows": f.rows} for f in self.files]
 
     def columns(self) -> list[str]:
-        """The column names of the first file (every file must have them)."""
-        for batch in _read(self.files[0], 0, 1):
-            return list(batch.schema.names)
-        return []
+        """The column names of the first file (every file must have them), from its schema where the
+        format has one (reading no rows), else from its first rows."""
+        return _columns(self.files[0])
 
     def read(self, start: int = 0) -> Iterator[tuple[int, Any]]:
         """``(first row id, pyarrow.RecordBatch)`` from row ``start`` on, in order; files before it are
@@ -152,6 +151,29 @@ def _count(path: Path, fmt: str) -> int:
             raise BatchError(f"{path}: its arrays have different numbers of rows: {lengths}")
         return next(iter(lengths.values()), 0)
     return sum(batch.num_rows for batch in _read(DatasetFile(path, fmt, -1), 0, _READ_ROWS))
+
+
+def _columns(f: DatasetFile) -> list[str]:
+    pa = _pa()
+    try:
+        if f.format == "parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(f.path).names)
+        if f.format == "npy":
+            return [NPY_COLUMN]
+        if f.format == "npz":
+            with np.load(f.path) as data:
+                return list(data.files)
+        if f.format == "csv":
+            import pyarrow.csv as pcsv
+
+            return list(pcsv.open_csv(f.path, read_options=pcsv.ReadOptions(block_size=1 << 22)).schema.names)
+    except (pa.ArrowInvalid, OSError, ValueError) as exc:
+        raise BatchError(f"{f.path}: can't read it as {f.format}: {exc}") from exc
+    for batch in _read(f, 0, _READ_ROWS):
+        return list(batch.schema.names)
+    return []
 
 
 def _read(f: DatasetFile, skip: int, rows: int) -> Iterator[Any]:
