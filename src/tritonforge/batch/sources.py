@@ -53,7 +53,9 @@ def numpy_to_arrow(array: np.ndarray) -> Any:
     if array.dtype.kind in "OSU":
         flat = pa.array(array.reshape(-1).tolist())
     else:
-        flat = pa.array(np.ascontiguousarray(array).reshape(-1))
+        from tritonforge.batch.columns import flat_arrow
+
+        flat = flat_arrow(array)
     for size in reversed(array.shape[1:]):
         flat = pa.FixedSizeListArray.from_arrays(flat, size)
     return flat
