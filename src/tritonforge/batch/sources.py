@@ -34,6 +34,7 @@ FORMATS: dict[str, str] = {
 }
 NPY_COLUMN = "array"
 _READ_ROWS = 65_536
+_PARQUET_BATCH_ROWS = 8_192
 
 
 def _pa() -> Any:
@@ -192,8 +193,12 @@ def _read(f: DatasetFile, skip: int, rows: int) -> Iterator[Any]:
                 if first + n <= skip:
                     first += n
                     continue
-                table = pf.read_row_group(group)
-                yield from table.slice(max(0, skip - first)).to_batches(max_chunksize=rows)
+                at = first  # streamed: the first rows are ready before the whole row group is decoded
+                for batch in pf.iter_batches(batch_size=min(rows, _PARQUET_BATCH_ROWS), row_groups=[group]):
+                    lo = max(0, skip - at)
+                    if lo < batch.num_rows:
+                        yield batch.slice(lo) if lo else batch
+                    at += batch.num_rows
                 first += n
         elif f.format == "csv":
             import pyarrow.csv as pcsv
