@@ -18,7 +18,7 @@ import numpy as np
 
 from tritonforge.errors import BatchError
 
-__all__ = ["InputPlan", "Prepared", "outputs_to_arrow", "plan_inputs", "prepare"]
+__all__ = ["InputPlan", "Prepared", "flat_arrow", "outputs_to_arrow", "plan_inputs", "prepare"]
 
 NUMPY_DTYPES: dict[str, Any] = {
     "BOOL": np.bool_,
