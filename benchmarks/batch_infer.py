@@ -1,23 +1,29 @@
 """batch-infer against the loop a user would write, and against perf_analyzer, on the same model and server.
 
 The digits MLP (tritonforge.examples.build_digits) on the embedded Triton server; the digits test split
-repeated to ``--rows`` rows as Parquet. In alternating rounds:
+repeated to ``--rows`` rows as Parquet. After a warm-up run (not measured: imports, channel, pyarrow's
+first use, as perf_analyzer warms up too) and one sweep of perf_analyzer over concurrency 1..16 at the
+batch size batch-infer sends (the model's max batch) to find its best concurrency, each round runs, in
+alternating order (ABBA):
 
 - **batch-infer**: ``tritonforge.batch.run_batch`` over every row (requests of the model's max batch,
-  ``--concurrency`` in flight, Parquet shards written), its outputs checked against onnxruntime in-process;
-- **naive loop**: the sync ``Client``, one row per call, over the first ``--naive-rows`` rows;
-- **thread pool**: the same calls from ``--threads`` threads sharing one ``Client``;
+  ``--concurrency`` in flight, Parquet shards of ``--shard-rows`` written and committed), its outputs
+  checked against onnxruntime in-process; rows/s end to end (startup included) and after startup;
+- **perf_analyzer** (C++; on PATH, ``$PERF_ANALYZER``, or ``../shared/tools/perf_analyzer`` next to the
+  project; skipped when absent) at that batch size and its best concurrency, ``--pa-window-ms`` windows;
 
-then NVIDIA's perf_analyzer (C++; on PATH, ``$PERF_ANALYZER``, or ``../shared/tools/perf_analyzer`` next to
-the project; the column is skipped when absent) at the same batch size over concurrency 1..16, its best
-inferences/s. Rows per second: median of the rounds, with min-max; ratios are taken per round.
+then the **naive loop** (the sync ``Client``, one row per call, over the first ``--naive-rows`` rows) and the
+**thread pool** (the same calls from ``--threads`` threads sharing one ``Client``). Printed: rows/s per round
+and their median (min-max, ±half-range), batch-infer's ratios per round, batch-infer's startup, and CPU
+per row — of batch-infer's whole process, of perf_analyzer's process, and of the server's process tree,
+each divided by the rows the server answered meanwhile (contention barely moves these).
 
 ``--text`` instead runs the text pipeline (``text_embedding`` ensemble: tokenizer -> MiniLM -> pooling) from
 a built repository (``tritonforge build``) over ``--sentences`` sentences and compares the embeddings with
 the same pipeline in-process (cosine).
 
-    python benchmarks/batch_infer.py --rows 20000 --rounds 3          # quick
-    python benchmarks/batch_infer.py --rows 1000000 --rounds 1        # the full-size run
+    python benchmarks/batch_infer.py --rows 200000 --rounds 5     # the default size; startup ~2% of it
+    python benchmarks/batch_infer.py --rows 1000000 --rounds 3    # the full-size run
     python benchmarks/batch_infer.py --text --repo model_repository --sentences 3000
 
 Figures from a shared machine are noisy; re-measure on a quiet one before quoting them.
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -41,46 +48,96 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import find_perf_analyzer  # noqa: E402  (beside this file, not a package)
+from _common import (  # noqa: E402  (beside this file, not a package)
+    alternating,
+    find_perf_analyzer,
+    model_stats,
+    tree_cpu_s,
+)
+
+
+def perf_analyzer_at(exe: str, url: str, model: str, batch: int, concurrency: int, window_ms: int) -> float:
+    """perf_analyzer's inferences/s at ``batch`` and ``concurrency`` (gRPC): the last of up to 3 windows;
+    on a noisy machine windows rarely agree, so any is accepted (rounds and their spread say the rest).
+
+    Raises:
+        RuntimeError: perf_analyzer failed (its output's tail in the message).
+    """
+    args = [
+        exe,
+        "-m",
+        model,
+        "-u",
+        url,
+        "-i",
+        "grpc",
+        "-b",
+        str(batch),
+        "--shape",
+        "input:64",
+        "--concurrency-range",
+        f"{concurrency}:{concurrency}",
+        "-p",
+        str(window_ms),
+        "--max-trials",
+        "3",
+        "--stability-percentage",
+        "999",
+    ]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    found = re.findall(r"Concurrency: \d+, throughput: ([\d.]+) infer/sec", proc.stdout)
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(
+            f"perf_analyzer failed at batch {batch}, concurrency {concurrency}: "
+            f"{(proc.stderr or proc.stdout).strip()[-300:]}"
+        )
+    return float(found[-1])
 
 
 def perf_analyzer_best(
-    exe: str, url: str, model: str, batch: int, seconds: float
+    exe: str, url: str, model: str, batch: int, window_ms: int
 ) -> tuple[float, int] | None:
-    """perf_analyzer's best inferences/s (and the concurrency that gave it) at batch ``batch``."""
+    """perf_analyzer's best inferences/s (and the concurrency giving it) at ``batch``, concurrency 1-16."""
     best: tuple[float, int] | None = None
     for concurrency in (1, 2, 4, 8, 16):
-        args = [
-            exe,
-            "-m",
-            model,
-            "-u",
-            url,
-            "-i",
-            "grpc",
-            "-b",
-            str(batch),
-            "--shape",
-            "input:64",
-            "--concurrency-range",
-            f"{concurrency}:{concurrency}",
-            "-p",
-            str(int(seconds * 1000)),
-            "--max-trials",
-            "6",
-            "--stability-percentage",
-            "50",
-        ]
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            print(f"perf_analyzer failed at concurrency {concurrency}: {proc.stderr.strip()[-300:]}")
+        try:
+            value = perf_analyzer_at(exe, url, model, batch, concurrency, window_ms)
+        except RuntimeError as exc:
+            print(exc)
             continue
-        found = re.findall(r"Concurrency: \d+, throughput: ([\d.]+) infer/sec", proc.stdout)
-        if found:
-            value = float(found[-1])
-            if best is None or value > best[0]:
-                best = (value, concurrency)
+        print(f"  perf_analyzer batch {batch}, concurrency {concurrency}: {value:,.0f} inferences/s")
+        if best is None or value > best[0]:
+            best = (value, concurrency)
     return best
+
+
+class Meter:
+    """CPU seconds of this process, of its finished children (perf_analyzer) and of the server's process
+    tree, and the rows the server has answered: taken before and after a measurement."""
+
+    def __init__(self, server_pid: int, http_url: str, model: str) -> None:
+        self.server_pid, self.http_url, self.model = server_pid, http_url, model
+
+    def take(self) -> tuple[float, float, float, int]:
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        rows = int(model_stats(self.http_url, self.model)["inference_count"])
+        return (
+            me.ru_utime + me.ru_stime,
+            kids.ru_utime + kids.ru_stime,
+            tree_cpu_s(self.server_pid),
+            rows,
+        )
+
+    @staticmethod
+    def per_row_us(before: tuple[float, float, float, int], after: tuple[float, float, float, int]) -> dict:
+        rows = max(1, after[3] - before[3])
+        return {
+            "self_us": (after[0] - before[0]) / rows * 1e6,
+            "children_us": (after[1] - before[1]) / rows * 1e6,
+            "server_us": (after[2] - before[2]) / rows * 1e6,
+            "rows": rows,
+        }
 
 
 def write_dataset(x: np.ndarray, path: Path) -> None:
@@ -139,68 +196,143 @@ def digits(args: argparse.Namespace) -> None:
         x = np.resize(x_test.astype(np.float32), (args.rows, 64))
         data = work / "digits.parquet"
         write_dataset(x, data)
+        write_dataset(x[:2_000], work / "warm.parquet")
         want = in_process_labels(repo, args.model, x)
         exe = None if args.no_perf_analyzer else find_perf_analyzer()
         with EmbeddedServer(repo, load_models=[args.model], model_control="explicit") as server:
             url = server.grpc_url
+            assert server.pid is not None
+            meter = Meter(server.pid, server.http_url, args.model)
+            options = {"concurrency": args.concurrency, "shard_rows": args.shard_rows, "max_errors": 0}
+            # warm-up, not measured (perf_analyzer warms up too): imports, the channel, pyarrow's first use
+            started: dict = {}
+            run_batch(
+                args.model,
+                url,
+                work / "warm.parquet",
+                work / "warm",
+                on_event=lambda kind, data: started.update(data) if kind == "start" else None,
+                **options,
+            )
+            shutil.rmtree(work / "warm")
+            batch = int(started["batch_size"])  # what batch-infer sends: the model's max batch
+            pa_concurrency = None
+            if exe:
+                print(f"perf_analyzer's best concurrency at batch {batch} ({args.pa_window_ms} ms windows):")
+                best = perf_analyzer_best(exe, url, args.model, batch, args.pa_window_ms)
+                pa_concurrency = best[1] if best else None
+            names = ["batch-infer"] + (["perf_analyzer"] if pa_concurrency else [])
             rounds: dict[str, list[float]] = {
                 "batch-infer": [],
+                "batch-infer steady": [],
+                "perf_analyzer": [],
                 "naive loop": [],
                 f"thread pool ({args.threads})": [],
             }
-            batch_size = None
-            for r in range(args.rounds):
-                out = work / f"out-{r}"
-                result = run_batch(
-                    args.model,
-                    url,
-                    data,
-                    out,
-                    concurrency=args.concurrency,
-                    shard_rows=args.shard_rows,
-                    max_errors=0,
-                )
-                got = read_outputs(out).column("label").to_numpy()
-                assert result.exit_code == 0 and np.array_equal(got, want), "outputs differ from in-process"
-                shutil.rmtree(out)
-                rounds["batch-infer"].append(result.rows_per_s)
+            cpu: dict[str, list[dict]] = {"batch-infer": [], "perf_analyzer": []}
+            startup: list[float] = []
+            for r, order in enumerate(alternating(args.rounds, names)):
+                for name in order:
+                    before = meter.take()
+                    if name == "batch-infer":
+                        out = work / f"out-{r}"
+                        result = run_batch(args.model, url, data, out, **options)
+                        after = meter.take()
+                        got = read_outputs(out).column("label").to_numpy()
+                        assert result.exit_code == 0 and np.array_equal(got, want), "outputs differ"
+                        shutil.rmtree(out)
+                        rows = result.rows_ok + result.rows_failed
+                        rounds["batch-infer"].append(result.rows_per_s)
+                        rounds["batch-infer steady"].append(rows / (result.elapsed_s - result.startup_s))
+                        startup.append(result.startup_s)
+                    else:
+                        assert pa_concurrency is not None and exe is not None
+                        rounds["perf_analyzer"].append(
+                            perf_analyzer_at(exe, url, args.model, batch, pa_concurrency, args.pa_window_ms)
+                        )
+                        after = meter.take()
+                    cpu[name].append(Meter.per_row_us(before, after))
                 rounds["naive loop"].append(naive(url, args.model, x[: args.naive_rows]))
                 rounds[f"thread pool ({args.threads})"].append(
                     thread_pool(url, args.model, x[: args.naive_rows], args.threads)
                 )
+                line = ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rounds.items() if v)
                 print(
-                    f"round {r + 1}: "
-                    + ", ".join(f"{k} {v[-1]:,.0f} rows/s" for k, v in rounds.items())
-                    + f" (batch-infer p50 {result.latencies_ms['p50']:.1f} ms, "
-                    f"p99 {result.latencies_ms['p99']:.1f} ms "
-                    f"per request; {result.requests} requests)"
+                    f"round {r + 1} ({' then '.join(order)}): {line} rows/s; batch-infer startup "
+                    f"{startup[-1] * 1e3:.0f} ms, CPU {cpu['batch-infer'][-1]['self_us']:.2f} us/row"
+                    + (
+                        f", perf_analyzer CPU {cpu['perf_analyzer'][-1]['children_us']:.2f} us/row"
+                        if cpu["perf_analyzer"]
+                        else ""
+                    )
                 )
-                batch_size = round((result.rows_ok) / max(1, result.requests))
-            pa_best = (
-                perf_analyzer_best(exe, url, args.model, batch_size or 64, args.pa_seconds) if exe else None
-            )
-        print(
-            f"\n{args.model}, {args.rows:,} rows (naive loops over {args.naive_rows:,}); outputs equal to "
-            f"onnxruntime in-process in every round; perf_analyzer: {exe or 'ABSENT (not measured)'}"
-        )
-        header = f"{'method':<22} {'rows/s (median)':>16} {'min':>10} {'max':>10} {'batch-infer vs it':>18}"
-        print(header)
-        print("-" * len(header))
-        bi = rounds["batch-infer"]
-        for name, values in rounds.items():
-            ratio = statistics.median(b / v for b, v in zip(bi, values, strict=True))
-            print(
-                f"{name:<22} {statistics.median(values):>16,.0f} {min(values):>10,.0f} {max(values):>10,.0f} "
-                f"{ratio:>17.2f}x"
-            )
-        if pa_best is not None:
-            print(
-                f"{'perf_analyzer best':<22} {pa_best[0]:>16,.0f} {'':>10} {'':>10} "
-                f"{statistics.median(bi) / pa_best[0]:>17.2f}x  "
-                f"(batch {batch_size}, concurrency {pa_best[1]})"
-            )
+        report(args, rounds, cpu, startup, batch, pa_concurrency, exe)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def report(
+    args: argparse.Namespace,
+    rounds: dict[str, list[float]],
+    cpu: dict[str, list[dict]],
+    startup: list[float],
+    batch: int,
+    pa_concurrency: int | None,
+    exe: str | None,
+) -> None:
+    print(
+        f"\n{args.model}, {args.rows:,} rows, {args.rounds} rounds (naive loops over {args.naive_rows:,} "
+        "rows); outputs equal to onnxruntime in-process in every round; "
+        f"perf_analyzer: {exe or 'ABSENT (not measured)'}"
+    )
+    print(
+        "rows/s: median (min-max, ±half-range %). CPU per row: batch-infer's whole process (reading, "
+        "requests, writing), perf_analyzer's process, the server's process tree; divided by the rows the "
+        "server answered meanwhile."
+    )
+    header = (
+        f"{'method':<44} {'rows/s: median (min-max, ±%)':>32} {'client CPU':>11} {'server CPU':>11} "
+        f"{'batch-infer vs it':>18}"
+    )
+    print(header)
+    print(f"{'':<44} {'':>32} {'us/row':>11} {'us/row':>11} {'(end to end)':>18}")
+    print("-" * len(header))
+    bi = rounds["batch-infer"]
+    labels = {
+        "batch-infer": f"batch-infer, end to end (batch {batch}, {args.concurrency} in flight)",
+        "batch-infer steady": "batch-infer, after startup",
+        "perf_analyzer": f"perf_analyzer (batch {batch}, concurrency {pa_concurrency})",
+    }
+    for name, values in rounds.items():
+        if not values:
+            continue
+        ratio = ""
+        if not name.startswith("batch-infer"):
+            ratios = [b / v for b, v in zip(bi, values, strict=True)]
+            ratio = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+        key = "batch-infer" if name.startswith("batch-infer") else name
+        own = cpu.get(key, []) if name != "batch-infer steady" else []
+        field = "children_us" if key == "perf_analyzer" else "self_us"
+        client = f"{statistics.median(c[field] for c in own):.2f}" if own else ""
+        srv = f"{statistics.median(c['server_us'] for c in own):.2f}" if own else ""
+        print(f"{labels.get(name, name):<44} {_spread(values):>32} {client:>11} {srv:>11} {ratio:>18}")
+    print(f"batch-infer startup (until its first request; in end-to-end time): {_spread(startup, 1e3)} ms")
+    if rounds["perf_analyzer"]:
+        pa = rounds["perf_analyzer"]
+        end = [b / p for b, p in zip(bi, pa, strict=True)]
+        steady = [s / p for s, p in zip(rounds["batch-infer steady"], pa, strict=True)]
+        print(
+            f"batch-infer / perf_analyzer, rounds: end to end {', '.join(f'{v:.2f}' for v in end)} "
+            f"(median {statistics.median(end):.2f}); after startup {', '.join(f'{v:.2f}' for v in steady)} "
+            f"(median {statistics.median(steady):.2f})"
+        )
+
+
+def _spread(values: list[float], scale: float = 1.0) -> str:
+    arr = [v * scale for v in values]
+    med = statistics.median(arr)
+    half = (max(arr) - min(arr)) / 2 / med * 100 if med else float("nan")
+    return f"{med:,.0f} ({min(arr):,.0f}-{max(arr):,.0f}, ±{half:.0f}%)"
 
 
 def text(args: argparse.Namespace) -> None:
@@ -243,15 +375,15 @@ def text(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--naive-rows", type=int, default=2_000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--shard-rows", type=int, default=50_000)
+    parser.add_argument("--shard-rows", type=int, default=10_000, help="as batch-infer's default")
     parser.add_argument("--model", default="digits_mlp")
     parser.add_argument("--repo", type=Path, default=None, help="an existing repository (default: build one)")
-    parser.add_argument("--pa-seconds", type=float, default=2.0, help="perf_analyzer measurement window")
+    parser.add_argument("--pa-window-ms", type=int, default=3000, help="perf_analyzer measurement window")
     parser.add_argument("--no-perf-analyzer", action="store_true")
     parser.add_argument("--text", action="store_true", help="the text pipeline instead of digits")
     parser.add_argument("--sentences", type=int, default=3000)

@@ -6,6 +6,7 @@ small Python models, served by two embedded Triton servers (the client balances 
     double_slow     the same, 10 ms per execution (so a run can be killed mid-way)
     textlen         text[N, 1] BYTES -> chars[N, 1] INT64 (UTF-8 characters of each string)
     double_twice    an ensemble: x -> double -> double -> y = 4x
+    lookup          ids[N, -1] INT64 -> vec[N, -1, 4] FP32 (rows of a table, ONNX); an id >= 10 fails
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from tiny_models import python_model
+from tiny_models import lookup_onnx, python_model
 from tiny_models import spec as _spec
 from tritonforge.config import DataType, DynamicBatching, EnsembleStep, ModelConfig, write_config
+from tritonforge.repository import add_model
 
 DOUBLE_PY = """
 import time
@@ -91,4 +93,13 @@ def build_batch_repository(root: Path, digits_tool: object) -> Path:
     )
     (repo / "double_twice" / "1").mkdir(parents=True)
     write_config(twice, repo / "double_twice" / "config.pbtxt")
+    lookup = ModelConfig(
+        name="lookup",
+        platform="onnxruntime_onnx",
+        max_batch_size=16,
+        inputs=(_spec("ids", DataType.INT64, (-1,)),),
+        outputs=(_spec("vec", DataType.FP32, (-1, 4)),),
+        dynamic_batching=DynamicBatching(),
+    )
+    add_model(repo, "lookup", lookup_onnx(work / "lookup.onnx"), lookup)
     return repo

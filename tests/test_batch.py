@@ -196,6 +196,22 @@ def test_failing_rows_go_to_the_errors_file_with_reasons_and_the_rest_are_answer
     np.testing.assert_array_equal(np.stack(table.column("y").to_numpy(zero_copy_only=False)), x[good] * 2)
 
 
+def test_rows_of_several_lengths_go_in_separate_requests_and_come_back_in_row_order(tmp_path, urls):
+    rng = np.random.default_rng(2)
+    ids = [rng.integers(0, 10, n).tolist() for n in rng.choice([1, 2, 3], size=300)]
+    ids[5] = [99]  # past the model's table: fails when it runs (a model error), alone
+    pq.write_table(pa.table({"ids": pa.array(ids, pa.list_(pa.int64()))}), tmp_path / "ids.parquet")
+    result = run_batch("lookup", urls, tmp_path / "ids.parquet", tmp_path / "out", shard_rows=128)
+    assert (result.rows_ok, result.rows_failed) == (299, 1)
+    assert [e["row_id"] for e in read_errors(tmp_path / "out")] == [5]
+    table = pq.read_table(tmp_path / "out")  # the shard files as they are, each in row order
+    good = [i for i in range(300) if i != 5]
+    assert table.column("row_id").to_pylist() == good
+    values = np.arange(40, dtype=np.float32).reshape(10, 4)  # the model's table
+    for row_id, vec in zip(good, table.column("vec").to_pylist(), strict=True):
+        np.testing.assert_array_equal(np.array(vec, np.float32), values[ids[row_id]])
+
+
 def test_run_stops_with_exit_4_past_max_errors_and_keeps_finished_shards(tmp_path, urls):
     x = np.ones((300, 4), dtype=np.float32)
     x[150:] = -1  # every row of the later shards fails

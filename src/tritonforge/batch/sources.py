@@ -34,6 +34,7 @@ FORMATS: dict[str, str] = {
 }
 NPY_COLUMN = "array"
 _READ_ROWS = 65_536
+_PARQUET_BATCH_ROWS = 8_192
 
 
 def _pa() -> Any:
@@ -53,7 +54,9 @@ def numpy_to_arrow(array: np.ndarray) -> Any:
     if array.dtype.kind in "OSU":
         flat = pa.array(array.reshape(-1).tolist())
     else:
-        flat = pa.array(np.ascontiguousarray(array).reshape(-1))
+        from tritonforge.batch.columns import flat_arrow
+
+        flat = flat_arrow(array)
     for size in reversed(array.shape[1:]):
         flat = pa.FixedSizeListArray.from_arrays(flat, size)
     return flat
@@ -86,10 +89,9 @@ class Dataset:
         return [{"name": f.path.name, "bytes": f.path.stat().st_size, "rows": f.rows} for f in self.files]
 
     def columns(self) -> list[str]:
-        """The column names of the first file (every file must have them)."""
-        for batch in _read(self.files[0], 0, 1):
-            return list(batch.schema.names)
-        return []
+        """The column names of the first file (every file must have them), from its schema where the
+        format has one (reading no rows), else from its first rows."""
+        return _columns(self.files[0])
 
     def read(self, start: int = 0) -> Iterator[tuple[int, Any]]:
         """``(first row id, pyarrow.RecordBatch)`` from row ``start`` on, in order; files before it are
@@ -154,6 +156,29 @@ def _count(path: Path, fmt: str) -> int:
     return sum(batch.num_rows for batch in _read(DatasetFile(path, fmt, -1), 0, _READ_ROWS))
 
 
+def _columns(f: DatasetFile) -> list[str]:
+    pa = _pa()
+    try:
+        if f.format == "parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(f.path).names)
+        if f.format == "npy":
+            return [NPY_COLUMN]
+        if f.format == "npz":
+            with np.load(f.path) as data:
+                return list(data.files)
+        if f.format == "csv":
+            import pyarrow.csv as pcsv
+
+            return list(pcsv.open_csv(f.path, read_options=pcsv.ReadOptions(block_size=1 << 22)).schema.names)
+    except (pa.ArrowInvalid, OSError, ValueError) as exc:
+        raise BatchError(f"{f.path}: can't read it as {f.format}: {exc}") from exc
+    for batch in _read(f, 0, _READ_ROWS):
+        return list(batch.schema.names)
+    return []
+
+
 def _read(f: DatasetFile, skip: int, rows: int) -> Iterator[Any]:
     """Record batches of a file from row ``skip`` on (at most ``rows`` rows each, for the array formats)."""
     pa = _pa()
@@ -168,8 +193,12 @@ def _read(f: DatasetFile, skip: int, rows: int) -> Iterator[Any]:
                 if first + n <= skip:
                     first += n
                     continue
-                table = pf.read_row_group(group)
-                yield from table.slice(max(0, skip - first)).to_batches(max_chunksize=rows)
+                at = first  # streamed: the first rows are ready before the whole row group is decoded
+                for batch in pf.iter_batches(batch_size=min(rows, _PARQUET_BATCH_ROWS), row_groups=[group]):
+                    lo = max(0, skip - at)
+                    if lo < batch.num_rows:
+                        yield batch.slice(lo) if lo else batch
+                    at += batch.num_rows
                 first += n
         elif f.format == "csv":
             import pyarrow.csv as pcsv

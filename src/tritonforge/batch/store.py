@@ -78,11 +78,26 @@ def atomic_write_table(path: Path, table: Any) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp(path)
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(table, tmp, compression="zstd", use_dictionary=_dictionary_columns(table))
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _dictionary_columns(table: Any) -> list[str]:
+    """The columns worth dictionary encoding: not ``row_id`` (every value new) nor floating point (model
+    scores rarely repeat: trying costs more than the rest of writing them and makes the file bigger)."""
+    import pyarrow as pa
+
+    names = []
+    for f in table.schema:
+        inner = f.type
+        while pa.types.is_list(inner) or pa.types.is_large_list(inner) or pa.types.is_fixed_size_list(inner):
+            inner = inner.value_type
+        if f.name != "row_id" and not pa.types.is_floating(inner):
+            names.append(f.name)
+    return names
 
 
 def manifest_name(shard: tuple[int, int]) -> str:

@@ -99,6 +99,7 @@ def _summary(result: Any) -> Table:
         ("failed now", f"{result.rows_failed:,}"),
         ("shards finished", f"{result.shards_done}/{result.shards_total}"),
         ("time", f"{result.elapsed_s:.2f} s"),
+        ("of which startup (until the first request)", f"{result.startup_s:.2f} s"),
         ("throughput", f"{result.rows_per_s:,.0f} rows/s"),
         ("requests", f"{result.requests:,}"),
         ("request p50 / p99", f"{result.latencies_ms['p50']:.2f} / {result.latencies_ms['p99']:.2f} ms"),
