@@ -48,6 +48,7 @@ class Plan:
 
 PLANS: dict[str, Plan] = {
     "backend_overhead": Plan(quick=("--duration-s", "1"), json=True),
+    "batch_infer": Plan(quick=("--rows", "20000", "--naive-rows", "200"), rounds=True),
     "backend_vs_python_floor": Plan(quick=("--window-ms", "500"), rounds=True, json=True, perf_analyzer=True),
     "client_overhead": Plan(
         quick=("--seconds", "0.5", "--warmup", "0.2", "--concurrency", "1", "16"), rounds=True
@@ -58,6 +59,7 @@ PLANS: dict[str, Plan] = {
     "ensemble_vs_client_chain": Plan(quick=("--duration-s", "0.5"), rounds=True, json=True, repo=True),
     "loadgen_capacity": Plan(quick=("--duration-s", "3"), json=True),  # locust needs whole seconds
     "quantization": Plan(quick=("--batch", "1", "--seq", "16"), rounds=True),
+    "sampler_overhead": Plan(quick=("--seconds", "0.5"), rounds=True),
     "response_cache": Plan(
         quick=("--duration-s", "0.5", "--distinct", "200"), rounds=True, json=True, repo=True
     ),
