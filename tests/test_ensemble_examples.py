@@ -54,15 +54,20 @@ def test_text_example_is_refused_with_a_named_fix_until_its_encoder_is_built(dig
 def test_digits_examples_compile_to_an_ensemble_and_a_routed_model(digits_repo: Path) -> None:
     vote = read_config(digits_repo / "digits_vote" / "config.pbtxt")
     assert vote.is_ensemble and vote.max_batch_size == 64
-    # the members' probabilities are outputs *and* feed the vote: they are copied out by one passthrough
-    # step so that Triton's per-request pruning never drops a member the vote still needs
+    # the members' probabilities are outputs *and* feed the vote: the combiner hands them out (ECHO_<k>),
+    # so Triton's per-request pruning never drops a member the vote still needs, and no passthrough hop
     assert [s.model_name for s in vote.ensemble_steps] == [
         "digits_logreg",
         "digits_mlp",
         "digits_random_forest",
         "digits_vote_combiner",
-        "tritonforge_passthrough_fp32_10_fp32_10_fp32_10_b64",
     ]
+    combiner = vote.ensemble_steps[3]
+    assert {k: v for k, v in combiner.output_map.items() if k.startswith("ECHO_")} == {
+        "ECHO_0": "p_logreg",
+        "ECHO_1": "p_mlp",
+        "ECHO_2": "p_random_forest",
+    }
     assert (digits_repo / "digits_vote" / "1" / "manifest.json").is_file()
     routed = read_config(digits_repo / "digits_routed" / "config.pbtxt")
     assert routed.backend == "python" and [t.name for t in routed.outputs] == ["probabilities", "ROUTE"]

@@ -12,15 +12,18 @@ from __future__ import annotations
 from tritonforge.config import DataType, TensorSpec
 from tritonforge.ensemble.check import Resolved
 from tritonforge.ensemble.compile import ensemble_plan
-from tritonforge.ensemble.spec import PipelineSpec, StepSpec, TensorDecl
+from tritonforge.ensemble.spec import BlockModelSpec, PipelineSpec, StepSpec, TensorDecl
 
 
-def resolved(steps: list[StepSpec], inputs: list[str], outputs: list[str]) -> Resolved:
+def resolved(
+    steps: list[StepSpec], inputs: list[str], outputs: list[str], models: tuple[BlockModelSpec, ...] = ()
+) -> Resolved:
     spec = PipelineSpec(
         name="p",
         inputs=tuple(TensorDecl(n) for n in inputs),
         outputs=tuple(TensorDecl(n) for n in outputs),
         steps=tuple(steps),
+        models=models,
     )
     tensor = lambda n: TensorSpec(name=n, dtype=DataType.FP32, dims=[4])  # noqa: E731
     return Resolved(spec, 8, tuple(map(tensor, inputs)), tuple(map(tensor, outputs)))
@@ -59,6 +62,49 @@ def test_an_output_that_also_feeds_a_step_is_copied_out_by_a_passthrough() -> No
     assert steps[copy].input_map == {"IN_0": hidden} and steps[copy].output_map == {"OUT_0": "probs"}
     consumed = {t for s in config.ensemble_steps for t in s.input_map.values()}
     assert not consumed & {t.name for t in config.outputs}  # no output is read by any step
+
+
+def test_an_output_that_only_a_combiner_reads_is_handed_out_by_the_combiner_without_a_passthrough() -> None:
+    vote = BlockModelSpec("vote", "combiner", {"inputs": 2, "classes": 4})
+    config, helpers = ensemble_plan(
+        resolved(
+            [
+                StepSpec("a", "m1", {"x": "input"}, {"y": "pa"}),
+                StepSpec("b", "m2", {"x": "input"}, {"y": "pb"}),
+                StepSpec("v", "vote", {"PROBS_0": "pa", "PROBS_1": "pb"}, {"LABEL": "label"}),
+            ],
+            ["input"],
+            ["pa", "pb", "label"],
+            models=(vote,),
+        )
+    )
+    assert helpers == []
+    steps = {s.model_name: s for s in config.ensemble_steps}
+    assert steps["vote"].output_map == {"LABEL": "label", "ECHO_0": "pa", "ECHO_1": "pb"}
+    assert steps["vote"].input_map == {
+        "PROBS_0": steps["m1"].output_map["y"],
+        "PROBS_1": steps["m2"].output_map["y"],
+    }
+    consumed = {t for s in config.ensemble_steps for t in s.input_map.values()}
+    assert not consumed & {t.name for t in config.outputs}  # no output is read by any step
+
+
+def test_an_output_a_combiner_and_another_step_read_still_gets_the_passthrough() -> None:
+    vote = BlockModelSpec("vote", "combiner", {"inputs": 2, "classes": 4})
+    config, helpers = ensemble_plan(
+        resolved(
+            [
+                StepSpec("a", "m1", {"x": "input"}, {"y": "pa"}),
+                StepSpec("v", "vote", {"PROBS_0": "pa", "PROBS_1": "pa"}, {"LABEL": "label"}),
+                StepSpec("c", "m3", {"x": "pa"}, {"y": "other"}),
+            ],
+            ["input"],
+            ["pa", "label", "other"],
+            models=(vote,),
+        )
+    )
+    assert [h.config.name for h in helpers] == ["tritonforge_passthrough_fp32_4_b8"]
+    assert not any(k.startswith("ECHO_") for s in config.ensemble_steps for k in s.output_map)
 
 
 def test_an_output_that_needs_only_some_inputs_gets_a_passthrough_of_the_inputs_as_step_0() -> None:

@@ -7,7 +7,8 @@ block              inputs                                       outputs
 ``mean_pooling``   ``TOKEN_EMBEDDINGS`` FP32 [-1, dim],         ``EMBEDDING`` FP32 [dim] (L2-normalised)
                    ``ATTENTION_MASK`` INT64 [-1]
 ``combiner``       ``PROBS_0`` ... ``PROBS_<n-1>`` FP32 [classes]  ``PROBABILITIES`` FP32 [classes],
-                                                                ``LABEL`` INT64 [1]
+                                                                ``LABEL`` INT64 [1], ``ECHO_<k>`` FP32
+                                                                [classes] (``PROBS_<k>`` as received)
 ``impute``         ``INPUT`` FP32/FP64 [features]               ``OUTPUT`` same type [features],
                                                                 ``MISSING`` BOOL [features]
 =================  ===========================================  ===========================================
@@ -162,6 +163,9 @@ def block_model(
         outputs = [
             TensorSpec(name="PROBABILITIES", dtype=DataType.FP32, dims=[classes]),
             TensorSpec(name="LABEL", dtype=DataType.INT64, dims=[1]),
+            # the members' probabilities handed on, so a pipeline can also output them without a
+            # passthrough step (see ensemble.compile.ensemble_plan); sent only when requested
+            *(TensorSpec(name=f"ECHO_{i}", dtype=DataType.FP32, dims=[classes]) for i in range(count)),
         ]
     config = ModelConfig(
         name=name,

@@ -14,7 +14,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tritonforge.config import DynamicBatching, EnsembleStep, InstanceGroup, ModelConfig, TensorSpec
+from tritonforge.config import (
+    DataType,
+    DynamicBatching,
+    EnsembleStep,
+    InstanceGroup,
+    ModelConfig,
+    TensorSpec,
+)
 from tritonforge.ensemble.blocks import GENERATED_MARK, BlockModel, block_model, model_file, passthrough_model
 from tritonforge.ensemble.check import Resolved, check_pipeline, known_models
 from tritonforge.ensemble.fuse import fuse_pipeline
@@ -89,6 +96,36 @@ def ensemble_config(resolved: Resolved) -> ModelConfig:
     return ensemble_plan(resolved)[0]
 
 
+def _echoed(
+    steps: list[EnsembleStep], shared: list[tuple[TensorSpec, str]], spec: PipelineSpec
+) -> list[tuple[TensorSpec, str]]:
+    """Route shared outputs through a combiner's ``ECHO_<k>`` where that is their only reader.
+
+    An output read by one step only, a ``combiner`` block of this pipeline taking it as ``PROBS_<k>``, is
+    handed out by that step as ``ECHO_<k>`` (``steps`` is changed in place): the combiner is the step
+    Triton keeps whenever the output is wanted, so nothing is pruned that another step needs, and no
+    passthrough hop is paid. Returns the shared outputs still needing the passthrough step.
+    """
+    combiners = {m.name for m in spec.models if m.block == "combiner"}
+    left: list[tuple[TensorSpec, str]] = []
+    for output, hidden in shared:
+        readers = [i for i, s in enumerate(steps) if hidden in s.input_map.values()]
+        step = steps[readers[0]] if len(readers) == 1 else None
+        slots = [k for k, v in step.input_map.items() if v == hidden] if step is not None else []
+        echo = f"ECHO_{slots[0][len('PROBS_') :]}" if slots and slots[0].startswith("PROBS_") else None
+        if (
+            step is None
+            or step.model_name not in combiners
+            or output.dtype != DataType.FP32
+            or echo is None
+            or echo in step.output_map
+        ):
+            left.append((output, hidden))
+            continue
+        steps[readers[0]] = dataclasses.replace(step, output_map={**step.output_map, echo: output.name})
+    return left
+
+
 def ensemble_plan(resolved: Resolved) -> tuple[ModelConfig, list[BlockModel]]:
     """The ensemble config of a checked DAG pipeline and the passthrough models it needs.
 
@@ -100,7 +137,9 @@ def ensemble_plan(resolved: Resolved) -> tuple[ModelConfig, list[BlockModel]]:
     vote needs: "unexpected deadlock, at least one output is not set". The compiled graph avoids both
     traps: an output that a step also consumes is produced under an internal name and copied out by a
     passthrough step, one for all such outputs (dropping the copy drops nothing else; one Python hop
-    instead of one per output), and when some output does not depend on
+    instead of one per output) — or, where a combiner block is its only reader, handed out by that
+    combiner as ``ECHO_<k>`` (no hop at all: ``digits_vote``'s members' probabilities), and when some
+    output does not depend on
     every input, step 0 is a passthrough of the inputs (dropped only when nothing needs any input).
     """
     spec = resolved.spec
@@ -137,6 +176,7 @@ def ensemble_plan(resolved: Resolved) -> tuple[ModelConfig, list[BlockModel]]:
             for s in steps
         ]
         shared.append((output, hidden))
+    shared = _echoed(steps, shared, spec)
     if shared:
         # one copy step for all of them: every Python-model hop costs a round trip through its stub, and
         # one step is dropped as safely as several (it feeds no other step)

@@ -4,6 +4,9 @@ Methods (the ``method`` parameter): ``average`` (mean of the probabilities), ``w
 ``weights`` parameter), ``vote`` (majority of the members' argmax; PROBABILITIES holds the vote shares and
 ties go to the class with the highest mean probability). Outputs PROBABILITIES [N, classes] and LABEL [N, 1].
 
+``ECHO_<k>`` hands ``PROBS_<k>`` back (as FP32), for the requests that ask for it: a pipeline that also
+outputs its members' probabilities reads them here instead of through a passthrough step.
+
 Every request Triton's dynamic batcher hands over in one ``execute`` is combined in one vectorised pass:
 the members' rows are copied once into one [members, rows, classes] array, combined, and the results
 handed back per request as slices (views) of the batch's result. Needs numpy only.
@@ -22,12 +25,13 @@ class TritonPythonModel:
         self.method = params.get("method", "average")
         self.count = int(params["inputs"])
         self.names = [f"PROBS_{i}" for i in range(self.count)]
+        self.echoes = {f"ECHO_{i}": i for i in range(self.count)}
         weights = np.asarray(json.loads(params.get("weights", "[]")) or [1.0] * self.count, dtype=np.float64)
         self.weights = (weights / weights.sum()).astype(np.float32)
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        good = []  # (index, [member arrays]) of the requests whose inputs are usable
+        good = []  # (index, [member arrays], [echoes asked]) of the requests whose inputs are usable
         for index, request in enumerate(requests):
             try:
                 members = [pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.names]
@@ -39,9 +43,9 @@ class TritonPythonModel:
                     )
                 if good and shape[1] != good[0][1][0].shape[1]:
                     # a different class count can't share the batch: answer it alone
-                    responses[index] = self._answer([(index, members)])[0][1]
+                    responses[index] = self._answer([(index, members, self._echoes(request))])[0][1]
                     continue
-                good.append((index, members))
+                good.append((index, members, self._echoes(request)))
             except Exception as exc:
                 responses[index] = _error(exc)
         if good:
@@ -49,12 +53,16 @@ class TritonPythonModel:
                 responses[index] = response
         return responses
 
+    def _echoes(self, request):
+        """The ``ECHO_<k>`` outputs this request asks for, as (name, k)."""
+        return [(n, self.echoes[n]) for n in request.requested_output_names() if n in self.echoes]
+
     def _answer(self, items):
         try:
-            rows = [members[0].shape[0] for _, members in items]
+            rows = [members[0].shape[0] for _, members, _ in items]
             probs = np.empty((self.count, sum(rows), items[0][1][0].shape[1]), dtype=np.float32)
             offset = 0
-            for (_, members), n in zip(items, rows, strict=True):
+            for (_, members, _), n in zip(items, rows, strict=True):
                 for k, member in enumerate(members):
                     probs[k, offset : offset + n] = member  # the one copy (and cast) per request
                 offset += n
@@ -62,22 +70,18 @@ class TritonPythonModel:
             combined = combined.astype(np.float32, copy=False)
             label = label.astype(np.int64, copy=False)[:, None]
         except Exception as exc:
-            return [(index, _error(exc)) for index, _ in items]
+            return [(index, _error(exc)) for index, _, _ in items]
         answers = []
         offset = 0
-        for (index, _), n in zip(items, rows, strict=True):
+        for (index, _, echoes), n in zip(items, rows, strict=True):
             end = offset + n
-            answers.append(
-                (
-                    index,
-                    pb_utils.InferenceResponse(
-                        output_tensors=[
-                            pb_utils.Tensor("PROBABILITIES", combined[offset:end]),
-                            pb_utils.Tensor("LABEL", label[offset:end]),
-                        ]
-                    ),
-                )
-            )
+            tensors = [
+                pb_utils.Tensor("PROBABILITIES", combined[offset:end]),
+                pb_utils.Tensor("LABEL", label[offset:end]),
+            ]
+            # the member's rows from the batch's FP32 copy (contiguous), not the request's own buffer
+            tensors.extend(pb_utils.Tensor(name, probs[k, offset:end]) for name, k in echoes)
+            answers.append((index, pb_utils.InferenceResponse(output_tensors=tensors)))
             offset = end
         return answers
 
