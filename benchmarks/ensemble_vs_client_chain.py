@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import alternating, model_stats, spread, summary, tree_cpu_s  # benchmarks/ is on sys.path
+from _common import alternating, model_stats, spread, summary, tree_cpu_s, wide_console  # on sys.path
 from rich.console import Console
 from rich.table import Table
 
@@ -305,7 +305,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args()
-    console = Console(width=160)  # names unbroken when piped
+    console = wide_console()  # names unbroken when piped
     served, steps = steps_of(args.repo)
     models = list(dict.fromkeys([PIPELINE, *(s.model_name for s in served), *(s.model_name for s in steps)]))
     levels = [int(c) for c in args.concurrency.split(",")]
