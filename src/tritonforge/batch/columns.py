@@ -16,25 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from tritonforge.config import DataType
 from tritonforge.errors import BatchError
 
 __all__ = ["InputPlan", "Prepared", "flat_arrow", "outputs_to_arrow", "plan_inputs", "prepare"]
 
-NUMPY_DTYPES: dict[str, Any] = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "BYTES": np.object_,
-}
+# wire name (FP32, BYTES, ...) -> numpy scalar type (np.object_ for BYTES), from the one table in config
+NUMPY_DTYPES: dict[str, Any] = {t.triton_name: t.to_numpy().type for t in DataType if t is not DataType.BF16}
 
 Mapping_ = Mapping[str, "str | Sequence[str]"]
 
