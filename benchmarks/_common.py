@@ -63,9 +63,10 @@ def run_perf_analyzer(
     concurrency: int,
     *,
     window_ms: int = 2000,
+    batch: int = 1,
     extra: Sequence[str] = (),
 ) -> float:
-    """One perf_analyzer run (gRPC, batch 1, one concurrency level): its throughput in infer/s.
+    """One perf_analyzer run (gRPC, requests of ``batch`` rows, one concurrency level): its infer/s.
 
     Raises:
         RuntimeError: perf_analyzer failed (its stderr's tail is in the message).
@@ -79,7 +80,7 @@ def run_perf_analyzer(
         "-i",
         "grpc",
         "-b",
-        "1",
+        str(batch),
         "--concurrency-range",
         f"{concurrency}:{concurrency}",
         "-p",

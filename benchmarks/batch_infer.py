@@ -32,11 +32,9 @@ Figures from a shared machine are noisy; re-measure on a quiet one before quotin
 from __future__ import annotations
 
 import argparse
-import re
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,46 +50,20 @@ from _common import (  # noqa: E402  (beside this file, not a package)
     alternating,
     find_perf_analyzer,
     model_stats,
+    run_perf_analyzer,
     tree_cpu_s,
 )
 
 
 def perf_analyzer_at(exe: str, url: str, model: str, batch: int, concurrency: int, window_ms: int) -> float:
-    """perf_analyzer's inferences/s at ``batch`` and ``concurrency`` (gRPC): the last of up to 3 windows;
-    on a noisy machine windows rarely agree, so any is accepted (rounds and their spread say the rest).
+    """perf_analyzer's inferences/s at ``batch`` and ``concurrency`` (gRPC; ``_common.run_perf_analyzer``).
 
     Raises:
         RuntimeError: perf_analyzer failed (its output's tail in the message).
     """
-    args = [
-        exe,
-        "-m",
-        model,
-        "-u",
-        url,
-        "-i",
-        "grpc",
-        "-b",
-        str(batch),
-        "--shape",
-        "input:64",
-        "--concurrency-range",
-        f"{concurrency}:{concurrency}",
-        "-p",
-        str(window_ms),
-        "--max-trials",
-        "3",
-        "--stability-percentage",
-        "999",
-    ]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    found = re.findall(r"Concurrency: \d+, throughput: ([\d.]+) infer/sec", proc.stdout)
-    if proc.returncode != 0 or not found:
-        raise RuntimeError(
-            f"perf_analyzer failed at batch {batch}, concurrency {concurrency}: "
-            f"{(proc.stderr or proc.stdout).strip()[-300:]}"
-        )
-    return float(found[-1])
+    return run_perf_analyzer(
+        exe, url, model, concurrency, window_ms=window_ms, batch=batch, extra=("--shape", "input:64")
+    )
 
 
 def perf_analyzer_best(

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -320,20 +320,18 @@ def compile_specs(
     scratch_dir = tempfile.TemporaryDirectory(prefix="tritonforge-fuse-")
     with scratch_dir as scratch, RepositoryWrite(repo_path) as write:
 
-        def add_block(model: BlockModel, block: str, pipeline: str) -> None:
-            if model.config.name in seen:
+        def add_once(config: ModelConfig, source: Path, manifest: Mapping[str, Any], extra: Any = ()) -> None:
+            """A generated model (block, helper, fused model) as version 1, once per compile."""
+            if config.name in seen:
                 return
-            seen.add(model.config.name)
+            seen.add(config.name)
             write.add_model(
-                model.config.name,
-                model.source,
-                model.config,
-                version=1,
-                overwrite=True,
-                extra_files=model.extra_files,
-                manifest={"block": block, "pipeline": pipeline},
+                config.name, source, config, version=1, overwrite=True, extra_files=extra, manifest=manifest
             )
-            written.append(repo_path / model.config.name)
+            written.append(repo_path / config.name)
+
+        def add_block(model: BlockModel, block: str, pipeline: str) -> None:
+            add_once(model.config, model.source, {"block": block, "pipeline": pipeline}, model.extra_files)
 
         for item in resolved:
             spec = item.spec
@@ -361,17 +359,7 @@ def compile_specs(
                     if fused:
                         record["fused_models"] = [m.config.name for m in fused]
                     for model in fused:
-                        if model.config.name not in seen:
-                            seen.add(model.config.name)
-                            write.add_model(
-                                model.config.name,
-                                model.source,
-                                model.config,
-                                version=1,
-                                overwrite=True,
-                                manifest=model.manifest,
-                            )
-                            written.append(repo_path / model.config.name)
+                        add_once(model.config, model.source, model.manifest)
                 config, helpers = ensemble_plan(item)
                 for helper in helpers:
                     add_block(helper, "passthrough", spec.name)

@@ -30,6 +30,7 @@ from tritonforge.config import DataType, ModelConfig, TensorSpec, read_config
 from tritonforge.ensemble.blocks import GENERATED_MARK
 from tritonforge.ensemble.check import Resolved
 from tritonforge.ensemble.spec import StepSpec
+from tritonforge.repository import file_sha256
 
 __all__ = ["FusedModel", "fuse_pipeline", "mean_pooling_graph"]
 
@@ -100,7 +101,7 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
             default_model_filename=None,
             parameters={**config.parameters, GENERATED_MARK: f"fused:{encoder.model}:{version}+{pool.model}"},
         )
-        source_sha256 = _sha256(model_path)
+        source_sha256 = file_sha256(model_path)
         record = {
             "block": "fused",
             "variant": "fused",
@@ -309,11 +310,3 @@ def _pool(tokens: np.ndarray, mask: np.ndarray, normalize: bool) -> np.ndarray:
     if normalize:
         pooled /= np.maximum(np.sqrt(np.einsum("nd,nd->n", pooled, pooled))[:, None], np.float32(1e-12))
     return pooled
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -14,7 +14,6 @@ sentences: token embeddings and mean-pooled sentence embeddings (mean cosine >= 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import sys
 import tempfile
@@ -30,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tritonforge.examples import minilm
 from tritonforge.examples._common import run
 from tritonforge.registry import Step, build_key, find_built, register
+from tritonforge.repository import file_sha256
 from tritonforge.server.layout import choose_layout
 
 NAME = "minilm_encoder"
@@ -44,23 +44,15 @@ HOLDOUT_SEED = 1
 BATCH = 32
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def source_record() -> dict[str, Any]:
     folder = minilm.model_dir()
     weights = folder / "model.safetensors"
     return {
         "path": str(weights),
-        "sha256": _sha256(weights),
+        "sha256": file_sha256(weights),
         "tokenizer": {
             "path": str(folder / "tokenizer.json"),
-            "sha256": _sha256(folder / "tokenizer.json"),
+            "sha256": file_sha256(folder / "tokenizer.json"),
             "max_length": minilm.MAX_LENGTH,
             "note": "tokenizer.json ships padding/truncation at 128; the model was trained with "
             "256, so the build (and clients) truncate at 256 and pad to the batch's longest",
