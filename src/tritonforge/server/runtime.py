@@ -206,10 +206,6 @@ class BatchingExecutor:
 
     @staticmethod
     def _batch_size(arrays: Arrays) -> int:
-        if len(arrays) == 1:
-            for array in arrays.values():
-                if array.ndim > 0:
-                    return int(array.shape[0])
         sizes = {a.shape[0] for a in arrays.values() if a.ndim > 0}
         if len(sizes) != 1:
             raise ValueError(f"inputs disagree on the batch size: {sorted(sizes)}")

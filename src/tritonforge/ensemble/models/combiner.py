@@ -41,11 +41,12 @@ class TritonPythonModel:
                         f"inputs {self.names} must share one [rows, classes] shape, got "
                         f"{[m.shape for m in members]}"
                     )
+                item = (index, members, self._echoes(request))
                 if good and shape[1] != good[0][1][0].shape[1]:
                     # a different class count can't share the batch: answer it alone
-                    responses[index] = self._answer([(index, members, self._echoes(request))])[0][1]
+                    responses[index] = self._answer([item])[0][1]
                     continue
-                good.append((index, members, self._echoes(request)))
+                good.append(item)
             except Exception as exc:
                 responses[index] = _error(exc)
         if good:
