@@ -63,6 +63,17 @@ def build_test_repository(root: Path) -> Path:
             parameters={"intra_op_thread_count": "4"},
         ),
     )
+    # two outputs, requests naming one, the other or both are batched together
+    two = ModelConfig(
+        name="two_outputs",
+        platform="onnxruntime_onnx",
+        max_batch_size=16,
+        inputs=(_spec("x", DataType.FP32, (4,)),),
+        outputs=(_spec("double", DataType.FP32, (4,)), _spec("total", DataType.FP32, (1,))),
+        dynamic_batching=DynamicBatching(max_queue_delay_us=50_000),
+        parameters={"intra_op_thread_count": "1"},
+    )
+    add_model(repo, "two_outputs", tiny_models.two_outputs_onnx(work / "two_outputs.onnx"), two)
     if _has_torch():
         affine = ModelConfig(
             name="affine_ts",

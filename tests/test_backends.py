@@ -120,6 +120,40 @@ def test_a_failing_request_fails_alone_while_its_batch_neighbours_succeed(server
         np.testing.assert_array_equal(vec[0], np.arange(40, dtype=np.float32).reshape(10, 4)[[1, 2, 3]])
 
 
+def test_requests_batched_together_each_get_exactly_the_outputs_they_name(server):
+    x = RNG.standard_normal((12, 4)).astype(np.float32)
+    asks = [("double",), ("total",), ("double", "total"), ()] * 3  # () names none: Triton sends all
+
+    def send(i: int) -> dict[str, np.ndarray]:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            item = grpcclient.InferInput("x", [1, 4], "FP32")
+            item.set_data_from_numpy(x[i : i + 1])
+            outputs = [grpcclient.InferRequestedOutput(n) for n in asks[i]] or None
+            result = client.infer("two_outputs", [item], outputs=outputs)
+            names = [o["name"] for o in result.get_response(as_json=True)["outputs"]]
+            return {n: result.as_numpy(n) for n in names}
+        finally:
+            client.close()
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        before = client.get_inference_statistics("two_outputs", as_json=True)["model_stats"][0]
+        with ThreadPoolExecutor(len(asks)) as pool:
+            answers = list(pool.map(send, range(len(asks))))
+        after = client.get_inference_statistics("two_outputs", as_json=True)["model_stats"][0]
+    finally:
+        client.close()
+    executions = int(after["execution_count"]) - int(before.get("execution_count", 0))
+    assert executions < len(asks), "the requests were not batched: the test would not mix them"
+    for i, got in enumerate(answers):
+        assert sorted(got) == sorted(asks[i] or ("double", "total")), f"request {i} asked {asks[i]}"
+        if "double" in got:
+            np.testing.assert_array_equal(got["double"], x[i : i + 1] * 2)
+        if "total" in got:
+            np.testing.assert_allclose(got["total"], x[i : i + 1].sum(axis=1, keepdims=True), rtol=1e-6)
+
+
 def test_instance_count_starts_that_many_backend_processes(server):
 
     assert len(_stubs(server, "lookup")) == 2

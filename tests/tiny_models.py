@@ -137,6 +137,25 @@ def lookup_onnx(path: Path, table_size: int = 10) -> Path:
     return _save(graph, path)
 
 
+def two_outputs_onnx(path: Path, width: int = 4) -> Path:
+    """x[N, width] float32 -> double[N, width] (x * 2) and total[N, 1] (the row's sum): two outputs."""
+    two = numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "two"], ["double"]),
+            helper.make_node("ReduceSum", ["x", "axes"], ["total"], keepdims=1),
+        ],
+        "two_outputs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [
+            helper.make_tensor_value_info("double", TensorProto.FLOAT, ["batch", width]),
+            helper.make_tensor_value_info("total", TensorProto.FLOAT, ["batch", 1]),
+        ],
+        initializer=[two, numpy_helper.from_array(np.array([-1], dtype=np.int64), "axes")],
+    )
+    return _save(graph, path)
+
+
 def torch_modules():  # pragma: no cover - imported lazily by tests that need torch
     import torch
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -117,20 +117,22 @@ class BatchingExecutor:
         self._all_outputs = [info.name for info in model.outputs]
         # one output: a request wants it whether it names it or not (Triton sends all when none is named)
         self._ask_wanted = len(self._all_outputs) != 1
-        # Requests to a model of one numeric input and one numeric output, with a runner that answers
-        # one array with one array (``runner.single``): the shortest path, no dicts or per-output loops.
-        single: Callable[[np.ndarray], Any] | None = getattr(runner, "single", None)
-        one_each = len(model.inputs) == len(model.outputs) == 1 and not model.inputs[0].optional
-        numeric = one_each and np.object_ not in (model.inputs[0].dtype, model.outputs[0].dtype)
-        self._single = single if numeric else None
-        if self._single is not None:
-            self._single_in = (model.inputs[0].name, model.inputs[0].dtype)
-            self._single_out = (model.outputs[0].name, model.outputs[0].dtype)
+        # Requests to a model of one numeric input that want one numeric output, with a runner that
+        # computes just that output (``runner.single(array, output)``): the shortest path, no dicts or
+        # per-output loops, and no work on outputs nobody asked for (an ensemble step maps one of two).
+        single: Callable[[np.ndarray, str], Any] | None = getattr(runner, "single", None)
+        numeric = np.object_ not in [info.dtype for info in (*model.inputs, *model.outputs)]
+        one_input = len(model.inputs) == 1 and not model.inputs[0].optional
+        self._single = single if one_input and numeric and model.outputs else None
+        self._single_in = (model.inputs[0].name, model.inputs[0].dtype) if self._single is not None else None
 
     # The public entry point of the stub's execute().
     def execute(self, requests: Sequence[Any]) -> list[Any]:
         if self._single is not None:
-            answered = self._answer_single(requests)
+            try:
+                answered = self._answer_single(requests)
+            except Exception:  # anything unforeseen: the general path answers, request by request
+                answered = None
             if answered is not None:
                 return answered
         if len(requests) == 1:  # the common case at low load: no grouping, no concatenation
@@ -142,7 +144,7 @@ class BatchingExecutor:
                 return [self._error(exc)]
             return [self._respond_run(arrays, wanted)]
         responses: list[Any] = [None] * len(requests)
-        groups: dict[tuple[Any, ...], list[tuple[int, Arrays, list[str]]]] = {}
+        groups: dict[tuple[Any, ...], list[tuple[int, Arrays, Collection[str]]]] = {}
         batching = self.batching
         for index, request in enumerate(requests):
             try:
@@ -162,10 +164,15 @@ class BatchingExecutor:
         return responses
 
     def _answer_single(self, requests: Sequence[Any]) -> list[Any] | None:
-        """The requests to a model of one input and one output, run at once; ``None`` to take the general
-        path instead (a missing or extra input, another dtype or non-batch shape, a failed run — which the
-        general path retries request by request —, an output the runner did not give as configured)."""
-        name, dtype = self._single_in
+        """The requests to a model of one input, all wanting the same one output, run at once; ``None``
+        to take the general path instead (a missing or extra input, another dtype or non-batch shape,
+        several outputs wanted, a failed run — which the general path retries request by request —, an
+        output the runner did not give as configured)."""
+        single, into = self._single, self._single_in
+        if single is None or into is None:
+            return None
+        name, dtype = into
+        wanted: str | None = None
         arrays = []
         for request in requests:
             tensors = request.inputs()
@@ -177,7 +184,17 @@ class BatchingExecutor:
             array = tensor.as_numpy()
             if array.dtype != dtype:
                 return None
+            asked = self._requested_outputs(request)  # a set from Triton, a list from us
+            if len(asked) != 1:
+                return None
+            (one,) = asked
+            if wanted is not None and one != wanted:
+                return None
+            wanted = one
             arrays.append(array)
+        out_dtype = None if wanted is None else self._output_dtypes.get(wanted)
+        if wanted is None or out_dtype is None:
+            return None  # not an output of the config: the general path says so
         if len(arrays) == 1:
             merged = arrays[0]
         elif not self.batching or any(a.ndim == 0 or a.shape[1:] != arrays[0].shape[1:] for a in arrays):
@@ -185,22 +202,21 @@ class BatchingExecutor:
         else:
             merged = np.concatenate(arrays)
         try:
-            out = self._single(merged)  # type: ignore[misc]  # set: only called when it is
+            out = single(merged, wanted)
         except Exception as exc:
             return [self._error(exc)] if len(arrays) == 1 else None
-        out_name, out_dtype = self._single_out
         if type(out) is not np.ndarray or out.dtype != out_dtype or not out.flags.c_contiguous:
             return None
         make, respond = self.pb.Tensor, self.pb.InferenceResponse
         if len(arrays) == 1:
-            return [respond(output_tensors=[make(out_name, out)])]
+            return [respond(output_tensors=[make(wanted, out)])]
         if out.ndim == 0 or out.shape[0] != merged.shape[0]:
             return None
         responses = []
         offset = 0
         for array in arrays:
             end = offset + array.shape[0]
-            responses.append(respond(output_tensors=[make(out_name, out[offset:end])]))
+            responses.append(respond(output_tensors=[make(wanted, out[offset:end])]))
             offset = end
         return responses
 
@@ -223,12 +239,12 @@ class BatchingExecutor:
             arrays[name] = array
         return arrays
 
-    def _requested_outputs(self, request: Any) -> list[str]:
+    def _requested_outputs(self, request: Any) -> Collection[str]:
         if not self._ask_wanted:
             return self._all_outputs
         return request.requested_output_names() or self._all_outputs
 
-    def _run_group(self, group: list[tuple[int, Arrays, list[str]]], responses: list[Any]) -> None:
+    def _run_group(self, group: list[tuple[int, Arrays, Collection[str]]], responses: list[Any]) -> None:
         if len(group) == 1:
             index, arrays, wanted = group[0]
             responses[index] = self._respond_run(arrays, wanted)
@@ -297,7 +313,7 @@ class BatchingExecutor:
             )
         return value
 
-    def _respond_run(self, arrays: Arrays, wanted: list[str]) -> Any:
+    def _respond_run(self, arrays: Arrays, wanted: Collection[str]) -> Any:
         try:
             outputs = self._settled(self.runner(arrays), None)
             make = self.pb.Tensor
@@ -400,11 +416,13 @@ def onnxruntime_runner(model: ServedModel) -> Runner:
     def run(inputs: Arrays) -> Arrays:
         return dict(zip(known_outputs, raw_run(known_outputs, inputs, options), strict=True))
 
-    if len(model.inputs) == 1 and len(model.outputs) == 1:
-        feed, wanted = model.inputs[0].name, [model.outputs[0].name]
+    if len(model.inputs) == 1:
+        feed = model.inputs[0].name
+        output_lists = {name: [name] for name in known_outputs}
 
-        def single(array: np.ndarray) -> np.ndarray:
-            return raw_run(wanted, {feed: array}, options)[0]
+        def single(array: np.ndarray, output: str) -> np.ndarray:
+            """``output`` alone of the model's outputs (onnxruntime computes only what it needs)."""
+            return raw_run(output_lists[output], {feed: array}, options)[0]
 
         run.single = single  # type: ignore[attr-defined]
     return run
