@@ -77,6 +77,8 @@ class LayoutChoice:
             "why": self.reason,
             "cpus": self.cpus,
             "workload": self.workload,
+            "method": "choose_layout: in-process onnxruntime sessions as our backend runs them, every "
+            "instance busy at once, alternating rounds",
             "measured_rows_per_s": {
                 layout.label: [round(v, 2) for v in values] for layout, values in self.rows_per_s.items()
             },
