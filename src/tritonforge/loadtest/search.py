@@ -76,7 +76,8 @@ class SearchSpace:
 
     def __post_init__(self) -> None:
         threads = self.intra_op_threads
-        if threads is not None and any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in threads):
+        bad = [t for t in threads or () if isinstance(t, bool) or not isinstance(t, int) or t < 1]
+        if bad:
             raise ValueError(f"intra-op threads must be positive integers, got {list(threads)}")
 
     def values(self, knob: str) -> tuple[Any, ...]:

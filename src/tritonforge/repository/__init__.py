@@ -6,6 +6,7 @@ from tritonforge.repository.threads import (
     available_cpus,
     onnxruntime_thread_parameters,
     pytorch_thread_parameters,
+    with_layout,
 )
 from tritonforge.repository.writer import (
     DEFAULT_MAX_BATCH_SIZE,
@@ -38,4 +39,5 @@ __all__ = [
     "pytorch_thread_parameters",
     "sample_inputs",
     "versions",
+    "with_layout",
 ]

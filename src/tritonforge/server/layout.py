@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from tritonforge.config import InstanceGroup, InstanceKind, ModelConfig
-from tritonforge.repository.threads import available_cpus, onnxruntime_thread_parameters
+from tritonforge.config import ModelConfig
+from tritonforge.repository.threads import available_cpus, with_layout
 
 __all__ = ["Layout", "LayoutChoice", "candidate_layouts", "choose_layout"]
 
@@ -85,12 +85,12 @@ class LayoutChoice:
         }
 
     def apply(self, config: ModelConfig) -> ModelConfig:
-        """``config`` with the chosen instance count and intra-op threads (spinning off)."""
-        kind = config.instance_groups[0].kind if config.instance_groups else InstanceKind.CPU
-        return config.replace(
-            instance_groups=(InstanceGroup(count=self.chosen.instances, kind=kind),),
-            parameters={**config.parameters, **onnxruntime_thread_parameters(self.chosen.intra_op_threads)},
-        )
+        """``config`` with the chosen instance count and intra-op threads (spinning off).
+
+        Raises:
+            ValueError: the config's platform is not one our backends thread.
+        """
+        return with_layout(config, self.chosen.instances, self.chosen.intra_op_threads)
 
 
 def candidate_layouts(cpus: int) -> list[Layout]:
