@@ -72,7 +72,7 @@ def test_fused_encoder_of_the_example_pipeline_reuses_the_fp32_versions_measured
 
     encoder = json.loads((example_repo / "minilm_encoder" / "1" / "manifest.json").read_text())["layout"]
     fused = [
-        p.parent
+        p.parent.parent
         for p in example_repo.glob("*/1/manifest.json")
         if json.loads(p.read_text()).get("block") == "fused"
     ]
