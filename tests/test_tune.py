@@ -191,6 +191,10 @@ def test_tune_cli_write_serves_the_winning_layout_and_records_it_and_why_in_the_
     assert f"tried 3 of {2 * layouts} configs" in run.output
     data = json.loads((tmp_path / "out" / "tune.json").read_text())["tune"]
     assert data["cpus"] == cpus
+    # the search reached the layout group: a thread count other than the served one went to the server
+    tried = [t["knobs"]["mlp"] for t in data["trials"]]
+    assert cpus < 2 or any(k["intra_op_threads"] == 2 for k in tried)
+    assert all(k["instances"] * k["intra_op_threads"] <= max(cpus, 1) for k in tried)
     winner = data["winner"]["knobs"]["mlp"]
     after = read_config(repo / "mlp")
     assert after.max_batch_size == winner["max_batch_size"]
