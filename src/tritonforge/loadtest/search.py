@@ -78,7 +78,7 @@ class SearchSpace:
         threads = self.intra_op_threads
         bad = [t for t in threads or () if isinstance(t, bool) or not isinstance(t, int) or t < 1]
         if bad:
-            raise ValueError(f"intra-op threads must be positive integers, got {list(threads)}")
+            raise ValueError(f"intra-op threads must be positive integers, got {list(threads or ())}")
 
     def values(self, knob: str) -> tuple[Any, ...]:
         return tuple(getattr(self, knob))

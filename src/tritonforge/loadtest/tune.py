@@ -221,7 +221,7 @@ class Tuner:
         out: list[tuple[int, ...]] = []
         for name in self.tuned:
             index = {knob: i for i, (m, knob, _) in enumerate(self.dims) if m == name}
-            layout = (index["instances"],)
+            layout: tuple[int, ...] = (index["instances"],)
             if "intra_op_threads" in index:
                 layout = (index["instances"], index["intra_op_threads"])
             out += [(index["max_batch_size"], index["max_queue_delay_us"]), layout, (index["preferred"],)]
