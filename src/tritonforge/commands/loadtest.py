@@ -292,7 +292,10 @@ def _print_verdict(result: Any, output: Path) -> int:
     versus = f" ({best / default:.2f}x the default)" if default else " (the default met the budget nowhere)"
     console.print(f"[green]best:[/] {result.winner.label}: {best:,.1f} infer/s{versus}")
     if result.written:
-        console.print("wrote the winning config to " + ", ".join(result.written))
+        console.print(
+            "wrote the winning config to " + ", ".join(result.written) + " (the layout chosen and why: "
+            "'layout' in the manifest of the version measured)"
+        )
     console.print(f"wrote {output / 'tune.json'}, {output / 'tune.csv'}, {output / 'report.html'}")
     return 0
 
