@@ -77,15 +77,42 @@ def test_digits_classifier_through_triton_matches_sklearn_exactly(
     assert manifest["export"]["zipmap"] is False and manifest["source"]["sha256"]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_digits_model_is_served_in_the_layout_measured_at_build_and_its_manifest_says_why(
+    digits_repo, digits_server, kind
+):
+    from tritonforge.repository import available_cpus
+
+    name = f"digits_{kind}"
+    layout = json.loads((digits_repo / name / "1" / "manifest.json").read_text())["layout"]
+    assert layout["cpus"] == available_cpus() and f"{available_cpus()} CPUs" in layout["why"]
+    assert len(layout["measured_rows_per_s"]) >= min(2, available_cpus())
+    assert all(min(rounds) > 0 for rounds in layout["measured_rows_per_s"].values())
+    assert layout["instances"] * layout["intra_op_threads"] <= available_cpus()
+    client = grpcclient.InferenceServerClient(digits_server.grpc_url)
+    try:
+        served = client.get_model_config(name).config
+    finally:
+        client.close()
+    assert [g.count for g in served.instance_group] == [layout["instances"]]
+    assert served.parameters["intra_op_thread_count"].string_value == str(layout["intra_op_threads"])
+    assert served.parameters["session.intra_op.allow_spinning"].string_value == "0"
+
+
 def test_built_repository_validates_offline_and_live(digits_repo, digits_server):
     assert [p for p in check_repository(digits_repo) if p.severity == "error"] == []
     results = check_live(digits_repo)
     assert all(r.ok for r in results), results
 
 
-def test_rebuilding_an_unchanged_model_is_skipped(digits_repo, digits_tool):
+def test_rebuilding_an_unchanged_model_is_skipped_and_keeps_its_measured_layout(digits_repo, digits_tool):
+    def records():
+        return [(digits_repo / f"digits_{k}" / "1" / "manifest.json").read_text() for k in KINDS]
+
+    before = records()
     steps = digits_tool.build(digits_repo)
     assert [(s.status, s.version) for s in steps] == [("SKIPPED", 1)] * 3
+    assert records() == before  # not measured again
 
 
 def test_an_interrupted_build_leaves_the_previous_repository_servable(

@@ -57,12 +57,33 @@ def test_int8_encoder_meets_cosine_and_size_targets(minilm_repo):
 def test_encoder_layout_is_chosen_by_measurement_and_recorded_with_why(minilm_repo):
     from tritonforge.config import read_config
 
-    layout = _manifest(minilm_repo, 2)["layout"]
-    assert len(layout["measured_rows_per_s"]) >= 2 and layout["why"]
-    assert all(min(rounds) > 0 for rounds in layout["measured_rows_per_s"].values())
+    for version in (1, 2):  # FP32 and INT8, each measured
+        layout = _manifest(minilm_repo, version)["layout"]
+        assert len(layout["measured_rows_per_s"]) >= 2 and layout["why"]
+        assert all(min(rounds) > 0 for rounds in layout["measured_rows_per_s"].values())
+    # one config per model: it has the layout of the version registered last (INT8)
     config = read_config(minilm_repo / "minilm_encoder")
     assert [g.count for g in config.instance_groups] == [layout["instances"]]
     assert config.parameters["intra_op_thread_count"] == str(layout["intra_op_threads"])
+
+
+def test_fused_encoder_of_the_example_pipeline_reuses_the_fp32_versions_measured_layout(example_repo):
+    from tritonforge.config import read_config
+
+    encoder = json.loads((example_repo / "minilm_encoder" / "1" / "manifest.json").read_text())["layout"]
+    fused = [
+        p.parent.parent
+        for p in example_repo.glob("*/1/manifest.json")
+        if json.loads(p.read_text()).get("block") == "fused"
+    ]
+    assert fused, "the example build fuses the encoder with its pooling"
+    for folder in fused:
+        layout = json.loads((folder / "1" / "manifest.json").read_text())["layout"]
+        assert layout["reused_from"] == "minilm_encoder version 1"
+        assert layout["measured_rows_per_s"] == encoder["measured_rows_per_s"]
+        config = read_config(folder)
+        assert [g.count for g in config.instance_groups] == [encoder["instances"]]
+        assert config.parameters["intra_op_thread_count"] == str(encoder["intra_op_threads"])
 
 
 @pytest.mark.parametrize("version", [1, 2])

@@ -44,3 +44,11 @@ def test_choose_layout_measures_every_candidate_and_applies_the_winner_to_the_co
 def test_choose_layout_raises_value_error_without_feeds(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="feeds"):
         choose_layout(tiny_models.mlp_onnx(tmp_path / "mlp.onnx"), {})
+
+
+def test_with_layout_raises_value_error_for_a_model_our_backends_do_not_thread(tmp_path: Path) -> None:
+    from tritonforge.config import ModelConfig
+    from tritonforge.repository import with_layout
+
+    with pytest.raises(ValueError, match=r"'py' \(python\) has no intra-op threads"):
+        with_layout(ModelConfig(name="py", backend="python", max_batch_size=8), 2, 1)

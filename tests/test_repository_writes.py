@@ -269,3 +269,27 @@ def test_a_staging_folder_inside_a_repository_stops_triton_which_is_why_validate
     assert [p.model for p in check_repository(repo) if p.severity == "error"] == [f"{STAGING_PREFIX}left"]
     with pytest.raises(ServerError), EmbeddedServer(repo, startup_timeout_s=60):
         pass
+
+
+def test_amend_version_rewrites_manifest_and_config_together_keeping_the_model_file(tmp_path, mlp_file):
+    from tritonforge.repository import amend_version, with_layout
+
+    repo = tmp_path / "repo"
+    version = add_model(repo, "mlp", mlp_file, max_batch_size=8, manifest={"metrics": {"accuracy": 0.9}})
+    model_bytes = (version / "model.onnx").read_bytes()
+    before = json.loads((version / "manifest.json").read_text())
+    tuned = with_layout(read_config(repo / "mlp"), 2, 1)
+    amend_version(repo, "mlp", 1, config=tuned, manifest={"layout": {"instances": 2, "intra_op_threads": 1}})
+    after = json.loads((version / "manifest.json").read_text())
+    assert after == {**before, "layout": {"instances": 2, "intra_op_threads": 1}}
+    assert (version / "model.onnx").read_bytes() == model_bytes
+    assert read_config(repo / "mlp") == tuned
+    assert not staging_leftovers(repo)[0] and not staging_leftovers(repo)[1]
+
+
+def test_amend_version_raises_repository_error_naming_the_versions_there(tmp_path, mlp_file):
+    from tritonforge.repository import amend_version
+
+    add_model(tmp_path / "repo", "mlp", mlp_file, max_batch_size=8)
+    with pytest.raises(RepositoryError, match=r"no version 3 .*\(versions: 1\)"):
+        amend_version(tmp_path / "repo", "mlp", 3, manifest={"x": 1})

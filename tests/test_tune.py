@@ -24,7 +24,13 @@ from tritonforge.loadtest.tune import Tuner
 from tritonforge.server import EmbeddedServer
 
 QUICK = SweepSettings(concurrency=(1, 8), window_s=0.3, warmup_s=0.2, stability_percent=30, max_windows=4)
-SMALL = SearchSpace(max_batch_size=(8, 32), max_queue_delay_us=(500,), instances=(1, 2), preferred=("none",))
+SMALL = SearchSpace(
+    max_batch_size=(8, 32),
+    max_queue_delay_us=(500,),
+    instances=(1, 2),
+    preferred=("none",),
+    intra_op_threads=(1,),
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +57,14 @@ def _served_config(server: EmbeddedServer, model: str) -> Any:
 def test_tune_starts_from_the_served_config_and_finds_one_at_least_as_good_within_budget(
     explicit: EmbeddedServer, repo: Path
 ) -> None:
-    tuner = Tuner(explicit, repo, "mlp", p99_budget_ms=1000, space=SMALL, settings=QUICK)
+    tuner = Tuner(explicit, repo, "mlp", p99_budget_ms=1000, space=SMALL, settings=QUICK, cpus=2)
     result = tuner.run()
     assert result.space_size == 4 and result.tried <= 2 and result.fraction_tried <= 0.5
     default = result.trials[0]
     assert default is result.default
     assert default.knobs["mlp"] == {
         "instances": 1,
+        "intra_op_threads": 1,
         "max_batch_size": 32,
         "max_queue_delay_us": 500,
         "preferred": "none",
@@ -75,7 +82,11 @@ def test_tune_of_an_ensemble_tunes_its_composing_models_under_the_ensembles_load
     explicit: EmbeddedServer, repo: Path
 ) -> None:
     space = SearchSpace(
-        max_batch_size=(32,), max_queue_delay_us=(0, 500), instances=(1,), preferred=("none",)
+        max_batch_size=(32,),
+        max_queue_delay_us=(0, 500),
+        instances=(1,),
+        preferred=("none",),
+        intra_op_threads=(1,),
     )
     tuner = Tuner(explicit, repo, "pipe", p99_budget_ms=1000, space=space, settings=QUICK, max_trials=2)
     result = tuner.run()
@@ -130,9 +141,18 @@ def test_tune_cli_says_no_config_meets_an_impossible_budget_and_shows_the_closes
 
 
 @pytest.mark.slow
-def test_tune_cli_writes_the_winning_config_into_the_repository_on_request(tmp_path: Path) -> None:
+def test_tune_cli_write_serves_the_winning_layout_and_records_it_and_why_in_the_manifest(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    import tritonclient.grpc as grpcclient
+
+    from tritonforge.repository import available_cpus
+
     repo = build_loadtest_repository(tmp_path / "models")
     before = read_config(repo / "mlp")
+    manifest_before = json.loads((repo / "mlp" / "1" / "manifest.json").read_text())
     run = CliRunner().invoke(
         app,
         [
@@ -149,31 +169,92 @@ def test_tune_cli_writes_the_winning_config_into_the_repository_on_request(tmp_p
             "--max-queue-delay-us",
             "500",
             "--instances",
-            "1",
+            "1,2",
+            "--intra-op-threads",
+            "1,2",
             "--preferred",
-            "none,max",
+            "none",
             "--window-s",
             "0.3",
             "--max-trials",
             "3",
+            "--refine",
+            "1",
             "--write",
             "--output",
             str(tmp_path / "out"),
         ],
     )
     assert run.exit_code == 0, run.output
-    assert "tried 3 of 4 configs" in run.output
-    import json
-
+    cpus = available_cpus()
+    layouts = sum(1 for i in (1, 2) for t in (1, 2) if i * t <= cpus)  # 1x1 (served) always fits
+    assert f"tried 3 of {2 * layouts} configs" in run.output
     data = json.loads((tmp_path / "out" / "tune.json").read_text())["tune"]
+    assert data["cpus"] == cpus
+    # the search reached the layout group: a thread count other than the served one went to the server
+    tried = [t["knobs"]["mlp"] for t in data["trials"]]
+    assert cpus < 2 or any(k["intra_op_threads"] == 2 for k in tried)
+    assert all(k["instances"] * k["intra_op_threads"] <= max(cpus, 1) for k in tried)
     winner = data["winner"]["knobs"]["mlp"]
     after = read_config(repo / "mlp")
     assert after.max_batch_size == winner["max_batch_size"]
-    assert after.dynamic_batching is not None
-    expected = () if winner["preferred"] == "none" else (winner["max_batch_size"],)
-    assert after.dynamic_batching.preferred_batch_sizes == expected
+    assert [g.count for g in after.instance_groups] == [winner["instances"]]
+    assert after.parameters["intra_op_thread_count"] == str(winner["intra_op_threads"])
+    assert after.parameters["session.intra_op.allow_spinning"] == "0"
     assert after.inputs == before.inputs and after.outputs == before.outputs
     assert (tmp_path / "out" / "tune.csv").exists() and (tmp_path / "out" / "curves.png").exists()
+    # the manifest of the version measured keeps its record and says what was chosen, and why
+    manifest = json.loads((repo / "mlp" / "1" / "manifest.json").read_text())
+    assert {k: v for k, v in manifest.items() if k != "layout"} == manifest_before
+    layout = manifest["layout"]
+    assert (layout["instances"], layout["intra_op_threads"]) == (
+        winner["instances"],
+        winner["intra_op_threads"],
+    )
+    assert layout["cpus"] == cpus and layout["p99_budget_ms"] == 1000
+    assert layout["config"] == {k: winner[k] for k in ("max_batch_size", "max_queue_delay_us", "preferred")}
+    assert data["winner"]["config"] in layout["why"] and f"{cpus} CPUs" in layout["why"]
+    assert len(layout["measured_infer_per_s"]) == 3
+    assert all(min(figures) > 0 for figures in layout["measured_infer_per_s"].values())
+    assert layout["measured_infer_per_s"][data["winner"]["config"]] == [
+        round(v, 2) for v in [data["winner"]["first_sweep_rps"], *data["winner"]["remeasured_rps"]]
+    ]
+    # and the server serves the layout written
+    with EmbeddedServer(repo, load_models=["mlp"], model_control="explicit") as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            served = client.get_model_config("mlp").config
+        finally:
+            client.close()
+    assert served.instance_group[0].count == layout["instances"]
+    assert served.parameters["intra_op_thread_count"].string_value == str(layout["intra_op_threads"])
+    assert served.max_batch_size == winner["max_batch_size"]
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8])
+def test_tune_candidates_never_ask_for_more_threads_than_the_cpus(repo: Path, cpus: int) -> None:
+    space = SearchSpace(
+        max_batch_size=(32,), max_queue_delay_us=(0, 500), instances=(1, 2, 4), preferred=("none",)
+    )
+    # no server: the grid and the search's path are pure (the measurements below are made up)
+    tuner = Tuner(object(), repo, "pipe", p99_budget_ms=10, space=space, cpus=cpus)
+    threads = {(m, k): v for m, k, v in tuner.dims}[("mlp", "intra_op_threads")]
+    assert 1 in threads and cpus in threads  # the throughput and the latency layout
+
+    def within(point: tuple[int, ...]) -> bool:
+        return all(k["instances"] * k["intra_op_threads"] <= cpus for k in tuner.knobs_at(point).values())
+
+    every = list(tuner.points())
+    assert len(every) == tuner.space_size and all(within(p) for p in every)
+    rng = random.Random(cpus)
+    tried = tuner._search(lambda _: _fake_trial(rng.uniform(10, 100)), max_trials=len(every))
+    assert len(tried) > 1 and all(within(p) for p in tried)
+    assert all(tuner.configs_at(p) for p in tried)  # every candidate is a valid config
+
+
+def test_tune_space_rejects_thread_counts_below_one() -> None:
+    with pytest.raises(ValueError, match="intra-op threads must be positive integers"):
+        SearchSpace(intra_op_threads=(0, 1))
 
 
 def _fake_trial(throughput: float | None, p99: float = 1.0) -> Trial:
@@ -270,11 +351,22 @@ def test_tune_on_the_digits_mlp_tries_every_config_exhaustively_and_the_search_a
 ) -> None:
     repo = digits_mlp_repository(tmp_path)
     space = SearchSpace(
-        max_batch_size=(8, 32), max_queue_delay_us=(0, 500, 2000), instances=(1, 2), preferred=("none", "max")
+        max_batch_size=(8, 32),
+        max_queue_delay_us=(0, 500, 2000),
+        instances=(1, 2),
+        preferred=("none", "max"),
+        intra_op_threads=(1,),
     )
     with EmbeddedServer(repo, model_control="explicit", load_models=["digits_mlp"]) as server:
         every = Tuner(
-            server, repo, "digits_mlp", p99_budget_ms=1000, space=space, settings=QUICK, exhaustive=True
+            server,
+            repo,
+            "digits_mlp",
+            p99_budget_ms=1000,
+            space=space,
+            settings=QUICK,
+            exhaustive=True,
+            cpus=2,
         )
         exhaustive = every.run()
         assert exhaustive.tried == exhaustive.space_size == 24

@@ -177,6 +177,11 @@ def tune_command(
     max_batch_size: str = typer.Option("8,16,32,64", help="Max batch sizes to try."),
     max_queue_delay_us: str = typer.Option("0,200,1000,5000", help="Max queue delays to try (µs)."),
     instances: str = typer.Option("1,2", help="Instance counts to try."),
+    intra_op_threads: str = typer.Option(
+        "",
+        help="Intra-op threads per instance to try (ONNX / TorchScript models; default: 1, all CPUs and "
+        "half of them). Candidates keep instances x threads within the CPUs.",
+    ),
     preferred: str = typer.Option(
         "none,max", help="Preferred batch sizes: none, max ([mbs]), half ([mbs/2, mbs])."
     ),
@@ -190,7 +195,11 @@ def tune_command(
     refine: int = typer.Option(
         2, help="Re-measure the leading configs this many times and rank them by the median (0: never)."
     ),
-    write: bool = typer.Option(False, help="Write the winning config(s) into the repository."),
+    write: bool = typer.Option(
+        False,
+        help="Write the winning config(s) into the repository, and the layout chosen and why into the "
+        "manifest of the version measured.",
+    ),
     output: Path = typer.Option(Path("tune_results"), help="Where tune.json, tune.csv and report.html go."),
 ) -> None:
     """Find the config of MODEL with the highest throughput whose p99 stays within the budget."""
@@ -204,6 +213,7 @@ def tune_command(
             max_queue_delay_us=_ints(max_queue_delay_us),
             instances=_ints(instances),
             preferred=tuple(preferred.split(",")),
+            intra_op_threads=_ints(intra_op_threads) or None,
         )
         settings = SweepSettings(
             concurrency=_ints(concurrency),
@@ -282,7 +292,10 @@ def _print_verdict(result: Any, output: Path) -> int:
     versus = f" ({best / default:.2f}x the default)" if default else " (the default met the budget nowhere)"
     console.print(f"[green]best:[/] {result.winner.label}: {best:,.1f} infer/s{versus}")
     if result.written:
-        console.print("wrote the winning config to " + ", ".join(result.written))
+        console.print(
+            "wrote the winning config to " + ", ".join(result.written) + " (the layout chosen and why: "
+            "'layout' in the manifest of the version measured)"
+        )
     console.print(f"wrote {output / 'tune.json'}, {output / 'tune.csv'}, {output / 'report.html'}")
     return 0
 

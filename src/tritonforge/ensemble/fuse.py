@@ -30,7 +30,7 @@ from tritonforge.config import DataType, ModelConfig, TensorSpec, read_config
 from tritonforge.ensemble.blocks import GENERATED_MARK
 from tritonforge.ensemble.check import Resolved
 from tritonforge.ensemble.spec import StepSpec
-from tritonforge.repository import file_sha256
+from tritonforge.repository import file_sha256, with_layout
 
 __all__ = ["FusedModel", "fuse_pipeline", "mean_pooling_graph"]
 
@@ -120,6 +120,10 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
                 "why": "one model instead of two: no Python-backend hop, no copy of the token embeddings",
             },
         }
+        layout = _measured_layout(model_path)
+        if layout is not None:  # the encoder version's own measurement: the pooling appended costs little
+            fused_config = with_layout(fused_config, layout["instances"], layout["intra_op_threads"])
+            record["layout"] = {**layout, "reused_from": f"{encoder.model} version {version}"}
         fused_models.append(FusedModel(config=fused_config, source=target, manifest=record))
         index = steps.index(encoder)
         steps[index] = StepSpec(
@@ -133,6 +137,24 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
     if not fused_models:
         return resolved, []
     return dataclasses.replace(resolved, spec=dataclasses.replace(spec, steps=tuple(steps))), fused_models
+
+
+def _measured_layout(model_path: Path) -> dict[str, Any] | None:
+    """The layout recorded in the manifest beside ``model_path`` (``tritonforge build`` / ``tune --write``),
+    if it has a usable one."""
+    import json
+
+    try:
+        layout = json.loads((model_path.parent / "manifest.json").read_text()).get("layout")
+        if (
+            isinstance(layout, dict)
+            and int(layout["instances"]) >= 1
+            and int(layout["intra_op_threads"]) >= 1
+        ):
+            return layout
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
 
 
 def _pair(

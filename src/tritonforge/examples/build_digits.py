@@ -3,7 +3,9 @@
 Each is trained on scikit-learn's bundled digits (8x8 images, 10 classes; a stratified 75/25 split),
 exported to ONNX with tensor outputs (``label`` INT64, ``probabilities`` FP32; float32 ``input`` [N, 64]
 of raw pixel values 0-16), checked against scikit-learn on the test split, and registered as
-``digits_<kind>`` with its test accuracy. An unchanged model (same data, settings, libraries) is skipped.
+``digits_<kind>`` with its test accuracy and its serving layout (instances x intra-op threads, chosen by
+measuring each candidate on this machine; the manifest says why). An unchanged model (same data, settings,
+libraries, CPU count) is skipped and keeps the layout measured when it was built.
 
     python -m tritonforge.examples.build_digits [--repo model_repository] [--force]
 """
@@ -23,9 +25,15 @@ from tritonforge.examples._common import run
 from tritonforge.observe.drift import profile as drift_profile
 from tritonforge.observe.drift import write_profile
 from tritonforge.registry import Step, build_key, find_built, register
+from tritonforge.repository import available_cpus, infer_config
+from tritonforge.server.layout import choose_layout
 
 SEED = 0
 MAX_BATCH_SIZE = 64
+#: a digits request computes in ~0.1 ms: short rounds measure thousands of calls per layout, so the whole
+#: choice costs about a second per model
+LAYOUT_ROUNDS = 3
+LAYOUT_ROUND_S = 0.15
 
 
 def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -80,6 +88,8 @@ def build(
             "zipmap": False,
             "input_dtype": "float32",
             "max_batch_size": MAX_BATCH_SIZE,
+            # the layout is measured for this machine's CPUs: another count builds (and measures) anew
+            "layout_cpus": available_cpus(),
         }
         key = build_key("onnx", data_sha, settings)
         existing = None if force else find_built(repo, name, key)
@@ -95,6 +105,19 @@ def build(
             if not artifact.passed:
                 steps.append(Step(name, "onnx", "FAILED", detail="; ".join(artifact.failures())))
                 continue
+            # one request's worth (a single image): how the members are called inside digits_vote
+            layout = choose_layout(
+                artifact.path, {"input": x_test[:1]}, rounds=LAYOUT_ROUNDS, duration_s=LAYOUT_ROUND_S
+            )
+            config = infer_config(
+                name,
+                artifact.path,
+                max_batch_size=MAX_BATCH_SIZE,
+                # no delay: a request answers in ~0.1 ms of compute, so a wait would only hold a lone one
+                # back (it halved digits_vote's throughput at concurrency 1: the three members each
+                # waited); under load requests queue behind the running batch and group by themselves
+                max_queue_delay_us=0,
+            )
             version = register(
                 repo,
                 name,
@@ -111,16 +134,13 @@ def build(
                         "test_rows": len(x_test),
                     },
                 },
+                config=layout.apply(config),
                 extra={
                     "metrics": {"test_accuracy": accuracy, "test_rows": len(x_test)},
                     "build": {"key": key, "script": "tritonforge.examples.build_digits"},
                     "variant": "onnx",
+                    "layout": layout.as_manifest(),
                 },
-                max_batch_size=MAX_BATCH_SIZE,
-                # no delay: a request answers in ~0.1 ms of compute, so a wait would only hold a lone one
-                # back (it halved digits_vote's throughput at concurrency 1: the three members each
-                # waited); under load requests queue behind the running batch and group by themselves
-                max_queue_delay_us=0,
             )
         # drift reference: the verification split and the model's outputs on it, beside the manifest
         probabilities = estimator.predict_proba(x_test).astype(np.float32)
@@ -136,7 +156,7 @@ def build(
                 "OK",
                 int(version.name),
                 figures=f"test acc {accuracy:.4f}, ONNX labels = sklearn on "
-                f"{label.label_agreement:.0%} of {label.samples}",
+                f"{label.label_agreement:.0%} of {label.samples}, layout {layout.chosen.label}",
             )
         )
     return steps

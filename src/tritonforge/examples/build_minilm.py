@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tritonforge.examples import minilm
 from tritonforge.examples._common import run
 from tritonforge.registry import Step, build_key, find_built, register
-from tritonforge.repository import file_sha256
+from tritonforge.repository import available_cpus, file_sha256
 from tritonforge.server.layout import choose_layout
 
 NAME = "minilm_encoder"
@@ -217,6 +217,8 @@ def build(repo: Path, *, force: bool = False, console: Any = None) -> list[Step]
         "max_length": minilm.MAX_LENGTH,
         "held_out": [HOLDOUT_SENTENCES, HOLDOUT_SEED],
         "max_batch_size": MAX_BATCH_SIZE,
+        # each version's layout is measured for this machine's CPUs: another count builds (and measures) anew
+        "layout_cpus": available_cpus(),
     }
     key32 = build_key("fp32", source["sha256"], settings)
     key8 = build_key("int8-dynamic", source["sha256"], {**settings, "fp32_nodes": FP32_NODES_PATTERNS})
@@ -234,9 +236,14 @@ def build(repo: Path, *, force: bool = False, console: Any = None) -> list[Step]
         fp32 = export_fp32(minilm.load_encoder(), work, batches)
         if not fp32.passed:
             return [Step(NAME, "fp32", "FAILED", detail="; ".join(fp32.failures()))]
+        # one sentence per request, as single-sentence traffic reaches the encoder
+        feeds = {name: array[:1] for name, array in batches[0].items()}
         if built32 is None:
-            version = _register(repo, fp32, "fp32", key32, source)
-            steps.append(Step(NAME, "fp32", "OK", version, figures=_figures(fp32)))
+            _say(console, "choosing the FP32 serving layout (instances x threads) by measurement ...")
+            layout32 = choose_layout(fp32.path, feeds)
+            version = _register(repo, fp32, "fp32", key32, source, layout=layout32)
+            figures = f"{_figures(fp32)}, layout {layout32.chosen.label}"
+            steps.append(Step(NAME, "fp32", "OK", version, figures=figures))
         else:
             steps.append(Step(NAME, "fp32", "SKIPPED", built32, detail="unchanged"))
         _say(console, "quantizing to INT8 and verifying against FP32 ...")
@@ -248,8 +255,8 @@ def build(repo: Path, *, force: bool = False, console: Any = None) -> list[Step]
             steps.append(Step(NAME, "int8-dynamic", "FAILED", figures=_figures(int8), detail=detail))
         else:
             size = int8.path.stat().st_size / fp32.path.stat().st_size
-            _say(console, "choosing the serving layout (instances x threads) by measurement ...")
-            layout = choose_layout(int8.path, {name: array[:1] for name, array in batches[0].items()})
+            _say(console, "choosing the INT8 serving layout (instances x threads) by measurement ...")
+            layout = choose_layout(int8.path, feeds)
             version = _register(
                 repo, int8, "int8-dynamic", key8, source, layout=layout, size_ratio_vs_fp32=size
             )
@@ -271,7 +278,9 @@ def _register(
     """Register ``artifact`` as a new version of the encoder, its sentence figures in the manifest.
 
     With ``layout`` (a :class:`~tritonforge.server.layout.LayoutChoice`), the encoder's config takes the
-    measured instance count and threads, and the manifest records the measurement and why.
+    measured instance count and threads, and the manifest records the measurement and why. Triton keeps one
+    config per model, so with FP32 and INT8 served side by side the config has the layout of the version
+    registered last (the newest, which an unversioned request gets); each manifest keeps its own.
     """
     sentence = artifact.reports["sentence_embedding"]
     config = _config(repo, artifact.path)

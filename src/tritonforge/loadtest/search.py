@@ -4,13 +4,19 @@ No I/O here: :mod:`tritonforge.loadtest.tune` measures configs on a server and d
 :mod:`tritonforge.loadtest.tune_output` writes what it found.
 
 The space is a grid of knobs per tunable model: max batch size, preferred batch sizes, max queue delay,
-instance count. The search is a coordinate search from the config as served: measure it, then take
-one group of knobs at a time and try its every setting with the other knobs held, moving to the best;
-rounds repeat until a whole round changes nothing, or the trial budget (default: a third of the grid) is
-spent. Max batch size and queue delay are one group, because they interact (a queue delay pays only when
-batches can fill up to the max batch size before it expires); instance count and preferred sizes go one
-at a time. So the search finds the grid's best, or a config close to it, in a fraction of the trials
-(see ``tests/test_tune.py``).
+instance count, and for the models our backends thread (onnxruntime, libtorch) intra-op threads per
+instance. Instances and threads are one group, and a candidate never asks for more threads in all than
+the CPUs the server may use (``instances x threads <= cpus``: the layouts of
+:func:`tritonforge.server.layout.candidate_layouts` and the leaner ones between); only the config as
+served, the start, may break that.
+
+The search is a coordinate search from the config as served: measure it, then take one group of knobs at
+a time and try its every setting with the other knobs held, moving to the best; rounds repeat until a
+whole round changes nothing, or the trial budget (default: a third of the grid) is spent. Max batch size
+and queue delay are one group, because they interact (a queue delay pays only when batches can fill up to
+the max batch size before it expires); so are instances and intra-op threads (they share the cores);
+preferred sizes go alone. So the search finds the grid's best, or a config close to it, in a fraction of
+the trials (see ``tests/test_tune.py``).
 
 A config scores by its best throughput among sweep levels whose p99 meets the budget; a config that meets
 it nowhere ranks below every one that does, by its lowest p99 (so "the closest" can be shown).
@@ -27,10 +33,12 @@ from typing import Any
 
 from tritonforge.config import DynamicBatching, InstanceGroup, ModelConfig
 from tritonforge.loadtest.sweep import SweepResult
+from tritonforge.repository.threads import onnxruntime_thread_parameters, pytorch_thread_parameters
 
 __all__ = [
     "KNOBS",
     "REFINE_TOP",
+    "THREAD_PARAMETERS",
     "Point",
     "SearchSpace",
     "Trial",
@@ -39,9 +47,17 @@ __all__ = [
     "coordinate_search",
     "knobs_of",
     "refine_leaders",
+    "thread_parameter",
 ]
 
-KNOBS = ("instances", "max_batch_size", "max_queue_delay_us", "preferred")
+KNOBS = ("instances", "intra_op_threads", "max_batch_size", "max_queue_delay_us", "preferred")
+#: the config parameter that sets intra-op threads, per platform / backend our backends thread
+THREAD_PARAMETERS = {
+    "onnxruntime_onnx": "intra_op_thread_count",
+    "onnxruntime": "intra_op_thread_count",
+    "pytorch_libtorch": "INTRA_OP_THREAD_COUNT",
+    "pytorch": "INTRA_OP_THREAD_COUNT",
+}
 Point = tuple[int, ...]
 
 
@@ -54,13 +70,28 @@ class SearchSpace:
     max_queue_delay_us: Sequence[int] = (0, 200, 1000, 5000)
     instances: Sequence[int] = (1, 2)
     preferred: Sequence[str] = ("none", "max")
+    #: intra-op threads per instance (threaded models only); None: those of the candidate layouts of the
+    #: server's CPUs (one, all, and half of them from 4 CPUs)
+    intra_op_threads: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        threads = self.intra_op_threads
+        bad = [t for t in threads or () if isinstance(t, bool) or not isinstance(t, int) or t < 1]
+        if bad:
+            raise ValueError(f"intra-op threads must be positive integers, got {list(threads or ())}")
 
     def values(self, knob: str) -> tuple[Any, ...]:
         return tuple(getattr(self, knob))
 
 
+def thread_parameter(config: ModelConfig) -> str | None:
+    """The parameter naming ``config``'s intra-op threads, or None when our backends don't thread it."""
+    return THREAD_PARAMETERS.get(config.platform or config.backend or "")
+
+
 def knobs_of(config: ModelConfig) -> dict[str, Any]:
-    """The knob values of ``config`` as served (``preferred`` named when it is one of the kinds)."""
+    """The knob values of ``config`` as served (``preferred`` named when it is one of the kinds;
+    ``intra_op_threads`` only for a threaded model, 0 when the config leaves it to the backend)."""
     batching = config.dynamic_batching
     preferred = tuple(batching.preferred_batch_sizes) if batching else ()
     mbs = config.max_batch_size
@@ -71,12 +102,17 @@ def knobs_of(config: ModelConfig) -> dict[str, Any]:
         kind = "half"
     elif preferred:
         kind = ",".join(map(str, preferred))
-    return {
+    knobs: dict[str, Any] = {
         "instances": sum(g.count for g in config.instance_groups) or 1,
         "max_batch_size": mbs,
         "max_queue_delay_us": batching.max_queue_delay_us if batching else 0,
         "preferred": kind,
     }
+    key = thread_parameter(config)
+    if key is not None:
+        value = str(config.parameters.get(key, "0"))
+        knobs["intra_op_threads"] = int(value) if value.isdigit() else 0
+    return knobs
 
 
 def apply_knobs(config: ModelConfig, knobs: Mapping[str, Any]) -> ModelConfig:
@@ -98,7 +134,20 @@ def apply_knobs(config: ModelConfig, knobs: Mapping[str, Any]) -> ModelConfig:
     )
     group = config.instance_groups[0] if config.instance_groups else InstanceGroup()
     groups = (dataclasses.replace(group, count=int(knobs["instances"])),)
-    return config.replace(max_batch_size=mbs, dynamic_batching=batching, instance_groups=groups)
+    parameters = dict(config.parameters)
+    key = thread_parameter(config)
+    threads = int(knobs.get("intra_op_threads") or 0)
+    if key is not None and threads > 0:
+        if key not in parameters:  # name every pool (and spinning off), not only this one
+            parameters.update(
+                onnxruntime_thread_parameters(threads)
+                if key == THREAD_PARAMETERS["onnxruntime_onnx"]
+                else pytorch_thread_parameters(threads)
+            )
+        parameters[key] = str(threads)
+    return config.replace(
+        max_batch_size=mbs, dynamic_batching=batching, instance_groups=groups, parameters=parameters
+    )
 
 
 @dataclasses.dataclass
@@ -180,6 +229,10 @@ class TuneResult:
     written: list[str] = dataclasses.field(default_factory=list)
     winner_configs: dict[str, ModelConfig] = dataclasses.field(default_factory=dict)
     stopped_at: str | None = None
+    #: the CPUs the server could use (instances x intra-op threads stayed within them)
+    cpus: int | None = None
+    #: what each config was measured on, in words (the model swept, levels, window)
+    workload: str = ""
 
     @property
     def tried(self) -> int:
@@ -209,6 +262,8 @@ class TuneResult:
             "closest": None if self.winner is not None or self.closest is None else self.closest.summary(),
             "written": self.written,
             "stopped_at": self.stopped_at,
+            "cpus": self.cpus,
+            "workload": self.workload,
             "trials": [t.summary() for t in self.trials],
         }
 
@@ -241,6 +296,7 @@ def coordinate_search(
     groups: Sequence[Sequence[int]] | None = None,
     refine: Callable[[Point], None] | None = None,
     refine_top: int = REFINE_TOP,
+    allowed: Callable[[Point], bool] | None = None,
 ) -> list[Point]:
     """Coordinate search over a grid of ``dims`` (values per dimension), from ``start``.
 
@@ -254,7 +310,8 @@ def coordinate_search(
     ``refine_top`` best points of each group are re-measured before the search moves on, and the best
     ``refine_top`` overall at the end: a single noisy measurement then can't send the search the wrong way,
     or crown a config that was only lucky once. Each point is refined at most once; refining never counts
-    against ``max_trials`` (it measures configs already tried).
+    against ``max_trials`` (it measures configs already tried). With ``allowed``, points it rejects are
+    never tried (``start`` always is).
 
     Returns the points evaluated, in order. ``evaluate`` is called once per point.
     """
@@ -291,6 +348,8 @@ def coordinate_search(
                 candidate = list(base)
                 for d, v in zip(block, values, strict=True):
                     candidate[d] = v
+                if allowed is not None and tuple(candidate) != start and not allowed(tuple(candidate)):
+                    continue
                 trial = visit(tuple(candidate))
                 if trial is None:
                     confirm(tried)

@@ -41,6 +41,8 @@ from tritonforge.loadtest.search import (
 )
 from tritonforge.loadtest.sweep import Event, SweepResult, SweepSettings, run_sweep
 from tritonforge.loadtest.target import open_target
+from tritonforge.repository.threads import available_cpus
+from tritonforge.server.layout import candidate_layouts
 
 __all__ = ["Tuner", "tunable_models", "tune"]
 
@@ -106,8 +108,12 @@ class Tuner:
         refine: int = 2,
         on_event: Event | None = None,
         on_trial: Callable[[Trial], None] | None = None,
+        cpus: int | None = None,
     ) -> None:
         self.server = server
+        self.cpus = available_cpus() if cpus is None else cpus
+        if isinstance(self.cpus, bool) or not isinstance(self.cpus, int) or self.cpus < 1:
+            raise ValueError(f"cpus must be a positive integer, got {cpus!r}")
         self.repository = Path(repository)
         self.model = model
         self.budget_ms = p99_budget_ms
@@ -126,10 +132,15 @@ class Tuner:
             )
         self.dims: list[tuple[str, str, tuple[Any, ...]]] = []  # (model, knob, values)
         floor = self.configs[model].max_batch_size if self.configs[model].is_ensemble else 1
+        thread_values = self.space.intra_op_threads or sorted(
+            {layout.intra_op_threads for layout in candidate_layouts(self.cpus)}
+        )
         for name in self.tuned:
             current = knobs_of(self.configs[name])
             for knob in KNOBS:
-                values = list(self.space.values(knob))
+                if knob not in current:
+                    continue  # intra-op threads of a model our backends don't thread
+                values = list(thread_values if knob == "intra_op_threads" else self.space.values(knob))
                 if knob == "max_batch_size":
                     values = [v for v in values if v >= floor]
                 if current[knob] not in values:
@@ -137,7 +148,7 @@ class Tuner:
                 if knob != "preferred":
                     values.sort()
                 self.dims.append((name, knob, tuple(values)))
-        self.space_size = math.prod(len(v) for _, _, v in self.dims)
+        self.space_size = self._count_points()
         self.max_trials = max_trials or max(1, math.ceil(self.space_size / 3))
         self.loaded = {name: self.configs[name] for name in self.tuned}
         self.trials: list[Trial] = []
@@ -153,6 +164,34 @@ class Tuner:
             point.append(values.index(knobs_of(self.configs[name])[knob]))
         return tuple(point)
 
+    def _count_points(self) -> int:
+        """How many configs :meth:`points` yields, counted per model (the product grows fast)."""
+        size = 1
+        for name in self.tuned:
+            by_knob = {knob: values for m, knob, values in self.dims if m == name}
+            size *= math.prod(
+                len(v) for knob, v in by_knob.items() if knob not in ("instances", "intra_op_threads")
+            )
+            if "intra_op_threads" in by_knob:
+                size *= sum(
+                    1
+                    for i in by_knob["instances"]
+                    for t in by_knob["intra_op_threads"]
+                    if t >= 1 and i * t <= self.cpus
+                )
+            else:
+                size *= len(by_knob["instances"])
+        return size + (0 if self.allowed(self.default_point) else 1)
+
+    def allowed(self, point: Point) -> bool:
+        """Whether ``point`` is a candidate: no threaded model asks for more threads than the CPUs
+        (``instances x intra_op_threads <= cpus``). The config as served is measured whatever it is."""
+        for knobs in self.knobs_at(point).values():
+            threads = knobs.get("intra_op_threads")
+            if threads is not None and (threads < 1 or knobs["instances"] * threads > self.cpus):
+                return False
+        return True
+
     def knobs_at(self, point: Point) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {name: {} for name in self.tuned}
         for (name, knob, values), i in zip(self.dims, point, strict=True):
@@ -164,9 +203,10 @@ class Tuner:
 
     def label(self, point: Point) -> str:
         def one(k: Mapping[str, Any]) -> str:
+            threads = k.get("intra_op_threads")
             return (
                 f"mbs={k['max_batch_size']} pref={k['preferred']} delay={k['max_queue_delay_us']}us "
-                f"inst={k['instances']}"
+                f"inst={k['instances']}" + ("" if threads is None else f" threads={threads or 'default'}")
             )
 
         knobs = self.knobs_at(point)
@@ -177,15 +217,14 @@ class Tuner:
     @property
     def groups(self) -> list[tuple[int, ...]]:
         """The dimensions searched together, per tuned model: (max batch size, queue delay), then
-        instances, then preferred sizes."""
+        (instances, intra-op threads) or instances alone, then preferred sizes."""
         out: list[tuple[int, ...]] = []
         for name in self.tuned:
             index = {knob: i for i, (m, knob, _) in enumerate(self.dims) if m == name}
-            out += [
-                (index["max_batch_size"], index["max_queue_delay_us"]),
-                (index["instances"],),
-                (index["preferred"],),
-            ]
+            layout: tuple[int, ...] = (index["instances"],)
+            if "intra_op_threads" in index:
+                layout = (index["instances"], index["intra_op_threads"])
+            out += [(index["max_batch_size"], index["max_queue_delay_us"]), layout, (index["preferred"],)]
         return out
 
     def replay_search(self, max_trials: int | None = None) -> list[Point]:
@@ -206,6 +245,7 @@ class Tuner:
             max_trials=max_trials,
             groups=self.groups,
             refine=refine,
+            allowed=self.allowed,
         )
 
     @property
@@ -322,7 +362,11 @@ class Tuner:
         return result
 
     def points(self) -> Iterable[Point]:
-        return itertools.product(*(range(len(v)) for _, _, v in self.dims))
+        """Every config of the space: the candidates (see :meth:`allowed`) and the config as served."""
+        default = self.default_point
+        for point in itertools.product(*(range(len(v)) for _, _, v in self.dims)):
+            if point == default or self.allowed(point):
+                yield point
 
     def run(self) -> TuneResult:
         """Search (or, with ``exhaustive``, try every config), then restore the configs as served."""
@@ -363,6 +407,18 @@ class Tuner:
             winner=winner,
             winner_configs=winner_configs,
             stopped_at=self.stopped_at,
+            cpus=self.cpus,
+            workload=self.workload,
+        )
+
+    @property
+    def workload(self) -> str:
+        """What every config is measured on, in words (goes into the manifest with the winner)."""
+        kind = "concurrency" if self.settings.concurrency else "request rate"
+        levels = "/".join(f"{level:g}" for level in self.settings.levels)
+        return (
+            f"gRPC sweeps of '{self.model}' on the server at {kind} {levels}, "
+            f"{self.settings.window_s:g} s windows"
         )
 
     def _restore(self) -> None:

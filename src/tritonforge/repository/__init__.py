@@ -6,12 +6,14 @@ from tritonforge.repository.threads import (
     available_cpus,
     onnxruntime_thread_parameters,
     pytorch_thread_parameters,
+    with_layout,
 )
 from tritonforge.repository.writer import (
     DEFAULT_MAX_BATCH_SIZE,
     MODEL_FILENAMES,
     RepositoryWrite,
     add_model,
+    amend_version,
     file_sha256,
     infer_config,
     model_filename,
@@ -26,6 +28,7 @@ __all__ = [
     "Problem",
     "RepositoryWrite",
     "add_model",
+    "amend_version",
     "available_cpus",
     "check_repository",
     "file_sha256",
@@ -36,4 +39,5 @@ __all__ = [
     "pytorch_thread_parameters",
     "sample_inputs",
     "versions",
+    "with_layout",
 ]

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 
+from tritonforge.config import InstanceGroup, InstanceKind, ModelConfig
+
 __all__ = [
     "DEFAULT_INTRA_OP_THREADS",
     "available_cpus",
     "onnxruntime_thread_parameters",
     "pytorch_thread_parameters",
+    "with_layout",
 ]
 
 #: intra-op threads per instance: one serves batch-1 traffic best when several models share the cores;
@@ -69,3 +72,27 @@ def pytorch_thread_parameters(
         "INTRA_OP_THREAD_COUNT": _count(intra_op_threads, "intra_op_threads"),
         "INTER_OP_THREAD_COUNT": _count(inter_op_threads, "inter_op_threads"),
     }
+
+
+def with_layout(config: ModelConfig, instances: int, intra_op_threads: int) -> ModelConfig:
+    """``config`` served as ``instances`` instances (of its first group's kind) of ``intra_op_threads``
+    intra-op threads each: the thread parameters of its platform (ONNX: spinning off), others kept.
+
+    Raises:
+        ValueError: a count is not a positive integer, or the platform is not threaded by our backends.
+    """
+    _count(instances, "instances")
+    kind = config.instance_groups[0].kind if config.instance_groups else InstanceKind.CPU
+    platform = config.platform or config.backend or ""
+    if platform in ("onnxruntime_onnx", "onnxruntime"):
+        threads = onnxruntime_thread_parameters(intra_op_threads)
+    elif platform in ("pytorch_libtorch", "pytorch"):
+        threads = pytorch_thread_parameters(intra_op_threads)
+    else:
+        raise ValueError(
+            f"model '{config.name}' ({platform or 'no platform'}) has no intra-op threads to set"
+        )
+    return config.replace(
+        instance_groups=(InstanceGroup(count=instances, kind=kind),),
+        parameters={**config.parameters, **threads},
+    )

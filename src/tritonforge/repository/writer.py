@@ -51,6 +51,7 @@ __all__ = [
     "STAGING_PREFIX",
     "RepositoryWrite",
     "add_model",
+    "amend_version",
     "build_manifest",
     "check_model_name",
     "current_user",
@@ -174,6 +175,32 @@ def add_model(
             overwrite=overwrite,
             extra_files=extra_files,
         )
+
+
+def amend_version(
+    repo: str | os.PathLike[str],
+    name: str,
+    version: int,
+    *,
+    config: ModelConfig | None = None,
+    manifest: Mapping[str, Any] | None = None,
+) -> Path:
+    """Rewrite an existing version's manifest (``manifest`` entries merged in) and, with ``config``, the
+    model's config, atomically: the version folder is staged whole and swapped in (see
+    :meth:`RepositoryWrite.amend`). The model file is not changed.
+
+    Example:
+        >>> amend_version("model_repository", "clf", 1, config=tuned, manifest=extra)  # doctest: +SKIP
+
+    Returns:
+        The version folder.
+
+    Raises:
+        RepositoryError: the model or version does not exist, or no staging folder can be made.
+        ConfigError: ``config`` is invalid or names another model.
+    """
+    with RepositoryWrite(repo) as write:
+        return write.amend(name, version, config=config, manifest=manifest)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,6 +331,57 @@ class RepositoryWrite:
         write_config(config, folder / "config.pbtxt")
         self._staged.append(_Staged(name, chosen, overwrite, folder))
         return target
+
+    def amend(
+        self,
+        name: str,
+        version: int,
+        *,
+        config: ModelConfig | None = None,
+        manifest: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Stage a rewrite of existing version ``version`` of ``name``: its files as they are (hard links
+        where the file system allows, else copies), its ``manifest.json`` with ``manifest`` merged in, and
+        ``config`` (default: the model's config as it is). Moved in like a replaced version.
+
+        Raises:
+            RepositoryError: the model or version does not exist, or it is written twice in this write.
+            ConfigError: ``config`` is invalid or names another model.
+        """
+        check_model_name(name)
+        if any(s.name == name for s in self._staged):
+            raise RepositoryError(f"model '{name}' is written twice in one repository write", model=name)
+        model_dir = self.repo / name
+        current = model_dir / str(version)
+        if not current.is_dir():
+            have = ", ".join(map(str, versions(model_dir))) or "none"
+            raise RepositoryError(
+                f"model '{name}' has no version {version} in {self.repo} (versions: {have})",
+                model=name,
+                version=version,
+            )
+        if config is None:
+            config = load_config(model_dir)
+        elif config.name != name:
+            raise ConfigError(f"the config is for model '{config.name}', not '{name}'", model=name)
+        config.validate()
+        record: dict[str, Any] = {}
+        path = current / "manifest.json"
+        if path.is_file():
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise RepositoryError(f"{path}: unreadable manifest: {exc}", model=name) from exc
+        record.update(manifest or {})
+        folder = self._staging_dir() / name
+        folder.mkdir(parents=True)
+        version_dir = folder / str(version)
+        shutil.copytree(current, version_dir, copy_function=_link_or_copy)
+        (version_dir / "manifest.json").unlink(missing_ok=True)
+        (version_dir / "manifest.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_config(config, folder / "config.pbtxt")
+        self._staged.append(_Staged(name, version, True, folder))
+        return current
 
     def commit(self) -> list[Path]:
         """Move every staged model into the repository; returns their version folders.
@@ -515,6 +593,15 @@ def current_user() -> str:
     with contextlib.suppress(Exception):
         return getpass.getuser()
     return "unknown"
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    # the files of a version are never written in place (versions are replaced whole), so a hard link
+    # shares them safely and costs nothing for a large model
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
 
 
 def _copy(source: Path, destination: Path) -> None:

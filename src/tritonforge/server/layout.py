@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from tritonforge.config import InstanceGroup, InstanceKind, ModelConfig
-from tritonforge.repository.threads import available_cpus, onnxruntime_thread_parameters
+from tritonforge.config import ModelConfig
+from tritonforge.repository.threads import available_cpus, with_layout
 
 __all__ = ["Layout", "LayoutChoice", "candidate_layouts", "choose_layout"]
 
@@ -77,18 +77,20 @@ class LayoutChoice:
             "why": self.reason,
             "cpus": self.cpus,
             "workload": self.workload,
+            "method": "choose_layout: in-process onnxruntime sessions as our backend runs them, every "
+            "instance busy at once, alternating rounds",
             "measured_rows_per_s": {
                 layout.label: [round(v, 2) for v in values] for layout, values in self.rows_per_s.items()
             },
         }
 
     def apply(self, config: ModelConfig) -> ModelConfig:
-        """``config`` with the chosen instance count and intra-op threads (spinning off)."""
-        kind = config.instance_groups[0].kind if config.instance_groups else InstanceKind.CPU
-        return config.replace(
-            instance_groups=(InstanceGroup(count=self.chosen.instances, kind=kind),),
-            parameters={**config.parameters, **onnxruntime_thread_parameters(self.chosen.intra_op_threads)},
-        )
+        """``config`` with the chosen instance count and intra-op threads (spinning off).
+
+        Raises:
+            ValueError: the config's platform is not one our backends thread.
+        """
+        return with_layout(config, self.chosen.instances, self.chosen.intra_op_threads)
 
 
 def candidate_layouts(cpus: int) -> list[Layout]:
