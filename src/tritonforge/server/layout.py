@@ -94,10 +94,11 @@ class LayoutChoice:
 
 
 def candidate_layouts(cpus: int) -> list[Layout]:
-    """One instance on every CPU, one single-threaded instance per CPU, and halves in between."""
+    """One single-threaded instance (the leanest, where a small model ends up: its calls are too short to
+    share out), one instance on every CPU, one single-threaded instance per CPU, and halves in between."""
     if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
         raise ValueError(f"cpus must be a positive integer, got {cpus!r}")
-    found = [Layout(1, cpus), Layout(cpus, 1)]
+    found = [Layout(1, 1), Layout(1, cpus), Layout(cpus, 1)]
     if cpus >= 4:
         found.append(Layout(2, cpus // 2))
     return list(dict.fromkeys(found))
@@ -140,6 +141,10 @@ def _rows_per_s(
     return sum(done) / (time.perf_counter() - start)
 
 
+def _weight(layout: Layout) -> tuple[int, int]:
+    return (layout.instances * layout.intra_op_threads, layout.instances)
+
+
 def choose_layout(
     model: str | os.PathLike[str],
     feeds: Mapping[str, np.ndarray],
@@ -152,8 +157,8 @@ def choose_layout(
     """Measure each candidate layout on ``feeds`` (one request's inputs) and choose the fastest.
 
     Every instance of a layout runs ``feeds`` in a loop at the same time for ``duration_s``; the
-    candidates alternate round by round (ABBA...), and the highest median wins unless a layout with fewer
-    instances is within ``MIN_GAIN`` of it (fewer instances hold less memory).
+    candidates alternate round by round (ABBA...), and the highest median wins unless a leaner layout
+    (fewer threads in all, then fewer instances) is within ``MIN_GAIN`` of it.
 
     Raises:
         ValueError: ``feeds`` is empty, or ``rounds`` / ``duration_s`` / ``cpus`` is not positive.
@@ -176,9 +181,10 @@ def choose_layout(
             measured[layout].append(_rows_per_s(sessions[layout], feeds, rows, duration_s))
     medians = {layout: statistics.median(values) for layout, values in measured.items()}
     best = max(medians, key=lambda layout: medians[layout])
-    leaner = [layout for layout in layouts if layout.instances < best.instances]
-    for layout in sorted(leaner, key=lambda item: item.instances):
-        if medians[layout] >= medians[best] * (1 - MIN_GAIN):
+    # the leanest layout within MIN_GAIN of the fastest: fewer threads in all (they fight the other models
+    # of the server for the cores), then fewer instances (less memory)
+    for layout in sorted(layouts, key=_weight):
+        if _weight(layout) < _weight(best) and medians[layout] >= medians[best] * (1 - MIN_GAIN):
             best = layout
             break
     shapes = ", ".join(f"{name} {list(array.shape)}" for name, array in feeds.items())
