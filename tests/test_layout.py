@@ -61,8 +61,8 @@ def test_the_leanest_layout_within_min_gain_of_the_fastest_is_chosen(
 
     source = tiny_models.mlp_onnx(tmp_path / "mlp.onnx")
     feeds = {"x": np.ones((1, 8), np.float32)}
-    cases = [  # (rows/s per layout, the choice): fewer threads in all wins within MIN_GAIN (3 %), not beyond
-        ({Layout(1, 1): 100.0, Layout(1, 2): 101.0, Layout(2, 1): 90.0}, Layout(1, 1)),
+    cases = [  # (rows/s per layout, the choice): fewer threads in all wins within MIN_GAIN (10 %), not beyond
+        ({Layout(1, 1): 100.0, Layout(1, 2): 108.0, Layout(2, 1): 90.0}, Layout(1, 1)),
         ({Layout(1, 1): 100.0, Layout(1, 2): 101.0, Layout(2, 1): 150.0}, Layout(2, 1)),
         ({Layout(1, 1): 60.0, Layout(1, 2): 100.0, Layout(2, 1): 99.0}, Layout(1, 2)),
     ]

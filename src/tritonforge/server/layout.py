@@ -31,8 +31,10 @@ from tritonforge.repository.threads import available_cpus, with_layout
 
 __all__ = ["Layout", "LayoutChoice", "candidate_layouts", "choose_layout"]
 
-#: a candidate must beat the leaner one (fewer instances: less memory) by this much to be chosen
-MIN_GAIN = 0.03
+#: a candidate must beat a leaner one (fewer threads in all, then fewer instances) by this much to be
+#: chosen: more threads take cores from the server's other models, and rounds on a busy machine wander by
+#: several per cent
+MIN_GAIN = 0.10
 
 
 @dataclasses.dataclass(frozen=True)
