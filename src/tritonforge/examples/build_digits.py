@@ -25,8 +25,8 @@ from tritonforge.examples._common import run
 from tritonforge.observe.drift import profile as drift_profile
 from tritonforge.observe.drift import write_profile
 from tritonforge.registry import Step, build_key, find_built, register
-from tritonforge.repository import available_cpus, infer_config
-from tritonforge.server.layout import choose_layout
+from tritonforge.repository import infer_config
+from tritonforge.server.layout import choose_layout, layout_key
 
 SEED = 0
 MAX_BATCH_SIZE = 64
@@ -62,6 +62,10 @@ def estimators() -> dict[str, Any]:
     }
 
 
+#: the members' batcher delay (see the config below)
+MEMBER_QUEUE_DELAY_US = 0
+
+
 def _data_sha(*arrays: np.ndarray) -> str:
     digest = hashlib.sha256()
     for a in arrays:
@@ -88,8 +92,9 @@ def build(
             "zipmap": False,
             "input_dtype": "float32",
             "max_batch_size": MAX_BATCH_SIZE,
-            # the layout is measured for this machine's CPUs: another count builds (and measures) anew
-            "layout_cpus": available_cpus(),
+            "max_queue_delay_us": MEMBER_QUEUE_DELAY_US,
+            # the layout is measured for this machine's CPUs and rule: another builds (and measures) anew
+            **layout_key(),
         }
         key = build_key("onnx", data_sha, settings)
         existing = None if force else find_built(repo, name, key)
@@ -116,7 +121,7 @@ def build(
                 # no delay: a request answers in ~0.1 ms of compute, so a wait would only hold a lone one
                 # back (it halved digits_vote's throughput at concurrency 1: the three members each
                 # waited); under load requests queue behind the running batch and group by themselves
-                max_queue_delay_us=0,
+                max_queue_delay_us=MEMBER_QUEUE_DELAY_US,
             )
             version = register(
                 repo,

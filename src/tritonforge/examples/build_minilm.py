@@ -29,8 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tritonforge.examples import minilm
 from tritonforge.examples._common import run
 from tritonforge.registry import Step, build_key, find_built, register
-from tritonforge.repository import available_cpus, file_sha256
-from tritonforge.server.layout import choose_layout
+from tritonforge.repository import file_sha256
+from tritonforge.server.layout import choose_layout, layout_key
 
 NAME = "minilm_encoder"
 MAX_BATCH_SIZE = 64
@@ -189,6 +189,10 @@ def quantize_int8(fp32: Path, work: Path, batches: list[dict[str, np.ndarray]]) 
     )
 
 
+#: the encoder's batcher delay (see _config)
+ENCODER_QUEUE_DELAY_US = 100
+
+
 def _config(repo: Path, path: Path) -> Any:
     from tritonforge.config import DynamicBatching, VersionPolicy
     from tritonforge.repository import available_cpus, infer_config
@@ -199,7 +203,7 @@ def _config(repo: Path, path: Path) -> Any:
     # A sentence keeps a core busy for milliseconds, so under load requests queue behind the running batch
     # and group by themselves; a longer delay would only hold a lone request back (2 ms of a ~5 ms answer
     # at concurrency 1), in the encoder and in any pipeline compiled over it.
-    config = config.replace(dynamic_batching=DynamicBatching(max_queue_delay_us=100))
+    config = config.replace(dynamic_batching=DynamicBatching(max_queue_delay_us=ENCODER_QUEUE_DELAY_US))
     if (repo / NAME / "config.pbtxt").is_file():
         return config  # the registry keeps whatever version policy was promoted
     return config.replace(version_policy=VersionPolicy.all())  # serve FP32 and INT8 side by side
@@ -217,8 +221,9 @@ def build(repo: Path, *, force: bool = False, console: Any = None) -> list[Step]
         "max_length": minilm.MAX_LENGTH,
         "held_out": [HOLDOUT_SENTENCES, HOLDOUT_SEED],
         "max_batch_size": MAX_BATCH_SIZE,
+        "max_queue_delay_us": ENCODER_QUEUE_DELAY_US,
         # each version's layout is measured for this machine's CPUs: another count builds (and measures) anew
-        "layout_cpus": available_cpus(),
+        **layout_key(),
     }
     key32 = build_key("fp32", source["sha256"], settings)
     key8 = build_key("int8-dynamic", source["sha256"], {**settings, "fp32_nodes": FP32_NODES_PATTERNS})

@@ -29,7 +29,7 @@ import numpy as np
 from tritonforge.config import ModelConfig
 from tritonforge.repository.threads import available_cpus, with_layout
 
-__all__ = ["Layout", "LayoutChoice", "candidate_layouts", "choose_layout"]
+__all__ = ["Layout", "LayoutChoice", "candidate_layouts", "choose_layout", "layout_key"]
 
 #: a candidate must beat a leaner one (fewer threads in all, then fewer instances) by this much to be
 #: chosen: more threads take cores from the server's other models, and rounds on a busy machine wander by
@@ -104,6 +104,20 @@ def candidate_layouts(cpus: int) -> list[Layout]:
     if cpus >= 4:
         found.append(Layout(2, cpus // 2))
     return list(dict.fromkeys(found))
+
+
+def layout_key(cpus: int | None = None) -> dict[str, Any]:
+    """What a measured layout depends on besides the model: the CPUs, the candidates and the rule.
+
+    A build key holding it measures anew on a machine with another CPU count or after the rule changes,
+    and reuses the recorded layout otherwise.
+    """
+    cpus = available_cpus() if cpus is None else cpus
+    return {
+        "layout_cpus": cpus,
+        "layout_candidates": [layout.label for layout in candidate_layouts(cpus)],
+        "layout_min_gain": MIN_GAIN,
+    }
 
 
 def _sessions(model: Path, layout: Layout) -> list[Any]:
