@@ -14,10 +14,9 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from tiny_models import lookup_onnx, python_model
+from tiny_models import add_lookup, python_model
 from tiny_models import spec as _spec
 from tritonforge.config import DataType, DynamicBatching, EnsembleStep, ModelConfig, write_config
-from tritonforge.repository import add_model
 
 DOUBLE_PY = """
 import time
@@ -93,13 +92,5 @@ def build_batch_repository(root: Path, digits_tool: object) -> Path:
     )
     (repo / "double_twice" / "1").mkdir(parents=True)
     write_config(twice, repo / "double_twice" / "config.pbtxt")
-    lookup = ModelConfig(
-        name="lookup",
-        platform="onnxruntime_onnx",
-        max_batch_size=16,
-        inputs=(_spec("ids", DataType.INT64, (-1,)),),
-        outputs=(_spec("vec", DataType.FP32, (-1, 4)),),
-        dynamic_batching=DynamicBatching(),
-    )
-    add_model(repo, "lookup", lookup_onnx(work / "lookup.onnx"), lookup)
+    add_lookup(repo, work)
     return repo

@@ -41,27 +41,21 @@ def build_test_repository(root: Path) -> Path:
         outputs=(_spec("b", DataType.FP32, (3, 2)),),
     )
     add_model(repo, "fixed", tiny_models.fixed_onnx(work / "fixed.onnx"), fixed)
-    lookup = ModelConfig(
-        name="lookup",
-        platform="onnxruntime_onnx",
-        max_batch_size=16,
-        inputs=(_spec("ids", DataType.INT64, (-1,)),),
-        outputs=(_spec("vec", DataType.FP32, (-1, 4)),),
+    tiny_models.add_lookup(
+        repo,
+        work,
         dynamic_batching=DynamicBatching(max_queue_delay_us=50_000),
         instance_groups=(InstanceGroup(count=2, kind=InstanceKind.CPU),),
         parameters={"intra_op_thread_count": "1"},
     )
-    add_model(repo, "lookup", tiny_models.lookup_onnx(work / "lookup.onnx"), lookup)
     # same model, a 4-thread intra-op pool: the thread-count parameter must reach onnxruntime
-    add_model(
+    tiny_models.add_lookup(
         repo,
+        work,
         "lookup_4threads",
-        work / "lookup.onnx",
-        lookup.replace(
-            name="lookup_4threads",
-            instance_groups=(InstanceGroup(count=1, kind=InstanceKind.CPU),),
-            parameters={"intra_op_thread_count": "4"},
-        ),
+        dynamic_batching=DynamicBatching(max_queue_delay_us=50_000),
+        instance_groups=(InstanceGroup(count=1, kind=InstanceKind.CPU),),
+        parameters={"intra_op_thread_count": "4"},
     )
     # two outputs, requests naming one, the other or both are batched together
     two = ModelConfig(

@@ -35,15 +35,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         outputs=(_spec("probs", DataType.FP32, (3,)),),
     )
     add_model(repo, "mlp_plain", mlp, plain)
-    lookup = ModelConfig(
-        name="lookup",
-        platform="onnxruntime_onnx",
-        max_batch_size=16,
-        inputs=(_spec("ids", DataType.INT64, (-1,)),),
-        outputs=(_spec("vec", DataType.FP32, (-1, 4)),),
-        dynamic_batching=DynamicBatching(),
-    )
-    add_model(repo, "lookup", tiny_models.lookup_onnx(work / "lookup.onnx"), lookup)
+    tiny_models.add_lookup(repo, work)
     echo = ModelConfig(
         name="echo_str",
         backend="python",

@@ -156,6 +156,26 @@ def two_outputs_onnx(path: Path, width: int = 4) -> Path:
     return _save(graph, path)
 
 
+def add_lookup(repo: Path, work: Path, name: str = "lookup", **changes) -> Path:
+    """Add :func:`lookup_onnx` to ``repo`` as ``name``: ids[-1] INT64 -> vec[-1, 4] FP32, max batch 16, a
+    dynamic batcher; ``changes`` replace config fields (``tritonforge.config.ModelConfig.replace``)."""
+    from tritonforge.config import DataType, DynamicBatching, ModelConfig
+    from tritonforge.repository import add_model
+
+    config = ModelConfig(
+        name=name,
+        platform="onnxruntime_onnx",
+        max_batch_size=16,
+        inputs=(spec("ids", DataType.INT64, (-1,)),),
+        outputs=(spec("vec", DataType.FP32, (-1, 4)),),
+        dynamic_batching=DynamicBatching(),
+    )
+    source = work / "lookup.onnx"
+    return add_model(
+        repo, name, source if source.exists() else lookup_onnx(source), config.replace(**changes)
+    )
+
+
 def torch_modules():  # pragma: no cover - imported lazily by tests that need torch
     import torch
 
