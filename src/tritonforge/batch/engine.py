@@ -80,6 +80,7 @@ class Engine:
         self.timeout_s = timeout_s
         self.latencies_s: list[float] = []
         self.requests = 0
+        self.streamed = 0  # of ``requests``, answered on a lane's stream
 
     def batches(self, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Row positions of each request: rows of one shape together, ``batch_size`` at a time."""
@@ -127,6 +128,7 @@ class Engine:
             return None  # the client's call gets the error with its kind (and the rows are narrowed down)
         self.latencies_s.append(time.perf_counter() - started)
         self.requests += 1
+        self.streamed += 1
         out = decode_response(response.infer_response)
         if not self.batched:
             out = {k: v[None, ...] for k, v in out.items()}

@@ -110,6 +110,7 @@ class BatchResult:
     server: list[ServerSplit] = field(default_factory=list)
     failed_before: int = 0
     startup_s: float = 0.0  # from the call until the first request went out (reading, metadata, manifest)
+    requests_streamed: int = 0  # of ``requests``, answered on a lane's stream (the rest: client calls)
 
     @property
     def rows_per_s(self) -> float:
@@ -317,6 +318,7 @@ async def arun_batch(
         server=_splits(before, after),
         failed_before=failed_before,
         startup_s=(runner.first_request_s or time.perf_counter()) - started,
+        requests_streamed=engine.streamed,
     )
     emit("done", {"result": result})
     if runner.fatal is not None:

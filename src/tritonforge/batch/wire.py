@@ -343,6 +343,13 @@ async def open_connection(
     return conn
 
 
+def _ended(task: asyncio.Task[Connection] | None) -> bool:
+    """Whether ``task`` opened a connection that has since ended."""
+    if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+        return False
+    return task.result().broken is not None
+
+
 class Lane:
     """A batch lane's stream: one request in flight on it at a time, so the next message is its answer."""
 
@@ -359,8 +366,9 @@ class Lane:
 
 
 class Streams:
-    """The lanes' streams: a connection per endpoint (opened when a lane first needs it), lane ``i`` on
-    endpoint ``i % len(urls)``, and a watchdog that gives up on answers later than ``timeout_s``.
+    """The lanes' streams: a connection per endpoint (opened when a lane first needs it, again after it
+    ended), lane ``i`` on endpoint ``i % len(urls)``, and a watchdog that gives up on answers later than
+    ``timeout_s``.
 
     :meth:`send` returns the answer's bytes, or None when the request has to go through the full client
     instead: the endpoint unreachable this way, the stream ended, no answer in time. A lane whose stream
@@ -388,6 +396,8 @@ class Streams:
 
     async def _connection(self, url: str) -> Connection | None:
         task = self._conns.get(url)
+        if _ended(task):  # a connection that ended (GOAWAY, lost): open another
+            task = None
         if task is None:
             task = self._conns[url] = asyncio.get_running_loop().create_task(
                 open_connection(url, self.metadata)
