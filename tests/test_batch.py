@@ -621,3 +621,18 @@ def test_streams_give_up_on_an_answer_later_than_the_timeout():
 
     raw, breaks, waited_s = asyncio.run(go())
     assert raw is None and breaks == 1 and 0.2 <= waited_s < 5
+
+
+@pytest.mark.parametrize("uvloop_installed", [True, False])
+def test_a_run_gets_uvloop_when_installed_and_asyncio_otherwise(uvloop_installed):
+    if uvloop_installed:
+        pytest.importorskip("uvloop")
+    hide = "" if uvloop_installed else "sys.modules['uvloop'] = None\n"  # import uvloop raises ImportError
+    code = (
+        f"import asyncio, sys\n{hide}from tritonforge.batch.run import _run_loop\n"
+        "async def kind():\n    return type(asyncio.get_running_loop()).__module__\n"
+        "print(_run_loop(kind()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().split(".")[0] == ("uvloop" if uvloop_installed else "asyncio")

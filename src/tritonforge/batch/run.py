@@ -142,10 +142,21 @@ def run_batch(
         >>> result = run_batch("digits_mlp", "127.0.0.1:8001", "digits/*.parquet", "out/")   # doctest: +SKIP
         >>> result.rows_ok, result.rows_failed, result.exit_code
 
+    The run gets an event loop of its own: uvloop's when it is installed (the ``batch`` extra; its loop
+    costs less CPU per request), asyncio's otherwise.
+
     Raises:
         BatchError: bad input, mapping or output folder; the server unreachable (finished shards kept).
     """
-    return asyncio.run(arun_batch(model, urls, input, output, **options))
+    return _run_loop(arun_batch(model, urls, input, output, **options))
+
+
+def _run_loop(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 async def arun_batch(
