@@ -636,3 +636,46 @@ def test_a_run_gets_uvloop_when_installed_and_asyncio_otherwise(uvloop_installed
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().split(".")[0] == ("uvloop" if uvloop_installed else "asyncio")
+
+
+@pytest.mark.slow
+def test_a_server_gone_mid_run_stops_it_with_an_error_keeping_the_finished_shards(tmp_path, batch_repo):
+    import threading
+
+    from tritonforge.client import RetryPolicy
+    from tritonforge.server import EmbeddedServer
+
+    x = np.arange(3000 * 4, dtype=np.float32).reshape(3000, 4)
+    pq.write_table(
+        pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 4)}), tmp_path / "x.parquet"
+    )
+    server = EmbeddedServer(batch_repo, load_models=["double_slow"], model_control="explicit").start()
+    stopper: list[threading.Thread] = []
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "shard" and not stopper:  # the first shard is committed: the server goes away
+            stopper.append(threading.Thread(target=server.stop))
+            stopper[0].start()
+
+    try:
+        with pytest.raises(BatchError, match="run the same command again to resume"):
+            run_batch(
+                "double_slow",
+                [server.grpc_url],
+                tmp_path / "x.parquet",
+                tmp_path / "out",
+                shard_rows=160,
+                concurrency=4,
+                on_event=on_event,
+                client_options={"retry": RetryPolicy(max_attempts=2, backoff_initial_s=0.05), "deadline": 10},
+            )
+    finally:
+        for thread in stopper:
+            thread.join()
+        server.stop()
+    done = json.loads((tmp_path / "out" / "_manifest.json").read_text())["shards"]
+    assert 1 <= len(done) < 3000 // 160 + 1
+    table = read_outputs(tmp_path / "out")
+    np.testing.assert_array_equal(
+        np.stack(table.column("y").to_numpy(zero_copy_only=False)), x[table.column("row_id").to_numpy()] * 2
+    )
