@@ -147,7 +147,7 @@ def test_batch_cli_reads_csv_columns_and_numpy_and_answers_like_parquet(tmp_path
     pcsv.write_csv(digits_table(x, as_columns=True), tmp_path / "digits.csv")
     np.save(tmp_path / "digits.npy", x)
     want = in_process(batch_repo, x)["label"]
-    for source, extra in (("digits.csv", ["--map", "input=pixel_*"]), ("digits.npy", [])):
+    for source, extra in (("digits.csv", ["--map", "input=pixel_*"]), ("digits.npy", ["--no-streams"])):
         out = tmp_path / f"out-{source}"
         done = cli(
             "digits_logreg",
