@@ -138,6 +138,16 @@ def test_lanes_send_on_streams_of_their_own_and_answer_like_client_calls(tmp_pat
     # the lanes' streams
     assert on.requests - 2 * 4 <= on.requests_streamed < on.requests and off.requests_streamed == 0
     assert read_outputs(tmp_path / "on").equals(read_outputs(tmp_path / "off"))
+    # shared memory asked for: the client's calls carry it, so no streams
+    shm = run_batch(
+        "digits_logreg",
+        urls,
+        tmp_path / "d.parquet",
+        tmp_path / "shm",
+        client_options={"shared_memory": "system"},
+        **kwargs,
+    )
+    assert shm.requests_streamed == 0 and read_outputs(tmp_path / "shm").equals(read_outputs(tmp_path / "on"))
 
 
 def test_batch_cli_reads_csv_columns_and_numpy_and_answers_like_parquet(tmp_path, batch_repo, urls, digits):

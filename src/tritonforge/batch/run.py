@@ -198,8 +198,9 @@ async def arun_batch(
         on_event: ``fn(kind, data)`` for progress: ``start``, ``rows``, ``shard``, ``stopping``, ``done``.
         client_options: passed to :class:`~tritonforge.client.AsyncClient` (retry, deadline, tls, ...).
         streams: each lane sends its requests as messages of a ``ModelStreamInfer`` stream of its own
-            (:mod:`tritonforge.batch.wire`; not with TLS or ``dns:///`` URLs), the client taking over any
-            request that can't go that way or fails; ``False``: every request a call of the client.
+            (:mod:`tritonforge.batch.wire`; not with TLS, ``dns:///`` URLs or shared memory asked for), the
+            client taking over any request that can't go that way or fails; ``False``: every request a
+            call of the client.
 
     Raises:
         BatchError: bad input, mapping or output folder; a model that isn't there; the servers unreachable
@@ -707,7 +708,10 @@ def _signals(runner: _Runner, enabled: bool) -> Any:
 
 
 def _streams(client: Any, urls: Sequence[str], timeout_s: float | None) -> Streams | None:
-    """The lanes' streams, where the wire path can go: plain ``host:port`` endpoints without TLS."""
+    """The lanes' streams, where the wire path can go: plain ``host:port`` endpoints without TLS, and a
+    client not told to put tensors in shared memory."""
+    if client.shared_memory.mode in ("system", "cuda"):
+        return None
     plain = []
     for url in urls:
         url = url[len("grpc://") :] if url.startswith("grpc://") else url
