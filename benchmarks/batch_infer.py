@@ -9,6 +9,8 @@ alternating order (ABBA):
 - **batch-infer**: ``tritonforge.batch.run_batch`` over every row (requests of the model's max batch,
   ``--concurrency`` in flight, Parquet shards of ``--shard-rows`` written and committed), its outputs
   checked against onnxruntime in-process; rows/s end to end (startup included) and after startup;
+- **client calls**: the same run with ``streams=False`` (every request a grpc.aio call of the
+  ``AsyncClient``, as batch-infer sent them before its lanes had streams of their own; ``--no-calls`` skips);
 - **perf_analyzer** (C++; on PATH, ``$PERF_ANALYZER``, or ``../shared/tools/perf_analyzer`` next to the
   project; skipped when absent) at that batch size and its best concurrency, ``--pa-window-ms`` windows;
 
@@ -193,30 +195,41 @@ def digits(args: argparse.Namespace) -> None:
                 print(f"perf_analyzer's best concurrency at batch {batch} ({args.pa_window_ms} ms windows):")
                 best = perf_analyzer_best(exe, url, args.model, batch, args.pa_window_ms)
                 pa_concurrency = best[1] if best else None
-            names = ["batch-infer"] + (["perf_analyzer"] if pa_concurrency else [])
+            names = (
+                ["batch-infer"]
+                + ([] if args.no_calls else ["client calls (streams=False)"])
+                + (["perf_analyzer"] if pa_concurrency else [])
+            )
             rounds: dict[str, list[float]] = {
                 "batch-infer": [],
                 "batch-infer steady": [],
+                "client calls (streams=False)": [],
                 "perf_analyzer": [],
                 "naive loop": [],
                 f"thread pool ({args.threads})": [],
             }
-            cpu: dict[str, list[dict]] = {"batch-infer": [], "perf_analyzer": []}
+            cpu: dict[str, list[dict]] = {
+                "batch-infer": [],
+                "client calls (streams=False)": [],
+                "perf_analyzer": [],
+            }
             startup: list[float] = []
             for r, order in enumerate(alternating(args.rounds, names)):
                 for name in order:
                     before = meter.take()
-                    if name == "batch-infer":
+                    if name in ("batch-infer", "client calls (streams=False)"):
                         out = work / f"out-{r}"
-                        result = run_batch(args.model, url, data, out, **options)
+                        streams = name == "batch-infer"
+                        result = run_batch(args.model, url, data, out, streams=streams, **options)
                         after = meter.take()
                         got = read_outputs(out).column("label").to_numpy()
                         assert result.exit_code == 0 and np.array_equal(got, want), "outputs differ"
                         shutil.rmtree(out)
-                        rows = result.rows_ok + result.rows_failed
-                        rounds["batch-infer"].append(result.rows_per_s)
-                        rounds["batch-infer steady"].append(rows / (result.elapsed_s - result.startup_s))
-                        startup.append(result.startup_s)
+                        rounds[name].append(result.rows_per_s)
+                        if streams:
+                            rows = result.rows_ok + result.rows_failed
+                            rounds["batch-infer steady"].append(rows / (result.elapsed_s - result.startup_s))
+                            startup.append(result.startup_s)
                     else:
                         assert pa_concurrency is not None and exe is not None
                         rounds["perf_analyzer"].append(
@@ -232,6 +245,11 @@ def digits(args: argparse.Namespace) -> None:
                 print(
                     f"round {r + 1} ({' then '.join(order)}): {line} rows/s; batch-infer startup "
                     f"{startup[-1] * 1e3:.0f} ms, CPU {cpu['batch-infer'][-1]['self_us']:.2f} us/row"
+                    + (
+                        f", client calls CPU {cpu['client calls (streams=False)'][-1]['self_us']:.2f} us/row"
+                        if cpu["client calls (streams=False)"]
+                        else ""
+                    )
                     + (
                         f", perf_analyzer CPU {cpu['perf_analyzer'][-1]['children_us']:.2f} us/row"
                         if cpu["perf_analyzer"]
@@ -273,6 +291,7 @@ def report(
     labels = {
         "batch-infer": f"batch-infer, end to end (batch {batch}, {args.concurrency} in flight)",
         "batch-infer steady": "batch-infer, after startup",
+        "client calls (streams=False)": "batch-infer, client calls (streams=False)",
         "perf_analyzer": f"perf_analyzer (batch {batch}, concurrency {pa_concurrency})",
     }
     for name, values in rounds.items():
@@ -289,6 +308,15 @@ def report(
         srv = f"{statistics.median(c['server_us'] for c in own):.2f}" if own else ""
         print(f"{labels.get(name, name):<44} {_spread(values):>32} {client:>11} {srv:>11} {ratio:>18}")
     print(f"batch-infer startup (until its first request; in end-to-end time): {_spread(startup, 1e3)} ms")
+    calls = cpu.get("client calls (streams=False)", [])
+    if calls:
+        mine = [c["self_us"] for c in cpu["batch-infer"]]
+        theirs = [c["self_us"] for c in calls]
+        print(
+            "batch-infer's process CPU per row, rounds, streams vs client calls: "
+            + ", ".join(f"{a:.2f} vs {b:.2f}" for a, b in zip(mine, theirs, strict=True))
+            + f" (medians {statistics.median(mine):.2f} vs {statistics.median(theirs):.2f} us/row)"
+        )
     if rounds["perf_analyzer"]:
         pa = rounds["perf_analyzer"]
         end = [b / p for b, p in zip(bi, pa, strict=True)]
@@ -357,6 +385,9 @@ def main() -> None:
     parser.add_argument("--repo", type=Path, default=None, help="an existing repository (default: build one)")
     parser.add_argument("--pa-window-ms", type=int, default=3000, help="perf_analyzer measurement window")
     parser.add_argument("--no-perf-analyzer", action="store_true")
+    parser.add_argument(
+        "--no-calls", action="store_true", help="skip the rounds of batch-infer with streams=False"
+    )
     parser.add_argument("--text", action="store_true", help="the text pipeline instead of digits")
     parser.add_argument("--sentences", type=int, default=3000)
     args = parser.parse_args()

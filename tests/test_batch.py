@@ -127,6 +127,29 @@ def test_batch_run_outputs_equal_in_process_onnxruntime_for_every_row(tmp_path, 
     assert result.latencies_ms["p99"] >= result.latencies_ms["p50"] > 0
 
 
+def test_lanes_send_on_streams_of_their_own_and_answer_like_client_calls(tmp_path, urls, digits):
+    pq.write_table(digits_table(digits), tmp_path / "d.parquet")
+    kwargs = {"shard_rows": 300, "concurrency": 4, "batch_size": 16}
+    on = run_batch("digits_logreg", urls, tmp_path / "d.parquet", tmp_path / "on", **kwargs)
+    off = run_batch("digits_logreg", urls, tmp_path / "d.parquet", tmp_path / "off", streams=False, **kwargs)
+    assert on.exit_code == off.exit_code == EXIT_OK and on.requests == off.requests == 57
+    # the first requests of each shape (16 rows, and a shard's last 12; at most one per lane before the
+    # first answer) go through the client, which checks them against the model's metadata; the rest on
+    # the lanes' streams
+    assert on.requests - 2 * 4 <= on.requests_streamed < on.requests and off.requests_streamed == 0
+    assert read_outputs(tmp_path / "on").equals(read_outputs(tmp_path / "off"))
+    # shared memory asked for: the client's calls carry it, so no streams
+    shm = run_batch(
+        "digits_logreg",
+        urls,
+        tmp_path / "d.parquet",
+        tmp_path / "shm",
+        client_options={"shared_memory": "system"},
+        **kwargs,
+    )
+    assert shm.requests_streamed == 0 and read_outputs(tmp_path / "shm").equals(read_outputs(tmp_path / "on"))
+
+
 def test_batch_cli_reads_csv_columns_and_numpy_and_answers_like_parquet(tmp_path, batch_repo, urls, digits):
     x = digits[:300]
     import pyarrow.csv as pcsv
@@ -134,7 +157,7 @@ def test_batch_cli_reads_csv_columns_and_numpy_and_answers_like_parquet(tmp_path
     pcsv.write_csv(digits_table(x, as_columns=True), tmp_path / "digits.csv")
     np.save(tmp_path / "digits.npy", x)
     want = in_process(batch_repo, x)["label"]
-    for source, extra in (("digits.csv", ["--map", "input=pixel_*"]), ("digits.npy", [])):
+    for source, extra in (("digits.csv", ["--map", "input=pixel_*"]), ("digits.npy", ["--no-streams"])):
         out = tmp_path / f"out-{source}"
         done = cli(
             "digits_logreg",
@@ -184,6 +207,7 @@ def test_failing_rows_go_to_the_errors_file_with_reasons_and_the_rest_are_answer
     pq.write_table(pa.table({"x": pa.array(rows, pa.list_(pa.float32()))}), tmp_path / "x.parquet")
     result = run_batch("double", urls, tmp_path / "x.parquet", tmp_path / "out", shard_rows=64)
     assert result.status == "complete" and result.exit_code == EXIT_FAILED_ROWS
+    assert result.requests_streamed > 0  # the good requests went on streams, the failing ones to the client
     errors = read_errors(tmp_path / "out")
     assert [e["row_id"] for e in errors] == [7, 33, 90, 91, 120, 150]
     by_row = {e["row_id"]: e for e in errors}
@@ -506,3 +530,162 @@ def test_triton_predictor_marks_failed_rows_in_the_error_column_and_answers_the_
     assert [i for i, e in enumerate(errors) if e] == [3] and "negative input" in errors[3]
     y = np.stack(out.column("y").to_numpy(zero_copy_only=False))
     np.testing.assert_array_equal(np.delete(y, 3, axis=0), np.delete(x, 3, axis=0) * 2)
+
+
+# -- the lanes' streams (tritonforge.batch.wire) -------------------------------------------------------------
+
+
+def _double_request(x: np.ndarray) -> bytes:
+    from tritonforge.client._codec import frame, request_header, tensor_bytes
+
+    header = request_header("double", None, [("x", "FP32", x.shape)], ["y"])
+    return frame(header, [tensor_bytes(x, "FP32")])
+
+
+def _answer(raw: bytes) -> tuple[str, np.ndarray | None]:
+    from tritonclient.grpc import service_pb2 as pb
+
+    from tritonforge.client._codec import decode_response
+
+    response = pb.ModelStreamInferResponse.FromString(raw)
+    if response.error_message:
+        return response.error_message, None
+    return "", decode_response(response.infer_response)["y"]
+
+
+def test_a_lane_stream_answers_requests_and_a_model_error_leaves_it_usable(urls):
+    import asyncio
+
+    from tritonforge.batch.wire import Streams
+
+    x = np.arange(64, dtype=np.float32).reshape(16, 4)
+
+    async def go() -> list[tuple[str, np.ndarray | None]]:
+        streams = Streams(urls, (), timeout_s=30.0)
+        lanes = [streams.lane(i) for i in range(2)]  # one on each server
+        try:
+            answers = []
+            for body in (_double_request(x), _double_request(-x[:2]), _double_request(x + 1)):
+                for lane in lanes:
+                    raw = await streams.send(lane, body)
+                    assert raw is not None
+                    answers.append(_answer(raw))
+            assert [lane.breaks for lane in lanes] == [0, 0] and lanes[0].url != lanes[1].url
+            return answers
+        finally:
+            await streams.aclose()
+
+    answers = asyncio.run(go())
+    for error, y in answers[:2] + answers[4:]:
+        assert error == "" and y is not None
+    np.testing.assert_array_equal(answers[0][1], x * 2)
+    np.testing.assert_array_equal(answers[5][1], (x + 1) * 2)
+    assert all("negative input" in error and y is None for error, y in answers[2:4])
+
+
+def test_streams_hand_a_request_back_when_the_endpoint_refuses_connections():
+    import asyncio
+
+    from tritonforge.batch.wire import Streams
+    from tritonforge.server.embedded import free_port
+
+    async def go() -> tuple[bytes | None, bool]:
+        streams = Streams([f"127.0.0.1:{free_port()}"], (), timeout_s=5.0)
+        lane = streams.lane(0)
+        try:
+            return await streams.send(lane, _double_request(np.ones((1, 4), np.float32))), lane.dead
+        finally:
+            await streams.aclose()
+
+    assert asyncio.run(go()) == (None, True)  # None: the caller sends it through the client instead
+
+
+def test_streams_give_up_on_an_answer_later_than_the_timeout():
+    import asyncio
+
+    from tritonforge.batch.wire import Streams
+
+    async def go() -> tuple[bytes | None, int, float]:
+        peers: list[asyncio.StreamWriter] = []
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peers.append(writer)
+            writer.write(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # an empty SETTINGS frame, then nothing
+            await reader.read(-1)
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        streams = Streams([f"127.0.0.1:{port}"], (), timeout_s=0.2)
+        lane = streams.lane(0)
+        try:
+            started = time.perf_counter()
+            raw = await streams.send(lane, _double_request(np.ones((1, 4), np.float32)))
+            return raw, lane.breaks, time.perf_counter() - started
+        finally:
+            await streams.aclose()
+            for writer in peers:
+                writer.close()
+                await writer.wait_closed()
+            server.close()
+            await server.wait_closed()
+
+    raw, breaks, waited_s = asyncio.run(go())
+    assert raw is None and breaks == 1 and 0.2 <= waited_s < 5
+
+
+@pytest.mark.parametrize("uvloop_installed", [True, False])
+def test_a_run_gets_uvloop_when_installed_and_asyncio_otherwise(uvloop_installed):
+    if uvloop_installed:
+        pytest.importorskip("uvloop")
+    hide = "" if uvloop_installed else "sys.modules['uvloop'] = None\n"  # import uvloop raises ImportError
+    code = (
+        f"import asyncio, sys\n{hide}from tritonforge.batch.run import _run_loop\n"
+        "async def kind():\n    return type(asyncio.get_running_loop()).__module__\n"
+        "print(_run_loop(kind()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().split(".")[0] == ("uvloop" if uvloop_installed else "asyncio")
+
+
+@pytest.mark.slow
+def test_a_server_gone_mid_run_stops_it_with_an_error_keeping_the_finished_shards(tmp_path, batch_repo):
+    import threading
+
+    from tritonforge.client import RetryPolicy
+    from tritonforge.server import EmbeddedServer
+
+    x = np.arange(3000 * 4, dtype=np.float32).reshape(3000, 4)
+    pq.write_table(
+        pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 4)}), tmp_path / "x.parquet"
+    )
+    server = EmbeddedServer(batch_repo, load_models=["double_slow"], model_control="explicit").start()
+    stopper: list[threading.Thread] = []
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "shard" and not stopper:  # the first shard is committed: the server goes away
+            stopper.append(threading.Thread(target=server.stop))
+            stopper[0].start()
+
+    try:
+        with pytest.raises(BatchError, match="run the same command again to resume"):
+            run_batch(
+                "double_slow",
+                [server.grpc_url],
+                tmp_path / "x.parquet",
+                tmp_path / "out",
+                shard_rows=160,
+                concurrency=4,
+                on_event=on_event,
+                client_options={"retry": RetryPolicy(max_attempts=2, backoff_initial_s=0.05), "deadline": 10},
+            )
+    finally:
+        for thread in stopper:
+            thread.join()
+        server.stop()
+    done = json.loads((tmp_path / "out" / "_manifest.json").read_text())["shards"]
+    assert 1 <= len(done) < 3000 // 160 + 1
+    table = read_outputs(tmp_path / "out")
+    np.testing.assert_array_equal(
+        np.stack(table.column("y").to_numpy(zero_copy_only=False)), x[table.column("row_id").to_numpy()] * 2
+    )
