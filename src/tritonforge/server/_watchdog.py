@@ -50,7 +50,7 @@ def _end_group(pgid: int) -> None:
         time.sleep(0.05)
 
 
-def _remove_env_dirs(launched: float, ready: float | None) -> None:
+def remove_env_dirs(launched: float, ready: float | None) -> None:
     """Remove the empty /tmp/python_env_* made between the server's launch and its readiness.
 
     The Python backend makes it (mkdtemp in /tmp, no way to name it) when it starts, and removes it on a
@@ -93,7 +93,7 @@ def main() -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp_log)
     if pgid is not None:
-        _remove_env_dirs(launched, ready)
+        remove_env_dirs(launched, ready)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from tritonforge.errors import ModelLoadError, ServerError
+from tritonforge.server._watchdog import remove_env_dirs
 from tritonforge.server.install import TritonInstall, backend_directory, find_tritonserver
 
 if TYPE_CHECKING:
@@ -183,6 +184,8 @@ class EmbeddedServer:
         )
         self._process: subprocess.Popen[bytes] | None = None
         self._watchdog: _Watchdog | None = None
+        self._launched_at = 0.0  # when the last launch began and the server was ready (time.time())
+        self._ready_at: float | None = None
         self._log_path: Path | None = None
         self._log_offset = 0
         self._log_text = ""
@@ -221,6 +224,7 @@ class EmbeddedServer:
                 self._wait_ready()
                 if self._watchdog is not None:
                     self._watchdog.ready()
+                self._ready_at = time.time()
                 break
             except ServerError as exc:
                 port_clash = bool(_PORT_IN_USE.search(self._current_log()))
@@ -247,6 +251,9 @@ class EmbeddedServer:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=10)
             _wait_group_gone(process.pid)
+            # the Python backend removes its /tmp/python_env_* on a clean exit only (not when Triton's
+            # exit timeout ran out and the group was killed): the empty one made while this server started
+            remove_env_dirs(self._launched_at, self._ready_at)
         for region in glob.glob(f"/dev/shm/{self._shm_prefix}*"):
             with contextlib.suppress(OSError):
                 os.unlink(region)
@@ -399,6 +406,7 @@ class EmbeddedServer:
         # The watchdog starts first, so that no moment exists in which a server runs unwatched but for the
         # few instructions between Popen returning and the watchdog learning the server's group.
         watchdog = _Watchdog.start(self._shm_prefix, None if self.log_file is not None else self._log_path)
+        self._launched_at, self._ready_at = time.time(), None
         try:
             self._process = subprocess.Popen(
                 args,
