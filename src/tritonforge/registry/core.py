@@ -29,6 +29,7 @@ from tritonforge.repository.writer import (
     file_sha256,
     infer_config,
     load_config,
+    version_manifest,
     versions,
 )
 
@@ -185,13 +186,7 @@ def read_manifest(repo: str | os.PathLike[str], name: str, version: int) -> dict
     """
     model_dir = _model_dir(Path(repo), name)
     _check_version(model_dir, name, version)
-    path = model_dir / str(version) / "manifest.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RepositoryError(f"{path}: unreadable manifest: {exc}", model=name, version=version) from exc
+    return version_manifest(model_dir / str(version), name, version)
 
 
 def served_versions(config: ModelConfig, available: list[int]) -> list[int]:

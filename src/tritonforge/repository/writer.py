@@ -62,6 +62,7 @@ __all__ = [
     "model_filename",
     "next_version",
     "staging_leftovers",
+    "version_manifest",
     "versions",
 ]
 
@@ -365,14 +366,7 @@ class RepositoryWrite:
         elif config.name != name:
             raise ConfigError(f"the config is for model '{config.name}', not '{name}'", model=name)
         config.validate()
-        record: dict[str, Any] = {}
-        path = current / "manifest.json"
-        if path.is_file():
-            try:
-                record = json.loads(path.read_text())
-            except (OSError, ValueError) as exc:
-                raise RepositoryError(f"{path}: unreadable manifest: {exc}", model=name) from exc
-        record.update(manifest or {})
+        record = {**version_manifest(current, name, version), **(manifest or {})}
         folder = self._staging_dir() / name
         folder.mkdir(parents=True)
         version_dir = folder / str(version)
@@ -593,6 +587,21 @@ def current_user() -> str:
     with contextlib.suppress(Exception):
         return getpass.getuser()
     return "unknown"
+
+
+def version_manifest(version_dir: Path, name: str, version: int) -> dict[str, Any]:
+    """The ``manifest.json`` of one version folder of model ``name`` (``{}`` when it has none).
+
+    Raises:
+        RepositoryError: the manifest exists but can't be read as JSON.
+    """
+    path = version_dir / "manifest.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RepositoryError(f"{path}: unreadable manifest: {exc}", model=name, version=version) from exc
 
 
 def _link_or_copy(source: str, destination: str) -> None:
