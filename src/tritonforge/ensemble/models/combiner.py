@@ -36,7 +36,7 @@ class TritonPythonModel:
         for index, request in enumerate(requests):
             try:
                 given = {t.name(): t for t in request.inputs()}  # one pass, not one scan per member
-                if len(given) < len(names) or any(n not in given for n in names):
+                if any(n not in given for n in names):
                     raise ValueError(f"inputs {names} are required, got {sorted(given)}")
                 members = [given[n].as_numpy() for n in names]
                 shape = members[0].shape
