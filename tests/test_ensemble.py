@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 import tiny_models
 from conftest import triton_infer
 from tritonforge.config import DataType, DynamicBatching, ModelConfig, TensorSpec, read_config
-from tritonforge.ensemble import PipelineCheckError, check_specs, compile_all
+from tritonforge.ensemble import PipelineCheckError, check_specs, compile_all, compile_specs
 from tritonforge.ensemble.blocks import _tokenizer_file
 from tritonforge.errors import EnsembleError
 from tritonforge.repository import add_model
@@ -372,7 +372,8 @@ def test_compile_writes_nothing_when_any_spec_is_malformed(tmp_path: Path, repo:
 
 
 def test_compile_writes_an_ensemble_config_triton_shaped(tmp_path: Path, repo: Path) -> None:
-    written = compile_all(write_specs(tmp_path / "specs", {"v.yaml": GOOD_SPECS["vote_tiny.yaml"]}), repo)
+    specs = write_specs(tmp_path / "specs", {"v.yaml": GOOD_SPECS["vote_tiny.yaml"]})
+    written = compile_specs([specs], repo, fuse=False)  # fused, it is one step (test_ensemble_fuse)
     assert [p.name for p in written] == ["vote3", "vote_tiny"]
     config = read_config(repo / "vote_tiny" / "config.pbtxt")
     assert config.platform == "ensemble" and config.max_batch_size == 16
@@ -436,12 +437,18 @@ def test_check_reports_a_routed_stage_that_lacks_an_output_and_a_bad_condition(
 # ------------------------------------------------------------------------------- through Triton
 
 
+PLAIN_VOTE = "vote_tiny_plain"
+
+
 @pytest.fixture(scope="module")
 def served(
     models_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Path, EmbeddedServer]]:
     specs = write_specs(tmp_path_factory.mktemp("specs"), GOOD_SPECS)
     compile_all(specs, models_repo)
+    # the vote as written (members, then the combiner block's Python model): compiled, vote_tiny is fused
+    plain = GOOD_SPECS["vote_tiny.yaml"].replace("vote_tiny", PLAIN_VOTE).replace("vote3", "vote3_plain")
+    compile_specs([write_specs(tmp_path_factory.mktemp("plain"), {"p.yaml": plain})], models_repo, fuse=False)
     with EmbeddedServer(models_repo) as server:
         yield models_repo, server
 
@@ -490,12 +497,13 @@ def test_text_pipeline_through_triton_matches_the_same_steps_in_process(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["vote_tiny", PLAIN_VOTE])
 def test_parallel_branches_are_combined_by_majority_vote(
-    served: tuple[Path, EmbeddedServer], client: grpcclient.InferenceServerClient
+    served: tuple[Path, EmbeddedServer], client: grpcclient.InferenceServerClient, pipeline: str
 ) -> None:
     repo, _ = served
     x = np.random.default_rng(3).standard_normal((16, 8)).astype(np.float32)
-    got = triton_infer(client, "vote_tiny", {"x": x})
+    got = triton_infer(client, pipeline, {"x": x})
     members = np.stack([local_probs(repo, m, x) for m in ("clf_a", "clf_b", "clf_c")]).argmax(
         axis=2
     )  # [3, 16]
@@ -536,14 +544,14 @@ def test_blocks_answer_requests_batched_together_as_they_answer_each_alone(
     ]
     xs = [rng.standard_normal((int(k), 8)).astype(np.float32) for k in rng.integers(1, 5, size=24)]
     alone_text = [triton_infer(client, "text_tiny", {"TEXT": t}) for t in texts]
-    alone_vote = [triton_infer(client, "vote_tiny", {"x": x}) for x in xs]
+    alone_vote = [triton_infer(client, PLAIN_VOTE, {"x": x}) for x in xs]
 
     def stats(model: str) -> tuple[int, int]:
         s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
         return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
 
     # the text pipeline's encoder and pooling run as one fused ONNX model (tritonforge.ensemble.fuse)
-    steps = ("tiny_tokenizer", "tiny_encoder_v1__tiny_pool", "vote3")
+    steps = ("tiny_tokenizer", "tiny_encoder_v1__tiny_pool", "vote3_plain")
     before = {m: stats(m) for m in steps}
     connections = [grpcclient.InferenceServerClient(server.grpc_url) for _ in range(12)]
     try:
@@ -554,7 +562,7 @@ def test_blocks_answer_requests_batched_together_as_they_answer_each_alone(
                 )
             )
             together_vote = list(
-                pool.map(lambda i: triton_infer(connections[i % 12], "vote_tiny", {"x": xs[i]}), range(24))
+                pool.map(lambda i: triton_infer(connections[i % 12], PLAIN_VOTE, {"x": xs[i]}), range(24))
             )
     finally:
         for c in connections:

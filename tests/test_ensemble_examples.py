@@ -54,6 +54,31 @@ def test_text_example_is_refused_with_a_named_fix_until_its_encoder_is_built(dig
 def test_digits_examples_compile_to_an_ensemble_and_a_routed_model(digits_repo: Path) -> None:
     vote = read_config(digits_repo / "digits_vote" / "config.pbtxt")
     assert vote.is_ensemble and vote.max_batch_size == 64
+    # three ONNX members side by side and their vote: the compiler fuses them into one plain ONNX model
+    # (one step, no Python-backend hop), whose outputs are the vote's and the members' probabilities
+    (step,) = vote.ensemble_steps
+    assert step.model_name == "digits_vote__vote_fused" and step.model_version == 1
+    assert step.output_map == {
+        "LABEL": "LABEL",
+        "PROBABILITIES": "VOTES",
+        "PROBS_0": "p_logreg",
+        "PROBS_1": "p_mlp",
+        "PROBS_2": "p_random_forest",
+    }
+    fused = read_config(digits_repo / "digits_vote__vote_fused" / "config.pbtxt")
+    assert fused.platform == "onnxruntime_onnx" and fused.max_batch_size == 64
+    assert (digits_repo / "digits_vote" / "1" / "manifest.json").is_file()
+    routed = read_config(digits_repo / "digits_routed" / "config.pbtxt")
+    assert routed.backend == "python" and [t.name for t in routed.outputs] == ["probabilities", "ROUTE"]
+
+
+def test_digits_vote_unfused_hands_the_members_probabilities_out_through_the_combiner(
+    digits_repo: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(digits_repo, repo)
+    compile_specs([SPECS / "digits_vote.yaml"], repo, fuse=False)
+    vote = read_config(repo / "digits_vote" / "config.pbtxt")
     # the members' probabilities are outputs *and* feed the vote: the combiner hands them out (ECHO_<k>),
     # so Triton's per-request pruning never drops a member the vote still needs, and no passthrough hop
     assert [s.model_name for s in vote.ensemble_steps] == [
@@ -68,9 +93,6 @@ def test_digits_examples_compile_to_an_ensemble_and_a_routed_model(digits_repo: 
         "ECHO_1": "p_mlp",
         "ECHO_2": "p_random_forest",
     }
-    assert (digits_repo / "digits_vote" / "1" / "manifest.json").is_file()
-    routed = read_config(digits_repo / "digits_routed" / "config.pbtxt")
-    assert routed.backend == "python" and [t.name for t in routed.outputs] == ["probabilities", "ROUTE"]
 
 
 @pytest.mark.slow

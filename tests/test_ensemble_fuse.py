@@ -8,6 +8,7 @@ through the real server, and fusion must step aside whenever it could change an 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 from collections.abc import Iterator
@@ -18,9 +19,10 @@ import onnx
 import pytest
 import tritonclient.grpc as grpcclient
 
+import tiny_models
 from conftest import triton_infer
 from test_ensemble import GOOD_SPECS, build_models, tiny_encoder_onnx, write_specs
-from tritonforge.config import read_config
+from tritonforge.config import DataType, DynamicBatching, ModelConfig, TensorSpec, read_config
 from tritonforge.ensemble import check_specs, compile_specs
 from tritonforge.ensemble.blocks import GENERATED_MARK
 from tritonforge.ensemble.fuse import fuse_pipeline
@@ -138,3 +140,122 @@ def test_cli_compile_no_fuse_writes_the_steps_as_declared(repo: Path, tmp_path: 
     assert result.exit_code == 0, result.output
     assert steps_of(repo, "text_tiny") == ["tiny_tokenizer", FUSED]
     assert f"wrote {repo / FUSED}" in result.output.replace("\n", "")
+
+
+# ------------------------------------------------------------------ fan-in: ONNX members + combiner
+
+VOTE_ALL = """
+    name: {name}
+    max_batch_size: 16
+    models:
+      - {{name: {block}, block: combiner, options: {{inputs: 3, classes: 3, method: {method}{weights}}}}}
+    inputs: [{{name: x, dtype: FP32, dims: [8]}}]
+    outputs: [{outputs}]
+    steps:
+      - {{name: a, model: {first}, inputs: [x], outputs: {{probs: pa}}}}
+      - {{name: b, model: clf_b, inputs: [x], outputs: {{probs: pb}}}}
+      - {{name: c, model: clf_c, inputs: [x], outputs: {{probs: pc}}}}
+      - name: mix
+        model: {block}
+        inputs: {{PROBS_0: pa, PROBS_1: pb, PROBS_2: pc}}
+        outputs: {{LABEL: LABEL, PROBABILITIES: COMBINED}}
+"""
+FAN_IN = {
+    # the members' probabilities are outputs too, as in the example digits_vote
+    "vote": dict(method="vote", weights="", outputs="LABEL, COMBINED, pa, pb, pc"),
+    "average": dict(method="average", weights="", outputs="COMBINED, LABEL"),
+    "weighted": dict(method="weighted", weights=", weights: [3, 1, 1]", outputs="LABEL, COMBINED, pb"),
+}
+
+
+def fan_in_spec(method: str, name: str, first: str = "clf_a") -> str:
+    return VOTE_ALL.format(name=name, block=f"{name}_mix", first=first, **FAN_IN[method])
+
+
+def test_compile_fuses_onnx_members_and_their_combiner_into_one_plain_onnx_model(
+    repo: Path, tmp_path: Path
+) -> None:
+    compile_specs([write_specs(tmp_path / "specs", {"v.yaml": fan_in_spec("vote", "fan")})], repo)
+    (step,) = read_config(repo / "fan" / "config.pbtxt").ensemble_steps
+    assert step.model_name == "fan__mix_fused" and step.model_version == 1
+    # the members' probabilities come out of the fused model itself: no combiner echo, no passthrough
+    assert step.output_map == {
+        "LABEL": "LABEL",
+        "PROBABILITIES": "COMBINED",
+        "PROBS_0": "pa",
+        "PROBS_1": "pb",
+        "PROBS_2": "pc",
+    }
+    config = read_config(repo / "fan__mix_fused" / "config.pbtxt")
+    assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 32
+    assert [(t.name, t.dims) for t in config.inputs] == [("x", (8,))]
+    assert [(t.name, t.dtype, t.dims) for t in config.outputs] == [
+        ("PROBABILITIES", DataType.FP32, (3,)),
+        ("LABEL", DataType.INT64, (1,)),
+        *((f"PROBS_{k}", DataType.FP32, (3,)) for k in range(3)),
+    ]
+    assert config.parameters[GENERATED_MARK] == "fused:clf_a:1+clf_b:1+clf_c:1+fan_mix"
+    model = onnx.load(str(repo / "fan__mix_fused" / "1" / "model.onnx"))
+    assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}
+    fused = json.loads((repo / "fan__mix_fused" / "1" / "manifest.json").read_text())["fused"]
+    assert [f.get("model") for f in fused["from"]] == ["clf_a", "clf_b", "clf_c", "fan_mix"]
+    assert fused["steps"] == ["a", "b", "c", "mix"] and fused["max_abs_diff_vs_unfused"] <= 1e-6
+    # the models a client calls one by one stay in the repository
+    assert (repo / "fan_mix" / "config.pbtxt").is_file() and (repo / "clf_a" / "1").is_dir()
+
+
+def test_fan_in_fusion_steps_aside_when_a_member_is_not_an_onnx_model(repo: Path, tmp_path: Path) -> None:
+    config = ModelConfig(
+        name="py_clf",
+        backend="python",
+        max_batch_size=16,
+        inputs=(TensorSpec(name="x", dtype=DataType.FP32, dims=(8,)),),
+        outputs=(TensorSpec(name="probs", dtype=DataType.FP32, dims=(3,)),),
+        dynamic_batching=DynamicBatching(),
+    )
+    tiny_models.python_model(repo, tmp_path / "work", config, "class TritonPythonModel:\n    pass\n")
+    spec = fan_in_spec("vote", "fan_py", first="py_clf")
+    compile_specs([write_specs(tmp_path / "specs", {"v.yaml": spec})], repo)
+    assert steps_of(repo, "fan_py") == ["py_clf", "clf_b", "clf_c", "fan_py_mix"]
+    assert not (repo / "fan_py__mix_fused").exists()
+
+
+@pytest.fixture(scope="module")
+def fan_in_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    """Each fan-in pipeline twice in one server: fused, and as written (``<name>_plain``)."""
+    repo = build_models(tmp_path_factory.mktemp("fan_in_models"))
+    specs = tmp_path_factory.mktemp("fan_in_specs")
+    fused = {f"{m}.yaml": fan_in_spec(m, f"fan_{m}") for m in FAN_IN}
+    plain = {f"{m}_plain.yaml": fan_in_spec(m, f"fan_{m}_plain") for m in FAN_IN}
+    compile_specs([write_specs(specs / "fused", fused)], repo)
+    compile_specs([write_specs(specs / "plain", plain)], repo, fuse=False)
+    for method in FAN_IN:
+        assert steps_of(repo, f"fan_{method}") == [f"fan_{method}__mix_fused"]
+        assert len(steps_of(repo, f"fan_{method}_plain")) == 4
+    with EmbeddedServer(repo) as server:
+        yield server
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(FAN_IN))
+def test_fused_fan_in_answers_every_output_subset_as_the_pipeline_as_written(
+    fan_in_served: EmbeddedServer, method: str
+) -> None:
+    outputs = [n.strip() for n in FAN_IN[method]["outputs"].split(",")]
+    x = np.random.default_rng(11).standard_normal((13, 8)).astype(np.float32)
+    client = grpcclient.InferenceServerClient(fan_in_served.grpc_url)
+    try:
+        for size in range(1, len(outputs) + 1):
+            for subset in itertools.combinations(outputs, size):
+                asked = [grpcclient.InferRequestedOutput(n) for n in subset]
+                got = triton_infer(client, f"fan_{method}", {"x": x}, outputs=asked)
+                want = triton_infer(client, f"fan_{method}_plain", {"x": x}, outputs=asked)
+                assert sorted(got) == sorted(want) == sorted(subset)
+                for name in subset:
+                    assert got[name].shape == want[name].shape, (method, name)
+                    if name == "LABEL":
+                        np.testing.assert_array_equal(got[name], want[name])
+                    else:
+                        np.testing.assert_allclose(got[name], want[name], atol=1e-6)
+    finally:
+        client.close()
