@@ -4,8 +4,12 @@ Both sides serve the same three digits classifiers (the ONNX files ``tritonforge
 trains and exports) from their own embedded Triton (the same server binary, the same Python-based
 onnxruntime backend):
 
-- **built**: the repository ``tritonforge build`` lays out (generated member configs, the ``combiner``
-  building block, the ensemble compiled from ``ensembles/digits_vote.yaml``);
+- **built**: the repository ``tritonforge build`` lays out: the ensemble compiled from
+  ``ensembles/digits_vote.yaml``, whose three ONNX members and their vote the compiler fuses into one plain
+  ONNX model (``tritonforge.ensemble.fuse``: one step, no Python-backend hop);
+- **built, unfused**: the same compiled with ``fuse=False``: the generated member configs and the
+  ``combiner`` building block as four steps (the pipeline as written, what the compiler does when it
+  cannot fuse, e.g. with a member that is not an ONNX model);
 - **hand-built**: configs written here by hand as a Triton user would (``onnxruntime_onnx`` members with
   ``max_batch_size: 64``, a dynamic batcher and ``intra_op_thread_count: 1``), a hand-written batched vote
   Python model (the whole batch averaged at once), and a hand-written ensemble wiring them.
@@ -47,8 +51,9 @@ from tritonforge.config.pbtxt import proto_to_pbtxt
 from tritonforge.server import EmbeddedServer
 
 MEMBERS = ("logreg", "mlp", "random_forest")
-BUILT, HAND = "built digits_vote", "hand-built"
-ENSEMBLE = {BUILT: "digits_vote", HAND: "hand_vote"}
+BUILT, UNFUSED, HAND = "built digits_vote", "built, unfused", "hand-built"
+SIDES = (BUILT, UNFUSED, HAND)
+ENSEMBLE = {BUILT: "digits_vote", UNFUSED: "digits_vote", HAND: "hand_vote"}
 
 HAND_VOTE_MODEL = '''
 """Hand-written majority vote over three members' probabilities: the whole batch at once."""
@@ -78,19 +83,22 @@ class TritonPythonModel:
 '''
 
 
-def build_built(root: Path) -> Path:
-    """The repository as ``tritonforge build`` lays it out: the digits members and the vote pipeline."""
+def build_built(root: Path) -> tuple[Path, Path]:
+    """The repository as ``tritonforge build`` lays it out (the digits members and the vote pipeline,
+    fused), and a copy with the pipeline compiled unfused."""
     from tritonforge.ensemble import compile_specs
     from tritonforge.examples import build_digits
 
-    repo = root / "built"
+    repo, unfused = root / "built", root / "unfused"
     steps = build_digits.build(repo)
     failed = [s for s in steps if s.status == "FAILED"]
     if failed:
         raise SystemExit(f"building the digits models failed: {failed}")
+    shutil.copytree(repo, unfused)
     spec = Path(build_digits.__file__).resolve().parent / "ensembles" / "digits_vote.yaml"
     compile_specs([spec], repo)
-    return repo
+    compile_specs([spec], unfused, fuse=False)
+    return repo, unfused
 
 
 def _tensor(name: str, dtype: int, dims: list[int]) -> Any:
@@ -188,8 +196,9 @@ def same_answers(servers: dict[str, EmbeddedServer]) -> None:
             answers[side] = (result.as_numpy("LABEL"), result.as_numpy("VOTES"))
         finally:
             client.close()
-    assert np.array_equal(answers[BUILT][0], answers[HAND][0]), "the two pipelines' labels differ"
-    assert np.allclose(answers[BUILT][1], answers[HAND][1], atol=1e-6), "the two pipelines' votes differ"
+    for side in (BUILT, UNFUSED):
+        assert np.array_equal(answers[side][0], answers[HAND][0]), f"{side} and {HAND} labels differ"
+        assert np.allclose(answers[side][1], answers[HAND][1], atol=1e-6), f"{side} and {HAND} votes differ"
 
 
 def measure(
@@ -214,16 +223,16 @@ def main() -> None:
     servers: dict[str, EmbeddedServer] = {}
     try:
         with console.status("training the digits models and compiling digits_vote ..."):
-            built = build_built(root)
+            built, unfused = build_built(root)
             hand = build_hand(root, built)
         with console.status("starting one Triton per side ..."):
-            servers[BUILT] = EmbeddedServer(built).start()
-            servers[HAND] = EmbeddedServer(hand).start()
+            for side, repo in ((BUILT, built), (UNFUSED, unfused), (HAND, hand)):
+                servers[side] = EmbeddedServer(repo).start()
         same_answers(servers)
         for side, server in servers.items():
             assert server.pid is not None
             idle_mib[side] = tree_rss_mib(server.pid)
-        for r, order in enumerate(alternating(args.rounds, [BUILT, HAND])):
+        for r, order in enumerate(alternating(args.rounds, list(SIDES))):
             for concurrency in levels:
                 for side in order:
                     with console.status(
@@ -254,40 +263,36 @@ def report(
         title=f"digits_vote built vs hand-built: median of {args.rounds} alternating rounds "
         f"(min-max, ±half-range) — re-measure on a quiet machine"
     )
-    for column in ("concurrency", "side", "infer/s", "server CPU us/request", "throughput vs hand-built"):
+    columns = ("concurrency", "side", "infer/s", "server CPU us/request", "throughput vs hand", "CPU vs hand")
+    for column in columns:
         table.add_column(column, justify="left" if column == "side" else "right")
     summary = []
     for c in levels:
-        by = {s: [x for x in rounds if x["concurrency"] == c and x["side"] == s] for s in (BUILT, HAND)}
-        ratios = [
-            b["throughput"] / h["throughput"]
-            for b, h in zip(by[BUILT], by[HAND], strict=True)
-            if h["throughput"]
-        ]
-        cpu_ratios = [
-            b["cpu_us_per_request"] / h["cpu_us_per_request"]
-            for b, h in zip(by[BUILT], by[HAND], strict=True)
-            if h["cpu_us_per_request"]
-        ]
-        for side in (BUILT, HAND):
+        by = {s: [x for x in rounds if x["concurrency"] == c and x["side"] == s] for s in SIDES}
+        for side in SIDES:
+            ratios, cpu_ratios = _ratios(by[side], by[HAND], "throughput"), []
+            if side != HAND:
+                cpu_ratios = _ratios(by[side], by[HAND], "cpu_us_per_request")
+                summary.append(
+                    {
+                        "concurrency": c,
+                        "side": side,
+                        "throughput_ratio_median": float(np.median(ratios)) if ratios else None,
+                        "cpu_per_request_ratio_median": float(np.median(cpu_ratios)) if cpu_ratios else None,
+                    }
+                )
             table.add_row(
                 str(c),
                 side,
                 spread([x["throughput"] for x in by[side]]),
                 spread([x["cpu_us_per_request"] for x in by[side]]),
-                spread(ratios) + "x" if side == BUILT and ratios else "",
+                spread(ratios) + "x" if side != HAND and ratios else "",
+                spread(cpu_ratios) + "x" if side != HAND and cpu_ratios else "",
             )
-        summary.append(
-            {
-                "concurrency": c,
-                "throughput_ratio_median": float(np.median(ratios)) if ratios else None,
-                "cpu_per_request_ratio_median": float(np.median(cpu_ratios)) if cpu_ratios else None,
-            }
-        )
     console.print(table)
     for row in summary:
         console.print(
-            f"concurrency {row['concurrency']}: built/hand-built throughput "
+            f"concurrency {row['concurrency']}: {row['side']}/hand-built throughput "
             f"{row['throughput_ratio_median']:.2f}x (median of per-round ratios), "
             f"server CPU per request {row['cpu_per_request_ratio_median']:.2f}x",
             highlight=False,
@@ -298,6 +303,11 @@ def report(
         highlight=False,
     )
     return summary
+
+
+def _ratios(side: list[dict[str, Any]], hand: list[dict[str, Any]], key: str) -> list[float]:
+    """Per-round ratios ``side / hand`` of ``key`` (the rounds alternate, so each pair ran back to back)."""
+    return [s[key] / h[key] for s, h in zip(side, hand, strict=True) if h[key]]
 
 
 if __name__ == "__main__":
