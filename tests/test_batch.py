@@ -532,7 +532,7 @@ def test_triton_predictor_marks_failed_rows_in_the_error_column_and_answers_the_
     np.testing.assert_array_equal(np.delete(y, 3, axis=0), np.delete(x, 3, axis=0) * 2)
 
 
-# -- the lanes' streams (tritonforge.batch.wire) -------------------------------------------------------------
+# -- the lanes' streams (tritonforge.client._wire) ---------------------------------------------------------
 
 
 def _double_request(x: np.ndarray) -> bytes:
@@ -556,7 +556,7 @@ def _answer(raw: bytes) -> tuple[str, np.ndarray | None]:
 def test_a_lane_stream_answers_requests_and_a_model_error_leaves_it_usable(urls):
     import asyncio
 
-    from tritonforge.batch.wire import Streams
+    from tritonforge.client._wire import Streams
 
     x = np.arange(64, dtype=np.float32).reshape(16, 4)
 
@@ -586,7 +586,7 @@ def test_a_lane_stream_answers_requests_and_a_model_error_leaves_it_usable(urls)
 def test_streams_hand_a_request_back_when_the_endpoint_refuses_connections():
     import asyncio
 
-    from tritonforge.batch.wire import Streams
+    from tritonforge.client._wire import Streams
     from tritonforge.server.embedded import free_port
 
     async def go() -> tuple[bytes | None, bool]:
@@ -603,7 +603,7 @@ def test_streams_hand_a_request_back_when_the_endpoint_refuses_connections():
 def test_streams_give_up_on_an_answer_later_than_the_timeout():
     import asyncio
 
-    from tritonforge.batch.wire import Streams
+    from tritonforge.client._wire import Streams
 
     async def go() -> tuple[bytes | None, int, float]:
         peers: list[asyncio.StreamWriter] = []

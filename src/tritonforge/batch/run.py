@@ -31,7 +31,7 @@ from tritonforge.batch.columns import InputPlan, Prepared, outputs_to_arrow, pla
 from tritonforge.batch.engine import Engine, RowResult
 from tritonforge.batch.sources import Dataset, digest, open_dataset
 from tritonforge.batch.store import Manifest
-from tritonforge.batch.wire import Streams
+from tritonforge.client._wire import Streams
 from tritonforge.errors import BatchError, ClientError
 
 if TYPE_CHECKING:  # the client is imported where it is used, as AsyncClient is
@@ -198,7 +198,7 @@ async def arun_batch(
         on_event: ``fn(kind, data)`` for progress: ``start``, ``rows``, ``shard``, ``stopping``, ``done``.
         client_options: passed to :class:`~tritonforge.client.AsyncClient` (retry, deadline, tls, ...).
         streams: each lane sends its requests as messages of a ``ModelStreamInfer`` stream of its own
-            (:mod:`tritonforge.batch.wire`; not with TLS, ``dns:///`` URLs or shared memory asked for), the
+            (:mod:`tritonforge.client._wire`; not with TLS, ``dns:///`` URLs or shared memory asked for), the
             client taking over any request that can't go that way or fails; ``False``: every request a
             call of the client.
 

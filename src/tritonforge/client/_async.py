@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc.aio
 import numpy as np
+from tritonclient.grpc import service_pb2 as pb
 
 from tritonforge.client._base import (
     BaseClient,
@@ -24,8 +26,9 @@ from tritonforge.client._base import (
 from tritonforge.client._coalesce import Group, key_of, merge, split
 from tritonforge.client._codec import ModelMetadata, decode_response
 from tritonforge.client._flow import Attempt, Each, Rpc, Run, Sleep
-from tritonforge.client._mapping import translate
+from tritonforge.client._mapping import error_for_status, translate
 from tritonforge.client._pool import Capabilities
+from tritonforge.client._wire import AnswerLate, StreamBroken, StreamPool
 from tritonforge.errors import ClientError, TransportError
 
 if TYPE_CHECKING:
@@ -33,6 +36,14 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 __all__ = ["AsyncClient"]
+
+_ADDRESS = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):\d+$")
+
+
+def _plain_address(url: str) -> bool:
+    """``host:port`` (no scheme such as ``dns:///`` or ``unix:``): what the streams' connection can dial."""
+    return _ADDRESS.match(url) is not None
+
 
 T = TypeVar("T")
 
@@ -50,10 +61,18 @@ class AsyncClient(BaseClient):
     request, each call getting its own rows back; ``False`` sends every call alone (load generators want
     that). A server without model configs (not Triton) gets every call alone.
 
+    ``streams`` (on by default): a call that needs no decision of the client's flows (one endpoint, inputs
+    of a signature already checked, no shared memory, no merging; plain-text gRPC) goes as a message of a
+    long-lived ``ModelStreamInfer`` stream (:mod:`tritonforge.client._wire`) instead of a grpc.aio call,
+    once the model's config says it is neither decoupled nor a sequence model; an error answer, a broken
+    stream or a server without streams sends it the usual way, so errors, retries and fallbacks are the
+    same. ``False`` sends every call through grpc.aio.
+
     Raises (from calls): as :class:`Client`.
     """
 
     _coalesce_default = True
+    _streams_default = True
 
     def _setup(self) -> None:
         self._groups: dict[Any, Group] = {}
@@ -62,6 +81,8 @@ class AsyncClient(BaseClient):
         self._health_task: asyncio.Task[None] | None = None
         self._discovery_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # shadows and merged requests in flight
+        self._pools: dict[str, StreamPool] = {}  # an endpoint's streams, for calls on the fast path
+        self._streamable: dict[tuple[str | None, str | None], bool] = {}  # learnt from the model config
 
     # -- the driver --------------------------------------------------------------------------------------
 
@@ -170,6 +191,8 @@ class AsyncClient(BaseClient):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.wait_shadows()
+        for pool in self._pools.values():
+            pool.close()
         if self._opened:
             await self._drive(self._close_flow())
             for ep in self._pool.every_endpoint():
@@ -331,13 +354,74 @@ class AsyncClient(BaseClient):
         if type(fast) is not FastCall:
             return await self._drive(fast)  # type: ignore[arg-type]
         try:
-            response = await self._rpc(fast.rpc)
+            pool = self._stream_pool(fast.rpc) if self._streams_on else None
+            if pool is None:
+                response = await self._rpc(fast.rpc)
+            else:
+                response = await self._streamed(pool, fast.rpc, fast.call.request_id)
         except ClientError as exc:
             return await self._drive(self._fast_failed(fast, exc))
         except BaseException:
             self._fast_abandoned(fast)
             raise
         return self._fast_done(fast, response)
+
+    def _stream_pool(self, rpc: Rpc) -> StreamPool | None:
+        """The endpoint's streams if this call may go on one (see the class doc), else None."""
+        key = (rpc.model, rpc.version)
+        known = self._streamable.get(key)
+        if known is None:
+            self._streamable[key] = False  # until the model's config says otherwise
+            self._spawn(self._learn_streamable(key))
+            return None
+        if not known:
+            return None
+        ep = rpc.endpoint
+        pool = self._pools.get(ep.url)
+        if pool is None:
+            if ep.capabilities.streaming is False or not _plain_address(ep.url):
+                return None
+            pool = self._pools[ep.url] = StreamPool(ep.url, self._metadata("ModelInfer") or ())
+        return None if pool.dead else pool
+
+    async def _learn_streamable(self, key: tuple[str | None, str | None]) -> None:
+        """Whether calls of a model may go on streams: Triton's config says it answers each request once
+        (not decoupled) and keeps no state between them (no sequence batching)."""
+        model, version = key
+        if model is None:
+            return
+        try:
+            config = await self.model_config(model, version)
+        except ClientError:
+            return  # no config (not Triton, or not allowed): every call the usual way
+        self._streamable[key] = not (
+            config.model_transaction_policy.decoupled or config.HasField("sequence_batching")
+        )
+
+    async def _streamed(self, pool: StreamPool, rpc: Rpc, request_id: str | None) -> Any:
+        """The call's ``ModelInferResponse`` over the pool's streams, or through grpc.aio when the stream
+        can't answer it exactly (broken, an error to be given its exact kind, an answer not its own)."""
+        try:
+            answer = await pool.send(rpc.request, rpc.timeout_s)
+        except StreamBroken:
+            return await self._rpc(rpc)
+        except AnswerLate:
+            raise error_for_status(
+                "DEADLINE_EXCEEDED",
+                "Deadline Exceeded",
+                model=rpc.model,
+                version=rpc.version,
+                endpoint=rpc.endpoint.url,
+                method="ModelInfer",
+                tls=self._tls_mode,
+            ) from None
+        response = pb.ModelStreamInferResponse.FromString(answer)
+        if response.error_message:
+            return await self._rpc(rpc)  # the usual call gives the error with its kind (retryable or not)
+        if request_id is not None and response.infer_response.id != request_id:
+            pool.forget()  # not this call's answer: that stream can't be trusted
+            return await self._rpc(rpc)
+        return response.infer_response
 
     async def infer_many(
         self, model: str, requests: Sequence[Mapping[str, Any]], **options: Unpack[ManyOptions]

@@ -244,6 +244,8 @@ class BaseClient:
         allow_non_finite: NaN and ±inf inputs are refused by default; ``True`` sends them for every input,
             a collection of input names (``"x"``, or ``"model/x"`` for one model's) for those inputs only.
         coalesce: client-side batching (:class:`Coalesce`); :class:`AsyncClient` only, on by default there.
+        streams: repeated calls as messages of long-lived streams instead of one gRPC call each;
+            :class:`AsyncClient` only, on by default there (plain-text gRPC only; see its doc).
         registry: prometheus registry for the client metrics.
         metrics: ``False`` turns the client metrics off.
         hooks: callables given a :class:`ClientEvent` for each call, retry, fallback and shadow comparison;
@@ -253,6 +255,7 @@ class BaseClient:
     """
 
     _coalesce_default = False
+    _streams_default = False
 
     def __init__(
         self,
@@ -272,6 +275,7 @@ class BaseClient:
         validate: bool = True,
         allow_non_finite: bool | Collection[str] = False,
         coalesce: Coalesce | bool | None = None,
+        streams: bool | None = None,
         registry: CollectorRegistry | None = None,
         metrics: bool = True,
         hooks: Iterable[Hook] = (),
@@ -313,6 +317,11 @@ class BaseClient:
             )
         self.coalesce = coalesce
         self._coalescing = coalesce.enabled
+        if streams and not self._streams_default:
+            raise ValueError(
+                f"streams need AsyncClient; {type(self).__name__} sends each call as its own gRPC call"
+            )
+        self.streams = self._streams_default if streams is None else bool(streams)
         self.hooks: list[Hook] = list(hooks)
         self.hook_errors = 0
         self._hooks_warned: set[int] = set()
@@ -330,6 +339,7 @@ class BaseClient:
         self._metadata_of = self._metadata_by_method()
         # what a connection closed during the handshake means (see _mapping): None, "tls" or "mutual"
         self._tls_mode = None if self.tls is None else ("mutual" if self.tls.private_key else "tls")
+        self._streams_on = self.streams and self.tls is None  # the streams' connection speaks no TLS
         self._channel_options = list(_CHANNEL_OPTIONS) + list(channel_options)
         if self.tls is not None and self.tls.server_name:
             self._channel_options.append(("grpc.ssl_target_name_override", self.tls.server_name))

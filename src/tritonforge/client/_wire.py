@@ -1,12 +1,13 @@
 """Triton's ``ModelStreamInfer`` over one plain HTTP/2 connection, written on asyncio's transports: the
-batch run's fast path for its requests.
+fast path of the :class:`~tritonforge.client.AsyncClient`'s repeated calls and of the batch run's requests.
 
 Why: a grpc.aio call costs ~200 µs of client CPU here however small the message (its C core hands each
 completion from an event-engine thread to a poller thread to the event loop through a socket pair), about
-as much as the model's own work on the server. The batch run sends the same kind of request again and
-again, so it sends them as messages of long-lived gRPC streams, one stream per lane (one request in
-flight on it at a time, so the next message is its answer), all of an endpoint's lanes sharing one TCP
-connection; a request then costs two ``write`` calls and one parsed message.
+as much as the model's own work on the server. Calls of one kind come again and again, so they go as
+messages of long-lived gRPC streams, one request in flight per stream at a time (so the next message is
+its answer), all of an endpoint's streams sharing one TCP connection; a request then costs two ``write``
+calls and one parsed message. :class:`StreamPool` keeps an endpoint's idle streams for the client's calls;
+:class:`Streams` gives each batch lane its own.
 
 Only what such a connection needs is spoken: the preface and SETTINGS, flow control both ways, PING
 answers, HEADERS to open a stream (HPACK literals, never indexed, so no table state), DATA, and any
@@ -24,7 +25,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["Connection", "Lane", "StreamBroken", "Streams", "open_connection"]
+__all__ = ["AnswerLate", "Connection", "Lane", "StreamBroken", "StreamPool", "Streams", "open_connection"]
 
 PATH = "/inference.GRPCInferenceService/ModelStreamInfer"
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -38,6 +39,10 @@ _FRAME = struct.Struct(">I")  # a frame header is a 24-bit length, type, flags, 
 
 class StreamBroken(Exception):
     """A stream (or its connection) ended before answering; the request has to go another way."""
+
+
+class AnswerLate(Exception):
+    """No answer within the call's deadline (the stream was reset: the server drops the request)."""
 
 
 def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -453,3 +458,93 @@ class Streams:
                 continue
             if not task.cancelled() and task.exception() is None:
                 task.result().close()
+
+
+class StreamPool:
+    """One endpoint's connection and its idle streams, for calls that each take a stream while they wait.
+
+    :meth:`send` sends on an idle stream (a new one when none is idle) and gives the stream back once
+    answered; a stream whose call failed, was cancelled or ran late is reset, never reused. The
+    connection opens on first use and again after it ended; after ``MAX_BREAKS`` broken connections or
+    streams in a row the pool reports itself ``dead`` (the caller then stays with its other transport).
+    """
+
+    MAX_BREAKS = 3
+
+    def __init__(self, url: str, metadata: Sequence[tuple[str, str]]) -> None:
+        self.url = url
+        self.metadata = list(metadata)
+        self.breaks = 0
+        self._task: asyncio.Task[Connection] | None = None
+        self._conn: Connection | None = None
+        self._idle: list[int] = []
+
+    @property
+    def dead(self) -> bool:
+        return self.breaks >= self.MAX_BREAKS
+
+    async def _connection(self) -> Connection:
+        conn = self._conn
+        if conn is not None and conn.broken is None:
+            return conn
+        if self._task is None or _ended(self._task) or (self._task.done() and self._task.exception()):
+            self._idle = []
+            self._task = asyncio.get_running_loop().create_task(open_connection(self.url, self.metadata))
+        conn = self._conn = await asyncio.shield(self._task)
+        if conn.broken is not None:
+            raise conn.broken
+        return conn
+
+    async def send(self, body: bytes, timeout_s: float | None) -> bytes:
+        """The answer (a serialized ``ModelStreamInferResponse``) to ``body`` (a ``ModelInferRequest``).
+
+        Raises:
+            StreamBroken: the request did not get through this way (send it another way).
+            AnswerLate: no answer within ``timeout_s``.
+        """
+        try:
+            conn = await self._connection()
+            stream_id = self._idle.pop() if self._idle else conn.stream()
+            waiter = conn.request(stream_id, body)
+        except StreamBroken:
+            self.breaks += 1
+            raise
+        late = None
+        if timeout_s is not None:
+            late = asyncio.get_running_loop().call_later(max(0.0, timeout_s), _expire, waiter, timeout_s)
+        try:
+            answer = await waiter
+        except StreamBroken:
+            conn.discard(stream_id)
+            self.breaks += 1
+            raise
+        except BaseException:  # late, or the caller cancelled: the server is told to drop it
+            conn.discard(stream_id)
+            raise
+        finally:
+            if late is not None:
+                late.cancel()
+        self.breaks = 0
+        if conn is self._conn and conn.broken is None:
+            self._idle.append(stream_id)
+        return answer
+
+    def forget(self) -> None:
+        """Close the connection (an answer that was not ours: start afresh on the next call)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn.broken = self._conn.broken or StreamBroken("closed by the client")
+        self.breaks += 1
+
+    def close(self) -> None:
+        """End every stream and close the connection (or stop it opening)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        elif self._task is not None and not self._task.cancelled() and self._task.exception() is None:
+            self._task.result().close()
+        self._idle = []
+
+
+def _expire(waiter: asyncio.Future[bytes], timeout_s: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(AnswerLate(f"no answer within {timeout_s:g} s"))
