@@ -1,9 +1,10 @@
 """Client overhead: tritonforge's AsyncClient / Client against raw tritonclient.grpc(.aio) and perf_analyzer.
 
 One embedded Triton server, one tiny ONNX model (x[1, 8] -> probs[1, 3], dynamic batching), the same
-requests from every client, at concurrency 1, 16 and 64. The AsyncClient runs twice: as users get it
-(client-side batching on: concurrent calls go out as one request) and with ``coalesce=False`` (every
-call its own request, like the raw clients); a bare grpc.aio call (cached request bytes, the answer parsed to
+requests from every client, at concurrency 1, 16 and 64. The AsyncClient runs three times: as users get
+it (client-side batching on: concurrent calls go out as one request), with ``coalesce=False`` (every call
+its own request, like the raw clients; on its streams, the default) and with ``coalesce=False,
+streams=False`` (every call a grpc.aio call); a bare grpc.aio call (cached request bytes, the answer parsed to
 numpy, nothing else) shows the floor of any asyncio client in Python. Printed per client and concurrency:
 throughput, p50/p99 latency, client CPU per request (``time.process_time`` of this process, which holds the
 client and its gRPC threads but not the server; perf_analyzer's from its own process rusage), and the ratios
@@ -131,18 +132,19 @@ async def _async_run(
 
 
 ASYNC_ALONE = "tritonforge AsyncClient, coalesce=False"
+ASYNC_GRPC = "tritonforge AsyncClient, coalesce=False, streams=False"
 
 
 async def bench_tritonforge_async(
-    url: str, concurrency: int, seconds: float, warmup_s: float, coalesce: bool = True
+    url: str, concurrency: int, seconds: float, warmup_s: float, coalesce: bool = True, streams: bool = True
 ) -> Result:
-    async with AsyncClient(url, coalesce=coalesce) as client:
+    async with AsyncClient(url, coalesce=coalesce, streams=streams) as client:
         inputs = {"x": X}
 
         def call() -> object:
             return client.infer(MODEL, inputs)
 
-        name = "tritonforge AsyncClient" if coalesce else ASYNC_ALONE
+        name = "tritonforge AsyncClient" if coalesce else ASYNC_ALONE if streams else ASYNC_GRPC
         return await _async_run(name, concurrency, seconds, warmup_s, call)
 
 
@@ -344,6 +346,9 @@ def main() -> None:
                 "tf-async-alone": lambda c=c: asyncio.run(
                     bench_tritonforge_async(url, c, args.seconds, args.warmup, coalesce=False)
                 ),
+                "tf-async-grpc": lambda c=c: asyncio.run(
+                    bench_tritonforge_async(url, c, args.seconds, args.warmup, coalesce=False, streams=False)
+                ),
                 "raw-async": lambda c=c: asyncio.run(bench_raw_async(url, c, args.seconds, args.warmup)),
                 "bare-async": lambda c=c: asyncio.run(bench_bare_async(url, c, args.seconds, args.warmup)),
                 "tf-sync": lambda c=c: bench_tritonforge_sync(url, c, args.seconds, args.warmup),
@@ -372,6 +377,7 @@ def main() -> None:
             for ours, raw in (
                 ("tf-async", "raw-async"),
                 ("tf-async-alone", "raw-async"),
+                ("tf-async-grpc", "raw-async"),
                 ("bare-async", "raw-async"),
                 ("tf-sync", "raw-sync"),
                 ("raw-async", None),
@@ -386,13 +392,14 @@ def main() -> None:
     if exe:
         print()
         for c in args.concurrency:
-            ratios = paired.get((ASYNC_ALONE, c))
-            if ratios is not None and ratios.vs_pa is not None:
-                thr, cpu = ratios.vs_pa
-                print(
-                    f"{ASYNC_ALONE} vs perf_analyzer, concurrency {c}, {len(thr)} rounds, median (min-max): "
-                    f"throughput {spread(thr)}x, CPU per request {spread(cpu)}x"
-                )
+            for name in (ASYNC_ALONE, ASYNC_GRPC):
+                ratios = paired.get((name, c))
+                if ratios is not None and ratios.vs_pa is not None:
+                    thr, cpu = ratios.vs_pa
+                    print(
+                        f"{name} vs perf_analyzer, concurrency {c}, {len(thr)} rounds, median (min-max): "
+                        f"throughput {spread(thr)}x, CPU per request {spread(cpu)}x"
+                    )
 
 
 @dataclass
