@@ -167,8 +167,9 @@ def test_an_answer_that_is_not_the_calls_own_is_not_taken(url: str) -> None:
             await c.infer("mlp", {"x": X})  # opens the pool's connection and leaves a stream idle
             pool = c._pools[url]
             header = next(iter(c._headers.values()))
-            rpc = Rpc(c._pool.only(), "ModelInfer", frame(header, [X.tobytes()], "theirs"), 5.0, "mlp", None)
-            response = await c._streamed(pool, rpc, "mine")  # the stream answers "theirs"
+            body = frame(header, [X.tobytes()], "theirs")
+            rpc = Rpc(c._pool.only(), "ModelInfer", body, 5.0, "mlp", None, request_id="mine")
+            response = await c._streamed(pool, rpc)  # the stream answers "theirs"
             return decode_response(response)["probs"], pool.breaks
 
     probs, breaks = run(check())
@@ -199,3 +200,53 @@ def test_a_server_gone_mid_run_fails_the_next_call_with_unavailable(repo: Path) 
 def test_streams_are_for_the_async_client_only() -> None:
     with pytest.raises(ValueError, match="streams need AsyncClient"):
         Client("127.0.0.1:1", streams=True)
+
+
+def test_a_pool_whose_endpoint_refuses_connections_hands_calls_back_and_gives_up() -> None:
+    from tritonforge.client._wire import StreamBroken, StreamPool
+    from tritonforge.server.embedded import free_port
+
+    async def refused() -> tuple[int, bool]:
+        pool = StreamPool(f"127.0.0.1:{free_port()}", ())
+        try:
+            for _ in range(StreamPool.MAX_BREAKS):
+                with pytest.raises(StreamBroken):
+                    await pool.send(b"", 5.0)
+            return pool.breaks, pool.dead
+        finally:
+            pool.close()
+
+    assert run(refused()) == (StreamPool.MAX_BREAKS, True)  # dead: the client stays with grpc.aio
+
+
+def test_a_pool_gives_up_on_an_answer_later_than_the_deadline() -> None:
+    import time
+
+    from tritonforge.client._wire import AnswerLate, StreamPool
+
+    async def silent_server() -> tuple[float, int]:
+        peers: list[asyncio.StreamWriter] = []
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peers.append(writer)
+            writer.write(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # an empty SETTINGS frame, then nothing
+            await reader.read(-1)
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = StreamPool(f"127.0.0.1:{port}", ())
+        try:
+            started = time.perf_counter()
+            with pytest.raises(AnswerLate):
+                await pool.send(b"\x0a\x01m", 0.2)
+            return time.perf_counter() - started, len(pool._idle)
+        finally:
+            pool.close()
+            for writer in peers:
+                writer.close()
+                await writer.wait_closed()
+            server.close()
+            await server.wait_closed()
+
+    waited_s, idle = run(silent_server())
+    assert 0.2 <= waited_s < 5 and idle == 0  # the late stream is reset, never reused

@@ -61,12 +61,12 @@ class AsyncClient(BaseClient):
     request, each call getting its own rows back; ``False`` sends every call alone (load generators want
     that). A server without model configs (not Triton) gets every call alone.
 
-    ``streams`` (on by default): a call that needs no decision of the client's flows (one endpoint, inputs
-    of a signature already checked, no shared memory, no merging; plain-text gRPC) goes as a message of a
+    ``streams`` (on by default): an inference request (a call, an attempt of one, a merged request; not
+    one naming shared-memory regions) to a plain-text ``host:port`` endpoint goes as a message of a
     long-lived ``ModelStreamInfer`` stream (:mod:`tritonforge.client._wire`) instead of a grpc.aio call,
     once the model's config says it is neither decoupled nor a sequence model; an error answer, a broken
     stream or a server without streams sends it the usual way, so errors, retries and fallbacks are the
-    same. ``False`` sends every call through grpc.aio.
+    same. ``False`` sends every request through grpc.aio.
 
     Raises (from calls): as :class:`Client`.
     """
@@ -83,6 +83,7 @@ class AsyncClient(BaseClient):
         self._tasks: set[asyncio.Task[Any]] = set()  # shadows and merged requests in flight
         self._pools: dict[str, StreamPool] = {}  # an endpoint's streams, for calls on the fast path
         self._streamable: dict[tuple[str | None, str | None], bool] = {}  # learnt from the model config
+        self.requests_streamed = 0  # inference requests answered on streams (the rest: grpc.aio calls)
 
     # -- the driver --------------------------------------------------------------------------------------
 
@@ -121,6 +122,14 @@ class AsyncClient(BaseClient):
         return None
 
     async def _rpc(self, op: Rpc) -> Any:
+        if op.request_id is not None and self._streams_on:
+            pool = self._stream_pool(op)
+            if pool is not None:
+                return await self._streamed(pool, op)
+        return await self._grpc(op)
+
+    async def _grpc(self, op: Rpc) -> Any:
+        """``op`` as a grpc.aio call, its failure as our error."""
         # try/except rather than ``with map_grpc_errors(...)``: no object per request on the way that works
         method = op.method
         try:
@@ -283,7 +292,7 @@ class AsyncClient(BaseClient):
         try:
             body = self._encode(merged, attempt)
             response = await self._rpc(
-                Rpc(ep, "ModelInfer", body, group.timeout_s(), attempt.model, attempt.version)
+                Rpc(ep, "ModelInfer", body, group.timeout_s(), attempt.model, attempt.version, request_id=ids)
             )
             try:
                 parts = split(decode_response(response), group.counts)
@@ -321,7 +330,15 @@ class AsyncClient(BaseClient):
 
     async def _send_alone(self, call: PreparedCall, attempt: Attempt) -> dict[str, np.ndarray]:
         body = self._encode(call, attempt)
-        op = Rpc(attempt.endpoint, "ModelInfer", body, attempt.timeout_s, attempt.model, attempt.version)
+        op = Rpc(
+            attempt.endpoint,
+            "ModelInfer",
+            body,
+            attempt.timeout_s,
+            attempt.model,
+            attempt.version,
+            request_id=call.request_id,
+        )
         return decode_response(await self._rpc(op))
 
     async def _deliver_alone(self, call: PreparedCall, attempt: Attempt, future: asyncio.Future[Any]) -> None:
@@ -354,11 +371,7 @@ class AsyncClient(BaseClient):
         if type(fast) is not FastCall:
             return await self._drive(fast)  # type: ignore[arg-type]
         try:
-            pool = self._stream_pool(fast.rpc) if self._streams_on else None
-            if pool is None:
-                response = await self._rpc(fast.rpc)
-            else:
-                response = await self._streamed(pool, fast.rpc, fast.call.request_id)
+            response = await self._rpc(fast.rpc)
         except ClientError as exc:
             return await self._drive(self._fast_failed(fast, exc))
         except BaseException:
@@ -390,21 +403,16 @@ class AsyncClient(BaseClient):
         model, version = key
         if model is None:
             return
-        try:
-            config = await self.model_config(model, version)
-        except ClientError:
-            return  # no config (not Triton, or not allowed): every call the usual way
-        self._streamable[key] = not (
-            config.model_transaction_policy.decoupled or config.HasField("sequence_batching")
-        )
+        with contextlib.suppress(ClientError):  # no config (not Triton, or not allowed): the usual way
+            await self.model_config(model, version)
 
-    async def _streamed(self, pool: StreamPool, rpc: Rpc, request_id: str | None) -> Any:
+    async def _streamed(self, pool: StreamPool, rpc: Rpc) -> Any:
         """The call's ``ModelInferResponse`` over the pool's streams, or through grpc.aio when the stream
         can't answer it exactly (broken, an error to be given its exact kind, an answer not its own)."""
         try:
             answer = await pool.send(rpc.request, rpc.timeout_s)
         except StreamBroken:
-            return await self._rpc(rpc)
+            return await self._grpc(rpc)
         except AnswerLate:
             raise error_for_status(
                 "DEADLINE_EXCEEDED",
@@ -417,10 +425,11 @@ class AsyncClient(BaseClient):
             ) from None
         response = pb.ModelStreamInferResponse.FromString(answer)
         if response.error_message:
-            return await self._rpc(rpc)  # the usual call gives the error with its kind (retryable or not)
-        if request_id is not None and response.infer_response.id != request_id:
+            return await self._grpc(rpc)  # the usual call gives the error with its kind (retryable or not)
+        if response.infer_response.id != rpc.request_id:
             pool.forget()  # not this call's answer: that stream can't be trusted
-            return await self._rpc(rpc)
+            return await self._grpc(rpc)
+        self.requests_streamed += 1
         return response.infer_response
 
     async def infer_many(
@@ -483,7 +492,12 @@ class AsyncClient(BaseClient):
         Raises:
             NotOffered: the server has no model configs (not Triton). ModelNotFoundError: no such model.
         """
-        return await self._drive(self._model_config_flow(model, version))
+        config = await self._drive(self._model_config_flow(model, version))
+        # whether its requests may go on streams: answered once each (not decoupled), no state kept
+        self._streamable[(model, None if version is None else str(version))] = not (
+            config.model_transaction_policy.decoupled or config.HasField("sequence_batching")
+        )
+        return config
 
     async def model_statistics(self, model: str = "", version: str | int | None = None) -> dict[str, Any]:
         """Triton's statistics for ``model`` (all models when empty).

@@ -654,7 +654,15 @@ class BaseClient:
             ep, target_model, target_version, self.deadline.attempt_timeout_s(total_s), 1, False, False
         )
         self._on_attempt(model, attempt, call.request_id)
-        rpc = Rpc(ep, "ModelInfer", body, attempt.timeout_s, target_model, target_version)
+        rpc = Rpc(
+            ep,
+            "ModelInfer",
+            body,
+            attempt.timeout_s,
+            target_model,
+            target_version,
+            request_id=call.request_id,
+        )
         return FastCall(model, call, targets, timeout_s, attempt, rpc, started, start)
 
     def _fast_done(self, fast: FastCall, response: Any) -> Outputs:
@@ -796,7 +804,9 @@ class BaseClient:
                 endpoint=ep.url,
             )
         try:
-            answer = yield Rpc(ep, "ModelInfer", body, attempt.timeout_s, model, version, merge)
+            answer = yield Rpc(
+                ep, "ModelInfer", body, attempt.timeout_s, model, version, merge, request_id=call.request_id
+            )
         except RequestTooLarge as exc:
             if exc.limit_bytes:
                 ep.capabilities.max_message_bytes = exc.limit_bytes

@@ -54,6 +54,8 @@ class Rpc:
 
     ``ModelInfer`` takes the request's bytes (framed by the codec); every other method a protobuf message.
     ``merge`` (AsyncClient only): ``(call, attempt, rows, limit)`` when the call may be merged with others.
+    ``request_id``: the id framed into a ``ModelInfer`` request that may go on the AsyncClient's streams
+    (None: a grpc.aio call, e.g. one naming shared-memory regions).
     """
 
     endpoint: Endpoint
@@ -63,6 +65,7 @@ class Rpc:
     model: str | None = None
     version: str | None = None
     merge: Any = None
+    request_id: str | None = None
 
 
 @dataclass(slots=True)
