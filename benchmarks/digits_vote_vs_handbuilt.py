@@ -17,7 +17,8 @@ onnxruntime backend):
 perf_analyzer drives each at concurrency 1, 8 and 32 (gRPC, batch-1 requests, all outputs), the two sides
 alternating round by round (ABBA...). Figures per round: throughput, and the server's CPU per request
 (CPU seconds of the server and its backend stubs over the run / requests the ensemble answered). The
-tables give the median of the rounds with their spread; each side's idle memory is printed too.
+tables give the median of the rounds with their spread; each side's idle memory is printed too (each
+server loads only its pipeline and the models it runs).
 Figures are comparable only within one run: take them on a quiet machine.
 
     python benchmarks/digits_vote_vs_handbuilt.py [--rounds 5] [--window-ms 3000] [--concurrency 1,8,32]
@@ -227,7 +228,10 @@ def main() -> None:
             hand = build_hand(root, built)
         with console.status("starting one Triton per side ..."):
             for side, repo in ((BUILT, built), (UNFUSED, unfused), (HAND, hand)):
-                servers[side] = EmbeddedServer(repo).start()
+                # each server loads its pipeline and the models that pipeline runs, nothing else
+                servers[side] = EmbeddedServer(
+                    repo, model_control="explicit", load_models=[ENSEMBLE[side]]
+                ).start()
         same_answers(servers)
         for side, server in servers.items():
             assert server.pid is not None

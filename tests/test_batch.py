@@ -127,15 +127,16 @@ def test_batch_run_outputs_equal_in_process_onnxruntime_for_every_row(tmp_path, 
     assert result.latencies_ms["p99"] >= result.latencies_ms["p50"] > 0
 
 
-def test_requests_go_on_the_clients_streams_and_answer_like_grpc_calls(tmp_path, urls, digits):
+def test_lanes_send_on_streams_of_their_own_and_answer_like_client_calls(tmp_path, urls, digits):
     pq.write_table(digits_table(digits), tmp_path / "d.parquet")
     kwargs = {"shard_rows": 300, "concurrency": 4, "batch_size": 16}
     on = run_batch("digits_logreg", urls, tmp_path / "d.parquet", tmp_path / "on", **kwargs)
     off = run_batch("digits_logreg", urls, tmp_path / "d.parquet", tmp_path / "off", streams=False, **kwargs)
     assert on.exit_code == off.exit_code == EXIT_OK and on.requests == off.requests == 57
-    # the run read the model's config first, so the client knows its requests may go on streams: all of
-    # them do, on both servers (the first of each shape too: the client checks it before sending)
-    assert on.requests_streamed == on.requests and off.requests_streamed == 0
+    # the first requests of each shape (16 rows, and a shard's last 12; at most one per lane before the
+    # first answer) go through the client, which checks them against the model's metadata; the rest on
+    # the lanes' streams
+    assert on.requests - 2 * 4 <= on.requests_streamed < on.requests and off.requests_streamed == 0
     assert read_outputs(tmp_path / "on").equals(read_outputs(tmp_path / "off"))
     # shared memory asked for: the client's calls carry it, so no streams
     shm = run_batch(
@@ -529,6 +530,107 @@ def test_triton_predictor_marks_failed_rows_in_the_error_column_and_answers_the_
     assert [i for i, e in enumerate(errors) if e] == [3] and "negative input" in errors[3]
     y = np.stack(out.column("y").to_numpy(zero_copy_only=False))
     np.testing.assert_array_equal(np.delete(y, 3, axis=0), np.delete(x, 3, axis=0) * 2)
+
+
+# -- the lanes' streams (tritonforge.client._wire) ---------------------------------------------------------
+
+
+def _double_request(x: np.ndarray) -> bytes:
+    from tritonforge.client._codec import frame, request_header, tensor_bytes
+
+    header = request_header("double", None, [("x", "FP32", x.shape)], ["y"])
+    return frame(header, [tensor_bytes(x, "FP32")])
+
+
+def _answer(raw: bytes) -> tuple[str, np.ndarray | None]:
+    from tritonclient.grpc import service_pb2 as pb
+
+    from tritonforge.client._codec import decode_response
+
+    response = pb.ModelStreamInferResponse.FromString(raw)
+    if response.error_message:
+        return response.error_message, None
+    return "", decode_response(response.infer_response)["y"]
+
+
+def test_a_lane_stream_answers_requests_and_a_model_error_leaves_it_usable(urls):
+    import asyncio
+
+    from tritonforge.client._wire import Streams
+
+    x = np.arange(64, dtype=np.float32).reshape(16, 4)
+
+    async def go() -> list[tuple[str, np.ndarray | None]]:
+        streams = Streams(urls, (), timeout_s=30.0)
+        lanes = [streams.lane(i) for i in range(2)]  # one on each server
+        try:
+            answers = []
+            for body in (_double_request(x), _double_request(-x[:2]), _double_request(x + 1)):
+                for lane in lanes:
+                    raw = await streams.send(lane, body)
+                    assert raw is not None
+                    answers.append(_answer(raw))
+            assert [lane.breaks for lane in lanes] == [0, 0] and lanes[0].url != lanes[1].url
+            return answers
+        finally:
+            await streams.aclose()
+
+    answers = asyncio.run(go())
+    for error, y in answers[:2] + answers[4:]:
+        assert error == "" and y is not None
+    np.testing.assert_array_equal(answers[0][1], x * 2)
+    np.testing.assert_array_equal(answers[5][1], (x + 1) * 2)
+    assert all("negative input" in error and y is None for error, y in answers[2:4])
+
+
+def test_streams_hand_a_request_back_when_the_endpoint_refuses_connections():
+    import asyncio
+
+    from tritonforge.client._wire import Streams
+    from tritonforge.server.embedded import free_port
+
+    async def go() -> tuple[bytes | None, bool]:
+        streams = Streams([f"127.0.0.1:{free_port()}"], (), timeout_s=5.0)
+        lane = streams.lane(0)
+        try:
+            return await streams.send(lane, _double_request(np.ones((1, 4), np.float32))), lane.dead
+        finally:
+            await streams.aclose()
+
+    assert asyncio.run(go()) == (None, True)  # None: the caller sends it through the client instead
+
+
+def test_streams_give_up_on_an_answer_later_than_the_timeout():
+    import asyncio
+
+    from tritonforge.client._wire import Streams
+
+    async def go() -> tuple[bytes | None, int, float]:
+        peers: list[asyncio.StreamWriter] = []
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peers.append(writer)
+            writer.write(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # an empty SETTINGS frame, then nothing
+            await reader.read(-1)
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        streams = Streams([f"127.0.0.1:{port}"], (), timeout_s=0.2)
+        lane = streams.lane(0)
+        try:
+            started = time.perf_counter()
+            raw = await streams.send(lane, _double_request(np.ones((1, 4), np.float32)))
+            return raw, lane.breaks, time.perf_counter() - started
+        finally:
+            await streams.aclose()
+            for writer in peers:
+                writer.close()
+                await writer.wait_closed()
+            server.close()
+            await server.wait_closed()
+
+    raw, breaks, waited_s = asyncio.run(go())
+    assert raw is None and breaks == 1 and 0.2 <= waited_s < 5
 
 
 @pytest.mark.parametrize("uvloop_installed", [True, False])

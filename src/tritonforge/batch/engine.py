@@ -1,8 +1,9 @@
 """Rows through a model: requests of many rows, many in flight, and failures narrowed down to their rows.
 
-Every request is a call of the :class:`~tritonforge.client.AsyncClient` (which sends it as a message of a
-long-lived stream where it can, :mod:`tritonforge.client._wire`), so errors, retries, the endpoint pool,
-metrics and hooks are the client's.
+A lane of a batch run sends its requests as messages of a ``ModelStreamInfer`` stream of its own
+(:mod:`tritonforge.client._wire`) when it can; a request that can't go that way, or whose answer is an error,
+goes through the :class:`~tritonforge.client.AsyncClient` like every other, so errors, retries and the
+endpoint pool are the client's.
 
 A request that the model refuses or fails on (:class:`InvalidRequestError`, :class:`InferenceFailed`) is
 split in halves and retried until the failing rows stand alone; they are reported with the model's reason,
@@ -19,8 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from tritonclient.grpc import service_pb2 as pb
 
 from tritonforge.batch.columns import shape_groups, take
+from tritonforge.client._codec import decode_response, frame, request_header, signature_of
+from tritonforge.client._inputs import prepare
+from tritonforge.client._wire import Lane, Streams
 from tritonforge.errors import InferenceFailed, InvalidRequestError
 
 __all__ = ["Engine", "RowResult"]
@@ -48,6 +53,8 @@ class Engine:
         batch_size: rows per request (at most the model's ``max_batch_size``).
         outputs: the outputs to ask for (None: all).
         timeout_s: per-request timeout (None: the client's deadline).
+        streams: the lanes' streams (:class:`~tritonforge.client._wire.Streams`); None: every request
+            through the client.
     """
 
     def __init__(
@@ -60,8 +67,11 @@ class Engine:
         batch_size: int,
         outputs: Sequence[str] | None = None,
         timeout_s: float | None = None,
+        streams: Streams | None = None,
     ) -> None:
         self.client = client
+        self.streams = streams
+        self._headers: dict[Any, bytes] = {}  # request header per input signature, once it went through
         self.model = model
         self.version = version
         self.batched = batched
@@ -70,6 +80,7 @@ class Engine:
         self.timeout_s = timeout_s
         self.latencies_s: list[float] = []
         self.requests = 0
+        self.streamed = 0  # of ``requests``, answered on a lane's stream
 
     def batches(self, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Row positions of each request: rows of one shape together, ``batch_size`` at a time."""
@@ -91,9 +102,56 @@ class Engine:
             out = {k: np.asarray(v)[None, ...] for k, v in out.items()}
         return out
 
-    async def run(self, arrays: Mapping[str, np.ndarray], rows: np.ndarray) -> RowResult:
-        """Answer ``rows`` (positions in ``arrays``); a row-level failure is narrowed down by halving."""
+    def lane(self, index: int) -> Lane | None:
+        """Lane ``index``'s stream (None: no streams; the lane sends through the client)."""
+        return None if self.streams is None else self.streams.lane(index)
+
+    async def _streamed(self, inputs: dict[str, np.ndarray], lane: Lane) -> dict[str, np.ndarray] | None:
+        """The outputs for ``inputs`` sent on the lane's stream; None when they have to go through the
+        client (inputs it would refuse, a signature it hasn't checked yet, a broken stream, an error)."""
+        if not self.batched:
+            inputs = {k: v[0] for k, v in inputs.items()}
+        try:
+            call = prepare(self.model, inputs, self.outputs, None, self.client.allow_non_finite)
+        except InvalidRequestError:
+            return None  # the client says why, row by row
+        header = self._headers.get(call.signature)
+        if header is None:
+            return None  # its first request goes through the client, which checks it against the model
+        assert self.streams is not None
+        started = time.perf_counter()
+        answer = await self.streams.send(lane, frame(header, call.raws))
+        if answer is None:
+            return None
+        response = pb.ModelStreamInferResponse.FromString(answer)
+        if response.error_message:
+            return None  # the client's call gets the error with its kind (and the rows are narrowed down)
+        self.latencies_s.append(time.perf_counter() - started)
+        self.requests += 1
+        self.streamed += 1
+        out = decode_response(response.infer_response)
+        if not self.batched:
+            out = {k: v[None, ...] for k, v in out.items()}
+        return out
+
+    def _learn(self, inputs: dict[str, np.ndarray]) -> None:
+        """The request header of an input signature the client has sent (and so checked) once."""
+        if not self.batched:
+            inputs = {k: v[0] for k, v in inputs.items()}
+        signature = signature_of(inputs)
+        if signature not in self._headers:
+            outputs = None if self.outputs is None else tuple(self.outputs)
+            self._headers[signature] = request_header(self.model, self.version, signature, outputs)
+
+    async def run(
+        self, arrays: Mapping[str, np.ndarray], rows: np.ndarray, lane: Lane | None = None
+    ) -> RowResult:
+        """Answer ``rows`` (positions in ``arrays``), on ``lane``'s stream when it can; a row-level failure
+        is narrowed down by halving (through the client)."""
         inputs = take(arrays, rows)
+        out = None if lane is None else await self._streamed(inputs, lane)
+        if out is not None:
+            return self._checked(rows, out)
         try:
             out = await self._call(inputs)
         except ROW_ERRORS as exc:
@@ -102,6 +160,8 @@ class Engine:
             mid = len(rows) // 2
             left, right = await asyncio.gather(self.run(arrays, rows[:mid]), self.run(arrays, rows[mid:]))
             return _join(left, right)
+        if self.streams is not None:
+            self._learn(inputs)
         return self._checked(rows, out)
 
     def _checked(self, rows: np.ndarray, out: dict[str, np.ndarray]) -> RowResult:

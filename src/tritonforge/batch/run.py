@@ -31,6 +31,7 @@ from tritonforge.batch.columns import InputPlan, Prepared, outputs_to_arrow, pla
 from tritonforge.batch.engine import Engine, RowResult
 from tritonforge.batch.sources import Dataset, digest, open_dataset
 from tritonforge.batch.store import Manifest
+from tritonforge.client._wire import Streams
 from tritonforge.errors import BatchError, ClientError
 
 if TYPE_CHECKING:  # the client is imported where it is used, as AsyncClient is
@@ -109,7 +110,7 @@ class BatchResult:
     server: list[ServerSplit] = field(default_factory=list)
     failed_before: int = 0
     startup_s: float = 0.0  # from the call until the first request went out (reading, metadata, manifest)
-    requests_streamed: int = 0  # of ``requests``, answered on the client's streams (the rest: gRPC calls)
+    requests_streamed: int = 0  # of ``requests``, answered on a lane's stream (the rest: client calls)
 
     @property
     def rows_per_s(self) -> float:
@@ -196,10 +197,10 @@ async def arun_batch(
         handle_signals: stop cleanly on SIGTERM / SIGINT (the CLI does; a library caller may not want it).
         on_event: ``fn(kind, data)`` for progress: ``start``, ``rows``, ``shard``, ``stopping``, ``done``.
         client_options: passed to :class:`~tritonforge.client.AsyncClient` (retry, deadline, tls, ...).
-        streams: the client sends the requests as messages of long-lived ``ModelStreamInfer`` streams
-            (:mod:`tritonforge.client._wire`; not with TLS, ``dns:///`` URLs or shared memory asked for),
-            any request that can't go that way or fails as a gRPC call; ``False``: every request a gRPC
-            call (``AsyncClient(streams=False)``).
+        streams: each lane sends its requests as messages of a ``ModelStreamInfer`` stream of its own
+            (:mod:`tritonforge.client._wire`; not with TLS, ``dns:///`` URLs or shared memory asked for), the
+            client taking over any request that can't go that way or fails; ``False``: every request a
+            grpc.aio call of the client (``AsyncClient(streams=False)``).
 
     Raises:
         BatchError: bad input, mapping or output folder; a model that isn't there; the servers unreachable
@@ -225,8 +226,8 @@ async def arun_batch(
     columns = await asyncio.to_thread(dataset.columns)
     v = None if version is None else str(version)
     options = dict(client_options or {})
-    # the run makes its own batches: merging the lanes' requests again would only cost
-    client_kwargs = {"coalesce": False, "streams": streams, **options}
+    # no streams at all: the client's own (for the requests it sends) off too, unless told otherwise
+    client_kwargs = options if streams else {"streams": False, **options}
     async with AsyncClient(url_list, **client_kwargs) as client:
         try:
             meta = await client.model_metadata(model, v)
@@ -264,6 +265,7 @@ async def arun_batch(
         rows_total = sum(rows_of.values())
         rows_skipped = sum(rows_of[i] for i in mine if i in manifest.done)
         _, failed_before = manifest.totals()
+        lanes = _streams(client, url_list, timeout_s) if streams else None
         engine = Engine(
             client,
             model,
@@ -272,6 +274,7 @@ async def arun_batch(
             batch_size=size,
             outputs=out_names,
             timeout_s=timeout_s,
+            streams=lanes,
         )
         stats_models = await _composing(client, model, config)
         before = await _statistics(url_list, stats_models, options)
@@ -301,9 +304,12 @@ async def arun_batch(
                 "failed_before": failed_before,
             },
         )
-        with _signals(runner, handle_signals):
-            await runner.run([_Shard(i, i * shard_rows, rows_of[i]) for i in todo])
-        streamed = client.requests_streamed
+        try:
+            with _signals(runner, handle_signals):
+                await runner.run([_Shard(i, i * shard_rows, rows_of[i]) for i in todo])
+        finally:
+            if lanes is not None:
+                await lanes.aclose()
         after = await _statistics(url_list, stats_models, options)
     elapsed = time.perf_counter() - started
     lat = np.array(engine.latencies_s) * 1e3
@@ -326,7 +332,7 @@ async def arun_batch(
         server=_splits(before, after),
         failed_before=failed_before,
         startup_s=(runner.first_request_s or time.perf_counter()) - started,
-        requests_streamed=streamed,
+        requests_streamed=engine.streamed,
     )
     emit("done", {"result": result})
     if runner.fatal is not None:
@@ -500,6 +506,7 @@ class _Runner:
         """Send the queued requests one after the other until told there are no more."""
         queue, engine = self._queue, self.engine
         try:
+            lane = engine.lane(index)
             while True:
                 item = await queue.get()
                 if item is None:
@@ -507,7 +514,7 @@ class _Runner:
                 work, i = item
                 if self.first_request_s is None:
                     self.first_request_s = time.perf_counter()
-                result = await engine.run(work.prepared.arrays, work.batches[i])
+                result = await engine.run(work.prepared.arrays, work.batches[i], lane)
                 self._answered(work, i, result)
         except asyncio.CancelledError:
             return  # abandoned: the shards not committed are redone by the next run
@@ -700,6 +707,21 @@ def _signals(runner: _Runner, enabled: bool) -> Any:
     finally:
         for sig in sigs:
             loop.remove_signal_handler(sig)
+
+
+def _streams(client: Any, urls: Sequence[str], timeout_s: float | None) -> Streams | None:
+    """The lanes' streams, where the wire path can go: plain ``host:port`` endpoints without TLS, and a
+    client not told to put tensors in shared memory."""
+    if client.shared_memory.mode in ("system", "cuda"):
+        return None
+    plain = []
+    for url in urls:
+        url = url[len("grpc://") :] if url.startswith("grpc://") else url
+        if client.tls is not None or "/" in url or ":" not in url:
+            return None
+        plain.append(url)
+    limit = timeout_s if timeout_s is not None else client.deadline.total_s
+    return Streams(plain, client._metadata("ModelStreamInfer") or (), limit)
 
 
 async def _composing(client: Any, model: str, config: Any) -> list[str]:

@@ -101,7 +101,7 @@ def _summary(result: Any) -> Table:
         ("time", f"{result.elapsed_s:.2f} s"),
         ("of which startup (until the first request)", f"{result.startup_s:.2f} s"),
         ("throughput", f"{result.rows_per_s:,.0f} rows/s"),
-        ("requests (on streams)", f"{result.requests:,} ({result.requests_streamed:,})"),
+        ("requests (on the lanes' streams)", f"{result.requests:,} ({result.requests_streamed:,})"),
         ("request p50 / p99", f"{result.latencies_ms['p50']:.2f} / {result.latencies_ms['p99']:.2f} ms"),
     ]
     for name, value in rows:
@@ -153,9 +153,7 @@ def register(app: typer.Typer) -> None:
         timeout_s: float | None = typer.Option(None, help="Per-request timeout."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
         no_streams: bool = typer.Option(
-            False,
-            "--no-streams",
-            help="Every request a grpc.aio call (not a message of the client's streams).",
+            False, "--no-streams", help="Every request a gRPC call (not messages of the lanes' own streams)."
         ),
     ) -> None:
         """Run MODEL on every row of --input; write row_id + outputs as Parquet shards into --output.
