@@ -15,7 +15,7 @@ import contextlib
 import glob
 import inspect
 import textwrap
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -217,3 +217,24 @@ def make_client(face: str, urls: str | list[str], **options: Any) -> Any:
     if face == "sync":
         return Client(urls, **options)
     return BlockingAsyncClient(AsyncClient(urls, **options))
+
+
+@contextlib.asynccontextmanager
+async def silent_http2_server() -> AsyncIterator[str]:
+    """A server that answers a connection with an empty SETTINGS frame and then never again: its address."""
+    peers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer)
+        writer.write(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # an empty SETTINGS frame, then nothing
+        await reader.read(-1)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        for writer in peers:
+            writer.close()
+            await writer.wait_closed()
+        server.close()
+        await server.wait_closed()

@@ -18,7 +18,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 pytest.importorskip("sklearn")
 
 from batch_fixtures import build_batch_repository  # noqa: E402
-from client_fixtures import servers  # noqa: E402
+from client_fixtures import servers, silent_http2_server  # noqa: E402
 from test_build import load_tool  # noqa: E402
 from tritonforge.batch import (  # noqa: E402
     EXIT_FAILED_ROWS,
@@ -606,28 +606,15 @@ def test_streams_give_up_on_an_answer_later_than_the_timeout():
     from tritonforge.client._wire import Streams
 
     async def go() -> tuple[bytes | None, int, float]:
-        peers: list[asyncio.StreamWriter] = []
-
-        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            peers.append(writer)
-            writer.write(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # an empty SETTINGS frame, then nothing
-            await reader.read(-1)
-
-        server = await asyncio.start_server(silent, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        streams = Streams([f"127.0.0.1:{port}"], (), timeout_s=0.2)
-        lane = streams.lane(0)
-        try:
-            started = time.perf_counter()
-            raw = await streams.send(lane, _double_request(np.ones((1, 4), np.float32)))
-            return raw, lane.breaks, time.perf_counter() - started
-        finally:
-            await streams.aclose()
-            for writer in peers:
-                writer.close()
-                await writer.wait_closed()
-            server.close()
-            await server.wait_closed()
+        async with silent_http2_server() as url:
+            streams = Streams([url], (), timeout_s=0.2)
+            lane = streams.lane(0)
+            try:
+                started = time.perf_counter()
+                raw = await streams.send(lane, _double_request(np.ones((1, 4), np.float32)))
+                return raw, lane.breaks, time.perf_counter() - started
+            finally:
+                await streams.aclose()
 
     raw, breaks, waited_s = asyncio.run(go())
     assert raw is None and breaks == 1 and 0.2 <= waited_s < 5

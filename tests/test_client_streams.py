@@ -225,28 +225,15 @@ def test_a_pool_gives_up_on_an_answer_later_than_the_deadline() -> None:
     from tritonforge.client._wire import AnswerLate, StreamPool
 
     async def silent_server() -> tuple[float, int]:
-        peers: list[asyncio.StreamWriter] = []
-
-        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            peers.append(writer)
-            writer.write(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # an empty SETTINGS frame, then nothing
-            await reader.read(-1)
-
-        server = await asyncio.start_server(silent, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        pool = StreamPool(f"127.0.0.1:{port}", ())
-        try:
-            started = time.perf_counter()
-            with pytest.raises(AnswerLate):
-                await pool.send(b"\x0a\x01m", 0.2)
-            return time.perf_counter() - started, len(pool._idle)
-        finally:
-            pool.close()
-            for writer in peers:
-                writer.close()
-                await writer.wait_closed()
-            server.close()
-            await server.wait_closed()
+        async with cf.silent_http2_server() as url:
+            pool = StreamPool(url, ())
+            try:
+                started = time.perf_counter()
+                with pytest.raises(AnswerLate):
+                    await pool.send(b"\x0a\x01m", 0.2)
+                return time.perf_counter() - started, len(pool._idle)
+            finally:
+                pool.close()
 
     waited_s, idle = run(silent_server())
     assert 0.2 <= waited_s < 5 and idle == 0  # the late stream is reset, never reused
