@@ -71,14 +71,18 @@ def test_fused_encoder_of_the_example_pipeline_reuses_the_fp32_versions_measured
     from tritonforge.config import read_config
 
     encoder = json.loads((example_repo / "minilm_encoder" / "1" / "manifest.json").read_text())["layout"]
+    manifests = {p.parent.parent: json.loads(p.read_text()) for p in example_repo.glob("*/1/manifest.json")}
     fused = [
-        p.parent.parent
-        for p in example_repo.glob("*/1/manifest.json")
-        if json.loads(p.read_text()).get("block") == "fused"
+        folder
+        for folder, m in manifests.items()
+        if m.get("block") == "fused" and m["pipeline"] == "text_embedding"
     ]
     assert fused, "the example build fuses the encoder with its pooling"
+    # digits_vote's members and vote are fused too: its layout is the widest of the members' measured ones
+    (vote,) = [m for m in manifests.values() if m.get("block") == "fused" and m["pipeline"] == "digits_vote"]
+    assert vote["layout"]["reused_from"].startswith("digits_logreg version 1, digits_mlp version 1")
     for folder in fused:
-        layout = json.loads((folder / "1" / "manifest.json").read_text())["layout"]
+        layout = manifests[folder]["layout"]
         assert layout["reused_from"] == "minilm_encoder version 1"
         assert layout["measured_rows_per_s"] == encoder["measured_rows_per_s"]
         config = read_config(folder)
