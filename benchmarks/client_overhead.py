@@ -3,9 +3,10 @@
 One embedded Triton server, one tiny ONNX model (x[1, 8] -> probs[1, 3], dynamic batching), the same
 requests from every client, at concurrency 1, 16 and 64. The AsyncClient runs three times: as users get
 it (client-side batching on: concurrent calls go out as one request), with ``coalesce=False`` (every call
-its own request, like the raw clients; on its streams, the default) and with ``coalesce=False,
-streams=False`` (every call a grpc.aio call); a bare grpc.aio call (cached request bytes, the answer parsed to
-numpy, nothing else) shows the floor of any asyncio client in Python. Printed per client and concurrency:
+its own request, like the raw clients; every call a grpc.aio call) and with ``coalesce=False,
+streams=True`` (every call a message of its streams, opt-in); a bare grpc.aio call (cached request
+bytes, the answer parsed to numpy, nothing else) shows the floor of any asyncio client in Python.
+Printed per client and concurrency:
 throughput, p50/p99 latency, client CPU per request (``time.process_time`` of this process, which holds the
 client and its gRPC threads but not the server; perf_analyzer's from its own process rusage), and the ratios
 to raw tritonclient and to perf_analyzer. perf_analyzer runs inside the alternating rounds, so every ratio
@@ -131,12 +132,12 @@ async def _async_run(
     return _summary(name, concurrency, latencies, time.perf_counter() - wall0, time.process_time() - cpu0)
 
 
-ASYNC_ALONE = "tritonforge AsyncClient, coalesce=False"
-ASYNC_GRPC = "tritonforge AsyncClient, coalesce=False, streams=False"
+ASYNC_ALONE = "tritonforge AsyncClient, coalesce=False, streams=True"
+ASYNC_GRPC = "tritonforge AsyncClient, coalesce=False"
 
 
 async def bench_tritonforge_async(
-    url: str, concurrency: int, seconds: float, warmup_s: float, coalesce: bool = True, streams: bool = True
+    url: str, concurrency: int, seconds: float, warmup_s: float, coalesce: bool = True, streams: bool = False
 ) -> Result:
     async with AsyncClient(url, coalesce=coalesce, streams=streams) as client:
         inputs = {"x": X}
@@ -344,7 +345,7 @@ def main() -> None:
                     bench_tritonforge_async(url, c, args.seconds, args.warmup)
                 ),
                 "tf-async-alone": lambda c=c: asyncio.run(
-                    bench_tritonforge_async(url, c, args.seconds, args.warmup, coalesce=False)
+                    bench_tritonforge_async(url, c, args.seconds, args.warmup, coalesce=False, streams=True)
                 ),
                 "tf-async-grpc": lambda c=c: asyncio.run(
                     bench_tritonforge_async(url, c, args.seconds, args.warmup, coalesce=False, streams=False)

@@ -124,7 +124,7 @@ def test_a_stream_past_its_deadline_raises_deadline_exceeded_and_the_next_call_a
     ones = np.ones((1, 4), np.float32)
 
     async def late() -> tuple[float, int, list[int]]:
-        async with AsyncClient(url, coalesce=False, registry=CollectorRegistry()) as c:
+        async with AsyncClient(url, coalesce=False, streams=True, registry=CollectorRegistry()) as c:
             await warmed(c, "sleepy", {"x": ones})
             assert c._streamable[("sleepy", None)] is True
             with pytest.raises(DeadlineExceeded, match="'sleepy'"):
@@ -162,7 +162,7 @@ def test_a_decoupled_model_never_goes_on_a_stream(url: str) -> None:
 
 def test_an_answer_that_is_not_the_calls_own_is_not_taken(url: str) -> None:
     async def check() -> tuple[np.ndarray, int]:
-        async with AsyncClient(url, coalesce=False, registry=CollectorRegistry()) as c:
+        async with AsyncClient(url, coalesce=False, streams=True, registry=CollectorRegistry()) as c:
             await warmed(c, "mlp", {"x": X})
             await c.infer("mlp", {"x": X})  # opens the pool's connection and leaves a stream idle
             pool = c._pools[url]
@@ -182,7 +182,11 @@ def test_a_server_gone_mid_run_fails_the_next_call_with_unavailable(repo: Path) 
 
     async def gone() -> None:
         async with AsyncClient(
-            server.grpc_url, coalesce=False, registry=CollectorRegistry(), retry=RetryPolicy(max_attempts=1)
+            server.grpc_url,
+            coalesce=False,
+            streams=True,
+            registry=CollectorRegistry(),
+            retry=RetryPolicy(max_attempts=1),
         ) as c:
             await warmed(c, "mlp", {"x": X})
             await c.infer("mlp", {"x": X})
@@ -197,9 +201,10 @@ def test_a_server_gone_mid_run_fails_the_next_call_with_unavailable(repo: Path) 
         server.stop()
 
 
-def test_streams_are_for_the_async_client_only() -> None:
+def test_streams_are_for_the_async_client_only_and_off_by_default() -> None:
     with pytest.raises(ValueError, match="streams need AsyncClient"):
         Client("127.0.0.1:1", streams=True)
+    assert AsyncClient("127.0.0.1:1").streams is False and AsyncClient("127.0.0.1:1", streams=True).streams
 
 
 def test_a_pool_whose_endpoint_refuses_connections_hands_calls_back_and_gives_up() -> None:

@@ -244,8 +244,8 @@ class BaseClient:
         allow_non_finite: NaN and ±inf inputs are refused by default; ``True`` sends them for every input,
             a collection of input names (``"x"``, or ``"model/x"`` for one model's) for those inputs only.
         coalesce: client-side batching (:class:`Coalesce`); :class:`AsyncClient` only, on by default there.
-        streams: repeated calls as messages of long-lived streams instead of one gRPC call each;
-            :class:`AsyncClient` only, on by default there (plain-text gRPC only; see its doc).
+        streams: inference requests as messages of long-lived streams instead of one gRPC call each;
+            :class:`AsyncClient` only, off by default (plain-text gRPC only; see its doc).
         registry: prometheus registry for the client metrics.
         metrics: ``False`` turns the client metrics off.
         hooks: callables given a :class:`ClientEvent` for each call, retry, fallback and shadow comparison;
@@ -256,6 +256,7 @@ class BaseClient:
 
     _coalesce_default = False
     _streams_default = False
+    _streams_supported = False
 
     def __init__(
         self,
@@ -317,7 +318,7 @@ class BaseClient:
             )
         self.coalesce = coalesce
         self._coalescing = coalesce.enabled
-        if streams and not self._streams_default:
+        if streams and not self._streams_supported:
             raise ValueError(
                 f"streams need AsyncClient; {type(self).__name__} sends each call as its own gRPC call"
             )
