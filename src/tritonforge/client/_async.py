@@ -85,7 +85,7 @@ class AsyncClient(BaseClient):
         self._health_task: asyncio.Task[None] | None = None
         self._discovery_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # shadows and merged requests in flight
-        self._pools: dict[str, StreamPool] = {}  # an endpoint's streams, for calls on the fast path
+        self._pools: dict[str, StreamPool] = {}  # each plain-text endpoint's streams (streams=True)
         self._streamable: dict[tuple[str | None, str | None], bool] = {}  # learnt from the model config
         self.requests_streamed = 0  # inference requests answered on streams (the rest: grpc.aio calls)
 
@@ -385,21 +385,21 @@ class AsyncClient(BaseClient):
 
     def _stream_pool(self, rpc: Rpc) -> StreamPool | None:
         """The endpoint's streams if this call may go on one (see the class doc), else None."""
+        ep = rpc.endpoint
+        pool = self._pools.get(ep.url)
+        if pool is None:
+            if ep.capabilities.streaming is False or not _plain_address(ep.url):
+                return None  # the endpoint can't take them: no need to ask for the model's config either
+            pool = self._pools[ep.url] = StreamPool(ep.url, self._metadata("ModelInfer") or ())
+        if pool.dead:
+            return None
         key = (rpc.model, rpc.version)
         known = self._streamable.get(key)
         if known is None:
             self._streamable[key] = False  # until the model's config says otherwise
             self._spawn(self._learn_streamable(key))
             return None
-        if not known:
-            return None
-        ep = rpc.endpoint
-        pool = self._pools.get(ep.url)
-        if pool is None:
-            if ep.capabilities.streaming is False or not _plain_address(ep.url):
-                return None
-            pool = self._pools[ep.url] = StreamPool(ep.url, self._metadata("ModelInfer") or ())
-        return None if pool.dead else pool
+        return pool if known else None
 
     async def _learn_streamable(self, key: tuple[str | None, str | None]) -> None:
         """Whether calls of a model may go on streams: Triton's config says it answers each request once
