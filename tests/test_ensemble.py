@@ -551,7 +551,7 @@ def test_blocks_answer_requests_batched_together_as_they_answer_each_alone(
         return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
 
     # the text pipeline's encoder and pooling run as one fused ONNX model (tritonforge.ensemble.fuse)
-    steps = ("tiny_tokenizer", "tiny_encoder_v1__tiny_pool", "vote3_plain")
+    steps = ("tiny_tokenizer__bucketed", "tiny_encoder_v1__tiny_pool", "vote3_plain")
     before = {m: stats(m) for m in steps}
     connections = [grpcclient.InferenceServerClient(server.grpc_url) for _ in range(12)]
     try:

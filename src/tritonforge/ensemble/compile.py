@@ -359,7 +359,7 @@ def compile_specs(
                     if fused:
                         record["fused_models"] = [m.config.name for m in fused]
                     for model in fused:
-                        add_once(model.config, model.source, model.manifest)
+                        add_once(model.config, model.source, model.manifest, model.extra_files)
                 config, helpers = ensemble_plan(item)
                 for helper in helpers:
                     add_block(helper, "passthrough", spec.name)

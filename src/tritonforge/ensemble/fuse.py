@@ -14,6 +14,16 @@ anyone who calls them one by one.
 Fused only when the result is the same: the embeddings feed nothing else and are not a pipeline output,
 the pooling's mask is one of the ONNX model's own inputs, the source version is known and its file is
 an FP32-output ONNX graph; otherwise the steps compile as written.
+
+Batching texts of different lengths: Triton's dynamic batcher groups only requests whose shapes match, so
+with one text per request the encoder ran batches of one whenever lengths differed — and a transformer's
+call costs a fixed part (its weights read once per call: ~2.7 ms of MiniLM FP32's ~5 ms per sentence here)
+that only a batch shares. The fused graph therefore starts by cutting its inputs to the last column any
+row's mask keeps (:func:`trim_padding`), and when the pipeline's tokenizer feeds nothing but the fused step,
+the step calls a copy of that tokenizer which pads to power-of-two buckets (``<tokenizer>__bucketed``):
+texts of 5 to 16 tokens then share a shape, batch, and cost their longest row. Both only when a check
+batch padded past its longest row answers as each row alone (a model that reads masked tokens keeps the
+plain fusion); the spec's own tokenizer is unchanged for clients that call it.
 """
 
 from __future__ import annotations
@@ -43,11 +53,13 @@ _ONNX_BACKENDS = ("onnxruntime",)
 
 @dataclasses.dataclass(frozen=True)
 class FusedModel:
-    """A fused model to write: its config, its ONNX file (in a scratch folder) and its manifest record."""
+    """A generated model to write: its config, its file (a fused ONNX graph in a scratch folder, or a block's
+    ``model.py``), its manifest record and any files beside it (a bucketed tokenizer's ``tokenizer.json``)."""
 
     config: ModelConfig
     source: Path
     manifest: Mapping[str, Any]
+    extra_files: tuple[Path, ...] = ()
 
 
 def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolved, list[FusedModel]]:
@@ -81,15 +93,23 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
         folder = scratch / name
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / "model.onnx"
+        args = (model_path, target, token_output, mask_input, out_name, normalize)
         try:
-            dim = _write_fused(model_path, target, token_output, mask_input, out_name, normalize)
+            written = _write_fused(*args, trim=True)
             difference = (
-                float("inf") if dim is None else _check(model_path, target, token_output, out_name, normalize)
+                float("inf")
+                if written is None
+                else _check(*args[:3], out_name, normalize, rows_alone=written[1])
             )
+            if written is not None and written[1] and not difference <= FUSE_TOLERANCE:
+                # the model reads masked tokens: fused as written, without the cut or bucketed padding
+                written = _write_fused(*args)
+                difference = float("inf") if written is None else _check(*args[:3], out_name, normalize)
         except Exception:  # a graph onnx or onnxruntime can't take apart or run here: compiled unfused
             continue
-        if dim is None or not difference <= FUSE_TOLERANCE:
+        if written is None or not difference <= FUSE_TOLERANCE:
             continue
+        dim, trimmed = written
         fused_config = config.replace(
             name=name,
             outputs=[TensorSpec(name=out_name, dtype=DataType.FP32, dims=[dim])],
@@ -114,6 +134,8 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
                 "appended": "mean pooling over the attention mask" + (", L2 norm" if normalize else ""),
                 "max_abs_diff_vs_unfused": difference,
                 "why": "one model instead of two: no Python-backend hop, no copy of the token embeddings",
+                # padding columns no row attends to are cut first: a padded batch costs its longest row
+                "trims_padding": trimmed,
             },
         }
         layout = _measured_layout(model_path)
@@ -122,14 +144,20 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
             record["layout"] = {**layout, "reused_from": f"{encoder.model} version {version}"}
         fused_models.append(FusedModel(config=fused_config, source=target, manifest=record))
         index = steps.index(encoder)
-        steps[index] = StepSpec(
+        fused_step = StepSpec(
             name=f"{encoder.name}+{pool.name}",
             model=name,
             inputs=dict(encoder.inputs),
             outputs=dict(pool.outputs),
             version=1,
         )
+        steps[index] = fused_step
         steps.remove(pool)
+        bucketed = _bucketed_tokenizer(steps, fused_step, resolved, repo) if trimmed else None
+        if bucketed is not None:
+            model, step = bucketed
+            fused_models.append(model)
+            steps = [step if s.name == step.name else s for s in steps]
     for combine in list(steps):
         block = blocks.get(combine.model)
         if block is None or block.block != "combiner":
@@ -144,6 +172,53 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
     if not fused_models:
         return resolved, []
     return dataclasses.replace(resolved, spec=dataclasses.replace(spec, steps=tuple(steps))), fused_models
+
+
+def _bucketed_tokenizer(
+    steps: list[StepSpec], fused: StepSpec, resolved: Resolved, repo: Path
+) -> tuple[FusedModel, StepSpec] | None:
+    """The tokenizer step feeding only ``fused`` (a model that trims padding), moved to a copy of its block
+    that pads to power-of-two buckets; None when there is no such step or its outputs go anywhere else.
+
+    Triton batches only requests of the same shape: one text per request, the fused encoder saw batches
+    of one whenever lengths differed. Bucketed, texts of 5 to 16 tokens share a shape and batch, and the
+    fused graph cuts each batch back to its longest row. The spec's own tokenizer stays as it is for
+    clients that call it (its exact-length answer is what they expect).
+    """
+    from tritonforge.ensemble.blocks import block_model
+
+    producers = [s for s in steps if set(fused.inputs.values()) & set(s.outputs.values())]
+    blocks = {m.name: m for m in resolved.spec.models}
+    if len(producers) != 1 or not set(fused.inputs.values()) <= set(producers[0].outputs.values()):
+        return None
+    step = producers[0]
+    block = blocks.get(step.model)
+    if block is None or block.block != "tokenizer" or block.options.get("padding", "none") != "none":
+        return None
+    produced = set(step.outputs.values())
+    read_elsewhere = {t for s in steps if s is not fused for t in s.inputs.values()}
+    if produced & (read_elsewhere | {t.name for t in resolved.outputs}):
+        return None
+    name = f"{block.name}__bucketed"
+    if len(name) > 100 or not _name_free(repo, name):
+        return None
+    spec = resolved.spec
+    base_dir = Path(spec.source).parent if spec.source else None
+    built = block_model(
+        name, "tokenizer", {**block.options, "padding": "bucket"}, block.max_batch_size, base_dir=base_dir
+    )
+    record = {
+        "block": "tokenizer",
+        "variant": "bucketed",
+        "pipeline": spec.name,
+        "from": block.name,
+        "why": f"pads to power-of-two buckets so that texts of different lengths batch in {fused.model}, "
+        "which cuts each batch back to its longest row",
+    }
+    model = FusedModel(
+        config=built.config, source=built.source, manifest=record, extra_files=built.extra_files
+    )
+    return model, dataclasses.replace(step, model=name, version=1)
 
 
 def _name_free(repo: Path, name: str) -> bool:
@@ -409,9 +484,10 @@ def mean_pooling_graph(
 
 
 def _write_fused(
-    source: Path, target: Path, tokens: str, mask: str, output: str, normalize: bool
-) -> int | None:
-    """Write ``source`` with pooling appended to ``target``; the embedding dim (-1 if unknown), or None."""
+    source: Path, target: Path, tokens: str, mask: str, output: str, normalize: bool, *, trim: bool = False
+) -> tuple[int, bool] | None:
+    """Write ``source`` with pooling appended to ``target``: the embedding dim (-1 if unknown) and whether
+    the graph trims trailing padding first (asked for with ``trim`` and possible); None when not fusable."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -435,6 +511,7 @@ def _write_fused(
     nodes, inits = mean_pooling_graph(tokens, mask, output, normalize=normalize)
     graph.node.extend(nodes)
     graph.initializer.extend(inits)
+    trimmed = trim and trim_padding(graph, mask, opset)
     batch = token_type.shape.dim[0]
     out = helper.make_tensor_value_info(
         output, TensorProto.FLOAT, [batch.dim_param or (batch.dim_value or None), dim if dim > 0 else None]
@@ -443,23 +520,100 @@ def _write_fused(
     graph.output.append(out)
     onnx.checker.check_model(model)
     onnx.save(model, str(target))
-    return dim
+    return dim, trimmed
 
 
-def _check(source: Path, fused: Path, tokens: str, output: str, normalize: bool) -> float:
-    """Largest |fused - (source + the block's numpy pooling)| on a padded batch of two sequences."""
+def trim_padding(graph: Any, mask: str, opset: int, prefix: str = "tritonforge_trim") -> bool:
+    """Put in front of ``graph`` a cut of its [batch, sequence] inputs to the last column any row's ``mask``
+    keeps (at least one); True if done.
+
+    Columns past every row's last token carry nothing a mask-respecting model reads, so a batch padded
+    wider than its longest row (a bucketing tokenizer's, so that texts of different lengths batch) costs
+    only its longest row. Whether the model respects the mask is for the caller to check: done only when
+    every graph input is 2-D with the mask's sequence dimension and no node holds a subgraph (whose
+    references to the inputs would not be renamed).
+    """
+    from onnx import AttributeProto, TensorProto, helper, numpy_helper
+
+    def t(name: str) -> str:
+        return f"{prefix}/{name}"
+
+    def seq_dim(value: Any) -> Any:
+        dims = value.type.tensor_type.shape.dim
+        return (dims[1].dim_param or dims[1].dim_value) if len(dims) == 2 else None
+
+    inputs = {i.name: i for i in graph.input}
+    initialized = {i.name for i in graph.initializer}
+    names = [n for n in inputs if n not in initialized]
+    if mask not in names or not seq_dim(inputs[mask]):
+        return False
+    if any(seq_dim(inputs[n]) != seq_dim(inputs[mask]) for n in names):
+        return False
+    if any(
+        a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for node in graph.node for a in node.attribute
+    ):
+        return False
+    reduce_rows = (
+        helper.make_node("ReduceMax", [t("mask64"), t("axis0")], [t("any")], keepdims=0, name=t("rows"))
+        if opset >= 18
+        else helper.make_node("ReduceMax", [t("mask64")], [t("any")], axes=[0], keepdims=0, name=t("rows"))
+    )
+    nodes = [
+        helper.make_node("Cast", [mask], [t("mask64")], to=TensorProto.INT64, name=t("cast")),
+        reduce_rows,  # [sequence]: 1 where some row keeps the column
+        helper.make_node("Shape", [mask], [t("shape")], name=t("shape")),
+        helper.make_node("Gather", [t("shape"), t("one")], [t("width")], axis=0, name=t("width")),
+        helper.make_node("Add", [t("width"), t("one")], [t("limit")], name=t("limit")),
+        helper.make_node("Range", [t("one"), t("limit"), t("one")], [t("position")], name=t("range")),
+        helper.make_node("Mul", [t("any"), t("position")], [t("kept")], name=t("kept")),
+        helper.make_node("ReduceMax", [t("kept")], [t("last")], keepdims=1, name=t("last")),
+        helper.make_node("Max", [t("last"), t("ones")], [t("end")], name=t("end")),
+    ]
+    inits = [
+        *([numpy_helper.from_array(np.array([0], dtype=np.int64), t("axis0"))] if opset >= 18 else []),
+        numpy_helper.from_array(np.array(1, dtype=np.int64), t("one")),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), t("ones")),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), t("zeros")),
+    ]
+    renamed = {name: t(f"cut/{name}") for name in names}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    for name in names:
+        nodes.append(
+            helper.make_node(
+                "Slice", [name, t("zeros"), t("end"), t("ones")], [renamed[name]], name=t(f"cut/{name}")
+            )
+        )
+    body = list(graph.node)
+    del graph.node[:]
+    graph.node.extend([*nodes, *body])
+    graph.initializer.extend(inits)
+    return True
+
+
+def _check(
+    source: Path, fused: Path, tokens: str, output: str, normalize: bool, *, rows_alone: bool = False
+) -> float:
+    """Largest |fused - (source + the block's numpy pooling)| on a padded batch of two sequences.
+
+    With ``rows_alone`` the batch is padded past its longest row and the reference is each row run alone
+    at its own length — what the unfused pipeline answers for one text per request. A model that reads
+    masked tokens fails it, so its fused graph is not allowed to trim or to be fed bucketed padding.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    feeds: dict[str, np.ndarray] = {}
     first = ort.InferenceSession(str(source), sess_options=options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     lengths = (9, 5)
-    mask = np.zeros((2, max(lengths)), dtype=np.int64)
+    mask = np.zeros((2, 16 if rows_alone else max(lengths)), dtype=np.int64)
     for row, n in enumerate(lengths):
         mask[row, :n] = 1
+    feeds: dict[str, np.ndarray] = {}
     for info in first.get_inputs():
         dtype = np.int64 if "int64" in info.type else np.int32 if "int32" in info.type else None
         if dtype is None:
@@ -474,8 +628,17 @@ def _check(source: Path, fused: Path, tokens: str, output: str, normalize: bool)
     mask_name = next((n for n in feeds if "mask" in n.lower()), None)
     if mask_name is None:
         return float("inf")
-    token_embeddings = first.run([tokens], feeds)[0]
-    expected = _pool(token_embeddings, feeds[mask_name], normalize)
+    if rows_alone:
+        expected = np.concatenate(
+            [
+                _pool(first.run([tokens], alone)[0], alone[mask_name], normalize)
+                for alone in (
+                    {k: v[row : row + 1, :n] for k, v in feeds.items()} for row, n in enumerate(lengths)
+                )
+            ]
+        )
+    else:
+        expected = _pool(first.run([tokens], feeds)[0], feeds[mask_name], normalize)
     second = ort.InferenceSession(str(fused), sess_options=options, providers=["CPUExecutionProvider"])
     got = second.run([output], feeds)[0]
     if got.shape != expected.shape:

@@ -7,6 +7,12 @@ All the texts of the requests one ``execute`` receives are tokenised in one ``en
 each request's arrays are then filled straight into int64 arrays of its own length (the same answer as
 tokenising it alone). The ``threads`` parameter sizes the tokenizer's thread pool (default 1: the model
 servers beside it need the cores more than a few sentences need parallel tokenising).
+
+``padding: bucket`` pads each request further, to the next power of two of at least ``BUCKET_MIN`` tokens
+(at most ``max_length``), with ``attention_mask`` 0 over the padding: texts of different lengths then give
+tensors of the same shape, which a dynamic batcher downstream can batch together (Triton batches only
+requests whose shapes match). Only for a consumer whose answer ignores masked tokens — the compiler uses
+it in front of a fused encoder that trims the columns no row attends to.
 """
 
 import json
@@ -15,6 +21,8 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
+
+BUCKET_MIN = 16
 
 
 class TritonPythonModel:
@@ -33,8 +41,10 @@ class TritonPythonModel:
         self.tokenizer = Tokenizer.from_file(
             os.path.join(folder, params.get("tokenizer_file", "tokenizer.json"))
         )
-        self.tokenizer.enable_truncation(int(params.get("max_length", "256")))
+        self.max_length = int(params.get("max_length", "256"))
+        self.tokenizer.enable_truncation(self.max_length)
         self.tokenizer.no_padding()  # padded here, per request, to that request's own longest text
+        self.bucket = params.get("padding", "none") == "bucket"
         self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
 
     def execute(self, requests):
@@ -73,11 +83,14 @@ class TritonPythonModel:
         return responses
 
     def _arrays(self, encodings):
-        if len(encodings) == 1:  # one sentence per request, the usual case: no padding at all
+        if len(encodings) == 1 and not self.bucket:  # one sentence per request, the usual case: no padding
             ids = np.asarray(encodings[0].ids, dtype=np.int64)[None, :]
             return ids, np.ones_like(ids)
         lengths = [len(e.ids) for e in encodings]
         width = max(lengths, default=0)
+        if self.bucket:
+            bucket = max(BUCKET_MIN, 1 << max(width - 1, 0).bit_length())
+            width = max(width, min(bucket, self.max_length))
         ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)
         for row, (encoding, length) in enumerate(zip(encodings, lengths, strict=True)):
