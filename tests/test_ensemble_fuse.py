@@ -376,3 +376,32 @@ def test_fused_fan_in_answers_every_output_subset_as_the_pipeline_as_written(
                         np.testing.assert_allclose(got[name], want[name], atol=1e-6)
     finally:
         client.close()
+
+
+def test_a_batching_fused_model_measures_its_layout_on_shared_batches_and_reuses_it_next_compile(
+    repo: Path, tmp_path: Path
+) -> None:
+    # as `tritonforge build` leaves it: the encoder version's manifest holds a layout measured for requests
+    # of one; the fused model, fed bucketed batches, is measured anew for batches
+    manifest = repo / "tiny_encoder" / "1" / "manifest.json"
+    record = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    manifest.write_text(
+        json.dumps({**record, "layout": {"instances": 1, "intra_op_threads": 1, "why": "test"}})
+    )
+    specs = write_specs(tmp_path / "specs", TEXT_SPEC)
+    compile_specs([specs], repo)
+    layout = json.loads((repo / FUSED / "1" / "manifest.json").read_text())["layout"]
+    assert "reused_from" not in layout and "waiting at once, shared by the instances" in layout["workload"]
+    assert layout["key"]["queued"] >= 4 and layout["key"]["tokens"] == 16
+    assert set(layout["measured_rows_per_s"]) >= {"1 x 1 thread"}
+    config = read_config(repo / FUSED / "config.pbtxt")
+    assert config.instance_groups[0].count == layout["instances"]
+    assert config.parameters["intra_op_thread_count"] == str(layout["intra_op_threads"])
+    compile_specs([specs], repo)  # unchanged: the figures recorded are kept, not measured again
+    again = json.loads((repo / FUSED / "1" / "manifest.json").read_text())["layout"]
+    assert again["measured_rows_per_s"] == layout["measured_rows_per_s"]
+    # compiled without the bucketed tokenizer, the fused model takes the encoder's layout as recorded
+    spec = GOOD_SPECS["text_tiny.yaml"].replace("outputs: [EMBEDDING]\n", "outputs: [EMBEDDING, mask]\n", 1)
+    compile_specs([write_specs(tmp_path / "other", {"t.yaml": spec})], repo)
+    plain = json.loads((repo / FUSED / "1" / "manifest.json").read_text())["layout"]
+    assert plain["reused_from"] == "tiny_encoder version 1" and plain["why"] == "test"

@@ -75,3 +75,25 @@ def test_the_leanest_layout_within_min_gain_of_the_fastest_is_chosen(
         monkeypatch.setattr(module, "_rows_per_s", measured)
         choice = choose_layout(source, feeds, cpus=2, rounds=1, duration_s=0.01)
         assert choice.chosen == expected, rates
+
+
+def test_queued_requests_are_shared_by_a_layouts_instances_one_batch_per_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tritonforge.server import layout as module
+
+    source = tiny_models.mlp_onnx(tmp_path / "mlp.onnx")
+    seen: dict[Layout, tuple[int, int]] = {}
+
+    def measured(sessions, feeds, rows, duration_s):  # record what each call runs
+        threads = sessions[0].get_session_options().intra_op_num_threads
+        seen[Layout(len(sessions), threads)] = (feeds["x"].shape[0], rows)
+        assert sessions[0].run(None, dict(feeds))[0].shape[0] == rows  # a real batch of that many
+        return 1.0
+
+    monkeypatch.setattr(module, "_rows_per_s", measured)
+    choice = choose_layout(source, {"x": np.ones((1, 8), np.float32)}, cpus=2, rounds=1, queued=8)
+    assert seen == {Layout(1, 1): (8, 8), Layout(1, 2): (8, 8), Layout(2, 1): (4, 4)}
+    assert "8 waiting at once, shared by the instances" in choice.workload
+    with pytest.raises(ValueError, match="queued"):
+        choose_layout(source, {"x": np.ones((1, 8), np.float32)}, queued=0)

@@ -47,6 +47,12 @@ __all__ = ["FusedModel", "fuse_pipeline", "mean_pooling_graph"]
 
 #: largest |fused - unfused| accepted on the check batch (float32 sums in another order)
 FUSE_TOLERANCE = 1e-4
+#: a batching fused model's layout is measured with this many requests per CPU waiting at once ...
+QUEUED_PER_CPU = 4
+#: ... each of the smallest bucket's width (the bucketed tokenizer's BUCKET_MIN), every token real
+BUCKET_TOKENS = 16
+#: bumped when the fused graph or the measurement changes, so that a recorded layout is measured anew
+LAYOUT_RULE = 1
 _ONNX_PLATFORMS = ("onnxruntime_onnx",)
 _ONNX_BACKENDS = ("onnxruntime",)
 
@@ -138,11 +144,6 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
                 "trims_padding": trimmed,
             },
         }
-        layout = _measured_layout(model_path)
-        if layout is not None:  # the encoder version's own measurement: the pooling appended costs little
-            fused_config = with_layout(fused_config, layout["instances"], layout["intra_op_threads"])
-            record["layout"] = {**layout, "reused_from": f"{encoder.model} version {version}"}
-        fused_models.append(FusedModel(config=fused_config, source=target, manifest=record))
         index = steps.index(encoder)
         fused_step = StepSpec(
             name=f"{encoder.name}+{pool.name}",
@@ -154,6 +155,16 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
         steps[index] = fused_step
         steps.remove(pool)
         bucketed = _bucketed_tokenizer(steps, fused_step, resolved, repo) if trimmed else None
+        layout = _measured_layout(model_path)
+        if layout is not None and bucketed is not None:
+            # its requests batch now: measured anew, the candidates sharing a queue of requests
+            layout = _batched_layout(target, repo / name / "1" / "manifest.json", source_sha256)
+        elif layout is not None:  # the encoder version's own measurement: the pooling appended costs little
+            layout = {**layout, "reused_from": f"{encoder.model} version {version}"}
+        if layout is not None:
+            fused_config = with_layout(fused_config, layout["instances"], layout["intra_op_threads"])
+            record["layout"] = layout
+        fused_models.append(FusedModel(config=fused_config, source=target, manifest=record))
         if bucketed is not None:
             model, step = bucketed
             fused_models.append(model)
@@ -172,6 +183,50 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
     if not fused_models:
         return resolved, []
     return dataclasses.replace(resolved, spec=dataclasses.replace(spec, steps=tuple(steps))), fused_models
+
+
+def _batched_layout(fused: Path, previous: Path, source_sha256: str) -> dict[str, Any] | None:
+    """The layout of a fused model whose requests batch (fed by a bucketed tokenizer), measured on
+    ``QUEUED_PER_CPU`` requests per CPU of the smallest bucket shared by each candidate's instances
+    (:func:`~tritonforge.server.layout.choose_layout` with ``queued``); the one recorded in ``previous``
+    (the model's manifest from the last compile) when it was measured for the same source, CPUs and rule.
+    None when it can't be measured here (the source's layout is then not reused either: it was measured
+    for requests of one)."""
+    import json
+
+    import onnx
+
+    from tritonforge.repository.threads import available_cpus
+    from tritonforge.server.layout import choose_layout, layout_key
+
+    cpus = available_cpus()
+    key = {
+        "source_sha256": source_sha256,
+        **layout_key(cpus),
+        "queued": QUEUED_PER_CPU * cpus,
+        "tokens": BUCKET_TOKENS,
+        "rule": LAYOUT_RULE,
+    }
+    try:
+        old = json.loads(previous.read_text()).get("layout")
+        if isinstance(old, dict) and old.get("key") == key:
+            return dict(old)
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        graph = onnx.load(str(fused), load_external_data=False).graph
+        initialized = {i.name for i in graph.initializer}
+        feeds = {}
+        for value in graph.input:
+            if value.name in initialized:
+                continue
+            dtype = np.int32 if value.type.tensor_type.elem_type == onnx.TensorProto.INT32 else np.int64
+            fill = 0 if "type" in value.name.lower() else 1  # every token real, token type 0
+            feeds[value.name] = np.full((1, BUCKET_TOKENS), fill, dtype=dtype)
+        choice = choose_layout(fused, feeds, cpus=cpus, queued=key["queued"])
+    except Exception:
+        return None
+    return {**choice.as_manifest(), "key": key}
 
 
 def _bucketed_tokenizer(

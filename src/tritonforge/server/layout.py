@@ -169,6 +169,7 @@ def choose_layout(
     rounds: int = 3,
     duration_s: float = 0.5,
     candidates: Sequence[Layout] | None = None,
+    queued: int = 1,
 ) -> LayoutChoice:
     """Measure each candidate layout on ``feeds`` (one request's inputs) and choose the fastest.
 
@@ -176,25 +177,39 @@ def choose_layout(
     candidates alternate round by round (ABBA...), and the highest median wins unless a leaner layout
     (fewer threads in all, then fewer instances) is within ``MIN_GAIN`` of it.
 
+    ``queued`` > 1 measures a model whose requests batch: that many requests wait at once and a layout's
+    instances share them, as Triton's dynamic batcher hands each free instance what is queued — each call
+    runs ``queued // instances`` requests (at least one) stacked into one batch. A single instance then
+    batches more per call, which is what its threads are for.
+
     Raises:
-        ValueError: ``feeds`` is empty, or ``rounds`` / ``duration_s`` / ``cpus`` is not positive.
+        ValueError: ``feeds`` is empty, or ``rounds`` / ``duration_s`` / ``cpus`` / ``queued`` is not
+            positive.
     """
     if not feeds:
         raise ValueError("feeds must hold the model's inputs (one request's worth)")
-    if rounds < 1 or duration_s <= 0:
-        raise ValueError(f"rounds must be >= 1 and duration_s > 0, got {rounds!r} and {duration_s!r}")
+    if rounds < 1 or duration_s <= 0 or queued < 1:
+        raise ValueError(
+            f"rounds and queued must be >= 1 and duration_s > 0, got {rounds!r}, {queued!r}, {duration_s!r}"
+        )
     cpus = available_cpus() if cpus is None else cpus
     layouts = list(candidates) if candidates else candidate_layouts(cpus)
     rows = int(next(iter(feeds.values())).shape[0]) if next(iter(feeds.values())).ndim else 1
+    share = {layout: max(1, queued // layout.instances) for layout in layouts}
+    batches = {
+        n: {name: np.concatenate([array] * n) if n > 1 else array for name, array in feeds.items()}
+        for n in set(share.values())
+    }
     sessions = {layout: _sessions(Path(model), layout) for layout in layouts}
     for layout in layouts:  # warm each once: first runs allocate
         for session in sessions[layout]:
-            session.run(None, dict(feeds))
+            session.run(None, dict(batches[share[layout]]))
     measured: dict[Layout, list[float]] = {layout: [] for layout in layouts}
     for r in range(rounds):
         order = layouts if r % 2 == 0 else list(reversed(layouts))
         for layout in order:
-            measured[layout].append(_rows_per_s(sessions[layout], feeds, rows, duration_s))
+            n = share[layout]
+            measured[layout].append(_rows_per_s(sessions[layout], batches[n], rows * n, duration_s))
     medians = {layout: statistics.median(values) for layout, values in measured.items()}
     best = max(medians, key=lambda layout: medians[layout])
     # the leanest layout within MIN_GAIN of the fastest: fewer threads in all (they fight the other models
@@ -208,5 +223,6 @@ def choose_layout(
         chosen=best,
         rows_per_s={layout: tuple(values) for layout, values in measured.items()},
         cpus=cpus,
-        workload=f"requests of {shapes}",
+        workload=f"requests of {shapes}"
+        + (f", {queued} waiting at once, shared by the instances in batches" if queued > 1 else ""),
     )
