@@ -205,6 +205,7 @@ def _batched_layout(fused: Path, previous: Path, source_sha256: str) -> dict[str
     cpus = available_cpus()
     key = {
         "source_sha256": source_sha256,
+        "fused_sha256": file_sha256(fused),
         **layout_key(cpus),
         "queued": QUEUED_PER_CPU * cpus,
         "tokens": BUCKET_TOKENS,
