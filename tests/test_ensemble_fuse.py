@@ -13,6 +13,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -405,3 +406,117 @@ def test_a_batching_fused_model_measures_its_layout_on_shared_batches_and_reuses
     compile_specs([write_specs(tmp_path / "other", {"t.yaml": spec})], repo)
     plain = json.loads((repo / FUSED / "1" / "manifest.json").read_text())["layout"]
     assert plain["reused_from"] == "tiny_encoder version 1" and plain["why"] == "test"
+
+
+def attention_encoder_onnx(path: Path, hidden: int = 4, heads: int = 2) -> Path:
+    """Two transformer layers written as onnxruntime's BERT optimizer writes MiniLM (com.microsoft
+    Attention, SkipLayerNormalization, BiasGelu between MatMuls by 2-D weights), random weights."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(9)
+
+    def weight(name: str, *shape: int) -> Any:
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.5).astype(np.float32), name)
+
+    inits = [weight("table", 30522, hidden), weight("gamma", hidden), weight("beta", hidden)]
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["h0"], axis=0),
+        helper.make_node("Cast", ["attention_mask"], ["mask32"], to=TensorProto.INT32),
+    ]
+    state = "h0"
+    for layer in range(2):
+        p = f"l{layer}_"
+        inits += [
+            weight(p + "qkv", hidden, 3 * hidden),
+            weight(p + "qkv_b", 3 * hidden),
+            weight(p + "out", hidden, hidden),
+            weight(p + "out_b", hidden),
+            weight(p + "up", hidden, 4 * hidden),
+            weight(p + "up_b", 4 * hidden),
+            weight(p + "down", 4 * hidden, hidden),
+            weight(p + "down_b", hidden),
+        ]
+        ms = "com.microsoft"
+        nodes += [
+            helper.make_node(
+                "Attention", [state, p + "qkv", p + "qkv_b", "mask32"], [p + "a"], domain=ms, num_heads=heads
+            ),
+            helper.make_node("MatMul", [p + "a", p + "out"], [p + "o"]),
+            helper.make_node(
+                "SkipLayerNormalization",
+                [p + "o", state, "gamma", "beta", p + "out_b"],
+                [p + "s1"],
+                domain=ms,
+            ),
+            helper.make_node("MatMul", [p + "s1", p + "up"], [p + "u"]),
+            helper.make_node("BiasGelu", [p + "u", p + "up_b"], [p + "g"], domain=ms),
+            helper.make_node("MatMul", [p + "g", p + "down"], [p + "d"]),
+            helper.make_node(
+                "SkipLayerNormalization",
+                [p + "d", p + "s1", "gamma", "beta", p + "down_b"],
+                ["last_hidden_state" if layer == 1 else p + "s2"],
+                domain=ms,
+            ),
+        ]
+        state = p + "s2"
+    graph = helper.make_graph(
+        nodes,
+        "attention_encoder",
+        [
+            helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
+            for n in ("input_ids", "attention_mask")
+        ],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", hidden])],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", tiny_models.OPSET), helper.make_opsetid("com.microsoft", 1)],
+    )
+    model.ir_version = 9
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_a_transformer_encoder_runs_its_token_wise_layers_on_real_tokens_and_answers_as_the_chain(
+    models_repo: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(models_repo, repo, ignore=shutil.ignore_patterns("text_tiny", FUSED, BUCKETED))
+    shutil.rmtree(repo / "tiny_encoder")
+    add_model(repo, "tiny_encoder", attention_encoder_onnx(tmp_path / "bert.onnx"), max_batch_size=16)
+    compile_specs([write_specs(tmp_path / "specs", TEXT_SPEC)], repo)
+    assert steps_of(repo, "text_tiny") == [BUCKETED, FUSED]
+    fused = json.loads((repo / FUSED / "1" / "manifest.json").read_text())["fused"]
+    assert fused["packs_tokens"] is True and fused["trims_padding"] is True
+    assert fused["max_abs_diff_vs_unfused"] <= 1e-5
+    nodes = onnx.load(str(repo / FUSED / "1" / "model.onnx")).graph.node
+    packed_matmuls = [
+        n for n in nodes if n.op_type == "MatMul" and n.input[0].startswith("tritonforge_pack/")
+    ]
+    assert len(packed_matmuls) == 2  # each layer's first token-wise MatMul reads the packed attention output
+    sentences = ["hi", "a cat sat on the mat", "Triton serves many models at once, fast, and well."]
+    with EmbeddedServer(
+        repo,
+        model_control="explicit",
+        load_models=["text_tiny", "tiny_tokenizer", "tiny_encoder", "tiny_pool"],
+    ) as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            for batch in ([s] for s in sentences), [sentences]:
+                for chunk in batch:
+                    text = np.array([[s.encode()] for s in chunk], dtype=np.object_)
+                    got = triton_infer(client, "text_tiny", {"TEXT": text})["EMBEDDING"]
+                    tokens = triton_infer(client, "tiny_tokenizer", {"TEXT": text})
+                    hidden = triton_infer(client, "tiny_encoder", tokens)["last_hidden_state"]
+                    chain = triton_infer(
+                        client,
+                        "tiny_pool",
+                        {"TOKEN_EMBEDDINGS": hidden, "ATTENTION_MASK": tokens["attention_mask"]},
+                    )["EMBEDDING"]
+                    assert got.shape == chain.shape == (len(chunk), 4)
+                    np.testing.assert_allclose(got, chain, atol=1e-5)
+        finally:
+            client.close()
