@@ -669,12 +669,13 @@ def pack_tokens(graph: Any, mask: str, prefix: str = "tritonforge_pack") -> bool
     In a transformer only attention mixes tokens: the projections, the feed-forward layers, their
     activations and the residual layer norms are the same computation on every token, padding included.
     After each ``com.microsoft`` ``Attention`` node (onnxruntime's fused attention, as its BERT optimizer
-    writes it) its output is packed to the rows ``mask`` keeps ([1, real tokens, hidden]: a Gather of the
-    flattened batch), the token-wise nodes that follow run packed (``MatMul`` by a 2-D weight,
-    ``BiasGelu`` / ``Gelu`` / ``FastGelu`` / ``Relu``, ``SkipLayerNormalization``), and a tensor that
-    leaves them (the next attention's input, the pooling's token embeddings) is scattered back into a
-    zero-padded batch. A batch padded to its longest row then costs the rows' own lengths in those layers
-    — ~3/4 of MiniLM's per-token work; in-process ~1.2x per sentence on batches of 4 to 8 of 5 to 14 tokens.
+    writes it) its output is packed to the rows ``mask`` keeps ([real tokens, 1, hidden]: one Gather of the
+    flattened batch, a shape every token-wise node takes as batch x sequence 1), the token-wise nodes that
+    follow run packed (``MatMul`` by a 2-D weight, ``BiasGelu`` / ``Gelu`` / ``FastGelu`` / ``Relu``,
+    ``SkipLayerNormalization``), and a tensor that leaves them (the next attention's input, the pooling's
+    token embeddings) is scattered back into a zero-padded batch. A batch padded to its longest row then
+    costs the rows' own lengths in those layers (~3/4 of MiniLM's per-token work; in-process ~1.2x per
+    sentence on batches of 4 to 8 of 5 to 14 tokens).
     Standard operators only (NonZero, Gather, ScatterND), so the C++ onnxruntime backend runs it too. The
     caller checks the answer; nodes of any other kind are left as they are.
     """
@@ -694,14 +695,15 @@ def pack_tokens(graph: Any, mask: str, prefix: str = "tritonforge_pack") -> bool
     unpacked: dict[str, str] = {}  # a packed-only tensor -> its scattered-back copy
     nodes: list[Any] = []
 
+    # few nodes per hand-off (each costs a dispatch even when nothing is padded): [rows, 1, hidden] is what
+    # a Gather by [kept, 1] indices gives and what a ScatterND into [rows, 1, hidden] zeros takes
     def pack(name: str) -> str:
         if name not in packed:
             out = t(f"packed/{name}")
             nodes.extend(
                 [
                     helper.make_node("Reshape", [name, t("rows_shape")], [f"{out}/rows"]),
-                    helper.make_node("Gather", [f"{out}/rows", t("kept")], [f"{out}/kept"], axis=0),
-                    helper.make_node("Unsqueeze", [f"{out}/kept", t("axis0")], [out]),
+                    helper.make_node("Gather", [f"{out}/rows", t("kept")], [out], axis=0),
                 ]
             )
             packed[name] = out
@@ -712,11 +714,7 @@ def pack_tokens(graph: Any, mask: str, prefix: str = "tritonforge_pack") -> bool
             out = t(f"unpacked/{name}")
             nodes.extend(
                 [
-                    helper.make_node("Squeeze", [name, t("axis0")], [f"{out}/kept"]),
-                    helper.make_node("ConstantOfShape", [t("all_rows_shape")], [f"{out}/zeros"]),
-                    helper.make_node(
-                        "ScatterND", [f"{out}/zeros", t("kept_2d"), f"{out}/kept"], [f"{out}/rows"]
-                    ),
+                    helper.make_node("ScatterND", [t("zeros"), t("kept"), name], [f"{out}/rows"]),
                     helper.make_node("Reshape", [f"{out}/rows", t("batch_shape")], [out]),
                 ]
             )
@@ -750,8 +748,7 @@ def pack_tokens(graph: Any, mask: str, prefix: str = "tritonforge_pack") -> bool
                 [
                     helper.make_node("Reshape", [mask, t("minus1")], [t("mask_rows")]),
                     helper.make_node("NonZero", [t("mask_rows")], [t("nonzero")]),
-                    helper.make_node("Reshape", [t("nonzero"), t("minus1")], [t("kept")]),
-                    helper.make_node("Transpose", [t("nonzero")], [t("kept_2d")], perm=[1, 0]),
+                    helper.make_node("Transpose", [t("nonzero")], [t("kept")], perm=[1, 0]),  # [kept, 1]
                     helper.make_node("Shape", [reference], [t("batch_shape")]),
                     helper.make_node(
                         "Slice", [t("batch_shape"), t("axis0"), t("two"), t("axis0")], [t("b_l")]
@@ -760,7 +757,10 @@ def pack_tokens(graph: Any, mask: str, prefix: str = "tritonforge_pack") -> bool
                     helper.make_node(
                         "Slice", [t("batch_shape"), t("two"), t("three"), t("axis0")], [t("width")]
                     ),
-                    helper.make_node("Concat", [t("all_rows"), t("width")], [t("all_rows_shape")], axis=0),
+                    helper.make_node(
+                        "Concat", [t("all_rows"), t("one"), t("width")], [t("zeros_shape")], axis=0
+                    ),
+                    helper.make_node("ConstantOfShape", [t("zeros_shape")], [t("zeros")]),
                     helper.make_node("Concat", [t("minus1"), t("width")], [t("rows_shape")], axis=0),
                 ]
             )
@@ -785,7 +785,7 @@ def pack_tokens(graph: Any, mask: str, prefix: str = "tritonforge_pack") -> bool
         nodes.append(helper.make_node("Identity", [unpack(packed_name)], [name]))
     graph.initializer.extend(
         numpy_helper.from_array(np.array([value], dtype=np.int64), t(name))
-        for name, value in (("minus1", -1), ("axis0", 0), ("two", 2), ("three", 3))
+        for name, value in (("minus1", -1), ("axis0", 0), ("one", 1), ("two", 2), ("three", 3))
     )
     del graph.node[:]
     graph.node.extend(nodes)
