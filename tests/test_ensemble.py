@@ -12,6 +12,7 @@ import os
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -32,28 +33,43 @@ VOCAB = 30522  # the MiniLM tokenizer's vocabulary
 DIM = 4
 
 
-def tiny_encoder_onnx(path: Path) -> Path:
-    """input_ids, attention_mask [N, S] int64 -> last_hidden_state [N, S, 4]: a random table, masked."""
+def tiny_encoder_onnx(path: Path, *, reads_padding: bool = False) -> Path:
+    """input_ids, attention_mask [N, S] int64 -> last_hidden_state [N, S, 4]: a random table, masked.
+
+    ``reads_padding`` adds to every token the mean of its whole row, padding included: an answer that
+    changes with the padding, as a model that ignores its attention mask gives.
+    """
     rng = np.random.default_rng(7)
     table = numpy_helper.from_array(rng.standard_normal((VOCAB, DIM)).astype(np.float32), "table")
     axes = numpy_helper.from_array(np.array([-1], dtype=np.int64), "axes")
+    mixing = [
+        helper.make_node("ReduceMean", ["table_rows"], ["row_mean"], axes=[1], keepdims=1),
+        helper.make_node("Add", ["table_rows", "row_mean"], ["vectors"]),
+    ]
     nodes = [
-        helper.make_node("Gather", ["table", "input_ids"], ["vectors"], axis=0),
+        helper.make_node(
+            "Gather", ["table", "input_ids"], ["table_rows" if reads_padding else "vectors"], axis=0
+        ),
+        *(mixing if reads_padding else []),
         helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
         helper.make_node("Unsqueeze", ["maskf", "axes"], ["mask3"]),
         helper.make_node("Mul", ["vectors", "mask3"], ["last_hidden_state"]),
     ]
-    graph = helper.make_graph(
+    return tiny_models._save(encoder_graph(nodes, "encoder", DIM, [table, axes]), path)
+
+
+def encoder_graph(nodes: list[Any], name: str, hidden: int, initializers: list[Any]) -> Any:
+    """A graph of ``nodes``: input_ids, attention_mask [N, S] int64 in, last_hidden_state [N, S, hidden]."""
+    return helper.make_graph(
         nodes,
-        "encoder",
+        name,
         [
             helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
             for n in ("input_ids", "attention_mask")
         ],
-        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", DIM])],
-        initializer=[table, axes],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", hidden])],
+        initializer=initializers,
     )
-    return tiny_models._save(graph, path)
 
 
 def build_models(root: Path) -> Path:

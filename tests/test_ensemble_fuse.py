@@ -22,7 +22,7 @@ import tritonclient.grpc as grpcclient
 
 import tiny_models
 from conftest import triton_infer
-from test_ensemble import GOOD_SPECS, build_models, tiny_encoder_onnx, write_specs
+from test_ensemble import GOOD_SPECS, build_models, encoder_graph, tiny_encoder_onnx, write_specs
 from tritonforge.config import DataType, DynamicBatching, ModelConfig, TensorSpec, read_config
 from tritonforge.ensemble import check_specs, compile_specs
 from tritonforge.ensemble.blocks import GENERATED_MARK
@@ -101,14 +101,21 @@ def test_fusion_steps_aside_when_the_token_embeddings_are_also_a_pipeline_output
     assert fused == [] and unchanged is resolved[0]
 
 
-def test_fusion_never_overwrites_a_model_of_the_fused_name_that_a_user_added(
-    repo: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("taken", "steps"),
+    [
+        pytest.param(FUSED, ["tiny_pool", "tiny_tokenizer", "tiny_encoder"], id="fused-name"),
+        pytest.param(BUCKETED, ["tiny_tokenizer", FUSED], id="bucketed-tokenizer-name"),
+    ],
+)
+def test_fusion_never_overwrites_a_model_that_a_user_added_under_a_name_it_would_write(
+    repo: Path, tmp_path: Path, taken: str, steps: list[str]
 ) -> None:
-    add_model(repo, FUSED, tiny_encoder_onnx(tmp_path / "mine.onnx"), max_batch_size=4)
-    before = (repo / FUSED / "config.pbtxt").read_text()
+    add_model(repo, taken, tiny_encoder_onnx(tmp_path / "mine.onnx"), max_batch_size=4)
+    before = (repo / taken / "config.pbtxt").read_text()
     compile_specs([write_specs(tmp_path / "specs", TEXT_SPEC)], repo)
-    assert (repo / FUSED / "config.pbtxt").read_text() == before
-    assert steps_of(repo, "text_tiny") == ["tiny_pool", "tiny_tokenizer", "tiny_encoder"]
+    assert (repo / taken / "config.pbtxt").read_text() == before
+    assert steps_of(repo, "text_tiny") == steps  # the rest compiles as if that step could not be made
 
 
 @pytest.fixture(scope="module")
@@ -119,40 +126,16 @@ def served(models_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield server
 
 
-def mask_reading_encoder_onnx(path: Path) -> Path:
-    """The tiny encoder plus, on every token, the mean of the whole row padding included: an answer that
-    changes with the padding, as a model that ignores its attention mask gives."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(8)
-    table = numpy_helper.from_array(rng.standard_normal((30522, 4)).astype(np.float32), "table")
-    axes = numpy_helper.from_array(np.array([-1], dtype=np.int64), "axes")
-    nodes = [
-        helper.make_node("Gather", ["table", "input_ids"], ["vectors"], axis=0),
-        helper.make_node("ReduceMean", ["vectors"], ["row_mean"], axes=[1], keepdims=1),
-        helper.make_node("Add", ["vectors", "row_mean"], ["mixed"]),
-        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
-        helper.make_node("Unsqueeze", ["maskf", "axes"], ["mask3"]),
-        helper.make_node("Mul", ["mixed", "mask3"], ["last_hidden_state"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "encoder",
-        [
-            helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
-            for n in ("input_ids", "attention_mask")
-        ],
-        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", 4])],
-        initializer=[table, axes],
-    )
-    return tiny_models._save(graph, path)
-
-
 def test_an_encoder_that_reads_padding_is_fused_without_the_cut_and_its_tokenizer_is_left_as_written(
     repo: Path, tmp_path: Path
 ) -> None:
     shutil.rmtree(repo / "tiny_encoder")
-    add_model(repo, "tiny_encoder", mask_reading_encoder_onnx(tmp_path / "reads.onnx"), max_batch_size=16)
+    add_model(
+        repo,
+        "tiny_encoder",
+        tiny_encoder_onnx(tmp_path / "reads.onnx", reads_padding=True),
+        max_batch_size=16,
+    )
     compile_specs([write_specs(tmp_path / "specs", TEXT_SPEC)], repo)
     assert steps_of(repo, "text_tiny") == ["tiny_tokenizer", FUSED]
     fused = json.loads((repo / FUSED / "1" / "manifest.json").read_text())["fused"]
@@ -188,16 +171,6 @@ def test_the_tokenizer_keeps_its_own_model_when_its_answer_goes_anywhere_but_the
     assert not (repo / BUCKETED).exists()
 
 
-def test_the_bucketed_tokenizer_never_overwrites_a_model_of_its_name_that_a_user_added(
-    repo: Path, tmp_path: Path
-) -> None:
-    add_model(repo, BUCKETED, tiny_encoder_onnx(tmp_path / "mine.onnx"), max_batch_size=4)
-    before = (repo / BUCKETED / "config.pbtxt").read_text()
-    compile_specs([write_specs(tmp_path / "specs", TEXT_SPEC)], repo)
-    assert (repo / BUCKETED / "config.pbtxt").read_text() == before
-    assert steps_of(repo, "text_tiny") == ["tiny_tokenizer", FUSED]
-
-
 @pytest.mark.slow
 def test_bucketed_texts_of_different_lengths_share_a_shape_and_the_fused_model_cuts_the_padding(
     served: EmbeddedServer,
@@ -225,22 +198,27 @@ def test_bucketed_texts_of_different_lengths_share_a_shape_and_the_fused_model_c
         client.close()
 
 
+def assert_pipeline_answers_as_its_chain(client: Any, sentences: list[str], atol: float) -> None:
+    """text_tiny on ``sentences`` (one request) == tokenizer, encoder and pooling called one by one."""
+    text = np.array([[s.encode()] for s in sentences], dtype=np.object_)
+    got = triton_infer(client, "text_tiny", {"TEXT": text})["EMBEDDING"]
+    tokens = triton_infer(client, "tiny_tokenizer", {"TEXT": text})
+    hidden = triton_infer(client, "tiny_encoder", tokens)["last_hidden_state"]
+    chain = triton_infer(
+        client,
+        "tiny_pool",
+        {"TOKEN_EMBEDDINGS": hidden, "ATTENTION_MASK": tokens["attention_mask"]},
+    )["EMBEDDING"]
+    assert got.shape == chain.shape == (len(sentences), 4)
+    np.testing.assert_allclose(got, chain, atol=atol)
+
+
 @pytest.mark.slow
 def test_fused_pipeline_answers_as_the_chain_of_its_original_three_models(served: EmbeddedServer) -> None:
     client = grpcclient.InferenceServerClient(served.grpc_url)
     try:
         for sentences in (["hi"], ["a cat sat on the mat", "Triton serves many models at once, fast.", "x"]):
-            text = np.array([[s.encode()] for s in sentences], dtype=np.object_)
-            got = triton_infer(client, "text_tiny", {"TEXT": text})["EMBEDDING"]
-            tokens = triton_infer(client, "tiny_tokenizer", {"TEXT": text})
-            hidden = triton_infer(client, "tiny_encoder", tokens)["last_hidden_state"]
-            chain = triton_infer(
-                client,
-                "tiny_pool",
-                {"TOKEN_EMBEDDINGS": hidden, "ATTENTION_MASK": tokens["attention_mask"]},
-            )["EMBEDDING"]
-            assert got.shape == chain.shape == (len(sentences), 4)
-            np.testing.assert_allclose(got, chain, atol=1e-6)
+            assert_pipeline_answers_as_its_chain(client, sentences, atol=1e-6)
     finally:
         client.close()
 
@@ -459,16 +437,7 @@ def attention_encoder_onnx(path: Path, hidden: int = 4, heads: int = 2) -> Path:
             ),
         ]
         state = p + "s2"
-    graph = helper.make_graph(
-        nodes,
-        "attention_encoder",
-        [
-            helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
-            for n in ("input_ids", "attention_mask")
-        ],
-        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", hidden])],
-        initializer=inits,
-    )
+    graph = encoder_graph(nodes, "attention_encoder", hidden, inits)
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", tiny_models.OPSET), helper.make_opsetid("com.microsoft", 1)],
@@ -505,18 +474,7 @@ def test_a_transformer_encoder_runs_its_token_wise_layers_on_real_tokens_and_ans
     ) as server:
         client = grpcclient.InferenceServerClient(server.grpc_url)
         try:
-            for batch in ([s] for s in sentences), [sentences]:
-                for chunk in batch:
-                    text = np.array([[s.encode()] for s in chunk], dtype=np.object_)
-                    got = triton_infer(client, "text_tiny", {"TEXT": text})["EMBEDDING"]
-                    tokens = triton_infer(client, "tiny_tokenizer", {"TEXT": text})
-                    hidden = triton_infer(client, "tiny_encoder", tokens)["last_hidden_state"]
-                    chain = triton_infer(
-                        client,
-                        "tiny_pool",
-                        {"TOKEN_EMBEDDINGS": hidden, "ATTENTION_MASK": tokens["attention_mask"]},
-                    )["EMBEDDING"]
-                    assert got.shape == chain.shape == (len(chunk), 4)
-                    np.testing.assert_allclose(got, chain, atol=1e-5)
+            for chunk in [*([s] for s in sentences), sentences]:  # alone, and padded together
+                assert_pipeline_answers_as_its_chain(client, chunk, atol=1e-5)
         finally:
             client.close()
