@@ -10,7 +10,7 @@ import pytest
 import tiny_models
 from tritonforge.config import InstanceKind, read_config
 from tritonforge.repository import add_model
-from tritonforge.server.layout import Layout, candidate_layouts, choose_layout
+from tritonforge.repository.layout import Layout, candidate_layouts, choose_layout
 
 
 def test_candidates_are_the_latency_and_throughput_layouts_and_halves_between() -> None:
@@ -57,7 +57,7 @@ def test_with_layout_raises_value_error_for_a_model_our_backends_do_not_thread(t
 def test_the_leanest_layout_within_min_gain_of_the_fastest_is_chosen(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tritonforge.server import layout as module
+    from tritonforge.repository import layout as module
 
     source = tiny_models.mlp_onnx(tmp_path / "mlp.onnx")
     feeds = {"x": np.ones((1, 8), np.float32)}
@@ -80,7 +80,7 @@ def test_the_leanest_layout_within_min_gain_of_the_fastest_is_chosen(
 def test_queued_requests_are_shared_by_a_layouts_instances_one_batch_per_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tritonforge.server import layout as module
+    from tritonforge.repository import layout as module
 
     source = tiny_models.mlp_onnx(tmp_path / "mlp.onnx")
     seen: dict[Layout, tuple[int, int]] = {}

@@ -191,7 +191,7 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
 def _batched_layout(fused: Path, previous: Path, source_sha256: str) -> dict[str, Any] | None:
     """The layout of a fused model whose requests batch (fed by a bucketed tokenizer), measured on
     ``QUEUED_PER_CPU`` requests per CPU of the smallest bucket shared by each candidate's instances
-    (:func:`~tritonforge.server.layout.choose_layout` with ``queued``); the one recorded in ``previous``
+    (:func:`~tritonforge.repository.layout.choose_layout` with ``queued``); the one recorded in ``previous``
     (the model's manifest from the last compile) when it was measured for the same source, CPUs and rule.
     None when it can't be measured here (the source's layout is then not reused either: it was measured
     for requests of one)."""
@@ -199,8 +199,8 @@ def _batched_layout(fused: Path, previous: Path, source_sha256: str) -> dict[str
 
     import onnx
 
+    from tritonforge.repository.layout import choose_layout, layout_key
     from tritonforge.repository.threads import available_cpus
-    from tritonforge.server.layout import choose_layout, layout_key
 
     cpus = available_cpus()
     key = {

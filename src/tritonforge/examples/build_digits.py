@@ -26,7 +26,7 @@ from tritonforge.observe.drift import profile as drift_profile
 from tritonforge.observe.drift import write_profile
 from tritonforge.registry import Step, build_key, find_built, register
 from tritonforge.repository import infer_config
-from tritonforge.server.layout import choose_layout, layout_key
+from tritonforge.repository.layout import choose_layout, layout_key
 
 SEED = 0
 MAX_BATCH_SIZE = 64

@@ -30,7 +30,7 @@ from tritonforge.examples import minilm
 from tritonforge.examples._common import run
 from tritonforge.registry import Step, build_key, find_built, register
 from tritonforge.repository import file_sha256
-from tritonforge.server.layout import choose_layout, layout_key
+from tritonforge.repository.layout import choose_layout, layout_key
 
 NAME = "minilm_encoder"
 MAX_BATCH_SIZE = 64
@@ -282,7 +282,7 @@ def _register(
 ) -> int:
     """Register ``artifact`` as a new version of the encoder, its sentence figures in the manifest.
 
-    With ``layout`` (a :class:`~tritonforge.server.layout.LayoutChoice`), the encoder's config takes the
+    With ``layout`` (a :class:`~tritonforge.repository.layout.LayoutChoice`), the encoder's config takes the
     measured instance count and threads, and the manifest records the measurement and why. Triton keeps one
     config per model, so with FP32 and INT8 served side by side the config has the layout of the version
     registered last (the newest, which an unversioned request gets); each manifest keeps its own.

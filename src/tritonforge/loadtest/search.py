@@ -7,7 +7,7 @@ The space is a grid of knobs per tunable model: max batch size, preferred batch 
 instance count, and for the models our backends thread (onnxruntime, libtorch) intra-op threads per
 instance. Instances and threads are one group, and a candidate never asks for more threads in all than
 the CPUs the server may use (``instances x threads <= cpus``: the layouts of
-:func:`tritonforge.server.layout.candidate_layouts` and the leaner ones between); only the config as
+:func:`tritonforge.repository.layout.candidate_layouts` and the leaner ones between); only the config as
 served, the start, may break that.
 
 The search is a coordinate search from the config as served: measure it, then take one group of knobs at

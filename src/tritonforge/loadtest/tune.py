@@ -41,8 +41,8 @@ from tritonforge.loadtest.search import (
 )
 from tritonforge.loadtest.sweep import Event, SweepResult, SweepSettings, run_sweep
 from tritonforge.loadtest.target import open_target
+from tritonforge.repository.layout import candidate_layouts
 from tritonforge.repository.threads import available_cpus
-from tritonforge.server.layout import candidate_layouts
 
 __all__ = ["Tuner", "tunable_models", "tune"]
 

@@ -30,10 +30,10 @@ def layout_record(result: TuneResult, name: str) -> dict[str, Any]:
     """The manifest record of ``name``'s tuned config: the layout chosen (instances, intra-op threads),
     the rest of the winner's knobs, and why — every config's measured figures, the budget, the CPUs.
 
-    The keys mean what they mean in :meth:`tritonforge.server.layout.LayoutChoice.as_manifest` (``instances``,
-    ``intra_op_threads``, ``why``, ``cpus``, ``workload``, ``method``); the figures are inferences per second
-    within the p99 budget on the server (``measured_infer_per_s``: the first sweep, then re-measurements),
-    not rows per second in-process.
+    The keys mean what they mean in :meth:`tritonforge.repository.layout.LayoutChoice.as_manifest`
+    (``instances``, ``intra_op_threads``, ``why``, ``cpus``, ``workload``, ``method``); the figures are
+    inferences per second within the p99 budget on the server (``measured_infer_per_s``: the first sweep,
+    then re-measurements), not rows per second in-process.
 
     Raises:
         ValueError: the result has no winner, or ``name`` was not tuned.
