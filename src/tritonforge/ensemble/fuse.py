@@ -23,7 +23,8 @@ row's mask keeps (:func:`trim_padding`), and when the pipeline's tokenizer feeds
 the step calls a copy of that tokenizer which pads to power-of-two buckets (``<tokenizer>__bucketed``):
 texts of 5 to 16 tokens then share a shape, batch, and cost their longest row. Both only when a check
 batch padded past its longest row answers as each row alone (a model that reads masked tokens keeps the
-plain fusion); the spec's own tokenizer is unchanged for clients that call it.
+plain fusion); the spec's own tokenizer is unchanged for clients that call it. Within a batch, the layers
+between attentions then run on the real tokens only (:func:`pack_tokens`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import numpy as np
 
 from tritonforge.config import DataType, ModelConfig, TensorSpec, read_config
 from tritonforge.ensemble._fanin import COMBINED, LABEL, Member, check_fan_in, write_fan_in
-from tritonforge.ensemble.blocks import GENERATED_MARK
+from tritonforge.ensemble.blocks import GENERATED_MARK, block_model
 from tritonforge.ensemble.check import Resolved
 from tritonforge.ensemble.spec import BlockModelSpec, StepSpec
 from tritonforge.repository import file_sha256, with_layout
@@ -244,8 +245,6 @@ def _bucketed_tokenizer(
     fused graph cuts each batch back to its longest row. The spec's own tokenizer stays as it is for
     clients that call it (its exact-length answer is what they expect).
     """
-    from tritonforge.ensemble.blocks import block_model
-
     producers = [s for s in steps if set(fused.inputs.values()) & set(s.outputs.values())]
     blocks = {m.name: m for m in resolved.spec.models}
     if len(producers) != 1 or not set(fused.inputs.values()) <= set(producers[0].outputs.values()):
