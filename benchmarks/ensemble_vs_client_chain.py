@@ -2,7 +2,8 @@
 
 Same server, same models, same sentences: ``text_embedding`` (tokenizer -> MiniLM encoder -> mean pooling,
 compiled from ``ensembles/text_embedding.yaml``; the compiler fuses the encoder and the pooling into one ONNX
-model, so the ensemble runs two steps) is called once per sentence, against a client that calls the
+graph which the tokenizer runs on each batch it tokenises, so the ensemble runs one step) is called once per
+sentence, against a client that calls the
 original three models as a user would — the tokenizer, then the encoder, then the pooling model — carrying
 the intermediate tensors (token ids, mask, 384-d token embeddings) back and forth. Each is driven twice:
 through ``tritonforge.client.AsyncClient`` and through a chain written with raw ``tritonclient.grpc.aio``
@@ -11,7 +12,8 @@ concurrency 1 and 16; the four paths alternate round by round (ABBA...) and the 
 the rounds with their spread, and the CPU time per request of the server (tritonserver and its backend
 stubs) and of the client process, which contention moves less than throughput.
 
-Before the rounds, a profile of the ensemble alone: Triton's per-step statistics (queue, compute input,
+First the layout (instances x intra-op threads, as the build measured them) of every model involved,
+then a profile of the ensemble alone: Triton's per-step statistics (queue, compute input,
 infer and output per composing model, per request) show where an ensemble request's time goes.
 Figures are ratios within the same run: take them on a quiet machine.
 
@@ -297,6 +299,31 @@ def print_profile(console: Console, rows: list[dict], concurrency: int) -> None:
     console.print(table)
 
 
+def layouts_of(repo: Path, models: list[str]) -> list[dict[str, Any]]:
+    """Each model's instances and intra-op threads as its config has them (threads "-" when it names none)."""
+    rows = []
+    for model in models:
+        config = read_config(repo / model / "config.pbtxt")
+        rows.append(
+            {
+                "model": model,
+                "backend": config.platform or config.backend,
+                "instances": sum(g.count for g in config.instance_groups) or 1,
+                "intra_op_threads": config.parameters.get("intra_op_thread_count", "-"),
+            }
+        )
+    return rows
+
+
+def print_layouts(console: Console, rows: list[dict[str, Any]]) -> None:
+    table = Table(title="the models involved, as built: instances x intra-op threads")
+    for column in ("model", "backend", "instances", "intra-op threads"):
+        table.add_column(column, justify="left" if column in ("model", "backend") else "right")
+    for row in rows:
+        table.add_row(row["model"], row["backend"], str(row["instances"]), str(row["intra_op_threads"]))
+    console.print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--repo", type=Path, default=Path("model_repository"))
@@ -309,6 +336,8 @@ def main() -> None:
     served, steps = steps_of(args.repo)
     models = list(dict.fromkeys([PIPELINE, *(s.model_name for s in served), *(s.model_name for s in steps)]))
     levels = [int(c) for c in args.concurrency.split(",")]
+    layouts = layouts_of(args.repo, models[1:])
+    print_layouts(console, layouts)
     rounds: list[dict[str, Any]] = []
     profiles: dict[int, list[dict]] = {}
     cpu_profiles: dict[int, list[dict]] = {}
@@ -390,7 +419,13 @@ def main() -> None:
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"rounds": rounds, "ratios": summaries, "profiles": profiles, "cpu_profiles": cpu_profiles},
+                {
+                    "rounds": rounds,
+                    "ratios": summaries,
+                    "profiles": profiles,
+                    "cpu_profiles": cpu_profiles,
+                    "layouts": layouts,
+                },
                 indent=2,
             )
         )

@@ -82,17 +82,17 @@ def test_fused_encoder_of_the_example_pipeline_measures_its_layout_for_the_batch
     (vote,) = [m for m in manifests.values() if m.get("block") == "fused" and m["pipeline"] == "digits_vote"]
     assert vote["layout"]["reused_from"].startswith("digits_logreg version 1, digits_mlp version 1")
     for folder in fused:
-        # fed by the bucketed tokenizer, its requests batch: measured on a shared queue of 16-token requests,
-        # not reused from the encoder's requests of one
+        # run by the tokenizer on every batch it tokenises, its requests batch: measured on a shared queue of
+        # 16-token requests, not reused from the encoder's requests of one; the tokenizer has the same layout
         layout = manifests[folder]["layout"]
         assert (
             "reused_from" not in layout and "waiting at once, shared by the instances" in layout["workload"]
         )
         assert layout["key"]["source_sha256"] == manifests[folder]["fused"]["from"][0]["sha256"]
         assert set(layout["measured_rows_per_s"]) == set(encoder["measured_rows_per_s"])
-        config = read_config(folder)
-        assert [g.count for g in config.instance_groups] == [layout["instances"]]
-        assert config.parameters["intra_op_thread_count"] == str(layout["intra_op_threads"])
+        for config in (read_config(folder), read_config(example_repo / "text_embedding__tokenize_encode")):
+            assert [g.count for g in config.instance_groups] == [layout["instances"]]
+            assert config.parameters["intra_op_thread_count"] == str(layout["intra_op_threads"])
 
 
 @pytest.mark.parametrize("version", [1, 2])

