@@ -19,6 +19,7 @@ Figures are ratios within the same run: take them on a quiet machine.
 
     tritonforge build                      # the example repository, pipelines included
     python benchmarks/ensemble_vs_client_chain.py [--repo model_repository] [--duration-s 3] [--rounds 5]
+        [--text-layout 2x1]        # the ensemble's models in the chain encoder's layout instead of the built one
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -37,10 +41,11 @@ from rich.console import Console
 from rich.table import Table
 
 from tritonforge.client import AsyncClient
-from tritonforge.config import read_config
+from tritonforge.config import InstanceGroup, InstanceKind, read_config, write_config
 from tritonforge.ensemble import check_specs, ensemble_config
 from tritonforge.examples import SPECS_DIR
 from tritonforge.examples.pipelines_demo import CORPUS, QUERIES
+from tritonforge.repository import onnxruntime_thread_parameters
 from tritonforge.server import EmbeddedServer
 
 PIPELINE = "text_embedding"
@@ -316,7 +321,7 @@ def layouts_of(repo: Path, models: list[str]) -> list[dict[str, Any]]:
 
 
 def print_layouts(console: Console, rows: list[dict[str, Any]]) -> None:
-    table = Table(title="the models involved, as built: instances x intra-op threads")
+    table = Table(title="the models involved, as served: instances x intra-op threads")
     for column in ("model", "backend", "instances", "intra-op threads"):
         table.add_column(column, justify="left" if column in ("model", "backend") else "right")
     for row in rows:
@@ -331,8 +336,42 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (median reported)")
     parser.add_argument("--concurrency", default="1,16")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    parser.add_argument(
+        "--text-layout",
+        metavar="INSTANCESxTHREADS",
+        help="serve the ensemble's own models in this layout instead of the built one (e.g. 2x1, the chain "
+        "encoder's): a copy of the repository, hard links but for the configs",
+    )
     args = parser.parse_args()
     console = wide_console()  # names unbroken when piped
+    with tempfile.TemporaryDirectory(prefix="tritonforge-bench-") as scratch:
+        if args.text_layout:
+            args.repo = relaid(args.repo, Path(scratch) / "repo", args.text_layout)
+        bench(args, console)
+
+
+def relaid(repo: Path, copy: Path, layout: str) -> Path:
+    """``repo`` copied to ``copy`` (files hard-linked, configs written anew) with the compiled ensemble's
+    step models laid out as ``layout`` ("2x1": two instances of one intra-op thread each)."""
+    try:
+        instances, threads = (int(n) for n in layout.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--text-layout takes INSTANCESxTHREADS, e.g. 2x1; got {layout!r}") from None
+    served, _ = steps_of(repo)
+    shutil.copytree(repo, copy, copy_function=os.link)
+    for model in {s.model_name for s in served}:
+        path = copy / model / "config.pbtxt"
+        config = read_config(path)
+        config = config.replace(
+            instance_groups=(InstanceGroup(count=instances, kind=InstanceKind.CPU),),
+            parameters={**config.parameters, **onnxruntime_thread_parameters(threads)},
+        )
+        path.unlink()  # a hard link to the original: written anew, not through
+        write_config(config, path)
+    return copy
+
+
+def bench(args: argparse.Namespace, console: Console) -> None:
     served, steps = steps_of(args.repo)
     models = list(dict.fromkeys([PIPELINE, *(s.model_name for s in served), *(s.model_name for s in steps)]))
     levels = [int(c) for c in args.concurrency.split(",")]

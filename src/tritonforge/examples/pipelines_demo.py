@@ -150,12 +150,17 @@ def _text_in_process(repo: Path, texts: list[str]) -> np.ndarray | None:
     if tokenizer_dir is None or encoder is None:
         return None
     encoder_dir, version = encoder
-    fused_record = encoder_dir / str(version) / "manifest.json"
-    if version != -1 and fused_record.is_file():
-        # a fused encoder+pooling (tritonforge.ensemble.fuse): compare against the model it was made from
-        fused = json.loads(fused_record.read_text()).get("fused")
-        if fused:
-            encoder_dir, version = repo / fused["from"][0]["model"], int(fused["from"][0]["version"])
+    record = encoder_dir / str(version) / "manifest.json"
+    made = json.loads(record.read_text()) if version != -1 and record.is_file() else {}
+    if made.get("variant") == "tokenize_encode":
+        # the tokenizer running the fused graph (tritonforge.ensemble.fuse): the fused model it runs
+        encoder_dir, version = repo / made["from"]["encoder"], 1
+        record = encoder_dir / "1" / "manifest.json"
+        made = json.loads(record.read_text()) if record.is_file() else {}
+    fused = made.get("fused")
+    if fused:
+        # a fused encoder+pooling: compare against the model it was made from
+        encoder_dir, version = repo / fused["from"][0]["model"], int(fused["from"][0]["version"])
     if version == -1:
         version = max(int(p.name) for p in encoder_dir.iterdir() if p.name.isdigit())
     tokenizer_config = read_config(tokenizer_dir / "config.pbtxt")
