@@ -19,7 +19,7 @@ Figures are ratios within the same run: take them on a quiet machine.
 
     tritonforge build                      # the example repository, pipelines included
     python benchmarks/ensemble_vs_client_chain.py [--repo model_repository] [--duration-s 3] [--rounds 5]
-        [--text-layout 2x1]        # the ensemble's models in the chain encoder's layout instead of the built one
+        [--text-layout 2x1]     # the ensemble's models in the chain encoder's layout, not the built one
 """
 
 from __future__ import annotations
