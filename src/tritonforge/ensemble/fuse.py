@@ -155,13 +155,7 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
             },
         }
         index = steps.index(encoder)
-        fused_step = StepSpec(
-            name=f"{encoder.name}+{pool.name}",
-            model=name,
-            inputs=dict(encoder.inputs),
-            outputs=dict(pool.outputs),
-            version=1,
-        )
+        fused_step = _merged_step(encoder, pool, name)
         steps[index] = fused_step
         steps.remove(pool)
         tokenizer = _feeding_tokenizer(steps, fused_step, resolved) if trimmed else None
@@ -329,14 +323,19 @@ def _with_encoder(
     model = FusedModel(
         config=config, source=built.source, manifest=record, extra_files=(*built.extra_files, graph)
     )
-    text_step = StepSpec(
-        name=f"{step.name}+{fused.name}",
-        model=name,
-        inputs=dict(step.inputs),
-        outputs=dict(fused.outputs),
+    return model, _merged_step(step, fused, name)
+
+
+def _merged_step(first: StepSpec, second: StepSpec, model: str) -> StepSpec:
+    """One step calling ``model`` (version 1, generated) in place of ``first`` and the ``second`` that
+    reads it: ``first``'s inputs, ``second``'s outputs."""
+    return StepSpec(
+        name=f"{first.name}+{second.name}",
+        model=model,
+        inputs=dict(first.inputs),
+        outputs=dict(second.outputs),
         version=1,
     )
-    return model, text_step
 
 
 def _name_free(repo: Path, name: str) -> bool:
