@@ -24,6 +24,10 @@ per feature, inline or a ``.json`` / ``.npy`` file): NaN and ±inf become the va
 
 The model files (``tritonforge/ensemble/models/*.py``) need only numpy (and ``tokenizers`` for the
 tokenizer), not tritonforge, so a repository built here runs unchanged on NVIDIA's container.
+
+The compiler also writes the tokenizer with an encoder (``<pipeline>__tokenize_encode``, its ``encoder_*``
+parameters: see :mod:`tritonforge.ensemble.fuse`): it runs a fused ONNX graph on each batch it tokenises,
+with onnxruntime where its Python has it, else through BLS to the fused model.
 """
 
 from __future__ import annotations
