@@ -453,10 +453,26 @@ class EmbeddedServer:
             if self._process.poll() is not None:
                 self._raise_start_failure(f"exited with code {self._process.returncode} while starting")
             if self._get_status("/v2/health/ready") == 200:
+                # ready is answered over HTTP; the gRPC and metrics listeners start beside it and can
+                # lag a moment on a busy machine: the URLs handed out should take connections on return
+                # (a listener turned off by an option is not waited for beyond a few seconds)
+                self._wait_listening((self.grpc_port, self.metrics_port), min(deadline, time.monotonic() + 5))
                 return
             if time.monotonic() > deadline:
                 self._raise_start_failure(f"was not ready after {self.startup_timeout_s:.0f} s")
             time.sleep(0.1)
+
+    def _wait_listening(self, ports: tuple[int, ...], until: float) -> None:
+        """Until ``until`` (monotonic), wait for each port to accept a TCP connection on the server's host."""
+        import socket
+
+        for port in ports:
+            while time.monotonic() < until:
+                try:
+                    socket.create_connection((self.host, port), timeout=0.5).close()
+                    break
+                except OSError:
+                    time.sleep(0.02)
 
     def _raise_start_failure(self, what: str) -> None:
         log = self._current_log()
