@@ -145,11 +145,9 @@ class Encoder:
         self.inputs = json.loads(params["encoder_inputs"])
         self.model = params.get("encoder_model", "")
         self.version = int(params.get("encoder_model_version", "-1") or "-1")
-        self.session = None
-        self.via = "bls"
+        self.session = None  # None: through BLS
         if params.get("encoder_in_process", "auto") != "no" and cpu_instances:
             self.session = _session(path, params)
-            self.via = "onnxruntime" if self.session is not None else "bls"
         if self.session is None and not self.model:
             raise pb_utils.TritonModelException(
                 "tokenizer: the encoder can't run here: onnxruntime can't be imported in this Python and "
