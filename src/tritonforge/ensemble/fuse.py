@@ -163,9 +163,11 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
         if tokenizer is not None and (len(text_name) > 100 or not _name_free(repo, text_name)):
             tokenizer = None
         layout = _measured_layout(model_path)
+        # the fused graph's hash: the batched layout's key and the tokenizer's record (90 MB read once)
+        fused_sha256 = file_sha256(target) if tokenizer is not None else ""
         if layout is not None and tokenizer is not None:
             # its requests batch now: measured anew, the candidates sharing a queue of requests
-            layout = _batched_layout(target, repo / name / "1" / "manifest.json", source_sha256)
+            layout = _batched_layout(target, fused_sha256, repo / name / "1" / "manifest.json", source_sha256)
         elif layout is not None:  # the encoder version's own measurement: the pooling appended costs little
             layout = {**layout, "reused_from": f"{encoder.model} version {version}"}
         if layout is not None:
@@ -174,7 +176,7 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
         fused_models.append(FusedModel(config=fused_config, source=target, manifest=record))
         if tokenizer is not None:
             text_model, text_step = _with_encoder(
-                text_name, *tokenizer, fused_step, fused_config, target, record, resolved
+                text_name, *tokenizer, fused_step, fused_config, (target, fused_sha256), record, resolved
             )
             fused_models.append(text_model)
             steps = [text_step if s is tokenizer[0] else s for s in steps if s is not fused_step]
@@ -194,7 +196,9 @@ def fuse_pipeline(resolved: Resolved, repo: Path, scratch: Path) -> tuple[Resolv
     return dataclasses.replace(resolved, spec=dataclasses.replace(spec, steps=tuple(steps))), fused_models
 
 
-def _batched_layout(fused: Path, previous: Path, source_sha256: str) -> dict[str, Any] | None:
+def _batched_layout(
+    fused: Path, fused_sha256: str, previous: Path, source_sha256: str
+) -> dict[str, Any] | None:
     """The layout of a fused model whose requests batch (run by the tokenizer on each batch it gets),
     measured on ``QUEUED_PER_CPU`` requests per CPU of ``BUCKET_TOKENS`` tokens shared by each candidate's
     instances in ``LAYOUT_ROUNDS`` rounds
@@ -210,7 +214,7 @@ def _batched_layout(fused: Path, previous: Path, source_sha256: str) -> dict[str
     cpus = available_cpus()
     key = {
         "source_sha256": source_sha256,
-        "fused_sha256": file_sha256(fused),
+        "fused_sha256": fused_sha256,
         **layout_key(cpus),
         "queued": QUEUED_PER_CPU * cpus,
         "tokens": BUCKET_TOKENS,
@@ -265,12 +269,13 @@ def _with_encoder(
     block: BlockModelSpec,
     fused: StepSpec,
     fused_config: ModelConfig,
-    graph: Path,
+    graph: tuple[Path, str],
     fused_record: Mapping[str, Any],
     resolved: Resolved,
 ) -> tuple[FusedModel, StepSpec]:
     """The tokenizer ``step`` and the ``fused`` step after it as one model: the tokenizer block with its
-    encoder (``models/tokenizer.py``), which runs the fused ``graph`` on each batch it tokenises.
+    encoder (``models/tokenizer.py``), which runs the fused ``graph`` (its file and sha256) on each batch it
+    tokenises.
 
     One Python-backend hop per text instead of two, and since its input is the text itself, Triton batches
     requests of any length together (the graph cuts each batch back to its longest row). In this process
@@ -312,7 +317,7 @@ def _with_encoder(
         "steps": [step.name, fused.name],
         "encoder": {
             "file": "model.onnx",
-            "sha256": file_sha256(graph),
+            "sha256": graph[1],
             "runs": f"through BLS to '{fused.model}' (its instances are GPU ones)"
             if gpu
             else f"in the stub with onnxruntime when its Python has it, else through BLS to '{fused.model}'",
@@ -321,7 +326,7 @@ def _with_encoder(
         **({"layout": layout} if layout else {}),
     }
     model = FusedModel(
-        config=config, source=built.source, manifest=record, extra_files=(*built.extra_files, graph)
+        config=config, source=built.source, manifest=record, extra_files=(*built.extra_files, graph[0])
     )
     return model, _merged_step(step, fused, name)
 
