@@ -366,8 +366,11 @@ class AsyncClient(BaseClient):
             >>> out = await client.infer("mlp", {"x": np.ones((2, 8), np.float32)})     # doctest: +SKIP
 
         Raises:
-            As :meth:`Client.infer`: InvalidRequestError (RequestTooLarge), ModelNotFoundError,
-            InferenceFailed, DeadlineExceeded, AllEndpointsFailed.
+            InvalidRequestError: as :meth:`Client.infer` (``RequestTooLarge`` among them).
+            ModelNotFoundError: as :meth:`Client.infer`.
+            InferenceFailed: as :meth:`Client.infer`.
+            DeadlineExceeded: as :meth:`Client.infer`.
+            AllEndpointsFailed: as :meth:`Client.infer`.
         """
         if not self._opened:
             self._open()
@@ -442,7 +445,7 @@ class AsyncClient(BaseClient):
         """Many requests, ``concurrency`` (16) at a time, answered in order (see :meth:`Client.infer_many`).
 
         Raises:
-            The first error of any request (the others are still run to completion).
+            TritonForgeError: the first error of any request (the others are still run to completion).
         """
         return await self._drive(self._infer_many_flow(model, requests, **options))
 

@@ -196,7 +196,7 @@ class Client(BaseClient):
             >>> outs = client.infer_many("mlp", [{"x": x} for x in batches], concurrency=8)  # doctest: +SKIP
 
         Raises:
-            The first error of any request (the others are still run to completion).
+            TritonForgeError: the first error of any request (the others are still run to completion).
         """
         return self._drive(self._infer_many_flow(model, requests, **options))
 

@@ -122,8 +122,10 @@ class RetryPolicy:
 
     Args:
         max_attempts: attempts per model, the first one included (1 disables retries).
-        backoff_initial_s / backoff_multiplier / backoff_max_s: the n-th retry waits up to
+        backoff_initial_s: the wait before the first retry; the n-th retry waits up to
             ``min(backoff_max_s, backoff_initial_s * backoff_multiplier ** (n - 1))``.
+        backoff_multiplier: the growth of that wait per retry.
+        backoff_max_s: the longest wait.
         jitter: the share of that wait drawn at random (1.0 is "full jitter").
         budget: the shared retry budget; ``None`` for none.
     """
