@@ -114,7 +114,7 @@ class Paths:
 
         self.steps = steps
         # every call its own request, as the ensemble's steps are: this compares round trips, not batching
-        self.ours = AsyncClient(url, coalesce=False, streams=True)  # as measured in the README
+        self.ours = AsyncClient(url, coalesce=False, streams=True)  # as measured in docs/benchmarks.md
         self.raw = aioclient.InferenceServerClient(url)
 
     async def close(self) -> None:

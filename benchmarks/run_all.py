@@ -5,7 +5,7 @@ Each benchmark compares its paths within one run, in alternating rounds where it
 ``--repeat`` times. The results file (``benchmarks/results/<UTC time>-<host>.json``, git-ignored) holds
 the machine stamp (host, CPUs, CPU model, load average, library versions), and per benchmark its command
 line, exit code, duration, full output and, where the benchmark writes them, its figures as JSON.
-The README's figures come from such a file, taken on a quiet machine.
+The figures in docs/benchmarks.md come from such files, taken on a quiet machine.
 
     python benchmarks/run_all.py                     # full rounds
     python benchmarks/run_all.py --quick             # a smoke run: every benchmark, minimal rounds

@@ -30,7 +30,7 @@ SPACE = {
     "max_queue_delay_us": (0, 500, 2000),
     "instances": (1, 2),
     "preferred": ("none", "max"),
-    # one intra-op thread per instance: the grid the README's figures were measured on (the tuner now also
+    # one intra-op thread per instance: the grid of the figures in docs/benchmarks.md (the tuner also
     # searches threads, which would make it 54 configs on 2 CPUs)
     "intra_op_threads": (1,),
 }
