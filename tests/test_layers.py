@@ -1,6 +1,6 @@
 """Layers point down only (ARCHITECTURE.md): every import inside the package is checked against the order.
 
-    commands → (batch, rollout, deploy, observe, loadtest, examples) → (client, server, ensemble, registry)
+    commands → examples → (batch, rollout, deploy, observe, loadtest) → (client, server, ensemble, registry)
              → repository → (export, quantize) → verify → config → errors
 
 Packages on one line do not import each other; the client imports nothing of ours but ``errors`` (apps
