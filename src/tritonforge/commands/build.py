@@ -1,4 +1,4 @@
-"""CLI verbs that build a repository: export, quantize, models, promote, rollback, build."""
+"""CLI verbs that build a repository: export, quantize, build, and the demo that builds and serves it."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from rich.table import Table
 
 from tritonforge.commands import err_console, fail
 from tritonforge.commands._output import make_console
-from tritonforge.commands.access import with_access
+from tritonforge.commands.registry import models
 from tritonforge.errors import ExportError, QuantizationError, RepositoryError, TritonForgeError
 
 console = make_console()
@@ -266,137 +266,6 @@ def quantize(
             raise typer.Exit(code=1)
 
 
-def _figures(manifest: Mapping[str, Any]) -> str:
-    """The few numbers that say how good a version is: its task metric and its distance from its source."""
-    parts = []
-    metrics = manifest.get("metrics") or {}
-    if "test_accuracy" in metrics:
-        parts.append(f"acc {metrics['test_accuracy']:.4f}")
-    if "sentence_cosine_mean" in metrics:
-        parts.append(f"cos {metrics['sentence_cosine_mean']:.4f} (min {metrics['sentence_cosine_min']:.4f})")
-    verification = manifest.get("verification") or {}
-    outputs = list((verification.get("outputs") or {}).values())
-    if outputs:
-        parts.append(f"max|Δ| {max(o.get('max_abs', 0.0) for o in outputs):.2g}")
-        if "sentence_cosine_mean" not in metrics:
-            parts.append(f"cos≥{min(o.get('cosine_min', 1.0) for o in outputs):.4f}")
-    if verification.get("passed") is False:
-        parts.append("[red]FAILED (forced)[/]")
-    return ", ".join(parts)
-
-
-def models(repo: Path = typer.Argument(..., help="The model repository.")) -> None:
-    """List the models and versions in REPO with their figures and which version is served."""
-    from tritonforge.registry import list_models
-
-    try:
-        rows = list_models(repo)
-    except TritonForgeError as exc:
-        raise _fail(exc) from None
-    table = Table(title=f"{repo}: {len({r.model for r in rows})} models, {len(rows)} versions")
-    for column in ("model", "version", "served", "variant", "size MB", "figures", "created"):
-        table.add_column(column, no_wrap=column != "figures")
-    for r in rows:
-        size = (r.manifest.get("artifact") or {}).get("bytes")
-        table.add_row(
-            r.model,
-            str(r.version),
-            "[green]yes[/]" if r.served else "no",
-            r.variant,
-            "" if size is None else f"{size / 1e6:.1f}",
-            _figures(r.manifest),
-            str(r.manifest.get("created_at", ""))[:16].replace("T", " "),
-        )
-    console.print(table)
-
-
-@with_access
-def promote(
-    repo: Path = typer.Argument(..., help="The model repository."),
-    name: str = typer.Argument(..., help="The model."),
-    version: int = typer.Argument(..., help="The version to serve."),
-    reason: str | None = typer.Option(None, help="Why (kept in the audit log)."),
-    force: bool = typer.Option(False, help="Even if an ensemble pins another version of NAME."),
-    url: str | None = typer.Option(None, help="Also reload it on this running server (no downtime)."),
-    require: list[str] = typer.Option([], help="Gate on VERSION's evaluation, e.g. 'accuracy>=0.97'."),
-    no_worse_than_serving: bool = typer.Option(False, help="Gate: VERSION's figures >= the served one's."),
-    on_gate_fail: str | None = typer.Option(None, help="A command run when a gate fails (retraining hook)."),
-    access: object = None,
-) -> None:
-    """Serve VERSION of NAME (its config's version policy), and record it in the audit log."""
-    from tritonforge.registry import promote as do_promote
-
-    try:
-        from tritonforge.rollout.live import refuse_during_rollout
-
-        refuse_during_rollout(repo, name, "promote")
-        if require or no_worse_than_serving:
-            from tritonforge.rollout.gates import check_gates
-
-            check_gates(
-                repo,
-                name,
-                version,
-                require=require,
-                no_worse_than_serving=no_worse_than_serving,
-                hook=on_gate_fail,
-                action="promote",
-            )
-        if url:
-            from tritonforge.rollout.live import promote_live
-
-            event = promote_live(
-                repo,
-                url,
-                name,
-                version,
-                reason=reason,
-                force=force,
-                auth=access,  # type: ignore[arg-type]
-            )
-        else:
-            event = do_promote(repo, name, version, reason=reason, force=force)
-    except (TritonForgeError, ValueError) as exc:
-        if isinstance(exc, ValueError):
-            exc = TritonForgeError(str(exc))
-        raise _fail(exc) from None
-    console.print(f"[bold]{name}[/]: served versions {event['from']} -> {event['to']}")
-
-
-@with_access
-def rollback(
-    repo: Path = typer.Argument(..., help="The model repository."),
-    name: str = typer.Argument(..., help="The model."),
-    to: int | None = typer.Option(None, help="The version to serve (default: the one served before)."),
-    reason: str | None = typer.Option(None, help="Why (kept in the audit log)."),
-    force: bool = typer.Option(False, help="Even if an ensemble pins another version of NAME."),
-    url: str | None = typer.Option(None, help="Also reload it on this running server (no downtime)."),
-    access: object = None,
-) -> None:
-    """Serve the version NAME served before (or --to), and record it in the audit log."""
-    from tritonforge.registry import rollback as do_rollback
-
-    try:
-        from tritonforge.rollout.live import refuse_during_rollout, rollback_live
-
-        refuse_during_rollout(repo, name, "roll back")
-        if url:
-            event = rollback_live(
-                repo,
-                url,
-                name,
-                to=to,
-                reason=reason,
-                force=force,
-                auth=access,  # type: ignore[arg-type]
-            )
-        else:
-            event = do_rollback(repo, name, to=to, reason=reason, force=force)
-    except TritonForgeError as exc:
-        raise _fail(exc) from None
-    console.print(f"[bold]{name}[/]: served versions {event['from']} -> {event['to']}")
-
-
 def build(
     repo: Path = typer.Option(Path("model_repository"), help="The repository to build into."),
     tools: Path | None = typer.Option(
@@ -449,10 +318,23 @@ def build(
         raise typer.Exit(code=1)
 
 
+def demo(
+    repo: Path = typer.Option(Path("model_repository"), help="The example repository to build and serve."),
+    build: bool = typer.Option(True, help="Run `tritonforge build` first (unchanged models are skipped)."),
+    frameworks: bool = typer.Option(True, help="Also serve a torch MLP as ONNX and as TorchScript."),
+    requests: int = typer.Option(0, help="Digits sent in the frameworks part (default: the test split)."),
+) -> None:
+    """The main job, end to end: build the example repository, run its pipelines on Triton, report."""
+    from tritonforge.examples.demo import run_main_job
+
+    try:
+        run_main_job(console, repo, build=build, frameworks=frameworks, limit=requests or None)
+    except TritonForgeError as exc:
+        raise _fail(exc) from None
+
+
 def register(app: typer.Typer) -> None:
+    app.command()(demo)
     app.command()(export)
     app.command()(quantize)
-    app.command()(models)
-    app.command()(promote)
-    app.command()(rollback)
     app.command()(build)

@@ -1,0 +1,129 @@
+"""CLI verbs on a model repository's files: add-model, validate."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from tritonforge.commands import fail, print_error
+from tritonforge.commands._output import make_console, print_problems
+from tritonforge.errors import TritonForgeError
+
+console = make_console()
+_fail = fail
+
+
+class Kind(str, Enum):
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+def add_model_command(
+    repo: Path = typer.Argument(..., help="The model repository (created if missing)."),
+    name: str = typer.Argument(..., help="The model's name in the repository."),
+    file: Path = typer.Argument(..., help="The model file (model.onnx, ...)."),
+    max_batch_size: int | None = typer.Option(
+        None, help="Largest batch (default 8 for batchable models; 0: no batching)."
+    ),
+    dynamic_batching: bool = typer.Option(True, help="Let Triton group requests into batches."),
+    max_queue_delay_us: int = typer.Option(0, help="How long a request may wait for a fuller batch."),
+    instances: int = typer.Option(1, help="Model instances (each runs requests in parallel)."),
+    kind: Kind = typer.Option(Kind.cpu, help="Where instances run."),
+    version: int | None = typer.Option(None, min=1, help="Version number (default: the next one)."),
+) -> None:
+    """Add FILE as a new version of model NAME in REPO, with a config read off the file."""
+    from tritonforge.repository import add_model
+
+    try:
+        path = add_model(
+            repo,
+            name,
+            file,
+            version=version,
+            max_batch_size=max_batch_size,
+            dynamic_batching=dynamic_batching,
+            max_queue_delay_us=max_queue_delay_us,
+            instances=instances,
+            kind=kind.value,
+        )
+    except TritonForgeError as exc:
+        raise _fail(exc) from None
+    from tritonforge.registry.audit import record_event
+
+    record_event(repo, "add-model", model=name, version=int(path.name), details={"file": str(file)})
+    console.print(f"added [bold]{name}[/] version {path.name} at {path}")
+    console.print((path.parent / "config.pbtxt").read_text(), markup=False, highlight=False)
+
+
+def validate(
+    repo: Path = typer.Argument(..., help="The model repository to check."),
+    live: bool = typer.Option(
+        False, help="Also load each model in the embedded server and send it a request."
+    ),
+) -> None:
+    """Check REPO offline (layout, configs, files, signatures) and, with --live, on a real server."""
+    from tritonforge.repository import check_repository
+    from tritonforge.server.live import check_live
+
+    problems = check_repository(repo)
+    errors = [p for p in problems if p.severity == "error"]
+    if problems:
+        print_problems(
+            console,
+            f"{repo}: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)",
+            [
+                (f"{p.severity}: {p.model}" + ("" if p.version is None else f"/{p.version}"), p.message, "")
+                for p in problems
+            ],
+            columns=("severity", "model", "version", "problem"),
+            rows=[
+                (
+                    f"[{'red' if p.severity == 'error' else 'yellow'}]{p.severity}[/]",
+                    p.model,
+                    "" if p.version is None else str(p.version),
+                    p.message,
+                )
+                for p in problems
+            ],
+        )
+    else:
+        console.print(f"[green]offline checks passed[/] for {repo}")
+    failed = bool(errors)
+    if live and not errors:
+        with console.status("loading each model in the embedded server ..."):
+            try:
+                results = check_live(repo)
+            except TritonForgeError as exc:
+                raise _fail(exc) from None
+        table = Table(title=f"{repo}: live check")
+        for column in ("model", "loaded", "answered", "latency ms", "outputs / error"):
+            table.add_column(column)
+        for r in results:
+            detail = r.error or ", ".join(f"{k}{list(v)}" for k, v in r.outputs.items())
+            table.add_row(
+                r.model,
+                _mark(r.loaded),
+                _mark(r.answered),
+                "" if r.latency_ms is None else f"{r.latency_ms:.1f}",
+                detail,
+            )
+        console.print(table)
+        failed = failed or not all(r.ok for r in results)
+        if not all(r.ok for r in results):
+            bad = [r.model for r in results if not r.ok]
+            print_error(f"{len(bad)} model(s) failed on the live server: {', '.join(bad)}")
+    if errors:
+        print_error(f"{len(errors)} error(s) in {repo}; the table above lists each")
+    raise typer.Exit(code=1 if failed else 0)
+
+
+def _mark(ok: bool) -> str:
+    return "[green]yes[/]" if ok else "[red]no[/]"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("add-model")(add_model_command)
+    app.command()(validate)

@@ -1,0 +1,139 @@
+"""CLI verb that runs the embedded Triton server on a repository: serve."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from tritonforge.commands import fail, print_error
+from tritonforge.commands._output import make_console
+from tritonforge.errors import TritonForgeError
+
+console = make_console()
+_fail = fail
+#: Where :func:`tritonforge.cli.run` hands serve the arguments after ``--``.
+PASSTHROUGH = "tritonserver_args"
+
+
+class ModelControl(str, Enum):
+    none = "none"
+    explicit = "explicit"
+    poll = "poll"
+
+
+def serve(
+    ctx: typer.Context,
+    repo: Path = typer.Argument(..., help="The model repository to serve."),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to bind gRPC, HTTP and metrics to (e.g. 127.0.0.2; 0.0.0.0: all)."
+    ),
+    grpc_port: int | None = typer.Option(None, help="gRPC port (default: a free one)."),
+    http_port: int | None = typer.Option(None, help="HTTP port (default: a free one)."),
+    metrics_port: int | None = typer.Option(None, help="Prometheus metrics port (default: a free one)."),
+    model_control: ModelControl = typer.Option(
+        ModelControl.none,
+        "--model-control",
+        "--model-control-mode",
+        help="'explicit' allows load/unload; 'poll' reloads what changes in REPO.",
+    ),
+    repository_poll_secs: int = typer.Option(15, help="With --model-control poll: seconds between scans."),
+    load_model: list[str] = typer.Option(
+        [], help="With explicit control: models to load at start ('*': all)."
+    ),
+    response_cache_byte_size: int = typer.Option(
+        0, help="Size of Triton's response cache (0: off); models opt in with response_cache."
+    ),
+    log_file: Path | None = typer.Option(None, help="Write the server log here and keep it after stop."),
+    log_verbose: int = typer.Option(0, help="Triton's log verbosity (0: off, 1: verbose)."),
+    exit_timeout_secs: int = typer.Option(10, help="How long Triton waits for in-flight requests at stop."),
+    grpc_restricted_protocol: list[str] = typer.Option(
+        [],
+        help="'<protocols>:<header>=<ref>': gRPC protocols only for calls sending that header; "
+        "<ref> is env:NAME or @FILE (mode 0600), never the key itself.",
+    ),
+    http_restricted_api: list[str] = typer.Option(
+        [], help="'<apis>:<header>=<ref>': HTTP APIs only for calls sending that header (<ref> as above)."
+    ),
+    grpc_server_cert: Path | None = typer.Option(None, help="gRPC TLS: the server certificate (PEM)."),
+    grpc_server_key: Path | None = typer.Option(None, help="gRPC TLS: the server's private key (PEM)."),
+    grpc_root_cert: Path | None = typer.Option(None, help="gRPC TLS: the CA certificate (PEM)."),
+    grpc_use_ssl_mutual: bool = typer.Option(
+        False, help="gRPC mutual TLS: clients must present a certificate signed by --grpc-root-cert."
+    ),
+    tritonserver: Path | None = typer.Option(
+        None, help="A tritonserver binary to use instead of the wheel's."
+    ),
+) -> None:
+    """Serve REPO with the embedded Triton server until Ctrl-C.
+
+    Arguments after `--` go to tritonserver unchanged (and win over the flags above), e.g.
+    `tritonforge serve REPO -- --exit-timeout-secs=5 --log-info=false`.
+    """
+    from tritonforge.server import EmbeddedServer
+
+    extra_args = list((ctx.obj or {}).get(PASSTHROUGH, ()))
+    try:
+        from tritonforge.commands.access import server_secrets  # keys from env/0600 files, never argv
+
+        grpc_restricted_protocol, http_restricted_api = server_secrets(
+            grpc_restricted_protocol, http_restricted_api, grpc_server_key
+        )
+        server = EmbeddedServer(
+            repo,
+            host=host,
+            grpc_port=grpc_port,
+            http_port=http_port,
+            metrics_port=metrics_port,
+            model_control=model_control.value,
+            poll_interval_s=repository_poll_secs,
+            load_models=load_model,
+            tritonserver=tritonserver,
+            response_cache_bytes=response_cache_byte_size or None,
+            log_file=log_file,
+            log_verbose=log_verbose,
+            exit_timeout_s=exit_timeout_secs,
+            grpc_restricted_protocols=grpc_restricted_protocol,
+            http_restricted_apis=http_restricted_api,
+            grpc_server_cert=grpc_server_cert,
+            grpc_server_key=grpc_server_key,
+            grpc_root_cert=grpc_root_cert,
+            grpc_mutual_tls=grpc_use_ssl_mutual,
+            extra_args=extra_args,
+        )
+    except TritonForgeError as exc:
+        raise _fail(exc) from None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        with console.status(f"starting Triton on {repo} ..."):
+            server.start()
+        table = Table(title=f"Triton serving {repo}")
+        for column in ("model", "version", "state"):
+            table.add_column(column)
+        for entry in server.repository_index():
+            table.add_row(entry.get("name", ""), entry.get("version", ""), entry.get("state", ""))
+        console.print(table)
+        console.print(f"gRPC    {server.grpc_url}\nHTTP    {server.http_url}\nmetrics {server.metrics_url}")
+        if log_file is not None:
+            console.print(f"log     {log_file}")
+        console.print("Ctrl-C stops the server.")
+        while not stop.wait(0.5):
+            if not server.is_running:
+                last = server.log_tail(1) or "(empty log)"
+                kept = f"; its log is {log_file}" if log_file is not None else "; --log-file keeps its log"
+                print_error(f"the server stopped unexpectedly{kept}; its last line: {last}")
+                raise typer.Exit(code=1)
+    except TritonForgeError as exc:
+        raise _fail(exc) from None
+    finally:
+        server.stop()
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)
