@@ -14,7 +14,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from tritonforge.commands import err_console, fail
+from tritonforge.commands import err_console, fail, print_error
 from tritonforge.commands._output import make_console
 from tritonforge.commands.registry import models
 from tritonforge.errors import ExportError, QuantizationError, RepositoryError, TritonForgeError
@@ -338,3 +338,45 @@ def register(app: typer.Typer) -> None:
     app.command()(export)
     app.command()(quantize)
     app.command()(build)
+
+
+def print_python_requirements(out: Any, repo: Path, target: str, *, strict: bool) -> bool:
+    """One line per Python model of ``repo``: what it imports beyond ``target``'s Python backend, each
+    package marked declared or undeclared (by its ``requirements.txt``). Returns whether ``strict`` fails.
+
+    Raises:
+        typer.Exit: ``target`` is not an image tag or ``python3.X`` (exit 2), or ``repo`` can't be read.
+    """
+    from rich.markup import escape
+
+    from tritonforge.repository.requirements import REQUIREMENTS_FILE, model_requirements
+
+    try:
+        found = model_requirements(repo, target)
+    except ValueError as exc:
+        raise _fail(exc, code=2) from None
+    except TritonForgeError as exc:
+        raise _fail(exc) from None
+    python = ".".join(map(str, found[0].python)) if found else ""
+    out.print(
+        f"{len(found)} Python model(s); beyond {escape(target)} (Python {python}, numpy):", highlight=False
+    )
+    for model in found:
+        parts = [
+            f"{r.line().split('  #')[0]} ({'undeclared' if r in model.undeclared else 'declared'})"
+            for r in model.required
+        ]
+        parts += [f"optional {r.name}" for r in model.optional]
+        out.print(
+            f"  {model.model}: {', '.join(parts) or 'nothing beyond the image'}",
+            markup=False,
+            highlight=False,
+        )
+    missing = [m for m in found if m.undeclared]
+    if missing and strict:
+        named = "; ".join(f"{m.model}: {', '.join(r.name for r in m.undeclared)}" for m in missing)
+        print_error(
+            f"{len(missing)} Python model(s) import packages no {REQUIREMENTS_FILE} declares ({named}); "
+            f"rebuild them or add the lines to <model>/<version>/{REQUIREMENTS_FILE}"
+        )
+    return bool(missing) and strict

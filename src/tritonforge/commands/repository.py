@@ -63,11 +63,21 @@ def validate(
     live: bool = typer.Option(
         False, help="Also load each model in the embedded server and send it a request."
     ),
+    target: str | None = typer.Option(
+        None,
+        help="An image tag (nvcr.io/nvidia/tritonserver:24.10-py3) or python3.X: list what each Python "
+        "model imports beyond its Python backend (stdlib, numpy).",
+    ),
+    strict: bool = typer.Option(
+        False, help="With --target: fail when a Python model needs a package its requirements.txt lacks."
+    ),
 ) -> None:
     """Check REPO offline (layout, configs, files, signatures) and, with --live, on a real server."""
+    from tritonforge.commands.build import print_python_requirements
     from tritonforge.repository import check_repository
     from tritonforge.server.live import check_live
 
+    undeclared = print_python_requirements(console, repo, target, strict=strict) if target else False
     problems = check_repository(repo)
     errors = [p for p in problems if p.severity == "error"]
     if problems:
@@ -117,7 +127,7 @@ def validate(
             print_error(f"{len(bad)} model(s) failed on the live server: {', '.join(bad)}")
     if errors:
         print_error(f"{len(errors)} error(s) in {repo}; the table above lists each")
-    raise typer.Exit(code=1 if failed else 0)
+    raise typer.Exit(code=1 if failed or undeclared else 0)
 
 
 def _mark(ok: bool) -> str:

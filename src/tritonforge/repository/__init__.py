@@ -1,6 +1,11 @@
 """Model repositories: the one writer (atomic, staged outside the repository) and the offline checks."""
 
 from tritonforge.repository.checker import Problem, check_repository, sample_inputs
+from tritonforge.repository.requirements import (
+    ModelRequirements,
+    model_requirements,
+    python_requirements,
+)
 from tritonforge.repository.threads import (
     DEFAULT_INTRA_OP_THREADS,
     available_cpus,
@@ -25,6 +30,7 @@ __all__ = [
     "DEFAULT_INTRA_OP_THREADS",
     "DEFAULT_MAX_BATCH_SIZE",
     "MODEL_FILENAMES",
+    "ModelRequirements",
     "Problem",
     "RepositoryWrite",
     "add_model",
@@ -34,8 +40,10 @@ __all__ = [
     "file_sha256",
     "infer_config",
     "model_filename",
+    "model_requirements",
     "next_version",
     "onnxruntime_thread_parameters",
+    "python_requirements",
     "pytorch_thread_parameters",
     "sample_inputs",
     "versions",

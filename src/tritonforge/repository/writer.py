@@ -42,6 +42,7 @@ from tritonforge.config import (
     write_config,
 )
 from tritonforge.errors import ConfigError, RepositoryError, SignatureError
+from tritonforge.repository.requirements import write_requirements
 from tritonforge.repository.threads import DEFAULT_INTRA_OP_THREADS, onnxruntime_thread_parameters
 
 __all__ = [
@@ -328,6 +329,8 @@ class RepositoryWrite:
             _copy(source, version_dir / filename)
         for extra in map(Path, extra_files):
             _copy(extra, version_dir / extra.name)
+        if config.backend == "python":  # what NVIDIA's image lacks, declared where its Dockerfile reads it
+            write_requirements(version_dir)
         (version_dir / "manifest.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         write_config(config, folder / "config.pbtxt")
         self._staged.append(_Staged(name, chosen, overwrite, folder))
