@@ -113,7 +113,7 @@ def test_the_cli_reference_lists_every_command_and_option() -> None:
         assert f"`{path}`" in page, f"{path} is missing from the CLI reference"
         section = page.split(f"`{path}`", 1)[1]
         for option in options:
-            assert f"`{option}" in section or f", {option}" in section, f"{path} {option} is not listed"
+            assert f"<code>{option}" in section or f", {option}" in section, f"{path} {option} is not listed"
 
 
 def test_the_cli_reference_shows_help_text_literally() -> None:

@@ -32,8 +32,8 @@ def _cell(value: str) -> str:
 
 
 def _code(value: str) -> str:
-    # in a table cell a pipe ends the cell even inside backticks
-    return "`" + value.replace("|", "\\|") + "`"
+    # in a table cell a pipe ends the cell even inside backticks, and an escaped one shows its backslash
+    return "<code>" + html.escape(value, quote=False).replace("|", "&#124;") + "</code>"
 
 
 # typer ships its own copy of click (typer 0.29+), so commands and parameters are read through click's public
