@@ -111,7 +111,7 @@ def test_the_cli_reference_lists_every_command_and_option() -> None:
         if path == "tritonforge":
             continue
         assert f"`{path}`" in page, f"{path} is missing from the CLI reference"
-        section = page.split(f"`{path}`", 1)[1]
+        section = page.split(f"`{path}`", 1)[1].split("\n#", 1)[0]  # up to the next command's heading
         for option in options:
             assert f"<code>{option}" in section or f", {option}" in section, f"{path} {option} is not listed"
 
