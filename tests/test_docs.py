@@ -110,8 +110,9 @@ def test_the_cli_reference_lists_every_command_and_option() -> None:
     for path, options in commands.items():
         if path == "tritonforge":
             continue
-        assert f"`{path}`" in page, f"{path} is missing from the CLI reference"
-        section = page.split(f"`{path}`", 1)[1].split("\n#", 1)[0]  # up to the next command's heading
+        heading = re.search(rf"^#+ `{re.escape(path)}`$", page, re.MULTILINE)
+        assert heading is not None, f"{path} is missing from the CLI reference"
+        section = page[heading.end() :].split("\n#", 1)[0]  # up to the next command's heading
         for option in options:
             assert f"<code>{option}" in section or f", {option}" in section, f"{path} {option} is not listed"
 
