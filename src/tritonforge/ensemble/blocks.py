@@ -22,8 +22,10 @@ together downstream — for consumers that ignore masked tokens). ``mean_pooling
 ``FP64``), ``strategy`` (``constant`` with ``value``, default 0; ``mean`` with ``means``: one finite number
 per feature, inline or a ``.json`` / ``.npy`` file): NaN and ±inf become the value, ``MISSING`` marks them.
 
-The model files (``tritonforge/ensemble/models/*.py``) need only numpy (and ``tokenizers`` for the
-tokenizer), not tritonforge, so a repository built here runs unchanged on NVIDIA's container.
+The model files (``tritonforge/ensemble/models/*.py``) need only the standard library and numpy, not
+tritonforge, so a repository built here runs unchanged on the Python backend of NVIDIA's container. The
+tokenizer runs BERT WordPiece ``tokenizer.json`` files (MiniLM's, BERT's) with ``wordpiece.py`` beside its
+``model.py``: the ids of Hugging Face ``tokenizers``, without the package.
 
 The compiler also writes the tokenizer with an encoder (``<pipeline>__tokenize_encode``, its ``encoder_*``
 parameters: see :mod:`tritonforge.ensemble.fuse`): it runs a fused ONNX graph on each batch it tokenises,
@@ -63,6 +65,8 @@ DEFAULT_BLOCK_BATCH = 64
 GENERATED_MARK = "tritonforge_generated"
 
 _MODELS_DIR = Path(__file__).resolve().parent / "models"
+#: the character table wordpiece.py reads (tokenizers' own Unicode classes; tools/wordpiece_unicode.py)
+WORDPIECE_TABLE = "wordpiece_unicode.json"
 
 
 def model_file(kind: str) -> Path:
@@ -114,12 +118,12 @@ def block_model(
         if not isinstance(name_or_path, str) or not name_or_path or not name_or_path.isprintable():
             raise ValueError(f"'tokenizer' must be a path or a package name, got {show(name_or_path)}")
         tokenizer = _tokenizer_file(name_or_path, base_dir)
+        _check_wordpiece(tokenizer)
         max_length = _positive(options.get("max_length", 256), "max_length", INT32_MAX)
         padding = options.get("padding", "none")
         if padding not in ("none", "bucket"):
             raise ValueError(f"'padding' must be 'none' or 'bucket', got {show(padding)}")
-        # threads: the tokenizer's pool is sized, never left at "all cores" beside the model servers
-        params.update(tokenizer_file="tokenizer.json", max_length=str(max_length), threads="1")
+        params.update(tokenizer_file="tokenizer.json", max_length=str(max_length))
         if padding == "bucket":
             params["padding"] = "bucket"
         inputs = [TensorSpec(name="TEXT", dtype=DataType.STRING, dims=[1])]
@@ -127,7 +131,7 @@ def block_model(
             TensorSpec(name="input_ids", dtype=DataType.INT64, dims=[-1]),
             TensorSpec(name="attention_mask", dtype=DataType.INT64, dims=[-1]),
         ]
-        extra = (tokenizer,)
+        extra = (tokenizer, model_file("wordpiece"), _MODELS_DIR / WORDPIECE_TABLE)
     elif block == "mean_pooling":
         dim = options.get("dim", -1)
         if dim != -1:
@@ -302,6 +306,24 @@ def _weight(value: Any) -> float | None:
     except OverflowError:
         return None
     return weight if math.isfinite(weight) and weight >= 0 else None
+
+
+def _check_wordpiece(path: Path) -> None:
+    """Refuse a tokenizer.json the block's WordPiece would not reproduce, naming what differs."""
+    spec = importlib.util.spec_from_file_location("_tritonforge_wordpiece", model_file("wordpiece"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        with path.open(encoding="utf-8") as stream:
+            module.check(json.load(stream), path)
+    except module.UnsupportedTokenizer as exc:
+        raise ValueError(
+            f"{exc}: the tokenizer block runs BERT WordPiece tokenizers (MiniLM, BERT) without third-party "
+            "packages; give such a tokenizer.json"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"can't read tokenizer {show(str(path))}: {exc}") from None
 
 
 def _tokenizer_file(value: str, base_dir: Path | None) -> Path:

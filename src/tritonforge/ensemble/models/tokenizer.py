@@ -1,12 +1,12 @@
 """Tokenizer step (Triton Python backend): strings in, ``input_ids`` and ``attention_mask`` out.
 
-Uses a Hugging Face ``tokenizer.json`` (the ``tokenizers`` package) kept beside this file. Each request's
-texts are padded to the longest among them (at most ``max_length`` tokens). Needs numpy and tokenizers only.
+Reads a Hugging Face ``tokenizer.json`` of the BERT WordPiece kind kept beside this file, with
+``wordpiece.py`` (and its character table) beside it too: the same ids as the ``tokenizers`` package, in
+the standard library and numpy only — what the Python backend of NVIDIA's image has. Each request's texts
+are padded to the longest among them (at most ``max_length`` tokens).
 
-All the texts of the requests one ``execute`` receives are tokenised in one ``encode_batch`` call, unpadded;
-each request's arrays are then filled straight into int64 arrays of its own length (the same answer as
-tokenising it alone). The ``threads`` parameter sizes the tokenizer's thread pool (default 1: the model
-servers beside it need the cores more than a few sentences need parallel tokenising).
+All the texts of the requests one ``execute`` receives are tokenised unpadded; each request's arrays are
+then filled straight into int64 arrays of its own length (the same answer as tokenising it alone).
 
 ``padding: bucket`` pads each request further, to the next power of two of at least ``BUCKET_MIN`` tokens
 (at most ``max_length``), with ``attention_mask`` 0 over the padding: texts of different lengths then give
@@ -30,7 +30,7 @@ import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from tokenizers import Tokenizer
+from wordpiece import WordPiece
 
 BUCKET_MIN = 16
 
@@ -39,21 +39,12 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        threads = int(params.get("threads", "1") or "1")
-        # read by tokenizers when it first parallelises (after this point), never left at "all cores"
-        if threads <= 1:
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = "true"
-            os.environ["RAYON_RS_NUM_CPUS"] = str(threads)
-            os.environ["RAYON_NUM_THREADS"] = str(threads)
         folder = os.path.join(args["model_repository"], args["model_version"])
-        self.tokenizer = Tokenizer.from_file(
-            os.path.join(folder, params.get("tokenizer_file", "tokenizer.json"))
-        )
         self.max_length = int(params.get("max_length", "256"))
-        self.tokenizer.enable_truncation(self.max_length)
-        self.tokenizer.no_padding()  # padded here, per request, to that request's own longest text
+        # unpadded: padded here, per request, to that request's own longest text
+        self.tokenizer = WordPiece(
+            os.path.join(folder, params.get("tokenizer_file", "tokenizer.json")), self.max_length
+        )
         self.bucket = params.get("padding", "none") == "bucket"
         self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
         self.encoder = None
@@ -76,7 +67,7 @@ class TritonPythonModel:
             spans.append((index, len(texts), len(items)))
             texts.extend(items)
         try:
-            encodings = self.tokenizer.encode_batch(texts) if texts else []
+            encodings = self._encode_all(texts)
         except Exception:
             encodings = None  # find the request at fault: tokenise each alone below
         if self.encoder is not None:
@@ -86,7 +77,7 @@ class TritonPythonModel:
                 own = (
                     encodings[first : first + count]
                     if encodings is not None
-                    else (self.tokenizer.encode_batch(texts[first : first + count]))
+                    else self._encode_all(texts[first : first + count])
                 )
                 ids, mask = self._arrays(own)
                 responses[index] = pb_utils.InferenceResponse(
@@ -113,17 +104,20 @@ class TritonPythonModel:
                 pass
         for index, first, count in spans:
             try:
-                own = self.tokenizer.encode_batch(texts[first : first + count])
+                own = self._encode_all(texts[first : first + count])
                 responses[index] = self.encoder.response(self.encoder.run(*self._arrays(own)))
             except Exception as exc:
                 responses[index] = _error(exc)
         return responses
 
+    def _encode_all(self, texts):
+        return [self.tokenizer.encode(text) for text in texts]
+
     def _arrays(self, encodings):
         if len(encodings) == 1 and not self.bucket:  # one sentence per request, the usual case: no padding
-            ids = np.asarray(encodings[0].ids, dtype=np.int64)[None, :]
+            ids = np.asarray(encodings[0], dtype=np.int64)[None, :]
             return ids, np.ones_like(ids)
-        lengths = [len(e.ids) for e in encodings]
+        lengths = [len(e) for e in encodings]
         width = max(lengths, default=0)
         if self.bucket:
             bucket = max(BUCKET_MIN, 1 << max(width - 1, 0).bit_length())
@@ -131,7 +125,7 @@ class TritonPythonModel:
         ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)
         for row, (encoding, length) in enumerate(zip(encodings, lengths, strict=True)):
-            ids[row, :length] = encoding.ids
+            ids[row, :length] = encoding
             mask[row, :length] = 1
         return ids, mask
 
