@@ -18,6 +18,7 @@ import dataclasses
 import json
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,13 @@ class PipelinesDemoResult:
     fallback_counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def run_pipelines_demo(console: Any, repo: Path) -> PipelinesDemoResult:
+def run_pipelines_demo(
+    console: Any, repo: Path, server_options: Mapping[str, Any] | None = None
+) -> PipelinesDemoResult:
     """Serve ``repo`` and run each example pipeline it holds; print a short report to ``console`` (rich).
+
+    ``server_options`` go to :class:`~tritonforge.server.EmbeddedServer` (e.g. ``python``: the stubs in a
+    reduced interpreter).
 
     Raises:
         ServerError / ModelLoadError: the server did not start or a model did not load.
@@ -76,7 +82,9 @@ def run_pipelines_demo(console: Any, repo: Path) -> PipelinesDemoResult:
     result = PipelinesDemoResult()
     present = {p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file()}
     with console.status("starting Triton with the pipelines ..."):
-        server = EmbeddedServer(repo, model_control="explicit", load_models=["*"]).start()
+        server = EmbeddedServer(
+            repo, model_control="explicit", load_models=["*"], **dict(server_options or {})
+        ).start()
     try:
         with Client(server.grpc_url) as client:
             if TEXT_PIPELINE in present:

@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from tritonforge.errors import ModelLoadError, ServerError
 from tritonforge.server._watchdog import remove_env_dirs
-from tritonforge.server.install import TritonInstall, backend_directory, find_tritonserver
+from tritonforge.server.install import (
+    BACKEND_PATH_ENV,
+    TritonInstall,
+    backend_directory,
+    find_tritonserver,
+    package_path,
+    stub_python,
+)
 
 if TYPE_CHECKING:
     from tritonclient.grpc import model_config_pb2 as pb2
@@ -59,6 +66,10 @@ _running: set[EmbeddedServer] = set()
 _running_lock = threading.Lock()
 
 
+#: a repository Triton reads from object storage itself
+REMOTE_REPOSITORY = re.compile(r"^(s3|gs|as)://")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` right now (the OS's pick)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -85,6 +96,12 @@ class EmbeddedServer:
     ``http_restricted_apis`` (Triton's ``"<protocols>:<header>=<value>"`` specs), gRPC TLS
     (``grpc_server_cert``, ``grpc_server_key``, ``grpc_root_cert``, ``grpc_mutual_tls``), and
     ``extra_args``, passed to tritonserver unchanged after everything else (so they win).
+
+    ``python`` runs the Python backend's stubs in another interpreter's environment (a venv's ``python``;
+    its version picks the stub): e.g. one reduced to what NVIDIA's image has, to prove a repository needs
+    nothing more. Our Python-based ``onnxruntime``/``pytorch`` backends, stand-ins for NVIDIA's C++ ones,
+    then reach tritonforge (and onnxruntime/torch in the folders ``backend_path`` names) on their own;
+    user models see that interpreter alone.
 
     The server never outlives its owner: a small watchdog process holds a pipe from this process and,
     when the pipe closes without a clean stop (the owner was killed, even by SIGKILL), ends the server's
@@ -119,11 +136,16 @@ class EmbeddedServer:
         grpc_server_key: str | os.PathLike[str] | None = None,
         grpc_root_cert: str | os.PathLike[str] | None = None,
         grpc_mutual_tls: bool = False,
+        python: str | os.PathLike[str] | None = None,
+        backend_path: Sequence[str | os.PathLike[str]] = (),
     ) -> None:
         repos = [repository] if isinstance(repository, (str, os.PathLike)) else list(repository)
-        self.repositories = [Path(r).resolve() for r in repos]
+        # s3://, gs://, as:// repositories are Triton's to read (credentials from its environment)
+        self.repositories: list[Path | str] = [
+            r if isinstance(r, str) and REMOTE_REPOSITORY.match(r) else Path(r).resolve() for r in repos
+        ]
         for repo in self.repositories:
-            if not repo.is_dir():
+            if isinstance(repo, Path) and not repo.is_dir():
                 raise ServerError(
                     f"model repository {repo} does not exist (build it first, e.g. `tritonforge build`)"
                 )
@@ -191,6 +213,8 @@ class EmbeddedServer:
         self._log_text = ""
         self._shm_prefix = f"tfg_{uuid.uuid4().hex[:10]}_"
         self.install: TritonInstall | None = None
+        self.python = None if python is None else stub_python(python)
+        self.backend_path = tuple(Path(p).absolute() for p in backend_path)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -214,7 +238,9 @@ class EmbeddedServer:
         if self.is_running:
             return self
         self.install = find_tritonserver(self._tritonserver)
-        backends = backend_directory(self.install)
+        backends = backend_directory(
+            self.install, python_version=self.python.version if self.python else None
+        )
         _exit_cleanly_on_sigterm()
         auto_ports = not any(self._requested_ports)
         attempts = 3 if auto_ports else 1
@@ -391,12 +417,18 @@ class EmbeddedServer:
         env = dict(os.environ)
         # The Python-backend stub is an embedded interpreter that takes its sys.path from the `python3`
         # first on PATH (PYTHONPATH is not enough): put this interpreter's bin/ first.
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        stub_bin = self.python.executable.parent if self.python else Path(sys.executable).parent
+        env["PATH"] = os.pathsep.join([str(stub_bin), env.get("PATH", "")])
+        # A reduced stub interpreter has only what a user model may use; our Python-based backends (and
+        # only they) reach tritonforge and onnxruntime/torch through the folders named here.
+        backend_path = [*([package_path()] if self.python else []), *self.backend_path]
+        if backend_path:
+            env[BACKEND_PATH_ENV] = os.pathsep.join(map(str, backend_path))
         libs = [str(d) for d in self.install.library_dirs if d.is_dir()]
         # The stub links libpython3.X.so.1.0; unless this interpreter's own comes first, the loader may
         # pick another build of the same minor version (e.g. the distro's), whose ABI the stdlib's
         # extension modules (_ssl, ...) of this interpreter don't match.
-        own_libpython = _shared_libpython_dir()
+        own_libpython = self.python.libdir if self.python else _shared_libpython_dir()
         if own_libpython is not None:
             libs.insert(0, str(own_libpython))
         if libs:

@@ -22,10 +22,77 @@ from pathlib import Path
 
 from tritonforge.errors import ServerError
 
-__all__ = ["TritonInstall", "backend_directory", "find_tritonserver"]
+__all__ = [
+    "BACKEND_PATH_ENV",
+    "StubPython",
+    "TritonInstall",
+    "backend_directory",
+    "find_tritonserver",
+    "package_path",
+    "stub_python",
+]
 
 SYSTEM_TRITONSERVER = Path("/opt/tritonserver/bin/tritonserver")
 PYTHON_BASED_BACKENDS = ("onnxruntime", "pytorch")
+#: folders our Python-based backends (and only they) append to ``sys.path`` (os.pathsep-separated): how
+#: they reach onnxruntime/torch and tritonforge when the stubs run in a reduced interpreter
+BACKEND_PATH_ENV = "TRITONFORGE_BACKEND_PATH"
+
+
+@dataclass(frozen=True)
+class StubPython:
+    """The interpreter whose environment the Python-backend stubs run in (a venv's ``python`` will do)."""
+
+    #: as given, not resolved: a venv's ``bin/`` must come first on PATH, not its base interpreter's
+    executable: Path
+    version: str
+    #: the folder of its shared libpython (the stub links it), or None when it has none
+    libdir: Path | None
+
+
+def stub_python(executable: str | os.PathLike[str]) -> StubPython:
+    """Read what the stubs need to know of ``executable``: its version and shared libpython.
+
+    Raises:
+        ServerError: it can't be run, or it has no shared libpython (the stub can't embed it).
+    """
+    import subprocess
+
+    path = Path(executable).expanduser().absolute()
+    probe = (
+        "import sys, sysconfig, os; v = sysconfig.get_config_var; "
+        "print(f'{sys.version_info[0]}.{sys.version_info[1]}'); "
+        "print(os.path.join(v('LIBDIR') or '', v('INSTSONAME') or '') if v('Py_ENABLE_SHARED') else '')"
+    )
+    try:
+        done = subprocess.run([str(path), "-I", "-c", probe], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ServerError(f"can't run the stub's Python {path}: {exc}; give a python executable") from None
+    lines = done.stdout.splitlines()
+    if done.returncode != 0 or len(lines) != 2:
+        raise ServerError(f"can't run the stub's Python {path}: {done.stderr.strip()[-300:]}")
+    version, libpython = lines
+    if not libpython or not Path(libpython).exists():
+        raise ServerError(
+            f"Python {path} has no shared libpython, which the Python backend's stub links; use a Python "
+            "built with --enable-shared (pyenv: PYTHON_CONFIGURE_OPTS=--enable-shared)"
+        )
+    return StubPython(path, version, Path(libpython).parent)
+
+
+def package_path(cache_dir: Path | None = None) -> Path:
+    """A folder holding only a link to this tritonforge package: what the Python-based backends add to a
+    reduced interpreter's ``sys.path`` to import it, and nothing else of this environment."""
+    package = Path(__file__).resolve().parent.parent
+    base = (cache_dir or _cache_root()) / f"package-{hashlib.sha256(str(package).encode()).hexdigest()[:16]}"
+    link = base / "tritonforge"
+    if not link.is_symlink():
+        base.mkdir(parents=True, exist_ok=True)
+        staged = base / f".link-{os.getpid()}"
+        staged.unlink(missing_ok=True)
+        staged.symlink_to(package, target_is_directory=True)
+        staged.replace(link)
+    return base
 
 
 @dataclass(frozen=True)
@@ -93,8 +160,11 @@ def _wheel_install(root: Path) -> TritonInstall:
     )
 
 
-def backend_directory(install: TritonInstall, cache_dir: Path | None = None) -> Path:
-    """The ``--backend-directory`` for ``install``, assembling it in the cache for the wheel.
+def backend_directory(
+    install: TritonInstall, cache_dir: Path | None = None, python_version: str | None = None
+) -> Path:
+    """The ``--backend-directory`` for ``install``, assembling it in the cache for the wheel, with the stub
+    for ``python_version`` ("3.10"; default: the running Python's).
 
     The folder's name is a hash of everything in it, so a new wheel, Python or backend source gets a new
     folder, and a folder once complete is never modified (it is built beside and renamed into place).
@@ -106,7 +176,7 @@ def backend_directory(install: TritonInstall, cache_dir: Path | None = None) -> 
         return install.backend_dir
     assert install.wheel_root is not None
     python_backend = install.wheel_root / "tritonserver" / "backends" / "python"
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    version = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = (
         install.wheel_root / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub"
     )

@@ -4,6 +4,14 @@ The embedded server places this file at ``<backend-dir>/pytorch/model.py``. On N
 C++ libtorch backend serves the same repository unchanged.
 """
 
+import os
+import sys
+
+# In a reduced stub interpreter (EmbeddedServer(python=...)) these stand-ins alone reach what they need.
+sys.path += [
+    p for p in os.environ.get("TRITONFORGE_BACKEND_PATH", "").split(os.pathsep) if p not in ("", *sys.path)
+]
+
 from tritonforge.server.runtime import PyTorchModel as TritonPythonModel
 
 __all__ = ["TritonPythonModel"]
