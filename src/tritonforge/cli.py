@@ -35,6 +35,7 @@ console = make_console()
 AREAS: tuple[str, ...] = (
     "serve",  # serve
     "repository",  # add-model, validate
+    "store",  # push
     "build",  # demo, export, quantize, build
     "registry",  # models, promote, rollback
     "ensemble",  # ensemble check|compile
