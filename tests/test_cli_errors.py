@@ -28,6 +28,7 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     "serve": (["/nonexistent/repo"], "model repository /nonexistent/repo does not exist"),
     "add-model": (["/nonexistent/repo", "m", "/nonexistent/model.onnx"], "does not exist"),
     "validate": (["/nonexistent/repo"], "1 error(s) in /nonexistent/repo"),
+    "push": (["/nonexistent/repo", "s3://bucket/models"], "no model repository at /nonexistent/repo"),
     "demo": (["--requests", "-3", "--bogus"], "No such option: --bogus"),
     "export": (["/nonexistent/model.pkl", "--out", "/nonexistent/out.onnx"], "error: "),
     "quantize": (["/nonexistent/model.onnx", "--out", "/nonexistent/q.onnx"], "error: "),

@@ -118,6 +118,10 @@ def push_repository(repo: str | os.PathLike[str], url: str) -> PushResult:
 
     root = Path(repo)
     target = parse_store_url(url)
+    if not root.is_dir():
+        raise RepositoryError(
+            f"no model repository at {root}; nothing was pushed (give the repository's folder)"
+        )
     errors = [p for p in check_repository(root) if p.severity == "error"]
     if errors:
         raise RepositoryError(
