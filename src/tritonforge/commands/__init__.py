@@ -6,7 +6,9 @@ never read as markup), and :func:`fail` does that and returns the ``typer.Exit``
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import typer
 from rich.console import Console
@@ -14,7 +16,7 @@ from rich.text import Text
 
 from tritonforge.errors import TritonForgeError
 
-__all__ = ["DEBUG_ENV", "err_console", "fail", "one_line", "print_error"]
+__all__ = ["DEBUG_ENV", "err_console", "fail", "one_line", "print_error", "reported"]
 
 #: Set to 1 to see the full message and the traceback of an unexpected error.
 DEBUG_ENV = "TRITONFORGE_DEBUG"
@@ -44,3 +46,15 @@ def fail(exc: TritonForgeError | ValueError, code: int = 1) -> typer.Exit:
     """Report ``exc`` on one line and return the exit (``code``, 1 by default) to raise."""
     print_error(exc.message if isinstance(exc, TritonForgeError) else str(exc))
     return typer.Exit(code=code)
+
+
+@contextlib.contextmanager
+def reported() -> Iterator[None]:
+    """Inside it, a bad argument (``ValueError``) ends the verb with exit 2 and an error of ours with exit 1,
+    each reported on one line by :func:`fail`."""
+    try:
+        yield
+    except TritonForgeError as exc:
+        raise fail(exc) from None
+    except ValueError as exc:
+        raise fail(exc, code=2) from None

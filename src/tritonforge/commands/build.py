@@ -14,7 +14,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from tritonforge.commands import err_console, fail, print_error
+from tritonforge.commands import err_console, fail, print_error, reported
 from tritonforge.commands._output import make_console
 from tritonforge.commands.registry import models
 from tritonforge.errors import ExportError, QuantizationError, RepositoryError, TritonForgeError
@@ -351,12 +351,8 @@ def print_python_requirements(out: Any, repo: Path, target: str, *, strict: bool
 
     from tritonforge.repository.requirements import REQUIREMENTS_FILE, model_requirements
 
-    try:
+    with reported():
         found = model_requirements(repo, target)
-    except ValueError as exc:
-        raise _fail(exc, code=2) from None
-    except TritonForgeError as exc:
-        raise _fail(exc) from None
     python = ".".join(map(str, found[0].python)) if found else ""
     out.print(
         f"{len(found)} Python model(s); beyond {escape(target)} (Python {python}, numpy):", highlight=False

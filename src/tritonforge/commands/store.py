@@ -7,9 +7,8 @@ from pathlib import Path
 
 import typer
 
-from tritonforge.commands import fail
+from tritonforge.commands import reported
 from tritonforge.commands._output import make_console
-from tritonforge.errors import TritonForgeError
 
 console = make_console()
 
@@ -31,12 +30,8 @@ def push(
     --model-repository URL Triton serves it from."""
     from tritonforge.repository.store import push_repository
 
-    try:
+    with reported():
         result = push_repository(repo, url)
-    except ValueError as exc:
-        raise fail(exc, code=2) from None
-    except TritonForgeError as exc:
-        raise fail(exc) from None
     if json_output:
         record = {
             "url": result.url,
