@@ -36,14 +36,17 @@ from tritonforge.client._codec import (
     ModelMetadata,
     decode_response,
     frame,
+    numpy_dtype,
     request_header,
 )
 from tritonforge.client._discovery import Discovery, EndpointSources, diff_endpoints
 from tritonforge.client._flow import Attempt, BudgetState, Each, Op, Rpc, Sleep, Spawn, call_flow, one
 from tritonforge.client._inputs import (
+    MAX_REQUEST_ID_BYTES,
     NonFinitePolicy,
     PreparedCall,
     as_version,
+    check_name,
     join_batches,
     prepare,
     smaller_limit,
@@ -691,15 +694,15 @@ class BaseClient:
         """The caller's request id (checked), or a new one of the client's.
 
         Raises:
-            InvalidRequestError: a ``request_id`` that is not a non-empty string.
+            InvalidRequestError: a ``request_id`` that is not a non-empty string of printable characters
+                of at most :data:`MAX_REQUEST_ID_BYTES` bytes.
         """
         if given is None:
             return self._id_prefix + format(next(self._id_counter), "x")
-        if not isinstance(given, str) or not given:
-            raise InvalidRequestError(
-                f"request_id for model {model!r} must be a non-empty string, not {given!r}", model=model
-            )
-        return given
+        try:
+            return check_name(given, what=f"request_id for model {model!r}", limit=MAX_REQUEST_ID_BYTES)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(exc.message, model=model) from None
 
     def _infer_many_flow(
         self,
@@ -760,6 +763,8 @@ class BaseClient:
         limit = self._known_limit()
         while True:
             batches = split_under(model, inputs, batch_size, limit)
+            if not batches:
+                return (yield from self._no_rows_flow(model, inputs, version, outputs, timeout_s))
             try:
                 answers = yield from self._infer_many_flow(
                     model, batches, concurrency, version, outputs, timeout_s, request_id
@@ -768,6 +773,48 @@ class BaseClient:
                 limit = smaller_limit(exc, limit)
             else:
                 return join_batches(answers)
+
+    def _no_rows_flow(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        version: str | int | None,
+        outputs: Sequence[str] | None,
+        timeout_s: float | None,
+    ) -> Flow[dict[str, np.ndarray]]:
+        """``infer_batched``'s answer to 0 rows: each output empty, of the shape and dtype the model's
+        metadata gives it (no inference is sent; the inputs are checked against the metadata all the same).
+
+        Raises:
+            InvalidRequestError: inputs that don't fit the model, outputs it lacks, or a model whose
+                metadata can't shape an empty answer (no batch dimension, no outputs declared).
+        """
+        call = self._prepare(model, inputs, outputs, timeout_s)
+        target, target_version = self._targets(model, version, None)[0]
+        meta = self._model_metadata.get((target, target_version))
+        if meta is None:
+            meta = yield from self._model_metadata_flow(target, target_version)
+        if meta.inputs:
+            meta.check_inputs(call.signature, target_version, None)
+        wanted = list(call.outputs) if call.outputs is not None else [t.name for t in meta.outputs]
+        declared = {t.name: t for t in meta.outputs}
+        unknown = sorted(set(wanted) - set(declared))
+        if declared and unknown:
+            raise InvalidRequestError(
+                f"model {model!r} has no output {unknown}; it has {sorted(declared)}", model=model
+            )
+        why = None
+        if not declared:
+            why = "its metadata declares no outputs"
+        elif any(not declared[name].shape or declared[name].shape[0] != -1 for name in wanted):
+            why = "its outputs have no batch dimension (max_batch_size 0)"
+        if why is not None:
+            raise InvalidRequestError(
+                f"infer_batched on 0 rows of model {model!r}: an empty answer can't be shaped, {why}; "
+                "skip the call when there are no rows",
+                model=model,
+            )
+        return {name: _empty_output(declared[name]) for name in wanted}
 
     def _attempt_flow(self, call: PreparedCall, attempt: Attempt) -> Flow[dict[str, np.ndarray]]:
         """One attempt of a call at one endpoint: metadata first (once), then shared memory or bytes."""
@@ -931,6 +978,9 @@ class BaseClient:
         raises :class:`NotOffered` at once, and an UNIMPLEMENTED answer is remembered.
         """
 
+        if model or not isinstance(model, str):
+            check_name(model)
+
         def send(attempt: Attempt) -> Flow[Any]:
             caps = attempt.endpoint.capabilities
             if feature is not None and getattr(caps, feature) is False:
@@ -979,6 +1029,7 @@ class BaseClient:
         return self._flag_flow("ServerReady", pb.ServerReadyRequest(), "ready")
 
     def _is_model_ready_flow(self, model: str, version: str | int | None) -> Flow[bool]:
+        check_name(model)  # a name that can't be sent is an error, not "not ready"
         v = as_version(version)
         return self._flag_flow(
             "ModelReady", pb.ModelReadyRequest(name=model, version=v or ""), "ready", model, v
@@ -988,6 +1039,7 @@ class BaseClient:
         return _as_dict((yield from self._control_flow("ServerMetadata", pb.ServerMetadataRequest())))
 
     def _model_metadata_flow(self, model: str, version: str | int | None) -> Flow[ModelMetadata]:
+        check_name(model)
         v = as_version(version)
         request = pb.ModelMetadataRequest(name=model, version=v or "")
         response = yield from self._control_flow("ModelMetadata", request, model=model, version=v)
@@ -996,6 +1048,7 @@ class BaseClient:
         return meta
 
     def _model_config_flow(self, model: str, version: str | int | None) -> Flow[pb2.ModelConfig]:
+        check_name(model)
         v = as_version(version)
         request = pb.ModelConfigRequest(name=model, version=v or "")
         response = yield from self._control_flow(
@@ -1004,6 +1057,8 @@ class BaseClient:
         return response.config
 
     def _model_statistics_flow(self, model: str, version: str | int | None) -> Flow[dict[str, Any]]:
+        if model != "":  # "": every model's
+            check_name(model)
         v = as_version(version)
         request = pb.ModelStatisticsRequest(name=model, version=v or "")
         return _as_dict(
@@ -1036,12 +1091,14 @@ class BaseClient:
         return result
 
     def _load_model_flow(self, model: str, config: str | None, timeout_s: float | None) -> Flow[None]:
+        check_name(model)
         request = pb.RepositoryModelLoadRequest(model_name=model)
         if config is not None:
             request.parameters["config"].string_param = config
         return self._every_endpoint_flow("RepositoryModelLoad", request, model, timeout_s)
 
     def _unload_model_flow(self, model: str, timeout_s: float | None) -> Flow[None]:
+        check_name(model)
         request = pb.RepositoryModelUnloadRequest(model_name=model)
         return self._every_endpoint_flow("RepositoryModelUnload", request, model, timeout_s)
 
@@ -1049,9 +1106,8 @@ class BaseClient:
         self, method: str, request: Message, model: str, timeout_s: float | None
     ) -> Flow[None]:
         """One control call to every endpoint at once, each under ``timeout_s``; raises the first error."""
-        self._check_open(model)
-        if not isinstance(model, str) or not model:
-            raise InvalidRequestError(f"a model name is a non-empty string, not {model!r}")
+        self._check_open(model if isinstance(model, str) else None)
+        check_name(model)
         timeout = DEFAULT_CONTROL_TIMEOUT_S if timeout_s is None else timeout_s
         endpoints = list(self._pool.endpoints)
         answers = yield Each([one(Rpc(ep, method, request, timeout, model)) for ep in endpoints])
@@ -1244,6 +1300,12 @@ class BaseClient:
     def add_hook(self, hook: Hook) -> None:
         """Call ``hook(event)`` for every finished call, retry, fallback and shadow comparison."""
         self.hooks.append(hook)
+
+
+def _empty_output(tensor: Any) -> np.ndarray:
+    """0 rows of an output (``TensorMetadata``): its dims after the batch one, a variable dim as 0."""
+    dtype = np.dtype(numpy_dtype(tensor.datatype))
+    return np.empty((0, *(max(0, int(d)) for d in tensor.shape[1:])), dtype=dtype)
 
 
 def _merge_rows(call: PreparedCall, limit: int) -> int | None:
