@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rollout_models import mlp
 from tritonforge.client import Auth, Client
@@ -84,7 +86,7 @@ def test_restrict_both_counts_the_arguments_passed_through_and_never_repeats_the
     [
         (["inference:a=1", "inference,logging:b=2"], [], "group 'inference' is restricted twice"),
         (["infer:a=1"], [], "unknown group 'infer'; Triton's groups are health, metadata"),
-        ([], ["inference"], "--http-restricted-api inference=...: expected"),
+        ([], ["inference"], "--http-restricted-api 'inference'=...: expected"),
     ],
 )
 def test_restrict_both_refuses_what_triton_would_refuse_at_start(
@@ -240,3 +242,45 @@ def test_serve_refuses_a_group_restricted_twice_before_starting_anything(
     code = run(["serve", str(tmp_path), *spec, "--grpc-restricted-protocol", "inference:b=env:TF_TEST_KEY"])
     err = capsys.readouterr().err
     assert code == 1 and "group 'inference' is restricted twice" in err and len(err.strip().splitlines()) == 1
+
+
+# -- property-based: any specs give a plan that restricts both protocols alike, or our one-line error -----
+
+GROUP_NAMES = st.sampled_from([*RESTRICTABLE_GROUPS, "infer", "", "Inference"])
+SPECS = st.lists(
+    st.one_of(
+        st.builds(
+            lambda groups, key, value: f"{','.join(groups)}:{key}={value}",
+            st.lists(GROUP_NAMES, min_size=1, max_size=3),
+            st.sampled_from(["k", "admin-key", "a=b", ""]),
+            st.text(max_size=4),
+        ),
+        st.text(max_size=12),
+    ),
+    max_size=3,
+)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(grpc=SPECS, http=SPECS)
+def test_any_specs_restrict_both_protocols_alike_or_get_one_clear_error(
+    grpc: list[str], http: list[str]
+) -> None:
+    try:
+        plan = restrict_both(grpc, http)
+    except ServerError as exc:
+        assert "\n" not in exc.message
+        return
+
+    def groups(specs: tuple[str, ...]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for spec in specs:
+            names, _, rest = spec.partition(":")
+            for name in names.split(","):
+                assert name not in found  # Triton refuses a group twice on one protocol
+                found[name] = rest
+        return found
+
+    on_grpc, on_http = groups(plan.grpc), groups(plan.http)
+    assert set(on_grpc) == set(on_http) and set(on_grpc) <= set(RESTRICTABLE_GROUPS)
+    assert plan.grpc[: len(grpc)] == tuple(grpc) and plan.http[: len(http)] == tuple(http)

@@ -78,13 +78,13 @@ def _parse(specs: Sequence[str], protocol: str) -> dict[str, tuple[str, str]]:
         head = spec.partition("=")[0]
         if match is None:
             raise ServerError(
-                f"{_FLAG[protocol]} {head}=...: expected '<group>[,<group>...]:<header>=<key>', e.g. "
+                f"{_FLAG[protocol]} {head!r}=...: expected '<group>[,<group>...]:<header>=<key>', e.g. "
                 "'inference:infer-key=env:INFER_KEY'"
             )
         for group in match["groups"].split(","):
             if group not in RESTRICTABLE_GROUPS:
                 raise ServerError(
-                    f"{_FLAG[protocol]} {head}=...: unknown group {group!r}; Triton's groups are "
+                    f"{_FLAG[protocol]} {head!r}=...: unknown group {group!r}; Triton's groups are "
                     f"{', '.join(RESTRICTABLE_GROUPS)}"
                 )
             if group in groups:
