@@ -227,6 +227,16 @@ def test_a_1_mb_npz_expanding_to_1_gb_is_read_a_shard_at_a_time(tmp_path: Path, 
     assert measured["max_rss_mb"] - base["max_rss_mb"] < 64, (measured, base)
 
 
+def test_an_input_that_is_a_device_or_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    import os
+
+    (tmp_path / "zero.npy").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "fifo.csv")
+    for name in ("zero.npy", "fifo.csv"):
+        with pytest.raises(BatchError, match="not a regular file or a folder"):
+            open_dataset(tmp_path / name)
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_a_column_name_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path, suffix: str) -> None:
     # found by the property test below: a flipped byte in a JSON Lines key

@@ -136,6 +136,8 @@ def _files(path: str | Path) -> list[Path]:
         return found
     if p.is_file():
         return [p]
+    if p.exists():
+        raise BatchError(f"{text}: not a regular file or a folder (a device, FIFO or socket); give a file")
     if glob.has_magic(text):
         found = sorted(Path(q) for q in glob.glob(text, recursive=True) if Path(q).is_file())
         if not found:
