@@ -227,6 +227,14 @@ def test_a_1_mb_npz_expanding_to_1_gb_is_read_a_shard_at_a_time(tmp_path: Path, 
     assert measured["max_rss_mb"] - base["max_rss_mb"] < 64, (measured, base)
 
 
+def test_input_files_without_the_first_files_columns_are_refused_before_the_run(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"x": [1.0], "t": ["a"]}), tmp_path / "in" / "a.parquet")
+    pq.write_table(pa.table({"t": ["b"]}), tmp_path / "in" / "b.parquet")
+    with pytest.raises(BatchError, match=r"b.parquet: has no column \['x'\], which a.parquet has"):
+        open_dataset(tmp_path / "in").columns()
+
+
 def test_an_input_that_is_a_device_or_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
     import os
 

@@ -104,6 +104,13 @@ class Dataset:
                 f"{self.files[0].path}: column name(s) {twice} appear more than once (a repeated header?); "
                 "give every column its own name"
             )
+        for f in self.files[1:]:
+            missing = [n for n in names if n not in _columns(f)]
+            if missing:
+                raise BatchError(
+                    f"{f.path}: has no column {missing}, which {self.files[0].path.name} has; every input "
+                    "file needs the same columns"
+                )
         return names
 
     def read(self, start: int = 0, rows: int = _READ_ROWS) -> Iterator[tuple[int, Any]]:
