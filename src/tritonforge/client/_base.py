@@ -46,6 +46,7 @@ from tritonforge.client._inputs import (
     NonFinitePolicy,
     PreparedCall,
     as_version,
+    check_model_name,
     check_name,
     join_batches,
     prepare,
@@ -979,7 +980,7 @@ class BaseClient:
         """
 
         if model or not isinstance(model, str):
-            check_name(model)
+            check_model_name(model)
 
         def send(attempt: Attempt) -> Flow[Any]:
             caps = attempt.endpoint.capabilities
@@ -1029,7 +1030,7 @@ class BaseClient:
         return self._flag_flow("ServerReady", pb.ServerReadyRequest(), "ready")
 
     def _is_model_ready_flow(self, model: str, version: str | int | None) -> Flow[bool]:
-        check_name(model)  # a name that can't be sent is an error, not "not ready"
+        check_model_name(model)  # a name that can't be sent is an error, not "not ready"
         v = as_version(version)
         return self._flag_flow(
             "ModelReady", pb.ModelReadyRequest(name=model, version=v or ""), "ready", model, v
@@ -1039,7 +1040,7 @@ class BaseClient:
         return _as_dict((yield from self._control_flow("ServerMetadata", pb.ServerMetadataRequest())))
 
     def _model_metadata_flow(self, model: str, version: str | int | None) -> Flow[ModelMetadata]:
-        check_name(model)
+        check_model_name(model)
         v = as_version(version)
         request = pb.ModelMetadataRequest(name=model, version=v or "")
         response = yield from self._control_flow("ModelMetadata", request, model=model, version=v)
@@ -1048,7 +1049,7 @@ class BaseClient:
         return meta
 
     def _model_config_flow(self, model: str, version: str | int | None) -> Flow[pb2.ModelConfig]:
-        check_name(model)
+        check_model_name(model)
         v = as_version(version)
         request = pb.ModelConfigRequest(name=model, version=v or "")
         response = yield from self._control_flow(
@@ -1058,7 +1059,7 @@ class BaseClient:
 
     def _model_statistics_flow(self, model: str, version: str | int | None) -> Flow[dict[str, Any]]:
         if model != "":  # "": every model's
-            check_name(model)
+            check_model_name(model)
         v = as_version(version)
         request = pb.ModelStatisticsRequest(name=model, version=v or "")
         return _as_dict(
@@ -1091,14 +1092,14 @@ class BaseClient:
         return result
 
     def _load_model_flow(self, model: str, config: str | None, timeout_s: float | None) -> Flow[None]:
-        check_name(model)
+        check_model_name(model)
         request = pb.RepositoryModelLoadRequest(model_name=model)
         if config is not None:
             request.parameters["config"].string_param = config
         return self._every_endpoint_flow("RepositoryModelLoad", request, model, timeout_s)
 
     def _unload_model_flow(self, model: str, timeout_s: float | None) -> Flow[None]:
-        check_name(model)
+        check_model_name(model)
         request = pb.RepositoryModelUnloadRequest(model_name=model)
         return self._every_endpoint_flow("RepositoryModelUnload", request, model, timeout_s)
 
@@ -1107,7 +1108,7 @@ class BaseClient:
     ) -> Flow[None]:
         """One control call to every endpoint at once, each under ``timeout_s``; raises the first error."""
         self._check_open(model if isinstance(model, str) else None)
-        check_name(model)
+        check_model_name(model)
         timeout = DEFAULT_CONTROL_TIMEOUT_S if timeout_s is None else timeout_s
         endpoints = list(self._pool.endpoints)
         answers = yield Each([one(Rpc(ep, method, request, timeout, model)) for ep in endpoints])

@@ -21,8 +21,10 @@ __all__ = [
     "PreparedCall",
     "as_version",
     "batches",
+    "check_model_name",
     "check_name",
     "join_batches",
+    "name_ok",
     "prepare",
     "smaller_limit",
     "split_batches",
@@ -44,14 +46,41 @@ def _shown(value: str, room: int = 40) -> str:
     return text if len(text) <= room else f"{text[: room - 4]}...' ({len(value)} characters)"
 
 
-def check_name(value: Any, *, what: str = "a model name", limit: int = MAX_NAME_BYTES) -> str:
-    """``value`` once sure it can be sent as a name: a non-empty string of printable characters (no NUL,
-    control or format characters, no lone surrogates), at most ``limit`` bytes in UTF-8; a model name is
-    also a folder name (no ``/``, not ``.`` or ``..``).
+def check_model_name(value: Any) -> str:
+    """``value`` once sure it can be sent as a model name: :func:`check_name`, and a folder name of a
+    repository (no ``/``, not ``.`` or ``..``).
 
     Example:
-        >>> check_name("digits_mlp")
+        >>> check_model_name("digits_mlp")
         'digits_mlp'
+
+    Raises:
+        InvalidRequestError: what is wrong with it, naming it (cut when long).
+    """
+    # the common case in a few hundred ns: short printable text (63 characters are at most 252 bytes)
+    if name_ok(value) and "/" not in value and value not in (".", ".."):
+        return value
+    check_name(value)
+    if "/" in value or value in (".", ".."):
+        raise InvalidRequestError(
+            f"a model name {_shown(value)} is not a folder name of a model repository (no '/', not '.' "
+            "or '..')"
+        )
+    return value
+
+
+def name_ok(value: Any) -> bool:
+    """Whether ``value`` passes :func:`check_name` at its default limit, cheaply for short names."""
+    return type(value) is str and 0 < len(value) <= 63 and value.isprintable()
+
+
+def check_name(value: Any, *, what: str = "a model name", limit: int = MAX_NAME_BYTES) -> str:
+    """``value`` once sure it can be sent as a name: a non-empty string of printable characters (no NUL,
+    control or format characters, no lone surrogates), at most ``limit`` bytes in UTF-8.
+
+    Example:
+        >>> check_name("x", what="an input name")
+        'x'
 
     Raises:
         InvalidRequestError: what is wrong with it, naming it (cut when long).
@@ -68,10 +97,6 @@ def check_name(value: Any, *, what: str = "a model name", limit: int = MAX_NAME_
     size = len(value.encode("utf-8"))
     if size > limit:
         raise InvalidRequestError(f"{what} {_shown(value)} is {size} bytes long; the limit is {limit} bytes")
-    if what == "a model name" and ("/" in value or value in (".", "..")):
-        raise InvalidRequestError(
-            f"{what} {_shown(value)} is not a folder name of a model repository (no '/', not '.' or '..')"
-        )
     return value
 
 
@@ -131,7 +156,7 @@ def prepare(
             input that can't be a Triton tensor; NaN/±inf where ``allow_non_finite`` doesn't allow them;
             ``outputs`` that aren't a list of names; a ``timeout_s`` that isn't seconds >= 0.
     """
-    check_name(model)
+    check_model_name(model)
     if not isinstance(inputs, Mapping):
         raise InvalidRequestError(
             f"inputs for model {model!r} must be a mapping {{input name: array}}, not "
@@ -150,7 +175,8 @@ def prepare(
             model=model,
         )
     for o in outputs or ():
-        check_name(o, what=f"an output name of model {model!r}")
+        if not name_ok(o):
+            check_name(o, what=f"an output name of model {model!r}")
     if timeout_s is not None and (
         isinstance(timeout_s, bool)
         or not isinstance(timeout_s, (int, float))
@@ -163,7 +189,8 @@ def prepare(
     raws = []
     nbytes = 0
     for name, value in inputs.items():
-        check_name(name, what=f"an input name of model {model!r}")
+        if not name_ok(name):
+            check_name(name, what=f"an input name of model {model!r}")
         array = value if type(value) is np.ndarray else as_array(name, value, model)
         datatype, raw = _encode_tensor(model, name, array)
         if array.dtype.kind == "f" and not _non_finite_allowed(allow_non_finite, model, name):
