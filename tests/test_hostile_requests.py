@@ -125,6 +125,32 @@ def test_a_request_over_the_metadata_limit_is_not_retried(served: EmbeddedServer
 
 
 @pytest.mark.parametrize(
+    ("headers", "says"),
+    [
+        ({"x-a": "v\n"}, "its value must be printable ASCII"),
+        ({"x-a": "\u00e9"}, "its value must be printable ASCII"),
+        ({"X A": "v"}, "header name 'X A' can't be sent"),
+        ({"grpc-timeout": "1"}, "reserves 'grpc-' names"),
+        ({"x-big": "a" * 9000}, "over gRPC's metadata limit of 8192"),
+    ],
+)
+def test_client_refuses_headers_grpc_would_refuse_on_every_call(
+    served: EmbeddedServer, headers: dict[str, str], says: str
+) -> None:
+    # before: every call failed with InferenceFailed "INTERNAL: Invalid metadata" (a fallback answered
+    # it as if the model had failed), or RESOURCE_EXHAUSTED at random between 8 and 16 KiB
+    for face in cf.FACES:
+        with pytest.raises(ValueError, match=says):
+            cf.make_client(face, served.grpc_url, headers=headers)
+
+
+def test_client_sends_headers_within_the_limit(served: EmbeddedServer) -> None:
+    for face in cf.FACES:
+        with cf.make_client(face, served.grpc_url, headers={"X-Trace": "t" * 4000}) as c:
+            assert c.infer("mlp", {"x": X})["probs"].shape == (2, 3)
+
+
+@pytest.mark.parametrize(
     ("name", "says"),
     [
         ("mlp\x00zz", "unprintable character U\\+0000"),

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import os
 import random
+import re
 import threading
 import time
 import warnings
@@ -300,7 +301,7 @@ class BaseClient:
         self.shared_memory = (
             SharedMemory(shared_memory) if isinstance(shared_memory, str) else shared_memory  # type: ignore[arg-type]
         )
-        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
+        self.headers = _checked_headers(headers)
         if auth is not None and not isinstance(auth, Auth):
             raise TypeError(f"auth must be an Auth, not {type(auth).__name__}")
         if tls is not None and auth is not None and auth.tls is not None and auth.tls != tls:
@@ -366,6 +367,13 @@ class BaseClient:
         for method in PROTOCOL_GROUPS:
             pair = auth.grpc_metadata(method) if auth is not None else None
             table[method] = (*self.headers.items(), pair) if pair is not None else self._grpc_metadata
+            size = sum(len(k) + len(v) + 32 for k, v in table[method] or ())  # HPACK's count per field
+            if size > _METADATA_LIMIT_BYTES:
+                raise ValueError(
+                    f"the headers sent with {method} come to {size} bytes, over gRPC's metadata limit of "
+                    f"{_METADATA_LIMIT_BYTES} (servers refuse such calls, at random up to 16 KiB, always "
+                    "beyond); send less in headers= (or a shorter auth key)"
+                )
         return table
 
     def _metadata(self, method: str) -> tuple[tuple[str, str], ...] | None:
@@ -1301,6 +1309,38 @@ class BaseClient:
     def add_hook(self, hook: Hook) -> None:
         """Call ``hook(event)`` for every finished call, retry, fallback and shadow comparison."""
         self.hooks.append(hook)
+
+
+_METADATA_LIMIT_BYTES = 8192  # gRPC's default soft limit on a call's metadata, Triton's server included
+_HEADER_KEY = re.compile(r"^[0-9a-z_.-]+$")
+
+
+def _checked_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """``headers`` as gRPC metadata (keys lower-cased), once sure gRPC will send them.
+
+    Raises:
+        TypeError: not a mapping of str to str.
+        ValueError: a key gRPC refuses (only ``0-9 a-z _ . -``, not ``grpc-...``) or a value that isn't
+            printable ASCII (gRPC fails every call with "Invalid metadata" otherwise).
+    """
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise TypeError(f"headers must be a mapping {{name: value}}, not {type(headers).__name__}")
+    out: dict[str, str] = {}
+    for key, value in headers.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"headers are str: str, not {repr(key)[:40]}: {type(value).__name__}")
+        name = key.lower()
+        if not _HEADER_KEY.match(name) or name.startswith("grpc-") or name.endswith("-bin"):
+            raise ValueError(
+                f"header name {key[:40]!r} can't be sent: gRPC takes 0-9, a-z, '_', '.' and '-', reserves "
+                "'grpc-' names, and '-bin' ones carry bytes, which headers= doesn't take"
+            )
+        if not all(" " <= c <= "~" for c in value):
+            raise ValueError(f"header {name!r}: its value must be printable ASCII (gRPC refuses the call)")
+        out[name] = value
+    return out
 
 
 def _empty_output(tensor: Any) -> np.ndarray:

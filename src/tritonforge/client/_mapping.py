@@ -112,6 +112,14 @@ def error_for_status(
             version=version,
             endpoint=endpoint,
         )
+    if status == _S.INTERNAL.name and details.strip().lower() == "invalid metadata":
+        return InvalidRequestError(
+            f"{where} failed: gRPC refused the call's metadata (INTERNAL: {details}): a header name or "
+            "value it can't send (names 0-9 a-z _ . -, values printable ASCII)",
+            model=model,
+            version=version,
+            endpoint=endpoint,
+        )
     if status in (_S.RESOURCE_EXHAUSTED.name, _S.INTERNAL.name) and _METADATA_LIMIT.search(details):
         # The request's own fault, not the endpoint's: never retried, never held against its health.
         return InvalidRequestError(
