@@ -227,6 +227,15 @@ def test_a_1_mb_npz_expanding_to_1_gb_is_read_a_shard_at_a_time(tmp_path: Path, 
     assert measured["max_rss_mb"] - base["max_rss_mb"] < 64, (measured, base)
 
 
+def test_an_npz_whose_header_promises_more_rows_than_it_holds_is_refused_when_counted(tmp_path: Path) -> None:
+    header = {"descr": "<f4", "fortran_order": False, "shape": (10**9, 4)}
+    with zipfile.ZipFile(tmp_path / "liar.npz", "w") as archive, archive.open("x.npy", "w") as fh:
+        np.lib.format.write_array_header_2_0(fh, header)
+        fh.write(bytes(64))
+    with pytest.raises(BatchError, match=r"array 'x' holds \d+ bytes, but its header promises 16000000\d+"):
+        open_dataset(tmp_path / "liar.npz")
+
+
 def test_input_files_without_the_first_files_columns_are_refused_before_the_run(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"x": [1.0], "t": ["a"]}), tmp_path / "in" / "a.parquet")

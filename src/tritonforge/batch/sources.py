@@ -274,8 +274,15 @@ def _npz_headers(path: Path) -> dict[str, _ArrayHeader]:
                 raise BatchError(f"{path}: member {info.filename!r} is not a .npy array; is it a .npz?")
             name = info.filename[: -len(".npy")]
             with archive.open(info) as fh:
-                headers[name] = _npy_header(fh)
-            _check_array(path, name, headers[name])
+                headers[name] = header = _npy_header(fh)
+                promised = fh.tell() + (header.shape[0] * header.row_bytes if header.shape else 0)
+            _check_array(path, name, header)
+            if info.file_size < promised:  # the archive's own record of the member's size
+                raise BatchError(
+                    f"{path}: array {name!r} holds {info.file_size} bytes, but its header promises "
+                    f"{promised} ({header.shape[0]} rows of {header.dtype} {list(header.shape[1:])}); is it "
+                    "damaged?"
+                )
     return headers
 
 
