@@ -236,6 +236,20 @@ def test_an_npz_whose_header_promises_more_rows_than_it_holds_is_refused_when_co
         open_dataset(tmp_path / "liar.npz")
 
 
+def test_json_lines_whose_types_change_after_the_first_block_are_read_whole_and_right(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tritonforge.batch.sources as sources
+
+    monkeypatch.setattr(sources, "_JSON_BLOCK", 1 << 16)  # the first block: ints only
+    path = tmp_path / "scores.jsonl"
+    path.write_text("".join(json.dumps({"x": i}) + "\n" for i in range(20_000)) + '{"x": 1.5}\n')
+    dataset = open_dataset(path)
+    batches = [batch for _, batch in dataset.read(0, rows=1000)]
+    assert dataset.rows == 20_001 == sum(b.num_rows for b in batches)
+    assert batches[-1].column("x").to_pylist()[-1] == 1.5
+
+
 def test_input_files_without_the_first_files_columns_are_refused_before_the_run(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"x": [1.0], "t": ["a"]}), tmp_path / "in" / "a.parquet")

@@ -75,6 +75,8 @@ class DatasetFile:
     path: Path
     format: str
     rows: int
+    #: JSON Lines only: the schema of the whole file, when its first block's types don't fit every row
+    schema: Any = None
 
 
 class Dataset:
@@ -162,6 +164,28 @@ def _format(path: Path) -> str:
     return fmt
 
 
+_JSON_BLOCK = 1 << 22
+
+
+def _jsonl_file(path: Path) -> DatasetFile:
+    """A JSON Lines file with its rows counted, streamed a block at a time. The stream takes its types
+    from the first block; when a later row doesn't fit them (ints, then a float), the whole file is read
+    once here for types that fit every row, and its reads stream with those."""
+    pa = _pa()
+    import pyarrow.json as pjson
+
+    try:
+        return DatasetFile(path, "jsonl", _count(path, "jsonl"))
+    except BatchError as exc:
+        if not isinstance(exc.__cause__, pa.ArrowInvalid) or "convert" not in str(exc.__cause__):
+            raise
+    try:
+        table = pjson.read_json(path, read_options=pjson.ReadOptions(block_size=_JSON_BLOCK))
+    except (pa.ArrowException, *_READ_ERRORS) as exc:
+        raise BatchError(f"{path}: can't read it as jsonl: {exc}") from None
+    return DatasetFile(path, "jsonl", table.num_rows, table.schema)
+
+
 def _count(path: Path, fmt: str) -> int:
     """The file's number of rows, from its metadata or header where the format has one (reading no rows).
 
@@ -196,7 +220,7 @@ def _count(path: Path, fmt: str) -> int:
     except BatchError:
         raise
     except (pa.ArrowException, *_READ_ERRORS) as exc:
-        raise BatchError(f"{path}: can't read it as {fmt} (truncated, or not a {fmt} file?): {exc}") from None
+        raise BatchError(f"{path}: can't read it as {fmt} (truncated, or not a {fmt} file?): {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -387,9 +411,10 @@ def _read(f: DatasetFile, skip: int, rows: int) -> Iterator[Any]:
         elif f.format == "jsonl":
             import pyarrow.json as pjson
 
-            options = pjson.ReadOptions(block_size=1 << 22)
+            options = pjson.ReadOptions(block_size=_JSON_BLOCK)
+            parse = pjson.ParseOptions(explicit_schema=f.schema) if f.schema is not None else None
             if hasattr(pjson, "open_json"):  # pyarrow >= 19: streamed, a block at a time
-                yield from _skip(pjson.open_json(f.path, read_options=options), skip)
+                yield from _skip(pjson.open_json(f.path, read_options=options, parse_options=parse), skip)
             else:  # pragma: no cover - older pyarrow reads the whole file
                 yield from pjson.read_json(f.path, read_options=options).slice(skip).to_batches(rows)
         elif f.format == "npy":
@@ -435,7 +460,7 @@ def open_dataset(path: str | Path | Sequence[str | Path]) -> Dataset:
             continue
         seen.add(p)
         fmt = _format(p)
-        out.append(DatasetFile(p, fmt, _count(p, fmt)))
+        out.append(_jsonl_file(p) if fmt == "jsonl" else DatasetFile(p, fmt, _count(p, fmt)))
     return Dataset(out)
 
 
