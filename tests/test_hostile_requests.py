@@ -283,3 +283,24 @@ def test_any_bytes_elements_arrive_exactly_or_get_our_error(client: Any, element
         return
     want = [[e.encode() if isinstance(e, str) else bytes(e)] for e in elements]
     assert out["out"].tolist() == want
+
+
+@PROPERTY
+@given(
+    headers=st.dictionaries(
+        st.one_of(st.text(max_size=6), st.sampled_from(["x-a", "X-Trace", "grpc-x", "a-bin"])),
+        st.one_of(st.text(max_size=8), st.sampled_from(["v", "a" * 9000]), st.integers()),
+        max_size=2,
+    )
+)
+def test_any_headers_make_a_client_that_answers_or_are_refused_when_it_is_made(
+    served: EmbeddedServer, headers: dict[Any, Any]
+) -> None:
+    for face in cf.FACES:
+        try:
+            c = cf.make_client(face, served.grpc_url, headers=headers)
+        except (ValueError, TypeError) as exc:
+            assert "\n" not in str(exc)
+            continue
+        with c:
+            assert c.infer("mlp", {"x": X})["probs"].shape == (2, 3)
