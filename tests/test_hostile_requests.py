@@ -246,12 +246,16 @@ HOSTILE_TEXT = st.one_of(
 
 
 @PROPERTY
-@given(name=HOSTILE_TEXT, request_id=st.one_of(st.none(), HOSTILE_TEXT))
-def test_any_model_name_or_request_id_gets_our_error_or_an_answer(
-    client: Any, name: str, request_id: str | None
+@given(
+    name=HOSTILE_TEXT,
+    request_id=st.one_of(st.none(), HOSTILE_TEXT),
+    version=st.one_of(st.none(), st.integers(-2, 3), HOSTILE_TEXT),
+)
+def test_any_model_name_request_id_or_version_gets_our_error_or_an_answer(
+    client: Any, name: str, request_id: str | None, version: Any
 ) -> None:
     try:
-        out = client.infer(name, {"x": X}, request_id=request_id)
+        out = client.infer(name, {"x": X}, request_id=request_id, version=version)
     except ClientError:
         pass
     else:
