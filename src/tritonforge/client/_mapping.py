@@ -123,9 +123,9 @@ def error_for_status(
     if status in (_S.RESOURCE_EXHAUSTED.name, _S.INTERNAL.name) and _METADATA_LIMIT.search(details):
         # The request's own fault, not the endpoint's: never retried, never held against its health.
         return InvalidRequestError(
-            f"{where} failed: the call's metadata is over gRPC's limit ({status}: {details}); a long "
-            "header value of the client's headers=, or an error answer echoing a long name or request id "
-            "(names are at most 255 bytes, request ids 1024)",
+            f"{where} failed: the call's metadata is over gRPC's limit ({status}: {details}): the "
+            "server's error answer was too long to read (a model's error echoing a long input, say), or "
+            "the client's headers= are too long",
             model=model,
             version=version,
             endpoint=endpoint,
