@@ -180,10 +180,13 @@ def test_client_without_validation_gets_the_servers_invalid_request_error(face: 
         ((("x", X),), "must be a mapping"),
         ("x", "must be a mapping"),
         (None, "must be a mapping"),
-        ({1: X}, "input names .* are non-empty strings"),
+        ({1: X}, "an input name of model .* is a non-empty string"),
         ({"x": [[1.0, 2.0], [3.0]]}, "'x'"),
         ({"x": X.astype(np.complex64)}, "input 'x' .* complex64 has no Triton data type"),
-        ({"x": np.array([{"a": 1}], dtype=object)}, "input 'x' .* BYTES inputs take bytes or str"),
+        (
+            {"x": np.array([{"a": 1}], dtype=object)},
+            "input 'x' .* is dict .* BYTES inputs take bytes, numpy.bytes_, bytearray or str",
+        ),
     ],
 )
 def test_client_infer_raises_invalid_request_error_for_inputs_of_the_wrong_kind(

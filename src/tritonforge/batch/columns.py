@@ -54,6 +54,8 @@ def plan_inputs(
         BatchError: a mapping names an input the model lacks or a column the data lacks, or an input has
             no column; the message lists what exists and how to map it (``--map INPUT=COLUMN``).
     """
+    if mapping is not None and not isinstance(mapping, Mapping):
+        raise BatchError(f"the mapping must be {{input: column(s)}}, not {type(mapping).__name__}")
     mapping = dict(mapping or {})
     names = [t.name for t in inputs]
     unknown = sorted(set(mapping) - set(names))
@@ -78,7 +80,7 @@ def plan_inputs(
                     f"map one with --map {spec.name}=COLUMN (or several: --map '{spec.name}=col_*')"
                 )
         else:
-            patterns = [wanted] if isinstance(wanted, str) else list(wanted)
+            patterns = _patterns(spec.name, wanted)
             chosen_list: list[str] = []
             for pattern in patterns:
                 hits = (
@@ -101,6 +103,26 @@ def plan_inputs(
                 )
         plans.append(InputPlan(spec.name, spec.datatype, dims, chosen))
     return plans
+
+
+def _patterns(name: str, wanted: Any) -> list[str]:
+    """A mapping's value as a list of column names or globs.
+
+    Raises:
+        BatchError: no column at all (``[]``, ``""``), or a value that is not text or a list of text.
+    """
+    patterns = [wanted] if isinstance(wanted, str) else wanted
+    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
+        raise BatchError(
+            f"the mapping of input {name!r} must be a column name, a list of them or a glob, not "
+            f"{_short(wanted)} (--map {name}=COLUMN)"
+        )
+    if not patterns or not all(patterns):
+        raise BatchError(
+            f"the mapping of input {name!r} names no column ({_short(wanted)}); give one, a list or a glob: "
+            f"--map {name}=COLUMN, --map {name}=col_a,col_b or --map '{name}=col_*'"
+        )
+    return list(patterns)
 
 
 def _is_glob(text: str) -> bool:

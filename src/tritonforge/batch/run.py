@@ -208,10 +208,8 @@ async def arun_batch(
     """
     from tritonforge.client import AsyncClient
 
-    if shard_rows < 1:
-        raise ValueError("shard_rows must be at least 1")
-    if concurrency < 1:
-        raise ValueError("concurrency must be at least 1")
+    _check_options(shard_rows, concurrency, batch_size, timeout_s, grace_s, max_errors)
+    _check_output(Path(output))
     k, n = shard
     if n < 1 or not 0 <= k < n:
         raise ValueError(f"shard {shard}: K must be in 0..N-1")
@@ -338,6 +336,56 @@ async def arun_batch(
     if runner.fatal is not None:
         raise runner.fatal
     return result
+
+
+def _count_option(name: str, value: Any, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be a whole number >= {least}, not {value!r}")
+
+
+def _seconds_option(name: str, value: Any, *, zero: bool) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not zero)
+    ):
+        least = ">= 0" if zero else "> 0"
+        raise ValueError(f"{name} must be a finite number of seconds {least}, not {value!r}")
+
+
+def _check_options(
+    shard_rows: Any, concurrency: Any, batch_size: Any, timeout_s: Any, grace_s: Any, max_errors: Any
+) -> None:
+    """Refuse a run's options up front (a negative timeout would fail every row, one by one).
+
+    Raises:
+        ValueError: naming the option and what it takes.
+    """
+    _count_option("shard_rows", shard_rows, 1)
+    _count_option("concurrency", concurrency, 1)
+    if batch_size is not None:
+        _count_option("batch_size", batch_size, 1)
+    if max_errors is not None:
+        _count_option("max_errors", max_errors, 0)
+    if timeout_s is not None:
+        _seconds_option("timeout_s", timeout_s, zero=False)
+    _seconds_option("grace_s", grace_s, zero=True)
+
+
+def _check_output(root: Path) -> None:
+    """Refuse an output folder that is a file, or lies under one, before anything is read or sent.
+
+    Raises:
+        BatchError: naming the file.
+    """
+    for folder in (root, *root.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = "is a file" if folder == root else f"lies under {folder}, which is a file"
+                raise BatchError(f"output folder {root} {what}; give a folder (it is created if missing)")
+            return
 
 
 class _Work:
@@ -484,8 +532,16 @@ class _Runner:
                     self._answered_all(work)
                 for i in range(len(work.batches)):
                     self._queue.put_nowait((work, i))
-        except Exception as exc:  # the input changed under us, a bug: stop, keep what is committed
+        except BatchError as exc:  # the input changed under us: stop, keep what is committed
             self._stop_now("failed", exc)
+        except Exception as exc:  # unreadable data past the first rows, a bug: stop, keep what is committed
+            self._stop_now(
+                "failed",
+                BatchError(
+                    f"stopped reading the input ({type(exc).__name__}: {exc}); {len(self.manifest.done)} "
+                    "shards are finished: fix the input and run the same command again to resume"
+                ),
+            )
         finally:
             for _ in range(lanes):
                 self._queue.put_nowait(None)
@@ -653,7 +709,9 @@ class _Reader:
     def __init__(self, dataset: Dataset, shard_rows: int, shards: list[_Shard]) -> None:
         self.shards = list(shards)
         self.shard_rows = shard_rows
-        self._stream = dataset.read(self.shards[0].first_row) if self.shards else iter(())
+        # read no more than a shard at a time: memory follows the shard size, not the file's
+        start = self.shards[0].first_row if self.shards else 0
+        self._stream = dataset.read(start, rows=min(shard_rows, 65_536)) if self.shards else iter(())
         self._pending: list[tuple[int, Any]] = []  # (first row, batch) read but not yet used
 
     def next(self) -> _Shard | None:

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import os
 import random
+import re
 import threading
 import time
 import warnings
@@ -36,14 +37,18 @@ from tritonforge.client._codec import (
     ModelMetadata,
     decode_response,
     frame,
+    numpy_dtype,
     request_header,
 )
 from tritonforge.client._discovery import Discovery, EndpointSources, diff_endpoints
 from tritonforge.client._flow import Attempt, BudgetState, Each, Op, Rpc, Sleep, Spawn, call_flow, one
 from tritonforge.client._inputs import (
+    MAX_REQUEST_ID_BYTES,
     NonFinitePolicy,
     PreparedCall,
     as_version,
+    check_model_name,
+    check_name,
     join_batches,
     prepare,
     smaller_limit,
@@ -296,7 +301,7 @@ class BaseClient:
         self.shared_memory = (
             SharedMemory(shared_memory) if isinstance(shared_memory, str) else shared_memory  # type: ignore[arg-type]
         )
-        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
+        self.headers = _checked_headers(headers)
         if auth is not None and not isinstance(auth, Auth):
             raise TypeError(f"auth must be an Auth, not {type(auth).__name__}")
         if tls is not None and auth is not None and auth.tls is not None and auth.tls != tls:
@@ -362,6 +367,13 @@ class BaseClient:
         for method in PROTOCOL_GROUPS:
             pair = auth.grpc_metadata(method) if auth is not None else None
             table[method] = (*self.headers.items(), pair) if pair is not None else self._grpc_metadata
+            size = sum(len(k) + len(v) + 32 for k, v in table[method] or ())  # HPACK's count per field
+            if size > _METADATA_LIMIT_BYTES:
+                raise ValueError(
+                    f"the headers sent with {method} come to {size} bytes, over gRPC's metadata limit of "
+                    f"{_METADATA_LIMIT_BYTES} (servers refuse such calls, at random up to 16 KiB, always "
+                    "beyond); send less in headers= (or a shorter auth key)"
+                )
         return table
 
     def _metadata(self, method: str) -> tuple[tuple[str, str], ...] | None:
@@ -691,15 +703,15 @@ class BaseClient:
         """The caller's request id (checked), or a new one of the client's.
 
         Raises:
-            InvalidRequestError: a ``request_id`` that is not a non-empty string.
+            InvalidRequestError: a ``request_id`` that is not a non-empty string of printable characters
+                of at most :data:`MAX_REQUEST_ID_BYTES` bytes.
         """
         if given is None:
             return self._id_prefix + format(next(self._id_counter), "x")
-        if not isinstance(given, str) or not given:
-            raise InvalidRequestError(
-                f"request_id for model {model!r} must be a non-empty string, not {given!r}", model=model
-            )
-        return given
+        try:
+            return check_name(given, what=f"request_id for model {model!r}", limit=MAX_REQUEST_ID_BYTES)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(exc.message, model=model) from None
 
     def _infer_many_flow(
         self,
@@ -760,6 +772,8 @@ class BaseClient:
         limit = self._known_limit()
         while True:
             batches = split_under(model, inputs, batch_size, limit)
+            if not batches:
+                return (yield from self._no_rows_flow(model, inputs, version, outputs, timeout_s))
             try:
                 answers = yield from self._infer_many_flow(
                     model, batches, concurrency, version, outputs, timeout_s, request_id
@@ -768,6 +782,48 @@ class BaseClient:
                 limit = smaller_limit(exc, limit)
             else:
                 return join_batches(answers)
+
+    def _no_rows_flow(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        version: str | int | None,
+        outputs: Sequence[str] | None,
+        timeout_s: float | None,
+    ) -> Flow[dict[str, np.ndarray]]:
+        """``infer_batched``'s answer to 0 rows: each output empty, of the shape and dtype the model's
+        metadata gives it (no inference is sent; the inputs are checked against the metadata all the same).
+
+        Raises:
+            InvalidRequestError: inputs that don't fit the model, outputs it lacks, or a model whose
+                metadata can't shape an empty answer (no batch dimension, no outputs declared).
+        """
+        call = self._prepare(model, inputs, outputs, timeout_s)
+        target, target_version = self._targets(model, version, None)[0]
+        meta = self._model_metadata.get((target, target_version))
+        if meta is None:
+            meta = yield from self._model_metadata_flow(target, target_version)
+        if meta.inputs:
+            meta.check_inputs(call.signature, target_version, None)
+        wanted = list(call.outputs) if call.outputs is not None else [t.name for t in meta.outputs]
+        declared = {t.name: t for t in meta.outputs}
+        unknown = sorted(set(wanted) - set(declared))
+        if declared and unknown:
+            raise InvalidRequestError(
+                f"model {model!r} has no output {unknown}; it has {sorted(declared)}", model=model
+            )
+        why = None
+        if not declared:
+            why = "its metadata declares no outputs"
+        elif any(not declared[name].shape or declared[name].shape[0] != -1 for name in wanted):
+            why = "its outputs have no batch dimension (max_batch_size 0)"
+        if why is not None:
+            raise InvalidRequestError(
+                f"infer_batched on 0 rows of model {model!r}: an empty answer can't be shaped, {why}; "
+                "skip the call when there are no rows",
+                model=model,
+            )
+        return {name: _empty_output(declared[name]) for name in wanted}
 
     def _attempt_flow(self, call: PreparedCall, attempt: Attempt) -> Flow[dict[str, np.ndarray]]:
         """One attempt of a call at one endpoint: metadata first (once), then shared memory or bytes."""
@@ -931,6 +987,9 @@ class BaseClient:
         raises :class:`NotOffered` at once, and an UNIMPLEMENTED answer is remembered.
         """
 
+        if model or not isinstance(model, str):
+            check_model_name(model)
+
         def send(attempt: Attempt) -> Flow[Any]:
             caps = attempt.endpoint.capabilities
             if feature is not None and getattr(caps, feature) is False:
@@ -979,6 +1038,7 @@ class BaseClient:
         return self._flag_flow("ServerReady", pb.ServerReadyRequest(), "ready")
 
     def _is_model_ready_flow(self, model: str, version: str | int | None) -> Flow[bool]:
+        check_model_name(model)  # a name that can't be sent is an error, not "not ready"
         v = as_version(version)
         return self._flag_flow(
             "ModelReady", pb.ModelReadyRequest(name=model, version=v or ""), "ready", model, v
@@ -988,6 +1048,7 @@ class BaseClient:
         return _as_dict((yield from self._control_flow("ServerMetadata", pb.ServerMetadataRequest())))
 
     def _model_metadata_flow(self, model: str, version: str | int | None) -> Flow[ModelMetadata]:
+        check_model_name(model)
         v = as_version(version)
         request = pb.ModelMetadataRequest(name=model, version=v or "")
         response = yield from self._control_flow("ModelMetadata", request, model=model, version=v)
@@ -996,6 +1057,7 @@ class BaseClient:
         return meta
 
     def _model_config_flow(self, model: str, version: str | int | None) -> Flow[pb2.ModelConfig]:
+        check_model_name(model)
         v = as_version(version)
         request = pb.ModelConfigRequest(name=model, version=v or "")
         response = yield from self._control_flow(
@@ -1004,6 +1066,8 @@ class BaseClient:
         return response.config
 
     def _model_statistics_flow(self, model: str, version: str | int | None) -> Flow[dict[str, Any]]:
+        if model != "":  # "": every model's
+            check_model_name(model)
         v = as_version(version)
         request = pb.ModelStatisticsRequest(name=model, version=v or "")
         return _as_dict(
@@ -1036,12 +1100,14 @@ class BaseClient:
         return result
 
     def _load_model_flow(self, model: str, config: str | None, timeout_s: float | None) -> Flow[None]:
+        check_model_name(model)
         request = pb.RepositoryModelLoadRequest(model_name=model)
         if config is not None:
             request.parameters["config"].string_param = config
         return self._every_endpoint_flow("RepositoryModelLoad", request, model, timeout_s)
 
     def _unload_model_flow(self, model: str, timeout_s: float | None) -> Flow[None]:
+        check_model_name(model)
         request = pb.RepositoryModelUnloadRequest(model_name=model)
         return self._every_endpoint_flow("RepositoryModelUnload", request, model, timeout_s)
 
@@ -1049,9 +1115,8 @@ class BaseClient:
         self, method: str, request: Message, model: str, timeout_s: float | None
     ) -> Flow[None]:
         """One control call to every endpoint at once, each under ``timeout_s``; raises the first error."""
-        self._check_open(model)
-        if not isinstance(model, str) or not model:
-            raise InvalidRequestError(f"a model name is a non-empty string, not {model!r}")
+        self._check_open(model if isinstance(model, str) else None)
+        check_model_name(model)
         timeout = DEFAULT_CONTROL_TIMEOUT_S if timeout_s is None else timeout_s
         endpoints = list(self._pool.endpoints)
         answers = yield Each([one(Rpc(ep, method, request, timeout, model)) for ep in endpoints])
@@ -1244,6 +1309,44 @@ class BaseClient:
     def add_hook(self, hook: Hook) -> None:
         """Call ``hook(event)`` for every finished call, retry, fallback and shadow comparison."""
         self.hooks.append(hook)
+
+
+_METADATA_LIMIT_BYTES = 8192  # gRPC's default soft limit on a call's metadata, Triton's server included
+_HEADER_KEY = re.compile(r"^[0-9a-z_.-]+$")
+
+
+def _checked_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """``headers`` as gRPC metadata (keys lower-cased), once sure gRPC will send them.
+
+    Raises:
+        TypeError: not a mapping of str to str.
+        ValueError: a key gRPC refuses (only ``0-9 a-z _ . -``, not ``grpc-...``) or a value that isn't
+            printable ASCII (gRPC fails every call with "Invalid metadata" otherwise).
+    """
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise TypeError(f"headers must be a mapping {{name: value}}, not {type(headers).__name__}")
+    out: dict[str, str] = {}
+    for key, value in headers.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"headers are str: str, not {repr(key)[:40]}: {type(value).__name__}")
+        name = key.lower()
+        if not _HEADER_KEY.match(name) or name.startswith("grpc-") or name.endswith("-bin"):
+            raise ValueError(
+                f"header name {key[:40]!r} can't be sent: gRPC takes 0-9, a-z, '_', '.' and '-', reserves "
+                "'grpc-' names, and '-bin' ones carry bytes, which headers= doesn't take"
+            )
+        if not all(" " <= c <= "~" for c in value):
+            raise ValueError(f"header {name!r}: its value must be printable ASCII (gRPC refuses the call)")
+        out[name] = value
+    return out
+
+
+def _empty_output(tensor: Any) -> np.ndarray:
+    """0 rows of an output (``TensorMetadata``): its dims after the batch one, a variable dim as 0."""
+    dtype = np.dtype(numpy_dtype(tensor.datatype))
+    return np.empty((0, *(max(0, int(d)) for d in tensor.shape[1:])), dtype=dtype)
 
 
 def _merge_rows(call: PreparedCall, limit: int) -> int | None:

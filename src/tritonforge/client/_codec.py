@@ -7,17 +7,26 @@ its tensors' bytes as protobuf field 7, so no per-call message objects are built
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+from tritonclient.utils import deserialize_bytes_tensor
 
 from tritonforge.errors import InvalidRequestError
 
-__all__ = ["ModelMetadata", "TensorMetadata", "decode_response", "request_header", "triton_dtype"]
+__all__ = [
+    "ModelMetadata",
+    "TensorMetadata",
+    "bytes_tensor",
+    "decode_response",
+    "numpy_dtype",
+    "request_header",
+    "triton_dtype",
+]
 
 _NUMPY_OF: dict[str, Any] = {
     "BOOL": np.bool_,
@@ -51,6 +60,20 @@ def triton_dtype(dtype: np.dtype[Any]) -> str:
         f"numpy dtype {dtype} has no Triton data type; cast to one of "
         f"{sorted(_NUMPY_OF)} or use an object array of bytes for BYTES"
     )
+
+
+def numpy_dtype(datatype: str) -> Any:
+    """The numpy type of a Triton wire name (``np.object_`` for BYTES).
+
+    Raises:
+        InvalidRequestError: a name with no numpy type (BF16).
+    """
+    if datatype == "BYTES":
+        return np.object_
+    found = _NUMPY_OF.get(datatype)
+    if found is None:
+        raise InvalidRequestError(f"Triton data type {datatype} has no numpy type here")
+    return found
 
 
 @dataclass(frozen=True)
@@ -148,15 +171,57 @@ def request_header(
 
 
 def tensor_bytes(array: np.ndarray, datatype: str) -> Any:
-    """The tensor's bytes as Triton expects them (a zero-copy view where the array allows)."""
+    """The tensor's bytes as Triton expects them (a zero-copy view where the array allows).
+
+    Raises:
+        InvalidRequestError: a BYTES element that is not bytes, ``np.bytes_``, bytearray or str (named with
+            its position and type), or a str that can't be UTF-8 (a lone surrogate).
+    """
     if datatype == "BYTES":
-        if array.dtype.kind == "U":
-            array = array.astype(object)
-        serialized = serialize_byte_tensor(array)
-        return b"" if serialized is None or serialized.size == 0 else serialized.item()
+        return bytes_tensor(array)
     if not array.flags.c_contiguous or array.dtype.byteorder == ">":
         array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
     return array.data.cast("B") if array.ndim and array.size else array.tobytes()
+
+
+_LENGTH = struct.Struct("<I")
+
+
+def bytes_tensor(array: np.ndarray) -> bytes:
+    """A BYTES tensor as Triton lays it out: each element, in row-major order, as its 4-byte little-endian
+    length and its bytes. ``bytes`` (``np.bytes_`` included) and ``bytearray`` go as they are, ``str`` as
+    UTF-8; anything else is refused by name rather than sent as its ``str()`` (tritonclient's
+    ``serialize_byte_tensor`` sends ``np.bytes_(b"xy")`` as ``b"b'xy'"``).
+
+    Raises:
+        InvalidRequestError: an element of another type, or a str that is not valid UTF-8.
+    """
+    parts: list[bytes] = []
+    pack = _LENGTH.pack
+    for index, element in enumerate(array.reshape(-1).tolist() if array.dtype.kind != "O" else array.flat):
+        if isinstance(element, (bytes, bytearray)):
+            data = bytes(element)
+        elif isinstance(element, str):
+            try:
+                data = element.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidRequestError(
+                    f"BYTES element {_position(array, index)} is a str that isn't valid UTF-8 ({exc.reason} "
+                    f"at character {exc.start}); send bytes instead"
+                ) from None
+        else:
+            raise InvalidRequestError(
+                f"BYTES element {_position(array, index)} is {type(element).__name__} "
+                f"({repr(element)[:40]}); BYTES inputs take bytes, numpy.bytes_, bytearray or str "
+                "elements (encode other values first, e.g. str(value).encode())"
+            )
+        parts.append(pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _position(array: np.ndarray, flat_index: int) -> str:
+    return str(list(np.unravel_index(flat_index, array.shape))) if array.ndim else "[]"
 
 
 def frame(header: bytes, raws: Sequence[Any], request_id: str = "") -> bytes:

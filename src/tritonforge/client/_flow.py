@@ -212,6 +212,7 @@ def call_flow(
     deadline_at = None if total_s is None else start + total_s
     number = 0
     last: ClientError | None = None
+    cause: ClientError | None = None  # the last error an endpoint gave (what "no endpoint" quotes)
     for index, (model, version) in enumerate(targets):
         tried: list[Endpoint] = []
         attempts = 0
@@ -236,7 +237,7 @@ def call_flow(
                     error = AllEndpointsFailed(
                         f"no endpoint is usable for model {model!r}: all of "
                         f"{[e.url for e in pool.endpoints]} are down or their circuit is open"
-                        + (f" (last error: {last.message})" if last else ""),
+                        + (f" (last error: {cause.message})" if cause else ""),
                         model=model,
                         version=version,
                     )
@@ -265,6 +266,8 @@ def call_flow(
                     if endpoint not in tried:
                         tried.append(endpoint)
             last = error
+            if not isinstance(error, AllEndpointsFailed):
+                cause = error
             now = clock()
             remaining = None if deadline_at is None else deadline_at - now
             if isinstance(error, DeadlineExceeded):

@@ -15,11 +15,16 @@ from tritonforge.client._codec import as_array, tensor_bytes, triton_dtype
 from tritonforge.errors import InvalidRequestError, RequestTooLarge
 
 __all__ = [
+    "MAX_NAME_BYTES",
+    "MAX_REQUEST_ID_BYTES",
     "NonFinitePolicy",
     "PreparedCall",
     "as_version",
     "batches",
+    "check_model_name",
+    "check_name",
     "join_batches",
+    "name_ok",
     "prepare",
     "smaller_limit",
     "split_batches",
@@ -27,6 +32,72 @@ __all__ = [
 
 NonFinitePolicy = bool | frozenset[str]  # True: allowed everywhere; names: "x" (any model) or "model/x"
 _ROW_MARGIN = 0.9  # of a message limit, left for the request's header when splitting batches
+#: The longest model, input or output name sent: a model is a folder of the repository, and no file system
+#: takes a name over 255 bytes. Longer names never reach the server (whose error echoing one would be over
+#: gRPC's 16 KiB metadata limit and come back as RESOURCE_EXHAUSTED, not as "no such model").
+MAX_NAME_BYTES = 255
+#: The longest request id sent (Triton echoes it in its logs, traces and error messages).
+MAX_REQUEST_ID_BYTES = 1024
+
+
+def _shown(value: str, room: int = 40) -> str:
+    """``value`` as repr, cut to about ``room`` characters (a 20,000-character name stays one line)."""
+    text = repr(value)
+    return text if len(text) <= room else f"{text[: room - 4]}...' ({len(value)} characters)"
+
+
+def check_model_name(value: Any) -> str:
+    """``value`` once sure it can be sent as a model name: :func:`check_name`, and a folder name of a
+    repository (no ``/``, not ``.`` or ``..``).
+
+    Example:
+        >>> check_model_name("digits_mlp")
+        'digits_mlp'
+
+    Raises:
+        InvalidRequestError: what is wrong with it, naming it (cut when long).
+    """
+    # the common case in a few hundred ns: short printable text (63 characters are at most 252 bytes)
+    if name_ok(value) and "/" not in value and value not in (".", ".."):
+        return value
+    check_name(value)
+    if "/" in value or value in (".", ".."):
+        raise InvalidRequestError(
+            f"a model name {_shown(value)} is not a folder name of a model repository (no '/', not '.' "
+            "or '..')"
+        )
+    return value
+
+
+def name_ok(value: Any) -> bool:
+    """Whether ``value`` passes :func:`check_name` at its default limit, cheaply for short names."""
+    return type(value) is str and 0 < len(value) <= 63 and value.isprintable()
+
+
+def check_name(value: Any, *, what: str = "a model name", limit: int = MAX_NAME_BYTES) -> str:
+    """``value`` once sure it can be sent as a name: a non-empty string of printable characters (no NUL,
+    control or format characters, no lone surrogates), at most ``limit`` bytes in UTF-8.
+
+    Example:
+        >>> check_name("x", what="an input name")
+        'x'
+
+    Raises:
+        InvalidRequestError: what is wrong with it, naming it (cut when long).
+    """
+    if not isinstance(value, str) or not value:
+        shown = _shown(value) if isinstance(value, str) else repr(value)[:60]
+        raise InvalidRequestError(f"{what} is a non-empty string, not {shown}")
+    if not value.isprintable():
+        bad = next(c for c in value if not c.isprintable())
+        raise InvalidRequestError(
+            f"{what} {_shown(value)} holds the unprintable character U+{ord(bad):04X}; names are printable "
+            "text (a NUL would cut the name short on the server and reach another model)"
+        )
+    size = len(value.encode("utf-8"))
+    if size > limit:
+        raise InvalidRequestError(f"{what} {_shown(value)} is {size} bytes long; the limit is {limit} bytes")
+    return value
 
 
 @dataclass(slots=True)
@@ -63,8 +134,12 @@ def as_version(version: str | int | None) -> str | None:
     if version is None:
         return None
     if isinstance(version, bool) or not isinstance(version, (str, int)):
-        raise InvalidRequestError(f"a model version is a number or a string, not {version!r}")
-    return str(version)
+        raise InvalidRequestError(f"a model version is a number or a string, not {repr(version)[:60]}")
+    if isinstance(version, int):
+        if version < 0:
+            raise InvalidRequestError(f"a model version is a number >= 0, not {version}")
+        return str(version)
+    return check_name(version, what="a model version", limit=64) if version else version
 
 
 def prepare(
@@ -81,8 +156,7 @@ def prepare(
             input that can't be a Triton tensor; NaN/±inf where ``allow_non_finite`` doesn't allow them;
             ``outputs`` that aren't a list of names; a ``timeout_s`` that isn't seconds >= 0.
     """
-    if not isinstance(model, str) or not model:
-        raise InvalidRequestError(f"a model name is a non-empty string, not {model!r}")
+    check_model_name(model)
     if not isinstance(inputs, Mapping):
         raise InvalidRequestError(
             f"inputs for model {model!r} must be a mapping {{input name: array}}, not "
@@ -97,8 +171,12 @@ def prepare(
         or not all(isinstance(o, str) and o for o in outputs)
     ):
         raise InvalidRequestError(
-            f"outputs for model {model!r} must be a list of output names, not {outputs!r}", model=model
+            f"outputs for model {model!r} must be a list of output names, not {repr(outputs)[:80]}",
+            model=model,
         )
+    for o in outputs or ():
+        if not name_ok(o):
+            check_name(o, what=f"an output name of model {model!r}")
     if timeout_s is not None and (
         isinstance(timeout_s, bool)
         or not isinstance(timeout_s, (int, float))
@@ -111,10 +189,8 @@ def prepare(
     raws = []
     nbytes = 0
     for name, value in inputs.items():
-        if not isinstance(name, str) or not name:
-            raise InvalidRequestError(
-                f"input names for model {model!r} are non-empty strings, not {name!r}", model=model
-            )
+        if not name_ok(name):
+            check_name(name, what=f"an input name of model {model!r}")
         array = value if type(value) is np.ndarray else as_array(name, value, model)
         datatype, raw = _encode_tensor(model, name, array)
         if array.dtype.kind == "f" and not _non_finite_allowed(allow_non_finite, model, name):
@@ -131,17 +207,13 @@ def prepare(
 def _encode_tensor(model: str, name: str, array: np.ndarray) -> tuple[str, Any]:
     datatype = "BYTES"
     try:
-        if array.dtype.kind == "O" and not all(isinstance(e, (bytes, str)) for e in array.flat):
-            raise TypeError("an element is neither bytes nor str")
         datatype = triton_dtype(array.dtype)
         return datatype, tensor_bytes(array, datatype)
     except InvalidRequestError as exc:
         raise InvalidRequestError(f"input {name!r} of model {model!r}: {exc}", model=model) from exc
-    except Exception as exc:  # BYTES elements that are neither bytes nor str, ...
+    except Exception as exc:  # pragma: no cover - a numpy dtype tensor_bytes can't lay out
         raise InvalidRequestError(
-            f"input {name!r} of model {model!r} can't be sent as {datatype}: {exc}; BYTES inputs "
-            "take bytes or str elements",
-            model=model,
+            f"input {name!r} of model {model!r} can't be sent as {datatype}: {exc}", model=model
         ) from exc
 
 

@@ -57,6 +57,9 @@ _TRANSPORT_HINTS = (
 _TOO_LARGE = re.compile(r"message larger than max \((\d+) vs\. (\d+)\)", re.IGNORECASE)
 # A TLS handshake the server refused (no client certificate under mutual TLS, an untrusted one): who we
 # are, not whether the server is up; never retried and never held against the endpoint.
+# gRPC's words for metadata over its limit (received: the server's answer, e.g. an error echoing a long name
+# or id; sent: our own headers): "received metadata size exceeds hard limit (value length 20042 vs. 16384)".
+_METADATA_LIMIT = re.compile(r"metadata (?:list )?size exceeds|metadata too large|header list size", re.I)
 _TLS_REFUSED = ("handshake", "certificate required", "certificate_required", "alert bad certificate")
 _EXPECTED_HEADER = re.compile(r"expecting header '([^']+)'")
 _HINTS = {
@@ -100,6 +103,33 @@ def error_for_status(
         where += f" at {endpoint}"
     if status == _S.RESOURCE_EXHAUSTED.name and "larger than max" in lowered:
         return too_large(where, details, model=model, version=version, endpoint=endpoint)
+    if "model load / unload is not allowed" in lowered:
+        # The server is up and said no to this call: not a reason to take it out of the pool.
+        return InvalidRequestError(
+            f"{where} failed: {details}; the server must run with explicit model control "
+            "(tritonforge serve --model-control explicit, or tritonserver --model-control-mode=explicit)",
+            model=model,
+            version=version,
+            endpoint=endpoint,
+        )
+    if status == _S.INTERNAL.name and details.strip().lower() == "invalid metadata":
+        return InvalidRequestError(
+            f"{where} failed: gRPC refused the call's metadata (INTERNAL: {details}): a header name or "
+            "value it can't send (names 0-9 a-z _ . -, values printable ASCII)",
+            model=model,
+            version=version,
+            endpoint=endpoint,
+        )
+    if status in (_S.RESOURCE_EXHAUSTED.name, _S.INTERNAL.name) and _METADATA_LIMIT.search(details):
+        # The request's own fault, not the endpoint's: never retried, never held against its health.
+        return InvalidRequestError(
+            f"{where} failed: the call's metadata is over gRPC's limit ({status}: {details}): the "
+            "server's error answer was too long to read (a model's error echoing a long input, say), or "
+            "the client's headers= are too long",
+            model=model,
+            version=version,
+            endpoint=endpoint,
+        )
     if cls is NotOffered:
         return NotOffered(
             f"{where} failed: the server does not offer this call (UNIMPLEMENTED: {details}); it is "

@@ -13,6 +13,7 @@ from rich.table import Table
 from tritonforge.commands import fail, print_error
 from tritonforge.commands._output import make_console
 from tritonforge.errors import TritonForgeError
+from tritonforge.server.access import RestrictionScope, restrict_both
 
 console = make_console()
 _fail = fail
@@ -59,6 +60,11 @@ def serve(
     http_restricted_api: list[str] = typer.Option(
         [], help="'<apis>:<header>=<ref>': HTTP APIs only for calls sending that header (<ref> as above)."
     ),
+    restriction_scope: RestrictionScope = typer.Option(
+        RestrictionScope.both,
+        help="'both': a group restricted on one protocol is restricted on the other with the same key; "
+        "'as-given': each protocol only as given.",
+    ),
     grpc_server_cert: Path | None = typer.Option(None, help="gRPC TLS: the server certificate (PEM)."),
     grpc_server_key: Path | None = typer.Option(None, help="gRPC TLS: the server's private key (PEM)."),
     grpc_root_cert: Path | None = typer.Option(None, help="gRPC TLS: the CA certificate (PEM)."),
@@ -83,6 +89,9 @@ def serve(
         grpc_restricted_protocol, http_restricted_api = server_secrets(
             grpc_restricted_protocol, http_restricted_api, grpc_server_key
         )
+        access = restrict_both(
+            grpc_restricted_protocol, http_restricted_api, restriction_scope, extra_args=extra_args
+        )
         server = EmbeddedServer(
             repo,
             host=host,
@@ -97,8 +106,8 @@ def serve(
             log_file=log_file,
             log_verbose=log_verbose,
             exit_timeout_s=exit_timeout_secs,
-            grpc_restricted_protocols=grpc_restricted_protocol,
-            http_restricted_apis=http_restricted_api,
+            grpc_restricted_protocols=access.grpc,
+            http_restricted_apis=access.http,
             grpc_server_cert=grpc_server_cert,
             grpc_server_key=grpc_server_key,
             grpc_root_cert=grpc_root_cert,
@@ -120,6 +129,8 @@ def serve(
             table.add_row(entry.get("name", ""), entry.get("version", ""), entry.get("state", ""))
         console.print(table)
         console.print(f"gRPC    {server.grpc_url}\nHTTP    {server.http_url}\nmetrics {server.metrics_url}")
+        if access.grpc or access.http or access.one_sided:
+            console.print(access.summary, markup=False, highlight=False)
         if log_file is not None:
             console.print(f"log     {log_file}")
         console.print("Ctrl-C stops the server.")

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from tritonforge.errors import DeployError
+from tritonforge.server.access import RESTRICTABLE_GROUPS as TRITON_GROUPS
 
 __all__ = [
     "DEFAULT_IMAGE",
@@ -51,16 +52,7 @@ MOUNT_PATH = "/models"
 TLS_MOUNT_PATH = "/etc/triton/tls"
 #: Triton's protocol groups for ``--grpc-restricted-protocol`` / ``--http-restricted-api``; ``health`` is
 #: left out on purpose: the kubelet's probes send no header, so health must stay unrestricted
-RESTRICTABLE_GROUPS = (
-    "metadata",
-    "inference",
-    "shared-memory",
-    "model-config",
-    "model-repository",
-    "statistics",
-    "trace",
-    "logging",
-)
+RESTRICTABLE_GROUPS = tuple(g for g in TRITON_GROUPS if g != "health")
 _HEADER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 
