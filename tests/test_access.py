@@ -384,7 +384,7 @@ def test_cli_bench_sweeps_a_restricted_server_with_keys_from_the_environment(
     monkeypatch.setenv("TRITONFORGE_TLS_CLIENT_CERT", str(certs.client[1]))
     monkeypatch.setenv("TRITONFORGE_TLS_CLIENT_KEY", str(certs.client[0]))
     args = ["bench", "clf", "--url", server.grpc_url, "--concurrency", "1", "--window-s", "0.5"]
-    args += ["--max-windows", "3", "--output", str(tmp_path / "bench")]
+    args += ["--max-windows", "3", "--out", str(tmp_path / "bench")]
     code, err = _cli(capsys, *args)
     assert code in (0, 1), err  # 1: not stable within 3 windows, still measured
     assert "error" not in err.lower()

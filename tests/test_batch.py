@@ -164,7 +164,7 @@ def test_batch_cli_reads_csv_columns_and_numpy_and_answers_like_parquet(tmp_path
             *[arg for u in urls for arg in ("--url", u)],
             "--input",
             str(tmp_path / source),
-            "--output",
+            "--out",
             str(out),
             *extra,
         )
@@ -249,7 +249,7 @@ def test_run_stops_with_exit_4_past_max_errors_and_keeps_finished_shards(tmp_pat
         urls[0],
         "--input",
         str(tmp_path / "x.parquet"),
-        "--output",
+        "--out",
         str(out),
         "--shard-rows",
         "50",
@@ -268,7 +268,7 @@ def test_run_stops_with_exit_4_past_max_errors_and_keeps_finished_shards(tmp_pat
 
 def test_cli_refuses_an_unknown_model_in_one_line_on_stderr(tmp_path, urls):
     np.save(tmp_path / "x.npy", np.zeros((3, 4), np.float32))
-    done = cli("nope", "--url", urls[0], "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "o"))
+    done = cli("nope", "--url", urls[0], "--input", str(tmp_path / "x.npy"), "--out", str(tmp_path / "o"))
     assert done.returncode == 1
     assert done.stderr.startswith("error: model 'nope' at ") and done.stderr.count("\n") == 1
 
@@ -351,7 +351,7 @@ def test_a_run_killed_twice_with_sigkill_then_restarted_writes_each_row_exactly_
         urls[1],
         "--input",
         str(tmp_path / "x.parquet"),
-        "--output",
+        "--out",
         str(out),
         "--shard-rows",
         "50",
@@ -397,7 +397,7 @@ def test_sigterm_stops_cleanly_within_the_grace_period_and_a_rerun_finishes(tmp_
         urls[0],
         "--input",
         str(tmp_path / "x.npy"),
-        "--output",
+        "--out",
         str(out),
         "--shard-rows",
         "100",

@@ -87,11 +87,13 @@ def test_monitor_once_json_lists_every_model_of_both_servers(
     first, second = servers
     done = run_tritonforge(
         "monitor",
+        "--metrics-url",
         first.metrics_url,
+        "--metrics-url",
         second.metrics_url,
         "--once",
         "--json",
-        "--interval",
+        "--interval-s",
         "0.3",
         "--price-per-hour",
         "3.6",
@@ -114,10 +116,12 @@ def test_monitor_table_names_each_server_and_model_unbroken_when_piped(
     first, second = servers
     done = run_tritonforge(
         "monitor",
+        "--metrics-url",
         first.metrics_url,
+        "--metrics-url",
         second.metrics_url,
         "--once",
-        "--interval",
+        "--interval-s",
         "0.3",
         timeout=120,
         columns=None,
@@ -131,7 +135,9 @@ def test_monitor_table_names_each_server_and_model_unbroken_when_piped(
 def test_monitor_exits_1_with_a_one_line_error_when_a_server_is_unreachable() -> None:
     from tritonforge.server import free_port
 
-    done = run_tritonforge("monitor", f"127.0.0.1:{free_port()}", "--once", timeout=60, columns=None)
+    done = run_tritonforge(
+        "monitor", "--metrics-url", f"127.0.0.1:{free_port()}", "--once", timeout=60, columns=None
+    )
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0
     assert "cannot read Triton's metrics" in done.stderr

@@ -185,7 +185,7 @@ def test_bench_cli_writes_csv_json_and_html_with_percentiles_errors_and_server_s
             "0.5",
             "--stability-percent",
             "25",
-            "--output",
+            "--out",
             str(out),
         ],
     )

@@ -114,7 +114,7 @@ def test_tune_cli_says_no_config_meets_an_impossible_budget_and_shows_the_closes
         [
             "tune",
             "mlp",
-            "--repository",
+            "--repo",
             str(repo),
             "--p99-budget-ms",
             "0.001",
@@ -130,7 +130,7 @@ def test_tune_cli_says_no_config_meets_an_impossible_budget_and_shows_the_closes
             "none",
             "--window-s",
             "0.3",
-            "--output",
+            "--out",
             str(tmp_path),
         ],
     )
@@ -158,7 +158,7 @@ def test_tune_cli_write_serves_the_winning_layout_and_records_it_and_why_in_the_
         [
             "tune",
             "mlp",
-            "--repository",
+            "--repo",
             str(repo),
             "--p99-budget-ms",
             "1000",
@@ -181,7 +181,7 @@ def test_tune_cli_write_serves_the_winning_layout_and_records_it_and_why_in_the_
             "--refine",
             "1",
             "--write",
-            "--output",
+            "--out",
             str(tmp_path / "out"),
         ],
     )

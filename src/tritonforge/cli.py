@@ -16,7 +16,8 @@ import typer
 from typer.exceptions import TyperException
 
 from tritonforge.commands import DEBUG_ENV, print_error
-from tritonforge.commands._output import make_console
+from tritonforge.commands import _renamed as renamed_options
+from tritonforge.commands._output import PIPE_WIDTH, make_console
 from tritonforge.commands.serve import PASSTHROUGH
 from tritonforge.errors import TritonForgeError
 
@@ -28,6 +29,9 @@ app = typer.Typer(
     add_completion=False,
 )
 console = make_console()
+# Help at a terminal: rich's boxes at the terminal's width. In a pipe: click's plain help laid out at
+# PIPE_WIDTH, so no option name is cut to fit a box, broken at a hyphen or folded over two lines.
+_TERMINAL_HELP = app.rich_markup_mode
 
 
 # Each area's verbs live in tritonforge/commands/<area>.py with a register(app) function; the help lists
@@ -50,6 +54,7 @@ AREAS: tuple[str, ...] = (
 def _register_areas() -> None:
     for area in AREAS:
         importlib.import_module(f"tritonforge.commands.{area}").register(app)
+    renamed_options.install(app)  # old option spellings still read, with a deprecation line
 
 
 _register_areas()
@@ -71,9 +76,16 @@ def run(argv: Sequence[str] | None = None) -> int:
         if not args or args[0] != "serve":
             print_error("only `tritonforge serve` takes `-- ARGS` (flags passed to tritonserver)")
             return 2
+    piped = not sys.stdout.isatty()
+    app.rich_markup_mode = None if piped else _TERMINAL_HELP
+    width = {"terminal_width": PIPE_WIDTH, "max_content_width": PIPE_WIDTH} if piped else {}
     try:
         result = app(
-            args=args, prog_name="tritonforge", standalone_mode=False, obj={PASSTHROUGH: passthrough}
+            args=args,
+            prog_name="tritonforge",
+            standalone_mode=False,
+            obj={PASSTHROUGH: passthrough},
+            **width,
         )
     except (typer.Abort, KeyboardInterrupt):
         print_error("interrupted", prefix="stopped")

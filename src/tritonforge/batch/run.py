@@ -238,7 +238,7 @@ async def arun_batch(
         unknown = sorted(set(out_names) - {t.name for t in meta.outputs})
         if unknown:
             raise BatchError(
-                f"--outputs names outputs model {model!r} doesn't have: {unknown}; it has "
+                f"--output-name names outputs model {model!r} doesn't have: {unknown}; it has "
                 f"{[t.name for t in meta.outputs]}"
             )
         variable = {t.name: any(d < 0 for d in t.shape[1 if batched else 0 :]) for t in meta.outputs}

@@ -141,7 +141,7 @@ class Manifest:
                 )
                 raise BatchError(
                     f"{self.root} holds a run with other settings ({', '.join(diff)} differ); "
-                    "use another --output folder, or remove this one to start over"
+                    "use another --out folder, or remove this one to start over"
                 )
             self.shards = {int(k): v for k, v in data.get("shards", {}).items()}
             self.started_at = data.get("started_at", self.started_at)

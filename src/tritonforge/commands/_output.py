@@ -3,21 +3,26 @@
 Rich lays out for 80 columns (or the width of a terminal on another stream) when its own stream is not a
 terminal, which folds a long model name over two lines in a CI log and defeats ``grep``. A
 :func:`make_console` console renders wide when its stream is not a terminal (tables take their natural
-width, text is never wrapped), and :func:`print_problems` prints a list of problems as a table at a
+width, text is never wrapped), :func:`print_json` writes a verb's ``--json`` result, and
+:func:`print_problems` prints a list of problems as a table at a
 terminal and as one ``where: problem — fix`` line each elsewhere.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import sys
 from collections.abc import Sequence
 from typing import IO, Any
 
+from rich.cells import cell_len
 from rich.console import Console, ConsoleDimensions
 from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["PIPE_WIDTH", "Problem", "make_console", "print_problems"]
+__all__ = ["PIPE_WIDTH", "Problem", "make_console", "print_json", "print_problems"]
 
 PIPE_WIDTH = 10_000
 """The width laid out for when not on a terminal: wider than any line the CLI prints."""
@@ -48,11 +53,32 @@ class _PipeAwareConsole(Console):
     def size(self, new_size: tuple[int, int]) -> None:
         Console.size.fset(self, new_size)  # type: ignore[attr-defined]
 
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        if not self.is_terminal:  # a table's title wraps at the table's width: widen it to hold it whole
+            for table in objects:
+                if isinstance(table, Table):
+                    _fit_title(table)
+        super().print(*objects, **kwargs)
+
     def rule(self, title: Any = "", **kwargs: Any) -> None:
         if self.is_terminal:
             super().rule(title, **kwargs)
         else:  # a full-width rule would be PIPE_WIDTH characters of dashes
             self.print(Rule(title, **kwargs), width=_RULE_WIDTH)
+
+
+def _fit_title(table: Table) -> None:
+    longest = max(
+        (
+            cell_len(line)
+            for text in (table.title, table.caption)
+            if isinstance(text, str)
+            for line in Text.from_markup(text).plain.splitlines()
+        ),
+        default=0,
+    )
+    if longest > (table.min_width or 0):
+        table.min_width = longest
 
 
 def make_console(*, stderr: bool = False, file: IO[str] | None = None) -> Console:
@@ -82,3 +108,20 @@ def print_problems(
     for row in rows if rows is not None else problems:
         table.add_row(*row)
     console.print(table)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def print_json(data: Any) -> None:
+    """A verb's ``--json`` result on stdout: one JSON document, indented, paths and dates as strings and
+    NaN/infinity as null (strict JSON that ``jq`` reads)."""
+    sys.stdout.write(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
+    sys.stdout.flush()

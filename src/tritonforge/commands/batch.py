@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from tritonforge.commands import fail, print_error
+from tritonforge.commands._renamed import renamed
 from tritonforge.errors import TritonForgeError
 
 console = Console()
@@ -128,6 +129,7 @@ def _server_table(result: Any) -> Table:
 
 def register(app: typer.Typer) -> None:
     @app.command("batch-infer")
+    @renamed({"--output": "--out", "--outputs": "--output-name"})
     def batch_infer(
         model: str = typer.Argument(..., help="The model or ensemble to run."),
         url: list[str] = typer.Option(
@@ -136,11 +138,13 @@ def register(app: typer.Typer) -> None:
         input: list[str] = typer.Option(
             ..., "--input", help="Parquet/CSV/JSONL/NumPy file, folder or glob; repeatable."
         ),
-        output: Path = typer.Option(..., "--output", help="Folder for the Parquet shards and the manifest."),
+        output: Path = typer.Option(
+            ..., "--out", "-o", help="Folder for the Parquet shards and the manifest."
+        ),
         map_: list[str] = typer.Option(
             [], "--map", help="INPUT=COLUMN, INPUT=col_a,col_b or INPUT='col_*' (default: by name)."
         ),
-        outputs: list[str] = typer.Option([], "--outputs", help="Outputs to keep (default: all)."),
+        outputs: list[str] = typer.Option([], "--output-name", help="Outputs to keep (default: all)."),
         version: str | None = typer.Option(None, help="Model version (default: the server's choice)."),
         batch_size: int | None = typer.Option(
             None, help="Rows per request (default: the model's max batch)."
@@ -156,10 +160,10 @@ def register(app: typer.Typer) -> None:
             False, "--no-streams", help="Every request a gRPC call (not messages of the lanes' own streams)."
         ),
     ) -> None:
-        """Run MODEL on every row of --input; write row_id + outputs as Parquet shards into --output.
+        """Run MODEL on every row of --input; write row_id + outputs as Parquet shards into --out.
 
-        A run started again on the same --output does only what is left. Exit codes: 0 every row answered,
-        3 finished with failed rows (see --output/_errors/), 4 stopped at --max-errors, 143 stopped by
+        A run started again on the same --out does only what is left. Exit codes: 0 every row answered,
+        3 finished with failed rows (see --out/_errors/), 4 stopped at --max-errors, 143 stopped by
         SIGTERM/SIGINT (run again to resume), 1 anything else.
         """
         from tritonforge.batch import parse_shard, run_batch

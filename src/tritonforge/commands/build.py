@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,23 @@ import typer
 from rich.table import Table
 
 from tritonforge.commands import err_console, fail, print_error, reported
-from tritonforge.commands._output import make_console
+from tritonforge.commands._output import make_console, print_json
 from tritonforge.commands.registry import models
 from tritonforge.errors import ExportError, QuantizationError, RepositoryError, TritonForgeError
 
 console = make_console()
 _fail = fail  # one way to report errors for every verb (tritonforge.commands)
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+class QuantizeMode(str, Enum):
+    int8_dynamic = "int8-dynamic"
+    int8_static = "int8-static"
+    fp16 = "fp16"
 
 
 def _load_source(source: str) -> Any:
@@ -112,7 +124,9 @@ def export(
     sample: Path = typer.Option(
         ..., help="Sample inputs (.npy, or .npz of named arrays) to check the export on."
     ),
-    fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript (torch models only)."),
+    fmt: ExportFormat = typer.Option(
+        ExportFormat.onnx, "--format", help="onnx, or torchscript (torch models only)."
+    ),
     input_name: list[str] = typer.Option([], help="Input names (torch; default: input)."),
     output_name: list[str] = typer.Option([], help="Output names (torch; default: output)."),
     dynamic_axis: list[str] = typer.Option(
@@ -125,6 +139,7 @@ def export(
     name: str | None = typer.Option(None, help="The model's name in --repo."),
     max_batch_size: int | None = typer.Option(None, help="max_batch_size of the registered model."),
     force: bool = typer.Option(False, help="Register it even if the check failed."),
+    as_json: bool = typer.Option(False, "--json", help="The figures (and where it was registered) as JSON."),
 ) -> None:
     """Export a torch module or scikit-learn estimator, check it against its source, register it (--repo)."""
     from tritonforge.export import export_onnx, export_sklearn, export_torchscript
@@ -141,13 +156,13 @@ def export(
             raise ExportError(f"{sample} has no arrays named {missing}; it has {sorted(arrays)}")
         y = np.load(labels) if labels else None
         with console.status(
-            f"exporting {type(model).__name__} to {fmt} and checking it against the source ..."
+            f"exporting {type(model).__name__} to {fmt.value} and checking it against the source ..."
         ):
             if hasattr(model, "forward"):
                 import torch
 
                 example = tuple(torch.from_numpy(arrays[n]) for n in inputs)
-                if fmt == "torchscript":
+                if fmt is ExportFormat.torchscript:
                     artifact = export_torchscript(model, example, out, tolerance=Tolerance(max_abs=atol))
                 else:
                     outputs = list(output_name) or ["output"]
@@ -174,33 +189,57 @@ def export(
                 raise ExportError(
                     f"{type(model).__name__} is neither a torch module nor a scikit-learn estimator"
                 )
-        console.print(_figures_table(f"{out}: vs the source", artifact.reports))
-        _maybe_register(artifact, repo, name, source, force, max_batch_size)
+        if not as_json:
+            console.print(_figures_table(f"{out}: vs the source", artifact.reports))
+        registered = _maybe_register(artifact, repo, name, source, force, max_batch_size, as_json)
     except TritonForgeError as exc:
         raise _fail(exc) from None
+    if as_json:
+        print_json(_artifact_json(out, artifact, registered))
     if not artifact.passed and not force:
         raise typer.Exit(code=1)
 
 
+def _artifact_json(out: Path, artifact: Any, registered: Path | None) -> dict[str, Any]:
+    """What export and quantize print with --json: the artifact, its figures and where it went."""
+    return {
+        "out": out,
+        "passed": artifact.passed,
+        "settings": dict(artifact.settings),
+        "reports": {name: report.as_dict() for name, report in artifact.reports.items()},
+        "registered": registered,
+    }
+
+
 def _maybe_register(
-    artifact: Any, repo: Path | None, name: str | None, source: str, force: bool, max_batch_size: int | None
-) -> None:
+    artifact: Any,
+    repo: Path | None,
+    name: str | None,
+    source: str,
+    force: bool,
+    max_batch_size: int | None,
+    quiet: bool = False,
+) -> Path | None:
     from tritonforge.registry import register
 
     if repo is None:
-        return
+        return None
     if not name:
         raise RepositoryError("--repo needs --name (the model's name in the repository)")
     src: Any = source if Path(source).exists() else {"path": source, "sha256": None}
     options: dict[str, Any] = {"max_batch_size": max_batch_size} if max_batch_size is not None else {}
     path = register(repo, name, artifact, source=src, force=force, **options)
-    console.print(f"registered [bold]{name}[/] version {path.name} at {path}")
+    if not quiet:
+        console.print(f"registered [bold]{name}[/] version {path.name} at {path}")
+    return path
 
 
 def quantize(
     source: Path = typer.Argument(..., help="The FP32 ONNX model."),
     out: Path = typer.Option(..., "--out", "-o", help="The quantized model to write."),
-    mode: str = typer.Option("int8-dynamic", help="int8-dynamic, int8-static or fp16."),
+    mode: QuantizeMode = typer.Option(
+        QuantizeMode.int8_dynamic, help="INT8 weights only, INT8 calibrated, or FP16."
+    ),
     holdout: Path = typer.Option(..., help="Held-out inputs (.npz of named arrays, or .npy) to verify on."),
     calibration: Path | None = typer.Option(None, help="Calibration inputs (.npz/.npy) for int8-static."),
     labels: Path | None = typer.Option(None, help="True labels of the held-out rows (.npy) for accuracy."),
@@ -217,6 +256,7 @@ def quantize(
     name: str | None = typer.Option(None, help="The model's name in --repo."),
     max_batch_size: int | None = typer.Option(None, help="max_batch_size of the registered model."),
     force: bool = typer.Option(False, help="Register it even if it failed its tolerance."),
+    as_json: bool = typer.Option(False, "--json", help="The figures (and where it was registered) as JSON."),
 ) -> None:
     """Quantize an ONNX model (INT8 dynamic/static, FP16) and verify it against the FP32 source."""
     from tritonforge.quantize import Tolerance, quantize_dynamic, quantize_static, to_fp16
@@ -240,24 +280,29 @@ def quantize(
             "labels": y,
             "mask_input": mask_input,
         }
-        with console.status(f"{mode}: quantizing {source.name} and verifying on {len(held)} batches ..."):
-            if mode == "int8-dynamic":
+        with console.status(
+            f"{mode.value}: quantizing {source.name} and verifying on {len(held)} batches ..."
+        ):
+            if mode is QuantizeMode.int8_dynamic:
                 artifact = quantize_dynamic(source, out, per_channel=per_channel, **common)
-            elif mode == "int8-static":
+            elif mode is QuantizeMode.int8_static:
                 if calibration is None:
                     raise QuantizationError("int8-static needs --calibration samples")
                 calib = _batches(_load_arrays(calibration, names), batch_size)
                 artifact = quantize_static(source, out, calibration=calib, per_channel=per_channel, **common)
-            elif mode == "fp16":
-                artifact = to_fp16(source, out, keep_io_types=keep_io_types, **common)
             else:
-                raise QuantizationError(f"unknown mode {mode!r}: use int8-dynamic, int8-static or fp16")
-        console.print(_figures_table(f"{out.name} ({mode}) vs {source.name}", artifact.reports))
-        size = artifact.settings.get("file_bytes", 0) / max(artifact.settings.get("source_file_bytes", 1), 1)
-        console.print(f"size: {size:.1%} of the source")
-        _maybe_register(artifact, repo, name, str(source), force, max_batch_size)
+                artifact = to_fp16(source, out, keep_io_types=keep_io_types, **common)
+        if not as_json:
+            console.print(_figures_table(f"{out.name} ({mode.value}) vs {source.name}", artifact.reports))
+            size = artifact.settings.get("file_bytes", 0) / max(
+                artifact.settings.get("source_file_bytes", 1), 1
+            )
+            console.print(f"size: {size:.1%} of the source")
+        registered = _maybe_register(artifact, repo, name, str(source), force, max_batch_size, as_json)
     except TritonForgeError as exc:
         raise _fail(exc) from None
+    if as_json:
+        print_json(_artifact_json(out, artifact, registered))
     if not artifact.passed:
         err_console.print(
             "[bold red]failed its tolerance:[/] " + "; ".join(artifact.failures()), highlight=False

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.text import Text
 
 from tritonforge.commands import print_error
-from tritonforge.commands._output import make_console, print_problems
+from tritonforge.commands._output import make_console, print_json, print_problems
 
 if TYPE_CHECKING:
     from tritonforge.ensemble import Issue
@@ -51,11 +52,21 @@ def _print_issues(issues: Sequence[Issue]) -> None:
 def check(
     specs: list[Path] = typer.Argument(..., help="Spec files or folders of *.yaml."),
     repo: Path = typer.Option(Path("model_repository"), help="The model repository the steps come from."),
+    as_json: bool = typer.Option(False, "--json", help="The pipelines and problems as JSON."),
 ) -> None:
     """Check SPECS against REPO and print every problem found (not only the first)."""
     from tritonforge.ensemble import check_specs
 
     resolved, issues = check_specs(specs, repo)
+    if as_json:
+        print_json(
+            {
+                "ok": not issues,
+                "pipelines": [] if issues else [_pipeline(item) for item in resolved],
+                "problems": [dataclasses.asdict(issue) for issue in issues],
+            }
+        )
+        raise typer.Exit(code=1 if issues else 0)
     if issues:
         _print_issues(issues)
         print_error(f"{len(issues)} problem(s) in the pipeline spec(s); the table above lists each")
@@ -69,6 +80,12 @@ def check(
         )
 
 
+def _pipeline(item: Any) -> dict[str, Any]:
+    kind = "routed" if item.spec.is_routed else "ensemble"
+    steps = len(item.spec.steps or item.spec.route)
+    return {"name": item.spec.name, "kind": kind, "max_batch_size": item.max_batch_size, "steps": steps}
+
+
 @ensemble_app.command("compile")
 def compile_command(
     specs: list[Path] = typer.Argument(..., help="Spec files or folders of *.yaml."),
@@ -76,6 +93,7 @@ def compile_command(
     fuse: bool = typer.Option(
         True, help="Fuse an ONNX step and the mean pooling after it into one ONNX model (same answer)."
     ),
+    as_json: bool = typer.Option(False, "--json", help="The files written (or the problems) as JSON."),
 ) -> None:
     """Check SPECS, then write their ensembles, building blocks and routers into REPO (nothing on error)."""
     from tritonforge.ensemble import PipelineCheckError, compile_specs
@@ -83,6 +101,9 @@ def compile_command(
     try:
         written = compile_specs(specs, repo, fuse=fuse)
     except PipelineCheckError as exc:
+        if as_json:
+            print_json({"ok": False, "written": [], "problems": [dataclasses.asdict(i) for i in exc.issues]})
+            raise typer.Exit(code=1) from None
         _print_issues(exc.issues)
         print_error(f"{len(exc.issues)} problem(s) in the pipeline spec(s); nothing was written")
         raise typer.Exit(code=1) from None
@@ -91,5 +112,8 @@ def compile_command(
     record_event(
         repo, "compile", details={"specs": [str(s) for s in specs], "written": [str(p) for p in written]}
     )
+    if as_json:
+        print_json({"ok": True, "written": written, "problems": []})
+        return
     for path in written:
         console.print(f"wrote {path}", highlight=False)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator, Mapping
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tritonforge.commands import err_console, fail
-from tritonforge.commands._output import make_console
+from tritonforge.commands._output import make_console, print_json
+from tritonforge.commands._renamed import renamed
 from tritonforge.commands.access import with_access
 from tritonforge.errors import TritonForgeError
 
@@ -20,15 +23,23 @@ console = make_console()
 _fail = fail  # one way to report errors for every verb (tritonforge.commands)
 
 
+class Sender(str, Enum):
+    """What sends a sweep's requests."""
+
+    tritonforge = "tritonforge"
+    tritonclient = "tritonclient"
+
+
 @contextlib.contextmanager
-def _progress(total_levels: int, what: str) -> Iterator[Any]:
-    """A progress bar over levels, with the current level's windows in its description."""
+def _progress(total_levels: int, what: str, *, as_json: bool = False) -> Iterator[Any]:
+    """A progress bar over levels, with the current level's windows in its description (on stderr when
+    stdout carries ``--json``)."""
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.completed:.0f}/{task.total:.0f}"),
         TimeElapsedColumn(),
-        console=console,
+        console=err_console if as_json else console,
         transient=False,
     ) as progress:
         task = progress.add_task(what, total=total_levels)
@@ -90,24 +101,28 @@ def _levels_table(result: Any) -> Table:
     return table
 
 
+@renamed({"--repository": "--repo", "--output": "--out", "--batch": "--batch-size"})
 @with_access
 def bench_command(
     model: str = typer.Argument(..., help="The model (or ensemble) to sweep."),
     url: str | None = typer.Option(
-        None, help="A running server's gRPC HOST:PORT (default: start the embedded server on --repository)."
+        None, help="A running server's gRPC HOST:PORT (default: start the embedded server on --repo)."
     ),
-    repository: Path = typer.Option(Path("model_repository"), help="The repository for the embedded server."),
+    repo: Path = typer.Option(Path("model_repository"), help="The repository for the embedded server."),
     concurrency: str | None = typer.Option(None, help="Closed-loop levels: '1,2,4' or '1:16' (powers of 2)."),
     request_rate: str | None = typer.Option(None, help="Open-loop levels in requests/s: '100,200,400'."),
-    output: Path = typer.Option(Path("bench_results"), help="Where sweep.csv, sweep.json, report.html go."),
+    out: Path = typer.Option(
+        Path("bench_results"), "--out", "-o", help="Where sweep.csv, sweep.json, report.html go."
+    ),
     window_s: float = typer.Option(2.0, help="Length of one measurement window."),
     stability_percent: float = typer.Option(10.0, help="Windows agree when within this percentage."),
     max_windows: int = typer.Option(10, help="Give up on stability after this many windows per level."),
-    batch: int = typer.Option(1, help="Rows per request (for inputs generated from the config)."),
+    batch_size: int = typer.Option(1, help="Rows per request (for inputs generated from the config)."),
     data: Path | None = typer.Option(None, help="Real inputs: an .npz with one array per input name."),
-    client: str = typer.Option(
-        "tritonforge", help="What sends: 'tritonforge' (AsyncClient) or 'tritonclient' (raw)."
+    client: Sender = typer.Option(
+        Sender.tritonforge, help="What sends: 'tritonforge' (AsyncClient) or 'tritonclient' (raw)."
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print sweep.json's document instead of a table."),
     access: object = None,
 ) -> None:
     """Sweep MODEL over concurrency levels or request rates, like perf_analyzer; write CSV, JSON and HTML."""
@@ -130,33 +145,32 @@ def bench_command(
     except ValueError as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(code=2) from None
-    if client not in ("tritonforge", "tritonclient"):
-        err_console.print(
-            f"[bold red]error:[/] --client must be 'tritonforge' or 'tritonclient', not {client!r}"
-        )
-        raise typer.Exit(code=2)
     inputs = load_payloads(data) if data is not None else None
     try:
-        with _progress(len(settings.levels), f"bench {model}") as on_event:
+        with _progress(len(settings.levels), f"bench {model}", as_json=as_json) as on_event:
             result = bench(
                 model,
                 settings=settings,
                 url=url,
-                repository=repository,
-                output=output,
+                repository=repo,
+                output=out,
                 inputs=inputs,
-                batch=batch,
+                batch=batch_size,
                 on_event=on_event,
-                client=client,  # type: ignore[arg-type]
+                client=client.value,
                 auth=access,  # type: ignore[arg-type]
             )
             on_event("done", {})
     except TritonForgeError as exc:
         raise _fail(exc) from None
-    console.print(_levels_table(result))
+    if as_json:
+        print_json(json.loads((out / "sweep.json").read_text()))
+    else:
+        console.print(_levels_table(result))
     if result.stopped_at:
         err_console.print(f"[bold red]stopped early:[/] {result.stopped_at} (partial results kept)")
-    console.print(f"wrote {output / 'sweep.csv'}, {output / 'sweep.json'}, {output / 'report.html'}")
+    if not as_json:
+        console.print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.json'}, {out / 'report.html'}")
     raise typer.Exit(code=0 if result.complete else 1)
 
 
@@ -164,10 +178,11 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
+@renamed({"--repository": "--repo", "--output": "--out"})
 def tune_command(
     model: str = typer.Argument(..., help="The model (or ensemble: its composing models are tuned) to tune."),
     p99_budget_ms: float = typer.Option(..., help="The p99 latency every accepted config must meet."),
-    repository: Path = typer.Option(
+    repo: Path = typer.Option(
         Path("model_repository"),
         help="The repository (served by the embedded server with explicit model control).",
     ),
@@ -200,7 +215,10 @@ def tune_command(
         help="Write the winning config(s) into the repository, and the layout chosen and why into the "
         "manifest of the version measured.",
     ),
-    output: Path = typer.Option(Path("tune_results"), help="Where tune.json, tune.csv and report.html go."),
+    out: Path = typer.Option(
+        Path("tune_results"), "--out", "-o", help="Where tune.json, tune.csv and report.html go."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print tune.json's document instead of a table."),
 ) -> None:
     """Find the config of MODEL with the highest throughput whose p99 stays within the budget."""
     from tritonforge.loadtest.search import SearchSpace
@@ -225,10 +243,10 @@ def tune_command(
         err_console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(code=2) from None
     try:
-        with _progress(1, f"tune {model}") as on_event:
+        with _progress(1, f"tune {model}", as_json=as_json) as on_event:
             result = tune(
                 model,
-                repository=repository,
+                repository=repo,
                 p99_budget_ms=p99_budget_ms,
                 space=space,
                 settings=settings,
@@ -236,14 +254,17 @@ def tune_command(
                 exhaustive=exhaustive,
                 refine=refine,
                 write=write,
-                output=output,
+                output=out,
                 on_event=on_event,
             )
             on_event("done", {})
     except TritonForgeError as exc:
         raise _fail(exc) from None
+    if as_json:
+        print_json(json.loads((out / "tune.json").read_text()))
+        raise typer.Exit(code=0 if result.winner is not None and not result.stopped_at else 1)
     console.print(_trials_table(result))
-    raise typer.Exit(code=_print_verdict(result, output))
+    raise typer.Exit(code=_print_verdict(result, out))
 
 
 def _trials_table(result: Any) -> Table:

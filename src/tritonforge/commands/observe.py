@@ -13,6 +13,7 @@ from rich.table import Table
 
 from tritonforge.commands import fail
 from tritonforge.commands._output import make_console
+from tritonforge.commands._renamed import deprecated, renamed
 from tritonforge.commands.access import with_access
 from tritonforge.errors import TritonForgeError
 
@@ -22,15 +23,17 @@ console = make_console()
 _fail = fail  # one way to report errors for every verb (tritonforge.commands)
 
 
+@renamed({"--grpc": "--url", "--interval": "--interval-s"})
 @with_access
 def monitor(
-    urls: list[str] = typer.Argument(
-        ..., help="Triton metrics endpoints (host:port, default path /metrics)."
+    ctx: typer.Context,
+    metrics_url: list[str] = typer.Option(
+        [], help="A Triton metrics endpoint (HOST:PORT, default path /metrics); repeat for several."
     ),
-    grpc: list[str] = typer.Option(
-        [], help="The servers' gRPC host:port (same order) for batch sizes from the statistics API."
+    url: list[str] = typer.Option(
+        [], help="The servers' gRPC HOST:PORT (same order) for batch sizes from the statistics API."
     ),
-    interval: float = typer.Option(2.0, help="Seconds between readings."),
+    interval_s: float = typer.Option(2.0, help="Seconds between readings."),
     once: bool = typer.Option(False, help="One interval, then exit."),
     as_json: bool = typer.Option(False, "--json", help="JSON (one object per interval) instead of a table."),
     price_per_hour: float | None = typer.Option(
@@ -39,13 +42,18 @@ def monitor(
     active: bool = typer.Option(False, help="Only models that served requests in the interval."),
     access: object = None,
 ) -> None:
-    """Requests/s, failures, latency, queue vs compute, batch size of every model on URL..., live."""
+    """Requests/s, failures, latency, queue vs compute, batch size of every model on --metrics-url, live."""
     from rich.live import Live
 
     from tritonforge.observe.monitor import render, snapshot
 
+    if ctx.args:  # the metrics endpoints were positional before --metrics-url
+        deprecated("URL...", "--metrics-url URL", command=ctx.command_path)
+    urls, grpc, interval = [*ctx.args, *metrics_url], url, interval_s
+    if not urls:
+        raise _fail(ValueError("give the server's metrics endpoint: --metrics-url HOST:8002"), code=2)
     if interval <= 0:
-        raise _fail(ValueError(f"--interval must be > 0, not {interval}"))
+        raise _fail(ValueError(f"--interval-s must be > 0, not {interval}"))
     stop = threading.Event()
     if not once:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -77,7 +85,7 @@ def monitor(
 
 def slo(
     spec: Path = typer.Argument(..., help="The SLO file (see observe/slo.example.yaml)."),
-    out: Path = typer.Option(..., help="Folder for rules.yml and dashboard.json."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for rules.yml and dashboard.json."),
 ) -> None:
     """Turn per-model objectives into Prometheus rules (DIR/rules.yml) and a Grafana dashboard."""
     from tritonforge.observe.slo import load_slo, rules, write
@@ -225,7 +233,7 @@ def cost(
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(monitor)
+    app.command(context_settings={"allow_extra_args": True})(monitor)
     app.command()(slo)
     app.command()(drift)
     app.command()(cost)

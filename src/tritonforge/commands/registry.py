@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from tritonforge.commands import fail
-from tritonforge.commands._output import make_console
+from tritonforge.commands._output import make_console, print_json
 from tritonforge.commands.access import with_access
 from tritonforge.errors import TritonForgeError
 
@@ -37,7 +37,10 @@ def _figures(manifest: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def models(repo: Path = typer.Argument(..., help="The model repository.")) -> None:
+def models(
+    repo: Path = typer.Argument(..., help="The model repository."),
+    as_json: bool = typer.Option(False, "--json", help="Every version with its manifest, as JSON."),
+) -> None:
     """List the models and versions in REPO with their figures and which version is served."""
     from tritonforge.registry import list_models
 
@@ -45,6 +48,15 @@ def models(repo: Path = typer.Argument(..., help="The model repository.")) -> No
         rows = list_models(repo)
     except TritonForgeError as exc:
         raise _fail(exc) from None
+    if as_json:
+        print_json(
+            [
+                {"model": r.model, "version": r.version, "served": r.served, "variant": r.variant}
+                | {"manifest": r.manifest}
+                for r in rows
+            ]
+        )
+        return
     table = Table(title=f"{repo}: {len({r.model for r in rows})} models, {len(rows)} versions")
     for column in ("model", "version", "served", "variant", "size MB", "figures", "created"):
         table.add_column(column, no_wrap=column != "figures")
@@ -73,6 +85,7 @@ def promote(
     require: list[str] = typer.Option([], help="Gate on VERSION's evaluation, e.g. 'accuracy>=0.97'."),
     no_worse_than_serving: bool = typer.Option(False, help="Gate: VERSION's figures >= the served one's."),
     on_gate_fail: str | None = typer.Option(None, help="A command run when a gate fails (retraining hook)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the audit event as JSON."),
     access: object = None,
 ) -> None:
     """Serve VERSION of NAME (its config's version policy), and record it in the audit log."""
@@ -112,7 +125,7 @@ def promote(
         if isinstance(exc, ValueError):
             exc = TritonForgeError(str(exc))
         raise _fail(exc) from None
-    console.print(f"[bold]{name}[/]: served versions {event['from']} -> {event['to']}")
+    _print_event(name, event, as_json)
 
 
 @with_access
@@ -123,6 +136,7 @@ def rollback(
     reason: str | None = typer.Option(None, help="Why (kept in the audit log)."),
     force: bool = typer.Option(False, help="Even if an ensemble pins another version of NAME."),
     url: str | None = typer.Option(None, help="Also reload it on this running server (no downtime)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the audit event as JSON."),
     access: object = None,
 ) -> None:
     """Serve the version NAME served before (or --to), and record it in the audit log."""
@@ -146,7 +160,14 @@ def rollback(
             event = do_rollback(repo, name, to=to, reason=reason, force=force)
     except TritonForgeError as exc:
         raise _fail(exc) from None
-    console.print(f"[bold]{name}[/]: served versions {event['from']} -> {event['to']}")
+    _print_event(name, event, as_json)
+
+
+def _print_event(name: str, event: Mapping[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(dict(event))
+    else:
+        console.print(f"[bold]{name}[/]: served versions {event['from']} -> {event['to']}")
 
 
 def register(app: typer.Typer) -> None:

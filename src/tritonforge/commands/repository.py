@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from enum import Enum
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import typer
 from rich.table import Table
 
 from tritonforge.commands import fail, print_error
-from tritonforge.commands._output import make_console, print_problems
+from tritonforge.commands._output import make_console, print_json, print_problems
 from tritonforge.errors import TritonForgeError
 
 console = make_console()
@@ -33,6 +34,7 @@ def add_model_command(
     instances: int = typer.Option(1, help="Model instances (each runs requests in parallel)."),
     kind: Kind = typer.Option(Kind.cpu, help="Where instances run."),
     version: int | None = typer.Option(None, min=1, help="Version number (default: the next one)."),
+    as_json: bool = typer.Option(False, "--json", help="The version written and its config as JSON."),
 ) -> None:
     """Add FILE as a new version of model NAME in REPO, with a config read off the file."""
     from tritonforge.repository import add_model
@@ -54,8 +56,12 @@ def add_model_command(
     from tritonforge.registry.audit import record_event
 
     record_event(repo, "add-model", model=name, version=int(path.name), details={"file": str(file)})
+    config = (path.parent / "config.pbtxt").read_text()
+    if as_json:
+        print_json({"model": name, "version": int(path.name), "path": path, "config": config})
+        return
     console.print(f"added [bold]{name}[/] version {path.name} at {path}")
-    console.print((path.parent / "config.pbtxt").read_text(), markup=False, highlight=False)
+    console.print(config, markup=False, highlight=False)
 
 
 def validate(
@@ -71,15 +77,34 @@ def validate(
     strict: bool = typer.Option(
         False, help="With --target: fail when a Python model needs a package its requirements.txt lacks."
     ),
+    as_json: bool = typer.Option(
+        False, "--json", help="The problems (and live results) as JSON; --target's list goes to stderr."
+    ),
 ) -> None:
     """Check REPO offline (layout, configs, files, signatures) and, with --live, on a real server."""
     from tritonforge.commands.build import print_python_requirements
     from tritonforge.repository import check_repository
     from tritonforge.server.live import check_live
 
-    undeclared = print_python_requirements(console, repo, target, strict=strict) if target else False
+    listing = make_console(stderr=True) if as_json else console  # stdout holds only the JSON document
+    undeclared = print_python_requirements(listing, repo, target, strict=strict) if target else False
     problems = check_repository(repo)
     errors = [p for p in problems if p.severity == "error"]
+    if as_json:
+        try:
+            results = check_live(repo) if live and not errors else None
+        except TritonForgeError as exc:
+            raise _fail(exc) from None
+        ok = not errors and not undeclared and (results is None or all(r.ok for r in results))
+        print_json(
+            {
+                "repo": repo,
+                "ok": ok,
+                "problems": [dataclasses.asdict(p) for p in problems],
+                "live": None if results is None else [dataclasses.asdict(r) | {"ok": r.ok} for r in results],
+            }
+        )
+        raise typer.Exit(code=0 if ok else 1)
     if problems:
         print_problems(
             console,

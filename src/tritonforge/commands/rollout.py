@@ -10,7 +10,8 @@ import typer
 from rich.table import Table
 
 from tritonforge.commands import err_console, fail
-from tritonforge.commands._output import make_console
+from tritonforge.commands._output import make_console, print_json
+from tritonforge.commands._renamed import renamed
 from tritonforge.commands.access import with_access
 from tritonforge.errors import TritonForgeError
 
@@ -181,6 +182,7 @@ def _print_verdicts(outcome: object) -> None:
     console.print(table)
 
 
+@renamed({"--output": "--output-name"})
 @with_access
 def evaluate_command(
     model: str = typer.Argument(..., help="The model to evaluate."),
@@ -188,8 +190,11 @@ def evaluate_command(
     version: int | None = typer.Option(None, help="The version (default: the served one)."),
     url: str = typer.Option("localhost:8001", help="The Triton server's gRPC address."),
     repo: Path = typer.Option(Path("model_repository"), help="The repository whose manifest records it."),
-    output: str | None = typer.Option(None, help="The output to score (default: the model's first)."),
+    output: str | None = typer.Option(
+        None, "--output-name", help="The output to score (default: the model's first)."
+    ),
     batch_size: int = typer.Option(64, help="Rows per request."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON instead of a table."),
     access: object = None,
 ) -> None:
     """Run a labelled holdout through the server and record the figures in the version's manifest."""
@@ -208,6 +213,9 @@ def evaluate_command(
         )
     except (TritonForgeError, ValueError) as exc:
         raise _fail(exc) from None
+    if as_json:
+        print_json({"model": model, "version": result.version, "data": data, "figures": result.figures})
+        return
     table = Table(title=f"{model} v{result.version} on {data.name}")
     table.add_column("figure")
     table.add_column("value", justify="right")

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from tritonforge.commands import fail, print_error
 from tritonforge.commands._output import make_console
+from tritonforge.commands._renamed import renamed
 from tritonforge.errors import TritonForgeError
 from tritonforge.server.access import RestrictionScope, restrict_both
 
@@ -27,6 +28,14 @@ class ModelControl(str, Enum):
     poll = "poll"
 
 
+@renamed(
+    {
+        "--model-control-mode": "--model-control",
+        "--repository-poll-secs": "--poll-s",
+        "--exit-timeout-secs": "--exit-timeout-s",
+        "--grpc-use-ssl-mutual": "--mtls",
+    }
+)
 def serve(
     ctx: typer.Context,
     repo: Path = typer.Argument(..., help="The model repository to serve."),
@@ -37,12 +46,9 @@ def serve(
     http_port: int | None = typer.Option(None, help="HTTP port (default: a free one)."),
     metrics_port: int | None = typer.Option(None, help="Prometheus metrics port (default: a free one)."),
     model_control: ModelControl = typer.Option(
-        ModelControl.none,
-        "--model-control",
-        "--model-control-mode",
-        help="'explicit' allows load/unload; 'poll' reloads what changes in REPO.",
+        ModelControl.none, help="'explicit' allows load/unload; 'poll' reloads what changes in REPO."
     ),
-    repository_poll_secs: int = typer.Option(15, help="With --model-control poll: seconds between scans."),
+    poll_s: int = typer.Option(15, help="With --model-control poll: seconds between scans."),
     load_model: list[str] = typer.Option(
         [], help="With explicit control: models to load at start ('*': all)."
     ),
@@ -51,7 +57,7 @@ def serve(
     ),
     log_file: Path | None = typer.Option(None, help="Write the server log here and keep it after stop."),
     log_verbose: int = typer.Option(0, help="Triton's log verbosity (0: off, 1: verbose)."),
-    exit_timeout_secs: int = typer.Option(10, help="How long Triton waits for in-flight requests at stop."),
+    exit_timeout_s: int = typer.Option(10, help="How long Triton waits for in-flight requests at stop."),
     grpc_restricted_protocol: list[str] = typer.Option(
         [],
         help="'<protocols>:<header>=<ref>': gRPC protocols only for calls sending that header; "
@@ -68,8 +74,8 @@ def serve(
     grpc_server_cert: Path | None = typer.Option(None, help="gRPC TLS: the server certificate (PEM)."),
     grpc_server_key: Path | None = typer.Option(None, help="gRPC TLS: the server's private key (PEM)."),
     grpc_root_cert: Path | None = typer.Option(None, help="gRPC TLS: the CA certificate (PEM)."),
-    grpc_use_ssl_mutual: bool = typer.Option(
-        False, help="gRPC mutual TLS: clients must present a certificate signed by --grpc-root-cert."
+    mtls: bool = typer.Option(
+        False, "--mtls", help="gRPC mutual TLS: clients must show a certificate signed by --grpc-root-cert."
     ),
     tritonserver: Path | None = typer.Option(
         None, help="A tritonserver binary to use instead of the wheel's."
@@ -99,19 +105,19 @@ def serve(
             http_port=http_port,
             metrics_port=metrics_port,
             model_control=model_control.value,
-            poll_interval_s=repository_poll_secs,
+            poll_interval_s=poll_s,
             load_models=load_model,
             tritonserver=tritonserver,
             response_cache_bytes=response_cache_byte_size or None,
             log_file=log_file,
             log_verbose=log_verbose,
-            exit_timeout_s=exit_timeout_secs,
+            exit_timeout_s=exit_timeout_s,
             grpc_restricted_protocols=access.grpc,
             http_restricted_apis=access.http,
             grpc_server_cert=grpc_server_cert,
             grpc_server_key=grpc_server_key,
             grpc_root_cert=grpc_root_cert,
-            grpc_mutual_tls=grpc_use_ssl_mutual,
+            grpc_mutual_tls=mtls,
             extra_args=extra_args,
         )
     except TritonForgeError as exc:

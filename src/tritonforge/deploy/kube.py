@@ -517,7 +517,7 @@ def batch_job(spec: DeploySpec, *, model: str) -> Obj:
             f"{spec.name}:{GRPC_PORT}",
             "--input",
             input_path,
-            "--output",
+            "--out",
             output_path,
             "--shard",
             f"$({SHARD_ENV})/{shards}",

@@ -233,7 +233,7 @@ class DeploySpec:
     locust_image: str = "tritonforge-locust:latest"
     locustfile: str = "any_model.py"
     locust_workers: int = 2
-    #: the batch Job: ``tritonforge batch-infer MODEL --input IN --output OUT --shard K/N``
+    #: the batch Job: ``tritonforge batch-infer MODEL --input IN --out OUT --shard K/N``
     batch_model: str = ""
     batch_input: str = ""
     batch_output: str = ""

@@ -87,7 +87,9 @@ def snapshot(
         MetricsError: a server could not be read. ValueError: more gRPC URLs than metrics URLs.
     """
     if len(grpc_urls) > len(urls):
-        raise ValueError(f"{len(grpc_urls)} --grpc URLs for {len(urls)} metrics URLs: give at most one each")
+        raise ValueError(
+            f"{len(grpc_urls)} --url for {len(urls)} --metrics-url: give at most one gRPC URL per server"
+        )
     full = [metrics_url(u) for u in urls]
     with ThreadPoolExecutor(max_workers=max(1, len(full))) as pool:
         if previous is None:
