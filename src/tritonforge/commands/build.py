@@ -355,7 +355,7 @@ def build(
             done = subprocess.run(command, check=False)
         if done.returncode:
             failed.append(name)
-    models(repo)
+    models(repo, as_json=False)  # called directly: every parameter given, none left a typer default
     if failed:
         err_console.print(
             f"[bold red]failed:[/] {', '.join(failed)}; the repository keeps its previous versions"
