@@ -258,3 +258,35 @@ def test_build_table_keeps_a_long_model_name_whole_in_a_pipe(tmp_path: Path) -> 
     [row] = [line for line in lines_with(done.stdout, LONG) if "onnxruntime_onnx" in line]
     assert re.search(rf"{LONG}\s+│\s+1\s+│", row), row
     assert "…" not in done.stdout
+
+
+def test_export_and_quantize_print_json_and_refuse_a_value_outside_their_enum(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    import pickle
+
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((60, 8)).astype(np.float32)
+    (tmp_path / "clf.pkl").write_bytes(pickle.dumps(LogisticRegression().fit(x, (x[:, 0] > 0).astype(int))))
+    np.save(tmp_path / "x.npy", x)
+    repo = tmp_path / "repo"
+    args = ["-o", str(tmp_path / "clf.onnx"), "--sample", str(tmp_path / "x.npy"), "--format", "onnx"]
+    args += ["--repo", str(repo), "--name", "clf", "--json"]
+    exported = run_tritonforge("export", str(tmp_path / "clf.pkl"), *args)
+    assert exported.returncode == 0, exported.stderr
+    document = json.loads(exported.stdout)
+    assert document["passed"] is True and document["registered"] == str(repo / "clf" / "1")
+    assert set(document["reports"]) >= {"label", "probabilities"}
+    source = tiny_models.mlp_onnx(tmp_path / "mlp.onnx")
+    np.savez(tmp_path / "hold.npz", x=x)
+    args = ["-o", str(tmp_path / "half.onnx"), "--holdout", str(tmp_path / "hold.npz"), "--mode", "fp16"]
+    quantized = run_tritonforge("quantize", str(source), *args, "--json")
+    assert quantized.returncode == 0, quantized.stderr
+    document = json.loads(quantized.stdout)
+    assert document["passed"] is True and document["registered"] is None
+    assert document["reports"]["probs"]["cosine_min"] > 0.99
+    for verb, option in (("export", "--format"), ("quantize", "--mode")):
+        refused = run_tritonforge(verb, str(source), "-o", str(tmp_path / "x.onnx"), option, "int4")
+        assert refused.returncode == 2
+        assert f"Invalid value for '{option}'" in refused.stderr and "int4" in refused.stderr
