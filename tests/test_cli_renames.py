@@ -290,3 +290,11 @@ def test_export_and_quantize_print_json_and_refuse_a_value_outside_their_enum(tm
         refused = run_tritonforge(verb, str(source), "-o", str(tmp_path / "x.onnx"), option, "int4")
         assert refused.returncode == 2
         assert f"Invalid value for '{option}'" in refused.stderr and "int4" in refused.stderr
+
+
+def test_a_repeated_old_spelling_is_said_once_and_each_of_its_values_kept() -> None:
+    grpc = ["--grpc", "127.0.0.1:1", "--grpc=127.0.0.1:2"]
+    done = run_tritonforge("monitor", *grpc, "--metrics-url", "127.0.0.1:1", "--once", timeout=60)
+    assert done.returncode == 1
+    assert said(done.stderr, ("--grpc", "--url"))
+    assert "2 --url for 1 --metrics-url" in done.stderr  # both values (either form) reached --url

@@ -55,12 +55,15 @@ def deprecated(old: str, new: str, *, command: str = "") -> None:
 
 def _rewrite(args: list[str], renames: Mapping[str, str], command: str) -> list[str]:
     out: list[str] = []
+    said: set[str] = set()
     for i, arg in enumerate(args):
         if arg == "--":  # what follows is not ours to read
             return out + args[i:]
         flag, eq, value = arg.partition("=")
         if flag in renames:
-            deprecated(flag, renames[flag], command=command)
+            if flag not in said:  # once per spelling, however often it is repeated
+                deprecated(flag, renames[flag], command=command)
+                said.add(flag)
             arg = renames[flag] + eq + value
         out.append(arg)
     return out
