@@ -298,3 +298,11 @@ def test_a_repeated_old_spelling_is_said_once_and_each_of_its_values_kept() -> N
     assert done.returncode == 1
     assert said(done.stderr, ("--grpc", "--url"))
     assert "2 --url for 1 --metrics-url" in done.stderr  # both values (either form) reached --url
+
+
+def test_tune_refuses_an_unknown_kind_of_preferred_sizes_before_it_starts() -> None:
+    done = run_tritonforge("tune", "m", "--p99-budget-ms", "5", "--preferred", "none,bogus", timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "error: --preferred 'bogus' is not one of none, max, half (a comma list, e.g. none,max)"
+    )

@@ -13,7 +13,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tritonforge.commands import err_console, fail
+from tritonforge.commands import err_console, fail, print_error
 from tritonforge.commands._output import make_console, print_json
 from tritonforge.commands._renamed import renamed
 from tritonforge.commands.access import with_access
@@ -221,10 +221,15 @@ def tune_command(
     as_json: bool = typer.Option(False, "--json", help="Print tune.json's document instead of a table."),
 ) -> None:
     """Find the config of MODEL with the highest throughput whose p99 stays within the budget."""
-    from tritonforge.loadtest.search import SearchSpace
+    from tritonforge.loadtest.search import PREFERRED_KINDS, SearchSpace
     from tritonforge.loadtest.sweep import SweepSettings
     from tritonforge.loadtest.tune import tune
 
+    unknown = [kind for kind in preferred.split(",") if kind not in PREFERRED_KINDS]
+    if unknown:
+        kinds = ", ".join(PREFERRED_KINDS)
+        print_error(f"--preferred {unknown[0]!r} is not one of {kinds} (a comma list, e.g. none,max)")
+        raise typer.Exit(code=2)
     try:
         space = SearchSpace(
             max_batch_size=_ints(max_batch_size),

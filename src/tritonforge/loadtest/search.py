@@ -37,6 +37,7 @@ from tritonforge.repository.threads import onnxruntime_thread_parameters, pytorc
 
 __all__ = [
     "KNOBS",
+    "PREFERRED_KINDS",
     "REFINE_TOP",
     "THREAD_PARAMETERS",
     "Point",
@@ -59,6 +60,8 @@ THREAD_PARAMETERS = {
     "pytorch": "INTRA_OP_THREAD_COUNT",
 }
 Point = tuple[int, ...]
+#: the kinds of preferred batch sizes a search tries (see :class:`SearchSpace`)
+PREFERRED_KINDS = ("none", "max", "half")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
