@@ -103,7 +103,7 @@ def test_batch_run_refuses_a_broken_input_with_one_clear_error(tmp_path: Path, u
 @pytest.mark.parametrize("case", ["truncated npy", "repeated CSV header", "0-d npz"])
 def test_batch_infer_cli_reports_a_broken_input_in_one_line(tmp_path: Path, url: str, case: str) -> None:
     path, _ = _bad_files(tmp_path / "in")[case]
-    done = _cli("double", "--url", url, "--input", str(path), "--output", str(tmp_path / "out"))
+    done = _cli("double", "--url", url, "--input", str(path), "--out", str(tmp_path / "out"))
     assert done.returncode == 1, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: ") and str(path) in line
@@ -125,7 +125,7 @@ def test_an_output_that_is_a_file_is_refused_before_anything_is_read(tmp_path: P
         run_batch("double", url, tmp_path / "missing.npy", tmp_path / "out")
     with pytest.raises(BatchError, match=r"lies under .*out, which is a file"):
         run_batch("double", url, tmp_path / "x.npy", tmp_path / "out" / "sub")
-    done = _cli("double", "--url", url, "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "out"))
+    done = _cli("double", "--url", url, "--input", str(tmp_path / "x.npy"), "--out", str(tmp_path / "out"))
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1 and "is a file" in done.stderr
 
 
@@ -152,7 +152,7 @@ def test_a_bad_option_is_refused_up_front_not_row_by_row(
 
 def test_batch_infer_cli_refuses_a_negative_timeout_in_one_line(tmp_path: Path, url: str) -> None:
     np.save(tmp_path / "x.npy", X)
-    args = ["double", "--url", url, "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "out")]
+    args = ["double", "--url", url, "--input", str(tmp_path / "x.npy"), "--out", str(tmp_path / "out")]
     done = _cli(*args, "--timeout-s", "-1")
     assert done.returncode != 0 and "timeout_s must be" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
