@@ -1,7 +1,9 @@
-"""The ONNX side of fan-in fusion: member models side by side, and a ``combiner`` block's math after them.
+"""Fan-in fusion: ONNX member models side by side, and a ``combiner`` block's math after them, as one model.
 
-:mod:`tritonforge.ensemble.fuse` decides what to fuse; this module writes and checks the graph. Each member's
-graph is copied in under its own prefix (``m<k>/``), keeps only the nodes its one used output needs (a
+:func:`fan_in` decides whether a ``combiner`` step and the ONNX members feeding it fuse (called by the pass
+in :mod:`tritonforge.ensemble.fuse`), :func:`write_fan_in` writes the graph and :func:`check_fan_in` checks
+it; a fusion that can't be checked equal is dropped and the steps compile as written. Each member's graph is
+copied in under its own prefix (``m<k>/``), keeps only the nodes its one used output needs (a
 scikit-learn export also computes a label no one reads), and reads the fused model's input named after the
 pipeline tensor it was fed. The combiner's ``average``, ``weighted`` and ``vote`` become a dozen standard
 operators (ArgMax, Equal, Sum, Where ...), so the fused model is a plain ONNX model on any onnxruntime.
@@ -14,13 +16,22 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Member", "check_fan_in", "write_fan_in"]
+from tritonforge.config import DataType, ModelConfig, TensorSpec
+from tritonforge.ensemble._fuse_check import measured_layout
+from tritonforge.ensemble._fusing import FUSE_TOLERANCE, FusedModel, name_free, onnx_source
+from tritonforge.ensemble.blocks import GENERATED_MARK
+from tritonforge.ensemble.check import Resolved
+from tritonforge.ensemble.spec import BlockModelSpec, StepSpec
+from tritonforge.repository import file_sha256, with_layout
+
+__all__ = ["Member", "check_fan_in", "fan_in", "write_fan_in"]
 
 #: the combiner's outputs in the fused model, under the block's own names
 COMBINED, LABEL = "PROBABILITIES", "LABEL"
@@ -250,3 +261,135 @@ def check_fan_in(
             return float("inf")
         worst = max(worst, float(np.abs(got.astype(np.float64) - exp).max(initial=0.0)))
     return worst
+
+
+def fan_in(
+    steps: list[StepSpec],
+    combine: StepSpec,
+    block: BlockModelSpec,
+    resolved: Resolved,
+    repo: Path,
+    scratch: Path,
+) -> tuple[FusedModel, StepSpec, list[StepSpec]] | None:
+    """The fused model replacing ``combine`` and the ONNX members feeding it, with its step and the steps
+    it replaces; None when they can't be fused exactly (they then compile as written)."""
+    options = block.options
+    count, classes = int(options.get("inputs", 0)), int(options.get("classes", 0))
+    slots = [combine.inputs.get(f"PROBS_{k}") for k in range(count)]
+    if count < 2 or len(combine.inputs) != count or not set(combine.outputs) <= {COMBINED, LABEL}:
+        return None
+    pipeline_outputs = {t.name for t in resolved.outputs}
+    parts: list[StepSpec] = []
+    members: list[Member] = []
+    configs: list[tuple[ModelConfig, int, Path]] = []
+    inputs: dict[str, TensorSpec] = {}
+    for k, tensor in enumerate(slots):
+        producers = [s for s in steps if tensor is not None and tensor in s.outputs.values()]
+        if len(producers) != 1 or len(producers[0].outputs) != 1 or producers[0] in parts:
+            return None
+        step = producers[0]
+        source = onnx_source(step, repo)
+        if source is None:
+            return None
+        config = source[0]
+        output = next(iter(step.outputs))
+        specs = {t.name: t for t in config.inputs}
+        out_spec = next((t for t in config.outputs if t.name == output), None)
+        if out_spec is None or out_spec.dtype != DataType.FP32 or set(step.inputs) != set(specs):
+            return None
+        for name, fed in step.inputs.items():
+            spec = specs[name]
+            if spec.dtype != DataType.FP32 or any(d < 1 for d in spec.dims) or fed in (COMBINED, LABEL):
+                return None  # the check batch is random FP32 of known shape
+            renamed = dataclasses.replace(spec, name=fed)
+            if inputs.setdefault(fed, renamed) != renamed:
+                return None
+        others = [s for s in steps if tensor in s.inputs.values() and s is not combine]
+        exposed = f"PROBS_{k}" if others or tensor in pipeline_outputs else None
+        parts.append(step)
+        configs.append(source)
+        members.append(Member(path=source[2], inputs=dict(step.inputs), output=output, exposed=exposed))
+    produced = {t for s in (*parts, combine) for t in s.outputs.values()}
+    if produced & set(inputs) or set(inputs) & {m.exposed for m in members}:
+        return None  # a member reads another's output: not side by side
+    name = f"{resolved.spec.name}__{combine.name}_fused"
+    if len(name) > 100:
+        name = f"{resolved.spec.name[:40]}_fused_{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    if not name_free(repo, name):
+        return None
+    method = str(options.get("method", "average"))
+    raw = np.asarray(options.get("weights") or [1.0] * count, dtype=np.float64)
+    weights = (raw / raw.sum()).astype(np.float32)  # as the block normalises them
+    want = set(combine.outputs)
+    folder = scratch / name
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "model.onnx"
+    rng = np.random.default_rng(0)
+    feeds = {fed: rng.normal(size=(16, *spec.dims)).astype(np.float32) for fed, spec in inputs.items()}
+    try:
+        if not write_fan_in(members, method, weights, classes, want, target):
+            return None
+        difference = check_fan_in(members, method, weights, target, feeds, want)
+    except Exception:  # a graph onnx or onnxruntime can't take apart or run here: compiled unfused
+        return None
+    if not difference <= FUSE_TOLERANCE:
+        return None
+    outputs = [TensorSpec(name=COMBINED, dtype=DataType.FP32, dims=[classes])] if COMBINED in want else []
+    if LABEL in want:
+        outputs.append(TensorSpec(name=LABEL, dtype=DataType.INT64, dims=[1]))
+    outputs += [TensorSpec(name=m.exposed, dtype=DataType.FP32, dims=[classes]) for m in members if m.exposed]
+    first = configs[0][0]
+    sources: list[dict[str, Any]] = [
+        {"model": s.model, "version": version, "sha256": file_sha256(path)}
+        for s, (_, version, path) in zip(parts, configs, strict=True)
+    ]
+    fused_config = first.replace(
+        name=name,
+        max_batch_size=min(config.max_batch_size for config, _, _ in configs),
+        inputs=list(inputs.values()),
+        outputs=outputs,
+        version_policy=None,
+        default_model_filename=None,
+        parameters={
+            **first.parameters,
+            GENERATED_MARK: "fused:"
+            + "+".join(f"{s['model']}:{s['version']}" for s in sources)
+            + f"+{combine.model}",
+        },
+    )
+    record: dict[str, Any] = {
+        "block": "fused",
+        "variant": "fused",
+        "source": {"path": str(configs[0][2].resolve()), "sha256": sources[0]["sha256"]},
+        "artifact": {"bytes": target.stat().st_size},
+        "pipeline": resolved.spec.name,
+        "fused": {
+            "steps": [s.name for s in (*parts, combine)],
+            "from": [*sources, {"model": combine.model, "block": "combiner", "options": dict(options)}],
+            "appended": f"the combiner's {method} over the members' outputs, side by side in one graph",
+            "max_abs_diff_vs_unfused": difference,
+            "why": f"one model instead of {len(parts) + 1}: no Python-backend hop, one request per row "
+            "for all members",
+        },
+    }
+    layouts = [layout for _, _, path in configs if (layout := measured_layout(path)) is not None]
+    if len(layouts) == len(configs):  # the members' own measurements: the widest of them
+        instances = max(int(layout["instances"]) for layout in layouts)
+        threads = max(int(layout["intra_op_threads"]) for layout in layouts)
+        fused_config = with_layout(fused_config, instances, threads)
+        record["layout"] = {
+            "instances": instances,
+            "intra_op_threads": threads,
+            "reused_from": ", ".join(f"{s['model']} version {s['version']}" for s in sources),
+        }
+    step = StepSpec(
+        name="+".join(s.name for s in (*parts, combine)),
+        model=name,
+        inputs={fed: fed for fed in inputs},
+        outputs={
+            **combine.outputs,
+            **{m.exposed: tensor for m, tensor in zip(members, slots, strict=True) if m.exposed and tensor},
+        },
+        version=1,
+    )
+    return FusedModel(config=fused_config, source=target, manifest=record), step, [*parts, combine]
