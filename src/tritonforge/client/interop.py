@@ -81,7 +81,7 @@ def tritonclient_for(url: str, auth: Auth | None = None, *, aio: bool = False) -
     if tls is not None:
         import grpc
 
-        from tritonforge.client._base import _pem
+        from tritonforge.client._channels import _pem
 
         kwargs["ssl"] = True
         kwargs["creds"] = grpc.ssl_channel_credentials(
