@@ -137,9 +137,10 @@ def violations(path: str, command: Any) -> list[str]:
             found.append(f"{where}: a fixed set of values is an enum")
         elif not choice and p.type_descriptor.annotation is str and LISTED_VALUES.match(p.help or ""):
             found.append(f"{where}: its help lists values; make it an enum")
-    if names & {"url", "metrics_url"} and not names >= ACCESS and verb not in PENDING_ACCESS:
+    server_options = {p.name for p in params if p.param_type_name == "option"} & {"url", "metrics_url"}
+    if server_options and not names >= ACCESS and verb not in PENDING_ACCESS:
         found.append(f"{path}: talks to a server, so takes the access options (commands/access.with_access)")
-    if "as_json" not in names and verb not in NO_JSON and verb not in PENDING_JSON:
+    if not any("--json" in p.opts for p in params) and verb not in NO_JSON and verb not in PENDING_JSON:
         found.append(f"{path}: prints results, so takes --json (or list it with a reason in NO_JSON)")
     all_opts = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
     for old, new in renames_of(command.callback).items():
@@ -174,7 +175,8 @@ def _commands_in(text: str) -> Iterator[str]:
     joined = re.sub(r"\\\n\s*", " ", text)
     for line in joined.splitlines():
         for match in re.finditer(r"tritonforge (.*)", line):
-            yield match.group(1).split(" -- ")[0]  # after `--`: tritonserver's own flags
+            # it ends at `--` (tritonserver's own flags follow), a comment, or prose naming tritonserver's
+            yield re.split(r" -- | #|`|\)|;|, or |tritonserver", match.group(1))[0]
         yield from re.findall(r"`([a-z][a-z-]+ [^`]*)`", line)
 
 
@@ -213,6 +215,7 @@ def test_the_docs_check_finds_old_spellings_in_commands_and_backticks_but_not_af
         "tritonforge bench m --concurrency 1 \\\n    --batch 4\n"
         "a note on `bench --batch` here\n"
         "tritonforge serve R -- --exit-timeout-secs=5\n"
+        "(tritonforge serve --model-control explicit, or tritonserver --exit-timeout-secs=5)\n"
         "tritonforge bench m --batch-size 4\n"
     )
     assert stale_spellings(text, renames) == ["`bench ... --batch` is now --batch-size"] * 2
