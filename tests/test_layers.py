@@ -1,7 +1,7 @@
 """Layers point down only (ARCHITECTURE.md): every import inside the package is checked against the order.
 
     commands → examples → (batch, rollout, deploy, observe, loadtest) → (client, server, ensemble, registry)
-             → repository → (export, quantize) → verify → config → errors
+             → repository → (export, quantize) → verify → config → (errors, atomic)
 
 Packages on one line do not import each other; the client imports nothing of ours but ``errors`` (apps
 import it alone). A new top-level package or module must be placed in ``LAYERS`` before its first import
@@ -22,7 +22,8 @@ PACKAGE = Path(tritonforge.__file__).resolve().parent
 
 #: lowest first; one tuple is one layer
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors",),
+    # atomic: the one atomic file write, importing nothing of ours
+    ("errors", "atomic"),
     ("config",),
     ("verify",),
     ("export", "quantize"),

@@ -23,7 +23,6 @@ import datetime as _dt
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from tritonforge.atomic import atomic_path, write_atomic
 from tritonforge.errors import DriftError
 
 __all__ = [
@@ -254,12 +254,7 @@ def write_profile(version_dir: str | os.PathLike[str], prof: Profile) -> Path:
     folder = Path(version_dir)
     if not folder.is_dir():
         raise DriftError(f"version folder {folder} does not exist: write the profile after the model")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".drift_profile-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(prof.to_json(), fh)
-    target = folder / PROFILE_FILE
-    os.replace(tmp, target)
-    return target
+    return write_atomic(folder / PROFILE_FILE, json.dumps(prof.to_json()))
 
 
 def read_profile(
@@ -473,7 +468,8 @@ def write_metrics_file(reports: Sequence[DriftReport], path: str | os.PathLike[s
     collector picks ``*.prom`` files up), atomically."""
     from prometheus_client import write_to_textfile
 
-    write_to_textfile(str(path), drift_registry(reports))
+    with atomic_path(path) as tmp:
+        write_to_textfile(str(tmp), drift_registry(reports))
     return Path(path)
 
 
@@ -525,10 +521,4 @@ largest PSI {report.max_psi:.3f}.</p>
 <h2>Features that moved most</h2>{images}
 <h2>Every feature</h2><table><tr><th>feature</th><th>role</th><th>PSI</th><th>KS</th><th>p</th>
 <th>p (BH)</th><th>ref mean</th><th>cur mean</th><th>drifted</th></tr>{rows}</table></body></html>"""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".drift-", suffix=".html")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(page)
-    os.replace(tmp, out)
-    return out
+    return write_atomic(path, page)

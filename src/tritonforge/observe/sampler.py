@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from tritonforge.atomic import atomic_path
 from tritonforge.errors import TritonForgeError
 
 __all__ = ["SampleStore", "Sampler", "SamplerStats"]
@@ -92,9 +93,8 @@ class SampleStore:
                 values.append(row.get(key))
         table = pa.table(columns)
         name = f"part-{time.time_ns():020d}-{os.getpid()}.parquet"
-        tmp = folder / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, folder / name)
+        with atomic_path(folder / name) as tmp:
+            pq.write_table(table, tmp)
         self.rotate()
         return folder / name
 
