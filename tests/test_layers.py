@@ -131,3 +131,97 @@ def test_the_check_catches_an_upward_import(
     monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
     monkeypatch.setattr(__import__(__name__), "SOURCES", [planted])
     assert any(expected in v for v in violations())
+
+
+#: the most lines a module of src/ may have; a data table (its module docstring says "data table") is exempt
+MAX_LINES = 600
+#: modules over MAX_LINES while they are being split; each entry must still be over, so the list only
+#: shrinks (delete an entry when its module is split)
+TOO_LONG_FOR_NOW = {
+    "tritonforge/client/_base.py",  # into options, channels, infer flows, shadows, control flows, events
+    "tritonforge/batch/run.py",  # into plan, runner and result
+    "tritonforge/rollout/controller.py",  # its repository twin and server waits into their own modules
+    "tritonforge/server/embedded.py",
+    "tritonforge/repository/writer.py",
+    "tritonforge/ensemble/check.py",
+    "tritonforge/ensemble/spec.py",
+    "tritonforge/config/parts.py",
+    "tritonforge/config/proto.py",
+}
+
+
+def _lines_and_doc(path: Path) -> tuple[int, str]:
+    text = path.read_text(encoding="utf-8")
+    return text.count("\n") + (not text.endswith("\n") and bool(text)), ast.get_docstring(
+        ast.parse(text)
+    ) or ""
+
+
+def test_no_module_is_over_600_lines() -> None:
+    too_long = {}
+    for path in SOURCES:
+        lines, doc = _lines_and_doc(path)
+        if lines > MAX_LINES and "data table" not in doc.lower():
+            too_long[str(path.relative_to(PACKAGE.parent))] = lines
+    assert {k: v for k, v in too_long.items() if k not in TOO_LONG_FOR_NOW} == {}, (
+        f"split these modules along their seams (at most {MAX_LINES} lines each)"
+    )
+    assert sorted(TOO_LONG_FOR_NOW - set(too_long)) == [], "split already: drop them from TOO_LONG_FOR_NOW"
+
+
+def private_reach_ins() -> set[str]:
+    """``unit -> target.module[.name]`` for every import of another unit's private module or name (``_x``)."""
+    found: set[str] = set()
+    for path in SOURCES:
+        unit = unit_of(path)
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        package_parts = ("tritonforge", *path.relative_to(PACKAGE).parent.parts)
+        imported: list[tuple[list[str], list[str]]] = []  # (module parts, names imported from it)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package_parts[: len(package_parts) - node.level + 1]
+                    parts = [*base, *(node.module or "").split(".")] if node.module else list(base)
+                else:
+                    parts = (node.module or "").split(".")
+                imported.append((parts, [alias.name for alias in node.names]))
+            elif isinstance(node, ast.Import):
+                imported.extend((alias.name.split("."), []) for alias in node.names)
+        for parts, names in imported:
+            if len(parts) < 2 or parts[0] != "tritonforge" or parts[1].removesuffix(".py") == unit:
+                continue
+            target = ".".join(parts[1:])
+            if any(p.startswith("_") and not p.startswith("__") for p in parts[2:]):
+                found.add(f"{unit} -> {target}")
+            found.update(
+                f"{unit} -> {target}.{n}" for n in names if n.startswith("_") and not n.startswith("__")
+            )
+    return found
+
+
+#: private reach-ins across packages that exist today; what a neighbour needs becomes public API (with
+#: ``__all__``) or moves down a layer, and its entry goes. Each entry must still occur (the list shrinks).
+KNOWN_REACH_INS = {
+    "batch -> client._codec",  # the batch engine encodes requests as the client does
+    "batch -> client._inputs",
+    "batch -> client._wire",
+    "batch -> client._stats",  # server statistics: ServerSplit, Counters
+    "loadtest -> client._stats",
+    "cli -> commands._output",  # cli.py keeps verbs that move into commands/
+}
+
+
+def test_no_package_imports_another_packages_private_module_or_name() -> None:
+    found = private_reach_ins()
+    assert sorted(found - KNOWN_REACH_INS) == [], "make it public API of its package (in __all__), or move it"
+    assert sorted(KNOWN_REACH_INS - found) == [], "gone already: drop them from KNOWN_REACH_INS"
+
+
+def test_the_private_check_catches_a_reach_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "tritonforge"
+    (fake / "observe").mkdir(parents=True)
+    planted = fake / "observe" / "planted.py"
+    planted.write_text("from tritonforge.client._stats import split\nfrom tritonforge.server import _port\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    monkeypatch.setattr(__import__(__name__), "SOURCES", [planted])
+    assert private_reach_ins() == {"observe -> client._stats", "observe -> server._port"}
