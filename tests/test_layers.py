@@ -138,7 +138,6 @@ MAX_LINES = 600
 #: modules over MAX_LINES while they are being split; each entry must still be over, so the list only
 #: shrinks (delete an entry when its module is split)
 TOO_LONG_FOR_NOW = {
-    "tritonforge/client/_base.py",  # into options, channels, infer flows, shadows, control flows, events
     "tritonforge/batch/run.py",  # into plan, runner and result
     "tritonforge/rollout/controller.py",  # its repository twin and server waits into their own modules
     "tritonforge/server/embedded.py",
@@ -208,6 +207,7 @@ KNOWN_REACH_INS = {
     "batch -> client._stats",  # server statistics: ServerSplit, Counters
     "loadtest -> client._stats",
     "cli -> commands._output",  # cli.py keeps verbs that move into commands/
+    "cli -> commands._renamed",
 }
 
 
