@@ -46,31 +46,38 @@ def unit_of(path: Path) -> str:
     return relative.parts[0].removesuffix(".py")
 
 
-def imports_of(path: Path) -> list[tuple[int, str, list[str]]]:
-    """(line, tritonforge unit imported, names imported) for every import of ours in ``path``."""
+def imported_modules(path: Path) -> list[tuple[int, list[str], list[str]]]:
+    """(line, module path split on dots, names imported) for every import in ``path``, relative ones
+    resolved (``import a.b`` gives no names)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-    found: list[tuple[int, str, list[str]]] = []
+    found: list[tuple[int, list[str], list[str]]] = []
     package_parts = ("tritonforge", *path.relative_to(PACKAGE).parent.parts)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            for alias in node.names:
-                parts = alias.name.split(".")
-                if parts[0] == "tritonforge":
-                    found.append((node.lineno, parts[1] if len(parts) > 1 else "", []))
+            found.extend((node.lineno, alias.name.split("."), []) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package_parts[: len(package_parts) - node.level + 1]
                 parts = [*base, *(node.module or "").split(".")] if node.module else list(base)
             else:
                 parts = (node.module or "").split(".")
-            if parts[0] != "tritonforge":
-                continue
-            names = [a.name for a in node.names]
-            if len(parts) > 1 and parts[1]:
-                found.append((node.lineno, parts[1], names))
-            else:  # `from tritonforge import x`: x is a unit, or a name of the package root
-                for name in names:
-                    found.append((node.lineno, name if name in RANK else "", [name]))
+            found.append((node.lineno, parts, [a.name for a in node.names]))
+    return found
+
+
+def imports_of(path: Path) -> list[tuple[int, str, list[str]]]:
+    """(line, tritonforge unit imported, names imported) for every import of ours in ``path``."""
+    found: list[tuple[int, str, list[str]]] = []
+    for line, parts, names in imported_modules(path):
+        if parts[0] != "tritonforge":
+            continue
+        if not names:  # import tritonforge.x
+            found.append((line, parts[1] if len(parts) > 1 else "", []))
+        elif len(parts) > 1 and parts[1]:
+            found.append((line, parts[1], names))
+        else:  # `from tritonforge import x`: x is a unit, or a name of the package root
+            for name in names:
+                found.append((line, name if name in RANK else "", [name]))
     return found
 
 
@@ -173,20 +180,7 @@ def private_reach_ins() -> set[str]:
     found: set[str] = set()
     for path in SOURCES:
         unit = unit_of(path)
-        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-        package_parts = ("tritonforge", *path.relative_to(PACKAGE).parent.parts)
-        imported: list[tuple[list[str], list[str]]] = []  # (module parts, names imported from it)
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package_parts[: len(package_parts) - node.level + 1]
-                    parts = [*base, *(node.module or "").split(".")] if node.module else list(base)
-                else:
-                    parts = (node.module or "").split(".")
-                imported.append((parts, [alias.name for alias in node.names]))
-            elif isinstance(node, ast.Import):
-                imported.extend((alias.name.split("."), []) for alias in node.names)
-        for parts, names in imported:
+        for _, parts, names in imported_modules(path):
             if len(parts) < 2 or parts[0] != "tritonforge" or parts[1].removesuffix(".py") == unit:
                 continue
             target = ".".join(parts[1:])
