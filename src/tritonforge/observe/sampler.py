@@ -162,7 +162,9 @@ class SampleStore:
             where = f"{self.root / _safe(model)}" + (f"/{_safe(version)}" if version else "")
             found = f" (sampled versions: {', '.join(sampled)}; 'default' holds calls that named no version)"
             raise ObserveError(
-                f"no sampled traffic of {model!r} in {where}"
+                f"no sampled traffic of {model!r}"
+                + (f" for version {version}" if version else "")
+                + f" in {where}"
                 + (found if sampled else ": is a Sampler writing there?")
             )
         problems: list[str] = []
@@ -189,8 +191,10 @@ class SampleStore:
             for n, values in columns.items():
                 widths[n].update(None if v is None else len(v) for v in values)
             per_file.append((f, t, columns))
-        variable = {n for n, c in widths.items() if c and c.most_common(1)[0][1] * 2 < sum(c.values())}
-        expected = {n: c.most_common(1)[0][0] for n, c in widths.items() if n not in variable}
+        total = sum(t.num_rows for _, t in tables)
+        rare = {n for n, c in widths.items() if sum(c.values()) * 2 <= total}  # in a minority of rows
+        variable = {n for n, c in widths.items() if c.most_common(1)[0][1] * 2 < sum(c.values())} - rare
+        expected = {n: c.most_common(1)[0][0] for n, c in widths.items() if n not in variable | rare}
         ts: list[float] = []
         kept: dict[str, list[Any]] = {n: [] for n in expected}
         for f, t, columns in per_file:
@@ -224,6 +228,9 @@ class SampleStore:
             else:
                 out[n] = np.array(picked, np.float64)
         skipped = [
+            f"tensor {n!r} is in a minority of the sampled rows only: not judged" for n in sorted(rare)
+        ]
+        skipped += [
             f"tensor {n!r} has rows of varying width (variable-length): not judged" for n in sorted(variable)
         ]
         return Samples(out, problems, skipped, len(files), len(idx))
