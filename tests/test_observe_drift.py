@@ -376,7 +376,7 @@ def test_profiles_are_readable_like_manifests_and_versions_of_traffic_never_mix(
     with pytest.raises(ObserveError, match=r"version 1 .*sampled versions: default; 'default' holds calls"):
         store.read("digits_logreg", "1")
     store.write("digits_logreg", "1", [{"ts": 3.0, "input": [0.0] * 64}])
-    with pytest.raises(ObserveError, match="sampled for versions 1, default in .*: pick one"):
+    with pytest.raises(ObserveError, match=r"sampled for versions 1, default in .*: pick one"):
         store.read("digits_logreg")
     assert store.read("digits_logreg", "default").rows == 40
     assert store.read("digits_logreg", "default", since_s=1.5).rows == 0

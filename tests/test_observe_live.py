@@ -302,3 +302,19 @@ def test_parse_metrics_raises_metrics_error_for_text_that_is_not_prometheus() ->
 
     with pytest.raises(MetricsError, match="not Prometheus exposition format"):
         parse_metrics('nv_inference_count{model="m" 1\n', url="http://x/metrics")
+
+
+def test_every_generated_python_model_carries_the_same_error_accounting() -> None:
+    import re
+
+    from tritonforge.ensemble.blocks import model_file
+    from tritonforge.rollout.controller import SPLITTER
+
+    block = re.compile(r"# -- error accounting .*?# -- end of error accounting", re.S)
+    files = [model_file(k) for k in ("router", "combiner", "impute", "mean_pooling", "tokenizer")]
+    copies = {str(f): block.findall(f.read_text()) for f in [*files, SPLITTER]}
+    assert all(len(found) == 1 for found in copies.values()), copies.keys()
+    assert len({found[0] for found in copies.values()}) == 1, "the copies differ: keep them identical"
+    for f in [*files, SPLITTER]:
+        text = f.read_text()
+        assert "return _settle(" in text and "self.error_counter = _error_counter(args)" in text, f

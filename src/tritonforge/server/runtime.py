@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -334,6 +335,7 @@ class BatchingExecutor:
 #: ``nv_inference_request_failure``. The models the ensemble compiler and the rollout write carry the same
 #: logic in their own files (they run on NVIDIA's image, without tritonforge).
 ERROR_RESPONSES = "tritonforge_error_responses_total"
+_TRACEBACK = re.compile(r"\n+At:\n(?:  .*\n?)*")
 
 
 def error_counter(pb_utils: Any, args: Mapping[str, str]) -> Any:
@@ -355,7 +357,8 @@ def settle_errors(pb_utils: Any, responses: list[Any], counter: Any) -> list[Any
     each as a failure), or adding the error responses among them to ``counter``."""
     errors = [r.error().message() for r in responses if r is not None and r.has_error()]
     if errors and len(errors) == len(responses) and len(set(errors)) == 1:
-        raise pb_utils.TritonModelException(errors[0])
+        # the stub appends the raise's traceback ("At: ..."); the nested ones inside are dropped
+        raise pb_utils.TritonModelException(_TRACEBACK.sub("", errors[0]))
     if errors and counter is not None:
         counter[1].increment(len(errors))
     return responses

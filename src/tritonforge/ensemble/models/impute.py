@@ -8,6 +8,7 @@ Needs numpy only; numpy's element-wise operations run on the calling thread (no 
 """
 
 import json
+import re
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -19,6 +20,7 @@ import triton_python_backend_utils as pb_utils
 # and an error answered beside successful requests is counted in tritonforge_error_responses_total
 # {model, version}, which tritonforge's SLO rules add to Triton's failures.
 ERROR_RESPONSES = "tritonforge_error_responses_total"
+_TRACEBACK = re.compile(r"\n+At:\n(?:  .*\n?)*")
 
 
 def _error_counter(args):
@@ -38,7 +40,8 @@ def _settle(responses, counter):
     """``responses``, after raising when every one is an error with the same message, or counting them."""
     errors = [r.error().message() for r in responses if r is not None and r.has_error()]
     if errors and len(errors) == len(responses) and len(set(errors)) == 1:
-        raise pb_utils.TritonModelException(errors[0])
+        # the stub appends the raise's traceback ("At: ..."); the nested ones inside are dropped
+        raise pb_utils.TritonModelException(_TRACEBACK.sub("", errors[0]))
     if errors and counter[1] is not None:
         counter[1].increment(len(errors))
     return responses

@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import time
 
 import numpy as np
@@ -60,6 +61,7 @@ class _Arm:
 # and an error answered beside successful requests is counted in tritonforge_error_responses_total
 # {model, version}, which tritonforge's SLO rules add to Triton's failures.
 ERROR_RESPONSES = "tritonforge_error_responses_total"
+_TRACEBACK = re.compile(r"\n+At:\n(?:  .*\n?)*")
 
 
 def _error_counter(args):
@@ -79,7 +81,8 @@ def _settle(responses, counter):
     """``responses``, after raising when every one is an error with the same message, or counting them."""
     errors = [r.error().message() for r in responses if r is not None and r.has_error()]
     if errors and len(errors) == len(responses) and len(set(errors)) == 1:
-        raise pb_utils.TritonModelException(errors[0])
+        # the stub appends the raise's traceback ("At: ..."); the nested ones inside are dropped
+        raise pb_utils.TritonModelException(_TRACEBACK.sub("", errors[0]))
     if errors and counter[1] is not None:
         counter[1].increment(len(errors))
     return responses
