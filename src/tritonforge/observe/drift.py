@@ -50,6 +50,7 @@ __all__ = [
     "drift_registry",
     "features",
     "html_report",
+    "mmd_test",
     "profile",
     "psi",
     "read_profile",
@@ -63,6 +64,8 @@ DEFAULT_MIN_PSI = 0.1
 _SAMPLE = 2000  # reference values kept per feature for the KS test
 _WIDE = 64  # a tensor with more values per row than this is summarised per row (mean, std, min, max, norm)
 _VOCAB = 5000
+_EMBEDDING_ROWS = 256  # reference rows kept per embedding tensor for the MMD test
+_PERMUTATIONS = 500
 _EPS = 1e-4
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -159,10 +162,13 @@ class Profile:
     vocab: dict[str, list[str]]
     created: str
     source: str = ""
+    #: per wide numeric tensor (an embedding), a sample of whole reference rows for the MMD test
+    embeddings: dict[str, list[list[float]]] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "format": 1,
+            "embeddings": self.embeddings,
             "model": self.model,
             "version": self.version,
             "rows": self.rows,
@@ -201,6 +207,15 @@ class Profile:
             if fp.name in feats:
                 raise DriftError(f"feature {fp.name!r} appears twice")
             feats[fp.name] = fp
+        embeddings = data.get("embeddings", {})
+        if not isinstance(embeddings, dict):
+            raise DriftError("embeddings must map a tensor name to a list of rows")
+        for name, sample in embeddings.items():
+            if not isinstance(sample, list) or len(sample) < 2:
+                raise DriftError(f"embeddings of {name!r} must be a list of at least 2 rows")
+            rows_of = [_finite_list(row, f"embeddings of {name!r} row {i}") for i, row in enumerate(sample)]
+            if len({len(r) for r in rows_of}) != 1 or not rows_of[0]:
+                raise DriftError(f"embeddings of {name!r}: every row must have the same non-zero width")
         return cls(
             str(data["model"]),
             str(data["version"]),
@@ -209,10 +224,11 @@ class Profile:
             {str(k): list(v) for k, v in vocab.items()},
             str(data.get("created", "")),
             str(data.get("source", "")),
+            {str(k): v for k, v in embeddings.items()},
         )
 
 
-_PROFILE_KEYS = {"format", "model", "version", "rows", "created", "source", "vocab", "features"}
+_PROFILE_KEYS = {"format", "model", "version", "rows", "created", "source", "vocab", "features", "embeddings"}
 _FEATURE_KEYS = {f.name for f in dataclasses.fields(FeatureProfile)}
 _QUANTILES = ("p1", "p5", "p25", "p50", "p75", "p95", "p99")
 
@@ -320,18 +336,37 @@ def profile(
         raise DriftError(f"bins must be at least 2, not {bins}")
     rng = np.random.default_rng(seed)
     vocab: dict[str, list[str]] = {}
+    held_out: dict[str, np.ndarray] = {}  # per text tensor: the rows its oov reference is measured on
+    embeddings: dict[str, list[list[float]]] = {}
     for name, value in {**inputs, **(outputs or {})}.items():
         array = np.asarray(value)
         if _is_text(array):
-            counts = Counter(w for t in _texts(array) for w in _WORD.findall(t.lower()))
+            # The vocabulary comes from half of the rows and the share of unknown words is measured on
+            # the other half: measured on the rows it was built from, it would be 0 and never move.
+            order = rng.permutation(len(array))
+            known, held = order[: len(array) // 2], order[len(array) // 2 :]
+            counts = Counter(w for t in _texts(array[known]) for w in _WORD.findall(t.lower()))
             vocab[name] = [w for w, _ in counts.most_common(_VOCAB)]
+            held_out[name] = array[held]
+        elif array.ndim >= 2 and array.dtype.kind in "fiu":
+            flat = array.reshape(array.shape[0], -1)
+            if flat.shape[1] > _WIDE:  # an embedding: a sample of whole rows for the two-sample test
+                pick = rng.choice(len(flat), min(len(flat), _EMBEDDING_ROWS), replace=False)
+                embeddings[name] = np.round(flat[np.sort(pick)].astype(np.float64), 5).tolist()
     rows = 0
     feats: dict[str, FeatureProfile] = {}
     for role, tensors in (("input", inputs), ("output", outputs or {})):
-        for fname, values in features(tensors, vocab=vocab).items():
+        measured = features(tensors, vocab=vocab)
+        for name in held_out:
+            if name in tensors and len(held_out[name]):
+                oov = features({name: held_out[name]}, vocab=vocab)[f"{name}:oov"]
+                measured[f"{name}:oov"] = oov
+        for fname, values in measured.items():
             rows = max(rows, len(values))
             if len(values) == 0:
                 raise DriftError(f"feature {fname!r} has no rows: a profile needs the verification data")
+            if not np.isfinite(values).all():
+                raise DriftError(f"feature {fname!r} has non-finite values: a profile needs finite data")
             edges, shares = _bins(values, bins)
             qs = np.quantile(values, [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99])
             keep = values if len(values) <= _SAMPLE else rng.choice(values, _SAMPLE, replace=False)
@@ -351,7 +386,7 @@ def profile(
     if not feats:
         raise DriftError("a profile needs at least one input or output tensor")
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    return Profile(model, str(version), rows, feats, vocab, created, source)
+    return Profile(model, str(version), rows, feats, vocab, created, source, embeddings)
 
 
 def write_profile(version_dir: str | os.PathLike[str], prof: Profile) -> Path:
@@ -465,6 +500,9 @@ class FeatureDrift:
     drifted: bool
     ref_mean: float
     cur_mean: float
+    #: "psi+ks" (one feature: PSI and KS) or "mmd" (a whole embedding: ``ks`` holds the MMD² statistic,
+    #: ``psi`` is 0 and drift needs the p-value only)
+    test: str = "psi+ks"
 
 
 @dataclasses.dataclass
@@ -591,7 +629,26 @@ def compare(
             result = ks_2samp(ref_sample, values)
             ks, p = float(result.statistic), float(result.pvalue)
         stats.append((name, fp, psi(fp.edges, fp.shares, values), ks, p, float(values.mean())))
-    adjusted = _bh(np.array([s[4] for s in stats]))
+    multi = []  # (name, role, MMD², p, reference mean norm, current mean norm) per embedding tensor
+    for name, sample in reference.embeddings.items():
+        if name not in current:
+            continue
+        ref = np.asarray(sample, np.float64)
+        now = np.asarray(current[name], np.float64).reshape(len(current[name]), -1)
+        if now.shape[1] != ref.shape[1]:
+            issues.append(
+                f"tensor {name!r} is {now.shape[1]} wide in the traffic, {ref.shape[1]} in the profile"
+            )
+            continue
+        now = now[np.isfinite(now).all(axis=1)]
+        if len(now) < 2:
+            continue
+        stat, p = mmd_test(ref, now)
+        role = next((fp.role for n, fp in reference.features.items() if n.startswith(f"{name}:")), "output")
+        multi.append(
+            (name, role, stat, p, float(np.linalg.norm(ref.mean(0))), float(np.linalg.norm(now.mean(0))))
+        )
+    adjusted = _bh(np.array([s[4] for s in stats] + [m[3] for m in multi]))
     out = [
         FeatureDrift(
             name,
@@ -604,11 +661,50 @@ def compare(
             fp.mean,
             cur_mean,
         )
-        for (name, fp, score, ks, p, cur_mean), adj in zip(stats, adjusted, strict=True)
+        for (name, fp, score, ks, p, cur_mean), adj in zip(stats, adjusted[: len(stats)], strict=True)
+    ]
+    out += [
+        FeatureDrift(
+            f"{name}:mmd", role, 0.0, stat, p, float(adj), bool(adj < alpha), ref_norm, cur_norm, "mmd"
+        )
+        for (name, role, stat, p, ref_norm, cur_norm), adj in zip(multi, adjusted[len(stats) :], strict=True)
     ]
     return DriftReport(
         reference.model, reference.version, reference.rows, rows, alpha, min_psi, out, cur, reference, issues
     )
+
+
+def mmd_test(
+    reference: np.ndarray, current: np.ndarray, *, permutations: int = _PERMUTATIONS, seed: int = 0
+) -> tuple[float, float]:
+    """Two-sample test on whole rows (embeddings): the squared maximum mean discrepancy with a Gaussian
+    kernel (bandwidth: the median distance) and its permutation p-value. Returns ``(MMD², p)``.
+
+    Where no permutation reaches the observed MMD², the p-value is the normal tail beyond it (fitted to
+    the permutations), so a clear drift is not capped at ``1 / (permutations + 1)`` (which, adjusted
+    over the other features, could never fall below ``alpha``). At most ``_EMBEDDING_ROWS`` current rows
+    are used (a seeded sample).
+    """
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(seed)
+    if len(current) > _EMBEDDING_ROWS:
+        current = current[rng.choice(len(current), _EMBEDDING_ROWS, replace=False)]
+    z = np.vstack([reference, current])
+    sq = np.einsum("ij,ij->i", z, z)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * z @ z.T, 0.0)
+    scale = float(np.median(d2[np.triu_indices(len(z), 1)])) or 1.0
+    kernel = np.exp(-d2 / scale)
+    n, m = len(reference), len(current)
+    base = np.concatenate([np.full(n, 1.0 / n), np.full(m, -1.0 / m)])
+    observed = float(base @ kernel @ base)
+    shuffled = np.array([rng.permutation(base) for _ in range(permutations)])
+    null = np.einsum("pi,pi->p", shuffled @ kernel, shuffled)
+    beyond = int((null >= observed).sum())
+    if beyond:
+        return observed, (beyond + 1) / (permutations + 1)
+    spread = float(null.std()) or 1e-12
+    return observed, float(min(1.0 / (permutations + 1), norm.sf((observed - null.mean()) / spread)))
 
 
 def check_thresholds(alpha: float, min_psi: float, min_rows: int = 30) -> None:
