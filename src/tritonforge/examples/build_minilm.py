@@ -15,6 +15,7 @@ Each version gets a drift profile of the text pipeline on those sentences (:func
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import tempfile
@@ -102,6 +103,24 @@ def sentence_report(reference: Path | Any, candidate: Path, batches: list[dict[s
 PIPELINE = "text_embedding"
 
 
+@functools.lru_cache(maxsize=2)
+def _session(path: str) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def sentence_embeddings(model_file: Path, texts: list[str]) -> np.ndarray:
+    """``texts`` through an encoder ONNX file in-process: mean-pooled, L2-normalised FP32 ``[N, 384]``
+    (what the ``text_embedding`` pipeline answers)."""
+    session = _session(str(model_file))
+    pooled = np.concatenate(
+        [_mean_pool(session.run(None, b)[0], b["attention_mask"]) for b in minilm.batches(texts, BATCH)]
+    )
+    pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+    return pooled.astype(np.float32)
+
+
 def text_profile(model_file: Path, version: int | str) -> Any:
     """The drift reference of the text pipeline on this encoder version: the held-out sentences it was
     verified on (``TEXT``: token and character counts, the share of unknown words, measured on half of
@@ -111,19 +130,12 @@ def text_profile(model_file: Path, version: int | str) -> Any:
     Judge the pipeline's sampled traffic with it:
     ``tritonforge drift --model text_embedding --profile <repo>/minilm_encoder/<v>/drift_profile.json``.
     """
-    import onnxruntime as ort
-
     from tritonforge.observe.drift import profile
 
     texts = minilm.sentences(HOLDOUT_SENTENCES, seed=HOLDOUT_SEED)
-    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
-    pooled = np.concatenate(
-        [_mean_pool(session.run(None, b)[0], b["attention_mask"]) for b in minilm.batches(texts, BATCH)]
-    )
-    pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
     return profile(
         {"TEXT": np.array([[t.encode()] for t in texts], dtype=object)},
-        {"EMBEDDING": pooled.astype(np.float32)},
+        {"EMBEDDING": sentence_embeddings(model_file, texts)},
         model=PIPELINE,
         version=version,
         source=f"{HOLDOUT_SENTENCES} held-out sentences (seed {HOLDOUT_SEED}) through {NAME} v{version}",
