@@ -385,3 +385,12 @@ def test_profiles_are_readable_like_manifests_and_versions_of_traffic_never_mix(
 def test_the_missing_profile_hint_names_the_build_that_writes_one_or_says_none_does(digits: dict) -> None:
     with pytest.raises(DriftError, match=r"this model.s build writes none; call tritonforge\.observe\.drift"):
         read_profile(digits["repo"], "nope")
+
+
+def test_drift_exits_3_when_no_sample_file_is_usable(digits: dict, tmp_path: Path) -> None:
+    folder = tmp_path / "s" / "digits_logreg" / "default"
+    folder.mkdir(parents=True)
+    (folder / "part-00000000000000000001-1.parquet").write_bytes(b"")
+    done = _drift("--store", str(tmp_path / "s"), "--repo", str(digits["repo"]), "--model", "digits_logreg")
+    assert done.returncode == 3 and "incomplete: none of the 1 sample file(s)" in done.stderr
+    assert done.stderr.count("\n") == 1

@@ -177,6 +177,14 @@ def drift(
         reference = read_profile(profile) if profile is not None else read_profile(repo, model, version)  # type: ignore[arg-type]
         since = None if since_s is None else time.time() - since_s
         samples = SampleStore(store).read(model, traffic_version, since_s=since, limit=limit)
+        if samples.problems and not samples.tensors:
+            raise _fail(
+                ValueError(
+                    f"incomplete: none of the {samples.files} sample file(s) of {model!r} is usable: "
+                    + " | ".join(samples.problems)
+                ),
+                EXIT_INCOMPLETE,
+            )
         report = compare(reference, samples.tensors, alpha=alpha, min_psi=min_psi, problems=samples.problems)
         if html is not None:
             html_report(report, html)
