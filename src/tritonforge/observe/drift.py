@@ -119,7 +119,7 @@ def features(
                     [sum(x not in known for x in w) / len(w) if w else 0.0 for w in words], np.float64
                 )
             continue
-        flat = array.reshape(array.shape[0], -1).astype(np.float64)
+        flat = _snap(array.reshape(array.shape[0], -1).astype(np.float64))
         if flat.shape[1] == 1:
             out[name] = flat[:, 0]
         elif flat.shape[1] <= _WIDE:
@@ -130,8 +130,16 @@ def features(
             out[f"{name}:std"] = flat.std(axis=1)
             out[f"{name}:min"] = flat.min(axis=1)
             out[f"{name}:max"] = flat.max(axis=1)
-            out[f"{name}:norm"] = np.linalg.norm(flat, axis=1)
+            out[f"{name}:norm"] = _snap(np.linalg.norm(flat, axis=1))
     return out
+
+
+def _snap(values: np.ndarray) -> np.ndarray:
+    """``values`` rounded to 20 significant bits (about 6 decimal digits, relative): float32 models and
+    float64 references disagree in the last bits (a normalised embedding's norm is 0.99999994 here and
+    1.0000001 there), and with a bin per point mass that rounding noise would read as drift."""
+    mantissa, exponent = np.frexp(values)
+    return np.ldexp(np.round(mantissa * 2.0**20) / 2.0**20, exponent)
 
 
 # -- profiles -----------------------------------------------------------------------------------------
