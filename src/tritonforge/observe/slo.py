@@ -37,6 +37,7 @@ import yaml
 
 from tritonforge.atomic import write_atomic
 from tritonforge.errors import ConfigError, SLOError
+from tritonforge.server.runtime import ERROR_RESPONSES
 
 __all__ = [
     "OBJECTIVES",
@@ -259,15 +260,19 @@ def _exprs(spec: SLOSpec, window: str) -> dict[str, str]:
 
     success, failure = rate("nv_inference_request_success"), rate("nv_inference_request_failure")
     # a model without failure series yet still gets a 0 (not an empty result)
-    failures = f"({failure} or {success} * 0)"
+    raised = f"({failure} or {success} * 0)"
+    # Triton counts a Python model's error response as a success: the models tritonforge generates count
+    # those in their own counter (see tritonforge.server.runtime.ERROR_RESPONSES), added here
+    answered = f"({rate(ERROR_RESPONSES)} or {success} * 0)"
+    failures = f"({raised} + {answered})"
     q50, q99 = 'quantile="0.5"', 'quantile="0.99"'
     compute = " + ".join(
         rate(f"nv_inference_compute_{part}_duration_us") for part in ("input", "infer", "output")
     )
     return {
-        "requests": f"{success} + {failures}",
+        "requests": f"{success} + {raised}",
         "failures": failures,
-        "error_ratio": f"{failures} / ({success} + {failures})",
+        "error_ratio": f"{failures} / ({success} + {raised})",
         "latency_mean_ms": f"{rate('nv_inference_request_duration_us')} / {success} / 1000",
         "queue_ms": f"{rate('nv_inference_queue_duration_us')} / {success} / 1000",
         "compute_ms": f"({compute}) / {success} / 1000",
@@ -381,12 +386,13 @@ def dashboard_queries(spec: SLOSpec, model: str, rate_window: str = "$__rate_int
     def rate(metric: str) -> str:
         return f"sum(rate({metric}{s}[{rate_window}]))"
 
-    success, failure = rate("nv_inference_request_success"), rate("nv_inference_request_failure")
+    success, raised = rate("nv_inference_request_success"), rate("nv_inference_request_failure")
+    failure = f"(({raised} or vector(0)) + ({rate(ERROR_RESPONSES)} or vector(0)))"  # see _exprs
     q50, q99 = ',quantile="0.5"', ',quantile="0.99"'
     return {
-        "success": success,
+        "success": f"({success} - ({rate(ERROR_RESPONSES)} or vector(0)))",
         "failure": failure,
-        "error_ratio": f"{failure} / ({success} + {failure})",
+        "error_ratio": f"{failure} / ({success} + ({raised} or vector(0)))",
         "p50": f"max(nv_inference_request_summary_us{_sel(spec, m + q50)}) / 1000",
         "p99": f"max(nv_inference_request_summary_us{_sel(spec, m + q99)}) / 1000",
         "mean": f"{rate('nv_inference_request_duration_us')} / {success} / 1000",

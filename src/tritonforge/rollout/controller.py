@@ -57,6 +57,9 @@ __all__ = [
 DEFAULT_STEPS = (5.0, 25.0, 50.0, 100.0)
 TWIN_SUFFIX = "__rollout"
 SPLITTER = Path(__file__).parent / "models" / "splitter.py"
+# the splitter's file in the stable version's folder: not model.py, which a Python-backend model (a
+# pipeline's router) has there itself, and which the twin shares through a hard link
+SPLITTER_FILE = "tritonforge_rollout_splitter.py"
 SPLITTER_MARK = "tritonforge_rollout"
 _POLL_S = 0.25
 
@@ -391,6 +394,7 @@ class Rollout:
             dynamic_batching=DynamicBatching() if original.max_batch_size > 0 else None,
             instance_groups=(InstanceGroup(count=2),),
             version_policy=VersionPolicy.specific(state.stable),
+            default_model_filename=SPLITTER_FILE,
             parameters={
                 SPLITTER_MARK: "splitter",
                 "rollout_target": state.twin,
@@ -399,7 +403,7 @@ class Rollout:
             },
         )
         model_dir = self.repo / self.model
-        shutil.copyfile(SPLITTER, model_dir / str(state.stable) / "model.py")
+        shutil.copyfile(SPLITTER, model_dir / str(state.stable) / SPLITTER_FILE)
         write_config(splitter, model_dir)
         self.on_event(f"{self.model}: serving '{self.model}' through the splitter")
         self._load(self.model, lambda: self._served_by_splitter() is True)
@@ -412,7 +416,7 @@ class Rollout:
         original = ModelConfig.from_pbtxt(state.original_config)
         write_config(original.replace(version_policy=VersionPolicy.specific(serve)), model_dir)
         with contextlib.suppress(FileNotFoundError):
-            (model_dir / str(state.stable) / "model.py").unlink()
+            (model_dir / str(state.stable) / SPLITTER_FILE).unlink()
         self._load(self.model, lambda: self._served_by_splitter() is False and self._ready(self.model, serve))
         # requests already inside the old splitter may still call the twin: let them finish
         time.sleep(1.0)
@@ -469,7 +473,7 @@ class Rollout:
         )
 
     def _splitter_files(self, state: RolloutState) -> bool:
-        return (self.repo / self.model / str(state.stable) / "model.py").exists() or bool(
+        return (self.repo / self.model / str(state.stable) / SPLITTER_FILE).exists() or bool(
             load_config(self.repo / self.model).parameters.get(SPLITTER_MARK)
         )
 
@@ -576,7 +580,7 @@ def _link_tree(source: Path, destination: Path) -> None:
     """Copy a version folder by hard links (no extra disk for big models), copies across filesystems."""
     destination.mkdir(parents=True)
     for item in source.iterdir():
-        if item.name == "model.py" and item.parent.parent.name.endswith(TWIN_SUFFIX):
+        if item.name == SPLITTER_FILE:
             continue
         target = destination / item.name
         if item.is_dir():
