@@ -24,6 +24,8 @@ MODULES = sorted(
         "tritonforge.client.policies",
         "tritonforge.client.observe",
         "tritonforge.client.shm",
+        "tritonforge.client.stats",
+        "tritonforge.client.wire",
         *(f"tritonforge.observe.{m}" for m in ("metrics", "monitor", "slo", "drift", "sampler", "logs")),
         "tritonforge.observe.cost",
         *SUBPACKAGES,
@@ -49,7 +51,9 @@ def test_all_lists_each_name_once(name: str) -> None:
     assert len(module.__all__) == len(set(module.__all__))
 
 
-@pytest.mark.parametrize("name", ["tritonforge.errors", "tritonforge.client.policies"])
+@pytest.mark.parametrize(
+    "name", ["tritonforge.errors", "tritonforge.client.policies", "tritonforge.client.stats"]
+)
 def test_all_lists_every_public_class_defined_in_the_module(name: str) -> None:
     module = importlib.import_module(name)
     defined = {

@@ -1,7 +1,7 @@
 """Rows through a model: requests of many rows, many in flight, and failures narrowed down to their rows.
 
 A lane of a batch run sends its requests as messages of a ``ModelStreamInfer`` stream of its own
-(:mod:`tritonforge.client._wire`) when it can; a request that can't go that way, or whose answer is an error,
+(:mod:`tritonforge.client.wire`) when it can; a request that can't go that way, or whose answer is an error,
 goes through the :class:`~tritonforge.client.AsyncClient` like every other, so errors, retries and the
 endpoint pool are the client's.
 
@@ -23,9 +23,15 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
 from tritonforge.batch.columns import shape_groups, take
-from tritonforge.client._codec import decode_response, frame, request_header, signature_of
-from tritonforge.client._inputs import prepare
-from tritonforge.client._wire import Lane, Streams
+from tritonforge.client.wire import (
+    Lane,
+    Streams,
+    decode_response,
+    frame,
+    prepare,
+    request_header,
+    signature_of,
+)
 from tritonforge.errors import InferenceFailed, InvalidRequestError
 
 __all__ = ["Engine", "RowResult"]
@@ -53,7 +59,7 @@ class Engine:
         batch_size: rows per request (at most the model's ``max_batch_size``).
         outputs: the outputs to ask for (None: all).
         timeout_s: per-request timeout (None: the client's deadline).
-        streams: the lanes' streams (:class:`~tritonforge.client._wire.Streams`); None: every request
+        streams: the lanes' streams (:class:`~tritonforge.client.wire.Streams`); None: every request
             through the client.
     """
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tritonforge.client._stats import Counters, ServerSplit, split
+from tritonforge.client.stats import Counters, ServerSplit, split
 from tritonforge.config import ComposingWalk
 
 __all__ = ["Counters", "ServerSplit", "TritonStats", "composing_models", "split"]
@@ -51,4 +51,4 @@ class TritonStats:
 
 
 def splits(before: Mapping[str, Counters], after: Mapping[str, Counters]) -> dict[str, ServerSplit]:
-    return {name: split(before[name], after[name]) for name in after if name in before}
+    return {name: split(before[name], after[name], model=name) for name in after if name in before}

@@ -1,7 +1,12 @@
 """Triton's cumulative per-model counters (its statistics API) and the per-request split of a window.
 
 Shared by the load tester (protobuf answers of ``tritonclient.grpc.aio``) and batch runs (the JSON answers
-of :meth:`AsyncClient.model_statistics`): both diff two snapshots the same way. No I/O here.
+of :meth:`AsyncClient.model_statistics`): both diff two snapshots the same way, into one
+:class:`ServerSplit` per model. No I/O here::
+
+    before = Counters.from_dict(stats_before["model_stats"][0])
+    after = Counters.from_dict(stats_after["model_stats"][0])
+    print(split(before, after, model="clf").queue_us)
 """
 
 from __future__ import annotations
@@ -74,7 +79,10 @@ class Counters:
 
 @dataclasses.dataclass(frozen=True)
 class ServerSplit:
-    """Where one model's requests spent their time on the server during a window (µs per request)."""
+    """Where one model's requests spent their time on the server during a window (µs per request):
+    requests answered and failed, inferences (rows) and model executions, and the mean time per request
+    end to end, queued, and in compute (input, infer, output). ``model``: whose requests (``""`` when the
+    caller keeps the name elsewhere, e.g. as a dict key)."""
 
     requests: int
     failed: int
@@ -85,6 +93,7 @@ class ServerSplit:
     compute_input_us: float
     compute_infer_us: float
     compute_output_us: float
+    model: str = ""
 
     @property
     def mean_batch(self) -> float:
@@ -92,13 +101,15 @@ class ServerSplit:
         return self.inferences / self.executions if self.executions else 0.0
 
     def as_dict(self) -> dict[str, float]:
+        """The figures by name (``model`` left out: the caller keys them by model)."""
         out: dict[str, float] = dataclasses.asdict(self)
+        del out["model"]
         out["mean_batch"] = round(self.mean_batch, 3)
         return out
 
 
-def split(before: Counters, after: Counters) -> ServerSplit:
-    """The per-request averages between two snapshots of one model."""
+def split(before: Counters, after: Counters, model: str = "") -> ServerSplit:
+    """The per-request averages of ``model`` between two snapshots of its counters."""
     d = after - before
     per = (lambda ns: ns / d.success / 1e3) if d.success else (lambda ns: 0.0)
     return ServerSplit(
@@ -111,4 +122,5 @@ def split(before: Counters, after: Counters) -> ServerSplit:
         compute_input_us=per(d.compute_input_ns),
         compute_infer_us=per(d.compute_infer_ns),
         compute_output_us=per(d.compute_output_ns),
+        model=model,
     )
