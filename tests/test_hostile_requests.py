@@ -308,3 +308,22 @@ def test_any_headers_make_a_client_that_answers_or_are_refused_when_it_is_made(
             continue
         with c:
             assert c.infer("mlp", {"x": X})["probs"].shape == (2, 3)
+
+
+def test_load_tests_tritonclient_sender_sends_bytes_elements_byte_for_byte(served: EmbeddedServer) -> None:
+    # tritonclient's own serializer would send np.bytes_(b"xy") as b"b'xy'"
+    from tritonclient.grpc import InferenceServerClient
+
+    from tritonforge.loadtest.target import _infer_inputs
+
+    s = np.empty((3, 1), dtype=object)
+    s[0, 0], s[1, 0], s[2, 0] = np.bytes_(b"xy"), b"\x00z", "é"
+    raw = InferenceServerClient(served.grpc_url)
+    try:
+        got = raw.infer("echo_str", _infer_inputs({"s": s})).as_numpy("out")
+    finally:
+        raw.close()
+    assert got.tolist() == [[b"xy"], [b"\x00z"], ["é".encode()]]
+    bad = np.array([[1]], dtype=object)
+    with pytest.raises(InvalidRequestError, match=r"BYTES element \[0, 0\] is int"):
+        _infer_inputs({"s": bad})

@@ -62,13 +62,27 @@ def inputs_from_config(config: pb2.ModelConfig, *, batch: int = 1, seed: int = 0
 
 
 def _infer_inputs(arrays: Mapping[str, np.ndarray]) -> list[Any]:
+    """tritonclient's ``InferInput`` per array; BYTES tensors serialized by the client's own
+    :func:`~tritonforge.client.wire.bytes_tensor`, as every other sender here does.
+
+    Raises:
+        InvalidRequestError: a BYTES element that is not bytes, ``np.bytes_``, bytearray or str.
+    """
     from tritonclient.grpc import InferInput
     from tritonclient.utils import np_to_triton_dtype
 
+    from tritonforge.client.wire import bytes_tensor
+
     items = []
     for name, array in arrays.items():
-        item = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        item.set_data_from_numpy(array)
+        datatype = np_to_triton_dtype(array.dtype)
+        item = InferInput(name, list(array.shape), datatype)
+        if datatype == "BYTES":
+            # tritonclient's set_data_from_numpy sends np.bytes_(b"xy") as b"b'xy'" and has no public
+            # setter for a tensor's serialized bytes: its request is built from this attribute
+            item._raw_content = bytes_tensor(array)
+        else:
+            item.set_data_from_numpy(array)
         items.append(item)
     return items
 
