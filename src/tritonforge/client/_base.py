@@ -1,8 +1,9 @@
 """The client's core, shared by :class:`~tritonforge.client.Client` and
 :class:`~tritonforge.client.AsyncClient`, assembled from its layers, each in its own module:
 
-- :mod:`~tritonforge.client._options`: options and state, the decisions every layer asks (no I/O);
-- :mod:`~tritonforge.client._channels`: each endpoint's gRPC channel, the core's only I/O;
+- :mod:`~tritonforge.client._options`: options and state, the decisions every layer asks (no network
+  I/O; a shared-memory request copies its tensors into a region of the client's pool);
+- :mod:`~tritonforge.client._channels`: each endpoint's gRPC channel, the core's only network I/O;
 - :mod:`~tritonforge.client._events`: metrics and hooks;
 - :mod:`~tritonforge.client._control`: one call across endpoints (retries, fallbacks, deadline) and the
   control-plane flows;

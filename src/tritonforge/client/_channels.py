@@ -1,5 +1,6 @@
-"""Each endpoint's gRPC channel: the client core's only I/O (the flows yield the calls to make; the faces,
-:mod:`~tritonforge.client._sync` and :mod:`~tritonforge.client._async`, make them on these channels).
+"""Each endpoint's gRPC channel: the client core's only network I/O (the flows yield the calls to make;
+the faces, :mod:`~tritonforge.client._sync` and :mod:`~tritonforge.client._async`, make them on these
+channels).
 """
 
 from __future__ import annotations

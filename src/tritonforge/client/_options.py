@@ -1,8 +1,12 @@
 """The client's options and state: the keyword options of its calls, what the constructor takes and
 checks (headers, TLS, auth, shared memory, batching, streams), and the small decisions every layer
-above asks (the gRPC metadata of a method, request ids, the targets of a call, a request's bytes).
+above asks (the gRPC metadata of a method, request ids, the targets of a call, a request's bytes, a
+shared-memory request and its region's registration).
 
-No I/O: the channels are :mod:`tritonforge.client._channels`'.
+No network I/O: the channels are :mod:`tritonforge.client._channels`'. The one thing done outside the
+process's memory is a shared-memory request's: its region is taken from the client's
+:class:`~tritonforge.client.shm.ShmPool` (a ``/dev/shm`` region, made when no free one fits and reused
+after) and the tensors are copied into it.
 """
 
 from __future__ import annotations
