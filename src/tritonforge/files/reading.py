@@ -258,6 +258,7 @@ def iter_lines(
     what: str = "file",
     max_line: int = MAX_LINE_BYTES,
     error: ErrorFactory = TritonForgeError,
+    fix: str | None = None,
 ) -> Iterator[tuple[int, bytes | None]]:
     """``(line number, bytes without the newline)`` for each line of regular file ``path``, streamed.
 
@@ -267,7 +268,7 @@ def iter_lines(
     Raises:
         whatever ``error`` makes: as :func:`open_regular`.
     """
-    with open_regular(path, what=what, limit=None, error=error) as stream:
+    with open_regular(path, what=what, limit=None, error=error, fix=fix) as stream:
         number = 0
         while True:
             line = stream.readline(max_line + 1)
