@@ -253,7 +253,8 @@ def test_from_pbtxt_raises_config_error_where_triton_refuses_a_sequence_batcher(
         ('input [{ name: "s" data_type: TYPE_INT32 dims: [1] is_shape_tensor: true }]', "TensorRT"),
         # Triton 2.51 loads these, but every request fails (duplicate names) or nothing is served
         (
-            'input [{ name: "x" data_type: TYPE_FP32 dims: [1] }, { name: "x" data_type: TYPE_FP32 dims: [1] }]',
+            'input [{ name: "x" data_type: TYPE_FP32 dims: [1] },'
+            ' { name: "x" data_type: TYPE_FP32 dims: [1] }]',
             "appears twice",
         ),
         ("version_policy { latest { } }", "serves no version"),

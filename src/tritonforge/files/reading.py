@@ -137,8 +137,8 @@ def _stat(path: str | os.PathLike[str], what: str, error: ErrorFactory) -> os.st
         reason = Reason(f"{what} {path} can't be read: permission denied", "check its permissions")
         raise error(reason) from None
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise error(Reason(f"{what} {path!s} can't be read: {reason}", "check the path")) from None
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise error(Reason(f"{what} {path!s} can't be read: {why}", "check the path")) from None
 
 
 def check_regular(
