@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from tritonforge.config import DataType
+from tritonforge.config.validate import MODEL_NAME_RULE, model_name_problem
 from tritonforge.ensemble._limits import (
     INT32_MAX,
     INT64_MAX,
@@ -338,8 +339,8 @@ def parse_spec(
 def _bad_model_name(value: Any) -> str | None:
     """Why ``value`` can't name a model (a folder of the repository); None when it can."""
     problem = bad_name(value)
-    if problem is None and ("/" in value or "\\" in value or value.startswith(".")):
-        problem = "must not hold '/' or '\\' nor start with '.' (it names a folder of the repository)"
+    if problem is None and model_name_problem(value) is not None:
+        problem = f"is not a usable model name: {MODEL_NAME_RULE}"
     return problem
 
 
