@@ -376,7 +376,9 @@ def test_from_pbtxt_keeps_custom_accelerators() -> None:
     ("changes", "match"),
     [
         ({"name": ""}, "name"),
-        ({"name": "a/b"}, "folder name"),
+        ({"name": "a/b"}, "not a usable model name"),
+        ({"name": "a b"}, "not a usable model name"),
+        ({"max_batch_size": 2**31}, "more than 2147483647"),
         ({"platform": None}, "set platform"),
         ({"platform": "onnx"}, "unknown platform"),
         ({"backend": "pytorch"}, "served by backend 'onnxruntime'"),

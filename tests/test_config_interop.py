@@ -251,6 +251,14 @@ def test_from_pbtxt_raises_config_error_where_triton_refuses_a_sequence_batcher(
         ("sequence_batching {} response_cache { enable: true }", "sequence batching"),
         ("model_transaction_policy { decoupled: true } response_cache { enable: true }", "decoupled"),
         ('input [{ name: "s" data_type: TYPE_INT32 dims: [1] is_shape_tensor: true }]', "TensorRT"),
+        # Triton 2.51 loads these, but every request fails (duplicate names) or nothing is served
+        (
+            'input [{ name: "x" data_type: TYPE_FP32 dims: [1] },'
+            ' { name: "x" data_type: TYPE_FP32 dims: [1] }]',
+            "appears twice",
+        ),
+        ("version_policy { latest { } }", "serves no version"),
+        ("version_policy { latest { num_versions: 0 } }", "serves no version"),
     ],
 )
 def test_from_pbtxt_raises_config_error_where_triton_refuses_the_combination(text: str, match: str) -> None:
@@ -260,10 +268,6 @@ def test_from_pbtxt_raises_config_error_where_triton_refuses_the_combination(tex
 
 # Each of these the real server loads; they read as warnings, and built in code they still raise.
 TRITON_ACCEPTS = [
-    (
-        'input [{ name: "x" data_type: TYPE_FP32 dims: [1] }, { name: "x" data_type: TYPE_FP32 dims: [1] }]',
-        "appears twice",
-    ),
     ("max_batch_size: 0 dynamic_batching {}", "dynamic_batching needs a batching model"),
     ("max_batch_size: 4 dynamic_batching { default_priority_level: 1 }", "priority_levels is 0"),
     ('platform: "foo"', "unknown platform"),

@@ -322,7 +322,7 @@ def test_load_spec_reports_a_fifo_instead_of_blocking_on_it(tmp_path: Path) -> N
 
 def test_load_spec_reports_a_folder(tmp_path: Path) -> None:
     spec, issues = load_spec(tmp_path)
-    assert spec is None and "can't read" in issues[0].message
+    assert spec is None and "is a folder, not a regular file" in issues[0].message
 
 
 def test_load_spec_reads_no_more_than_its_bound_of_a_huge_file(tmp_path: Path) -> None:

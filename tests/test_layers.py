@@ -1,7 +1,7 @@
 """Layers point down only (ARCHITECTURE.md): every import inside the package is checked against the order.
 
     commands → examples → (batch, rollout, deploy, observe, loadtest) → (client, server, ensemble, registry)
-             → repository → (export, quantize) → verify → config → (errors, atomic)
+             → repository → (export, quantize) → verify → config → files → (errors, atomic)
 
 Packages on one line do not import each other; the client imports nothing of ours but ``errors`` (apps
 import it alone). A new top-level package or module must be placed in ``LAYERS`` before its first import
@@ -24,6 +24,8 @@ PACKAGE = Path(tritonforge.__file__).resolve().parent
 LAYERS: tuple[tuple[str, ...], ...] = (
     # atomic: the one atomic file write, importing nothing of ours
     ("errors", "atomic"),
+    # reading files from outside (regular files only, size bounds, strict YAML): everything reads with it
+    ("files",),
     ("config",),
     ("verify",),
     ("export", "quantize"),
@@ -121,9 +123,9 @@ def test_imports_point_down_only() -> None:
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
-        ("from tritonforge.server import EmbeddedServer\n", "repository (layer 4) imports server (layer 5)"),
-        ("def f():\n    from tritonforge.client import Client\n", "repository (layer 4) imports client"),
-        ("from ..ensemble import compile_specs\n", "repository (layer 4) imports ensemble (layer 5)"),
+        ("from tritonforge.server import EmbeddedServer\n", "repository (layer 5) imports server (layer 6)"),
+        ("def f():\n    from tritonforge.client import Client\n", "repository (layer 5) imports client"),
+        ("from ..ensemble import compile_specs\n", "repository (layer 5) imports ensemble (layer 6)"),
     ],
 )
 def test_the_check_catches_an_upward_import(

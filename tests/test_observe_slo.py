@@ -3,7 +3,9 @@ dashboard is a Grafana JSON model with a row per model, an ensemble's composing 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -47,10 +49,24 @@ def _slo(tmp_path: Path, text: str) -> Path:
         ("models: {m: {p99_latency_ms: 5}}\nwindw: 5m\n", "unknown key(s) ['windw']"),
         ("window: five\nmodels: {m: {p99_latency_ms: 5}}\n", "not a Prometheus duration"),
         ("models: {m: {error_rate: 5}}\n", "must be at most 1.0"),
-        ("models: {m: {p99_latency_ms: -1}}\n", "must be a number above 0"),
+        ("models: {m: {p99_latency_ms: -1}}\n", "must be a finite number above 0"),
         ("models: {m: {p99: 5}}\n", "objectives are p99_latency_ms"),
         ("window: 5m\n", "`models:` must map each model name"),
-        ("models: [\n", "is not valid YAML"),
+        ("models: [\n", "the YAML does not parse"),
+        # hostile input: alerts that could never fire, or that always would
+        ("models: {m: {error_rate: .nan}}\n", "models.m.error_rate: nan must be a finite number"),
+        ("models: {m: {p99_latency_ms: .inf}}\n", "models.m.p99_latency_ms: inf must be a finite number"),
+        ("models: {m: {queue_ms: -.inf}}\n", "must be a finite number above 0"),
+        ("models: {m: {mean_latency_ms: true}}\n", "must be a finite number above 0"),
+        ("models: {'': {error_rate: 0.1}}\n", "model names must be non-empty strings"),
+        ("models: {'x\"} or vector(1) #': {error_rate: 0.1}}\n", "is not a usable model name"),
+        ("models: {'a b': {error_rate: 0.1}}\n", "is not a usable model name"),
+        ("models: {1: {error_rate: 0.1}}\n", "key 1 under models is not a string"),
+        ("models: {m: {error_rate: 0.1}}\nmodels: {n: {error_rate: 0.1}}\n", "(lines 1 and 2)"),
+        ("models:\n  m: {error_rate: 0.1}\n  m: {error_rate: 0.2}\n", "key 'm' appears twice"),
+        ("selector: 'job=\"x\"} or vector(1) #'\nmodels: {m: {error_rate: 0.1}}\n", "not a list of PromQL"),
+        ("severity: '{{ $labels }}'\nmodels: {m: {error_rate: 0.1}}\n", "severity"),
+        ("ensembles: [a]\nmodels: {m: {error_rate: 0.1}}\n", "ensembles: ['a'] must be a folder path"),
     ],
 )
 def test_load_slo_raises_slo_error_naming_the_key_when_the_file_is_wrong(
@@ -329,3 +345,62 @@ def test_slo_cli_writes_both_files_and_fails_on_one_line_for_a_bad_file(tmp_path
     done = run_tritonforge("slo", str(bad), "--out", str(tmp_path / "bad"), timeout=120, columns=None)
     assert done.returncode == 1 and done.stderr.strip().count("\n") == 0
     assert "models.m.error_rate" in done.stderr and not (tmp_path / "bad").exists()
+
+
+def test_a_selector_of_label_matchers_is_kept(tmp_path: Path) -> None:
+    text = 'selector: \'{job="triton", namespace=~"prod-.*"}\'\nmodels: {m: {error_rate: 0.1}}\n'
+    assert load_slo(_slo(tmp_path, text)).selector == 'job="triton", namespace=~"prod-.*"'
+
+
+def test_an_slo_file_that_is_a_fifo_or_a_device_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(SLOError, match="is a FIFO"):
+        load_slo(fifo)
+    zero = tmp_path / "zero.yaml"
+    zero.symlink_to("/dev/zero")
+    with pytest.raises(SLOError, match=r"a symlink to /dev/zero.* is a character device"):
+        load_slo(zero)
+
+
+def test_a_model_name_holding_promql_can_not_make_an_alert_that_always_fires(
+    tmp_path: Path, prometheus_bin: Path
+) -> None:
+    """A hand-built spec bypasses load_slo's name check: its rules still quote the name as a label value.
+
+    Unescaped, ``x"} or vector(1) #`` made ``...{model="x"} or vector(1) #"} > 0.01``: an alert firing
+    with no traffic at all. Escaped, it selects a model of that exact name, which sends nothing here.
+    """
+    hostile = 'x"} or vector(1) #'
+    spec = load_slo(
+        _slo(tmp_path, "window: 1m\nfor: 1m\nmodels: {fine: {error_rate: 0.01, max_drift_psi: 0.2}}\n")
+    )
+    spec = dataclasses.replace(
+        spec,
+        objectives=tuple(dataclasses.replace(o, model=hostile) for o in spec.objectives),
+        rows=((hostile, None),),
+    )
+    write(spec, tmp_path)
+    assert promtool("check", "rules", str(tmp_path / "rules.yml")).returncode == 0
+    series = _series(
+        "fine", success="0+10x20", failure="0+10x20", p99_us=1_000, duration="0+10000x20", queue="0+1000x20"
+    )
+    tests = {
+        "rule_files": ["rules.yml"],
+        "evaluation_interval": "15s",
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": series,
+                "alert_rule_test": [
+                    {"eval_time": "4m", "alertname": "TritonModelErrorRateHigh", "exp_alerts": []},
+                    {"eval_time": "4m", "alertname": "TritonModelInputDrift", "exp_alerts": []},
+                ],
+            }
+        ],
+    }
+    (tmp_path / "rules.test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    done = promtool("test", "rules", "rules.test.yml", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # the dashboard's queries quote it the same way
+    assert all(hostile not in t["expr"] for p in dashboard(spec)["panels"] for t in p.get("targets", []))

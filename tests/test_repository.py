@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from pathlib import Path
 
 import pytest
@@ -84,7 +84,7 @@ def test_interrupted_add_model_leaves_the_previous_version_servable(tmp_path, ml
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # the user hit Ctrl-C halfway through the copy
 
-    monkeypatch.setattr(shutil, "copy2", crash)
+    monkeypatch.setattr(os, "sendfile", crash)  # the copy's inner loop (tritonforge.files.copy_file)
     with pytest.raises(KeyboardInterrupt):
         add_model(repo, "mlp", mlp_file)
     assert sorted(p.name for p in repo.iterdir()) == ["audit.jsonl", "mlp"]  # no staging folder left behind

@@ -41,9 +41,9 @@ def test_add_model_stages_beside_the_repository_never_inside_it(tmp_path, mlp_fi
     repo = tmp_path / "repo"
     add_model(repo, "mlp", mlp_file)
     seen: list[tuple[list[str], list[str]]] = []
-    import shutil
+    from tritonforge.repository import writer
 
-    real_copy = shutil.copy2
+    real_copy = writer.copy_file
 
     def spy(source, destination, **kwargs):
         seen.append(
@@ -54,7 +54,7 @@ def test_add_model_stages_beside_the_repository_never_inside_it(tmp_path, mlp_fi
         )
         return real_copy(source, destination, **kwargs)
 
-    monkeypatch.setattr(shutil, "copy2", spy)
+    monkeypatch.setattr(writer, "copy_file", spy)
     add_model(repo, "mlp", mlp_file)
     assert seen and all(inside == ["mlp"] for inside, _ in seen)
     assert all(len(beside) == 1 and beside[0].startswith(f"{STAGING_PREFIX}repo-") for _, beside in seen)

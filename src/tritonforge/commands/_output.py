@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import unicodedata
 from collections.abc import Sequence
 from typing import IO, Any
 
@@ -22,7 +23,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["PIPE_WIDTH", "Problem", "make_console", "print_json", "print_problems"]
+__all__ = ["PIPE_WIDTH", "Problem", "make_console", "plain", "print_json", "print_problems", "shown"]
 
 PIPE_WIDTH = 10_000
 """The width laid out for when not on a terminal: wider than any line the CLI prints."""
@@ -81,6 +82,29 @@ def _fit_title(table: Table) -> None:
         table.min_width = longest
 
 
+def shown(value: object) -> str:
+    """``value`` as text that can't act on a terminal: control and format characters (ANSI escapes,
+    newlines, tabs, bidi overrides such as U+202E, zero-width marks) are written as escapes (``\\x1b``).
+
+    Example:
+        >>> shown("ok\\x1b[31m red\\u202e")
+        'ok\\\\x1b[31m red\\\\u202e'
+    """
+    text = value if isinstance(value, str) else str(value)
+    if text.isprintable():
+        return text
+    return "".join(_escaped(ch) if unicodedata.category(ch)[0] in "CZ" and ch != " " else ch for ch in text)
+
+
+def _escaped(ch: str) -> str:
+    return ch.encode("unicode_escape").decode("ascii")
+
+
+def plain(value: object) -> Text:
+    """``value`` for a table cell: :func:`shown`, and never read as rich markup (``[bold]``, links)."""
+    return Text(shown(value))
+
+
 def make_console(*, stderr: bool = False, file: IO[str] | None = None) -> Console:
     """The console a verb prints with (``stderr`` for errors and problems; ``file`` for tests)."""
     return _PipeAwareConsole(stderr=stderr, file=file)
@@ -100,7 +124,7 @@ def print_problems(
         console.print(title, markup=False, highlight=False)
         for where, problem, fix in problems:
             line = f"{where}: {problem}" if where else problem
-            console.print(f"{line} — {fix}" if fix else line, markup=False, highlight=False)
+            console.print(shown(f"{line} — {fix}" if fix else line), markup=False, highlight=False)
         return
     table = Table(title=title, show_lines=True)
     for column in columns:

@@ -19,6 +19,7 @@ from tritonforge.commands import err_console, fail, print_error, reported
 from tritonforge.commands._output import make_console, print_json
 from tritonforge.commands.registry import models
 from tritonforge.errors import ExportError, QuantizationError, RepositoryError, TritonForgeError
+from tritonforge.files import MAX_MODEL_BYTES, MAX_ONNX_BYTES, check_regular
 
 console = make_console()
 _fail = fail  # one way to report errors for every verb (tritonforge.commands)
@@ -39,8 +40,7 @@ def _load_source(source: str) -> Any:
     """A model from ``package.module:attribute`` (called if callable) or a pickle file."""
     path = Path(source)
     if path.suffix in {".pkl", ".pickle", ".joblib", ".pt", ".pth"}:
-        if not path.is_file():
-            raise ExportError(f"model file {path} does not exist")
+        check_regular(path, what="model file", limit=MAX_MODEL_BYTES, error=ExportError)
         if path.suffix in {".pt", ".pth"}:
             import torch
 
@@ -59,8 +59,7 @@ def _load_source(source: str) -> Any:
 
 def _load_arrays(path: Path, names: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Named arrays from .npz, or one array from .npy (named after the first of ``names``)."""
-    if not path.is_file():
-        raise TritonForgeError(f"sample file {path} does not exist")
+    check_regular(path, what="sample file", limit=MAX_MODEL_BYTES, error=TritonForgeError)
     if path.suffix == ".npz":
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
@@ -265,8 +264,7 @@ def quantize(
         min_cosine_mean=min_cosine_mean, min_cosine_min=min_cosine_min, max_accuracy_drop=max_accuracy_drop
     )
     try:
-        if not source.is_file():
-            raise QuantizationError(f"model file {source} does not exist")
+        check_regular(source, what="model file", limit=MAX_ONNX_BYTES, error=QuantizationError)
         import onnxruntime as ort
 
         names = [

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from tritonforge.commands import fail, print_error
-from tritonforge.commands._output import make_console, print_json, print_problems
+from tritonforge.commands._output import make_console, plain, print_json, print_problems
 from tritonforge.errors import TritonForgeError
 
 console = make_console()
@@ -33,7 +33,9 @@ def add_model_command(
     max_queue_delay_us: int = typer.Option(0, help="How long a request may wait for a fuller batch."),
     instances: int = typer.Option(1, help="Model instances (each runs requests in parallel)."),
     kind: Kind = typer.Option(Kind.cpu, help="Where instances run."),
-    version: int | None = typer.Option(None, min=1, help="Version number (default: the next one)."),
+    version: int | None = typer.Option(
+        None, min=1, max=2**63 - 1, help="Version number (default: the next one)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="The version written and its config as JSON."),
 ) -> None:
     """Add FILE as a new version of model NAME in REPO, with a config read off the file."""
@@ -51,7 +53,7 @@ def add_model_command(
             instances=instances,
             kind=kind.value,
         )
-    except TritonForgeError as exc:
+    except (TritonForgeError, ValueError) as exc:
         raise _fail(exc) from None
     config = (path.parent / "config.pbtxt").read_text()
     if as_json:
@@ -114,9 +116,9 @@ def validate(
             rows=[
                 (
                     f"[{'red' if p.severity == 'error' else 'yellow'}]{p.severity}[/]",
-                    p.model,
+                    plain(p.model),  # a folder name: never markup, never a terminal escape
                     "" if p.version is None else str(p.version),
-                    p.message,
+                    plain(p.message),
                 )
                 for p in problems
             ],

@@ -9,8 +9,8 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from tritonforge.commands import err_console, fail
-from tritonforge.commands._output import make_console, print_json
+from tritonforge.commands import err_console, fail, print_error
+from tritonforge.commands._output import make_console, plain, print_json
 from tritonforge.commands._renamed import renamed
 from tritonforge.commands.access import with_access
 from tritonforge.errors import TritonForgeError
@@ -228,32 +228,40 @@ def audit_command(
     repo: Path = typer.Argument(..., help="The model repository."),
     as_json: bool = typer.Option(False, "--json", help="Print the events as a JSON list."),
     model: str | None = typer.Option(None, help="Only this model's events."),
-    last: int | None = typer.Option(None, help="Only the last N events."),
+    last: int | None = typer.Option(None, min=1, help="Only the last N events (N >= 1)."),
 ) -> None:
     """Show REPO's audit log: who changed what, when and why."""
-    from tritonforge.registry import audit_log
+    from tritonforge.registry import AUDIT_LOG, read_audit_log
 
     if not repo.is_dir():
         raise _fail(ValueError(f"{repo} is not a model repository (no such folder)"))
-    events = audit_log(repo)
+    try:
+        log = read_audit_log(repo)
+    except TritonForgeError as exc:
+        raise _fail(exc) from None
+    warning = log.summary(repo / AUDIT_LOG)
+    if warning:  # on stderr, so that --json stays one JSON document
+        print_error(warning, prefix="warning")
+    events = log.events
     if model:
         events = [e for e in events if e.get("model") == model]
-    if last:
+    if last is not None:
         events = events[-last:]
     if as_json:
         typer.echo(json.dumps(events, indent=2, sort_keys=True, default=str))
         return
-    table = Table(title=f"{repo}: {len(events)} event(s)")
+    # every field is data from a file (a reason, $TRITONFORGE_USER): never markup, never an escape
+    table = Table(title=plain(f"{repo}: {len(events)} event(s)"))
     for column in ("at", "by", "action", "model", "what", "why"):
         table.add_column(column, overflow="fold", no_wrap=column in ("action", "model"))
     for e in events:
         table.add_row(
-            e.get("at", ""),
-            e.get("by", ""),
-            e.get("action", ""),
-            e.get("model", ""),
-            _what(e),
-            str(e.get("reason", "")),
+            plain(e.get("at", "")),
+            plain(e.get("by", "")),
+            plain(e.get("action", "")),
+            plain(e.get("model", "")),
+            plain(_what(e)),
+            plain(e.get("reason", "")),
         )
     console.print(table)
 

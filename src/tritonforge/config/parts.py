@@ -366,6 +366,28 @@ class VersionPolicy:
         elif self.versions:
             raise ConfigError(f"{owner}: versions are only for specific(), not {self.kind}()")
 
+    def __str__(self) -> str:
+        """As config.pbtxt writes it: ``specific { versions: [2, 3] }``, ``latest { num_versions: 1 }``."""
+        if self.kind == "specific":
+            return f"specific {{ versions: [{', '.join(map(str, self.versions))}] }}"
+        if self.kind == "latest":
+            return f"latest {{ num_versions: {self.num_versions} }}"
+        return "all { }"
+
+    def serves(self, available: Iterable[int]) -> list[int]:
+        """The versions Triton serves under this policy, of those ``available`` (ascending).
+
+        Example:
+            >>> VersionPolicy.specific(2, 99).serves([1, 2, 3]), VersionPolicy.latest(2).serves([1, 2, 3])
+            ([2], [2, 3])
+        """
+        found = sorted(set(available))
+        if self.kind == "all":
+            return found
+        if self.kind == "specific":
+            return [v for v in found if v in set(self.versions)]
+        return found[-self.num_versions :] if found else []
+
     @classmethod
     def latest(cls, n: int = 1) -> VersionPolicy:
         """Serve the ``n`` highest versions (Triton's default is ``latest(1)``)."""

@@ -14,6 +14,7 @@ from tritonclient.grpc import model_config_pb2 as pb2
 from tritonforge.atomic import write_atomic
 from tritonforge.config.model import ModelConfig
 from tritonforge.errors import ConfigError
+from tritonforge.files import MAX_DOCUMENT_BYTES, read_text
 
 __all__ = [
     "AUTO_COMPLETE_FILES",
@@ -138,13 +139,14 @@ def read_config(path: str | os.PathLike[str]) -> ModelConfig:
     file = Path(path)
     if file.is_dir():
         file = file / CONFIG_FILENAME
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{file}: no such config file; write one with write_config()") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{file}: can't read the config: {exc}") from exc
-    return ModelConfig.from_pbtxt(text, source=file)
+    if not file.exists() and not file.is_symlink():
+        raise ConfigError(f"{file}: no such config file; write one with write_config()")
+    return ModelConfig.from_pbtxt(_read(file), source=file)
+
+
+def _read(file: Path) -> str:
+    # a config is kilobytes: a FIFO, a device or a huge file is refused at once
+    return read_text(file, what="config", limit=MAX_DOCUMENT_BYTES, error=ConfigError)
 
 
 def read_model_dir(model_dir: str | os.PathLike[str]) -> ModelConfig:
@@ -166,12 +168,9 @@ def read_model_dir(model_dir: str | os.PathLike[str]) -> ModelConfig:
     """
     folder = Path(model_dir)
     file = folder / CONFIG_FILENAME
-    if file.is_file():
-        try:
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{file}: can't read the config: {exc}") from exc
-        pb = pbtxt_to_proto(text, source=file)
+    has_config = file.exists() or file.is_symlink()  # a FIFO or a dangling link is refused, not skipped
+    if has_config:
+        pb = pbtxt_to_proto(_read(file), source=file)
         source: Path = file
     else:
         pb = pb2.ModelConfig()
@@ -182,9 +181,7 @@ def read_model_dir(model_dir: str | os.PathLike[str]) -> ModelConfig:
         found = _auto_complete_backend(folder, pb.default_model_filename)
         if found is None:
             names = ", ".join(name for name, _, _ in AUTO_COMPLETE_FILES)
-            what = (
-                "its config.pbtxt sets neither platform nor backend" if file.is_file() else "no config.pbtxt"
-            )
+            what = "its config.pbtxt sets neither platform nor backend" if has_config else "no config.pbtxt"
             raise ConfigError(
                 f"{source}: {what}, and no version folder holds a model file Triton can tell the backend "
                 f'from ({names}); set backend (e.g. backend: "python") or add the model file',

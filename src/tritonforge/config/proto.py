@@ -180,7 +180,22 @@ def _merge_extra(pb: Message, extra: str) -> None:
 
 
 def config_to_proto(config: ModelConfig) -> pb2.ModelConfig:
-    """``ModelConfig`` -> ``model_config_pb2.ModelConfig``."""
+    """``ModelConfig`` -> ``model_config_pb2.ModelConfig``.
+
+    Raises:
+        ConfigError: a number too large for its field (int32 / int64 / uint64 in model_config.proto).
+    """
+    try:
+        return _config_to_proto(config)
+    except (ValueError, TypeError) as exc:  # protobuf: "Value out of range: 2147483648"
+        raise ConfigError(
+            f"model {config.name!r}: {exc}, too large for its field in model_config.proto (max_batch_size "
+            "and counts are int32, dims and versions int64); use a smaller value",
+            model=config.name,
+        ) from None
+
+
+def _config_to_proto(config: ModelConfig) -> pb2.ModelConfig:
     pb = pb2.ModelConfig(name=config.name, max_batch_size=config.max_batch_size)
     if config.platform:
         pb.platform = config.platform
@@ -537,7 +552,13 @@ def _version_policy_from_proto(pb: pb2.ModelVersionPolicy) -> VersionPolicy:
         return VersionPolicy.all()
     if choice == "specific":
         return VersionPolicy.specific(*pb.specific.versions)
-    # An empty version_policy {} or latest {} means Triton's default, the single latest version.
+    if choice == "latest" and pb.latest.num_versions == 0:
+        # Seen with Triton 2.51: "at least one version must be available under the version policy".
+        raise ConfigError(
+            "version_policy latest { num_versions: 0 } (or latest { }) serves no version, and Triton refuses "
+            "the model; write latest { num_versions: 1 }, or leave version_policy out"
+        )
+    # An empty version_policy {} means Triton's default, the single latest version.
     return VersionPolicy.latest(pb.latest.num_versions or 1)
 
 

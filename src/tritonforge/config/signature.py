@@ -16,6 +16,7 @@ from tritonforge.config.enums import DataType, InstanceKind
 from tritonforge.config.model import ModelConfig
 from tritonforge.config.parts import DynamicBatching, InstanceGroup, TensorSpec
 from tritonforge.errors import ConfigError, SignatureError
+from tritonforge.files import MAX_ONNX_BYTES, read_bytes
 
 __all__ = [
     "DEFAULT_MAX_BATCH_SIZE",
@@ -139,13 +140,24 @@ def onnx_signature(path: str | os.PathLike[str]) -> Signature:
     import onnx
 
     file = Path(path)
+    # bounded, regular files only: a FIFO or a link to /dev/zero is one line, not a hang or an OOM kill
+    data = read_bytes(file, what="ONNX file", limit=MAX_ONNX_BYTES, error=SignatureError)
+    if not data:
+        raise SignatureError(
+            f"{file}: the ONNX file is empty (0 bytes), which Triton can't load; export it again"
+        )
     try:
         # The signature lives in the graph; external weights need not be read.
-        model = onnx.load(str(file), load_external_data=False)
-    except FileNotFoundError as exc:
-        raise SignatureError(f"{file}: no such ONNX file") from exc
+        model = onnx.load_model_from_string(data)
     except Exception as exc:  # onnx raises DecodeError, ValueError, ... for a bad file
-        raise SignatureError(f"{file}: not a readable ONNX model: {exc}") from exc
+        raise SignatureError(f"{file}: not a readable ONNX model: {str(exc)[:200]}") from None
+    del data
+    if not model.ir_version or not model.graph.output:
+        missing = "an IR version" if not model.ir_version else "graph outputs"
+        raise SignatureError(
+            f"{file}: not an ONNX model (it has no {missing}), which Triton can't load; check that this is "
+            "the exported model"
+        )
     graph = model.graph
     initializers = {init.name for init in graph.initializer}
     inputs = [_onnx_value(v, file) for v in graph.input if v.name not in initializers]

@@ -7,6 +7,7 @@ data flow of an ensemble.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,30 @@ from tritonforge.errors import ConfigError
 if TYPE_CHECKING:
     from tritonforge.config.model import ModelConfig
 
-__all__ = ["BACKEND_OF_PLATFORM", "ENSEMBLE_PLATFORM", "validate_config"]
+__all__ = [
+    "BACKEND_OF_PLATFORM",
+    "ENSEMBLE_PLATFORM",
+    "INT32_MAX",
+    "INT64_MAX",
+    "MAX_MODEL_NAME_CHARS",
+    "MODEL_NAME_RULE",
+    "model_name_problem",
+    "validate_config",
+]
+
+INT32_MAX = 2**31 - 1
+"""max_batch_size, instance counts, preferred batch sizes: int32 in model_config.proto."""
+INT64_MAX = 2**63 - 1
+"""Dims and model versions: int64 in model_config.proto (a version folder beyond it is not a version)."""
+MAX_MODEL_NAME_CHARS = 255
+"""A model name is a folder name: at most 255 bytes on Linux file systems."""
+MODEL_NAME_RULE = (
+    f"a model name is 1 to {MAX_MODEL_NAME_CHARS} ASCII letters, digits, '_', '-' or '.', starting with a "
+    "letter, digit or '_' (Triton's Python backend starts each model's process through a shell command "
+    "line holding the model's path: a space, tab or ';' there breaks the model's start, '*' is a glob, "
+    "and non-ASCII names are not found)"
+)
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 ENSEMBLE_PLATFORM = "ensemble"
 
@@ -59,11 +83,29 @@ def validate_config(config: ModelConfig) -> None:
             raise ConfigError(f"model {config.name!r}: {exc.message}", model=config.name or None) from exc
 
 
+def model_name_problem(name: object) -> str | None:
+    """Why ``name`` can't be a model's name (None when it can), as one sentence stating the rule.
+
+    Example:
+        >>> model_name_problem("resnet50-v1.5") is None
+        True
+        >>> model_name_problem("a b")[:45]
+        "'a b' is not a usable model name: a model nam"
+    """
+    if not isinstance(name, str):
+        return f"a model name is a string, not {type(name).__name__}"
+    if len(name) <= MAX_MODEL_NAME_CHARS and _MODEL_NAME.fullmatch(name):
+        return None
+    shown = repr(name) if len(name) <= 80 else repr(name[:60]) + f"... ({len(name)} characters)"
+    return f"{shown} is not a usable model name: {MODEL_NAME_RULE}"
+
+
 def _check_name(config: ModelConfig) -> None:
     if not isinstance(config.name, str) or not config.name:
         raise ConfigError("name must be a non-empty string (it is the model's folder name)")
-    if "/" in config.name or "\\" in config.name or config.name in (".", ".."):
-        raise ConfigError("name must be a plain folder name, without path separators")
+    problem = model_name_problem(config.name)
+    if problem is not None:
+        raise ConfigError(problem, model=config.name)
     if config.default_model_filename is not None and (
         not config.default_model_filename or "/" in config.default_model_filename
     ):
@@ -103,8 +145,11 @@ def _check_unique(kind: str, tensors: Sequence[TensorSpec]) -> None:
     seen: set[str] = set()
     for tensor in tensors:
         if tensor.name in seen:
-            # Triton loads it, but a request can then feed only one of the two.
-            unusual(f"{kind} name {tensor.name!r} appears twice; tensor names must be unique")
+            # Triton 2.51 loads such a model, but no request to it can succeed.
+            raise ConfigError(
+                f"{kind} name {tensor.name!r} appears twice: Triton loads the model but every request to it "
+                f"fails; give each {kind} its own name"
+            )
         seen.add(tensor.name)
 
 
@@ -139,6 +184,11 @@ def _check_batching(config: ModelConfig) -> None:
     mbs = config.max_batch_size
     if isinstance(mbs, bool) or not isinstance(mbs, int) or mbs < 0:
         raise ConfigError(f"max_batch_size must be an integer >= 0 (0: no batching), got {mbs!r}")
+    if mbs > INT32_MAX:
+        raise ConfigError(
+            f"max_batch_size {mbs} is more than {INT32_MAX}, the largest model_config.proto holds (int32); "
+            "use a batch size the model can run (8 to 256 are usual)"
+        )
     batching = config.dynamic_batching
     if batching is None:
         return

@@ -20,9 +20,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tritonforge.errors import DeployError
+from tritonforge.files import read_yaml
 
 __all__ = ["KUBERNETES_VERSION", "Finding", "check_tree", "validate_object"]
 
@@ -243,7 +242,7 @@ def _diff(a: Any, b: Any, path: str = "") -> set[str]:
 
 
 def _docs(path: Path) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return [d for d in read_yaml(path, what="manifest", error=DeployError, every=True) if d]
 
 
 def check_tree(out: str | Path, version: str = KUBERNETES_VERSION) -> list[Finding]:
@@ -289,7 +288,7 @@ def _check_kustomization(path: Path, rel: str, doc: dict[str, Any]) -> Finding:
 def _check_overlay(
     overlay: Path, root: Path, base: Iterable[dict[str, Any]], version: str, jsonpatch: Any
 ) -> list[Finding]:
-    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    kustomization = read_yaml(overlay / "kustomization.yaml", what="kustomization", error=DeployError)
     namespace = kustomization.get("namespace")
     rendered = []
     for obj in base:
@@ -313,7 +312,7 @@ def _check_compose(root: Path) -> list[Finding]:
     path = root / "compose" / "docker-compose.yaml"
     if not path.is_file():
         return []
-    doc = yaml.safe_load(path.read_text())
+    doc = read_yaml(path, what="compose file", error=DeployError)
     service = doc.get("services", {}).get("triton", {})
     problems = [k for k in ("image", "command", "healthcheck", "volumes") if k not in service]
     source = (path.parent / service.get("volumes", [{}])[0].get("source", "")).resolve()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tritonforge.errors import DeployError
+from tritonforge.files import read_text
 
 __all__ = ["Sizing", "load_measurement", "size_for"]
 
@@ -50,9 +51,10 @@ def load_measurement(path: str | Path) -> tuple[dict[str, Any], dict[str, int], 
         DeployError: no such file, not JSON, no sweep in it, or a tune with no winner.
     """
     file = Path(path)
+    text = read_text(file, what="measured sweep", error=DeployError)
     try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
         raise DeployError(f"can't read the measured sweep {file}: {exc}") from exc
     sweeps = data.get("sweeps") if isinstance(data, dict) else None
     if not sweeps:

@@ -39,18 +39,21 @@ from pathlib import Path
 from typing import Any
 
 from tritonforge.config import DataType
+from tritonforge.config.validate import MODEL_NAME_RULE, model_name_problem
 from tritonforge.ensemble._limits import (
     INT32_MAX,
     INT64_MAX,
     MAX_ISSUES,
     MAX_LIST_ITEMS,
+    MAX_NESTING,
+    MAX_NODES,
     MAX_SPEC_CHARS,
     bad_name,
     finite_number,
     show,
 )
-from tritonforge.ensemble._yaml import SpecTextError, load_bounded
 from tritonforge.errors import ConfigError
+from tritonforge.files import load_yaml, read_text
 
 __all__ = [
     "BlockModelSpec",
@@ -200,6 +203,18 @@ _STAGE_KEYS = {"model", "version", "fallback", "timeout_ms", "when", "inputs", "
 _MODEL_KEYS = {"name", "block", "options", "max_batch_size"}
 
 
+class _SpecText(Exception):
+    """A spec file or text refused before it is a value (unreadable, not UTF-8, bad or hostile YAML)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def issue(self, pipeline: str, source: str | None) -> Issue:
+        problem, fix = getattr(self.reason, "problem", self.reason), getattr(self.reason, "fix", "")
+        return Issue(pipeline, problem + ".", fix + "." if fix else "", source=source)
+
+
 class _Collector:
     def __init__(self, pipeline: str, source: str | None) -> None:
         self.pipeline = pipeline
@@ -234,27 +249,10 @@ def load_spec(path: str | Path) -> tuple[PipelineSpec | None, list[Issue]]:
     """
     file = Path(path)
     try:
-        if file.exists() and not file.is_file():
-            raise IsADirectoryError(0, "it is not a regular file")  # a folder, a FIFO (would block)...
-        with file.open("rb") as stream:
-            raw = stream.read(MAX_SPEC_CHARS * 4 + 1)  # utf-8: at most 4 bytes a character
-    except OSError as exc:
-        return None, [
-            Issue(
-                file.stem, f"can't read the spec: {exc.strerror or exc}", "check the path", source=str(file)
-            )
-        ]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return None, [
-            Issue(
-                file.stem,
-                f"the spec is not UTF-8 text (byte {exc.start}).",
-                "save it as UTF-8, or check that this is a spec file.",
-                source=str(file),
-            )
-        ]
+        # UTF-8: at most 4 bytes a character
+        text = read_text(file, what="spec", limit=MAX_SPEC_CHARS * 4, error=_SpecText)
+    except _SpecText as exc:
+        return None, [exc.issue(file.stem, str(file))]
     return parse_spec(text, source=str(file), default_name=file.stem)
 
 
@@ -267,9 +265,11 @@ def parse_spec(
     alias bomb, non-string keys and values of the wrong type are all issues (see ``_limits`` for bounds).
     """
     try:
-        data = load_bounded(text)
-    except SpecTextError as exc:
-        return None, [Issue(default_name, exc.problem, exc.fix, source=source)]
+        data = load_yaml(
+            text, error=_SpecText, max_chars=MAX_SPEC_CHARS, max_depth=MAX_NESTING, max_nodes=MAX_NODES
+        )
+    except _SpecText as exc:
+        return None, [exc.issue(default_name, source)]
     if not isinstance(data, Mapping):
         return None, [
             Issue(
@@ -339,8 +339,8 @@ def parse_spec(
 def _bad_model_name(value: Any) -> str | None:
     """Why ``value`` can't name a model (a folder of the repository); None when it can."""
     problem = bad_name(value)
-    if problem is None and ("/" in value or "\\" in value or value.startswith(".")):
-        problem = "must not hold '/' or '\\' nor start with '.' (it names a folder of the repository)"
+    if problem is None and model_name_problem(value) is not None:
+        problem = f"is not a usable model name: {MODEL_NAME_RULE}"
     return problem
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tritonforge.errors import TritonForgeError
+from tritonforge.files import read_text
 from tritonforge.observe.monitor import cost_per_1k
 
 __all__ = ["CostRow", "bench_costs", "cheapest", "read_sweeps"]
@@ -45,13 +46,10 @@ def read_sweeps(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         path = path / "sweep.json"
+    text = read_text(path, what="sweep file", error=TritonForgeError, fix="give the sweep.json `bench` wrote")
     try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise TritonForgeError(
-            f"cannot read {path}: {exc.strerror} (give the sweep.json `bench` wrote)"
-        ) from None
-    except ValueError as exc:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
         raise TritonForgeError(f"{path} is not JSON: {exc}") from None
     sweeps = data.get("sweeps") if isinstance(data, dict) else None
     if not isinstance(sweeps, list):

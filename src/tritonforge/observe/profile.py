@@ -28,6 +28,7 @@ import numpy as np
 
 from tritonforge.atomic import write_atomic
 from tritonforge.errors import DriftError
+from tritonforge.files import read_text
 
 __all__ = [
     "PROFILE_FILE",
@@ -396,7 +397,7 @@ def read_profile(
         DriftError: no profile there (says where it looked and how to make one).
     """
     path = Path(path)
-    if path.is_file():
+    if not path.is_dir() and (path.exists() or path.is_symlink()):  # a file: a FIFO is refused by name
         candidates = [path]
     elif model is None:
         candidates = [path / PROFILE_FILE]
@@ -407,10 +408,11 @@ def read_profile(
         numbered = sorted((p for p in folder.glob("*") if p.name.isdigit()), key=lambda p: -int(p.name))
         candidates = [p / PROFILE_FILE for p in numbered]
     for candidate in candidates:
-        if candidate.is_file():
+        if candidate.exists() or candidate.is_symlink():
+            text = read_text(candidate, what="drift profile", error=DriftError)  # bounded, regular only
             try:
-                data = json.loads(candidate.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
+                data = json.loads(text)
+            except (ValueError, RecursionError) as exc:
                 raise DriftError(f"{candidate} is not readable JSON ({exc}): rebuild the model") from None
             try:
                 return Profile.from_json(data)

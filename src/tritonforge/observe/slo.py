@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -36,7 +37,9 @@ from typing import Any
 import yaml
 
 from tritonforge.atomic import write_atomic
+from tritonforge.config.validate import model_name_problem
 from tritonforge.errors import ConfigError, SLOError
+from tritonforge.files import read_yaml
 from tritonforge.server.runtime import ERROR_RESPONSES
 
 __all__ = [
@@ -55,6 +58,10 @@ OBJECTIVES = ("p99_latency_ms", "mean_latency_ms", "error_rate", "queue_ms", "ma
 _DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
 _TOP_KEYS = {"window", "for", "selector", "ensembles", "repository", "severity", "models"}
 _MODEL_KEYS = {*OBJECTIVES, "for", "severity"}
+# PromQL label matchers (name, operator, double-quoted value), comma-separated: what `selector:` may hold
+_MATCHER = r'\s*[A-Za-z_][A-Za-z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\\n]|\\.)*"\s*'
+_SELECTOR = re.compile(rf"(?:{_MATCHER}(?:,{_MATCHER})*,?\s*)?")
+_SEVERITY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +98,36 @@ def _duration(value: Any, where: str) -> str:
 
 
 def _number(value: Any, where: str, *, at_most: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise SLOError(f"{where}: {value!r} must be a number above 0")
+    # NaN compares false with everything and inf is never exceeded: either makes an alert that never fires
+    number = math.nan
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value) if not isinstance(value, int) or abs(value) < 10**300 else math.inf
+    if not math.isfinite(number) or number <= 0:
+        raise SLOError(f"{where}: {_shown(value)} must be a finite number above 0")
     if at_most is not None and value > at_most:
         raise SLOError(f"{where}: {value!r} must be at most {at_most} (a share, e.g. 0.01 for 1%)")
     return float(value)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _label_value(text: str) -> str:
+    """``text`` as the inside of a double-quoted PromQL string (a label value): ``\\``, ``"`` and
+    newlines escaped, so that no value can end the string and add PromQL of its own."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _model_name(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise SLOError(f"{where}: model names must be non-empty strings, got {_shown(name)}; name each model")
+    problem = model_name_problem(name)
+    if problem is not None:
+        # the name goes into PromQL and alert templates; Triton serves no model by such a name anyway
+        raise SLOError(f"{where}: {problem}")
+    return name
 
 
 def _composing(spec_dir: Path) -> dict[str, list[str]]:
@@ -160,32 +192,32 @@ def load_slo(path: str | os.PathLike[str]) -> SLOSpec:
         SLOError: unreadable YAML, an unknown key, a bad duration or objective, no models.
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise SLOError(f"cannot read SLO file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise SLOError(f"{path} is not valid YAML: {exc}") from None
+    # bounded, regular files only, strict YAML (a key written twice is refused with both lines)
+    data = read_yaml(path, what="SLO file", error=SLOError)
     if not isinstance(data, dict):
         raise SLOError(f"{path}: expected a mapping with a `models:` key at the top")
     unknown = set(data) - _TOP_KEYS
     if unknown:
-        raise SLOError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+        raise SLOError(f"{path}: unknown key(s) {sorted(unknown)[:10]}; allowed: {sorted(_TOP_KEYS)}")
     window = _duration(data.get("window", "5m"), f"{path}: window")
     for_ = _duration(data.get("for", "5m"), f"{path}: for")
-    selector = str(data.get("selector", "")).strip().strip("{}")
-    severity = str(data.get("severity", "page"))
+    selector = _selector(data.get("selector", ""), f"{path}: selector")
+    severity = _severity(data.get("severity", "page"), f"{path}: severity")
+    for key in ("ensembles", "repository"):
+        if key in data and (not isinstance(data[key], str) or not data[key]):
+            raise SLOError(f"{path}: {key}: {_shown(data[key])} must be a folder path (a string)")
     models = data.get("models")
     if not isinstance(models, dict) or not models:
         raise SLOError(f"{path}: `models:` must map each model name to its objectives (none given)")
     objectives = []
     for name, body in models.items():
-        where = f"{path}: models.{name}"
+        where = f"{path}: models.{_model_name(name, f'{path}: models')}"
         if not isinstance(body, dict):
             raise SLOError(f"{where}: expected a mapping of objectives ({', '.join(OBJECTIVES)})")
         bad = set(body) - _MODEL_KEYS
         if bad:
-            raise SLOError(f"{where}: unknown key(s) {sorted(bad)}; objectives are {', '.join(OBJECTIVES)}")
+            listed = sorted(map(str, bad))[:10]
+            raise SLOError(f"{where}: unknown key(s) {listed}; objectives are {', '.join(OBJECTIVES)}")
         values = {
             key: _number(body[key], f"{where}.{key}", at_most=1.0 if key == "error_rate" else None)
             for key in OBJECTIVES
@@ -195,7 +227,7 @@ def load_slo(path: str | os.PathLike[str]) -> SLOSpec:
             Objective(
                 model=str(name),
                 for_=_duration(body.get("for", for_), f"{where}.for"),
-                severity=str(body.get("severity", severity)),
+                severity=_severity(body.get("severity", severity), f"{where}.severity"),
                 **values,
             )
         )
@@ -218,6 +250,28 @@ def load_slo(path: str | os.PathLike[str]) -> SLOSpec:
                     rows.append((member, o.model))
         rows = _ordered(rows)
     return SLOSpec(window, for_, selector, tuple(objectives), tuple(rows), str(path))
+
+
+def _selector(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise SLOError(f"{where}: {_shown(value)} must be label matchers as text, e.g. 'job=\"triton\"'")
+    text = value.strip()
+    if text.startswith("{") and text.endswith("}"):
+        text = text[1:-1]
+    if not _SELECTOR.fullmatch(text):
+        raise SLOError(
+            f"{where}: {_shown(value)} is not a list of PromQL label matchers; write e.g. "
+            '\'job="triton", namespace=~"prod-.*"\' (name, =, !=, =~ or !~, a double-quoted value)'
+        )
+    return text.strip().rstrip(",").strip()
+
+
+def _severity(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _SEVERITY.fullmatch(value):
+        raise SLOError(
+            f"{where}: {_shown(value)} must be a word of letters, digits, '_', '-' or '.' (e.g. page, ticket)"
+        )
+    return value
 
 
 def _ordered(rows: list[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
@@ -311,7 +365,7 @@ def rules(spec: SLOSpec) -> dict[str, Any]:
             alerts.append(
                 {
                     "alert": alert,
-                    "expr": f'{names[key]}{{model="{o.model}"}} > {threshold:g}',
+                    "expr": f'{names[key]}{{model="{_label_value(o.model)}"}} > {threshold:g}',
                     "for": o.for_,
                     "labels": {"severity": o.severity, "slo": objective, "model": o.model},
                     "annotations": {
@@ -325,7 +379,7 @@ def rules(spec: SLOSpec) -> dict[str, Any]:
             alerts.append(
                 {
                     "alert": "TritonModelInputDrift",
-                    "expr": f'max by (model) (tritonforge_drift_psi{{model="{o.model}"}})'
+                    "expr": f'max by (model) (tritonforge_drift_psi{{model="{_label_value(o.model)}"}})'
                     f" > {o.max_drift_psi:g}",
                     "for": "0s",
                     "labels": {"severity": o.severity, "slo": "max_drift_psi", "model": o.model},
@@ -380,7 +434,7 @@ def _panel(
 
 def dashboard_queries(spec: SLOSpec, model: str, rate_window: str = "$__rate_interval") -> dict[str, str]:
     """The PromQL of a model's panels (the dashboard reads Triton's series directly: no rules needed)."""
-    m = f'model="{model}"'
+    m = f'model="{_label_value(model)}"'
     s = _sel(spec, m)
 
     def rate(metric: str) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from tritonforge.errors import QuantizationError
+from tritonforge.files import MAX_ONNX_BYTES, check_regular
 from tritonforge.verify import Artifact, Report, Tolerance, compare
 
 __all__ = [
@@ -39,6 +40,8 @@ DEFAULT_TOLERANCE = Tolerance(min_cosine_mean=0.99, min_cosine_min=0.95, max_acc
 def _session(path: Path, threads: int = 0) -> Any:
     import onnxruntime as ort
 
+    # onnxruntime opens the path itself: a FIFO or a link to /dev/zero is refused here, not waited on
+    check_regular(path, what="ONNX model", limit=MAX_ONNX_BYTES, error=QuantizationError)
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads

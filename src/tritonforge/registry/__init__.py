@@ -1,6 +1,6 @@
 """The model registry: manifests per version, served versions (promote / rollback), an audit log."""
 
-from tritonforge.registry.audit import current_user, record_event
+from tritonforge.registry.audit import AuditLog, current_user, read_audit_log, record_event
 from tritonforge.registry.build import Step, build_key, find_built
 from tritonforge.registry.core import (
     AUDIT_LOG,
@@ -17,6 +17,7 @@ from tritonforge.registry.core import (
 
 __all__ = [
     "AUDIT_LOG",
+    "AuditLog",
     "ModelVersion",
     "Step",
     "audit_log",
@@ -26,6 +27,7 @@ __all__ = [
     "library_versions",
     "list_models",
     "promote",
+    "read_audit_log",
     "read_manifest",
     "record_event",
     "register",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from importlib import metadata
@@ -361,12 +360,12 @@ def rollback(
 
 
 def audit_log(repo: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every served-version change recorded in ``repo``, oldest first."""
-    path = Path(repo) / AUDIT_LOG
-    if not path.is_file():
-        return []
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(ValueError):
-            events.append(json.loads(line))
-    return events
+    """Every event recorded in ``repo``'s audit log, oldest first (lines that are not events are left
+    out: :func:`tritonforge.registry.audit.read_audit_log` says which).
+
+    Raises:
+        RepositoryError: the log is not a regular file, or can't be read.
+    """
+    from tritonforge.registry.audit import read_audit_log  # the reader, beside the writer's re-export
+
+    return read_audit_log(repo).events

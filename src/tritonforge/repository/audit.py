@@ -19,9 +19,13 @@ import fcntl
 import getpass
 import json
 import os
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from tritonforge.errors import RepositoryError
+from tritonforge.files import file_kind
 
 __all__ = ["AUDIT_LOG", "current_user", "record_event"]
 
@@ -42,7 +46,20 @@ def current_user() -> str:
 def _locked(repo: Path) -> Iterator[Path]:
     """Serialise the changes and records of one repository (promote/rollback from several shells)."""
     log = repo / AUDIT_LOG
-    with open(log, "a", encoding="utf-8") as handle:
+    # non-blocking: a FIFO in the log's place would block an append forever; it is refused instead
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        mode = os.stat(log).st_mode if os.path.exists(log) else 0
+        if mode and not stat.S_ISREG(mode):
+            why = f"is {file_kind(mode)}, not a regular file; move it away"
+            raise RepositoryError(f"audit log {log} {why}") from None
+        raise RepositoryError(f"audit log {log} can't be written: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise RepositoryError(f"audit log {log} is {file_kind(mode)}, not a regular file; move it away")
+    with open(fd, "a", encoding="utf-8") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield log

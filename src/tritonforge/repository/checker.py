@@ -12,9 +12,16 @@ from typing import Any
 
 import numpy as np
 
-from tritonforge.config import ModelConfig, check_signature, onnx_signature, read_model_dir
-from tritonforge.errors import TritonForgeError
-from tritonforge.repository.writer import model_filename, staging_leftovers, versions
+from tritonforge.config import ModelConfig, VersionPolicy, check_signature, onnx_signature, read_model_dir
+from tritonforge.config.validate import INT64_MAX
+from tritonforge.errors import RepositoryError, TritonForgeError
+from tritonforge.repository.writer import (
+    check_model_source,
+    is_version_name,
+    model_filename,
+    staging_leftovers,
+    versions,
+)
 
 __all__ = ["Problem", "check_repository", "model_dirs", "sample_inputs"]
 
@@ -111,18 +118,60 @@ def _check_label_files(model_dir: Path, config: ModelConfig, problems: list[Prob
             )
 
 
+def _check_version_folders(model_dir: Path, problems: list[Problem]) -> None:
+    """Folders named with digits that Triton does not read as versions (or that stop it)."""
+    name = model_dir.name
+    for folder in sorted(
+        p for p in model_dir.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit()
+    ):
+        if is_version_name(folder.name):
+            continue
+        if int(folder.name) > INT64_MAX:
+            problems.append(
+                Problem(
+                    name,
+                    f"version folder {folder.name} is beyond {INT64_MAX} (int64): loading it stops Triton "
+                    "2.51 (the server process dies); number versions from 1",
+                )
+            )
+        else:
+            problems.append(
+                Problem(
+                    name,
+                    f"folder {folder.name} is not a version to Triton (a leading zero): it is never served; "
+                    f"rename it {int(folder.name)}",
+                    severity="warning",
+                )
+            )
+
+
 def _check_versions(model_dir: Path, config: ModelConfig, problems: list[Problem]) -> None:
     name = model_dir.name
+    _check_version_folders(model_dir, problems)
     found = versions(model_dir)
     if not found:
         problems.append(Problem(name, "no version folder (1/, 2/, ...): Triton serves nothing for it"))
+    elif not (config.version_policy or VersionPolicy.latest(1)).serves(found):
+        problems.append(
+            Problem(
+                name,
+                f"version_policy {config.version_policy} serves none of its versions "
+                f"({', '.join(map(str, found))}): Triton refuses the model (at least one version must be "
+                "available under the version policy); name a version it has, or leave version_policy out",
+            )
+        )
     filename = model_filename(config)
     if filename is None:
         return
     for version in found:
         path = model_dir / str(version) / filename
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             problems.append(Problem(name, f"missing model file {path.name} in {path.parent}", version))
+            continue
+        try:
+            check_model_source(path, name)  # a regular file, not empty, not a FIFO or a device
+        except RepositoryError as exc:
+            problems.append(Problem(name, exc.message, version))
             continue
         if filename.endswith(".onnx") and (config.inputs or config.outputs):  # none: auto-completed
             try:

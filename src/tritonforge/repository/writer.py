@@ -22,11 +22,12 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,17 @@ from tritonforge.config import (
     read_config,
     write_config,
 )
+from tritonforge.config.validate import INT64_MAX, model_name_problem
 from tritonforge.errors import ConfigError, RepositoryError, SignatureError
+from tritonforge.files import (
+    MAX_DOCUMENT_BYTES,
+    MAX_MODEL_BYTES,
+    check_regular,
+    copy_file,
+    copy_tree,
+    open_regular,
+    read_text,
+)
 from tritonforge.repository.audit import current_user, record_event
 from tritonforge.repository.requirements import write_requirements
 from tritonforge.repository.threads import DEFAULT_INTRA_OP_THREADS, onnxruntime_thread_parameters
@@ -55,9 +66,11 @@ __all__ = [
     "amend_version",
     "build_manifest",
     "check_model_name",
+    "check_model_source",
     "current_user",
     "file_sha256",
     "infer_config",
+    "is_version_name",
     "load_config",
     "make_staging_dir",
     "model_filename",
@@ -97,11 +110,20 @@ def model_filename(config: ModelConfig) -> str | None:
     return MODEL_FILENAMES.get(kind)
 
 
+def is_version_name(name: str) -> bool:
+    """Whether Triton reads a folder called ``name`` as a model version: ASCII digits, no leading zero
+    (Triton 2.51 skips ``01``), at most 2**63 - 1 (a larger one crashes it)."""
+    return bool(_VERSION_NAME.fullmatch(name)) and int(name) <= INT64_MAX
+
+
+_VERSION_NAME = re.compile(r"0|[1-9][0-9]{0,18}")
+
+
 def versions(model_dir: Path) -> list[int]:
-    """The numeric version folders of a model, ascending."""
+    """The version folders of a model (as Triton reads them: :func:`is_version_name`), ascending."""
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and is_version_name(p.name))
 
 
 def next_version(model_dir: Path) -> int:
@@ -111,13 +133,18 @@ def next_version(model_dir: Path) -> int:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file, or of a folder's files (names and contents, in sorted order)."""
+    """sha256 of a file, or of a folder's files (names and contents, in sorted order).
+
+    Raises:
+        RepositoryError: a file that is not a regular one (a FIFO, a device) or larger than
+            ``MAX_MODEL_BYTES`` (:mod:`tritonforge.files`).
+    """
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if not path.is_dir() else sorted(p for p in path.rglob("*") if p.is_file())
     for file in files:
         if path.is_dir():
             digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with file.open("rb") as stream:
+        with open_regular(file, what="file", limit=MAX_MODEL_BYTES, error=RepositoryError) as stream:
             for chunk in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
@@ -279,12 +306,15 @@ class RepositoryWrite:
         if any(s.name == name for s in self._staged):
             raise RepositoryError(f"model '{name}' is written twice in one repository write", model=name)
         source = None if model_file is None else Path(model_file)
-        if source is not None and not source.exists():
-            raise RepositoryError(f"model file {source} does not exist", model=name)
+        if source is not None:
+            check_model_source(source, name)
         for extra in map(Path, extra_files):
-            if not extra.exists():
-                raise RepositoryError(
-                    f"file {extra} (to go beside the model file) does not exist", model=name
+            if not extra.is_dir():
+                check_regular(
+                    extra,
+                    what="file to go beside the model file,",
+                    limit=MAX_MODEL_BYTES,
+                    error=_repository_error(name),
                 )
         if config is None:
             if source is None:
@@ -320,8 +350,19 @@ class RepositoryWrite:
         chosen = version if version is not None else next_version(model_dir)
         if isinstance(chosen, bool) or not isinstance(chosen, int):
             raise TypeError(f"version must be an int, not {type(chosen).__name__}")
-        if chosen < 1:
-            raise ValueError(f"model '{name}': version must be 1 or more, not {chosen}")
+        if not 1 <= chosen <= INT64_MAX:
+            raise ValueError(
+                f"model '{name}': version must be 1 to {INT64_MAX} (int64, as Triton reads version folders), "
+                f"not {chosen}"
+            )
+        policy = config.version_policy
+        if policy is not None and not policy.serves([*versions(model_dir), chosen]):
+            raise ConfigError(
+                f"model '{name}': its version_policy ({policy}) serves none of its versions "
+                f"({', '.join(map(str, sorted({*versions(model_dir), chosen})))}), and Triton refuses such a "
+                "model; name a version it has in the policy, or leave version_policy out",
+                model=name,
+            )
         target = model_dir / str(chosen)
         if target.exists() and not overwrite:
             raise RepositoryError(
@@ -598,12 +639,21 @@ def version_manifest(version_dir: Path, name: str, version: int) -> dict[str, An
         RepositoryError: the manifest exists but can't be read as JSON.
     """
     path = version_dir / "manifest.json"
-    if not path.is_file():
+    if not path.exists():
         return {}
+
+    def refused(message: str) -> RepositoryError:
+        return RepositoryError(message, model=name, version=version)
+
+    text = read_text(path, what="manifest", limit=MAX_DOCUMENT_BYTES, error=refused)
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RepositoryError(f"{path}: unreadable manifest: {exc}", model=name, version=version) from exc
+        record = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise refused(f"{path}: unreadable manifest: {exc}") from None
+    if not isinstance(record, dict):
+        kind = type(record).__name__
+        raise refused(f"{path}: a manifest is a JSON object, not {kind}; rebuild the version")
+    return record
 
 
 def _link_or_copy(source: str, destination: str) -> None:
@@ -615,22 +665,41 @@ def _link_or_copy(source: str, destination: str) -> None:
         shutil.copy2(source, destination)
 
 
+def _repository_error(name: str) -> Callable[[str], RepositoryError]:
+    return lambda message: RepositoryError(message, model=name)
+
+
 def _copy(source: Path, destination: Path) -> None:
+    # regular files only, bounded: a FIFO or a symlink to /dev/zero inside a folder is refused by name
     if source.is_dir():
-        shutil.copytree(source, destination)
+        copy_tree(source, destination, what="model folder", error=RepositoryError)
     else:
-        shutil.copy2(source, destination)
+        copy_file(source, destination, what="model file", error=RepositoryError)
+
+
+def check_model_source(source: Path, name: str) -> None:
+    """Raises RepositoryError unless ``source`` can be copied in as model ``name``'s file: a regular file
+    (or a folder, as a SavedModel is) of 1 byte to ``MAX_MODEL_BYTES`` — never a FIFO, a device or an
+    empty file, which Triton can't load.
+    """
+    if source.is_dir() and not source.is_symlink():
+        return  # each file inside is checked as it is copied
+    info = check_regular(source, what="model file", limit=MAX_MODEL_BYTES, error=_repository_error(name))
+    if info.st_size == 0:
+        raise RepositoryError(
+            f"model file {source} is empty (0 bytes): Triton can't load it; give the exported model",
+            model=name,
+        )
 
 
 def check_model_name(name: str) -> None:
-    """Raises RepositoryError unless ``name`` can be a model folder of a repository."""
+    """Raises RepositoryError unless ``name`` can be a model of a repository (see
+    :func:`tritonforge.config.validate.model_name_problem` for the rule and why)."""
     if not isinstance(name, str):
         raise TypeError(f"a model name is a str, not {type(name).__name__}")
-    if not name or name.startswith(".") or "/" in name or "\\" in name or name.strip() != name:
-        raise RepositoryError(
-            f"{name!r} is not a usable model name: use letters, digits, '_' or '-' (no '/', no leading '.')",
-            model=name,
-        )
+    problem = model_name_problem(name)
+    if problem is not None:
+        raise RepositoryError(problem, model=name)
 
 
 def load_config(model_dir: Path) -> ModelConfig:

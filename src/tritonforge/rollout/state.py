@@ -22,6 +22,7 @@ from typing import Any
 
 from tritonforge.atomic import write_atomic
 from tritonforge.errors import RolloutError
+from tritonforge.files import read_text, read_yaml
 
 __all__ = ["STATE_PREFIX", "RolloutError", "RolloutState", "Thresholds", "state_paths"]
 
@@ -65,18 +66,13 @@ class Thresholds:
             RolloutError: the file is missing, unreadable or has unknown keys.
         """
         file = Path(path)
-        if not file.is_file():
-            raise RolloutError(f"thresholds file {file} does not exist")
-        try:
-            text = file.read_text(encoding="utf-8")
-            if file.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text) or {}
-            else:
-                data = json.loads(text)
-        except (OSError, ValueError) as exc:
-            raise RolloutError(f"thresholds file {file}: {exc}") from exc
+        if file.suffix in (".yaml", ".yml"):
+            data = read_yaml(file, what="thresholds file", error=RolloutError) or {}
+        else:
+            try:
+                data = json.loads(read_text(file, what="thresholds file", error=RolloutError))
+            except (ValueError, RecursionError) as exc:
+                raise RolloutError(f"thresholds file {file}: {exc}") from None
         if not isinstance(data, dict):
             raise RolloutError(f"thresholds file {file}: expected a mapping of threshold names to values")
         known = {f.name for f in dataclasses.fields(cls)}
