@@ -1,14 +1,23 @@
-"""Session-wide real Triton server over a repository of tiny real models (built once per session)."""
+"""Session-wide real Triton server over a repository of tiny real models (built once per session).
+
+The suite runs on parallel workers (pytest-xdist, ``-n``/``--dist`` in pyproject's addopts): a session
+fixture runs once per worker, so what is slow to build and only read afterwards (the example repository)
+is built once per run through ``shared_build``, under a file lock in the run's shared temp folder.
+Whatever a test changes stays per worker or per test.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from filelock import FileLock
 
 import tiny_models
 from tiny_models import spec as _spec
@@ -102,22 +111,53 @@ def _has_torch() -> bool:
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def example_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real example repository, built once per session by the real `tritonforge build` (slow)."""
+def shared_build(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """``name``'s folder, made by ``build(folder)`` once per run and read by every worker afterwards.
+
+    On one process (``-n 0``) it is an ordinary session temp folder. Under xdist the first worker to ask
+    builds it in the folder the workers' temp folders share (the run's, removed with it) while the others
+    wait on the lock; a build that failed is not retried by each worker: they all fail with its message.
+    Only for what the tests read and never change.
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    run_root = tmp_path_factory.getbasetemp().parent
+    folder, done, failed = run_root / name, run_root / f"{name}.done", run_root / f"{name}.failed"
+    with FileLock(str(run_root / f"{name}.lock")):
+        if failed.exists():
+            pytest.fail(f"building the shared {name!r} failed on another worker:\n{failed.read_text()}")
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            try:
+                build(folder)
+            except BaseException as exc:
+                failed.write_text(str(exc)[-6000:] or type(exc).__name__)
+                raise
+            done.touch()
+    return folder
+
+
+def _build_examples(folder: Path) -> None:
     import subprocess
     import sys
 
-    repo = tmp_path_factory.mktemp("examples") / "model_repository"
     done = subprocess.run(
-        [sys.executable, "-m", "tritonforge", "build", "--repo", str(repo)],
+        [sys.executable, "-m", "tritonforge", "build", "--repo", str(folder / "model_repository")],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
         timeout=1800,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return repo
+
+
+@pytest.fixture(scope="session")
+def example_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real example repository, built once per run by the real `tritonforge build` (slow). Read-only."""
+    return shared_build(tmp_path_factory, "examples", _build_examples) / "model_repository"
 
 
 @pytest.fixture(scope="session")
@@ -178,3 +218,30 @@ def prometheus_bin() -> Path:
     from promserver import prometheus_bin as find
 
     return find()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long test files first, so that the parallel workers don't end waiting on one of them.
+
+    A test that takes minutes says so with ``@pytest.mark.timeout(seconds)`` above the ini's timeout;
+    its file runs first (longest first), then the files that read the example repository (its build is
+    on their path), then the rest, more tests first. Files stay whole: one worker runs a file
+    (``--dist loadfile``), so its module-scoped servers start once.
+    """
+    default = float(config.getini("timeout") or 0)
+    count: dict[str, int] = {}
+    for item in items:
+        count[item.nodeid.split("::")[0]] = count.get(item.nodeid.split("::")[0], 0) + 1
+    rank: dict[str, tuple[int, float]] = {}
+    for item in items:
+        file = item.nodeid.split("::")[0]
+        marker = item.get_closest_marker("timeout")
+        declared = float(marker.args[0]) if marker and marker.args else 0.0
+        if declared > default:
+            key = (0, -declared)
+        elif "example_repo" in item.fixturenames:
+            key = (1, 0.0)
+        else:
+            key = (2, float(-count[file]))
+        rank[file] = min(rank.get(file, key), key)
+    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
