@@ -140,6 +140,10 @@ def shared_build(tmp_path_factory: pytest.TempPathFactory, name: str, build: Cal
     return folder
 
 
+#: the most the example build may take (minutes on 2 cores; more while other workers run beside it)
+EXAMPLE_BUILD_TIMEOUT_S = 1800
+
+
 def _build_examples(folder: Path) -> None:
     import subprocess
     import sys
@@ -149,7 +153,7 @@ def _build_examples(folder: Path) -> None:
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=EXAMPLE_BUILD_TIMEOUT_S,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -245,3 +249,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             key = (2, float(-count[file]))
         rank[file] = min(rank.get(file, key), key)
     items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
+    # The example build runs in the setup of the first test that reads it (the other workers wait on its
+    # lock), so those tests get the build's own bound, not the ini's per-test one.
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        declared = float(marker.args[0]) if marker and marker.args else 0.0
+        if "example_repo" in item.fixturenames and declared < EXAMPLE_BUILD_TIMEOUT_S:
+            item.add_marker(pytest.mark.timeout(EXAMPLE_BUILD_TIMEOUT_S))
