@@ -19,6 +19,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from filelock import FileLock
+
 #: NVIDIA's 24.10 image (the release the embedded Triton 2.51 matches) has Python 3.10
 TARGET_VERSION = "3.10"
 
@@ -43,6 +45,15 @@ def _venv(kind: str, base: Path, packages: Sequence[str]) -> Path:
     target = cache / f"{kind}-{key}"
     if (target / ".complete").exists():
         return target / "bin" / "python"
+    cache.mkdir(parents=True, exist_ok=True)
+    # one builder at a time (parallel workers, other sessions): the others wait, then find it complete
+    with FileLock(str(cache / f"{kind}-{key}.lock")):
+        if not (target / ".complete").exists():
+            _build_venv(target, base, packages)
+    return target / "bin" / "python"
+
+
+def _build_venv(target: Path, base: Path, packages: Sequence[str]) -> None:
     shutil.rmtree(target, ignore_errors=True)  # a build cut short: made again, never used half-made
     subprocess.run([str(base), "-m", "venv", str(target)], check=True, capture_output=True, timeout=300)
     done = subprocess.run(
@@ -63,7 +74,6 @@ def _venv(kind: str, base: Path, packages: Sequence[str]) -> Path:
         shutil.rmtree(target, ignore_errors=True)
         raise AssertionError(f"pip install {packages} failed: {done.stderr[-2000:]}")
     (target / ".complete").write_text("")
-    return target / "bin" / "python"
 
 
 def reduced_python(requirements: Sequence[str] = (), version: str = TARGET_VERSION) -> Path:
