@@ -1055,3 +1055,40 @@ def test_cli_deploy_help_renders_piped_at_60_columns_and_monitor_names_the_metri
     assert wrong.returncode != 0
     (line,) = wrong.stderr.strip().splitlines()
     assert "metrics port, 8002 by default" in line and "BadStatusLine" not in line
+
+
+@pytest.mark.slow
+def test_the_locust_workers_access_settings_pass_the_restricted_real_server(
+    guarded: Path, guarded_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """The worker's env from the manifest (keys as the kubelet reads them from the Secrets; the TLS
+    settings left out: the server here serves no TLS) lets locust's users through; without it they fail."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    worker = _docs(guarded / "loadtest/locust.yaml")[2]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") or KEY_VALUES.get(e["name"], "") for e in worker["env"]}
+    env = {k: v for k, v in env.items() if not k.startswith("TRITONFORGE_TLS_") and k != "HOME"}
+    assert set(env) >= {"TRITONFORGE_AUTH", "TRITON_RESTRICT_KEY_0", "TRITONFORGE_MODEL"}
+
+    def failures(extra: dict[str, str], prefix: Path) -> tuple[int, int]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("TRITONFORGE_")}
+        # locust exits 1 when a request failed: the counts in its CSV are what is judged
+        subprocess.run(
+            [sys.executable, "-m", "locust", "-f", "loadtests/any_model.py", "--host",
+             guarded_server.grpc_url, "--headless", "-u", "2", "-r", "2", "-t", "4s", "--csv", str(prefix),
+             "--only-summary"],
+            capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT,
+            env={**base, "PYTHONWARNINGS": "ignore", **extra},
+        )  # fmt: skip
+        with Path(f"{prefix}_stats.csv").open() as handle:
+            total = next(r for r in csv.DictReader(handle) if r["Name"] == "Aggregated")
+        return int(total["Request Count"]), int(total["Failure Count"])
+
+    requests, failed = failures(env, tmp_path / "keyed")
+    assert requests > 0 and failed == 0
+    model_only = {"TRITONFORGE_MODEL": env["TRITONFORGE_MODEL"]}
+    requests, failed = failures(model_only, tmp_path / "bare")
+    assert failed == requests > 0
