@@ -38,6 +38,7 @@ from tritonforge.deploy import (
     triton_args,
 )
 from tritonforge.deploy.check import validate_object
+from tritonforge.deploy.metrics import gpu_queries
 from tritonforge.errors import DeployError
 from tritonforge.server import EmbeddedServer
 
@@ -350,19 +351,54 @@ def test_cli_deploy_sizes_prod_from_a_real_bench_sweep(
 def test_cli_deploy_on_the_example_repository_writes_valid_manifests(
     example_repo: Path, tmp_path: Path
 ) -> None:
-    result = CliRunner().invoke(
+    """The first contact: the default store, then --gpus 1 on an s3:// store with the monitor label
+    kube-prometheus-stack selects on. Exit 0 means every object passed its offline check."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as pb2
+
+    from tritonforge import __version__
+
+    loadtests = ["--loadtests", str(PROJECT_ROOT / "loadtests")]
+    plain = CliRunner().invoke(app, ["deploy", str(example_repo), "-o", str(tmp_path / "plain"), *loadtests])
+    assert plain.exit_code == 0, plain.output
+    gpu = CliRunner().invoke(
         app,
-        [
-            "deploy",
-            str(example_repo),
-            "--out",
-            str(tmp_path / "deploy"),
-            "--loadtests",
-            str(PROJECT_ROOT / "loadtests"),
-        ],
+        ["deploy", str(example_repo), "-o", str(tmp_path / "gpu"), "--gpus", "1", "--model-store",
+         "s3://models/prod", "--monitor-label", "release=kube-prometheus-stack", *loadtests],
+    )  # fmt: skip
+    assert gpu.exit_code == 0, gpu.output
+    for root in (tmp_path / "plain", tmp_path / "gpu"):
+        docs = _all_docs(root)
+        assert (root / "loadtest/locust.yaml").is_file()
+        kinds = {d.get("kind") for _, d in docs}
+        assert {"NetworkPolicy", "ServiceAccount"} <= kinds
+        assert not [d for _, d in docs if "ReadOnlyMany" in str(d.get("spec", {}).get("accessModes"))]
+        assert "replicas" not in _docs(root / "base/deployment.yaml")[0]["spec"]
+        built = {p.parent.name for p in root.glob("images/*/Dockerfile")}
+        assert "tools" in built
+        for _, pod in _pod_specs(root):
+            for container in pod.get("initContainers", []) + pod["containers"]:
+                image = container["image"]
+                assert image.startswith("nvcr.io/nvidia/") or image.endswith(f":{__version__}"), image
+    assert "models" in {p.parent.name for p in (tmp_path / "plain").glob("images/*/Dockerfile")}
+    monitor = _docs(tmp_path / "gpu/base/servicemonitor.yaml")[0]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    onnx = text_format.Parse(
+        (tmp_path / "gpu/repository/digits_mlp/config.pbtxt").read_text(), pb2.ModelConfig()
     )
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "deploy/loadtest/locust.yaml").is_file()
+    assert {g.kind for g in onnx.instance_group} == {pb2.ModelInstanceGroup.KIND_GPU}
+    tokenizer = (tmp_path / "gpu/repository/minilm_tokenizer/config.pbtxt").read_text()
+    assert "KIND_GPU" not in tokenizer  # a Python model stays where its code runs
+    assert "tritonforge push" in gpu.output and "s3://models/prod" in gpu.output
+    hadolint = _hadolint()
+    for dockerfile in [
+        *tmp_path.glob("plain/images/*/Dockerfile"),
+        *tmp_path.glob("gpu/images/*/Dockerfile"),
+    ]:
+        import subprocess
+
+        done = subprocess.run([str(hadolint), str(dockerfile)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (dockerfile, done.stdout)
 
 
 # -- the command line on the real binary, and the autoscaling metric on a real Prometheus -----------------
@@ -453,8 +489,19 @@ def test_autoscaling_promql_is_clearly_higher_under_load_than_idle_per_pod(
         f"{server.host}:{server.metrics_port}": PODS[0],
         f"{deployed_server.host}:{deployed_server.metrics_port}": PODS[1],
     }
+    gpu_out = tmp_path / "gpu"
+    generate(server.repositories[0], gpu_out, DeploySpec(metric="gpu_utilization", gpus=1))
+    gpu_rule = yaml.safe_load((gpu_out / "autoscaling/prometheus-adapter-values.yaml").read_text())
+    gpu_keda = _docs(gpu_out / "overlays/prod/keda-scaledobject.yaml")[0]["spec"]["triggers"][0]
+    gpu_promql = [
+        render_adapter_query(gpu_rule["rules"]["custom"][0]["metricsQuery"], namespace=NAMESPACE, pods=PODS),
+        gpu_keda["metadata"]["query"],
+        *gpu_queries(DeploySpec(gpus=1), NAMESPACE).values(),
+    ]
     with _PodPrometheus(targets, scrape_interval_s=0.5) as prom:
         prom.wait_for_targets()
+        # the GPU variants parse and run on the real Prometheus; no GPU here, so no nv_gpu_* series: empty
+        assert [prom.values(q) for q in gpu_promql] == [{}] * 4
         # the adapter discovers the metric through its seriesQuery: one series set per pod
         series = prom.api("series", **{"match[]": rules[0]["seriesQuery"]})
         assert {s["pod"] for s in series} == set(PODS)

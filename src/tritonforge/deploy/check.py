@@ -54,6 +54,15 @@ def _resource(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _endpoints(**more: dict[str, Any]) -> dict[str, Any]:
+    """A ServiceMonitor's ``endpoints`` / a PodMonitor's ``podMetricsEndpoints``: the fields we write."""
+    fields = {"port": _STR, "path": _STR, "interval": _DURATION, "scrapeTimeout": _DURATION, **more}
+    return {
+        "type": "array",
+        "items": {"type": "object", "additionalProperties": False, "properties": fields},
+    }
+
+
 CRD_FIELDS: dict[tuple[str, str], dict[str, Any]] = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): _resource(
         {
@@ -62,19 +71,7 @@ CRD_FIELDS: dict[tuple[str, str], dict[str, Any]] = {
             "additionalProperties": False,
             "properties": {
                 "selector": _SELECTOR,
-                "endpoints": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "properties": {
-                            "port": _STR,
-                            "path": _STR,
-                            "interval": _DURATION,
-                            "scrapeTimeout": _DURATION,
-                        },
-                    },
-                },
+                "endpoints": _endpoints(),
             },
         }
     ),
@@ -85,21 +82,8 @@ CRD_FIELDS: dict[tuple[str, str], dict[str, Any]] = {
             "additionalProperties": False,
             "properties": {
                 "selector": _SELECTOR,
-                "podMetricsEndpoints": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "properties": {
-                            "port": _STR,
-                            # prometheus-operator's int-or-string; a number for KServe's unnamed port
-                            "targetPort": {"type": ["integer", "string"]},
-                            "path": _STR,
-                            "interval": _DURATION,
-                            "scrapeTimeout": _DURATION,
-                        },
-                    },
-                },
+                # prometheus-operator's int-or-string; a number for KServe's unnamed port
+                "podMetricsEndpoints": _endpoints(targetPort={"type": ["integer", "string"]}),
             },
         }
     ),

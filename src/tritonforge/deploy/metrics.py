@@ -115,13 +115,15 @@ def gpu_queries(spec: DeploySpec, namespace: str) -> dict[str, str]:
     }
 
 
+def _target(spec: DeploySpec) -> float:
+    if spec.metric == "queue_time":
+        return spec.target_queue_us
+    return spec.target_gpu_utilization if spec.metric == "gpu_utilization" else spec.target_queue_ratio
+
+
 def threshold(spec: DeploySpec) -> str:
     """KEDA's threshold for the metric (its query returns the same unit)."""
-    if spec.metric == "queue_time":
-        return str(spec.target_queue_us)
-    if spec.metric == "gpu_utilization":
-        return f"{spec.target_gpu_utilization:g}"
-    return f"{spec.target_queue_ratio:g}"
+    return f"{_target(spec):g}"
 
 
 def _selector(spec: DeploySpec, namespace: str) -> str:
@@ -132,6 +134,4 @@ def target_value(spec: DeploySpec) -> str:
     """The target as a Kubernetes quantity (queue time in us, or the ratio in milli-units)."""
     if spec.metric == "queue_time":
         return str(spec.target_queue_us)
-    if spec.metric == "gpu_utilization":
-        return f"{round(spec.target_gpu_utilization * 1000)}m"
-    return f"{round(spec.target_queue_ratio * 1000)}m"
+    return f"{round(_target(spec) * 1000)}m"
