@@ -47,7 +47,7 @@ from tritonforge.deploy.images import (
 from tritonforge.deploy.metrics import adapter_rule, gpu_queries, keda_query, pod_query
 from tritonforge.deploy.sizing import Sizing
 from tritonforge.deploy.spec import DeploySpec
-from tritonforge.errors import DeployError
+from tritonforge.errors import DeployError, TritonForgeError
 
 __all__ = ["Generated", "generate", "overlay_patches", "repository_models"]
 
@@ -239,13 +239,21 @@ def _dump(content: Any) -> str:
     return yaml.dump_all(docs, Dumper=_SafeDumper, sort_keys=False, default_flow_style=False, width=120)
 
 
-def python_requirements(repository: Path) -> dict[str, list[str]]:
-    """Model -> the pinned pip requirement lines its Python code needs beyond NVIDIA's image."""
+def python_requirements(repository: Path, target: str) -> dict[str, list[str]]:
+    """Model -> the pinned pip requirement lines its Python code needs beyond ``target`` (NVIDIA's image);
+    imports with a fallback (listed commented out) are not installed.
+
+    Raises:
+        DeployError: a model's code is not readable Python, or ``target`` is no NVIDIA tag.
+    """
+    from tritonforge.repository.requirements import python_requirements as needed
+
     try:
-        from tritonforge.repository.requirements import python_requirements as declared
-    except ImportError:  # before the repository's requirement checks exist: nothing is declared
-        return {}
-    return {m: list(lines) for m, lines in declared(repository).items() if lines}
+        found = needed(repository, target)
+    except (TritonForgeError, ValueError) as exc:
+        raise DeployError(f"the Python models' requirements for {target}: {exc}") from exc
+    required = {m: [line for line in lines if not line.startswith("#")] for m, lines in found.items()}
+    return {m: lines for m, lines in required.items() if lines}
 
 
 def _store_steps(spec: DeploySpec, out: Path) -> list[str]:
@@ -253,8 +261,19 @@ def _store_steps(spec: DeploySpec, out: Path) -> list[str]:
     store = spec.store
     deployed = out / "repository"
     if store.object_store:
+        # the cloud's own copy tool does the same where `tritonforge push` is not installed
+        bucket_path = store.uri.partition("://")[2]
+        account, _, blob_path = bucket_path.partition("/")
+        container, _, prefix = blob_path.partition("/")
+        same = {
+            "s3": f"aws s3 sync {deployed} {store.uri}",
+            "gs": f"gcloud storage rsync -r {deployed} {store.uri}",
+            "as": f"az storage blob upload-batch --account-name {account} -d {container} "
+            f"--destination-path {prefix or '.'} -s {deployed}",
+        }[store.kind]
         return [
-            f"Put the deployed repository into the store: `tritonforge push {deployed} {store.uri}`.",
+            f"Put the deployed repository into the store: `tritonforge push {deployed} {store.uri}` "
+            f"(the same with the cloud's tool: `{same}`).",
             *(
                 []
                 if spec.workload_identity
@@ -325,7 +344,7 @@ def generate(
             f"--gpus {spec.gpus}: no model of {repo} runs on a GPU (Python models and ensembles stay on "
             "the CPU), so the GPUs would sit idle; drop --gpus, or pass --allow-idle-gpus to pay for them"
         )
-    requirements = python_requirements(repo)
+    requirements = python_requirements(repo, spec.image)
     images = image_set(spec.name, base_image=spec.image, registry=spec.registry, requirements=requirements)
     spec = spec.replace(
         models=tuple(counts),
