@@ -847,6 +847,8 @@ def test_gpus_rewrite_the_deployed_instance_groups_to_kind_gpu_through_the_proto
     assert [(g.kind, g.count) for g in lookup.instance_group] == [(pb2.ModelInstanceGroup.KIND_GPU, 2)]
     (trt,) = lookup.optimization.execution_accelerators.gpu_execution_accelerator
     assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP16"
+    readme = (gpu_out / "README.md").read_text()
+    assert "lookup: KIND_GPU x2 per GPU, TensorRT execution provider (FP16)" in readme
     torch = config(deployed, "affine_ts")  # TorchScript: on the GPU, no ONNX Runtime accelerator
     assert torch.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_GPU
     assert not torch.optimization.execution_accelerators.gpu_execution_accelerator

@@ -448,6 +448,11 @@ def generate(
         if not spec.store.storage_class
         else f"batch/data-pvc.yaml uses storage class {spec.store.storage_class} (ReadWriteMany)"
     )
+    if spec.store.kind == "image":
+        notes.append(
+            "KServe reads the models image (storageUri oci://...) only with modelcars enabled in its "
+            "storage initializer's config (enableModelcar); otherwise use an object store for KServe"
+        )
     files["compose/docker-compose.yaml"] = compose_file(spec, target / "repository", target / "compose")
     files.update(_image_files(spec, images.server_built, requirements))
     steps.append(
@@ -476,14 +481,13 @@ def generate(
     def deployed_repository(copy: Path) -> None:
         if spec.gpus and gpu_models:
             changed.update(rewrite_for_gpus(copy, accelerator=spec.gpu_accelerator, models=gpu_models))  # type: ignore[arg-type]
+            what = "; ".join(f"{m}: {w}" for m, w in changed.items())
+            notes.insert(0, f"on {spec.gpus} GPU(s) per pod: {what}")
+            (copy.parent / "README.md").write_text(_readme(spec, sizing, notes, steps))
 
     _write_atomically(
         target, {path: _dump(content) for path, content in files.items()}, repo, deployed_repository
     )
-    if changed:
-        notes.insert(
-            0, f"on {spec.gpus} GPU(s) per pod: " + "; ".join(f"{m}: {w}" for m, w in changed.items())
-        )
     return Generated(out=target, files=sorted(files), spec=spec, notes=[*steps, *notes], sizing=sizing)
 
 
