@@ -348,6 +348,9 @@ def test_cli_deploy_sizes_prod_from_a_real_bench_sweep(
 
 
 @pytest.mark.slow
+# run first, its setup builds the example repository (minutes on a loaded 2-core machine), then two deploys
+# of it each start the kserve SDK twice: more than the suite's 600 s per test
+@pytest.mark.timeout(1800)
 def test_cli_deploy_on_the_example_repository_writes_valid_manifests(
     example_repo: Path, tmp_path: Path
 ) -> None:
