@@ -1101,7 +1101,7 @@ def test_cli_deploy_help_renders_piped_at_60_columns_and_monitor_names_the_metri
         assert done.returncode == 0 and done.stderr == "", done.stderr
     assert "pvc://CLAIM/SUBPATH" in done.stdout and "--monitor-label" in done.stdout
     wrong = subprocess.run(
-        [sys.executable, "-m", "tritonforge", "monitor", server.grpc_url, "--once"],
+        [sys.executable, "-m", "tritonforge", "monitor", "--metrics-url", server.grpc_url, "--once"],
         capture_output=True,
         text=True,
         timeout=60,

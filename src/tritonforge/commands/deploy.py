@@ -10,8 +10,9 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from tritonforge.commands import fail, print_error
+from tritonforge.commands import fail
 from tritonforge.commands._output import make_console
+from tritonforge.commands._renamed import deprecated, renamed
 from tritonforge.errors import DeployError, TritonForgeError
 
 console = make_console()
@@ -46,10 +47,6 @@ def _measure(repo: Path, model: str, concurrency: str) -> tuple[dict[str, Any], 
     with console.status(f"measuring '{model}' on the embedded server (concurrency {concurrency}) ..."):
         result = bench(model, settings=settings, repository=repo, report=False)
     return result.as_dict(), f"bench sweep of '{model}' just measured on the embedded server"
-
-
-def _deprecated(old: str, new: str) -> None:
-    print_error(f"{old} is deprecated and goes in the next release; use {new}", prefix="deprecated")
 
 
 def _labels(items: list[str]) -> dict[str, str]:
@@ -88,7 +85,6 @@ def deploy(
         "", help="IAM role ARN (IRSA), GKE service account or Azure client id, instead of static keys."
     ),
     gpus: int = typer.Option(0, help="GPUs per server pod; the models' instance groups follow them."),
-    prod_gpus: int | None = typer.Option(None, hidden=True, help="Deprecated: --gpus."),
     gpu_accelerator: Accelerator = typer.Option(
         Accelerator.cuda, help="ONNX Runtime models on GPUs: CUDA, or TensorRT (FP16 opt-in)."
     ),
@@ -132,22 +128,16 @@ def deploy(
     sweep: Path | None = typer.Option(None, help="sweep.json of `tritonforge bench`, for --target-rps."),
     measure: str | None = typer.Option(None, help="Measure this model now (embedded server) for sizing."),
     concurrency: str = typer.Option("1:16", help="Concurrency levels of --measure (1,2,4 or 1:16)."),
-    levels: str | None = typer.Option(None, hidden=True, help="Deprecated: --concurrency."),
     target_rps: float | None = typer.Option(None, help="Size prod replicas for this many requests/s."),
     max_p99_ms: float | None = typer.Option(None, help="Only levels within this p99 count as capacity."),
-    p99_budget_ms: float | None = typer.Option(None, hidden=True, help="Deprecated: --max-p99-ms."),
     utilisation: float = typer.Option(0.7, help="Share of a pod's measured capacity to plan for."),
     canary_steps: str = typer.Option(
         "", help="KServe canary plan: traffic percent per step, e.g. 5,25,50,100 (as `rollout --steps`)."
     ),
     canary_hold_s: int = typer.Option(300, help="Seconds each canary step is held and judged."),
-    canary_hold: int | None = typer.Option(None, hidden=True, help="Deprecated: --canary-hold-s."),
     canary_max_error_rate: float = typer.Option(0.01, help="Canary plan: largest failed share of calls."),
     canary_max_mean_latency_ms: float | None = typer.Option(
         None, help="Canary plan: largest mean latency (ms)."
-    ),
-    canary_max_latency_ms: float | None = typer.Option(
-        None, hidden=True, help="Deprecated: --canary-max-mean-latency-ms."
     ),
     canary_min_requests: int = typer.Option(100, help="Canary plan: calls needed before a step is judged."),
     restrict: list[str] = typer.Option(
@@ -177,22 +167,8 @@ def deploy(
     from tritonforge.deploy.canary import parse_canary_steps
     from tritonforge.deploy.spec import DEFAULT_IMAGE, default_store
 
-    for old, new, value in (
-        ("--prod-gpus", "--gpus", prod_gpus),
-        ("--levels", "--concurrency", levels),
-        ("--p99-budget-ms", "--max-p99-ms", p99_budget_ms),
-        ("--canary-hold", "--canary-hold-s", canary_hold),
-        ("--canary-max-latency-ms", "--canary-max-mean-latency-ms", canary_max_latency_ms),
-        ("--replicas", "--min-replicas (the HPA owns the scale; no replicas are written)", replicas),
-    ):
-        if value is not None:
-            _deprecated(old, new)
-    gpus = prod_gpus if prod_gpus is not None and not gpus else gpus
-    concurrency = levels if levels is not None else concurrency
-    max_p99_ms = p99_budget_ms if max_p99_ms is None else max_p99_ms
-    canary_hold_s = canary_hold if canary_hold is not None else canary_hold_s
-    if canary_max_mean_latency_ms is None:
-        canary_max_mean_latency_ms = canary_max_latency_ms
+    if replicas is not None:
+        deprecated("--replicas", "--min-replicas (the HPA owns the scale; no replicas are written)")
     try:
         store = (
             parse_model_store(
@@ -352,5 +328,15 @@ def _twice(quantity: str) -> str:
     return f"{value:g}{found.group(2)}"
 
 
+#: old spellings, kept for one release (docs/cli-vocabulary.md lists them)
+RENAMED = {
+    "--prod-gpus": "--gpus",
+    "--levels": "--concurrency",
+    "--p99-budget-ms": "--max-p99-ms",
+    "--canary-hold": "--canary-hold-s",
+    "--canary-max-latency-ms": "--canary-max-mean-latency-ms",
+}
+
+
 def register(app: typer.Typer) -> None:
-    app.command()(deploy)
+    app.command()(renamed(RENAMED)(deploy))
