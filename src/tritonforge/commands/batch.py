@@ -15,6 +15,7 @@ from rich.table import Table
 
 from tritonforge.commands import fail, print_error
 from tritonforge.commands._renamed import renamed
+from tritonforge.commands.access import with_access
 from tritonforge.errors import TritonForgeError
 
 console = Console()
@@ -130,6 +131,7 @@ def _server_table(result: Any) -> Table:
 def register(app: typer.Typer) -> None:
     @app.command("batch-infer")
     @renamed({"--output": "--out", "--outputs": "--output-name"})
+    @with_access
     def batch_infer(
         model: str = typer.Argument(..., help="The model or ensemble to run."),
         url: list[str] = typer.Option(
@@ -159,6 +161,7 @@ def register(app: typer.Typer) -> None:
         no_streams: bool = typer.Option(
             False, "--no-streams", help="Every request a gRPC call (not messages of the lanes' own streams)."
         ),
+        access: object = None,
     ) -> None:
         """Run MODEL on every row of --input; write row_id + outputs as Parquet shards into --out.
 
@@ -193,6 +196,7 @@ def register(app: typer.Typer) -> None:
                 handle_signals=True,
                 on_event=progress,
                 streams=not no_streams,
+                client_options={"auth": access} if access is not None else None,
             )
         except TritonForgeError as exc:
             progress.stop()

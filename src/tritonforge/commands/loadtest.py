@@ -198,7 +198,7 @@ def tune_command(
         "half of them). Candidates keep instances x threads within the CPUs.",
     ),
     preferred: str = typer.Option(
-        "none,max", help="Preferred batch sizes: none, max ([mbs]), half ([mbs/2, mbs])."
+        "none,max", help="Preferred batch sizes: none, max (\\[mbs]), half (\\[mbs/2, mbs])."
     ),
     window_s: float = typer.Option(1.0, help="Length of one measurement window."),
     stability_percent: float = typer.Option(15.0, help="Windows agree when within this percentage."),

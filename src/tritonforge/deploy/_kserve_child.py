@@ -38,17 +38,24 @@ def build(plan: dict[str, Any]) -> Any:
         args=plan["args"],
         resources=V1ResourceRequirements(**plan["resources"]),
         env=load(plan.get("env") or None, "list[V1EnvVar]"),
+        image=plan.get("image"),
     )
     return V1beta1InferenceService(
         api_version=constants.KSERVE_V1BETA1,
         kind="InferenceService",
-        metadata=V1ObjectMeta(name=plan["name"], labels=plan["labels"]),
+        metadata=V1ObjectMeta(
+            name=plan["name"],
+            namespace=plan.get("namespace"),
+            labels=plan["labels"],
+            annotations=plan.get("annotations"),
+        ),
         spec=V1beta1InferenceServiceSpec(
             predictor=V1beta1PredictorSpec(
                 model=model,
                 min_replicas=plan["min_replicas"],
                 max_replicas=plan["max_replicas"],
-                canary_traffic_percent=plan["canary_traffic_percent"],
+                canary_traffic_percent=plan.get("canary_traffic_percent"),
+                service_account_name=plan.get("service_account"),
             )
         ),
     )

@@ -26,10 +26,13 @@ from tritonforge.errors import DeployError
 __all__ = ["compose_file", "inference_service", "kserve_sdk"]
 
 
-def inference_service(spec: DeploySpec, *, gpus: int) -> dict[str, Any]:
-    """KServe's InferenceService on its Triton runtime, with ``canary_traffic_percent`` of the traffic on
-    the newest revision when it is rolled out. Built from the SDK's models (in a separate interpreter, see
-    :mod:`tritonforge.deploy._kserve_child`), so a field KServe doesn't have can't be written.
+def inference_service(spec: DeploySpec, *, namespace: str, service_account: str = "") -> dict[str, Any]:
+    """KServe's InferenceService on its Triton runtime in ``namespace``, in ``spec.kserve_mode``
+    (RawDeployment or Serverless), reading the store with ``service_account``'s credentials. A canary
+    share is set only with canary steps (the first step's: an update then starts there, the step patches
+    move it on); without them an update takes all traffic, as KServe does by default. Built from the
+    SDK's models (in a separate interpreter, see :mod:`tritonforge.deploy._kserve_child`), so a field
+    KServe doesn't have can't be written.
 
     Raises:
         DeployError: the ``kserve`` SDK is missing or failed (``pip install 'tritonforge[deploy]'``).
@@ -37,7 +40,12 @@ def inference_service(spec: DeploySpec, *, gpus: int) -> dict[str, Any]:
     last = spec.image.rsplit("/", 1)[-1]
     plan = {
         "name": spec.name,
+        "namespace": namespace,
         "labels": labels(spec, "kserve"),
+        "annotations": {"serving.kserve.io/deploymentMode": spec.kserve_mode},
+        # KServe's runtime image is NVIDIA's; a built server image (the models' requirements) replaces it
+        "image": spec.server_image or None,
+        "service_account": service_account or None,
         "runtime": "kserve-tritonserver",
         "runtime_version": last.split(":", 1)[1] if ":" in last else None,
         "storage_uri": spec.store.kserve_uri,
@@ -50,10 +58,10 @@ def inference_service(spec: DeploySpec, *, gpus: int) -> dict[str, Any]:
             {"name": r.env, "valueFrom": {"secretKeyRef": {"name": r.secret, "key": r.key}}}
             for r in spec.restrictions
         ],
-        "resources": resources(spec, gpus),
+        "resources": resources(spec, spec.gpus),
         "min_replicas": spec.min_replicas,
         "max_replicas": spec.max_replicas,
-        "canary_traffic_percent": spec.canary_traffic_percent,
+        "canary_traffic_percent": spec.canary_steps[0] if spec.canary_steps else None,
     }
     return kserve_sdk({"op": "build", "plan": plan})
 
@@ -89,7 +97,7 @@ def kserve_sdk(request: dict[str, Any]) -> dict[str, Any]:
     return dict(json.loads(done.stdout)["object"])
 
 
-def compose_file(spec: DeploySpec, repository: Path, compose_dir: Path, *, gpus: int) -> dict[str, Any]:
+def compose_file(spec: DeploySpec, repository: Path, compose_dir: Path) -> dict[str, Any]:
     """docker-compose for one host: NVIDIA's container on the local repository (read-only bind mount),
     the same arguments as the pods, a GPU reservation and a healthcheck on Triton's readiness."""
     local = os.path.relpath(repository.resolve(), compose_dir.resolve())
@@ -97,11 +105,11 @@ def compose_file(spec: DeploySpec, repository: Path, compose_dir: Path, *, gpus:
     # literal; the gRPC TLS files of --tls-secret live in a Kubernetes Secret, so compose serves without them
     args = [
         re.sub(r"\$\((\w+)\)", r"${\1:?set \1 to the key}", a)
-        for a in triton_args(spec, gpus=gpus)
+        for a in triton_args(spec)
         if not a.startswith(("--model-repository=", "--grpc-use-ssl", "--grpc-server-", "--grpc-root-cert"))
     ]
     service: dict[str, Any] = {
-        "image": spec.image,
+        "image": spec.serving_image,
         "command": ["tritonserver", "--model-repository=/models", *args],
         "user": "1000:1000",
         "read_only": True,
@@ -119,10 +127,12 @@ def compose_file(spec: DeploySpec, repository: Path, compose_dir: Path, *, gpus:
         "restart": "unless-stopped",
         "stop_grace_period": f"{spec.exit_timeout_s + 15}s",
     }
-    if gpus:
+    if spec.gpus:
         service["deploy"] = {
             "resources": {
-                "reservations": {"devices": [{"driver": "nvidia", "count": gpus, "capabilities": ["gpu"]}]}
+                "reservations": {
+                    "devices": [{"driver": "nvidia", "count": spec.gpus, "capabilities": ["gpu"]}]
+                }
             }
         }
     return {"name": spec.name, "services": {"triton": service}}

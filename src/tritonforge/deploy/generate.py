@@ -2,15 +2,19 @@
 
 Layout of ``OUT/``::
 
-    base/                  kustomize base: Deployment, Services (+ headless), PDB, ServiceMonitor[, PVC]
-    overlays/dev/          namespace, 1 replica, small CPU pods, HPA 1..2 (KEDA alternative beside it)
-    overlays/prod/         namespace, sized replicas, GPUs, HPA min..max (KEDA alternative beside it)
+    base/                  kustomize base: Deployment, Services (+ headless), PDB, ServiceMonitor,
+                           ServiceAccount, NetworkPolicy[, Ingress][, PVC with a named storage class]
+    overlays/dev/          namespace (PodSecurity restricted), small pods, HPA 1..2 (KEDA beside it)
+    overlays/prod/         namespace, pods spread one per node, HPA min..max (KEDA beside it)
     autoscaling/           prometheus-adapter rule (Helm values and a ConfigMap) serving the HPA metric
-    kserve/                InferenceService on KServe's Triton runtime, with canary traffic
+    kserve/                InferenceService (RawDeployment or Serverless), its ServiceAccount, PodMonitor
     kserve/canary/         with --canary-steps: one patch per step, rollback.yaml and plan.json
-    loadtest/              distributed locust (ConfigMap of loadtests/, master, workers) + its Dockerfile
+    loadtest/              distributed locust (ConfigMap of loadtests/, master, workers)
     batch/                 Indexed Job running `tritonforge batch-infer --shard K/N`, and its data PVC
     compose/               docker-compose.yaml for one host
+    repository/            the repository as deployed (GPU instance groups when the pods have GPUs)
+    images/                Dockerfiles of every image built here: server (when the Python models need
+                           packages), models (the image store), tools (locust, batch-infer)
     README.md              how to apply it, and how the sizing was decided
     tritonforge-deploy.json  what it was generated from
 """
@@ -23,7 +27,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +36,18 @@ import yaml
 from tritonforge.deploy import kube
 from tritonforge.deploy.canary import canary_patches, canary_plan, step_file
 from tritonforge.deploy.extras import compose_file, inference_service
-from tritonforge.deploy.metrics import adapter_rule, keda_query, pod_query
+from tritonforge.deploy.gpu import gpu_capable_models, rewrite_for_gpus
+from tritonforge.deploy.images import (
+    image_set,
+    models_dockerfile,
+    requirement_lines,
+    server_dockerfile,
+    tools_dockerfile,
+)
+from tritonforge.deploy.metrics import adapter_rule, gpu_queries, keda_query, pod_query
 from tritonforge.deploy.sizing import Sizing
-from tritonforge.deploy.spec import DeploySpec, triton_args
-from tritonforge.errors import DeployError
+from tritonforge.deploy.spec import DeploySpec
+from tritonforge.errors import DeployError, TritonForgeError
 
 __all__ = ["Generated", "generate", "overlay_patches", "repository_models"]
 
@@ -98,27 +110,31 @@ def _adapter_prometheus(url: str) -> Obj:
 
 
 def _small(spec: DeploySpec) -> DeploySpec:
-    return spec.replace(cpu_request="1", cpu_limit="2", memory_request="2Gi", memory_limit="4Gi", gpus=0)
+    # the GPUs stay: the deployed configs place the models on them
+    return spec.replace(cpu_request="1", cpu_limit="2", memory_request="2Gi", memory_limit="4Gi")
 
 
 def overlay_patches(spec: DeploySpec, overlay: str) -> list[Obj]:
-    """JSON-patch (RFC 6902) operations an overlay applies to the base Deployment."""
+    """JSON-patch (RFC 6902) operations an overlay applies to the base Deployment. Each changes one
+    field; none touches the replicas (the HPA's) or the server's arguments (the base's alone, so an edit
+    there is never silently replaced by an overlay's copy)."""
     container = "/spec/template/spec/containers/0"
     if overlay == "dev":
-        small = _small(spec)
         return [
-            {"op": "replace", "path": "/spec/replicas", "value": 1},
-            {"op": "replace", "path": f"{container}/resources", "value": kube.resources(small, 0)},
+            {
+                "op": "replace",
+                "path": f"{container}/resources",
+                "value": kube.resources(_small(spec), spec.gpus),
+            }
         ]
-    gpus = spec.prod_gpus
-    ops: list[Obj] = [
-        {"op": "replace", "path": "/spec/replicas", "value": spec.replicas},
-        {"op": "replace", "path": f"{container}/resources", "value": kube.resources(spec, gpus)},
-        {"op": "replace", "path": f"{container}/args", "value": triton_args(spec, gpus=gpus)},
+    return [
+        # the hostname spread (the second constraint): two prod replicas never share a node
+        {
+            "op": "replace",
+            "path": "/spec/template/spec/topologySpreadConstraints/1/whenUnsatisfiable",
+            "value": "DoNotSchedule",
+        }
     ]
-    if gpus and not spec.gpus:
-        ops.append({"op": "add", "path": "/spec/template/spec/tolerations", "value": [kube.gpu_toleration()]})
-    return ops
 
 
 def _kustomization(resources: Sequence[str], **extra: Any) -> Obj:
@@ -149,38 +165,41 @@ def _overlay(spec: DeploySpec, overlay: str) -> dict[str, Any]:
     }
 
 
-LOCUST_DOCKERFILE = (
-    "# The locust image: tritonforge with its load-test extra (build from the project root:\n"
-    "#   docker build -f deploy/loadtest/Dockerfile -t tritonforge-locust:latest .)\n"
-    "FROM python:3.11-slim\n"
-    "COPY . /src\n"
-    'RUN pip install --no-cache-dir "/src[loadtest]" && rm -rf /src\n'
-    "USER 1000\n"
-)
-
-
-def _readme(spec: DeploySpec, sizing: Sizing | None, notes: Sequence[str]) -> str:
+def _readme(spec: DeploySpec, sizing: Sizing | None, notes: Sequence[str], steps: Sequence[str]) -> str:
+    ns = spec.prod_namespace
     lines = [
         f"# Deploying `{spec.name}` (generated by `tritonforge deploy`)",
         "",
-        f"Image: `{spec.image}`. Models: {', '.join(spec.models)}. Repository: `{spec.store.uri}`.",
+        f"Image: `{spec.serving_image}`. Models: {', '.join(spec.models)}. Repository: `{spec.store.uri}`.",
         "",
-        "    kubectl apply -k overlays/dev      # or overlays/prod",
+        "## Before the first apply",
+        "",
+        *[f"{i}. {step}" for i, step in enumerate(steps, 1)],
+        "",
+        "## Apply",
+        "",
+        f"Everything below lives in one namespace, `{ns}` (the dev overlay: `{spec.dev_namespace}`).",
+        "",
+        "    kubectl apply -k overlays/prod      # or overlays/dev",
         "    helm upgrade --install prometheus-adapter prometheus-community/prometheus-adapter \\",
-        "        -n monitoring -f autoscaling/prometheus-adapter-values.yaml",
-        "    kubectl apply -f kserve/inferenceservice.yaml        # instead of the overlays, on KServe",
-        "    kubectl apply -k loadtest -n <namespace>              # distributed locust",
-        "    kubectl apply -k batch -n <namespace>                 # the sharded batch Job",
+        f"        -n {spec.monitoring_namespace} -f autoscaling/prometheus-adapter-values.yaml",
+        "    kubectl apply -k kserve                               # instead of the overlays, on KServe",
+        "    kubectl apply -k loadtest                             # distributed locust",
+        "    kubectl apply -k batch                                # the sharded batch Job",
         "    docker compose -f compose/docker-compose.yaml up -d   # one host",
         "",
         "KEDA instead of the HPA: in an overlay's kustomization.yaml replace `hpa.yaml` with",
         "`keda-scaledobject.yaml`.",
         "",
-        "Per-pod autoscaling metric (what the HPA averages), in the prod namespace:",
+        f"Per-pod autoscaling metric (what the HPA averages), in `{ns}`:",
         "",
-        f"    {pod_query(spec, spec.prod_namespace)}",
+        f"    {pod_query(spec, ns)}",
         "",
     ]
+    if spec.gpus:
+        lines += ["GPU metrics per pod (Triton exports them with --allow-gpu-metrics, on here):", ""]
+        lines += [f"    {q}" for q in gpu_queries(spec, ns).values()]
+        lines += [""]
     if spec.canary_steps:
         lines += [
             "## KServe canary",
@@ -190,7 +209,7 @@ def _readme(spec: DeploySpec, sizing: Sizing | None, notes: Sequence[str]) -> st
             "(a new storageUri in kserve/inferenceservice.yaml, `kubectl apply -f`), then per step:",
             "",
             *[
-                f"    kubectl patch inferenceservice {spec.name} -n {spec.prod_namespace} --type merge "
+                f"    kubectl patch inferenceservice {spec.name} -n {ns} --type merge "
                 f"--patch-file kserve/canary/{step_file(i, p)}"
                 for i, p in enumerate(spec.canary_steps, 1)
             ],
@@ -220,6 +239,63 @@ def _dump(content: Any) -> str:
     return yaml.dump_all(docs, Dumper=_SafeDumper, sort_keys=False, default_flow_style=False, width=120)
 
 
+def python_requirements(repository: Path, target: str) -> dict[str, list[str]]:
+    """Model -> the pinned pip requirement lines its Python code needs beyond ``target`` (NVIDIA's image);
+    imports with a fallback (listed commented out) are not installed.
+
+    Raises:
+        DeployError: a model's code is not readable Python, or ``target`` is no NVIDIA tag.
+    """
+    from tritonforge.repository.requirements import python_requirements as needed
+
+    try:
+        found = needed(repository, target)
+    except (TritonForgeError, ValueError) as exc:
+        raise DeployError(f"the Python models' requirements for {target}: {exc}") from exc
+    required = {m: [line for line in lines if not line.startswith("#")] for m, lines in found.items()}
+    return {m: lines for m, lines in required.items() if lines}
+
+
+def _store_steps(spec: DeploySpec, out: Path) -> list[str]:
+    """How the repository (``OUT/repository``, as deployed) gets into the store: the one command."""
+    store = spec.store
+    deployed = out / "repository"
+    if store.object_store:
+        # the cloud's own copy tool does the same where `tritonforge push` is not installed
+        bucket_path = store.uri.partition("://")[2]
+        account, _, blob_path = bucket_path.partition("/")
+        container, _, prefix = blob_path.partition("/")
+        same = {
+            "s3": f"aws s3 sync {deployed} {store.uri}",
+            "gs": f"gcloud storage rsync -r {deployed} {store.uri}",
+            "as": f"az storage blob upload-batch --account-name {account} -d {container} "
+            f"--destination-path {prefix or '.'} -s {deployed}",
+        }[store.kind]
+        return [
+            f"Put the deployed repository into the store: `tritonforge push {deployed} {store.uri}` "
+            f"(the same with the cloud's tool: `{same}`).",
+            *(
+                []
+                if spec.workload_identity
+                else [
+                    f"Create the Secret '{store.secret}' with the store's credentials (never in these files)."
+                ]
+            ),
+        ]
+    if store.kind == "image":
+        return [
+            f"Build and push the models image: `docker build -f images/models/Dockerfile -t "
+            f"{store.claim_or_image} . && docker push {store.claim_or_image}` (in {out}).",
+        ]
+    where = f"'{store.claim_or_image}'" + (f" under {store.subpath}/" if store.subpath else "")
+    made = (
+        f"generated here (base/pvc.yaml, class {store.storage_class}, ReadOnlyMany)"
+        if store.storage_class
+        else "your existing claim (none is generated: the clouds' default classes offer no ReadOnlyMany)"
+    )
+    return [f"Copy {deployed} into the claim {where}, {made}, from a pod that mounts it read-write."]
+
+
 def generate(
     repository: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -229,13 +305,15 @@ def generate(
     instances: Mapping[str, int] | None = None,
     locustfiles: Mapping[str, str] | None = None,
     canary_thresholds: Mapping[str, float] | None = None,
+    allow_idle_gpus: bool = False,
     force: bool = False,
 ) -> Generated:
     """Write every manifest for serving ``repository`` into ``out`` (built beside it, then moved into
-    place, so ``out`` is never half-written).
+    place, so ``out`` is never half-written), with the repository as deployed and the images' Dockerfiles.
 
     Raises:
-        DeployError: a bad repository, ``out`` not empty without ``force``, or options that don't fit.
+        DeployError: a bad repository, ``out`` not empty without ``force``, GPUs asked for a repository
+            with no model that runs on one (unless ``allow_idle_gpus``), or options that don't fit.
     """
     repo = Path(repository)
     target = Path(out)
@@ -257,37 +335,64 @@ def generate(
         if instances.get(model) != n:
             notes.append(
                 f"'{model}' was measured with {n} instance(s) but {repo} has {instances.get(model)}: "
-                "write the tuned configs first (`tritonforge tune ... --write`) and upload the repository"
+                "write the tuned configs first (`tritonforge tune ... --write`) and deploy again"
             )
         instances[model] = n
-    spec = spec.replace(models=tuple(counts), instances=instances)
-    python = python_models(repo)
-    if python:
-        notes.append(
-            f"{', '.join(python)} run on Triton's Python backend: what they import beyond numpy must be in "
-            f"the image (build one FROM {spec.image} that pip-installs it, and pass it with --image)"
+    gpu_models = gpu_capable_models(repo) if spec.gpus else []
+    if spec.gpus and not gpu_models and not allow_idle_gpus:
+        raise DeployError(
+            f"--gpus {spec.gpus}: no model of {repo} runs on a GPU (Python models and ensembles stay on "
+            "the CPU), so the GPUs would sit idle; drop --gpus, or pass --allow-idle-gpus to pay for them"
         )
-    if spec.store.kind in ("s3", "gs", "as"):
+    requirements = python_requirements(repo, spec.image)
+    images = image_set(spec.name, base_image=spec.image, registry=spec.registry, requirements=requirements)
+    spec = spec.replace(
+        models=tuple(counts),
+        instances=instances,
+        server_image=images.server if images.server_built else "",
+    )
+    python = python_models(repo)
+    if python and not requirements:
         notes.append(
-            f"create the Secret '{spec.store.secret}' with the object store's credentials before applying "
-            "(never put them in these files)"
+            f"{', '.join(python)} run on Triton's Python backend with what {spec.image} has (the standard "
+            "library and numpy); check what they import with `tritonforge validate`"
         )
     batch_model = spec.batch_model or next(iter(instances), next(iter(counts)))
     if batch_model not in counts:
         raise DeployError(f"batch model '{batch_model}' is not in {repo}; it has: {', '.join(counts)}")
-    base_resources = ["deployment.yaml", "services.yaml", "pdb.yaml", "servicemonitor.yaml"]
+    steps = _store_steps(spec, target)
+    base_resources = [
+        "serviceaccount.yaml",
+        "deployment.yaml",
+        "services.yaml",
+        "pdb.yaml",
+        "servicemonitor.yaml",
+        "networkpolicy.yaml",
+    ]
     files: dict[str, Any] = {
+        "base/serviceaccount.yaml": kube.service_account(spec),
         "base/deployment.yaml": kube.deployment(spec),
         "base/services.yaml": kube.services(spec),
         "base/pdb.yaml": kube.pdb(spec),
         "base/servicemonitor.yaml": kube.service_monitor(spec),
+        "base/networkpolicy.yaml": kube.network_policy(spec),
     }
-    if spec.store.kind == "pvc":
+    if spec.ingress_host:
+        files["base/ingress.yaml"] = kube.ingress(spec)
+        base_resources.append("ingress.yaml")
+        steps.append(
+            f"Create the TLS Secret '{spec.name}-ingress-tls' for {spec.ingress_host} (the Ingress's front)."
+        )
+    if spec.store.kind == "pvc" and spec.store.storage_class:
         files["base/pvc.yaml"] = kube.pvc(
-            spec.store.claim_or_image, spec, size=spec.store.pvc_size, mode="ReadOnlyMany", component="models"
+            spec.store.claim_or_image,
+            spec,
+            size=spec.store.size,
+            mode="ReadOnlyMany",
+            component="models",
+            storage_class=spec.store.storage_class,
         )
         base_resources.append("pvc.yaml")
-        notes.append(f"copy the repository into the PVC '{spec.store.claim_or_image}' (mounted read-only)")
     files["base/kustomization.yaml"] = _kustomization(base_resources)
     for overlay in ("dev", "prod"):
         for name, content in _overlay(spec, overlay).items():
@@ -297,55 +402,139 @@ def generate(
         "prometheus": _adapter_prometheus(spec.prometheus_url),
         "rules": {"default": False, "custom": [rule]},
     }
-    files["autoscaling/prometheus-adapter-rules.yaml"] = kube.prometheus_adapter_configmap(spec)
+    files["autoscaling/prometheus-adapter-rules.yaml"] = kube.prometheus_adapter_configmap(
+        spec, adapter_namespace=spec.monitoring_namespace
+    )
     files["autoscaling/keda-query-prod.promql"] = keda_query(spec, spec.prod_namespace) + "\n"
-    files["kserve/inferenceservice.yaml"] = inference_service(spec, gpus=spec.prod_gpus)
-    if spec.canary_steps:
-        *steps, rollback = canary_patches(spec)
-        for i, (percent, patch) in enumerate(zip(spec.canary_steps, steps, strict=True), 1):
-            files[f"kserve/canary/{step_file(i, percent)}"] = patch
-        files["kserve/canary/rollback.yaml"] = rollback
-        plan = canary_plan(spec, namespace=spec.prod_namespace, thresholds=dict(canary_thresholds or {}))
-        files["kserve/canary/plan.json"] = json.dumps(plan, indent=2) + "\n"
+    files.update(_kserve_files(spec, canary_thresholds))
     if spec.restrictions:
         secrets = sorted({(r.secret, r.key) for r in spec.restrictions})
-        notes.append(
-            "create the restricted-protocol key Secret(s) before applying: "
+        steps.append(
+            "Create the restricted-protocol key Secret(s): "
             + ", ".join(f"'{name}' (key '{key}')" for name, key in secrets)
             + "; compose reads them from the host's env vars "
             + ", ".join(r.env for r in spec.restrictions)
+            + "."
         )
     if spec.tls_secret:
-        notes.append(
-            f"create the kubernetes.io/tls Secret '{spec.tls_secret}' (tls.crt, tls.key"
-            + (", ca.crt for the client certificates" if spec.mtls else "")
-            + "); KServe and compose are written without gRPC TLS"
+        steps.append(
+            f"Create the kubernetes.io/tls Secret '{spec.tls_secret}' (tls.crt, tls.key, ca.crt: the "
+            "tool pods trust that CA)"
+            + (
+                f", and '{spec.client_tls_secret}' with the tool pods' client certificate"
+                if spec.mtls
+                else ""
+            )
+            + "; KServe and compose are written without gRPC TLS."
         )
     if locustfiles is not None:
         files["loadtest/locust.yaml"] = kube.locust_objects(spec, locustfiles, batch_model)
-        files["loadtest/kustomization.yaml"] = _kustomization(["locust.yaml"])
-        files["loadtest/Dockerfile"] = LOCUST_DOCKERFILE
+        files["loadtest/kustomization.yaml"] = _kustomization(["locust.yaml"], namespace=spec.prod_namespace)
     files["batch/job.yaml"] = kube.batch_job(spec, model=batch_model)
     files["batch/data-pvc.yaml"] = kube.pvc(
-        f"{spec.name}-batch-data", spec, size="50Gi", mode="ReadWriteMany", component="batch"
+        f"{spec.name}-batch-data",
+        spec,
+        size="50Gi",
+        mode="ReadWriteMany",
+        component="batch",
+        storage_class=spec.store.storage_class,
     )
-    files["batch/kustomization.yaml"] = _kustomization(["data-pvc.yaml", "job.yaml"])
-    files["compose/docker-compose.yaml"] = compose_file(spec, repo, target / "compose", gpus=spec.prod_gpus)
+    files["batch/kustomization.yaml"] = _kustomization(
+        ["data-pvc.yaml", "job.yaml"], namespace=spec.prod_namespace
+    )
+    notes.append(
+        "batch/data-pvc.yaml asks for ReadWriteMany (the shards run on several nodes): the clouds' "
+        "default classes don't offer it; name one that does with --storage-class"
+        if not spec.store.storage_class
+        else f"batch/data-pvc.yaml uses storage class {spec.store.storage_class} (ReadWriteMany)"
+    )
+    if spec.store.kind == "image":
+        notes.append(
+            "KServe reads the models image (storageUri oci://...) only with modelcars enabled in its "
+            "storage initializer's config (enableModelcar); otherwise use an object store for KServe"
+        )
+    files["compose/docker-compose.yaml"] = compose_file(spec, target / "repository", target / "compose")
+    files.update(_image_files(spec, images.server_built, requirements))
+    steps.append(
+        f"Build and push the tools image {spec.tools_image} (locust, batch-infer): images/tools/Dockerfile."
+    )
+    if images.server_built:
+        steps.insert(
+            0,
+            f"Build and push the server image {spec.server_image} (NVIDIA's {spec.image} plus the Python "
+            "models' requirements): `docker build -t "
+            f"{spec.server_image} images/server && docker push {spec.server_image}`.",
+        )
     if sizing is not None:
         files["sizing.json"] = json.dumps(sizing.as_dict(), indent=2) + "\n"
-    files["README.md"] = _readme(spec, sizing, notes)
+    files["README.md"] = _readme(spec, sizing, notes, steps)
     record = {
         "repository": str(repo.resolve()),
         "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k != "store"},
         "store": dataclasses.asdict(spec.store),
         "models": counts,
+        "requirements": requirements,
     }
     files["tritonforge-deploy.json"] = json.dumps(record, indent=2, default=list) + "\n"
-    _write_atomically(target, {path: _dump(content) for path, content in files.items()})
-    return Generated(out=target, files=sorted(files), spec=spec, notes=notes, sizing=sizing)
+    changed: dict[str, str] = {}
+
+    def deployed_repository(copy: Path) -> None:
+        if spec.gpus and gpu_models:
+            changed.update(rewrite_for_gpus(copy, accelerator=spec.gpu_accelerator, models=gpu_models))  # type: ignore[arg-type]
+            what = "; ".join(f"{m}: {w}" for m, w in changed.items())
+            notes.insert(0, f"on {spec.gpus} GPU(s) per pod: {what}")
+            (copy.parent / "README.md").write_text(_readme(spec, sizing, notes, steps))
+
+    _write_atomically(
+        target, {path: _dump(content) for path, content in files.items()}, repo, deployed_repository
+    )
+    return Generated(out=target, files=sorted(files), spec=spec, notes=[*steps, *notes], sizing=sizing)
 
 
-def _write_atomically(target: Path, texts: Mapping[str, str]) -> None:
+def _kserve_files(spec: DeploySpec, canary_thresholds: Mapping[str, float] | None) -> dict[str, Any]:
+    """The InferenceService, the ServiceAccount its storage initializer reads credentials from (object
+    stores), the PodMonitor that gets its pods scraped, the canary plan: all in the prod namespace."""
+    ns = spec.prod_namespace
+    files: dict[str, Any] = {}
+    resources = ["inferenceservice.yaml", "podmonitor.yaml"]
+    account = ""
+    if spec.store.object_store or spec.workload_identity:
+        account = f"{spec.name}-kserve"
+        secrets = [] if spec.workload_identity or not spec.store.object_store else [spec.store.secret]
+        files["kserve/serviceaccount.yaml"] = {
+            **kube.service_account(spec, account, secrets=secrets),
+        }
+        resources.insert(0, "serviceaccount.yaml")
+    files["kserve/inferenceservice.yaml"] = inference_service(spec, namespace=ns, service_account=account)
+    files["kserve/podmonitor.yaml"] = kube.pod_monitor(spec, namespace=ns)
+    files["kserve/kustomization.yaml"] = _kustomization(resources, namespace=ns)
+    if spec.canary_steps:
+        *patches, rollback = canary_patches(spec)
+        for i, (percent, patch) in enumerate(zip(spec.canary_steps, patches, strict=True), 1):
+            files[f"kserve/canary/{step_file(i, percent)}"] = patch
+        files["kserve/canary/rollback.yaml"] = rollback
+        plan = canary_plan(spec, namespace=ns, thresholds=dict(canary_thresholds or {}))
+        files["kserve/canary/plan.json"] = json.dumps(plan, indent=2) + "\n"
+    return files
+
+
+def _image_files(
+    spec: DeploySpec, server_built: bool, requirements: Mapping[str, Sequence[str]]
+) -> dict[str, str]:
+    files = {"images/tools/Dockerfile": tools_dockerfile(spec.tools_image)}
+    if spec.store.kind == "image":
+        files["images/models/Dockerfile"] = models_dockerfile(spec.store.claim_or_image)
+    if server_built:
+        files["images/server/Dockerfile"] = server_dockerfile(spec.image, spec.server_image)
+        files["images/server/requirements.txt"] = "\n".join(requirement_lines(requirements)) + "\n"
+    return files
+
+
+def _write_atomically(
+    target: Path, texts: Mapping[str, str], repository: Path, finish: Callable[[Path], None]
+) -> None:
+    """``texts`` and a copy of ``repository`` (as ``repository/``, then changed by ``finish``) into
+    ``target``, built beside it and moved into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     old: Path | None = None
@@ -354,6 +543,8 @@ def _write_atomically(target: Path, texts: Mapping[str, str]) -> None:
             path = staging / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
+        shutil.copytree(repository, staging / "repository", symlinks=False)
+        finish(staging / "repository")
         if target.exists():
             old = target.with_name(f".{target.name}-old-{os.getpid()}")
             target.rename(old)

@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tritonforge.deploy.metrics import ADAPTER_METRIC_NAMES, adapter_rule, keda_query, target_value
+from tritonforge.deploy.images import MODELS_IMAGE_PATH
+from tritonforge.deploy.metrics import ADAPTER_METRIC_NAMES, adapter_rule, keda_query, target_value, threshold
 from tritonforge.deploy.spec import (
+    CLIENT_LABEL,
     GRPC_PORT,
     HTTP_PORT,
     METRICS_PORT,
@@ -25,13 +27,17 @@ __all__ = [
     "batch_job",
     "deployment",
     "hpa",
+    "ingress",
     "keda_scaled_object",
     "labels",
     "locust_objects",
     "namespace",
+    "network_policy",
     "pdb",
+    "pod_monitor",
     "prometheus_adapter_configmap",
     "pvc",
+    "service_account",
     "service_monitor",
     "services",
 ]
@@ -91,9 +97,41 @@ def _container_security() -> Obj:
     }
 
 
+_UNITS = {
+    "": 1,
+    "Ki": 1 << 10,
+    "Mi": 1 << 20,
+    "Gi": 1 << 30,
+    "Ti": 1 << 40,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+}
+
+
+def _bytes(quantity: str) -> int:
+    import re
+
+    from tritonforge.errors import DeployError
+
+    found = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|K|M|G)?", quantity.strip())
+    if not found:
+        raise DeployError(f"{quantity!r} is not a storage size such as 512Mi or 20Gi")
+    return int(found.group(1)) * _UNITS[found.group(2) or ""]
+
+
+def ephemeral_storage(spec: DeploySpec) -> str:
+    """What the pod writes to node disk: /tmp's limit, plus the repository copy for an image store."""
+    total = _bytes(spec.scratch_size) + (_bytes(spec.store.size) if spec.store.kind == "image" else 0)
+    mebibytes = -(-total // (1 << 20))
+    return f"{mebibytes // 1024}Gi" if mebibytes % 1024 == 0 else f"{mebibytes}Mi"
+
+
 def resources(spec: DeploySpec, gpus: int) -> Obj:
     requests: Obj = {"cpu": spec.cpu_request, "memory": spec.memory_request}
     limits: Obj = {"cpu": spec.cpu_limit, "memory": spec.memory_limit}
+    # emptyDirs on disk count as ephemeral storage: the scheduler places the pod where they fit
+    requests["ephemeral-storage"] = ephemeral_storage(spec)
     if gpus:
         # extended resources: request must equal limit
         requests["nvidia.com/gpu"] = str(gpus)
@@ -101,12 +139,17 @@ def resources(spec: DeploySpec, gpus: int) -> Obj:
     return {"requests": requests, "limits": limits}
 
 
-def _store_env_and_volumes(spec: DeploySpec) -> tuple[list[Obj], list[Obj], list[Obj]]:
-    """Env vars, volumes and mounts that give Triton its repository; secrets only by reference."""
+def _store_env_and_volumes(spec: DeploySpec) -> tuple[list[Obj], list[Obj], list[Obj], list[Obj]]:
+    """Env vars, volumes, mounts and init containers that give Triton its repository; secrets only by
+    reference, and none at all when the pods have a workload identity."""
     store = spec.store
     env: list[Obj] = []
     volumes: list[Obj] = []
     mounts: list[Obj] = []
+    init: list[Obj] = []
+    if spec.workload_identity and store.kind in ("s3", "gs"):
+        # IRSA / GKE Workload Identity: the cloud SDK inside Triton finds the identity by itself
+        return env, volumes, mounts, init
 
     def secret_env(var: str, key: str, optional: bool = False) -> Obj:
         ref: Obj = {"name": store.secret, "key": key}
@@ -135,7 +178,25 @@ def _store_env_and_volumes(spec: DeploySpec) -> tuple[list[Obj], list[Obj], list
             {"name": "models", "persistentVolumeClaim": {"claimName": store.claim_or_image, "readOnly": True}}
         )
         mounts.append({"name": "models", "mountPath": MOUNT_PATH, "readOnly": True})
-    return env, volumes, mounts
+    elif store.kind == "image":
+        # the repository image's files, copied into a size-limited emptyDir before Triton starts
+        volumes.append({"name": "models", "emptyDir": {"sizeLimit": store.size}})
+        mounts.append({"name": "models", "mountPath": MOUNT_PATH, "readOnly": True})
+        init.append(
+            {
+                "name": "copy-models",
+                "image": store.claim_or_image,
+                "imagePullPolicy": "IfNotPresent",
+                "command": ["cp", "-R", f"{MODELS_IMAGE_PATH}/.", "/repository/"],
+                "resources": {
+                    "requests": {"cpu": "100m", "memory": "64Mi"},
+                    "limits": {"cpu": "1", "memory": "256Mi"},
+                },
+                "securityContext": _container_security(),
+                "volumeMounts": [{"name": "models", "mountPath": "/repository"}],
+            }
+        )
+    return env, volumes, mounts, init
 
 
 def _access_env_and_volumes(spec: DeploySpec) -> tuple[list[Obj], list[Obj], list[Obj]]:
@@ -172,10 +233,10 @@ def _probe(kind: str, *, period_s: int, failures: int) -> Obj:
 
 def deployment(spec: DeploySpec) -> Obj:
     """NVIDIA's Triton container serving the repository, with probes, limits and a locked-down context."""
-    env, volumes, mounts = _store_env_and_volumes(spec)
+    env, volumes, mounts, init = _store_env_and_volumes(spec)
     # read-only root: Triton and the Python backend write only to /tmp (object-store downloads) and /dev/shm
     volumes += [
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": spec.scratch_size}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
     ]
     mounts += [{"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}]
@@ -183,10 +244,9 @@ def deployment(spec: DeploySpec) -> Obj:
     env += access_env
     volumes += access_volumes
     mounts += access_mounts
-    image = spec.store.claim_or_image if spec.store.kind == "image" else spec.image
     container: Obj = {
         "name": "triton",
-        "image": image,
+        "image": spec.serving_image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["tritonserver"],
         "args": triton_args(spec),
@@ -212,10 +272,16 @@ def deployment(spec: DeploySpec) -> Obj:
         del container["env"]
     selector = labels(spec)
     pod_spec: Obj = {
+        "serviceAccountName": spec.name,
+        "automountServiceAccountToken": False,
+        **_pod_extras(spec),
         "securityContext": _pod_security(),
         "terminationGracePeriodSeconds": PRESTOP_SLEEP_S + spec.exit_timeout_s + 15,
+        **({"initContainers": init} if init else {}),
         "containers": [container],
         "volumes": volumes,
+        # ScheduleAnyway in the base (a one-node dev cluster still schedules); the prod overlay makes the
+        # hostname spread DoNotSchedule, so two replicas never share a node
         "topologySpreadConstraints": [
             {
                 "maxSkew": 1,
@@ -228,16 +294,140 @@ def deployment(spec: DeploySpec) -> Obj:
     }
     if spec.gpus:
         pod_spec["tolerations"] = [gpu_toleration()]
+        pod_spec["nodeSelector"] = dict(spec.gpu_node_selector)
+    # a surge pod needs a spare GPU, which a GPU node pool rarely has: replace one pod at a time instead
+    surge = {"maxSurge": 0, "maxUnavailable": 1} if spec.gpus else {"maxSurge": 1, "maxUnavailable": 0}
+    # no `replicas`: the HPA (or KEDA) owns the scale, and `kubectl apply` must not reset it
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _meta(spec.name, spec),
         "spec": {
-            "replicas": spec.replicas,
             "revisionHistoryLimit": 5,
             "selector": {"matchLabels": selector},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "template": {"metadata": {"labels": selector}, "spec": pod_spec},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": surge},
+            "template": {"metadata": {"labels": _pod_labels(spec, selector)}, "spec": pod_spec},
+        },
+    }
+
+
+def _pod_labels(spec: DeploySpec, selector: Mapping[str, str]) -> dict[str, str]:
+    extra = (
+        {"azure.workload.identity/use": "true"} if identity_annotation(spec)[0].startswith("azure") else {}
+    )
+    return {**selector, **extra}
+
+
+def _pod_extras(spec: DeploySpec) -> Obj:
+    """Image pull secrets and the priority class, on every pod we generate."""
+    out: Obj = {}
+    if spec.image_pull_secrets:
+        out["imagePullSecrets"] = [{"name": s} for s in spec.image_pull_secrets]
+    if spec.priority_class:
+        out["priorityClassName"] = spec.priority_class
+    return out
+
+
+def identity_annotation(spec: DeploySpec) -> tuple[str, str]:
+    """The ServiceAccount annotation of ``workload_identity``: IRSA's role ARN, GKE's service account,
+    Azure's client id (("", "") without one).
+
+    Raises:
+        DeployError: a value that is none of the three.
+    """
+    import re
+
+    from tritonforge.errors import DeployError
+
+    who = spec.workload_identity
+    if not who:
+        return "", ""
+    if who.startswith("arn:aws") and ":role/" in who:
+        return "eks.amazonaws.com/role-arn", who
+    if re.fullmatch(r"[^@\s]+@[^@\s]+\.iam\.gserviceaccount\.com", who):
+        return "iam.gke.io/gcp-service-account", who
+    if re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", who):
+        return "azure.workload.identity/client-id", who
+    raise DeployError(
+        f"--workload-identity {who!r}: give an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME), a GKE service "
+        "account (NAME@PROJECT.iam.gserviceaccount.com) or an Azure client id (a UUID)"
+    )
+
+
+def service_account(spec: DeploySpec, name: str | None = None, *, secrets: Sequence[str] = ()) -> Obj:
+    """The pods' ServiceAccount: no API token mounted (Triton never calls the Kubernetes API), the
+    workload identity's annotation when there is one, and (for KServe's storage initializer) the Secrets
+    holding the store's credentials."""
+    key, value = identity_annotation(spec)
+    meta = _meta(name or spec.name, spec)
+    if key:
+        meta["annotations"] = {key: value}
+    obj: Obj = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta}
+    obj["automountServiceAccountToken"] = False
+    if secrets:
+        obj["secrets"] = [{"name": s} for s in secrets]
+    return obj
+
+
+def network_policy(spec: DeploySpec) -> Obj:
+    """Only labelled clients (``tritonforge.io/client-of: NAME``, in the namespace) reach HTTP and gRPC,
+    only the monitoring namespace reaches metrics (and the ingress controller gRPC, with an Ingress)."""
+    ports = [{"protocol": "TCP", "port": p} for p in ("http", "grpc")]
+    rules: list[Obj] = [
+        {"from": [{"podSelector": {"matchLabels": {CLIENT_LABEL: spec.name}}}], "ports": ports},
+        {
+            "from": [{"namespaceSelector": {"matchLabels": _ns_label(spec.monitoring_namespace)}}],
+            "ports": [{"protocol": "TCP", "port": "metrics"}],
+        },
+    ]
+    if spec.ingress_host:
+        rules.append(
+            {
+                "from": [{"namespaceSelector": {"matchLabels": _ns_label(spec.ingress_namespace)}}],
+                "ports": [{"protocol": "TCP", "port": "grpc"}],
+            }
+        )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(spec.name, spec),
+        "spec": {"podSelector": {"matchLabels": labels(spec)}, "policyTypes": ["Ingress"], "ingress": rules},
+    }
+
+
+def _ns_label(namespace: str) -> dict[str, str]:
+    return {"kubernetes.io/metadata.name": namespace}
+
+
+def ingress(spec: DeploySpec) -> Obj:
+    """gRPC through the ingress controller (ingress-nginx by default): L7, so each request is balanced
+    over the pods, not each connection. TLS at the front (gRPC over HTTP/2 needs it on most
+    controllers) from Secret ``NAME-ingress-tls``."""
+    backend = "GRPCS" if spec.tls_secret else "GRPC"
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": {
+            **_meta(spec.name, spec),
+            "annotations": {"nginx.ingress.kubernetes.io/backend-protocol": backend},
+        },
+        "spec": {
+            "ingressClassName": spec.ingress_class,
+            "tls": [{"hosts": [spec.ingress_host], "secretName": f"{spec.name}-ingress-tls"}],
+            "rules": [
+                {
+                    "host": spec.ingress_host,
+                    "http": {
+                        "paths": [
+                            {
+                                "path": "/",
+                                "pathType": "Prefix",
+                                "backend": {"service": {"name": spec.name, "port": {"name": "grpc"}}},
+                            }
+                        ]
+                    },
+                }
+            ],
         },
     }
 
@@ -289,17 +479,28 @@ def pdb(spec: DeploySpec) -> Obj:
     }
 
 
-def pvc(name: str, spec: DeploySpec, *, size: str, mode: str, component: str) -> Obj:
+def pvc(name: str, spec: DeploySpec, *, size: str, mode: str, component: str, storage_class: str = "") -> Obj:
+    claim: Obj = {"accessModes": [mode], "resources": {"requests": {"storage": size}}}
+    if storage_class:
+        claim["storageClassName"] = storage_class
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
         "metadata": _meta(name, spec, component),
-        "spec": {"accessModes": [mode], "resources": {"requests": {"storage": size}}},
+        "spec": claim,
     }
 
 
+#: Pod Security Admission: every pod we generate meets the restricted profile, so it is enforced
+POD_SECURITY = {f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "audit", "warn")}
+
+
 def namespace(name: str, spec: DeploySpec) -> Obj:
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels(spec, "ns")}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": name, "labels": {**labels(spec, "ns"), **POD_SECURITY}},
+    }
 
 
 def service_monitor(spec: DeploySpec) -> Obj:
@@ -308,10 +509,35 @@ def service_monitor(spec: DeploySpec) -> Obj:
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
-        "metadata": _meta(spec.name, spec, "metrics"),
+        "metadata": {**_meta(spec.name, spec, "metrics"), "labels": _monitor_labels(spec, "metrics")},
         "spec": {
             "selector": {"matchLabels": labels(spec, "metrics")},
             "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}],
+        },
+    }
+
+
+def _monitor_labels(spec: DeploySpec, component: str) -> dict[str, str]:
+    return {**labels(spec, component), **spec.monitor_labels}
+
+
+def pod_monitor(spec: DeploySpec, *, namespace: str) -> Obj:
+    """prometheus-operator's PodMonitor for KServe's predictor pods (Triton's metrics port, unnamed in
+    KServe's runtime, so by number); Prometheus adds the ``namespace`` and ``pod`` labels the canary
+    plan's PromQL reads."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": {
+            "name": f"{spec.name}-kserve",
+            "namespace": namespace,
+            "labels": _monitor_labels(spec, "kserve"),
+        },
+        "spec": {
+            "selector": {"matchLabels": {"serving.kserve.io/inferenceservice": spec.name}},
+            "podMetricsEndpoints": [
+                {"targetPort": METRICS_PORT, "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}
+            ],
         },
     }
 
@@ -372,7 +598,6 @@ def prometheus_adapter_configmap(spec: DeploySpec, *, adapter_namespace: str = "
 
 def keda_scaled_object(spec: DeploySpec, *, namespace: str, min_replicas: int, max_replicas: int) -> Obj:
     """KEDA's alternative to the HPA + adapter: the same metric, queried from Prometheus by KEDA."""
-    threshold = str(spec.target_queue_us) if spec.metric == "queue_time" else f"{spec.target_queue_ratio:g}"
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
@@ -400,7 +625,7 @@ def keda_scaled_object(spec: DeploySpec, *, namespace: str, min_replicas: int, m
                     "metadata": {
                         "serverAddress": spec.prometheus_url,
                         "query": keda_query(spec, namespace),
-                        "threshold": threshold,
+                        "threshold": threshold(spec),
                         "ignoreNullValues": "false",
                     },
                 }
@@ -409,16 +634,87 @@ def keda_scaled_object(spec: DeploySpec, *, namespace: str, min_replicas: int, m
     }
 
 
+#: where a tool pod finds the server's CA and (mTLS) its own client certificate
+CLIENT_TLS_PATH = "/etc/tritonforge/tls"
+CLIENT_KEY_DIR = "/run/tritonforge"
+
+
+def client_access(spec: DeploySpec) -> tuple[list[str], list[Obj], list[Obj], list[Obj], list[Obj]]:
+    """What a tool pod (batch-infer, locust) needs to call the restricted, TLS-serving server:
+    tritonforge's access settings as env vars (``TRITONFORGE_AUTH`` with ``env:`` references, the keys
+    themselves from the same Secrets as the server's), the server's CA, and for mTLS a client certificate
+    whose key an init container copies to mode 0600 (a Secret volume under ``fsGroup`` is group-readable,
+    which the client refuses for a key). Returns (auth specs, env, volumes, mounts, init containers)."""
+    specs = [f"{','.join(r.groups)}:{r.header}=env:{r.env}" for r in spec.restrictions]
+    env: list[Obj] = [
+        {"name": r.env, "valueFrom": {"secretKeyRef": {"name": r.secret, "key": r.key}}}
+        for r in spec.restrictions
+    ]
+    if specs:
+        env.append({"name": "TRITONFORGE_AUTH", "value": " ".join(specs)})
+    volumes: list[Obj] = []
+    mounts: list[Obj] = []
+    init: list[Obj] = []
+    if spec.tls_secret:
+        sources: list[Obj] = [
+            {"secret": {"name": spec.tls_secret, "items": [{"key": "ca.crt", "path": "ca.crt"}]}}
+        ]
+        env += [
+            {"name": "TRITONFORGE_TLS_ROOT_CERT", "value": f"{CLIENT_TLS_PATH}/ca.crt"},
+            {"name": "TRITONFORGE_TLS_SERVER_NAME", "value": spec.name},
+        ]
+        if spec.mtls:
+            items = [{"key": "tls.crt", "path": "client.crt"}, {"key": "tls.key", "path": "client.key"}]
+            sources.append({"secret": {"name": spec.client_tls_secret, "items": items}})
+            env += [
+                {"name": "TRITONFORGE_TLS_CLIENT_CERT", "value": f"{CLIENT_TLS_PATH}/client.crt"},
+                {"name": "TRITONFORGE_TLS_CLIENT_KEY", "value": f"{CLIENT_KEY_DIR}/client.key"},
+            ]
+            volumes.append({"name": "client-key", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})
+            mounts.append({"name": "client-key", "mountPath": CLIENT_KEY_DIR, "readOnly": True})
+            init.append(
+                {
+                    "name": "client-key",
+                    "image": spec.tools_image,
+                    "command": [
+                        "install",
+                        "-m",
+                        "0600",
+                        f"{CLIENT_TLS_PATH}/client.key",
+                        f"{CLIENT_KEY_DIR}/",
+                    ],
+                    "resources": {
+                        "requests": {"cpu": "10m", "memory": "16Mi"},
+                        "limits": {"cpu": "100m", "memory": "64Mi"},
+                    },
+                    "securityContext": _container_security(),
+                    "volumeMounts": [
+                        {"name": "client-tls", "mountPath": CLIENT_TLS_PATH, "readOnly": True},
+                        {"name": "client-key", "mountPath": CLIENT_KEY_DIR},
+                    ],
+                }
+            )
+        volumes.append({"name": "client-tls", "projected": {"sources": sources, "defaultMode": 0o440}})
+        mounts.append({"name": "client-tls", "mountPath": CLIENT_TLS_PATH, "readOnly": True})
+    return specs, env, volumes, mounts, init
+
+
+def _tool_labels(spec: DeploySpec, component: str) -> dict[str, str]:
+    """A tool pod's labels: its own, and the client label the server's NetworkPolicy lets in."""
+    return {**labels(spec, component), CLIENT_LABEL: spec.name}
+
+
 def _locust_container(spec: DeploySpec, role: str, args: Sequence[str], model: str) -> Obj:
     ports = [{"name": "web", "containerPort": 8089}, {"name": "master", "containerPort": 5557}]
     container: Obj = {
         "name": f"locust-{role}",
-        "image": spec.locust_image,
+        "image": spec.tools_image,
         "command": ["locust"],
         "args": list(args),
         "env": [
             {"name": "TRITONFORGE_MODEL", "value": model},
             {"name": "HOME", "value": "/tmp"},
+            *(client_access(spec)[1] if role == "worker" else []),
         ],
         "resources": {
             "requests": {"cpu": "500m", "memory": "512Mi"},
@@ -428,6 +724,7 @@ def _locust_container(spec: DeploySpec, role: str, args: Sequence[str], model: s
         "volumeMounts": [
             {"name": "locustfiles", "mountPath": "/locust", "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
+            *(client_access(spec)[3] if role == "worker" else []),
         ],
     }
     if role == "master":
@@ -448,10 +745,24 @@ def locust_objects(spec: DeploySpec, locustfiles: Mapping[str, str], model: str)
         )
     target = f"{spec.name}:{GRPC_PORT}"
     script = f"/locust/{spec.locustfile}"
-    volumes = [{"name": "locustfiles", "configMap": {"name": "locustfiles"}}, {"name": "tmp", "emptyDir": {}}]
+    base_volumes = [
+        {"name": "locustfiles", "configMap": {"name": "locustfiles"}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+    ]
+    _, _, access_volumes, _, access_init = client_access(spec)
 
     def workload(role: str, replicas: int, args: Sequence[str]) -> Obj:
+        # the workers call the server: they carry the client label and its access settings
         selector = labels(spec, f"locust-{role}")
+        worker = role == "worker"
+        pod: Obj = {
+            **_pod_extras(spec),
+            "automountServiceAccountToken": False,
+            "securityContext": _pod_security(),
+            **({"initContainers": access_init} if worker and access_init else {}),
+            "containers": [_locust_container(spec, role, args, model)],
+            "volumes": base_volumes + (access_volumes if worker else []),
+        }
         return {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
@@ -460,12 +771,8 @@ def locust_objects(spec: DeploySpec, locustfiles: Mapping[str, str], model: str)
                 "replicas": replicas,
                 "selector": {"matchLabels": selector},
                 "template": {
-                    "metadata": {"labels": selector},
-                    "spec": {
-                        "securityContext": _pod_security(),
-                        "containers": [_locust_container(spec, role, args, model)],
-                        "volumes": volumes,
-                    },
+                    "metadata": {"labels": {**selector, CLIENT_LABEL: spec.name} if worker else selector},
+                    "spec": pod,
                 },
             },
         }
@@ -505,10 +812,12 @@ def batch_job(spec: DeploySpec, *, model: str) -> Obj:
     input_path = spec.batch_input or f"{data}/input"
     output_path = spec.batch_output or f"{data}/output"
     shards = spec.batch_shards
-    selector = labels(spec, "batch")
+    selector = _tool_labels(spec, "batch")
+    # batch-infer reads --auth / --tls-* from these env vars (the keys from the server's Secrets)
+    _, access_env, access_volumes, access_mounts, access_init = client_access(spec)
     container: Obj = {
         "name": "batch-infer",
-        "image": spec.batch_image,
+        "image": spec.tools_image,
         "command": ["tritonforge"],
         "args": [
             "batch-infer",
@@ -532,10 +841,15 @@ def batch_job(spec: DeploySpec, *, model: str) -> Obj:
                 },
             },
             {"name": "HOME", "value": "/tmp"},
+            *access_env,
         ],
         "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
         "securityContext": _container_security(),
-        "volumeMounts": [{"name": "data", "mountPath": data}, {"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [
+            {"name": "data", "mountPath": data},
+            {"name": "tmp", "mountPath": "/tmp"},
+            *access_mounts,
+        ],
     }
     return {
         "apiVersion": "batch/v1",
@@ -552,7 +866,10 @@ def batch_job(spec: DeploySpec, *, model: str) -> Obj:
                 "metadata": {"labels": selector},
                 "spec": {
                     "restartPolicy": "Never",
+                    **_pod_extras(spec),
+                    "automountServiceAccountToken": False,
                     "securityContext": _pod_security(),
+                    **({"initContainers": access_init} if access_init else {}),
                     "tolerations": SPOT_TOLERATIONS,
                     "affinity": {
                         "nodeAffinity": {
@@ -572,7 +889,8 @@ def batch_job(spec: DeploySpec, *, model: str) -> Obj:
                     "containers": [container],
                     "volumes": [
                         {"name": "data", "persistentVolumeClaim": {"claimName": f"{spec.name}-batch-data"}},
-                        {"name": "tmp", "emptyDir": {}},
+                        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+                        *access_volumes,
                     ],
                 },
             },

@@ -57,7 +57,10 @@ _HEADER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 
 StoreKind = Literal["s3", "gs", "as", "pvc", "image"]
-Metric = Literal["queue_time", "queue_ratio"]
+Metric = Literal["queue_time", "queue_ratio", "gpu_utilization"]
+KServeMode = Literal["RawDeployment", "Serverless"]
+#: the label a client pod carries to reach the server's ports through the NetworkPolicy
+CLIENT_LABEL = "tritonforge.io/client-of"
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -78,18 +81,29 @@ def image_for(triton_version: str) -> str:
 class ModelStore:
     """Where the pods read the model repository from.
 
-    ``s3``/``gs``/``as``: an object store URI that Triton reads itself; credentials come from the Secret
-    named ``secret`` (never inline). ``pvc``: a PersistentVolumeClaim mounted read-only at ``/models``.
-    ``image``: a baked image holding the repository at ``/models`` (an init container copies it).
+    ``s3``/``gs``/``as``: an object store URI that Triton reads itself (NVIDIA's image is built with all
+    three), downloading into the pod's size-limited ``/tmp``; credentials come from the Secret named
+    ``secret`` (never inline) or from workload identity. ``image`` (the default): an image holding the
+    repository at ``/models``, copied by an init container into a size-limited ``emptyDir`` (schedules on
+    any cluster, no storage class needed). ``pvc``: a claim mounted read-only at ``/models``; the claim is
+    the user's, unless ``storage_class`` names a class offering ``ReadOnlyMany`` (then it is generated).
     """
 
     kind: StoreKind
     uri: str
-    #: the PVC's claim name, or the baked image reference
+    #: the PVC's claim name, or the image reference
     claim_or_image: str = ""
     subpath: str = ""
     secret: str = ""
-    pvc_size: str = "10Gi"
+    #: the copy's emptyDir size limit (image), or the generated claim's size (pvc with a storage class)
+    size: str = "20Gi"
+    #: pvc only: a storage class offering ReadOnlyMany (EFS, Filestore, Azure Files ...); empty: the claim
+    #: already exists and is not generated
+    storage_class: str = ""
+
+    @property
+    def object_store(self) -> bool:
+        return self.kind in ("s3", "gs", "as")
 
     @property
     def repository_arg(self) -> str:
@@ -109,7 +123,18 @@ class ModelStore:
         return self.uri
 
 
-def parse_model_store(uri: str, *, name: str, secret: str = "") -> ModelStore:
+def default_store(name: str, registry: str = "") -> ModelStore:
+    """The store that schedules anywhere: the repository in an image (``NAME-models:<version>``), copied
+    into an emptyDir by an init container."""
+    from tritonforge.deploy.images import image_set
+
+    ref = image_set(name, base_image=DEFAULT_IMAGE, registry=registry, requirements={}).models
+    return ModelStore(kind="image", uri=f"image://{ref}", claim_or_image=ref)
+
+
+def parse_model_store(
+    uri: str, *, name: str, secret: str = "", storage_class: str = "", size: str = "20Gi"
+) -> ModelStore:
     """``s3://bucket/path``, ``gs://bucket/path``, ``as://account/container/path``, ``pvc://claim[/sub]``,
     or ``image://registry/repo:tag``.
 
@@ -130,13 +155,31 @@ def parse_model_store(uri: str, *, name: str, secret: str = "") -> ModelStore:
             )
         if scheme == "as" and rest.count("/") < 1:
             raise DeployError(f"model store {uri!r}: Azure needs as://account/container[/path]")
+        if storage_class:
+            raise DeployError(f"--storage-class is for pvc:// stores; {uri!r} is read by Triton itself")
         return ModelStore(kind=scheme, uri=uri.rstrip("/"), secret=secret or f"{name}-model-store")  # type: ignore[arg-type]
+    if storage_class:
+        _check_name(storage_class, "storage class")
     if scheme == "pvc":
         claim, _, sub = rest.partition("/")
         _check_name(claim, "PVC claim name")
-        return ModelStore(kind="pvc", uri=uri, claim_or_image=claim, subpath=sub.strip("/"))
+        return ModelStore(
+            kind="pvc",
+            uri=uri,
+            claim_or_image=claim,
+            subpath=sub.strip("/"),
+            storage_class=storage_class,
+            size=size,
+        )
+    if storage_class:
+        raise DeployError(f"--storage-class is for pvc:// stores, not {uri!r}")
     if scheme == "image":
-        return ModelStore(kind="image", uri=uri, claim_or_image=rest)
+        if rest.rsplit("/", 1)[-1].partition(":")[2] in ("", "latest") and "@sha256:" not in rest:
+            raise DeployError(
+                f"model store {uri!r}: give the image a version tag (image://REGISTRY/REPO:TAG); "
+                "an untagged or :latest image is pulled anew and names nothing in particular"
+            )
+        return ModelStore(kind="image", uri=uri, claim_or_image=rest, size=size)
     raise DeployError(f"model store scheme {scheme!r} is not supported: use s3, gs, as, pvc or image")
 
 
@@ -203,11 +246,8 @@ class DeploySpec:
 
     name: str = "triton"
     image: str = DEFAULT_IMAGE
-    store: ModelStore = dataclasses.field(
-        default_factory=lambda: ModelStore(
-            kind="pvc", uri="pvc://triton-models", claim_or_image="triton-models"
-        )
-    )
+    #: where the repository comes from (default: ``image://NAME-models:<version>``, see default_store)
+    store: ModelStore = dataclasses.field(default_factory=lambda: ModelStore(kind="image", uri=""))
     models: Sequence[str] = ()
     #: instances per model (from the repository's configs or a tune result), for sizing and the notes
     instances: Mapping[str, int] = dataclasses.field(default_factory=dict)
@@ -218,8 +258,17 @@ class DeploySpec:
     cpu_limit: str = "4"
     memory_request: str = "4Gi"
     memory_limit: str = "8Gi"
+    #: GPUs per server pod (base, both overlays, KServe, compose); the deployed configs follow them
     gpus: int = 0
+    #: ONNX Runtime's GPU accelerator: its CUDA provider, or TensorRT (FP32 or FP16, opt-in)
+    gpu_accelerator: str = "cuda"
+    #: node labels a GPU pod must match (NVIDIA's GPU operator labels GPU nodes nvidia.com/gpu.present)
+    gpu_node_selector: Mapping[str, str] = dataclasses.field(
+        default_factory=lambda: {"nvidia.com/gpu.present": "true"}
+    )
     metric: Metric = "queue_time"
+    #: HPA/KEDA target of the gpu_utilization metric (Triton's nv_gpu_utilization, 0..1)
+    target_gpu_utilization: float = 0.8
     #: HPA/KEDA target: mean queue time per request (us), or queue/compute ratio
     target_queue_us: int = 20_000
     target_queue_ratio: float = 1.0
@@ -229,8 +278,29 @@ class DeploySpec:
     exit_timeout_s: int = 30
     dev_namespace: str = "tritonforge-dev"
     prod_namespace: str = "tritonforge-prod"
-    prod_gpus: int = 1
-    locust_image: str = "tritonforge-locust:latest"
+    #: the images (see :mod:`tritonforge.deploy.images`): the server image built FROM ``image`` when the
+    #: Python models need more than it has (set by generate), and the tools (locust, batch-infer)
+    server_image: str = ""
+    tools_image: str = ""
+    registry: str = ""
+    image_pull_secrets: tuple[str, ...] = ()
+    priority_class: str = ""
+    #: labels the ServiceMonitor / PodMonitor carry (kube-prometheus-stack selects on release=<its name>)
+    monitor_labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: the namespace Prometheus scrapes from (the NetworkPolicy lets it reach the metrics port)
+    monitoring_namespace: str = "monitoring"
+    #: a cloud identity for the pods' ServiceAccount instead of static keys (IRSA role ARN, GKE service
+    #: account e-mail, Azure client id)
+    workload_identity: str = ""
+    #: a gRPC Ingress (L7, one backend pick per request) for this host, with this ingress class
+    ingress_host: str = ""
+    ingress_class: str = "nginx"
+    ingress_namespace: str = "ingress-nginx"
+    #: /tmp (Triton's object-store downloads, the Python backend's scratch): its emptyDir size limit
+    scratch_size: str = "20Gi"
+    kserve_mode: KServeMode = "RawDeployment"
+    #: with --mtls: the kubernetes.io/tls Secret of the tool pods' client certificate
+    client_tls_secret: str = ""
     locustfile: str = "any_model.py"
     locust_workers: int = 2
     #: the batch Job: ``tritonforge batch-infer MODEL --input IN --out OUT --shard K/N``
@@ -238,8 +308,6 @@ class DeploySpec:
     batch_input: str = ""
     batch_output: str = ""
     batch_shards: int = 4
-    batch_image: str = "tritonforge:latest"
-    canary_traffic_percent: int = 10
     #: KServe canary plan: traffic percent at each step (empty: no plan) and how long each is held
     canary_steps: tuple[int, ...] = ()
     canary_hold_s: int = 300
@@ -253,6 +321,48 @@ class DeploySpec:
 
     def __post_init__(self) -> None:
         _check_name(self.name, "deployment name")
+        if not self.store.uri:  # the default store, named after the deployment
+            object.__setattr__(self, "store", default_store(self.name, self.registry))
+        if not self.tools_image:
+            from tritonforge.deploy.images import image_set
+
+            tools = image_set(self.name, base_image=self.image, registry=self.registry, requirements={}).tools
+            object.__setattr__(self, "tools_image", tools)
+        for image in (self.image, self.tools_image):
+            if image.rsplit("/", 1)[-1].partition(":")[2] in ("", "latest") and "@sha256:" not in image:
+                raise DeployError(f"image {image!r} needs a version tag (never :latest, it is always pulled)")
+        for secret in (*self.image_pull_secrets, self.client_tls_secret):
+            if secret:
+                _check_name(secret, "Secret name")
+        if self.priority_class:
+            _check_name(self.priority_class, "priority class")
+        _check_name(self.monitoring_namespace, "monitoring namespace")
+        if self.mtls and not self.client_tls_secret:
+            object.__setattr__(self, "client_tls_secret", f"{self.name}-client-tls")
+        if self.kserve_mode not in ("RawDeployment", "Serverless"):
+            raise DeployError(f"KServe mode must be RawDeployment or Serverless, not {self.kserve_mode!r}")
+        if self.gpu_accelerator not in ("cuda", "tensorrt", "tensorrt-fp16"):
+            raise DeployError(
+                f"GPU accelerator {self.gpu_accelerator!r} is not one of cuda, tensorrt, tensorrt-fp16"
+            )
+        if self.gpu_accelerator != "cuda" and not self.gpus:
+            raise DeployError("--gpu-accelerator applies to GPU pods: give --gpus N too")
+        if self.metric == "gpu_utilization" and not self.gpus:
+            raise DeployError("the gpu-utilization metric needs GPU pods: give --gpus N too")
+        if not 0 < self.target_gpu_utilization <= 1:
+            raise DeployError("the GPU utilisation target is a share in (0, 1], e.g. 0.8")
+        if self.ingress_host and not re.match(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", self.ingress_host):
+            raise DeployError(
+                f"ingress host {self.ingress_host!r} is not a DNS name such as triton.example.com"
+            )
+        for key, value in self.monitor_labels.items():
+            if not re.match(
+                r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$", key
+            ) or not re.match(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$", value):
+                raise DeployError(
+                    f"monitor label {key}={value!r} is not a Kubernetes label "
+                    "(e.g. release=kube-prometheus-stack)"
+                )
         for namespace in (self.dev_namespace, self.prod_namespace):
             _check_name(namespace, "namespace")
         if not 1 <= self.min_replicas <= self.max_replicas:
@@ -263,14 +373,14 @@ class DeploySpec:
             raise DeployError(
                 f"replicas ({self.replicas}) must lie within [{self.min_replicas}, {self.max_replicas}]"
             )
-        if self.gpus < 0 or self.prod_gpus < 0:
+        if self.gpus < 0:
             raise DeployError("GPU counts can't be negative")
         if self.target_queue_us <= 0 or self.target_queue_ratio <= 0:
             raise DeployError("the autoscaling target must be positive")
-        if self.metric not in ("queue_time", "queue_ratio"):
-            raise DeployError(f"metric must be 'queue_time' or 'queue_ratio', not {self.metric!r}")
-        if not 0 <= self.canary_traffic_percent <= 100:
-            raise DeployError("canary traffic must be a percentage (0-100)")
+        if self.metric not in ("queue_time", "queue_ratio", "gpu_utilization"):
+            raise DeployError(
+                f"metric must be 'queue_time', 'queue_ratio' or 'gpu_utilization', not {self.metric!r}"
+            )
         if self.canary_steps and (
             any(not 0 < s <= 100 for s in self.canary_steps)
             or list(self.canary_steps) != sorted(set(self.canary_steps))
@@ -295,6 +405,11 @@ class DeploySpec:
                 f"Prometheus URL {self.prometheus_url!r} must be http(s)://host[:port], e.g. "
                 "http://prometheus-operated.monitoring.svc:9090"
             )
+
+    @property
+    def serving_image(self) -> str:
+        """The image the Triton containers run: the built server image, or ``image`` itself."""
+        return self.server_image or self.image
 
     def replace(self, **changes: object) -> DeploySpec:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -24,6 +24,7 @@ from grpc.experimental import gevent as grpc_gevent
 grpc_gevent.init_gevent()
 
 import itertools  # noqa: E402
+import os  # noqa: E402
 from collections.abc import Callable, Iterator, Mapping, Sequence  # noqa: E402
 from typing import Any, ClassVar  # noqa: E402
 
@@ -34,7 +35,7 @@ from locust.exception import StopUser  # noqa: E402
 from tritonforge.client import Client, ClientEvent, RetryPolicy  # noqa: E402
 from tritonforge.errors import ClientError  # noqa: E402
 
-__all__ = ["TritonUser", "host_url"]
+__all__ = ["TritonUser", "access_from_env", "host_url"]
 
 Payloads = Sequence[Mapping[str, np.ndarray]]
 
@@ -49,6 +50,31 @@ def host_url(host: str | None) -> str:
         if host.startswith(prefix):
             host = host[len(prefix) :]
     return host.rstrip("/")
+
+
+def access_from_env() -> Any:
+    """The access settings the CLI's verbs read from the environment, read the same way for locust pods
+    (``tritonforge deploy`` writes them into the workers' env, keys as ``env:NAME`` references): the
+    client's ``Auth`` from ``$TRITONFORGE_AUTH`` (specs separated by spaces) and
+    ``$TRITONFORGE_TLS_*``, or ``None`` when none is set.
+
+    Raises:
+        SecretError: a spec that is malformed or names an unset variable.
+    """
+    from tritonforge.client.policies import Auth, TLSConfig
+
+    env = os.environ
+    specs = env.get("TRITONFORGE_AUTH", "").split()
+    files = {
+        "root_certificates": env.get("TRITONFORGE_TLS_ROOT_CERT"),
+        "certificate_chain": env.get("TRITONFORGE_TLS_CLIENT_CERT"),
+        "private_key": env.get("TRITONFORGE_TLS_CLIENT_KEY"),
+    }
+    server_name = env.get("TRITONFORGE_TLS_SERVER_NAME")
+    tls = TLSConfig(**files, server_name=server_name) if any(files.values()) or server_name else None
+    if not specs and tls is None:
+        return None
+    return Auth.from_specs(specs, tls=tls)
 
 
 class TritonUser(User):
@@ -81,6 +107,9 @@ class TritonUser(User):
         if not self.model:
             raise ValueError(f"{type(self).__name__}.model is not set")
         options: dict[str, Any] = {"retry": RetryPolicy.none(), "metrics": False, "shared_memory": "off"}
+        access = access_from_env()
+        if access is not None:
+            options["auth"] = access
         options.update(self.client_options)
         self.client = Client(host_url(self.host), hooks=[self._report], **options)
         self._requests: Iterator[Mapping[str, np.ndarray]] | None = None

@@ -14,6 +14,7 @@ size the dynamic batcher achieved, busy instances). Nothing here re-implements t
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import math
 import time
 import urllib.error
@@ -149,6 +150,11 @@ def scrape(url: str, *, timeout_s: float = 5.0) -> Scrape:
     try:
         with urllib.request.urlopen(full, timeout=timeout_s) as answer:
             text = answer.read().decode("utf-8", errors="replace")
+    except http.client.HTTPException:
+        # an answer that is not HTTP/1: most often Triton's gRPC port (8001), which speaks HTTP/2 only
+        raise MetricsError(
+            f"{full} did not answer HTTP (a gRPC port?): give Triton's metrics port, 8002 by default"
+        ) from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise MetricsError(
