@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from tritonforge.deploy import kube
+from tritonforge.deploy import kube, scaling, tools
 from tritonforge.deploy.canary import canary_patches, canary_plan, step_file
 from tritonforge.deploy.extras import compose_file, inference_service
 from tritonforge.deploy.gpu import gpu_capable_models, rewrite_for_gpus
@@ -147,8 +147,8 @@ def _overlay(spec: DeploySpec, overlay: str) -> dict[str, Any]:
     scaled = _small(spec) if overlay == "dev" else spec
     return {
         "namespace.yaml": kube.namespace(namespace, spec),
-        "hpa.yaml": kube.hpa(scaled, min_replicas=low, max_replicas=high),
-        "keda-scaledobject.yaml": kube.keda_scaled_object(
+        "hpa.yaml": scaling.hpa(scaled, min_replicas=low, max_replicas=high),
+        "keda-scaledobject.yaml": scaling.keda_scaled_object(
             scaled, namespace=namespace, min_replicas=low, max_replicas=high
         ),
         "kustomization.yaml": _kustomization(
@@ -402,7 +402,7 @@ def generate(
         "prometheus": _adapter_prometheus(spec.prometheus_url),
         "rules": {"default": False, "custom": [rule]},
     }
-    files["autoscaling/prometheus-adapter-rules.yaml"] = kube.prometheus_adapter_configmap(
+    files["autoscaling/prometheus-adapter-rules.yaml"] = scaling.prometheus_adapter_configmap(
         spec, adapter_namespace=spec.monitoring_namespace
     )
     files["autoscaling/keda-query-prod.promql"] = keda_query(spec, spec.prod_namespace) + "\n"
@@ -428,9 +428,9 @@ def generate(
             + "; KServe and compose are written without gRPC TLS."
         )
     if locustfiles is not None:
-        files["loadtest/locust.yaml"] = kube.locust_objects(spec, locustfiles, batch_model)
+        files["loadtest/locust.yaml"] = tools.locust_objects(spec, locustfiles, batch_model)
         files["loadtest/kustomization.yaml"] = _kustomization(["locust.yaml"], namespace=spec.prod_namespace)
-    files["batch/job.yaml"] = kube.batch_job(spec, model=batch_model)
+    files["batch/job.yaml"] = tools.batch_job(spec, model=batch_model)
     files["batch/data-pvc.yaml"] = kube.pvc(
         f"{spec.name}-batch-data",
         spec,
