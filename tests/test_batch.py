@@ -171,6 +171,20 @@ def test_batch_cli_reads_csv_columns_and_numpy_and_answers_like_parquet(tmp_path
         assert done.returncode == 0, done.stderr
         assert "throughput" in done.stdout and "queue µs" in done.stdout  # the summary and Triton's split
         np.testing.assert_array_equal(read_outputs(out).column("label").to_numpy(), want)
+    # a rerun on the same --out does nothing more; --json says so as one document on stdout
+    again = cli(
+        "digits_logreg",
+        *[arg for u in urls for arg in ("--url", u)],
+        "--input",
+        str(tmp_path / "digits.npy"),
+        "--out",
+        str(tmp_path / "out-digits.npy"),
+        "--json",
+    )
+    assert again.returncode == 0, again.stderr
+    figures = json.loads(again.stdout)
+    assert figures["status"] == "complete" and figures["rows_skipped"] == len(x) and figures["rows_ok"] == 0
+    assert figures["exit_code"] == 0 and "throughput" not in again.stdout
 
 
 def test_text_column_is_sent_to_a_bytes_input_as_utf8(tmp_path, urls):

@@ -90,14 +90,7 @@ def test_group_help_piped_names_each_command_whole(path: str) -> None:
     assert "…" not in done.stdout and "..." not in listed
 
 
-# deploy's help holds "pvc://CLAIM[/sub]", read as rich markup at a terminal; its branch fixes that (strict:
-# this fails once the fix lands, and the lead removes the mark).
-AT_A_TERMINAL = [
-    pytest.param(verb, marks=pytest.mark.xfail(reason="MarkupError in deploy's help", strict=True))
-    if verb == "deploy"
-    else verb
-    for verb in VERBS
-]
+AT_A_TERMINAL = VERBS
 
 
 @pytest.mark.parametrize("path", AT_A_TERMINAL)

@@ -25,12 +25,8 @@ RENAMING = ROOT / "src" / "tritonforge" / "commands" / "_renamed.py"
 PENDING: dict[str, str] = {
     "rollout": "becomes `rollout start|status|pause|resume|abort` with --hold-s (the rollout branch)",
 }
-PENDING_ACCESS: dict[str, str] = {
-    "batch-infer": "gets the access options with the deploy branch",
-}
-PENDING_JSON: dict[str, str] = {
-    "batch-infer": "its summary as JSON comes after the requests and deploy branches change the verb",
-}
+PENDING_ACCESS: dict[str, str] = {}
+PENDING_JSON: dict[str, str] = {}
 
 # Verbs that act rather than report, as the glossary lists them.
 NO_JSON: dict[str, str] = {

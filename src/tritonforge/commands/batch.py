@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from tritonforge.commands import fail, print_error
+from tritonforge.commands._output import print_json
 from tritonforge.commands._renamed import renamed
 from tritonforge.commands.access import with_access
 from tritonforge.errors import TritonForgeError
@@ -161,6 +163,9 @@ def register(app: typer.Typer) -> None:
         no_streams: bool = typer.Option(
             False, "--no-streams", help="Every request a gRPC call (not messages of the lanes' own streams)."
         ),
+        as_json: bool = typer.Option(
+            False, "--json", help="The run's figures as JSON on stdout instead of the tables."
+        ),
         access: object = None,
     ) -> None:
         """Run MODEL on every row of --input; write row_id + outputs as Parquet shards into --out.
@@ -204,9 +209,14 @@ def register(app: typer.Typer) -> None:
         except ValueError as exc:
             progress.stop()
             raise fail(exc) from None
-        console.print(_summary(result))
-        if result.server:
-            console.print(_server_table(result))
+        if as_json:
+            print_json(
+                {**dataclasses.asdict(result), "rows_per_s": result.rows_per_s, "exit_code": result.exit_code}
+            )
+        else:
+            console.print(_summary(result))
+            if result.server:
+                console.print(_server_table(result))
         failed = result.rows_failed + result.failed_before
         if result.status == "too many failures":
             print_error(
