@@ -318,3 +318,70 @@ def test_every_generated_python_model_carries_the_same_error_accounting() -> Non
     for f in [*files, SPLITTER]:
         text = f.read_text()
         assert "return _settle(" in text and "self.error_counter = _error_counter(args)" in text, f
+
+
+# Triton's GPU gauges exactly as a GPU server exports them (one GPU per gpu_uuid label)
+_TRITON_GPU_TEXT = """\
+# HELP nv_gpu_utilization GPU utilization rate [0.0 - 1.0)
+# TYPE nv_gpu_utilization gauge
+nv_gpu_utilization{gpu_uuid="GPU-c06bbf33-c250-ca45-579b-19134b518844"} 0.730000
+nv_gpu_utilization{gpu_uuid="GPU-1b2e7f0a-9d3c-4e8b-a1f2-0c9d8e7f6a5b"} 0.250000
+# HELP nv_gpu_memory_total_bytes GPU total memory, in bytes
+# TYPE nv_gpu_memory_total_bytes gauge
+nv_gpu_memory_total_bytes{gpu_uuid="GPU-c06bbf33-c250-ca45-579b-19134b518844"} 42949672960.000000
+nv_gpu_memory_total_bytes{gpu_uuid="GPU-1b2e7f0a-9d3c-4e8b-a1f2-0c9d8e7f6a5b"} 42949672960.000000
+# HELP nv_gpu_memory_used_bytes GPU used memory, in bytes
+# TYPE nv_gpu_memory_used_bytes gauge
+nv_gpu_memory_used_bytes{gpu_uuid="GPU-c06bbf33-c250-ca45-579b-19134b518844"} 33763098624.000000
+nv_gpu_memory_used_bytes{gpu_uuid="GPU-1b2e7f0a-9d3c-4e8b-a1f2-0c9d8e7f6a5b"} 10737418240.000000
+# HELP nv_gpu_power_usage GPU power usage in watts
+# TYPE nv_gpu_power_usage gauge
+nv_gpu_power_usage{gpu_uuid="GPU-c06bbf33-c250-ca45-579b-19134b518844"} 51.091000
+nv_gpu_power_usage{gpu_uuid="GPU-1b2e7f0a-9d3c-4e8b-a1f2-0c9d8e7f6a5b"} 40.000000
+"""
+
+
+def test_monitor_gpu_reads_each_gpu_of_tritons_gauges_by_gpu_uuid() -> None:
+    from rich.console import Console
+
+    from tritonforge.observe.metrics import parse_metrics
+    from tritonforge.observe.monitor import Snapshot, render_gpus
+
+    url = "http://gpu-host:8002/metrics"
+    reading = parse_metrics(_TRITON_GPU_TEXT, url=url)
+    first, second = "GPU-c06bbf33-c250-ca45-579b-19134b518844", "GPU-1b2e7f0a-9d3c-4e8b-a1f2-0c9d8e7f6a5b"
+    assert reading.devices == {
+        second: {
+            "utilization": 0.25,
+            "memory_total_bytes": 42949672960.0,
+            "memory_used_bytes": 10737418240.0,
+        },
+        first: {"utilization": 0.73, "memory_total_bytes": 42949672960.0, "memory_used_bytes": 33763098624.0},
+    }
+    assert reading.gpus == 2 and reading.server["gpu_utilization"] == pytest.approx(0.49)
+    snap = Snapshot(1.0, [], [], {url: reading.server}, {}, {}, False, {url: reading.devices})
+    data = snap.as_dict()
+    assert data["gpus"][url][1] == {"gpu_uuid": first, **reading.devices[first]}
+    assert data["gpu_note"] == {}
+    console = Console(width=200, record=True, force_terminal=False)
+    console.print(render_gpus(snap))
+    text = console.export_text()
+    assert first in text and second in text  # each GPU whole, by its uuid
+    assert "73%" in text and "31.44 GiB" in text and "40.00 GiB" in text and "79%" in text
+
+
+def test_monitor_gpu_on_a_server_without_a_gpu_says_no_gpu_metrics(
+    servers: tuple[EmbeddedServer, EmbeddedServer],
+) -> None:
+    first, _ = servers
+    base = ("monitor", "--metrics-url", first.metrics_url, "--once", "--interval-s", "0.3", "--gpu")
+    done = run_tritonforge(*base, timeout=120, columns=None)
+    assert done.returncode == 0, done.stderr
+    assert "no GPU metrics" in done.stdout and "knob" in done.stdout
+    done = run_tritonforge(*base, "--json", timeout=120, columns=None)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["gpus"] == {first.metrics_url: []}
+    assert data["gpu_note"] == {first.metrics_url: "no GPU metrics"}
+    done = run_tritonforge(*base[:-1], "--json", timeout=120, columns=None)
+    assert "gpus" not in json.loads(done.stdout)  # only when asked

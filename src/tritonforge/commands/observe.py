@@ -41,12 +41,25 @@ def monitor(
         None, help="The hourly price of one server: adds the cost of 1,000 inferences per model."
     ),
     active: bool = typer.Option(False, help="Only models that served requests in the interval."),
+    gpu: bool = typer.Option(
+        False,
+        "--gpu",
+        help="Also each server's GPUs: utilization, memory used/total (Triton's nv_gpu_* gauges).",
+    ),
     access: object = None,
 ) -> None:
     """Requests/s, failures, latency, queue vs compute, batch size of every model on --metrics-url, live."""
+    from rich.console import Group
     from rich.live import Live
 
-    from tritonforge.observe.monitor import render, snapshot
+    from tritonforge.observe.monitor import Snapshot, render, render_gpus, snapshot
+
+    def shown(snap: Snapshot) -> Table | Group:
+        return (
+            Group(render(snap, active_only=active), render_gpus(snap))
+            if gpu
+            else render(snap, active_only=active)
+        )
 
     if ctx.args:  # the metrics endpoints were positional before --metrics-url
         deprecated("URL...", "--metrics-url URL", command=ctx.command_path)
@@ -61,25 +74,25 @@ def monitor(
             signal.signal(sig, lambda *_: stop.set())
     try:
         snap, last = snapshot(
-            urls, interval_s=interval, grpc_urls=grpc, price_per_hour=price_per_hour, auth=access
+            urls, interval_s=interval, grpc_urls=grpc, price_per_hour=price_per_hour, auth=access, gpu=gpu
         )
         if once or as_json:
             while True:
                 if as_json:
                     print(json.dumps(snap.as_dict()), flush=True)
                 else:
-                    console.print(render(snap, active_only=active))
+                    console.print(shown(snap))
                 if once or stop.wait(interval):
                     return
                 snap, last = snapshot(
-                    urls, grpc_urls=grpc, price_per_hour=price_per_hour, previous=last, auth=access
+                    urls, grpc_urls=grpc, price_per_hour=price_per_hour, previous=last, auth=access, gpu=gpu
                 )
-        with Live(render(snap, active_only=active), console=console, auto_refresh=False) as live:
+        with Live(shown(snap), console=console, auto_refresh=False) as live:
             while not stop.wait(interval):
                 snap, last = snapshot(
-                    urls, grpc_urls=grpc, price_per_hour=price_per_hour, previous=last, auth=access
+                    urls, grpc_urls=grpc, price_per_hour=price_per_hour, previous=last, auth=access, gpu=gpu
                 )
-                live.update(render(snap, active_only=active), refresh=True)
+                live.update(shown(snap), refresh=True)
     except (TritonForgeError, ValueError) as exc:
         raise _fail(exc) from None
 

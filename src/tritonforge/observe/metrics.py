@@ -64,6 +64,12 @@ _SERVER_GAUGES = {
     "nv_gpu_memory_total_bytes": "gpu_memory_total_bytes",
     "nv_gpu_power_usage": "gpu_power_watts",
 }
+# the per-GPU gauges kept by gpu_uuid (Scrape.devices), by their name there
+_DEVICE_GAUGES = {
+    "gpu_utilization": "utilization",
+    "gpu_memory_used_bytes": "memory_used_bytes",
+    "gpu_memory_total_bytes": "memory_total_bytes",
+}
 
 
 @dataclasses.dataclass
@@ -72,7 +78,9 @@ class Scrape:
 
     ``models`` maps ``(model, version)`` to cumulative counters (names of ``_COUNTERS``' values) plus
     ``pending``; ``quantiles`` maps ``(model, version)`` to ``{0.5: us, 0.99: us}`` when summaries are on;
-    ``server`` holds CPU/GPU gauges (GPU ones summed over GPUs, utilisation averaged).
+    ``server`` holds CPU/GPU gauges (GPU ones summed over GPUs, utilisation averaged); ``devices`` the
+    GPU gauges per GPU, by Triton's ``gpu_uuid`` label (``utilization``, ``memory_used_bytes``,
+    ``memory_total_bytes``; empty for a server exporting no GPU metrics, e.g. one without a GPU).
     """
 
     url: str
@@ -81,6 +89,7 @@ class Scrape:
     quantiles: dict[tuple[str, str], dict[float, float]]
     server: dict[str, float]
     gpus: int = 0
+    devices: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 def metrics_url(url: str) -> str:
@@ -110,6 +119,7 @@ def parse_metrics(text: str, *, url: str = "", at_s: float | None = None) -> Scr
     quantiles: dict[tuple[str, str], dict[float, float]] = {}
     server: dict[str, float] = {}
     gpu_util: list[float] = []
+    devices: dict[str, dict[str, float]] = {}
     try:
         families = list(text_string_to_metric_families(text))
     except Exception as exc:  # the parser raises ValueError/TypeError/IndexError on malformed text
@@ -131,13 +141,16 @@ def parse_metrics(text: str, *, url: str = "", at_s: float | None = None) -> Scr
                 quantiles.setdefault(key, {})[float(labels["quantile"])] = float(sample.value)
             elif name in _SERVER_GAUGES:
                 field = _SERVER_GAUGES[name]
+                if "gpu_uuid" in labels and field in _DEVICE_GAUGES:
+                    devices.setdefault(labels["gpu_uuid"], {})[_DEVICE_GAUGES[field]] = float(sample.value)
                 if field == "gpu_utilization":
                     gpu_util.append(float(sample.value))
                 else:
                     server[field] = server.get(field, 0.0) + float(sample.value)
     if gpu_util:
         server["gpu_utilization"] = sum(gpu_util) / len(gpu_util)
-    return Scrape(url, time.time() if at_s is None else at_s, models, quantiles, server, len(gpu_util))
+    at = time.time() if at_s is None else at_s
+    return Scrape(url, at, models, quantiles, server, len(gpu_util), dict(sorted(devices.items())))
 
 
 def scrape(url: str, *, timeout_s: float = 5.0) -> Scrape:

@@ -26,7 +26,9 @@ from tritonforge.observe.metrics import (
     summed,
 )
 
-__all__ = ["Snapshot", "cost_per_1k", "render", "snapshot"]
+__all__ = ["NO_GPU", "Snapshot", "cost_per_1k", "render", "render_gpus", "snapshot"]
+
+NO_GPU = "no GPU metrics"  # what a server exporting none of Triton's nv_gpu_* gauges shows (no GPU)
 
 
 def cost_per_1k(price_per_hour: float, inferences_per_s: float) -> float | None:
@@ -53,8 +55,20 @@ class Snapshot:
     batch_sizes: dict[str, dict[str, dict[int, int]]]
     cost_per_1k: dict[str, float | None]
     summaries: bool
+    # per server, per GPU (Triton's gpu_uuid): utilization, memory used/total bytes; None: not asked
+    gpus: dict[str, dict[str, dict[str, float]]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        gpus = {}
+        if self.gpus is not None:
+            # a server with no GPU metrics: an empty list (and `gpu_note` says so, as the table does)
+            gpus = {
+                "gpus": {
+                    server: [{"gpu_uuid": uuid, **gauges} for uuid, gauges in devices.items()]
+                    for server, devices in self.gpus.items()
+                },
+                "gpu_note": {server: NO_GPU for server, devices in self.gpus.items() if not devices},
+            }
         return {
             "interval_s": self.interval_s,
             "summaries": self.summaries,
@@ -65,6 +79,7 @@ class Snapshot:
                 server: {model: {str(k): v for k, v in sizes.items()} for model, sizes in per.items()}
                 for server, per in self.batch_sizes.items()
             },
+            **gpus,
         }
 
 
@@ -76,11 +91,14 @@ def snapshot(
     price_per_hour: float | None = None,
     previous: Mapping[str, Scrape] | None = None,
     auth: Any = None,
+    gpu: bool = False,
 ) -> tuple[Snapshot, dict[str, Scrape]]:
     """Read every server twice ``interval_s`` apart (or once, after ``previous`` readings) and compare.
 
     ``grpc_urls`` (same order as ``urls``, optional) add the batch sizes from the statistics API
     (``auth``: a :class:`tritonforge.client.Auth` where that API is restricted or behind mutual TLS).
+    ``gpu`` adds each server's GPUs as Triton exports them (``nv_gpu_utilization``,
+    ``nv_gpu_memory_used_bytes``, ``nv_gpu_memory_total_bytes`` by ``gpu_uuid``; none on a server without).
     Returns the snapshot and the latest readings (pass them as ``previous`` to continue live).
 
     Raises:
@@ -121,7 +139,8 @@ def snapshot(
     summaries = any(s.quantiles for s in second.values())
     servers = {url: s.server for url, s in second.items()}
     elapsed = max(second[u].at_s - first[u].at_s for u in full)
-    return Snapshot(elapsed, rows, totals, servers, batches, costs, summaries), second
+    gpus = {url: s.devices for url, s in second.items()} if gpu else None
+    return Snapshot(elapsed, rows, totals, servers, batches, costs, summaries, gpus), second
 
 
 def _machine(url: str, gauges: Mapping[str, float]) -> str:
@@ -211,4 +230,29 @@ def render(snap: Snapshot, *, active_only: bool = False) -> Table:
             if active_only and r.requests_per_s == 0:
                 continue
             add(r, "all", "bold")
+    return table
+
+
+def render_gpus(snap: Snapshot) -> Table:
+    """Each server's GPUs: utilization and memory used / total (a server without any: "no GPU metrics")."""
+    table = Table(title="GPUs (Triton's nv_gpu_* gauges)")
+    servers = snap.gpus or {}
+    uuids = [u for devices in servers.values() for u in devices] or [NO_GPU]
+    table.add_column("server", no_wrap=True, min_width=max((len(_server(u)) for u in servers), default=6))
+    table.add_column("gpu", no_wrap=True, min_width=max(len(u) for u in uuids))
+    for c in ("util", "memory used", "memory total", "memory %"):
+        table.add_column(c, justify="right", no_wrap=True, min_width=len(c))
+    for url, devices in servers.items():
+        if not devices:
+            table.add_row(_server(url), NO_GPU, "-", "-", "-", "-")
+        for uuid, g in devices.items():
+            used, total = g.get("memory_used_bytes"), g.get("memory_total_bytes")
+            table.add_row(
+                _server(url),
+                uuid,
+                _num(g.get("utilization"), "{:.0%}"),
+                _num(None if used is None else used / 2**30, "{:.2f} GiB"),
+                _num(None if total is None else total / 2**30, "{:.2f} GiB"),
+                _num(used / total if used is not None and total else None, "{:.0%}"),
+            )
     return table
