@@ -404,3 +404,108 @@ def test_a_model_name_holding_promql_can_not_make_an_alert_that_always_fires(
     assert done.returncode == 0, done.stdout + done.stderr
     # the dashboard's queries quote it the same way
     assert all(hostile not in t["expr"] for p in dashboard(spec)["panels"] for t in p.get("targets", []))
+
+
+GPU_SLO = """
+window: 1m
+for: 1m
+gpu_utilization_max: 0.9
+gpu_memory_max: 0.8
+models:
+  fine: {error_rate: 0.05}
+"""
+
+
+def test_gpu_objectives_alert_per_gpu_in_promtool_unit_tests(tmp_path: Path, prometheus_bin: Path) -> None:
+    """Per GPU, on Triton's gauges by gpu_uuid: the busy, full GPU alerts on both; the calm one on neither."""
+    write(load_slo(_slo(tmp_path, GPU_SLO)), tmp_path)
+    assert promtool("check", "rules", str(tmp_path / "rules.yml")).returncode == 0
+    hot, calm = "GPU-c06bbf33-c250-ca45-579b-19134b518844", "GPU-1b2e7f0a-9d3c-4e8b-a1f2-0c9d8e7f6a5b"
+    where = 'instance="gpu-node:8002",job="triton"'
+    series = [
+        {"series": f'nv_gpu_utilization{{{where},gpu_uuid="{hot}"}}', "values": "0.97x20"},
+        {"series": f'nv_gpu_utilization{{{where},gpu_uuid="{calm}"}}', "values": "0.3x20"},
+        {"series": f'nv_gpu_memory_total_bytes{{{where},gpu_uuid="{hot}"}}', "values": "42949672960x20"},
+        {"series": f'nv_gpu_memory_total_bytes{{{where},gpu_uuid="{calm}"}}', "values": "42949672960x20"},
+        # 38 of 40 GiB used (0.95) on the hot one, 10 GiB (0.25) on the calm one
+        {"series": f'nv_gpu_memory_used_bytes{{{where},gpu_uuid="{hot}"}}', "values": "40802189312x20"},
+        {"series": f'nv_gpu_memory_used_bytes{{{where},gpu_uuid="{calm}"}}', "values": "10737418240x20"},
+    ]
+
+    def fired(objective: str, what: str, value: str, threshold: str) -> dict[str, object]:
+        gpu = f"{hot} on gpu-node:8002"
+        return {
+            "exp_labels": {
+                "severity": "page",
+                "slo": objective,
+                "instance": "gpu-node:8002",
+                "gpu_uuid": hot,
+            },
+            "exp_annotations": {
+                "summary": f"{gpu}: {what} above its objective ({threshold})",
+                "description": f"{what} of {gpu} is {value} (objective {threshold}) for 1m.",
+            },
+        }
+
+    tests = {
+        "rule_files": ["rules.yml"],
+        "evaluation_interval": "15s",
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": series,
+                "alert_rule_test": [
+                    {"eval_time": "30s", "alertname": "TritonGPUUtilizationHigh", "exp_alerts": []},  # < for
+                    {
+                        "eval_time": "3m",
+                        "alertname": "TritonGPUUtilizationHigh",
+                        "exp_alerts": [fired("gpu_utilization_max", "GPU utilization", "0.97", "0.9")],
+                    },
+                    {
+                        "eval_time": "3m",
+                        "alertname": "TritonGPUMemoryHigh",
+                        "exp_alerts": [fired("gpu_memory_max", "GPU memory used", "0.95", "0.8")],
+                    },
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": f'gpu:tritonforge_memory_used_ratio:max{{gpu_uuid="{calm}"}}',
+                        "eval_time": "3m",
+                        "exp_samples": [
+                            {
+                                "labels": "gpu:tritonforge_memory_used_ratio:max"
+                                f'{{instance="gpu-node:8002",gpu_uuid="{calm}"}}',
+                                "value": 0.25,
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    (tmp_path / "rules.test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    done = promtool("test", "rules", "rules.test.yml", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # the calm GPU alerting would be caught: the same test expecting it fails
+    tests["tests"][0]["alert_rule_test"][1]["exp_alerts"][0]["exp_labels"]["gpu_uuid"] = calm  # type: ignore[index]
+    (tmp_path / "rules.test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    assert promtool("test", "rules", "rules.test.yml", cwd=tmp_path).returncode != 0
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("gpu_utilization_max: 1.5", "gpu_utilization_max: 1.5 must be at most 1.0"),
+        ("gpu_memory_max: .nan", "gpu_memory_max: nan must be a finite number above 0"),
+        ("gpu_memory_max: .inf", "gpu_memory_max: inf must be a finite number above 0"),
+        ("gpu_utilization_max: '90%'", "gpu_utilization_max: '90%' must be a finite number above 0"),
+    ],
+)
+def test_gpu_objectives_must_be_finite_shares(tmp_path: Path, line: str, message: str) -> None:
+    with pytest.raises(SLOError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_slo(_slo(tmp_path, f"{line}\nmodels: {{m: {{error_rate: 0.1}}}}\n"))
+
+
+def test_no_gpu_objective_no_gpu_rules(tmp_path: Path) -> None:
+    text = yaml.safe_dump(rules(load_slo(_slo(tmp_path, "models: {m: {error_rate: 0.1}}\n"))))
+    assert "nv_gpu" not in text and "TritonGPU" not in text

@@ -16,6 +16,8 @@ The file (see ``observe/slo.example.yaml``)::
         error_rate: 0.01        # failed / all requests
         queue_ms: 10            # mean time in Triton's queue
         max_drift_psi: 0.25     # the largest feature PSI `tritonforge drift --metrics-file` exported
+    gpu_utilization_max: 0.9    # optional, per GPU (Triton's nv_gpu_utilization, 0..1, mean over window)
+    gpu_memory_max: 0.9         # optional, per GPU: nv_gpu_memory_used_bytes / nv_gpu_memory_total_bytes
 
 :func:`load_slo` checks it (every error names the key and how to fix it); :func:`rules` builds the
 recording rules (``model:tritonforge_*:rate<window>``) and one alert per objective and model;
@@ -40,9 +42,11 @@ from tritonforge.atomic import write_atomic
 from tritonforge.config.validate import model_name_problem
 from tritonforge.errors import ConfigError, SLOError
 from tritonforge.files import read_yaml
+from tritonforge.observe.gpu_rules import GPU_OBJECTIVES, gpu_rules
 from tritonforge.server.runtime import ERROR_RESPONSES
 
 __all__ = [
+    "GPU_OBJECTIVES",
     "OBJECTIVES",
     "Objective",
     "SLOError",
@@ -56,7 +60,7 @@ __all__ = [
 
 OBJECTIVES = ("p99_latency_ms", "mean_latency_ms", "error_rate", "queue_ms", "max_drift_psi")
 _DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
-_TOP_KEYS = {"window", "for", "selector", "ensembles", "repository", "severity", "models"}
+_TOP_KEYS = {"window", "for", "selector", "ensembles", "repository", "severity", "models", *GPU_OBJECTIVES}
 _MODEL_KEYS = {*OBJECTIVES, "for", "severity"}
 # PromQL label matchers (name, operator, double-quoted value), comma-separated: what `selector:` may hold
 _MATCHER = r'\s*[A-Za-z_][A-Za-z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\\n]|\\.)*"\s*'
@@ -88,6 +92,9 @@ class SLOSpec:
     objectives: tuple[Objective, ...]
     rows: tuple[tuple[str, str | None], ...]  # (model, the ensemble it serves in, if any)
     source: str = ""
+    severity: str = "page"
+    gpu_utilization_max: float | None = None  # share 0..1 of each GPU busy, mean over the window
+    gpu_memory_max: float | None = None  # share 0..1 of each GPU's memory used
 
 
 def _duration(value: Any, where: str) -> str:
@@ -249,7 +256,8 @@ def load_slo(path: str | os.PathLike[str]) -> SLOSpec:
                 if (member, o.model) not in rows:
                     rows.append((member, o.model))
         rows = _ordered(rows)
-    return SLOSpec(window, for_, selector, tuple(objectives), tuple(rows), str(path))
+    gpu = {key: _number(data[key], f"{path}: {key}", at_most=1.0) for key in GPU_OBJECTIVES if key in data}
+    return SLOSpec(window, for_, selector, tuple(objectives), tuple(rows), str(path), severity, **gpu)
 
 
 def _selector(value: Any, where: str) -> str:
@@ -391,10 +399,12 @@ def rules(spec: SLOSpec) -> dict[str, Any]:
                     },
                 }
             )
+    limits = {key: getattr(spec, key) for key in GPU_OBJECTIVES}
+    gpu_recording, gpu_alerts = gpu_rules(_sel(spec), spec.window, spec.for_, spec.severity, limits)
     return {
         "groups": [
-            {"name": "tritonforge-slo-recording", "rules": recording},
-            {"name": "tritonforge-slo-alerts", "rules": alerts},
+            {"name": "tritonforge-slo-recording", "rules": recording + gpu_recording},
+            {"name": "tritonforge-slo-alerts", "rules": alerts + gpu_alerts},
         ]
     }
 
