@@ -9,6 +9,7 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as pb2
 
+from tritonforge.config._fields import canonical_extra
 from tritonforge.config._frozen import FrozenDict
 from tritonforge.config.parts import (
     DynamicBatching,
@@ -19,7 +20,6 @@ from tritonforge.config.parts import (
     RepositoryAgent,
     TensorSpec,
     VersionPolicy,
-    canonical_extra,
 )
 from tritonforge.config.sequence import SequenceBatching
 from tritonforge.config.validate import validate_config

@@ -1,22 +1,40 @@
-"""The pieces of a model config: tensors, batching, instances, versions, warmup, accelerators.
+"""The pieces of a model config: tensors, batching, instances, versions, warmup, ensemble steps, agents.
 
 Each is a frozen, keyword-only dataclass mirroring one message of Triton's model_config.proto and
 checking, in ``__post_init__``, what Triton would reject about it on its own. Checks that need the
 whole config (batch sizes against ``max_batch_size``, warmup against inputs) live in ``validate.py``.
+The accelerators and ``Optimization`` live in ``optimization.py`` and are re-exported here; the shared
+field checks are in ``_fields.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from tritonclient.grpc import model_config_pb2 as pb2
 
+from tritonforge.config._fields import (
+    WILDCARD_DIM,
+    _check_dims,
+    _check_extra,
+    _check_non_negative,
+    _check_positive,
+    _element_count,
+    _int_tuple,
+    _segments,
+    _set,
+)
 from tritonforge.config._frozen import FrozenDict
 from tritonforge.config._strictness import unusual
 from tritonforge.config.enums import DataType, InstanceKind, TimeoutAction
+from tritonforge.config.optimization import (
+    CustomAccelerator,
+    OpenVINOAccelerator,
+    Optimization,
+    TensorRTAccelerator,
+)
 from tritonforge.errors import ConfigError
 
 __all__ = [
@@ -34,92 +52,6 @@ __all__ = [
     "VersionPolicy",
     "WarmupInput",
 ]
-
-WILDCARD_DIM = -1
-
-
-def _set(obj: object, name: str, value: Any) -> None:
-    # Frozen dataclasses normalise their own inputs (lists -> tuples, str -> enum) in __post_init__.
-    object.__setattr__(obj, name, value)
-
-
-def _int_tuple(owner: str, field: str, values: Iterable[Any]) -> tuple[int, ...]:
-    try:
-        items = tuple(values)
-    except TypeError as exc:
-        raise ConfigError(f"{owner}: {field} must be a sequence of integers, got {values!r}") from exc
-    for item in items:
-        # bool is an int subclass; True as a dimension is always a mistake.
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise ConfigError(f"{owner}: {field} must hold integers, got {item!r} in {items!r}")
-    return items
-
-
-def _check_dims(owner: str, field: str, dims: Sequence[int], *, wildcard: bool = True) -> None:
-    for index, dim in enumerate(dims):
-        if dim >= 1 or (wildcard and dim == WILDCARD_DIM):
-            continue
-        hint = "an integer >= 1, or -1 for a variable-size dimension" if wildcard else "an integer >= 1"
-        raise ConfigError(f"{owner}: {field}[{index}] is {dim}; each dimension must be {hint}")
-
-
-def _element_count(dims: Sequence[int]) -> int:
-    return -1 if WILDCARD_DIM in dims else math.prod(dims)
-
-
-def _segments(dims: Sequence[int]) -> list[int]:
-    """Element counts of the runs between variable-size dims: [2, 4, -1, 6] -> [8, 6]."""
-    counts, current = [], 1
-    for dim in dims:
-        if dim == WILDCARD_DIM:
-            counts.append(current)
-            current = 1
-        else:
-            current *= dim
-    counts.append(current)
-    return counts
-
-
-def canonical_extra(owner: str, extra: Any, *message_types: Any) -> str:
-    """``extra`` text in one canonical form (so equal configs compare equal), parsed as the first of
-    ``message_types`` that accepts it.
-
-    Raises:
-        ConfigError: naming ``owner``, for text that is not a str or not valid text of those messages.
-    """
-    from google.protobuf import text_format
-
-    if not isinstance(extra, str):
-        raise ConfigError(f"{owner}: extra must be config.pbtxt text (a str), got {extra!r}")
-    if not extra.strip():
-        return ""
-    problem = ""
-    for message_type in message_types:
-        message = message_type()
-        try:
-            text_format.Parse(extra, message)
-        except text_format.ParseError as exc:
-            problem = problem or str(exc)
-            continue
-        return text_format.MessageToString(message, as_one_line=True).strip()
-    names = " or ".join(t.DESCRIPTOR.name for t in message_types)
-    raise ConfigError(f"{owner}: extra is not valid {names} text: {problem}")
-
-
-def _check_extra(obj: Any, owner: str, *message_types: Any) -> None:
-    _set(obj, "extra", canonical_extra(owner, obj.extra, *message_types))
-
-
-def _check_non_negative(owner: str, **values: int) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{owner}: {name} must be an integer >= 0, got {value!r}")
-
-
-def _check_positive(owner: str, **values: int) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -468,162 +400,6 @@ class ModelWarmup:
                 raise ConfigError(f"{owner}: input names must be non-empty strings, got {key!r}")
             if not isinstance(value, WarmupInput):
                 raise ConfigError(f"{owner}: inputs[{key!r}] must be a WarmupInput")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TensorRTAccelerator:
-    """The ``tensorrt`` GPU execution accelerator of the ONNX Runtime (and TensorFlow) backends.
-
-    Unset options are left out so the backend's defaults apply. ``minimum_segment_size`` and
-    ``max_cached_engines`` are TF-TRT options; ONNX Runtime reads the ``trt_*`` ones.
-
-    Example:
-        >>> TensorRTAccelerator(precision_mode="FP16").parameters()
-        {'precision_mode': 'FP16'}
-
-    Raises:
-        ConfigError: for a precision other than FP32, FP16 or INT8, or a negative size.
-    """
-
-    name: ClassVar[str] = "tensorrt"
-    PRECISIONS: ClassVar[tuple[str, ...]] = ("FP32", "FP16", "INT8")
-
-    precision_mode: str = "FP32"
-    max_workspace_size_bytes: int | None = None
-    max_cached_engines: int | None = None
-    minimum_segment_size: int | None = None
-    trt_engine_cache_enable: bool | None = None
-    trt_engine_cache_path: str | None = None
-
-    def __post_init__(self) -> None:
-        owner = "tensorrt accelerator"
-        precision = str(self.precision_mode).upper()
-        if precision not in self.PRECISIONS:
-            raise ConfigError(
-                f"{owner}: precision_mode must be one of {self.PRECISIONS}, got {self.precision_mode!r}"
-            )
-        _set(self, "precision_mode", precision)
-        sizes = {
-            key: value
-            for key, value in (
-                ("max_workspace_size_bytes", self.max_workspace_size_bytes),
-                ("max_cached_engines", self.max_cached_engines),
-                ("minimum_segment_size", self.minimum_segment_size),
-            )
-            if value is not None
-        }
-        _check_non_negative(owner, **sizes)
-
-    def parameters(self) -> dict[str, str]:
-        """The accelerator's ``parameters`` map, as strings, leaving out unset options."""
-        params = {"precision_mode": self.precision_mode}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name == "precision_mode" or value is None:
-                continue
-            params[field.name] = ("true" if value else "false") if isinstance(value, bool) else str(value)
-        return params
-
-    @classmethod
-    def from_parameters(cls, params: Mapping[str, str]) -> TensorRTAccelerator:
-        """Read the accelerator back from its ``parameters`` map.
-
-        Raises:
-            ConfigError: for an unknown key or a value of the wrong type.
-        """
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {}
-        for key, raw in params.items():
-            if key not in known:
-                raise ConfigError(
-                    f"tensorrt accelerator: unknown parameter {key!r}; known: {', '.join(known)}"
-                )
-            if key in ("precision_mode", "trt_engine_cache_path"):
-                values[key] = raw
-            elif key == "trt_engine_cache_enable":
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ConfigError(f"tensorrt accelerator: {key} must be true or false, got {raw!r}")
-                values[key] = raw.lower() in ("true", "1")
-            else:
-                try:
-                    values[key] = int(raw)
-                except ValueError as exc:
-                    raise ConfigError(f"tensorrt accelerator: {key} must be an integer, got {raw!r}") from exc
-        return cls(**values)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class OpenVINOAccelerator:
-    """The ``openvino`` CPU execution accelerator of the ONNX Runtime backend.
-
-    Example:
-        >>> OpenVINOAccelerator().name
-        'openvino'
-    """
-
-    name: ClassVar[str] = "openvino"
-
-    def parameters(self) -> dict[str, str]:
-        """No parameters: the backend takes OpenVINO's defaults."""
-        return {}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class CustomAccelerator:
-    """Any other execution accelerator, by name and string parameters (e.g. ``cuda``), kept as is.
-
-    Example:
-        >>> CustomAccelerator(name="cuda", params={"cudnn_conv_algo_search": "1"}).parameters()
-        {'cudnn_conv_algo_search': '1'}
-    """
-
-    name: str
-    params: Mapping[str, str] = dataclasses.field(default_factory=FrozenDict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ConfigError("execution accelerator: name must be a non-empty string")
-        _set(self, "params", FrozenDict({str(k): str(v) for k, v in self.params.items()}))
-
-    def parameters(self) -> dict[str, str]:
-        """The accelerator's ``parameters`` map."""
-        return dict(self.params)
-
-
-Accelerator = TensorRTAccelerator | OpenVINOAccelerator | CustomAccelerator
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Optimization:
-    """The parts of ``optimization { ... }`` we generate: accelerators, CUDA graphs, pinned memory.
-
-    Pinned-memory flags are written only when turned off, since on is Triton's default.
-
-    Example:
-        >>> opt = Optimization(gpu_accelerators=[TensorRTAccelerator(precision_mode="FP16")])
-        >>> opt.gpu_accelerators[0].name
-        'tensorrt'
-
-    Raises:
-        ConfigError: for an accelerator object of an unknown class.
-    """
-
-    gpu_accelerators: Sequence[Accelerator] = ()
-    cpu_accelerators: Sequence[Accelerator] = ()
-    cuda_graphs: bool = False
-    input_pinned_memory: bool = True
-    output_pinned_memory: bool = True
-
-    def __post_init__(self) -> None:
-        for field in ("gpu_accelerators", "cpu_accelerators"):
-            accelerators = tuple(getattr(self, field))
-            for acc in accelerators:
-                if not isinstance(acc, (TensorRTAccelerator, OpenVINOAccelerator, CustomAccelerator)):
-                    raise ConfigError(
-                        f"optimization: {field} holds {acc!r}; use TensorRTAccelerator, "
-                        "OpenVINOAccelerator or CustomAccelerator"
-                    )
-            _set(self, field, accelerators)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

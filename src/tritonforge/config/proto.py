@@ -16,8 +16,8 @@ from tritonclient.grpc import model_config_pb2 as pb2
 from tritonforge.config._strictness import lenient
 from tritonforge.config.enums import ControlKind, DataType, InstanceKind, TimeoutAction
 from tritonforge.config.model import ModelConfig
+from tritonforge.config.optimization import Accelerator
 from tritonforge.config.parts import (
-    Accelerator,
     CustomAccelerator,
     DynamicBatching,
     EnsembleStep,
