@@ -152,7 +152,6 @@ TOO_LONG_FOR_NOW = {
     "tritonforge/repository/writer.py",
     "tritonforge/ensemble/check.py",
     "tritonforge/ensemble/spec.py",
-    "tritonforge/config/proto.py",
 }
 
 
