@@ -150,7 +150,6 @@ TOO_LONG_FOR_NOW = {
     "tritonforge/rollout/controller.py",  # its repository twin and server waits into their own modules
     "tritonforge/server/embedded.py",
     "tritonforge/repository/writer.py",
-    "tritonforge/ensemble/spec.py",
 }
 
 
