@@ -149,7 +149,6 @@ MAX_LINES = 600
 TOO_LONG_FOR_NOW = {
     "tritonforge/rollout/controller.py",  # its repository twin and server waits into their own modules
     "tritonforge/server/embedded.py",
-    "tritonforge/repository/writer.py",
 }
 
 

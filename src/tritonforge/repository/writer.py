@@ -9,24 +9,18 @@ Layout written (Triton's own)::
 Every write is staged in a hidden folder *beside* the repository (same file system, never inside it: Triton
 would try to load it as a model) and renamed into place, so an interrupted write leaves either the old
 state or the new one, never a half model; :class:`RepositoryWrite` moves several models in together.
+The staging and the atomic swap live in ``staging.py``, the version manifest (and ``file_sha256``) in
+``manifest.py``; their public names are re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
-import datetime as _dt
-import errno
-import hashlib
 import json
 import os
-import platform
 import re
 import shutil
-import socket
-import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,16 +38,21 @@ from tritonforge.config import (
 from tritonforge.config.validate import INT64_MAX, model_name_problem
 from tritonforge.errors import ConfigError, RepositoryError, SignatureError
 from tritonforge.files import (
-    MAX_DOCUMENT_BYTES,
     MAX_MODEL_BYTES,
     check_regular,
     copy_file,
     copy_tree,
-    open_regular,
-    read_text,
 )
 from tritonforge.repository.audit import current_user, record_event
+from tritonforge.repository.manifest import build_manifest, file_sha256, version_manifest
 from tritonforge.repository.requirements import write_requirements
+from tritonforge.repository.staging import (
+    STAGING_ENV,
+    STAGING_PREFIX,
+    _replace_dir,
+    make_staging_dir,
+    staging_leftovers,
+)
 from tritonforge.repository.threads import DEFAULT_INTRA_OP_THREADS, onnxruntime_thread_parameters
 
 __all__ = [
@@ -94,10 +93,6 @@ MODEL_FILENAMES: Mapping[str, str] = {
     "tensorflow_graphdef": "model.graphdef",
 }
 _PLATFORM_OF_SUFFIX = {".onnx": "onnxruntime_onnx", ".pt": "pytorch_libtorch", ".plan": "tensorrt_plan"}
-#: staging folders (beside the repository) start with this
-STAGING_PREFIX = ".tritonforge-staging-"
-#: a folder to stage in instead of the repository's parent (same file system, outside the repository)
-STAGING_ENV = "TRITONFORGE_STAGING_DIR"
 
 
 def model_filename(config: ModelConfig) -> str | None:
@@ -130,24 +125,6 @@ def next_version(model_dir: Path) -> int:
     """One more than the highest version folder of ``model_dir`` (1 for a new model)."""
     existing = versions(model_dir)
     return existing[-1] + 1 if existing else 1
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, or of a folder's files (names and contents, in sorted order).
-
-    Raises:
-        RepositoryError: a file that is not a regular one (a FIFO, a device) or larger than
-            ``MAX_MODEL_BYTES`` (:mod:`tritonforge.files`).
-    """
-    digest = hashlib.sha256()
-    files = [path] if not path.is_dir() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open_regular(file, what="file", limit=MAX_MODEL_BYTES, error=RepositoryError) as stream:
-            for chunk in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def add_model(
@@ -481,77 +458,6 @@ class RepositoryWrite:
         return target
 
 
-def staging_leftovers(repo: str | os.PathLike[str]) -> tuple[list[Path], list[Path]]:
-    """Folders left by interrupted writes: (beside the repository: harmless, inside it: break Triton)."""
-    root = Path(repo)
-    inside = sorted(root.glob(f"{STAGING_PREFIX}*")) if root.is_dir() else []
-    resolved = root.resolve()
-    beside = sorted(resolved.parent.glob(f"{STAGING_PREFIX}{resolved.name}-*"))
-    override = os.environ.get(STAGING_ENV)
-    if override and Path(override).is_dir():
-        beside += sorted(Path(override).glob(f"{STAGING_PREFIX}{resolved.name}-*"))
-    return beside, inside
-
-
-def make_staging_dir(repo: Path) -> Path:
-    """A fresh staging folder on ``repo``'s file system and outside it (``$TRITONFORGE_STAGING_DIR`` wins).
-
-    Raises:
-        RepositoryError: no such folder can be made (the repository is a mount point and no override
-            is set, or the folder is not writable).
-    """
-    resolved = repo.resolve()
-    override = os.environ.get(STAGING_ENV)
-    parent = Path(override).resolve() if override else resolved.parent
-    why = ""
-    if parent == resolved or resolved in parent.parents:
-        why = f"{parent} is inside the repository, where Triton would try to load it as a model"
-    elif not parent.is_dir():
-        why = f"{parent} is not a folder"
-    elif os.stat(parent).st_dev != os.stat(resolved).st_dev:
-        why = f"{parent} is on another file system than {resolved}, so the move in would not be atomic"
-    if why:
-        raise RepositoryError(
-            f"can't stage writes for {resolved}: {why}; set {STAGING_ENV} to a writable folder on the same "
-            "file system, outside the repository"
-        )
-    try:
-        return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{resolved.name}-", dir=parent))
-    except OSError as exc:
-        raise RepositoryError(
-            f"can't stage writes for {resolved} in {parent}: {exc}; set {STAGING_ENV} to a writable folder "
-            "on the same file system, outside the repository"
-        ) from exc
-
-
-def _replace_dir(new: Path, old: Path) -> None:
-    """Put ``new`` where ``old`` is, with no moment where neither exists (Linux); ``old`` is deleted."""
-    if _exchange(new, old):
-        shutil.rmtree(new, ignore_errors=True)  # ``new`` now holds the old contents
-        return
-    # No atomic exchange on this system: the version is briefly absent between the two renames.
-    parked = new.parent / (new.name + ".old")
-    old.rename(parked)
-    new.rename(old)
-    shutil.rmtree(parked, ignore_errors=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
 def infer_config(
     name: str,
     source: Path,
@@ -597,63 +503,6 @@ def infer_config(
         kind=kind,
         parameters=onnxruntime_thread_parameters(intra_op_threads),
     )
-
-
-def build_manifest(
-    name: str, version: int, source: Path | None, config: ModelConfig, extra: Mapping[str, Any] | None
-) -> dict[str, Any]:
-    """The registry record of one version: what it was built from, by whom, with what."""
-    from tritonforge import __version__
-
-    record: dict[str, Any] = {
-        "model": name,
-        "version": version,
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "built_by": {
-            "user": current_user(),
-            "host": socket.gethostname(),
-            "tool": f"tritonforge {__version__}",
-            "python": platform.python_version(),
-        },
-        "source": None if source is None else {"path": str(source.resolve()), "sha256": file_sha256(source)},
-        "platform": config.platform or config.backend,
-        "signature": {
-            "max_batch_size": config.max_batch_size,
-            "inputs": [_tensor_record(t) for t in config.inputs],
-            "outputs": [_tensor_record(t) for t in config.outputs],
-        },
-    }
-    if extra:
-        record.update(extra)
-    return record
-
-
-def _tensor_record(tensor: Any) -> dict[str, Any]:
-    return {"name": tensor.name, "dtype": tensor.dtype.triton_name, "dims": list(tensor.dims)}
-
-
-def version_manifest(version_dir: Path, name: str, version: int) -> dict[str, Any]:
-    """The ``manifest.json`` of one version folder of model ``name`` (``{}`` when it has none).
-
-    Raises:
-        RepositoryError: the manifest exists but can't be read as JSON.
-    """
-    path = version_dir / "manifest.json"
-    if not path.exists():
-        return {}
-
-    def refused(message: str) -> RepositoryError:
-        return RepositoryError(message, model=name, version=version)
-
-    text = read_text(path, what="manifest", limit=MAX_DOCUMENT_BYTES, error=refused)
-    try:
-        record = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise refused(f"{path}: unreadable manifest: {exc}") from None
-    if not isinstance(record, dict):
-        kind = type(record).__name__
-        raise refused(f"{path}: a manifest is a JSON object, not {kind}; rebuild the version")
-    return record
 
 
 def _link_or_copy(source: str, destination: str) -> None:
