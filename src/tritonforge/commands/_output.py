@@ -64,8 +64,9 @@ class _PipeAwareConsole(Console):
     def rule(self, title: Any = "", **kwargs: Any) -> None:
         if self.is_terminal:
             super().rule(title, **kwargs)
-        else:  # a full-width rule would be PIPE_WIDTH characters of dashes
-            self.print(Rule(title, **kwargs), width=_RULE_WIDTH)
+        else:  # a full-width rule would be PIPE_WIDTH characters of dashes; a long title is never cut
+            plain_title = Text.from_markup(title).plain if isinstance(title, str) else str(title)
+            self.print(Rule(title, **kwargs), width=max(_RULE_WIDTH, cell_len(plain_title) + 8))
 
 
 def _fit_title(table: Table) -> None:
