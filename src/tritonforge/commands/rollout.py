@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 from rich.table import Table
 from typer.core import TyperGroup
@@ -40,11 +39,11 @@ class _RolloutGroup(TyperGroup):
     """``rollout start|status|pause|resume|abort``; the older ``rollout MODEL --to V`` and ``rollout MODEL
     --pause|--resume|--abort|--status`` still work, each with one deprecation line on stderr."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and not args[0].startswith("-"):
             modes = [a for a in args if a in _LEGACY_MODES]
             if len(modes) > 1:
-                raise click.UsageError(f"give at most one of {', '.join(modes)}")
+                raise _fail(ValueError(f"give at most one of {', '.join(modes)}"))
             verb = _LEGACY_MODES[modes[0]] if modes else "start"
             rest = [a for a in args if a not in _LEGACY_MODES]
             shown = modes[0] if modes else "MODEL --to V"

@@ -33,6 +33,7 @@ __all__ = [
     "StatePaths",
     "Thresholds",
     "read_heartbeat",
+    "rollouts_in",
     "state_paths",
 ]
 
@@ -221,6 +222,23 @@ def load_state(repo: str | os.PathLike[str], model: str) -> RolloutState | None:
         raise RolloutError(
             f"{path}: unreadable rollout state ({exc}); fix or remove it", model=model
         ) from exc
+
+
+def rollouts_in(repo: str | os.PathLike[str]) -> dict[str, RolloutState]:
+    """Every rollout in progress in ``repo``: model name -> its state (unreadable states left out)."""
+    root = Path(repo)
+    found: dict[str, RolloutState] = {}
+    if not root.is_dir():
+        return found
+    for path in sorted(root.glob(f"{STATE_PREFIX}*.json")):
+        model = path.name[len(STATE_PREFIX) : -len(".json")]
+        if ".stats-" in model:
+            continue
+        with contextlib.suppress(RolloutError):
+            state = load_state(root, model)
+            if state is not None:
+                found[model] = state
+    return found
 
 
 def save_state(repo: str | os.PathLike[str], state: RolloutState) -> None:
