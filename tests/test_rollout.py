@@ -302,8 +302,10 @@ def test_rollout_killed_controller_is_told_dead_recorded_as_a_crash_and_resumed_
     # both arms, which is not the candidate's fault; resume loads it again before it judges anything
     server.unload_model("crashed__rollout")
     _wait_for(lambda: not server.is_model_ready("crashed__rollout"), 30)
-    outcome = Rollout(repo, server.grpc_url, "crashed").resume()
+    with Load(server.grpc_url, "crashed") as lost:
+        outcome = Rollout(repo, server.grpc_url, "crashed").resume()
     assert outcome.result == "promoted", outcome
+    assert lost.ok > 20  # (calls before the twin was back failed: the point of loading it with the model)
     assert _serves(repo, "crashed") == [2]
     crash = _events(repo, "crashed", "rollout-crash")[-1]
     assert crash["pid"] == proc.pid and crash["phase"] == "running" and crash["last_beat"]
