@@ -1,21 +1,23 @@
 """Loading a model on a running server and waiting until it serves what we need.
 
-One helper, :func:`load_and_wait`, for every model change a rollout or a live promote makes: it asks the
-server to load (reload) the model, and whatever the server's model-control mode, returns once a condition
-holds. A server in ``poll`` or ``none`` mode refuses explicit loads (it picks changes up itself, or not at
+One helper, :func:`load_and_wait`, for every model change a rollout, an evaluation or a live promote
+makes: it asks the server to load (reload) the model, and whatever the server's model-control mode,
+returns once a condition holds. :class:`ServerView` is what the rollout controller asks of the server.
+A server in ``poll`` or ``none`` mode refuses explicit loads (it picks changes up itself, or not at
 all); that refusal is told apart from a real failure in one place, :func:`request_load`, and surfaces as
 :class:`NoModelControl` instead of callers sniffing the message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
 
 from tritonforge.errors import ClientError, RolloutError
 
-__all__ = ["NoModelControl", "load_and_wait", "request_load"]
+__all__ = ["NoModelControl", "ServerView", "load_and_wait", "request_load"]
 
 # Triton's answer to a load/unload request when its model control is not explicit (poll and none modes)
 _NOT_EXPLICIT = "explicit model load / unload is not allowed"
@@ -77,3 +79,87 @@ def load_and_wait(
         f"'{model}' did not become ready{where} within {timeout_s:g} s" + (f"; {then}" if then else ""),
         model=model,
     )
+
+
+class ServerView:
+    """What a rollout asks of the server at ``url``, on one lazily opened client: readiness of a model
+    (version), whether a model is served by a config carrying a parameter, waiting for a restarting
+    server, loading with :func:`load_and_wait`, unloading.
+
+    ``then``: what the operator runs when a wait times out (put in the error); ``on_wait``: called while
+    waiting for the server (the controller beats its heartbeat).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        auth: Any = None,
+        timeout_s: float = 120.0,
+        then: str = "",
+        on_wait: Callable[[], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.auth = auth
+        self.timeout_s = timeout_s
+        self.then = then
+        self.on_wait = on_wait or (lambda: None)
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from tritonforge.client import Client
+
+            self._client = Client(self.url, metrics=False, auth=self.auth)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def ready(self, model: str, version: int | None = None) -> bool:
+        """Whether ``model`` (``version``) is ready; False when the server can't say (e.g. it is down)."""
+        try:
+            return bool(self.client.is_model_ready(model, version))
+        except ClientError:
+            return False
+
+    def served_with(self, model: str, parameter: str) -> bool | None:
+        """Whether the config ``model`` is served with carries ``parameter``; None when it isn't served."""
+        try:
+            config = self.client.model_config(model)
+        except ClientError:
+            return None
+        return parameter in config.parameters
+
+    def wait_ready(self) -> None:
+        """Until the server answers ready (a restarting one).
+
+        Raises:
+            RolloutError: not ready within the timeout.
+        """
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                if self.client.is_server_ready():
+                    return
+            except ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise RolloutError(
+                    f"the server at {self.url} is not ready after {self.timeout_s:g} s"
+                    + (f"; {self.then}" if self.then else "")
+                )
+            self.on_wait()
+            time.sleep(0.5)
+
+    def load(self, model: str, done: Callable[[], bool]) -> bool:
+        """:func:`load_and_wait` on this server."""
+        return load_and_wait(self.client, model, done, timeout_s=self.timeout_s, url=self.url, then=self.then)
+
+    def unload(self, model: str) -> None:
+        """Unload ``model`` where the server takes the request (nothing to do under poll or none mode)."""
+        with contextlib.suppress(ClientError):
+            self.client.unload_model(model)
