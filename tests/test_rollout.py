@@ -410,6 +410,20 @@ def _one_model_repo(tmp_path: Path) -> Path:
     return root
 
 
+def _restart_killed(server: EmbeddedServer, root: Path, options: dict) -> EmbeddedServer:
+    """SIGKILL the whole server (its process group: Triton and the model stubs), then start it again on
+    the same ports, in the mode ``options`` give; returns once it is ready."""
+    ports = {
+        "grpc_port": server.grpc_port,
+        "http_port": server.http_port,
+        "metrics_port": server.metrics_port,
+    }
+    assert server.pid is not None
+    os.killpg(server.pid, signal.SIGKILL)
+    server.stop()
+    return EmbeddedServer(root, **ports, **options).start()
+
+
 _MODES: dict[str, dict] = {
     "explicit": {"model_control": "explicit", "load_models": ["k"]},  # as the docs show: no twin named
     "poll": {"model_control": "poll", "poll_interval_s": 1},
@@ -429,11 +443,6 @@ def test_rollout_survives_a_whole_server_sigkill_with_zero_failed_requests_once_
     first = EmbeddedServer(root, **options).start()
     second = None
     try:
-        ports = {
-            "grpc_port": first.grpc_port,
-            "http_port": first.http_port,
-            "metrics_port": first.metrics_port,
-        }
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             rollout = Rollout(root, first.grpc_url, "k", ready_timeout_s=60)
             running = pool.submit(
@@ -448,9 +457,7 @@ def test_rollout_survives_a_whole_server_sigkill_with_zero_failed_requests_once_
                 lambda: ((s := load_state(root, "k")) is not None and s.phase == "running") or running.done()
             )
             assert not running.done(), running.result()
-            os.killpg(first.pid, signal.SIGKILL)
-            first.stop()
-            second = EmbeddedServer(root, **ports, **options).start()
+            second = _restart_killed(first, root, options)
             assert second.is_model_ready("k__rollout", 1) and second.is_model_ready("k__rollout", 2)
             with Load(second.grpc_url, "k") as load:
                 outcome = running.result(timeout=120)
@@ -472,11 +479,6 @@ def test_rollout_split_serves_with_zero_failed_requests_after_the_machine_restar
     first = EmbeddedServer(root, **_MODES["explicit"]).start()
     second = None
     try:
-        ports = {
-            "grpc_port": first.grpc_port,
-            "http_port": first.http_port,
-            "metrics_port": first.metrics_port,
-        }
         start = _cli(
             "rollout", "start", "k", "--to", "2", "--url", first.grpc_url, "--repo", str(root),
             "--steps", "50,100", "--hold-s", "60", "--min-requests", "10",
@@ -486,10 +488,8 @@ def test_rollout_split_serves_with_zero_failed_requests_after_the_machine_restar
             _wait_for(lambda: (s := load_state(root, "k")) is not None and s.phase == "running")
         finally:
             proc.kill()
-            os.killpg(first.pid, signal.SIGKILL)
             proc.wait()
-        first.stop()
-        second = EmbeddedServer(root, **ports, **_MODES["none"]).start()
+        second = _restart_killed(first, root, _MODES["none"])
         with Load(second.grpc_url, "k") as load:
             time.sleep(3.0)
         assert load.failures == [] and load.ok > 20
