@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tritonforge.errors import ClientError, RolloutError
+from tritonforge.errors import ClientError, RolloutError, TransportError
 
 __all__ = ["NoModelControl", "ServerView", "load_and_wait", "request_load"]
 
@@ -156,8 +156,18 @@ class ServerView:
             time.sleep(0.5)
 
     def load(self, model: str, done: Callable[[], bool]) -> bool:
-        """:func:`load_and_wait` on this server."""
-        return load_and_wait(self.client, model, done, timeout_s=self.timeout_s, url=self.url, then=self.then)
+        """:func:`load_and_wait` on this server; a server that went away meanwhile (restarting) is waited
+        for and asked again, within the timeout."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return load_and_wait(
+                    self.client, model, done, timeout_s=self.timeout_s, url=self.url, then=self.then
+                )
+            except RolloutError as exc:
+                if not isinstance(exc.__cause__, TransportError) or time.monotonic() > deadline:
+                    raise
+            self.wait_ready()
 
     def unload(self, model: str) -> None:
         """Unload ``model`` where the server takes the request (nothing to do under poll or none mode)."""
