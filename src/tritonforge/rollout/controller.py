@@ -268,4 +268,7 @@ class Rollout(Driver):
             )
         with controller_lock(self.repo, self.model):
             state = self._require_state()
-            return self._end(state, reason, None, cause="abort")
+            try:
+                return self._end(state, reason, None, cause="abort")
+            finally:
+                self.server.close()
