@@ -660,3 +660,21 @@ def test_rollout_answers_from_stable_when_the_candidate_is_later_than_its_timeou
         evidence["candidate_timeouts"] >= 1 and evidence["candidate_timeouts"] == evidence["candidate_errors"]
     )
     _left_clean(repo, server, "late")
+
+
+def test_rollout_old_flag_forms_still_work_with_one_deprecation_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from tritonforge.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["rollout", "clf", "--status", "--repo", str(tmp_path)])
+    assert result.exit_code == 0 and "no rollout of clf in progress" in result.stdout
+    assert result.stderr.strip().splitlines() == [
+        "deprecated: `tritonforge rollout --status` is now `tritonforge rollout status MODEL ...`; the old "
+        "form goes in the next release"
+    ]
+    resumed = runner.invoke(app, ["rollout", "resume", "clf", "--repo", str(tmp_path)])
+    assert resumed.exit_code == 1 and "no rollout of 'clf' is in progress" in resumed.stderr
+    both = runner.invoke(app, ["rollout", "clf", "--pause", "--abort"])
+    assert both.exit_code == 1 and "give at most one of --pause, --abort" in both.stderr
