@@ -426,12 +426,14 @@ def _restart_killed(server: EmbeddedServer, root: Path, options: dict) -> Embedd
 
 _MODES: dict[str, dict] = {
     "explicit": {"model_control": "explicit", "load_models": ["k"]},  # as the docs show: no twin named
+    # a plain tritonserver command line: nothing reads the splitter's load-with parameter
+    "explicit-raw": {"model_control": "explicit", "extra_args": ["--load-model=k"]},
     "poll": {"model_control": "poll", "poll_interval_s": 1},
     "none": {},
 }
 
 
-@pytest.mark.parametrize("mode", ["explicit", "poll"])
+@pytest.mark.parametrize("mode", ["explicit", "explicit-raw", "poll"])
 def test_rollout_survives_a_whole_server_sigkill_with_zero_failed_requests_once_the_server_is_ready(
     tmp_path, mode
 ):
@@ -458,7 +460,8 @@ def test_rollout_survives_a_whole_server_sigkill_with_zero_failed_requests_once_
             )
             assert not running.done(), running.result()
             second = _restart_killed(first, root, options)
-            assert second.is_model_ready("k__rollout", 1) and second.is_model_ready("k__rollout", 2)
+            if mode != "explicit-raw":  # there the splitter's first request loads it
+                assert second.is_model_ready("k__rollout", 1) and second.is_model_ready("k__rollout", 2)
             with Load(second.grpc_url, "k") as load:
                 outcome = running.result(timeout=120)
         assert load.failures == [] and load.ok > 20
@@ -472,9 +475,13 @@ def test_rollout_survives_a_whole_server_sigkill_with_zero_failed_requests_once_
             second.stop()
 
 
-def test_rollout_split_serves_with_zero_failed_requests_after_the_machine_restarts_in_none_mode(tmp_path):
+@pytest.mark.parametrize("mode", ["none", "explicit-raw"])
+def test_rollout_split_serves_with_zero_failed_requests_after_the_machine_restarts_without_a_controller(
+    tmp_path, mode
+):
     """Server and controller killed at once; the server comes back in none mode (every model of the
-    repository loaded at start, so the twin too): the split answers every request once it is ready."""
+    repository loaded at start, so the twin too), or from a plain command line in explicit mode naming only
+    the model (the splitter's first request loads its twin): the split answers every request once ready."""
     root = _one_model_repo(tmp_path)
     first = EmbeddedServer(root, **_MODES["explicit"]).start()
     second = None
@@ -489,9 +496,11 @@ def test_rollout_split_serves_with_zero_failed_requests_after_the_machine_restar
         finally:
             proc.kill()
             proc.wait()
-        second = _restart_killed(first, root, _MODES["none"])
+        second = _restart_killed(first, root, _MODES[mode])
         with Load(second.grpc_url, "k") as load:
-            time.sleep(3.0)
+            _wait_for(
+                lambda: load.ok > 20 or bool(load.failures), 30
+            )  # explicit-raw: the first wait for the twin
         assert load.failures == [] and load.ok > 20
         assert _status(root, "k")["controller"]["alive"] is False
     finally:

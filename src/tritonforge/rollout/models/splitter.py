@@ -8,7 +8,8 @@ candidate fails or answers later than ``candidate_timeout_ms`` the app gets stab
 candidate costs no failed requests. In the *shadow* step (``"shadow": true`` in the state) the app always
 gets stable's answer: the candidate only sees mirrored traffic. A candidate call counts as the
 candidate's error only when stable answered the same request (both failing is the server's trouble, not
-the candidate's). Per-arm counts, errors, a latency histogram and the agreement counts are written
+the candidate's). A server restarted in explicit mode without the twin gets it loaded by the splitter's first
+request. Per-arm counts, errors, a latency histogram and the agreement counts are written
 (atomically) to a stats file per instance beside the state file for the controller to judge.
 Needs numpy only.
 """
@@ -76,6 +77,7 @@ class TritonPythonModel:
         self.agreed = 0
         self.disagreements = []
         self.written_at = 0.0
+        self.twin_checked = False
         self._read_state(force=True)
 
     def _read_state(self, force=False):
@@ -114,9 +116,25 @@ class TritonPythonModel:
 
     async def execute(self, requests):
         self._read_state()
+        if not self.twin_checked:
+            self._load_twin()
         responses = await asyncio.gather(*[self._answer(r) for r in requests])
         self._write_stats()
         return responses
+
+    def _load_twin(self):
+        """A server (re)started in explicit mode with only the model's name loaded has no twin: load it
+        before the first answer, so the first requests wait for it instead of failing. Once per instance,
+        and only while the rollout runs (never while the controller takes the split down). Servers in poll
+        or none mode load the twin themselves and refuse the request, which is fine."""
+        self.twin_checked = True
+        if self.state.get("phase") not in ("preparing", "running", "paused"):
+            return
+        try:
+            if not pb_utils.is_model_ready(self.target):
+                pb_utils.load_model(self.target)
+        except Exception:
+            pass  # the controller (or `rollout resume`) loads it, and says so if it can't
 
     async def _answer(self, request):
         try:
