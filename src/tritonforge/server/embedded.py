@@ -51,15 +51,18 @@ _RESTRICTED_SPEC = re.compile(r"^(?P<protocols>[a-z-]+(?:,[a-z-]+)*):(?P<key>[^=
 LOAD_WITH = "tritonforge_load_with"
 
 
-def load_with(repositories: Sequence[Path], names: Sequence[str]) -> list[str]:
+def load_with(repositories: Sequence[Path | str], names: Sequence[str]) -> list[str]:
     """``names`` and, before each, the companions its config names in :data:`LOAD_WITH` (a rollout's
-    splitter and its twin: in explicit mode one without the other answers nothing)."""
+    splitter and its twin: in explicit mode one without the other answers nothing). Only local
+    repositories (paths) are read; a remote one's configs are Triton's to read."""
     from tritonforge.config import read_config
     from tritonforge.errors import TritonForgeError
 
     chosen: list[str] = []
     for name in names:
         for repo in repositories:
+            if not isinstance(repo, Path):
+                continue
             config_file = repo / name / "config.pbtxt"
             if name == "*" or not config_file.is_file():
                 continue
