@@ -23,7 +23,6 @@ RENAMING = ROOT / "src" / "tritonforge" / "commands" / "_renamed.py"
 
 # Verbs other branches are reshaping: the lead removes each entry once that branch has landed.
 PENDING: dict[str, str] = {
-    "rollout": "becomes `rollout start|status|pause|resume|abort` with --hold-s (the rollout branch)",
     "deploy": "renames its own options, e.g. --canary-hold, --levels (the deploy branch)",
 }
 PENDING_ACCESS: dict[str, str] = {

@@ -3,6 +3,7 @@ evaluation gates and the audit trail."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 from pathlib import Path
@@ -14,7 +15,7 @@ from typer.core import TyperGroup
 
 from tritonforge.commands import err_console, fail
 from tritonforge.commands._output import make_console, print_json
-from tritonforge.commands._renamed import renamed
+from tritonforge.commands._renamed import deprecated, renamed
 from tritonforge.commands.access import with_access
 from tritonforge.errors import TritonForgeError
 
@@ -32,7 +33,6 @@ class OnSignal(str, enum.Enum):
 
 
 _LEGACY_MODES = {"--pause": "pause", "--resume": "resume", "--abort": "abort", "--status": "status"}
-_LEGACY_OPTIONS = {"--hold": "--hold-s", "--max-hold": "--max-hold-s"}
 
 
 class _RolloutGroup(TyperGroup):
@@ -47,13 +47,9 @@ class _RolloutGroup(TyperGroup):
             verb = _LEGACY_MODES[modes[0]] if modes else "start"
             rest = [a for a in args if a not in _LEGACY_MODES]
             shown = modes[0] if modes else "MODEL --to V"
-            _deprecated(f"`tritonforge rollout {shown}`", f"`tritonforge rollout {verb} MODEL ...`")
+            deprecated(f"tritonforge rollout {shown}", f"tritonforge rollout {verb} MODEL ...")
             args = [verb, *rest]
         return super().parse_args(ctx, args)
-
-
-def _deprecated(old: str, new: str) -> None:
-    err_console.print(f"deprecated: {old} is now {new}; the old form goes in the next release")
 
 
 rollout_app = typer.Typer(
@@ -78,14 +74,22 @@ _ON_SIGNAL = typer.Option(
 )
 
 
-def _driver(model: str, url: str, repo: Path, access: object, on_signal: OnSignal = OnSignal.pause) -> Any:
+def _driver(
+    model: str,
+    url: str,
+    repo: Path,
+    access: object,
+    on_signal: OnSignal = OnSignal.pause,
+    as_json: bool = False,
+) -> Any:
     from tritonforge.rollout import Rollout
 
+    out = err_console if as_json else console  # with --json, stdout holds the JSON alone
     return Rollout(
         repo,
         url,
         model,
-        on_event=lambda line: console.print(line, highlight=False, soft_wrap=True, markup=False),
+        on_event=lambda line: out.print(line, highlight=False, soft_wrap=True, markup=False),
         auth=access,  # type: ignore[arg-type]
         on_signal=on_signal.value,
         continue_hint=f"tritonforge rollout resume {model} --repo {repo} --url {url}",
@@ -93,6 +97,7 @@ def _driver(model: str, url: str, repo: Path, access: object, on_signal: OnSigna
 
 
 @rollout_app.command("start")
+@renamed({"--hold": "--hold-s", "--max-hold": "--max-hold-s"})
 @with_access
 def start_command(
     model: str = _MODEL,
@@ -129,8 +134,9 @@ def start_command(
     on_gate_fail: str | None = typer.Option(None, help="A command run when a gate fails (retraining hook)."),
     on_signal: OnSignal = _ON_SIGNAL,
     reason: str | None = typer.Option(None, help="Why (kept in the audit log)."),
-    hold: float | None = typer.Option(None, "--hold", hidden=True),
-    max_hold: float | None = typer.Option(None, "--max-hold", hidden=True),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the outcome as JSON (the event lines go to stderr)."
+    ),
     access: object = None,
 ) -> None:
     """Move MODEL's live traffic to version --to: a shadow step, then the steps, each judged on live evidence;
@@ -138,12 +144,6 @@ def start_command(
     from tritonforge.rollout import Thresholds
     from tritonforge.rollout.gates import check_gates
 
-    if hold is not None:
-        _deprecated("--hold", "--hold-s")
-        hold_s = hold
-    if max_hold is not None:
-        _deprecated("--max-hold", "--max-hold-s")
-        max_hold_s = max_hold
     if to is None:
         raise _fail(ValueError(f"give the candidate version: tritonforge rollout start {model} --to V"))
     try:
@@ -168,7 +168,7 @@ def start_command(
                 hook=on_gate_fail,
                 action="rollout",
             )
-        outcome = _driver(model, url, repo, access, on_signal).start(
+        outcome = _driver(model, url, repo, access, on_signal, as_json).start(
             to,
             steps=_steps(steps),
             hold_s=hold_s,
@@ -179,7 +179,7 @@ def start_command(
         )
     except (TritonForgeError, ValueError) as exc:
         raise _fail(exc) from None
-    _finish(outcome)
+    _finish(outcome, as_json)
 
 
 @rollout_app.command("status")
@@ -238,12 +238,21 @@ def status_command(
 
 @rollout_app.command("pause")
 @with_access
-def pause_command(model: str = _MODEL, url: str = _URL, repo: Path = _REPO, access: object = None) -> None:
+def pause_command(
+    model: str = _MODEL,
+    url: str = _URL,
+    repo: Path = _REPO,
+    as_json: bool = typer.Option(False, "--json", help="Print the request as JSON."),
+    access: object = None,
+) -> None:
     """Hold MODEL's rollout at its current step until `rollout resume`."""
     try:
         _driver(model, url, repo, access).pause()
     except TritonForgeError as exc:
         raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps({"model": model, "result": "pause requested"}))
+        return
     console.print(
         f"{model}: pause requested; continue with `tritonforge rollout resume {model}`", markup=False
     )
@@ -256,14 +265,17 @@ def resume_command(
     url: str = _URL,
     repo: Path = _REPO,
     on_signal: OnSignal = _ON_SIGNAL,
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the outcome as JSON (the event lines go to stderr)."
+    ),
     access: object = None,
 ) -> None:
     """Carry on MODEL's paused or interrupted rollout (the split is loaded again first)."""
     try:
-        outcome = _driver(model, url, repo, access, on_signal).resume()
+        outcome = _driver(model, url, repo, access, on_signal, as_json).resume()
     except TritonForgeError as exc:
         raise _fail(exc) from None
-    _finish(outcome)
+    _finish(outcome, as_json)
 
 
 @rollout_app.command("abort")
@@ -273,18 +285,29 @@ def abort_command(
     url: str = _URL,
     repo: Path = _REPO,
     reason: str | None = typer.Option(None, help="Why (kept in the audit log)."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the outcome as JSON (the event lines go to stderr)."
+    ),
     access: object = None,
 ) -> None:
     """Roll MODEL's rollout back now: all traffic to stable, the model as it was."""
     try:
-        outcome = _driver(model, url, repo, access).abort(reason or "aborted by operator")
+        outcome = _driver(model, url, repo, access, as_json=as_json).abort(reason or "aborted by operator")
     except TritonForgeError as exc:
         raise _fail(exc) from None
-    _finish(outcome)
+    _finish(outcome, as_json)
 
 
-def _finish(outcome: Any) -> None:
-    """The verdicts, then one line; exit 2 for a breach, 128+N when signal N paused the controller."""
+def _finish(outcome: Any, as_json: bool = False) -> None:
+    """The verdicts, then one line (or the outcome as JSON); exit 2 for a breach, 128+N when signal N
+    paused the controller."""
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(outcome), indent=2, sort_keys=True, default=str))
+        if outcome.result == "rolled_back":
+            raise typer.Exit(code=2)
+        if outcome.result == "paused" and outcome.signal is not None:
+            raise typer.Exit(code=128 + int(outcome.signal))
+        return
     _print_verdicts(outcome)
     model = outcome.model
     if outcome.result == "rolled_back":
