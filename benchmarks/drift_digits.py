@@ -11,7 +11,10 @@ the manifest. Then ``tritonforge.observe.drift.compare`` judges, each with the m
 - writers: a different writer population — the digits carry no writer ids, so it is approximated by
   style: within each digit, the held-out images are split in two by k-means (k=2) and only one style
   cluster is sent (the cluster further from the reference's mean image of that digit);
-- classes: only the digits 0-4 (the same writers and scanner, a different class mix).
+- classes: only the digits 0-4 (the same writers and scanner, a different class mix);
+- priors: every digit still present, 0s and 1s three times as frequent (a milder class-prior shift);
+- rotation: each image rotated by 10-20 degrees either way (scipy.ndimage.rotate, bilinear);
+- stroke: a thicker pen (grey dilation over 2x2 neighbourhoods).
 
 Printed: per scenario, the share of seeds flagged (detection rate; for "clean" the false-positive rate),
 the mean number of drifted features, and the median largest PSI.
@@ -63,12 +66,41 @@ def _classes(x, y, ref_x, ref_y, rng):  # type: ignore[no-untyped-def]
     return x[keep], y[keep]
 
 
+def _priors(x, y, ref_x, ref_y, rng):  # type: ignore[no-untyped-def]
+    # every class still present, but 0s and 1s are three times as frequent as the others
+    weight = np.where(y < 2, 3.0, 1.0)
+    keep = rng.choice(len(y), size=len(y), replace=True, p=weight / weight.sum())
+    return x[keep], y[keep]
+
+
+def _rotation(x, y, ref_x, ref_y, rng):  # type: ignore[no-untyped-def]
+    from scipy.ndimage import rotate
+
+    angles = rng.uniform(10, 20, len(x)) * rng.choice([-1, 1], len(x))
+    images = [
+        rotate(img.reshape(8, 8), a, reshape=False, order=1, mode="constant")
+        for img, a in zip(x, angles, strict=True)
+    ]
+    return np.clip(np.array(images).reshape(len(x), 64), 0, 16), y
+
+
+def _stroke(x, y, ref_x, ref_y, rng):  # type: ignore[no-untyped-def]
+    from scipy.ndimage import grey_dilation
+
+    # a thicker pen: each pixel takes the brightest of itself and its right/lower neighbour
+    images = [grey_dilation(img.reshape(8, 8), size=(2, 2)) for img in x]
+    return np.array(images).reshape(len(x), 64), y
+
+
 SHIFTS: dict[str, Shift] = {
     "clean": lambda x, y, rx, ry, rng: (x, y),
     "brightness": _brightness,
     "noise": _noise,
     "writers": _writers,
     "classes": _classes,
+    "priors": _priors,
+    "rotation": _rotation,
+    "stroke": _stroke,
 }
 
 

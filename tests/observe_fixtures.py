@@ -4,6 +4,8 @@ knob    x[N, 2] FP32 -> y = x; a row's x[0] is a delay in ms, x[1] > 0 makes the
         (a Python model: the test makes it slow or failing at will)
 steady  the same code, only ever sent zeros by the tests (the healthy model that must stay quiet)
 mlp     x[N, 8] FP32 -> probs[N, 3], dynamic batching with a queue delay (batch sizes > 1)
+knob_routed  a routed pipeline (the compiler's BLS Python router) calling knob: a failing knob makes the
+        router answer an error, the way a pipeline's Python step fails
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import tiny_models
 from tiny_models import spec as _spec
 from tritonforge.config import DataType, ModelConfig
+from tritonforge.ensemble import compile_specs
 from tritonforge.repository import add_model
 
 KNOB_PY = """
@@ -56,7 +59,21 @@ def build_observe_repository(root: Path) -> Path:
     add_model(
         repo, "mlp", tiny_models.mlp_onnx(work / "mlp.onnx"), max_batch_size=32, max_queue_delay_us=20_000
     )
+    spec = work / "knob_routed.yaml"
+    spec.write_text(ROUTED_SPEC)
+    compile_specs([spec], repo)
     return repo
+
+
+ROUTED_SPEC = """
+name: knob_routed
+max_batch_size: 8
+inputs:
+  - {name: x, dtype: FP32, dims: [2]}
+outputs: [y]
+route:
+  - model: knob
+"""
 
 
 def knob_input(*, delay_ms: float = 0.0, fail: bool = False, rows: int = 1) -> dict[str, np.ndarray]:

@@ -127,3 +127,81 @@ def test_encoder_versions_answer_through_triton_like_their_artifact(
 def test_rebuilding_the_encoder_is_skipped(minilm_repo, minilm_tool):
     steps = minilm_tool.build(minilm_repo)
     assert [(s.status, s.version) for s in steps] == [("SKIPPED", 1), ("SKIPPED", 2)]
+
+
+# -- text drift: the build's profile of the text pipeline, judged on traffic through the real server ------
+
+
+def _drift_text():  # the benchmark's sentence sets (in-domain unseen, the stdlib's docstrings)
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import drift_text
+
+    return drift_text
+
+
+def test_the_build_profiles_the_text_pipeline_with_a_held_out_vocabulary_check(minilm_repo):
+    from tritonforge.observe.drift import read_profile
+
+    for version in (1, 2):
+        ref = read_profile(minilm_repo, "minilm_encoder", version)
+        assert ref.model == "text_embedding" and ref.version == str(version)
+        assert {"TEXT:tokens", "TEXT:chars", "TEXT:oov", "EMBEDDING:norm"} <= set(ref.features)
+        assert len(ref.embeddings["EMBEDDING"]) == 256 and len(ref.embeddings["EMBEDDING"][0]) == 384
+        # measured on sentences the vocabulary was not built from, so it is not 0 (it could never move)
+        assert ref.features["TEXT:oov"].mean > 0
+
+
+def test_text_drift_flags_other_domain_sentences_sent_through_the_pipeline_and_not_unseen_in_domain_ones(
+    example_repo, tmp_path
+):
+    from cli_runner import run_tritonforge
+    from tritonforge.client import Client, RetryPolicy
+    from tritonforge.observe.drift import PROFILE_FILE
+    from tritonforge.observe.sampler import Sampler
+
+    drift_text = _drift_text()
+    profile = example_repo / "minilm_encoder" / "1" / PROFILE_FILE
+    sets = {"clean": drift_text.in_domain(120, 0), "other": drift_text.other_domain(120, 0)}
+    with EmbeddedServer(example_repo, model_control="explicit", load_models=["text_embedding"]) as server:
+        for name, texts in sets.items():
+            with (
+                Sampler(tmp_path / name, share=1.0, seed=0) as sampler,
+                Client(server.grpc_url, retry=RetryPolicy.none(), metrics=False, hooks=[sampler]) as client,
+            ):
+                for start in range(0, len(texts), 10):
+                    rows = np.array([[t.encode()] for t in texts[start : start + 10]], dtype=object)
+                    client.infer("text_embedding", {"TEXT": rows})
+    verdicts = {}
+    for name in sets:
+        done = run_tritonforge(
+            "drift",
+            "--store",
+            str(tmp_path / name),
+            "--model",
+            "text_embedding",
+            "--profile",
+            str(profile),
+            "--json",
+        )
+        verdicts[name] = (done.returncode, json.loads(done.stdout))
+    assert verdicts["clean"][0] == 0 and verdicts["clean"][1]["verdict"] == "no drift", verdicts["clean"]
+    code, report = verdicts["other"]
+    assert code == 1 and report["verdict"] == "drifted"
+    moved = {f["feature"] for f in report["features"] if f["drifted"]}
+    assert {"EMBEDDING:mmd", "TEXT:oov"} <= moved, moved
+
+
+def test_text_drift_false_positives_on_unseen_in_domain_sentences_stay_at_alpha(minilm_repo):
+    from tritonforge.observe.drift import read_profile
+
+    drift_text = _drift_text()
+    ref = read_profile(minilm_repo, "minilm_encoder", 1)
+    model_file = minilm_repo / "minilm_encoder" / "1" / "model.onnx"
+    flagged = [
+        drift_text.judge(ref, model_file, drift_text.in_domain(100, trial), 0.01, 0.1).drifted
+        for trial in range(10)
+    ]
+    assert sum(flagged) <= 1, flagged  # benchmarks/drift_text.py measures the rate over more trials

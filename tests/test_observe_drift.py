@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tritonforge.client import Client, RetryPolicy
-from tritonforge.errors import ClientError
+from tritonforge.errors import ClientError, ObserveError
 from tritonforge.observe.drift import (
     PROFILE_FILE,
     DriftError,
@@ -249,3 +249,148 @@ def test_build_digits_stores_a_profile_of_its_verification_split_beside_the_mani
     assert ref.rows == len(x_test) and ref.version == "1"
     assert ref.features["input[36]"].mean == pytest.approx(float(x_test[:, 36].mean()), rel=1e-6)
     assert {f"probabilities[{i}]" for i in range(10)} <= set(ref.features)
+
+
+# -- every feature can move; nothing malformed reads as "no drift" -----------------------------------------
+
+
+def test_every_single_pixel_drift_is_flagged_and_no_other_pixel_is(digits: dict) -> None:
+    ref = read_profile(digits["repo"], "digits_logreg")
+    mostly_zero = [i for i in range(64) if (digits["x_ref"][:, i] == 0).mean() >= 0.9]
+    assert len(mostly_zero) >= 10  # the pixels a deciles-only binning left with one bin (PSI always 0)
+    for i in range(64):
+        x = digits["x_held"].copy()
+        x[:, i] = np.clip(x[:, i] + 4, 0, 16)
+        report = compare(ref, {"input": x})
+        assert [f.feature for f in report.moved if f.role == "input"] == [f"input[{i}]"], i
+        assert report.verdict == "drifted"
+
+
+def test_a_point_mass_gets_its_own_bin_so_a_constant_that_changes_moves_psi() -> None:
+    ref = profile({"c": np.full((200, 1), 3.0), "z": np.where(np.arange(200) < 190, 0.0, 5.0)[:, None]})
+    assert psi(ref.features["c"].edges, ref.features["c"].shares, np.full(50, 4.0)) > 1
+    z = ref.features["z"]
+    assert len(z.shares) >= 3 and max(z.shares) == pytest.approx(0.95)
+    assert psi(z.edges, z.shares, np.full(50, 0.5)) > 1  # a zero pixel that turned faintly grey
+
+
+def _store_with_files(root: Path, x: np.ndarray, *extra: dict[str, np.ndarray]) -> SampleStore:
+    store = SampleStore(root)
+    store.write("digits_logreg", None, [{"ts": 1.0, "input": row.tolist()} for row in x])
+    for tensors in extra:
+        rows = len(next(iter(tensors.values())))
+        store.write(
+            "digits_logreg",
+            None,
+            [{"ts": 2.0, **{k: v[i].tolist() for k, v in tensors.items()}} for i in range(rows)],
+        )
+    return store
+
+
+def test_sample_files_of_the_wrong_width_or_lacking_a_tensor_make_the_verdict_incomplete(
+    digits: dict, tmp_path: Path
+) -> None:
+    ref = read_profile(digits["repo"], "digits_logreg")
+    x = digits["x_held"]
+    store = _store_with_files(tmp_path / "s", x, {"input": x[:10, :63]}, {"other": np.zeros((5, 2))})
+    samples = store.read("digits_logreg")
+    assert len(samples.problems) == 2 and samples.rows == len(x)
+    assert "10 row(s) of 'input' are 63 wide, not 64" in samples.problems[0]
+    assert "lacks tensor(s) input" in samples.problems[1]
+    report = compare(ref, samples.tensors, problems=samples.problems)
+    assert report.verdict == "incomplete" and not report.complete and report.as_dict()["drifted"] is False
+    with pytest.raises(ObserveError, match="2 sample file"):
+        store.load("digits_logreg")  # the strict reader refuses rather than judge fewer rows
+
+
+def test_drift_exits_3_incomplete_naming_each_bad_file_and_2_for_nan_thresholds(
+    digits: dict, tmp_path: Path
+) -> None:
+    store = _store_with_files(tmp_path / "s", digits["x_held"])
+    folder = store.root / "digits_logreg" / "default"
+    (folder / "part-00000000000000000009-1.parquet").write_bytes(b"")
+    (folder / "part-00000000000000000010-1.parquet").write_bytes(b"PAR1 not parquet")
+    store.write("digits_logreg", None, [])  # a file with no rows
+    repo = str(digits["repo"])
+    done = _drift("--store", str(store.root), "--repo", repo, "--model", "digits_logreg", "--json")
+    assert done.returncode == 3, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["verdict"] == "incomplete" and len(report["problems"]) == 3
+    joined = " ".join(report["problems"])
+    assert "empty (0 bytes)" in joined and "not a readable Parquet file" in joined and "no rows" in joined
+    for bad in (["--min-psi", "nan"], ["--alpha", "nan"], ["--min-psi", "inf"]):
+        done = _drift("--store", str(store.root), "--repo", repo, "--model", "digits_logreg", *bad)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    html = tmp_path / "report-folder"
+    html.mkdir()
+    done = _drift("--store", str(store.root), "--repo", repo, "--model", "digits_logreg", "--html", str(html))
+    assert done.returncode == 2 and "is a folder" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report-folder", "s"]  # no temp file beside it
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda f: f["features"][0].update(shares=[float("nan")] * len(f["features"][0]["shares"])),
+        lambda f: f["features"][0].update(
+            shares=[-1.0]
+            + [2.0 / (len(f["features"][0]["shares"]) - 1)] * (len(f["features"][0]["shares"]) - 1)
+        ),
+        lambda f: f["features"][0].update(edges=list(reversed(f["features"][0]["edges"]))),
+        lambda f: f["features"][0].update(sample=[]),
+        lambda f: f["features"][0].update(mean=float("inf")),
+        lambda f: f["features"][0].update(extra=1),
+        lambda f: f.update(rows=-1),
+        lambda f: f.update(surprise=True),
+        lambda f: f.pop("features"),
+    ],
+    ids=[
+        "nan-shares",
+        "negative-share",
+        "unsorted-edges",
+        "empty-sample",
+        "inf-mean",
+        "unknown-feature-key",
+        "negative-rows",
+        "unknown-key",
+        "no-features",
+    ],
+)
+def test_read_profile_refuses_a_malformed_profile_naming_the_field(
+    digits: dict, tmp_path: Path, edit
+) -> None:  # type: ignore[no-untyped-def]
+    data = json.loads((digits["repo"] / "digits_logreg" / "1" / PROFILE_FILE).read_text())
+    edit(data)
+    path = tmp_path / PROFILE_FILE
+    path.write_text(json.dumps(data))
+    with pytest.raises(DriftError, match="not a valid drift profile"):
+        read_profile(path)
+
+
+def test_profiles_are_readable_like_manifests_and_versions_of_traffic_never_mix(
+    digits: dict, tmp_path: Path
+) -> None:
+    version_dir = digits["repo"] / "digits_logreg" / "1"
+    assert (version_dir / PROFILE_FILE).stat().st_mode & 0o777 == 0o644
+    store = _store_with_files(tmp_path / "s", digits["x_held"][:40])
+    with pytest.raises(ObserveError, match=r"version 1 .*sampled versions: default; 'default' holds calls"):
+        store.read("digits_logreg", "1")
+    store.write("digits_logreg", "1", [{"ts": 3.0, "input": [0.0] * 64}])
+    with pytest.raises(ObserveError, match=r"sampled for versions 1, default in .*: pick one"):
+        store.read("digits_logreg")
+    assert store.read("digits_logreg", "default").rows == 40
+    assert store.read("digits_logreg", "default", since_s=1.5).rows == 0
+
+
+def test_the_missing_profile_hint_names_the_build_that_writes_one_or_says_none_does(digits: dict) -> None:
+    with pytest.raises(DriftError, match=r"this model.s build writes none; call tritonforge\.observe\.drift"):
+        read_profile(digits["repo"], "nope")
+
+
+def test_drift_exits_3_when_no_sample_file_is_usable(digits: dict, tmp_path: Path) -> None:
+    folder = tmp_path / "s" / "digits_logreg" / "default"
+    folder.mkdir(parents=True)
+    (folder / "part-00000000000000000001-1.parquet").write_bytes(b"")
+    done = _drift("--store", str(tmp_path / "s"), "--repo", str(digits["repo"]), "--model", "digits_logreg")
+    assert done.returncode == 3 and "incomplete: none of the 1 sample file(s)" in done.stderr
+    assert done.stderr.count("\n") == 1

@@ -7,6 +7,7 @@ import contextlib
 import json
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +23,7 @@ from tritonforge.errors import ClientError
 from tritonforge.observe import SUMMARY_FLAGS, MetricsError, scrape, snapshot
 from tritonforge.observe.slo import dashboard_queries, load_slo, write
 from tritonforge.server import EmbeddedServer
+from tritonforge.server.runtime import ERROR_RESPONSES
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +108,7 @@ def test_monitor_once_json_lists_every_model_of_both_servers(
     assert {(m["server"], m["model"]) for m in data["models"]} >= {
         (s.metrics_url, model) for s in servers for model in ("knob", "steady", "mlp")
     }
-    assert {t["model"] for t in data["totals"]} == {"knob", "steady", "mlp"}
+    assert {t["model"] for t in data["totals"]} == {"knob", "steady", "mlp", "knob_routed"}
     assert data["summaries"] is True
 
 
@@ -151,6 +153,7 @@ for: 2s
 models:
   knob:   {p99_latency_ms: 1000, error_rate: 0.2}
   steady: {p99_latency_ms: 1000, error_rate: 0.2}
+  knob_routed: {error_rate: 0.2}
 """
 
 
@@ -187,6 +190,9 @@ def test_prometheus_fires_the_slo_alerts_of_a_slow_then_failing_model_and_not_of
                 client.infer("steady", knob_input())
                 with contextlib.suppress(ClientError):
                     client.infer("knob", mode["knob"])
+                if "routed" in mode:
+                    with contextlib.suppress(ClientError):
+                        client.infer("knob_routed", mode["routed"])
                 time.sleep(0.05)
 
     with PrometheusServer({"triton": [target]}, scrape_interval_s=0.5, rule_files=[written["rules"]]) as prom:
@@ -199,6 +205,9 @@ def test_prometheus_fires_the_slo_alerts_of_a_slow_then_failing_model_and_not_of
             mode["knob"] = knob_input(fail=True)
             alerts = _wait_alert(prom, "TritonModelErrorRateHigh", "knob")
             assert not [a for a in alerts if a["labels"]["model"] == "steady"], alerts
+            # a pipeline's Python step (the compiled router) answering errors fires its alert too
+            mode["routed"] = knob_input(fail=True)
+            _wait_alert(prom, "TritonModelErrorRateHigh", "knob_routed")
             # the dashboard's queries are valid PromQL that Prometheus answers for these series
             for model in ("knob", "steady"):
                 for name, expr in dashboard_queries(spec, model, rate_window="5s").items():
@@ -207,6 +216,57 @@ def test_prometheus_fires_the_slo_alerts_of_a_slow_then_failing_model_and_not_of
         finally:
             stop.set()
             thread.join(timeout=30)
+
+
+def _counts(server: EmbeddedServer, model: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as answer:
+        text = answer.read().decode()
+    out = {"nv_inference_request_success": 0.0, "nv_inference_request_failure": 0.0, ERROR_RESPONSES: 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("model") == model and sample.name.removesuffix("_total") in {
+                k.removesuffix("_total") for k in out
+            }:
+                key = next(k for k in out if k.removesuffix("_total") == sample.name.removesuffix("_total"))
+                out[key] += sample.value
+    return out
+
+
+def test_every_error_a_python_step_answers_is_counted_once_alone_or_beside_successes(
+    servers: tuple[EmbeddedServer, EmbeddedServer],
+) -> None:
+    server = servers[1]
+    before = _counts(server, "knob_routed")
+    failed = 0
+    with _client(server) as client:
+        for _ in range(3):  # alone in their execute: raised, so Triton's own counter has them
+            with pytest.raises(ClientError, match="failing on purpose"):
+                client.infer("knob_routed", knob_input(fail=True))
+        failed += 3
+        alone = _counts(server, "knob_routed")
+        assert alone["nv_inference_request_failure"] - before["nv_inference_request_failure"] == 3
+
+        def call(i: int) -> bool:
+            try:
+                client.infer("knob_routed", knob_input(fail=i % 2 == 0, delay_ms=0 if i % 2 == 0 else 30))
+                return True
+            except ClientError:
+                return False
+
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(call, range(64)))
+    failed += outcomes.count(False)
+    assert outcomes.count(False) == 32  # a bad request never fails a good one batched with it
+    after = _counts(server, "knob_routed")
+    counted = sum(after[k] - before[k] for k in ("nv_inference_request_failure", ERROR_RESPONSES))
+    assert counted == failed, (before, after)
+    assert after[ERROR_RESPONSES] > before[ERROR_RESPONSES]  # some answered beside successes
+    total = sum(
+        after[k] - before[k] for k in ("nv_inference_request_success", "nv_inference_request_failure")
+    )
+    assert total == 3 + 64
 
 
 GPU_TEXT = """# TYPE nv_gpu_utilization gauge
@@ -242,3 +302,19 @@ def test_parse_metrics_raises_metrics_error_for_text_that_is_not_prometheus() ->
 
     with pytest.raises(MetricsError, match="not Prometheus exposition format"):
         parse_metrics('nv_inference_count{model="m" 1\n', url="http://x/metrics")
+
+
+def test_every_generated_python_model_carries_the_same_error_accounting() -> None:
+    import re
+
+    from tritonforge.ensemble.blocks import model_file
+    from tritonforge.rollout.controller import SPLITTER
+
+    block = re.compile(r"# -- error accounting .*?# -- end of error accounting", re.S)
+    files = [model_file(k) for k in ("router", "combiner", "impute", "mean_pooling", "tokenizer")]
+    copies = {str(f): block.findall(f.read_text()) for f in [*files, SPLITTER]}
+    assert all(len(found) == 1 for found in copies.values()), copies.keys()
+    assert len({found[0] for found in copies.values()}) == 1, "the copies differ: keep them identical"
+    for f in [*files, SPLITTER]:
+        text = f.read_text()
+        assert "return _settle(" in text and "self.error_counter = _error_counter(args)" in text, f

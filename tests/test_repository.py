@@ -87,7 +87,7 @@ def test_interrupted_add_model_leaves_the_previous_version_servable(tmp_path, ml
     monkeypatch.setattr(shutil, "copy2", crash)
     with pytest.raises(KeyboardInterrupt):
         add_model(repo, "mlp", mlp_file)
-    assert sorted(p.name for p in repo.iterdir()) == ["mlp"]  # no staging folder left behind
+    assert sorted(p.name for p in repo.iterdir()) == ["audit.jsonl", "mlp"]  # no staging folder left behind
     assert sorted(p.name for p in (repo / "mlp").iterdir()) == ["1", "config.pbtxt"]
     assert (repo / "mlp" / "config.pbtxt").read_text() == before
     assert check_repository(repo) == []

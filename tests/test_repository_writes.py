@@ -48,7 +48,7 @@ def test_add_model_stages_beside_the_repository_never_inside_it(tmp_path, mlp_fi
     def spy(source, destination, **kwargs):
         seen.append(
             (
-                sorted(p.name for p in repo.iterdir()),
+                sorted(p.name for p in repo.iterdir() if p.name != "audit.jsonl"),  # the add-model record
                 sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(STAGING_PREFIX)),
             )
         )
@@ -138,7 +138,7 @@ def test_staging_inside_the_repository_is_refused_with_the_fix(tmp_path, mlp_fil
     monkeypatch.setenv(STAGING_ENV, str(tmp_path / "elsewhere"))
     (tmp_path / "elsewhere").mkdir()
     add_model(repo, "mlp", mlp_file)
-    assert sorted(p.name for p in repo.iterdir()) == ["mlp", "stage"]
+    assert sorted(p.name for p in repo.iterdir()) == ["audit.jsonl", "mlp", "stage"]
 
 
 def test_validate_flags_leftovers_inside_as_errors_and_beside_as_warnings(tmp_path, mlp_file):
@@ -191,7 +191,7 @@ def test_a_server_starts_and_serves_after_writers_killed_at_random_moments(tmp_p
     with EmbeddedServer(repo) as server:
         client = grpcclient.InferenceServerClient(server.grpc_url)
         try:
-            models = sorted(p.name for p in repo.iterdir())
+            models = sorted(p.name for p in repo.iterdir() if p.is_dir())
             for name in models:
                 assert client.is_model_ready(name), name
                 config = read_config(repo / name / "config.pbtxt")

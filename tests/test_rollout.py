@@ -30,7 +30,20 @@ from tritonforge.server import EmbeddedServer
 
 pytestmark = pytest.mark.slow
 
-MODELS = ("good", "wrong", "slow", "crashed", "aborted", "flip", "gated", "paused", "late", "back", "stopped")
+MODELS = (
+    "good",
+    "wrong",
+    "slow",
+    "crashed",
+    "aborted",
+    "flip",
+    "gated",
+    "paused",
+    "late",
+    "back",
+    "stopped",
+    "pystep",
+)
 DEADLINE_S = 10.0
 
 
@@ -54,7 +67,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }
     from tritonforge.registry import promote
 
-    for name in MODELS:
+    _python_step(root, files)
+    for name in MODELS[:-1]:
         add_model(root, name, stable, max_batch_size=16)
         add_model(root, name, candidates[name], max_batch_size=16)
         promote(root, name, 1, reason="initial")
@@ -62,6 +76,48 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         add_model(root, name, mlp(files / "good4.onnx"), max_batch_size=16)  # v3: as good as v1
         promote(root, name, 1)
     return root
+
+
+# A pipeline's Python step as a model of its own: v1 answers, v2 answers an error for the rows whose first
+# feature is above 0.5 (about half of the calls), as a step whose member fails does.
+PYTHON_STEP = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+FAIL = {fail}
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "x").as_numpy()
+            if FAIL and float(x[:, 0].max()) > 0.5:
+                out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError("member unavailable")))
+                continue
+            probs = np.full((x.shape[0], 3), 1.0 / 3.0, np.float32)
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("probs", probs)]))
+        return out
+"""
+
+
+def _python_step(repo: Path, files: Path) -> None:
+    from tritonforge.config import DataType, ModelConfig, TensorSpec
+    from tritonforge.registry import promote
+
+    config = ModelConfig(
+        name="pystep",
+        backend="python",
+        max_batch_size=16,
+        inputs=(TensorSpec(name="x", dtype=DataType.FP32, dims=(8,)),),
+        outputs=(TensorSpec(name="probs", dtype=DataType.FP32, dims=(3,)),),
+    )
+    for version, fail in ((1, False), (2, True)):
+        code = files / f"pystep{version}" / "model.py"
+        code.parent.mkdir(parents=True, exist_ok=True)
+        code.write_text(PYTHON_STEP.format(fail=fail))
+        add_model(repo, "pystep", code, config, version=version)
+    promote(repo, "pystep", 1, reason="initial")
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +201,7 @@ def _left_clean(repo: Path, server: EmbeddedServer, model: str) -> None:
     assert not (repo / f"{model}__rollout").exists()
     assert not state_paths(repo, model).stats_files()
     assert not [p for p in repo.iterdir() if p.is_dir() and p.name.startswith(".")]
-    assert not any((repo / model).glob("*/model.py"))
+    assert not any((repo / model).glob("*/tritonforge_rollout_splitter.py"))
     assert not any((repo / model).glob("*/__pycache__"))
     assert "tritonforge_rollout" not in load_config(repo / model).parameters
     assert not state_paths(repo, model).heartbeat.exists()
@@ -212,6 +268,24 @@ def test_rollback_after_a_rollout_returns_to_the_version_served_before_not_a_fai
     assert _serves(repo, "back") == [1]
     assert server.is_model_ready("back", 1) and not server.is_model_ready("back", 3)
     _left_clean(repo, server, "back")
+
+
+def test_rollout_rolls_back_a_candidate_whose_python_step_answers_errors_with_zero_failed_requests(
+    repo, server
+):
+    with Load(server.grpc_url, "pystep") as load:
+        outcome = Rollout(repo, server.grpc_url, "pystep").start(
+            2, steps=[10, 50, 100], hold_s=1.5, thresholds=_limits(max_error_rate=0.05)
+        )
+    assert outcome.result == "rolled_back", outcome
+    assert "error rate" in outcome.reason
+    assert load.failures == [] and load.ok > 50  # stable answered for every failed candidate call
+    assert _serves(repo, "pystep") == [1]
+    step = _events(repo, "pystep", "rollout-step")[-1]
+    assert step["verdict"] == "fail" and step["step"] == 1
+    assert step["evidence"]["candidate_errors"] > 0
+    _left_clean(repo, server, "pystep")
+    assert "FAIL = False" in (repo / "pystep" / "1" / "model.py").read_text()  # its own code, untouched
 
 
 def _one_thread_ms(model_file: Path) -> float:

@@ -160,6 +160,36 @@ def test_a_program_killed_by_sigkill_leaves_no_server_stub_port_or_shared_memory
     assert not any(_listening(port) for port in ports)
 
 
+def test_after_a_whole_tree_sigkill_the_next_start_sweeps_its_leftovers_and_no_live_servers(tmp_path, server):
+    live = sorted(_shm(server._shm_prefix))
+    assert live, "the session's server should have shared-memory regions"
+    with _serving_program(tmp_path) as (program, fields):
+        pid_text, prefix, log_name, *_ = fields
+        pid = int(pid_text)
+        watchdog = [c for c in psutil.Process(program.pid).children() if c.pid != pid]
+        assert len(watchdog) == 1 and _shm(prefix)
+        # the whole tree at once, as an OOM kill or `kill -9` of everything would: nothing runs to clean up
+        watchdog[0].kill()
+        os.killpg(pid, signal.SIGKILL)
+        program.kill()
+        program.wait(timeout=30)
+        watchdog[0].wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _group_alive(pid):
+            time.sleep(0.1)
+    left = _shm(prefix)
+    assert left and os.path.exists(log_name), "the SIGKILL should have left regions and a log behind"
+    with EmbeddedServer(tmp_path / "repo") as again:
+        assert _shm(prefix) == [] and not os.path.exists(log_name)
+        assert _shm(again._shm_prefix)  # its own, made after the sweep
+    assert sorted(_shm(server._shm_prefix)) == live  # a live server's regions are never taken
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        assert triton_infer(client, "mlp", {"x": np.ones((1, 8), np.float32)})["probs"].shape == (1, 3)
+    finally:
+        client.close()
+
+
 def test_a_clean_stop_ends_the_watchdog_without_it_touching_anything(tmp_path):
     repo = tmp_path / "repo"
     add_model(repo, "mlp", tiny_models.mlp_onnx(tmp_path / "mlp.onnx"))

@@ -32,6 +32,7 @@ from tritonforge.batch.engine import Engine, RowResult
 from tritonforge.batch.sources import Dataset, digest, open_dataset
 from tritonforge.batch.store import Manifest
 from tritonforge.client._wire import Streams
+from tritonforge.config import ComposingWalk
 from tritonforge.errors import BatchError, ClientError
 
 if TYPE_CHECKING:  # the client is imported where it is used, as AsyncClient is
@@ -784,18 +785,14 @@ def _streams(client: Any, urls: Sequence[str], timeout_s: float | None) -> Strea
 
 async def _composing(client: Any, model: str, config: Any) -> list[str]:
     """The model and, for an ensemble, every model its steps run (recursively)."""
-    found = [model]
-    pending = [step.model_name for step in config.ensemble_scheduling.step]
-    while pending:
-        name = pending.pop(0)
-        if name in found:
+    walk = ComposingWalk(model)
+    for name in walk:
+        if name == model:
+            walk.add(step.model_name for step in config.ensemble_scheduling.step)
             continue
-        found.append(name)
         with contextlib.suppress(ClientError):
-            pending.extend(
-                step.model_name for step in (await client.model_config(name)).ensemble_scheduling.step
-            )
-    return found
+            walk.add(step.model_name for step in (await client.model_config(name)).ensemble_scheduling.step)
+    return list(walk.found)
 
 
 async def _statistics(

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tritonforge.atomic import atomic_path, write_atomic
 from tritonforge.errors import BatchError
 
 __all__ = [
@@ -47,42 +47,17 @@ def shard_paths(root: Path, index: int) -> tuple[Path, Path]:
     return root / f"{name}.parquet", root / ERRORS_DIR / f"{name}.jsonl"
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _temp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all (temp file in the same folder, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp(path)
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Write ``data`` to ``path`` whole or not at all (:func:`tritonforge.atomic.write_atomic`)."""
+    write_atomic(path, data)
 
 
 def atomic_write_table(path: Path, table: Any) -> None:
     """Write a pyarrow Table as Parquet to ``path`` whole or not at all."""
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp(path)
-    pq.write_table(table, tmp, compression="zstd", use_dictionary=_dictionary_columns(table))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=_dictionary_columns(table))
 
 
 def _dictionary_columns(table: Any) -> list[str]:

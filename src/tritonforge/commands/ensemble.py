@@ -107,11 +107,6 @@ def compile_command(
         _print_issues(exc.issues)
         print_error(f"{len(exc.issues)} problem(s) in the pipeline spec(s); nothing was written")
         raise typer.Exit(code=1) from None
-    from tritonforge.registry.audit import record_event
-
-    record_event(
-        repo, "compile", details={"specs": [str(s) for s in specs], "written": [str(p) for p in written]}
-    )
     if as_json:
         print_json({"ok": True, "written": written, "problems": []})
         return

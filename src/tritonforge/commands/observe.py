@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from tritonforge.commands import fail
 from tritonforge.commands._output import make_console
@@ -119,68 +120,114 @@ def slo(
     )
 
 
+#: ``tritonforge drift`` exits 3 when part of the traffic or of the features could not be judged.
+EXIT_INCOMPLETE = 3
+
+
 def drift(
     store: Path = typer.Option(..., help="The sampler's store (the folder given to Sampler)."),
     model: str = typer.Option(..., help="The model whose traffic is judged."),
     repo: Path | None = typer.Option(None, help="The model repository holding the reference profile."),
     profile: Path | None = typer.Option(None, help="A drift_profile.json (instead of --repo)."),
     version: str | None = typer.Option(None, help="Reference version (default: newest with a profile)."),
-    traffic_version: str | None = typer.Option(None, help="Only traffic sampled for this version."),
-    limit: int | None = typer.Option(None, help="Judge only the newest N sampled rows."),
+    traffic_version: str | None = typer.Option(
+        None,
+        help="Only traffic sampled for this version ('default': calls that named no version). Needed when "
+        "traffic of several versions was sampled: versions are never mixed.",
+    ),
+    limit: int | None = typer.Option(None, min=1, help="Judge only the newest N sampled rows."),
+    since_s: float | None = typer.Option(
+        None, "--since-s", min=0.0, help="Judge only rows sampled in the last N seconds."
+    ),
     alpha: float = typer.Option(0.01, help="False discovery rate over the features (Benjamini-Hochberg)."),
     min_psi: float = typer.Option(0.1, help="Smallest PSI that counts as drift."),
-    html: Path | None = typer.Option(None, help="Write an HTML report with plots here."),
+    html: Path | None = typer.Option(None, help="Write an HTML report with plots to this file."),
     metrics_file: Path | None = typer.Option(
         None, help="Write the scores as Prometheus gauges (textfile-collector format) here."
     ),
     as_json: bool = typer.Option(False, "--json", help="JSON instead of a table."),
 ) -> None:
-    """Compare sampled traffic with the model's reference profile; exit 1 if it drifted (like diff)."""
-    from tritonforge.observe.drift import compare, html_report, read_profile, write_metrics_file
+    """Compare sampled traffic with the model's reference profile.
+
+    Exit 0: no drift; 1: drifted (like diff); 3: incomplete (sample files left out, reference features
+    missing from the traffic, non-finite values: never read as no drift); 2: could not compare.
+    """
+    import math
+    import time
+
+    from tritonforge.observe.drift import (
+        check_thresholds,
+        compare,
+        html_report,
+        read_profile,
+        write_metrics_file,
+    )
     from tritonforge.observe.sampler import SampleStore
 
     if (repo is None) == (profile is None):
         raise _fail(ValueError("give the reference as --repo REPO or --profile FILE (one of them)"), 2)
     try:
+        check_thresholds(alpha, min_psi)
+        if since_s is not None and not math.isfinite(since_s):
+            raise ValueError(f"--since-s must be a finite number of seconds, not {since_s}")
+        if html is not None and html.is_dir():
+            raise ValueError(
+                f"--html {html} is a folder: give the report a file name, e.g. {html / 'drift.html'}"
+            )
         reference = read_profile(profile) if profile is not None else read_profile(repo, model, version)  # type: ignore[arg-type]
-        traffic = SampleStore(store).load(model, traffic_version, limit=limit)
-        report = compare(reference, traffic, alpha=alpha, min_psi=min_psi)
+        since = None if since_s is None else time.time() - since_s
+        samples = SampleStore(store).read(model, traffic_version, since_s=since, limit=limit)
+        if samples.problems and not samples.tensors:
+            raise _fail(
+                ValueError(
+                    f"incomplete: none of the {samples.files} sample file(s) of {model!r} is usable: "
+                    + " | ".join(samples.problems)
+                ),
+                EXIT_INCOMPLETE,
+            )
+        report = compare(reference, samples.tensors, alpha=alpha, min_psi=min_psi, problems=samples.problems)
         if html is not None:
             html_report(report, html)
         if metrics_file is not None:
             write_metrics_file([report], metrics_file)
     except (TritonForgeError, ValueError) as exc:
         raise _fail(exc, 2) from None
+    code = {"drifted": 1, "incomplete": EXIT_INCOMPLETE}.get(report.verdict, 0)
     if as_json:
-        print(json.dumps(report.as_dict()))
-    else:
-        verdict = "[bold red]DRIFTED[/]" if report.drifted else "[green]no drift[/]"
-        table = Table(
-            title=f"{model} v{reference.version}: "
-            f"{len(report.moved)} of {len(report.features)} features moved",
+        print(json.dumps({**report.as_dict(), "skipped": samples.skipped}))
+        raise typer.Exit(code=code)
+    verdict = {
+        "drifted": "[bold red]DRIFTED[/]",
+        "incomplete": "[bold yellow]INCOMPLETE[/]",
+        "no drift": "[green]no drift[/]",
+    }[report.verdict]
+    table = Table(
+        title=f"{model} v{reference.version}: {len(report.moved)} of {len(report.features)} features moved",
+    )
+    for column in ("feature", "role", "PSI", "KS", "p (BH)", "ref mean", "now mean"):
+        table.add_column(column, justify="left" if column in ("feature", "role") else "right", no_wrap=True)
+    shown = report.moved or sorted(report.features, key=lambda f: -f.psi)[:5]
+    for f in shown[:30]:
+        table.add_row(
+            f.feature,
+            f.role,
+            f"{f.psi:.3f}",
+            f"{f.ks:.3f}",
+            f"{f.p_adjusted:.1e}",
+            f"{f.ref_mean:.3g}",
+            f"{f.cur_mean:.3g}",
+            style="red" if f.drifted else None,
         )
-        for column in ("feature", "role", "PSI", "KS", "p (BH)", "ref mean", "now mean"):
-            table.add_column(
-                column, justify="left" if column in ("feature", "role") else "right", no_wrap=True
-            )
-        shown = report.moved or sorted(report.features, key=lambda f: -f.psi)[:5]
-        for f in shown[:30]:
-            table.add_row(
-                f.feature,
-                f.role,
-                f"{f.psi:.3f}",
-                f"{f.ks:.3f}",
-                f"{f.p_adjusted:.1e}",
-                f"{f.ref_mean:.3g}",
-                f"{f.cur_mean:.3g}",
-                style="red" if f.drifted else None,
-            )
-        console.print(table)
-        console.print(
-            f"{verdict}: {report.current_rows} sampled rows vs {report.reference_rows} reference rows, "
-            f"largest PSI {report.max_psi:.3f}" + (f"; report {html}" if html else "")
-        )
-    raise typer.Exit(code=1 if report.drifted else 0)
+    console.print(table)
+    for line in [*report.problems, *samples.skipped]:
+        console.print(Text(f"not judged: {line}"), soft_wrap=True)
+    console.print(
+        f"{verdict}: {report.current_rows} sampled rows vs {report.reference_rows} reference rows, "
+        f"largest PSI {report.max_psi:.3f}"
+        + (f"; {len(report.problems)} problem(s) above" if report.problems else "")
+        + (f"; report {html}" if html else "")
+    )
+    raise typer.Exit(code=code)
 
 
 def cost(

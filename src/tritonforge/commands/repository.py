@@ -53,9 +53,6 @@ def add_model_command(
         )
     except TritonForgeError as exc:
         raise _fail(exc) from None
-    from tritonforge.registry.audit import record_event
-
-    record_event(repo, "add-model", model=name, version=int(path.name), details={"file": str(file)})
     config = (path.parent / "config.pbtxt").read_text()
     if as_json:
         print_json({"model": name, "version": int(path.name), "path": path, "config": config})

@@ -20,6 +20,7 @@ or infer it from a model file with ``onnx_signature`` / ``torchscript_signature`
 
 from __future__ import annotations
 
+from tritonforge.config.composing import ComposingWalk
 from tritonforge.config.enums import ControlKind, DataType, InstanceKind, TimeoutAction
 from tritonforge.config.model import ModelConfig
 from tritonforge.config.parts import (
@@ -60,6 +61,7 @@ from tritonforge.config.validate import BACKEND_OF_PLATFORM
 __all__ = [
     "BACKEND_OF_PLATFORM",
     "DEFAULT_MAX_BATCH_SIZE",
+    "ComposingWalk",
     "ControlInput",
     "ControlKind",
     "CustomAccelerator",

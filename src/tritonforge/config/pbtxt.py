@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from google.protobuf import text_format
 from google.protobuf.message import Message
 from tritonclient.grpc import model_config_pb2 as pb2
 
+from tritonforge.atomic import write_atomic
 from tritonforge.config.model import ModelConfig
 from tritonforge.errors import ConfigError
 
@@ -226,16 +226,4 @@ def write_config(config: ModelConfig, path: str | os.PathLike[str]) -> Path:
     if file.is_dir():
         file = file / CONFIG_FILENAME
     text = config.to_pbtxt()
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return file
+    return write_atomic(file, text)

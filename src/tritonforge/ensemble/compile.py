@@ -27,7 +27,7 @@ from tritonforge.ensemble.check import Resolved, check_pipeline, known_models
 from tritonforge.ensemble.fuse import fuse_pipeline
 from tritonforge.ensemble.spec import Issue, PipelineSpec, load_spec
 from tritonforge.errors import PipelineCheckError
-from tritonforge.repository import RepositoryWrite
+from tritonforge.repository import RepositoryWrite, record_event
 
 __all__ = [
     "MISSING_PARAMETER",
@@ -302,7 +302,8 @@ def compile_specs(
 
     Every model goes through the one writer (:class:`~tritonforge.repository.RepositoryWrite`), ensembles
     included (their version folder holds their manifest); the whole build is staged first, so an error
-    part-way leaves the repository as it was.
+    part-way leaves the repository as it was. The build is recorded in the repository's audit log
+    (``compile``: the specs and the models written).
 
     Returns:
         The model folders written (blocks first, then pipelines).
@@ -312,6 +313,7 @@ def compile_specs(
         RepositoryError: the build could not be staged or moved in (nothing, or only whole models, moved).
     """
     repo_path = Path(repo)
+    paths = list(paths)  # read twice: checked, then recorded
     resolved, issues = check_specs(paths, repo_path)
     if issues:
         raise PipelineCheckError(issues)
@@ -367,6 +369,11 @@ def compile_specs(
                     spec.name, None, config, version=spec.version, overwrite=True, manifest=record
                 )
             written.append(repo_path / spec.name)
+    record_event(
+        repo_path,
+        "compile",
+        details={"specs": [str(p) for p in paths], "written": [str(p) for p in written]},
+    )
     return written
 
 

@@ -7,6 +7,7 @@ fused by onnxruntime's BERT optimizer (attention, GELU, skip-layer-norm). That F
 against the torch module, then quantized to INT8 (dynamic, per-channel weights, embedding tables in
 INT8, layer 2's feed-forward up-projection kept FP32) and checked against FP32 on 256 held-out
 sentences: token embeddings and mean-pooled sentence embeddings (mean cosine >= 0.99, minimum >= 0.97).
+Each version gets a drift profile of the text pipeline on those sentences (:func:`text_profile`).
 
     python -m tritonforge.examples.build_minilm [--repo model_repository] [--force]
 """
@@ -14,6 +15,7 @@ sentences: token embeddings and mean-pooled sentence embeddings (mean cosine >= 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import tempfile
@@ -95,6 +97,49 @@ def sentence_report(reference: Path | Any, candidate: Path, batches: list[dict[s
         refs.append(_mean_pool(ref_run(b), b["attention_mask"]))
         gots.append(_mean_pool(got_session.run(None, b)[0], b["attention_mask"]))
     return compare(np.concatenate(refs), np.concatenate(gots), tolerance=Tolerance(**SENTENCE_TOLERANCE))
+
+
+#: the pipeline whose tensors the encoder's drift profile is named after (TEXT in, EMBEDDING out)
+PIPELINE = "text_embedding"
+
+
+@functools.lru_cache(maxsize=2)
+def _session(path: str) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def sentence_embeddings(model_file: Path, texts: list[str]) -> np.ndarray:
+    """``texts`` through an encoder ONNX file in-process: mean-pooled, L2-normalised FP32 ``[N, 384]``
+    (what the ``text_embedding`` pipeline answers)."""
+    session = _session(str(model_file))
+    pooled = np.concatenate(
+        [_mean_pool(session.run(None, b)[0], b["attention_mask"]) for b in minilm.batches(texts, BATCH)]
+    )
+    pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+    return pooled.astype(np.float32)
+
+
+def text_profile(model_file: Path, version: int | str) -> Any:
+    """The drift reference of the text pipeline on this encoder version: the held-out sentences it was
+    verified on (``TEXT``: token and character counts, the share of unknown words, measured on half of
+    them against the other half's vocabulary) and their sentence embeddings (``EMBEDDING``: mean-pooled,
+    L2-normalised, as ``text_embedding`` answers; per-row summaries and a sample for the MMD test).
+
+    Judge the pipeline's sampled traffic with it:
+    ``tritonforge drift --model text_embedding --profile <repo>/minilm_encoder/<v>/drift_profile.json``.
+    """
+    from tritonforge.observe.drift import profile
+
+    texts = minilm.sentences(HOLDOUT_SENTENCES, seed=HOLDOUT_SEED)
+    return profile(
+        {"TEXT": np.array([[t.encode()] for t in texts], dtype=object)},
+        {"EMBEDDING": sentence_embeddings(model_file, texts)},
+        model=PIPELINE,
+        version=version,
+        source=f"{HOLDOUT_SENTENCES} held-out sentences (seed {HOLDOUT_SEED}) through {NAME} v{version}",
+    )
 
 
 def export_fp32(module: Any, work: Path, batches: list[dict[str, np.ndarray]]) -> Any:
@@ -287,6 +332,8 @@ def _register(
     config per model, so with FP32 and INT8 served side by side the config has the layout of the version
     registered last (the newest, which an unversioned request gets); each manifest keeps its own.
     """
+    from tritonforge.observe.drift import write_profile
+
     sentence = artifact.reports["sentence_embedding"]
     config = _config(repo, artifact.path)
     extra_layout = {}
@@ -312,6 +359,7 @@ def _register(
             "build": {"key": key, "script": "tritonforge.examples.build_minilm"},
         },
     )
+    write_profile(version, text_profile(artifact.path, version.name))
     return int(version.name)
 
 

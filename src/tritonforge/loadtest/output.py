@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tritonforge.atomic import atomic_path, write_atomic
 from tritonforge.loadtest.sweep import SweepResult
 
 __all__ = ["write_csv", "write_json", "write_results"]
@@ -27,10 +27,7 @@ def _clean(value: Any) -> Any:
 
 def write_json(results: Sequence[SweepResult], path: Path, extra: dict[str, Any] | None = None) -> Path:
     data = {"sweeps": [r.as_dict() for r in results], **(extra or {})}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=2, allow_nan=False))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps(_clean(data), indent=2, allow_nan=False))
 
 
 def write_csv(results: Sequence[SweepResult], path: Path) -> Path:
@@ -40,12 +37,10 @@ def write_csv(results: Sequence[SweepResult], path: Path) -> Path:
         columns.extend(k for k in row if k not in columns)
     if not columns:
         columns = ["model", "config", "mode", "level", "throughput_rps"]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
     return path
 
 

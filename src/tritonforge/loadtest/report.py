@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from tritonforge.atomic import write_atomic
 from tritonforge.loadtest.sweep import SweepResult
 
 __all__ = ["write_report"]
@@ -224,7 +225,4 @@ def write_report(
             )
     parts.append("</body></html>")
     path = out / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, "\n".join(parts))

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tritonforge.client._stats import Counters, ServerSplit, split
+from tritonforge.config import ComposingWalk
 
 __all__ = ["Counters", "ServerSplit", "TritonStats", "composing_models", "split"]
 
@@ -26,16 +27,11 @@ def parse_statistics(response: Any, models: tuple[str, ...]) -> dict[str, Counte
 
 async def composing_models(client: Any, model: str) -> tuple[str, ...]:
     """``model`` followed by every model its ensemble steps run (recursively), each once."""
-    found: list[str] = []
-    pending = [model]
-    while pending:
-        name = pending.pop(0)
-        if name in found:
-            continue
-        found.append(name)
+    walk = ComposingWalk(model)
+    for name in walk:
         config = (await client.get_model_config(name)).config
-        pending.extend(step.model_name for step in config.ensemble_scheduling.step)
-    return tuple(found)
+        walk.add(step.model_name for step in config.ensemble_scheduling.step)
+    return walk.found
 
 
 class TritonStats:

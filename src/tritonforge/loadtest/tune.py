@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tritonforge.config import ModelConfig, read_config
+from tritonforge.config import ComposingWalk, ModelConfig, read_config
 from tritonforge.errors import ModelNotFoundError, ServerGone, TritonForgeError
 from tritonforge.loadtest.search import (
     KNOBS,
@@ -56,11 +56,8 @@ def tunable_models(repository: Path, model: str) -> tuple[list[str], dict[str, M
     """
     configs: dict[str, ModelConfig] = {}
     order: list[str] = []
-    pending = [model]
-    while pending:
-        name = pending.pop(0)
-        if name in configs:
-            continue
+    walk = ComposingWalk(model)
+    for name in walk:
         path = repository / name / "config.pbtxt"
         if not path.is_file():
             there = (
@@ -74,7 +71,7 @@ def tunable_models(repository: Path, model: str) -> tuple[list[str], dict[str, M
         config = read_config(path)
         configs[name] = config
         if config.is_ensemble:
-            pending.extend(step.model_name for step in config.ensemble_steps or ())
+            walk.add(step.model_name for step in config.ensemble_steps or ())
         elif config.max_batch_size > 0:
             order.append(name)
     return order, configs

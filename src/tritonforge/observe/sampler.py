@@ -23,21 +23,24 @@ client and returns the client itself.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import random
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tritonforge.errors import TritonForgeError
+from tritonforge.atomic import atomic_path
+from tritonforge.errors import ObserveError
 
-__all__ = ["SampleStore", "Sampler", "SamplerStats"]
+__all__ = ["SampleStore", "Sampler", "SamplerStats", "Samples"]
 
 _STOP = object()
 
@@ -92,9 +95,8 @@ class SampleStore:
                 values.append(row.get(key))
         table = pa.table(columns)
         name = f"part-{time.time_ns():020d}-{os.getpid()}.parquet"
-        tmp = folder / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, folder / name)
+        with atomic_path(folder / name) as tmp:
+            pq.write_table(table, tmp)
         self.rotate()
         return folder / name
 
@@ -115,6 +117,124 @@ class SampleStore:
             total -= size
         return removed
 
+    def versions(self, model: str) -> list[str]:
+        """The version folders holding sampled traffic of ``model`` (``default`` for unpinned calls)."""
+        base = self.root / _safe(model)
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and any(p.glob("part-*.parquet")))
+
+    def read(
+        self,
+        model: str,
+        version: str | None = None,
+        *,
+        since_s: float | None = None,
+        limit: int | None = None,
+    ) -> Samples:
+        """The stored rows of ``model``, checked file by file: :class:`Samples` (tensors and problems).
+
+        Every file is read whole or not at all: an empty, unreadable or row-less file, a file lacking a
+        tensor the others have, or one whose rows of a tensor are not as wide as that tensor's rows
+        elsewhere is left out and named in ``problems`` (so a verdict on the rest says it is incomplete,
+        never narrower without a word). A tensor whose width varies everywhere (variable-length) is left
+        out and named in ``skipped``. Versions never mix: with ``version=None`` the model must have
+        traffic of one version folder only (``default`` holds calls that named no version).
+
+        Raises:
+            ObserveError: nothing stored for that model (or version), or traffic of several versions.
+        """
+        import pyarrow.parquet as pq
+
+        if since_s is not None and not np.isfinite(since_s):
+            raise ValueError(f"since_s must be a finite timestamp, not {since_s}")
+        if limit is not None and limit <= 0:
+            raise ValueError(f"limit must be a positive number of rows, not {limit}")
+        sampled = self.versions(model)
+        if version is None and len(sampled) > 1:
+            raise ObserveError(
+                f"traffic of {model!r} was sampled for versions {', '.join(sampled)} in "
+                f"{self.root / _safe(model)}: pick one (--traffic-version; 'default' holds calls that "
+                "named no version) so that versions never mix"
+            )
+        files = self.files(model, version)
+        if not files:
+            where = f"{self.root / _safe(model)}" + (f"/{_safe(version)}" if version else "")
+            found = f" (sampled versions: {', '.join(sampled)}; 'default' holds calls that named no version)"
+            raise ObserveError(
+                f"no sampled traffic of {model!r}"
+                + (f" for version {version}" if version else "")
+                + f" in {where}"
+                + (found if sampled else ": is a Sampler writing there?")
+            )
+        problems: list[str] = []
+        tables: list[tuple[Path, Any]] = []
+        for f in files:
+            try:
+                size = f.stat().st_size
+                if size == 0:
+                    problems.append(f"{f}: empty (0 bytes), a write cut off; delete it")
+                    continue
+                table = pq.read_table(f)
+            except Exception as exc:  # pyarrow raises its own tree, OSError for I/O
+                problems.append(f"{f}: not a readable Parquet file ({_first_line(exc)}); delete it")
+                continue
+            if table.num_rows == 0:
+                problems.append(f"{f}: holds no rows; delete it")
+                continue
+            tables.append((f, table))
+        names = sorted({n for _, t in tables for n in t.column_names} - {"ts"})
+        widths: dict[str, Counter[int | None]] = {n: Counter() for n in names}
+        per_file: list[tuple[Path, Any, dict[str, list[Any]]]] = []
+        for f, t in tables:
+            columns = {n: t.column(n).to_pylist() for n in names if n in t.column_names}
+            for n, values in columns.items():
+                widths[n].update(None if v is None else len(v) for v in values)
+            per_file.append((f, t, columns))
+        total = sum(t.num_rows for _, t in tables)
+        rare = {n for n, c in widths.items() if sum(c.values()) * 2 <= total}  # in a minority of rows
+        variable = {n for n, c in widths.items() if c.most_common(1)[0][1] * 2 < sum(c.values())} - rare
+        expected = {n: c.most_common(1)[0][0] for n, c in widths.items() if n not in variable | rare}
+        ts: list[float] = []
+        kept: dict[str, list[Any]] = {n: [] for n in expected}
+        for f, t, columns in per_file:
+            lacking = sorted(n for n in expected if n not in columns)
+            if lacking:
+                problems.append(f"{f}: lacks tensor(s) {', '.join(lacking)} that the other files have")
+                continue
+            odd = []
+            for n, width in expected.items():
+                bad = [v for v in columns[n] if v is None or len(v) != width]
+                if bad:
+                    seen = sorted({"missing" if v is None else str(len(v)) for v in bad})
+                    odd.append(f"{len(bad)} row(s) of {n!r} are {'/'.join(seen)} wide, not {width}")
+            if odd:
+                problems.append(f"{f}: {'; '.join(odd)}")
+                continue
+            ts.extend(t.column("ts").to_pylist() if "ts" in t.column_names else [0.0] * t.num_rows)
+            for n in expected:
+                kept[n].extend(columns[n])
+        stamps = np.array(ts, np.float64)
+        idx = np.flatnonzero(np.ones(len(stamps), bool) if since_s is None else stamps >= since_s)
+        if limit is not None:
+            idx = idx[-limit:]
+        out: dict[str, np.ndarray] = {}
+        for n, values in kept.items():
+            picked = [values[i] for i in idx]
+            if not picked or expected[n] == 0:
+                continue
+            if isinstance(picked[0][0], (bytes, str)):
+                out[n] = np.array(picked, dtype=object)
+            else:
+                out[n] = np.array(picked, np.float64)
+        skipped = [
+            f"tensor {n!r} is in a minority of the sampled rows only: not judged" for n in sorted(rare)
+        ]
+        skipped += [
+            f"tensor {n!r} has rows of varying width (variable-length): not judged" for n in sorted(variable)
+        ]
+        return Samples(out, problems, skipped, len(files), len(idx))
+
     def load(
         self,
         model: str,
@@ -123,43 +243,31 @@ class SampleStore:
         since_s: float | None = None,
         limit: int | None = None,
     ) -> dict[str, np.ndarray]:
-        """The stored rows of ``model`` (newest ``limit`` rows) as ``{tensor: array}`` (rows first).
+        """The stored rows of ``model`` (newest ``limit`` rows, sampled at or after the timestamp
+        ``since_s``) as ``{tensor: array}`` (rows first), when every file is sound (see :meth:`read`).
 
         Raises:
-            TritonForgeError: nothing stored for that model.
+            ObserveError: nothing stored, traffic of several versions, or a file :meth:`read` would
+                leave out (each named).
         """
-        import pyarrow.parquet as pq
+        samples = self.read(model, version, since_s=since_s, limit=limit)
+        if samples.problems:
+            raise ObserveError(
+                f"{len(samples.problems)} sample file(s) of {model!r} are unusable: "
+                + " | ".join(samples.problems)
+            )
+        return samples.tensors
 
-        files = self.files(model, version)
-        if not files:
-            where = f"{self.root / _safe(model)}" + (f"/{version}" if version else "")
-            raise TritonForgeError(f"no sampled traffic of {model!r} in {where}: is a Sampler writing there?")
-        tables = [pq.read_table(f) for f in files]
-        columns: dict[str, list[Any]] = {}
-        for t in tables:
-            for name in t.column_names:
-                columns.setdefault(name, [])
-        for t in tables:
-            n = t.num_rows
-            for name, values in columns.items():
-                values.extend(t.column(name).to_pylist() if name in t.column_names else [None] * n)
-        ts = np.array(columns.pop("ts", []), np.float64)
-        keep = np.ones(len(ts), bool) if since_s is None else ts >= since_s
-        idx = np.flatnonzero(keep)
-        if limit is not None:
-            idx = idx[-limit:]
-        out: dict[str, np.ndarray] = {}
-        for name, values in columns.items():
-            picked = [values[i] for i in idx if values[i] is not None]
-            if not picked:
-                continue
-            if len({len(p) for p in picked}) > 1:
-                continue  # rows of different lengths (a variable-length tensor): no fixed features to judge
-            if isinstance(picked[0][0], (bytes, str)):
-                out[name] = np.array(picked, dtype=object)
-            else:
-                out[name] = np.array(picked, np.float64)
-        return out
+
+@dataclasses.dataclass
+class Samples:
+    """What :meth:`SampleStore.read` found: the usable rows, and what it left out and why."""
+
+    tensors: dict[str, np.ndarray]
+    problems: list[str]  # files left out (each named): a verdict on the rest is incomplete
+    skipped: list[str]  # tensors not judgeable by design (variable-length)
+    files: int
+    rows: int
 
 
 class Sampler:
@@ -326,6 +434,10 @@ class Sampler:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _rows(ts: float, tensors: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:

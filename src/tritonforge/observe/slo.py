@@ -25,18 +25,19 @@ ensemble); :func:`write` puts ``rules.yml`` and ``dashboard.json`` into a folder
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tritonforge.errors import SLOError
+from tritonforge.atomic import write_atomic
+from tritonforge.errors import ConfigError, SLOError
+from tritonforge.server.runtime import ERROR_RESPONSES
 
 __all__ = [
     "OBJECTIVES",
@@ -118,7 +119,8 @@ def _composing(spec_dir: Path) -> dict[str, list[str]]:
 
 
 def _compiled(repo: Path, pipelines: dict[str, list[str]]) -> dict[str, list[str]]:
-    """``pipelines`` with each ensemble that ``repo`` holds compiled replaced by the models its steps run.
+    """``pipelines`` with each ensemble that ``repo`` holds compiled replaced by the models its steps run
+    (and theirs, for an ensemble step, as far as ``repo`` has their configs).
 
     The compiler may run other models than the spec names (an encoder fused with its pooling step, the
     passthrough helper of an output another step reads); the compiled config is what takes the traffic.
@@ -127,7 +129,7 @@ def _compiled(repo: Path, pipelines: dict[str, list[str]]) -> dict[str, list[str
     Raises:
         SLOError: a compiled pipeline's config.pbtxt that does not parse.
     """
-    from tritonforge.config import read_config
+    from tritonforge.config import ComposingWalk, read_config
 
     out = dict(pipelines)
     for name in pipelines:
@@ -139,7 +141,15 @@ def _compiled(repo: Path, pipelines: dict[str, list[str]]) -> dict[str, list[str
         except Exception as exc:
             raise SLOError(f"{config_file} does not parse ({exc}): rebuild it or drop `repository`") from None
         if config.ensemble_steps:
-            out[name] = list(dict.fromkeys(step.model_name for step in config.ensemble_steps))
+            walk = ComposingWalk(name)
+            for model in walk:
+                if model == name:
+                    walk.add(step.model_name for step in config.ensemble_steps)
+                    continue
+                with contextlib.suppress(OSError, ConfigError):  # a model the repository lacks, or can't read
+                    steps = read_config(repo / model / "config.pbtxt").ensemble_steps
+                    walk.add(step.model_name for step in steps or ())
+            out[name] = list(walk.found[1:])
     return out
 
 
@@ -250,15 +260,19 @@ def _exprs(spec: SLOSpec, window: str) -> dict[str, str]:
 
     success, failure = rate("nv_inference_request_success"), rate("nv_inference_request_failure")
     # a model without failure series yet still gets a 0 (not an empty result)
-    failures = f"({failure} or {success} * 0)"
+    raised = f"({failure} or {success} * 0)"
+    # Triton counts a Python model's error response as a success: the models tritonforge generates count
+    # those in their own counter (see tritonforge.server.runtime.ERROR_RESPONSES), added here
+    answered = f"({rate(ERROR_RESPONSES)} or {success} * 0)"
+    failures = f"({raised} + {answered})"
     q50, q99 = 'quantile="0.5"', 'quantile="0.99"'
     compute = " + ".join(
         rate(f"nv_inference_compute_{part}_duration_us") for part in ("input", "infer", "output")
     )
     return {
-        "requests": f"{success} + {failures}",
+        "requests": f"{success} + {raised}",
         "failures": failures,
-        "error_ratio": f"{failures} / ({success} + {failures})",
+        "error_ratio": f"{failures} / ({success} + {raised})",
         "latency_mean_ms": f"{rate('nv_inference_request_duration_us')} / {success} / 1000",
         "queue_ms": f"{rate('nv_inference_queue_duration_us')} / {success} / 1000",
         "compute_ms": f"({compute}) / {success} / 1000",
@@ -372,12 +386,13 @@ def dashboard_queries(spec: SLOSpec, model: str, rate_window: str = "$__rate_int
     def rate(metric: str) -> str:
         return f"sum(rate({metric}{s}[{rate_window}]))"
 
-    success, failure = rate("nv_inference_request_success"), rate("nv_inference_request_failure")
+    success, raised = rate("nv_inference_request_success"), rate("nv_inference_request_failure")
+    failure = f"(({raised} or vector(0)) + ({rate(ERROR_RESPONSES)} or vector(0)))"  # see _exprs
     q50, q99 = ',quantile="0.5"', ',quantile="0.99"'
     return {
-        "success": success,
+        "success": f"({success} - ({rate(ERROR_RESPONSES)} or vector(0)))",
         "failure": failure,
-        "error_ratio": f"{failure} / ({success} + {failure})",
+        "error_ratio": f"{failure} / ({success} + ({raised} or vector(0)))",
         "p50": f"max(nv_inference_request_summary_us{_sel(spec, m + q50)}) / 1000",
         "p99": f"max(nv_inference_request_summary_us{_sel(spec, m + q99)}) / 1000",
         "mean": f"{rate('nv_inference_request_duration_us')} / {success} / 1000",
@@ -458,7 +473,7 @@ def dashboard(spec: SLOSpec, *, title: str = "Triton models (tritonforge SLOs)")
 
 
 def write(spec: SLOSpec, out: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write ``rules.yml`` and ``dashboard.json`` into ``out`` (both or neither: staged, then moved).
+    """Write ``rules.yml`` and ``dashboard.json`` into ``out`` (each replaced whole, never half written).
 
     Raises:
         SLOError: ``out`` exists and is not a folder, or cannot be written.
@@ -473,11 +488,8 @@ def write(spec: SLOSpec, out: str | os.PathLike[str]) -> dict[str, Path]:
             "rules.yml": header + yaml.safe_dump(rules(spec), sort_keys=False, width=1000),
             "dashboard.json": json.dumps(dashboard(spec), indent=2) + "\n",
         }
-        with tempfile.TemporaryDirectory(dir=out, prefix=".slo-") as tmp:
-            for name, text in files.items():
-                (Path(tmp) / name).write_text(text)
-            for name in files:
-                shutil.move(str(Path(tmp) / name), out / name)
+        for name, text in files.items():
+            write_atomic(out / name, text)
     except OSError as exc:
         raise SLOError(f"cannot write into {out}: {exc.strerror}") from None
     return {name.split(".")[0]: out / name for name in ("rules.yml", "dashboard.json")}

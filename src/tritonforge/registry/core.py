@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as _dt
-import fcntl
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,9 +21,9 @@ from typing import Any
 from tritonforge.config import ModelConfig, VersionPolicy, write_config
 from tritonforge.errors import QuantizationError, RepositoryError, TritonForgeError
 from tritonforge.export.result import Artifact
+from tritonforge.repository.audit import AUDIT_LOG, record_event
 from tritonforge.repository.writer import (
-    add_model,
-    current_user,
+    RepositoryWrite,
     file_sha256,
     infer_config,
     load_config,
@@ -47,7 +45,6 @@ __all__ = [
     "served_versions",
 ]
 
-AUDIT_LOG = "audit.jsonl"
 _LIBRARIES = (
     "numpy",
     "onnx",
@@ -128,18 +125,16 @@ def register(
     if extra:
         manifest.update(extra)
     config = _keep_served_policy(Path(repo) / name, artifact.path, config, add_model_options)
-    written = add_model(
-        repo,
-        name,
-        artifact.path,
-        config,
-        version,
-        manifest=manifest,
-        extra_files=artifact.extra_files,
-        **add_model_options,
-    )
-    from tritonforge.registry.audit import record_event
-
+    with RepositoryWrite(repo) as write:  # recorded below with the artifact's figures
+        written = write.add_model(
+            name,
+            artifact.path,
+            config,
+            version,
+            manifest=manifest,
+            extra_files=artifact.extra_files,
+            **add_model_options,
+        )
     record_event(
         repo,
         "add-model",
@@ -270,18 +265,6 @@ def _check_version(model_dir: Path, name: str, version: int) -> list[int]:
     return found
 
 
-@contextlib.contextmanager
-def _locked(repo: Path) -> Iterator[Path]:
-    """Serialise served-version changes of one repository (promote/rollback from several shells)."""
-    log = repo / AUDIT_LOG
-    with open(log, "a", encoding="utf-8") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield log
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def pinned_by_ensembles(repo: Path, name: str) -> dict[str, int]:
     """Ensembles of ``repo`` whose steps pin a version of ``name``: ensemble name -> pinned version."""
     pins: dict[str, int] = {}
@@ -313,25 +296,14 @@ def _set_served(
             model=name,
             version=chosen[0],
         )
-    with _locked(repo) as log:
+
+    def change() -> dict[str, Any]:  # under the audit log's lock: no other change comes between
         config = load_config(model_dir)
         before = served_versions(config, found)
         write_config(config.replace(version_policy=VersionPolicy.specific(*chosen)), model_dir)
-        event = {
-            "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "action": action,
-            "model": name,
-            "from": before,
-            "to": list(chosen),
-            "by": current_user(),
-        }
-        if reason:
-            event["reason"] = reason
-        with open(log, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(event, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-    return event
+        return {"from": before, "to": list(chosen)}
+
+    return record_event(repo, action, model=name, reason=reason, change=change)
 
 
 def promote(

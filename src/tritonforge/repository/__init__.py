@@ -1,5 +1,6 @@
 """Model repositories: the one writer (atomic, staged outside the repository) and the offline checks."""
 
+from tritonforge.repository.audit import AUDIT_LOG, record_event
 from tritonforge.repository.checker import Problem, check_repository, sample_inputs
 from tritonforge.repository.requirements import (
     ModelRequirements,
@@ -27,6 +28,7 @@ from tritonforge.repository.writer import (
 )
 
 __all__ = [
+    "AUDIT_LOG",
     "DEFAULT_INTRA_OP_THREADS",
     "DEFAULT_MAX_BATCH_SIZE",
     "MODEL_FILENAMES",
@@ -45,6 +47,7 @@ __all__ = [
     "onnxruntime_thread_parameters",
     "python_requirements",
     "pytorch_thread_parameters",
+    "record_event",
     "sample_inputs",
     "versions",
     "with_layout",

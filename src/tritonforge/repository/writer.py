@@ -18,7 +18,6 @@ import ctypes
 import dataclasses
 import datetime as _dt
 import errno
-import getpass
 import hashlib
 import json
 import os
@@ -42,6 +41,7 @@ from tritonforge.config import (
     write_config,
 )
 from tritonforge.errors import ConfigError, RepositoryError, SignatureError
+from tritonforge.repository.audit import current_user, record_event
 from tritonforge.repository.requirements import write_requirements
 from tritonforge.repository.threads import DEFAULT_INTRA_OP_THREADS, onnxruntime_thread_parameters
 
@@ -145,8 +145,9 @@ def add_model(
     ``max_batch_size`` (default 64 for batchable models), dynamic batching and ``instances`` of ``kind``.
     ``manifest`` entries are merged into the version's ``manifest.json`` (the registry record).
     ``extra_files`` are copied beside the model file under their own names (e.g. ONNX external data).
-    An ensemble (``config.platform == "ensemble"``) has no model file: pass ``model_file=None``; its
-    version folder gets the manifest alone. Several models written together: :class:`RepositoryWrite`.
+    The addition is recorded in the repository's audit log (``add-model``). An ensemble
+    (``config.platform == "ensemble"``) has no model file: pass ``model_file=None``; its version folder
+    gets the manifest alone. Several models written together: :class:`RepositoryWrite`.
 
     Example:
         >>> add_model("model_repository", "clf", "clf.onnx", max_batch_size=32)   # doctest: +SKIP
@@ -163,7 +164,7 @@ def add_model(
         ValueError / TypeError: ``version`` is below 1 or not an int (a bad argument).
     """
     with RepositoryWrite(repo) as write:
-        return write.add_model(
+        written = write.add_model(
             name,
             model_file,
             config,
@@ -177,6 +178,14 @@ def add_model(
             overwrite=overwrite,
             extra_files=extra_files,
         )
+    record_event(
+        repo,
+        "add-model",
+        model=name,
+        version=int(written.name),
+        details={"file": str(model_file) if model_file is not None else None},
+    )
+    return written
 
 
 def amend_version(
@@ -596,16 +605,6 @@ def build_manifest(
 
 def _tensor_record(tensor: Any) -> dict[str, Any]:
     return {"name": tensor.name, "dtype": tensor.dtype.triton_name, "dims": list(tensor.dims)}
-
-
-def current_user() -> str:
-    """Who is writing (manifests, audit log): ``$TRITONFORGE_USER`` when set (CI, bots), else the login
-    name; ``"unknown"`` when the system can't say."""
-    if os.environ.get("TRITONFORGE_USER"):
-        return os.environ["TRITONFORGE_USER"]
-    with contextlib.suppress(Exception):
-        return getpass.getuser()
-    return "unknown"
 
 
 def version_manifest(version_dir: Path, name: str, version: int) -> dict[str, Any]:

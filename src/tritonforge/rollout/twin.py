@@ -23,6 +23,7 @@ from tritonforge.server.embedded import LOAD_WITH
 
 __all__ = [
     "SPLITTER",
+    "SPLITTER_FILE",
     "SPLITTER_MARK",
     "TWIN_SUFFIX",
     "install_splitter",
@@ -36,8 +37,12 @@ __all__ = [
 TWIN_SUFFIX = "__rollout"
 SPLITTER = Path(__file__).parent / "models" / "splitter.py"
 SPLITTER_MARK = "tritonforge_rollout"
-# what the splitter leaves in the stable version's folder: its file and the bytecode Python caches
-_SPLITTER_FILES = ("model.py", "__pycache__")
+# the splitter's file in the stable version's folder (the config's default_model_filename): not
+# model.py, which a Python-backend model (a pipeline's router) has there itself, and which the twin
+# shares through a hard link
+SPLITTER_FILE = "tritonforge_rollout_splitter.py"
+# what the splitter leaves in the stable version's folder: its file and Python's bytecode caches
+_SPLITTER_FILES = (SPLITTER_FILE, "__pycache__")
 
 
 def write_twin(repo: Path, state: RolloutState) -> Path:
@@ -78,6 +83,7 @@ def splitter_config(state: RolloutState, paths: StatePaths) -> ModelConfig:
         dynamic_batching=DynamicBatching() if original.max_batch_size > 0 else None,
         instance_groups=(InstanceGroup(count=2),),
         version_policy=VersionPolicy.specific(state.stable),
+        default_model_filename=SPLITTER_FILE,
         parameters={
             SPLITTER_MARK: "splitter",
             LOAD_WITH: state.twin,
@@ -89,45 +95,39 @@ def splitter_config(state: RolloutState, paths: StatePaths) -> ModelConfig:
 
 
 def install_splitter(repo: Path, state: RolloutState, paths: StatePaths) -> None:
-    """The model's stable version folder gets the splitter's ``model.py`` and the model the splitter's
-    config, in one staged rewrite."""
+    """The model's stable version folder gets the splitter's own file (:data:`SPLITTER_FILE`, never the
+    model's ``model.py``) and the model the splitter's config, in one staged rewrite."""
     amend_version(
         repo,
         state.model,
         state.stable,
         config=splitter_config(state, paths),
-        add_files={"model.py": SPLITTER},
+        add_files={SPLITTER_FILE: SPLITTER},
     )
 
 
 def restore_model(repo: Path, state: RolloutState) -> None:
     """The model's own config back (serving its stable version) and the splitter's files gone, in one
-    staged rewrite. A promote then changes the served version through the registry.
-
-    A Python model's own ``model.py`` comes back from the twin, which holds the stable version as it was.
+    staged rewrite. A promote then changes the served version through the registry. A Python model's own
+    ``model.py`` was never touched: the splitter has a file of its own.
     """
     original = ModelConfig.from_pbtxt(state.original_config)
-    own = repo / state.twin / str(state.stable) / "model.py"
     amend_version(
         repo,
         state.model,
         state.stable,
         config=original.replace(version_policy=VersionPolicy.specific(state.stable)),
         drop_files=_SPLITTER_FILES,
-        add_files={"model.py": own} if own.is_file() else None,
     )
 
 
 def splitter_on_disk(repo: Path, state: RolloutState) -> bool:
     """Whether the model's folder still holds the splitter (its config or its file)."""
     stable_dir = repo / state.model / str(state.stable)
-    if (stable_dir / "__pycache__").exists():
+    if (stable_dir / SPLITTER_FILE).exists():
         return True
-    try:
-        if (stable_dir / "model.py").read_bytes() == SPLITTER.read_bytes():
-            return True
-    except OSError:
-        pass
+    if any((stable_dir / "__pycache__").glob(f"{Path(SPLITTER_FILE).stem}.*")):
+        return True
     return bool(load_config(repo / state.model).parameters.get(SPLITTER_MARK))
 
 
@@ -145,10 +145,10 @@ def remove_twin(repo: Path, twin: str) -> None:
 
 def _link_tree(source: Path, destination: Path) -> None:
     """Copy a version folder by hard links (no extra disk for big models), copies across filesystems;
-    Python's bytecode caches are left out."""
+    the splitter's file and Python's bytecode caches are left out."""
     destination.mkdir(parents=True)
     for item in source.iterdir():
-        if item.name == "__pycache__":
+        if item.name in _SPLITTER_FILES:
             continue
         target = destination / item.name
         if item.is_dir():

@@ -39,7 +39,14 @@ if TYPE_CHECKING:
 
     from tritonforge.config import ModelConfig
 
-__all__ = ["DEFAULT_STARTUP_TIMEOUT_S", "LOAD_WITH", "EmbeddedServer", "free_port", "load_with"]
+__all__ = [
+    "DEFAULT_STARTUP_TIMEOUT_S",
+    "LOAD_WITH",
+    "EmbeddedServer",
+    "free_port",
+    "load_with",
+    "sweep_leftovers",
+]
 
 DEFAULT_STARTUP_TIMEOUT_S = 180.0
 ModelControl = Literal["none", "explicit", "poll"]
@@ -241,7 +248,8 @@ class EmbeddedServer:
         self._log_path: Path | None = None
         self._log_offset = 0
         self._log_text = ""
-        self._shm_prefix = f"tfg_{uuid.uuid4().hex[:10]}_"
+        # the owner's pid in the name: a later start can tell a region whose owner is gone (sweep_leftovers)
+        self._shm_prefix = f"tfg_{os.getpid()}_{uuid.uuid4().hex[:10]}_"
         self.install: TritonInstall | None = None
         self.python = None if python is None else stub_python(python)
         self.backend_path = tuple(Path(p).absolute() for p in backend_path)
@@ -268,6 +276,7 @@ class EmbeddedServer:
         if self.is_running:
             return self
         self.install = find_tritonserver(self._tritonserver)
+        sweep_leftovers()
         backends = backend_directory(
             self.install, python_version=self.python.version if self.python else None
         )
@@ -423,7 +432,7 @@ class EmbeddedServer:
             self._log_path = self.log_file
             self._log_offset = os.fstat(fd).st_size
         else:
-            fd, log_name = tempfile.mkstemp(prefix="tritonforge-server-", suffix=".log")
+            fd, log_name = tempfile.mkstemp(prefix=f"{_LOG_PREFIX}{os.getpid()}-", suffix=".log")
             self._log_path = Path(log_name)
             self._log_offset = 0
         args = [
@@ -682,6 +691,82 @@ class _Watchdog:
     def _send(self, line: str) -> None:
         with contextlib.suppress(OSError):
             os.write(self._pipe, line.encode())
+
+
+_LOG_PREFIX = "tritonforge-server-"
+# tfg_<owner pid>_<hex>_... (this version) or tfg_<hex>_... (before the pid was in the name)
+_REGION = re.compile(r"^tfg_(?:(?P<pid>\d+)_)?[0-9a-f]{10}_")
+_LOG = re.compile(rf"^{_LOG_PREFIX}(?P<pid>\d+)-[^/]*\.log$")
+# a region named without its owner's pid is taken only once no process maps it and it is this old
+_UNOWNED_AGE_S = 120.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def _mapped_regions() -> set[str]:
+    """Names of the /dev/shm files some process maps right now (read from every /proc/<pid>/maps)."""
+    mapped: set[str] = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps, encoding="utf-8", errors="replace") as handle:
+                for line in handle:
+                    if "/dev/shm/" in line:
+                        mapped.add(line.rsplit("/dev/shm/", 1)[1].split(" (deleted)")[0].strip())
+        except OSError:
+            continue
+    return mapped
+
+
+def sweep_leftovers(shm_dir: str = "/dev/shm", tmp_dir: str | None = None) -> list[str]:
+    """Remove what servers started here left behind when their whole process tree was killed (an OOM
+    kill, ``kill -9`` of a process group: nothing of theirs ran to clean up): their Python backend's
+    shared-memory regions and their temporary logs. Returns the paths removed.
+
+    Never a live server's: a region goes only when the program that started its server is gone *and*
+    no process maps it (a stub that outlived its server still does); a region named before owners were
+    recorded goes only when no process maps it and it is older than two minutes. Regions of servers
+    not started by tritonforge (other prefixes) are never touched.
+    """
+    removed: list[str] = []
+    now = time.time()
+    candidates = []
+    with contextlib.suppress(OSError):
+        for name in os.listdir(shm_dir):
+            match = _REGION.match(name)
+            if match is None:
+                continue
+            pid = match.group("pid")
+            if pid is not None and _pid_alive(int(pid)):
+                continue
+            candidates.append((name, pid))
+    if candidates:
+        mapped = _mapped_regions()
+        for name, pid in candidates:
+            path = os.path.join(shm_dir, name)
+            try:
+                if name in mapped or (pid is None and now - os.stat(path).st_ctime < _UNOWNED_AGE_S):
+                    continue
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                continue
+    folder = tmp_dir or tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            match = _LOG.match(name)
+            if match is not None and not _pid_alive(int(match.group("pid"))):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
+                    removed.append(os.path.join(folder, name))
+    return removed
 
 
 def _shared_libpython_dir() -> Path | None:
