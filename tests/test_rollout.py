@@ -282,7 +282,7 @@ def test_rollout_rolls_back_a_candidate_whose_python_step_answers_errors_with_ze
     assert load.failures == [] and load.ok > 50  # stable answered for every failed candidate call
     assert _serves(repo, "pystep") == [1]
     step = _events(repo, "pystep", "rollout-step")[-1]
-    assert step["verdict"] == "fail" and step["step"] == 1
+    assert step["verdict"] == "fail" and step["step"] == "shadow"  # judged on mirrored calls first
     assert step["evidence"]["candidate_errors"] > 0
     _left_clean(repo, server, "pystep")
     assert "FAIL = False" in (repo / "pystep" / "1" / "model.py").read_text()  # its own code, untouched
