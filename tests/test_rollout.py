@@ -404,7 +404,12 @@ def test_rollout_ctrl_c_pauses_and_says_how_to_continue_and_an_abort_is_the_oper
     with Load(server.grpc_url, "stopped") as load:
         proc = subprocess.Popen(start, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            _wait_for(lambda: (s := load_state(repo, "stopped")) is not None and s.phase == "running")
+            # "running" is saved before the first step's weight: wait for both
+            _wait_for(
+                lambda: (
+                    (s := load_state(repo, "stopped")) is not None and s.phase == "running" and s.weight > 0
+                )
+            )
             resumed = runner.invoke(app, ["rollout", "resume", "stopped", *where])
             assert resumed.exit_code == 1 and "nothing to resume" in resumed.stderr
             listed = runner.invoke(app, ["models", str(repo)], env={"COLUMNS": "200"})
