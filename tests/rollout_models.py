@@ -1,5 +1,6 @@
 """Versions of one tiny MLP for rollout tests: the same weights (a good candidate), other weights (a wrong
-one), and the same weights plus a heavy branch that adds zero (a slow one)."""
+one), the same weights with the classes' columns rotated (a shuffled-label one), and the same weights
+plus a heavy branch that adds zero (a slow one)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,12 @@ def _weights(seed: int) -> list[np.ndarray]:
     ]
 
 
-def mlp(path: Path, *, seed: int = 7, slow_matmuls: int = 0, size: int = 384) -> Path:
-    """x[N, 8] -> probs[N, 3]; ``slow_matmuls`` chained size x size products feed a branch that adds 0."""
+def mlp(path: Path, *, seed: int = 7, slow_matmuls: int = 0, size: int = 384, shuffled: bool = False) -> Path:
+    """x[N, 8] -> probs[N, 3]; ``slow_matmuls`` chained size x size products feed a branch that adds 0;
+    ``shuffled``: the same model answering with its classes' labels rotated."""
     w1, b1, w2 = _weights(seed)
+    if shuffled:
+        w2 = np.ascontiguousarray(w2[:, [1, 2, 0]])
     inits = [
         numpy_helper.from_array(w1, "w1"),
         numpy_helper.from_array(b1, "b1"),

@@ -39,7 +39,10 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     "bench": (["m", "--url", "127.0.0.1:1"], "did not answer"),
     "tune": (["m", "--repo", "/nonexistent/repo"], "error: "),
     "ensemble": (["check", "/nonexistent/spec.yaml"], "problem(s) in the pipeline spec(s)"),
-    "rollout": (["m", "--url", "127.0.0.1:1", "--repo", "/nonexistent/repo"], "give the candidate version"),
+    "rollout": (
+        ["start", "m", "--url", "127.0.0.1:1", "--repo", "/nonexistent/repo"],
+        "give the candidate version",
+    ),
     "evaluate": (["m", "--url", "127.0.0.1:1", "--data", "/nonexistent/d.npz"], "error: "),
     "audit": (["/nonexistent/repo"], "/nonexistent/repo is not a model repository"),
     "deploy": (["/nonexistent/repo", "--out", "/nonexistent/out"], "no model repository at /nonexistent"),

@@ -22,9 +22,7 @@ GLOSSARY = ROOT / "docs" / "cli-vocabulary.md"
 RENAMING = ROOT / "src" / "tritonforge" / "commands" / "_renamed.py"
 
 # Verbs other branches are reshaping: the lead removes each entry once that branch has landed.
-PENDING: dict[str, str] = {
-    "rollout": "becomes `rollout start|status|pause|resume|abort` with --hold-s (the rollout branch)",
-}
+PENDING: dict[str, str] = {}
 PENDING_ACCESS: dict[str, str] = {}
 PENDING_JSON: dict[str, str] = {}
 

@@ -75,6 +75,18 @@ def test_rollback_returns_to_the_version_served_before(repo):
     assert rollback(repo, "clf", to=2)["to"] == [2]
 
 
+def test_rollback_walks_the_promotes_back_to_exactly_the_versions_served_before(repo):
+    from tritonforge.config import VersionPolicy, write_config
+
+    write_config(read_config(repo / "clf").replace(version_policy=VersionPolicy.specific(1, 2)), repo / "clf")
+    promote(repo, "clf", 3)  # from [1, 2]
+    promote(repo, "clf", 3)  # changes nothing: not a step to walk back
+    promote(repo, "clf", 1)  # from [3]
+    assert rollback(repo, "clf")["to"] == [3]
+    assert rollback(repo, "clf")["to"] == [1, 2]
+    assert read_config(repo / "clf").version_policy.versions == (1, 2)
+
+
 def test_register_appends_an_add_model_event_with_the_artifact_to_the_audit_log(repo):
     events = audit_log(repo)
     assert [(e["action"], e["model"], e["version"]) for e in events] == [

@@ -1,6 +1,8 @@
 """Canary rollouts through the real server, under steady concurrent load from apps that only know the
-model's name: a good candidate goes to 100 %, a wrong and a slow one are rolled back at the first step,
-a killed controller is resumed — each with zero failed requests and the verdicts in the audit log."""
+model's name: a good candidate goes to 100 %, a shuffled-label one is rolled back at its shadow step
+without answering anyone, a slow one at the first step; a killed controller is told dead and resumed, a
+Ctrl-C pauses, a whole-server SIGKILL in each model-control mode costs no request once the server is
+back — each with zero failed requests and what happened in the audit log."""
 
 from __future__ import annotations
 
@@ -28,7 +30,20 @@ from tritonforge.server import EmbeddedServer
 
 pytestmark = pytest.mark.slow
 
-MODELS = ("good", "wrong", "slow", "resumed", "aborted", "flip", "gated", "paused", "late", "pystep")
+MODELS = (
+    "good",
+    "wrong",
+    "slow",
+    "crashed",
+    "aborted",
+    "flip",
+    "gated",
+    "paused",
+    "late",
+    "back",
+    "stopped",
+    "pystep",
+)
 DEADLINE_S = 10.0
 
 
@@ -39,14 +54,16 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     stable = mlp(files / "stable.onnx")
     candidates = {
         "good": mlp(files / "good.onnx"),  # the same function, a new file
-        "wrong": mlp(files / "wrong.onnx", seed=8),
+        "wrong": mlp(files / "wrong.onnx", shuffled=True),
         "slow": mlp(files / "slow.onnx", slow_matmuls=40),
-        "resumed": mlp(files / "good2.onnx"),
+        "crashed": mlp(files / "good2.onnx"),
         "aborted": mlp(files / "good3.onnx"),
         "flip": mlp(files / "wrong2.onnx", seed=9),
         "gated": mlp(files / "wrong3.onnx", seed=8),
         "paused": mlp(files / "good5.onnx"),
         "late": mlp(files / "slow2.onnx", slow_matmuls=40),
+        "back": mlp(files / "wrong4.onnx", seed=8),  # v2: never promoted
+        "stopped": mlp(files / "good6.onnx"),
     }
     from tritonforge.registry import promote
 
@@ -55,8 +72,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         add_model(root, name, stable, max_batch_size=16)
         add_model(root, name, candidates[name], max_batch_size=16)
         promote(root, name, 1, reason="initial")
-    add_model(root, "gated", mlp(files / "good4.onnx"), max_batch_size=16)  # v3: as good as v1
-    promote(root, "gated", 1)
+    for name in ("gated", "back"):
+        add_model(root, name, mlp(files / "good4.onnx"), max_batch_size=16)  # v3: as good as v1
+        promote(root, name, 1)
     return root
 
 
@@ -109,11 +127,18 @@ def server(repo: Path) -> Iterator[EmbeddedServer]:
 
 
 class Load:
-    """Apps calling the model by name from a few threads (deadline per call), counting every failure."""
+    """Apps calling the model by name from a few threads (deadline per call), counting every failure and,
+    with ``expect`` (the stable version's file), every answer that is not stable's."""
 
-    def __init__(self, url: str, model: str, threads: int = 3) -> None:
+    def __init__(self, url: str, model: str, threads: int = 3, expect: Path | None = None) -> None:
         self.url, self.model = url, model
         self.ok = 0
+        self.wrong = 0
+        self.expect = None
+        if expect is not None:
+            import onnxruntime as ort
+
+            self.expect = ort.InferenceSession(str(expect), providers=["CPUExecutionProvider"])
         self.failures: list[str] = []
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -129,9 +154,14 @@ class Load:
                 inp.set_data_from_numpy(x)
                 try:
                     result = client.infer(self.model, [inp], client_timeout=DEADLINE_S)
-                    assert result.as_numpy("probs").shape == (2, 3)
+                    probs = result.as_numpy("probs")
+                    assert probs.shape == (2, 3)
+                    wrong = self.expect is not None and not np.allclose(
+                        probs, self.expect.run(None, {"x": x})[0], atol=1e-4
+                    )
                     with self.lock:
                         self.ok += 1
+                        self.wrong += int(wrong)
                 except Exception as exc:
                     with self.lock:
                         self.failures.append(repr(exc)[:300])
@@ -172,7 +202,10 @@ def _left_clean(repo: Path, server: EmbeddedServer, model: str) -> None:
     assert not state_paths(repo, model).stats_files()
     assert not [p for p in repo.iterdir() if p.is_dir() and p.name.startswith(".")]
     assert not any((repo / model).glob("*/tritonforge_rollout_splitter.py"))
+    # the splitter's bytecode gone (a Python model's own cache comes back when it serves again)
+    assert not any((repo / model).glob("*/__pycache__/tritonforge_rollout_splitter.*"))
     assert "tritonforge_rollout" not in load_config(repo / model).parameters
+    assert not state_paths(repo, model).heartbeat.exists()
 
 
 def test_rollout_moves_a_good_candidate_to_100_percent_with_zero_failed_requests(repo, server):
@@ -185,29 +218,57 @@ def test_rollout_moves_a_good_candidate_to_100_percent_with_zero_failed_requests
     assert _serves(repo, "good") == [2]
     assert server.is_model_ready("good", 2) and not server.is_model_ready("good", 1)
     steps = _events(repo, "good", "rollout-step")
-    assert [e["verdict"] for e in steps] == ["pass", "pass", "pass"]
+    assert [(e["step"], e["verdict"]) for e in steps] == [
+        ("shadow", "pass"),
+        (1, "pass"),
+        (2, "pass"),
+        (3, "pass"),
+    ]
     assert all(e["evidence"]["agreement"] == 1.0 for e in steps)
     assert all(e["evidence"]["candidate_calls"] >= 15 for e in steps)
-    assert _events(repo, "good", "promote")[-1]["to"] == [2]
+    promoted = _events(repo, "good", "promote")[-1]
+    assert (promoted["from"], promoted["to"]) == ([1], [2])
     _left_clean(repo, server, "good")
 
 
-def test_rollout_rolls_a_wrong_candidate_back_at_the_first_step_with_zero_failed_requests(repo, server):
-    with Load(server.grpc_url, "wrong") as load:
+def test_rollout_shadow_step_rolls_a_shuffled_label_candidate_back_before_any_user_gets_its_answers(
+    repo, server
+):
+    with Load(server.grpc_url, "wrong", expect=repo / "wrong" / "1" / "model.onnx") as load:
         outcome = Rollout(repo, server.grpc_url, "wrong").start(
             2, steps=[10, 50, 100], hold_s=1.5, thresholds=_limits()
         )
     assert outcome.result == "rolled_back"
     assert "agreement" in outcome.reason
     assert load.failures == [] and load.ok > 50
+    assert load.wrong == 0  # the candidate was judged on mirrored traffic only
     assert _serves(repo, "wrong") == [1]
     assert server.is_model_ready("wrong", 1)
     step = _events(repo, "wrong", "rollout-step")[-1]
-    assert step["verdict"] == "fail" and step["step"] == 1 and step["weight"] == 10
+    assert step["verdict"] == "fail" and step["step"] == "shadow" and step["weight"] == 10
     assert step["evidence"]["agreement"] < 0.99 and step["evidence"]["disagreements"]
-    assert _events(repo, "wrong", "rollout-rollback")[-1]["to"] == [1]
+    rollback = _events(repo, "wrong", "rollout-rollback")[-1]
+    assert rollback["to"] == [1] and rollback["cause"] == "breach" and "agreement" in rollback["reason"]
     assert not _events(repo, "wrong", "rollback")  # the registry's rollback history is left alone
     _left_clean(repo, server, "wrong")
+
+
+def test_rollback_after_a_rollout_returns_to_the_version_served_before_not_a_failed_one(repo, server):
+    from tritonforge.rollout.live import rollback_live
+
+    with Load(server.grpc_url, "back") as load:
+        outcome = Rollout(repo, server.grpc_url, "back").start(
+            3, steps=[50, 100], hold_s=1.0, thresholds=_limits(min_requests=10)
+        )
+        assert outcome.result == "promoted"
+        promoted = _events(repo, "back", "promote")[-1]
+        assert (promoted["from"], promoted["to"]) == ([1], [3])
+        event = rollback_live(repo, server.grpc_url, "back", reason="back to what served")
+    assert event["to"] == [1]  # not v2, the highest below v3, which never served
+    assert load.failures == []
+    assert _serves(repo, "back") == [1]
+    assert server.is_model_ready("back", 1) and not server.is_model_ready("back", 3)
+    _left_clean(repo, server, "back")
 
 
 def test_rollout_rolls_back_a_candidate_whose_python_step_answers_errors_with_zero_failed_requests(
@@ -222,7 +283,7 @@ def test_rollout_rolls_back_a_candidate_whose_python_step_answers_errors_with_ze
     assert load.failures == [] and load.ok > 50  # stable answered for every failed candidate call
     assert _serves(repo, "pystep") == [1]
     step = _events(repo, "pystep", "rollout-step")[-1]
-    assert step["verdict"] == "fail" and step["step"] == 1
+    assert step["verdict"] == "fail" and step["step"] == "shadow"  # judged on mirrored calls first
     assert step["evidence"]["candidate_errors"] > 0
     _left_clean(repo, server, "pystep")
     assert "FAIL = False" in (repo / "pystep" / "1" / "model.py").read_text()  # its own code, untouched
@@ -260,57 +321,124 @@ def test_rollout_rolls_a_slow_candidate_back_at_the_first_step_with_zero_failed_
     assert load.failures == []
     assert _serves(repo, "slow") == [1]
     step = _events(repo, "slow", "rollout-step")[-1]
-    assert step["verdict"] == "fail" and step["step"] == 1
+    assert step["verdict"] == "fail" and step["step"] == "shadow"
     assert step["evidence"]["candidate_p99_ms"] > limit_ms
     assert step["evidence"]["agreement"] == 1.0  # right answers, too late
     _left_clean(repo, server, "slow")
 
 
-def test_rollout_killed_mid_way_is_resumed_from_its_saved_state_and_finishes(repo, server):
-    cmd = [
-        sys.executable,
-        "-m",
-        "tritonforge",
-        "rollout",
-        "resumed",
-        "--to",
-        "2",
-        "--url",
-        server.grpc_url,
-        "--repo",
-        str(repo),
-        "--steps",
-        "10,50,100",
-        "--hold",
-        "1.5",
-        "--max-error-rate",
-        "0",
-        "--min-requests",
-        "15",
-    ]
-    with Load(server.grpc_url, "resumed") as load:
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tritonforge", *args]
+
+
+def _wait_for(check, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def _status(repo: Path, model: str) -> dict:
+    from typer.testing import CliRunner
+
+    from tritonforge.cli import app
+
+    result = CliRunner().invoke(app, ["rollout", "status", model, "--repo", str(repo), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_rollout_killed_controller_is_told_dead_recorded_as_a_crash_and_resumed_with_its_twin_reloaded(
+    repo, server
+):
+    start = _cli(
+        "rollout", "start", "crashed", "--to", "2", "--url", server.grpc_url, "--repo", str(repo),
+        "--steps", "10,50,100", "--hold-s", "1.5", "--max-error-rate", "0", "--min-requests", "15",
+    )  # fmt: skip
+    with Load(server.grpc_url, "crashed") as load:
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            start, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         try:
-            deadline = time.monotonic() + 120
-            while not _events(repo, "resumed", "rollout-step") and time.monotonic() < deadline:
-                time.sleep(0.1)
+            _wait_for(lambda: bool(_events(repo, "crashed", "rollout-step")), 120)
+            alive = _status(repo, "crashed")["controller"]
+            assert alive["alive"] and alive["pid"] == proc.pid and alive["last_beat_age_s"] < 5
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        state = load_state(repo, "resumed")
-        assert state is not None and state.phase == "running" and state.step_index >= 1
+        dead = _status(repo, "crashed")
+        assert dead["phase"] == "running" and dead["controller"]["alive"] is False
+        assert dead["controller"]["pid"] == proc.pid
         time.sleep(1.0)  # the splitter keeps serving the split with no controller alive
         with pytest.raises(RolloutError, match="already in progress"):
-            Rollout(repo, server.grpc_url, "resumed").start(2)
-        outcome = Rollout(repo, server.grpc_url, "resumed").resume()
-    assert outcome.result == "promoted"
+            Rollout(repo, server.grpc_url, "crashed").start(2)
     assert load.failures == []
-    assert _serves(repo, "resumed") == [2]
-    assert _events(repo, "resumed", "rollout-resume")
-    assert [e["weight"] for e in _events(repo, "resumed", "rollout-step")][-1] == 100
-    _left_clean(repo, server, "resumed")
+    # as after a server restart that lost it: the twin is gone, so every call through the split fails on
+    # both arms, which is not the candidate's fault; resume loads it again before it judges anything
+    server.unload_model("crashed__rollout")
+    _wait_for(lambda: not server.is_model_ready("crashed__rollout"), 30)
+    with Load(server.grpc_url, "crashed") as lost:
+        outcome = Rollout(repo, server.grpc_url, "crashed").resume()
+    assert outcome.result == "promoted", outcome
+    assert lost.ok > 20  # (calls before the twin was back failed: the point of loading it with the model)
+    assert _serves(repo, "crashed") == [2]
+    crash = _events(repo, "crashed", "rollout-crash")[-1]
+    assert crash["pid"] == proc.pid and crash["phase"] == "running" and crash["last_beat"]
+    assert all(e["verdict"] == "pass" for e in _events(repo, "crashed", "rollout-step"))
+    _left_clean(repo, server, "crashed")
+
+
+def test_rollout_ctrl_c_pauses_and_says_how_to_continue_and_an_abort_is_the_operators_not_a_failure(
+    repo, server
+):
+    from typer.testing import CliRunner
+
+    from tritonforge.cli import app
+
+    runner = CliRunner()
+    start = _cli(
+        "rollout", "start", "stopped", "--to", "2", "--url", server.grpc_url, "--repo", str(repo),
+        "--steps", "20,100", "--hold-s", "60", "--min-requests", "5",
+    )  # fmt: skip
+    where = ["--url", server.grpc_url, "--repo", str(repo)]
+    with Load(server.grpc_url, "stopped") as load:
+        proc = subprocess.Popen(start, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            # "running" is saved before the first step's weight: wait for both
+            _wait_for(
+                lambda: (
+                    (s := load_state(repo, "stopped")) is not None and s.phase == "running" and s.weight > 0
+                )
+            )
+            resumed = runner.invoke(app, ["rollout", "resume", "stopped", *where])
+            assert resumed.exit_code == 1 and "nothing to resume" in resumed.stderr
+            listed = runner.invoke(app, ["models", str(repo)], env={"COLUMNS": "200"})
+            assert "shadow 20%" in listed.stdout and "stopped__rollout" not in listed.stdout
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 128 + signal.SIGINT, err
+        last = out.strip().splitlines()[-1]
+        assert "SIGINT: paused at 20%" in last and "tritonforge rollout resume stopped" in last
+        assert "tritonforge rollout abort stopped" in last
+        paused = _status(repo, "stopped")
+        assert paused["phase"] == "paused" and paused["controller"]["pid"] is None
+        status = runner.invoke(app, ["rollout", "status", "stopped", "--repo", str(repo)])
+        assert "paused" in status.stdout and "no controller" in status.stdout
+        aborted = runner.invoke(app, ["rollout", "abort", "stopped", *where, "--reason", "not today"])
+        assert aborted.exit_code == 0, aborted.output
+    assert load.failures == []
+    assert _serves(repo, "stopped") == [1]
+    abort = _events(repo, "stopped", "rollout-abort")[-1]
+    assert abort["reason"] == "not today"
+    assert not [e for e in _events(repo, "stopped", "rollout-step") if e["verdict"] == "fail"]
+    rollback = _events(repo, "stopped", "rollout-rollback")[-1]
+    assert rollback["cause"] == "abort" and rollback["reason"] == "not today"
+    assert _events(repo, "stopped", "rollout-pause")[-1]["reason"] == "interrupted by SIGINT"
+    _left_clean(repo, server, "stopped")
 
 
 def test_rollout_abort_after_a_crash_restores_the_stable_version(repo, server):
@@ -350,6 +478,115 @@ def test_rollout_under_poll_mode_promotes_with_zero_failed_requests(tmp_path):
         assert polled.is_model_ready("polled", 2) and not polled.is_model_ready("polled", 1)
         assert not polled.is_model_ready("polled__rollout")
         _left_clean(root, polled, "polled")
+
+
+def _one_model_repo(tmp_path: Path) -> Path:
+    from tritonforge.registry import promote
+
+    root = tmp_path / "repo"
+    add_model(root, "k", mlp(tmp_path / "files" / "stable.onnx"), max_batch_size=16)
+    add_model(root, "k", mlp(tmp_path / "files" / "good.onnx"), max_batch_size=16)
+    promote(root, "k", 1)
+    return root
+
+
+def _restart_killed(server: EmbeddedServer, root: Path, options: dict) -> EmbeddedServer:
+    """SIGKILL the whole server (its process group: Triton and the model stubs), then start it again on
+    the same ports, in the mode ``options`` give; returns once it is ready."""
+    ports = {
+        "grpc_port": server.grpc_port,
+        "http_port": server.http_port,
+        "metrics_port": server.metrics_port,
+    }
+    assert server.pid is not None
+    os.killpg(server.pid, signal.SIGKILL)
+    server.stop()
+    return EmbeddedServer(root, **ports, **options).start()
+
+
+_MODES: dict[str, dict] = {
+    "explicit": {"model_control": "explicit", "load_models": ["k"]},  # as the docs show: no twin named
+    # a plain tritonserver command line: nothing reads the splitter's load-with parameter
+    "explicit-raw": {"model_control": "explicit", "extra_args": ["--load-model=k"]},
+    "poll": {"model_control": "poll", "poll_interval_s": 1},
+    "none": {},
+}
+
+
+@pytest.mark.parametrize("mode", ["explicit", "explicit-raw", "poll"])
+def test_rollout_survives_a_whole_server_sigkill_with_zero_failed_requests_once_the_server_is_ready(
+    tmp_path, mode
+):
+    """The controller lives on: at its next tick it finds the restarted server and carries on."""
+    import concurrent.futures
+
+    root = _one_model_repo(tmp_path)
+    options = _MODES[mode]
+    first = EmbeddedServer(root, **options).start()
+    second = None
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            rollout = Rollout(root, first.grpc_url, "k", ready_timeout_s=60)
+            running = pool.submit(
+                rollout.start,
+                2,
+                steps=[50, 100],
+                hold_s=1.5,
+                thresholds=_limits(min_requests=10),
+                shadow=False,
+            )
+            _wait_for(
+                lambda: ((s := load_state(root, "k")) is not None and s.phase == "running") or running.done()
+            )
+            assert not running.done(), running.result()
+            second = _restart_killed(first, root, options)
+            if mode != "explicit-raw":  # there the splitter's first request loads it
+                assert second.is_model_ready("k__rollout", 1) and second.is_model_ready("k__rollout", 2)
+            with Load(second.grpc_url, "k") as load:
+                outcome = running.result(timeout=120)
+        assert load.failures == [] and load.ok > 20
+        assert outcome.result == "promoted", outcome
+        assert _serves(root, "k") == [2]
+        _wait_for(lambda: second.is_model_ready("k", 2) and not second.is_model_ready("k__rollout"), 30)
+        _left_clean(root, second, "k")
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+@pytest.mark.parametrize("mode", ["none", "explicit-raw"])
+def test_rollout_split_serves_with_zero_failed_requests_after_the_machine_restarts_without_a_controller(
+    tmp_path, mode
+):
+    """Server and controller killed at once; the server comes back in none mode (every model of the
+    repository loaded at start, so the twin too), or from a plain command line in explicit mode naming only
+    the model (the splitter's first request loads its twin): the split answers every request once ready."""
+    root = _one_model_repo(tmp_path)
+    first = EmbeddedServer(root, **_MODES["explicit"]).start()
+    second = None
+    try:
+        start = _cli(
+            "rollout", "start", "k", "--to", "2", "--url", first.grpc_url, "--repo", str(root),
+            "--steps", "50,100", "--hold-s", "60", "--min-requests", "10",
+        )  # fmt: skip
+        proc = subprocess.Popen(start, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_for(lambda: (s := load_state(root, "k")) is not None and s.phase == "running")
+        finally:
+            proc.kill()
+            proc.wait()
+        second = _restart_killed(first, root, _MODES[mode])
+        with Load(second.grpc_url, "k") as load:
+            _wait_for(
+                lambda: load.ok > 20 or bool(load.failures), 30
+            )  # explicit-raw: the first wait for the twin
+        assert load.failures == [] and load.ok > 20
+        assert _status(root, "k")["controller"]["alive"] is False
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
 
 
 def test_promote_and_rollback_live_keep_serving_with_zero_failed_requests(repo, server):
@@ -430,6 +667,7 @@ def test_cli_promote_and_rollout_refuse_a_failed_gate_in_one_line_on_stderr(repo
         app,
         [
             "rollout",
+            "start",
             "gated",
             "--to",
             "2",
@@ -463,11 +701,7 @@ def test_audit_command_shows_every_change_as_a_table_and_as_json(repo, server):
 def test_rollout_pause_holds_the_weight_until_resume_from_another_caller(repo, server):
     import concurrent.futures
 
-    def wait_for(check, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not check():
-            assert time.monotonic() < deadline, "timed out"
-            time.sleep(0.1)
+    wait_for = _wait_for
 
     with Load(server.grpc_url, "paused") as load, concurrent.futures.ThreadPoolExecutor(1) as pool:
         running = pool.submit(
@@ -476,6 +710,7 @@ def test_rollout_pause_holds_the_weight_until_resume_from_another_caller(repo, s
             steps=[20, 100],
             hold_s=2.0,
             thresholds=_limits(min_requests=5),
+            shadow=False,
         )
         wait_for(lambda: (s := load_state(repo, "paused")) is not None and s.phase == "running")
         Rollout(repo, server.grpc_url, "paused").pause()
@@ -514,3 +749,19 @@ def test_rollout_answers_from_stable_when_the_candidate_is_later_than_its_timeou
         evidence["candidate_timeouts"] >= 1 and evidence["candidate_timeouts"] == evidence["candidate_errors"]
     )
     _left_clean(repo, server, "late")
+
+
+def test_rollout_old_flag_forms_still_work_with_one_deprecation_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from tritonforge.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["rollout", "clf", "--status", "--repo", str(tmp_path)])
+    assert result.exit_code == 0 and "no rollout of clf in progress" in result.stdout
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("deprecated: `tritonforge rollout --status` is now `tritonforge rollout status")
+    resumed = runner.invoke(app, ["rollout", "resume", "clf", "--repo", str(tmp_path)])
+    assert resumed.exit_code == 1 and "no rollout of 'clf' is in progress" in resumed.stderr
+    both = runner.invoke(app, ["rollout", "clf", "--pause", "--abort"])
+    assert both.exit_code == 1 and "give at most one of --pause, --abort" in both.stderr

@@ -5,7 +5,7 @@ Secrets never go on the command line: ``--auth`` takes Triton's ``"<protocols>:<
 ``<ref>`` ``env:NAME`` or ``@PATH`` (a 0600 file), and each option also reads an environment variable::
 
     export TRITONFORGE_AUTH='model-repository,statistics:admin-key=env:ADMIN_KEY'
-    tritonforge rollout clf --to 2 --url triton:8001 --tls-root-cert ca.pem
+    tritonforge rollout start clf --to 2 --url triton:8001 --tls-root-cert ca.pem
 """
 
 from __future__ import annotations

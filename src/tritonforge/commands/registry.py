@@ -41,17 +41,23 @@ def models(
     repo: Path = typer.Argument(..., help="The model repository."),
     as_json: bool = typer.Option(False, "--json", help="Every version with its manifest, as JSON."),
 ) -> None:
-    """List the models and versions in REPO with their figures and which version is served."""
+    """List the models and versions in REPO with their figures and which version is served; a model in
+    the middle of a rollout shows its phase, step and share (its twin is not listed as a model)."""
     from tritonforge.registry import list_models
+    from tritonforge.rollout.state import rollouts_in
 
     try:
         rows = list_models(repo)
+        rollouts = rollouts_in(repo)
     except TritonForgeError as exc:
         raise _fail(exc) from None
+    twins = {state.twin for state in rollouts.values()}
+    rows = [r for r in rows if r.model not in twins]
     if as_json:
         print_json(
             [
                 {"model": r.model, "version": r.version, "served": r.served, "variant": r.variant}
+                | ({"rollout": _rollout_of(r.version, rollouts[r.model])} if r.model in rollouts else {})
                 | {"manifest": r.manifest}
                 for r in rows
             ]
@@ -65,13 +71,39 @@ def models(
         table.add_row(
             r.model,
             str(r.version),
-            "[green]yes[/]" if r.served else "no",
+            _served(r.served, r.version, rollouts.get(r.model)),
             r.variant,
             "" if size is None else f"{size / 1e6:.1f}",
             _figures(r.manifest),
             str(r.manifest.get("created_at", ""))[:16].replace("T", " "),
         )
     console.print(table)
+
+
+def _rollout_of(version: int, state: Any) -> dict[str, Any] | None:
+    """A rollout in progress as it concerns ``version`` (None for a version it does not touch)."""
+    if version not in (state.stable, state.candidate):
+        return None
+    candidate = version == state.candidate
+    return {
+        "role": "candidate" if candidate else "stable",
+        "share": state.weight if candidate else (100 if state.shadow else 100 - state.weight),
+        "shadow": state.shadow,
+        "phase": state.phase,
+        "step": state.step_label,
+    }
+
+
+def _served(served: bool, version: int, state: Any) -> str:
+    """ "yes"/"no", or for the two versions of a rollout in progress its share, phase and step."""
+    if state is None or version not in (state.stable, state.candidate):
+        return "[green]yes[/]" if served else "no"
+    if version == state.candidate:
+        kind = "shadow" if state.shadow else "rollout"
+        share = state.weight
+    else:
+        kind, share = "rollout", (100 - state.weight if not state.shadow else 100)
+    return f"[yellow]{kind} {share:g}%[/] ({state.phase}, {state.step_label})"
 
 
 @with_access

@@ -12,6 +12,7 @@ from tritonforge.registry.core import (
     read_manifest,
     register,
     rollback,
+    served_before,
     served_versions,
 )
 
@@ -32,5 +33,6 @@ __all__ = [
     "record_event",
     "register",
     "rollback",
+    "served_before",
     "served_versions",
 ]

@@ -40,6 +40,7 @@ __all__ = [
     "read_manifest",
     "register",
     "rollback",
+    "served_before",
     "served_versions",
 ]
 
@@ -278,26 +279,28 @@ def pinned_by_ensembles(repo: Path, name: str) -> dict[str, int]:
 
 
 def _set_served(
-    repo: Path, name: str, version: int, action: str, reason: str | None, force: bool = False
+    repo: Path, name: str, chosen: list[int], action: str, reason: str | None, force: bool = False
 ) -> dict[str, Any]:
     model_dir = _model_dir(repo, name)
-    found = _check_version(model_dir, name, version)
-    broken = {e: v for e, v in pinned_by_ensembles(repo, name).items() if v != version}
+    for version in chosen:
+        found = _check_version(model_dir, name, version)
+    shown = f"version {chosen[0]}" if len(chosen) == 1 else f"versions {chosen}"
+    broken = {e: v for e, v in pinned_by_ensembles(repo, name).items() if v not in chosen}
     if broken and not force:
         listed = ", ".join(f"'{e}' pins v{v}" for e, v in broken.items())
         raise RepositoryError(
-            f"serving only version {version} of '{name}' would break ensembles that use another version "
-            f"({listed}): Triton would refuse them. Re-pin those pipelines to v{version} (or unpin them) "
+            f"serving only {shown} of '{name}' would break ensembles that use another version "
+            f"({listed}): Triton would refuse them. Re-pin those pipelines to v{chosen[0]} (or unpin them) "
             f"and recompile, or pass force=True (--force) to {action} anyway",
             model=name,
-            version=version,
+            version=chosen[0],
         )
 
     def change() -> dict[str, Any]:  # under the audit log's lock: no other change comes between
         config = load_config(model_dir)
         before = served_versions(config, found)
-        write_config(config.replace(version_policy=VersionPolicy.specific(version)), model_dir)
-        return {"from": before, "to": [version]}
+        write_config(config.replace(version_policy=VersionPolicy.specific(*chosen)), model_dir)
+        return {"from": before, "to": list(chosen)}
 
     return record_event(repo, action, model=name, reason=reason, change=change)
 
@@ -314,7 +317,7 @@ def promote(
         RepositoryError: no such model, or no such version (the message lists what exists), or an
             ensemble pins another version of the model (unless ``force``).
     """
-    return _set_served(Path(repo), name, int(version), "promote", reason, force)
+    return _set_served(Path(repo), name, [int(version)], "promote", reason, force)
 
 
 def rollback(
@@ -325,38 +328,46 @@ def rollback(
     reason: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Serve the version before the one served now (or ``to``) and record it in the audit log.
+    """Serve again exactly the versions served before the last promote (or ``to``), and record it.
 
-    "Before" is the version that was served before the last promote/rollback of this model, per the
-    audit log; without history, the highest version below the lowest served one.
+    "Before" comes from the audit log: each promote records the versions it replaced, and each rollback
+    undoes the latest promote not yet undone, so rollback after rollback walks the promotes back. A
+    version that was never promoted (e.g. a rollout candidate that was rolled back) is never chosen.
+    Without history: the highest version below the lowest served one.
 
     Raises:
         RepositoryError: no such model or version, or nothing to roll back to.
     """
     root = Path(repo)
     model_dir = _model_dir(root, name)
-    if to is None:
-        found = versions(model_dir)
-        now = served_versions(load_config(model_dir), found)
-        history = [
-            e
-            for e in audit_log(root)
-            if e.get("model") == name and e.get("action") in ("promote", "rollback")
-        ]
-        previous = [
-            v for v in (history[-1].get("from", []) if history else []) if v in found and v not in now
-        ]
-        if previous:
-            to = max(previous)
-        else:
-            lower = [v for v in found if now and v < min(now)]
-            if not lower:
-                raise RepositoryError(
-                    f"model '{name}' serves {now or 'nothing'} and has no earlier version to roll back to",
-                    model=name,
-                )
-            to = lower[-1]
-    return _set_served(root, name, int(to), "rollback", reason, force)
+    if to is not None:
+        return _set_served(root, name, [int(to)], "rollback", reason, force)
+    found = versions(model_dir)
+    now = served_versions(load_config(model_dir), found)
+    previous = [v for v in served_before(root, name) if v in found]
+    if previous and previous != now:
+        return _set_served(root, name, previous, "rollback", reason, force)
+    lower = [v for v in found if now and v < min(now)]
+    if not lower:
+        raise RepositoryError(
+            f"model '{name}' serves {now or 'nothing'} and has no earlier version to roll back to",
+            model=name,
+        )
+    return _set_served(root, name, [lower[-1]], "rollback", reason, force)
+
+
+def served_before(repo: str | os.PathLike[str], name: str) -> list[int]:
+    """The versions ``name`` served before its latest promote that no rollback has undone yet (``[]``
+    without such history), per the audit log."""
+    undone: list[list[int]] = []
+    for event in audit_log(repo):
+        if event.get("model") != name:
+            continue
+        if event.get("action") == "promote" and event.get("from") != event.get("to"):
+            undone.append([int(v) for v in event.get("from", [])])
+        elif event.get("action") == "rollback" and undone:
+            undone.pop()
+    return undone[-1] if undone else []
 
 
 def audit_log(repo: str | os.PathLike[str]) -> list[dict[str, Any]]:

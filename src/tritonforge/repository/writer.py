@@ -199,10 +199,13 @@ def amend_version(
     *,
     config: ModelConfig | None = None,
     manifest: Mapping[str, Any] | None = None,
+    add_files: Mapping[str, str | os.PathLike[str]] | None = None,
+    drop_files: Sequence[str] = (),
 ) -> Path:
     """Rewrite an existing version's manifest (``manifest`` entries merged in) and, with ``config``, the
     model's config, atomically: the version folder is staged whole and swapped in (see
-    :meth:`RepositoryWrite.amend`). The model file is not changed.
+    :meth:`RepositoryWrite.amend`). The model file is not changed; ``add_files`` (name in the folder ->
+    source file) are added or replaced, ``drop_files`` (names in the folder) left out.
 
     Example:
         >>> amend_version("model_repository", "clf", 1, config=tuned, manifest=extra)  # doctest: +SKIP
@@ -215,7 +218,9 @@ def amend_version(
         ConfigError: ``config`` is invalid or names another model.
     """
     with RepositoryWrite(repo) as write:
-        return write.amend(name, version, config=config, manifest=manifest)
+        return write.amend(
+            name, version, config=config, manifest=manifest, add_files=add_files, drop_files=drop_files
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,10 +375,13 @@ class RepositoryWrite:
         *,
         config: ModelConfig | None = None,
         manifest: Mapping[str, Any] | None = None,
+        add_files: Mapping[str, str | os.PathLike[str]] | None = None,
+        drop_files: Sequence[str] = (),
     ) -> Path:
         """Stage a rewrite of existing version ``version`` of ``name``: its files as they are (hard links
-        where the file system allows, else copies), its ``manifest.json`` with ``manifest`` merged in, and
-        ``config`` (default: the model's config as it is). Moved in like a replaced version.
+        where the file system allows, else copies) but ``drop_files`` and with ``add_files`` (name ->
+        source), its ``manifest.json`` with ``manifest`` merged in, and ``config`` (default: the model's
+        config as it is). Moved in like a replaced version.
 
         Raises:
             RepositoryError: the model or version does not exist, or it is written twice in this write.
@@ -400,7 +408,15 @@ class RepositoryWrite:
         folder = self._staging_dir() / name
         folder.mkdir(parents=True)
         version_dir = folder / str(version)
-        shutil.copytree(current, version_dir, copy_function=_link_or_copy)
+        dropped = set(drop_files) | set(add_files or {})
+        shutil.copytree(
+            current,
+            version_dir,
+            copy_function=_link_or_copy,
+            ignore=lambda folder, names: [n for n in names if Path(folder) == current and n in dropped],
+        )
+        for target_name, source in (add_files or {}).items():
+            shutil.copyfile(source, version_dir / target_name)
         (version_dir / "manifest.json").unlink(missing_ok=True)
         (version_dir / "manifest.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         write_config(config, folder / "config.pbtxt")

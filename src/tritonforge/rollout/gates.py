@@ -17,9 +17,7 @@ import json
 import operator
 import os
 import re
-import shutil
 import subprocess
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,7 +116,8 @@ def evaluate(
         RolloutError: bad holdout, unknown version, or the server can't run it (the reason included).
     """
     from tritonforge.client import Client
-    from tritonforge.rollout.controller import _link_tree
+    from tritonforge.rollout.twin import remove_twin, write_alias
+    from tritonforge.rollout.waits import load_and_wait
 
     root = Path(repo)
     model_dir = root / model
@@ -145,25 +144,16 @@ def evaluate(
         try:
             if not client.is_model_ready(model, version):
                 temporary = f"{model}__eval_v{version}"
-                staging = root / temporary
-                shutil.rmtree(staging, ignore_errors=True)
-                _link_tree(model_dir / str(version), staging / str(version))
-                from tritonforge.config import VersionPolicy, write_config
-
-                write_config(
-                    config.replace(name=temporary, version_policy=VersionPolicy.specific(version)), staging
+                remove_twin(root, temporary)  # a leftover of an interrupted evaluation
+                write_alias(root, model, temporary, (version,), config)
+                load_and_wait(
+                    client,
+                    temporary,
+                    lambda: bool(client.is_model_ready(temporary, version)),
+                    timeout_s=ready_timeout_s,
+                    url=url,
+                    then=f"v{version} of '{model}' could not be evaluated (see the server's log)",
                 )
-                with contextlib.suppress(ClientError):
-                    client.load_model(temporary)
-                deadline = time.monotonic() + ready_timeout_s
-                while not client.is_model_ready(temporary, version):
-                    if time.monotonic() > deadline:
-                        raise RolloutError(
-                            f"v{version} of '{model}' did not load for evaluation on {url}",
-                            model=model,
-                            version=version,
-                        )
-                    time.sleep(0.2)
                 target = temporary
             rows = len(labels)
             if config.max_batch_size > 0:
@@ -182,7 +172,7 @@ def evaluate(
             if temporary is not None:
                 with contextlib.suppress(ClientError):
                     client.unload_model(temporary)
-                shutil.rmtree(root / temporary, ignore_errors=True)
+                remove_twin(root, temporary)
     figures = _figures(np.concatenate(parts), labels)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     record = {

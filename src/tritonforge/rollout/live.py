@@ -11,14 +11,13 @@ serves exactly the new version.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tritonforge.errors import ClientError
 from tritonforge.registry import promote, rollback, served_versions
 from tritonforge.repository.writer import load_config, versions
 from tritonforge.rollout.state import RolloutError, load_state
+from tritonforge.rollout.waits import load_and_wait
 
 if TYPE_CHECKING:
     from tritonforge.client.policies import Auth
@@ -36,7 +35,7 @@ def refuse_during_rollout(repo: str | os.PathLike[str], model: str, action: str)
     if state is not None:
         raise RolloutError(
             f"a rollout of '{model}' to v{state.candidate} is in progress ({state.phase}); finish it or "
-            f"`tritonforge rollout {model} --abort` before you {action}",
+            f"`tritonforge rollout abort {model}` before you {action}",
             model=model,
         )
 
@@ -70,21 +69,21 @@ def reload_served(
     want = served_versions(load_config(root / model), versions(root / model))
     others = [v for v in versions(root / model) if v not in want]
     with Client(url, metrics=False, auth=auth) as client:
-        try:
-            client.load_model(model)
-        except ClientError as exc:
-            if "poll" not in str(exc).lower():
-                raise RolloutError(
-                    f"the server refused to load '{model}': {exc.message}", model=model
-                ) from exc
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if all(client.is_model_ready(model, v) for v in want) and not any(
+
+        def serves_exactly() -> bool:
+            return all(client.is_model_ready(model, v) for v in want) and not any(
                 client.is_model_ready(model, v) for v in others
-            ):
-                return want
-            time.sleep(0.2)
-    raise RolloutError(f"'{model}' on {url} did not come to serve {want} within {timeout_s:g} s", model=model)
+            )
+
+        load_and_wait(
+            client,
+            model,
+            serves_exactly,
+            timeout_s=timeout_s,
+            url=url,
+            then=f"it should serve {want} (see the server's log)",
+        )
+    return want
 
 
 def promote_live(

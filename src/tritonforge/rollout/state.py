@@ -5,8 +5,9 @@ Everything lives in files at the repository's top level, named ``.tritonforge-ro
 server starting in ``none`` or ``poll`` mode exits when one fails to load): ``.json`` (the state; the
 splitter model re-reads its ``weight`` from it), ``.stats-<instance>.json`` (the splitter's counters,
 one file per instance), ``.lock`` (held by the running controller, so a crashed controller is told
-apart from a live one: the kernel drops the lock with the process) and ``.control`` (pause / resume /
-abort requests from another shell).
+apart from a live one: the kernel drops the lock with the process), ``.heartbeat`` (the controller's pid
+and the time of its last beat, removed when it stops cleanly: one left behind without a live lock holder
+is a crash) and ``.control`` (pause / resume / abort requests from another shell).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,17 @@ from tritonforge.atomic import write_atomic
 from tritonforge.errors import RolloutError
 from tritonforge.files import read_text, read_yaml
 
-__all__ = ["STATE_PREFIX", "RolloutError", "RolloutState", "Thresholds", "state_paths"]
+__all__ = [
+    "STATE_PREFIX",
+    "Heartbeat",
+    "RolloutError",
+    "RolloutState",
+    "StatePaths",
+    "Thresholds",
+    "read_heartbeat",
+    "rollouts_in",
+    "state_paths",
+]
 
 STATE_PREFIX = ".tritonforge-rollout-"
 PHASES = ("preparing", "running", "paused", "promoting", "rolling_back")
@@ -109,6 +121,18 @@ class RolloutState:
     started_at: str | None = None
     verdicts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     max_hold_s: float | None = None
+    breach: str | None = None  # why it is rolling back (kept for a resume that finishes the rollback)
+    cause: str | None = None  # "breach" or "abort" (an operator's or a signal's decision)
+    shadow: bool = False  # the current step mirrors traffic to the candidate; users get stable's answers
+
+    @property
+    def step_label(self) -> str:
+        """``"shadow"`` or ``"step 2 of 4"`` (never past the last step: promoting says "all N steps")."""
+        if self.shadow:
+            return "shadow step"
+        if self.step_index >= len(self.steps):
+            return f"all {len(self.steps)} steps passed"
+        return f"step {self.step_index + 1} of {len(self.steps)}"
 
     def as_dict(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
@@ -136,6 +160,7 @@ class StatePaths:
     stats_prefix: str
     lock: Path
     control: Path
+    heartbeat: Path
 
     def stats_files(self) -> list[Path]:
         """The splitter's counter files (one per instance that has answered)."""
@@ -152,6 +177,7 @@ def state_paths(repo: str | os.PathLike[str], model: str) -> StatePaths:
         stats_prefix=f"{base}.stats-",
         lock=root / f"{base}.lock",
         control=root / f"{base}.control",
+        heartbeat=root / f"{base}.heartbeat",
     )
 
 
@@ -177,6 +203,23 @@ def load_state(repo: str | os.PathLike[str], model: str) -> RolloutState | None:
         ) from exc
 
 
+def rollouts_in(repo: str | os.PathLike[str]) -> dict[str, RolloutState]:
+    """Every rollout in progress in ``repo``: model name -> its state (unreadable states left out)."""
+    root = Path(repo)
+    found: dict[str, RolloutState] = {}
+    if not root.is_dir():
+        return found
+    for path in sorted(root.glob(f"{STATE_PREFIX}*.json")):
+        model = path.name[len(STATE_PREFIX) : -len(".json")]
+        if ".stats-" in model:
+            continue
+        with contextlib.suppress(RolloutError):
+            state = load_state(root, model)
+            if state is not None:
+                found[model] = state
+    return found
+
+
 def save_state(repo: str | os.PathLike[str], state: RolloutState) -> None:
     write_json_atomic(state_paths(repo, state.model).state, state.as_dict())
 
@@ -198,8 +241,8 @@ def controller_lock(repo: str | os.PathLike[str], model: str) -> Iterator[None]:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             raise RolloutError(
-                f"the rollout of '{model}' is being driven by {holder}; use --pause, --resume or --abort "
-                "to steer it",
+                f"the rollout of '{model}' is being driven by {holder}; steer it with `tritonforge rollout "
+                f"pause|resume|abort {model}`",
                 model=model,
             ) from None
         handle.seek(0)
@@ -225,17 +268,56 @@ def controller_running(repo: str | os.PathLike[str], model: str) -> bool:
         return False
 
 
-def request_control(repo: str | os.PathLike[str], model: str, command: str) -> None:
-    """Ask the running controller to ``pause``, ``resume`` or ``abort``."""
-    write_json_atomic(state_paths(repo, model).control, {"command": command, "pid": os.getpid()})
+def request_control(
+    repo: str | os.PathLike[str], model: str, command: str, reason: str | None = None
+) -> None:
+    """Ask the running controller to ``pause``, ``resume`` or ``abort`` (with the operator's reason)."""
+    write_json_atomic(
+        state_paths(repo, model).control, {"command": command, "pid": os.getpid(), "reason": reason}
+    )
 
 
-def take_control_request(repo: str | os.PathLike[str], model: str) -> str | None:
+def take_control_request(repo: str | os.PathLike[str], model: str) -> tuple[str, str | None] | None:
+    """The pending request as ``(command, reason)``, removed once read; None when there is none."""
     path = state_paths(repo, model).control
     try:
-        command = json.loads(path.read_text(encoding="utf-8")).get("command")
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     with contextlib.suppress(OSError):
         path.unlink()
-    return command
+    command = data.get("command")
+    return (str(command), data.get("reason")) if command else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Heartbeat:
+    """The last beat of a rollout's controller: its pid, when it beat, and whether it still holds the lock."""
+
+    pid: int
+    at: float
+    alive: bool
+
+    @property
+    def age_s(self) -> float:
+        return max(0.0, time.time() - self.at)
+
+
+def beat(repo: str | os.PathLike[str], model: str) -> None:
+    """Record that this process drives ``model``'s rollout, now."""
+    write_json_atomic(state_paths(repo, model).heartbeat, {"pid": os.getpid(), "at": time.time()})
+
+
+def stop_beating(repo: str | os.PathLike[str], model: str) -> None:
+    """The controller stops cleanly: no heartbeat left to be taken for a crash."""
+    with contextlib.suppress(FileNotFoundError):
+        state_paths(repo, model).heartbeat.unlink()
+
+
+def read_heartbeat(repo: str | os.PathLike[str], model: str) -> Heartbeat | None:
+    """The controller's last beat (None when none is recorded: never started, or stopped cleanly)."""
+    try:
+        data = json.loads(state_paths(repo, model).heartbeat.read_text(encoding="utf-8"))
+        return Heartbeat(int(data["pid"]), float(data["at"]), controller_running(repo, model))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

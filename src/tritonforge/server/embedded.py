@@ -39,7 +39,14 @@ if TYPE_CHECKING:
 
     from tritonforge.config import ModelConfig
 
-__all__ = ["DEFAULT_STARTUP_TIMEOUT_S", "EmbeddedServer", "free_port", "sweep_leftovers"]
+__all__ = [
+    "DEFAULT_STARTUP_TIMEOUT_S",
+    "LOAD_WITH",
+    "EmbeddedServer",
+    "free_port",
+    "load_with",
+    "sweep_leftovers",
+]
 
 DEFAULT_STARTUP_TIMEOUT_S = 180.0
 ModelControl = Literal["none", "explicit", "poll"]
@@ -47,6 +54,35 @@ _MODEL_CONTROLS = ("none", "explicit", "poll")
 # Triton's restricted-protocol spec: "<protocol>[,<protocol>...]:<header>=<value>".
 _RESTRICTED_SPEC = re.compile(r"^(?P<protocols>[a-z-]+(?:,[a-z-]+)*):(?P<key>[^=\s]+)=(?P<value>\S*)$")
 # The HTTP endpoints EmbeddedServer itself calls, by the restricted-API group Triton files them under.
+#: a model config parameter naming (comma-separated) the models it calls and must be loaded with it
+LOAD_WITH = "tritonforge_load_with"
+
+
+def load_with(repositories: Sequence[Path | str], names: Sequence[str]) -> list[str]:
+    """``names`` and, before each, the companions its config names in :data:`LOAD_WITH` (a rollout's
+    splitter and its twin: in explicit mode one without the other answers nothing). Only local
+    repositories (paths) are read; a remote one's configs are Triton's to read."""
+    from tritonforge.config import read_config
+    from tritonforge.errors import TritonForgeError
+
+    chosen: list[str] = []
+    for name in names:
+        for repo in repositories:
+            if not isinstance(repo, Path):
+                continue
+            config_file = repo / name / "config.pbtxt"
+            if name == "*" or not config_file.is_file():
+                continue
+            try:
+                extra = read_config(config_file).parameters.get(LOAD_WITH, "")
+            except TritonForgeError:
+                continue  # Triton reports a broken config itself, naming the model
+            chosen += [c for c in str(extra).split(",") if c and c not in chosen]
+        if name not in chosen:
+            chosen.append(name)
+    return chosen
+
+
 _HTTP_API_OF_PATH = (
     ("/v2/repository", "model-repository"),
     ("/v2/health", "health"),
@@ -88,7 +124,8 @@ class EmbeddedServer:
     loopback, so several servers can each have their own). ``model_control="explicit"`` starts with only
     ``load_models`` loaded (all of them with ``["*"]``) and allows :meth:`load_model` /
     :meth:`unload_model`; ``"poll"`` has Triton rescan the repository every ``poll_interval_s`` seconds
-    and (re)load what changed.
+    and (re)load what changed. A model of ``load_models`` whose config names companions in the
+    :data:`LOAD_WITH` parameter (a rollout's splitter names its twin) starts with them loaded too.
 
     The options mirror tritonserver's own flags: ``response_cache_bytes`` (``--cache-config
     local,size=``), ``log_file`` (kept after stop; by default the log is a temporary file removed on
@@ -412,7 +449,7 @@ class EmbeddedServer:
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-verbose={self.log_verbose}",
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
-            *[f"--load-model={name}" for name in self.load_models],
+            *[f"--load-model={name}" for name in load_with(self.repositories, self.load_models)],
             *self._option_args(),
             *self.extra_args,
         ]

@@ -5,8 +5,12 @@ name. Each request goes to the stable or the candidate version of the rollout's 
 both versions) by the weight in the rollout's state file, re-read whenever it changes. A request sent to
 the candidate is mirrored to stable in parallel: their outputs are compared (agreement), and when the
 candidate fails or answers later than ``candidate_timeout_ms`` the app gets stable's answer, so a bad
-candidate costs no failed requests. Per-arm counts, errors, a latency histogram and the agreement counts
-are written (atomically) to a stats file per instance beside the state file for the controller to judge.
+candidate costs no failed requests. In the *shadow* step (``"shadow": true`` in the state) the app always
+gets stable's answer: the candidate only sees mirrored traffic. A candidate call counts as the
+candidate's error only when stable answered the same request (both failing is the server's trouble, not
+the candidate's). A server restarted in explicit mode without the twin gets it loaded by the splitter's first
+request. Per-arm counts, errors, a latency histogram and the agreement counts are written
+(atomically) to a stats file per instance beside the state file for the controller to judge.
 Needs numpy only.
 """
 
@@ -112,6 +116,7 @@ class TritonPythonModel:
         self.agreed = 0
         self.disagreements = []
         self.written_at = 0.0
+        self.twin_checked = False
         self._read_state(force=True)
 
     def _read_state(self, force=False):
@@ -150,9 +155,25 @@ class TritonPythonModel:
 
     async def execute(self, requests):
         self._read_state()
+        if not self.twin_checked:
+            self._load_twin()
         responses = await asyncio.gather(*[self._answer(r) for r in requests])
         self._write_stats()
         return _settle(responses, self.error_counter)
+
+    def _load_twin(self):
+        """A server (re)started in explicit mode with only the model's name loaded has no twin: load it
+        before the first answer, so the first requests wait for it instead of failing. Once per instance,
+        and only while the rollout runs (never while the controller takes the split down). Servers in poll
+        or none mode load the twin themselves and refuse the request, which is fine."""
+        self.twin_checked = True
+        if self.state.get("phase") not in ("preparing", "running", "paused"):
+            return
+        try:
+            if not pb_utils.is_model_ready(self.target):
+                pb_utils.load_model(self.target)
+        except Exception:
+            pass  # the controller (or `rollout resume`) loads it, and says so if it can't
 
     async def _answer(self, request):
         try:
@@ -164,7 +185,7 @@ class TritonPythonModel:
             state = self.state
             weight = float(state.get("weight", 0.0))
             if weight > 0 and random.random() * 100.0 < weight:
-                outputs = await self._canary(tensors, state)
+                outputs = await self._canary(tensors, state, shadow=bool(state.get("shadow")))
             else:
                 outputs, error = await self._timed("stable", tensors, int(state["stable"]), None)
                 if error is not None:
@@ -177,21 +198,30 @@ class TritonPythonModel:
         except Exception as exc:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.target} (rollout): {exc}"))
 
-    async def _canary(self, tensors, state):
+    async def _canary(self, tensors, state, shadow=False):
         timeout = state.get("candidate_timeout_ms")
         stable_task = asyncio.ensure_future(self._timed("stable", tensors, int(state["stable"]), None))
-        candidate, c_error = await self._timed("candidate", tensors, int(state["candidate"]), timeout)
+        candidate_task = self._timed("candidate", tensors, int(state["candidate"]), timeout, record=False)
+        candidate, c_error, c_ms, c_late = await candidate_task
         stable, s_error = await stable_task
+        if candidate is not None or stable is not None:
+            # both failing is the server's trouble (e.g. the twin not loaded), not the candidate's
+            self.arms["candidate"].record(c_ms, candidate is not None, timed_out=c_late)
         if candidate is not None and stable is not None:
             self._compare(stable, candidate, state)
+        if shadow:
+            if stable is not None:
+                return stable  # shadow: the candidate is judged, never heard
+            raise RuntimeError(f"stable: {s_error}")
         if candidate is not None:
             return candidate
         if stable is not None:
             return stable  # the candidate failed or was too slow: the app gets stable's answer
         raise RuntimeError(f"candidate: {c_error}; stable: {s_error}")
 
-    async def _timed(self, arm, tensors, version, timeout_ms):
+    async def _timed(self, arm, tensors, version, timeout_ms, record=True):
         start = time.perf_counter()
+        result, error, late = None, None, False
         try:
             pending = self._call(tensors, version)
             if timeout_ms:
@@ -199,13 +229,14 @@ class TritonPythonModel:
             else:
                 result = await pending
         except asyncio.TimeoutError:
-            self.arms[arm].record((time.perf_counter() - start) * 1000.0, False, timed_out=True)
-            return None, f"no answer within {timeout_ms} ms"
+            error, late = f"no answer within {timeout_ms} ms", True
         except Exception as exc:
-            self.arms[arm].record((time.perf_counter() - start) * 1000.0, False)
-            return None, str(exc)
-        self.arms[arm].record((time.perf_counter() - start) * 1000.0, True)
-        return result, None
+            error = str(exc)
+        ms = (time.perf_counter() - start) * 1000.0
+        if not record:
+            return result, error, ms, late
+        self.arms[arm].record(ms, error is None, timed_out=late)
+        return result, error
 
     async def _call(self, tensors, version):
         inputs = [pb_utils.Tensor(n, np.ascontiguousarray(v)) for n, v in tensors.items()]
