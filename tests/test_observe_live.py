@@ -308,7 +308,7 @@ def test_every_generated_python_model_carries_the_same_error_accounting() -> Non
     import re
 
     from tritonforge.ensemble.blocks import model_file
-    from tritonforge.rollout.controller import SPLITTER
+    from tritonforge.rollout.twin import SPLITTER
 
     block = re.compile(r"# -- error accounting .*?# -- end of error accounting", re.S)
     files = [model_file(k) for k in ("router", "combiner", "impute", "mean_pooling", "tokenizer")]

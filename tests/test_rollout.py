@@ -348,46 +348,6 @@ def _status(repo: Path, model: str) -> dict:
     return json.loads(result.stdout)
 
 
-def test_rollout_killed_controller_is_told_dead_recorded_as_a_crash_and_resumed_with_its_twin_reloaded(
-    repo, server
-):
-    start = _cli(
-        "rollout", "start", "crashed", "--to", "2", "--url", server.grpc_url, "--repo", str(repo),
-        "--steps", "10,50,100", "--hold-s", "1.5", "--max-error-rate", "0", "--min-requests", "15",
-    )  # fmt: skip
-    with Load(server.grpc_url, "crashed") as load:
-        proc = subprocess.Popen(
-            start, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
-        try:
-            _wait_for(lambda: bool(_events(repo, "crashed", "rollout-step")), 120)
-            alive = _status(repo, "crashed")["controller"]
-            assert alive["alive"] and alive["pid"] == proc.pid and alive["last_beat_age_s"] < 5
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        dead = _status(repo, "crashed")
-        assert dead["phase"] == "running" and dead["controller"]["alive"] is False
-        assert dead["controller"]["pid"] == proc.pid
-        time.sleep(1.0)  # the splitter keeps serving the split with no controller alive
-        with pytest.raises(RolloutError, match="already in progress"):
-            Rollout(repo, server.grpc_url, "crashed").start(2)
-    assert load.failures == []
-    # as after a server restart that lost it: the twin is gone, so every call through the split fails on
-    # both arms, which is not the candidate's fault; resume loads it again before it judges anything
-    server.unload_model("crashed__rollout")
-    _wait_for(lambda: not server.is_model_ready("crashed__rollout"), 30)
-    with Load(server.grpc_url, "crashed") as lost:
-        outcome = Rollout(repo, server.grpc_url, "crashed").resume()
-    assert outcome.result == "promoted", outcome
-    assert lost.ok > 20  # (calls before the twin was back failed: the point of loading it with the model)
-    assert _serves(repo, "crashed") == [2]
-    crash = _events(repo, "crashed", "rollout-crash")[-1]
-    assert crash["pid"] == proc.pid and crash["phase"] == "running" and crash["last_beat"]
-    assert all(e["verdict"] == "pass" for e in _events(repo, "crashed", "rollout-step"))
-    _left_clean(repo, server, "crashed")
-
-
 def test_rollout_ctrl_c_pauses_and_says_how_to_continue_and_an_abort_is_the_operators_not_a_failure(
     repo, server
 ):
@@ -599,7 +559,10 @@ def test_promote_and_rollback_live_keep_serving_with_zero_failed_requests(repo, 
         rollback_live(repo, server.grpc_url, "flip", reason="back")
         assert server.is_model_ready("flip", 1) and not server.is_model_ready("flip", 2)
     assert load.failures == [] and load.ok > 20
-    assert [e["to"] for e in audit_log(repo) if e.get("model") == "flip"][-2:] == [[2], [1]]
+    moves = [
+        e for e in audit_log(repo) if e.get("model") == "flip" and e.get("action") in ("promote", "rollback")
+    ]
+    assert [e["to"] for e in moves][-2:] == [[2], [1]]
 
 
 def _holdout(path: Path) -> Path:
@@ -765,3 +728,45 @@ def test_rollout_old_flag_forms_still_work_with_one_deprecation_line(tmp_path):
     assert resumed.exit_code == 1 and "no rollout of 'clf' is in progress" in resumed.stderr
     both = runner.invoke(app, ["rollout", "clf", "--pause", "--abort"])
     assert both.exit_code == 1 and "give at most one of --pause, --abort" in both.stderr
+
+
+# Last in the file: after its killed controller and unloaded twin, the shared server has been seen to keep a
+# model in UNLOADING (not ready) for the tests after it; run after them until that is understood.
+def test_rollout_killed_controller_is_told_dead_recorded_as_a_crash_and_resumed_with_its_twin_reloaded(
+    repo, server
+):
+    start = _cli(
+        "rollout", "start", "crashed", "--to", "2", "--url", server.grpc_url, "--repo", str(repo),
+        "--steps", "10,50,100", "--hold-s", "1.5", "--max-error-rate", "0", "--min-requests", "15",
+    )  # fmt: skip
+    with Load(server.grpc_url, "crashed") as load:
+        proc = subprocess.Popen(
+            start, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        try:
+            _wait_for(lambda: bool(_events(repo, "crashed", "rollout-step")), 120)
+            alive = _status(repo, "crashed")["controller"]
+            assert alive["alive"] and alive["pid"] == proc.pid and alive["last_beat_age_s"] < 5
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        dead = _status(repo, "crashed")
+        assert dead["phase"] == "running" and dead["controller"]["alive"] is False
+        assert dead["controller"]["pid"] == proc.pid
+        time.sleep(1.0)  # the splitter keeps serving the split with no controller alive
+        with pytest.raises(RolloutError, match="already in progress"):
+            Rollout(repo, server.grpc_url, "crashed").start(2)
+    assert load.failures == []
+    # as after a server restart that lost it: the twin is gone, so every call through the split fails on
+    # both arms, which is not the candidate's fault; resume loads it again before it judges anything
+    server.unload_model("crashed__rollout")
+    _wait_for(lambda: not server.is_model_ready("crashed__rollout"), 30)
+    with Load(server.grpc_url, "crashed") as lost:
+        outcome = Rollout(repo, server.grpc_url, "crashed").resume()
+    assert outcome.result == "promoted", outcome
+    assert lost.ok > 20  # (calls before the twin was back failed: the point of loading it with the model)
+    assert _serves(repo, "crashed") == [2]
+    crash = _events(repo, "crashed", "rollout-crash")[-1]
+    assert crash["pid"] == proc.pid and crash["phase"] == "running" and crash["last_beat"]
+    assert all(e["verdict"] == "pass" for e in _events(repo, "crashed", "rollout-step"))
+    _left_clean(repo, server, "crashed")
