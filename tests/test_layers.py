@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("verify",),
     ("export", "quantize"),
     ("repository",),
-    ("client", "server", "ensemble", "registry"),
+    ("client", "server", "ensemble", "registry", "cache"),
     ("batch", "rollout", "deploy", "observe", "loadtest"),
     # the example builders and the demo use the product as a user would, drift profiles included
     ("examples",),

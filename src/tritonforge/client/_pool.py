@@ -22,6 +22,7 @@ class Capabilities:
 
     ``None``: not asked yet; ``False``: the server answered UNIMPLEMENTED (not offered, not an error).
     ``max_message_bytes``: the message limit the server named when it refused a request as too large.
+    ``model_cache``: whether the server runs a model cache (asked on its first missing model).
     """
 
     model_config: bool | None = None
@@ -29,6 +30,7 @@ class Capabilities:
     shared_memory: bool | None = None
     streaming: bool | None = None
     max_message_bytes: int | None = None
+    model_cache: bool | None = None
 
 
 class Endpoint:
