@@ -14,6 +14,7 @@ from tritonforge.cache.writer import (
     COORDINATOR,
     DEFAULT_IDLE_S,
     CacheBudget,
+    cache_budget_from_options,
     parse_size,
     write_cache_repository,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "COORDINATOR",
     "DEFAULT_IDLE_S",
     "CacheBudget",
+    "cache_budget_from_options",
     "parse_size",
     "write_cache_repository",
 ]

@@ -16,6 +16,7 @@ __all__ = [
     "COORDINATOR",
     "DEFAULT_IDLE_S",
     "CacheBudget",
+    "cache_budget_from_options",
     "parse_size",
     "write_cache_repository",
 ]
@@ -82,6 +83,14 @@ class CacheBudget:
         if CACHE_MODEL in self.pins:
             raise ValueError(f"{CACHE_MODEL!r} is the cache itself; pin your own models")
 
+    def describe(self) -> str:
+        """One line: ``at most 50 models, 4.0 GiB (PSS); pinned: a, b``."""
+        limits = [f"at most {self.max_models} models"] if self.max_models else []
+        if self.max_memory_bytes:
+            limits.append(f"{self.max_memory_bytes / 2**30:.1f} GiB (PSS)")
+        pinned = f"; pinned: {', '.join(self.pins)}" if self.pins else ""
+        return f"{', '.join(limits)}; ask {CACHE_MODEL} to load a model{pinned}"
+
 
 def write_cache_repository(
     out: str | os.PathLike[str],
@@ -133,3 +142,31 @@ def write_cache_repository(
     repo.mkdir(parents=True, exist_ok=True)
     add_model(repo, CACHE_MODEL, COORDINATOR, config, version=1, overwrite=True)
     return repo
+
+
+def cache_budget_from_options(
+    max_models: int | None, max_memory: str | None, pins: Sequence[str], model_control: str
+) -> CacheBudget | None:
+    """The budget ``serve``'s ``--cache-max-models``, ``--cache-max-memory`` and ``--pin`` ask for (``None``:
+    no cache), every wrong combination refused in one line naming the option and the fix.
+
+    Raises:
+        ValueError: a budget below 1, a size that isn't one, ``--pin`` without a budget, or a cache on a
+            server not in explicit model control.
+    """
+    if max_models is None and max_memory is None:
+        if pins:
+            raise ValueError("--pin needs a cache: add --cache-max-models N or --cache-max-memory SIZE")
+        return None
+    if max_models is not None and max_models < 1:
+        raise ValueError(f"--cache-max-models must be 1 or more, not {max_models}")
+    if model_control != "explicit" and model_control != "none":
+        raise ValueError(
+            f"a model cache loads and unloads models itself: it needs explicit model control, not "
+            f"--model-control {model_control} (drop the option)"
+        )
+    memory = None if max_memory is None else parse_size(max_memory, what="--cache-max-memory")
+    try:
+        return CacheBudget(max_models=max_models, max_memory_bytes=memory, pins=tuple(pins))
+    except ValueError as exc:
+        raise ValueError(f"--cache-max-models/--pin: {exc}") from None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
+import tempfile
 import threading
 from enum import Enum
 from pathlib import Path
@@ -80,6 +82,19 @@ def serve(
     tritonserver: Path | None = typer.Option(
         None, help="A tritonserver binary to use instead of the wheel's."
     ),
+    cache_max_models: int | None = typer.Option(
+        None,
+        help="Run a model cache: a model loads on its first request; above N loaded models the least "
+        "recently used idle ones are unloaded (explicit model control). See docs/many-models.md.",
+    ),
+    cache_max_memory: str | None = typer.Option(
+        None,
+        help="Run a model cache under a memory budget (e.g. 4GiB): the PSS of tritonserver and its "
+        "processes; least recently used idle models are unloaded above it.",
+    ),
+    pin: list[str] = typer.Option(
+        [], help="With a cache: a model loaded at start and never unloaded (repeatable)."
+    ),
 ) -> None:
     """Serve REPO with the embedded Triton server until Ctrl-C.
 
@@ -89,6 +104,18 @@ def serve(
     from tritonforge.server import EmbeddedServer
 
     extra_args = list((ctx.obj or {}).get(PASSTHROUGH, ()))
+    from tritonforge.cache import CACHE_MODEL, cache_budget_from_options, write_cache_repository
+
+    try:
+        budget = cache_budget_from_options(cache_max_models, cache_max_memory, pin, model_control.value)
+    except ValueError as exc:
+        raise _fail(exc, code=2) from None
+    repos: list[Path] = [repo]
+    cache_repo = None
+    if budget is not None:  # the coordinator in a repository of its own: REPO is never written
+        cache_repo = Path(tempfile.mkdtemp(prefix="tritonforge-cache-"))
+        repos.append(write_cache_repository(cache_repo, budget))
+        model_control, load_model = ModelControl.explicit, [CACHE_MODEL, *pin, *load_model]
     try:
         from tritonforge.commands.access import server_secrets  # keys from env/0600 files, never argv
 
@@ -99,7 +126,7 @@ def serve(
             grpc_restricted_protocol, http_restricted_api, restriction_scope, extra_args=extra_args
         )
         server = EmbeddedServer(
-            repo,
+            repos,
             host=host,
             grpc_port=grpc_port,
             http_port=http_port,
@@ -139,6 +166,8 @@ def serve(
             console.print(access.summary, markup=False, highlight=False)
         if log_file is not None:
             console.print(f"log     {log_file}")
+        if budget is not None:
+            console.print(f"cache   {budget.describe()}")
         console.print("Ctrl-C stops the server.")
         while not stop.wait(0.5):
             if not server.is_running:
@@ -150,6 +179,8 @@ def serve(
         raise _fail(exc) from None
     finally:
         server.stop()
+        if cache_repo is not None:
+            shutil.rmtree(cache_repo, ignore_errors=True)
 
 
 def register(app: typer.Typer) -> None:

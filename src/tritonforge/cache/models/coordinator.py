@@ -302,21 +302,33 @@ class TritonPythonModel:
     def _loaded_count(self, states):
         return sum(1 for m, s in states.items() if s == "READY" and m != self.name)
 
-    def make_room(self, unit, states):
-        """Evict until ``unit``'s missing models fit both budgets; returns the models evicted."""
+    def make_room(self, unit, states, wait=True):
+        """Evict until ``unit``'s missing models fit both budgets; returns the models evicted. When every
+        candidate is busy, waits (``wait``: at most idle_s) for one to turn idle, then goes over budget
+        rather than fail the request; the next decision trims back."""
         missing = [m for m in unit if states.get(m) != "READY"]
         evicted = []
-        if self.max_models:
-            choices = self._evictable(states, unit)
-            while choices and self._loaded_count(states) - len(evicted) + len(missing) > self.max_models:
-                self._evict(choices.pop(0)[1], evicted)
+        give_up = time.monotonic() + (self.idle_s if wait else 0.0)
+        while self.max_models and self._loaded_count(states) - len(evicted) + len(missing) > self.max_models:
+            choices = [c for c in self._evictable(states, unit) if not set(c[1]) & set(evicted)]
+            if choices:
+                self._evict(choices[0][1], evicted)
+            elif time.monotonic() < give_up:
+                time.sleep(0.05)
+            else:
+                break
         if self.max_memory and self.costs:
             cost = sorted(self.costs)[len(self.costs) // 2] * len(missing)
-            choices = [c for c in self._evictable(states, unit) if not set(c[1]) & set(evicted)]
-            while choices and self.memory_bytes() + cost > self.max_memory:
-                going = choices.pop(0)[1]
-                self._evict(going, evicted)
-                self._wait_unloaded(going)
+            while self.memory_bytes() + cost > self.max_memory:
+                choices = [c for c in self._evictable(states, unit) if not set(c[1]) & set(evicted)]
+                if choices:
+                    going = choices[0][1]
+                    self._evict(going, evicted)
+                    self._wait_unloaded(going)
+                elif time.monotonic() < give_up:
+                    time.sleep(0.05)
+                else:
+                    break
         return evicted
 
     def ensure(self, model):
@@ -330,6 +342,8 @@ class TritonPythonModel:
         if all(states.get(m) == "READY" for m in unit):
             for m in unit:
                 self.loaded_at[m] = max(self.loaded_at.get(m, 0.0), time.time())
+            if self.max_models and self._loaded_count(states) > self.max_models:
+                answer["evicted"] = self.make_room(unit, states, wait=False)  # over since a busy spell
             return answer
         before = self.memory_bytes() if self.max_memory else 0
         answer["evicted"] = self.make_room(unit, states)
@@ -358,12 +372,13 @@ class TritonPythonModel:
             if missing and after > before:
                 self.costs = [*self.costs[-19:], (after - before) / len(missing)]
             if after > self.max_memory:  # the estimate was low: make room now, the new unit excepted
-                states = self._states()
-                choices = self._evictable(states, unit)
-                while choices and self.memory_bytes() > self.max_memory:
-                    going = choices.pop(0)[1]
-                    self._evict(going, answer["evicted"])
-                    self._wait_unloaded(going)
+                states, evicted = self._states(), answer["evicted"]
+                while self.memory_bytes() > self.max_memory:
+                    choices = [c for c in self._evictable(states, unit) if not set(c[1]) & set(evicted)]
+                    if not choices:
+                        break
+                    self._evict(choices[0][1], evicted)
+                    self._wait_unloaded(choices[0][1])
         return answer
 
     def status(self, answer):
