@@ -58,6 +58,10 @@ PLANS: dict[str, Plan] = {
     ),
     "ensemble_vs_client_chain": Plan(quick=("--duration-s", "0.5"), rounds=True, json=True, repo=True),
     "loadgen_capacity": Plan(quick=("--duration-s", "3"), json=True),  # locust needs whole seconds
+    "many_models": Plan(
+        quick=("--models", "30", "--budget", "6", "--requests", "300", "--duration-s", "1", "--rounds", "1"),
+        json=True,
+    ),
     "quantization": Plan(quick=("--batch", "1", "--seq", "16"), rounds=True),
     "sampler_overhead": Plan(quick=("--seconds", "0.5"), rounds=True),
     "response_cache": Plan(
