@@ -234,7 +234,7 @@ def main() -> None:
     memory = None if args.budget_memory is None else parse_size(args.budget_memory, what="--budget-memory")
     budget = CacheBudget(max_models=None if memory else args.budget, max_memory_bytes=memory)
     root = Path(tempfile.mkdtemp(prefix="tfg-many-models-"))
-    figures: dict[str, Any] = {"models": args.models, "budget": budget.describe(), "args": vars(args)}
+    figures: dict[str, Any] = {"models": args.models, "budget": budget.describe(), "args": dict(vars(args))}
     figures["args"]["json"] = str(args.json)
     try:
         start = time.perf_counter()
@@ -259,9 +259,28 @@ def main() -> None:
                     "p50_ms": p([t for v in cold.values() for t in v], 50),
                     "p99_ms": p([t for v in cold.values() for t in v], 99),
                 }
+                before = ask_status(server)
+                half = len(sequence) // 2  # the first half warms the hot set up; the second is steady
                 zipf, zfails, zwall = traffic(
-                    server, sequence, args.concurrency, args.timeout_s, "Zipf traffic", console
+                    server,
+                    sequence[:half],
+                    args.concurrency,
+                    args.timeout_s,
+                    "Zipf traffic (1st half)",
+                    console,
                 )
+                steady, sfails, swall = traffic(
+                    server,
+                    sequence[half:],
+                    args.concurrency,
+                    args.timeout_s,
+                    "Zipf traffic (2nd half)",
+                    console,
+                )
+                zfails += sfails
+                zwall += swall
+                for name, values in steady.items():
+                    zipf.setdefault(name, []).extend(values)
                 figures["zipf"] = {
                     "failures": zfails,
                     "answered": sum(len(v) for v in zipf.values()),
@@ -269,8 +288,11 @@ def main() -> None:
                     "hot_p50_ms": p([t for m in hot for t in zipf.get(m, [])], 50),
                     "hot_p99_ms": p([t for m in hot for t in zipf.get(m, [])], 99),
                     "all_p99_ms": p([t for v in zipf.values() for t in v], 99),
+                    "steady_hot_p50_ms": p([t for m in hot for t in steady.get(m, [])], 50),
+                    "steady_hot_p99_ms": p([t for m in hot for t in steady.get(m, [])], 99),
                 }
                 status = ask_status(server)
+                figures["zipf"]["loads"] = status["loads"] - before["loads"]
             figures["cache"] = {
                 k: status[k] for k in ("loads", "evictions", "failures", "load_s", "peak_memory_bytes")
             }
@@ -298,6 +320,8 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
     ratio = figures["zipf"]["hot_p99_ms"] / figures["plain"]["hot_p99_ms"]
+    steady_ratio = figures["zipf"]["steady_hot_p99_ms"] / figures["plain"]["hot_p99_ms"]
+    figures["steady_hot_p99_ratio"] = steady_ratio
     throughput = float(np.median(cached_rounds) / np.median(plain_rounds))
     figures["hot_p99_ratio"], figures["hot_path_ratio"] = ratio, throughput
     table = Table(title=f"Many models: {args.models} ONNX models, cache {budget.describe().split(';')[0]}")
@@ -315,12 +339,17 @@ def main() -> None:
             f"  hot {args.hot} models p50 / p99 (ms)",
             f"{zipf_f['hot_p50_ms']:.2f} / {zipf_f['hot_p99_ms']:.2f}",
         ),
+        (
+            "  hot models, 2nd half (warmed up) p50 / p99 (ms)",
+            f"{zipf_f['steady_hot_p50_ms']:.2f} / {zipf_f['steady_hot_p99_ms']:,.2f}",
+        ),
         ("  every model p99 (ms, cold loads included)", f"{zipf_f['all_p99_ms']:,.0f}"),
+        ("  loads during the Zipf traffic", f"{zipf_f['loads']}"),
         (
             "server with only the hot models: p50 / p99 (ms)",
             f"{figures['plain']['hot_p50_ms']:.2f} / {figures['plain']['hot_p99_ms']:.2f}",
         ),
-        ("hot p99, cache / only-hot (goal <= 1.2)", f"{ratio:.2f}"),
+        ("hot p99, cache / only-hot (goal <= 1.2): all / 2nd half", f"{ratio:.2f} / {steady_ratio:.2f}"),
         (
             "loads / evictions / load failures",
             f"{cache_f['loads']} / {cache_f['evictions']} / {cache_f['failures']}",
