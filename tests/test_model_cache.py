@@ -308,3 +308,48 @@ def test_serve_refuses_bad_cache_options_in_one_line(
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_cache_keeps_measured_memory_under_its_budget(tmp_path: Path) -> None:
+    """A memory budget: PSS summed over tritonserver and its processes. Two models' cost is measured, the
+    budget set between two and three of them (the coordinator reloaded with it): loading a third unloads
+    the least recently used one, and the memory measured after is back under the budget."""
+    repo = tmp_path / "repo"
+    for name in ("a", "b", "c"):
+        echo(repo, name, ADDS[name])
+    huge = CacheBudget(max_memory_bytes=2**40, idle_s=IDLE_S)
+    cache = write_cache_repository(tmp_path / "cache", huge)
+    with EmbeddedServer([repo, cache], model_control="explicit", load_models=[CACHE_MODEL]) as server:
+        base = int(ask_cache(server, "")["memory_bytes"])  # type: ignore[call-overload]
+        one = int(ask_cache(server, "a")["memory_bytes"])  # type: ignore[call-overload]
+        two = int(ask_cache(server, "b")["memory_bytes"])  # type: ignore[call-overload]
+        cost = max(one - base, two - one)
+        assert cost > 0
+        budget = two + cost // 2
+        write_cache_repository(tmp_path / "cache", CacheBudget(max_memory_bytes=budget, idle_s=IDLE_S))
+        with Client(server.grpc_url) as client:
+            client.load_model(CACHE_MODEL)  # the coordinator reloaded with the new budget
+            wait_idle()
+            infer(client, "b")  # a is now the least recently used
+            wait_idle()
+            assert infer(client, "c") == 1 + ADDS["c"]
+        status = ask_cache(server, "")
+        assert loaded(server) == {"b", "c"}
+        assert int(status["memory_bytes"]) <= budget  # type: ignore[call-overload]
+
+
+def test_async_client_loads_a_missing_model_through_the_cache(cached: EmbeddedServer) -> None:
+    import asyncio
+
+    from tritonforge.client import AsyncClient
+
+    async def main() -> float:
+        async with AsyncClient(cached.grpc_url) as client:
+            out = await client.infer("d", x(1.0), timeout_s=60)
+            return float(out["y"][0])
+
+    wait_idle()
+    for model in ("a", "b", "c"):  # with the pin, the budget: d is out
+        ask_cache(cached, model)
+    assert "d" not in loaded(cached)
+    assert asyncio.run(main()) == 1 + ADDS["d"]
