@@ -1,7 +1,8 @@
 """Layers point down only (ARCHITECTURE.md): every import inside the package is checked against the order.
 
-    commands → examples → (batch, rollout, deploy, observe, loadtest) → (client, server, ensemble, registry)
-             → repository → (export, quantize) → verify → config → files → (errors, atomic)
+    commands → examples → (batch, rollout, deploy, observe, loadtest)
+             → (client, server, ensemble, registry, cache) → repository → (export, quantize) → verify
+             → config → files → (errors, atomic)
 
 Packages on one line do not import each other; the client imports nothing of ours but ``errors`` (apps
 import it alone). A new top-level package or module must be placed in ``LAYERS`` before its first import
