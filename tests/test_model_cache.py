@@ -353,3 +353,41 @@ def test_async_client_loads_a_missing_model_through_the_cache(cached: EmbeddedSe
         ask_cache(cached, model)
     assert "d" not in loaded(cached)
     assert asyncio.run(main()) == 1 + ADDS["d"]
+
+
+def test_serve_runs_the_cache_beside_the_repository_and_never_writes_it(tmp_path: Path) -> None:
+    import re
+    import signal
+
+    from cli_runner import tritonforge_process
+
+    repo = tmp_path / "repo"
+    for name in ("a", "b"):
+        echo(repo, name, ADDS[name])
+
+    def listing() -> list[tuple[str, int]]:  # the stub's own __pycache__ (Python's import) aside
+        files = [p for p in repo.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        return sorted((str(p.relative_to(repo)), p.stat().st_mtime_ns) for p in files)
+
+    before = listing()
+    with tritonforge_process("serve", str(repo), "--cache-max-models", "2", "--pin", "a") as process:
+        assert process.stdout is not None
+        url, said = None, []
+        deadline = time.monotonic() + 180
+        while url is None and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            said.append(line)
+            match = re.match(r"gRPC\s+(\S+)", line)
+            url = match.group(1) if match else None
+        assert url, "".join(said)
+        with Client(url) as client:
+            assert {m["name"]: m.get("state") for m in client.repository_index()}.get("b") != "READY"
+            assert infer(client, "b", timeout_s=60) == 1 + ADDS["b"]
+            assert infer(client, "a") == 1 + ADDS["a"]
+        while not said[-1].startswith("Ctrl-C"):
+            said.append(process.stdout.readline())
+        cache_line = next(line for line in said if line.startswith("cache"))
+        assert "at most 2 models" in cache_line and "pinned: a" in cache_line
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+    assert listing() == before
