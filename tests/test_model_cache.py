@@ -391,3 +391,24 @@ def test_serve_runs_the_cache_beside_the_repository_and_never_writes_it(tmp_path
         process.send_signal(signal.SIGINT)
         assert process.wait(60) == 0
     assert listing() == before
+
+
+def test_the_coordinator_needs_only_what_nvidias_image_has(tmp_path: Path) -> None:
+    """The stubs in an interpreter reduced to NVIDIA's image (its Python, the standard library and numpy
+    only): the coordinator loads on a miss and evicts under its budget all the same."""
+    from reduced_python import reduced_python
+
+    repo = tmp_path / "repo"
+    for name in ("a", "b"):
+        echo(repo, name, ADDS[name])
+    cache = write_cache_repository(tmp_path / "cache", CacheBudget(max_models=1, idle_s=0.2))
+    with (
+        EmbeddedServer(
+            [repo, cache], model_control="explicit", load_models=[CACHE_MODEL], python=reduced_python()
+        ) as server,
+        Client(server.grpc_url) as client,
+    ):
+        assert infer(client, "a", timeout_s=60) == 1 + ADDS["a"]
+        time.sleep(0.5)
+        assert infer(client, "b", timeout_s=60) == 1 + ADDS["b"]
+        assert loaded(server) == {"b"}
