@@ -8,6 +8,10 @@ tritonforge or tritonclient. It reads one JSON request on stdin and writes one J
 - ``{"op": "build", "plan": {...}}`` -> ``{"object": <InferenceService as a dict>}``
 - ``{"op": "canary", "name": ..., "steps": [5, ...]}`` -> ``{"object": {"objects": [<patches>, <rollback>]}}``
 - ``{"op": "check", "object": {...}}`` -> ``{"object": <the object read into the SDK's models and back>}``
+- ``{"op": "check_many", "objects": [...]}`` -> ``{"object": {"objects": [<each read and back, or
+  {"error": message}>]}}``: an InferenceService or a ServingRuntime each, in one interpreter
+- ``{"op": "modelmesh", "runtime": {...}, "services": [{...}, ...]}`` -> ``{"object": {"objects":
+  [<ServingRuntime>, <InferenceService per model in ModelMesh mode>]}}``
 """
 
 from __future__ import annotations
@@ -125,6 +129,84 @@ def canary(name: str, steps: list[int]) -> list[Any]:
     ]
 
 
+def serving_runtime(plan: dict[str, Any]) -> Any:
+    """A namespaced ServingRuntime for Triton behind ModelMesh's built-in adapter (the plan names it all)."""
+    from kserve import constants
+    from kserve.models import (
+        V1alpha1BuiltInAdapter,
+        V1alpha1ServingRuntime,
+        V1alpha1ServingRuntimeSpec,
+        V1alpha1SupportedModelFormat,
+    )
+    from kubernetes.client import V1ObjectMeta
+
+    return V1alpha1ServingRuntime(
+        api_version=constants.KSERVE_V1ALPHA1,
+        kind="ServingRuntime",
+        metadata=V1ObjectMeta(
+            name=plan["name"],
+            namespace=plan["namespace"],
+            labels=plan["labels"],
+            annotations=plan["annotations"],
+        ),
+        spec=V1alpha1ServingRuntimeSpec(
+            supported_model_formats=[V1alpha1SupportedModelFormat(**f) for f in plan["formats"]],
+            protocol_versions=["grpc-v2"],
+            multi_model=True,
+            grpc_endpoint=plan["grpc_endpoint"],
+            grpc_data_endpoint=plan["grpc_data_endpoint"],
+            replicas=plan["replicas"],
+            containers=load(plan["containers"], "list[V1Container]"),
+            built_in_adapter=V1alpha1BuiltInAdapter(**plan["adapter"]),
+            image_pull_secrets=load(plan.get("image_pull_secrets") or None, "list[V1LocalObjectReference]"),
+            node_selector=plan.get("node_selector") or None,
+            tolerations=load(plan.get("tolerations") or None, "list[V1Toleration]"),
+        ),
+    )
+
+
+def mesh_service(plan: dict[str, Any]) -> Any:
+    """One model as an InferenceService in ModelMesh mode: its format, the runtime, where it is stored."""
+    from kserve import constants
+    from kserve.models import (
+        V1beta1InferenceService,
+        V1beta1InferenceServiceSpec,
+        V1beta1ModelFormat,
+        V1beta1ModelSpec,
+        V1beta1ModelStorageSpec,
+        V1beta1PredictorSpec,
+    )
+    from kubernetes.client import V1ObjectMeta
+
+    storage = plan["storage"]
+    return V1beta1InferenceService(
+        api_version=constants.KSERVE_V1BETA1,
+        kind="InferenceService",
+        metadata=V1ObjectMeta(
+            name=plan["name"],
+            namespace=plan["namespace"],
+            labels=plan["labels"],
+            annotations=plan["annotations"],
+        ),
+        spec=V1beta1InferenceServiceSpec(
+            predictor=V1beta1PredictorSpec(
+                model=V1beta1ModelSpec(
+                    model_format=V1beta1ModelFormat(name=plan["format"]),
+                    runtime=plan["runtime"],
+                    storage=V1beta1ModelStorageSpec(
+                        key=storage.get("key"), path=storage["path"], parameters=storage.get("parameters")
+                    ),
+                )
+            )
+        ),
+    )
+
+
+def _checked(data: Any) -> Any:
+    kind = "V1alpha1ServingRuntime" if data.get("kind") == "ServingRuntime" else "V1beta1InferenceService"
+    return load(data, kind)
+
+
 def main() -> None:
     request = json.load(sys.stdin)
     from kserve import ApiClient
@@ -136,10 +218,22 @@ def main() -> None:
             {"object": {"objects": [client.sanitize_for_serialization(o) for o in objects]}}, sys.stdout
         )
         return
-    if request["op"] == "build":
-        obj = build(request["plan"])
-    else:
-        obj = load(request["object"], "V1beta1InferenceService")
+    if request["op"] == "modelmesh":
+        objects = [serving_runtime(request["runtime"]), *map(mesh_service, request["services"])]
+        json.dump(
+            {"object": {"objects": [client.sanitize_for_serialization(o) for o in objects]}}, sys.stdout
+        )
+        return
+    if request["op"] == "check_many":
+        answers = []
+        for data in request["objects"]:
+            try:
+                answers.append(client.sanitize_for_serialization(_checked(data)))
+            except (TypeError, ValueError, KeyError) as exc:
+                answers.append({"error": f"{type(exc).__name__}: {exc}"})
+        json.dump({"object": {"objects": answers}}, sys.stdout)
+        return
+    obj = build(request["plan"]) if request["op"] == "build" else _checked(request["object"])
     json.dump({"object": client.sanitize_for_serialization(obj)}, sys.stdout)
 
 
