@@ -47,6 +47,7 @@ from tritonforge.deploy.images import (
     tools_dockerfile,
 )
 from tritonforge.deploy.metrics import adapter_rule, gpu_queries, keda_query, pod_query
+from tritonforge.deploy.modelmesh import modelmesh_files
 from tritonforge.deploy.sizing import Sizing
 from tritonforge.deploy.spec import DeploySpec
 from tritonforge.errors import DeployError, TritonForgeError
@@ -409,7 +410,7 @@ def generate(
     )
     files["autoscaling/keda-query-prod.promql"] = keda_query(spec, spec.prod_namespace) + "\n"
     if spec.kserve_mode == "ModelMesh":
-        mesh_files, mesh_steps, mesh_notes = _modelmesh_files(spec, repo)
+        mesh_files, mesh_steps, mesh_notes = modelmesh_files(spec, repo)
         files.update(mesh_files)
         steps += mesh_steps
         notes += mesh_notes
@@ -497,49 +498,6 @@ def generate(
         target, {path: _dump(content) for path, content in files.items()}, repo, deployed_repository
     )
     return Generated(out=target, files=sorted(files), spec=spec, notes=[*steps, *notes], sizing=sizing)
-
-
-def _modelmesh_files(spec: DeploySpec, repo: Path) -> tuple[dict[str, Any], list[str], list[str]]:
-    """The ServingRuntime and one InferenceService per model (ModelMesh mode) under ``kserve/``, the steps
-    before applying them and the notes (the models left out, and why)."""
-    from tritonforge.deploy.modelmesh import check_mesh_spec, mesh_plan, modelmesh_objects, runtime_name
-
-    check_mesh_spec(spec)
-    ns = spec.prod_namespace
-    plan = mesh_plan(repo)
-    store_type = {"gs": "gcs", "as": "azure"}.get(spec.store.kind, spec.store.kind)
-    runtime, *services = modelmesh_objects(spec, plan, namespace=ns)
-    files: dict[str, Any] = {"kserve/servingruntime.yaml": runtime}
-    for isvc in services:
-        files[f"kserve/models/{isvc['metadata']['name']}.yaml"] = isvc
-    files["kserve/kustomization.yaml"] = _kustomization(
-        ["servingruntime.yaml", *(f"models/{i['metadata']['name']}.yaml" for i in services)], namespace=ns
-    )
-    steps = [
-        f"Install ModelMesh Serving with `{ns}` as a user namespace (label it modelmesh-enabled=true) "
-        f"before `kubectl apply -k kserve`: it runs the ServingRuntime {runtime_name(spec)}'s pods.",
-        (
-            "Let ModelMesh mount the claim: allowAnyPVC: true in its model-serving-config ConfigMap, "
-            f'or a pvc entry {{"type": "pvc", "name": "{spec.store.claim_or_image}"}} in its '
-            "storage-config Secret."
-            if spec.store.kind == "pvc"
-            else f"Add the key '{spec.store.secret}' to ModelMesh's storage-config Secret in {ns}: the "
-            f"store's type ({store_type}) and credentials as JSON (ModelMesh's puller reads only that "
-            "Secret)."
-        ),
-    ]
-    renamed = [f"{model} as {name}" for name, (model, _) in plan.services.items() if model != name]
-    notes = [
-        "ModelMesh serves every model behind one Service (modelmesh-serving, gRPC port 8033), each by "
-        "its InferenceService's name" + (f": {', '.join(renamed)}" if renamed else ""),
-        *plan.notes,
-    ]
-    if plan.left_out:
-        notes.append(
-            "not in ModelMesh, served by the base Deployment (overlays/) with the whole repository: "
-            + "; ".join(f"{m} ({why})" for m, why in plan.left_out.items())
-        )
-    return files, steps, notes
 
 
 def _kserve_files(spec: DeploySpec, canary_thresholds: Mapping[str, float] | None) -> dict[str, Any]:

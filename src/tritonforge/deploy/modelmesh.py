@@ -40,6 +40,7 @@ __all__ = [
     "isvc_name",
     "mesh_plan",
     "mesh_storage",
+    "modelmesh_files",
     "modelmesh_objects",
     "runtime_name",
 ]
@@ -301,3 +302,51 @@ def modelmesh_objects(spec: DeploySpec, plan: MeshPlan, *, namespace: str) -> li
 def _label(model: str) -> str:
     """A model name as a label value (63 characters of letters, digits, '-', '_', '.')."""
     return re.sub(r"[^A-Za-z0-9_.-]", "-", model)[:63].strip("-_.")
+
+
+def modelmesh_files(spec: DeploySpec, repo: Path) -> tuple[dict[str, Any], list[str], list[str]]:
+    """The ServingRuntime and one InferenceService per model (ModelMesh mode) under ``kserve/``, the steps
+    before applying them and the notes (the models left out, and why).
+
+    Raises:
+        DeployError: the options or the repository don't fit ModelMesh, or the kserve SDK failed.
+    """
+    check_mesh_spec(spec)
+    ns = spec.prod_namespace
+    plan = mesh_plan(repo)
+    store_type = {"gs": "gcs", "as": "azure"}.get(spec.store.kind, spec.store.kind)
+    runtime, *services = modelmesh_objects(spec, plan, namespace=ns)
+    files: dict[str, Any] = {"kserve/servingruntime.yaml": runtime}
+    for isvc in services:
+        files[f"kserve/models/{isvc['metadata']['name']}.yaml"] = isvc
+    files["kserve/kustomization.yaml"] = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": ns,
+        "resources": ["servingruntime.yaml", *(f"models/{i['metadata']['name']}.yaml" for i in services)],
+    }
+    steps = [
+        f"Install ModelMesh Serving with `{ns}` as a user namespace (label it modelmesh-enabled=true) "
+        f"before `kubectl apply -k kserve`: it runs the ServingRuntime {runtime_name(spec)}'s pods.",
+        (
+            "Let ModelMesh mount the claim: allowAnyPVC: true in its model-serving-config ConfigMap, "
+            f'or a pvc entry {{"type": "pvc", "name": "{spec.store.claim_or_image}"}} in its '
+            "storage-config Secret."
+            if spec.store.kind == "pvc"
+            else f"Add the key '{spec.store.secret}' to ModelMesh's storage-config Secret in {ns}: the "
+            f"store's type ({store_type}) and credentials as JSON (ModelMesh's puller reads only that "
+            "Secret)."
+        ),
+    ]
+    renamed = [f"{model} as {name}" for name, (model, _) in plan.services.items() if model != name]
+    notes = [
+        "ModelMesh serves every model behind one Service (modelmesh-serving, gRPC port 8033), each by "
+        "its InferenceService's name" + (f": {', '.join(renamed)}" if renamed else ""),
+        *plan.notes,
+    ]
+    if plan.left_out:
+        notes.append(
+            "not in ModelMesh, served by the base Deployment (overlays/) with the whole repository: "
+            + "; ".join(f"{m} ({why})" for m, why in plan.left_out.items())
+        )
+    return files, steps, notes
