@@ -21,16 +21,32 @@ import sys
 from typing import Any
 
 
-def build(plan: dict[str, Any]) -> Any:
-    from kserve import constants
-    from kserve.models import (
-        V1beta1InferenceService,
-        V1beta1InferenceServiceSpec,
-        V1beta1ModelFormat,
-        V1beta1ModelSpec,
-        V1beta1PredictorSpec,
+def _metadata(plan: dict[str, Any]) -> Any:
+    from kubernetes.client import V1ObjectMeta
+
+    return V1ObjectMeta(
+        name=plan["name"],
+        namespace=plan.get("namespace"),
+        labels=plan.get("labels"),
+        annotations=plan.get("annotations"),
     )
-    from kubernetes.client import V1ObjectMeta, V1ResourceRequirements
+
+
+def _inference_service(plan: dict[str, Any], predictor: Any) -> Any:
+    from kserve import constants
+    from kserve.models import V1beta1InferenceService, V1beta1InferenceServiceSpec
+
+    return V1beta1InferenceService(
+        api_version=constants.KSERVE_V1BETA1,
+        kind="InferenceService",
+        metadata=_metadata(plan),
+        spec=V1beta1InferenceServiceSpec(predictor=predictor),
+    )
+
+
+def build(plan: dict[str, Any]) -> Any:
+    from kserve.models import V1beta1ModelFormat, V1beta1ModelSpec, V1beta1PredictorSpec
+    from kubernetes.client import V1ResourceRequirements
 
     model = V1beta1ModelSpec(
         model_format=V1beta1ModelFormat(name="triton"),
@@ -44,23 +60,14 @@ def build(plan: dict[str, Any]) -> Any:
         env=load(plan.get("env") or None, "list[V1EnvVar]"),
         image=plan.get("image"),
     )
-    return V1beta1InferenceService(
-        api_version=constants.KSERVE_V1BETA1,
-        kind="InferenceService",
-        metadata=V1ObjectMeta(
-            name=plan["name"],
-            namespace=plan.get("namespace"),
-            labels=plan["labels"],
-            annotations=plan.get("annotations"),
-        ),
-        spec=V1beta1InferenceServiceSpec(
-            predictor=V1beta1PredictorSpec(
-                model=model,
-                min_replicas=plan["min_replicas"],
-                max_replicas=plan["max_replicas"],
-                canary_traffic_percent=plan.get("canary_traffic_percent"),
-                service_account_name=plan.get("service_account"),
-            )
+    return _inference_service(
+        plan,
+        V1beta1PredictorSpec(
+            model=model,
+            min_replicas=plan["min_replicas"],
+            max_replicas=plan["max_replicas"],
+            canary_traffic_percent=plan.get("canary_traffic_percent"),
+            service_account_name=plan.get("service_account"),
         ),
     )
 
@@ -114,17 +121,10 @@ def load(data: Any, kind: str) -> Any:
 
 def canary(name: str, steps: list[int]) -> list[Any]:
     """One InferenceService patch per step (then one with 0: the rollback), only canaryTrafficPercent."""
-    from kserve import constants
-    from kserve.models import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
-    from kubernetes.client import V1ObjectMeta
+    from kserve.models import V1beta1PredictorSpec
 
     return [
-        V1beta1InferenceService(
-            api_version=constants.KSERVE_V1BETA1,
-            kind="InferenceService",
-            metadata=V1ObjectMeta(name=name),
-            spec=V1beta1InferenceServiceSpec(predictor=V1beta1PredictorSpec(canary_traffic_percent=percent)),
-        )
+        _inference_service({"name": name}, V1beta1PredictorSpec(canary_traffic_percent=percent))
         for percent in [*steps, 0]
     ]
 
@@ -138,17 +138,11 @@ def serving_runtime(plan: dict[str, Any]) -> Any:
         V1alpha1ServingRuntimeSpec,
         V1alpha1SupportedModelFormat,
     )
-    from kubernetes.client import V1ObjectMeta
 
     return V1alpha1ServingRuntime(
         api_version=constants.KSERVE_V1ALPHA1,
         kind="ServingRuntime",
-        metadata=V1ObjectMeta(
-            name=plan["name"],
-            namespace=plan["namespace"],
-            labels=plan["labels"],
-            annotations=plan["annotations"],
-        ),
+        metadata=_metadata(plan),
         spec=V1alpha1ServingRuntimeSpec(
             supported_model_formats=[V1alpha1SupportedModelFormat(**f) for f in plan["formats"]],
             protocol_versions=["grpc-v2"],
@@ -167,39 +161,22 @@ def serving_runtime(plan: dict[str, Any]) -> Any:
 
 def mesh_service(plan: dict[str, Any]) -> Any:
     """One model as an InferenceService in ModelMesh mode: its format, the runtime, where it is stored."""
-    from kserve import constants
     from kserve.models import (
-        V1beta1InferenceService,
-        V1beta1InferenceServiceSpec,
         V1beta1ModelFormat,
         V1beta1ModelSpec,
         V1beta1ModelStorageSpec,
         V1beta1PredictorSpec,
     )
-    from kubernetes.client import V1ObjectMeta
 
     storage = plan["storage"]
-    return V1beta1InferenceService(
-        api_version=constants.KSERVE_V1BETA1,
-        kind="InferenceService",
-        metadata=V1ObjectMeta(
-            name=plan["name"],
-            namespace=plan["namespace"],
-            labels=plan["labels"],
-            annotations=plan["annotations"],
-        ),
-        spec=V1beta1InferenceServiceSpec(
-            predictor=V1beta1PredictorSpec(
-                model=V1beta1ModelSpec(
-                    model_format=V1beta1ModelFormat(name=plan["format"]),
-                    runtime=plan["runtime"],
-                    storage=V1beta1ModelStorageSpec(
-                        key=storage.get("key"), path=storage["path"], parameters=storage.get("parameters")
-                    ),
-                )
-            )
+    model = V1beta1ModelSpec(
+        model_format=V1beta1ModelFormat(name=plan["format"]),
+        runtime=plan["runtime"],
+        storage=V1beta1ModelStorageSpec(
+            key=storage.get("key"), path=storage["path"], parameters=storage.get("parameters")
         ),
     )
+    return _inference_service(plan, V1beta1PredictorSpec(model=model))
 
 
 def _checked(data: Any) -> Any:
