@@ -368,3 +368,25 @@ def test_the_runtimes_triton_loads_answers_and_unloads_models_under_modelmesh_id
     }
     assert options["model_control_mode"] == "MODE_EXPLICIT"
     assert options["strict_readiness"] == "0"
+
+
+def test_gpu_pods_of_the_runtime_ask_for_the_gpu_tolerate_and_select_gpu_nodes(
+    mesh_repo: Path, tmp_path: Path
+) -> None:
+    spec = DeploySpec(
+        store=parse_model_store("gs://bucket/repo", name="triton"), kserve_mode="ModelMesh", gpus=1
+    )
+    generate(mesh_repo, tmp_path / "out", spec)
+    (runtime,) = _docs(tmp_path / "out/kserve/servingruntime.yaml")
+    pod = runtime["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "--allow-gpu-metrics=true" in container["args"][1]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert (
+        "key 'triton-model-store' to ModelMesh's storage-config Secret"
+        in (tmp_path / "out/README.md").read_text()
+    )
+    assert "type (gcs)" in (tmp_path / "out/README.md").read_text()
+    assert not [f for f in check_tree(tmp_path / "out") if not f.ok]
