@@ -191,6 +191,10 @@ def _tree_copy(mesh_out: Path, tmp_path: Path) -> Path:
          "'triton-2.x' is no ServingRuntime of this tree"),
         ("isvc", lambda o: o["spec"]["predictor"]["model"].__setitem__("storageUri", "s3://b/m"),
          "both storageUri and storage.path"),
+        ("isvc", lambda o: o["spec"]["predictor"]["model"].pop("storage"),
+         "needs storageUri or storage.path"),
+        ("isvc", lambda o: o["spec"]["predictor"]["model"]["storage"]["parameters"].update(type="pvc"),
+         "refuses storage type 'pvc'"),
     ],
 )  # fmt: skip
 def test_check_tree_reports_a_wrong_field_in_the_modelmesh_objects(
@@ -222,12 +226,14 @@ def test_validate_object_checks_a_serving_runtime_alone(mesh_out: Path) -> None:
 @pytest.mark.parametrize(
     ("uri", "storage"),
     [
-        ("s3://bucket/a/b", {"key": "t-model-store", "parameters": {"bucket": "bucket"}, "path": "a/b/m_1"}),
-        ("gs://bucket", {"key": "t-model-store", "parameters": {"bucket": "bucket"}, "path": "m_1"}),
+        ("s3://bucket/a/b",
+         {"storage": {"key": "t-model-store", "parameters": {"bucket": "bucket"}, "path": "a/b/m_1"}}),
+        ("gs://bucket",
+         {"storage": {"key": "t-model-store", "parameters": {"bucket": "bucket"}, "path": "m_1"}}),
         ("as://acct/box/repo",
-         {"key": "t-model-store", "parameters": {"container": "box"}, "path": "repo/m_1"}),
-        ("pvc://claim/sub/dir", {"parameters": {"type": "pvc", "name": "claim"}, "path": "sub/dir/m_1"}),
-        ("pvc://claim", {"parameters": {"type": "pvc", "name": "claim"}, "path": "m_1"}),
+         {"storage": {"key": "t-model-store", "parameters": {"container": "box"}, "path": "repo/m_1"}}),
+        ("pvc://claim/sub/dir", {"storageUri": "pvc://claim/sub/dir/m_1"}),
+        ("pvc://claim", {"storageUri": "pvc://claim/m_1"}),
     ],
 )  # fmt: skip
 def test_mesh_storage_points_at_the_models_folder_in_each_kind_of_store(
@@ -293,11 +299,8 @@ def test_cli_deploy_kserve_mode_modelmesh_writes_valid_objects(mesh_repo: Path, 
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "offline checks:" in result.output and "objects valid" in result.output
-    isvc = _docs(tmp_path / "out/kserve/models/fixed.yaml")[0]
-    assert isvc["spec"]["predictor"]["model"]["storage"] == {
-        "parameters": {"type": "pvc", "name": "models"},
-        "path": "prod/fixed",
-    }
+    model = _docs(tmp_path / "out/kserve/models/fixed.yaml")[0]["spec"]["predictor"]["model"]
+    assert model["storageUri"] == "pvc://models/prod/fixed" and "storage" not in model
     assert "allowAnyPVC" in (tmp_path / "out/README.md").read_text()
     refused = CliRunner().invoke(
         app, ["deploy", str(mesh_repo), "-o", str(tmp_path / "img"), "--kserve-mode", "modelmesh"]

@@ -168,13 +168,16 @@ def mesh_service(plan: dict[str, Any]) -> Any:
         V1beta1PredictorSpec,
     )
 
-    storage = plan["storage"]
+    storage = plan.get("storage")
     model = V1beta1ModelSpec(
         model_format=V1beta1ModelFormat(name=plan["format"]),
         runtime=plan["runtime"],
         storage=V1beta1ModelStorageSpec(
             key=storage.get("key"), path=storage["path"], parameters=storage.get("parameters")
-        ),
+        )
+        if storage
+        else None,
+        storage_uri=plan.get("storageUri"),
     )
     return _inference_service(plan, V1beta1PredictorSpec(model=model))
 

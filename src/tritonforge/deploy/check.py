@@ -112,6 +112,8 @@ _SERVING_RUNTIME = _resource(
         },
     }
 )
+#: the storage ``type`` parameters KServe's admission webhook lets through (None: no type given)
+_STORAGE_TYPES = {None, "s3", "hdfs", "webhdfs"}
 #: the kinds the kserve SDK checks (read into its models and written back)
 _KSERVE_KINDS = {
     ("serving.kserve.io/v1beta1", "InferenceService"),
@@ -360,6 +362,15 @@ def _mesh_problems(docs: list[tuple[str, dict[str, Any]]]) -> dict[int, str]:
             problems[id(doc)] = f"runtime {runtime!r} declares no model format {fmt!r}"
         elif "storageUri" in model and "path" in (model.get("storage") or {}):
             problems[id(doc)] = "ModelMesh refuses both storageUri and storage.path"
+        elif "storageUri" not in model and "path" not in (model.get("storage") or {}):
+            problems[id(doc)] = "ModelMesh needs storageUri or storage.path"
+        elif (
+            kind := ((model.get("storage") or {}).get("parameters") or {}).get("type")
+        ) not in _STORAGE_TYPES:
+            problems[id(doc)] = (
+                f"KServe's admission webhook refuses storage type {kind!r} (only s3, hdfs, webhdfs); "
+                "give a PVC as storageUri pvc://CLAIM/PATH"
+            )
     return problems
 
 

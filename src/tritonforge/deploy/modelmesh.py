@@ -180,12 +180,15 @@ def check_mesh_spec(spec: DeploySpec) -> None:
 
 
 def mesh_storage(spec: DeploySpec, model: str) -> dict[str, Any]:
-    """The ``storage`` of one model's InferenceService: the key of ``storage-config`` (ModelMesh's Secret of
-    store credentials) for an object store, or a PVC by name; the path of the model's folder in it."""
+    """Where one model's InferenceService finds it: for an object store, ``storage`` with the key of
+    ``storage-config`` (ModelMesh's Secret of store credentials), the bucket or container and the path of
+    the model's folder; for a PVC, ``storageUri`` ``pvc://CLAIM/PATH``, which ModelMesh reads as the claim
+    and the path (a ``storage`` with ``type: pvc`` would do the same, but KServe's own admission webhook,
+    where KServe runs beside ModelMesh, accepts only s3/hdfs/webhdfs as a storage type)."""
     store = spec.store
     if store.kind == "pvc":
         path = f"{store.subpath}/{model}" if store.subpath else model
-        return {"parameters": {"type": "pvc", "name": store.claim_or_image}, "path": path}
+        return {"storageUri": f"pvc://{store.claim_or_image}/{path}"}
     location = store.uri.partition("://")[2]
     if store.kind == "as":
         _account, _, rest = location.partition("/")
@@ -195,7 +198,7 @@ def mesh_storage(spec: DeploySpec, model: str) -> dict[str, Any]:
         bucket, _, prefix = location.partition("/")
         parameters = {"bucket": bucket}
     path = f"{prefix.strip('/')}/{model}" if prefix.strip("/") else model
-    return {"key": store.secret, "parameters": parameters, "path": path}
+    return {"storage": {"key": store.secret, "parameters": parameters, "path": path}}
 
 
 def _triton_command(spec: DeploySpec) -> str:
@@ -289,7 +292,7 @@ def modelmesh_objects(spec: DeploySpec, plan: MeshPlan, *, namespace: str) -> li
             "annotations": {"serving.kserve.io/deploymentMode": "ModelMesh"},
             "format": fmt,
             "runtime": runtime_name(spec),
-            "storage": mesh_storage(spec, model),
+            **mesh_storage(spec, model),
         }
         for name, (model, fmt) in plan.services.items()
     ]
