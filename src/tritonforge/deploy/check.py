@@ -318,7 +318,22 @@ def _serving_runtime_problem(
         kv.validate(probe, version, strict=True)
     except kv.ValidationError as exc:
         return how, f"{'/'.join(str(p) for p in exc.path)} (as a Pod's): {exc.message}"
-    return how, sdk_problem(obj)
+    return how, _mesh_runtime_problem(spec) or sdk_problem(obj)
+
+
+def _mesh_runtime_problem(spec: dict[str, Any]) -> str | None:
+    """What ModelMesh's controller refuses in a runtime: no container named as its adapter's server type,
+    probes or hooks it manages itself, container names it reserves."""
+    names = [c.get("name", "") for c in spec["containers"]]
+    server_type = (spec.get("builtInAdapter") or {}).get("serverType")
+    if server_type and server_type not in names:
+        return f"ModelMesh needs a container named {server_type!r} (the adapter's serverType), not {names}"
+    for container in spec["containers"]:
+        if "readinessProbe" in container or "lifecycle" in container:
+            return f"container {container['name']!r}: ModelMesh manages readinessProbe and lifecycle itself"
+        if container["name"] in ("mm", "rest-proxy", "puller") or container["name"].startswith("mm-"):
+            return f"container name {container['name']!r} is reserved by ModelMesh"
+    return None
 
 
 def _kserve_problems(objs: list[dict[str, Any]]) -> list[str | None]:
