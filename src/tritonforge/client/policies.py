@@ -201,7 +201,9 @@ class Placement:
     """Each model goes to ``replicas`` of the pool's endpoints, chosen by rendezvous hashing of the model's
     name and each endpoint's address, so a model stays loaded (hot) on few servers instead of all of them.
 
-    Every client computes the same choice (the hash is stable across processes and machines); when an
+    Every client computes the same choice (the hash is stable across processes and machines) as long as they
+    name the endpoints alike: the ``ip:port`` addresses a ``dns:///`` URL resolves to, or the same
+    ``host:port`` strings (``pod-0:8001`` and ``10.0.0.5:8001`` hash differently); when an
     endpoint joins or leaves, only the models that rank it among their first ``replicas`` move (about
     ``replicas / N`` of them). Among a model's replicas the least loaded is picked; when one is down, its
     circuit open or it already failed this call, the next endpoint in the model's ranking stands in, so
