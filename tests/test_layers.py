@@ -1,7 +1,7 @@
 """Layers point down only (ARCHITECTURE.md): every import inside the package is checked against the order.
 
     commands → examples → (batch, rollout, deploy, observe, loadtest) → (client, server, ensemble, registry)
-             → repository → (export, quantize) → verify → config → files → (errors, atomic)
+             → repository → (export, quantize) → verify → config → files → (errors, atomic, error_accounting)
 
 Packages on one line do not import each other; the client imports nothing of ours but ``errors`` (apps
 import it alone). A new top-level package or module must be placed in ``LAYERS`` before its first import
@@ -22,8 +22,9 @@ PACKAGE = Path(tritonforge.__file__).resolve().parent
 
 #: lowest first; one tuple is one layer
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # atomic: the one atomic file write, importing nothing of ours
-    ("errors", "atomic"),
+    # atomic: the one atomic file write; error_accounting: what our Python models count and raise (stdlib
+    # only, shipped beside generated models); neither imports anything of ours
+    ("errors", "atomic", "error_accounting"),
     # reading files from outside (regular files only, size bounds, strict YAML): everything reads with it
     ("files",),
     ("config",),
