@@ -6,6 +6,7 @@ import dataclasses
 import json
 import signal
 import threading
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -15,6 +16,7 @@ from rich.text import Text
 from tritonforge.commands import fail
 from tritonforge.commands._output import make_console
 from tritonforge.commands._renamed import deprecated, renamed
+from tritonforge.commands._rows import TABLE_ROWS, rows_shown
 from tritonforge.commands.access import with_access
 from tritonforge.errors import TritonForgeError
 
@@ -22,6 +24,16 @@ console = make_console()
 
 
 _fail = fail  # one way to report errors for every verb (tritonforge.commands)
+
+
+class MonitorSort(str, Enum):
+    name = "name"
+    requests = "requests"
+    failures = "failures"
+    p99 = "p99"
+    latency = "latency"
+    queue = "queue"
+    busy = "busy"
 
 
 @renamed({"--grpc": "--url", "--interval": "--interval-s"})
@@ -41,6 +53,19 @@ def monitor(
         None, help="The hourly price of one server: adds the cost of 1,000 inferences per model."
     ),
     active: bool = typer.Option(False, help="Only models that served requests in the interval."),
+    match: list[str] = typer.Option(
+        [], help="Only models whose name matches this shell pattern (e.g. 'digits_*'); repeatable."
+    ),
+    sort: MonitorSort = typer.Option(
+        MonitorSort.name,
+        help="Order the models by name, or by a figure of their totals (largest first): requests/s, "
+        "failures/s, p99, mean latency, queue time, busy instances.",
+    ),
+    limit: int | None = typer.Option(
+        None,
+        min=0,
+        help=f"Show the first N models (0: all). Default: {TABLE_ROWS} in the table, all in --json.",
+    ),
     gpu: bool = typer.Option(
         False,
         "--gpu",
@@ -52,14 +77,15 @@ def monitor(
     from rich.console import Group
     from rich.live import Live
 
-    from tritonforge.observe.monitor import Snapshot, render, render_gpus, snapshot
+    from tritonforge.observe.monitor import Snapshot, render, render_gpus, select, snapshot
+
+    def narrowed(snap: Snapshot) -> Snapshot:
+        shown = rows_shown(limit, table=not as_json)
+        return select(snap, match=match, sort=sort.value, limit=shown, active_only=active)
 
     def shown(snap: Snapshot) -> Table | Group:
-        return (
-            Group(render(snap, active_only=active), render_gpus(snap))
-            if gpu
-            else render(snap, active_only=active)
-        )
+        table = render(narrowed(snap))
+        return Group(table, render_gpus(snap)) if gpu else table
 
     if ctx.args:  # the metrics endpoints were positional before --metrics-url
         deprecated("URL...", "--metrics-url URL", command=ctx.command_path)
@@ -79,7 +105,7 @@ def monitor(
         if once or as_json:
             while True:
                 if as_json:
-                    print(json.dumps(snap.as_dict()), flush=True)
+                    print(json.dumps(narrowed(snap).as_dict()), flush=True)
                 else:
                     console.print(shown(snap))
                 if once or stop.wait(interval):
