@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -353,8 +354,45 @@ _ALERTS = {
 }
 
 
+def _alert_groups(spec: SLOSpec) -> dict[tuple[str, float, str, str], list[str]]:
+    """The models of each (objective, threshold, for, severity), in the order the SLO file names them."""
+    groups: dict[tuple[str, float, str, str], list[str]] = {}
+    for o in spec.objectives:
+        for objective in (*_ALERTS, "max_drift_psi"):
+            threshold = getattr(o, objective)
+            if threshold is not None:
+                groups.setdefault((objective, threshold, o.for_, o.severity), []).append(o.model)
+    return groups
+
+
+def _alert_labels(
+    severity: str,
+    objective: str,
+    threshold: float,
+    for_: str,
+    groups: Mapping[tuple[str, float, str, str], Any],
+) -> dict[str, str]:
+    """An alert rule's labels: its severity, objective and threshold, and its ``for`` where another rule
+    has the same three (Prometheus refuses two alerting rules of one name with the same labels)."""
+    labels = {"severity": severity, "slo": objective, "objective": f"{threshold:g}"}
+    if sum(1 for o, t, _, s in groups if (o, t, s) == (objective, threshold, severity)) > 1:
+        labels["for"] = for_
+    return labels
+
+
+def _models_matcher(models: list[str]) -> str:
+    """The label matcher selecting exactly ``models``: ``model="a"``, or ``model=~"a|b"`` (each name a
+    literal: regex characters escaped; Prometheus anchors the regex and looks such a list up as a set)."""
+    if len(models) == 1:
+        return f'model="{_label_value(models[0])}"'
+    return f'model=~"{_label_value("|".join(re.escape(m) for m in models))}"'
+
+
 def rules(spec: SLOSpec) -> dict[str, Any]:
-    """Prometheus rule groups: the recording rules every objective reads, and one alert per objective.
+    """Prometheus rule groups: the recording rules every objective reads (aggregated ``by (model)``, so
+    their number does not grow with the models), and one alert per objective and threshold: the models
+    that share a threshold share one rule (``model=~"a|b|..."``), and the alert carries each firing
+    model's name as its ``model`` label.
 
     Raises:
         SLOError: never for a spec from :func:`load_slo` (kept for hand-built specs with no objectives).
@@ -364,41 +402,40 @@ def rules(spec: SLOSpec) -> dict[str, Any]:
     names, exprs = _record_names(spec.window), _exprs(spec, spec.window)
     recording = [{"record": names[k], "expr": exprs[k]} for k in names]
     alerts: list[dict[str, Any]] = []
-    for o in spec.objectives:
-        for objective, (alert, key, what, unit) in _ALERTS.items():
-            threshold = getattr(o, objective)
-            if threshold is None:
-                continue
-            shown = f'{{{{ $value | printf "%.4g" }}}}{unit}'
-            alerts.append(
-                {
-                    "alert": alert,
-                    "expr": f'{names[key]}{{model="{_label_value(o.model)}"}} > {threshold:g}',
-                    "for": o.for_,
-                    "labels": {"severity": o.severity, "slo": objective, "model": o.model},
-                    "annotations": {
-                        "summary": f"{o.model}: {what} above its objective ({threshold:g}{unit})",
-                        "description": f"{what} of {o.model} over {spec.window} is {shown} "
-                        f"(objective {threshold:g}{unit}) for {o.for_}.",
-                    },
-                }
-            )
-        if o.max_drift_psi is not None:
+    groups = _alert_groups(spec)
+    for (objective, threshold, for_, severity), models in groups.items():
+        matcher = _models_matcher(models)
+        if objective == "max_drift_psi":
             alerts.append(
                 {
                     "alert": "TritonModelInputDrift",
-                    "expr": f'max by (model) (tritonforge_drift_psi{{model="{_label_value(o.model)}"}})'
-                    f" > {o.max_drift_psi:g}",
+                    "expr": f"max by (model) (tritonforge_drift_psi{{{matcher}}}) > {threshold:g}",
                     "for": "0s",
-                    "labels": {"severity": o.severity, "slo": "max_drift_psi", "model": o.model},
+                    "labels": _alert_labels(severity, objective, threshold, for_, groups),
                     "annotations": {
-                        "summary": f"{o.model}: traffic drifted from its reference profile",
-                        "description": f"largest feature PSI of {o.model} is "
-                        f'{{{{ $value | printf "%.3g" }}}} '
-                        f"(objective {o.max_drift_psi:g}); run `tritonforge drift` for the report.",
+                        "summary": "{{ $labels.model }}: traffic drifted from its reference profile",
+                        "description": "largest feature PSI of {{ $labels.model }} is "
+                        '{{ $value | printf "%.3g" }} '
+                        f"(objective {threshold:g}); run `tritonforge drift` for the report.",
                     },
                 }
             )
+            continue
+        alert, key, what, unit = _ALERTS[objective]
+        shown = f'{{{{ $value | printf "%.4g" }}}}{unit}'
+        alerts.append(
+            {
+                "alert": alert,
+                "expr": f"{names[key]}{{{matcher}}} > {threshold:g}",
+                "for": for_,
+                "labels": _alert_labels(severity, objective, threshold, for_, groups),
+                "annotations": {
+                    "summary": f"{{{{ $labels.model }}}}: {what} above its objective ({threshold:g}{unit})",
+                    "description": f"{what} of {{{{ $labels.model }}}} over {spec.window} is {shown} "
+                    f"(objective {threshold:g}{unit}) for {for_}.",
+                },
+            }
+        )
     limits = {key: getattr(spec, key) for key in GPU_OBJECTIVES}
     gpu_recording, gpu_alerts = gpu_rules(_sel(spec), spec.window, spec.for_, spec.severity, limits)
     return {
@@ -468,46 +505,140 @@ def dashboard_queries(spec: SLOSpec, model: str, rate_window: str = "$__rate_int
     }
 
 
-def dashboard(spec: SLOSpec, *, title: str = "Triton models (tritonforge SLOs)") -> dict[str, Any]:
-    """A Grafana dashboard (JSON model, importable as is): one row per model and per composing model.
+#: above this many rows the dashboard shows the busiest models and one row per model chosen in its
+#: ``model`` variable, instead of a row per model (a dashboard of 500 rows is slow and unreadable)
+DASHBOARD_ROWS = 20
+_TOP = 10  # models in each overview panel
 
-    Each row: requests and failures per second; error ratio; p50/p99 and mean latency; queue vs compute
-    time; the mean batch size. Objective thresholds are drawn as lines on their panels.
+
+def _model_row(
+    spec: SLOSpec, model: str, title: str, pid: int, y: int, lines: dict[str, float | None]
+) -> list[dict[str, Any]]:
+    """A row panel titled ``title`` and its four panels for ``model`` (a name, or ``$model``)."""
+    q = dashboard_queries(spec, model)
+    row = [
+        ("Requests / s", [(q["success"], "ok"), (q["failure"], "failed")], "reqps", None),
+        ("Error ratio", [(q["error_ratio"], "failed / all")], "percentunit", lines["error_rate"]),
+        ("Latency", [(q["p50"], "p50"), (q["p99"], "p99"), (q["mean"], "mean")], "ms", lines["latency"]),
+        (
+            "Queue vs compute · batch size",
+            [(q["queue"], "queue ms"), (q["compute"], "compute ms"), (q["batch"], "mean batch size")],
+            "none",
+            lines["queue_ms"],
+        ),
+    ]
+    panels: list[dict[str, Any]] = [
+        {
+            "id": pid,
+            "type": "row",
+            "title": title,
+            "collapsed": False,
+            "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+            "panels": [],
+        }
+    ]
+    for i, (name, targets, unit, line) in enumerate(row):
+        panels.append(_panel(pid + 1 + i, f"{model}: {name}", targets, 6 * i, y + 1, unit, line))
+    return panels
+
+
+def _lines(o: Objective | None) -> dict[str, float | None]:
+    """The objective lines drawn on a model's panels."""
+    if o is None:
+        return dict.fromkeys(("error_rate", "latency", "queue_ms"))
+    return {
+        "error_rate": o.error_rate,
+        "latency": o.p99_latency_ms or o.mean_latency_ms,
+        "queue_ms": o.queue_ms,
+    }
+
+
+def _overview(spec: SLOSpec, y: int) -> list[dict[str, Any]]:
+    """A row of the busiest, failing and slowest models among the SLO's (top 10 each)."""
+    names = list(dict.fromkeys(model for model, _ in spec.rows))
+    s = _sel(spec, _models_matcher(names))
+    w = "$__rate_interval"
+
+    def rate(metric: str) -> str:
+        return f"sum by (model) (rate({metric}{s}[{w}]))"
+
+    success = rate("nv_inference_request_success")
+    raised = f"({rate('nv_inference_request_failure')} or {success} * 0)"
+    failure = f"({raised} + ({rate(ERROR_RESPONSES)} or {success} * 0))"  # as the recording rules count
+    p99 = _sel(spec, _models_matcher(names) + ',quantile="0.99"')
+    p99_ms = f"max by (model) (nv_inference_request_summary_us{p99}) / 1000"
+    mean_ms = f"{rate('nv_inference_request_duration_us')} / {success} / 1000"
+    top = [
+        ("Busiest models: requests / s", f"topk({_TOP}, {success} + {raised})", "reqps"),
+        ("Most failed requests / s", f"topk({_TOP}, {failure} > 0)", "reqps"),
+        ("Slowest models: p99 ms", f"topk({_TOP}, {p99_ms})", "ms"),
+        ("Slowest models: mean latency ms", f"topk({_TOP}, {mean_ms})", "ms"),
+    ]
+    panels: list[dict[str, Any]] = [
+        {
+            "id": 1,
+            "type": "row",
+            "title": f"Overview: the top {_TOP} of {len(names)} models",
+            "collapsed": False,
+            "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+            "panels": [],
+        }
+    ]
+    for i, (title, expr, unit) in enumerate(top):
+        panels.append(_panel(2 + i, title, [(expr, "{{model}}")], 6 * i, y + 1, unit, None))
+    return panels
+
+
+def _shared_lines(spec: SLOSpec) -> dict[str, float | None]:
+    """The objective lines every model of the dashboard shares (None where they differ or are unset)."""
+    by_model = {o.model: o for o in spec.objectives}
+    per_row = [_lines(by_model.get(model)) for model, _ in spec.rows]
+    return {
+        key: (values.pop() if len(values := {r[key] for r in per_row}) == 1 else None) for key in per_row[0]
+    }
+
+
+def dashboard(spec: SLOSpec, *, title: str = "Triton models (tritonforge SLOs)") -> dict[str, Any]:
+    """A Grafana dashboard (JSON model, importable as is).
+
+    Up to :data:`DASHBOARD_ROWS` models: one row per model and per composing model. Each row: requests
+    and failures per second; error ratio; p50/p99 and mean latency; queue vs compute time; the mean batch
+    size. Objective thresholds are drawn as lines on their panels.
+
+    More models than that: an overview row (the ten busiest, failing and slowest models) and the same
+    row repeated for each model picked in the dashboard's ``model`` variable (its options: the SLO's
+    models), so the dashboard has a dozen panels whatever the number of models. Objective lines are
+    drawn where every model shares the objective (else the alert rules hold each model's).
     """
     by_model = {o.model: o for o in spec.objectives}
     panels: list[dict[str, Any]] = []
-    pid, y = 1, 0
-    for model, parent in spec.rows:
-        o = by_model.get(model)
-        q = dashboard_queries(spec, model)
-        title_row = model if parent is None else f"{parent} / {model}"
-        panels.append(
+    variables: list[dict[str, Any]] = []
+    if len(spec.rows) <= DASHBOARD_ROWS:
+        pid, y = 1, 0
+        for model, parent in spec.rows:
+            title_row = model if parent is None else f"{parent} / {model}"
+            panels += _model_row(spec, model, title_row, pid, y, _lines(by_model.get(model)))
+            pid, y = pid + 5, y + 9
+    else:
+        panels = _overview(spec, 0)
+        repeated = _model_row(spec, "$model", "$model", len(panels) + 1, 9, _shared_lines(spec))
+        repeated[0]["repeat"] = "model"
+        panels += repeated
+        names = list(dict.fromkeys(model for model, _ in spec.rows))
+        first = {"text": names[0], "value": names[0], "selected": True}
+        variables.append(
             {
-                "id": pid,
-                "type": "row",
-                "title": title_row,
-                "collapsed": False,
-                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
-                "panels": [],
+                "name": "model",
+                "label": "Model",
+                "type": "custom",
+                "multi": True,
+                "includeAll": False,
+                "query": ",".join(names),
+                "current": {"text": [names[0]], "value": [names[0]]},
+                "options": [first] + [{"text": n, "value": n, "selected": False} for n in names[1:]],
+                "hide": 0,
             }
         )
-        pid, y = pid + 1, y + 1
-        latency_line = None if o is None else (o.p99_latency_ms or o.mean_latency_ms)
-        row = [
-            ("Requests / s", [(q["success"], "ok"), (q["failure"], "failed")], "reqps", None),
-            ("Error ratio", [(q["error_ratio"], "failed / all")], "percentunit", o.error_rate if o else None),
-            ("Latency", [(q["p50"], "p50"), (q["p99"], "p99"), (q["mean"], "mean")], "ms", latency_line),
-            (
-                "Queue vs compute · batch size",
-                [(q["queue"], "queue ms"), (q["compute"], "compute ms"), (q["batch"], "mean batch size")],
-                "none",
-                o.queue_ms if o else None,
-            ),
-        ]
-        for i, (name, targets, unit, line) in enumerate(row):
-            panels.append(_panel(pid, f"{model}: {name}", targets, 6 * i, y, unit, line))
-            pid += 1
-        y += 8
     return {
         "title": title,
         "uid": "tritonforge-slo",
@@ -528,7 +659,8 @@ def dashboard(spec: SLOSpec, *, title: str = "Triton models (tritonforge SLOs)")
                     "current": {},
                     "hide": 0,
                     "refresh": 1,
-                }
+                },
+                *variables,
             ]
         },
         "annotations": {"list": []},
