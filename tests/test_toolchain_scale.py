@@ -8,6 +8,7 @@ through Triton's own repository index: no mock of the file system or of Triton.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import sys
 from collections.abc import Iterator
@@ -143,3 +144,30 @@ def test_loading_a_model_keeps_what_the_client_knows_of_the_others(explicit: Emb
         assert {k[0] for k in client._model_metadata} == {"scale"}
         assert {k[0] for k in client._headers} == {"scale"}
         client.infer("scale", {"p": x})
+
+
+def test_serve_lists_a_large_repository_by_state_with_the_models_not_ready_first() -> None:
+    from tritonforge.commands._output import make_console
+    from tritonforge.commands._rows import TABLE_ROWS
+    from tritonforge.commands.serve import _index_table
+
+    index = [{"name": f"m{i:03d}", "version": "1", "state": "READY"} for i in range(120)]
+    index[77] = {"name": "m077", "version": "1", "state": "UNAVAILABLE", "reason": "boom"}
+    out = io.StringIO()
+    make_console(file=out).print(_index_table(Path("repo"), index))  # laid out as in a pipe: lines whole
+    text = out.getvalue()
+    assert "Triton serving repo: 119 READY, 1 UNAVAILABLE" in text
+    assert text.index("m077") < text.index("m000")  # the one in trouble is never paged out
+    assert f"{120 - TABLE_ROWS} more not shown; `tritonforge models repo` lists every model" in text
+    assert "m119" not in text
+
+
+def test_slo_cli_at_500_models_lists_a_screenful_and_writes_every_model(tmp_path: Path) -> None:
+    lines = ["models:", *(f"  m{i:03d}: {{error_rate: 0.01}}" for i in range(500))]
+    (tmp_path / "slo.yaml").write_text("\n".join(lines) + "\n")
+    done = runner.invoke(app, ["slo", str(tmp_path / "slo.yaml"), "--out", str(tmp_path / "out")])
+    assert done.exit_code == 0, done.output
+    assert "m049" in done.stdout and "m050" not in done.stdout and "450 more rows in" in done.stdout
+    assert "1 alerts" in done.stdout and "500 models: the top 10 and a row per model" in done.stdout
+    board = json.loads((tmp_path / "out" / "dashboard.json").read_text())
+    assert len(board["templating"]["list"][1]["options"]) == 500

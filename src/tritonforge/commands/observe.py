@@ -128,7 +128,7 @@ def slo(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for rules.yml and dashboard.json."),
 ) -> None:
     """Turn per-model objectives into Prometheus rules (DIR/rules.yml) and a Grafana dashboard."""
-    from tritonforge.observe.slo import load_slo, rules, write
+    from tritonforge.observe.slo import DASHBOARD_ROWS, load_slo, rules, write
 
     try:
         parsed = load_slo(spec)
@@ -136,13 +136,19 @@ def slo(
     except TritonForgeError as exc:
         raise _fail(exc) from None
     groups = rules(parsed)["groups"]
-    table = Table(title=f"SLOs from {spec}")
-    longest = max(len(name) for row in parsed.rows for name in row if name)
+    listed = parsed.rows[:TABLE_ROWS]  # every model is in the files; the table stays a screenful
+    table = Table(
+        title=f"SLOs from {spec}",
+        caption=f"{len(parsed.rows) - len(listed)} more rows in {written['dashboard'].parent}"
+        if len(parsed.rows) > len(listed)
+        else None,
+    )
+    longest = max(len(name) for row in listed for name in row if name)
     table.add_column("model", no_wrap=True, min_width=longest)
     table.add_column("in pipeline", no_wrap=True, min_width=longest)
     table.add_column("objectives")
     by_model = {o.model: o for o in parsed.objectives}
-    for model, parent in parsed.rows:
+    for model, parent in listed:
         o = by_model.get(model)
         shown = ""
         if o is not None:
@@ -153,9 +159,14 @@ def slo(
             )
         table.add_row(model, parent or "", shown or "(dashboard only)")
     console.print(table)
+    layout = (
+        f"{len(parsed.rows)} rows"
+        if len(parsed.rows) <= DASHBOARD_ROWS
+        else f"{len(parsed.rows)} models: the top 10 and a row per model picked in its model variable"
+    )
     console.print(
         f"{len(groups[0]['rules'])} recording rules, {len(groups[1]['rules'])} alerts -> {written['rules']}\n"
-        f"dashboard ({len(parsed.rows)} rows) -> {written['dashboard']}"
+        f"dashboard ({layout}) -> {written['dashboard']}"
     )
 
 

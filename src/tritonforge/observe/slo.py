@@ -47,6 +47,7 @@ from tritonforge.observe.gpu_rules import GPU_OBJECTIVES, gpu_rules
 from tritonforge.server.runtime import ERROR_RESPONSES
 
 __all__ = [
+    "DASHBOARD_ROWS",
     "GPU_OBJECTIVES",
     "OBJECTIVES",
     "Objective",
