@@ -108,6 +108,7 @@ def serve(
             model_control=model_control.value,
             poll_interval_s=poll_s,
             load_models=load_model,
+            startup_timeout_s=startup_timeout_s(repo, model_control.value, load_model),
             tritonserver=tritonserver,
             response_cache_bytes=response_cache_byte_size or None,
             log_file=log_file,
@@ -146,6 +147,22 @@ def serve(
         raise _fail(exc) from None
     finally:
         server.stop()
+
+
+def startup_timeout_s(repo: Path, model_control: str, load_models: list[str]) -> float:
+    """How long to wait for the server to be ready: the default, or 2 s for each model loaded at start
+    when that is longer (500 Python-backend models take minutes on a small machine)."""
+    from tritonforge.server.embedded import DEFAULT_STARTUP_TIMEOUT_S
+
+    if model_control == "explicit" and "*" not in load_models:
+        models = len(load_models)
+    else:
+        models = (
+            sum(1 for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if repo.is_dir()
+            else 0
+        )
+    return max(DEFAULT_STARTUP_TIMEOUT_S, 2.0 * models)
 
 
 def _index_table(repo: Path, index: list[dict[str, str]]) -> Table:
