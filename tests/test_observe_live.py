@@ -147,9 +147,11 @@ def test_monitor_match_sort_and_limit_keep_rows_and_totals_to_the_same_models(
             a.infer("steady", knob_input())
             b.infer("steady", knob_input())
         a.infer("knob", knob_input())
-    snap, _ = snapshot(urls, previous=before)
+    snap, _ = snapshot(urls, grpc_urls=[first.grpc_url, second.grpc_url], previous=before)
     busiest = select(snap, sort="requests", limit=1)
     assert [t.model for t in busiest.totals] == ["steady"]
+    kept = [key for per in busiest.batch_sizes.values() for key in per]  # the batch sizes follow the models
+    assert kept and {key.partition(":")[0] for key in kept} == {"steady"}
     assert {(r.server, r.model) for r in busiest.rows} == {(u, "steady") for u in urls}
     assert busiest.hidden_models == len(snap.totals) - 1 == busiest.model_count - 1
     knobs = select(snap, match=["knob*"])

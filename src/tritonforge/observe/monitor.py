@@ -161,7 +161,8 @@ def select(
     Models whose name matches one of the shell patterns ``match`` (any model when empty) and, with
     ``active_only``, that served requests in the interval; ordered by ``sort`` (a key of
     :data:`SORT_KEYS`, a figure of their totals: largest first) and cut to the first ``limit`` (``None``
-    or 0: all). The result says how many models there were and how many it left out.
+    or 0: all); the batch sizes are those of the models kept. The result says how many models there
+    were and how many it left out.
 
     Example:
         >>> busiest = select(snap, sort="requests", limit=20)    # doctest: +SKIP
@@ -190,10 +191,15 @@ def select(
     if field is not None:
         rows.sort(key=lambda r: rank[r.model])
     count = len(snap.totals) if snap.model_count is None else snap.model_count
+    batches = {
+        server: {key: sizes for key, sizes in per.items() if key.rpartition(":")[0] in rank}
+        for server, per in snap.batch_sizes.items()
+    }
     return dataclasses.replace(
         snap,
         rows=rows,
         totals=totals,
+        batch_sizes=batches,
         model_count=count,
         hidden_models=count - len(totals),
     )
