@@ -171,3 +171,14 @@ def test_slo_cli_at_500_models_lists_a_screenful_and_writes_every_model(tmp_path
     assert "1 alerts" in done.stdout and "500 models: the top 10 and a row per model" in done.stdout
     board = json.loads((tmp_path / "out" / "dashboard.json").read_text())
     assert len(board["templating"]["list"][1]["options"]) == 500
+
+
+def test_the_canary_plan_selects_each_model_by_its_literal_name() -> None:
+    from tritonforge.deploy.canary import step_queries
+    from tritonforge.deploy.spec import DeploySpec
+
+    names = tuple(f"m.{i:03d}" for i in range(500))
+    queries = step_queries(DeploySpec().replace(models=names), "prod")
+    assert len(queries) == 3  # whatever the number of models
+    # "m.001" as a regex would also match "mx001": the dot is escaped (doubled in the PromQL string)
+    assert 'model=~"m\\\\.000|m\\\\.001|' in queries["requests"]
