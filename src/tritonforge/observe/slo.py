@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from tritonforge.atomic import write_atomic
+from tritonforge.error_accounting import ERROR_RESPONSES
 from tritonforge.errors import SLOError
 from tritonforge.observe.gpu_rules import GPU_OBJECTIVES, gpu_rules
 from tritonforge.observe.slo_spec import (
@@ -30,7 +31,6 @@ from tritonforge.observe.slo_spec import (
     _sel,
     load_slo,
 )
-from tritonforge.server.runtime import ERROR_RESPONSES
 
 __all__ = [
     "DASHBOARD_ROWS",
@@ -74,7 +74,7 @@ def _exprs(spec: SLOSpec, window: str) -> dict[str, str]:
     # a model without failure series yet still gets a 0 (not an empty result)
     raised = f"({failure} or {success} * 0)"
     # Triton counts a Python model's error response as a success: the models tritonforge generates count
-    # those in their own counter (see tritonforge.server.runtime.ERROR_RESPONSES), added here
+    # those in their own counter (see tritonforge.error_accounting.ERROR_RESPONSES), added here
     answered = f"({rate(ERROR_RESPONSES)} or {success} * 0)"
     failures = f"({raised} + {answered})"
     q50, q99 = 'quantile="0.5"', 'quantile="0.99"'
