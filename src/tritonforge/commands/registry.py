@@ -80,7 +80,7 @@ def models(
         rows.sort(key=lambda r: str(r.manifest.get("created_at", "")), reverse=True)
     elif sort is ModelSort.size:
         rows.sort(key=lambda r: (r.manifest.get("artifact") or {}).get("bytes") or 0, reverse=True)
-    total = len(rows)
+    total, model_count = len(rows), len({r.model for r in rows})
     shown = rows_shown(limit, table=not as_json)
     rows = rows[:shown] if shown is not None else rows
     if as_json:
@@ -97,7 +97,7 @@ def models(
         return
     narrowed = f" matching {' or '.join(match)}" if match else ""
     table = Table(
-        title=f"{repo}: {len(chosen)} models{narrowed}, {total} versions",
+        title=f"{repo}: {model_count} models{narrowed}, {total} versions",
         caption=hidden_line(total - len(rows), total, "versions") or None,
     )
     for column in ("model", "version", "served", "variant", "size MB", "figures", "created"):
