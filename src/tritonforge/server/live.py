@@ -101,16 +101,12 @@ def _unload(server: Any, models: list[str]) -> None:
 def _loaded_with(root: Path, name: str) -> list[str]:
     """``name`` and the models Triton loads with it: an ensemble's composing models, theirs in turn (from
     the repository's configs, as Triton reads them)."""
-    from tritonforge.config import read_config
+    from tritonforge.config import ComposingWalk, read_config
 
-    found: list[str] = []
-    queue = [name]
-    while queue:
-        model = queue.pop(0)
-        if model in found:
-            continue
-        found.append(model)
+    walk = ComposingWalk(name)
+    for model in walk:
         with contextlib.suppress(TritonForgeError, OSError):  # a model the repository lacks: Triton says so
-            steps = read_config(root / model / "config.pbtxt").ensemble_steps
-            queue.extend(step.model_name for step in steps or ())
-    return found
+            walk.add(
+                step.model_name for step in read_config(root / model / "config.pbtxt").ensemble_steps or ()
+            )
+    return list(walk.found)
