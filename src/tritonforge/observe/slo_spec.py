@@ -234,9 +234,11 @@ def load_slo(path: str | os.PathLike[str]) -> SLOSpec:
                     f"{path}: repository: {repo} is not a model repository (build it, or drop `repository`)"
                 )
             pipelines = _compiled(repo, pipelines)
+        known = set(rows)  # a set beside the list: 500 models are not 500 scans of the rows
         for o in objectives:
             for member in pipelines.get(o.model, []):
-                if (member, o.model) not in rows:
+                if (member, o.model) not in known:
+                    known.add((member, o.model))
                     rows.append((member, o.model))
         rows = _ordered(rows)
     gpu = {key: _number(data[key], f"{path}: {key}", at_most=1.0) for key in GPU_OBJECTIVES if key in data}
@@ -267,11 +269,15 @@ def _severity(value: Any, where: str) -> str:
 
 def _ordered(rows: list[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
     """Each model's row followed by its composing models' rows."""
+    members: dict[str, list[tuple[str, str | None]]] = {}
+    for row in rows:
+        if row[1] is not None:
+            members.setdefault(row[1], []).append(row)
     out: list[tuple[str, str | None]] = []
     for model, parent in rows:
         if parent is None:
             out.append((model, None))
-            out.extend(r for r in rows if r[1] == model)
+            out.extend(members.get(model, ()))
     return out
 
 
