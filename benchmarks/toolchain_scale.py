@@ -217,6 +217,41 @@ def measure(size: int, work: Path, model_file: Path, live: bool) -> dict[str, li
     return row
 
 
+def validate_live(count: int, work: Path, model_file: Path) -> dict[str, float]:
+    """``validate --live`` on ``count`` models: seconds, and the most model processes alive at once (the
+    server's children, sampled every 50 ms: one Python-backend stub per loaded model instance)."""
+    import psutil
+
+    from tritonforge.repository import add_model
+    from tritonforge.server import EmbeddedServer
+    from tritonforge.server.live import check_live
+
+    repo = work / f"live{count}"
+    for name in names(count):
+        add_model(repo, name, model_file)
+    peak, done = 0, threading.Event()
+    with EmbeddedServer(repo, model_control="explicit") as server:
+        assert server.pid is not None
+        root = psutil.Process(server.pid)
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.wait(0.05):
+                with contextlib.suppress(psutil.Error):
+                    peak = max(peak, len(root.children(recursive=True)))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        start = time.perf_counter()
+        results = check_live(repo, server=server)
+        elapsed = time.perf_counter() - start
+        done.set()
+        sampler.join()
+        left = sum(1 for e in server.repository_index() if e.get("state") == "READY")
+    assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
+    return {"models": count, "seconds": elapsed, "peak_processes": peak, "left_loaded": left}
+
+
 def _read(url: str) -> str:
     import urllib.request
 
@@ -245,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="50,200,500", help="repository sizes, comma-separated")
     parser.add_argument("--no-live", action="store_true", help="skip serve and monitor (no server)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of each verb that only reads")
+    parser.add_argument(
+        "--validate-live", type=int, default=20, help="models for the validate --live run (0: skip)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     global REPEAT
@@ -267,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
                 progress.update(task, description=f"{size} models")
                 results[size] = measure(size, work, model_file, live=not args.no_live)
                 progress.advance(task)
+            live_check = None
+            if args.validate_live and not args.no_live:
+                progress.update(task, description=f"validate --live on {args.validate_live} models")
+                live_check = validate_live(args.validate_live, work, model_file)
     first = sizes[0]
     table = Table(title=f"the toolchain at {', '.join(map(str, sizes))} tiny ONNX models (seconds)")
     table.add_column("verb", no_wrap=True)
@@ -291,8 +333,16 @@ def main(argv: list[str] | None = None) -> int:
         f"serve and monitor: explicit model control with {LOADED} models loaded; monitor reads the live "
         "server's exposition with each loaded model's series repeated under every name (loopback)."
     )
+    if live_check is not None:
+        console.print(
+            f"validate --live on {live_check['models']} models: {live_check['seconds']:.1f} s "
+            f"({live_check['seconds'] / live_check['models']:.2f} s a model), at most "
+            f"{live_check['peak_processes']} model process(es) alive at once, "
+            f"{live_check['left_loaded']} left loaded"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"machine": stamp, "sizes": sizes, "results": results}, indent=2))
+        figures = {"machine": stamp, "sizes": sizes, "results": results, "validate_live": live_check}
+        args.json.write_text(json.dumps(figures, indent=2))
     return 0
 
 
