@@ -7,7 +7,8 @@ look-up per model, what a rebuild that skips unchanged models pays), ``slo`` (ru
 every model), ``deploy`` (manifests, without the live checks), ``serve`` with explicit model control
 (start with no model loaded, read the repository index, load three models) and ``monitor`` (one reading
 and its table and JSON). Each row prints the time per model and the growth from the smallest size: a
-verb that grows linearly has a flat time per model.
+verb that grows linearly has a flat time per model. Then ``validate --live`` on ``--validate-live N``
+models, with the most model processes the server had alive at once.
 
 Two verbs need a live server, and serving 500 Python-stub models costs ~34 MiB each (one process per
 model instance), more than this machine should hold for a benchmark: ``serve`` starts with explicit
@@ -16,7 +17,7 @@ control and three models loaded (its cost depends on the repository's size, not 
 model's series are repeated under every name of the repository (Triton's exposition, unchanged but for
 the model label), so its parse, table and JSON are timed at the repository's size.
 
-    python benchmarks/toolchain_scale.py [--sizes 50,200,500] [--json results.json]
+    python benchmarks/toolchain_scale.py [--sizes 50,200,500] [--repeat 3] [--validate-live 20] [--json F]
 """
 
 from __future__ import annotations
