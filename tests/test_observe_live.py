@@ -19,11 +19,11 @@ from cli_runner import run_tritonforge
 from observe_fixtures import build_observe_repository, knob_input
 from promserver import PrometheusServer
 from tritonforge.client import Client, RetryPolicy
+from tritonforge.error_accounting import ERROR_RESPONSES
 from tritonforge.errors import ClientError
 from tritonforge.observe import SUMMARY_FLAGS, MetricsError, scrape, snapshot
 from tritonforge.observe.slo import dashboard_queries, load_slo, write
 from tritonforge.server import EmbeddedServer
-from tritonforge.server.runtime import ERROR_RESPONSES
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +132,47 @@ def test_monitor_table_names_each_server_and_model_unbroken_when_piped(
     for server in servers:
         assert server.metrics_url.removeprefix("http://").removesuffix("/metrics") in done.stdout
     assert "steady" in done.stdout and "knob" in done.stdout
+
+
+def test_monitor_match_sort_and_limit_keep_rows_and_totals_to_the_same_models(
+    servers: tuple[EmbeddedServer, EmbeddedServer],
+) -> None:
+    from tritonforge.observe.monitor import select
+
+    first, second = servers
+    urls = [first.metrics_url, second.metrics_url]
+    before = {s.url: s for s in (scrape(u) for u in urls)}
+    with _client(first) as a, _client(second) as b:
+        for _ in range(5):
+            a.infer("steady", knob_input())
+            b.infer("steady", knob_input())
+        a.infer("knob", knob_input())
+    snap, _ = snapshot(urls, grpc_urls=[first.grpc_url, second.grpc_url], previous=before)
+    busiest = select(snap, sort="requests", limit=1)
+    assert [t.model for t in busiest.totals] == ["steady"]
+    kept = [key for per in busiest.batch_sizes.values() for key in per]  # the batch sizes follow the models
+    assert kept and {key.partition(":")[0] for key in kept} == {"steady"}
+    assert {(r.server, r.model) for r in busiest.rows} == {(u, "steady") for u in urls}
+    assert busiest.hidden_models == len(snap.totals) - 1 == busiest.model_count - 1
+    knobs = select(snap, match=["knob*"])
+    assert {t.model for t in knobs.totals} == {"knob", "knob_routed"}
+    assert {r.model for r in knobs.rows} == {"knob", "knob_routed"}
+    with pytest.raises(ValueError, match="sort by one of"):
+        select(snap, sort="colour")
+
+    base = ("monitor", "--metrics-url", first.metrics_url, "--metrics-url", second.metrics_url, "--once")
+    done = run_tritonforge(*base, "--interval-s", "0.3", "--match", "k*", "--json", timeout=120, columns=None)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert (
+        {t["model"] for t in data["totals"]}
+        == {m["model"] for m in data["models"]}
+        == {"knob", "knob_routed"}
+    )
+    assert data["model_count"] == 4 and data["hidden_models"] == 2
+    done = run_tritonforge(*base, "--interval-s", "0.3", "--limit", "1", timeout=120, columns=None)
+    assert done.returncode == 0, done.stderr
+    assert "3 of 4 models hidden" in done.stdout and "knob " in done.stdout and "steady" not in done.stdout
 
 
 def test_monitor_exits_1_with_a_one_line_error_when_a_server_is_unreachable() -> None:
@@ -320,20 +361,18 @@ def test_parse_metrics_raises_metrics_error_for_text_that_is_not_prometheus() ->
         parse_metrics('nv_inference_count{model="m" 1\n', url="http://x/metrics")
 
 
-def test_every_generated_python_model_carries_the_same_error_accounting() -> None:
-    import re
-
+def test_every_generated_python_model_uses_the_one_error_accounting_shipped_beside_it() -> None:
     from tritonforge.ensemble.blocks import model_file
+    from tritonforge.error_accounting import SHIPPED_AS
     from tritonforge.rollout.twin import SPLITTER
 
-    block = re.compile(r"# -- error accounting .*?# -- end of error accounting", re.S)
     files = [model_file(k) for k in ("router", "combiner", "impute", "mean_pooling", "tokenizer")]
-    copies = {str(f): block.findall(f.read_text()) for f in [*files, SPLITTER]}
-    assert all(len(found) == 1 for found in copies.values()), copies.keys()
-    assert len({found[0] for found in copies.values()}) == 1, "the copies differ: keep them identical"
     for f in [*files, SPLITTER]:
         text = f.read_text()
-        assert "return _settle(" in text and "self.error_counter = _error_counter(args)" in text, f
+        assert f"from {SHIPPED_AS} import error_counter, settle_errors" in text, f
+        assert "self.error_counter = error_counter(pb_utils, args)" in text, f
+        assert "return settle_errors(pb_utils, " in text, f
+        assert "ERROR_RESPONSES =" not in text and "def _settle" not in text, f"{f} has its own copy"
 
 
 # Triton's GPU gauges exactly as a GPU server exports them (one GPU per gpu_uuid label)
