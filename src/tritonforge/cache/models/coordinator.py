@@ -1,5 +1,6 @@
 """Model cache coordinator (Triton Python backend): loads a model on its first request, evicts the least
-recently used idle ones under a budget. Standard library and numpy only (NVIDIA's image has no more).
+recently used idle ones under a budget. Standard library and numpy only (NVIDIA's image has no more), and
+the error accounting (``tritonforge_error_accounting.py``) that the repository writer puts beside it.
 
 Written by ``tritonforge serve --cache-max-models/--cache-max-memory`` (or ``write_cache_repository``)
 into a repository of its own, beside the user's, on a server in explicit model control. It is the only
@@ -35,6 +36,7 @@ import urllib.request
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from tritonforge_error_accounting import error_counter, settle_errors
 
 LOAD_WITH = "tritonforge_load_with"
 # what the coordinator reads of a config.pbtxt (text format; we have no protobuf here)
@@ -156,6 +158,7 @@ class TritonPythonModel:
         self.peak_memory = 0
         self.totals = {"loads": 0, "evictions": 0, "failures": 0, "load_s": 0.0}
         self._metrics()
+        self.error_counter = error_counter(pb_utils, args)
 
     # -- metrics ------------------------------------------------------------------------------------------
     def _metrics(self):
@@ -394,6 +397,9 @@ class TritonPythonModel:
         return answer
 
     def execute(self, requests):
+        return settle_errors(pb_utils, self._execute(requests), self.error_counter)
+
+    def _execute(self, requests):
         responses = []
         for request in requests:
             try:
