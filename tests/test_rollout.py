@@ -197,6 +197,10 @@ def _events(repo: Path, model: str, action: str) -> list[dict]:
     return [e for e in audit_log(repo) if e.get("model") == model and e.get("action") == action]
 
 
+def _actions(repo: Path, model: str) -> list[str]:
+    return [e["action"] for e in audit_log(repo) if e.get("model") == model]
+
+
 def _left_clean(repo: Path, server: EmbeddedServer, model: str) -> None:
     assert load_state(repo, model) is None
     assert not (repo / f"{model}__rollout").exists()
@@ -262,6 +266,7 @@ def test_rollout_shadow_step_rolls_a_shuffled_label_candidate_back_before_any_us
     rollback = _events(repo, "wrong", "rollout-rollback")[-1]
     assert rollback["to"] == [1] and rollback["cause"] == "breach" and "agreement" in rollback["reason"]
     assert not _events(repo, "wrong", "rollback")  # the registry's rollback history is left alone
+    assert _actions(repo, "wrong")[-3:] == ["rollout-start", "rollout-step", "rollout-rollback"]
     _left_clean(repo, server, "wrong")
 
 
@@ -399,6 +404,11 @@ def test_rollout_killed_controller_is_told_dead_recorded_as_a_crash_and_resumed_
     crash = _events(repo, "crashed", "rollout-crash")[-1]
     assert crash["pid"] == proc.pid and crash["phase"] == "running" and crash["last_beat"]
     assert all(e["verdict"] == "pass" for e in _events(repo, "crashed", "rollout-step"))
+    # in the order it happened: the crash is recorded when the rollout is resumed, before it carries on
+    actions = _actions(repo, "crashed")
+    after = actions[actions.index("rollout-crash") :]
+    assert after[:2] == ["rollout-crash", "rollout-resume"] and after[-2:] == ["promote", "rollout-done"]
+    assert set(after[2:-2]) == {"rollout-step"} and "rollout-start" in actions[: -len(after)]
     _left_clean(repo, server, "crashed")
 
 
@@ -452,6 +462,7 @@ def test_rollout_ctrl_c_pauses_and_says_how_to_continue_and_an_abort_is_the_oper
     rollback = _events(repo, "stopped", "rollout-rollback")[-1]
     assert rollback["cause"] == "abort" and rollback["reason"] == "not today"
     assert _events(repo, "stopped", "rollout-pause")[-1]["reason"] == "interrupted by SIGINT"
+    assert _actions(repo, "stopped")[-3:] == ["rollout-pause", "rollout-abort", "rollout-rollback"]
     _left_clean(repo, server, "stopped")
 
 
