@@ -63,9 +63,10 @@ def settle_errors(
     """``responses``, after raising when every one is an error with the same message (Triton then counts
     each as a failure), or adding the error responses among them to ``counter``.
 
-    ``raise_alike=False`` never raises (every error response is counted in ``counter``): for an ``async``
-    execute, where Triton 2.51's Python backend can lose a request when the coroutine raises (no response,
-    never released: the client times out and the model version stays UNLOADING for good when replaced).
+    ``raise_alike=False`` never raises (every error response is counted in ``counter``): Triton 2.51's
+    Python backend now and then loses a request of an execute that raises while other requests are in
+    flight (never answered: its caller waits for its deadline; never released: once the model is
+    reloaded, that version stays UNLOADING for good). ``tools/async_raise_unload.py`` shows it.
     """
     errors = [r.error().message() for r in responses if r is not None and r.has_error()]
     if raise_alike and errors and len(errors) == len(responses) and len(set(errors)) == 1:

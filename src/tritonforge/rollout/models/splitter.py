@@ -123,8 +123,8 @@ class TritonPythonModel:
             self._load_twin()
         responses = await asyncio.gather(*[self._answer(r) for r in requests])
         self._write_stats()
-        # never raise from this async execute: Triton 2.51 can lose a request of a coroutine that raises,
-        # which keeps this version UNLOADING for good once the rollout replaces it
+        # never raise: Triton 2.51 now and then loses a request of an execute that raises under concurrent
+        # requests, which keeps this version UNLOADING for good once the rollout replaces it
         return settle_errors(pb_utils, responses, self.error_counter, raise_alike=False)
 
     def _load_twin(self):
