@@ -3,9 +3,10 @@
 A two-instance Python model ``m`` is called non-stop by three threads while it is reloaded with a new
 version, N times; after each reload the old version must leave ``UNLOADING`` within 8 s. Kinds of
 ``execute``: ``async-raise`` (a coroutine that raises), ``sync-raise`` (a plain one that raises),
-``async-errors`` (a coroutine answering error responses). Seen here: only ``async-raise`` leaves versions
-stuck, because a request of a raising coroutine is now and then never answered nor released (its caller
-waits for its deadline). This is why the rollout's splitter never raises.
+``async-errors`` (a coroutine answering error responses). Seen here: both kinds that raise leave versions
+stuck (a coroutine more often), because a request of an execute that raises is now and then never answered
+nor released (its caller waits for its deadline); error responses never did. This is
+why the rollout's splitter never raises.
 
     python tools/async_raise_unload.py async-raise 12
 """
