@@ -58,6 +58,7 @@ PLANS: dict[str, Plan] = {
     ),
     "ensemble_vs_client_chain": Plan(quick=("--duration-s", "0.5"), rounds=True, json=True, repo=True),
     "loadgen_capacity": Plan(quick=("--duration-s", "3"), json=True),  # locust needs whole seconds
+    "model_cost": Plan(quick=("--models", "4", "--loads", "1", "--settle-s", "0.5"), rounds=True, json=True),
     "quantization": Plan(quick=("--batch", "1", "--seq", "16"), rounds=True),
     "sampler_overhead": Plan(quick=("--seconds", "0.5"), rounds=True),
     "response_cache": Plan(
