@@ -28,6 +28,7 @@ from tritonforge.server._watchdog import remove_env_dirs
 from tritonforge.server.install import (
     BACKEND_PATH_ENV,
     TritonInstall,
+    auto_complete_flags,
     backend_directory,
     find_tritonserver,
     package_path,
@@ -500,6 +501,8 @@ class EmbeddedServer:
         args: list[str] = []
         if self.model_control == "poll":
             args.append(f"--repository-poll-secs={self.poll_interval_s}")
+        if self.install is not None:
+            args += auto_complete_flags(self.install, self.repositories, self.model_control)
         if self.response_cache_bytes:
             args.append(f"--cache-config=local,size={self.response_cache_bytes}")
             # The wheel keeps its cache library beside the binary, not in /opt/tritonserver/caches.
