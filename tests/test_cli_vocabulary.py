@@ -160,7 +160,7 @@ def test_every_renamed_option_is_listed_in_the_glossary() -> None:
         for path, command in commands().items()
         for old, new in renames_of(command.callback).items()
     }
-    assert renames, "no renamed options found: is commands/_renamed.install still called by cli.py?"
+    assert renames, "no renamed options found: is install_renamed_options still called by cli.py?"
     assert renames == listed, "docs/cli-vocabulary.md's 'Renamed options' table differs from the CLI"
 
 

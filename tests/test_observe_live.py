@@ -19,11 +19,11 @@ from cli_runner import run_tritonforge
 from observe_fixtures import build_observe_repository, knob_input
 from promserver import PrometheusServer
 from tritonforge.client import Client, RetryPolicy
+from tritonforge.error_accounting import ERROR_RESPONSES
 from tritonforge.errors import ClientError
 from tritonforge.observe import SUMMARY_FLAGS, MetricsError, scrape, snapshot
 from tritonforge.observe.slo import dashboard_queries, load_slo, write
 from tritonforge.server import EmbeddedServer
-from tritonforge.server.runtime import ERROR_RESPONSES
 
 
 @pytest.fixture(scope="module")
@@ -320,20 +320,18 @@ def test_parse_metrics_raises_metrics_error_for_text_that_is_not_prometheus() ->
         parse_metrics('nv_inference_count{model="m" 1\n', url="http://x/metrics")
 
 
-def test_every_generated_python_model_carries_the_same_error_accounting() -> None:
-    import re
-
+def test_every_generated_python_model_uses_the_one_error_accounting_shipped_beside_it() -> None:
     from tritonforge.ensemble.blocks import model_file
+    from tritonforge.error_accounting import SHIPPED_AS
     from tritonforge.rollout.twin import SPLITTER
 
-    block = re.compile(r"# -- error accounting .*?# -- end of error accounting", re.S)
     files = [model_file(k) for k in ("router", "combiner", "impute", "mean_pooling", "tokenizer")]
-    copies = {str(f): block.findall(f.read_text()) for f in [*files, SPLITTER]}
-    assert all(len(found) == 1 for found in copies.values()), copies.keys()
-    assert len({found[0] for found in copies.values()}) == 1, "the copies differ: keep them identical"
     for f in [*files, SPLITTER]:
         text = f.read_text()
-        assert "return _settle(" in text and "self.error_counter = _error_counter(args)" in text, f
+        assert f"from {SHIPPED_AS} import error_counter, settle_errors" in text, f
+        assert "self.error_counter = error_counter(pb_utils, args)" in text, f
+        assert "return settle_errors(pb_utils, " in text, f
+        assert "ERROR_RESPONSES =" not in text and "def _settle" not in text, f"{f} has its own copy"
 
 
 # Triton's GPU gauges exactly as a GPU server exports them (one GPU per gpu_uuid label)

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from cli_runner import run_tritonforge
+from tritonforge import error_accounting
 from tritonforge.config import DataType, ModelConfig, TensorSpec
-from tritonforge.repository import add_model
+from tritonforge.repository import add_model, amend_version
 from tritonforge.repository.requirements import (
     DEFAULT_TARGET,
     REQUIREMENTS_FILE,
@@ -136,6 +137,25 @@ def test_writer_declares_a_python_models_requirements_beside_it(tmp_path: Path) 
     assert model.undeclared == ()
     plain = python_model(repo, "plain", "import json\n")
     assert not (plain / REQUIREMENTS_FILE).exists()
+
+
+def test_writer_ships_our_error_accounting_beside_the_code_that_imports_it_where_it_is_local(
+    tmp_path: Path,
+) -> None:
+    repo = tmp_path / "repo"
+    version = python_model(repo, "counted", f"from {error_accounting.SHIPPED_AS} import settle_errors\n")
+    shipped = version / f"{error_accounting.SHIPPED_AS}.py"
+    assert shipped.read_bytes() == Path(error_accounting.__file__).read_bytes()
+    assert python_requirements(repo) == {"counted": []}  # beside the model: local, nothing to declare
+    assert not (version / REQUIREMENTS_FILE).exists()
+    plain = python_model(repo, "plain", "import json\n")
+    assert not (plain / shipped.name).exists()
+    # an amend follows the code: a file that imports it brings it, dropping that code takes it away
+    amend_version(repo, "plain", 1, add_files={"model.py": version / "model.py"})
+    assert (plain / shipped.name).read_bytes() == shipped.read_bytes()
+    amend_version(repo, "plain", 1, add_files={"model.py": tmp_path / "_plain" / "model.py"})
+    assert not (plain / shipped.name).exists()
+    assert shipped.is_file()  # another model's copy is its own
 
 
 def test_an_import_nothing_here_provides_stays_unpinned(tmp_path: Path) -> None:

@@ -245,6 +245,12 @@ def test_load_model_raises_model_load_error_with_tritons_reason(tmp_path):
             server.load_model("mlp")
         assert info.value.model == "mlp"
         assert "model.onnx" in info.value.message
+        # a name that is no usable model name reaches Triton as one path segment (quoted), never another
+        # endpoint or urllib's InvalidURL: Triton's refusal, naming the model
+        with pytest.raises(ModelLoadError) as info:
+            server.load_model("no/such model")
+        assert info.value.model == "no/such model"
+        assert not server.is_model_ready("no/such model")
 
 
 PYTHON_MODEL_USING_THE_VENV = """

@@ -216,6 +216,14 @@ def test_bench_cli_writes_csv_json_and_html_with_percentiles_errors_and_server_s
     assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_bench_and_tune_cli_exit_2_with_the_bad_value_shown_as_given(tmp_path: Path) -> None:
+    # the value is reported as text: "[bold]" is not eaten as console markup
+    for verb in (["bench", "m"], ["tune", "m", "--p99-budget-ms", "50"]):
+        run = CliRunner().invoke(app, [*verb, "--repo", str(tmp_path), "--concurrency", "[bold]2"])
+        assert run.exit_code == 2, run.output
+        assert "'[bold]2'" in run.output
+
+
 def test_bench_cli_exits_1_naming_the_models_there_for_an_unknown_model(served: EmbeddedServer) -> None:
     run = CliRunner().invoke(app, ["bench", "nope", "--url", served.grpc_url, "--concurrency", "1"])
     assert run.exit_code == 1

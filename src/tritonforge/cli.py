@@ -15,9 +15,13 @@ from collections.abc import Sequence
 import typer
 from typer.exceptions import TyperException
 
-from tritonforge.commands import DEBUG_ENV, print_error
-from tritonforge.commands import _renamed as renamed_options
-from tritonforge.commands._output import PIPE_WIDTH, make_console
+from tritonforge.commands import (
+    DEBUG_ENV,
+    PIPE_WIDTH,
+    install_renamed_options,
+    make_console,
+    print_error,
+)
 from tritonforge.commands.serve import PASSTHROUGH
 from tritonforge.errors import TritonForgeError
 
@@ -54,7 +58,7 @@ AREAS: tuple[str, ...] = (
 def _register_areas() -> None:
     for area in AREAS:
         importlib.import_module(f"tritonforge.commands.{area}").register(app)
-    renamed_options.install(app)  # old option spellings still read, with a deprecation line
+    install_renamed_options(app)  # old option spellings still read, with a deprecation line
 
 
 _register_areas()

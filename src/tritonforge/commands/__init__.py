@@ -1,7 +1,9 @@
 """CLI verbs by area. Each module has ``register(app)``; :mod:`tritonforge.cli` lists them in ``AREAS``.
 
 Errors are reported one way everywhere: :func:`print_error` writes one line on stderr (never wrapped,
-never read as markup), and :func:`fail` does that and returns the ``typer.Exit`` to raise.
+never read as markup), and :func:`fail` does that and returns the ``typer.Exit`` to raise. What
+:mod:`tritonforge.cli` needs besides the verbs is here too: the console that stays whole in a pipe
+(:func:`make_console`, :data:`PIPE_WIDTH`) and :func:`install_renamed_options` (old option spellings).
 """
 
 from __future__ import annotations
@@ -14,9 +16,21 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from tritonforge.commands._output import PIPE_WIDTH, make_console
+from tritonforge.commands._renamed import install as install_renamed_options
 from tritonforge.errors import TritonForgeError
 
-__all__ = ["DEBUG_ENV", "err_console", "fail", "one_line", "print_error", "reported"]
+__all__ = [
+    "DEBUG_ENV",
+    "PIPE_WIDTH",
+    "err_console",
+    "fail",
+    "install_renamed_options",
+    "make_console",
+    "one_line",
+    "print_error",
+    "reported",
+]
 
 #: Set to 1 to see the full message and the traceback of an unexpected error.
 DEBUG_ENV = "TRITONFORGE_DEBUG"

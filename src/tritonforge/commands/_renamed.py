@@ -19,8 +19,6 @@ from typing import Any, TypeVar
 import typer
 from typer.core import TyperCommand
 
-from tritonforge.commands import print_error
-
 __all__ = ["RENAMED_ATTR", "deprecated", "install", "renamed", "renames_of"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -50,6 +48,8 @@ def renames_of(verb: Callable[..., Any] | None) -> dict[str, str]:
 def deprecated(old: str, new: str, *, command: str = "") -> None:
     """The one line on stderr that says an old spelling was used and what replaces it."""
     where = f"`{command} {old}`" if command else f"`{old}`"
+    from tritonforge.commands import print_error  # the package imports this module: not at the top
+
     print_error(f"{where} is now `{new}`; the old spelling goes in the next release", prefix="deprecated")
 
 

@@ -143,8 +143,7 @@ def bench_command(
             max_windows=max_windows,
         )
     except ValueError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(code=2) from None
+        raise fail(exc, code=2) from None
     inputs = load_payloads(data) if data is not None else None
     try:
         with _progress(len(settings.levels), f"bench {model}", as_json=as_json) as on_event:
@@ -245,8 +244,7 @@ def tune_command(
             max_windows=max_windows,
         )
     except ValueError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(code=2) from None
+        raise fail(exc, code=2) from None
     try:
         with _progress(1, f"tune {model}", as_json=as_json) as on_event:
             result = tune(

@@ -17,9 +17,9 @@ import itertools
 from collections.abc import Iterable, Mapping, Sequence
 
 from tritonforge.config import DataType, TensorSpec
-from tritonforge.ensemble._limits import MAX_ISSUES, names, show
+from tritonforge.ensemble._limits import names, show
 from tritonforge.ensemble.known import ModelInfo, known_models
-from tritonforge.ensemble.spec import Issue, PipelineSpec, StepSpec
+from tritonforge.ensemble.spec import Issue, PipelineSpec, StepSpec, _Collector
 
 __all__ = ["ModelInfo", "Resolved", "check_pipeline", "known_models"]
 
@@ -68,27 +68,11 @@ _Producer = tuple[str | None, DataType | None, tuple[int, ...] | None]
 """Who writes a tensor (None: the caller, as a pipeline input), its dtype and full shape (None: unknown)."""
 
 
-class _Checker:
+class _Checker(_Collector):
     def __init__(self, spec: PipelineSpec, models: Mapping[str, ModelInfo]) -> None:
+        super().__init__(spec.name, spec.source)
         self.spec = spec
         self.models = models
-        self.issues: list[Issue] = []
-        self.dropped = 0
-
-    def add(self, message: str, fix: str = "", *, step: str | None = None, tensor: str | None = None) -> None:
-        if len(self.issues) >= MAX_ISSUES:
-            self.dropped += 1
-            return
-        self.issues.append(Issue(self.spec.name, message, fix, step, tensor, self.spec.source))
-
-    def result(self) -> list[Issue]:
-        """The issues found, the ones past ``MAX_ISSUES`` counted in one last issue."""
-        if not self.dropped:
-            return self.issues
-        more = Issue(
-            self.spec.name, f"... and {self.dropped} more issue(s) not shown.", "fix the ones above first."
-        )
-        return [*self.issues, dataclasses.replace(more, source=self.spec.source)]
 
     def model(self, step: str, name: str, version: int = -1) -> ModelInfo | None:
         info = self.models.get(name)

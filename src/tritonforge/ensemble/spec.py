@@ -112,6 +112,8 @@ class _SpecText(Exception):
 
 
 class _Collector:
+    """The issues of one pipeline, at most ``MAX_ISSUES`` of them (the rest counted in one last issue)."""
+
     def __init__(self, pipeline: str, source: str | None) -> None:
         self.pipeline = pipeline
         self.source = source

@@ -40,10 +40,10 @@ import yaml
 
 from tritonforge.atomic import write_atomic
 from tritonforge.config.validate import model_name_problem
+from tritonforge.error_accounting import ERROR_RESPONSES
 from tritonforge.errors import ConfigError, SLOError
 from tritonforge.files import read_yaml
 from tritonforge.observe.gpu_rules import GPU_OBJECTIVES, gpu_rules
-from tritonforge.server.runtime import ERROR_RESPONSES
 
 __all__ = [
     "GPU_OBJECTIVES",
@@ -324,7 +324,7 @@ def _exprs(spec: SLOSpec, window: str) -> dict[str, str]:
     # a model without failure series yet still gets a 0 (not an empty result)
     raised = f"({failure} or {success} * 0)"
     # Triton counts a Python model's error response as a success: the models tritonforge generates count
-    # those in their own counter (see tritonforge.server.runtime.ERROR_RESPONSES), added here
+    # those in their own counter (see tritonforge.error_accounting.ERROR_RESPONSES), added here
     answered = f"({rate(ERROR_RESPONSES)} or {success} * 0)"
     failures = f"({raised} + {answered})"
     q50, q99 = 'quantile="0.5"', 'quantile="0.99"'

@@ -16,6 +16,10 @@ nothing is imported or run): ``model.py`` and every module beside it in the vers
   nothing here provides stays unpinned under its import name (pip refuses it at image build time, which
   is where it should fail, not in a pod).
 
+Modules of tritonforge that a model imports from its own folder (:data:`SHIPPED_MODULES`: the error
+accounting every generated Python model carries) are never requirements: the writer puts each beside the
+code that imports it (:func:`ship_modules`), so they are local to the model like any module beside it.
+
 The result is written at build time as ``<model>/<version>/requirements.txt`` (see
 :func:`write_requirements`; the repository writer does it for every Python model it writes), where
 ``deploy``'s server image installs it from, and ``tritonforge validate --target IMAGE`` compares what each
@@ -38,6 +42,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from tritonforge import error_accounting
 from tritonforge.config import read_model_dir
 from tritonforge.errors import TritonForgeError
 
@@ -45,6 +50,7 @@ __all__ = [
     "DEFAULT_TARGET",
     "IMAGE_MODULES",
     "REQUIREMENTS_FILE",
+    "SHIPPED_MODULES",
     "Import",
     "ModelRequirements",
     "Requirement",
@@ -53,6 +59,7 @@ __all__ = [
     "module_imports",
     "python_requirements",
     "requirements_text",
+    "ship_modules",
     "stdlib_modules",
     "target_python",
     "write_requirements",
@@ -64,6 +71,9 @@ DEFAULT_TARGET = "nvcr.io/nvidia/tritonserver:24.10-py3"
 IMAGE_MODULES = frozenset({"numpy", "triton_python_backend_utils", "c_python_backend_utils"})
 #: the file beside a Python model's ``model.py`` that declares its third-party requirements
 REQUIREMENTS_FILE = "requirements.txt"
+#: tritonforge's own modules a Python model may import from its own folder, by the name it imports: NVIDIA's
+#: image has no tritonforge, so the writer puts each beside the code that imports it (:func:`ship_modules`)
+SHIPPED_MODULES: Mapping[str, Path] = {error_accounting.SHIPPED_AS: Path(error_accounting.__file__)}
 
 # NVIDIA's release notes: 20.xx-22.xx are Ubuntu 20.04 with Python 3.8; 23.01 onwards Ubuntu 22.04 with
 # Python 3.10; 24.12 ("Ubuntu 24.04 including Python 3.12") onwards Python 3.12.
@@ -429,6 +439,36 @@ def write_requirements(version_dir: Path, target: str = DEFAULT_TARGET) -> Path 
         return None
     out.write_text(requirements_text([r.line() for r in found], target), encoding="utf-8")
     return out
+
+
+def ship_modules(version_dir: Path, *, python_model: bool = True) -> list[str]:
+    """Put each of :data:`SHIPPED_MODULES` beside the code in ``version_dir`` that imports it, and remove
+    one that no code there imports any more (all of them when it is not a ``python_model``'s folder);
+    returns the file names shipped. A file is written anew, never through a hard link it may share with
+    another version.
+
+    Raises:
+        RepositoryError: the code of a Python model is not readable Python.
+    """
+    shipped = {f"{name}.py": source for name, source in SHIPPED_MODULES.items()}
+    imported = {
+        imp.module
+        for path in (_code_files(version_dir) if python_model else [])
+        if path.parent != version_dir or path.name not in shipped
+        for imp in module_imports(path)
+    }
+    kept = []
+    for filename, source in shipped.items():
+        target = version_dir / filename
+        if Path(filename).stem not in imported:
+            target.unlink(missing_ok=True)
+            continue
+        text = source.read_bytes()
+        if not target.is_file() or target.read_bytes() != text:
+            target.unlink(missing_ok=True)
+            target.write_bytes(text)
+        kept.append(filename)
+    return kept
 
 
 def declared_requirements(path: Path) -> set[str]:

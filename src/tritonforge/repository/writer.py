@@ -45,7 +45,7 @@ from tritonforge.files import (
 )
 from tritonforge.repository.audit import current_user, record_event
 from tritonforge.repository.manifest import build_manifest, file_sha256, version_manifest
-from tritonforge.repository.requirements import write_requirements
+from tritonforge.repository.requirements import ship_modules, write_requirements
 from tritonforge.repository.staging import (
     STAGING_ENV,
     STAGING_PREFIX,
@@ -361,7 +361,8 @@ class RepositoryWrite:
             _copy(source, version_dir / filename)
         for extra in map(Path, extra_files):
             _copy(extra, version_dir / extra.name)
-        if config.backend == "python":  # what NVIDIA's image lacks, declared where its Dockerfile reads it
+        if config.backend == "python":  # what NVIDIA's image lacks: ours shipped, the rest declared
+            ship_modules(version_dir)
             write_requirements(version_dir)
         (version_dir / "manifest.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         write_config(config, folder / "config.pbtxt")
@@ -381,7 +382,8 @@ class RepositoryWrite:
         """Stage a rewrite of existing version ``version`` of ``name``: its files as they are (hard links
         where the file system allows, else copies) but ``drop_files`` and with ``add_files`` (name ->
         source), its ``manifest.json`` with ``manifest`` merged in, and ``config`` (default: the model's
-        config as it is). Moved in like a replaced version.
+        config as it is); tritonforge's modules beside its code follow what the code now imports
+        (:func:`~tritonforge.repository.requirements.ship_modules`). Moved in like a replaced version.
 
         Raises:
             RepositoryError: the model or version does not exist, or it is written twice in this write.
@@ -417,6 +419,8 @@ class RepositoryWrite:
         )
         for target_name, source in (add_files or {}).items():
             shutil.copyfile(source, version_dir / target_name)
+        # code added (a rollout's splitter) or dropped changes which of our modules it needs beside it
+        ship_modules(version_dir, python_model=config.backend == "python")
         (version_dir / "manifest.json").unlink(missing_ok=True)
         (version_dir / "manifest.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         write_config(config, folder / "config.pbtxt")

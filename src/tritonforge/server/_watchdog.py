@@ -10,7 +10,8 @@ a pipe whose only write end the owner holds. Lines on the pipe:
 End-of-file without ``done`` means the owner died (SIGKILL included: the kernel closes its pipe). Then the
 server's process group gets SIGTERM, and SIGKILL after a grace period; its shared-memory regions, its
 temporary log and the empty ``/tmp/python_env_*`` folder the Python backend made while it started are
-removed. Standard library only, so that it starts fast and depends on nothing that can be half-installed.
+removed. Standard library only, so that it starts fast and depends on nothing that can be half-installed;
+``EmbeddedServer`` uses its :func:`wait_group_gone` and :func:`remove_env_dirs` too.
 """
 
 from __future__ import annotations
@@ -25,29 +26,37 @@ import time
 GRACE_S = 10.0
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
+    """Whether any non-zombie process is left in process group ``pgid`` (Linux /proc).
+
+    Zombies don't count: orphaned stubs are reparented to PID 1, and a PID 1 that never reaps them would
+    otherwise make every wait for the group wait out its timeout.
+    """
     for stat in glob.glob("/proc/[0-9]*/stat"):
         try:
             with open(stat) as handle:
                 fields = handle.read().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
-            continue
+            continue  # gone while we looked
         if int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
 
 
+def wait_group_gone(pgid: int, timeout_s: float, step_s: float = 0.05) -> None:
+    """Wait until process group ``pgid`` is gone (:func:`group_alive`), at most ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and group_alive(pgid):
+        time.sleep(step_s)
+
+
 def _end_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + GRACE_S
-    while time.monotonic() < deadline and _group_alive(pgid):
-        time.sleep(0.1)
+    wait_group_gone(pgid, GRACE_S, step_s=0.1)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    deadline = time.monotonic() + GRACE_S
-    while time.monotonic() < deadline and _group_alive(pgid):
-        time.sleep(0.05)
+    wait_group_gone(pgid, GRACE_S)
 
 
 def remove_env_dirs(launched: float, ready: float | None) -> None:

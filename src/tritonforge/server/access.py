@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from tritonforge.errors import ServerError
-from tritonforge.server.embedded import _flag_values
+from tritonforge.server.launch import flag_values
 
 __all__ = ["RESTRICTABLE_GROUPS", "AccessPlan", "RestrictionScope", "restrict_both"]
 
@@ -125,8 +125,8 @@ def restrict_both(
     """
     scope = RestrictionScope(scope)
     given = {
-        "gRPC": _parse([*grpc, *_flag_values(extra_args, _FLAG["gRPC"])], "gRPC"),
-        "HTTP": _parse([*http, *_flag_values(extra_args, _FLAG["HTTP"])], "HTTP"),
+        "gRPC": _parse([*grpc, *flag_values(extra_args, _FLAG["gRPC"])], "gRPC"),
+        "HTTP": _parse([*http, *flag_values(extra_args, _FLAG["HTTP"])], "HTTP"),
     }
     added: dict[str, dict[str, tuple[str, str]]] = {"gRPC": {}, "HTTP": {}}
     one_sided: dict[str, tuple[str, ...]] = {}

@@ -1,4 +1,10 @@
-"""The real Triton server as a context manager, on loopback, with nothing left behind when it stops."""
+"""The real Triton server as a context manager, on loopback, with nothing left behind when it stops.
+
+``EmbeddedServer`` owns the lifecycle: its options, the launch, readiness, model control over Triton's
+HTTP API, the log, and the stop. What it tells tritonserver and reads from its log is in
+:mod:`~tritonforge.server.launch`; the guards that remove what a killed server leaves (the watchdog's
+owner side, SIGTERM as a clean exit, the sweep at the next start) in :mod:`~tritonforge.server.leftovers`.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +17,11 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Sequence
@@ -24,16 +30,24 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from tritonforge.errors import ModelLoadError, ServerError
-from tritonforge.server._watchdog import remove_env_dirs
+from tritonforge.server._watchdog import remove_env_dirs, wait_group_gone
 from tritonforge.server.install import (
-    BACKEND_PATH_ENV,
     TritonInstall,
     auto_complete_flags,
     backend_directory,
     find_tritonserver,
-    package_path,
     stub_python,
 )
+from tritonforge.server.launch import (
+    PORT_IN_USE,
+    check_access_options,
+    config_json,
+    flag_values,
+    http_headers,
+    load_failures,
+    server_environment,
+)
+from tritonforge.server.leftovers import LOG_PREFIX, Watchdog, exit_cleanly_on_sigterm, sweep_leftovers
 
 if TYPE_CHECKING:
     from tritonclient.grpc import model_config_pb2 as pb2
@@ -46,15 +60,11 @@ __all__ = [
     "EmbeddedServer",
     "free_port",
     "load_with",
-    "sweep_leftovers",
 ]
 
 DEFAULT_STARTUP_TIMEOUT_S = 180.0
 ModelControl = Literal["none", "explicit", "poll"]
 _MODEL_CONTROLS = ("none", "explicit", "poll")
-# Triton's restricted-protocol spec: "<protocol>[,<protocol>...]:<header>=<value>".
-_RESTRICTED_SPEC = re.compile(r"^(?P<protocols>[a-z-]+(?:,[a-z-]+)*):(?P<key>[^=\s]+)=(?P<value>\S*)$")
-# The HTTP endpoints EmbeddedServer itself calls, by the restricted-API group Triton files them under.
 #: a model config parameter naming (comma-separated) the models it calls and must be loaded with it
 LOAD_WITH = "tritonforge_load_with"
 
@@ -84,19 +94,11 @@ def load_with(repositories: Sequence[Path | str], names: Sequence[str]) -> list[
     return chosen
 
 
+# The HTTP endpoints EmbeddedServer itself calls, by the restricted-API group Triton files them under.
 _HTTP_API_OF_PATH = (
     ("/v2/repository", "model-repository"),
     ("/v2/health", "health"),
     ("/v2/models", "health"),
-)
-
-# Triton's log lines that name a model which did not load, and why.
-_LOAD_FAILURES = (
-    re.compile(r"failed to load '(?P<model>[^']+)'(?: version (?P<version>\d+))?: (?P<reason>.*?)\"?$"),
-    re.compile(r"Poll failed for model directory '(?P<model>[^']+)': (?P<reason>.*?)\"?$"),
-)
-_PORT_IN_USE = re.compile(
-    r"address already in use|failed to start .*service|Socket '.*' already in use", re.I
 )
 
 _running: set[EmbeddedServer] = set()
@@ -201,28 +203,8 @@ class EmbeddedServer:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ServerError(f"{name} must be an integer >= {low}, got {value!r}")
-        for flag, specs in (
-            ("grpc_restricted_protocols", grpc_restricted_protocols),
-            ("http_restricted_apis", http_restricted_apis),
-        ):
-            for spec in specs:
-                if not _RESTRICTED_SPEC.match(spec):
-                    raise ServerError(
-                        f"{flag}: {spec!r} is not '<protocol>[,<protocol>...]:<header>=<value>', "
-                        "e.g. 'model-repository,shared-memory:admin-key=s3cret'"
-                    )
-        tls_files = {"grpc_server_cert": grpc_server_cert, "grpc_server_key": grpc_server_key}
-        if any(tls_files.values()) and not all(tls_files.values()):
-            raise ServerError("gRPC TLS needs both grpc_server_cert and grpc_server_key")
-        if (grpc_mutual_tls or grpc_root_cert) and not all(tls_files.values()):
-            raise ServerError(
-                "grpc_root_cert / grpc_mutual_tls need grpc_server_cert and grpc_server_key too"
-            )
-        if grpc_mutual_tls and not grpc_root_cert:
-            raise ServerError("grpc_mutual_tls needs grpc_root_cert (the CA that signs client certificates)")
-        for name, path in {**tls_files, "grpc_root_cert": grpc_root_cert}.items():
-            if path is not None and not Path(path).is_file():
-                raise ServerError(f"{name}: {path} is not a file")
+        grpc_tls = (grpc_server_cert, grpc_server_key, grpc_root_cert, grpc_mutual_tls)
+        check_access_options(grpc_restricted_protocols, http_restricted_apis, grpc_tls)
         self.host = host
         self._requested_ports = (grpc_port, http_port, metrics_port)
         self.grpc_port = self.http_port = self.metrics_port = 0
@@ -238,12 +220,12 @@ class EmbeddedServer:
         self.log_file = None if log_file is None else Path(log_file).resolve()
         self.grpc_restricted_protocols = tuple(grpc_restricted_protocols)
         self.http_restricted_apis = tuple(http_restricted_apis)
-        self.grpc_tls = (grpc_server_cert, grpc_server_key, grpc_root_cert, grpc_mutual_tls)
-        self._http_headers = _http_headers(
-            [*self.http_restricted_apis, *_flag_values(self.extra_args, "--http-restricted-api")]
+        self.grpc_tls = grpc_tls
+        self._http_headers = http_headers(
+            [*self.http_restricted_apis, *flag_values(self.extra_args, "--http-restricted-api")]
         )
         self._process: subprocess.Popen[bytes] | None = None
-        self._watchdog: _Watchdog | None = None
+        self._watchdog: Watchdog | None = None
         self._launched_at = 0.0  # when the last launch began and the server was ready (time.time())
         self._ready_at: float | None = None
         self._log_path: Path | None = None
@@ -281,7 +263,7 @@ class EmbeddedServer:
         backends = backend_directory(
             self.install, python_version=self.python.version if self.python else None
         )
-        _exit_cleanly_on_sigterm()
+        exit_cleanly_on_sigterm()
         auto_ports = not any(self._requested_ports)
         attempts = 3 if auto_ports else 1
         for attempt in range(attempts):
@@ -293,7 +275,7 @@ class EmbeddedServer:
                 self._ready_at = time.time()
                 break
             except ServerError as exc:
-                port_clash = bool(_PORT_IN_USE.search(self._current_log()))
+                port_clash = bool(PORT_IN_USE.search(self._current_log()))
                 self.stop()
                 if not (port_clash and attempt + 1 < attempts) or isinstance(exc, ModelLoadError):
                     raise
@@ -316,7 +298,7 @@ class EmbeddedServer:
                 os.killpg(process.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=10)
-            _wait_group_gone(process.pid)
+            wait_group_gone(process.pid, timeout_s=10.0)
             # the Python backend removes its /tmp/python_env_* on a clean exit only (not when Triton's
             # exit timeout ran out and the group was killed): the empty one made while this server started
             remove_env_dirs(self._launched_at, self._ready_at)
@@ -379,7 +361,7 @@ class EmbeddedServer:
 
     def _effective_exit_timeout_s(self) -> int:
         """The exit timeout tritonserver runs with: the last --exit-timeout-secs of extra_args wins."""
-        given = _flag_values(self.extra_args, "--exit-timeout-secs")
+        given = flag_values(self.extra_args, "--exit-timeout-secs")
         try:
             return int(given[-1]) if given else self.exit_timeout_s
         except ValueError:
@@ -398,21 +380,23 @@ class EmbeddedServer:
         self._require_explicit("load_model")
         body: dict[str, Any] = {}
         if config is not None:
-            body["parameters"] = {"config": _config_json(config)}
-        self._post(f"/v2/repository/models/{name}/load", body, model=name, action="load")
+            body["parameters"] = {"config": config_json(config)}
+        self._post(f"/v2/repository/models/{_quoted(name)}/load", body, model=name, action="load")
 
     def unload_model(self, name: str, *, unload_dependents: bool = False) -> None:
         """Unload ``name`` (and, when asked, the ensembles that depend on it)."""
         self._require_explicit("unload_model")
         body = {"parameters": {"unload_dependents": unload_dependents}}
-        self._post(f"/v2/repository/models/{name}/unload", body, model=name, action="unload")
+        self._post(f"/v2/repository/models/{_quoted(name)}/unload", body, model=name, action="unload")
         # Unload returns before the model is gone; wait so a reload or a readiness check sees the truth.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and self.is_model_ready(name):
             time.sleep(0.05)
 
     def is_model_ready(self, name: str, version: str | int | None = None) -> bool:
-        path = f"/v2/models/{name}" + (f"/versions/{version}" if version is not None else "") + "/ready"
+        path = (
+            f"/v2/models/{_quoted(name)}" + (f"/versions/{version}" if version is not None else "") + "/ready"
+        )
         return self._get_status(path) == 200
 
     def repository_index(self) -> list[dict[str, Any]]:
@@ -433,7 +417,7 @@ class EmbeddedServer:
             self._log_path = self.log_file
             self._log_offset = os.fstat(fd).st_size
         else:
-            fd, log_name = tempfile.mkstemp(prefix=f"{_LOG_PREFIX}{os.getpid()}-", suffix=".log")
+            fd, log_name = tempfile.mkstemp(prefix=f"{LOG_PREFIX}{os.getpid()}-", suffix=".log")
             self._log_path = Path(log_name)
             self._log_offset = 0
         args = [
@@ -454,30 +438,10 @@ class EmbeddedServer:
             *self._option_args(),
             *self.extra_args,
         ]
-        env = dict(os.environ)
-        # The Python-backend stub is an embedded interpreter that takes its sys.path from the `python3`
-        # first on PATH (PYTHONPATH is not enough): put this interpreter's bin/ first.
-        stub_bin = self.python.executable.parent if self.python else Path(sys.executable).parent
-        env["PATH"] = os.pathsep.join([str(stub_bin), env.get("PATH", "")])
-        # A reduced stub interpreter has only what a user model may use; our Python-based backends (and
-        # only they) reach tritonforge and onnxruntime/torch through the folders named here.
-        backend_path = [*([package_path()] if self.python else []), *self.backend_path]
-        if backend_path:
-            env[BACKEND_PATH_ENV] = os.pathsep.join(map(str, backend_path))
-        libs = [str(d) for d in self.install.library_dirs if d.is_dir()]
-        # The stub links libpython3.X.so.1.0; unless this interpreter's own comes first, the loader may
-        # pick another build of the same minor version (e.g. the distro's), whose ABI the stdlib's
-        # extension modules (_ssl, ...) of this interpreter don't match.
-        own_libpython = self.python.libdir if self.python else _shared_libpython_dir()
-        if own_libpython is not None:
-            libs.insert(0, str(own_libpython))
-        if libs:
-            env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(
-                os.pathsep
-            )
+        env = server_environment(self.install, self.python, self.backend_path)
         # The watchdog starts first, so that no moment exists in which a server runs unwatched but for the
         # few instructions between Popen returning and the watchdog learning the server's group.
-        watchdog = _Watchdog.start(self._shm_prefix, None if self.log_file is not None else self._log_path)
+        watchdog = Watchdog.start(self._shm_prefix, None if self.log_file is not None else self._log_path)
         self._launched_at, self._ready_at = time.time(), None
         try:
             self._process = subprocess.Popen(
@@ -550,7 +514,7 @@ class EmbeddedServer:
 
     def _raise_start_failure(self, what: str) -> None:
         log = self._current_log()
-        failures = _load_failures(log)
+        failures = load_failures(log)
         tail = "\n".join(log.splitlines()[-25:])
         if failures:
             model, reason = failures[0]
@@ -603,7 +567,7 @@ class EmbeddedServer:
                 reason = json.loads(exc.read().decode()).get("error", "")
             except (ValueError, OSError):
                 reason = str(exc)
-            details = [r for m, r in _load_failures(self._current_log()) if m == model]
+            details = [r for m, r in load_failures(self._current_log()) if m == model]
             extra = f" ({details[-1]})" if details and details[-1] not in reason else ""
             error = ModelLoadError if action == "load" else ServerError
             raise error(
@@ -617,237 +581,9 @@ class EmbeddedServer:
             ) from exc
 
 
-def _flag_values(args: Sequence[str], flag: str) -> list[str]:
-    """The values given to ``flag`` in ``args`` (``--flag=value`` or ``--flag value``), in order."""
-    values: list[str] = []
-    for index, arg in enumerate(args):
-        if arg.startswith(flag + "="):
-            values.append(arg.split("=", 1)[1])
-        elif arg == flag and index + 1 < len(args):
-            values.append(args[index + 1])
-    return values
-
-
-def _http_headers(specs: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """{API group: (header, value)} from Triton's ``--http-restricted-api`` specs."""
-    headers: dict[str, tuple[str, str]] = {}
-    for spec in specs:
-        match = _RESTRICTED_SPEC.match(spec)
-        if match:
-            for api in match["protocols"].split(","):
-                headers[api] = (match["key"], match["value"])
-    return headers
-
-
-class _Watchdog:
-    """A small process that ends the server when its owner (this process) ends without stopping it.
-
-    It reads a pipe whose only write end this process holds. The kernel closes that end whatever ends the
-    owner, SIGKILL included, so the watchdog sees end-of-file and sweeps what the owner would have: the
-    server's process group (the server and its Python-backend stubs), the shared-memory regions with the
-    server's prefix, the temporary log, and an empty ``/tmp/python_env_*`` the Python backend made for
-    the server. A clean stop says ``done`` first and the watchdog exits without touching anything.
-    Chosen over ``prctl(PR_SET_PDEATHSIG)`` (``preexec_fn`` is unsafe with threads, and the signal follows
-    the *thread* that forked, not the process) and over ``setpriv --pdeathsig`` (it kills the server but
-    not its stubs' group or its shared memory, and it is not on every system).
-    """
-
-    SCRIPT = Path(__file__).with_name("_watchdog.py")
-
-    def __init__(self, process: subprocess.Popen[bytes], pipe: int) -> None:
-        self._process = process
-        self._pipe = pipe
-
-    @classmethod
-    def start(cls, shm_prefix: str, temp_log: Path | None) -> _Watchdog:
-        read_end, write_end = os.pipe()  # both non-inheritable: no child of ours holds the write end
-        try:
-            args = [sys.executable, "-I", str(cls.SCRIPT), shm_prefix, str(temp_log or "")]
-            process = subprocess.Popen(
-                args,
-                stdin=read_end,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,  # a Ctrl-C to the owner's terminal must not end it first
-            )
-        except OSError as exc:
-            os.close(write_end)
-            raise ServerError(f"could not start the server's watchdog: {exc}") from exc
-        finally:
-            os.close(read_end)
-        return cls(process, write_end)
-
-    def watch(self, pgid: int) -> None:
-        self._send(f"pgid {pgid} {time.time():.3f}\n")
-
-    def ready(self) -> None:
-        self._send(f"ready {time.time():.3f}\n")
-
-    def release(self) -> None:
-        """The owner stopped the server itself: the watchdog exits without doing anything."""
-        self._send("done\n")
-        with contextlib.suppress(OSError):
-            os.close(self._pipe)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._process.wait(timeout=5)
-
-    def _send(self, line: str) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self._pipe, line.encode())
-
-
-_LOG_PREFIX = "tritonforge-server-"
-# tfg_<owner pid>_<hex>_... (this version) or tfg_<hex>_... (before the pid was in the name)
-_REGION = re.compile(r"^tfg_(?:(?P<pid>\d+)_)?[0-9a-f]{10}_")
-_LOG = re.compile(rf"^{_LOG_PREFIX}(?P<pid>\d+)-[^/]*\.log$")
-# a region named without its owner's pid is taken only once no process maps it and it is this old
-_UNOWNED_AGE_S = 120.0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True
-
-
-def _mapped_regions() -> set[str]:
-    """Names of the /dev/shm files some process maps right now (read from every /proc/<pid>/maps)."""
-    mapped: set[str] = set()
-    for maps in glob.glob("/proc/[0-9]*/maps"):
-        try:
-            with open(maps, encoding="utf-8", errors="replace") as handle:
-                for line in handle:
-                    if "/dev/shm/" in line:
-                        mapped.add(line.rsplit("/dev/shm/", 1)[1].split(" (deleted)")[0].strip())
-        except OSError:
-            continue
-    return mapped
-
-
-def sweep_leftovers(shm_dir: str = "/dev/shm", tmp_dir: str | None = None) -> list[str]:
-    """Remove what servers started here left behind when their whole process tree was killed (an OOM
-    kill, ``kill -9`` of a process group: nothing of theirs ran to clean up): their Python backend's
-    shared-memory regions and their temporary logs. Returns the paths removed.
-
-    Never a live server's: a region goes only when the program that started its server is gone *and*
-    no process maps it (a stub that outlived its server still does); a region named before owners were
-    recorded goes only when no process maps it and it is older than two minutes. Regions of servers
-    not started by tritonforge (other prefixes) are never touched.
-    """
-    removed: list[str] = []
-    now = time.time()
-    candidates = []
-    with contextlib.suppress(OSError):
-        for name in os.listdir(shm_dir):
-            match = _REGION.match(name)
-            if match is None:
-                continue
-            pid = match.group("pid")
-            if pid is not None and _pid_alive(int(pid)):
-                continue
-            candidates.append((name, pid))
-    if candidates:
-        mapped = _mapped_regions()
-        for name, pid in candidates:
-            path = os.path.join(shm_dir, name)
-            try:
-                if name in mapped or (pid is None and now - os.stat(path).st_ctime < _UNOWNED_AGE_S):
-                    continue
-                os.unlink(path)
-                removed.append(path)
-            except OSError:
-                continue
-    folder = tmp_dir or tempfile.gettempdir()
-    with contextlib.suppress(OSError):
-        for name in os.listdir(folder):
-            match = _LOG.match(name)
-            if match is not None and not _pid_alive(int(match.group("pid"))):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(folder, name))
-                    removed.append(os.path.join(folder, name))
-    return removed
-
-
-def _shared_libpython_dir() -> Path | None:
-    """The folder of the running interpreter's shared libpython, if it was built with one."""
-    import sysconfig
-
-    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
-        return None
-    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
-    if not libdir or not soname or not (Path(libdir) / soname).exists():
-        return None
-    return Path(libdir)
-
-
-def _load_failures(log: str) -> list[tuple[str, str]]:
-    found: list[tuple[str, str]] = []
-    for line in log.splitlines():
-        for pattern in _LOAD_FAILURES:
-            match = pattern.search(line)
-            if match:
-                # Triton logs the reason JSON-escaped on one line (a Python traceback included)
-                reason = match["reason"].replace('\\"', '"').replace("\\n", "\n").strip()
-                item = (match["model"], reason)
-                if item not in found:
-                    found.append(item)
-                break
-    return found
-
-
-def _config_json(config: ModelConfig | pb2.ModelConfig | dict[str, Any] | str) -> str:
-    if isinstance(config, str):
-        return config
-    if isinstance(config, dict):
-        return json.dumps(config)
-    from google.protobuf import json_format
-    from google.protobuf.message import Message
-
-    proto = config if isinstance(config, Message) else config.to_proto()
-    return json_format.MessageToJson(proto, preserving_proto_field_name=True)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any non-zombie process is left in process group ``pgid`` (Linux /proc).
-
-    Zombies don't count: orphaned stubs are reparented to PID 1, and a PID 1 that never reaps them would
-    otherwise make every stop wait out its timeout.
-    """
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            with open(stat) as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone while we looked
-        state, group = fields[0], int(fields[2])
-        if group == pgid and state != "Z":
-            return True
-    return False
-
-
-def _wait_group_gone(pgid: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _group_alive(pgid):
-        time.sleep(0.05)
-
-
-def _exit_cleanly_on_sigterm() -> None:
-    """Make SIGTERM a normal exit (``SystemExit``) when nothing else handles it, so ``with`` blocks,
-    ``finally`` and atexit stop the servers. By default SIGTERM ends Python on the spot, and the server,
-    in its own process group, would outlive it with its log, temp files and shared memory."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _raise_exit)
-
-
-def _raise_exit(signum: int, frame: Any) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once, as before
-    raise SystemExit(128 + signum)
+def _quoted(name: str) -> str:
+    """``name`` as one segment of a URL path (a model name may hold any character but ``/``)."""
+    return urllib.parse.quote(name, safe="")
 
 
 @atexit.register

@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from tritonforge.error_accounting import error_counter, settle_errors
 
 Arrays = dict[str, np.ndarray]
 Runner = Callable[[Arrays], Arrays]
@@ -327,41 +328,6 @@ class BatchingExecutor:
     def _error(self, exc: BaseException) -> Any:
         message = f"{type(exc).__name__}: {exc}"
         return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message))
-
-
-#: Error responses a Python model answered beside successful ones, per model and version: Triton 2.51's
-#: Python backend counts an error *response* as a success; only an exception raised from ``execute``
-#: counts as a failure, and it fails every request of that execute. The SLO rules add this counter to
-#: ``nv_inference_request_failure``. The models the ensemble compiler and the rollout write carry the same
-#: logic in their own files (they run on NVIDIA's image, without tritonforge).
-ERROR_RESPONSES = "tritonforge_error_responses_total"
-_TRACEBACK = re.compile(r"\n+At:\n(?:  .*\n?)*")
-
-
-def error_counter(pb_utils: Any, args: Mapping[str, str]) -> Any:
-    """The ``ERROR_RESPONSES`` counter of this model version (``None`` where metrics are off)."""
-    try:
-        family = pb_utils.MetricFamily(
-            name=ERROR_RESPONSES,
-            description="Error responses a Python model answered beside successful ones (Triton counts "
-            "them as successes)",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        return family, family.Metric(labels={"model": args["model_name"], "version": args["model_version"]})
-    except Exception:  # metrics are off on this server: nothing reads the counter
-        return None
-
-
-def settle_errors(pb_utils: Any, responses: list[Any], counter: Any) -> list[Any]:
-    """``responses``, after raising when every one is an error with the same message (Triton then counts
-    each as a failure), or adding the error responses among them to ``counter``."""
-    errors = [r.error().message() for r in responses if r is not None and r.has_error()]
-    if errors and len(errors) == len(responses) and len(set(errors)) == 1:
-        # the stub appends the raise's traceback ("At: ..."); the nested ones inside are dropped
-        raise pb_utils.TritonModelException(_TRACEBACK.sub("", errors[0]))
-    if errors and counter is not None:
-        counter[1].increment(len(errors))
-    return responses
 
 
 def available_cpus() -> int:

@@ -4,55 +4,20 @@
 number for strategy ``constant``, one per feature for ``mean``); ``MISSING`` is True where a value was
 replaced. Every request Triton's dynamic batcher hands over in one ``execute`` is filled in one vectorised
 pass over the concatenated rows (no per-row Python), and handed back per request as slices of the result.
-Needs numpy only; numpy's element-wise operations run on the calling thread (no thread pool to size).
+Needs numpy only (and the error accounting, ``tritonforge_error_accounting.py``, that the repository writer
+puts beside it); numpy's element-wise operations run on the calling thread (no thread pool to size).
 """
 
 import json
-import re
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-
-# -- error accounting (the same block in every Python model tritonforge generates) --------------------
-# Triton 2.51's Python backend counts an error *response* as a success (nv_inference_request_success);
-# only an exception raised from execute counts in nv_inference_request_failure, and it fails every
-# request of that execute. So an execute whose requests all failed alike raises (Triton counts each),
-# and an error answered beside successful requests is counted in tritonforge_error_responses_total
-# {model, version}, which tritonforge's SLO rules add to Triton's failures.
-ERROR_RESPONSES = "tritonforge_error_responses_total"
-_TRACEBACK = re.compile(r"\n+At:\n(?:  .*\n?)*")
-
-
-def _error_counter(args):
-    try:
-        family = pb_utils.MetricFamily(
-            name=ERROR_RESPONSES,
-            description="Error responses a Python model answered beside successful ones (Triton counts "
-            "them as successes)",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        return family, family.Metric(labels={"model": args["model_name"], "version": args["model_version"]})
-    except Exception:  # metrics are off on this server: nothing reads the counter
-        return None, None
-
-
-def _settle(responses, counter):
-    """``responses``, after raising when every one is an error with the same message, or counting them."""
-    errors = [r.error().message() for r in responses if r is not None and r.has_error()]
-    if errors and len(errors) == len(responses) and len(set(errors)) == 1:
-        # the stub appends the raise's traceback ("At: ..."); the nested ones inside are dropped
-        raise pb_utils.TritonModelException(_TRACEBACK.sub("", errors[0]))
-    if errors and counter[1] is not None:
-        counter[1].increment(len(errors))
-    return responses
-
-
-# -- end of error accounting ------------------------------------------------------------------------------
+from tritonforge_error_accounting import error_counter, settle_errors
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.error_counter = _error_counter(args)
+        self.error_counter = error_counter(pb_utils, args)
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         dtype = pb_utils.triton_string_to_numpy(config["output"][0]["data_type"])
@@ -60,7 +25,7 @@ class TritonPythonModel:
         self.fill = np.asarray(json.loads(params.get("fill", "0")), dtype=self.dtype)
 
     def execute(self, requests):
-        return _settle(self._execute(requests), self.error_counter)
+        return settle_errors(pb_utils, self._execute(requests), self.error_counter)
 
     def _execute(self, requests):
         responses = [None] * len(requests)

@@ -1,7 +1,8 @@
 """Mean pooling (Triton Python backend): token embeddings and attention mask in, one L2-normalised vector out.
 
 ``EMBEDDING[i] = sum_t mask[i,t] * tokens[i,t,:] / sum_t mask[i,t]``, then divided by its L2 norm (unless the
-``normalize`` parameter is "0"), as sentence-transformers' all-MiniLM models do. Needs numpy only.
+``normalize`` parameter is "0"), as sentence-transformers' all-MiniLM models do. Needs numpy only,
+and the error accounting (``tritonforge_error_accounting.py``) that the repository writer puts beside it.
 
 The token embeddings are the largest tensor of the text pipeline, so they are never copied: each request's
 are read in place from Triton's shared memory (a zero-copy view) and reduced by one ``einsum`` (no
@@ -10,57 +11,21 @@ the embeddings only to save a few numpy calls per request.
 """
 
 import json
-import re
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-
-# -- error accounting (the same block in every Python model tritonforge generates) --------------------
-# Triton 2.51's Python backend counts an error *response* as a success (nv_inference_request_success);
-# only an exception raised from execute counts in nv_inference_request_failure, and it fails every
-# request of that execute. So an execute whose requests all failed alike raises (Triton counts each),
-# and an error answered beside successful requests is counted in tritonforge_error_responses_total
-# {model, version}, which tritonforge's SLO rules add to Triton's failures.
-ERROR_RESPONSES = "tritonforge_error_responses_total"
-_TRACEBACK = re.compile(r"\n+At:\n(?:  .*\n?)*")
-
-
-def _error_counter(args):
-    try:
-        family = pb_utils.MetricFamily(
-            name=ERROR_RESPONSES,
-            description="Error responses a Python model answered beside successful ones (Triton counts "
-            "them as successes)",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        return family, family.Metric(labels={"model": args["model_name"], "version": args["model_version"]})
-    except Exception:  # metrics are off on this server: nothing reads the counter
-        return None, None
-
-
-def _settle(responses, counter):
-    """``responses``, after raising when every one is an error with the same message, or counting them."""
-    errors = [r.error().message() for r in responses if r is not None and r.has_error()]
-    if errors and len(errors) == len(responses) and len(set(errors)) == 1:
-        # the stub appends the raise's traceback ("At: ..."); the nested ones inside are dropped
-        raise pb_utils.TritonModelException(_TRACEBACK.sub("", errors[0]))
-    if errors and counter[1] is not None:
-        counter[1].increment(len(errors))
-    return responses
-
-
-# -- end of error accounting ------------------------------------------------------------------------------
+from tritonforge_error_accounting import error_counter, settle_errors
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.error_counter = _error_counter(args)
+        self.error_counter = error_counter(pb_utils, args)
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.normalize = params.get("normalize", "1") != "0"
 
     def execute(self, requests):
-        return _settle(self._execute(requests), self.error_counter)
+        return settle_errors(pb_utils, self._execute(requests), self.error_counter)
 
     def _execute(self, requests):
         responses = []

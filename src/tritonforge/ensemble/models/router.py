@@ -10,15 +10,16 @@ config's ``plan`` parameter (JSON), so the pipeline is data, not code. For each 
 3. The ``route_output`` tensor names, per row, the model whose answer was kept.
 
 A request fails (with every model's reason) only when a stage's model and all its fallbacks fail, or when a
-row is left without an answer. Needs numpy only.
+row is left without an answer. Needs numpy only, and the error accounting
+(``tritonforge_error_accounting.py``) that the repository writer puts beside it.
 """
 
 import asyncio
 import json
-import re
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from tritonforge_error_accounting import error_counter, settle_errors
 
 _REDUCE = {"max": np.max, "min": np.min, "mean": np.mean}
 _COMPARE = {
@@ -29,46 +30,9 @@ _COMPARE = {
 }
 
 
-# -- error accounting (the same block in every Python model tritonforge generates) --------------------
-# Triton 2.51's Python backend counts an error *response* as a success (nv_inference_request_success);
-# only an exception raised from execute counts in nv_inference_request_failure, and it fails every
-# request of that execute. So an execute whose requests all failed alike raises (Triton counts each),
-# and an error answered beside successful requests is counted in tritonforge_error_responses_total
-# {model, version}, which tritonforge's SLO rules add to Triton's failures.
-ERROR_RESPONSES = "tritonforge_error_responses_total"
-_TRACEBACK = re.compile(r"\n+At:\n(?:  .*\n?)*")
-
-
-def _error_counter(args):
-    try:
-        family = pb_utils.MetricFamily(
-            name=ERROR_RESPONSES,
-            description="Error responses a Python model answered beside successful ones (Triton counts "
-            "them as successes)",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        return family, family.Metric(labels={"model": args["model_name"], "version": args["model_version"]})
-    except Exception:  # metrics are off on this server: nothing reads the counter
-        return None, None
-
-
-def _settle(responses, counter):
-    """``responses``, after raising when every one is an error with the same message, or counting them."""
-    errors = [r.error().message() for r in responses if r is not None and r.has_error()]
-    if errors and len(errors) == len(responses) and len(set(errors)) == 1:
-        # the stub appends the raise's traceback ("At: ..."); the nested ones inside are dropped
-        raise pb_utils.TritonModelException(_TRACEBACK.sub("", errors[0]))
-    if errors and counter[1] is not None:
-        counter[1].increment(len(errors))
-    return responses
-
-
-# -- end of error accounting ------------------------------------------------------------------------------
-
-
 class TritonPythonModel:
     def initialize(self, args):
-        self.error_counter = _error_counter(args)
+        self.error_counter = error_counter(pb_utils, args)
         config = json.loads(args["model_config"])
         self.plan = json.loads(config["parameters"]["plan"]["string_value"])
         self.batched = int(config.get("max_batch_size", 0)) > 0
@@ -77,7 +41,7 @@ class TritonPythonModel:
     async def execute(self, requests):
         # a coroutine, so a step's timeout can stop the wait (asyncio.wait_for) and hand over to the fallback
         responses = await asyncio.gather(*[self._answer(request) for request in requests])
-        return _settle(responses, self.error_counter)
+        return settle_errors(pb_utils, responses, self.error_counter)
 
     async def _answer(self, request):
         try:

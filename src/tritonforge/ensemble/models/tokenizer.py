@@ -3,7 +3,8 @@
 Reads a Hugging Face ``tokenizer.json`` of the BERT WordPiece kind kept beside this file, with
 ``wordpiece.py`` (and its character table) beside it too: the same ids as the ``tokenizers`` package, in
 the standard library and numpy only — what the Python backend of NVIDIA's image has. Each request's texts
-are padded to the longest among them (at most ``max_length`` tokens).
+are padded to the longest among them (at most ``max_length`` tokens). The error accounting
+(``tritonforge_error_accounting.py``) is put beside it by the repository writer.
 
 All the texts of the requests one ``execute`` receives are tokenised unpadded; each request's arrays are
 then filled straight into int64 arrays of its own length (the same answer as tokenising it alone).
@@ -27,55 +28,18 @@ Triton's BLS. ``encoder_in_process: no`` always takes the BLS way.
 
 import json
 import os
-import re
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from tritonforge_error_accounting import error_counter, settle_errors
 from wordpiece import WordPiece
 
 BUCKET_MIN = 16
 
 
-# -- error accounting (the same block in every Python model tritonforge generates) --------------------
-# Triton 2.51's Python backend counts an error *response* as a success (nv_inference_request_success);
-# only an exception raised from execute counts in nv_inference_request_failure, and it fails every
-# request of that execute. So an execute whose requests all failed alike raises (Triton counts each),
-# and an error answered beside successful requests is counted in tritonforge_error_responses_total
-# {model, version}, which tritonforge's SLO rules add to Triton's failures.
-ERROR_RESPONSES = "tritonforge_error_responses_total"
-_TRACEBACK = re.compile(r"\n+At:\n(?:  .*\n?)*")
-
-
-def _error_counter(args):
-    try:
-        family = pb_utils.MetricFamily(
-            name=ERROR_RESPONSES,
-            description="Error responses a Python model answered beside successful ones (Triton counts "
-            "them as successes)",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        return family, family.Metric(labels={"model": args["model_name"], "version": args["model_version"]})
-    except Exception:  # metrics are off on this server: nothing reads the counter
-        return None, None
-
-
-def _settle(responses, counter):
-    """``responses``, after raising when every one is an error with the same message, or counting them."""
-    errors = [r.error().message() for r in responses if r is not None and r.has_error()]
-    if errors and len(errors) == len(responses) and len(set(errors)) == 1:
-        # the stub appends the raise's traceback ("At: ..."); the nested ones inside are dropped
-        raise pb_utils.TritonModelException(_TRACEBACK.sub("", errors[0]))
-    if errors and counter[1] is not None:
-        counter[1].increment(len(errors))
-    return responses
-
-
-# -- end of error accounting ------------------------------------------------------------------------------
-
-
 class TritonPythonModel:
     def initialize(self, args):
-        self.error_counter = _error_counter(args)
+        self.error_counter = error_counter(pb_utils, args)
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = os.path.join(args["model_repository"], args["model_version"])
@@ -93,7 +57,7 @@ class TritonPythonModel:
             self.encoder = Encoder(path, params, cpu_instances=kinds <= {"KIND_CPU"})
 
     def execute(self, requests):
-        return _settle(self._execute(requests), self.error_counter)
+        return settle_errors(pb_utils, self._execute(requests), self.error_counter)
 
     def _execute(self, requests):
         responses = [None] * len(requests)

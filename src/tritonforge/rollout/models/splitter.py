@@ -11,18 +11,19 @@ candidate's error only when stable answered the same request (both failing is th
 the candidate's). A server restarted in explicit mode without the twin gets it loaded by the splitter's first
 request. Per-arm counts, errors, a latency histogram and the agreement counts are written
 (atomically) to a stats file per instance beside the state file for the controller to judge.
-Needs numpy only.
+Needs numpy only, and the error accounting (``tritonforge_error_accounting.py``) that the repository
+writer puts beside it.
 """
 
 import asyncio
 import json
 import os
 import random
-import re
 import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from tritonforge_error_accounting import error_counter, settle_errors
 
 # latency histogram bucket upper bounds in ms: 0.05 ms .. ~60 s, 10 % apart
 BOUNDS_MS = [0.05 * 1.1**i for i in range(148)]
@@ -58,46 +59,9 @@ class _Arm:
         return {"calls": self.calls, "errors": self.errors, "timeouts": self.timeouts, "hist": self.hist}
 
 
-# -- error accounting (the same block in every Python model tritonforge generates) --------------------
-# Triton 2.51's Python backend counts an error *response* as a success (nv_inference_request_success);
-# only an exception raised from execute counts in nv_inference_request_failure, and it fails every
-# request of that execute. So an execute whose requests all failed alike raises (Triton counts each),
-# and an error answered beside successful requests is counted in tritonforge_error_responses_total
-# {model, version}, which tritonforge's SLO rules add to Triton's failures.
-ERROR_RESPONSES = "tritonforge_error_responses_total"
-_TRACEBACK = re.compile(r"\n+At:\n(?:  .*\n?)*")
-
-
-def _error_counter(args):
-    try:
-        family = pb_utils.MetricFamily(
-            name=ERROR_RESPONSES,
-            description="Error responses a Python model answered beside successful ones (Triton counts "
-            "them as successes)",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        return family, family.Metric(labels={"model": args["model_name"], "version": args["model_version"]})
-    except Exception:  # metrics are off on this server: nothing reads the counter
-        return None, None
-
-
-def _settle(responses, counter):
-    """``responses``, after raising when every one is an error with the same message, or counting them."""
-    errors = [r.error().message() for r in responses if r is not None and r.has_error()]
-    if errors and len(errors) == len(responses) and len(set(errors)) == 1:
-        # the stub appends the raise's traceback ("At: ..."); the nested ones inside are dropped
-        raise pb_utils.TritonModelException(_TRACEBACK.sub("", errors[0]))
-    if errors and counter[1] is not None:
-        counter[1].increment(len(errors))
-    return responses
-
-
-# -- end of error accounting ------------------------------------------------------------------------------
-
-
 class TritonPythonModel:
     def initialize(self, args):
-        self.error_counter = _error_counter(args)
+        self.error_counter = error_counter(pb_utils, args)
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.target = params["rollout_target"]
@@ -159,7 +123,7 @@ class TritonPythonModel:
             self._load_twin()
         responses = await asyncio.gather(*[self._answer(r) for r in requests])
         self._write_stats()
-        return _settle(responses, self.error_counter)
+        return settle_errors(pb_utils, responses, self.error_counter)
 
     def _load_twin(self):
         """A server (re)started in explicit mode with only the model's name loaded has no twin: load it
