@@ -466,7 +466,7 @@ class EmbeddedServer:
         if self.model_control == "poll":
             args.append(f"--repository-poll-secs={self.poll_interval_s}")
         if self.install is not None:
-            args += auto_complete_flags(self.install, self.repositories, self.model_control)
+            args += auto_complete_flags(self.install, self.repositories, self.model_control, self.extra_args)
         if self.response_cache_bytes:
             args.append(f"--cache-config=local,size={self.response_cache_bytes}")
             # The wheel keeps its cache library beside the binary, not in /opt/tritonserver/caches.

@@ -250,12 +250,19 @@ def needs_auto_complete(repositories: Sequence[Path | str], model_control: str) 
 
 
 def auto_complete_flags(
-    install: TritonInstall, repositories: Sequence[Path | str], model_control: str
+    install: TritonInstall,
+    repositories: Sequence[Path | str],
+    model_control: str,
+    extra_args: Sequence[str] = (),
 ) -> list[str]:
     """``["--disable-auto-complete-config"]`` for the wheel's server when no model needs auto-completion
-    (:func:`needs_auto_complete`), else none: a full install's C++ backends complete ONNX and TorchScript
-    configs, so they keep it. Flags given after it win (``--strict-model-config=false`` turns it back on)."""
-    if install.is_full or needs_auto_complete(repositories, model_control):
+    (:func:`needs_auto_complete`), else none. A full install's C++ backends complete ONNX and TorchScript
+    configs, so it keeps it; and ``extra_args`` that decide it themselves (``--strict-model-config=false``
+    for a model added later that needs it) are left to decide (Triton does not let a later flag undo it)."""
+    decided = any(
+        a.startswith(("--strict-model-config", "--disable-auto-complete-config")) for a in extra_args
+    )
+    if decided or install.is_full or needs_auto_complete(repositories, model_control):
         return []
     return ["--disable-auto-complete-config"]
 
