@@ -6,8 +6,9 @@ Two parts, each repeated ``--rounds`` times with the spread reported:
   instance) served by one embedded Triton, for each N of ``--models``. Per round: the server is started
   with every model loaded (time to ready, from launch to ready), left idle for ``--settle-s``, then
   measured over the server and all its children (``/proc/<pid>/smaps_rollup``): processes, RSS, PSS, and
-  PSS per model (the whole tree's PSS / N, and the stubs' alone / N). Then one model is unloaded and loaded
-  again ``--loads`` times (the load API call's wall time: one model's load, nothing else loading). The
+  PSS per model (the whole tree's PSS / N, and the stubs' alone / N), and again once each model has
+  answered one request (Triton's stub imports asyncio at its first request). Then one model is unloaded and
+  loaded again ``--loads`` times (the load API call's wall time: one model's load, nothing else loading). The
   first round also prints where one stub's PSS goes, mapping by mapping (``/proc/<pid>/smaps``).
 - **digits_vote vs hand-built**: the repositories of ``digits_vote_vs_handbuilt.py`` (the built
   ``digits_vote``, fused; the same unfused; the pipeline written by hand), each served alone, loading only
@@ -130,6 +131,24 @@ def threads_of(pid: int) -> int:
     return 0
 
 
+def answer_each(server: EmbeddedServer, count: int) -> None:
+    """One request to each model, its answer checked (y = x @ W for the same W in every model)."""
+    import tritonclient.grpc as grpcclient
+
+    x = np.ones((1, 64), dtype=np.float32)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        answers = []
+        for i in range(count):
+            item = grpcclient.InferInput("x", [1, 64], "FP32")
+            item.set_data_from_numpy(x)
+            answers.append(client.infer(f"m{i}", [item]).as_numpy("y"))
+    finally:
+        client.close()
+    if any(a is None or a.shape != (1, 16) or not np.allclose(a, answers[0]) for a in answers):
+        raise SystemExit("the tiny models did not all answer alike")
+
+
 def tiny_round(repo: Path, count: int, loads: int, settle_s: float, breakdown: bool) -> dict[str, Any]:
     started = time.perf_counter()
     server = EmbeddedServer(repo, model_control="explicit", load_models=["*"]).start()
@@ -149,6 +168,9 @@ def tiny_round(repo: Path, count: int, loads: int, settle_s: float, breakdown: b
         }
         if breakdown and stubs:
             figures["breakdown"] = stub_breakdown(stubs[-1])
+        answer_each(server, count)  # a model that has answered costs more: its stub loads more then
+        time.sleep(settle_s)
+        figures["pss_per_model_answered"] = tree_memory_mib(server.pid)["pss"] / count
         load_s = []
         for _ in range(loads):
             server.unload_model("m0")
@@ -186,6 +208,7 @@ def tiny_part(console: Console, args: argparse.Namespace, root: Path) -> list[di
         "PSS MiB",
         "PSS/model",
         "stub PSS/model",
+        "PSS/model, each answered once",
     ):
         memory.add_column(column, justify="right")
     for column in ("models", "time to ready s", f"one model's load s ({args.loads} per round)"):
@@ -200,6 +223,7 @@ def tiny_part(console: Console, args: argparse.Namespace, root: Path) -> list[di
             spread([x["pss"] for x in mine]),
             spread([x["pss_per_model"] for x in mine]),
             spread([x["stub_pss_per_model"] for x in mine]),
+            spread([x["pss_per_model_answered"] for x in mine]),
         )
         times.add_row(
             str(count),
