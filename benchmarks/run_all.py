@@ -64,6 +64,7 @@ PLANS: dict[str, Plan] = {
     "response_cache": Plan(
         quick=("--duration-s", "0.5", "--distinct", "200"), rounds=True, json=True, repo=True
     ),
+    "toolchain_scale": Plan(quick=("--sizes", "20,50", "--repeat", "1", "--validate-live", "5"), json=True),
     "tokenizer_wordpiece": Plan(quick=("--texts", "256"), rounds=True, json=True),
     "tuner_search": Plan(quick=("--window-s", "0.3", "--confirm", "1", "--concurrency", "4"), json=True),
 }

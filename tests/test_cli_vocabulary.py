@@ -48,6 +48,14 @@ FORBIDDEN = {
     "--metrics": "--metrics-url",
     "--batch": "--batch-size",
     "--levels": "--concurrency",
+    "--filter": "--match",
+    "--pattern": "--match",
+    "--grep": "--match",
+    "--order-by": "--sort",
+    "--sort-by": "--sort",
+    "--top": "--limit",
+    "--max-rows": "--limit",
+    "--page-size": "--limit",
 }
 TIME_WORDS = {"hold", "interval", "timeout", "window", "grace", "poll", "delay", "wait", "period"}
 TIME_WORDS |= {"latency", "age", "ttl", "budget", "duration", "deadline"}

@@ -79,6 +79,7 @@ def test_package_root_reexports_the_clients_and_policies() -> None:
         "Shadow",
         "CircuitBreaker",
         "HealthCheck",
+        "Placement",
         "SharedMemory",
         "TLSConfig",
     ]:

@@ -428,7 +428,8 @@ def test_any_slo_file_gives_rules_or_one_slo_error(
         alerts = rules(load_slo(path))["groups"][1]["rules"]
         for alert in alerts:  # a threshold that is a real number, a name that is a plain word
             assert float(alert["expr"].rsplit(" > ", 1)[1]) > 0
-            assert model_name_problem(alert["labels"]["model"]) is None
+            # the firing series names the model: the rule selects exactly this plain-word name
+            assert model_name_problem(name) is None and f'{{model="{name}"}}' in alert["expr"]
 
     _ours_or_fine(build, SLOError)
 

@@ -134,6 +134,47 @@ def test_monitor_table_names_each_server_and_model_unbroken_when_piped(
     assert "steady" in done.stdout and "knob" in done.stdout
 
 
+def test_monitor_match_sort_and_limit_keep_rows_and_totals_to_the_same_models(
+    servers: tuple[EmbeddedServer, EmbeddedServer],
+) -> None:
+    from tritonforge.observe.monitor import select
+
+    first, second = servers
+    urls = [first.metrics_url, second.metrics_url]
+    before = {s.url: s for s in (scrape(u) for u in urls)}
+    with _client(first) as a, _client(second) as b:
+        for _ in range(5):
+            a.infer("steady", knob_input())
+            b.infer("steady", knob_input())
+        a.infer("knob", knob_input())
+    snap, _ = snapshot(urls, grpc_urls=[first.grpc_url, second.grpc_url], previous=before)
+    busiest = select(snap, sort="requests", limit=1)
+    assert [t.model for t in busiest.totals] == ["steady"]
+    kept = [key for per in busiest.batch_sizes.values() for key in per]  # the batch sizes follow the models
+    assert kept and {key.partition(":")[0] for key in kept} == {"steady"}
+    assert {(r.server, r.model) for r in busiest.rows} == {(u, "steady") for u in urls}
+    assert busiest.hidden_models == len(snap.totals) - 1 == busiest.model_count - 1
+    knobs = select(snap, match=["knob*"])
+    assert {t.model for t in knobs.totals} == {"knob", "knob_routed"}
+    assert {r.model for r in knobs.rows} == {"knob", "knob_routed"}
+    with pytest.raises(ValueError, match="sort by one of"):
+        select(snap, sort="colour")
+
+    base = ("monitor", "--metrics-url", first.metrics_url, "--metrics-url", second.metrics_url, "--once")
+    done = run_tritonforge(*base, "--interval-s", "0.3", "--match", "k*", "--json", timeout=120, columns=None)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert (
+        {t["model"] for t in data["totals"]}
+        == {m["model"] for m in data["models"]}
+        == {"knob", "knob_routed"}
+    )
+    assert data["model_count"] == 4 and data["hidden_models"] == 2
+    done = run_tritonforge(*base, "--interval-s", "0.3", "--limit", "1", timeout=120, columns=None)
+    assert done.returncode == 0, done.stderr
+    assert "3 of 4 models hidden" in done.stdout and "knob " in done.stdout and "steady" not in done.stdout
+
+
 def test_monitor_exits_1_with_a_one_line_error_when_a_server_is_unreachable() -> None:
     from tritonforge.server import free_port
 

@@ -165,9 +165,10 @@ def _series(
     ]
 
 
-def _alert(name: str, model: str, slo: str, summary: str, description: str) -> dict:
+def _alert(name: str, model: str, slo: str, summary: str, description: str, objective: str = "") -> dict:
+    objective = objective or summary.rpartition("(")[2].rstrip(")").removesuffix("ms")
     return {
-        "exp_labels": {"severity": "page", "slo": slo, "model": model},
+        "exp_labels": {"severity": "page", "slo": slo, "model": model, "objective": objective},
         "exp_annotations": {"summary": summary, "description": description},
     }
 
@@ -236,6 +237,7 @@ def test_rules_fire_for_the_slow_and_the_failing_model_only_after_for_in_promtoo
         "max_drift_psi",
         "drifty: traffic drifted from its reference profile",
         "largest feature PSI of drifty is 0.3 (objective 0.25); run `tritonforge drift` for the report.",
+        "0.25",
     )
     tests = {
         "rule_files": ["rules.yml"],
@@ -322,18 +324,102 @@ def test_dashboard_is_a_grafana_model_with_a_row_and_four_panels_per_model(tmp_p
     assert steps[-1]["value"] == 0.01
 
 
-def test_rules_have_one_alert_per_objective_set(tmp_path: Path) -> None:
+def test_models_sharing_an_objective_share_one_alert_rule(tmp_path: Path) -> None:
     spec = load_slo(_slo(tmp_path, UNIT_SLO))
     alerts = rules(spec)["groups"][1]["rules"]
-    assert sorted((a["labels"]["model"], a["labels"]["slo"]) for a in alerts) == sorted(
-        [
-            (m, s)
-            for m in ("slow", "fine")
-            for s in ("p99_latency_ms", "mean_latency_ms", "error_rate", "queue_ms")
-        ]
-        + [("broken", "error_rate"), ("drifty", "max_drift_psi")]
-    )
+    by_slo = {(a["labels"]["slo"], a["expr"]) for a in alerts}
+    # slow, fine and broken share error_rate 0.05: one rule selecting the three; one model: an exact match
+    assert by_slo == {
+        ("p99_latency_ms", 'model:tritonforge_latency_p99_ms:max{model=~"slow|fine"} > 50'),
+        ("mean_latency_ms", 'model:tritonforge_latency_mean_ms:rate1m{model=~"slow|fine"} > 50'),
+        ("error_rate", 'model:tritonforge_error_ratio:rate1m{model=~"slow|fine|broken"} > 0.05'),
+        ("queue_ms", 'model:tritonforge_queue_mean_ms:rate1m{model=~"slow|fine"} > 10'),
+        ("max_drift_psi", 'max by (model) (tritonforge_drift_psi{model="drifty"}) > 0.25'),
+    }
+    assert all("model" not in a["labels"] for a in alerts)  # each firing series names its model
     assert dashboard(spec)["panels"][0]["title"] == "slow"
+
+
+def test_rules_and_dashboard_stay_the_same_size_at_500_models_and_pass_promtool(
+    tmp_path: Path, prometheus_bin: Path
+) -> None:
+    """500 models with two objective sets: a handful of rules and a dashboard of one repeated row."""
+    lines = ["window: 1m", "for: 1m", "models:"]
+    lines += [
+        f"  m.{i:03d}: {{error_rate: {0.01 if i % 2 else 0.05}, mean_latency_ms: 20}}" for i in range(500)
+    ]
+    spec = load_slo(_slo(tmp_path, "\n".join(lines) + "\n"))
+    groups = rules(spec)["groups"]
+    assert len(groups[0]["rules"]) == 9  # recording rules: aggregated by model, whatever their number
+    assert len(groups[1]["rules"]) == 3  # error_rate at 0.01 and at 0.05, mean latency at 20
+    write(spec, tmp_path)
+    checked = promtool("check", "rules", str(tmp_path / "rules.yml"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    board = dashboard(spec)
+    assert len(board["panels"]) == 10  # an overview row of 4, one row of 4 repeated per chosen model
+    repeated = [p for p in board["panels"] if p.get("repeat")]
+    assert [p["repeat"] for p in repeated] == ["model"]
+    variable = board["templating"]["list"][1]
+    assert variable["name"] == "model" and len(variable["options"]) == 500 and variable["multi"]
+    graphs = [p for p in board["panels"] if p["type"] == "timeseries"]
+    assert all('model="$model"' in t["expr"] for p in graphs[4:] for t in p["targets"])
+    # the mean latency objective is shared, so drawn; the error rates differ, so not
+    latency = next(p for p in graphs if p["title"] == "$model: Latency")
+    assert latency["fieldConfig"]["defaults"]["thresholds"]["steps"][-1]["value"] == 20
+    errors = next(p for p in graphs if p["title"] == "$model: Error ratio")
+    assert len(errors["fieldConfig"]["defaults"]["thresholds"]["steps"]) == 1
+    # the regex of a group matches its models literally: "m.001" is not matched by "m0001"
+    tests = {
+        "rule_files": ["rules.yml"],
+        "evaluation_interval": "15s",
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": [
+                    *_series(
+                        "m.001",
+                        success="0+5x20",
+                        failure="0+5x20",
+                        p99_us=1_000,
+                        duration="0+5000x20",
+                        queue="0+500x20",
+                    ),
+                    *_series(
+                        "mx001",
+                        success="0+5x20",
+                        failure="0+5x20",
+                        p99_us=1_000,
+                        duration="0+5000x20",
+                        queue="0+500x20",
+                    ),
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "4m",
+                        "alertname": "TritonModelErrorRateHigh",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "page",
+                                    "slo": "error_rate",
+                                    "model": "m.001",
+                                    "objective": "0.01",
+                                },
+                                "exp_annotations": {
+                                    "summary": "m.001: error rate above its objective (0.01)",
+                                    "description": "error rate of m.001 over 1m is 0.5 (objective 0.01) "
+                                    "for 1m.",
+                                },
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    (tmp_path / "rules.test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    done = promtool("test", "rules", "rules.test.yml", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_slo_cli_writes_both_files_and_fails_on_one_line_for_a_bad_file(tmp_path: Path) -> None:

@@ -49,6 +49,8 @@ class BaseClient(InferFlows):
         deadline: a :class:`Deadline` or a number of seconds for a whole call (``timeout_s`` per call wins).
         retry: :class:`RetryPolicy` for transient errors (``RetryPolicy.none()`` to disable).
         breaker: :class:`CircuitBreaker` per endpoint.
+        placement: :class:`Placement`: each model goes to a few endpoints chosen by rendezvous hashing
+            (stays loaded on few servers); without it every endpoint serves every model.
         health_check: :class:`HealthCheck` run in the background.
         routes: ``{model: TrafficSplit}`` (A/B, canary).
         fallbacks: ``{model: Fallback}``.

@@ -249,9 +249,11 @@ class ControlFlows(Events):
         timeout = DEFAULT_CONTROL_TIMEOUT_S if timeout_s is None else timeout_s
         endpoints = list(self._pool.endpoints)
         answers = yield Each([one(Rpc(ep, method, request, timeout, model)) for ep in endpoints])
-        self._model_metadata = {k: v for k, v in self._model_metadata.items() if k[0] != model}
-        self._batchable = {k: v for k, v in self._batchable.items() if k[0] != model}
-        self._headers.clear()
+        # only this model's cached metadata, config and request headers go: the others stay valid, and a
+        # client loading and unloading models of a large repository keeps what it knows of the rest
+        for cache in (self._model_metadata, self._batchable, self._headers):
+            for key in [k for k in cache if k[0] == model]:
+                del cache[key]
         errors = [a for a in answers if isinstance(a, ClientError)]
         if errors:
             raise errors[0]

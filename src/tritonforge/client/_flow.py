@@ -232,7 +232,7 @@ def call_flow(
                     raise _deadline_error(
                         model, version, total_s, last, last.endpoint if last else None
                     ) from last
-                endpoint = pool.acquire(now, tried)
+                endpoint = pool.acquire(now, tried, model)
                 if endpoint is None:
                     error = AllEndpointsFailed(
                         f"no endpoint is usable for model {model!r}: all of "

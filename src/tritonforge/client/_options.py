@@ -53,6 +53,7 @@ from tritonforge.client.policies import (
     Deadline,
     Fallback,
     HealthCheck,
+    Placement,
     RetryPolicy,
     Shadow,
     SharedMemory,
@@ -217,6 +218,7 @@ class ClientCore:
         channel_options: Sequence[tuple[str, Any]] = (),
         seed: int | None = None,
         discovery: Discovery | None = None,
+        placement: Placement | None = None,
     ) -> None:
         url_list = [urls] if isinstance(urls, str) else list(urls)
         self.urls = [_url(u) for u in url_list]
@@ -267,7 +269,10 @@ class ClientCore:
         self._id_counter = itertools.count(1)
         self._rng = random.Random(seed)
         self._sources = EndpointSources(self.urls, discovery or Discovery())
-        self._pool = EndpointPool(self._sources.first(), self.breaker, random.Random(seed))
+        if placement is not None and not isinstance(placement, Placement):
+            raise TypeError(f"placement must be a Placement, e.g. Placement(replicas=2), not {placement!r}")
+        self.placement = placement
+        self._pool = EndpointPool(self._sources.first(), self.breaker, random.Random(seed), placement)
         self._budget = BudgetState(retry.budget, time.monotonic())
         self._metrics = ClientMetrics(registry) if metrics else None
         self._grpc_metadata: tuple[tuple[str, str], ...] | None = tuple(self.headers.items()) or None

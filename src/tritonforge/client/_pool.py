@@ -1,19 +1,23 @@
 """Endpoint choice without I/O: least outstanding requests, a circuit breaker per endpoint, health marks,
-and endpoints that come and go (DNS discovery): added ones join the pick set, removed ones drain."""
+endpoints that come and go (DNS discovery): added ones join the pick set, removed ones drain; and, with a
+:class:`Placement`, each model kept on a few endpoints chosen by rendezvous hashing."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 import threading
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tritonforge.client.policies import CircuitBreaker
+from tritonforge.client.policies import CircuitBreaker, Placement
 
-__all__ = ["Capabilities", "Endpoint", "EndpointPool", "EndpointStatus"]
+__all__ = ["Capabilities", "Endpoint", "EndpointPool", "EndpointStatus", "rendezvous_score"]
 
 State = Literal["closed", "open", "half-open"]
+#: models whose ranking is kept (a ranking is the pick set's endpoints in one model's order)
+_RANKINGS_KEPT = 4096
 
 
 @dataclass
@@ -29,6 +33,13 @@ class Capabilities:
     shared_memory: bool | None = None
     streaming: bool | None = None
     max_message_bytes: int | None = None
+
+
+def rendezvous_score(model: str, url: str) -> int:
+    """The weight of ``url`` for ``model`` in rendezvous (highest random weight) hashing: the endpoints of a
+    model are those with the highest scores. BLAKE2b, not ``hash()``: every process must agree."""
+    digest = hashlib.blake2b(f"{model}\x00{url}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
 
 
 class Endpoint:
@@ -87,12 +98,19 @@ class EndpointPool:
     """
 
     def __init__(
-        self, urls: Sequence[str], breaker: CircuitBreaker, rng: random.Random | None = None
+        self,
+        urls: Sequence[str],
+        breaker: CircuitBreaker,
+        rng: random.Random | None = None,
+        placement: Placement | None = None,
     ) -> None:
         if not urls:
             raise ValueError("a client needs at least one endpoint URL")
         self.endpoints = [Endpoint(u) for u in dict.fromkeys(urls)]
         self.breaker = breaker
+        self.placement = placement
+        # model -> its endpoints by rendezvous score (highest first), for the pick set it was computed on
+        self._rankings: dict[str, list[Endpoint]] = {}
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._single = self.endpoints[0] if len(self.endpoints) == 1 else None
@@ -110,10 +128,11 @@ class EndpointPool:
         single = self._single
         return single if single is not None and single.state == "closed" and single.healthy else None
 
-    def acquire(self, now: float, exclude: Collection[Endpoint] = ()) -> Endpoint | None:
+    def acquire(self, now: float, exclude: Collection[Endpoint] = (), model: str = "") -> Endpoint | None:
         """The endpoint for the next attempt (counted as outstanding), or ``None`` when none is usable.
 
         Endpoints in ``exclude`` (already tried by this call) are chosen only when nothing else is usable.
+        With a placement and a ``model``, the choice is among the model's replicas (see :meth:`candidates`).
         """
         with self._lock:
             single = self._single
@@ -122,7 +141,7 @@ class EndpointPool:
                 return single
             best: Endpoint | None = None
             best_key: tuple[int, int, float] | None = None
-            for ep in self.endpoints:
+            for ep in self._candidates(model, now, exclude) if model and self.placement else self.endpoints:
                 if not self._available(ep, now):
                     continue
                 key = (ep in exclude, ep.outstanding, self._rng.random())
@@ -135,6 +154,38 @@ class EndpointPool:
                 best.probing = True
             best.outstanding += 1
             return best
+
+    def ranking(self, model: str) -> list[Endpoint]:
+        """The pick set ordered for ``model`` by rendezvous score, highest first (cached per pick set)."""
+        with self._lock:
+            return list(self._ranking(model))
+
+    def _ranking(self, model: str) -> list[Endpoint]:
+        ranked = self._rankings.get(model)
+        if ranked is None:
+            ranked = sorted(self.endpoints, key=lambda e: rendezvous_score(model, e.url), reverse=True)
+            if len(self._rankings) >= _RANKINGS_KEPT:  # a bound for clients that see endless model names
+                self._rankings.clear()
+            self._rankings[model] = ranked
+        return ranked
+
+    def candidates(self, model: str, now: float, exclude: Collection[Endpoint] = ()) -> list[Endpoint]:
+        """The endpoints :meth:`acquire` chooses among for ``model`` under the placement: the first
+        ``replicas`` usable endpoints of its ranking (a down or ejected replica's place goes to the next
+        one), less those in ``exclude``; when all of them are excluded, the next usable endpoint of the
+        ranking not excluded; when none is left, the excluded ones."""
+        with self._lock:
+            return self._candidates(model, now, exclude)
+
+    def _candidates(self, model: str, now: float, exclude: Collection[Endpoint]) -> list[Endpoint]:
+        replicas = self.placement.replicas if self.placement else len(self.endpoints)
+        usable = [e for e in self._ranking(model) if self._available(e, now)]
+        home = usable[:replicas]
+        chosen = [e for e in home if e not in exclude]
+        if chosen:
+            return chosen
+        beyond = [e for e in usable[replicas:] if e not in exclude]
+        return beyond[:1] or home
 
     def release(self, ep: Endpoint, now: float, *, transport_failure: bool) -> None:
         """Record an attempt's outcome: only transport failures count against the endpoint."""
@@ -191,6 +242,7 @@ class EndpointPool:
             active_urls = {e.url for e in active}
             active += [e for e in revived + fresh if e.url not in active_urls]
             self.endpoints = active
+            self._rankings = {}
             self._single = active[0] if len(active) == 1 else None
             self.draining = draining
             self._quiet = [e for e in self._quiet if e in draining]

@@ -37,9 +37,9 @@ class Client(BaseClient):
         (1, 3)
 
     The options (all keyword-only after ``urls``) are those of :class:`BaseClient`: ``deadline``, ``retry``,
-    ``breaker``, ``health_check``, ``routes``, ``fallbacks``, ``shadows``, ``shared_memory``, ``headers``,
-    ``tls``, ``validate``, ``allow_non_finite``, ``registry``, ``metrics``, ``hooks``, ``channel_options``,
-    ``seed`` (``coalesce`` is :class:`AsyncClient`'s).
+    ``breaker``, ``placement``, ``health_check``, ``routes``, ``fallbacks``, ``shadows``, ``shared_memory``,
+    ``headers``, ``tls``, ``validate``, ``allow_non_finite``, ``registry``, ``metrics``, ``hooks``,
+    ``channel_options``, ``seed`` (``coalesce`` is :class:`AsyncClient`'s).
 
     Raises (from calls): :class:`InvalidRequestError` (and its :class:`RequestTooLarge`, :class:`NotOffered`),
     :class:`ModelNotFoundError`, :class:`InferenceFailed`, :class:`DeadlineExceeded`, :class:`Unavailable`,

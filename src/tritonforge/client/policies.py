@@ -42,6 +42,7 @@ __all__ = [
     "Deadline",
     "Fallback",
     "HealthCheck",
+    "Placement",
     "RetryBudget",
     "RetryPolicy",
     "Shadow",
@@ -193,6 +194,33 @@ class HealthCheck:
     def __post_init__(self) -> None:
         _check(self.interval_s > 0, f"interval_s must be > 0, not {self.interval_s}")
         _check(self.timeout_s > 0, f"timeout_s must be > 0, not {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Each model goes to ``replicas`` of the pool's endpoints, chosen by rendezvous hashing of the model's
+    name and each endpoint's address, so a model stays loaded (hot) on few servers instead of all of them.
+
+    Every client computes the same choice (the hash is stable across processes and machines) as long as they
+    name the endpoints alike: the ``ip:port`` addresses a ``dns:///`` URL resolves to, or the same
+    ``host:port`` strings (``pod-0:8001`` and ``10.0.0.5:8001`` hash differently); when an
+    endpoint joins or leaves, only the models that rank it among their first ``replicas`` move (about
+    ``replicas / N`` of them). Among a model's replicas the least loaded is picked; when one is down, its
+    circuit open or it already failed this call, the next endpoint in the model's ranking stands in, so
+    retries and failover work as without placement.
+
+    Example:
+        >>> Placement(replicas=2)
+        Placement(replicas=2)
+    """
+
+    replicas: int = 2
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.replicas, int) and not isinstance(self.replicas, bool) and self.replicas >= 1,
+            f"Placement(replicas=...) must be an int >= 1, not {self.replicas!r}",
+        )
 
 
 ModelRef = tuple[str, "str | None"]

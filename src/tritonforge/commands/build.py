@@ -17,7 +17,7 @@ from rich.table import Table
 
 from tritonforge.commands import err_console, fail, print_error, reported
 from tritonforge.commands._output import make_console, print_json
-from tritonforge.commands.registry import models
+from tritonforge.commands.registry import ModelSort, models
 from tritonforge.errors import ExportError, QuantizationError, RepositoryError, TritonForgeError
 from tritonforge.files import MAX_MODEL_BYTES, MAX_ONNX_BYTES, check_regular
 
@@ -353,7 +353,8 @@ def build(
             done = subprocess.run(command, check=False)
         if done.returncode:
             failed.append(name)
-    models(repo, as_json=False)  # called directly: every parameter given, none left a typer default
+    # called directly: every parameter given, none left a typer default
+    models(repo, as_json=False, match=[], sort=ModelSort.name, limit=None)
     if failed:
         err_console.print(
             f"[bold red]failed:[/] {', '.join(failed)}; the repository keeps its previous versions"

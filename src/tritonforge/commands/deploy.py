@@ -33,6 +33,7 @@ class Accelerator(str, Enum):
 class KServeMode(str, Enum):
     raw = "raw"
     serverless = "serverless"
+    modelmesh = "modelmesh"
 
 
 _fail = fail  # one way to report errors for every verb (tritonforge.commands)
@@ -115,7 +116,10 @@ def deploy(
     prometheus_url: str = typer.Option(
         "http://prometheus-operated.monitoring.svc:9090", help="Prometheus that KEDA and the adapter query."
     ),
-    kserve_mode: KServeMode = typer.Option(KServeMode.raw, help="KServe deployment mode."),
+    kserve_mode: KServeMode = typer.Option(
+        KServeMode.raw,
+        help="KServe deployment mode; modelmesh: a Triton ServingRuntime and one InferenceService per model.",
+    ),
     ingress_host: str = typer.Option("", help="Expose gRPC through an Ingress (L7) for this host."),
     ingress_class: str = typer.Option("nginx", help="IngressClass of --ingress-host."),
     loadtests: Path = typer.Option(Path("loadtests"), help="Folder of locustfiles for the locust ConfigMap."),
@@ -215,7 +219,11 @@ def deploy(
             dev_namespace=dev_namespace,
             prod_namespace=prod_namespace,
             workload_identity=workload_identity,
-            kserve_mode="Serverless" if kserve_mode is KServeMode.serverless else "RawDeployment",
+            kserve_mode={
+                KServeMode.raw: "RawDeployment",
+                KServeMode.serverless: "Serverless",
+                KServeMode.modelmesh: "ModelMesh",
+            }[kserve_mode],  # type: ignore[arg-type]
             ingress_host=ingress_host,
             ingress_class=ingress_class,
             locustfile=locustfile,

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import signal
 import threading
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -15,6 +16,7 @@ from rich.text import Text
 from tritonforge.commands import fail
 from tritonforge.commands._output import make_console
 from tritonforge.commands._renamed import deprecated, renamed
+from tritonforge.commands._rows import TABLE_ROWS, rows_shown
 from tritonforge.commands.access import with_access
 from tritonforge.errors import TritonForgeError
 
@@ -22,6 +24,16 @@ console = make_console()
 
 
 _fail = fail  # one way to report errors for every verb (tritonforge.commands)
+
+
+class MonitorSort(str, Enum):
+    name = "name"
+    requests = "requests"
+    failures = "failures"
+    p99 = "p99"
+    latency = "latency"
+    queue = "queue"
+    busy = "busy"
 
 
 @renamed({"--grpc": "--url", "--interval": "--interval-s"})
@@ -41,6 +53,19 @@ def monitor(
         None, help="The hourly price of one server: adds the cost of 1,000 inferences per model."
     ),
     active: bool = typer.Option(False, help="Only models that served requests in the interval."),
+    match: list[str] = typer.Option(
+        [], help="Only models whose name matches this shell pattern (e.g. 'digits_*'); repeatable."
+    ),
+    sort: MonitorSort = typer.Option(
+        MonitorSort.name,
+        help="Order the models by name, or by a figure of their totals (largest first): requests/s, "
+        "failures/s, p99, mean latency, queue time, busy instances.",
+    ),
+    limit: int | None = typer.Option(
+        None,
+        min=0,
+        help=f"Show the first N models (0: all). Default: {TABLE_ROWS} in the table, all in --json.",
+    ),
     gpu: bool = typer.Option(
         False,
         "--gpu",
@@ -52,14 +77,15 @@ def monitor(
     from rich.console import Group
     from rich.live import Live
 
-    from tritonforge.observe.monitor import Snapshot, render, render_gpus, snapshot
+    from tritonforge.observe.monitor import Snapshot, render, render_gpus, select, snapshot
+
+    def narrowed(snap: Snapshot) -> Snapshot:
+        shown = rows_shown(limit, table=not as_json)
+        return select(snap, match=match, sort=sort.value, limit=shown, active_only=active)
 
     def shown(snap: Snapshot) -> Table | Group:
-        return (
-            Group(render(snap, active_only=active), render_gpus(snap))
-            if gpu
-            else render(snap, active_only=active)
-        )
+        table = render(narrowed(snap))
+        return Group(table, render_gpus(snap)) if gpu else table
 
     if ctx.args:  # the metrics endpoints were positional before --metrics-url
         deprecated("URL...", "--metrics-url URL", command=ctx.command_path)
@@ -79,7 +105,7 @@ def monitor(
         if once or as_json:
             while True:
                 if as_json:
-                    print(json.dumps(snap.as_dict()), flush=True)
+                    print(json.dumps(narrowed(snap).as_dict()), flush=True)
                 else:
                     console.print(shown(snap))
                 if once or stop.wait(interval):
@@ -102,7 +128,7 @@ def slo(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for rules.yml and dashboard.json."),
 ) -> None:
     """Turn per-model objectives into Prometheus rules (DIR/rules.yml) and a Grafana dashboard."""
-    from tritonforge.observe.slo import load_slo, rules, write
+    from tritonforge.observe.slo import DASHBOARD_ROWS, load_slo, rules, write
 
     try:
         parsed = load_slo(spec)
@@ -110,13 +136,19 @@ def slo(
     except TritonForgeError as exc:
         raise _fail(exc) from None
     groups = rules(parsed)["groups"]
-    table = Table(title=f"SLOs from {spec}")
-    longest = max(len(name) for row in parsed.rows for name in row if name)
+    listed = parsed.rows[:TABLE_ROWS]  # every model is in the files; the table stays a screenful
+    table = Table(
+        title=f"SLOs from {spec}",
+        caption=f"{len(parsed.rows) - len(listed)} more rows in {written['dashboard'].parent}"
+        if len(parsed.rows) > len(listed)
+        else None,
+    )
+    longest = max(len(name) for row in listed for name in row if name)
     table.add_column("model", no_wrap=True, min_width=longest)
     table.add_column("in pipeline", no_wrap=True, min_width=longest)
     table.add_column("objectives")
     by_model = {o.model: o for o in parsed.objectives}
-    for model, parent in parsed.rows:
+    for model, parent in listed:
         o = by_model.get(model)
         shown = ""
         if o is not None:
@@ -127,9 +159,14 @@ def slo(
             )
         table.add_row(model, parent or "", shown or "(dashboard only)")
     console.print(table)
+    layout = (
+        f"{len(parsed.rows)} rows"
+        if len(parsed.rows) <= DASHBOARD_ROWS
+        else f"{len(parsed.rows)} models: the top 10 and a row per model picked in its model variable"
+    )
     console.print(
         f"{len(groups[0]['rules'])} recording rules, {len(groups[1]['rules'])} alerts -> {written['rules']}\n"
-        f"dashboard ({len(parsed.rows)} rows) -> {written['dashboard']}"
+        f"dashboard ({layout}) -> {written['dashboard']}"
     )
 
 

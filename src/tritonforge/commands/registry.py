@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.table import Table
 
-from tritonforge.commands import fail
-from tritonforge.commands._output import make_console, print_json
+from tritonforge.commands import fail, print_error
+from tritonforge.commands._output import make_console, plain, print_json
+from tritonforge.commands._rows import TABLE_ROWS, hidden_line, matching, rows_shown
 from tritonforge.commands.access import with_access
-from tritonforge.errors import TritonForgeError
+from tritonforge.errors import RepositoryError, TritonForgeError
 
 console = make_console()
 _fail = fail
@@ -37,9 +39,26 @@ def _figures(manifest: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
+class ModelSort(str, Enum):
+    name = "name"
+    created = "created"
+    size = "size"
+
+
 def models(
     repo: Path = typer.Argument(..., help="The model repository."),
     as_json: bool = typer.Option(False, "--json", help="Every version with its manifest, as JSON."),
+    match: list[str] = typer.Option(
+        [], help="Only models whose name matches this shell pattern (e.g. 'digits_*'); repeatable."
+    ),
+    sort: ModelSort = typer.Option(
+        ModelSort.name, help="Order: by model name and version, newest first, or largest first."
+    ),
+    limit: int | None = typer.Option(
+        None,
+        min=0,
+        help=f"Show the first N versions (0: all). Default: {TABLE_ROWS} in the table, all in --json.",
+    ),
 ) -> None:
     """List the models and versions in REPO with their figures and which version is served; a model in
     the middle of a rollout shows its phase, step and share (its twin is not listed as a model)."""
@@ -47,13 +66,26 @@ def models(
     from tritonforge.rollout.state import rollouts_in
 
     try:
-        rows = list_models(repo)
+        if not repo.is_dir():
+            raise RepositoryError(f"{repo} is not a model repository (no such folder)")
         rollouts = rollouts_in(repo)
+        twins = {state.twin for state in rollouts.values()}
+        folders = (p.name for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
+        # only the models asked for are read: a --match in a repository of 500 reads its few
+        chosen = [n for n in matching(folders, match) if n not in twins]
+        rows = list_models(repo, names=chosen)
     except TritonForgeError as exc:
         raise _fail(exc) from None
-    twins = {state.twin for state in rollouts.values()}
-    rows = [r for r in rows if r.model not in twins]
+    if sort is ModelSort.created:
+        rows.sort(key=lambda r: str(r.manifest.get("created_at", "")), reverse=True)
+    elif sort is ModelSort.size:
+        rows.sort(key=lambda r: (r.manifest.get("artifact") or {}).get("bytes") or 0, reverse=True)
+    total, model_count = len(rows), len({r.model for r in rows})
+    shown = rows_shown(limit, table=not as_json)
+    rows = rows[:shown] if shown is not None else rows
     if as_json:
+        if total > len(rows):
+            print_error(hidden_line(total - len(rows), total, "versions"), prefix="note")
         print_json(
             [
                 {"model": r.model, "version": r.version, "served": r.served, "variant": r.variant}
@@ -63,13 +95,17 @@ def models(
             ]
         )
         return
-    table = Table(title=f"{repo}: {len({r.model for r in rows})} models, {len(rows)} versions")
+    narrowed = f" matching {' or '.join(match)}" if match else ""
+    table = Table(
+        title=f"{repo}: {model_count} models{narrowed}, {total} versions",
+        caption=hidden_line(total - len(rows), total, "versions") or None,
+    )
     for column in ("model", "version", "served", "variant", "size MB", "figures", "created"):
         table.add_column(column, no_wrap=column != "figures")
     for r in rows:
         size = (r.manifest.get("artifact") or {}).get("bytes")
         table.add_row(
-            r.model,
+            plain(r.model),
             str(r.version),
             _served(r.served, r.version, rollouts.get(r.model)),
             r.variant,

@@ -11,8 +11,9 @@ import typer
 from rich.table import Table
 
 from tritonforge.commands import fail, print_error
-from tritonforge.commands._output import make_console
+from tritonforge.commands._output import make_console, plain
 from tritonforge.commands._renamed import renamed
+from tritonforge.commands._rows import TABLE_ROWS
 from tritonforge.errors import TritonForgeError
 from tritonforge.server.access import RestrictionScope, restrict_both
 
@@ -107,6 +108,7 @@ def serve(
             model_control=model_control.value,
             poll_interval_s=poll_s,
             load_models=load_model,
+            startup_timeout_s=startup_timeout_s(repo, model_control.value, load_model),
             tritonserver=tritonserver,
             response_cache_bytes=response_cache_byte_size or None,
             log_file=log_file,
@@ -128,12 +130,7 @@ def serve(
     try:
         with console.status(f"starting Triton on {repo} ..."):
             server.start()
-        table = Table(title=f"Triton serving {repo}")
-        for column in ("model", "version", "state"):
-            table.add_column(column)
-        for entry in server.repository_index():
-            table.add_row(entry.get("name", ""), entry.get("version", ""), entry.get("state", ""))
-        console.print(table)
+        console.print(_index_table(repo, server.repository_index()))
         console.print(f"gRPC    {server.grpc_url}\nHTTP    {server.http_url}\nmetrics {server.metrics_url}")
         if access.grpc or access.http or access.one_sided:
             console.print(access.summary, markup=False, highlight=False)
@@ -150,6 +147,44 @@ def serve(
         raise _fail(exc) from None
     finally:
         server.stop()
+
+
+def startup_timeout_s(repo: Path, model_control: str, load_models: list[str]) -> float:
+    """How long to wait for the server to be ready: the default, or 2 s for each model loaded at start
+    when that is longer (500 Python-backend models take minutes on a small machine)."""
+    from tritonforge.server.embedded import DEFAULT_STARTUP_TIMEOUT_S
+
+    if model_control == "explicit" and "*" not in load_models:
+        models = len(load_models)
+    else:
+        models = (
+            sum(1 for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if repo.is_dir()
+            else 0
+        )
+    return max(DEFAULT_STARTUP_TIMEOUT_S, 2.0 * models)
+
+
+def _index_table(repo: Path, index: list[dict[str, str]]) -> Table:
+    """Triton's repository index as a table: every model when few, else the models that are not READY
+    first, up to ``TABLE_ROWS``, with a count per state (`tritonforge models REPO` lists them all)."""
+    from collections import Counter
+
+    states = Counter(entry.get("state", "") or "(no state)" for entry in index)
+    shown = index
+    if len(index) > TABLE_ROWS:  # trouble first
+        shown = sorted(index, key=lambda e: e.get("state") == "READY")[:TABLE_ROWS]
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+    hidden = len(index) - len(shown)
+    table = Table(
+        title=f"Triton serving {repo}: {counts or 'no models'}",
+        caption=f"{hidden} more not shown; `tritonforge models {repo}` lists every model" if hidden else None,
+    )
+    for column in ("model", "version", "state"):
+        table.add_column(column)
+    for entry in shown:
+        table.add_row(plain(entry.get("name", "")), entry.get("version", ""), entry.get("state", ""))
+    return table
 
 
 def register(app: typer.Typer) -> None:

@@ -28,12 +28,14 @@ class ComposingWalk:
     def __init__(self, model: str) -> None:
         self._pending: deque[str] = deque([model])
         self._found: list[str] = []
+        self._seen: set[str] = set()  # the same models as _found: a walk of n models is O(n), not O(n^2)
 
     def __iter__(self) -> Iterator[str]:
         while self._pending:
             name = self._pending.popleft()
-            if name in self._found:
+            if name in self._seen:
                 continue
+            self._seen.add(name)
             self._found.append(name)
             yield name
 

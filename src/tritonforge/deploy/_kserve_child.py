@@ -8,6 +8,10 @@ tritonforge or tritonclient. It reads one JSON request on stdin and writes one J
 - ``{"op": "build", "plan": {...}}`` -> ``{"object": <InferenceService as a dict>}``
 - ``{"op": "canary", "name": ..., "steps": [5, ...]}`` -> ``{"object": {"objects": [<patches>, <rollback>]}}``
 - ``{"op": "check", "object": {...}}`` -> ``{"object": <the object read into the SDK's models and back>}``
+- ``{"op": "check_many", "objects": [...]}`` -> ``{"object": {"objects": [<each read and back, or
+  {"error": message}>]}}``: an InferenceService or a ServingRuntime each, in one interpreter
+- ``{"op": "modelmesh", "runtime": {...}, "services": [{...}, ...]}`` -> ``{"object": {"objects":
+  [<ServingRuntime>, <InferenceService per model in ModelMesh mode>]}}``
 """
 
 from __future__ import annotations
@@ -17,16 +21,32 @@ import sys
 from typing import Any
 
 
-def build(plan: dict[str, Any]) -> Any:
-    from kserve import constants
-    from kserve.models import (
-        V1beta1InferenceService,
-        V1beta1InferenceServiceSpec,
-        V1beta1ModelFormat,
-        V1beta1ModelSpec,
-        V1beta1PredictorSpec,
+def _metadata(plan: dict[str, Any]) -> Any:
+    from kubernetes.client import V1ObjectMeta
+
+    return V1ObjectMeta(
+        name=plan["name"],
+        namespace=plan.get("namespace"),
+        labels=plan.get("labels"),
+        annotations=plan.get("annotations"),
     )
-    from kubernetes.client import V1ObjectMeta, V1ResourceRequirements
+
+
+def _inference_service(plan: dict[str, Any], predictor: Any) -> Any:
+    from kserve import constants
+    from kserve.models import V1beta1InferenceService, V1beta1InferenceServiceSpec
+
+    return V1beta1InferenceService(
+        api_version=constants.KSERVE_V1BETA1,
+        kind="InferenceService",
+        metadata=_metadata(plan),
+        spec=V1beta1InferenceServiceSpec(predictor=predictor),
+    )
+
+
+def build(plan: dict[str, Any]) -> Any:
+    from kserve.models import V1beta1ModelFormat, V1beta1ModelSpec, V1beta1PredictorSpec
+    from kubernetes.client import V1ResourceRequirements
 
     model = V1beta1ModelSpec(
         model_format=V1beta1ModelFormat(name="triton"),
@@ -40,23 +60,14 @@ def build(plan: dict[str, Any]) -> Any:
         env=load(plan.get("env") or None, "list[V1EnvVar]"),
         image=plan.get("image"),
     )
-    return V1beta1InferenceService(
-        api_version=constants.KSERVE_V1BETA1,
-        kind="InferenceService",
-        metadata=V1ObjectMeta(
-            name=plan["name"],
-            namespace=plan.get("namespace"),
-            labels=plan["labels"],
-            annotations=plan.get("annotations"),
-        ),
-        spec=V1beta1InferenceServiceSpec(
-            predictor=V1beta1PredictorSpec(
-                model=model,
-                min_replicas=plan["min_replicas"],
-                max_replicas=plan["max_replicas"],
-                canary_traffic_percent=plan.get("canary_traffic_percent"),
-                service_account_name=plan.get("service_account"),
-            )
+    return _inference_service(
+        plan,
+        V1beta1PredictorSpec(
+            model=model,
+            min_replicas=plan["min_replicas"],
+            max_replicas=plan["max_replicas"],
+            canary_traffic_percent=plan.get("canary_traffic_percent"),
+            service_account_name=plan.get("service_account"),
         ),
     )
 
@@ -110,19 +121,70 @@ def load(data: Any, kind: str) -> Any:
 
 def canary(name: str, steps: list[int]) -> list[Any]:
     """One InferenceService patch per step (then one with 0: the rollback), only canaryTrafficPercent."""
-    from kserve import constants
-    from kserve.models import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
-    from kubernetes.client import V1ObjectMeta
+    from kserve.models import V1beta1PredictorSpec
 
     return [
-        V1beta1InferenceService(
-            api_version=constants.KSERVE_V1BETA1,
-            kind="InferenceService",
-            metadata=V1ObjectMeta(name=name),
-            spec=V1beta1InferenceServiceSpec(predictor=V1beta1PredictorSpec(canary_traffic_percent=percent)),
-        )
+        _inference_service({"name": name}, V1beta1PredictorSpec(canary_traffic_percent=percent))
         for percent in [*steps, 0]
     ]
+
+
+def serving_runtime(plan: dict[str, Any]) -> Any:
+    """A namespaced ServingRuntime for Triton behind ModelMesh's built-in adapter (the plan names it all)."""
+    from kserve import constants
+    from kserve.models import (
+        V1alpha1BuiltInAdapter,
+        V1alpha1ServingRuntime,
+        V1alpha1ServingRuntimeSpec,
+        V1alpha1SupportedModelFormat,
+    )
+
+    return V1alpha1ServingRuntime(
+        api_version=constants.KSERVE_V1ALPHA1,
+        kind="ServingRuntime",
+        metadata=_metadata(plan),
+        spec=V1alpha1ServingRuntimeSpec(
+            supported_model_formats=[V1alpha1SupportedModelFormat(**f) for f in plan["formats"]],
+            protocol_versions=["grpc-v2"],
+            multi_model=True,
+            grpc_endpoint=plan["grpc_endpoint"],
+            grpc_data_endpoint=plan["grpc_data_endpoint"],
+            replicas=plan["replicas"],
+            containers=load(plan["containers"], "list[V1Container]"),
+            built_in_adapter=V1alpha1BuiltInAdapter(**plan["adapter"]),
+            image_pull_secrets=load(plan.get("image_pull_secrets") or None, "list[V1LocalObjectReference]"),
+            node_selector=plan.get("node_selector") or None,
+            tolerations=load(plan.get("tolerations") or None, "list[V1Toleration]"),
+        ),
+    )
+
+
+def mesh_service(plan: dict[str, Any]) -> Any:
+    """One model as an InferenceService in ModelMesh mode: its format, the runtime, where it is stored."""
+    from kserve.models import (
+        V1beta1ModelFormat,
+        V1beta1ModelSpec,
+        V1beta1ModelStorageSpec,
+        V1beta1PredictorSpec,
+    )
+
+    storage = plan.get("storage")
+    model = V1beta1ModelSpec(
+        model_format=V1beta1ModelFormat(name=plan["format"]),
+        runtime=plan["runtime"],
+        storage=V1beta1ModelStorageSpec(
+            key=storage.get("key"), path=storage["path"], parameters=storage.get("parameters")
+        )
+        if storage
+        else None,
+        storage_uri=plan.get("storageUri"),
+    )
+    return _inference_service(plan, V1beta1PredictorSpec(model=model))
+
+
+def _checked(data: Any) -> Any:
+    kind = "V1alpha1ServingRuntime" if data.get("kind") == "ServingRuntime" else "V1beta1InferenceService"
+    return load(data, kind)
 
 
 def main() -> None:
@@ -136,10 +198,22 @@ def main() -> None:
             {"object": {"objects": [client.sanitize_for_serialization(o) for o in objects]}}, sys.stdout
         )
         return
-    if request["op"] == "build":
-        obj = build(request["plan"])
-    else:
-        obj = load(request["object"], "V1beta1InferenceService")
+    if request["op"] == "modelmesh":
+        objects = [serving_runtime(request["runtime"]), *map(mesh_service, request["services"])]
+        json.dump(
+            {"object": {"objects": [client.sanitize_for_serialization(o) for o in objects]}}, sys.stdout
+        )
+        return
+    if request["op"] == "check_many":
+        answers = []
+        for data in request["objects"]:
+            try:
+                answers.append(client.sanitize_for_serialization(_checked(data)))
+            except (TypeError, ValueError, KeyError) as exc:
+                answers.append({"error": f"{type(exc).__name__}: {exc}"})
+        json.dump({"object": {"objects": answers}}, sys.stdout)
+        return
+    obj = build(request["plan"]) if request["op"] == "build" else _checked(request["object"])
     json.dump({"object": client.sanitize_for_serialization(obj)}, sys.stdout)
 
 

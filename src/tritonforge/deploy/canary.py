@@ -8,6 +8,7 @@ and, per step, the PromQL that judges the canary on Triton's per-version metrics
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from tritonforge.deploy.spec import DeploySpec
@@ -66,7 +67,8 @@ def _window(hold_s: int) -> str:
 def step_queries(spec: DeploySpec, namespace: str) -> dict[str, str]:
     """PromQL over one hold window, per model and version (the canary serves the new version): error rate,
     mean latency (ms) and requests."""
-    models = "|".join(spec.models) or ".+"
+    # each name a literal (a `.` in "m.1" must not match "mx1"), its backslashes doubled in the PromQL string
+    models = "|".join(re.escape(m).replace("\\", "\\\\") for m in spec.models) or ".+"
     where = f'namespace="{namespace}",model=~"{models}"'
     w = _window(spec.canary_hold_s)
     by = "sum by (model, version)"

@@ -4,8 +4,11 @@
   (an unknown field is an error, as ``kubectl apply --validate=strict`` makes it);
 - the overlays: their JSON patches applied to the base (RFC 6902, the ``jsonpatch`` library), the
   results validated like the base;
-- KServe's InferenceService: read into the ``kserve`` SDK's models and written back unchanged (a field
-  the SDK doesn't know would be dropped, so it shows as a difference);
+- KServe's InferenceService and ServingRuntime: read into the ``kserve`` SDK's models and written back
+  unchanged (a field the SDK doesn't know would be dropped, so it shows as a difference), all of a tree in
+  one interpreter; a ServingRuntime also against the fields of its CRD (:data:`CRD_FIELDS`) and its
+  containers, tolerations and pull secrets against the Kubernetes Pod schema; a ModelMesh-mode
+  InferenceService must name a ServingRuntime of the tree that declares its model format;
 - ServiceMonitor and KEDA ScaledObject (CRDs, no upstream schema offline): the fields we write must be
   ones those CRDs define, with the types they define (:data:`CRD_FIELDS`);
 - every kustomization's resources exist.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from tritonforge.files import read_yaml
 
 __all__ = ["KUBERNETES_VERSION", "Finding", "check_tree", "validate_object"]
 
+MESH_ANNOTATION = "serving.kserve.io/deploymentMode"
 #: the Kubernetes version whose schemas the objects must satisfy
 KUBERNETES_VERSION = "1.31.0"
 
@@ -62,7 +66,63 @@ def _endpoints(**more: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_PORT_ENDPOINT = {"type": "string", "pattern": "^port:[0-9]{1,5}$"}
+_SERVING_RUNTIME = _resource(
+    {
+        "type": "object",
+        "required": ["containers"],
+        "additionalProperties": False,
+        "properties": {
+            "supportedModelFormats": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "name": _STR,
+                        "version": _STR,
+                        "autoSelect": {"type": "boolean"},
+                        "priority": {"type": "integer", "minimum": 1},
+                    },
+                },
+            },
+            "protocolVersions": {"type": "array", "items": {"enum": ["grpc-v1", "grpc-v2", "v1", "v2"]}},
+            "multiModel": {"type": "boolean"},
+            "grpcEndpoint": _PORT_ENDPOINT,
+            "grpcDataEndpoint": _PORT_ENDPOINT,
+            "httpDataEndpoint": _PORT_ENDPOINT,
+            "replicas": {"type": "integer", "minimum": 0},
+            # the Pod's own types: checked against the Kubernetes schema (_pod_probe)
+            "containers": {"type": "array", "minItems": 1, "items": {"type": "object"}},
+            "imagePullSecrets": {"type": "array"},
+            "nodeSelector": _LABELS,
+            "tolerations": {"type": "array"},
+            "builtInAdapter": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "serverType": {"enum": ["triton", "mlserver", "ovms", "torchserve"]},
+                    "runtimeManagementPort": {"type": "integer", "minimum": 1, "maximum": 65535},
+                    "memBufferBytes": {"type": "integer", "minimum": 0},
+                    "modelLoadingTimeoutMillis": {"type": "integer", "minimum": 1},
+                    "env": {"type": "array"},
+                },
+            },
+        },
+    }
+)
+#: the storage ``type`` parameters KServe's admission webhook lets through (None: no type given)
+_STORAGE_TYPES = {None, "s3", "hdfs", "webhdfs"}
+#: the kinds the kserve SDK checks (read into its models and written back)
+_KSERVE_KINDS = {
+    ("serving.kserve.io/v1beta1", "InferenceService"),
+    ("serving.kserve.io/v1alpha1", "ServingRuntime"),
+}
+
 CRD_FIELDS: dict[tuple[str, str], dict[str, Any]] = {
+    # kserve/modelmesh-serving's serving.kserve.io_servingruntimes CRD: the fields we write
+    ("serving.kserve.io/v1alpha1", "ServingRuntime"): _SERVING_RUNTIME,
     ("monitoring.coreos.com/v1", "ServiceMonitor"): _resource(
         {
             "type": "object",
@@ -183,8 +243,16 @@ def validate_object(obj: dict[str, Any], version: str = KUBERNETES_VERSION) -> t
     Raises:
         DeployError: the validator is not installed.
     """
+    return _validate(obj, version, lambda o: _kserve_problems([o])[0])
+
+
+def _validate(
+    obj: dict[str, Any], version: str, sdk_problem: Callable[[dict[str, Any]], str | None]
+) -> tuple[str, str | None]:
     kv = _import_validator()
     kind = (obj.get("apiVersion", ""), obj.get("kind", ""))
+    if kind == ("serving.kserve.io/v1alpha1", "ServingRuntime"):
+        return _serving_runtime_problem(obj, version, kv, sdk_problem)
     if kind in CRD_FIELDS:
         import jsonschema
 
@@ -205,7 +273,7 @@ def validate_object(obj: dict[str, Any], version: str = KUBERNETES_VERSION) -> t
             return how, f"{'/'.join(map(str, first.absolute_path))}: {first.message}"
         return how, None
     if kind == ("serving.kserve.io/v1beta1", "InferenceService"):
-        return "kserve SDK models", _kserve_problem(obj)
+        return "kserve SDK models", sdk_problem(obj)
     try:
         kv.validate(obj, version, strict=True)
     except kv.SchemaNotFoundError:
@@ -229,16 +297,96 @@ def _hpa_probe(obj: dict[str, Any], behavior: Any) -> dict[str, Any]:
     }
 
 
-def _kserve_problem(obj: dict[str, Any]) -> str | None:
+def _serving_runtime_problem(
+    obj: dict[str, Any], version: str, kv: Any, sdk_problem: Callable[[dict[str, Any]], str | None]
+) -> tuple[str, str | None]:
+    import jsonschema
+
+    how = "CRD fields + Pod schema + kserve SDK models"
+    errors = sorted(jsonschema.Draft7Validator(_SERVING_RUNTIME).iter_errors(obj), key=str)
+    if errors:
+        return how, f"{'/'.join(map(str, errors[0].absolute_path))}: {errors[0].message}"
+    spec = obj["spec"]
+    pod_fields = ("containers", "imagePullSecrets", "nodeSelector", "tolerations")
+    probe = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": obj["metadata"]["name"]},
+        "spec": {k: spec[k] for k in pod_fields if k in spec},
+    }
+    try:
+        kv.validate(probe, version, strict=True)
+    except kv.ValidationError as exc:
+        return how, f"{'/'.join(str(p) for p in exc.path)} (as a Pod's): {exc.message}"
+    return how, _mesh_runtime_problem(spec) or sdk_problem(obj)
+
+
+def _mesh_runtime_problem(spec: dict[str, Any]) -> str | None:
+    """What ModelMesh's controller refuses in a runtime: no container named as its adapter's server type,
+    probes or hooks it manages itself, container names it reserves."""
+    names = [c.get("name", "") for c in spec["containers"]]
+    server_type = (spec.get("builtInAdapter") or {}).get("serverType")
+    if server_type and server_type not in names:
+        return f"ModelMesh needs a container named {server_type!r} (the adapter's serverType), not {names}"
+    for container in spec["containers"]:
+        if "readinessProbe" in container or "lifecycle" in container:
+            return f"container {container['name']!r}: ModelMesh manages readinessProbe and lifecycle itself"
+        if container["name"] in ("mm", "rest-proxy", "puller") or container["name"].startswith("mm-"):
+            return f"container name {container['name']!r} is reserved by ModelMesh"
+    return None
+
+
+def _kserve_problems(objs: list[dict[str, Any]]) -> list[str | None]:
+    """Each object read into the kserve SDK's models and back (one interpreter for all): its problem."""
     from tritonforge.deploy.extras import kserve_sdk
 
+    if not objs:
+        return []
     try:
-        back = kserve_sdk({"op": "check", "object": obj})
+        answers = kserve_sdk({"op": "check_many", "objects": objs})["objects"]
     except DeployError as exc:
-        return exc.message
-    if back != obj:
-        return f"fields the kserve SDK doesn't know: {sorted(_diff(obj, back))}"
-    return None
+        return [exc.message] * len(objs)
+    problems: list[str | None] = []
+    for obj, back in zip(objs, answers, strict=True):
+        if "error" in back and "error" not in obj:
+            problems.append(f"the kserve SDK refused it: {back['error']}")
+        elif back != obj:
+            problems.append(f"fields the kserve SDK doesn't know: {sorted(_diff(obj, back))}")
+        else:
+            problems.append(None)
+    return problems
+
+
+def _mesh_problems(docs: list[tuple[str, dict[str, Any]]]) -> dict[int, str]:
+    """ModelMesh-mode InferenceServices whose runtime is not in the tree or lacks their model format."""
+    formats = {
+        d["metadata"]["name"]: {f.get("name") for f in d["spec"].get("supportedModelFormats", [])}
+        for _, d in docs
+        if d.get("kind") == "ServingRuntime"
+    }
+    problems: dict[int, str] = {}
+    for _, doc in docs:
+        annotations = doc.get("metadata", {}).get("annotations") or {}
+        if doc.get("kind") != "InferenceService" or annotations.get(MESH_ANNOTATION) != "ModelMesh":
+            continue
+        model = doc.get("spec", {}).get("predictor", {}).get("model", {})
+        runtime, fmt = model.get("runtime"), (model.get("modelFormat") or {}).get("name")
+        if runtime not in formats:
+            problems[id(doc)] = f"runtime {runtime!r} is no ServingRuntime of this tree"
+        elif fmt not in formats[runtime]:
+            problems[id(doc)] = f"runtime {runtime!r} declares no model format {fmt!r}"
+        elif "storageUri" in model and "path" in (model.get("storage") or {}):
+            problems[id(doc)] = "ModelMesh refuses both storageUri and storage.path"
+        elif "storageUri" not in model and "path" not in (model.get("storage") or {}):
+            problems[id(doc)] = "ModelMesh needs storageUri or storage.path"
+        elif (
+            kind := ((model.get("storage") or {}).get("parameters") or {}).get("type")
+        ) not in _STORAGE_TYPES:
+            problems[id(doc)] = (
+                f"KServe's admission webhook refuses storage type {kind!r} (only s3, hdfs, webhdfs); "
+                "give a PVC as storageUri pvc://CLAIM/PATH"
+            )
+    return problems
 
 
 def _diff(a: Any, b: Any, path: str = "") -> set[str]:
@@ -267,6 +415,7 @@ def check_tree(out: str | Path, version: str = KUBERNETES_VERSION) -> list[Findi
         raise DeployError(f"{root} is not a `tritonforge deploy` output (no base/kustomization.yaml)")
     findings: list[Finding] = []
     skip = {"docker-compose.yaml", "prometheus-adapter-values.yaml"}
+    docs: list[tuple[str, dict[str, Any]]] = []
     for path in sorted(root.rglob("*.yaml")):
         rel = str(path.relative_to(root))
         if path.name in skip or rel.startswith("repository/"):  # the model repository's own files
@@ -274,9 +423,15 @@ def check_tree(out: str | Path, version: str = KUBERNETES_VERSION) -> list[Findi
         for doc in _docs(path):
             if path.name == "kustomization.yaml":
                 findings.append(_check_kustomization(path, rel, doc))
-                continue
-            how, problem = validate_object(doc, version)
-            findings.append(_finding(rel, doc, how, problem))
+            else:
+                docs.append((rel, doc))
+    # one kserve SDK interpreter for every KServe object of the tree (one per model in ModelMesh mode)
+    kserve = [d for _, d in docs if (d.get("apiVersion"), d.get("kind")) in _KSERVE_KINDS]
+    sdk = {id(d): p for d, p in zip(kserve, _kserve_problems(kserve), strict=True)}
+    mesh = _mesh_problems(docs)
+    for rel, doc in docs:
+        how, problem = _validate(doc, version, lambda o: sdk[id(o)])
+        findings.append(_finding(rel, doc, how, problem or mesh.get(id(doc))))
     base = [d for p in (root / "base").glob("*.yaml") if p.name != "kustomization.yaml" for d in _docs(p)]
     for overlay in sorted((root / "overlays").iterdir()):
         findings.extend(_check_overlay(overlay, root, base, version, jsonpatch))

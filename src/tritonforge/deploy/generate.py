@@ -7,7 +7,9 @@ Layout of ``OUT/``::
     overlays/dev/          namespace (PodSecurity restricted), small pods, HPA 1..2 (KEDA beside it)
     overlays/prod/         namespace, pods spread one per node, HPA min..max (KEDA beside it)
     autoscaling/           prometheus-adapter rule (Helm values and a ConfigMap) serving the HPA metric
-    kserve/                InferenceService (RawDeployment or Serverless), its ServiceAccount, PodMonitor
+    kserve/                InferenceService (RawDeployment or Serverless), its ServiceAccount, PodMonitor;
+                           in ModelMesh mode: the Triton ServingRuntime and models/<name>.yaml, one
+                           InferenceService per model
     kserve/canary/         with --canary-steps: one patch per step, rollback.yaml and plan.json
     loadtest/              distributed locust (ConfigMap of loadtests/, master, workers)
     batch/                 Indexed Job running `tritonforge batch-infer --shard K/N`, and its data PVC
@@ -45,6 +47,7 @@ from tritonforge.deploy.images import (
     tools_dockerfile,
 )
 from tritonforge.deploy.metrics import adapter_rule, gpu_queries, keda_query, pod_query
+from tritonforge.deploy.modelmesh import modelmesh_files
 from tritonforge.deploy.sizing import Sizing
 from tritonforge.deploy.spec import DeploySpec
 from tritonforge.errors import DeployError, TritonForgeError
@@ -406,7 +409,13 @@ def generate(
         spec, adapter_namespace=spec.monitoring_namespace
     )
     files["autoscaling/keda-query-prod.promql"] = keda_query(spec, spec.prod_namespace) + "\n"
-    files.update(_kserve_files(spec, canary_thresholds))
+    if spec.kserve_mode == "ModelMesh":
+        mesh_files, mesh_steps, mesh_notes = modelmesh_files(spec, repo)
+        files.update(mesh_files)
+        steps += mesh_steps
+        notes += mesh_notes
+    else:
+        files.update(_kserve_files(spec, canary_thresholds))
     if spec.restrictions:
         secrets = sorted({(r.secret, r.key) for r in spec.restrictions})
         steps.append(

@@ -58,7 +58,7 @@ _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 
 StoreKind = Literal["s3", "gs", "as", "pvc", "image"]
 Metric = Literal["queue_time", "queue_ratio", "gpu_utilization"]
-KServeMode = Literal["RawDeployment", "Serverless"]
+KServeMode = Literal["RawDeployment", "Serverless", "ModelMesh"]
 #: the label a client pod carries to reach the server's ports through the NetworkPolicy
 CLIENT_LABEL = "tritonforge.io/client-of"
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -339,8 +339,10 @@ class DeploySpec:
         _check_name(self.monitoring_namespace, "monitoring namespace")
         if self.mtls and not self.client_tls_secret:
             object.__setattr__(self, "client_tls_secret", f"{self.name}-client-tls")
-        if self.kserve_mode not in ("RawDeployment", "Serverless"):
-            raise DeployError(f"KServe mode must be RawDeployment or Serverless, not {self.kserve_mode!r}")
+        if self.kserve_mode not in ("RawDeployment", "Serverless", "ModelMesh"):
+            raise DeployError(
+                f"KServe mode must be RawDeployment, Serverless or ModelMesh, not {self.kserve_mode!r}"
+            )
         if self.gpu_accelerator not in ("cuda", "tensorrt", "tensorrt-fp16"):
             raise DeployError(
                 f"GPU accelerator {self.gpu_accelerator!r} is not one of cuda, tensorrt, tensorrt-fp16"

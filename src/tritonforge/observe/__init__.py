@@ -29,7 +29,7 @@ from tritonforge.observe.metrics import (
     scrape,
     summed,
 )
-from tritonforge.observe.monitor import Snapshot, cost_per_1k, render, snapshot
+from tritonforge.observe.monitor import Snapshot, cost_per_1k, render, select, snapshot
 from tritonforge.observe.slo import SLOError, SLOSpec, dashboard, load_slo, rules, write
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "render",
     "rules",
     "scrape",
+    "select",
     "snapshot",
     "summed",
     "write",

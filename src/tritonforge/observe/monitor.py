@@ -9,6 +9,7 @@ server and model version, totals per model, server gauges); :func:`render` turns
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +27,21 @@ from tritonforge.observe.metrics import (
     summed,
 )
 
-__all__ = ["NO_GPU", "Snapshot", "cost_per_1k", "render", "render_gpus", "snapshot"]
+__all__ = ["NO_GPU", "SORT_KEYS", "Snapshot", "cost_per_1k", "render", "render_gpus", "select", "snapshot"]
 
 NO_GPU = "no GPU metrics"  # what a server exporting none of Triton's nv_gpu_* gauges shows (no GPU)
+
+#: what :func:`select` (``monitor --sort``) orders models by: their name, or a figure of their totals over
+#: every server (largest first, models without the figure last)
+SORT_KEYS: dict[str, str | None] = {
+    "name": None,
+    "requests": "requests_per_s",
+    "failures": "failures_per_s",
+    "p99": "p99_ms",
+    "latency": "mean_latency_ms",
+    "queue": "queue_ms",
+    "busy": "busy_instances",
+}
 
 
 def cost_per_1k(price_per_hour: float, inferences_per_s: float) -> float | None:
@@ -57,6 +70,9 @@ class Snapshot:
     summaries: bool
     # per server, per GPU (Triton's gpu_uuid): utilization, memory used/total bytes; None: not asked
     gpus: dict[str, dict[str, dict[str, float]]] | None = None
+    # models the servers reported, and how many of them select() left out (filtered or past the limit)
+    model_count: int | None = None
+    hidden_models: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         gpus = {}
@@ -72,6 +88,8 @@ class Snapshot:
         return {
             "interval_s": self.interval_s,
             "summaries": self.summaries,
+            "model_count": len(self.totals) if self.model_count is None else self.model_count,
+            "hidden_models": self.hidden_models,
             "servers": self.servers,
             "models": [r.as_dict() for r in self.rows],
             "totals": [{**r.as_dict(), "cost_per_1k": self.cost_per_1k.get(r.model)} for r in self.totals],
@@ -118,20 +136,7 @@ def snapshot(
         second = dict(zip(full, pool.map(scrape, full), strict=True))
     rows = [r for url in full for r in model_rates(first[url], second[url])]
     totals = summed(rows)
-    costs: dict[str, float | None] = {}
-    if price_per_hour is not None:
-        for total in totals:
-            # each server's price is shared among its models by the compute time they used
-            cost_per_s = 0.0
-            for url in full:
-                on_server = [r for r in rows if r.server == url]
-                busy = sum(r.busy_instances for r in on_server)
-                mine = sum(r.busy_instances for r in on_server if r.model == total.model)
-                share = mine / busy if busy > 0 else 1.0 / max(1, len({r.model for r in on_server}))
-                cost_per_s += price_per_hour / 3600.0 * share
-            costs[total.model] = (
-                cost_per_s / total.inferences_per_s * 1000.0 if total.inferences_per_s > 0 else None
-            )
+    costs = _costs(full, rows, totals, price_per_hour) if price_per_hour is not None else {}
     batches = {
         full[i]: {f"{m}:{v}": sizes for (m, v), sizes in batch_sizes(g, auth=auth).items() if sizes}
         for i, g in enumerate(grpc_urls)
@@ -141,6 +146,91 @@ def snapshot(
     elapsed = max(second[u].at_s - first[u].at_s for u in full)
     gpus = {url: s.devices for url, s in second.items()} if gpu else None
     return Snapshot(elapsed, rows, totals, servers, batches, costs, summaries, gpus), second
+
+
+def select(
+    snap: Snapshot,
+    *,
+    match: Sequence[str] = (),
+    sort: str = "name",
+    limit: int | None = None,
+    active_only: bool = False,
+) -> Snapshot:
+    """``snap`` narrowed to some models, the same ones in its rows and its totals.
+
+    Models whose name matches one of the shell patterns ``match`` (any model when empty) and, with
+    ``active_only``, that served requests in the interval; ordered by ``sort`` (a key of
+    :data:`SORT_KEYS`, a figure of their totals: largest first) and cut to the first ``limit`` (``None``
+    or 0: all); the batch sizes are those of the models kept. The result says how many models there
+    were and how many it left out.
+
+    Example:
+        >>> busiest = select(snap, sort="requests", limit=20)    # doctest: +SKIP
+
+    Raises:
+        ValueError: an unknown sort key, or a negative limit.
+    """
+    if sort not in SORT_KEYS:
+        raise ValueError(f"sort by one of {', '.join(SORT_KEYS)}, not {sort!r}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be 0 (all) or more, not {limit}")
+    field = SORT_KEYS[sort]
+    totals = [
+        t
+        for t in snap.totals
+        if (not match or any(fnmatch.fnmatchcase(t.model, p) for p in match))
+        and not (active_only and t.requests_per_s == 0)
+    ]
+    if field is not None:
+        # stable: equal figures keep the models' alphabetical order
+        totals.sort(key=lambda t: (getattr(t, field) is None, -(getattr(t, field) or 0.0)))
+    if limit:
+        totals = totals[:limit]
+    rank = {t.model: i for i, t in enumerate(totals)}
+    rows = [r for r in snap.rows if r.model in rank]
+    if field is not None:
+        rows.sort(key=lambda r: rank[r.model])
+    count = len(snap.totals) if snap.model_count is None else snap.model_count
+    batches = {
+        server: {key: sizes for key, sizes in per.items() if key.rpartition(":")[0] in rank}
+        for server, per in snap.batch_sizes.items()
+    }
+    return dataclasses.replace(
+        snap,
+        rows=rows,
+        totals=totals,
+        batch_sizes=batches,
+        model_count=count,
+        hidden_models=count - len(totals),
+    )
+
+
+def _costs(
+    servers: Sequence[str], rows: Sequence[ModelRates], totals: Sequence[ModelRates], price_per_hour: float
+) -> dict[str, float | None]:
+    """Each model's cost of 1,000 inferences: every server's price shared among its models by the compute
+    time they used (evenly when none was busy). One pass over the rows, whatever the number of models."""
+    busy: dict[str, float] = dict.fromkeys(servers, 0.0)
+    mine: dict[tuple[str, str], float] = {}
+    on_server: dict[str, set[str]] = {server: set() for server in servers}
+    for r in rows:
+        busy[r.server] += r.busy_instances
+        mine[r.server, r.model] = mine.get((r.server, r.model), 0.0) + r.busy_instances
+        on_server[r.server].add(r.model)
+    per_s = price_per_hour / 3600.0
+    costs: dict[str, float | None] = {}
+    for total in totals:
+        cost_per_s = 0.0
+        for server, models in on_server.items():
+            if busy[server] > 0:
+                share = mine.get((server, total.model), 0.0) / busy[server]
+            else:
+                share = 1.0 / max(1, len(models))
+            cost_per_s += per_s * share
+        costs[total.model] = (
+            cost_per_s / total.inferences_per_s * 1000.0 if total.inferences_per_s > 0 else None
+        )
+    return costs
 
 
 def _machine(url: str, gauges: Mapping[str, float]) -> str:
@@ -179,6 +269,12 @@ def render(snap: Snapshot, *, active_only: bool = False) -> Table:
             ""
             if snap.summaries
             else "; p50/p99 need Triton's summaries (--metrics-config=summary_latencies=true)"
+        )
+        + (
+            f"\n{snap.hidden_models} of {snap.model_count} models hidden "
+            "(narrowed by --match, --active or --limit; --limit 0 shows all)"
+            if snap.hidden_models
+            else ""
         ),
     )
     columns = ["server", "model", "ver", "req/s", "fail/s", "p50", "p99", "mean", "queue", "compute", "batch"]

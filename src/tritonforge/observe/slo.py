@@ -1,51 +1,39 @@
-"""SLOs as code: a small YAML file of per-model objectives -> Prometheus rules and a Grafana dashboard.
+"""SLOs as code: an SLO file's objectives -> Prometheus rules and a Grafana dashboard.
 
-The file (see ``observe/slo.example.yaml``)::
-
-    window: 5m                  # rates are taken over this window
-    for: 5m                     # an objective broken this long fires its alert
-    selector: 'job="triton"'    # optional: added to every Triton series the rules read
-    ensembles: ../ensembles     # optional: pipeline specs, to add an ensemble's composing models as rows
-    repository: ../model_repository  # optional: the compiled pipelines there name the models they
-                                #   really run (a fused encoder+pooling model, passthrough helpers)
-    severity: page              # the alerts' severity label (per model too)
-    models:
-      digits_vote:
-        p99_latency_ms: 50      # Triton's summary quantile (needs --metrics-config=summary_latencies=true)
-        mean_latency_ms: 20     # from counters, always available
-        error_rate: 0.01        # failed / all requests
-        queue_ms: 10            # mean time in Triton's queue
-        max_drift_psi: 0.25     # the largest feature PSI `tritonforge drift --metrics-file` exported
-    gpu_utilization_max: 0.9    # optional, per GPU (Triton's nv_gpu_utilization, 0..1, mean over window)
-    gpu_memory_max: 0.9         # optional, per GPU: nv_gpu_memory_used_bytes / nv_gpu_memory_total_bytes
-
-:func:`load_slo` checks it (every error names the key and how to fix it); :func:`rules` builds the
-recording rules (``model:tritonforge_*:rate<window>``) and one alert per objective and model;
-:func:`dashboard` builds a Grafana dashboard with a row per model (and per composing model of an
-ensemble); :func:`write` puts ``rules.yml`` and ``dashboard.json`` into a folder atomically.
+The file and its checks are :mod:`tritonforge.observe.slo_spec` (:func:`load_slo`, re-exported here).
+:func:`rules` builds the recording rules (``model:tritonforge_*:rate<window>``, aggregated by model) and
+one alert per objective and threshold (the models sharing it in one rule); :func:`dashboard` builds a
+Grafana dashboard with a row per model (and per composing model of an ensemble), or, for many models, an
+overview and a row repeated per model of its ``model`` variable; :func:`write` puts ``rules.yml`` and
+``dashboard.json`` into a folder atomically.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
-import math
 import os
-import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tritonforge.atomic import write_atomic
-from tritonforge.config.validate import model_name_problem
 from tritonforge.error_accounting import ERROR_RESPONSES
-from tritonforge.errors import ConfigError, SLOError
-from tritonforge.files import read_yaml
+from tritonforge.errors import SLOError
 from tritonforge.observe.gpu_rules import GPU_OBJECTIVES, gpu_rules
+from tritonforge.observe.slo_spec import (
+    OBJECTIVES,
+    Objective,
+    SLOSpec,
+    _label_value,
+    _models_matcher,
+    _sel,
+    load_slo,
+)
 
 __all__ = [
+    "DASHBOARD_ROWS",
     "GPU_OBJECTIVES",
     "OBJECTIVES",
     "Objective",
@@ -58,246 +46,8 @@ __all__ = [
     "write",
 ]
 
-OBJECTIVES = ("p99_latency_ms", "mean_latency_ms", "error_rate", "queue_ms", "max_drift_psi")
-_DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
-_TOP_KEYS = {"window", "for", "selector", "ensembles", "repository", "severity", "models", *GPU_OBJECTIVES}
-_MODEL_KEYS = {*OBJECTIVES, "for", "severity"}
-# PromQL label matchers (name, operator, double-quoted value), comma-separated: what `selector:` may hold
-_MATCHER = r'\s*[A-Za-z_][A-Za-z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\\n]|\\.)*"\s*'
-_SELECTOR = re.compile(rf"(?:{_MATCHER}(?:,{_MATCHER})*,?\s*)?")
-_SEVERITY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """One model's objectives (``None``: not set) and how long a breach lasts before it fires."""
-
-    model: str
-    for_: str
-    severity: str
-    p99_latency_ms: float | None = None
-    mean_latency_ms: float | None = None
-    error_rate: float | None = None
-    queue_ms: float | None = None
-    max_drift_psi: float | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class SLOSpec:
-    """A parsed SLO file: objectives per model, and the dashboard's rows (composing models expanded)."""
-
-    window: str
-    for_: str
-    selector: str
-    objectives: tuple[Objective, ...]
-    rows: tuple[tuple[str, str | None], ...]  # (model, the ensemble it serves in, if any)
-    source: str = ""
-    severity: str = "page"
-    gpu_utilization_max: float | None = None  # share 0..1 of each GPU busy, mean over the window
-    gpu_memory_max: float | None = None  # share 0..1 of each GPU's memory used
-
-
-def _duration(value: Any, where: str) -> str:
-    text = str(value).strip()
-    if not _DURATION.match(text):
-        raise SLOError(f"{where}: {value!r} is not a Prometheus duration (write e.g. 30s, 5m, 1h)")
-    return text
-
-
-def _number(value: Any, where: str, *, at_most: float | None = None) -> float:
-    # NaN compares false with everything and inf is never exceeded: either makes an alert that never fires
-    number = math.nan
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value) if not isinstance(value, int) or abs(value) < 10**300 else math.inf
-    if not math.isfinite(number) or number <= 0:
-        raise SLOError(f"{where}: {_shown(value)} must be a finite number above 0")
-    if at_most is not None and value > at_most:
-        raise SLOError(f"{where}: {value!r} must be at most {at_most} (a share, e.g. 0.01 for 1%)")
-    return float(value)
-
-
-def _shown(value: Any) -> str:
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _label_value(text: str) -> str:
-    """``text`` as the inside of a double-quoted PromQL string (a label value): ``\\``, ``"`` and
-    newlines escaped, so that no value can end the string and add PromQL of its own."""
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
-
-
-def _model_name(name: Any, where: str) -> str:
-    if not isinstance(name, str) or not name:
-        raise SLOError(f"{where}: model names must be non-empty strings, got {_shown(name)}; name each model")
-    problem = model_name_problem(name)
-    if problem is not None:
-        # the name goes into PromQL and alert templates; Triton serves no model by such a name anyway
-        raise SLOError(f"{where}: {problem}")
-    return name
-
-
-def _composing(spec_dir: Path) -> dict[str, list[str]]:
-    """{pipeline name: the models it runs} from the pipeline specs in ``spec_dir``."""
-    from tritonforge.ensemble.spec import load_spec
-
-    out: dict[str, list[str]] = {}
-    for path in sorted(spec_dir.glob("*.yaml")):
-        spec, issues = load_spec(path)
-        if spec is None:
-            problems = "; ".join(str(i) for i in issues)
-            raise SLOError(f"ensemble spec {path} does not parse ({problems}): fix it or drop `ensembles`")
-        models: list[str] = []
-        for step in spec.steps:
-            models.append(step.model)
-        for stage in spec.route:
-            models.extend((stage.model, *stage.fallback))
-        models.extend(m.name for m in spec.models if m.name not in models)
-        out[spec.name] = list(dict.fromkeys(models))
-    return out
-
-
-def _compiled(repo: Path, pipelines: dict[str, list[str]]) -> dict[str, list[str]]:
-    """``pipelines`` with each ensemble that ``repo`` holds compiled replaced by the models its steps run
-    (and theirs, for an ensemble step, as far as ``repo`` has their configs).
-
-    The compiler may run other models than the spec names (an encoder fused with its pooling step, the
-    passthrough helper of an output another step reads); the compiled config is what takes the traffic.
-    A pipeline not compiled there, or not an ensemble (a routed pipeline's router), keeps its spec's list.
-
-    Raises:
-        SLOError: a compiled pipeline's config.pbtxt that does not parse.
-    """
-    from tritonforge.config import ComposingWalk, read_config
-
-    out = dict(pipelines)
-    for name in pipelines:
-        config_file = repo / name / "config.pbtxt"
-        if not config_file.is_file():
-            continue
-        try:
-            config = read_config(config_file)
-        except Exception as exc:
-            raise SLOError(f"{config_file} does not parse ({exc}): rebuild it or drop `repository`") from None
-        if config.ensemble_steps:
-            walk = ComposingWalk(name)
-            for model in walk:
-                if model == name:
-                    walk.add(step.model_name for step in config.ensemble_steps)
-                    continue
-                with contextlib.suppress(OSError, ConfigError):  # a model the repository lacks, or can't read
-                    steps = read_config(repo / model / "config.pbtxt").ensemble_steps
-                    walk.add(step.model_name for step in steps or ())
-            out[name] = list(walk.found[1:])
-    return out
-
-
-def load_slo(path: str | os.PathLike[str]) -> SLOSpec:
-    """Read and check an SLO file.
-
-    Raises:
-        SLOError: unreadable YAML, an unknown key, a bad duration or objective, no models.
-    """
-    path = Path(path)
-    # bounded, regular files only, strict YAML (a key written twice is refused with both lines)
-    data = read_yaml(path, what="SLO file", error=SLOError)
-    if not isinstance(data, dict):
-        raise SLOError(f"{path}: expected a mapping with a `models:` key at the top")
-    unknown = set(data) - _TOP_KEYS
-    if unknown:
-        raise SLOError(f"{path}: unknown key(s) {sorted(unknown)[:10]}; allowed: {sorted(_TOP_KEYS)}")
-    window = _duration(data.get("window", "5m"), f"{path}: window")
-    for_ = _duration(data.get("for", "5m"), f"{path}: for")
-    selector = _selector(data.get("selector", ""), f"{path}: selector")
-    severity = _severity(data.get("severity", "page"), f"{path}: severity")
-    for key in ("ensembles", "repository"):
-        if key in data and (not isinstance(data[key], str) or not data[key]):
-            raise SLOError(f"{path}: {key}: {_shown(data[key])} must be a folder path (a string)")
-    models = data.get("models")
-    if not isinstance(models, dict) or not models:
-        raise SLOError(f"{path}: `models:` must map each model name to its objectives (none given)")
-    objectives = []
-    for name, body in models.items():
-        where = f"{path}: models.{_model_name(name, f'{path}: models')}"
-        if not isinstance(body, dict):
-            raise SLOError(f"{where}: expected a mapping of objectives ({', '.join(OBJECTIVES)})")
-        bad = set(body) - _MODEL_KEYS
-        if bad:
-            listed = sorted(map(str, bad))[:10]
-            raise SLOError(f"{where}: unknown key(s) {listed}; objectives are {', '.join(OBJECTIVES)}")
-        values = {
-            key: _number(body[key], f"{where}.{key}", at_most=1.0 if key == "error_rate" else None)
-            for key in OBJECTIVES
-            if key in body
-        }
-        objectives.append(
-            Objective(
-                model=str(name),
-                for_=_duration(body.get("for", for_), f"{where}.for"),
-                severity=_severity(body.get("severity", severity), f"{where}.severity"),
-                **values,
-            )
-        )
-    rows: list[tuple[str, str | None]] = [(o.model, None) for o in objectives]
-    if "ensembles" in data:
-        spec_dir = (path.parent / str(data["ensembles"])).resolve()
-        if not spec_dir.is_dir():
-            raise SLOError(f"{path}: ensembles: {spec_dir} is not a folder of pipeline specs")
-        pipelines = _composing(spec_dir)
-        if "repository" in data:
-            repo = (path.parent / str(data["repository"])).resolve()
-            if not repo.is_dir():
-                raise SLOError(
-                    f"{path}: repository: {repo} is not a model repository (build it, or drop `repository`)"
-                )
-            pipelines = _compiled(repo, pipelines)
-        for o in objectives:
-            for member in pipelines.get(o.model, []):
-                if (member, o.model) not in rows:
-                    rows.append((member, o.model))
-        rows = _ordered(rows)
-    gpu = {key: _number(data[key], f"{path}: {key}", at_most=1.0) for key in GPU_OBJECTIVES if key in data}
-    return SLOSpec(window, for_, selector, tuple(objectives), tuple(rows), str(path), severity, **gpu)
-
-
-def _selector(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise SLOError(f"{where}: {_shown(value)} must be label matchers as text, e.g. 'job=\"triton\"'")
-    text = value.strip()
-    if text.startswith("{") and text.endswith("}"):
-        text = text[1:-1]
-    if not _SELECTOR.fullmatch(text):
-        raise SLOError(
-            f"{where}: {_shown(value)} is not a list of PromQL label matchers; write e.g. "
-            '\'job="triton", namespace=~"prod-.*"\' (name, =, !=, =~ or !~, a double-quoted value)'
-        )
-    return text.strip().rstrip(",").strip()
-
-
-def _severity(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _SEVERITY.fullmatch(value):
-        raise SLOError(
-            f"{where}: {_shown(value)} must be a word of letters, digits, '_', '-' or '.' (e.g. page, ticket)"
-        )
-    return value
-
-
-def _ordered(rows: list[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
-    """Each model's row followed by its composing models' rows."""
-    out: list[tuple[str, str | None]] = []
-    for model, parent in rows:
-        if parent is None:
-            out.append((model, None))
-            out.extend(r for r in rows if r[1] == model)
-    return out
-
 
 # -- rules --------------------------------------------------------------------------------------------
-
-
-def _sel(spec: SLOSpec, extra: str = "") -> str:
-    parts = [p for p in (spec.selector, extra) if p]
-    return "{" + ",".join(parts) + "}" if parts else ""
 
 
 def _record_names(window: str) -> dict[str, str]:
@@ -353,8 +103,37 @@ _ALERTS = {
 }
 
 
+def _alert_groups(spec: SLOSpec) -> dict[tuple[str, float, str, str], list[str]]:
+    """The models of each (objective, threshold, for, severity), in the order the SLO file names them."""
+    groups: dict[tuple[str, float, str, str], list[str]] = {}
+    for o in spec.objectives:
+        for objective in (*_ALERTS, "max_drift_psi"):
+            threshold = getattr(o, objective)
+            if threshold is not None:
+                groups.setdefault((objective, threshold, o.for_, o.severity), []).append(o.model)
+    return groups
+
+
+def _alert_labels(
+    severity: str,
+    objective: str,
+    threshold: float,
+    for_: str,
+    groups: Mapping[tuple[str, float, str, str], Any],
+) -> dict[str, str]:
+    """An alert rule's labels: its severity, objective and threshold, and its ``for`` where another rule
+    has the same three (Prometheus refuses two alerting rules of one name with the same labels)."""
+    labels = {"severity": severity, "slo": objective, "objective": f"{threshold:g}"}
+    if sum(1 for o, t, _, s in groups if (o, t, s) == (objective, threshold, severity)) > 1:
+        labels["for"] = for_
+    return labels
+
+
 def rules(spec: SLOSpec) -> dict[str, Any]:
-    """Prometheus rule groups: the recording rules every objective reads, and one alert per objective.
+    """Prometheus rule groups: the recording rules every objective reads (aggregated ``by (model)``, so
+    their number does not grow with the models), and one alert per objective and threshold: the models
+    that share a threshold share one rule (``model=~"a|b|..."``), and the alert carries each firing
+    model's name as its ``model`` label.
 
     Raises:
         SLOError: never for a spec from :func:`load_slo` (kept for hand-built specs with no objectives).
@@ -364,41 +143,40 @@ def rules(spec: SLOSpec) -> dict[str, Any]:
     names, exprs = _record_names(spec.window), _exprs(spec, spec.window)
     recording = [{"record": names[k], "expr": exprs[k]} for k in names]
     alerts: list[dict[str, Any]] = []
-    for o in spec.objectives:
-        for objective, (alert, key, what, unit) in _ALERTS.items():
-            threshold = getattr(o, objective)
-            if threshold is None:
-                continue
-            shown = f'{{{{ $value | printf "%.4g" }}}}{unit}'
-            alerts.append(
-                {
-                    "alert": alert,
-                    "expr": f'{names[key]}{{model="{_label_value(o.model)}"}} > {threshold:g}',
-                    "for": o.for_,
-                    "labels": {"severity": o.severity, "slo": objective, "model": o.model},
-                    "annotations": {
-                        "summary": f"{o.model}: {what} above its objective ({threshold:g}{unit})",
-                        "description": f"{what} of {o.model} over {spec.window} is {shown} "
-                        f"(objective {threshold:g}{unit}) for {o.for_}.",
-                    },
-                }
-            )
-        if o.max_drift_psi is not None:
+    groups = _alert_groups(spec)
+    for (objective, threshold, for_, severity), models in groups.items():
+        matcher = _models_matcher(models)
+        if objective == "max_drift_psi":
             alerts.append(
                 {
                     "alert": "TritonModelInputDrift",
-                    "expr": f'max by (model) (tritonforge_drift_psi{{model="{_label_value(o.model)}"}})'
-                    f" > {o.max_drift_psi:g}",
+                    "expr": f"max by (model) (tritonforge_drift_psi{{{matcher}}}) > {threshold:g}",
                     "for": "0s",
-                    "labels": {"severity": o.severity, "slo": "max_drift_psi", "model": o.model},
+                    "labels": _alert_labels(severity, objective, threshold, for_, groups),
                     "annotations": {
-                        "summary": f"{o.model}: traffic drifted from its reference profile",
-                        "description": f"largest feature PSI of {o.model} is "
-                        f'{{{{ $value | printf "%.3g" }}}} '
-                        f"(objective {o.max_drift_psi:g}); run `tritonforge drift` for the report.",
+                        "summary": "{{ $labels.model }}: traffic drifted from its reference profile",
+                        "description": "largest feature PSI of {{ $labels.model }} is "
+                        '{{ $value | printf "%.3g" }} '
+                        f"(objective {threshold:g}); run `tritonforge drift` for the report.",
                     },
                 }
             )
+            continue
+        alert, key, what, unit = _ALERTS[objective]
+        shown = f'{{{{ $value | printf "%.4g" }}}}{unit}'
+        alerts.append(
+            {
+                "alert": alert,
+                "expr": f"{names[key]}{{{matcher}}} > {threshold:g}",
+                "for": for_,
+                "labels": _alert_labels(severity, objective, threshold, for_, groups),
+                "annotations": {
+                    "summary": f"{{{{ $labels.model }}}}: {what} above its objective ({threshold:g}{unit})",
+                    "description": f"{what} of {{{{ $labels.model }}}} over {spec.window} is {shown} "
+                    f"(objective {threshold:g}{unit}) for {for_}.",
+                },
+            }
+        )
     limits = {key: getattr(spec, key) for key in GPU_OBJECTIVES}
     gpu_recording, gpu_alerts = gpu_rules(_sel(spec), spec.window, spec.for_, spec.severity, limits)
     return {
@@ -468,46 +246,140 @@ def dashboard_queries(spec: SLOSpec, model: str, rate_window: str = "$__rate_int
     }
 
 
-def dashboard(spec: SLOSpec, *, title: str = "Triton models (tritonforge SLOs)") -> dict[str, Any]:
-    """A Grafana dashboard (JSON model, importable as is): one row per model and per composing model.
+#: above this many rows the dashboard shows the busiest models and one row per model chosen in its
+#: ``model`` variable, instead of a row per model (a dashboard of 500 rows is slow and unreadable)
+DASHBOARD_ROWS = 20
+_TOP = 10  # models in each overview panel
 
-    Each row: requests and failures per second; error ratio; p50/p99 and mean latency; queue vs compute
-    time; the mean batch size. Objective thresholds are drawn as lines on their panels.
+
+def _model_row(
+    spec: SLOSpec, model: str, title: str, pid: int, y: int, lines: dict[str, float | None]
+) -> list[dict[str, Any]]:
+    """A row panel titled ``title`` and its four panels for ``model`` (a name, or ``$model``)."""
+    q = dashboard_queries(spec, model)
+    row = [
+        ("Requests / s", [(q["success"], "ok"), (q["failure"], "failed")], "reqps", None),
+        ("Error ratio", [(q["error_ratio"], "failed / all")], "percentunit", lines["error_rate"]),
+        ("Latency", [(q["p50"], "p50"), (q["p99"], "p99"), (q["mean"], "mean")], "ms", lines["latency"]),
+        (
+            "Queue vs compute · batch size",
+            [(q["queue"], "queue ms"), (q["compute"], "compute ms"), (q["batch"], "mean batch size")],
+            "none",
+            lines["queue_ms"],
+        ),
+    ]
+    panels: list[dict[str, Any]] = [
+        {
+            "id": pid,
+            "type": "row",
+            "title": title,
+            "collapsed": False,
+            "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+            "panels": [],
+        }
+    ]
+    for i, (name, targets, unit, line) in enumerate(row):
+        panels.append(_panel(pid + 1 + i, f"{model}: {name}", targets, 6 * i, y + 1, unit, line))
+    return panels
+
+
+def _lines(o: Objective | None) -> dict[str, float | None]:
+    """The objective lines drawn on a model's panels."""
+    if o is None:
+        return dict.fromkeys(("error_rate", "latency", "queue_ms"))
+    return {
+        "error_rate": o.error_rate,
+        "latency": o.p99_latency_ms or o.mean_latency_ms,
+        "queue_ms": o.queue_ms,
+    }
+
+
+def _overview(spec: SLOSpec, y: int) -> list[dict[str, Any]]:
+    """A row of the busiest, failing and slowest models among the SLO's (top 10 each)."""
+    names = list(dict.fromkeys(model for model, _ in spec.rows))
+    s = _sel(spec, _models_matcher(names))
+    w = "$__rate_interval"
+
+    def rate(metric: str) -> str:
+        return f"sum by (model) (rate({metric}{s}[{w}]))"
+
+    success = rate("nv_inference_request_success")
+    raised = f"({rate('nv_inference_request_failure')} or {success} * 0)"
+    failure = f"({raised} + ({rate(ERROR_RESPONSES)} or {success} * 0))"  # as the recording rules count
+    p99 = _sel(spec, _models_matcher(names) + ',quantile="0.99"')
+    p99_ms = f"max by (model) (nv_inference_request_summary_us{p99}) / 1000"
+    mean_ms = f"{rate('nv_inference_request_duration_us')} / {success} / 1000"
+    top = [
+        ("Busiest models: requests / s", f"topk({_TOP}, {success} + {raised})", "reqps"),
+        ("Most failed requests / s", f"topk({_TOP}, {failure} > 0)", "reqps"),
+        ("Slowest models: p99 ms", f"topk({_TOP}, {p99_ms})", "ms"),
+        ("Slowest models: mean latency ms", f"topk({_TOP}, {mean_ms})", "ms"),
+    ]
+    panels: list[dict[str, Any]] = [
+        {
+            "id": 1,
+            "type": "row",
+            "title": f"Overview: the top {_TOP} of {len(names)} models",
+            "collapsed": False,
+            "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+            "panels": [],
+        }
+    ]
+    for i, (title, expr, unit) in enumerate(top):
+        panels.append(_panel(2 + i, title, [(expr, "{{model}}")], 6 * i, y + 1, unit, None))
+    return panels
+
+
+def _shared_lines(spec: SLOSpec) -> dict[str, float | None]:
+    """The objective lines every model of the dashboard shares (None where they differ or are unset)."""
+    by_model = {o.model: o for o in spec.objectives}
+    per_row = [_lines(by_model.get(model)) for model, _ in spec.rows]
+    return {
+        key: (values.pop() if len(values := {r[key] for r in per_row}) == 1 else None) for key in per_row[0]
+    }
+
+
+def dashboard(spec: SLOSpec, *, title: str = "Triton models (tritonforge SLOs)") -> dict[str, Any]:
+    """A Grafana dashboard (JSON model, importable as is).
+
+    Up to :data:`DASHBOARD_ROWS` models: one row per model and per composing model. Each row: requests
+    and failures per second; error ratio; p50/p99 and mean latency; queue vs compute time; the mean batch
+    size. Objective thresholds are drawn as lines on their panels.
+
+    More models than that: an overview row (the ten busiest, failing and slowest models) and the same
+    row repeated for each model picked in the dashboard's ``model`` variable (its options: the SLO's
+    models), so the dashboard has a dozen panels whatever the number of models. Objective lines are
+    drawn where every model shares the objective (else the alert rules hold each model's).
     """
     by_model = {o.model: o for o in spec.objectives}
     panels: list[dict[str, Any]] = []
-    pid, y = 1, 0
-    for model, parent in spec.rows:
-        o = by_model.get(model)
-        q = dashboard_queries(spec, model)
-        title_row = model if parent is None else f"{parent} / {model}"
-        panels.append(
+    variables: list[dict[str, Any]] = []
+    if len(spec.rows) <= DASHBOARD_ROWS:
+        pid, y = 1, 0
+        for model, parent in spec.rows:
+            title_row = model if parent is None else f"{parent} / {model}"
+            panels += _model_row(spec, model, title_row, pid, y, _lines(by_model.get(model)))
+            pid, y = pid + 5, y + 9
+    else:
+        panels = _overview(spec, 0)
+        repeated = _model_row(spec, "$model", "$model", len(panels) + 1, 9, _shared_lines(spec))
+        repeated[0]["repeat"] = "model"
+        panels += repeated
+        names = list(dict.fromkeys(model for model, _ in spec.rows))
+        first = {"text": names[0], "value": names[0], "selected": True}
+        variables.append(
             {
-                "id": pid,
-                "type": "row",
-                "title": title_row,
-                "collapsed": False,
-                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
-                "panels": [],
+                "name": "model",
+                "label": "Model",
+                "type": "custom",
+                "multi": True,
+                "includeAll": False,
+                "query": ",".join(names),
+                "current": {"text": [names[0]], "value": [names[0]]},
+                "options": [first] + [{"text": n, "value": n, "selected": False} for n in names[1:]],
+                "hide": 0,
             }
         )
-        pid, y = pid + 1, y + 1
-        latency_line = None if o is None else (o.p99_latency_ms or o.mean_latency_ms)
-        row = [
-            ("Requests / s", [(q["success"], "ok"), (q["failure"], "failed")], "reqps", None),
-            ("Error ratio", [(q["error_ratio"], "failed / all")], "percentunit", o.error_rate if o else None),
-            ("Latency", [(q["p50"], "p50"), (q["p99"], "p99"), (q["mean"], "mean")], "ms", latency_line),
-            (
-                "Queue vs compute · batch size",
-                [(q["queue"], "queue ms"), (q["compute"], "compute ms"), (q["batch"], "mean batch size")],
-                "none",
-                o.queue_ms if o else None,
-            ),
-        ]
-        for i, (name, targets, unit, line) in enumerate(row):
-            panels.append(_panel(pid, f"{model}: {name}", targets, 6 * i, y, unit, line))
-            pid += 1
-        y += 8
     return {
         "title": title,
         "uid": "tritonforge-slo",
@@ -528,7 +400,8 @@ def dashboard(spec: SLOSpec, *, title: str = "Triton models (tritonforge SLOs)")
                     "current": {},
                     "hide": 0,
                     "refresh": 1,
-                }
+                },
+                *variables,
             ]
         },
         "annotations": {"list": []},

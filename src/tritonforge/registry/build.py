@@ -43,8 +43,8 @@ def find_built(repo: str | os.PathLike[str], name: str, key: str) -> int | None:
     root = Path(repo)
     if not (root / name).is_dir():
         return None
-    for row in list_models(root):
-        if row.model == name and (row.manifest.get("build") or {}).get("key") == key:
+    for row in list_models(root, names=[name]):  # this model's manifests only, not the repository's
+        if (row.manifest.get("build") or {}).get("key") == key:
             return row.version
     return None
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -214,8 +214,12 @@ class ModelVersion:
         )
 
 
-def list_models(repo: str | os.PathLike[str]) -> list[ModelVersion]:
-    """Every model and version in ``repo`` with its manifest and whether it is served.
+def list_models(repo: str | os.PathLike[str], *, names: Collection[str] | None = None) -> list[ModelVersion]:
+    """Every model and version in ``repo`` (or only the models in ``names``) with its manifest and whether
+    it is served.
+
+    Only the models asked for are read (their config and each version's manifest), so a look-up of one
+    model costs the same in a repository of 5 models as of 500.
 
     Raises:
         RepositoryError: ``repo`` is not a folder.
@@ -223,19 +227,22 @@ def list_models(repo: str | os.PathLike[str]) -> list[ModelVersion]:
     root = Path(repo)
     if not root.is_dir():
         raise RepositoryError(f"{root} is not a model repository (no such folder)")
+    if names is None:
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    else:
+        folders = [
+            root / n for n in sorted(set(names)) if n and not n.startswith(".") and (root / n).is_dir()
+        ]
     rows: list[ModelVersion] = []
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for model_dir in folders:
         found = versions(model_dir)
         try:
             served = set(served_versions(load_config(model_dir), found))
         except TritonForgeError:
             served = set()
         for version in found:
-            rows.append(
-                ModelVersion(
-                    model_dir.name, version, version in served, read_manifest(root, model_dir.name, version)
-                )
-            )
+            manifest = version_manifest(model_dir / str(version), model_dir.name, version)
+            rows.append(ModelVersion(model_dir.name, version, version in served, manifest))
     return rows
 
 

@@ -5,6 +5,7 @@ It sits above both the server and the repository's offline checks (it drives the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,10 @@ def check_live(
 ) -> list[LiveResult]:
     """Load each model of ``repo`` in the embedded server, one at a time, and send it one request.
 
-    A model that fails to load is reported with Triton's reason; the others are still tried.
+    A model that fails to load is reported with Triton's reason; the others are still tried. Each model
+    (and the composing models an ensemble brought in) is unloaded once checked unless it was loaded
+    before, so a repository of 500 models holds one model's processes at a time, not 500, and a
+    ``server`` given (explicit model control) is left with the models it had.
     """
     import tritonclient.grpc as grpcclient
 
@@ -54,10 +58,12 @@ def check_live(
     try:
         for model_dir in model_dirs(root):
             name = model_dir.name
+            brought = [m for m in _loaded_with(root, name) if not server.is_model_ready(m)]
             try:
                 server.load_model(name)
             except (ModelLoadError, TritonForgeError) as exc:
                 results.append(LiveResult(name, loaded=False, error=exc.message))
+                _unload(server, brought)
                 continue
             result = LiveResult(name, loaded=True)
             try:
@@ -78,8 +84,29 @@ def check_live(
             except Exception as exc:  # report, don't stop: the point is to see every model's state
                 result.error = exc.message if isinstance(exc, TritonForgeError) else str(exc)
             results.append(result)
+            _unload(server, brought)
     finally:
         client.close()
         if own:
             server.stop()
     return results
+
+
+def _unload(server: Any, models: list[str]) -> None:
+    for model in models:
+        with contextlib.suppress(TritonForgeError):  # its state is reported already
+            server.unload_model(model)
+
+
+def _loaded_with(root: Path, name: str) -> list[str]:
+    """``name`` and the models Triton loads with it: an ensemble's composing models, theirs in turn (from
+    the repository's configs, as Triton reads them)."""
+    from tritonforge.config import ComposingWalk, read_config
+
+    walk = ComposingWalk(name)
+    for model in walk:
+        with contextlib.suppress(TritonForgeError, OSError):  # a model the repository lacks: Triton says so
+            walk.add(
+                step.model_name for step in read_config(root / model / "config.pbtxt").ensemble_steps or ()
+            )
+    return list(walk.found)
