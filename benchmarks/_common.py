@@ -145,11 +145,13 @@ def smaps_rollup_kib(pid: int) -> dict[str, int]:
 
 def tree_memory_mib(pid: int) -> dict[str, float]:
     """Memory of ``pid`` and its descendants, MiB: ``rss`` (shared pages counted in every process),
-    ``pss`` (each shared page split among the processes that map it: what the tree really costs),
-    ``processes``, and ``stubs_pss`` (the descendants alone: the Python-backend stubs of a server)."""
+    ``pss`` (each shared page split among the processes that map it: what the tree really costs; other
+    programs mapping the same library files lower it), ``uss`` (pages private to each process: what no
+    other process shares, whatever else runs), ``processes``, and ``stubs_pss`` (the descendants alone:
+    the Python-backend stubs of a server)."""
     import psutil
 
-    totals = {"rss": 0.0, "pss": 0.0, "processes": 0.0, "stubs_pss": 0.0}
+    totals = {"rss": 0.0, "pss": 0.0, "uss": 0.0, "processes": 0.0, "stubs_pss": 0.0}
     for proc in process_tree(pid):
         try:
             rollup = smaps_rollup_kib(proc.pid)
@@ -157,6 +159,7 @@ def tree_memory_mib(pid: int) -> dict[str, float]:
             continue
         totals["rss"] += rollup.get("Rss", 0) / 1024
         totals["pss"] += rollup.get("Pss", 0) / 1024
+        totals["uss"] += (rollup.get("Private_Clean", 0) + rollup.get("Private_Dirty", 0)) / 1024
         totals["processes"] += 1
         if proc.pid != pid:
             totals["stubs_pss"] += rollup.get("Pss", 0) / 1024

@@ -6,7 +6,8 @@ Two parts, each repeated ``--rounds`` times with the spread reported:
   instance) served by one embedded Triton, for each N of ``--models``. Per round: the server is started
   with every model loaded (time to ready, from launch to ready), left idle for ``--settle-s``, then
   measured over the server and all its children (``/proc/<pid>/smaps_rollup``): processes, RSS, PSS, and
-  PSS per model (the whole tree's PSS / N, and the stubs' alone / N), and again once each model has
+  PSS per model (the whole tree's PSS / N, and the stubs' alone / N), USS per model (the tree's private
+  pages / N: PSS also depends on what else maps the same library files), and PSS again once each model has
   answered one request (Triton's stub imports asyncio at its first request). Then one model is unloaded and
   loaded again ``--loads`` times (the load API call's wall time: one model's load, nothing else loading). The
   first round also prints where one stub's PSS goes, mapping by mapping (``/proc/<pid>/smaps``).
@@ -164,6 +165,7 @@ def tiny_round(repo: Path, count: int, loads: int, settle_s: float, breakdown: b
             **memory,
             "pss_per_model": memory["pss"] / count,
             "stub_pss_per_model": memory["stubs_pss"] / count,
+            "uss_per_model": memory["uss"] / count,
             "threads_per_stub": float(np.median([threads_of(p) for p in stubs])) if stubs else 0,
         }
         if breakdown and stubs:
@@ -208,6 +210,7 @@ def tiny_part(console: Console, args: argparse.Namespace, root: Path) -> list[di
         "PSS MiB",
         "PSS/model",
         "stub PSS/model",
+        "USS/model",
         "PSS/model, each answered once",
     ):
         memory.add_column(column, justify="right")
@@ -223,6 +226,7 @@ def tiny_part(console: Console, args: argparse.Namespace, root: Path) -> list[di
             spread([x["pss"] for x in mine]),
             spread([x["pss_per_model"] for x in mine]),
             spread([x["stub_pss_per_model"] for x in mine]),
+            spread([x["uss_per_model"] for x in mine]),
             spread([x["pss_per_model_answered"] for x in mine]),
         )
         times.add_row(
@@ -282,6 +286,7 @@ def digits_part(console: Console, args: argparse.Namespace, root: Path) -> list[
         "processes",
         "idle RSS MiB",
         "idle PSS MiB",
+        "idle USS MiB",
         "time to ready s",
         "PSS vs hand",
         "ready vs hand",
@@ -296,6 +301,7 @@ def digits_part(console: Console, args: argparse.Namespace, root: Path) -> list[
             spread([x["processes"] for x in by[side]]),
             spread([x["rss"] for x in by[side]]),
             spread([x["pss"] for x in by[side]]),
+            spread([x["uss"] for x in by[side]]),
             spread([x["ready_s"] for x in by[side]]),
             "" if side == HAND else spread(pss_ratio) + "x",
             "" if side == HAND else spread(ready_ratio) + "x",
