@@ -164,7 +164,8 @@ class Load:
                         self.wrong += int(wrong)
                 except Exception as exc:
                     with self.lock:
-                        self.failures.append(repr(exc)[:300])
+                        # str: tritonclient's exception has an empty repr; its str carries the status
+                        self.failures.append(f"{type(exc).__name__}: {exc}"[:300])
                 time.sleep(0.005)
         finally:
             client.close()
@@ -196,6 +197,10 @@ def _events(repo: Path, model: str, action: str) -> list[dict]:
     return [e for e in audit_log(repo) if e.get("model") == model and e.get("action") == action]
 
 
+def _actions(repo: Path, model: str) -> list[str]:
+    return [e["action"] for e in audit_log(repo) if e.get("model") == model]
+
+
 def _left_clean(repo: Path, server: EmbeddedServer, model: str) -> None:
     assert load_state(repo, model) is None
     assert not (repo / f"{model}__rollout").exists()
@@ -206,6 +211,17 @@ def _left_clean(repo: Path, server: EmbeddedServer, model: str) -> None:
     assert not any((repo / model).glob("*/__pycache__/tritonforge_rollout_splitter.*"))
     assert "tritonforge_rollout" not in load_config(repo / model).parameters
     assert not state_paths(repo, model).heartbeat.exists()
+    # nothing left UNLOADING on the server (a version that never finishes unloading makes the whole server
+    # not ready under Triton's strict readiness); unloading itself takes a moment
+    _wait_for(lambda: not _unloading(server, model), 30)
+
+
+def _unloading(server: EmbeddedServer, model: str) -> list[str]:
+    return [
+        f"{m['name']} v{m.get('version')}"
+        for m in server.repository_index()
+        if m["name"] in (model, f"{model}__rollout") and m.get("state") == "UNLOADING"
+    ]
 
 
 def test_rollout_moves_a_good_candidate_to_100_percent_with_zero_failed_requests(repo, server):
@@ -250,6 +266,7 @@ def test_rollout_shadow_step_rolls_a_shuffled_label_candidate_back_before_any_us
     rollback = _events(repo, "wrong", "rollout-rollback")[-1]
     assert rollback["to"] == [1] and rollback["cause"] == "breach" and "agreement" in rollback["reason"]
     assert not _events(repo, "wrong", "rollback")  # the registry's rollback history is left alone
+    assert _actions(repo, "wrong")[-3:] == ["rollout-start", "rollout-step", "rollout-rollback"]
     _left_clean(repo, server, "wrong")
 
 
@@ -348,6 +365,53 @@ def _status(repo: Path, model: str) -> dict:
     return json.loads(result.stdout)
 
 
+def test_rollout_killed_controller_is_told_dead_recorded_as_a_crash_and_resumed_with_its_twin_reloaded(
+    repo, server
+):
+    start = _cli(
+        "rollout", "start", "crashed", "--to", "2", "--url", server.grpc_url, "--repo", str(repo),
+        "--steps", "10,50,100", "--hold-s", "1.5", "--max-error-rate", "0", "--min-requests", "15",
+    )  # fmt: skip
+    with Load(server.grpc_url, "crashed") as load:
+        proc = subprocess.Popen(
+            start, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        try:
+            _wait_for(lambda: bool(_events(repo, "crashed", "rollout-step")), 120)
+            alive = _status(repo, "crashed")["controller"]
+            assert alive["alive"] and alive["pid"] == proc.pid and alive["last_beat_age_s"] < 5
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        dead = _status(repo, "crashed")
+        assert dead["phase"] == "running" and dead["controller"]["alive"] is False
+        assert dead["controller"]["pid"] == proc.pid
+        time.sleep(1.0)  # the splitter keeps serving the split with no controller alive
+        with pytest.raises(RolloutError, match="already in progress"):
+            Rollout(repo, server.grpc_url, "crashed").start(2)
+    assert load.failures == []
+    # as after a server restart that lost it: the twin is gone, so every call through the split fails on
+    # both arms, which is not the candidate's fault; resume loads it again before it judges anything
+    server.unload_model("crashed__rollout")
+    _wait_for(lambda: not server.is_model_ready("crashed__rollout"), 30)
+    with Load(server.grpc_url, "crashed") as lost:
+        outcome = Rollout(repo, server.grpc_url, "crashed").resume()
+    assert outcome.result == "promoted", outcome
+    assert lost.ok > 20  # (calls before the twin was back failed: the point of loading it with the model)
+    # ...each with an error answered at once, none left without an answer until its deadline
+    assert not [f for f in lost.failures if "DEADLINE_EXCEEDED" in f], lost.failures[:3]
+    assert _serves(repo, "crashed") == [2]
+    crash = _events(repo, "crashed", "rollout-crash")[-1]
+    assert crash["pid"] == proc.pid and crash["phase"] == "running" and crash["last_beat"]
+    assert all(e["verdict"] == "pass" for e in _events(repo, "crashed", "rollout-step"))
+    # in the order it happened: the crash is recorded when the rollout is resumed, before it carries on
+    actions = _actions(repo, "crashed")
+    after = actions[actions.index("rollout-crash") :]
+    assert after[:2] == ["rollout-crash", "rollout-resume"] and after[-2:] == ["promote", "rollout-done"]
+    assert set(after[2:-2]) == {"rollout-step"} and "rollout-start" in actions[: -len(after)]
+    _left_clean(repo, server, "crashed")
+
+
 def test_rollout_ctrl_c_pauses_and_says_how_to_continue_and_an_abort_is_the_operators_not_a_failure(
     repo, server
 ):
@@ -398,6 +462,7 @@ def test_rollout_ctrl_c_pauses_and_says_how_to_continue_and_an_abort_is_the_oper
     rollback = _events(repo, "stopped", "rollout-rollback")[-1]
     assert rollback["cause"] == "abort" and rollback["reason"] == "not today"
     assert _events(repo, "stopped", "rollout-pause")[-1]["reason"] == "interrupted by SIGINT"
+    assert _actions(repo, "stopped")[-3:] == ["rollout-pause", "rollout-abort", "rollout-rollback"]
     _left_clean(repo, server, "stopped")
 
 
@@ -728,45 +793,3 @@ def test_rollout_old_flag_forms_still_work_with_one_deprecation_line(tmp_path):
     assert resumed.exit_code == 1 and "no rollout of 'clf' is in progress" in resumed.stderr
     both = runner.invoke(app, ["rollout", "clf", "--pause", "--abort"])
     assert both.exit_code == 1 and "give at most one of --pause, --abort" in both.stderr
-
-
-# Last in the file: after its killed controller and unloaded twin, the shared server has been seen to keep a
-# model in UNLOADING (not ready) for the tests after it; run after them until that is understood.
-def test_rollout_killed_controller_is_told_dead_recorded_as_a_crash_and_resumed_with_its_twin_reloaded(
-    repo, server
-):
-    start = _cli(
-        "rollout", "start", "crashed", "--to", "2", "--url", server.grpc_url, "--repo", str(repo),
-        "--steps", "10,50,100", "--hold-s", "1.5", "--max-error-rate", "0", "--min-requests", "15",
-    )  # fmt: skip
-    with Load(server.grpc_url, "crashed") as load:
-        proc = subprocess.Popen(
-            start, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
-        try:
-            _wait_for(lambda: bool(_events(repo, "crashed", "rollout-step")), 120)
-            alive = _status(repo, "crashed")["controller"]
-            assert alive["alive"] and alive["pid"] == proc.pid and alive["last_beat_age_s"] < 5
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        dead = _status(repo, "crashed")
-        assert dead["phase"] == "running" and dead["controller"]["alive"] is False
-        assert dead["controller"]["pid"] == proc.pid
-        time.sleep(1.0)  # the splitter keeps serving the split with no controller alive
-        with pytest.raises(RolloutError, match="already in progress"):
-            Rollout(repo, server.grpc_url, "crashed").start(2)
-    assert load.failures == []
-    # as after a server restart that lost it: the twin is gone, so every call through the split fails on
-    # both arms, which is not the candidate's fault; resume loads it again before it judges anything
-    server.unload_model("crashed__rollout")
-    _wait_for(lambda: not server.is_model_ready("crashed__rollout"), 30)
-    with Load(server.grpc_url, "crashed") as lost:
-        outcome = Rollout(repo, server.grpc_url, "crashed").resume()
-    assert outcome.result == "promoted", outcome
-    assert lost.ok > 20  # (calls before the twin was back failed: the point of loading it with the model)
-    assert _serves(repo, "crashed") == [2]
-    crash = _events(repo, "crashed", "rollout-crash")[-1]
-    assert crash["pid"] == proc.pid and crash["phase"] == "running" and crash["last_beat"]
-    assert all(e["verdict"] == "pass" for e in _events(repo, "crashed", "rollout-step"))
-    _left_clean(repo, server, "crashed")

@@ -57,11 +57,19 @@ def error_counter(pb_utils: Any, args: Mapping[str, str]) -> Any:
         return None
 
 
-def settle_errors(pb_utils: Any, responses: list[Any], counter: Any) -> list[Any]:
+def settle_errors(
+    pb_utils: Any, responses: list[Any], counter: Any, *, raise_alike: bool = True
+) -> list[Any]:
     """``responses``, after raising when every one is an error with the same message (Triton then counts
-    each as a failure), or adding the error responses among them to ``counter``."""
+    each as a failure), or adding the error responses among them to ``counter``.
+
+    ``raise_alike=False`` never raises (every error response is counted in ``counter``): Triton 2.51's
+    Python backend now and then loses a request of an execute that raises while other requests are in
+    flight (never answered: its caller waits for its deadline; never released: once the model is
+    reloaded, that version stays UNLOADING for good). ``tools/async_raise_unload.py`` shows it.
+    """
     errors = [r.error().message() for r in responses if r is not None and r.has_error()]
-    if errors and len(errors) == len(responses) and len(set(errors)) == 1:
+    if raise_alike and errors and len(errors) == len(responses) and len(set(errors)) == 1:
         raise pb_utils.TritonModelException(_TRACEBACK.sub("", errors[0]))
     if errors and counter is not None:
         counter[1].increment(len(errors))

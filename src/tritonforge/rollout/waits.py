@@ -135,21 +135,23 @@ class ServerView:
         return parameter in config.parameters
 
     def wait_ready(self) -> None:
-        """Until the server answers ready (a restarting one).
+        """Until the server answers (a restarting one): live, not *ready*, which Triton's strict readiness
+        (its default) denies while any model of the server is not ready, ours or not; a rollout checks
+        its own models itself.
 
         Raises:
-            RolloutError: not ready within the timeout.
+            RolloutError: not answering within the timeout.
         """
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
-                if self.client.is_server_ready():
+                if self.client.is_server_live():
                     return
             except ClientError:
                 pass
             if time.monotonic() > deadline:
                 raise RolloutError(
-                    f"the server at {self.url} is not ready after {self.timeout_s:g} s"
+                    f"the server at {self.url} does not answer after {self.timeout_s:g} s"
                     + (f"; {self.then}" if self.then else "")
                 )
             self.on_wait()
