@@ -132,17 +132,38 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
-def tree_rss_mib(pid: int) -> float:
-    """Resident memory of ``pid`` and its descendants, MiB (shared pages counted per process)."""
+def smaps_rollup_kib(pid: int) -> dict[str, int]:
+    """One process's memory totals from ``/proc/<pid>/smaps_rollup`` (Rss, Pss, Private_Dirty, ...), KiB."""
+    figures: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as handle:
+        for line in handle:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                figures[parts[0].rstrip(":")] = int(parts[1])
+    return figures
+
+
+def tree_memory_mib(pid: int) -> dict[str, float]:
+    """Memory of ``pid`` and its descendants, MiB: ``rss`` (shared pages counted in every process),
+    ``pss`` (each shared page split among the processes that map it: what the tree really costs; other
+    programs mapping the same library files lower it), ``uss`` (pages private to each process: what no
+    other process shares, whatever else runs), ``processes``, and ``stubs_pss`` (the descendants alone:
+    the Python-backend stubs of a server)."""
     import psutil
 
-    total = 0
+    totals = {"rss": 0.0, "pss": 0.0, "uss": 0.0, "processes": 0.0, "stubs_pss": 0.0}
     for proc in process_tree(pid):
         try:
-            total += proc.memory_info().rss
-        except psutil.Error:
+            rollup = smaps_rollup_kib(proc.pid)
+        except (OSError, psutil.Error):
             continue
-    return total / 2**20
+        totals["rss"] += rollup.get("Rss", 0) / 1024
+        totals["pss"] += rollup.get("Pss", 0) / 1024
+        totals["uss"] += (rollup.get("Private_Clean", 0) + rollup.get("Private_Dirty", 0)) / 1024
+        totals["processes"] += 1
+        if proc.pid != pid:
+            totals["stubs_pss"] += rollup.get("Pss", 0) / 1024
+    return totals
 
 
 def model_stats(http_url: str, model: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from _common import (
     spread,
     success_count,
     tree_cpu_s,
-    tree_rss_mib,
+    tree_memory_mib,
     wide_console,  # benchmarks/ is on sys.path when a script runs
 )
 from rich.console import Console
@@ -220,7 +220,7 @@ def main() -> None:
     console = wide_console()  # names unbroken when piped
     root = Path(tempfile.mkdtemp(prefix="tritonforge-bench-vote-"))
     rounds: list[dict[str, Any]] = []
-    idle_mib: dict[str, float] = {}
+    idle_mib: dict[str, dict[str, float]] = {}
     servers: dict[str, EmbeddedServer] = {}
     try:
         with console.status("training the digits models and compiling digits_vote ..."):
@@ -235,7 +235,7 @@ def main() -> None:
         same_answers(servers)
         for side, server in servers.items():
             assert server.pid is not None
-            idle_mib[side] = tree_rss_mib(server.pid)
+            idle_mib[side] = tree_memory_mib(server.pid)
         for r, order in enumerate(alternating(args.rounds, list(SIDES))):
             for concurrency in levels:
                 for side in order:
@@ -261,7 +261,11 @@ def main() -> None:
 
 
 def report(
-    console: Console, rounds: list[dict[str, Any]], levels: list[int], idle_mib: dict[str, float], args: Any
+    console: Console,
+    rounds: list[dict[str, Any]],
+    levels: list[int],
+    idle_mib: dict[str, dict[str, float]],
+    args: Any,
 ) -> list[dict[str, Any]]:
     table = Table(
         title=f"digits_vote built vs hand-built: median of {args.rounds} alternating rounds "
@@ -302,8 +306,12 @@ def report(
             highlight=False,
         )
     console.print(
-        "idle memory (server + stubs, RSS): "
-        + ", ".join(f"{side} {mib:,.0f} MiB" for side, mib in idle_mib.items()),
+        "idle memory (server + stubs; PSS splits shared pages, RSS counts them in every process; "
+        "benchmarks/model_cost.py repeats it with time to ready): "
+        + ", ".join(
+            f"{side} {m['pss']:,.0f} MiB PSS / {m['rss']:,.0f} MiB RSS in {m['processes']:.0f} processes"
+            for side, m in idle_mib.items()
+        ),
         highlight=False,
     )
     return summary

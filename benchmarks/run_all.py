@@ -62,6 +62,7 @@ PLANS: dict[str, Plan] = {
         quick=("--models", "30", "--budget", "6", "--requests", "300", "--duration-s", "1", "--rounds", "1"),
         json=True,
     ),
+    "model_cost": Plan(quick=("--models", "4", "--loads", "1", "--settle-s", "0.5"), rounds=True, json=True),
     "quantization": Plan(quick=("--batch", "1", "--seq", "16"), rounds=True),
     "sampler_overhead": Plan(quick=("--seconds", "0.5"), rounds=True),
     "response_cache": Plan(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -75,7 +76,14 @@ def test_concurrent_requests_run_in_fewer_larger_batches(server):
             outs = list(
                 pool.map(lambda i: triton_infer(client, "mlp", {"x": x[i : i + 1]})["probs"], range(64))
             )
-        after = client.get_inference_statistics("mlp", as_json=True)["model_stats"][0]
+        # Triton may answer a request before it counts it: read until the count settles (bounded)
+        deadline = time.monotonic() + 10
+        while True:
+            after = client.get_inference_statistics("mlp", as_json=True)["model_stats"][0]
+            counted = int(after.get("inference_count", 0)) - int(before.get("inference_count", 0))
+            if counted >= 64 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     finally:
         client.close()
     inferences = int(after["inference_count"]) - int(before.get("inference_count", 0))

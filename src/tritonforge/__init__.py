@@ -40,7 +40,6 @@ from tritonforge.errors import (
     TritonForgeError,
     Unavailable,
 )
-from tritonforge.server import EmbeddedServer
 
 if TYPE_CHECKING:
     from tritonforge.client import (
@@ -62,9 +61,12 @@ if TYPE_CHECKING:
         TrafficSplit,
         Variant,
     )
+    from tritonforge.server import EmbeddedServer
 
-# The client (grpc, prometheus_client) loads on first use: the Python-based backends import this package
-# inside Triton's stub interpreter, which must not pull in the client's dependencies.
+# The client (grpc, prometheus_client) and the embedded server (subprocess, urllib, the config layer) load on
+# first use: the Python-based backends import this package inside every one of Triton's stub processes,
+# which must pay for neither (each module imported there is paid once per model instance, in memory and in
+# load time).
 _CLIENT_NAMES = frozenset(
     {
         "AsyncClient",
@@ -93,11 +95,15 @@ def __getattr__(name: str) -> Any:
         import tritonforge.client
 
         return getattr(tritonforge.client, name)
+    if name == "EmbeddedServer":
+        from tritonforge.server import EmbeddedServer
+
+        return EmbeddedServer
     raise AttributeError(f"module 'tritonforge' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _CLIENT_NAMES)
+    return sorted(set(globals()) | _CLIENT_NAMES | {"EmbeddedServer"})
 
 
 __version__ = "0.1.0"

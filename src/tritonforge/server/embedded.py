@@ -31,7 +31,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from tritonforge.errors import ModelLoadError, ServerError
 from tritonforge.server._watchdog import remove_env_dirs, wait_group_gone
-from tritonforge.server.install import TritonInstall, backend_directory, find_tritonserver, stub_python
+from tritonforge.server.install import (
+    TritonInstall,
+    auto_complete_flags,
+    backend_directory,
+    find_tritonserver,
+    stub_python,
+)
 from tritonforge.server.launch import (
     PORT_IN_USE,
     check_access_options,
@@ -459,6 +465,8 @@ class EmbeddedServer:
         args: list[str] = []
         if self.model_control == "poll":
             args.append(f"--repository-poll-secs={self.poll_interval_s}")
+        if self.install is not None:
+            args += auto_complete_flags(self.install, self.repositories, self.model_control, self.extra_args)
         if self.response_cache_bytes:
             args.append(f"--cache-config=local,size={self.response_cache_bytes}")
             # The wheel keeps its cache library beside the binary, not in /opt/tritonserver/caches.

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -26,8 +27,10 @@ __all__ = [
     "BACKEND_PATH_ENV",
     "StubPython",
     "TritonInstall",
+    "auto_complete_flags",
     "backend_directory",
     "find_tritonserver",
+    "needs_auto_complete",
     "package_path",
     "stub_python",
 ]
@@ -215,6 +218,53 @@ def backend_directory(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def needs_auto_complete(repositories: Sequence[Path | str], model_control: str) -> bool:
+    """Whether Triton must auto-complete the model configs of ``repositories`` (a wheel-built server).
+
+    Auto-completion costs every Python-backend model a second stub process at load (Triton starts one only
+    to call ``auto_complete_config``, then sleeps a second before ending it): about 1 s and a stub's
+    imports per model. Our Python-based backends complete nothing, so it is needed only when a model
+    relies on it: a model folder without ``config.pbtxt``, or a Python file in a version folder that
+    defines ``auto_complete_config``. Remote repositories can't be read here and a polled repository
+    changes while the server runs: both keep it on.
+    """
+    if model_control == "poll":
+        return True
+    for repository in repositories:
+        if not isinstance(repository, Path):
+            return True
+        for model in repository.iterdir() if repository.is_dir() else ():
+            if not model.is_dir() or model.name.startswith("."):
+                continue
+            if not (model / "config.pbtxt").is_file():
+                return True
+            for source in model.glob("*/*.py"):
+                try:
+                    if "auto_complete_config" in source.read_text(errors="replace"):
+                        return True
+                except OSError:
+                    return True
+    return False
+
+
+def auto_complete_flags(
+    install: TritonInstall,
+    repositories: Sequence[Path | str],
+    model_control: str,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """``["--disable-auto-complete-config"]`` for the wheel's server when no model needs auto-completion
+    (:func:`needs_auto_complete`), else none. A full install's C++ backends complete ONNX and TorchScript
+    configs, so it keeps it; and ``extra_args`` that decide it themselves (``--strict-model-config=false``
+    for a model added later that needs it) are left to decide (Triton does not let a later flag undo it)."""
+    decided = any(
+        a.startswith(("--strict-model-config", "--disable-auto-complete-config")) for a in extra_args
+    )
+    if decided or install.is_full or needs_auto_complete(repositories, model_control):
+        return []
+    return ["--disable-auto-complete-config"]
 
 
 def _backend_source(name: str) -> str:

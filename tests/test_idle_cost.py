@@ -1,0 +1,178 @@
+"""What keeps an idle model cheap on the embedded server, through the real server: one stub process per model
+instance (no auto-completion stub unless a model needs one), a stub that loads only what serving needs, and
+thread pools as the config names them — while the model still batches and answers as before."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+
+import tiny_models
+from conftest import triton_infer
+from tritonforge.errors import ModelLoadError
+from tritonforge.server import EmbeddedServer
+from tritonforge.server.install import TritonInstall, auto_complete_flags, needs_auto_complete
+
+CONFIG = """name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [{{ name: "x" data_type: TYPE_FP32 dims: [8] }}]
+output [{{ name: "probs" data_type: TYPE_FP32 dims: [3] }}]
+dynamic_batching {{ max_queue_delay_microseconds: 20000 }}
+instance_group [{{ count: {instances} kind: KIND_CPU }}]
+parameters {{ key: "intra_op_thread_count" value {{ string_value: "{threads}" }} }}
+parameters {{ key: "inter_op_thread_count" value {{ string_value: "1" }} }}
+"""
+
+AUTO_COMPLETED = """
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    @staticmethod
+    def auto_complete_config(config):
+        config.add_input({"name": "X", "data_type": "TYPE_FP32", "dims": [2]})
+        config.add_output({"name": "Y", "data_type": "TYPE_FP32", "dims": [2]})
+        return config
+
+    def execute(self, requests):
+        get = pb_utils.get_input_tensor_by_name
+        out = [get(r, "X").as_numpy() + 1 for r in requests]
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("Y", y)]) for y in out]
+"""
+
+
+def _onnx_repository(root: Path, models: dict[str, tuple[int, int]]) -> tuple[Path, Path]:
+    """``{name: (instances, intra-op threads)}`` of one small MLP; the repository and the ONNX file."""
+    source = tiny_models.mlp_onnx(root / "mlp.onnx")
+    repo = root / "repo"
+    for name, (instances, threads) in models.items():
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "1" / "model.onnx").write_bytes(source.read_bytes())
+        (repo / name / "config.pbtxt").write_text(
+            CONFIG.format(name=name, instances=instances, threads=threads)
+        )
+    return repo, source
+
+
+def _stubs(server: EmbeddedServer) -> dict[str, psutil.Process]:
+    """The server's stub processes by instance name (``one_0_1``), read from their command lines."""
+    assert server.pid is not None
+    found = {}
+    for proc in psutil.Process(server.pid).children(recursive=True):
+        instance = [arg for arg in proc.cmdline() if re.fullmatch(r"\w+_\d+_\d+", arg)]
+        found[instance[0]] = proc
+    return found
+
+
+def test_a_repository_of_complete_configs_starts_one_stub_per_instance_that_still_batches(tmp_path: Path):
+    repo, source = _onnx_repository(tmp_path, {"one": (2, 1), "three": (1, 3)})
+    x = tiny_models.RNG.standard_normal((32, 8)).astype(np.float32)
+    with EmbeddedServer(repo, log_verbose=1) as server:
+        # Triton starts a stub per instance and none to ask a model to auto-complete its config
+        assert server.log.count("Starting Python backend stub") == 3
+        stubs = _stubs(server)
+        assert sorted(stubs) == ["one_0_0", "one_0_1", "three_0_0"]
+        # a loaded stub holds the engine, not the server's launcher (subprocess) or the client's TLS (ssl);
+        # (Triton's stub imports asyncio, and with it both, at its first request: read it before any)
+        maps = Path(f"/proc/{stubs['one_0_0'].pid}/maps").read_text()
+        assert "onnxruntime" in maps
+        assert "_posixsubprocess" not in maps and "/_ssl." not in maps
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            with ThreadPoolExecutor(16) as pool:
+                outs = list(
+                    pool.map(lambda i: triton_infer(client, "one", {"x": x[i : i + 1]})["probs"], range(32))
+                )
+            triton_infer(client, "three", {"x": x[:2]})
+            stats = client.get_inference_statistics("one", as_json=True)["model_stats"][0]
+        finally:
+            client.close()
+        assert int(stats["execution_count"]) < 32, "no batching"
+        expected = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, {"x": x})[
+            0
+        ]
+        np.testing.assert_allclose(np.concatenate(outs), expected, rtol=1e-5, atol=1e-6)
+        # the config's intra-op threads are in effect: a pool of 3 runs 2 worker threads beside the caller
+        assert stubs["three_0_0"].num_threads() - stubs["one_0_0"].num_threads() == 2
+
+
+def test_a_model_added_after_start_that_needs_auto_completion_loads_when_it_is_turned_back_on(tmp_path: Path):
+    repo, _ = _onnx_repository(tmp_path, {"one": (1, 1)})
+    late = repo / "late" / "1"
+
+    def add_late() -> None:
+        late.mkdir(parents=True, exist_ok=True)
+        (late / "model.py").write_text(textwrap.dedent(AUTO_COMPLETED).lstrip())
+
+    with EmbeddedServer(repo, model_control="explicit", load_models=["one"]) as server:
+        add_late()  # config-less: only auto-completion can give it inputs and outputs
+        with pytest.raises(ModelLoadError, match="late"):
+            server.load_model("late")
+    (repo / "late").rename(tmp_path / "late-aside")
+    with EmbeddedServer(
+        repo, model_control="explicit", load_models=["one"], extra_args=["--strict-model-config=false"]
+    ) as server:
+        add_late()
+        server.load_model("late")
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            out = triton_infer(client, "late", {"X": np.array([1.0, 2.0], dtype=np.float32)})["Y"]
+        finally:
+            client.close()
+        np.testing.assert_array_equal(out, [2.0, 3.0])
+
+
+def test_needs_auto_complete_only_for_a_model_that_relies_on_it(tmp_path: Path):
+    repo, _ = _onnx_repository(tmp_path, {"one": (1, 1)})
+    (repo / "notes.txt").write_text("a file beside the models is not a model")
+    assert not needs_auto_complete([repo], "explicit")
+    assert not needs_auto_complete([repo], "none")
+    wheel = TritonInstall(binary=Path("tritonserver"), library_dirs=(), backend_dir=None)
+    full = TritonInstall(binary=Path("tritonserver"), library_dirs=(), backend_dir=Path("backends"))
+    assert auto_complete_flags(wheel, [repo], "none") == ["--disable-auto-complete-config"]
+    assert auto_complete_flags(full, [repo], "none") == []  # its C++ backends complete ONNX configs
+    assert auto_complete_flags(wheel, [repo], "none", ["--strict-model-config=false"]) == []  # the user's
+    assert needs_auto_complete([repo], "poll")  # models may appear while it runs
+    assert needs_auto_complete([repo, "s3://bucket/models"], "none")  # can't be read here
+    (repo / "python_model" / "1").mkdir(parents=True)
+    (repo / "python_model" / "1" / "model.py").write_text(AUTO_COMPLETED)
+    assert needs_auto_complete([repo], "none")  # no config.pbtxt
+    (repo / "python_model" / "config.pbtxt").write_text('name: "python_model"\nbackend: "python"\n')
+    assert needs_auto_complete([repo], "none")  # a config, but it defines auto_complete_config
+    (repo / "python_model" / "1" / "model.py").write_text("class TritonPythonModel:\n    pass\n")
+    assert not needs_auto_complete([repo], "none")
+
+
+def test_a_backend_file_loads_no_framework_and_no_launcher():
+    backend = Path(__file__).resolve().parents[1] / "src" / "tritonforge" / "server" / "backends"
+    code = textwrap.dedent(
+        f"""
+        import importlib.util, sys
+        import numpy  # the stub has it before any model file (Triton's own utilities import it)
+        for kind in ("onnxruntime", "pytorch"):
+            path = {str(backend)!r} + f"/{{kind}}/model.py"
+            spec = importlib.util.spec_from_file_location("model_" + kind, path)
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        assert "tritonforge.server.runtime" in sys.modules
+        # the framework loads when a model is initialized; the server's launcher and the client never
+        unwanted = [m for m in ("onnxruntime", "torch", "subprocess", "urllib.request", "ssl", "yaml",
+                                "tritonforge.server.embedded", "tritonforge.config", "tritonforge.client")
+                    if m in sys.modules]
+        assert not unwanted, f"a backend's model.py loaded {{unwanted}}"
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
