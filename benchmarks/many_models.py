@@ -355,7 +355,10 @@ def main() -> None:
             f"{cache_f['loads']} / {cache_f['evictions']} / {cache_f['failures']}",
         ),
         ("mean load (s, evictions included)", f"{cache_f['load_s'] / max(1, cache_f['loads']):.2f}"),
-        ("most models loaded at once (sampled; budget)", f"{figures['peak_loaded']} ({budget.max_models})"),
+        (
+            "most models loaded at once (sampled; budget, ceiling)",
+            f"{figures['peak_loaded']} ({budget.max_models}, {budget.ceiling})",
+        ),
         (
             "peak PSS, sampled / at the cache's decisions (MiB)",
             f"{figures['peak_pss_mib']:,.0f} / {cache_f['peak_memory_bytes'] / 2**20:,.0f}",

@@ -284,6 +284,61 @@ def test_two_clients_racing_over_more_models_than_fit_never_fail_a_request(cache
     assert int(ask_cache(cached, "")["evictions"]) > 3  # type: ignore[call-overload]
 
 
+def test_cache_never_goes_past_its_ceiling_while_every_model_is_busy(tmp_path: Path) -> None:
+    """A budget of 2 with no overflow while two threads keep ``a`` and ``b`` busy: asking for ``c`` still
+    loads it (the least recently used busy model goes after idle_s), the server never holds more than 2
+    models, and every request of every thread is answered right (a model unloaded under its caller is a
+    miss, loaded again)."""
+    repo = tmp_path / "repo"
+    for name in "abc":
+        echo(repo, name, ADDS[name])
+    budget = CacheBudget(max_models=2, idle_s=IDLE_S, overflow=0)
+    assert budget.ceiling == 2
+    cache = write_cache_repository(tmp_path / "cache", budget)
+    failures: list[str] = []
+    most = [0]
+    stop = threading.Event()
+
+    def keep_busy(model: str) -> None:
+        with Client(server.grpc_url) as client:
+            while not stop.is_set():
+                try:
+                    got = infer(client, model, -0.0625, timeout_s=60)
+                except Exception as exc:  # every failure is the finding
+                    failures.append(f"{model}: {exc}")
+                    continue
+                if got != -0.0625 + ADDS[model]:
+                    failures.append(f"{model}: {got}")
+
+    def sample() -> None:
+        while not stop.is_set():
+            most[0] = max(most[0], len(loaded(server)))
+            time.sleep(0.05)
+
+    with EmbeddedServer([repo, cache], model_control="explicit", load_models=[CACHE_MODEL]) as server:
+        threads = [threading.Thread(target=keep_busy, args=(m,)) for m in "ab"]
+        threads.append(threading.Thread(target=sample))
+        for thread in threads:
+            thread.start()
+        try:
+            with Client(server.grpc_url) as client:
+                deadline = time.monotonic() + 30
+                while loaded(server) != {"a", "b"} and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                for _ in range(3):
+                    assert infer(client, "c", timeout_s=60) == 1 + ADDS["c"]
+                    time.sleep(IDLE_S)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        status = ask_cache(server, "")
+    assert failures == []
+    assert most[0] <= 2
+    assert status["max_loaded_models"] == 2
+    assert int(status["evictions"]) >= 1  # type: ignore[call-overload]
+
+
 @pytest.mark.parametrize(
     ("text", "size"), [("512MiB", 512 * 2**20), ("2G", 2 * 2**30), ("1.5GiB", int(1.5 * 2**30)), ("10", 10)]
 )

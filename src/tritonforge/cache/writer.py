@@ -51,20 +51,34 @@ def parse_size(text: str, *, what: str = "size") -> int:
 class CacheBudget:
     """What the cache may hold: at most ``max_models`` loaded models and/or ``max_memory_bytes`` of PSS
     summed over tritonserver and its children; ``pins`` are never evicted; a model used, loaded or asked
-    for within ``idle_s`` seconds (or 4x its mean request time, if longer) is busy and stays.
+    for within ``idle_s`` seconds (or 4x its mean request time, if longer) is busy and stays. While every
+    candidate is busy, the cache may hold ``overflow`` models over ``max_models`` (default: a tenth of it, at
+    least 1); past that, the least recently used model without queued requests goes even if recently used
+    (Triton finishes its executions first; its next call is a miss and loads it again).
 
     Example:
         >>> CacheBudget(max_models=50, pins=("digits_vote",))
-        CacheBudget(max_models=50, max_memory_bytes=None, pins=('digits_vote',), idle_s=2.0)
+        CacheBudget(max_models=50, max_memory_bytes=None, pins=('digits_vote',), idle_s=2.0, overflow=None)
+        >>> CacheBudget(max_models=50).ceiling
+        55
 
     Raises:
-        ValueError: no budget at all, a budget below 1, a negative idle time or a pin named twice.
+        ValueError: no budget at all, a budget below 1, a negative idle time or overflow, or a pin named
+            twice.
     """
 
     max_models: int | None = None
     max_memory_bytes: int | None = None
     pins: tuple[str, ...] = field(default=())
     idle_s: float = DEFAULT_IDLE_S
+    overflow: int | None = None
+
+    @property
+    def ceiling(self) -> int | None:
+        """The most models the cache ever holds loaded (``max_models`` plus its overflow), or ``None``."""
+        if self.max_models is None:
+            return None
+        return self.max_models + (max(1, self.max_models // 10) if self.overflow is None else self.overflow)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pins", tuple(self.pins))
@@ -80,6 +94,10 @@ class CacheBudget:
             )
         if self.idle_s < 0:
             raise ValueError(f"idle_s must be >= 0, not {self.idle_s!r}")
+        if self.overflow is not None and (
+            isinstance(self.overflow, bool) or not isinstance(self.overflow, int) or self.overflow < 0
+        ):
+            raise ValueError(f"overflow must be an int >= 0, not {self.overflow!r}")
         if CACHE_MODEL in self.pins:
             raise ValueError(f"{CACHE_MODEL!r} is the cache itself; pin your own models")
 
@@ -120,6 +138,7 @@ def write_cache_repository(
         "pins": ",".join(budget.pins),
         "idle_s": repr(float(budget.idle_s)),
         "max_models": str(budget.max_models or 0),
+        "max_loaded_models": str(budget.ceiling or 0),
         "max_memory_bytes": str(budget.max_memory_bytes or 0),
     }
     if repositories:

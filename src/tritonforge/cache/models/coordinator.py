@@ -19,9 +19,12 @@ What Triton tells it, read on each decision (nothing polls in the background):
 Where those endpoints are comes from the server's command line (``/proc/<parent>/cmdline``), overridable
 by the ``http_url`` / ``metrics_url`` parameters.
 
-A model counts as busy (never evicted) when requests are queued for it, or it answered, was loaded or was
+A model counts as busy (not evicted) when requests are queued for it, or it answered, was loaded or was
 asked for within ``max(idle_s, 4 x its mean request time)``: Triton's statistics see a request only when
-it completes, so an execution in progress shows as recent use. Pinned models and the coordinator itself
+it completes, so an execution in progress shows as recent use. When every candidate is busy the cache
+goes over ``max_models`` up to its ceiling (``max_loaded_models``), never past it: there, the least
+recently used unit without queued requests goes (Triton finishes its executions before the unload; its
+next call is a miss). Pinned models and the coordinator itself
 are never evicted. An ensemble (and a model naming companions in ``tritonforge_load_with``) is one unit:
 its composing models load with it, count with it, and are unloaded with it unless another loaded unit or
 a pin needs them.
@@ -144,6 +147,8 @@ class TritonPythonModel:
         self.name = args["model_name"]
         self.max_models = int(_param(config, "max_models", "0"))
         self.max_memory = int(_param(config, "max_memory_bytes", "0"))
+        ceiling = self.max_models + max(1, self.max_models // 10) if self.max_models else 0
+        self.ceiling = int(_param(config, "max_loaded_models", str(ceiling)))
         self.pins = {p for p in _param(config, "pins").split(",") if p}
         self.idle_s = float(_param(config, "idle_s", "2"))
         self.unload_wait_s = float(_param(config, "unload_wait_s", "30"))
@@ -249,8 +254,9 @@ class TritonPythonModel:
         return [*members, model]
 
     # -- decisions ---------------------------------------------------------------------------------------
-    def _evictable(self, states, protect):
-        """Units that may go, least recently used first: [(recency, [models])]."""
+    def _evictable(self, states, protect, recency=True):
+        """Units that may go, least recently used first: [(recency, [models])]. ``recency=False``: a unit
+        used lately may go too (only queued requests keep it)."""
         ready = [m for m, s in states.items() if s == "READY" and m != self.name]
         units = {m: self.unit(m) or [m] for m in ready}
         members_of_others = {}
@@ -263,7 +269,7 @@ class TritonPythonModel:
             used, mean = last.get(model, (0.0, 0.0))
             window = max(self.idle_s, 4 * mean)
             recent = max(used, self.loaded_at.get(model, 0.0))
-            return pending.get(model, 0) > 0 or now - recent < window
+            return pending.get(model, 0) > 0 or (recency and now - recent < window)
 
         keep = set(self.pins) | set(protect) | {self.name}
         for pin in list(keep):
@@ -320,6 +326,13 @@ class TritonPythonModel:
                 time.sleep(0.05)
             else:
                 break
+        # every candidate is busy: over max_models, never over the ceiling. Past it the least recently used
+        # unit without queued requests goes (Triton finishes its executions; its next call is a miss)
+        while self.max_models and self._loaded_count(states) - len(evicted) + len(missing) > self.ceiling:
+            choices = [c for c in self._evictable(states, unit, False) if not set(c[1]) & set(evicted)]
+            if not choices:
+                break
+            self._evict(choices[0][1], evicted)
         if self.max_memory and self.costs:
             cost = sorted(self.costs)[len(self.costs) // 2] * len(missing)
             while self.memory_bytes() + cost > self.max_memory:
@@ -390,6 +403,7 @@ class TritonPythonModel:
         answer["memory_bytes"] = self.memory_bytes()
         answer["peak_memory_bytes"] = self.peak_memory
         answer["max_models"] = self.max_models
+        answer["max_loaded_models"] = self.ceiling
         answer["max_memory_bytes"] = self.max_memory
         answer["pins"] = sorted(self.pins)
         answer.update(self.totals)
