@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,13 +89,17 @@ time.sleep(300)
 
 
 @contextlib.contextmanager
-def _serving_program(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
-    """Runs SERVE_UNTIL_KILLED on a one-model repository; yields it and its printed fields (pid, shm
-    prefix, log path, gRPC, HTTP and metrics ports); killed (if still running) at the end."""
+def _serving_program(
+    tmp_path: Path, tmp_dir: Path | None = None
+) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """Runs SERVE_UNTIL_KILLED on a one-model repository (its temporary files in ``tmp_dir`` if given);
+    yields it and its printed fields (pid, shm prefix, log path, gRPC, HTTP and metrics ports); killed
+    (if still running) at the end."""
     repo = tmp_path / "repo"
     add_model(repo, "mlp", tiny_models.mlp_onnx(tmp_path / "mlp.onnx"))
+    env = None if tmp_dir is None else {**os.environ, "TMPDIR": str(tmp_dir)}
     program = subprocess.Popen(
-        [sys.executable, "-c", SERVE_UNTIL_KILLED, str(repo)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", SERVE_UNTIL_KILLED, str(repo)], stdout=subprocess.PIPE, text=True, env=env
     )
     try:
         assert program.stdout is not None
@@ -160,14 +166,25 @@ def test_a_program_killed_by_sigkill_leaves_no_server_stub_port_or_shared_memory
     assert not any(_listening(port) for port in ports)
 
 
-def test_after_a_whole_tree_sigkill_the_next_start_sweeps_its_leftovers_and_no_live_servers(tmp_path, server):
+def test_after_a_whole_tree_sigkill_the_next_start_sweeps_its_leftovers_and_no_live_servers(
+    tmp_path, server, monkeypatch
+):
     live = sorted(_shm(server._shm_prefix))
     assert live, "the session's server should have shared-memory regions"
-    with _serving_program(tmp_path) as (program, fields):
+    # servers that other test workers start meanwhile sweep too: the killed server's log lives in a folder
+    # only this test's start sweeps, and its regions stay mapped here (a sweep spares a mapped region)
+    # until that start
+    private = tmp_path / "tmp"
+    private.mkdir()
+    held: list[mmap.mmap] = []
+    with _serving_program(tmp_path, private) as (program, fields):
         pid_text, prefix, log_name, *_ = fields
         pid = int(pid_text)
         watchdog = [c for c in psutil.Process(program.pid).children() if c.pid != pid]
         assert len(watchdog) == 1 and _shm(prefix)
+        for name in _shm(prefix):
+            with open(f"/dev/shm/{name}", "r+b") as region:
+                held.append(mmap.mmap(region.fileno(), 0))
         # the whole tree at once, as an OOM kill or `kill -9` of everything would: nothing runs to clean up
         watchdog[0].kill()
         os.killpg(pid, signal.SIGKILL)
@@ -179,6 +196,9 @@ def test_after_a_whole_tree_sigkill_the_next_start_sweeps_its_leftovers_and_no_l
             time.sleep(0.1)
     left = _shm(prefix)
     assert left and os.path.exists(log_name), "the SIGKILL should have left regions and a log behind"
+    for region in held:
+        region.close()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
     with EmbeddedServer(tmp_path / "repo") as again:
         assert _shm(prefix) == [] and not os.path.exists(log_name)
         assert _shm(again._shm_prefix)  # its own, made after the sweep
