@@ -24,6 +24,7 @@ from conftest import triton_infer
 from tritonforge.errors import ModelLoadError, ServerError
 from tritonforge.repository import add_model
 from tritonforge.server import EmbeddedServer
+from tritonforge.server.leftovers import OWNED_REPO_PREFIX, sweep_leftovers
 
 
 def _connections(process: psutil.Process) -> list:
@@ -208,6 +209,26 @@ def test_after_a_whole_tree_sigkill_the_next_start_sweeps_its_leftovers_and_no_l
         assert triton_infer(client, "mlp", {"x": np.ones((1, 8), np.float32)})["probs"].shape == (1, 3)
     finally:
         client.close()
+
+
+def test_the_sweep_takes_a_dead_programs_temporary_repository_and_nothing_else(tmp_path):
+    """``serve``'s cache repository is named with its owner's pid: once that program is gone (killed, so
+    nothing of it cleaned up) the next start's sweep removes the folder; a live owner's folder, a folder
+    of another name and a link stay."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = tmp_path / f"{OWNED_REPO_PREFIX}{dead.pid}-abc"
+    (gone / "tritonforge_cache" / "1").mkdir(parents=True)
+    (gone / "tritonforge_cache" / "1" / "model.py").write_text("# coordinator\n")
+    live = tmp_path / f"{OWNED_REPO_PREFIX}{os.getpid()}-abc"
+    live.mkdir()
+    other = tmp_path / "tritonforge-repository-of-someone"
+    other.mkdir()
+    link = tmp_path / f"{OWNED_REPO_PREFIX}{dead.pid}-link"
+    link.symlink_to(other)
+    removed = sweep_leftovers(shm_dir=str(tmp_path / "no-shm"), tmp_dir=str(tmp_path))
+    assert removed == [str(gone)]
+    assert not gone.exists() and live.is_dir() and other.is_dir() and link.is_symlink()
 
 
 def test_a_clean_stop_ends_the_watchdog_without_it_touching_anything(tmp_path):

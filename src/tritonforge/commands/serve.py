@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import tempfile
@@ -103,6 +104,7 @@ def serve(
     `tritonforge serve REPO -- --exit-timeout-secs=5 --log-info=false`.
     """
     from tritonforge.server import EmbeddedServer
+    from tritonforge.server.leftovers import OWNED_REPO_PREFIX
 
     extra_args = list((ctx.obj or {}).get(PASSTHROUGH, ()))
     from tritonforge.cache import CACHE_MODEL, cache_budget_from_options, write_cache_repository
@@ -114,7 +116,7 @@ def serve(
     repos: list[Path] = [repo]
     cache_repo = None
     if budget is not None:  # the coordinator in a repository of its own: REPO is never written
-        cache_repo = Path(tempfile.mkdtemp(prefix="tritonforge-cache-"))
+        cache_repo = Path(tempfile.mkdtemp(prefix=f"{OWNED_REPO_PREFIX}{os.getpid()}-"))
         repos.append(write_cache_repository(cache_repo, budget))
         model_control, load_model = ModelControl.explicit, [CACHE_MODEL, *pin, *load_model]
     try:

@@ -4,8 +4,8 @@ Three of them, from the gentlest to the last resort. SIGTERM is made a normal ex
 blocks, ``finally`` and atexit stop the servers (:func:`exit_cleanly_on_sigterm`). A watchdog process ends
 the server's process group when its owner dies, even by SIGKILL (:class:`Watchdog` is the owner's side;
 the process itself is ``_watchdog.py``, standard library only). And :func:`sweep_leftovers`, run by the
-next start, removes what a whole killed tree left (nothing of it ran to clean up): shared-memory regions
-and temporary logs.
+next start, removes what a whole killed tree left (nothing of it ran to clean up): shared-memory regions,
+temporary logs and the temporary repositories a program served beside its own (``serve``'s cache).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import contextlib
 import glob
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,13 +26,17 @@ from typing import Any
 
 from tritonforge.errors import ServerError
 
-__all__ = ["LOG_PREFIX", "Watchdog", "exit_cleanly_on_sigterm", "sweep_leftovers"]
+__all__ = ["LOG_PREFIX", "OWNED_REPO_PREFIX", "Watchdog", "exit_cleanly_on_sigterm", "sweep_leftovers"]
 
 #: the start of a temporary server log's name; the owner's pid follows (sweep_leftovers reads it)
 LOG_PREFIX = "tritonforge-server-"
 # tfg_<owner pid>_<hex>_... (this version) or tfg_<hex>_... (before the pid was in the name)
 _REGION = re.compile(r"^tfg_(?:(?P<pid>\d+)_)?[0-9a-f]{10}_")
 _LOG = re.compile(rf"^{LOG_PREFIX}(?P<pid>\d+)-[^/]*\.log$")
+#: the start of a temporary repository's folder name a program serves beside its own (the owner's pid and
+#: "-" follow): the folder goes with the program, or at the next start once the program is dead
+OWNED_REPO_PREFIX = "tritonforge-repo-"
+_OWNED_REPO = re.compile(rf"^{OWNED_REPO_PREFIX}(?P<pid>\d+)-[^/]+$")
 # a region named without its owner's pid is taken only once no process maps it and it is this old
 _UNOWNED_AGE_S = 120.0
 
@@ -135,7 +140,8 @@ def _mapped_regions() -> set[str]:
 def sweep_leftovers(shm_dir: str = "/dev/shm", tmp_dir: str | None = None) -> list[str]:
     """Remove what servers started here left behind when their whole process tree was killed (an OOM
     kill, ``kill -9`` of a process group: nothing of theirs ran to clean up): their Python backend's
-    shared-memory regions and their temporary logs. Returns the paths removed.
+    shared-memory regions, their temporary logs, and the temporary repositories their programs served
+    beside their own (:data:`OWNED_REPO_PREFIX`: ``serve``'s cache). Returns the paths removed.
 
     Never a live server's: a region goes only when the program that started its server is gone *and*
     no process maps it (a stub that outlived its server still does); a region named before owners were
@@ -173,4 +179,9 @@ def sweep_leftovers(shm_dir: str = "/dev/shm", tmp_dir: str | None = None) -> li
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(folder, name))
                     removed.append(os.path.join(folder, name))
+            match = _OWNED_REPO.match(name)
+            path = os.path.join(folder, name)
+            if match is not None and not _pid_alive(int(match.group("pid"))) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
     return removed
