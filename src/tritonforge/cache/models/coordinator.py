@@ -291,6 +291,13 @@ class TritonPythonModel:
         choices.sort(key=lambda c: c[0])
         return choices
 
+    def _next_unit(self, states, protect, evicted, recency=True):
+        """The least recently used unit that may go and has nothing evicted already, or None."""
+        for _, going in self._evictable(states, protect, recency):
+            if not set(going) & set(evicted):
+                return going
+        return None
+
     def _evict(self, unit, evicted):
         for model in reversed(unit):  # the ensemble first, then what it composed
             pb_utils.unload_model(model_name=model, unload_dependents=False)
@@ -319,9 +326,9 @@ class TritonPythonModel:
         evicted = []
         give_up = time.monotonic() + (self.idle_s if wait else 0.0)
         while self.max_models and self._loaded_count(states) - len(evicted) + len(missing) > self.max_models:
-            choices = [c for c in self._evictable(states, unit) if not set(c[1]) & set(evicted)]
-            if choices:
-                self._evict(choices[0][1], evicted)
+            going = self._next_unit(states, unit, evicted)
+            if going:
+                self._evict(going, evicted)
             elif time.monotonic() < give_up:
                 time.sleep(0.05)
             else:
@@ -329,16 +336,15 @@ class TritonPythonModel:
         # every candidate is busy: over max_models, never over the ceiling. Past it the least recently used
         # unit without queued requests goes (Triton finishes its executions; its next call is a miss)
         while self.max_models and self._loaded_count(states) - len(evicted) + len(missing) > self.ceiling:
-            choices = [c for c in self._evictable(states, unit, False) if not set(c[1]) & set(evicted)]
-            if not choices:
+            going = self._next_unit(states, unit, evicted, recency=False)
+            if not going:
                 break
-            self._evict(choices[0][1], evicted)
+            self._evict(going, evicted)
         if self.max_memory and self.costs:
             cost = sorted(self.costs)[len(self.costs) // 2] * len(missing)
             while self.memory_bytes() + cost > self.max_memory:
-                choices = [c for c in self._evictable(states, unit) if not set(c[1]) & set(evicted)]
-                if choices:
-                    going = choices[0][1]
+                going = self._next_unit(states, unit, evicted)
+                if going:
                     self._evict(going, evicted)
                     self._wait_unloaded(going)
                 elif time.monotonic() < give_up:
@@ -390,11 +396,11 @@ class TritonPythonModel:
             if after > self.max_memory:  # the estimate was low: make room now, the new unit excepted
                 states, evicted = self._states(), answer["evicted"]
                 while self.memory_bytes() > self.max_memory:
-                    choices = [c for c in self._evictable(states, unit) if not set(c[1]) & set(evicted)]
-                    if not choices:
+                    going = self._next_unit(states, unit, evicted)
+                    if not going:
                         break
-                    self._evict(choices[0][1], evicted)
-                    self._wait_unloaded(choices[0][1])
+                    self._evict(going, evicted)
+                    self._wait_unloaded(going)
         return answer
 
     def status(self, answer):
