@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,6 +11,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from conftest import triton_infer
+from triton_stats import counted_since, counts
 
 RNG = np.random.default_rng(7)
 
@@ -70,24 +70,15 @@ def test_variable_length_requests_are_answered_each_with_its_own_length(grpc):
 def test_concurrent_requests_run_in_fewer_larger_batches(server):
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
-        before = client.get_inference_statistics("mlp", as_json=True)["model_stats"][0]
+        before = counts(server.grpc_url, "mlp")
         x = RNG.standard_normal((64, 8)).astype(np.float32)
         with ThreadPoolExecutor(16) as pool:
             outs = list(
                 pool.map(lambda i: triton_infer(client, "mlp", {"x": x[i : i + 1]})["probs"], range(64))
             )
-        # Triton may answer a request before it counts it: read until the count settles (bounded)
-        deadline = time.monotonic() + 10
-        while True:
-            after = client.get_inference_statistics("mlp", as_json=True)["model_stats"][0]
-            counted = int(after.get("inference_count", 0)) - int(before.get("inference_count", 0))
-            if counted >= 64 or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
     finally:
         client.close()
-    inferences = int(after["inference_count"]) - int(before.get("inference_count", 0))
-    executions = int(after["execution_count"]) - int(before.get("execution_count", 0))
+    _, inferences, executions = counted_since(server.grpc_url, "mlp", before, 64)
     assert inferences == 64
     assert executions < inferences / 2, f"{executions} executions for {inferences} inferences: no batching"
     # batched answers are each request's own answer

@@ -13,15 +13,15 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from prometheus_client import CollectorRegistry
 
 import client_fixtures as cf
 import tiny_models
+from triton_stats import counts as counts_of
+from triton_stats import settled
 from tritonforge import AsyncClient, CircuitBreaker, Client, HealthCheck, Placement, RetryPolicy
 from tritonforge.client import Discovery, DnsTarget
 from tritonforge.client._pool import EndpointPool, rendezvous_score
@@ -31,7 +31,6 @@ from tritonforge.server import EmbeddedServer
 MODELS = [f"m{i}" for i in range(6)]
 X = {"x": np.ones((1, 8), np.float32)}
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
-T = TypeVar("T")
 
 
 def home(model: str, urls: list[str], replicas: int = 2) -> set[str]:
@@ -41,23 +40,11 @@ def home(model: str, urls: list[str], replicas: int = 2) -> set[str]:
 
 def successes(url: str, model: str) -> int:
     """The successful requests ``url``'s server counted for ``model`` (its statistics API)."""
-    with grpcclient.InferenceServerClient(url) as raw:
-        stats = raw.get_inference_statistics(model_name=model)
-    return sum(s.inference_stats.success.count for s in stats.model_stats)
+    return counts_of(url, model).requests
 
 
 def counts(urls: list[str]) -> dict[tuple[str, str], int]:
     return {(u, m): successes(u, m) for u in urls for m in MODELS}
-
-
-def settled(read: Callable[[], T], done: Callable[[T], bool], timeout_s: float = 10.0) -> T:
-    """``read()`` again until ``done`` holds (bounded): Triton may answer a request before it counts it."""
-    deadline = time.monotonic() + timeout_s
-    value = read()
-    while not done(value) and time.monotonic() < deadline:
-        time.sleep(0.1)
-        value = read()
-    return value
 
 
 @pytest.fixture(scope="module")
