@@ -159,3 +159,84 @@ def test_no_document_or_comment_names_a_development_session_or_issue_number() ->
             if HISTORY.search(line) and "github.com" not in line:
                 hits.append(f"{name}:{number}: {line.strip()}")
     assert hits == [], "\n".join(hits)
+
+
+#: a document says what the project is and measures, not how its code or a figure moved over time: each
+#: phrase names an earlier state of the code (a comparison kept as such needs a baseline the code still
+#: has, named with its flag); "session N" / "issue N" are HISTORY's, checked in every file above
+TOLD_HISTORY = re.compile(
+    r"\bbefore these changes\b"
+    r"|\bthe code before\b"
+    r"|\bnow/before\b|\bbefore/after\b"
+    r"|\bbefore and after\b(?!\s+(?:the|a|an|it|its|each|every|one)\b)"
+    r"|\bno longer\b"
+    r"|\d(?:\.\d+)? ?(?:µs|us|ms|s|x|%|MiB|GiB|MB|GB)? ?-> ?\d",  # "3.83 -> 3.12 ms"
+    re.IGNORECASE,
+)
+
+
+# Sections another branch is rewriting (page: heading): the lead removes each entry once it has landed.
+PENDING_HISTORY: dict[str, str] = {"docs/server.md": "What an idle model costs"}
+
+
+def told_history(text: str, *, skip_section: str | None = None) -> list[tuple[int, str]]:
+    """The lines of ``text`` that tell the history of the code (:data:`TOLD_HISTORY`), numbered from 1;
+    none under the ``## `` heading that starts with ``skip_section``."""
+    hits, skipping = [], False
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.startswith("## "):
+            skipping = skip_section is not None and line[3:].startswith(skip_section)
+        if not skipping and TOLD_HISTORY.search(line):
+            hits.append((number, line.strip()))
+    return hits
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        "Throughput unchanged: infer/s now/before 0.99x.",
+        "the same script run against the code before these changes",
+        "alternated with the same script on the code before",
+        "The figures (at 50 and 500 models, before and after) are in Benchmarks.",
+        "A NUL in a model name no longer reaches another model.",
+        "1.2x per sentence (3.83 -> 3.12 ms, 2.82 -> 2.34 ms)",
+        "p99 went 7.1 ms -> 5.9 ms",
+    ],
+)
+def test_a_document_telling_history_is_caught(history: str) -> None:
+    assert told_history(f"# A page\n\n{history}\n") == [(3, history)]
+
+
+@pytest.mark.parametrize(
+    "present",
+    [
+        "checks the load before a load, and the counters before and after the run",
+        "passes anything after `--` to tritonserver unchanged",
+        "served versions v1 -> v2; strings in -> 384-d embeddings out",
+        "growth 50 → 500 (linear: 10x)",
+    ],
+)
+def test_a_document_speaking_of_the_present_is_let_be(present: str) -> None:
+    assert told_history(present) == []
+
+
+def test_a_pending_section_is_skipped_and_only_it() -> None:
+    page = "## Figures\n\n1.2x (3.83 -> 3.12 ms)\n\n## Limits\n\nit no longer hangs\n"
+    assert told_history(page, skip_section="Figures") == [(7, "it no longer hangs")]
+    assert told_history(page, skip_section="Limits") == [(3, "1.2x (3.83 -> 3.12 ms)")]
+
+
+def test_no_document_tells_the_history_of_the_code() -> None:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    hits = [
+        f"{page.relative_to(ROOT)}:{number}: {line}"
+        for page in pages
+        for number, line in told_history(
+            page.read_text(encoding="utf-8"),
+            skip_section=PENDING_HISTORY.get(page.relative_to(ROOT).as_posix()),
+        )
+    ]
+    assert hits == [], (
+        "say what is true of the project today (a figure with its date, machine, command):\n"
+        + ("\n".join(hits))
+    )
