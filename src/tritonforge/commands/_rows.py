@@ -3,18 +3,35 @@
 ``models`` and ``monitor`` narrow their rows the same way: ``--match PATTERN`` (shell patterns on the model
 name, repeatable), ``--sort KEY`` and ``--limit N``. A table shows at most :data:`TABLE_ROWS` rows unless
 ``--limit`` says otherwise (0: all) and says in its caption how many it left out; ``--json`` carries every
-row unless ``--limit`` is given.
+row unless ``--limit`` is given. :data:`MATCH` and :func:`limit_option` are those options, declared once.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Sequence
+from typing import Any
 
-__all__ = ["TABLE_ROWS", "hidden_line", "matching", "rows_shown"]
+import typer
+
+__all__ = ["MATCH", "TABLE_ROWS", "hidden_line", "limit_option", "matching", "rows_shown"]
 
 #: rows a table shows when --limit is not given (a terminal's worth; --limit 0 shows all)
 TABLE_ROWS = 50
+
+MATCH: Any = typer.Option(
+    [], help="Only models whose name matches this shell pattern (e.g. 'digits_*'); repeatable."
+)
+"""``--match PATTERN``, read by :func:`matching`."""
+
+
+def limit_option(rows: str) -> Any:
+    """``--limit N`` over a listing of ``rows`` ("models", "versions"), read by :func:`rows_shown`."""
+    return typer.Option(
+        None,
+        min=0,
+        help=f"Show the first N {rows} (0: all). Default: {TABLE_ROWS} in the table, all in --json.",
+    )
 
 
 def matching(names: Iterable[str], patterns: Sequence[str]) -> list[str]:

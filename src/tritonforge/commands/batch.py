@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from tritonforge.commands import fail, print_error
+from tritonforge.commands._options import json_flag, out_option
 from tritonforge.commands._output import print_json
 from tritonforge.commands._renamed import renamed
 from tritonforge.commands.access import with_access
@@ -142,9 +143,7 @@ def register(app: typer.Typer) -> None:
         input: list[str] = typer.Option(
             ..., "--input", help="Parquet/CSV/JSONL/NumPy file, folder or glob; repeatable."
         ),
-        output: Path = typer.Option(
-            ..., "--out", "-o", help="Folder for the Parquet shards and the manifest."
-        ),
+        output: Path = out_option(None, "Folder for the Parquet shards and the manifest."),
         map_: list[str] = typer.Option(
             [], "--map", help="INPUT=COLUMN, INPUT=col_a,col_b or INPUT='col_*' (default: by name)."
         ),
@@ -163,9 +162,7 @@ def register(app: typer.Typer) -> None:
         no_streams: bool = typer.Option(
             False, "--no-streams", help="Every request a gRPC call (not messages of the lanes' own streams)."
         ),
-        as_json: bool = typer.Option(
-            False, "--json", help="The run's figures as JSON on stdout instead of the tables."
-        ),
+        as_json: bool = json_flag("The run's figures as JSON on stdout instead of the tables."),
         access: object = None,
     ) -> None:
         """Run MODEL on every row of --input; write row_id + outputs as Parquet shards into --out.

@@ -16,6 +16,7 @@ import typer
 from rich.table import Table
 
 from tritonforge.commands import err_console, fail, print_error, reported
+from tritonforge.commands._options import json_flag, out_option, repo_option
 from tritonforge.commands._output import make_console, print_json
 from tritonforge.commands.registry import ModelSort, models
 from tritonforge.errors import ExportError, QuantizationError, RepositoryError, TritonForgeError
@@ -115,11 +116,17 @@ def _parse_axes(specs: Sequence[str], names: Sequence[str]) -> dict[str, dict[in
     return axes
 
 
+# export and quantize register what they made and report its figures alike
+_NAME = typer.Option(None, help="The model's name in --repo.")
+_MAX_BATCH_SIZE = typer.Option(None, help="max_batch_size of the registered model.")
+_JSON_FIGURES = json_flag("The figures (and where it was registered) as JSON.")
+
+
 def export(
     source: str = typer.Argument(
         ..., help="A pickled model (.pkl/.joblib/.pt) or 'package.module:attribute'."
     ),
-    out: Path = typer.Option(..., "--out", "-o", help="The artifact to write (.onnx or .pt)."),
+    out: Path = out_option(None, "The artifact to write (.onnx or .pt)."),
     sample: Path = typer.Option(
         ..., help="Sample inputs (.npy, or .npz of named arrays) to check the export on."
     ),
@@ -135,10 +142,10 @@ def export(
     atol: float = typer.Option(1e-4, help="Largest abs difference from the source that passes."),
     labels: Path | None = typer.Option(None, help="True labels (.npy) for accuracy figures."),
     repo: Path | None = typer.Option(None, help="Also register the artifact in this repository."),
-    name: str | None = typer.Option(None, help="The model's name in --repo."),
-    max_batch_size: int | None = typer.Option(None, help="max_batch_size of the registered model."),
+    name: str | None = _NAME,
+    max_batch_size: int | None = _MAX_BATCH_SIZE,
     force: bool = typer.Option(False, help="Register it even if the check failed."),
-    as_json: bool = typer.Option(False, "--json", help="The figures (and where it was registered) as JSON."),
+    as_json: bool = _JSON_FIGURES,
 ) -> None:
     """Export a torch module or scikit-learn estimator, check it against its source, register it (--repo)."""
     from tritonforge.export import export_onnx, export_sklearn, export_torchscript
@@ -235,7 +242,7 @@ def _maybe_register(
 
 def quantize(
     source: Path = typer.Argument(..., help="The FP32 ONNX model."),
-    out: Path = typer.Option(..., "--out", "-o", help="The quantized model to write."),
+    out: Path = out_option(None, "The quantized model to write."),
     mode: QuantizeMode = typer.Option(
         QuantizeMode.int8_dynamic, help="INT8 weights only, INT8 calibrated, or FP16."
     ),
@@ -252,10 +259,10 @@ def quantize(
     min_cosine_min: float = typer.Option(0.95, help="Tolerance: least minimum cosine similarity."),
     max_accuracy_drop: float = typer.Option(0.01, help="Tolerance: largest accuracy loss (with --labels)."),
     repo: Path | None = typer.Option(None, help="Also register the result in this repository."),
-    name: str | None = typer.Option(None, help="The model's name in --repo."),
-    max_batch_size: int | None = typer.Option(None, help="max_batch_size of the registered model."),
+    name: str | None = _NAME,
+    max_batch_size: int | None = _MAX_BATCH_SIZE,
     force: bool = typer.Option(False, help="Register it even if it failed its tolerance."),
-    as_json: bool = typer.Option(False, "--json", help="The figures (and where it was registered) as JSON."),
+    as_json: bool = _JSON_FIGURES,
 ) -> None:
     """Quantize an ONNX model (INT8 dynamic/static, FP16) and verify it against the FP32 source."""
     from tritonforge.quantize import Tolerance, quantize_dynamic, quantize_static, to_fp16
@@ -310,7 +317,7 @@ def quantize(
 
 
 def build(
-    repo: Path = typer.Option(Path("model_repository"), help="The repository to build into."),
+    repo: Path = repo_option("The repository to build into."),
     tools: Path | None = typer.Option(
         None, help="A folder of your own build_*.py scripts (default: the example builders shipped here)."
     ),
@@ -363,7 +370,7 @@ def build(
 
 
 def demo(
-    repo: Path = typer.Option(Path("model_repository"), help="The example repository to build and serve."),
+    repo: Path = repo_option("The example repository to build and serve."),
     build: bool = typer.Option(True, help="Run `tritonforge build` first (unchanged models are skipped)."),
     frameworks: bool = typer.Option(True, help="Also serve a torch MLP as ONNX and as TorchScript."),
     requests: int = typer.Option(0, help="Digits sent in the frameworks part (default: the test split)."),

@@ -11,6 +11,7 @@ import typer
 from rich.text import Text
 
 from tritonforge.commands import print_error
+from tritonforge.commands._options import SPECS, json_flag, repo_option
 from tritonforge.commands._output import make_console, print_json, print_problems
 
 if TYPE_CHECKING:
@@ -50,9 +51,9 @@ def _print_issues(issues: Sequence[Issue]) -> None:
 
 @ensemble_app.command()
 def check(
-    specs: list[Path] = typer.Argument(..., help="Spec files or folders of *.yaml."),
-    repo: Path = typer.Option(Path("model_repository"), help="The model repository the steps come from."),
-    as_json: bool = typer.Option(False, "--json", help="The pipelines and problems as JSON."),
+    specs: list[Path] = SPECS,
+    repo: Path = repo_option("The model repository the steps come from."),
+    as_json: bool = json_flag("The pipelines and problems as JSON."),
 ) -> None:
     """Check SPECS against REPO and print every problem found (not only the first)."""
     from tritonforge.ensemble import check_specs
@@ -88,12 +89,12 @@ def _pipeline(item: Any) -> dict[str, Any]:
 
 @ensemble_app.command("compile")
 def compile_command(
-    specs: list[Path] = typer.Argument(..., help="Spec files or folders of *.yaml."),
-    repo: Path = typer.Option(Path("model_repository"), help="The model repository to write into."),
+    specs: list[Path] = SPECS,
+    repo: Path = repo_option("The model repository to write into."),
     fuse: bool = typer.Option(
         True, help="Fuse an ONNX step and the mean pooling after it into one ONNX model (same answer)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="The files written (or the problems) as JSON."),
+    as_json: bool = json_flag("The files written (or the problems) as JSON."),
 ) -> None:
     """Check SPECS, then write their ensembles, building blocks and routers into REPO (nothing on error)."""
     from tritonforge.ensemble import PipelineCheckError, compile_specs

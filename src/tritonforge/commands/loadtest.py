@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tritonforge.commands import err_console, fail, print_error
+from tritonforge.commands._options import json_flag, out_option, repo_option
 from tritonforge.commands._output import make_console, print_json
 from tritonforge.commands._renamed import renamed
 from tritonforge.commands.access import with_access
@@ -108,12 +109,10 @@ def bench_command(
     url: str | None = typer.Option(
         None, help="A running server's gRPC HOST:PORT (default: start the embedded server on --repo)."
     ),
-    repo: Path = typer.Option(Path("model_repository"), help="The repository for the embedded server."),
+    repo: Path = repo_option("The repository for the embedded server."),
     concurrency: str | None = typer.Option(None, help="Closed-loop levels: '1,2,4' or '1:16' (powers of 2)."),
     request_rate: str | None = typer.Option(None, help="Open-loop levels in requests/s: '100,200,400'."),
-    out: Path = typer.Option(
-        Path("bench_results"), "--out", "-o", help="Where sweep.csv, sweep.json, report.html go."
-    ),
+    out: Path = out_option(Path("bench_results"), "Where sweep.csv, sweep.json, report.html go."),
     window_s: float = typer.Option(2.0, help="Length of one measurement window."),
     stability_percent: float = typer.Option(10.0, help="Windows agree when within this percentage."),
     max_windows: int = typer.Option(10, help="Give up on stability after this many windows per level."),
@@ -122,7 +121,7 @@ def bench_command(
     client: Sender = typer.Option(
         Sender.tritonforge, help="What sends: 'tritonforge' (AsyncClient) or 'tritonclient' (raw)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print sweep.json's document instead of a table."),
+    as_json: bool = json_flag("Print sweep.json's document instead of a table."),
     access: object = None,
 ) -> None:
     """Sweep MODEL over concurrency levels or request rates, like perf_analyzer; write CSV, JSON and HTML."""
@@ -181,10 +180,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def tune_command(
     model: str = typer.Argument(..., help="The model (or ensemble: its composing models are tuned) to tune."),
     p99_budget_ms: float = typer.Option(..., help="The p99 latency every accepted config must meet."),
-    repo: Path = typer.Option(
-        Path("model_repository"),
-        help="The repository (served by the embedded server with explicit model control).",
-    ),
+    repo: Path = repo_option("The repository (served by the embedded server with explicit model control)."),
     concurrency: str = typer.Option(
         "1,4,16", help="Levels swept per config (stops at the first over budget)."
     ),
@@ -214,10 +210,8 @@ def tune_command(
         help="Write the winning config(s) into the repository, and the layout chosen and why into the "
         "manifest of the version measured.",
     ),
-    out: Path = typer.Option(
-        Path("tune_results"), "--out", "-o", help="Where tune.json, tune.csv and report.html go."
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Print tune.json's document instead of a table."),
+    out: Path = out_option(Path("tune_results"), "Where tune.json, tune.csv and report.html go."),
+    as_json: bool = json_flag("Print tune.json's document instead of a table."),
 ) -> None:
     """Find the config of MODEL with the highest throughput whose p99 stays within the budget."""
     from tritonforge.loadtest.search import PREFERRED_KINDS, SearchSpace

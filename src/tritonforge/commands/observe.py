@@ -14,9 +14,10 @@ from rich.table import Table
 from rich.text import Text
 
 from tritonforge.commands import fail
+from tritonforge.commands._options import json_flag, out_option
 from tritonforge.commands._output import make_console
 from tritonforge.commands._renamed import deprecated, renamed
-from tritonforge.commands._rows import TABLE_ROWS, rows_shown
+from tritonforge.commands._rows import MATCH, TABLE_ROWS, limit_option, rows_shown
 from tritonforge.commands.access import with_access
 from tritonforge.errors import TritonForgeError
 
@@ -24,6 +25,7 @@ console = make_console()
 
 
 _fail = fail  # one way to report errors for every verb (tritonforge.commands)
+_JSON_TABLE = json_flag("JSON instead of a table.")  # drift and cost
 
 
 class MonitorSort(str, Enum):
@@ -48,24 +50,18 @@ def monitor(
     ),
     interval_s: float = typer.Option(2.0, help="Seconds between readings."),
     once: bool = typer.Option(False, help="One interval, then exit."),
-    as_json: bool = typer.Option(False, "--json", help="JSON (one object per interval) instead of a table."),
+    as_json: bool = json_flag("JSON (one object per interval) instead of a table."),
     price_per_hour: float | None = typer.Option(
         None, help="The hourly price of one server: adds the cost of 1,000 inferences per model."
     ),
     active: bool = typer.Option(False, help="Only models that served requests in the interval."),
-    match: list[str] = typer.Option(
-        [], help="Only models whose name matches this shell pattern (e.g. 'digits_*'); repeatable."
-    ),
+    match: list[str] = MATCH,
     sort: MonitorSort = typer.Option(
         MonitorSort.name,
         help="Order the models by name, or by a figure of their totals (largest first): requests/s, "
         "failures/s, p99, mean latency, queue time, busy instances.",
     ),
-    limit: int | None = typer.Option(
-        None,
-        min=0,
-        help=f"Show the first N models (0: all). Default: {TABLE_ROWS} in the table, all in --json.",
-    ),
+    limit: int | None = limit_option("models"),
     gpu: bool = typer.Option(
         False,
         "--gpu",
@@ -87,7 +83,7 @@ def monitor(
         table = render(narrowed(snap))
         return Group(table, render_gpus(snap)) if gpu else table
 
-    if ctx.args:  # the metrics endpoints were positional before --metrics-url
+    if ctx.args:  # endpoints given as arguments: the deprecated spelling of --metrics-url
         deprecated("URL...", "--metrics-url URL", command=ctx.command_path)
     urls, grpc, interval = [*ctx.args, *metrics_url], url, interval_s
     if not urls:
@@ -125,7 +121,7 @@ def monitor(
 
 def slo(
     spec: Path = typer.Argument(..., help="The SLO file (see observe/slo.example.yaml)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for rules.yml and dashboard.json."),
+    out: Path = out_option(None, "Folder for rules.yml and dashboard.json."),
 ) -> None:
     """Turn per-model objectives into Prometheus rules (DIR/rules.yml) and a Grafana dashboard."""
     from tritonforge.observe.slo import DASHBOARD_ROWS, load_slo, rules, write
@@ -195,7 +191,7 @@ def drift(
     metrics_file: Path | None = typer.Option(
         None, help="Write the scores as Prometheus gauges (textfile-collector format) here."
     ),
-    as_json: bool = typer.Option(False, "--json", help="JSON instead of a table."),
+    as_json: bool = _JSON_TABLE,
 ) -> None:
     """Compare sampled traffic with the model's reference profile.
 
@@ -286,7 +282,7 @@ def cost(
     ),
     price_per_hour: float = typer.Option(..., help="What the server costs per hour (any currency)."),
     p99_budget_ms: float | None = typer.Option(None, help="Only levels whose p99 stays within this."),
-    as_json: bool = typer.Option(False, "--json", help="JSON instead of a table."),
+    as_json: bool = _JSON_TABLE,
 ) -> None:
     """Cost of 1,000 inferences per model, configuration and load level of a bench run."""
     from tritonforge.observe.cost import bench_costs, cheapest, read_sweeps

@@ -11,8 +11,16 @@ import typer
 from rich.table import Table
 
 from tritonforge.commands import fail, print_error
+from tritonforge.commands._options import (
+    ON_GATE_FAIL,
+    REASON,
+    REPO_ARGUMENT,
+    json_flag,
+    no_worse_than_serving_flag,
+    require_option,
+)
 from tritonforge.commands._output import make_console, plain, print_json
-from tritonforge.commands._rows import TABLE_ROWS, hidden_line, matching, rows_shown
+from tritonforge.commands._rows import MATCH, hidden_line, limit_option, matching, rows_shown
 from tritonforge.commands.access import with_access
 from tritonforge.errors import RepositoryError, TritonForgeError
 
@@ -46,19 +54,13 @@ class ModelSort(str, Enum):
 
 
 def models(
-    repo: Path = typer.Argument(..., help="The model repository."),
-    as_json: bool = typer.Option(False, "--json", help="Every version with its manifest, as JSON."),
-    match: list[str] = typer.Option(
-        [], help="Only models whose name matches this shell pattern (e.g. 'digits_*'); repeatable."
-    ),
+    repo: Path = REPO_ARGUMENT,
+    as_json: bool = json_flag("Every version with its manifest, as JSON."),
+    match: list[str] = MATCH,
     sort: ModelSort = typer.Option(
         ModelSort.name, help="Order: by model name and version, newest first, or largest first."
     ),
-    limit: int | None = typer.Option(
-        None,
-        min=0,
-        help=f"Show the first N versions (0: all). Default: {TABLE_ROWS} in the table, all in --json.",
-    ),
+    limit: int | None = limit_option("versions"),
 ) -> None:
     """List the models and versions in REPO with their figures and which version is served; a model in
     the middle of a rollout shows its phase, step and share (its twin is not listed as a model)."""
@@ -142,18 +144,25 @@ def _served(served: bool, version: int, state: Any) -> str:
     return f"[yellow]{kind} {share:g}%[/] ({state.phase}, {state.step_label})"
 
 
+# promote and rollback: the same model, the same override, the same live reload and the same JSON
+_NAME = typer.Argument(..., help="The model.")
+_FORCE = typer.Option(False, help="Even if an ensemble pins another version of NAME.")
+_RELOAD_URL = typer.Option(None, help="Also reload it on this running server (no downtime).")
+_JSON_EVENT = json_flag("Print the audit event as JSON.")
+
+
 @with_access
 def promote(
-    repo: Path = typer.Argument(..., help="The model repository."),
-    name: str = typer.Argument(..., help="The model."),
+    repo: Path = REPO_ARGUMENT,
+    name: str = _NAME,
     version: int = typer.Argument(..., help="The version to serve."),
-    reason: str | None = typer.Option(None, help="Why (kept in the audit log)."),
-    force: bool = typer.Option(False, help="Even if an ensemble pins another version of NAME."),
-    url: str | None = typer.Option(None, help="Also reload it on this running server (no downtime)."),
-    require: list[str] = typer.Option([], help="Gate on VERSION's evaluation, e.g. 'accuracy>=0.97'."),
-    no_worse_than_serving: bool = typer.Option(False, help="Gate: VERSION's figures >= the served one's."),
-    on_gate_fail: str | None = typer.Option(None, help="A command run when a gate fails (retraining hook)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the audit event as JSON."),
+    reason: str | None = REASON,
+    force: bool = _FORCE,
+    url: str | None = _RELOAD_URL,
+    require: list[str] = require_option("VERSION's"),
+    no_worse_than_serving: bool = no_worse_than_serving_flag("VERSION's"),
+    on_gate_fail: str | None = ON_GATE_FAIL,
+    as_json: bool = _JSON_EVENT,
     access: object = None,
 ) -> None:
     """Serve VERSION of NAME (its config's version policy), and record it in the audit log."""
@@ -198,13 +207,13 @@ def promote(
 
 @with_access
 def rollback(
-    repo: Path = typer.Argument(..., help="The model repository."),
-    name: str = typer.Argument(..., help="The model."),
+    repo: Path = REPO_ARGUMENT,
+    name: str = _NAME,
     to: int | None = typer.Option(None, help="The version to serve (default: the one served before)."),
-    reason: str | None = typer.Option(None, help="Why (kept in the audit log)."),
-    force: bool = typer.Option(False, help="Even if an ensemble pins another version of NAME."),
-    url: str | None = typer.Option(None, help="Also reload it on this running server (no downtime)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the audit event as JSON."),
+    reason: str | None = REASON,
+    force: bool = _FORCE,
+    url: str | None = _RELOAD_URL,
+    as_json: bool = _JSON_EVENT,
     access: object = None,
 ) -> None:
     """Serve the version NAME served before (or --to), and record it in the audit log."""

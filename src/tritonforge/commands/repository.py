@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from tritonforge.commands import fail, print_error
+from tritonforge.commands._options import json_flag
 from tritonforge.commands._output import make_console, plain, print_json, print_problems
 from tritonforge.errors import TritonForgeError
 
@@ -36,7 +37,7 @@ def add_model_command(
     version: int | None = typer.Option(
         None, min=1, max=2**63 - 1, help="Version number (default: the next one)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="The version written and its config as JSON."),
+    as_json: bool = json_flag("The version written and its config as JSON."),
 ) -> None:
     """Add FILE as a new version of model NAME in REPO, with a config read off the file."""
     from tritonforge.repository import add_model
@@ -76,9 +77,7 @@ def validate(
     strict: bool = typer.Option(
         False, help="With --target: fail when a Python model needs a package its requirements.txt lacks."
     ),
-    as_json: bool = typer.Option(
-        False, "--json", help="The problems (and live results) as JSON; --target's list goes to stderr."
-    ),
+    as_json: bool = json_flag("The problems (and live results) as JSON; --target's list goes to stderr."),
 ) -> None:
     """Check REPO offline (layout, configs, files, signatures) and, with --live, on a real server."""
     from tritonforge.commands.build import print_python_requirements

@@ -14,6 +14,15 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from tritonforge.commands import err_console, fail, print_error
+from tritonforge.commands._options import (
+    ON_GATE_FAIL,
+    REASON,
+    REPO_ARGUMENT,
+    json_flag,
+    no_worse_than_serving_flag,
+    repo_option,
+    require_option,
+)
 from tritonforge.commands._output import make_console, plain, print_json
 from tritonforge.commands._renamed import deprecated, renamed
 from tritonforge.commands.access import with_access
@@ -68,10 +77,11 @@ def register(app: typer.Typer) -> None:
 
 _MODEL = typer.Argument(..., help="The model whose traffic moves (apps keep calling this name).")
 _URL = typer.Option("localhost:8001", "--url", help="The Triton server's gRPC address (HOST:PORT).")
-_REPO = typer.Option(Path("model_repository"), "--repo", help="The model repository the server serves.")
+_REPO = repo_option("The model repository the server serves.")
 _ON_SIGNAL = typer.Option(
     OnSignal.pause, "--on-signal", help="What Ctrl-C / SIGTERM do to the rollout: pause it or abort it."
 )
+_JSON_OUTCOME = json_flag("Print the outcome as JSON (the event lines go to stderr).")
 
 
 def _driver(
@@ -129,14 +139,12 @@ def start_command(
         None, help="A candidate call slower than this is answered by stable (and counted as an error)."
     ),
     thresholds: Path | None = typer.Option(None, help="Thresholds from a JSON/YAML file (flags override)."),
-    require: list[str] = typer.Option([], help="Gate on the candidate's evaluation, e.g. 'accuracy>=0.97'."),
-    no_worse_than_serving: bool = typer.Option(False, help="Gate: candidate's figures >= the served one's."),
-    on_gate_fail: str | None = typer.Option(None, help="A command run when a gate fails (retraining hook)."),
+    require: list[str] = require_option("the candidate's"),
+    no_worse_than_serving: bool = no_worse_than_serving_flag("candidate's"),
+    on_gate_fail: str | None = ON_GATE_FAIL,
     on_signal: OnSignal = _ON_SIGNAL,
-    reason: str | None = typer.Option(None, help="Why (kept in the audit log)."),
-    as_json: bool = typer.Option(
-        False, "--json", help="Print the outcome as JSON (the event lines go to stderr)."
-    ),
+    reason: str | None = REASON,
+    as_json: bool = _JSON_OUTCOME,
     access: object = None,
 ) -> None:
     """Move MODEL's live traffic to version --to: a shadow step, then the steps, each judged on live evidence;
@@ -186,7 +194,7 @@ def start_command(
 def status_command(
     model: str = _MODEL,
     repo: Path = _REPO,
-    as_json: bool = typer.Option(False, "--json", help="Print the state as JSON."),
+    as_json: bool = json_flag("Print the state as JSON."),
     url: str | None = typer.Option(None, "--url", hidden=True),
 ) -> None:
     """Show MODEL's rollout in progress: phase, step, share, and whether a live controller drives it."""
@@ -242,7 +250,7 @@ def pause_command(
     model: str = _MODEL,
     url: str = _URL,
     repo: Path = _REPO,
-    as_json: bool = typer.Option(False, "--json", help="Print the request as JSON."),
+    as_json: bool = json_flag("Print the request as JSON."),
     access: object = None,
 ) -> None:
     """Hold MODEL's rollout at its current step until `rollout resume`."""
@@ -265,9 +273,7 @@ def resume_command(
     url: str = _URL,
     repo: Path = _REPO,
     on_signal: OnSignal = _ON_SIGNAL,
-    as_json: bool = typer.Option(
-        False, "--json", help="Print the outcome as JSON (the event lines go to stderr)."
-    ),
+    as_json: bool = _JSON_OUTCOME,
     access: object = None,
 ) -> None:
     """Carry on MODEL's paused or interrupted rollout (the split is loaded again first)."""
@@ -284,10 +290,8 @@ def abort_command(
     model: str = _MODEL,
     url: str = _URL,
     repo: Path = _REPO,
-    reason: str | None = typer.Option(None, help="Why (kept in the audit log)."),
-    as_json: bool = typer.Option(
-        False, "--json", help="Print the outcome as JSON (the event lines go to stderr)."
-    ),
+    reason: str | None = REASON,
+    as_json: bool = _JSON_OUTCOME,
     access: object = None,
 ) -> None:
     """Roll MODEL's rollout back now: all traffic to stable, the model as it was."""
@@ -379,12 +383,12 @@ def evaluate_command(
     data: Path = typer.Option(..., help="A labelled holdout (.npz with the model's inputs and 'labels')."),
     version: int | None = typer.Option(None, help="The version (default: the served one)."),
     url: str = typer.Option("localhost:8001", help="The Triton server's gRPC address."),
-    repo: Path = typer.Option(Path("model_repository"), help="The repository whose manifest records it."),
+    repo: Path = repo_option("The repository whose manifest records it."),
     output: str | None = typer.Option(
         None, "--output-name", help="The output to score (default: the model's first)."
     ),
     batch_size: int = typer.Option(64, help="Rows per request."),
-    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON instead of a table."),
+    as_json: bool = json_flag("Print the figures as JSON instead of a table."),
     access: object = None,
 ) -> None:
     """Run a labelled holdout through the server and record the figures in the version's manifest."""
@@ -415,8 +419,8 @@ def evaluate_command(
 
 
 def audit_command(
-    repo: Path = typer.Argument(..., help="The model repository."),
-    as_json: bool = typer.Option(False, "--json", help="Print the events as a JSON list."),
+    repo: Path = REPO_ARGUMENT,
+    as_json: bool = json_flag("Print the events as a JSON list."),
     model: str | None = typer.Option(None, help="Only this model's events."),
     last: int | None = typer.Option(None, min=1, help="Only the last N events (N >= 1)."),
 ) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from tritonforge.commands import reported
+from tritonforge.commands._options import json_flag
 from tritonforge.commands._output import make_console
 
 console = make_console()
@@ -24,7 +25,7 @@ def push(
         help="Where: s3://BUCKET/PREFIX, s3://http://HOST:PORT/BUCKET/PREFIX (S3-compatible), "
         "gs://BUCKET/PREFIX or as://ACCOUNT/CONTAINER/PREFIX; credentials from the environment.",
     ),
-    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    json_output: bool = json_flag("Print the result as JSON."),
 ) -> None:
     """Upload REPO to the object store at URL (unchanged files skipped, configs last); print the
     --model-repository URL Triton serves it from."""
