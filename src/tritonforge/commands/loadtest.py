@@ -102,6 +102,19 @@ def _levels_table(result: Any) -> Table:
     return table
 
 
+# how bench and tune measure a level: windows until they agree (each verb with its own defaults)
+def _window_s(default: float) -> Any:
+    return typer.Option(default, help="Length of one measurement window.")
+
+
+def _stability_percent(default: float) -> Any:
+    return typer.Option(default, help="Windows agree when within this percentage.")
+
+
+def _max_windows(default: int) -> Any:
+    return typer.Option(default, help="Give up on stability after this many windows per level.")
+
+
 @renamed({"--repository": "--repo", "--output": "--out", "--batch": "--batch-size"})
 @with_access
 def bench_command(
@@ -113,9 +126,9 @@ def bench_command(
     concurrency: str | None = typer.Option(None, help="Closed-loop levels: '1,2,4' or '1:16' (powers of 2)."),
     request_rate: str | None = typer.Option(None, help="Open-loop levels in requests/s: '100,200,400'."),
     out: Path = out_option(Path("bench_results"), "Where sweep.csv, sweep.json, report.html go."),
-    window_s: float = typer.Option(2.0, help="Length of one measurement window."),
-    stability_percent: float = typer.Option(10.0, help="Windows agree when within this percentage."),
-    max_windows: int = typer.Option(10, help="Give up on stability after this many windows per level."),
+    window_s: float = _window_s(2.0),
+    stability_percent: float = _stability_percent(10.0),
+    max_windows: int = _max_windows(10),
     batch_size: int = typer.Option(1, help="Rows per request (for inputs generated from the config)."),
     data: Path | None = typer.Option(None, help="Real inputs: an .npz with one array per input name."),
     client: Sender = typer.Option(
@@ -195,9 +208,9 @@ def tune_command(
     preferred: str = typer.Option(
         "none,max", help="Preferred batch sizes: none, max (\\[mbs]), half (\\[mbs/2, mbs])."
     ),
-    window_s: float = typer.Option(1.0, help="Length of one measurement window."),
-    stability_percent: float = typer.Option(15.0, help="Windows agree when within this percentage."),
-    max_windows: int = typer.Option(6, help="Give up on stability after this many windows per level."),
+    window_s: float = _window_s(1.0),
+    stability_percent: float = _stability_percent(15.0),
+    max_windows: int = _max_windows(6),
     max_trials: int | None = typer.Option(
         None, help="Configs to try at most (default: a third of the space)."
     ),
