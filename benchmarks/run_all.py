@@ -70,6 +70,7 @@ PLANS: dict[str, Plan] = {
     ),
     "toolchain_scale": Plan(quick=("--sizes", "20,50", "--repeat", "1", "--validate-live", "5"), json=True),
     "tokenizer_wordpiece": Plan(quick=("--texts", "256"), rounds=True, json=True),
+    "token_packing": Plan(quick=("--seconds", "0.3"), rounds=True, json=True, repo=True),
     "tuner_search": Plan(quick=("--window-s", "0.3", "--confirm", "1", "--concurrency", "4"), json=True),
 }
 
