@@ -232,3 +232,16 @@ def perf_analyzer_run_args(doc: str | None, concurrency: str) -> tuple[Any, str,
     if exe is None:
         sys.exit("perf_analyzer not found: pass --perf-analyzer PATH or set $PERF_ANALYZER")
     return args, exe, [int(c) for c in args.concurrency.split(",")]
+
+
+def load_wordpiece() -> type:
+    """The tokenizer block's standard-library ``WordPiece`` class, loaded from the file the block ships."""
+    import importlib.util
+
+    from tritonforge.ensemble.blocks import model_file
+
+    spec = importlib.util.spec_from_file_location("wordpiece", model_file("wordpiece"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.WordPiece  # type: ignore[no-any-return]

@@ -19,7 +19,6 @@ Figures from a shared machine are noise; re-measure on a quiet one before quotin
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -31,10 +30,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import alternating, machine_stamp, spread, wide_console
+from _common import alternating, load_wordpiece, machine_stamp, spread, wide_console
 
 from tritonforge.ensemble._onnx_surgery import write_fused
-from tritonforge.ensemble.blocks import DEFAULT_TOKENIZER, block_model, model_file
+from tritonforge.ensemble.blocks import DEFAULT_TOKENIZER, block_model
 from tritonforge.loadtest.payloads import SENTENCES
 
 ENCODER = "minilm_encoder"
@@ -45,12 +44,8 @@ VARIANTS = ("cut alone", "packed")
 
 def tokenised(batch: int) -> list[dict[str, np.ndarray]]:
     """The sentences in batches of ``batch``, each padded to its longest row."""
-    spec = importlib.util.spec_from_file_location("wordpiece", model_file("wordpiece"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     path = str(block_model("t", "tokenizer", {"tokenizer": DEFAULT_TOKENIZER}).extra_files[0])
-    pieces = module.WordPiece(path, MAX_LENGTH)
+    pieces = load_wordpiece()(path, MAX_LENGTH)
     ids = [pieces.encode(text) for text in SENTENCES]
     feeds = []
     for start in range(0, len(ids), batch):
@@ -128,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             highlight=False,
         )
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine_stamp(), "results": results}, indent=2))
+        args.json.write_text(json.dumps({"machine": stamp, "results": results}, indent=2))
     return 0
 
 

@@ -18,7 +18,6 @@ Figures from a shared machine are noise; re-measure on a quiet one before quotin
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -29,20 +28,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import alternating, machine_stamp, spread, wide_console
+from _common import alternating, load_wordpiece, machine_stamp, spread, wide_console
 
-from tritonforge.ensemble.blocks import DEFAULT_TOKENIZER, block_model, model_file
+from tritonforge.ensemble.blocks import DEFAULT_TOKENIZER, block_model
 from tritonforge.loadtest.payloads import SENTENCES
 
 MAX_LENGTH = 256
-
-
-def load_wordpiece() -> type:
-    spec = importlib.util.spec_from_file_location("wordpiece", model_file("wordpiece"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.WordPiece  # type: ignore[no-any-return]
 
 
 def corpora(count: int) -> dict[str, list[str]]:
