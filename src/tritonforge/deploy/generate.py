@@ -35,7 +35,9 @@ from typing import Any
 
 import yaml
 
+from tritonforge.cache import CACHE_MODEL, CacheBudget
 from tritonforge.deploy import kube, scaling, tools
+from tritonforge.deploy.cache import cache_files, cache_memory_request
 from tritonforge.deploy.canary import canary_patches, canary_plan, step_file
 from tritonforge.deploy.extras import compose_file, inference_service
 from tritonforge.deploy.gpu import gpu_capable_models, rewrite_for_gpus
@@ -113,7 +115,10 @@ def _adapter_prometheus(url: str) -> Obj:
 
 
 def _small(spec: DeploySpec) -> DeploySpec:
-    # the GPUs stay: the deployed configs place the models on them
+    # the GPUs stay: the deployed configs place the models on them; with the cache the memory stays too:
+    # its budget is per pod and was checked against the base's limit
+    if spec.cache is not None:
+        return spec.replace(cpu_request="1", cpu_limit="2")
     return spec.replace(cpu_request="1", cpu_limit="2", memory_request="2Gi", memory_limit="4Gi")
 
 
@@ -325,6 +330,8 @@ def generate(
         raise DeployError(f"{target} exists and is not empty; pass --force to replace it")
     counts = repository_models(repo)
     notes: list[str] = []
+    if spec.cache is not None:
+        spec = _with_cache(spec, spec.cache, counts, repo, notes)
     measured = dict(instances or {})
     instances = {m: n for m, n in counts.items() if n}
     if sizing is not None:
@@ -396,6 +403,11 @@ def generate(
             storage_class=spec.store.storage_class,
         )
         base_resources.append("pvc.yaml")
+    if spec.cache is not None:
+        files["base/cache-configmap.yaml"] = kube.cache_config_map(spec)
+        base_resources.append("cache-configmap.yaml")
+        for path, text in cache_files(spec.cache).items():  # compose mounts it from here
+            files[f"cache/{CACHE_MODEL}/{path}"] = text
     files["base/kustomization.yaml"] = _kustomization(base_resources)
     for overlay in ("dev", "prod"):
         for name, content in _overlay(spec, overlay).items():
@@ -500,12 +512,37 @@ def generate(
     return Generated(out=target, files=sorted(files), spec=spec, notes=[*steps, *notes], sizing=sizing)
 
 
+def _with_cache(
+    spec: DeploySpec, cache: CacheBudget, counts: Mapping[str, int], repo: Path, notes: list[str]
+) -> DeploySpec:
+    """``spec`` with its memory request raised to the cache's memory budget where it is below; the pins
+    checked against the repository."""
+    for pin in cache.pins:
+        if pin not in counts:
+            raise DeployError(f"--pin {pin}: {repo} has no such model; it has: {', '.join(counts)}")
+    notes.append(
+        f"every server pod runs the model cache ({cache.describe()}); tritonforge's client asks it on a "
+        "miss, other clients call it themselves (docs: Many models)"
+    )
+    request = cache_memory_request(cache, spec.memory_request)
+    if request != spec.memory_request:
+        notes.append(
+            f"the pods' memory request is raised from {spec.memory_request} to {request}: the cache's memory "
+            "budget (a full cache holds that much; the scheduler must place the pod where it fits)"
+        )
+        spec = spec.replace(memory_request=request)
+    return spec
+
+
 def _kserve_files(spec: DeploySpec, canary_thresholds: Mapping[str, float] | None) -> dict[str, Any]:
     """The InferenceService, the ServiceAccount its storage initializer reads credentials from (object
     stores), the PodMonitor that gets its pods scraped, the canary plan: all in the prod namespace."""
     ns = spec.prod_namespace
     files: dict[str, Any] = {}
     resources = ["inferenceservice.yaml", "podmonitor.yaml"]
+    if spec.cache is not None:
+        files["kserve/cache-configmap.yaml"] = kube.cache_config_map(spec, namespace=ns)
+        resources.insert(0, "cache-configmap.yaml")
     account = ""
     if spec.store.object_store or spec.workload_identity:
         account = f"{spec.name}-kserve"
