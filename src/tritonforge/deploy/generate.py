@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from tritonforge.cache import CACHE_MODEL, CacheBudget
+from tritonforge.config import ModelConfig
 from tritonforge.deploy import kube, scaling, tools
 from tritonforge.deploy.cache import cache_files, cache_memory_request
 from tritonforge.deploy.canary import canary_patches, canary_plan, step_file
@@ -50,6 +51,7 @@ from tritonforge.deploy.images import (
 )
 from tritonforge.deploy.metrics import adapter_rule, gpu_queries, keda_query, pod_query
 from tritonforge.deploy.modelmesh import modelmesh_files
+from tritonforge.deploy.models import read_configs
 from tritonforge.deploy.sizing import Sizing
 from tritonforge.deploy.spec import DeploySpec
 from tritonforge.errors import DeployError, TritonForgeError
@@ -69,15 +71,10 @@ class Generated:
     sizing: Sizing | None = None
 
 
-def python_models(repository: Path) -> list[str]:
+def python_models(repository: Path, configs: Mapping[str, ModelConfig] | None = None) -> list[str]:
     """The models served by Triton's Python backend (their imports must be in the image)."""
-    from tritonforge.config import read_config
-
-    return [
-        folder.name
-        for folder in sorted(p for p in repository.iterdir() if (p / "config.pbtxt").is_file())
-        if read_config(folder).backend == "python"
-    ]
+    configs = read_configs(repository) if configs is None else configs
+    return [name for name, config in configs.items() if config.backend == "python"]
 
 
 def repository_models(repository: Path) -> dict[str, int]:
@@ -86,25 +83,39 @@ def repository_models(repository: Path) -> dict[str, int]:
     Raises:
         DeployError: no repository there, or one the offline checks reject.
     """
-    from tritonforge.config import read_config
-    from tritonforge.repository import check_repository
+    return instance_counts(checked_configs(repository))
+
+
+def checked_configs(repository: Path) -> dict[str, ModelConfig]:
+    """The configs of ``repository``'s models (folders with a ``config.pbtxt``, by name) once it passes its
+    offline checks, each read once: the checks' own reading is kept.
+
+    Raises:
+        DeployError: no repository there, one the offline checks reject, or one without models.
+    """
+    from tritonforge.repository.checker import check_repository_configs
 
     if not repository.is_dir():
         raise DeployError(f"no model repository at {repository} (build one first: `tritonforge build`)")
-    errors = [p for p in check_repository(repository) if p.severity == "error"]
+    problems, checked = check_repository_configs(repository)
+    errors = [p for p in problems if p.severity == "error"]
     if errors:
         listed = "; ".join(f"{p.model}: {p.message}" for p in errors[:3])
         raise DeployError(f"{repository} fails its offline checks ({listed}); run `tritonforge validate`")
-    models: dict[str, int] = {}
-    for folder in sorted(p for p in repository.iterdir() if (p / "config.pbtxt").is_file()):
-        config = read_config(folder)
-        if config.platform == "ensemble" or config.ensemble_steps:
-            models[folder.name] = 0
-        else:
-            models[folder.name] = sum(g.count for g in config.instance_groups) or 1
-    if not models:
+    configs = read_configs(repository, checked)
+    if not configs:
         raise DeployError(f"{repository} has no models to deploy")
-    return models
+    return configs
+
+
+def instance_counts(configs: Mapping[str, ModelConfig]) -> dict[str, int]:
+    """Each model's instance count (ensembles: 0, they run no instances)."""
+    return {
+        name: 0
+        if config.platform == "ensemble" or config.ensemble_steps
+        else sum(g.count for g in config.instance_groups) or 1
+        for name, config in configs.items()
+    }
 
 
 def _adapter_prometheus(url: str) -> Obj:
@@ -247,7 +258,9 @@ def _dump(content: Any) -> str:
     return yaml.dump_all(docs, Dumper=_SafeDumper, sort_keys=False, default_flow_style=False, width=120)
 
 
-def python_requirements(repository: Path, target: str) -> dict[str, list[str]]:
+def python_requirements(
+    repository: Path, target: str, configs: Mapping[str, ModelConfig] | None = None
+) -> dict[str, list[str]]:
     """Model -> the pinned pip requirement lines its Python code needs beyond ``target`` (NVIDIA's image);
     imports with a fallback (listed commented out) are not installed.
 
@@ -257,7 +270,7 @@ def python_requirements(repository: Path, target: str) -> dict[str, list[str]]:
     from tritonforge.repository.requirements import python_requirements as needed
 
     try:
-        found = needed(repository, target)
+        found = needed(repository, target, configs=configs)
     except (TritonForgeError, ValueError) as exc:
         raise DeployError(f"the Python models' requirements for {target}: {exc}") from exc
     required = {m: [line for line in lines if not line.startswith("#")] for m, lines in found.items()}
@@ -328,7 +341,8 @@ def generate(
     spec = spec or DeploySpec()
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
         raise DeployError(f"{target} exists and is not empty; pass --force to replace it")
-    counts = repository_models(repo)
+    configs = checked_configs(repo)  # every step below reads the models from these
+    counts = instance_counts(configs)
     notes: list[str] = []
     if spec.cache is not None:
         spec = _with_cache(spec, spec.cache, counts, repo, notes)
@@ -348,20 +362,20 @@ def generate(
                 "write the tuned configs first (`tritonforge tune ... --write`) and deploy again"
             )
         instances[model] = n
-    gpu_models = gpu_capable_models(repo) if spec.gpus else []
+    gpu_models = gpu_capable_models(repo, configs) if spec.gpus else []
     if spec.gpus and not gpu_models and not allow_idle_gpus:
         raise DeployError(
             f"--gpus {spec.gpus}: no model of {repo} runs on a GPU (Python models and ensembles stay on "
             "the CPU), so the GPUs would sit idle; drop --gpus, or pass --allow-idle-gpus to pay for them"
         )
-    requirements = python_requirements(repo, spec.image)
+    requirements = python_requirements(repo, spec.image, configs)
     images = image_set(spec.name, base_image=spec.image, registry=spec.registry, requirements=requirements)
     spec = spec.replace(
         models=tuple(counts),
         instances=instances,
         server_image=images.server if images.server_built else "",
     )
-    python = python_models(repo)
+    python = python_models(repo, configs)
     if python and not requirements:
         notes.append(
             f"{', '.join(python)} run on Triton's Python backend with what {spec.image} has (the standard "
@@ -422,7 +436,7 @@ def generate(
     )
     files["autoscaling/keda-query-prod.promql"] = keda_query(spec, spec.prod_namespace) + "\n"
     if spec.kserve_mode == "ModelMesh":
-        mesh_files, mesh_steps, mesh_notes = modelmesh_files(spec, repo)
+        mesh_files, mesh_steps, mesh_notes = modelmesh_files(spec, repo, configs)
         files.update(mesh_files)
         steps += mesh_steps
         notes += mesh_notes
