@@ -1033,7 +1033,9 @@ def test_dockerfiles_pass_hadolint_and_hadolint_catches_a_latest_base(
     hadolint = _hadolint()
     # a repository whose Python models declare requirements: the server image is built FROM NVIDIA's tag
     monkeypatch.setattr(
-        generate_module, "python_requirements", lambda repo, target: {"mlp": ["tokenizers==0.20.3"]}
+        generate_module,
+        "python_requirements",
+        lambda repo, target, configs=None: {"mlp": ["tokenizers==0.20.3"]},
     )
     target = tmp_path / "with-server"
     generate(default_out / "repository", target, DeploySpec())

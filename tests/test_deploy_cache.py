@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from tritonforge.cache import CACHE_MODEL, CacheBudget
 from tritonforge.cli import app
 from tritonforge.client import Client
-from tritonforge.deploy import DeploySpec, check_tree, generate, probe_paths
+from tritonforge.deploy import DeploySpec, check_tree, generate, parse_restriction, probe_paths
 from tritonforge.deploy.cache import CACHE_MOUNT_PATH, CACHE_READY_PATH, quantity_bytes
 from tritonforge.server import EmbeddedServer
 
@@ -233,6 +233,27 @@ def test_a_model_not_loaded_loads_on_a_client_call_and_evictions_keep_the_pod_re
     for kind, path in probe_paths(spec).items():
         assert _status(cache_pod, path) == 200, kind
     assert _status(cache_pod, "/v2/health/ready") == 200  # non-strict: an unloaded model is no matter
+
+
+def test_restricted_groups_leave_the_cache_pods_probes_open(model_repo: Path, tmp_path: Path) -> None:
+    """--restrict on the groups the coordinator doesn't call: the probe paths (the coordinator's
+    readiness is in Triton's health group) answer without the header, the restricted APIs don't."""
+    spec = DeploySpec(
+        cache=BUDGET,
+        restrictions=(parse_restriction("inference,metadata,model-config:x-api-key=keys/api-key"),),
+    )
+    out = tmp_path / "deploy"
+    generate(model_repo, out, spec, locustfiles=None)
+    args, cache_repo = _pod_args(out, tmp_path / "pod")
+    args = [a.replace("$(TRITON_RESTRICT_KEY_0)", "test-key") for a in args]
+    assert any(a.startswith("--http-restricted-api=inference,metadata,model-config:") for a in args)
+    try:
+        with EmbeddedServer(out / "repository", host="127.0.0.6", extra_args=args) as server:
+            for kind, path in probe_paths(spec).items():
+                assert _status(server, path) == 200, kind
+            assert _status(server, f"/v2/models/{CACHE_MODEL}") == 403
+    finally:
+        _writable(cache_repo)
 
 
 SLOW = """

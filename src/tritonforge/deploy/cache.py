@@ -1,7 +1,7 @@
 """The model cache in the generated pods: the coordinator's repository as a ConfigMap, mounted beside the
 model repository, and what the cache changes in the server's arguments, probes and memory.
 
-Why a ConfigMap: the coordinator's repository is three small text files (about 30 KB; a ConfigMap holds
+Why a ConfigMap: the coordinator's repository is three small text files (about 26 KB; a ConfigMap holds
 1 MiB) that depend on the budget, not on the models. Mounted as a volume it reaches every pod the same way
 whatever the model store is (an image copied in, a claim, an object store) and in KServe's pods too, and a
 new budget needs no image rebuilt. Its name carries a hash of its content (as kustomize's generators do),
