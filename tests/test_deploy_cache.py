@@ -331,6 +331,22 @@ def test_the_pods_probes_stay_ready_through_a_slow_load_and_a_failed_one_where_s
         _writable(cache_repo)
 
 
+def test_a_pinned_models_companions_load_at_start_before_it_as_serve_loads_them(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    _python_model(repo, "twin", SLOW)
+    _python_model(repo, "split", SLOW)
+    with (repo / "split" / "config.pbtxt").open("a") as config:
+        config.write('parameters { key: "tritonforge_load_with" value { string_value: "twin" } }\n')
+    generate(repo, tmp_path / "out", DeploySpec(cache=CacheBudget(max_models=2, pins=("split",))))
+    _, container = _container(tmp_path / "out")
+    loads = [a for a in container["args"] if a.startswith("--load-model=")]
+    assert loads == [f"--load-model={CACHE_MODEL}", "--load-model=twin", "--load-model=split"]
+    service = _docs(tmp_path / "out" / "kserve" / "inferenceservice.yaml")[0]
+    assert [
+        a for a in service["spec"]["predictor"]["model"]["args"] if a.startswith("--load-model=")
+    ] == loads
+
+
 # -- memory, and what is refused ----------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ import functools
 import hashlib
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tritonforge.cache import CACHE_MODEL, CacheBudget, write_cache_repository
@@ -89,14 +89,15 @@ def _mebibytes(size: int) -> str:
     return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
 
 
-def cache_args(budget: CacheBudget) -> list[str]:
+def cache_args(budget: CacheBudget, loads: Sequence[str] = ()) -> list[str]:
     """tritonserver's arguments for the cache: its repository beside the models', explicit model control,
-    the coordinator and the pins loaded at start, and a non-strict ``/v2/health/ready``."""
+    the coordinator and ``loads`` (default: the pins) loaded at start, and a non-strict
+    ``/v2/health/ready``."""
     return [
         f"--model-repository={CACHE_MOUNT_PATH}",
         "--model-control-mode=explicit",
         f"--load-model={CACHE_MODEL}",
-        *[f"--load-model={pin}" for pin in budget.pins],
+        *[f"--load-model={model}" for model in loads or budget.pins],
         "--strict-readiness=false",
     ]
 

@@ -50,7 +50,9 @@ def inference_service(spec: DeploySpec, *, namespace: str, service_account: str 
     cache: dict[str, Any] = {}
     if spec.cache is not None:
         # KServe appends these to its runtime's `tritonserver --model-store=/mnt/models --http-port=8080 ...`
-        args = [a for a in args if not a.startswith("--strict-readiness=")] + cache_args(spec.cache)
+        args = [a for a in args if not a.startswith("--strict-readiness=")] + cache_args(
+            spec.cache, spec.cache_loads
+        )
         volume, mount = cache_volume(cache_config_map(spec), cache_files(spec.cache))
         cache = {
             "volumes": [volume],

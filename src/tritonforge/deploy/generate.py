@@ -55,6 +55,7 @@ from tritonforge.deploy.models import checked_configs, instance_counts, python_m
 from tritonforge.deploy.sizing import Sizing
 from tritonforge.deploy.spec import DeploySpec
 from tritonforge.errors import DeployError, TritonForgeError
+from tritonforge.server.embedded import load_with
 
 __all__ = ["Generated", "generate", "overlay_patches", "repository_models"]
 
@@ -482,8 +483,8 @@ def generate(
 def _with_cache(
     spec: DeploySpec, cache: CacheBudget, counts: Mapping[str, int], repo: Path, notes: list[str]
 ) -> DeploySpec:
-    """``spec`` with its memory request raised to the cache's memory budget where it is below; the pins
-    checked against the repository."""
+    """``spec`` with its memory request raised to the cache's memory budget where it is below, the pins
+    checked against the repository and their companions loaded with them."""
     for pin in cache.pins:
         if pin not in counts:
             raise DeployError(f"--pin {pin}: {repo} has no such model; it has: {', '.join(counts)}")
@@ -491,6 +492,9 @@ def _with_cache(
         f"every server pod runs the model cache ({cache.describe()}); tritonforge's client asks it on a "
         "miss, other clients call it themselves (docs: Many models)"
     )
+    loads = tuple(load_with([repo], cache.pins))  # a pin's companions load before it, as in `serve`
+    if loads != cache.pins:
+        spec = spec.replace(cache_loads=loads)
     request = cache_memory_request(cache, spec.memory_request)
     if request != spec.memory_request:
         notes.append(

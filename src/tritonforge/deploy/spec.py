@@ -324,6 +324,9 @@ class DeploySpec:
     #: the model cache on every server pod (see :mod:`tritonforge.deploy.cache`); ``None``: every model
     #: loads at start
     cache: CacheBudget | None = None
+    #: with the cache, the models loaded at start besides the coordinator: the pins, each after the
+    #: companions its config names (``tritonforge_load_with``, as ``serve`` loads them); empty: the pins
+    cache_loads: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_name(self.name, "deployment name")
@@ -471,7 +474,7 @@ def triton_args(spec: DeploySpec, *, gpus: int | None = None) -> list[str]:
     if spec.cache is not None:
         # the cache loads models on requests: explicit control, and readiness that needs no model but its own
         args = [a for a in args if not a.startswith(("--model-control-mode=", "--strict-readiness="))]
-        args[1:1] = cache_args(spec.cache)
+        args[1:1] = cache_args(spec.cache, spec.cache_loads)
     return args
 
 
