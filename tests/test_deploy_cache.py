@@ -159,11 +159,14 @@ def _lay_out_like_the_kubelet(out: Path, root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cache_pod(cache_out: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    """tritonserver with the Deployment's arguments as they are, but for the ports (free loopback ones,
-    on 127.0.0.4) and the two repositories (the deployed copy, and the ConfigMap laid out as in the pod);
-    the embedded server's own flags come first, so each of these takes effect (Triton keeps a flag's last
-    value)."""
+    """tritonserver with the Deployment's arguments as they are, but for the ports (free ones; gRPC and
+    metrics on 127.0.0.4, HTTP on every address as in the pod) and the two repositories (the deployed
+    copy, and the ConfigMap laid out as in the pod); the embedded server's own flags come first, so each
+    of these takes effect (Triton keeps a flag's last value)."""
     args, cache_repo = _pod_args(cache_out, tmp_path_factory.mktemp("pod"))
+    # the pod names no HTTP address (Triton's default: every address, which the coordinator reads as
+    # 127.0.0.1); the embedded server names its own, so the default is given back here explicitly
+    args.append("--http-address=0.0.0.0")
     with EmbeddedServer(cache_out / "repository", host="127.0.0.4", extra_args=args) as running:
         yield running
     _writable(cache_repo)
