@@ -22,7 +22,7 @@ from tritonforge.client import (
     Variant,
 )
 from tritonforge.client._base import compare_outputs
-from tritonforge.client._flow import Attempt, BudgetState, Sleep, call_flow
+from tritonforge.client._flow import LOADS_PER_ENDPOINT, Attempt, BudgetState, Load, Sleep, call_flow
 from tritonforge.client._pool import EndpointPool
 from tritonforge.errors import (
     AllEndpointsFailed,
@@ -384,6 +384,123 @@ def test_call_flow_raises_all_endpoints_failed_when_every_circuit_is_open() -> N
     pool.release(pool.endpoints[0], 0.0, transport_failure=True)
     with pytest.raises(AllEndpointsFailed):
         drive(make_flow([("m", None)], pool, clock), lambda a: "ok", clock)
+
+
+# -- misses a server's model cache serves (the flow's Load step) ---------------------------------------
+
+
+def drive_loads(
+    pool: EndpointPool, answer: Callable[[Attempt], Any], load: Callable[[Load], Any], retry: RetryPolicy
+) -> tuple[Any, list[str]]:
+    """Run a flow that loads misses; returns its result and what happened, in order ("a:1" for an attempt
+    at a:1, "load a:1" for a load asked of a:1's cache)."""
+    clock = FakeClock()
+    flow = call_flow(
+        [("m", None)],
+        pool=pool,
+        retry=retry,
+        budget=BudgetState(retry.budget, clock()),
+        deadline=Deadline(total_s=10.0),
+        timeout_s=None,
+        clock=clock,
+        rng=random.Random(0),
+        load_misses=True,
+    )
+    seen: list[str] = []
+    try:
+        step = next(flow)
+        while True:
+            if isinstance(step, Sleep):
+                clock.now += step.seconds
+                outcome = None
+            elif isinstance(step, Load):
+                seen.append(f"load {step.endpoint.url}")
+                outcome = load(step)
+            else:
+                seen.append(step.endpoint.url)
+                outcome = answer(step)
+            step = flow.send(outcome)
+    except StopIteration as stop:
+        return stop.value, seen
+
+
+def test_call_flow_retries_a_miss_at_the_endpoint_whose_cache_loaded_the_model() -> None:
+    pool = pool_of("a:1", "b:1")
+    pool.endpoints[1].outstanding = 5  # a:1 first
+    loaded: set[str] = set()
+
+    def answer(attempt: Attempt) -> Any:
+        return "ok" if attempt.endpoint.url in loaded else ModelNotFoundError("unknown model")
+
+    def load(step: Load) -> None:
+        loaded.add(step.endpoint.url)
+
+    # without retries too: the attempt after a load is the miss's own, not the policy's
+    result, seen = drive_loads(pool, answer, load, RetryPolicy.none())
+    assert result == "ok" and seen == ["a:1", "load a:1", "a:1"]
+    assert pool.endpoints[0].outstanding == 0
+
+
+def test_call_flow_fails_over_when_the_loading_endpoint_is_gone_and_loads_again_there() -> None:
+    pool = pool_of("a:1", "b:1", threshold=1, reset_s=100.0)
+    pool.endpoints[1].outstanding = 5  # a:1 first
+    loaded: list[str] = []
+
+    def answer(attempt: Attempt) -> Any:
+        if attempt.endpoint.url not in loaded:
+            return ModelNotFoundError("unknown model")
+        return Unavailable("gone") if attempt.endpoint.url == "a:1" else "ok"  # a:1 died after its load
+
+    def load(step: Load) -> None:
+        loaded.append(step.endpoint.url)
+
+    result, seen = drive_loads(pool, answer, load, RetryPolicy(max_attempts=2, budget=None))
+    assert result == "ok" and seen == ["a:1", "load a:1", "a:1", "b:1", "load b:1", "b:1"]
+
+
+def _loads_until_failure(pool: EndpointPool) -> tuple[ClientError, list[str]]:
+    seen: list[str] = []
+
+    def answer(attempt: Attempt) -> Any:
+        seen.append(attempt.endpoint.url)
+        return ModelNotFoundError("unknown model")
+
+    def load(step: Load) -> None:
+        seen.append(f"load {step.endpoint.url}")
+
+    try:
+        drive_loads(pool, answer, load, RetryPolicy())
+    except ClientError as exc:
+        return exc, seen
+    raise AssertionError("the flow answered")
+
+
+def test_call_flow_asks_an_endpoint_that_goes_on_missing_a_bounded_number_of_times() -> None:
+    error, seen = _loads_until_failure(pool_of("a:1"))
+    assert isinstance(error, ModelNotFoundError)
+    assert seen == ["a:1", "load a:1"] * LOADS_PER_ENDPOINT + ["a:1"]  # each load, then its retry
+
+
+def test_call_flow_raises_the_miss_when_the_endpoint_runs_no_cache() -> None:
+    pool = pool_of("a:1", "b:1")
+    miss = ModelNotFoundError("unknown model")
+    with pytest.raises(ModelNotFoundError) as raised:
+        drive_loads(pool, lambda a: miss, lambda step: step.miss, RetryPolicy())
+    assert raised.value is miss
+
+
+def test_call_flow_fails_over_when_the_endpoint_goes_away_during_the_load() -> None:
+    pool = pool_of("a:1", "b:1")
+    pool.endpoints[1].outstanding = 5
+
+    def answer(attempt: Attempt) -> Any:
+        return "ok" if attempt.endpoint.url == "b:1" else ModelNotFoundError("unknown model")
+
+    def load(step: Load) -> Any:
+        return Unavailable("connection refused")
+
+    result, seen = drive_loads(pool, answer, load, RetryPolicy(max_attempts=2, budget=None))
+    assert result == "ok" and seen == ["a:1", "load a:1", "b:1"]
 
 
 def test_retry_budget_allows_about_its_ratio_of_retries() -> None:
