@@ -390,13 +390,17 @@ def test_call_flow_raises_all_endpoints_failed_when_every_circuit_is_open() -> N
 
 
 def drive_loads(
-    pool: EndpointPool, answer: Callable[[Attempt], Any], load: Callable[[Load], Any], retry: RetryPolicy
+    pool: EndpointPool,
+    answer: Callable[[Attempt], Any],
+    load: Callable[[Load], Any],
+    retry: RetryPolicy,
+    targets: Sequence[tuple[str, str | None]] = (("m", None),),
 ) -> tuple[Any, list[str]]:
     """Run a flow that loads misses; returns its result and what happened, in order ("a:1" for an attempt
     at a:1, "load a:1" for a load asked of a:1's cache)."""
     clock = FakeClock()
     flow = call_flow(
-        [("m", None)],
+        targets,
         pool=pool,
         retry=retry,
         budget=BudgetState(retry.budget, clock()),
@@ -487,6 +491,27 @@ def test_call_flow_raises_the_miss_when_the_endpoint_runs_no_cache() -> None:
     with pytest.raises(ModelNotFoundError) as raised:
         drive_loads(pool, lambda a: miss, lambda step: step.miss, RetryPolicy())
     assert raised.value is miss
+
+
+def test_call_flow_loads_a_miss_before_falling_back_and_falls_back_when_the_cache_cant_load_it() -> None:
+    def answer(attempt: Attempt) -> Any:
+        return f"from {attempt.model}" if attempt.model in loaded else ModelNotFoundError("unknown model")
+
+    loaded: set[str] = set()
+    result, seen = drive_loads(
+        pool_of("a:1"), answer, lambda step: loaded.add(step.model), RetryPolicy(), [("m", None), ("f", None)]
+    )
+    assert result == "from m" and seen == ["a:1", "load a:1", "a:1"]
+
+    def refuse(step: Load) -> Any:
+        if step.model == "m":
+            return ModelNotFoundError("the cache could not load it: in none of the server's repositories")
+        loaded.add(step.model)
+        return None
+
+    loaded.clear()
+    result, seen = drive_loads(pool_of("a:1"), answer, refuse, RetryPolicy(), [("m", None), ("f", None)])
+    assert result == "from f" and seen == ["a:1", "load a:1", "a:1", "load a:1", "a:1"]
 
 
 def test_call_flow_fails_over_when_the_endpoint_goes_away_during_the_load() -> None:
