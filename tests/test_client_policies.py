@@ -43,8 +43,14 @@ class FakeClock:
         return self.now
 
 
-def drive(flow: Any, answer: Callable[[Attempt], Any], clock: FakeClock) -> tuple[Any, list[Attempt]]:
-    """Run a flow to its end; ``answer`` gives each attempt's outcome (a response or a ClientError)."""
+def drive(
+    flow: Any,
+    answer: Callable[[Attempt], Any],
+    clock: FakeClock,
+    load: Callable[[Load], Any] | None = None,
+) -> tuple[Any, list[Attempt]]:
+    """Run a flow to its end; ``answer`` gives each attempt's outcome (a response or a ClientError), ``load``
+    each load's (``None`` once loaded, or a ClientError)."""
     attempts: list[Attempt] = []
     try:
         step = next(flow)
@@ -52,6 +58,9 @@ def drive(flow: Any, answer: Callable[[Attempt], Any], clock: FakeClock) -> tupl
             if isinstance(step, Sleep):
                 clock.now += step.seconds
                 outcome = None
+            elif isinstance(step, Load):
+                assert load is not None, "a flow that does not load misses yielded a Load"
+                outcome = load(step)
             else:
                 attempts.append(step)
                 outcome = answer(step)
@@ -69,6 +78,7 @@ def make_flow(
     budget: BudgetState | None = None,
     deadline: Deadline | None = None,
     timeout_s: float | None = None,
+    load_misses: bool = False,
 ) -> Any:
     retry = retry or RetryPolicy(max_attempts=3, budget=None)
     return call_flow(
@@ -80,6 +90,7 @@ def make_flow(
         timeout_s=timeout_s,
         clock=clock,
         rng=random.Random(0),
+        load_misses=load_misses,
     )
 
 
@@ -398,34 +409,19 @@ def drive_loads(
 ) -> tuple[Any, list[str]]:
     """Run a flow that loads misses; returns its result and what happened, in order ("a:1" for an attempt
     at a:1, "load a:1" for a load asked of a:1's cache)."""
-    clock = FakeClock()
-    flow = call_flow(
-        targets,
-        pool=pool,
-        retry=retry,
-        budget=BudgetState(retry.budget, clock()),
-        deadline=Deadline(total_s=10.0),
-        timeout_s=None,
-        clock=clock,
-        rng=random.Random(0),
-        load_misses=True,
-    )
     seen: list[str] = []
-    try:
-        step = next(flow)
-        while True:
-            if isinstance(step, Sleep):
-                clock.now += step.seconds
-                outcome = None
-            elif isinstance(step, Load):
-                seen.append(f"load {step.endpoint.url}")
-                outcome = load(step)
-            else:
-                seen.append(step.endpoint.url)
-                outcome = answer(step)
-            step = flow.send(outcome)
-    except StopIteration as stop:
-        return stop.value, seen
+
+    def attempt(step: Attempt) -> Any:
+        seen.append(step.endpoint.url)
+        return answer(step)
+
+    def loading(step: Load) -> Any:
+        seen.append(f"load {step.endpoint.url}")
+        return load(step)
+
+    clock = FakeClock()
+    result, _ = drive(make_flow(targets, pool, clock, retry=retry, load_misses=True), attempt, clock, loading)
+    return result, seen
 
 
 def test_call_flow_retries_a_miss_at_the_endpoint_whose_cache_loaded_the_model() -> None:

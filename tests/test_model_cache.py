@@ -515,17 +515,12 @@ def cache_servers(root: Path, hosts: tuple[str, ...]) -> list[EmbeddedServer]:
             config = f'name: "{name}"\nbackend: "python"\n{TENSORS}{SERVED_OUTPUT}{params}'
             (repo / name / "config.pbtxt").write_text(config)
     cache = write_cache_repository(root / "cache", CacheBudget(max_models=POOL_BUDGET, idle_s=IDLE_S))
-    servers = [
-        EmbeddedServer([repo, cache], model_control="explicit", load_models=[CACHE_MODEL], host=host)
-        for host in hosts
-    ]
-    try:
-        with ThreadPoolExecutor(len(servers)) as pool:
-            list(pool.map(EmbeddedServer.start, servers))
-    except BaseException:
-        cf.stop_all(servers)
-        raise
-    return servers
+    return cf.start_all(
+        [
+            EmbeddedServer([repo, cache], model_control="explicit", load_models=[CACHE_MODEL], host=host)
+            for host in hosts
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
