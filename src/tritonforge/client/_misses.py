@@ -12,6 +12,7 @@ never come here.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -50,9 +51,11 @@ def cache_miss_flow(
         TransportError: the server went away meanwhile.
     """
     capabilities = endpoint.capabilities
+    load_s = remaining_s
     try:
         if capabilities.model_cache is None:
             probe_s = _PROBE_TIMEOUT_S if remaining_s is None else min(remaining_s, _PROBE_TIMEOUT_S)
+            asked = time.monotonic()
             try:
                 answer = yield Rpc(endpoint, "ModelReady", pb.ModelReadyRequest(name=CACHE_MODEL), probe_s)
             except TransportError:
@@ -60,9 +63,11 @@ def cache_miss_flow(
             except ClientError:
                 answer = None
             capabilities.model_cache = bool(answer is not None and answer.ready)
+            if load_s is not None:  # the probe's time comes off the load's
+                load_s = max(0.0, load_s - (time.monotonic() - asked))
         if not capabilities.model_cache:
             raise miss
-        yield Rpc(endpoint, "ModelInfer", load_request(model), remaining_s, CACHE_MODEL, None)
+        yield Rpc(endpoint, "ModelInfer", load_request(model), load_s, CACHE_MODEL, None)
     except DeadlineExceeded as exc:
         if remaining_s is None:
             raise
