@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from prometheus_client import CollectorRegistry
 
 import client_fixtures as cf
 from cli_runner import run_tritonforge
@@ -610,6 +611,24 @@ def test_a_pool_of_cache_servers_answers_every_call_after_a_miss_where_its_model
         loads[event.endpoint] += event.attempt - 1
     assert sum(loads.values()) >= len(POOL_MODELS)  # the cache did work: every model missed at least once
     assert {u: loads_asked(u, before[u], loads[u]) for u in urls} == loads
+
+
+def unloaded(server: EmbeddedServer, model: str) -> None:
+    """``model`` unloaded at ``server`` by hand (as another client may) and its unload over."""
+    server.unload_model(model)
+    gone = ("READY", "UNLOADING")
+    assert settled(lambda: states(server).get(model), lambda state: state not in gone) not in gone
+
+
+def test_infer_many_over_the_pool_loads_its_misses_and_answers_every_request(
+    cache_pods: list[EmbeddedServer],
+) -> None:
+    """``infer_many`` over the whole pool with its model unloaded everywhere: every request is answered."""
+    for pod in cache_pods:
+        unloaded(pod, "p5")
+    with Client([s.grpc_url for s in cache_pods], registry=CollectorRegistry()) as client:
+        answers = client.infer_many("p5", [x(float(i)) for i in range(12)], concurrency=4, timeout_s=60)
+    assert [float(a["y"][0]) for a in answers] == [i + POOL_MODELS["p5"] for i in range(12)]
 
 
 def kill(server: EmbeddedServer) -> None:
