@@ -22,7 +22,13 @@ from tritonforge.client._codec import bytes_tensor, frame, request_header
 from tritonforge.client._flow import Rpc
 from tritonforge.client._options import Flow
 from tritonforge.client._pool import Endpoint
-from tritonforge.errors import ClientError, DeadlineExceeded, ModelNotFoundError, TransportError
+from tritonforge.errors import (
+    ClientError,
+    DeadlineExceeded,
+    ModelNotFoundError,
+    TransportError,
+    Unavailable,
+)
 
 __all__ = ["CACHE_MODEL", "cache_miss_flow"]
 
@@ -48,7 +54,8 @@ def cache_miss_flow(
         ModelNotFoundError: ``miss`` itself when the endpoint runs no cache; or with the cache's reason
             when it could not load the model (not in its repositories, a broken model).
         DeadlineExceeded: the call's deadline passed before the model was loaded.
-        TransportError: the server went away meanwhile.
+        TransportError: the server went away meanwhile (:class:`Unavailable` too when it did not say in
+            time whether it runs a cache).
     """
     capabilities = endpoint.capabilities
     load_s = remaining_s
@@ -58,6 +65,15 @@ def cache_miss_flow(
             asked = time.monotonic()
             try:
                 answer = yield Rpc(endpoint, "ModelReady", pb.ModelReadyRequest(name=CACHE_MODEL), probe_s)
+            except DeadlineExceeded as exc:
+                if remaining_s is not None and probe_s >= remaining_s:
+                    raise  # the call's own deadline (said below)
+                raise Unavailable(  # too slow to say: the call goes on elsewhere
+                    f"model {model!r} is not loaded at {endpoint.url}, and the server did not say within "
+                    f"{probe_s:.3g} s whether it runs a model cache",
+                    model=model,
+                    endpoint=endpoint.url,
+                ) from exc
             except TransportError:
                 raise  # nothing learnt of its cache: the flow goes on as after any transport error
             except ClientError:
