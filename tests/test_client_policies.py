@@ -475,6 +475,23 @@ def _loads_until_failure(pool: EndpointPool) -> tuple[ClientError, list[str]]:
     raise AssertionError("the flow answered")
 
 
+def test_call_flow_sends_the_retry_after_a_load_elsewhere_when_the_loader_left_the_pool() -> None:
+    pool = pool_of("a:1", "b:1")
+    pool.endpoints[1].outstanding = 5  # a:1 first
+    loaded: set[str] = set()
+
+    def answer(attempt: Attempt) -> Any:
+        return "ok" if attempt.endpoint.url in loaded else ModelNotFoundError("unknown model")
+
+    def load(step: Load) -> None:
+        loaded.add(step.endpoint.url)
+        if step.endpoint.url == "a:1":
+            pool.apply([], ["a:1"], lambda ep: None)  # DNS no longer lists it: draining, never picked
+
+    result, seen = drive_loads(pool, answer, load, RetryPolicy.none())
+    assert result == "ok" and seen == ["a:1", "load a:1", "b:1", "load b:1", "b:1"]
+
+
 def test_call_flow_asks_an_endpoint_that_goes_on_missing_a_bounded_number_of_times() -> None:
     error, seen = _loads_until_failure(pool_of("a:1"))
     assert isinstance(error, ModelNotFoundError)
