@@ -5,7 +5,8 @@ its default and its help are the same on every verb that has it. Where verbs sha
 what it gives (``--json``, ``--out``, ``--repo``, the evaluation gates), a function here holds the
 spelling and the default, and the verb passes its own words. The access options (``--auth``, ``--tls-*``)
 are :func:`tritonforge.commands.access.with_access`'s; ``--match`` and ``--limit`` are
-:mod:`tritonforge.commands._rows`'.
+:mod:`tritonforge.commands._rows`'; the model cache's (``--cache-max-models``, ``--cache-max-memory``,
+``--pin``) are :mod:`tritonforge.commands._cache`'s.
 
 Example:
     >>> from tritonforge.commands._options import REASON, json_flag
