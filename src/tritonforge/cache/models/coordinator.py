@@ -315,6 +315,17 @@ class TritonPythonModel:
                 return
             time.sleep(0.05)
 
+    def _wait_for_room(self, adding):
+        """Models being unloaded keep their processes until Triton has finished them: before ``adding``
+        more, wait (at most unload_wait_s) until loaded and unloading models together fit the ceiling.
+        Nothing unloading: nothing to wait for (past the ceiling with every model busy, make_room decided)."""
+        deadline = time.monotonic() + self.unload_wait_s
+        while self.max_models and time.monotonic() < deadline:
+            held = [s for m, s in self._states().items() if s in ("READY", "UNLOADING") and m != self.name]
+            if len(held) + adding <= self.ceiling or "UNLOADING" not in held:
+                return
+            time.sleep(0.02)
+
     def _loaded_count(self, states):
         return sum(1 for m, s in states.items() if s == "READY" and m != self.name)
 
@@ -372,6 +383,7 @@ class TritonPythonModel:
         start = time.monotonic()
         missing = [m for m in unit if states.get(m) != "READY"]
         self._wait_unloaded([m for m in missing if states.get(m) == "UNLOADING"])  # evicted a moment ago
+        self._wait_for_room(len(missing))
         try:
             for member in unit:
                 if states.get(member) != "READY":
