@@ -215,7 +215,7 @@ def test_a_backend_file_loads_no_framework_and_no_launcher():
     code = textwrap.dedent(
         f"""
         import importlib.util, sys
-        import numpy  # as in a stub that has imported our runtime (Triton's utilities import it too)
+        import numpy  # in every stub (Triton's utilities import it)
         for kind in ("onnxruntime", "pytorch"):
             path = {str(backend)!r} + f"/{{kind}}/model.py"
             spec = importlib.util.spec_from_file_location("model_" + kind, path)
