@@ -21,7 +21,7 @@ import tiny_models
 from conftest import triton_infer
 from tritonforge.errors import ModelLoadError
 from tritonforge.server import EmbeddedServer
-from tritonforge.server.install import TritonInstall, auto_complete_flags, needs_auto_complete
+from tritonforge.server.install import TritonInstall, auto_complete_flags, bls_pool_flags, needs_auto_complete
 from tritonforge.server.runtime import available_cpus
 
 CONFIG = """name: "{name}"
@@ -76,6 +76,16 @@ def _stubs(server: EmbeddedServer) -> dict[str, psutil.Process]:
     return found
 
 
+def _answers(server: EmbeddedServer) -> bool:
+    """Model "one" of :func:`_onnx_repository` answers a request with its output's shape."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        out = triton_infer(client, "one", {"x": np.ones((1, 8), dtype=np.float32)})["probs"]
+    finally:
+        client.close()
+    return out.shape == (1, 3)
+
+
 def test_a_repository_of_complete_configs_starts_one_stub_per_instance_that_still_batches(tmp_path: Path):
     repo, source = _onnx_repository(tmp_path, {"one": (2, 1), "three": (1, 3)})
     x = tiny_models.RNG.standard_normal((32, 8)).astype(np.float32)
@@ -111,6 +121,44 @@ def test_a_repository_of_complete_configs_starts_one_stub_per_instance_that_stil
         np.testing.assert_allclose(np.concatenate(outs), expected, rtol=1e-5, atol=1e-6)
         # the config's intra-op threads are in effect: a pool of 3 runs 2 worker threads beside the caller
         assert stubs["three_0_0"].num_threads() - stubs["one_0_0"].num_threads() == 2
+
+
+def test_a_server_that_can_only_serve_framework_models_keeps_no_bls_thread_pool_per_instance(tmp_path: Path):
+    # Triton's Python backend keeps 32 threads per instance in the server for BLS calls and decoupled
+    # responses, which our backends never make
+    repo, _ = _onnx_repository(tmp_path, {"one": (2, 1)})
+    threads = {}
+    for args in ((), ("--backend-config=python,thread-pool-size=32",)):  # the second: Triton's default
+        with EmbeddedServer(repo, extra_args=args) as server:
+            assert server.pid is not None
+            threads[args] = psutil.Process(server.pid).num_threads()
+            assert _answers(server)
+    assert threads[("--backend-config=python,thread-pool-size=32",)] - threads[()] == 2 * 31, threads
+
+
+def test_the_bls_pool_stays_wherever_a_python_model_could_run(tmp_path: Path):
+    repo, _ = _onnx_repository(tmp_path, {"one": (1, 1)})
+    (repo / "ens").mkdir()
+    (repo / "ens" / "config.pbtxt").write_text('name: "ens"\nplatform: "ensemble"\n')
+    wheel = TritonInstall(binary=Path("tritonserver"), library_dirs=(), backend_dir=None)
+    full = TritonInstall(binary=Path("tritonserver"), library_dirs=(), backend_dir=Path("backends"))
+    lowered = ["--backend-config=python,thread-pool-size=1"]
+    assert bls_pool_flags(wheel, [repo], "none") == lowered
+    assert bls_pool_flags(wheel, [repo], "explicit") == []  # a Python model may be loaded later
+    assert bls_pool_flags(wheel, [repo], "poll") == []
+    assert bls_pool_flags(full, [repo], "none") == []  # its C++ backends serve these models
+    assert bls_pool_flags(wheel, [repo, "s3://bucket/models"], "none") == []  # can't be read here
+    assert bls_pool_flags(wheel, [repo], "none", ["--backend-config=python,thread-pool-size=8"]) == []
+    (repo / "py" / "1").mkdir(parents=True)
+    (repo / "py" / "config.pbtxt").write_text('name: "py"\nbackend: "python"\n')
+    assert bls_pool_flags(wheel, [repo], "none") == []
+    (repo / "py" / "config.pbtxt").write_text('name: "py"\nplatform: "onnxruntime_onnx"\n')
+    assert bls_pool_flags(wheel, [repo], "none") == lowered
+    (repo / "py" / "1" / "model.py").write_text("class TritonPythonModel:\n    pass\n")
+    assert bls_pool_flags(wheel, [repo], "none") == []  # a Python file beside it
+    (repo / "py" / "1" / "model.py").unlink()
+    (repo / "py" / "config.pbtxt").unlink()
+    assert bls_pool_flags(wheel, [repo], "none") == []  # auto-completion decides what it is
 
 
 def test_a_stub_starts_no_openblas_threads_unless_the_server_environment_asks(
