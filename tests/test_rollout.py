@@ -42,6 +42,7 @@ MODELS = (
     "late",
     "back",
     "stopped",
+    "broken",
     "pystep",
 )
 DEADLINE_S = 10.0
@@ -64,6 +65,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "late": mlp(files / "slow2.onnx", slow_matmuls=40),
         "back": mlp(files / "wrong4.onnx", seed=8),  # v2: never promoted
         "stopped": mlp(files / "good6.onnx"),
+        "broken": mlp(files / "broken.onnx", fails=True),  # fails at run time, on every call
     }
     from tritonforge.registry import promote
 
@@ -304,6 +306,28 @@ def test_rollout_rolls_back_a_candidate_whose_python_step_answers_errors_with_ze
     assert step["evidence"]["candidate_errors"] > 0
     _left_clean(repo, server, "pystep")
     assert "FAIL = False" in (repo / "pystep" / "1" / "model.py").read_text()  # its own code, untouched
+
+
+def test_rollout_rolls_back_a_candidate_failing_every_call_at_run_time_and_leaves_nothing_unloading(
+    repo, server
+):
+    # the embedded onnxruntime backend answers each failed call with an error response (Triton counts
+    # those as successes): the splitter's own count sees them
+    with Load(server.grpc_url, "broken") as load:
+        outcome = Rollout(repo, server.grpc_url, "broken").start(
+            2, steps=[10, 50, 100], hold_s=1.5, thresholds=_limits(max_error_rate=0.05)
+        )
+    assert outcome.result == "rolled_back", outcome
+    assert "error rate" in outcome.reason
+    assert load.failures == [] and load.ok > 50
+    assert _serves(repo, "broken") == [1]
+    step = _events(repo, "broken", "rollout-step")[-1]
+    assert step["verdict"] == "fail" and step["step"] == "shadow"
+    assert step["evidence"]["candidate_errors"] == step["evidence"]["candidate_calls"] > 0
+    assert step["evidence"]["error_rate"] == 1.0
+    _left_clean(repo, server, "broken")  # nothing left UNLOADING
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        assert client.is_server_ready()
 
 
 def _one_thread_ms(model_file: Path) -> float:
