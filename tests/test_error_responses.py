@@ -2,7 +2,7 @@
 ``execute``, through the real server: the embedded onnxruntime backend on an input that fails at run time,
 a pipeline block (mean pooling) and a compiled router, each failing every call under concurrent load,
 then unloaded and loaded again with nothing left UNLOADING; and those error responses are failures in
-``monitor`` and in the SLO error-rate rule a real Prometheus evaluates."""
+``monitor``, in the SLO error-rate rule and in the KServe canary query a real Prometheus evaluates."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ import tritonclient.grpc as grpcclient
 import tiny_models
 from cli_runner import run_tritonforge
 from promserver import PrometheusServer
+from tritonforge.deploy.canary import step_queries
+from tritonforge.deploy.spec import DeploySpec
 from tritonforge.ensemble import compile_specs
 from tritonforge.ensemble.blocks import block_model
 from tritonforge.observe import scrape
@@ -247,6 +249,16 @@ def test_a_model_failing_every_call_under_load_unloads_and_loads_again_leaving_n
             client.infer(model, _inputs(arrays))
 
 
+class NamespacedPrometheus(PrometheusServer):
+    """Its targets labelled ``namespace="prod"``, as a Kubernetes scrape labels a pod's series."""
+
+    def config(self) -> dict:
+        config = super().config()
+        for job in config["scrape_configs"]:
+            job["static_configs"][0]["labels"] = {"namespace": "prod"}
+        return config
+
+
 SLO = """
 window: 5s
 for: 2s
@@ -275,7 +287,9 @@ def test_prometheus_counts_error_responses_in_the_slo_error_rate_and_fires_its_a
                         client.infer(model, _inputs(arrays))
                 time.sleep(0.05)
 
-    with PrometheusServer({"triton": [target]}, scrape_interval_s=0.5, rule_files=[written["rules"]]) as prom:
+    with NamespacedPrometheus(
+        {"triton": [target]}, scrape_interval_s=0.5, rule_files=[written["rules"]]
+    ) as prom:
         prom.wait_for_targets()
         thread = threading.Thread(target=traffic, daemon=True)
         thread.start()
@@ -298,6 +312,10 @@ def test_prometheus_counts_error_responses_in_the_slo_error_rate_and_fires_its_a
             assert all(ratios[model] > 0.9 for model in FAILING), ratios
             triton_alone = prom.query('sum by (model) (rate(nv_inference_request_failure{model="pool"}[5s]))')
             assert all(float(r["value"][1]) == 0 for r in triton_alone)
+            # the KServe canary plan's error rate of each version, as `deploy` writes it
+            canary = step_queries(DeploySpec().replace(models=tuple(FAILING)), "prod")["error_rate"]
+            rates = {row["metric"]["model"]: float(row["value"][1]) for row in prom.query(canary)}
+            assert set(rates) == set(FAILING) and all(rate > 0.9 for rate in rates.values()), rates
         finally:
             stop.set()
             thread.join(timeout=30)

@@ -327,7 +327,11 @@ def test_rollout_rolls_back_a_candidate_failing_every_call_at_run_time_and_leave
     assert step["evidence"]["error_rate"] == 1.0
     _left_clean(repo, server, "broken")  # nothing left UNLOADING
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        assert client.is_server_ready()
+        # the twin (its folder removed already, so not in the index) finishes unloading a moment later
+        deadline = time.monotonic() + 30
+        while not client.is_server_ready() and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert client.is_server_ready(), server.log_tail(30)
 
 
 def _one_thread_ms(model_file: Path) -> float:
