@@ -19,6 +19,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 import tiny_models
+from callers import Callers
 from cli_runner import run_tritonforge
 from promserver import PrometheusServer
 from tritonforge.deploy.canary import step_queries
@@ -86,44 +87,6 @@ def _inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
         tensor.set_data_from_numpy(array)
         out.append(tensor)
     return out
-
-
-class Callers:
-    """Three threads calling ``model`` with ``arrays`` non-stop (a deadline per call), keeping each
-    failure's text."""
-
-    def __init__(self, url: str, model: str, arrays: dict[str, np.ndarray]) -> None:
-        self.url, self.model, self.arrays = url, model, arrays
-        self.answers = 0
-        self.failures: list[str] = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(3)]
-
-    def _run(self) -> None:
-        client = grpcclient.InferenceServerClient(self.url)
-        try:
-            while not self.stop.is_set():
-                try:
-                    client.infer(self.model, _inputs(self.arrays), client_timeout=DEADLINE_S)
-                    with self.lock:
-                        self.answers += 1
-                except Exception as exc:
-                    with self.lock:
-                        self.failures.append(f"{type(exc).__name__}: {exc}"[:300])
-                time.sleep(0.005)
-        finally:
-            client.close()
-
-    def __enter__(self) -> Callers:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(DEADLINE_S + 10)
 
 
 def _states(server: EmbeddedServer, model: str) -> dict[str, str]:
@@ -220,7 +183,7 @@ def test_a_model_failing_every_call_under_load_unloads_and_loads_again_leaving_n
 ) -> None:
     arrays, reason = FAILING[model]
     stuck: list[dict[str, str]] = []
-    with Callers(server.grpc_url, model, arrays) as callers:
+    with Callers(server.grpc_url, model, lambda: (_inputs(arrays), None), deadline_s=DEADLINE_S) as callers:
         for _ in range(RELOADS):
             time.sleep(1.0)  # calls in flight, each failing
             server.unload_model(model)
@@ -232,7 +195,7 @@ def test_a_model_failing_every_call_under_load_unloads_and_loads_again_leaving_n
             server.load_model(model)
         time.sleep(1.0)
     assert not stuck, f"{model} left UNLOADING after an unload: {stuck}\n{server.log_tail(40)}"
-    assert callers.answers == 0
+    assert callers.ok == 0
     # every call was answered (none waited for its deadline: a lost request would), with the model's own
     # reason, or refused while the model was unloaded
     answered = [f for f in callers.failures if reason in f]
