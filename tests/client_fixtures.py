@@ -157,6 +157,17 @@ def servers(repo: Path, count: int, **options: object) -> Iterator[list[Embedded
         stop_all(started)
 
 
+def start_all(servers: list[EmbeddedServer]) -> list[EmbeddedServer]:
+    """Start ``servers`` at once; if one fails, stop them all and raise."""
+    try:
+        with ThreadPoolExecutor(max(1, len(servers))) as pool:
+            list(pool.map(EmbeddedServer.start, servers))
+    except BaseException:
+        stop_all(servers)
+        raise
+    return servers
+
+
 def stop_all(running: list[EmbeddedServer]) -> None:
     with ThreadPoolExecutor(max(1, len(running))) as pool:
         list(pool.map(EmbeddedServer.stop, running))

@@ -57,14 +57,7 @@ def placement_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _start(repo: Path, hosts: tuple[str, ...]) -> list[EmbeddedServer]:
-    started = [EmbeddedServer(repo, host=h) for h in hosts]
-    try:
-        with ThreadPoolExecutor(len(started)) as pool:
-            list(pool.map(EmbeddedServer.start, started))
-    except BaseException:
-        cf.stop_all(started)
-        raise
-    return started
+    return cf.start_all([EmbeddedServer(repo, host=h) for h in hosts])
 
 
 @pytest.fixture(scope="module")

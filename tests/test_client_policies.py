@@ -22,7 +22,7 @@ from tritonforge.client import (
     Variant,
 )
 from tritonforge.client._base import compare_outputs
-from tritonforge.client._flow import Attempt, BudgetState, Sleep, call_flow
+from tritonforge.client._flow import LOADS_PER_ENDPOINT, Attempt, BudgetState, Load, Sleep, call_flow
 from tritonforge.client._pool import EndpointPool
 from tritonforge.errors import (
     AllEndpointsFailed,
@@ -43,8 +43,14 @@ class FakeClock:
         return self.now
 
 
-def drive(flow: Any, answer: Callable[[Attempt], Any], clock: FakeClock) -> tuple[Any, list[Attempt]]:
-    """Run a flow to its end; ``answer`` gives each attempt's outcome (a response or a ClientError)."""
+def drive(
+    flow: Any,
+    answer: Callable[[Attempt], Any],
+    clock: FakeClock,
+    load: Callable[[Load], Any] | None = None,
+) -> tuple[Any, list[Attempt]]:
+    """Run a flow to its end; ``answer`` gives each attempt's outcome (a response or a ClientError), ``load``
+    each load's (``None`` once loaded, or a ClientError)."""
     attempts: list[Attempt] = []
     try:
         step = next(flow)
@@ -52,6 +58,9 @@ def drive(flow: Any, answer: Callable[[Attempt], Any], clock: FakeClock) -> tupl
             if isinstance(step, Sleep):
                 clock.now += step.seconds
                 outcome = None
+            elif isinstance(step, Load):
+                assert load is not None, "a flow that does not load misses yielded a Load"
+                outcome = load(step)
             else:
                 attempts.append(step)
                 outcome = answer(step)
@@ -69,6 +78,7 @@ def make_flow(
     budget: BudgetState | None = None,
     deadline: Deadline | None = None,
     timeout_s: float | None = None,
+    load_misses: bool = False,
 ) -> Any:
     retry = retry or RetryPolicy(max_attempts=3, budget=None)
     return call_flow(
@@ -80,6 +90,7 @@ def make_flow(
         timeout_s=timeout_s,
         clock=clock,
         rng=random.Random(0),
+        load_misses=load_misses,
     )
 
 
@@ -384,6 +395,150 @@ def test_call_flow_raises_all_endpoints_failed_when_every_circuit_is_open() -> N
     pool.release(pool.endpoints[0], 0.0, transport_failure=True)
     with pytest.raises(AllEndpointsFailed):
         drive(make_flow([("m", None)], pool, clock), lambda a: "ok", clock)
+
+
+# -- misses a server's model cache serves (the flow's Load step) ---------------------------------------
+
+
+def drive_loads(
+    pool: EndpointPool,
+    answer: Callable[[Attempt], Any],
+    load: Callable[[Load], Any],
+    retry: RetryPolicy,
+    targets: Sequence[tuple[str, str | None]] = (("m", None),),
+) -> tuple[Any, list[str]]:
+    """Run a flow that loads misses; returns its result and what happened, in order ("a:1" for an attempt
+    at a:1, "load a:1" for a load asked of a:1's cache)."""
+    seen: list[str] = []
+
+    def attempt(step: Attempt) -> Any:
+        seen.append(step.endpoint.url)
+        return answer(step)
+
+    def loading(step: Load) -> Any:
+        seen.append(f"load {step.endpoint.url}")
+        return load(step)
+
+    clock = FakeClock()
+    result, _ = drive(make_flow(targets, pool, clock, retry=retry, load_misses=True), attempt, clock, loading)
+    return result, seen
+
+
+def test_call_flow_retries_a_miss_at_the_endpoint_whose_cache_loaded_the_model() -> None:
+    pool = pool_of("a:1", "b:1")
+    pool.endpoints[1].outstanding = 5  # a:1 first
+    loaded: set[str] = set()
+
+    def answer(attempt: Attempt) -> Any:
+        return "ok" if attempt.endpoint.url in loaded else ModelNotFoundError("unknown model")
+
+    def load(step: Load) -> None:
+        loaded.add(step.endpoint.url)
+
+    # without retries too: the attempt after a load is the miss's own, not the policy's
+    result, seen = drive_loads(pool, answer, load, RetryPolicy.none())
+    assert result == "ok" and seen == ["a:1", "load a:1", "a:1"]
+    assert pool.endpoints[0].outstanding == 0
+
+
+def test_call_flow_fails_over_when_the_loading_endpoint_is_gone_and_loads_again_there() -> None:
+    pool = pool_of("a:1", "b:1", threshold=1, reset_s=100.0)
+    pool.endpoints[1].outstanding = 5  # a:1 first
+    loaded: list[str] = []
+
+    def answer(attempt: Attempt) -> Any:
+        if attempt.endpoint.url not in loaded:
+            return ModelNotFoundError("unknown model")
+        return Unavailable("gone") if attempt.endpoint.url == "a:1" else "ok"  # a:1 died after its load
+
+    def load(step: Load) -> None:
+        loaded.append(step.endpoint.url)
+
+    result, seen = drive_loads(pool, answer, load, RetryPolicy(max_attempts=2, budget=None))
+    assert result == "ok" and seen == ["a:1", "load a:1", "a:1", "b:1", "load b:1", "b:1"]
+
+
+def _loads_until_failure(pool: EndpointPool) -> tuple[ClientError, list[str]]:
+    seen: list[str] = []
+
+    def answer(attempt: Attempt) -> Any:
+        seen.append(attempt.endpoint.url)
+        return ModelNotFoundError("unknown model")
+
+    def load(step: Load) -> None:
+        seen.append(f"load {step.endpoint.url}")
+
+    try:
+        drive_loads(pool, answer, load, RetryPolicy())
+    except ClientError as exc:
+        return exc, seen
+    raise AssertionError("the flow answered")
+
+
+def test_call_flow_sends_the_retry_after_a_load_elsewhere_when_the_loader_left_the_pool() -> None:
+    pool = pool_of("a:1", "b:1")
+    pool.endpoints[1].outstanding = 5  # a:1 first
+    loaded: set[str] = set()
+
+    def answer(attempt: Attempt) -> Any:
+        return "ok" if attempt.endpoint.url in loaded else ModelNotFoundError("unknown model")
+
+    def load(step: Load) -> None:
+        loaded.add(step.endpoint.url)
+        if step.endpoint.url == "a:1":
+            pool.apply([], ["a:1"], lambda ep: None)  # DNS no longer lists it: draining, never picked
+
+    result, seen = drive_loads(pool, answer, load, RetryPolicy.none())
+    assert result == "ok" and seen == ["a:1", "load a:1", "b:1", "load b:1", "b:1"]
+
+
+def test_call_flow_asks_an_endpoint_that_goes_on_missing_a_bounded_number_of_times() -> None:
+    error, seen = _loads_until_failure(pool_of("a:1"))
+    assert isinstance(error, ModelNotFoundError)
+    assert seen == ["a:1", "load a:1"] * LOADS_PER_ENDPOINT + ["a:1"]  # each load, then its retry
+
+
+def test_call_flow_raises_the_miss_when_the_endpoint_runs_no_cache() -> None:
+    pool = pool_of("a:1", "b:1")
+    miss = ModelNotFoundError("unknown model")
+    with pytest.raises(ModelNotFoundError) as raised:
+        drive_loads(pool, lambda a: miss, lambda step: step.miss, RetryPolicy())
+    assert raised.value is miss
+
+
+def test_call_flow_loads_a_miss_before_falling_back_and_falls_back_when_the_cache_cant_load_it() -> None:
+    def answer(attempt: Attempt) -> Any:
+        return f"from {attempt.model}" if attempt.model in loaded else ModelNotFoundError("unknown model")
+
+    loaded: set[str] = set()
+    result, seen = drive_loads(
+        pool_of("a:1"), answer, lambda step: loaded.add(step.model), RetryPolicy(), [("m", None), ("f", None)]
+    )
+    assert result == "from m" and seen == ["a:1", "load a:1", "a:1"]
+
+    def refuse(step: Load) -> Any:
+        if step.model == "m":
+            return ModelNotFoundError("the cache could not load it: in none of the server's repositories")
+        loaded.add(step.model)
+        return None
+
+    loaded.clear()
+    result, seen = drive_loads(pool_of("a:1"), answer, refuse, RetryPolicy(), [("m", None), ("f", None)])
+    assert result == "from f" and seen == ["a:1", "load a:1", "a:1", "load a:1", "a:1"]
+
+
+def test_call_flow_fails_over_when_the_endpoint_goes_away_during_the_load() -> None:
+    pool = pool_of("a:1", "b:1")
+    pool.endpoints[1].outstanding = 5
+
+    def answer(attempt: Attempt) -> Any:
+        return "ok" if attempt.endpoint.url == "b:1" else ModelNotFoundError("unknown model")
+
+    def load(step: Load) -> Any:
+        return Unavailable("connection refused")
+
+    result, seen = drive_loads(pool, answer, load, RetryPolicy(max_attempts=2, budget=None))
+    assert result == "ok" and seen == ["a:1", "load a:1", "b:1"]
 
 
 def test_retry_budget_allows_about_its_ratio_of_retries() -> None:

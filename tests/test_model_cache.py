@@ -1,25 +1,37 @@
 """The model cache through the real server: a model loads on its first request, the least recently used
 idle ones are unloaded under the budget, pinned and busy models stay, ensembles load whole, the deadline
-bounds the wait, and two clients racing over more models than fit never see a failed request."""
+bounds the wait, and two clients racing over more models than fit never see a failed request. Several
+cache servers in one client's pool (127.0.0.2, .3, ... stand in for pods): every call after a miss is
+answered by the server whose cache loaded its model, and one that dies between the load and the retry
+costs the call no more than a failover."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import random
+import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from prometheus_client import CollectorRegistry
 
+import client_fixtures as cf
 from cli_runner import run_tritonforge
+from triton_stats import Counts, counts, settled
 from tritonforge.cache import CACHE_MODEL, CacheBudget, parse_size, write_cache_repository
-from tritonforge.client import Client
+from tritonforge.client import Client, ClientEvent, RetryPolicy
 from tritonforge.client._misses import CACHE_MODEL as CLIENT_CACHE_MODEL
-from tritonforge.errors import DeadlineExceeded, ModelNotFoundError
+from tritonforge.errors import DeadlineExceeded, ModelNotFoundError, Unavailable
 from tritonforge.server import EmbeddedServer
 
 # y = x + add; a negative x sleeps -x seconds first (a request that stays in flight)
@@ -287,8 +299,8 @@ def test_two_clients_racing_over_more_models_than_fit_never_fail_a_request(cache
 def test_cache_never_goes_past_its_ceiling_while_every_model_is_busy(tmp_path: Path) -> None:
     """A budget of 2 with no overflow while two threads keep ``a`` and ``b`` busy: asking for ``c`` still
     loads it (the least recently used busy model goes after idle_s), the server never holds more than 2
-    models, and every request of every thread is answered right (a model unloaded under its caller is a
-    miss, loaded again)."""
+    models (loaded or still unloading), and every request of every thread is answered right (a model
+    unloaded under its caller is a miss, loaded again)."""
     repo = tmp_path / "repo"
     for name in "abc":
         echo(repo, name, ADDS[name])
@@ -310,10 +322,11 @@ def test_cache_never_goes_past_its_ceiling_while_every_model_is_busy(tmp_path: P
                 if got != -0.0625 + ADDS[model]:
                     failures.append(f"{model}: {got}")
 
-    def sample() -> None:
+    def sample() -> None:  # models still unloading hold their processes: counted too
         while not stop.is_set():
-            most[0] = max(most[0], len(loaded(server)))
-            time.sleep(0.05)
+            held = {m for m, s in states(server).items() if s in ("READY", "UNLOADING")} - {CACHE_MODEL}
+            most[0] = max(most[0], len(held))
+            time.sleep(0.02)
 
     with EmbeddedServer([repo, cache], model_control="explicit", load_models=[CACHE_MODEL]) as server:
         threads = [threading.Thread(target=keep_busy, args=(m,)) for m in "ab"]
@@ -394,8 +407,6 @@ def test_cache_keeps_measured_memory_under_its_budget(tmp_path: Path) -> None:
 
 
 def test_async_client_loads_a_missing_model_through_the_cache(cached: EmbeddedServer) -> None:
-    import asyncio
-
     from tritonforge.client import AsyncClient
 
     async def main() -> float:
@@ -411,9 +422,6 @@ def test_async_client_loads_a_missing_model_through_the_cache(cached: EmbeddedSe
 
 
 def test_serve_runs_the_cache_beside_the_repository_and_never_writes_it(tmp_path: Path) -> None:
-    import re
-    import signal
-
     from cli_runner import tritonforge_process
 
     repo = tmp_path / "repo"
@@ -467,3 +475,223 @@ def test_the_coordinator_needs_only_what_nvidias_image_has(tmp_path: Path) -> No
         time.sleep(0.5)
         assert infer(client, "b", timeout_s=60) == 1 + ADDS["b"]
         assert loaded(server) == {"b"}
+
+
+# -- several cache servers in one client's pool (no placement) --------------------------------------------
+
+# y = x + add, and which server answered: its stub's process group, the server's (EmbeddedServer.pid)
+SERVED = """
+import json, os
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.add = float(json.loads(args["model_config"])["parameters"]["add"]["string_value"])
+        self.server = np.array([os.getpgrp()], dtype=np.int64)
+
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "x").as_numpy()
+            y = pb_utils.Tensor("y", (x + self.add).astype(np.float32))
+            out.append(pb_utils.InferenceResponse([y, pb_utils.Tensor("server", self.server)]))
+        return out
+"""
+SERVED_OUTPUT = 'output [{ name: "server" data_type: TYPE_INT64 dims: [1] }]\n'
+POOL_MODELS = {f"p{i}": 20 + i for i in range(8)}  # name -> add
+POOL_BUDGET = 3  # with the default overflow of 1: at most 4 loaded, the concurrency of the calls below
+POOL_CALLS = 120
+POOL_TIMEOUT_S = 60.0
+
+
+def cache_servers(root: Path, hosts: tuple[str, ...]) -> list[EmbeddedServer]:
+    """Started servers on ``hosts``, each with its own cache over one repository of the ``POOL_MODELS``."""
+    repo = root / "repo"
+    if not repo.exists():
+        for name, add in POOL_MODELS.items():
+            (repo / name / "1").mkdir(parents=True)
+            (repo / name / "1" / "model.py").write_text(SERVED)
+            params = f'parameters {{ key: "add" value {{ string_value: "{add}" }} }}\n'
+            config = f'name: "{name}"\nbackend: "python"\n{TENSORS}{SERVED_OUTPUT}{params}'
+            (repo / name / "config.pbtxt").write_text(config)
+    cache = write_cache_repository(root / "cache", CacheBudget(max_models=POOL_BUDGET, idle_s=IDLE_S))
+    return cf.start_all(
+        [
+            EmbeddedServer([repo, cache], model_control="explicit", load_models=[CACHE_MODEL], host=host)
+            for host in hosts
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def cache_pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[EmbeddedServer]]:
+    servers = cache_servers(tmp_path_factory.mktemp("cache_pods"), ("127.0.0.2", "127.0.0.3", "127.0.0.4"))
+    try:
+        yield servers
+    finally:
+        cf.stop_all(servers)
+
+
+def loads_asked(url: str, before: Counts, at_least: int) -> int:
+    """The requests the coordinator at ``url`` answered since ``before`` (its statistics), read again until
+    there are ``at_least`` (bounded: Triton counts a request after answering it)."""
+    return settled(lambda: counts(url, CACHE_MODEL) - before, lambda c: c.requests >= at_least).requests
+
+
+def run_calls(face: str, client: Any, models: list[str], concurrency: int) -> list[object]:
+    """Call ``i`` (request id ``call-i``) of ``models[i]``, ``concurrency`` at a time: its ``(y, the pid of
+    the server that answered)``, or the exception it raised."""
+
+    def answer(out: dict[str, np.ndarray]) -> tuple[float, int]:
+        return float(out["y"][0]), int(out["server"][0])
+
+    if face == "sync":
+
+        def one(i: int) -> object:
+            try:
+                return answer(
+                    client.infer(models[i], x(1.0), timeout_s=POOL_TIMEOUT_S, request_id=f"call-{i}")
+                )
+            except Exception as exc:  # every failure is the finding
+                return exc
+
+        with ThreadPoolExecutor(concurrency) as threads:
+            return list(threads.map(one, range(len(models))))
+
+    async def calls() -> list[object]:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> object:
+            async with gate:
+                try:
+                    return answer(
+                        await client.client.infer(
+                            models[i], x(1.0), timeout_s=POOL_TIMEOUT_S, request_id=f"call-{i}"
+                        )
+                    )
+                except Exception as exc:
+                    return exc
+
+        return list(await asyncio.gather(*(one(i) for i in range(len(models)))))
+
+    return list(client.run(calls()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("face", cf.FACES)
+def test_a_pool_of_cache_servers_answers_every_call_after_a_miss_where_its_model_was_loaded(
+    face: str, cache_pods: list[EmbeddedServer]
+) -> None:
+    """Three cache servers, each with room for 3 of 8 models, one client pool without placement, 120 calls
+    4 at a time in random order: none fails. Each call's misses were loaded at the server that answered
+    it: the answer names its server, and each server's coordinator counted (Triton's statistics) exactly
+    the loads of the calls answered there: one per attempt after the first (each is the retry of a miss
+    here: no server fails)."""
+    urls = [s.grpc_url for s in cache_pods]
+    url_of = {s.pid: s.grpc_url for s in cache_pods}
+    before = {u: counts(u, CACHE_MODEL) for u in urls}
+    rng = random.Random(f"pool-{face}")
+    order = [rng.choice(list(POOL_MODELS)) for _ in range(POOL_CALLS)]
+    events: list[ClientEvent] = []
+    with cf.make_client(face, urls, hooks=[events.append]) as client:
+        outcomes = run_calls(face, client, order, concurrency=4)
+    wrong = [
+        (m, o)
+        for m, o in zip(order, outcomes, strict=True)
+        if not isinstance(o, tuple) or o[0] != 1 + POOL_MODELS[m] or o[1] not in url_of
+    ]
+    assert wrong == []
+    done = {e.request_id: e for e in events if e.kind == "request"}
+    assert len(done) == POOL_CALLS and all(e.error is None for e in done.values())
+    loads = dict.fromkeys(urls, 0)
+    for i, (_, server) in enumerate(outcomes):  # type: ignore[misc]
+        event = done[f"call-{i}"]
+        assert event.endpoint == url_of[server]  # the client's account of the call is the server's
+        loads[event.endpoint] += event.attempt - 1
+    assert sum(loads.values()) >= len(POOL_MODELS)  # the cache did work: every model missed at least once
+    assert {u: loads_asked(u, before[u], loads[u]) for u in urls} == loads
+
+
+def unloaded(server: EmbeddedServer, model: str) -> None:
+    """``model`` unloaded at ``server`` by hand (as another client may) and its unload over."""
+    server.unload_model(model)
+    gone = ("READY", "UNLOADING")
+    assert settled(lambda: states(server).get(model), lambda state: state not in gone) not in gone
+
+
+def test_infer_many_over_the_pool_loads_its_misses_and_answers_every_request(
+    cache_pods: list[EmbeddedServer],
+) -> None:
+    """``infer_many`` over the whole pool with its model unloaded everywhere: every request is answered."""
+    for pod in cache_pods:
+        unloaded(pod, "p5")
+    with Client([s.grpc_url for s in cache_pods], registry=CollectorRegistry()) as client:
+        answers = client.infer_many("p5", [x(float(i)) for i in range(12)], concurrency=4, timeout_s=60)
+    assert [float(a["y"][0]) for a in answers] == [i + POOL_MODELS["p5"] for i in range(12)]
+
+
+def kill(server: EmbeddedServer) -> None:
+    """SIGKILL the server and its stubs (a pod gone at once), and wait until it is gone."""
+    assert server.pid is not None
+    os.killpg(server.pid, signal.SIGKILL)
+    assert settled(lambda: server.is_running, lambda running: not running)
+
+
+def loaders(urls: list[str], before: dict[str, Counts]) -> list[str]:
+    """The servers whose coordinator answered a request since ``before``."""
+    return [u for u in urls if (counts(u, CACHE_MODEL) - before[u]).requests > 0]
+
+
+class KillTheLoader:
+    """A client hook: at the call's first retry, the server whose cache has just loaded the model (read
+    from each server's statistics) is killed before the retry is sent; what it saw is kept."""
+
+    def __init__(self, servers: list[EmbeddedServer]) -> None:
+        self.servers = servers
+        self.before = {s.grpc_url: counts(s.grpc_url, CACHE_MODEL) for s in servers}
+        self.loader: str | None = None
+        self.retried_at: str | None = None
+
+    def __call__(self, event: ClientEvent) -> None:
+        if event.kind != "retry" or self.loader is not None:
+            return
+        urls = [s.grpc_url for s in self.servers]
+        (self.loader,) = settled(lambda: loaders(urls, self.before), bool)
+        self.retried_at = event.endpoint
+        kill(next(s for s in self.servers if s.grpc_url == self.loader))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("face", cf.FACES)
+def test_a_cache_server_dying_between_its_load_and_the_retry_costs_the_call_a_failover(
+    face: str, tmp_path: Path
+) -> None:
+    """Two cache servers; the one whose cache loaded the model dies before the retry reaches it: the call is
+    answered by the other (which misses, loads and answers in turn) within its deadline. With retries off,
+    the same call fails with one Unavailable naming the dead server, within its deadline too."""
+    servers = cache_servers(tmp_path, ("127.0.0.5", "127.0.0.6"))
+    try:
+        hook = KillTheLoader(servers)
+        started = time.monotonic()
+        with cf.make_client(face, [s.grpc_url for s in servers], hooks=[hook]) as client:
+            assert infer(client, "p0", timeout_s=POOL_TIMEOUT_S) == 1 + POOL_MODELS["p0"]
+        assert time.monotonic() - started < POOL_TIMEOUT_S
+        assert hook.loader is not None and hook.retried_at == hook.loader  # the retry went to the loader
+        (survivor,) = [s for s in servers if s.grpc_url != hook.loader]
+        url = survivor.grpc_url
+        assert settled(lambda: counts(url, "p0").requests, lambda n: n >= 1) == 1
+        assert settled(lambda: loaders([url], hook.before), bool) == [url]  # it loaded p0 itself
+
+        # retries off: the survivor alone, its cache loads p1, it dies before the retry
+        hook = KillTheLoader([survivor])
+        started = time.monotonic()
+        with (
+            cf.make_client(face, url, hooks=[hook], retry=RetryPolicy.none()) as client,
+            pytest.raises(Unavailable, match=re.escape(url)),
+        ):
+            infer(client, "p1", timeout_s=POOL_TIMEOUT_S)
+        assert time.monotonic() - started < POOL_TIMEOUT_S
+        assert hook.loader == hook.retried_at == url
+    finally:
+        cf.stop_all(servers)

@@ -60,6 +60,7 @@ def test_the_installed_wheel_runs_the_demo_from_an_empty_folder(tmp_path: Path) 
         "HOME": os.environ.get("HOME", str(tmp_path)),
         "COLUMNS": "200",
         "HF_HUB_OFFLINE": "1",
+        "TRITONFORGE_DEBUG": "1",  # a failure shows the whole error (a server log in full)
     }
     # --no-frameworks: that last part reads nothing shipped; the build and the pipelines are the point
     command = [str(venv / "bin" / "tritonforge"), "demo", "--repo", "model_repository", "--no-frameworks"]

@@ -18,11 +18,12 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonforge.client._codec import (
     ModelMetadata,
 )
-from tritonforge.client._flow import Attempt, Each, Rpc, Sleep, call_flow, one
+from tritonforge.client._flow import Attempt, Each, Load, Rpc, Sleep, call_flow, one
 from tritonforge.client._inputs import (
     as_version,
     check_model_name,
 )
+from tritonforge.client._misses import cache_miss_flow
 from tritonforge.client._options import (
     DEFAULT_CONTROL_TIMEOUT_S,
     Flow,
@@ -65,9 +66,11 @@ class ControlFlows(Events):
         send: Callable[[Attempt], Flow[Any]],
         on_attempt: Callable[[Attempt], None] | None = None,
         resumed: tuple[float, Endpoint, ClientError] | None = None,
+        misses: bool = False,
     ) -> Flow[Any]:
         """Run ``send`` (a flow per attempt) under the call's retry, fallback and deadline decisions
-        (``resumed``: a first attempt already made and failed, see :func:`call_flow`)."""
+        (``resumed``: a first attempt already made and failed; ``misses``: a missing model is loaded by the
+        endpoint's model cache and the call retried there; see :func:`call_flow`)."""
         self._check_open(targets[0][0] or None)
         flow = call_flow(
             targets,
@@ -79,6 +82,7 @@ class ControlFlows(Events):
             clock=time.monotonic,
             rng=self._rng,
             resumed=resumed,
+            load_misses=misses,
         )
         try:
             step = next(flow)
@@ -91,6 +95,15 @@ class ControlFlows(Events):
                     except ClientError as exc:
                         self._on_attempt_error(step, exc)
                         outcome = exc
+                elif type(step) is Load:
+                    try:
+                        outcome = yield from cache_miss_flow(
+                            step.endpoint, step.miss, step.model, step.timeout_s
+                        )
+                    except ClientError as exc:
+                        outcome = exc
+                    else:
+                        outcome = None
                 else:
                     yield cast(Sleep, step)
                     outcome = None

@@ -23,9 +23,32 @@ from typing import Any
 
 from tritonforge.client._pool import Endpoint, EndpointPool
 from tritonforge.client.policies import Deadline, Fallback, RetryBudget, RetryPolicy
-from tritonforge.errors import AllEndpointsFailed, ClientError, DeadlineExceeded, Unavailable
+from tritonforge.errors import (
+    AllEndpointsFailed,
+    ClientError,
+    DeadlineExceeded,
+    ModelNotFoundError,
+    Unavailable,
+)
 
-__all__ = ["Attempt", "BudgetState", "Each", "Op", "Rpc", "Run", "Sleep", "Spawn", "call_flow", "one"]
+__all__ = [
+    "LOADS_PER_ENDPOINT",
+    "Attempt",
+    "BudgetState",
+    "Each",
+    "Load",
+    "Op",
+    "Rpc",
+    "Run",
+    "Sleep",
+    "Spawn",
+    "call_flow",
+    "one",
+]
+
+#: how often one call asks one endpoint's model cache to load one model: the second covers a model the
+#: cache evicted again before the call's retry reached it (a full ceiling: every other model busy)
+LOADS_PER_ENDPOINT = 2
 
 
 @dataclass(slots=True)
@@ -46,6 +69,18 @@ class Sleep:
     """Wait ``seconds`` (a backoff), then carry on."""
 
     seconds: float
+
+
+@dataclass(slots=True)
+class Load:
+    """Have the model cache of ``endpoint`` load ``model`` within ``timeout_s``, after ``miss`` (the
+    attempt's :class:`ModelNotFoundError` there); ``None`` comes back once it is loaded, or the error that
+    says why not (``miss`` itself when the endpoint runs no cache)."""
+
+    endpoint: Endpoint
+    model: str
+    miss: ModelNotFoundError
+    timeout_s: float | None
 
 
 @dataclass(slots=True)
@@ -190,7 +225,8 @@ def call_flow(
     clock: Callable[[], float],
     rng: random.Random,
     resumed: tuple[float, Endpoint, ClientError] | None = None,
-) -> Generator[Attempt | Sleep, Any, Any]:
+    load_misses: bool = False,
+) -> Generator[Attempt | Sleep | Load, Any, Any]:
     """Drive one call across ``targets`` (the model and then its fallbacks); returns the response.
 
     ``resumed``: ``(start, endpoint, error)`` when the call's first attempt was made outside the flow (the
@@ -198,8 +234,16 @@ def call_flow(
     deposit made), went to ``endpoint`` (still counted outstanding) for ``targets[0]`` and failed with
     ``error``; the flow goes on exactly as if it had made that attempt itself.
 
+    ``load_misses``: a :class:`ModelNotFoundError` is a miss that the endpoint's model cache may serve. The
+    flow yields a :class:`Load` for that endpoint, and once the model is loaded the next attempt goes to the
+    same endpoint: another one may not have the model loaded. When that endpoint is no longer usable (down,
+    circuit open, gone from the pool), the pool picks another as for any retry, where a miss is handled
+    the same way. An attempt after a load counts against neither ``max_attempts`` nor the retry budget;
+    each endpoint is asked at most :data:`LOADS_PER_ENDPOINT` times per model, all within the deadline.
+
     Raises:
-        DeadlineExceeded: the deadline passed; never retried past it.
+        DeadlineExceeded: the deadline passed (a load that did not finish in time says so); never retried
+            past it.
         AllEndpointsFailed: no endpoint usable and no retry left.
         ClientError: the last model's error when no retry or fallback applies.
     """
@@ -216,6 +260,9 @@ def call_flow(
     for index, (model, version) in enumerate(targets):
         tried: list[Endpoint] = []
         attempts = 0
+        owed = 0  # attempts that followed a load: the miss's own retry, not the policy's
+        loads: list[Endpoint] = []  # an entry per load asked of an endpoint
+        home: Endpoint | None = None  # the endpoint whose cache just loaded the model
         endpoint: Endpoint | None
         error: ClientError
         while True:
@@ -232,7 +279,8 @@ def call_flow(
                     raise _deadline_error(
                         model, version, total_s, last, last.endpoint if last else None
                     ) from last
-                endpoint = pool.acquire(now, tried, model)
+                endpoint = pool.acquire(now, tried, model, prefer=home)
+                home = None
                 if endpoint is None:
                     error = AllEndpointsFailed(
                         f"no endpoint is usable for model {model!r}: all of "
@@ -270,13 +318,31 @@ def call_flow(
                 cause = error
             now = clock()
             remaining = None if deadline_at is None else deadline_at - now
+            if (
+                load_misses
+                and isinstance(error, ModelNotFoundError)
+                and endpoint is not None
+                and loads.count(endpoint) < LOADS_PER_ENDPOINT
+                and (remaining is None or remaining > 0)
+            ):
+                loads.append(endpoint)
+                failed = yield Load(endpoint, model, error, remaining)
+                if failed is None:
+                    home = endpoint
+                    owed += 1
+                    continue
+                error = last = cause = failed
+                now = clock()
+                remaining = None if deadline_at is None else deadline_at - now
+                if isinstance(error, DeadlineExceeded) and remaining is not None and remaining <= 0:
+                    raise error  # it says the cache was loading the model when the deadline passed
             if isinstance(error, DeadlineExceeded):
                 if remaining is None or remaining <= 0:
                     raise _deadline_error(model, version, total_s, error, error.endpoint) from error
                 retryable = True  # only the attempt's own cap passed; the call still has time
             else:
                 retryable = retry.is_retryable(error) or isinstance(error, AllEndpointsFailed)
-            if retryable and attempts < retry.max_attempts and budget.withdraw(now):
+            if retryable and attempts - owed < retry.max_attempts and budget.withdraw(now):
                 untried = endpoint is not None and any(
                     e not in tried and pool._available(e, now) for e in pool.endpoints
                 )

@@ -29,7 +29,6 @@ from tritonforge.client._inputs import (
 )
 from tritonforge.client._inputs import batches as split_under
 from tritonforge.client._mapping import too_large
-from tritonforge.client._misses import cache_miss_flow
 from tritonforge.client._options import (
     _INFER_OPTIONS,
     Flow,
@@ -44,7 +43,6 @@ from tritonforge.errors import (
     AuthenticationError,
     ClientError,
     InvalidRequestError,
-    ModelNotFoundError,
     NotOffered,
     RequestTooLarge,
     TransportError,
@@ -122,20 +120,10 @@ class InferFlows(Shadows):
 
         resumed = None if first is None else (first[1], first[0].endpoint, first[2])
         try:
-            try:
-                result = yield from self._call_flow(
-                    targets, timeout_s, partial(self._attempt_flow, call), on_attempt, resumed
-                )
-            except ModelNotFoundError as miss:  # a server with a model cache loads it; retried once
-                total_s = self.deadline.total_s if timeout_s is None else timeout_s
-                left = None if total_s is None else total_s - (time.perf_counter() - started)
-                yield from cache_miss_flow(self._pool, miss, miss.model or targets[0][0], left)
-                left = None if total_s is None else total_s - (time.perf_counter() - started)
-                if left is not None and left <= 0:
-                    raise miss
-                result = yield from self._call_flow(
-                    targets, left, partial(self._attempt_flow, call), on_attempt
-                )
+            # misses=True: a model a server's cache can load is loaded there and the call retried there
+            result = yield from self._call_flow(
+                targets, timeout_s, partial(self._attempt_flow, call), on_attempt, resumed, misses=True
+            )
         except ClientError as exc:
             self._on_done(model, targets[0][1], started, exc, last[0] if last else None, call, None)
             raise

@@ -130,20 +130,33 @@ class EndpointPool:
         single = self._single
         return single if single is not None and single.state == "closed" and single.healthy else None
 
-    def acquire(self, now: float, exclude: Collection[Endpoint] = (), model: str = "") -> Endpoint | None:
+    def acquire(
+        self,
+        now: float,
+        exclude: Collection[Endpoint] = (),
+        model: str = "",
+        prefer: Endpoint | None = None,
+    ) -> Endpoint | None:
         """The endpoint for the next attempt (counted as outstanding), or ``None`` when none is usable.
 
-        Endpoints in ``exclude`` (already tried by this call) are chosen only when nothing else is usable.
-        With a placement and a ``model``, the choice is among the model's replicas (see :meth:`candidates`).
+        ``prefer`` is chosen whenever it is still in the pick set and usable (the endpoint whose model cache
+        has just loaded the call's model). Otherwise endpoints in ``exclude`` (already tried by this call)
+        are chosen only when nothing else is usable, and with a placement and a ``model`` the choice is
+        among the model's replicas (see :meth:`candidates`).
         """
         with self._lock:
             single = self._single
             if single is not None and single.state == "closed" and single.healthy:
                 single.outstanding += 1
                 return single
+            choices: Sequence[Endpoint] = self.endpoints
+            if prefer is not None and prefer in self.endpoints and self._available(prefer, now):
+                choices = (prefer,)
+            elif model and self.placement:
+                choices = self._candidates(model, now, exclude)
             best: Endpoint | None = None
             best_key: tuple[int, int, float] | None = None
-            for ep in self._candidates(model, now, exclude) if model and self.placement else self.endpoints:
+            for ep in choices:
                 if not self._available(ep, now):
                     continue
                 key = (ep in exclude, ep.outstanding, self._rng.random())

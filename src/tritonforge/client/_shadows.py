@@ -75,7 +75,7 @@ class Shadows(ControlFlows):
         started = time.perf_counter()
         try:
             result = yield from self._call_flow(
-                [(shadow.model, shadow.version)], timeout_s, partial(self._attempt_flow, call)
+                [(shadow.model, shadow.version)], timeout_s, partial(self._attempt_flow, call), misses=True
             )
         except ClientError as exc:
             self._record_shadow(

@@ -152,6 +152,7 @@ class TritonPythonModel:
         self.pins = {p for p in _param(config, "pins").split(",") if p}
         self.idle_s = float(_param(config, "idle_s", "2"))
         self.unload_wait_s = float(_param(config, "unload_wait_s", "30"))
+        self.room_wait_s = float(_param(config, "room_wait_s", "5"))
         self.server = _server_pid()
         flags = _flags(self.server)
         self.http = _param(config, "http_url") or _url(flags, "http", "8000")
@@ -159,6 +160,7 @@ class TritonPythonModel:
         given = [r for r in _param(config, "repositories").split(os.pathsep) if r]
         self.repositories = given or flags.get("model-repository", []) + flags.get("model-store", [])
         self.loaded_at = {}  # model -> time.time() it was loaded or last asked for
+        self.evicted_at = {}  # model -> time.monotonic() of its unload, while it may still be unloading
         self.costs = []  # PSS per model measured at recent loads (bytes)
         self.peak_memory = 0
         self.totals = {"loads": 0, "evictions": 0, "failures": 0, "load_s": 0.0}
@@ -302,6 +304,7 @@ class TritonPythonModel:
         for model in reversed(unit):  # the ensemble first, then what it composed
             pb_utils.unload_model(model_name=model, unload_dependents=False)
             self.loaded_at.pop(model, None)
+            self.evicted_at[model] = time.monotonic()
             evicted.append(model)
             self.totals["evictions"] += 1
             self.m_evict.increment(1)
@@ -314,6 +317,23 @@ class TritonPythonModel:
             if not any(states.get(m) in ("READY", "UNLOADING") for m in models):
                 return
             time.sleep(0.05)
+
+    def _wait_for_room(self, adding):
+        """Models this coordinator unloaded keep their processes until Triton has finished them (about a
+        second for a Python model): before ``adding`` more, wait until the loaded ones and those together
+        fit the ceiling, at most room_wait_s. A model unloading for longer than that is held by something
+        else (an open stream, an execution that doesn't end): waiting would not free it, so it is not
+        counted. Nothing unloading: nothing to wait for (past the ceiling, make_room decided)."""
+        now = time.monotonic()
+        self.evicted_at = {m: t for m, t in self.evicted_at.items() if now - t < self.room_wait_s}
+        deadline = now + self.room_wait_s
+        while self.max_models and self.evicted_at and time.monotonic() < deadline:
+            states = self._states()
+            loaded = self._loaded_count(states)
+            unloading = [m for m in self.evicted_at if states.get(m) == "UNLOADING"]
+            if not unloading or loaded + len(unloading) + adding <= self.ceiling:
+                return
+            time.sleep(0.02)
 
     def _loaded_count(self, states):
         return sum(1 for m, s in states.items() if s == "READY" and m != self.name)
@@ -372,6 +392,7 @@ class TritonPythonModel:
         start = time.monotonic()
         missing = [m for m in unit if states.get(m) != "READY"]
         self._wait_unloaded([m for m in missing if states.get(m) == "UNLOADING"])  # evicted a moment ago
+        self._wait_for_room(len(missing))
         try:
             for member in unit:
                 if states.get(member) != "READY":
