@@ -180,8 +180,15 @@ def _left_clean(repo: Path, server: EmbeddedServer, model: str) -> None:
     assert "tritonforge_rollout" not in load_config(repo / model).parameters
     assert not state_paths(repo, model).heartbeat.exists()
     # nothing left UNLOADING on the server (a version that never finishes unloading makes the whole server
-    # not ready under Triton's strict readiness); unloading itself takes a moment
+    # not ready under Triton's strict readiness); unloading itself takes a moment, and the twin, its folder
+    # gone, is out of the index: the server's readiness tells
     _wait_for(lambda: not _unloading(server, model), 30)
+    _wait_for(lambda: _server_ready(server), 30)
+
+
+def _server_ready(server: EmbeddedServer) -> bool:
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        return bool(client.is_server_ready())
 
 
 def _unloading(server: EmbeddedServer, model: str) -> list[str]:
@@ -291,13 +298,7 @@ def test_rollout_rolls_back_a_candidate_failing_every_call_at_run_time_and_leave
     assert step["verdict"] == "fail" and step["step"] == "shadow"
     assert step["evidence"]["candidate_errors"] == step["evidence"]["candidate_calls"] > 0
     assert step["evidence"]["error_rate"] == 1.0
-    _left_clean(repo, server, "broken")  # nothing left UNLOADING
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        # the twin (its folder removed already, so not in the index) finishes unloading a moment later
-        deadline = time.monotonic() + 30
-        while not client.is_server_ready() and time.monotonic() < deadline:
-            time.sleep(0.25)
-        assert client.is_server_ready(), server.log_tail(30)
+    _left_clean(repo, server, "broken")  # nothing left UNLOADING, the server ready
 
 
 def _one_thread_ms(model_file: Path) -> float:
