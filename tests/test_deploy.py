@@ -4,8 +4,11 @@ scraping two real servers -- is clearly higher under load than idle, per pod."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import sys
 import threading
 import time
 import urllib.error
@@ -189,6 +192,50 @@ def test_locust_configmap_holds_the_project_load_tests(out: Path) -> None:
     assert set(configmap["data"]) == set(LOCUSTFILES)
     assert "--master" in master["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--worker" in worker["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+_CONFIG_READS: list[list[str]] = []  # the config.pbtxt files parsed while a `configs_parsed()` block runs
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    # our readers open a config with os.open (O_NONBLOCK: a FIFO is refused, not waited on); shutil's copy
+    # of the repository opens it with open(..., "rb"), which is no parse
+    if not (event == "open" and _CONFIG_READS and args[1] is None and isinstance(args[0], (str, Path))):
+        return
+    if Path(args[0]).name == "config.pbtxt" and args[2] & os.O_NONBLOCK:
+        _CONFIG_READS[-1].append(str(args[0]))
+
+
+sys.addaudithook(_audit)  # a hook stays for the process; it records only inside `configs_parsed()`
+
+
+@contextlib.contextmanager
+def configs_parsed() -> Iterator[list[str]]:
+    found: list[str] = []
+    _CONFIG_READS.append(found)
+    try:
+        yield found
+    finally:
+        _CONFIG_READS.pop()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        DeploySpec(),
+        DeploySpec(gpus=1),
+        DeploySpec(kserve_mode="ModelMesh", store=parse_model_store("s3://bucket/models", name="triton")),
+    ],
+    ids=["default", "gpus", "modelmesh"],
+)
+def test_generate_parses_each_model_config_of_the_repository_once(
+    model_repo: Path, tmp_path: Path, spec: DeploySpec
+) -> None:
+    with configs_parsed() as parsed:
+        generate(model_repo, tmp_path / "out", spec, locustfiles=None)
+    source = [p for p in parsed if Path(p).parent.parent == model_repo]
+    configs = sorted(str(p / "config.pbtxt") for p in model_repo.iterdir() if (p / "config.pbtxt").is_file())
+    assert sorted(source) == configs  # each once, and no other read of the source configs
 
 
 def test_generate_raises_deploy_error_when_out_is_not_empty_and_leaves_it_alone(
@@ -986,7 +1033,9 @@ def test_dockerfiles_pass_hadolint_and_hadolint_catches_a_latest_base(
     hadolint = _hadolint()
     # a repository whose Python models declare requirements: the server image is built FROM NVIDIA's tag
     monkeypatch.setattr(
-        generate_module, "python_requirements", lambda repo, target: {"mlp": ["tokenizers==0.20.3"]}
+        generate_module,
+        "python_requirements",
+        lambda repo, target, configs=None: {"mlp": ["tokenizers==0.20.3"]},
     )
     target = tmp_path / "with-server"
     generate(default_out / "repository", target, DeploySpec())

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tritonforge.commands import fail
+from tritonforge.commands._cache import CACHE_MAX_MEMORY, CACHE_MAX_MODELS, PIN
 from tritonforge.commands._output import make_console
 from tritonforge.commands._renamed import deprecated, renamed
 from tritonforge.errors import DeployError, TritonForgeError
@@ -154,11 +155,16 @@ def deploy(
     client_tls_secret: str = typer.Option(
         "", help="With --mtls: kubernetes.io/tls Secret of the tool pods' client certificate."
     ),
+    cache_max_models: int | None = CACHE_MAX_MODELS,
+    cache_max_memory: str | None = CACHE_MAX_MEMORY,
+    pin: list[str] = PIN,
     check: bool = typer.Option(True, help="Validate every generated object offline afterwards."),
 ) -> None:
     """Write Kubernetes (kustomize base + overlays, HPA/KEDA on Triton's metrics), KServe, locust,
     batch Job and compose manifests for REPO into OUT, with the repository as deployed and the
-    Dockerfiles of the images they name, and check them offline."""
+    Dockerfiles of the images they name, and check them offline. With a cache budget, every server pod
+    runs the model cache (docs/many-models.md)."""
+    from tritonforge.cache import cache_budget_from_options
     from tritonforge.deploy import (
         DeploySpec,
         check_tree,
@@ -174,6 +180,8 @@ def deploy(
     if replicas is not None:
         deprecated("--replicas", "--min-replicas (the HPA owns the scale; no replicas are written)")
     try:
+        # the pods run Triton in explicit model control whenever there is a cache
+        cache = cache_budget_from_options(cache_max_models, cache_max_memory, pin, "explicit")
         store = (
             parse_model_store(
                 model_store,
@@ -238,6 +246,7 @@ def deploy(
             tls_secret=tls_secret,
             mtls=mtls,
             client_tls_secret=client_tls_secret,
+            cache=cache,
         )
         thresholds: dict[str, float] = {
             "max_error_rate": canary_max_error_rate,

@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from tritonforge.commands import fail, print_error
+from tritonforge.commands._cache import CACHE_MAX_MEMORY, CACHE_MAX_MODELS, PIN
 from tritonforge.commands._output import make_console, plain
 from tritonforge.commands._renamed import renamed
 from tritonforge.commands._rows import TABLE_ROWS
@@ -84,19 +85,9 @@ def serve(
     tritonserver: Path | None = typer.Option(
         None, help="A tritonserver binary to use instead of the wheel's."
     ),
-    cache_max_models: int | None = typer.Option(
-        None,
-        help="Run a model cache: a model loads on its first request; above N loaded models the least "
-        "recently used idle ones are unloaded (explicit model control). See docs/many-models.md.",
-    ),
-    cache_max_memory: str | None = typer.Option(
-        None,
-        help="Run a model cache under a memory budget (e.g. 4GiB): the PSS of tritonserver and its "
-        "processes; least recently used idle models are unloaded above it.",
-    ),
-    pin: list[str] = typer.Option(
-        [], help="With a cache: a model loaded at start and never unloaded (repeatable)."
-    ),
+    cache_max_models: int | None = CACHE_MAX_MODELS,
+    cache_max_memory: str | None = CACHE_MAX_MEMORY,
+    pin: list[str] = PIN,
 ) -> None:
     """Serve REPO with the embedded Triton server until Ctrl-C.
 

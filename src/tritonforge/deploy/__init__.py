@@ -32,6 +32,7 @@ from tritonforge.deploy.spec import (
     image_for,
     parse_model_store,
     parse_restriction,
+    probe_paths,
     triton_args,
 )
 
@@ -60,6 +61,7 @@ __all__ = [
     "parse_model_store",
     "parse_restriction",
     "pod_query",
+    "probe_paths",
     "render_adapter_query",
     "repository_models",
     "size_for",

@@ -59,6 +59,8 @@ def build(plan: dict[str, Any]) -> Any:
         resources=V1ResourceRequirements(**plan["resources"]),
         env=load(plan.get("env") or None, "list[V1EnvVar]"),
         image=plan.get("image"),
+        volume_mounts=load(plan.get("volume_mounts") or None, "list[V1VolumeMount]"),
+        readiness_probe=load(plan.get("readiness_probe"), "V1Probe"),
     )
     return _inference_service(
         plan,
@@ -68,6 +70,7 @@ def build(plan: dict[str, Any]) -> Any:
             max_replicas=plan["max_replicas"],
             canary_traffic_percent=plan.get("canary_traffic_percent"),
             service_account_name=plan.get("service_account"),
+            volumes=load(plan.get("volumes") or None, "list[V1Volume]"),
         ),
     )
 

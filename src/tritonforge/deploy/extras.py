@@ -11,19 +11,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tritonforge.deploy.kube import labels, resources
+from tritonforge.deploy.cache import CACHE_MOUNT_PATH, CACHE_READY_PATH, cache_args, cache_files, cache_volume
+from tritonforge.deploy.kube import cache_config_map, labels, resources
 from tritonforge.deploy.spec import (
     GRPC_PORT,
     HTTP_PORT,
     METRICS_PORT,
-    PROBE_PATHS,
     DeploySpec,
     Restriction,
+    probe_paths,
     triton_args,
 )
 from tritonforge.errors import DeployError
 
-__all__ = ["compose_file", "inference_service", "kserve_sdk"]
+__all__ = ["KSERVE_HTTP_PORT", "compose_file", "inference_service", "kserve_sdk"]
+
+#: the HTTP port of KServe's Triton runtime (its `--http-port`; Knative routes to it)
+KSERVE_HTTP_PORT = 8080
 
 
 def inference_service(spec: DeploySpec, *, namespace: str, service_account: str = "") -> dict[str, Any]:
@@ -38,6 +42,28 @@ def inference_service(spec: DeploySpec, *, namespace: str, service_account: str 
         DeployError: the ``kserve`` SDK is missing or failed (``pip install 'tritonforge[deploy]'``).
     """
     last = spec.image.rsplit("/", 1)[-1]
+    args = [
+        f"--grpc-max-connection-age={spec.grpc_max_connection_age_ms}",
+        "--strict-readiness=true",
+        *[a for r in spec.restrictions for a in _restricted(r)],
+    ]
+    cache: dict[str, Any] = {}
+    if spec.cache is not None:
+        # KServe appends these to its runtime's `tritonserver --model-store=/mnt/models --http-port=8080 ...`
+        args = [a for a in args if not a.startswith("--strict-readiness=")] + cache_args(
+            spec.cache, spec.cache_loads
+        )
+        volume, mount = cache_volume(cache_config_map(spec), cache_files(spec.cache))
+        cache = {
+            "volumes": [volume],
+            "volume_mounts": [mount],
+            "readiness_probe": {
+                "httpGet": {"path": CACHE_READY_PATH, "port": KSERVE_HTTP_PORT},
+                "periodSeconds": 5,
+                "timeoutSeconds": 2,
+                "failureThreshold": 3,
+            },
+        }
     plan = {
         "name": spec.name,
         "namespace": namespace,
@@ -49,11 +75,8 @@ def inference_service(spec: DeploySpec, *, namespace: str, service_account: str 
         "runtime": "kserve-tritonserver",
         "runtime_version": last.split(":", 1)[1] if ":" in last else None,
         "storage_uri": spec.store.kserve_uri,
-        "args": [
-            f"--grpc-max-connection-age={spec.grpc_max_connection_age_ms}",
-            "--strict-readiness=true",
-            *[a for r in spec.restrictions for a in _restricted(r)],
-        ],
+        "args": args,
+        **cache,
         "env": [
             {"name": r.env, "valueFrom": {"secretKeyRef": {"name": r.secret, "key": r.key}}}
             for r in spec.restrictions
@@ -106,8 +129,13 @@ def compose_file(spec: DeploySpec, repository: Path, compose_dir: Path) -> dict[
     args = [
         re.sub(r"\$\((\w+)\)", r"${\1:?set \1 to the key}", a)
         for a in triton_args(spec)
-        if not a.startswith(("--model-repository=", "--grpc-use-ssl", "--grpc-server-", "--grpc-root-cert"))
+        if a != f"--model-repository={spec.store.repository_arg}"
+        and not a.startswith(("--grpc-use-ssl", "--grpc-server-", "--grpc-root-cert"))
     ]
+    volumes = [{"type": "bind", "source": local, "target": "/models", "read_only": True}]
+    if spec.cache is not None:  # the coordinator's repository, written beside repository/
+        cache = os.path.relpath(repository.resolve().parent / "cache", compose_dir.resolve())
+        volumes.append({"type": "bind", "source": cache, "target": CACHE_MOUNT_PATH, "read_only": True})
     service: dict[str, Any] = {
         "image": spec.serving_image,
         "command": ["tritonserver", "--model-repository=/models", *args],
@@ -115,10 +143,10 @@ def compose_file(spec: DeploySpec, repository: Path, compose_dir: Path) -> dict[
         "read_only": True,
         "tmpfs": ["/tmp"],
         "shm_size": "1gb",
-        "volumes": [{"type": "bind", "source": local, "target": "/models", "read_only": True}],
+        "volumes": volumes,
         "ports": [f"{p}:{p}" for p in (HTTP_PORT, GRPC_PORT, METRICS_PORT)],
         "healthcheck": {
-            "test": ["CMD", "curl", "-fsS", f"http://localhost:{HTTP_PORT}{PROBE_PATHS['readiness']}"],
+            "test": ["CMD", "curl", "-fsS", f"http://localhost:{HTTP_PORT}{probe_paths(spec)['readiness']}"],
             "interval": "10s",
             "timeout": "3s",
             "retries": 3,

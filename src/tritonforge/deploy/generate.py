@@ -35,7 +35,10 @@ from typing import Any
 
 import yaml
 
+from tritonforge.cache import CACHE_MODEL, CacheBudget
+from tritonforge.config import ModelConfig
 from tritonforge.deploy import kube, scaling, tools
+from tritonforge.deploy.cache import cache_files, cache_memory_request
 from tritonforge.deploy.canary import canary_patches, canary_plan, step_file
 from tritonforge.deploy.extras import compose_file, inference_service
 from tritonforge.deploy.gpu import gpu_capable_models, rewrite_for_gpus
@@ -48,9 +51,11 @@ from tritonforge.deploy.images import (
 )
 from tritonforge.deploy.metrics import adapter_rule, gpu_queries, keda_query, pod_query
 from tritonforge.deploy.modelmesh import modelmesh_files
+from tritonforge.deploy.models import checked_configs, instance_counts, python_models, repository_models
 from tritonforge.deploy.sizing import Sizing
 from tritonforge.deploy.spec import DeploySpec
 from tritonforge.errors import DeployError, TritonForgeError
+from tritonforge.server.embedded import load_with
 
 __all__ = ["Generated", "generate", "overlay_patches", "repository_models"]
 
@@ -67,44 +72,6 @@ class Generated:
     sizing: Sizing | None = None
 
 
-def python_models(repository: Path) -> list[str]:
-    """The models served by Triton's Python backend (their imports must be in the image)."""
-    from tritonforge.config import read_config
-
-    return [
-        folder.name
-        for folder in sorted(p for p in repository.iterdir() if (p / "config.pbtxt").is_file())
-        if read_config(folder).backend == "python"
-    ]
-
-
-def repository_models(repository: Path) -> dict[str, int]:
-    """Each model of ``repository`` and its instance count (ensembles: 0, they run no instances).
-
-    Raises:
-        DeployError: no repository there, or one the offline checks reject.
-    """
-    from tritonforge.config import read_config
-    from tritonforge.repository import check_repository
-
-    if not repository.is_dir():
-        raise DeployError(f"no model repository at {repository} (build one first: `tritonforge build`)")
-    errors = [p for p in check_repository(repository) if p.severity == "error"]
-    if errors:
-        listed = "; ".join(f"{p.model}: {p.message}" for p in errors[:3])
-        raise DeployError(f"{repository} fails its offline checks ({listed}); run `tritonforge validate`")
-    models: dict[str, int] = {}
-    for folder in sorted(p for p in repository.iterdir() if (p / "config.pbtxt").is_file()):
-        config = read_config(folder)
-        if config.platform == "ensemble" or config.ensemble_steps:
-            models[folder.name] = 0
-        else:
-            models[folder.name] = sum(g.count for g in config.instance_groups) or 1
-    if not models:
-        raise DeployError(f"{repository} has no models to deploy")
-    return models
-
-
 def _adapter_prometheus(url: str) -> Obj:
     """The prometheus-adapter chart takes the URL without its port, and the port apart."""
     scheme, _, rest = url.rstrip("/").partition("://")
@@ -113,7 +80,10 @@ def _adapter_prometheus(url: str) -> Obj:
 
 
 def _small(spec: DeploySpec) -> DeploySpec:
-    # the GPUs stay: the deployed configs place the models on them
+    # the GPUs stay: the deployed configs place the models on them; with the cache the memory stays too:
+    # its budget is per pod and was checked against the base's limit
+    if spec.cache is not None:
+        return spec.replace(cpu_request="1", cpu_limit="2")
     return spec.replace(cpu_request="1", cpu_limit="2", memory_request="2Gi", memory_limit="4Gi")
 
 
@@ -242,7 +212,9 @@ def _dump(content: Any) -> str:
     return yaml.dump_all(docs, Dumper=_SafeDumper, sort_keys=False, default_flow_style=False, width=120)
 
 
-def python_requirements(repository: Path, target: str) -> dict[str, list[str]]:
+def python_requirements(
+    repository: Path, target: str, configs: Mapping[str, ModelConfig] | None = None
+) -> dict[str, list[str]]:
     """Model -> the pinned pip requirement lines its Python code needs beyond ``target`` (NVIDIA's image);
     imports with a fallback (listed commented out) are not installed.
 
@@ -252,7 +224,7 @@ def python_requirements(repository: Path, target: str) -> dict[str, list[str]]:
     from tritonforge.repository.requirements import python_requirements as needed
 
     try:
-        found = needed(repository, target)
+        found = needed(repository, target, configs=configs)
     except (TritonForgeError, ValueError) as exc:
         raise DeployError(f"the Python models' requirements for {target}: {exc}") from exc
     required = {m: [line for line in lines if not line.startswith("#")] for m, lines in found.items()}
@@ -323,8 +295,11 @@ def generate(
     spec = spec or DeploySpec()
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
         raise DeployError(f"{target} exists and is not empty; pass --force to replace it")
-    counts = repository_models(repo)
+    configs = checked_configs(repo)  # every step below reads the models from these
+    counts = instance_counts(configs)
     notes: list[str] = []
+    if spec.cache is not None:
+        spec = _with_cache(spec, spec.cache, counts, repo, notes)
     measured = dict(instances or {})
     instances = {m: n for m, n in counts.items() if n}
     if sizing is not None:
@@ -341,20 +316,20 @@ def generate(
                 "write the tuned configs first (`tritonforge tune ... --write`) and deploy again"
             )
         instances[model] = n
-    gpu_models = gpu_capable_models(repo) if spec.gpus else []
+    gpu_models = gpu_capable_models(repo, configs) if spec.gpus else []
     if spec.gpus and not gpu_models and not allow_idle_gpus:
         raise DeployError(
             f"--gpus {spec.gpus}: no model of {repo} runs on a GPU (Python models and ensembles stay on "
             "the CPU), so the GPUs would sit idle; drop --gpus, or pass --allow-idle-gpus to pay for them"
         )
-    requirements = python_requirements(repo, spec.image)
+    requirements = python_requirements(repo, spec.image, configs)
     images = image_set(spec.name, base_image=spec.image, registry=spec.registry, requirements=requirements)
     spec = spec.replace(
         models=tuple(counts),
         instances=instances,
         server_image=images.server if images.server_built else "",
     )
-    python = python_models(repo)
+    python = python_models(repo, configs)
     if python and not requirements:
         notes.append(
             f"{', '.join(python)} run on Triton's Python backend with what {spec.image} has (the standard "
@@ -396,6 +371,11 @@ def generate(
             storage_class=spec.store.storage_class,
         )
         base_resources.append("pvc.yaml")
+    if spec.cache is not None:
+        files["base/cache-configmap.yaml"] = kube.cache_config_map(spec)
+        base_resources.append("cache-configmap.yaml")
+        for path, text in cache_files(spec.cache).items():  # compose mounts it from here
+            files[f"cache/{CACHE_MODEL}/{path}"] = text
     files["base/kustomization.yaml"] = _kustomization(base_resources)
     for overlay in ("dev", "prod"):
         for name, content in _overlay(spec, overlay).items():
@@ -410,7 +390,7 @@ def generate(
     )
     files["autoscaling/keda-query-prod.promql"] = keda_query(spec, spec.prod_namespace) + "\n"
     if spec.kserve_mode == "ModelMesh":
-        mesh_files, mesh_steps, mesh_notes = modelmesh_files(spec, repo)
+        mesh_files, mesh_steps, mesh_notes = modelmesh_files(spec, repo, configs)
         files.update(mesh_files)
         steps += mesh_steps
         notes += mesh_notes
@@ -500,12 +480,40 @@ def generate(
     return Generated(out=target, files=sorted(files), spec=spec, notes=[*steps, *notes], sizing=sizing)
 
 
+def _with_cache(
+    spec: DeploySpec, cache: CacheBudget, counts: Mapping[str, int], repo: Path, notes: list[str]
+) -> DeploySpec:
+    """``spec`` with its memory request raised to the cache's memory budget where it is below, the pins
+    checked against the repository and their companions loaded with them."""
+    for pin in cache.pins:
+        if pin not in counts:
+            raise DeployError(f"--pin {pin}: {repo} has no such model; it has: {', '.join(counts)}")
+    notes.append(
+        f"every server pod runs the model cache ({cache.describe()}); tritonforge's client asks it on a "
+        "miss, other clients call it themselves (docs: Many models)"
+    )
+    loads = tuple(load_with([repo], cache.pins))  # a pin's companions load before it, as in `serve`
+    if loads != cache.pins:
+        spec = spec.replace(cache_loads=loads)
+    request = cache_memory_request(cache, spec.memory_request)
+    if request != spec.memory_request:
+        notes.append(
+            f"the pods' memory request is raised from {spec.memory_request} to {request}: the cache's memory "
+            "budget (a full cache holds that much; the scheduler must place the pod where it fits)"
+        )
+        spec = spec.replace(memory_request=request)
+    return spec
+
+
 def _kserve_files(spec: DeploySpec, canary_thresholds: Mapping[str, float] | None) -> dict[str, Any]:
     """The InferenceService, the ServiceAccount its storage initializer reads credentials from (object
     stores), the PodMonitor that gets its pods scraped, the canary plan: all in the prod namespace."""
     ns = spec.prod_namespace
     files: dict[str, Any] = {}
     resources = ["inferenceservice.yaml", "podmonitor.yaml"]
+    if spec.cache is not None:
+        files["kserve/cache-configmap.yaml"] = kube.cache_config_map(spec, namespace=ns)
+        resources.insert(0, "cache-configmap.yaml")
     account = ""
     if spec.store.object_store or spec.workload_identity:
         account = f"{spec.name}-kserve"

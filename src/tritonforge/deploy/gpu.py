@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
+from tritonforge.config import ModelConfig
+from tritonforge.deploy.models import read_configs
 from tritonforge.errors import DeployError
 
 __all__ = ["GPU_BACKENDS", "Accelerator", "gpu_capable_models", "rewrite_for_gpus"]
@@ -38,15 +40,11 @@ def _backend(pb: object) -> str:
     return _PLATFORM_BACKENDS.get(platform, str(getattr(pb, "backend", "")) or platform)
 
 
-def gpu_capable_models(repository: Path) -> list[str]:
-    """The models of ``repository`` whose backend runs them on a GPU (ensembles and Python models don't)."""
-    from tritonforge.config import read_config
-
-    return [
-        folder.name
-        for folder in sorted(p for p in repository.iterdir() if (p / "config.pbtxt").is_file())
-        if _backend(read_config(folder).to_proto()) in GPU_BACKENDS
-    ]
+def gpu_capable_models(repository: Path, configs: Mapping[str, ModelConfig] | None = None) -> list[str]:
+    """The models of ``repository`` whose backend runs them on a GPU (ensembles and Python models don't);
+    ``configs``: its configs already read (by model name), else they are read here."""
+    configs = read_configs(repository) if configs is None else configs
+    return [name for name, config in configs.items() if _backend(config.to_proto()) in GPU_BACKENDS]
 
 
 def rewrite_for_gpus(

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tritonforge.deploy.cache import cache_config_map as config_map_of
+from tritonforge.deploy.cache import cache_files, cache_volume
 from tritonforge.deploy.images import MODELS_IMAGE_PATH
 from tritonforge.deploy.spec import (
     CLIENT_LABEL,
@@ -16,13 +18,14 @@ from tritonforge.deploy.spec import (
     HTTP_PORT,
     METRICS_PORT,
     MOUNT_PATH,
-    PROBE_PATHS,
     TLS_MOUNT_PATH,
     DeploySpec,
+    probe_paths,
     triton_args,
 )
 
 __all__ = [
+    "cache_config_map",
     "deployment",
     "ingress",
     "labels",
@@ -216,9 +219,9 @@ def _access_env_and_volumes(spec: DeploySpec) -> tuple[list[Obj], list[Obj], lis
     return env, volumes, mounts
 
 
-def _probe(kind: str, *, period_s: int, failures: int) -> Obj:
+def _probe(spec: DeploySpec, kind: str, *, period_s: int, failures: int) -> Obj:
     return {
-        "httpGet": {"path": PROBE_PATHS[kind], "port": "http"},
+        "httpGet": {"path": probe_paths(spec)[kind], "port": "http"},
         "periodSeconds": period_s,
         "timeoutSeconds": 2,
         "failureThreshold": failures,
@@ -238,6 +241,10 @@ def deployment(spec: DeploySpec) -> Obj:
     env += access_env
     volumes += access_volumes
     mounts += access_mounts
+    if spec.cache is not None:
+        volume, mount = cache_volume(cache_config_map(spec), cache_files(spec.cache))
+        volumes.append(volume)
+        mounts.append(mount)
     container: Obj = {
         "name": "triton",
         "image": spec.serving_image,
@@ -252,9 +259,9 @@ def deployment(spec: DeploySpec) -> Obj:
         "env": env,
         "resources": resources(spec, spec.gpus),
         # models load before the pod is ready: up to 10 minutes for the first start, then tight checks
-        "startupProbe": _probe("startup", period_s=10, failures=60),
-        "readinessProbe": _probe("readiness", period_s=5, failures=3),
-        "livenessProbe": _probe("liveness", period_s=10, failures=3),
+        "startupProbe": _probe(spec, "startup", period_s=10, failures=60),
+        "readinessProbe": _probe(spec, "readiness", period_s=5, failures=3),
+        "livenessProbe": _probe(spec, "liveness", period_s=10, failures=3),
         # endpoints drop the pod before Triton stops taking requests
         # clients re-resolve the headless Service every 2 s behind a DNS TTL (CoreDNS: 5 s): a terminating
         # pod keeps serving until they have left it, or its calls fail with NOT_FOUND once Triton unloads
@@ -303,6 +310,24 @@ def deployment(spec: DeploySpec) -> Obj:
             "template": {"metadata": {"labels": _pod_labels(spec, selector)}, "spec": pod_spec},
         },
     }
+
+
+def cache_config_map(spec: DeploySpec, namespace: str | None = None) -> Obj:
+    """The ConfigMap holding the cache's coordinator (``NAME-cache-<hash>``), in ``namespace`` if given.
+
+    Raises:
+        DeployError: ``spec`` has no cache.
+    """
+    from tritonforge.errors import DeployError
+
+    if spec.cache is None:
+        raise DeployError(
+            "this deployment has no model cache (give --cache-max-models or --cache-max-memory)"
+        )
+    obj = config_map_of(cache_files(spec.cache), name=spec.name, labels=labels(spec, "cache"))
+    if namespace:
+        obj["metadata"]["namespace"] = namespace
+    return obj
 
 
 def _pod_labels(spec: DeploySpec, selector: Mapping[str, str]) -> dict[str, str]:

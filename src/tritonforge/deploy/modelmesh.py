@@ -29,7 +29,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tritonforge.config import ModelConfig
 from tritonforge.deploy.kube import gpu_toleration, labels, resources
+from tritonforge.deploy.models import read_configs
 from tritonforge.deploy.spec import GRPC_PORT, HTTP_PORT, METRICS_PORT, DeploySpec
 from tritonforge.errors import DeployError
 
@@ -107,21 +109,19 @@ def _versions(folder: Path) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def mesh_plan(repository: Path) -> MeshPlan:
+def mesh_plan(repository: Path, configs: Mapping[str, ModelConfig] | None = None) -> MeshPlan:
     """Sort ``repository``'s models into those ModelMesh serves and those it can't (with why).
 
     Raises:
         DeployError: two models map to one InferenceService name, a name is no DNS-1035 label, or no model
             of the repository fits ModelMesh.
     """
-    from tritonforge.config import read_config
-
+    configs = read_configs(repository) if configs is None else configs
     services: dict[str, tuple[str, str]] = {}
     left_out: dict[str, str] = {}
     notes: list[str] = []
-    for folder in sorted(p for p in repository.iterdir() if (p / "config.pbtxt").is_file()):
-        config = read_config(folder)
-        model = folder.name
+    for model, config in configs.items():
+        folder = repository / model
         if config.platform == "ensemble" or config.ensemble_steps:
             left_out[model] = "an ensemble: its composing models must live in one Triton under their names"
             continue
@@ -307,7 +307,9 @@ def _label(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", model)[:63].strip("-_.")
 
 
-def modelmesh_files(spec: DeploySpec, repo: Path) -> tuple[dict[str, Any], list[str], list[str]]:
+def modelmesh_files(
+    spec: DeploySpec, repo: Path, configs: Mapping[str, ModelConfig] | None = None
+) -> tuple[dict[str, Any], list[str], list[str]]:
     """The ServingRuntime and one InferenceService per model (ModelMesh mode) under ``kserve/``, the steps
     before applying them and the notes (the models left out, and why).
 
@@ -316,7 +318,7 @@ def modelmesh_files(spec: DeploySpec, repo: Path) -> tuple[dict[str, Any], list[
     """
     check_mesh_spec(spec)
     ns = spec.prod_namespace
-    plan = mesh_plan(repo)
+    plan = mesh_plan(repo, configs)
     store_type = {"gs": "gcs", "as": "azure"}.get(spec.store.kind, spec.store.kind)
     runtime, *services = modelmesh_objects(spec, plan, namespace=ns)
     files: dict[str, Any] = {"kserve/servingruntime.yaml": runtime}

@@ -11,6 +11,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
+from tritonforge.cache import CacheBudget
+from tritonforge.deploy.cache import CACHE_READY_PATH, cache_args, check_cache_fits
 from tritonforge.errors import DeployError
 from tritonforge.server.access import RESTRICTABLE_GROUPS as TRITON_GROUPS
 
@@ -29,6 +31,7 @@ __all__ = [
     "image_for",
     "parse_model_store",
     "parse_restriction",
+    "probe_paths",
     "triton_args",
 ]
 
@@ -318,6 +321,12 @@ class DeploySpec:
     mtls: bool = False
     #: the Prometheus that KEDA queries and prometheus-adapter reads (prometheus-operator's default Service)
     prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
+    #: the model cache on every server pod (see :mod:`tritonforge.deploy.cache`); ``None``: every model
+    #: loads at start
+    cache: CacheBudget | None = None
+    #: with the cache, the models loaded at start besides the coordinator: the pins, each after the
+    #: companions its config names (``tritonforge_load_with``, as ``serve`` loads them); empty: the pins
+    cache_loads: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_name(self.name, "deployment name")
@@ -407,6 +416,30 @@ class DeploySpec:
                 f"Prometheus URL {self.prometheus_url!r} must be http(s)://host[:port], e.g. "
                 "http://prometheus-operated.monitoring.svc:9090"
             )
+        if self.cache is not None:
+            self._check_cache(self.cache)
+
+    def _check_cache(self, cache: CacheBudget) -> None:
+        options = "--cache-max-models/--cache-max-memory"
+        if self.kserve_mode == "ModelMesh":
+            raise DeployError(
+                f"{options}: ModelMesh places, loads and evicts the models itself; drop the cache options "
+                "or --kserve-mode modelmesh (raw and serverless KServe carry the cache)"
+            )
+        if self.store.object_store:
+            raise DeployError(
+                f"{options}: the cache reads the models' configs from the pod's disk, and Triton reads "
+                f"{self.store.uri} itself; give --model-store image://REF:TAG or pvc://CLAIM instead"
+            )
+        needed = {"model-repository", "statistics"}
+        for restriction in self.restrictions:
+            if needed & set(restriction.groups):
+                raise DeployError(
+                    f"{options}: the cache's coordinator calls Triton's HTTP "
+                    f"{' and '.join(sorted(needed & set(restriction.groups)))} API without a header; "
+                    "leave those groups out of --restrict (the NetworkPolicy still fences them)"
+                )
+        check_cache_fits(cache, self.memory_limit)
 
     @property
     def serving_image(self) -> str:
@@ -421,7 +454,7 @@ def triton_args(spec: DeploySpec, *, gpus: int | None = None) -> list[str]:
     """``tritonserver``'s arguments in the pod (the tests run exactly these on the real binary, with the
     repository, ports and addresses swapped for loopback ones)."""
     gpus = spec.gpus if gpus is None else gpus
-    return [
+    args = [
         f"--model-repository={spec.store.repository_arg}",
         "--model-control-mode=none",
         f"--http-port={HTTP_PORT}",
@@ -438,6 +471,19 @@ def triton_args(spec: DeploySpec, *, gpus: int | None = None) -> list[str]:
         "--log-verbose=0",
         *access_args(spec),
     ]
+    if spec.cache is not None:
+        # the cache loads models on requests: explicit control, and readiness that needs no model but its own
+        args = [a for a in args if not a.startswith(("--model-control-mode=", "--strict-readiness="))]
+        args[1:1] = cache_args(spec.cache, spec.cache_loads)
+    return args
+
+
+def probe_paths(spec: DeploySpec) -> Mapping[str, str]:
+    """The probes' paths: Triton's health endpoints, or with the cache the coordinator's readiness for the
+    startup and readiness probes (a pod is ready once it can load models; none other need be loaded)."""
+    if spec.cache is None:
+        return PROBE_PATHS
+    return {**PROBE_PATHS, "startup": CACHE_READY_PATH, "readiness": CACHE_READY_PATH}
 
 
 def access_args(spec: DeploySpec) -> list[str]:

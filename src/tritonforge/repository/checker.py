@@ -23,7 +23,7 @@ from tritonforge.repository.writer import (
     versions,
 )
 
-__all__ = ["Problem", "check_repository", "model_dirs", "sample_inputs"]
+__all__ = ["Problem", "check_repository", "check_repository_configs", "model_dirs", "sample_inputs"]
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,16 @@ def check_repository(repo: str | os.PathLike[str]) -> list[Problem]:
     Checks the layout, that each config.pbtxt parses and is valid, that its name matches its folder, that
     each version folder has the model file, and that ONNX files' signatures match their configs.
     """
+    return check_repository_configs(repo)[0]
+
+
+def check_repository_configs(repo: str | os.PathLike[str]) -> tuple[list[Problem], dict[str, ModelConfig]]:
+    """:func:`check_repository`'s problems, and the configs it read (by model folder, as
+    :func:`~tritonforge.config.read_model_dir` reads them; one that failed is absent), for a caller that
+    needs both and reads each config once."""
     root = Path(repo)
     if not root.is_dir():
-        return [Problem(str(root), "the repository folder does not exist")]
+        return [Problem(str(root), "the repository folder does not exist")], {}
     problems: list[Problem] = []
     dirs = model_dirs(root)
     if not dirs:
@@ -89,7 +96,7 @@ def check_repository(repo: str | os.PathLike[str]) -> list[Problem]:
                 problems.append(
                     Problem(name, f"ensemble step model '{step.model_name}' is not in the repository")
                 )
-    return problems
+    return problems, configs
 
 
 def _check_config(model_dir: Path, problems: list[Problem]) -> ModelConfig | None:

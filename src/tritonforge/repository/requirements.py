@@ -43,7 +43,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from tritonforge import error_accounting
-from tritonforge.config import read_model_dir
+from tritonforge.config import ModelConfig, read_model_dir
 from tritonforge.errors import TritonForgeError
 
 __all__ = [
@@ -337,23 +337,30 @@ def _requirement(imp: Import, distributions: Mapping[str, list[str]]) -> list[Re
     return found
 
 
-def _python_model_dirs(repo: Path) -> list[tuple[str, list[Path]]]:
+def _python_model_dirs(
+    repo: Path, configs: Mapping[str, ModelConfig] | None = None
+) -> list[tuple[str, list[Path]]]:
     from tritonforge.repository.checker import model_dirs
     from tritonforge.repository.writer import versions
 
     found = []
     for model_dir in model_dirs(repo):
         try:
-            config = read_model_dir(model_dir)
+            config = read_model_dir(model_dir) if configs is None else configs.get(model_dir.name)
         except TritonForgeError:
             continue  # `validate` reports a config it can't read on its own
+        if config is None:
+            continue  # read already, and it failed
         if config.backend == "python":
             found.append((model_dir.name, [model_dir / str(v) for v in versions(model_dir)]))
     return found
 
 
-def model_requirements(repo: str | Path, target: str = DEFAULT_TARGET) -> list[ModelRequirements]:
-    """What each Python-backend model of ``repo`` imports beyond ``target``'s Python backend, by model name.
+def model_requirements(
+    repo: str | Path, target: str = DEFAULT_TARGET, *, configs: Mapping[str, ModelConfig] | None = None
+) -> list[ModelRequirements]:
+    """What each Python-backend model of ``repo`` imports beyond ``target``'s Python backend, by model name;
+    ``configs``: the repository's configs already read (:func:`check_repository_configs`), else read here.
 
     Raises:
         RepositoryError: ``repo`` is not a folder, or a model's code is not readable Python.
@@ -367,7 +374,7 @@ def model_requirements(repo: str | Path, target: str = DEFAULT_TARGET) -> list[M
         raise RepositoryError(f"model repository {root} is not a folder; give the repository's path")
     distributions = _distributions()
     results = []
-    for name, version_dirs in _python_model_dirs(root):
+    for name, version_dirs in _python_model_dirs(root, configs):
         merged: list[Requirement] = []
         declared: set[str] = set()
         for version_dir in version_dirs:
@@ -401,7 +408,9 @@ def _merge(requirements: Iterable[Requirement]) -> tuple[Requirement, ...]:
     return tuple(sorted(kept.values(), key=lambda r: (r.optional, _normalise(r.name))))
 
 
-def python_requirements(repo: Path, target: str = DEFAULT_TARGET) -> dict[str, list[str]]:
+def python_requirements(
+    repo: Path, target: str = DEFAULT_TARGET, *, configs: Mapping[str, ModelConfig] | None = None
+) -> dict[str, list[str]]:
     """For every Python-backend model of ``repo``: the pip requirement lines of what its code imports
     beyond the Python backend of NVIDIA's image ``target`` (its Python's standard library, numpy and
     ``triton_python_backend_utils``).
@@ -413,7 +422,7 @@ def python_requirements(repo: Path, target: str = DEFAULT_TARGET) -> dict[str, l
         RepositoryError: ``repo`` is not a folder, or a model's code is not readable Python.
         ValueError: ``target`` is neither an NVIDIA tag nor ``python3.X``.
     """
-    return {m.model: m.lines() for m in model_requirements(repo, target)}
+    return {m.model: m.lines() for m in model_requirements(repo, target, configs=configs)}
 
 
 def requirements_text(lines: Iterable[str], target: str = DEFAULT_TARGET) -> str:
