@@ -7,10 +7,11 @@ Two parts, each repeated ``--rounds`` times with the spread reported:
   with every model loaded (time to ready, from launch to ready), left idle for ``--settle-s``, then
   measured over the server and all its children (``/proc/<pid>/smaps_rollup``): processes, RSS, PSS, and
   PSS per model (the whole tree's PSS / N, and the stubs' alone / N), USS per model (the tree's private
-  pages / N: PSS also depends on what else maps the same library files), and PSS again once each model has
-  answered one request (Triton's stub imports asyncio at its first request). Then one model is unloaded and
-  loaded again ``--loads`` times (the load API call's wall time: one model's load, nothing else loading). The
-  first round also prints where one stub's PSS goes, mapping by mapping (``/proc/<pid>/smaps``).
+  pages / N: PSS also depends on what else maps the same library files), threads per stub and in the server,
+  and PSS again once each model has answered one request (what a stub loads for its first request). Then one
+  model is unloaded and loaded again ``--loads`` times (the load API call's wall time: one model's load,
+  nothing else loading). The first round also prints where one stub's PSS goes, mapping by mapping
+  (``/proc/<pid>/smaps``). ``--server-arg`` passes tritonserver options to this part's servers.
 - **digits_vote vs hand-built**: the repositories of ``digits_vote_vs_handbuilt.py`` (the built
   ``digits_vote``, fused; the same unfused; the pipeline written by hand), each served alone, loading only
   its pipeline, in alternating rounds: time to ready, processes and idle PSS, and the ratios built/hand.
@@ -18,6 +19,7 @@ Two parts, each repeated ``--rounds`` times with the spread reported:
 Timing figures are comparable only within one run, on a quiet machine.
 
     python benchmarks/model_cost.py [--models 10,50] [--rounds 3] [--loads 5] [--part tiny|digits|all]
+        [--server-arg=ARG ...]
 """
 
 from __future__ import annotations
@@ -150,9 +152,11 @@ def answer_each(server: EmbeddedServer, count: int) -> None:
         raise SystemExit("the tiny models did not all answer alike")
 
 
-def tiny_round(repo: Path, count: int, loads: int, settle_s: float, breakdown: bool) -> dict[str, Any]:
+def tiny_round(
+    repo: Path, count: int, loads: int, settle_s: float, breakdown: bool, server_args: list[str]
+) -> dict[str, Any]:
     started = time.perf_counter()
-    server = EmbeddedServer(repo, model_control="explicit", load_models=["*"]).start()
+    server = EmbeddedServer(repo, model_control="explicit", load_models=["*"], extra_args=server_args).start()
     try:
         ready_s = time.perf_counter() - started
         time.sleep(settle_s)
@@ -167,6 +171,7 @@ def tiny_round(repo: Path, count: int, loads: int, settle_s: float, breakdown: b
             "stub_pss_per_model": memory["stubs_pss"] / count,
             "uss_per_model": memory["uss"] / count,
             "threads_per_stub": float(np.median([threads_of(p) for p in stubs])) if stubs else 0,
+            "server_threads": threads_of(server.pid),
         }
         if breakdown and stubs:
             figures["breakdown"] = stub_breakdown(stubs[-1])
@@ -194,7 +199,7 @@ def tiny_part(console: Console, args: argparse.Namespace, root: Path) -> list[di
             repo = tiny_repository(root, count)
             for r in range(args.rounds):
                 progress.update(task, description=f"{count} tiny models, round {r + 1}/{args.rounds}")
-                rounds.append(tiny_round(repo, count, args.loads, args.settle_s, breakdown=r == 0))
+                rounds.append(tiny_round(repo, count, args.loads, args.settle_s, r == 0, args.server_arg))
                 progress.advance(task)
     memory = Table(
         title=f"idle memory of N tiny ONNX models: median of {args.rounds} rounds (min-max, ±half-range)"
@@ -206,6 +211,7 @@ def tiny_part(console: Console, args: argparse.Namespace, root: Path) -> list[di
         "models",
         "processes",
         "threads/stub",
+        "server threads",
         "RSS MiB",
         "PSS MiB",
         "PSS/model",
@@ -222,6 +228,7 @@ def tiny_part(console: Console, args: argparse.Namespace, root: Path) -> list[di
             str(count),
             spread([x["processes"] for x in mine]),
             spread([x["threads_per_stub"] for x in mine]),
+            spread([x["server_threads"] for x in mine]),
             spread([x["rss"] for x in mine]),
             spread([x["pss"] for x in mine]),
             spread([x["pss_per_model"] for x in mine]),
@@ -317,6 +324,13 @@ def main() -> None:
     parser.add_argument("--loads", type=int, default=5, help="unload+load cycles of one model per round")
     parser.add_argument("--settle-s", type=float, default=2.0, help="idle time before memory is read")
     parser.add_argument("--part", choices=("tiny", "digits", "all"), default="all")
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="an argument for tritonserver in the tiny part (repeat for more), e.g. "
+        "--server-arg=--backend-config=python,thread-pool-size=1",
+    )
     parser.add_argument("--json", type=Path, help="also write the rounds here")
     args = parser.parse_args()
     if not sys.platform.startswith("linux"):

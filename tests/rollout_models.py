@@ -22,9 +22,18 @@ def _weights(seed: int) -> list[np.ndarray]:
     ]
 
 
-def mlp(path: Path, *, seed: int = 7, slow_matmuls: int = 0, size: int = 384, shuffled: bool = False) -> Path:
+def mlp(
+    path: Path,
+    *,
+    seed: int = 7,
+    slow_matmuls: int = 0,
+    size: int = 384,
+    shuffled: bool = False,
+    fails: bool = False,
+) -> Path:
     """x[N, 8] -> probs[N, 3]; ``slow_matmuls`` chained size x size products feed a branch that adds 0;
-    ``shuffled``: the same model answering with its classes' labels rotated."""
+    ``shuffled``: the same model answering with its classes' labels rotated; ``fails``: a branch reads a
+    table past its end (an index computed from x, so it fails at run time, on every request)."""
     w1, b1, w2 = _weights(seed)
     if shuffled:
         w2 = np.ascontiguousarray(w2[:, [1, 2, 0]])
@@ -56,6 +65,22 @@ def mlp(path: Path, *, seed: int = 7, slow_matmuls: int = 0, size: int = 384, sh
             helper.make_node("Add", ["logits", "t0"], ["logits_slow"]),
         ]
         final = "logits_slow"
+    if fails:
+        inits += [
+            numpy_helper.from_array(np.zeros(10, np.float32), "table"),
+            numpy_helper.from_array(np.float32(0), "nought"),
+            numpy_helper.from_array(np.float32(100), "past_end"),
+        ]
+        nodes += [
+            helper.make_node("ReduceSum", ["x"], ["xs"], keepdims=0),
+            helper.make_node("Mul", ["xs", "nought"], ["xs0"]),
+            helper.make_node("Add", ["xs0", "past_end"], ["where_f"]),
+            helper.make_node("Cast", ["where_f"], ["where"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["table", "where"], ["read"], axis=0),
+            helper.make_node("Mul", ["read", "nought"], ["read0"]),
+            helper.make_node("Add", [final, "read0"], ["logits_read"]),
+        ]
+        final = "logits_read"
     nodes.append(helper.make_node("Softmax", [final], ["probs"], axis=-1))
     graph = helper.make_graph(
         nodes,

@@ -22,7 +22,8 @@ from conftest import triton_infer
 from triton_stats import counted_since, counts
 from tritonforge.errors import ModelLoadError
 from tritonforge.server import EmbeddedServer
-from tritonforge.server.install import TritonInstall, auto_complete_flags, needs_auto_complete
+from tritonforge.server.install import TritonInstall, auto_complete_flags, bls_pool_flags, needs_auto_complete
+from tritonforge.server.runtime import available_cpus
 
 CONFIG = """name: "{name}"
 platform: "onnxruntime_onnx"
@@ -76,6 +77,16 @@ def _stubs(server: EmbeddedServer) -> dict[str, psutil.Process]:
     return found
 
 
+def _answers(server: EmbeddedServer) -> bool:
+    """Model "one" of :func:`_onnx_repository` answers a request with its output's shape."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        out = triton_infer(client, "one", {"x": np.ones((1, 8), dtype=np.float32)})["probs"]
+    finally:
+        client.close()
+    return out.shape == (1, 3)
+
+
 def test_a_repository_of_complete_configs_starts_one_stub_per_instance_that_still_batches(tmp_path: Path):
     repo, source = _onnx_repository(tmp_path, {"one": (2, 1), "three": (1, 3)})
     x = tiny_models.RNG.standard_normal((32, 8)).astype(np.float32)
@@ -84,8 +95,7 @@ def test_a_repository_of_complete_configs_starts_one_stub_per_instance_that_stil
         assert server.log.count("Starting Python backend stub") == 3
         stubs = _stubs(server)
         assert sorted(stubs) == ["one_0_0", "one_0_1", "three_0_0"]
-        # a loaded stub holds the engine, not the server's launcher (subprocess) or the client's TLS (ssl);
-        # (Triton's stub imports asyncio, and with it both, at its first request: read it before any)
+        # a loaded stub holds the engine, not the server's launcher (subprocess) or the client's TLS (ssl)
         maps = Path(f"/proc/{stubs['one_0_0'].pid}/maps").read_text()
         assert "onnxruntime" in maps
         assert "_posixsubprocess" not in maps and "/_ssl." not in maps
@@ -101,12 +111,106 @@ def test_a_repository_of_complete_configs_starts_one_stub_per_instance_that_stil
         finally:
             client.close()
         assert 0 < executions < 32, "no batching"
+        # nor once it has answered: Triton's stub asks asyncio whether execute returned a coroutine after
+        # every execute, and our backends' list is answered without importing asyncio (nor, with it,
+        # socket, ssl and subprocess: ~3.3 MiB a stub)
+        for stub in stubs.values():
+            maps = Path(f"/proc/{stub.pid}/maps").read_text()
+            assert "/_asyncio." not in maps and "/_ssl." not in maps and "_posixsubprocess" not in maps
         expected = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, {"x": x})[
             0
         ]
         np.testing.assert_allclose(np.concatenate(outs), expected, rtol=1e-5, atol=1e-6)
         # the config's intra-op threads are in effect: a pool of 3 runs 2 worker threads beside the caller
         assert stubs["three_0_0"].num_threads() - stubs["one_0_0"].num_threads() == 2
+
+
+def test_a_server_that_can_only_serve_framework_models_keeps_no_bls_thread_pool_per_instance(tmp_path: Path):
+    # Triton's Python backend keeps 32 threads per instance in the server for BLS calls and decoupled
+    # responses, which our backends never make
+    repo, _ = _onnx_repository(tmp_path, {"one": (2, 1)})
+    threads = {}
+    for args in ((), ("--backend-config=python,thread-pool-size=32",)):  # the second: Triton's default
+        with EmbeddedServer(repo, extra_args=args) as server:
+            assert server.pid is not None
+            threads[args] = psutil.Process(server.pid).num_threads()
+            assert _answers(server)
+    assert threads[("--backend-config=python,thread-pool-size=32",)] - threads[()] == 2 * 31, threads
+
+
+def test_the_bls_pool_stays_wherever_a_python_model_could_run(tmp_path: Path):
+    repo, _ = _onnx_repository(tmp_path, {"one": (1, 1)})
+    (repo / "ens").mkdir()
+    (repo / "ens" / "config.pbtxt").write_text('name: "ens"\nplatform: "ensemble"\n')
+    wheel = TritonInstall(binary=Path("tritonserver"), library_dirs=(), backend_dir=None)
+    full = TritonInstall(binary=Path("tritonserver"), library_dirs=(), backend_dir=Path("backends"))
+    lowered = ["--backend-config=python,thread-pool-size=1"]
+    assert bls_pool_flags(wheel, [repo], "none") == lowered
+    assert bls_pool_flags(wheel, [repo], "explicit") == []  # a Python model may be loaded later
+    assert bls_pool_flags(wheel, [repo], "poll") == []
+    assert bls_pool_flags(full, [repo], "none") == []  # its C++ backends serve these models
+    assert bls_pool_flags(wheel, [repo, "s3://bucket/models"], "none") == []  # can't be read here
+    assert bls_pool_flags(wheel, [repo], "none", ["--backend-config=python,thread-pool-size=8"]) == []
+    (repo / "py" / "1").mkdir(parents=True)
+    (repo / "py" / "config.pbtxt").write_text('name: "py"\nbackend: "python"\n')
+    assert bls_pool_flags(wheel, [repo], "none") == []
+    (repo / "py" / "config.pbtxt").write_text('name: "py"\nplatform: "onnxruntime_onnx"\n')
+    assert bls_pool_flags(wheel, [repo], "none") == lowered
+    (repo / "py" / "1" / "model.py").write_text("class TritonPythonModel:\n    pass\n")
+    assert bls_pool_flags(wheel, [repo], "none") == []  # a Python file beside it
+    (repo / "py" / "1" / "model.py").unlink()
+    (repo / "py" / "config.pbtxt").unlink()
+    assert bls_pool_flags(wheel, [repo], "none") == []  # auto-completion decides what it is
+
+
+def test_a_stub_starts_no_openblas_threads_unless_the_server_environment_asks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # numpy's OpenBLAS starts a thread per CPU (up to 64) at import, in every stub; nothing there calls BLAS
+    if available_cpus() < 2:
+        pytest.skip("OpenBLAS starts no thread of its own on one CPU")
+    repo, _ = _onnx_repository(tmp_path, {"one": (1, 1)})  # one intra-op thread: onnxruntime adds no pool
+    threads = {}
+    for told in (None, "2"):
+        if told is None:
+            monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("OPENBLAS_NUM_THREADS", told)
+        with EmbeddedServer(repo) as server:
+            threads[told] = _stubs(server)["one_0_0"].num_threads()
+    assert threads["2"] - threads[None] == 1, threads
+
+
+def test_the_asyncio_stand_in_answers_a_list_alone_and_hands_anything_else_to_asyncio():
+    code = textwrap.dedent(
+        """
+        import sys, types
+        from tritonforge.server.runtime import AsyncioOnDemand, defer_asyncio
+        assert "asyncio" not in sys.modules
+        defer_asyncio()
+        import asyncio
+        assert isinstance(asyncio, AsyncioOnDemand) and asyncio.iscoroutine([]) is False
+        assert "asyncio.events" not in sys.modules
+
+        async def execute():
+            return []
+
+        if sys.argv[1] == "coroutine":
+            coroutine = execute()
+            assert asyncio.iscoroutine(coroutine) is True  # not a list: the real asyncio answers
+            coroutine.close()
+            import asyncio
+        else:  # a submodule or any other name loads the real one too
+            from asyncio import events
+            assert events.get_event_loop_policy()
+        assert type(sys.modules["asyncio"]) is types.ModuleType and asyncio.run(execute()) == []
+        print("ok")
+        """
+    )
+    for case in ("coroutine", "submodule"):
+        done = subprocess.run([sys.executable, "-c", code, case], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "ok"
 
 
 def test_a_model_added_after_start_that_needs_auto_completion_loads_when_it_is_turned_back_on(tmp_path: Path):
@@ -161,7 +265,7 @@ def test_a_backend_file_loads_no_framework_and_no_launcher():
     code = textwrap.dedent(
         f"""
         import importlib.util, sys
-        import numpy  # the stub has it before any model file (Triton's own utilities import it)
+        import numpy  # in every stub (Triton's utilities import it)
         for kind in ("onnxruntime", "pytorch"):
             path = {str(backend)!r} + f"/{{kind}}/model.py"
             spec = importlib.util.spec_from_file_location("model_" + kind, path)

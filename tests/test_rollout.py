@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from callers import Callers
 from rollout_models import mlp
 from tritonforge.registry import audit_log, read_manifest, served_versions
 from tritonforge.repository import add_model
@@ -42,6 +42,7 @@ MODELS = (
     "late",
     "back",
     "stopped",
+    "broken",
     "pystep",
 )
 DEADLINE_S = 10.0
@@ -64,6 +65,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "late": mlp(files / "slow2.onnx", slow_matmuls=40),
         "back": mlp(files / "wrong4.onnx", seed=8),  # v2: never promoted
         "stopped": mlp(files / "good6.onnx"),
+        "broken": mlp(files / "broken.onnx", fails=True),  # fails at run time, on every call
     }
     from tritonforge.registry import promote
 
@@ -126,61 +128,27 @@ def server(repo: Path) -> Iterator[EmbeddedServer]:
         yield running
 
 
-class Load:
-    """Apps calling the model by name from a few threads (deadline per call), counting every failure and,
+def apps_calling(url: str, model: str, expect: Path | None = None) -> Callers:
+    """Apps calling the model by name from three threads (deadline per call), counting every failure and,
     with ``expect`` (the stable version's file), every answer that is not stable's."""
+    session = None
+    if expect is not None:
+        import onnxruntime as ort
 
-    def __init__(self, url: str, model: str, threads: int = 3, expect: Path | None = None) -> None:
-        self.url, self.model = url, model
-        self.ok = 0
-        self.wrong = 0
-        self.expect = None
-        if expect is not None:
-            import onnxruntime as ort
+        session = ort.InferenceSession(str(expect), providers=["CPUExecutionProvider"])
 
-            self.expect = ort.InferenceSession(str(expect), providers=["CPUExecutionProvider"])
-        self.failures: list[str] = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+    def request() -> tuple[list[grpcclient.InferInput], np.ndarray]:
+        x = np.random.default_rng().random((2, 8), dtype=np.float32)  # a generator per call: threads
+        inp = grpcclient.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        return [inp], x
 
-    def _run(self) -> None:
-        client = grpcclient.InferenceServerClient(self.url)
-        rng = np.random.default_rng()
-        try:
-            while not self.stop.is_set():
-                x = rng.random((2, 8), dtype=np.float32)
-                inp = grpcclient.InferInput("x", list(x.shape), "FP32")
-                inp.set_data_from_numpy(x)
-                try:
-                    result = client.infer(self.model, [inp], client_timeout=DEADLINE_S)
-                    probs = result.as_numpy("probs")
-                    assert probs.shape == (2, 3)
-                    wrong = self.expect is not None and not np.allclose(
-                        probs, self.expect.run(None, {"x": x})[0], atol=1e-4
-                    )
-                    with self.lock:
-                        self.ok += 1
-                        self.wrong += int(wrong)
-                except Exception as exc:
-                    with self.lock:
-                        # str: tritonclient's exception has an empty repr; its str carries the status
-                        self.failures.append(f"{type(exc).__name__}: {exc}"[:300])
-                time.sleep(0.005)
-        finally:
-            client.close()
+    def judge(result: grpcclient.InferResult, x: np.ndarray) -> bool:
+        probs = result.as_numpy("probs")
+        assert probs.shape == (2, 3)
+        return session is not None and not np.allclose(probs, session.run(None, {"x": x})[0], atol=1e-4)
 
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        time.sleep(0.5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        time.sleep(0.5)
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
+    return Callers(url, model, request, deadline_s=DEADLINE_S, judge=judge, settle_s=0.5)
 
 
 def _limits(**changes: object) -> Thresholds:
@@ -212,8 +180,15 @@ def _left_clean(repo: Path, server: EmbeddedServer, model: str) -> None:
     assert "tritonforge_rollout" not in load_config(repo / model).parameters
     assert not state_paths(repo, model).heartbeat.exists()
     # nothing left UNLOADING on the server (a version that never finishes unloading makes the whole server
-    # not ready under Triton's strict readiness); unloading itself takes a moment
+    # not ready under Triton's strict readiness); unloading itself takes a moment, and the twin, its folder
+    # gone, is out of the index: the server's readiness tells
     _wait_for(lambda: not _unloading(server, model), 30)
+    _wait_for(lambda: _server_ready(server), 30)
+
+
+def _server_ready(server: EmbeddedServer) -> bool:
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        return bool(client.is_server_ready())
 
 
 def _unloading(server: EmbeddedServer, model: str) -> list[str]:
@@ -225,7 +200,7 @@ def _unloading(server: EmbeddedServer, model: str) -> list[str]:
 
 
 def test_rollout_moves_a_good_candidate_to_100_percent_with_zero_failed_requests(repo, server):
-    with Load(server.grpc_url, "good") as load:
+    with apps_calling(server.grpc_url, "good") as load:
         outcome = Rollout(repo, server.grpc_url, "good").start(
             2, steps=[10, 50, 100], hold_s=1.5, thresholds=_limits(), reason="good candidate"
         )
@@ -250,7 +225,7 @@ def test_rollout_moves_a_good_candidate_to_100_percent_with_zero_failed_requests
 def test_rollout_shadow_step_rolls_a_shuffled_label_candidate_back_before_any_user_gets_its_answers(
     repo, server
 ):
-    with Load(server.grpc_url, "wrong", expect=repo / "wrong" / "1" / "model.onnx") as load:
+    with apps_calling(server.grpc_url, "wrong", expect=repo / "wrong" / "1" / "model.onnx") as load:
         outcome = Rollout(repo, server.grpc_url, "wrong").start(
             2, steps=[10, 50, 100], hold_s=1.5, thresholds=_limits()
         )
@@ -273,7 +248,7 @@ def test_rollout_shadow_step_rolls_a_shuffled_label_candidate_back_before_any_us
 def test_rollback_after_a_rollout_returns_to_the_version_served_before_not_a_failed_one(repo, server):
     from tritonforge.rollout.live import rollback_live
 
-    with Load(server.grpc_url, "back") as load:
+    with apps_calling(server.grpc_url, "back") as load:
         outcome = Rollout(repo, server.grpc_url, "back").start(
             3, steps=[50, 100], hold_s=1.0, thresholds=_limits(min_requests=10)
         )
@@ -291,7 +266,7 @@ def test_rollback_after_a_rollout_returns_to_the_version_served_before_not_a_fai
 def test_rollout_rolls_back_a_candidate_whose_python_step_answers_errors_with_zero_failed_requests(
     repo, server
 ):
-    with Load(server.grpc_url, "pystep") as load:
+    with apps_calling(server.grpc_url, "pystep") as load:
         outcome = Rollout(repo, server.grpc_url, "pystep").start(
             2, steps=[10, 50, 100], hold_s=1.5, thresholds=_limits(max_error_rate=0.05)
         )
@@ -304,6 +279,26 @@ def test_rollout_rolls_back_a_candidate_whose_python_step_answers_errors_with_ze
     assert step["evidence"]["candidate_errors"] > 0
     _left_clean(repo, server, "pystep")
     assert "FAIL = False" in (repo / "pystep" / "1" / "model.py").read_text()  # its own code, untouched
+
+
+def test_rollout_rolls_back_a_candidate_failing_every_call_at_run_time_and_leaves_nothing_unloading(
+    repo, server
+):
+    # the embedded onnxruntime backend answers each failed call with an error response (Triton counts
+    # those as successes): the splitter's own count sees them
+    with apps_calling(server.grpc_url, "broken") as load:
+        outcome = Rollout(repo, server.grpc_url, "broken").start(
+            2, steps=[10, 50, 100], hold_s=1.5, thresholds=_limits(max_error_rate=0.05)
+        )
+    assert outcome.result == "rolled_back", outcome
+    assert "error rate" in outcome.reason
+    assert load.failures == [] and load.ok > 50
+    assert _serves(repo, "broken") == [1]
+    step = _events(repo, "broken", "rollout-step")[-1]
+    assert step["verdict"] == "fail" and step["step"] == "shadow"
+    assert step["evidence"]["candidate_errors"] == step["evidence"]["candidate_calls"] > 0
+    assert step["evidence"]["error_rate"] == 1.0
+    _left_clean(repo, server, "broken")  # nothing left UNLOADING, the server ready
 
 
 def _one_thread_ms(model_file: Path) -> float:
@@ -329,7 +324,7 @@ def test_rollout_rolls_a_slow_candidate_back_at_the_first_step_with_zero_failed_
     # The limit scales with this machine: a request can't take less than half the one-thread time on 2
     # cores, so a quarter of it is always breached by the candidate (a fixed 150 ms was not on fast CPUs).
     limit_ms = max(1.0, _one_thread_ms(repo / "slow" / "2" / "model.onnx") / 4)
-    with Load(server.grpc_url, "slow") as load:
+    with apps_calling(server.grpc_url, "slow") as load:
         outcome = Rollout(repo, server.grpc_url, "slow").start(
             2, steps=[10, 50, 100], hold_s=1.5, thresholds=_limits(max_p99_ms=limit_ms, min_requests=10)
         )
@@ -372,7 +367,7 @@ def test_rollout_killed_controller_is_told_dead_recorded_as_a_crash_and_resumed_
         "rollout", "start", "crashed", "--to", "2", "--url", server.grpc_url, "--repo", str(repo),
         "--steps", "10,50,100", "--hold-s", "1.5", "--max-error-rate", "0", "--min-requests", "15",
     )  # fmt: skip
-    with Load(server.grpc_url, "crashed") as load:
+    with apps_calling(server.grpc_url, "crashed") as load:
         proc = subprocess.Popen(
             start, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
@@ -394,7 +389,7 @@ def test_rollout_killed_controller_is_told_dead_recorded_as_a_crash_and_resumed_
     # both arms, which is not the candidate's fault; resume loads it again before it judges anything
     server.unload_model("crashed__rollout")
     _wait_for(lambda: not server.is_model_ready("crashed__rollout"), 30)
-    with Load(server.grpc_url, "crashed") as lost:
+    with apps_calling(server.grpc_url, "crashed") as lost:
         outcome = Rollout(repo, server.grpc_url, "crashed").resume()
     assert outcome.result == "promoted", outcome
     assert lost.ok > 20  # (calls before the twin was back failed: the point of loading it with the model)
@@ -425,7 +420,7 @@ def test_rollout_ctrl_c_pauses_and_says_how_to_continue_and_an_abort_is_the_oper
         "--steps", "20,100", "--hold-s", "60", "--min-requests", "5",
     )  # fmt: skip
     where = ["--url", server.grpc_url, "--repo", str(repo)]
-    with Load(server.grpc_url, "stopped") as load:
+    with apps_calling(server.grpc_url, "stopped") as load:
         proc = subprocess.Popen(start, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             # "running" is saved before the first step's weight: wait for both
@@ -468,7 +463,7 @@ def test_rollout_ctrl_c_pauses_and_says_how_to_continue_and_an_abort_is_the_oper
 
 def test_rollout_abort_after_a_crash_restores_the_stable_version(repo, server):
     rollout = Rollout(repo, server.grpc_url, "aborted")
-    with Load(server.grpc_url, "aborted") as load:
+    with apps_calling(server.grpc_url, "aborted") as load:
         rollout.start(
             2, steps=[10, 100], hold_s=0.5, thresholds=_limits(min_requests=1_000_000), max_hold_s=0
         )
@@ -491,7 +486,7 @@ def test_rollout_under_poll_mode_promotes_with_zero_failed_requests(tmp_path):
     promote(root, "polled", 1)
     poll = ["--model-control-mode=poll", "--repository-poll-secs=1"]
     with EmbeddedServer(root, extra_args=poll) as polled:
-        with Load(polled.grpc_url, "polled") as load:
+        with apps_calling(polled.grpc_url, "polled") as load:
             outcome = Rollout(root, polled.grpc_url, "polled").start(
                 2, steps=[50, 100], hold_s=1.0, thresholds=_limits()
             )
@@ -567,7 +562,7 @@ def test_rollout_survives_a_whole_server_sigkill_with_zero_failed_requests_once_
             second = _restart_killed(first, root, options)
             if mode != "explicit-raw":  # there the splitter's first request loads it
                 assert second.is_model_ready("k__rollout", 1) and second.is_model_ready("k__rollout", 2)
-            with Load(second.grpc_url, "k") as load:
+            with apps_calling(second.grpc_url, "k") as load:
                 outcome = running.result(timeout=120)
         assert load.failures == [] and load.ok > 20
         assert outcome.result == "promoted", outcome
@@ -602,7 +597,7 @@ def test_rollout_split_serves_with_zero_failed_requests_after_the_machine_restar
             proc.kill()
             proc.wait()
         second = _restart_killed(first, root, _MODES[mode])
-        with Load(second.grpc_url, "k") as load:
+        with apps_calling(second.grpc_url, "k") as load:
             _wait_for(
                 lambda: load.ok > 20 or bool(load.failures), 30
             )  # explicit-raw: the first wait for the twin
@@ -617,7 +612,7 @@ def test_rollout_split_serves_with_zero_failed_requests_after_the_machine_restar
 def test_promote_and_rollback_live_keep_serving_with_zero_failed_requests(repo, server):
     from tritonforge.rollout.live import promote_live, rollback_live
 
-    with Load(server.grpc_url, "flip") as load:
+    with apps_calling(server.grpc_url, "flip") as load:
         promote_live(repo, server.grpc_url, "flip", 2, reason="try v2")
         assert server.is_model_ready("flip", 2) and not server.is_model_ready("flip", 1)
         time.sleep(0.5)
@@ -731,7 +726,7 @@ def test_rollout_pause_holds_the_weight_until_resume_from_another_caller(repo, s
 
     wait_for = _wait_for
 
-    with Load(server.grpc_url, "paused") as load, concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with apps_calling(server.grpc_url, "paused") as load, concurrent.futures.ThreadPoolExecutor(1) as pool:
         running = pool.submit(
             Rollout(repo, server.grpc_url, "paused").start,
             2,
@@ -766,7 +761,7 @@ def test_rollout_pause_holds_the_weight_until_resume_from_another_caller(repo, s
 
 
 def test_rollout_answers_from_stable_when_the_candidate_is_later_than_its_timeout(repo, server):
-    with Load(server.grpc_url, "late") as load:
+    with apps_calling(server.grpc_url, "late") as load:
         outcome = Rollout(repo, server.grpc_url, "late").start(
             2, steps=[50, 100], hold_s=1.5, thresholds=_limits(candidate_timeout_ms=30.0, min_requests=10)
         )

@@ -6,7 +6,7 @@ version, N times; after each reload the old version must leave ``UNLOADING`` wit
 ``async-errors`` (a coroutine answering error responses). Seen here: both kinds that raise leave versions
 stuck (a coroutine more often), because a request of an execute that raises is now and then never answered
 nor released (its caller waits for its deadline); error responses never did. This is
-why the rollout's splitter never raises.
+why no Python model tritonforge runs or generates raises from execute (tritonforge.error_accounting).
 
     python tools/async_raise_unload.py async-raise 12
 """

@@ -1,11 +1,16 @@
 """The error accounting of our Python models: run by our backends, shipped beside generated models.
 
-Triton 2.51's Python backend counts an error *response* as a success (``nv_inference_request_success``);
-only an exception raised from ``execute`` counts in ``nv_inference_request_failure``, and it fails every
-request of that execute. So :func:`settle_errors` raises when every response of an execute is the same
-error (Triton then counts each request as a failure), and counts an error answered beside successful
-responses in :data:`ERROR_RESPONSES` ``{model, version}``, which tritonforge's SLO rules add to Triton's
-failures.
+Every Python model tritonforge runs or generates answers a failed request with an error *response* and
+never raises from ``execute``: Triton 2.51's Python backend now and then loses a request of an ``execute``
+that raises while other requests are in flight (never answered: its caller waits for its deadline; never
+released: once the model is reloaded or unloaded, that version stays UNLOADING for good, and the server is
+not ready under strict readiness). ``tools/async_raise_unload.py`` shows it.
+
+Triton counts an error response as a success (``nv_inference_request_success``, and ``success`` in its
+statistics API); only a raise counts in ``nv_inference_request_failure``. So :func:`settle_errors` counts
+each error response in :data:`ERROR_RESPONSES` ``{model, version}`` (the labels of Triton's own counters),
+and every verdict tritonforge gives on failures (``monitor``, the SLO rules and dashboard, the KServe
+canary queries) adds it to Triton's failures and takes it out of Triton's successes.
 
 Two homes, one piece of code. Our Python-based backends (:mod:`tritonforge.server.runtime`) import it from
 the package. The Python models tritonforge generates (pipeline blocks, routers, the rollout's splitter)
@@ -35,11 +40,11 @@ from typing import Any
 
 __all__ = ["ERROR_RESPONSES", "SHIPPED_AS", "error_counter", "settle_errors"]
 
-#: Error responses a Python model answered beside successful ones, per model and version (see above)
+#: Error responses a Python model answered, per model and version (Triton counts them as successes)
 ERROR_RESPONSES = "tritonforge_error_responses_total"
 #: the module name this file has beside a generated Python model (what the model imports)
 SHIPPED_AS = "tritonforge_error_accounting"
-# the stub appends a raise's traceback ("At: ..."); the nested ones inside a message are dropped
+# the stub appends a raise's traceback ("At: ...") to its message; settle_errors drops it
 _TRACEBACK = re.compile(r"\n+At:\n(?:  .*\n?)*")
 
 
@@ -48,8 +53,7 @@ def error_counter(pb_utils: Any, args: Mapping[str, str]) -> Any:
     try:
         family = pb_utils.MetricFamily(
             name=ERROR_RESPONSES,
-            description="Error responses a Python model answered beside successful ones (Triton counts "
-            "them as successes)",
+            description="Error responses a Python model answered (Triton counts them as successes)",
             kind=pb_utils.MetricFamily.COUNTER,
         )
         return family, family.Metric(labels={"model": args["model_name"], "version": args["model_version"]})
@@ -57,20 +61,24 @@ def error_counter(pb_utils: Any, args: Mapping[str, str]) -> Any:
         return None
 
 
-def settle_errors(
-    pb_utils: Any, responses: list[Any], counter: Any, *, raise_alike: bool = True
-) -> list[Any]:
-    """``responses``, after raising when every one is an error with the same message (Triton then counts
-    each as a failure), or adding the error responses among them to ``counter``.
+def settle_errors(pb_utils: Any, responses: list[Any], counter: Any) -> list[Any]:
+    """``responses``, with each error response among them counted in ``counter``; never raises.
 
-    ``raise_alike=False`` never raises (every error response is counted in ``counter``): Triton 2.51's
-    Python backend now and then loses a request of an execute that raises while other requests are in
-    flight (never answered: its caller waits for its deadline; never released: once the model is
-    reloaded, that version stays UNLOADING for good). ``tools/async_raise_unload.py`` shows it.
+    An error message that carries a traceback the stub appended to a raise of another model (a BLS call's
+    answer, ``"At: ..."``) is answered without it.
     """
-    errors = [r.error().message() for r in responses if r is not None and r.has_error()]
-    if raise_alike and errors and len(errors) == len(responses) and len(set(errors)) == 1:
-        raise pb_utils.TritonModelException(_TRACEBACK.sub("", errors[0]))
+    errors = 0
+    for i, response in enumerate(responses):
+        if response is None or not response.has_error():
+            continue
+        errors += 1
+        error = response.error()
+        message = error.message()
+        bare = _TRACEBACK.sub("", message)
+        if bare != message:
+            code = error.code() if hasattr(error, "code") else None
+            kept = pb_utils.TritonError(bare) if code is None else pb_utils.TritonError(bare, code)
+            responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=kept)
     if errors and counter is not None:
-        counter[1].increment(len(errors))
+        counter[1].increment(errors)
     return responses

@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from tritonforge.deploy.spec import DeploySpec
+from tritonforge.error_accounting import ERROR_RESPONSES
 from tritonforge.errors import DeployError
 
 __all__ = ["DEFAULT_CANARY_THRESHOLDS", "canary_patches", "canary_plan", "parse_canary_steps"]
@@ -73,12 +74,15 @@ def step_queries(spec: DeploySpec, namespace: str) -> dict[str, str]:
     w = _window(spec.canary_hold_s)
     by = "sum by (model, version)"
     ok = f"{by} (increase(nv_inference_request_success{{{where}}}[{w}]))"
-    failed = f"{by} (increase(nv_inference_request_failure{{{where}}}[{w}]))"
+    raised = f"({by} (increase(nv_inference_request_failure{{{where}}}[{w}])) or {ok} * 0)"
+    # a Python model's error responses, which Triton counts among its successes (a version without any:
+    # 0, not an empty result)
+    answered = f"({by} (increase({ERROR_RESPONSES}{{{where}}}[{w}])) or {ok} * 0)"
     duration = f"{by} (increase(nv_inference_request_duration_us{{{where}}}[{w}]))"
     return {
-        "error_rate": f"{failed} / clamp_min({ok} + {failed}, 1)",
+        "error_rate": f"({raised} + {answered}) / clamp_min({ok} + {raised}, 1)",
         "mean_latency_ms": f"{duration} / clamp_min({ok}, 1) / 1000",
-        "requests": f"{ok} + {failed}",
+        "requests": f"{ok} + {raised}",
     }
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tritonforge.error_accounting import ERROR_RESPONSES
 from tritonforge.errors import MetricsError
 
 __all__ = [
@@ -46,6 +47,8 @@ SUMMARY_FLAGS = ("--metrics-config=summary_latencies=true",)
 _COUNTERS = {
     "nv_inference_request_success": "success",
     "nv_inference_request_failure": "failure",
+    # error responses of tritonforge's Python models, which Triton counts in its successes
+    ERROR_RESPONSES: "error_responses",
     "nv_inference_count": "inferences",
     "nv_inference_exec_count": "executions",
     "nv_inference_request_duration_us": "request_us",
@@ -233,7 +236,13 @@ def model_rates(before: Scrape, after: Scrape) -> list[ModelRates]:
             d = now.get(field, 0.0) - then.get(field, 0.0)
             return d if d >= 0 else now.get(field, 0.0)
 
-        success, failure = delta("success"), delta("failure")
+        # Triton counts the error responses of Python models among its successes (and times them with
+        # them: the per-request means stay over Triton's count); monitor counts them as failures
+        success, failure = (
+            delta("success"),
+            delta("failure") + min(delta("error_responses"), delta("success")),
+        )
+        answered_total = min(now.get("error_responses", 0.0), now.get("success", 0.0))
         compute_us = delta("compute_input_us") + delta("compute_infer_us") + delta("compute_output_us")
         q = after.quantiles.get(key, {})
         out.append(
@@ -241,7 +250,7 @@ def model_rates(before: Scrape, after: Scrape) -> list[ModelRates]:
                 server=after.url,
                 model=key[0],
                 version=key[1],
-                requests_per_s=(success + failure) / elapsed,
+                requests_per_s=(success + delta("failure")) / elapsed,
                 failures_per_s=failure / elapsed,
                 inferences_per_s=delta("inferences") / elapsed,
                 mean_latency_ms=_per(delta("request_us"), success, 1e-3),
@@ -253,7 +262,7 @@ def model_rates(before: Scrape, after: Scrape) -> list[ModelRates]:
                 p50_ms=_quantile_ms(q, 0.5),
                 p99_ms=_quantile_ms(q, 0.99),
                 requests_total=now.get("success", 0.0) + now.get("failure", 0.0),
-                failures_total=now.get("failure", 0.0),
+                failures_total=now.get("failure", 0.0) + answered_total,
             )
         )
     return out

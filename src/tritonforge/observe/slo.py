@@ -73,8 +73,8 @@ def _exprs(spec: SLOSpec, window: str) -> dict[str, str]:
     success, failure = rate("nv_inference_request_success"), rate("nv_inference_request_failure")
     # a model without failure series yet still gets a 0 (not an empty result)
     raised = f"({failure} or {success} * 0)"
-    # Triton counts a Python model's error response as a success: the models tritonforge generates count
-    # those in their own counter (see tritonforge.error_accounting.ERROR_RESPONSES), added here
+    # Triton counts a Python model's error response as a success: tritonforge's Python models count those
+    # in their own counter (tritonforge.error_accounting.ERROR_RESPONSES), added to the failures here
     answered = f"({rate(ERROR_RESPONSES)} or {success} * 0)"
     failures = f"({raised} + {answered})"
     q50, q99 = 'quantile="0.5"', 'quantile="0.99"'

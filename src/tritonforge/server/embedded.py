@@ -35,6 +35,7 @@ from tritonforge.server.install import (
     TritonInstall,
     auto_complete_flags,
     backend_directory,
+    bls_pool_flags,
     find_tritonserver,
     stub_python,
 )
@@ -467,6 +468,7 @@ class EmbeddedServer:
             args.append(f"--repository-poll-secs={self.poll_interval_s}")
         if self.install is not None:
             args += auto_complete_flags(self.install, self.repositories, self.model_control, self.extra_args)
+            args += bls_pool_flags(self.install, self.repositories, self.model_control, self.extra_args)
         if self.response_cache_bytes:
             args.append(f"--cache-config=local,size={self.response_cache_bytes}")
             # The wheel keeps its cache library beside the binary, not in /opt/tritonserver/caches.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -29,6 +30,7 @@ __all__ = [
     "TritonInstall",
     "auto_complete_flags",
     "backend_directory",
+    "bls_pool_flags",
     "find_tritonserver",
     "needs_auto_complete",
     "package_path",
@@ -37,6 +39,13 @@ __all__ = [
 
 SYSTEM_TRITONSERVER = Path("/opt/tritonserver/bin/tritonserver")
 PYTHON_BASED_BACKENDS = ("onnxruntime", "pytorch")
+# config.pbtxt lines: a platform served by our Python-based backends or by Triton; any other backend
+_FRAMEWORK_CONFIG = re.compile(
+    r"""^\s*(platform\s*:\s*["'](onnxruntime_onnx|pytorch_libtorch|ensemble)["']"""
+    r"""|backend\s*:\s*["'](onnxruntime|pytorch)["'])""",
+    re.M,
+)
+_OTHER_BACKEND = re.compile(r"""^\s*backend\s*:\s*["'](?!(onnxruntime|pytorch)["'])""", re.M)
 #: folders our Python-based backends (and only they) append to ``sys.path`` (os.pathsep-separated): how
 #: they reach onnxruntime/torch and tritonforge when the stubs run in a reduced interpreter
 BACKEND_PATH_ENV = "TRITONFORGE_BACKEND_PATH"
@@ -230,22 +239,18 @@ def needs_auto_complete(repositories: Sequence[Path | str], model_control: str) 
     defines ``auto_complete_config``. Remote repositories can't be read here and a polled repository
     changes while the server runs: both keep it on.
     """
-    if model_control == "poll":
+    models = _local_models(repositories)
+    if model_control == "poll" or models is None:
         return True
-    for repository in repositories:
-        if not isinstance(repository, Path):
+    for model in models:
+        if not (model / "config.pbtxt").is_file():
             return True
-        for model in repository.iterdir() if repository.is_dir() else ():
-            if not model.is_dir() or model.name.startswith("."):
-                continue
-            if not (model / "config.pbtxt").is_file():
-                return True
-            for source in model.glob("*/*.py"):
-                try:
-                    if "auto_complete_config" in source.read_text(errors="replace"):
-                        return True
-                except OSError:
+        for source in model.glob("*/*.py"):
+            try:
+                if "auto_complete_config" in source.read_text(errors="replace"):
                     return True
+            except OSError:
+                return True
     return False
 
 
@@ -265,6 +270,53 @@ def auto_complete_flags(
     if decided or install.is_full or needs_auto_complete(repositories, model_control):
         return []
     return ["--disable-auto-complete-config"]
+
+
+def bls_pool_flags(
+    install: TritonInstall,
+    repositories: Sequence[Path | str],
+    model_control: str,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """``["--backend-config=python,thread-pool-size=1"]`` for the wheel's server when it can only ever serve
+    ONNX, TorchScript and ensemble models, else none.
+
+    Triton's Python backend keeps, in the server, a pool of 32 threads per model instance (default
+    ``thread-pool-size``) for its Python models' BLS calls and decoupled responses; our Python-based
+    backends make neither, so for them the pool is 31 idle threads and ~0.3 MiB a model. The setting is
+    one for every Python-backend model, and a BLS call holds a thread until its answer comes, so it is
+    lowered only where no Python model can be loaded: ``model_control="none"`` (no load API), local
+    repositories, and every model a config of ``onnxruntime_onnx``, ``pytorch_libtorch`` or ``ensemble``
+    without Python files. ``extra_args`` naming ``thread-pool-size`` decide it themselves.
+    """
+    decided = any("thread-pool-size" in a for a in extra_args)
+    models = _local_models(repositories)
+    if decided or install.is_full or model_control != "none" or models is None:
+        return []
+    for model in models:
+        try:
+            config = (model / "config.pbtxt").read_text(errors="replace")
+        except OSError:
+            return []
+        if not _FRAMEWORK_CONFIG.search(config) or _OTHER_BACKEND.search(config):
+            return []
+        if any(model.glob("*/*.py")):
+            return []
+    return ["--backend-config=python,thread-pool-size=1"]
+
+
+def _local_models(repositories: Sequence[Path | str]) -> list[Path] | None:
+    """The model folders of ``repositories``, or None when one is remote (Triton's to read, not ours)."""
+    models: list[Path] = []
+    for repository in repositories:
+        if not isinstance(repository, Path):
+            return None
+        models += [
+            m
+            for m in (repository.iterdir() if repository.is_dir() else ())
+            if m.is_dir() and m.name[:1] != "."
+        ]
+    return models
 
 
 def _backend_source(name: str) -> str:

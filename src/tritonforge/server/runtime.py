@@ -12,8 +12,11 @@ The framework-specific part is a ``Runner``: ``run(inputs: dict[name, ndarray]) 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
+import sys
+import types
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -492,6 +495,35 @@ def pytorch_runner(model: ServedModel) -> Runner:
     return run
 
 
+class AsyncioOnDemand(types.ModuleType):
+    """What a stub of our backends holds as ``asyncio`` until something needs more than ``iscoroutine``.
+
+    Triton's stub asks ``asyncio.iscoroutine`` of what every ``execute`` returns (to run an ``async def
+    execute``): importing asyncio for that costs each stub ~3.3 MiB (socket, ssl, subprocess, logging,
+    concurrent.futures...). Our backends' ``execute`` returns a list, never a coroutine, so a list is answered
+    here; anything else asked of this module (any other object, attribute or submodule) imports the real
+    asyncio, which takes this module's place in ``sys.modules``.
+    """
+
+    def iscoroutine(self, obj: object) -> bool:
+        return False if type(obj) is list else bool(self._real().iscoroutine(obj))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real(), name)
+
+    def _real(self) -> types.ModuleType:
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return importlib.import_module(self.__name__)
+
+
+def defer_asyncio() -> None:
+    """Let ``asyncio`` load only if something in this stub needs it (see :class:`AsyncioOnDemand`); a
+    framework that imported it already (torch does) keeps it."""
+    if "asyncio" not in sys.modules:
+        sys.modules["asyncio"] = AsyncioOnDemand("asyncio")
+
+
 class PythonBackendModel:
     """Base of the ``TritonPythonModel`` classes our Python-based backends export."""
 
@@ -508,6 +540,7 @@ class PythonBackendModel:
         self.executor = BatchingExecutor(model, self.make_runner(model), pb_utils)
         self.pb = pb_utils
         self.error_counter = error_counter(pb_utils, args)
+        defer_asyncio()
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return settle_errors(self.pb, self.executor.execute(requests), self.error_counter)

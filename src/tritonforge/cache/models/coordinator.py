@@ -440,7 +440,7 @@ class TritonPythonModel:
     def execute(self, requests):
         # never raises: Triton 2.51 can lose a request of an execute that raises while others are in
         # flight (its caller would wait for its deadline); errors count in tritonforge_error_responses_total
-        return settle_errors(pb_utils, self._execute(requests), self.error_counter, raise_alike=False)
+        return settle_errors(pb_utils, self._execute(requests), self.error_counter)
 
     def _execute(self, requests):
         responses = []

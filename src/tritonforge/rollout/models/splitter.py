@@ -125,7 +125,7 @@ class TritonPythonModel:
         self._write_stats()
         # never raise: Triton 2.51 now and then loses a request of an execute that raises under concurrent
         # requests, which keeps this version UNLOADING for good once the rollout replaces it
-        return settle_errors(pb_utils, responses, self.error_counter, raise_alike=False)
+        return settle_errors(pb_utils, responses, self.error_counter)
 
     def _load_twin(self):
         """A server (re)started in explicit mode with only the model's name loaded has no twin: load it

@@ -12,6 +12,11 @@ sys.path += [
     p for p in os.environ.get("TRITONFORGE_BACKEND_PATH", "").split(os.pathsep) if p not in ("", *sys.path)
 ]
 
+# numpy (which our runtime and Triton's utilities import next) starts OpenBLAS with a thread per CPU, up to
+# 64, and nothing in this stub calls BLAS: onnxruntime runs its own kernels in its own pools. One thread,
+# unless the server was started with another count.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 from tritonforge.server.runtime import OnnxRuntimeModel as TritonPythonModel
 
 __all__ = ["TritonPythonModel"]
