@@ -177,20 +177,9 @@ TOLD_HISTORY = re.compile(
 )
 
 
-# Sections another branch is rewriting (page: heading): the lead removes each entry once it has landed.
-PENDING_HISTORY: dict[str, str] = {}
-
-
-def told_history(text: str, *, skip_section: str | None = None) -> list[tuple[int, str]]:
-    """The lines of ``text`` that tell the history of the code (:data:`TOLD_HISTORY`), numbered from 1;
-    none under the ``## `` heading that starts with ``skip_section``."""
-    hits, skipping = [], False
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.startswith("## "):
-            skipping = skip_section is not None and line[3:].startswith(skip_section)
-        if not skipping and TOLD_HISTORY.search(line):
-            hits.append((number, line.strip()))
-    return hits
+def told_history(text: str) -> list[tuple[int, str]]:
+    """The lines of ``text`` that tell the history of the code (:data:`TOLD_HISTORY`), numbered from 1."""
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if TOLD_HISTORY.search(line)]
 
 
 @pytest.mark.parametrize(
@@ -223,21 +212,12 @@ def test_a_document_speaking_of_the_present_is_let_be(present: str) -> None:
     assert told_history(present) == []
 
 
-def test_a_pending_section_is_skipped_and_only_it() -> None:
-    page = "## Figures\n\n1.2x (3.83 -> 3.12 ms)\n\n## Limits\n\nit no longer hangs\n"
-    assert told_history(page, skip_section="Figures") == [(7, "it no longer hangs")]
-    assert told_history(page, skip_section="Limits") == [(3, "1.2x (3.83 -> 3.12 ms)")]
-
-
 def test_no_document_tells_the_history_of_the_code() -> None:
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
     hits = [
         f"{page.relative_to(ROOT)}:{number}: {line}"
         for page in pages
-        for number, line in told_history(
-            page.read_text(encoding="utf-8"),
-            skip_section=PENDING_HISTORY.get(page.relative_to(ROOT).as_posix()),
-        )
+        for number, line in told_history(page.read_text(encoding="utf-8"))
     ]
     assert hits == [], (
         "say what is true of the project today (a figure with its date, machine, command):\n"
