@@ -424,19 +424,26 @@ def drive_loads(
     return result, seen
 
 
+class Caches:
+    """Two endpoints' caches, ``a:1`` picked first: a model answers where a load put it, misses elsewhere."""
+
+    def __init__(self) -> None:
+        self.pool = pool_of("a:1", "b:1")
+        self.pool.endpoints[1].outstanding = 5  # a:1 first
+        self.loaded: set[str] = set()
+
+    def answer(self, attempt: Attempt) -> Any:
+        return "ok" if attempt.endpoint.url in self.loaded else ModelNotFoundError("unknown model")
+
+    def load(self, step: Load) -> None:
+        self.loaded.add(step.endpoint.url)
+
+
 def test_call_flow_retries_a_miss_at_the_endpoint_whose_cache_loaded_the_model() -> None:
-    pool = pool_of("a:1", "b:1")
-    pool.endpoints[1].outstanding = 5  # a:1 first
-    loaded: set[str] = set()
-
-    def answer(attempt: Attempt) -> Any:
-        return "ok" if attempt.endpoint.url in loaded else ModelNotFoundError("unknown model")
-
-    def load(step: Load) -> None:
-        loaded.add(step.endpoint.url)
-
+    caches = Caches()
+    pool = caches.pool
     # without retries too: the attempt after a load is the miss's own, not the policy's
-    result, seen = drive_loads(pool, answer, load, RetryPolicy.none())
+    result, seen = drive_loads(pool, caches.answer, caches.load, RetryPolicy.none())
     assert result == "ok" and seen == ["a:1", "load a:1", "a:1"]
     assert pool.endpoints[0].outstanding == 0
 
@@ -476,19 +483,15 @@ def _loads_until_failure(pool: EndpointPool) -> tuple[ClientError, list[str]]:
 
 
 def test_call_flow_sends_the_retry_after_a_load_elsewhere_when_the_loader_left_the_pool() -> None:
-    pool = pool_of("a:1", "b:1")
-    pool.endpoints[1].outstanding = 5  # a:1 first
-    loaded: set[str] = set()
-
-    def answer(attempt: Attempt) -> Any:
-        return "ok" if attempt.endpoint.url in loaded else ModelNotFoundError("unknown model")
+    caches = Caches()
+    pool = caches.pool
 
     def load(step: Load) -> None:
-        loaded.add(step.endpoint.url)
+        caches.load(step)
         if step.endpoint.url == "a:1":
             pool.apply([], ["a:1"], lambda ep: None)  # DNS no longer lists it: draining, never picked
 
-    result, seen = drive_loads(pool, answer, load, RetryPolicy.none())
+    result, seen = drive_loads(pool, caches.answer, load, RetryPolicy.none())
     assert result == "ok" and seen == ["a:1", "load a:1", "b:1", "load b:1", "b:1"]
 
 
