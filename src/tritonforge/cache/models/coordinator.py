@@ -309,14 +309,22 @@ class TritonPythonModel:
             self.totals["evictions"] += 1
             self.m_evict.increment(1)
 
+    def _until(self, done, timeout_s, pause_s):
+        """Read Triton's model states until ``done(states)`` holds, at most ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if done(self._states()):
+                return
+            time.sleep(pause_s)
+
     def _wait_unloaded(self, models):
         """Until Triton has finished unloading ``models`` (their processes gone), at most unload_wait_s."""
-        deadline = time.monotonic() + self.unload_wait_s
-        while models and time.monotonic() < deadline:
-            states = self._states()
-            if not any(states.get(m) in ("READY", "UNLOADING") for m in models):
-                return
-            time.sleep(0.05)
+
+        def gone(states):
+            return not any(states.get(m) in ("READY", "UNLOADING") for m in models)
+
+        if models:
+            self._until(gone, self.unload_wait_s, 0.05)
 
     def _wait_for_room(self, adding):
         """Models this coordinator unloaded keep their processes until Triton has finished them (about a
@@ -326,14 +334,14 @@ class TritonPythonModel:
         counted. Nothing unloading: nothing to wait for (past the ceiling, make_room decided)."""
         now = time.monotonic()
         self.evicted_at = {m: t for m, t in self.evicted_at.items() if now - t < self.room_wait_s}
-        deadline = now + self.room_wait_s
-        while self.max_models and self.evicted_at and time.monotonic() < deadline:
-            states = self._states()
-            loaded = self._loaded_count(states)
-            unloading = [m for m in self.evicted_at if states.get(m) == "UNLOADING"]
-            if not unloading or loaded + len(unloading) + adding <= self.ceiling:
-                return
-            time.sleep(0.02)
+        if not (self.max_models and self.evicted_at):
+            return
+
+        def fits(states):
+            unloading = sum(1 for m in self.evicted_at if states.get(m) == "UNLOADING")
+            return not unloading or self._loaded_count(states) + unloading + adding <= self.ceiling
+
+        self._until(fits, self.room_wait_s, 0.02)
 
     def _loaded_count(self, states):
         return sum(1 for m, s in states.items() if s == "READY" and m != self.name)
