@@ -506,18 +506,36 @@ class _PodPrometheus(PrometheusServer):
 
 
 def _load(urls: list[str], stop: threading.Event, failures: list[BaseException]) -> list[threading.Thread]:
+    """Keep ``IN_FLIGHT`` requests outstanding at each server (asynchronous calls, so the queue builds at
+    the server however fast this process's threads are)."""
+
     def worker(url: str) -> None:
+        slots = threading.Semaphore(IN_FLIGHT)
+
+        def done(result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                failures.append(error)
+            slots.release()
+
         try:
             with grpcclient.InferenceServerClient(url) as client:
+                inp = grpcclient.InferInput("a", [2, 3], "FP32")
+                inp.set_data_from_numpy(np.ones((2, 3), np.float32))
                 while not stop.is_set():
-                    triton_infer(client, "fixed", {"a": np.ones((2, 3), np.float32)})
+                    if slots.acquire(timeout=0.5):
+                        client.async_infer("fixed", [inp], done)
+                for _ in range(IN_FLIGHT):  # every answer back before the channel closes
+                    slots.acquire(timeout=30)
         except BaseException as exc:  # reported by the test
             failures.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(url,), daemon=True) for url in urls for _ in range(8)]
+    threads = [threading.Thread(target=worker, args=(url,), daemon=True) for url in urls]
     for thread in threads:
         thread.start()
     return threads
+
+
+IN_FLIGHT = 16
 
 
 @pytest.mark.slow

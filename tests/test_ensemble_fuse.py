@@ -225,7 +225,10 @@ def test_texts_of_any_length_batch_in_the_tokenizer_with_its_encoder_and_answer_
             triton_infer(client, FUSED, triton_infer(client, "tiny_tokenizer", {"TEXT": text}))["EMBEDDING"]
             for text in (np.array([[s.encode()]], dtype=np.object_) for s in sentences)
         ]
-        fused_alone = inference_count(client, FUSED) - fused_before
+        # (every one of these counted before the concurrent calls start: a count read at once may be short)
+        fused_alone = settled(
+            lambda: inference_count(client, FUSED) - fused_before, lambda n: n >= len(sentences)
+        )
         texts = [np.array([[s.encode()]], dtype=np.object_) for s in sentences * 8]
 
         def one(text: np.ndarray) -> np.ndarray:
