@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import tiny_models
 from conftest import triton_infer
-from triton_stats import settled
+from triton_stats import counts, counts_when
 from tritonforge.config import DataType, DynamicBatching, ModelConfig, TensorSpec, read_config
 from tritonforge.ensemble import PipelineCheckError, check_specs, compile_all, compile_specs
 from tritonforge.ensemble.blocks import _tokenizer_file
@@ -560,18 +560,15 @@ def test_blocks_answer_requests_batched_together_as_they_answer_each_alone(
         for k in rng.integers(1, 4, size=24)
     ]
     xs = [rng.standard_normal((int(k), 8)).astype(np.float32) for k in rng.integers(1, 5, size=24)]
-    alone_text = [triton_infer(client, "text_tiny", {"TEXT": t}) for t in texts]
-    alone_tokens = [triton_infer(client, "tiny_tokenizer", {"TEXT": t}) for t in texts]
-    alone_vote = [triton_infer(client, PLAIN_VOTE, {"x": x}) for x in xs]
-
-    def stats(model: str) -> tuple[int, int]:
-        s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-        return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
-
     # the text pipeline runs as one model: its tokenizer running the encoder and pooling fused into one
     # ONNX graph (tritonforge.ensemble.fuse); the tokenizer alone is called as a client would
     steps = ("text_tiny__tokenize_encode", "tiny_tokenizer", "vote3_plain")
-    before = {m: stats(m) for m in steps}
+    start = {m: counts(server.grpc_url, m) for m in steps}
+    alone_text = [triton_infer(client, "text_tiny", {"TEXT": t}) for t in texts]
+    alone_tokens = [triton_infer(client, "tiny_tokenizer", {"TEXT": t}) for t in texts]
+    alone_vote = [triton_infer(client, PLAIN_VOTE, {"x": x}) for x in xs]
+    # every one of these counted before the concurrent calls start (a count read at once may be short)
+    before = {m: counts_when(server.grpc_url, m, start[m].requests + 24) for m in steps}
     connections = [grpcclient.InferenceServerClient(server.grpc_url) for _ in range(12)]
     try:
         with ThreadPoolExecutor(len(connections)) as pool:
@@ -602,8 +599,9 @@ def test_blocks_answer_requests_batched_together_as_they_answer_each_alone(
         np.testing.assert_array_equal(together["LABEL"], alone["LABEL"])
         np.testing.assert_allclose(together["VOTES"], alone["VOTES"], atol=1e-6)
     # the 24 concurrent requests really were batched: fewer than 24 executions somewhere
-    after = {m: settled(lambda m=m: stats(m), lambda s, m=m: s[0] - before[m][0] >= 24) for m in steps}
-    executions = [after[m][1] - before[m][1] for m in steps]
+    executions = [
+        (counts_when(server.grpc_url, m, before[m].requests + 24) - before[m]).executions for m in steps
+    ]
     assert all(e > 0 for e in executions) and min(executions) < 24, executions
 
 

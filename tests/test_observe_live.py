@@ -18,10 +18,11 @@ import pytest
 from cli_runner import run_tritonforge
 from observe_fixtures import build_observe_repository, knob_input
 from promserver import PrometheusServer
+from triton_stats import settled
 from tritonforge.client import Client, RetryPolicy
 from tritonforge.error_accounting import ERROR_RESPONSES
 from tritonforge.errors import ClientError
-from tritonforge.observe import SUMMARY_FLAGS, MetricsError, scrape, snapshot
+from tritonforge.observe import SUMMARY_FLAGS, MetricsError, Scrape, scrape, snapshot
 from tritonforge.observe.slo import dashboard_queries, load_slo, write
 from tritonforge.server import EmbeddedServer
 
@@ -44,6 +45,12 @@ def _client(server: EmbeddedServer) -> Client:
     return Client(server.grpc_url, retry=RetryPolicy.none(), metrics=False)
 
 
+def _requests(scraped: Scrape, model: str) -> float:
+    """The requests Triton counted for ``model`` v1 (successes and failures) in ``scraped``."""
+    counters = scraped.models.get((model, "1"), {})
+    return counters.get("success", 0.0) + counters.get("failure", 0.0)
+
+
 def test_monitor_counts_each_servers_requests_and_sums_them(
     servers: tuple[EmbeddedServer, EmbeddedServer],
 ) -> None:
@@ -60,12 +67,16 @@ def test_monitor_counts_each_servers_requests_and_sums_them(
         # concurrent calls to the dynamic-batching mlp: the batcher groups them
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda _: b.infer("mlp", {"x": np.ones((1, 8), np.float32)}), range(32)))
+    sent = {(urls[0], "steady"): 6, (urls[1], "steady"): 4, (urls[0], "knob"): 1, (urls[1], "mlp"): 32}
+    settled(  # a backend answers before it counts: the snapshot reads once every request is counted
+        lambda: {u: scrape(u) for u in urls},
+        lambda now: all(_requests(now[u], m) - _requests(before[u], m) >= n for (u, m), n in sent.items()),
+    )
     snap, _ = snapshot(urls, grpc_urls=[first.grpc_url, second.grpc_url], previous=before)
     seen = {(r.server, r.model): r for r in snap.rows}
 
     def served(url: str, model: str) -> float:
-        counters = before[url].models.get((model, "1"), {})
-        return seen[(url, model)].requests_total - counters.get("success", 0) - counters.get("failure", 0)
+        return seen[(url, model)].requests_total - _requests(before[url], model)
 
     assert served(urls[0], "steady") == 6
     assert served(urls[1], "steady") == 4

@@ -43,6 +43,11 @@ def settled(read: Callable[[], T], done: Callable[[T], bool], timeout_s: float =
     return value
 
 
+def counts_when(url: str, model: str, requests: int) -> Counts:
+    """``model``'s counts once it has counted ``requests`` successful requests in all (bounded)."""
+    return settled(lambda: counts(url, model), lambda c: c.requests >= requests)
+
+
 def counted_since(url: str, model: str, before: Counts, rows: int) -> Counts:
     """What ``model`` counted since ``before``, once at least ``rows`` rows are counted (bounded)."""
     return settled(lambda: counts(url, model) - before, lambda c: c.rows >= rows)
