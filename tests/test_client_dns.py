@@ -28,20 +28,29 @@ from tritonforge.server import EmbeddedServer
 NAME = "dns:///triton-headless.ns.svc.cluster.local:8001"
 REFRESH_S = 0.1
 X = {"x": np.ones((1, 8), np.float32)}
-SLOW_S = 1.5
-SLOW_PY = textwrap.dedent(f"""
+#: answers once the file RELEASE exists (the test creates it when it has seen what it waits for), at the
+#: latest after 60 s: a call stays in flight as long as the test needs, however slow the machine
+SLOW_PY = textwrap.dedent("""
+    import os
     import time
     import triton_python_backend_utils as pb_utils
 
     class TritonPythonModel:
         def execute(self, requests):
-            time.sleep({SLOW_S})
+            deadline = time.monotonic() + 60
+            while not os.path.exists(RELEASE) and time.monotonic() < deadline:
+                time.sleep(0.01)
             out = []
             for request in requests:
                 x = pb_utils.get_input_tensor_by_name(request, "x").as_numpy()
                 out.append(pb_utils.InferenceResponse([pb_utils.Tensor("y", x)]))
             return out
 """)
+
+
+def release(repo: Path) -> Path:
+    """The file whose existence lets the slow model answer."""
+    return repo.parent / "release"
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +60,7 @@ def mlp_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     add_model(repo, "mlp", tiny_models.mlp_onnx(root / "mlp.onnx"), max_batch_size=8)
     slow_file = root / "slow" / "model.py"
     slow_file.parent.mkdir()
-    slow_file.write_text(SLOW_PY)
+    slow_file.write_text(SLOW_PY.replace("RELEASE", repr(str(release(repo)))))
     slow = ModelConfig(
         name="slow",
         backend="python",
@@ -208,9 +217,10 @@ def test_client_follows_replicas_that_appear_and_disappear_under_load_and_no_cal
 
 @pytest.mark.parametrize("face", FACES)
 def test_a_call_in_flight_on_a_replica_that_leaves_the_name_gets_its_answer(
-    face: str, replicas: list[EmbeddedServer]
+    face: str, mlp_repo: Path, replicas: list[EmbeddedServer]
 ) -> None:
     one, two = (server.grpc_url for server in replicas)
+    release(mlp_repo).unlink(missing_ok=True)
     listing = Listing(one)
     client = make_client(face, NAME, discovery=Discovery(refresh_s=REFRESH_S, resolver=listing))
     seen: dict[str, Any] = {}
@@ -219,10 +229,13 @@ def test_a_call_in_flight_on_a_replica_that_leaves_the_name_gets_its_answer(
         return sum(s.outstanding for s in client.endpoints if s.url == one)
 
     def leave_while_in_flight() -> None:  # runs while the slow call is in flight on `one`
-        wait_until(lambda: outstanding_on_one() == 1, f"the slow call to be in flight on {one}")
-        listing.set(two)
-        wait_until(lambda: picked(client) == {two}, f"{one} to leave the pool")
-        seen["draining"] = [(e.url, e.outstanding) for e in client._pool.draining]
+        try:
+            wait_until(lambda: outstanding_on_one() == 1, f"the slow call to be in flight on {one}")
+            listing.set(two)
+            wait_until(lambda: picked(client) == {two}, f"{one} to leave the pool")
+            seen["draining"] = [(e.url, e.outstanding) for e in client._pool.draining]
+        finally:
+            release(mlp_repo).touch()  # the slow call may answer now
 
     x = {"x": np.array([7.0], np.float32)}
     try:
@@ -255,6 +268,7 @@ def test_a_call_in_flight_on_a_replica_that_leaves_the_name_gets_its_answer(
         assert picked(client) == {two}
     finally:
         client.close()
+        release(mlp_repo).unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize("face", FACES)
