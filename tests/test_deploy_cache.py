@@ -299,6 +299,14 @@ def _load(server: EmbeddedServer, model: str) -> int:
         return int(exc.code)
 
 
+def _wait_loading(server: EmbeddedServer, model: str, timeout_s: float = 30.0) -> None:
+    """Until Triton has begun loading ``model`` (by its log: its repository index waits for a load)."""
+    deadline = time.monotonic() + timeout_s
+    while f"loading: {model}:" not in server.log and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"loading: {model}:" in server.log, server.log_tail()
+
+
 def test_the_pods_probes_stay_ready_through_a_slow_load_and_a_failed_one_where_strict_readiness_would_not(
     tmp_path: Path,
 ) -> None:
@@ -318,7 +326,7 @@ def test_the_pods_probes_stay_ready_through_a_slow_load_and_a_failed_one_where_s
             with EmbeddedServer(out / "repository", host="127.0.0.5", extra_args=extra) as server:
                 loading = threading.Thread(target=_load, args=(server, "slow"))
                 loading.start()
-                time.sleep(1.5)
+                _wait_loading(server, "slow")  # (its initialize takes 4 s)
                 during = {kind: _status(server, path) for kind, path in paths.items()}
                 health_during = _status(server, "/v2/health/ready")
                 loading.join()
