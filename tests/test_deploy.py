@@ -10,7 +10,6 @@ import os
 import re
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from typer.testing import CliRunner
 
 from conftest import PROJECT_ROOT, triton_infer
 from promserver import PrometheusServer
+from triton_stats import settled
 from tritonforge.cli import app
 from tritonforge.deploy import (
     PROBE_PATHS,
@@ -489,6 +489,19 @@ def test_probe_paths_answer_200_on_the_real_tritonserver(deployed_server: Embedd
             assert answer.status == 200, kind
 
 
+def by_pod(values: dict[str, float]) -> dict[str, float]:
+    """A query's values by the pod label of each series."""
+    return {json.loads(key)["pod"]: value for key, value in values.items()}
+
+
+def above(per_pod: list[dict[str, float]], whole: list[dict[str, float]], floors: tuple[float, ...]) -> bool:
+    """Every pod's value of each query, and the one value of each whole-deployment query, over its floor."""
+    return all(
+        set(by_pod(v)) == set(PODS) and min(by_pod(v).values()) > floor
+        for v, floor in zip(per_pod, floors, strict=True)
+    ) and all(len(v) == 1 and next(iter(v.values())) > floor for v, floor in zip(whole, floors, strict=True))
+
+
 class _PodPrometheus(PrometheusServer):
     """Each target labelled as prometheus-operator labels a pod it scrapes: namespace and pod."""
 
@@ -573,34 +586,30 @@ def test_autoscaling_promql_is_clearly_higher_under_load_than_idle_per_pod(
         # the adapter discovers the metric through its seriesQuery: one series set per pod
         series = prom.api("series", **{"match[]": rules[0]["seriesQuery"]})
         assert {s["pod"] for s in series} == set(PODS)
-        time.sleep(3)
-        idle = [prom.values(q) for q in hpa_queries]
-        idle_keda = [prom.values(q) for q in keda]
+        # queue time per request (us) must be well above the ~tens of us a lone request waits; the ratio
+        # well above 0. Idle is exactly 0 for every pod (present, not missing: the HPA always gets a value).
+        floors = (100.0, 0.2)
+
+        def read() -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+            return [prom.values(q) for q in hpa_queries], [prom.values(q) for q in keda]
+
+        # a rate needs two scrapes of a window: read until each pod has its value (60 s at most)
+        idle, idle_keda = settled(
+            read, lambda r: all(set(by_pod(v)) == set(PODS) for v in r[0]) and all(r[1]), timeout_s=60
+        )
         stop, failures = threading.Event(), []
         threads = _load([server.grpc_url, deployed_server.grpc_url], stop, failures)
-        try:
-            time.sleep(8)
-            loaded = [prom.values(q) for q in hpa_queries]
-            loaded_keda = [prom.values(q) for q in keda]
+        try:  # until the scrapes under load pass the floors, or 60 s
+            loaded, loaded_keda = settled(read, lambda r: above(*r, floors), timeout_s=60)
         finally:
             stop.set()
             for thread in threads:
                 thread.join(timeout=30)
     assert failures == []
-
-    def by_pod(values: dict[str, float]) -> dict[str, float]:
-        return {json.loads(key)["pod"]: value for key, value in values.items()}
-
-    # queue time per request (us) must be well above the ~tens of us a lone request waits; the ratio well
-    # above 0. Idle is exactly 0 for every pod (present, not missing: the HPA always gets a value).
-    floors = (100.0, 0.2)
-    for before, after, floor in zip(idle, loaded, floors, strict=True):
+    for before in idle:
         assert by_pod(before) == dict.fromkeys(PODS, 0.0)
-        assert set(by_pod(after)) == set(PODS)
-        assert min(by_pod(after).values()) > floor, after
-    for before, after, floor in zip(idle_keda, loaded_keda, floors, strict=True):
-        assert list(before.values()) == [0.0]
-        assert len(after) == 1 and next(iter(after.values())) > floor
+    assert [list(before.values()) for before in idle_keda] == [[0.0]] * len(keda)
+    assert above(loaded, loaded_keda, floors), (loaded, loaded_keda)
 
 
 # -- access control and the KServe canary plan --------------------------------------------------------------
