@@ -13,7 +13,7 @@ import pytest
 import tiny_models
 from client_fixtures import ECHO_PY
 from tiny_models import spec as _spec
-from triton_stats import counted_since, counts
+from triton_stats import counted_since, counts, counts_when
 from tritonforge import AsyncClient, Coalesce, InferenceFailed
 from tritonforge.client._coalesce import Batchable, Group, batch_rows, merge, split
 from tritonforge.config import DataType, DynamicBatching, ModelConfig
@@ -73,10 +73,11 @@ def _mlp_calls(n: int) -> list[dict[str, np.ndarray]]:
 
 def test_concurrent_calls_go_out_as_fewer_requests_and_each_gets_its_own_rows(url: str) -> None:
     calls = _mlp_calls(48)
+    want_rows = rows_of(calls[:1] + calls)
+    start = counts(url, "mlp")
     alone = run(url, "mlp", calls, coalesce=False)  # the reference: every call its own request
-    before = counts(url, "mlp")
+    before = counts_when(url, "mlp", rows=start.rows + want_rows)  # (a count read at once may be short)
     merged = run(url, "mlp", calls)
-    want_rows = sum(len(c["x"]) for c in calls[:1] + calls)
     requests, rows, _ = counted_since(url, "mlp", before, want_rows)
     assert rows == want_rows
     assert requests < (len(calls) + 1) / 2, f"{len(calls) + 1} calls went out as {requests} requests"

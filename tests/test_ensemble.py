@@ -568,7 +568,7 @@ def test_blocks_answer_requests_batched_together_as_they_answer_each_alone(
     alone_tokens = [triton_infer(client, "tiny_tokenizer", {"TEXT": t}) for t in texts]
     alone_vote = [triton_infer(client, PLAIN_VOTE, {"x": x}) for x in xs]
     # every one of these counted before the concurrent calls start (a count read at once may be short)
-    before = {m: counts_when(server.grpc_url, m, start[m].requests + 24) for m in steps}
+    before = {m: counts_when(server.grpc_url, m, requests=start[m].requests + 24) for m in steps}
     connections = [grpcclient.InferenceServerClient(server.grpc_url) for _ in range(12)]
     try:
         with ThreadPoolExecutor(len(connections)) as pool:
@@ -600,7 +600,8 @@ def test_blocks_answer_requests_batched_together_as_they_answer_each_alone(
         np.testing.assert_allclose(together["VOTES"], alone["VOTES"], atol=1e-6)
     # the 24 concurrent requests really were batched: fewer than 24 executions somewhere
     executions = [
-        (counts_when(server.grpc_url, m, before[m].requests + 24) - before[m]).executions for m in steps
+        (counts_when(server.grpc_url, m, requests=before[m].requests + 24) - before[m]).executions
+        for m in steps
     ]
     assert all(e > 0 for e in executions) and min(executions) < 24, executions
 

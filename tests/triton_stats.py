@@ -43,11 +43,12 @@ def settled(read: Callable[[], T], done: Callable[[T], bool], timeout_s: float =
     return value
 
 
-def counts_when(url: str, model: str, requests: int) -> Counts:
-    """``model``'s counts once it has counted ``requests`` successful requests in all (bounded)."""
-    return settled(lambda: counts(url, model), lambda c: c.requests >= requests)
+def counts_when(url: str, model: str, *, requests: int = 0, rows: int = 0) -> Counts:
+    """``model``'s counts once it has counted ``requests`` successful requests and ``rows`` rows in all
+    (bounded)."""
+    return settled(lambda: counts(url, model), lambda c: c.requests >= requests and c.rows >= rows)
 
 
 def counted_since(url: str, model: str, before: Counts, rows: int) -> Counts:
     """What ``model`` counted since ``before``, once at least ``rows`` rows are counted (bounded)."""
-    return settled(lambda: counts(url, model) - before, lambda c: c.rows >= rows)
+    return counts_when(url, model, rows=before.rows + rows) - before
