@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -122,6 +123,7 @@ def test_a_failing_request_fails_alone_while_its_batch_neighbours_succeed(server
 def test_requests_batched_together_each_get_exactly_the_outputs_they_name(server):
     x = RNG.standard_normal((12, 4)).astype(np.float32)
     asks = [("double",), ("total",), ("double", "total"), ()] * 3  # () names none: Triton sends all
+    ready = threading.Barrier(len(asks))  # every request sent at once, however slow a connection's start
 
     def send(i: int) -> dict[str, np.ndarray]:
         client = grpcclient.InferenceServerClient(server.grpc_url)
@@ -129,6 +131,8 @@ def test_requests_batched_together_each_get_exactly_the_outputs_they_name(server
             item = grpcclient.InferInput("x", [1, 4], "FP32")
             item.set_data_from_numpy(x[i : i + 1])
             outputs = [grpcclient.InferRequestedOutput(n) for n in asks[i]] or None
+            assert client.is_server_live()  # (connected)
+            ready.wait(timeout=60)
             result = client.infer("two_outputs", [item], outputs=outputs)
             names = [o["name"] for o in result.get_response(as_json=True)["outputs"]]
             return {n: result.as_numpy(n) for n in names}
