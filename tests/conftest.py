@@ -8,6 +8,7 @@ Whatever a test changes stays per worker or per test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -214,6 +215,19 @@ def triton_infer(
     result = client.infer(model, infer_inputs, **kwargs)
     response = result.get_response()
     return {out.name: result.as_numpy(out.name) for out in response.outputs}
+
+
+def still_running(processes: list[Any]) -> list[Any]:
+    """Those of ``processes`` (``psutil.Process``) still running: a zombie has ended, only its exit status
+    is left, and one that ends while it is looked at has ended too."""
+    import psutil
+
+    left = []
+    for p in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(p)
+    return left
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 import signal
 import time
@@ -15,7 +14,7 @@ import tritonclient.grpc as grpcclient
 import tiny_models
 from cli_runner import run_tritonforge as run_cli
 from cli_runner import tritonforge_process
-from conftest import triton_infer
+from conftest import still_running, triton_infer
 from triton_stats import settled
 
 
@@ -74,17 +73,7 @@ def test_serve_answers_until_interrupted_and_leaves_nothing_running(tmp_path):
         assert out["probs"].shape == (1, 3)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
-        assert settled(lambda: _running(descendants), lambda left: not left, timeout_s=10) == []
-
-
-def _running(processes: list[psutil.Process]) -> list[psutil.Process]:
-    """Those of ``processes`` still running (a zombie has ended: only its exit status is left)."""
-    left = []
-    for p in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                left.append(p)
-    return left
+        assert settled(lambda: still_running(descendants), lambda left: not left, timeout_s=10) == []
 
 
 @pytest.mark.slow
