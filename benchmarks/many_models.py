@@ -8,7 +8,8 @@ is retried once):
 1. every model answers once, in random order, and answers right (nearly every call a cold load);
 2. Zipf-distributed traffic over all models (exponent ``--zipf-s``) at ``--concurrency``: zero failed
    requests allowed; the p99 of the ``--hot`` most popular models is compared with
-3. a server without the cache that has only those hot models loaded, sent the same requests for them;
+3. a server without the cache that has only those hot models loaded, sent the same requests for them
+   at the same concurrency (the warmed-up second half, the two servers in alternating rounds);
 4. the hot path: one loaded model's throughput (perf_analyzer, NVIDIA's C++ load generator, or the
    tritonforge client in closed loop when it is not found) on a server with the cache against one without
    it, both fresh and holding the models the cache's server held after its traffic (alternating rounds,
@@ -187,6 +188,51 @@ def traffic(
     return latencies, failures, wall
 
 
+def steady_rounds(
+    server: EmbeddedServer,
+    repo: Path,
+    sequence: list[str],
+    hot: set[str],
+    every: dict[str, list[float]],
+    args: argparse.Namespace,
+    console: Any,
+) -> tuple[dict[str, Any], dict[str, list[float]], list[str], list[float]]:
+    """The warmed-up part of the Zipf traffic against a server with only the ``hot`` models loaded, in
+    ``args.p99_rounds`` alternating rounds (ABBA...): each round sends one slice of ``sequence`` to the
+    cache's ``server`` and the same slice's requests for hot models to the other, at the same concurrency,
+    so both sides meet the machine's ups and downs alike. The cache's latencies are also added to
+    ``every``. Returns the cache's latencies per model (with ``_failures`` and ``_wall``), the other
+    server's, its failures, and each round's hot p99 ratio (cache / only-hot)."""
+    steady: dict[str, Any] = {"_failures": [], "_wall": 0.0}
+    base: dict[str, list[float]] = {}
+    base_failures: list[str] = []
+    ratios: list[float] = []
+    slices = np.array_split(np.arange(len(sequence)), args.p99_rounds)
+    load = (args.concurrency, args.timeout_s)
+    with EmbeddedServer(repo, model_control="explicit", load_models=sorted(hot)) as plain:
+        for k, order in enumerate(alternating(args.p99_rounds, ["cache", "only-hot"])):
+            part = [sequence[i] for i in slices[k]]
+            p99s: dict[str, float] = {}
+            for side in order:
+                label = f"round {k + 1}/{args.p99_rounds}: {side}"
+                if side == "cache":
+                    got, failures, wall = traffic(server, part, *load, label, console)
+                    steady["_failures"] += failures
+                    steady["_wall"] += wall
+                    for target in (steady, every):
+                        for name, values in got.items():
+                            target.setdefault(name, []).extend(values)
+                else:
+                    wanted = [n for n in part if n in hot]
+                    got, failures, _ = traffic(plain, wanted, *load, label, console)
+                    base_failures += failures
+                    for name, values in got.items():
+                        base.setdefault(name, []).extend(values)
+                p99s[side] = p([t for m in hot for t in got.get(m, [])], 99)
+            ratios.append(p99s["cache"] / p99s["only-hot"])
+    return steady, base, base_failures, ratios
+
+
 def closed_loop(server: EmbeddedServer, name: str, concurrency: int, duration_s: float) -> float:
     """Requests/s one loaded model answers, ``concurrency`` callers back to back for ``duration_s``."""
     count = [0] * concurrency
@@ -286,6 +332,9 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=300.0, help="each call's deadline")
     parser.add_argument("--duration-s", type=float, default=5.0, help="each hot-path round")
     parser.add_argument("--rounds", type=int, default=6, help="hot-path rounds (alternating)")
+    parser.add_argument(
+        "--p99-rounds", type=int, default=4, help="alternating rounds of the warm half (cache / only-hot)"
+    )
     parser.add_argument("--perf-analyzer", default=None, help="path (else $PERF_ANALYZER, PATH, shared/)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
@@ -325,25 +374,13 @@ def main() -> None:
                 before = ask_status(server)
                 half = len(sequence) // 2  # the first half warms the hot set up; the second is steady
                 zipf, zfails, zwall = traffic(
-                    server,
-                    sequence[:half],
-                    args.concurrency,
-                    args.timeout_s,
-                    "Zipf traffic (1st half)",
-                    console,
+                    server, sequence[:half], args.concurrency, args.timeout_s, "Zipf (warm-up)", console
                 )
-                steady, sfails, swall = traffic(
-                    server,
-                    sequence[half:],
-                    args.concurrency,
-                    args.timeout_s,
-                    "Zipf traffic (2nd half)",
-                    console,
+                steady, base, bfails, round_ratios = steady_rounds(
+                    server, repo, sequence[half:], hot, zipf, args, console
                 )
-                zfails += sfails
-                zwall += swall
-                for name, values in steady.items():
-                    zipf.setdefault(name, []).extend(values)
+                zfails += steady.pop("_failures")
+                zwall += steady.pop("_wall")
                 figures["zipf"] = {
                     "failures": zfails,
                     "answered": sum(len(v) for v in zipf.values()),
@@ -354,6 +391,12 @@ def main() -> None:
                     "steady_hot_p50_ms": p([t for m in hot for t in steady.get(m, [])], 50),
                     "steady_hot_p99_ms": p([t for m in hot for t in steady.get(m, [])], 99),
                 }
+                figures["plain"] = {
+                    "failures": bfails,
+                    "hot_p50_ms": p([t for v in base.values() for t in v], 50),
+                    "hot_p99_ms": p([t for v in base.values() for t in v], 99),
+                }
+                figures["steady_round_p99_ratios"] = round_ratios
                 status = ask_status(server)
                 figures["zipf"]["loads"] = status["loads"] - before["loads"]
             figures["cache"] = {
@@ -362,16 +405,6 @@ def main() -> None:
             figures["peak_loaded"] = sampler.peak_loaded
             figures["peak_pss_mib"] = sampler.peak_pss / 2**20
             hottest = ranking[0]
-            with EmbeddedServer(repo, model_control="explicit", load_models=sorted(hot)) as plain:
-                hot_sequence = [n for n in sequence if n in hot]
-                base, bfails, _ = traffic(
-                    plain, hot_sequence, args.concurrency, args.timeout_s, "hot models, no cache", console
-                )
-                figures["plain"] = {
-                    "failures": bfails,
-                    "hot_p50_ms": p([t for v in base.values() for t in v], 50),
-                    "hot_p99_ms": p([t for v in base.values() for t in v], 99),
-                }
             with Client(server.grpc_url) as client:
                 one(client, hottest, args.timeout_s)  # loaded already, or a miss loads it
             resident = sorted(loaded_models(server))
@@ -414,6 +447,7 @@ def main() -> None:
             f"{figures['plain']['hot_p50_ms']:.2f} / {figures['plain']['hot_p99_ms']:.2f}",
         ),
         ("hot p99, cache / only-hot (goal <= 1.2): all / 2nd half", f"{ratio:.2f} / {steady_ratio:.2f}"),
+        ("  2nd half, round by round", spread(figures["steady_round_p99_ratios"])),
         (
             "loads / evictions / load failures",
             f"{cache_f['loads']} / {cache_f['evictions']} / {cache_f['failures']}",

@@ -59,7 +59,10 @@ PLANS: dict[str, Plan] = {
     "ensemble_vs_client_chain": Plan(quick=("--duration-s", "0.5"), rounds=True, json=True, repo=True),
     "loadgen_capacity": Plan(quick=("--duration-s", "3"), json=True),  # locust needs whole seconds
     "many_models": Plan(
-        quick=("--models", "30", "--budget", "6", "--requests", "300", "--duration-s", "1", "--rounds", "1"),
+        quick=(
+            *("--models", "30", "--budget", "6", "--requests", "300"),
+            *("--duration-s", "1", "--rounds", "1", "--p99-rounds", "2"),
+        ),
         json=True,
     ),
     "model_cost": Plan(quick=("--models", "4", "--loads", "1", "--settle-s", "0.5"), rounds=True, json=True),

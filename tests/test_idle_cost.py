@@ -114,9 +114,11 @@ def test_a_repository_of_complete_configs_starts_one_stub_per_instance_that_stil
         # nor once it has answered: Triton's stub asks asyncio whether execute returned a coroutine after
         # every execute, and our backends' list is answered without importing asyncio (nor, with it,
         # socket, ssl and subprocess: ~3.3 MiB a stub)
+        # nor numpy's random module (its extensions, and OpenSSL's libcrypto through hashlib), fft or ma
         for stub in stubs.values():
             maps = Path(f"/proc/{stub.pid}/maps").read_text()
             assert "/_asyncio." not in maps and "/_ssl." not in maps and "_posixsubprocess" not in maps
+            assert "/mtrand." not in maps and "/_pocketfft_internal." not in maps and "libcrypto" not in maps
         expected = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, {"x": x})[
             0
         ]
@@ -185,7 +187,7 @@ def test_the_asyncio_stand_in_answers_a_list_alone_and_hands_anything_else_to_as
     code = textwrap.dedent(
         """
         import sys, types
-        from tritonforge.server.runtime import AsyncioOnDemand, defer_asyncio
+        from tritonforge.server.stub_modules import AsyncioOnDemand, defer_asyncio
         assert "asyncio" not in sys.modules
         defer_asyncio()
         import asyncio
@@ -211,6 +213,39 @@ def test_the_asyncio_stand_in_answers_a_list_alone_and_hands_anything_else_to_as
         done = subprocess.run([sys.executable, "-c", code, case], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "ok"
+
+
+def test_numpy_submodules_a_stub_never_uses_load_on_first_use_and_then_are_numpys_own():
+    code = textwrap.dedent(
+        """
+        import pickle, sys
+        from tritonforge.server.stub_modules import NUMPY_ON_DEMAND, OnDemandModule, defer_numpy_extras
+        defer_numpy_extras()
+        import numpy as np
+        assert all(type(sys.modules[name]) is OnDemandModule for name in NUMPY_ON_DEMAND)
+        assert "numpy.random.mtrand" not in sys.modules and "numpy.ma.core" not in sys.modules
+        assert float(np.ones(3).sum()) == 3.0  # numpy itself as usual
+        # each loads when used, by attribute or by import, and is then numpy's own
+        rng = np.random.default_rng(0)
+        assert sys.modules["numpy.random"] is np.random and type(np.random) is not OnDemandModule
+        assert pickle.loads(pickle.dumps(rng)).random() == rng.random()
+        from numpy.fft import fft
+        assert abs(fft(np.ones(4))[0] - 4) < 1e-12
+        import numpy.ma as ma  # a name bound to the stand-in before it loaded keeps forwarding to numpy's
+        assert ma.masked_array([1, 2], mask=[0, 1]).sum() == 1 and ma.MaskedArray is np.ma.MaskedArray
+        assert np.ma is sys.modules["numpy.ma"] and type(np.ma) is not OnDemandModule
+        assert np.polynomial.Polynomial([1, 2])(2) == 5
+        assert np.ctypeslib.as_array(np.ctypeslib.as_ctypes(np.arange(3))).tolist() == [0, 1, 2]
+        assert not any(type(sys.modules[name]) is OnDemandModule for name in NUMPY_ON_DEMAND)
+        before = dict(sys.modules)
+        defer_numpy_extras()  # numpy is imported: nothing changes
+        assert sys.modules == before
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
 
 
 def test_a_model_added_after_start_that_needs_auto_completion_loads_when_it_is_turned_back_on(tmp_path: Path):

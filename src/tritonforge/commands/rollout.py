@@ -382,7 +382,7 @@ def evaluate_command(
     model: str = typer.Argument(..., help="The model to evaluate."),
     data: Path = typer.Option(..., help="A labelled holdout (.npz with the model's inputs and 'labels')."),
     version: int | None = typer.Option(None, help="The version (default: the served one)."),
-    url: str = typer.Option("localhost:8001", help="The Triton server's gRPC address."),
+    url: str = _URL,
     repo: Path = repo_option("The repository whose manifest records it."),
     output: str | None = typer.Option(
         None, "--output-name", help="The output to score (default: the model's first)."

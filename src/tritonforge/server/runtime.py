@@ -12,17 +12,15 @@ The framework-specific part is a ``Runner``: ``run(inputs: dict[name, ndarray]) 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
-import sys
-import types
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from tritonforge.error_accounting import error_counter, settle_errors
+from tritonforge.server.stub_modules import defer_asyncio
 
 Arrays = dict[str, np.ndarray]
 Runner = Callable[[Arrays], Arrays]
@@ -493,35 +491,6 @@ def pytorch_runner(model: ServedModel) -> Runner:
         return out
 
     return run
-
-
-class AsyncioOnDemand(types.ModuleType):
-    """What a stub of our backends holds as ``asyncio`` until something needs more than ``iscoroutine``.
-
-    Triton's stub asks ``asyncio.iscoroutine`` of what every ``execute`` returns (to run an ``async def
-    execute``): importing asyncio for that costs each stub ~3.3 MiB (socket, ssl, subprocess, logging,
-    concurrent.futures...). Our backends' ``execute`` returns a list, never a coroutine, so a list is answered
-    here; anything else asked of this module (any other object, attribute or submodule) imports the real
-    asyncio, which takes this module's place in ``sys.modules``.
-    """
-
-    def iscoroutine(self, obj: object) -> bool:
-        return False if type(obj) is list else bool(self._real().iscoroutine(obj))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real(), name)
-
-    def _real(self) -> types.ModuleType:
-        if sys.modules.get(self.__name__) is self:
-            del sys.modules[self.__name__]
-        return importlib.import_module(self.__name__)
-
-
-def defer_asyncio() -> None:
-    """Let ``asyncio`` load only if something in this stub needs it (see :class:`AsyncioOnDemand`); a
-    framework that imported it already (torch does) keeps it."""
-    if "asyncio" not in sys.modules:
-        sys.modules["asyncio"] = AsyncioOnDemand("asyncio")
 
 
 class PythonBackendModel:

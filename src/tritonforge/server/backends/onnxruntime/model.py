@@ -17,6 +17,12 @@ sys.path += [
 # unless the server was started with another count.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from tritonforge.server.runtime import OnnxRuntimeModel as TritonPythonModel
+# numpy's submodules that serving never uses load on first use (~4 MiB and ~17 ms a stub), which only
+# works before numpy's first import: Triton's utilities and our runtime import it next.
+from tritonforge.server.stub_modules import defer_numpy_extras
+
+defer_numpy_extras()
+
+from tritonforge.server.runtime import OnnxRuntimeModel as TritonPythonModel  # noqa: E402 (after defer_numpy_extras)
 
 __all__ = ["TritonPythonModel"]
