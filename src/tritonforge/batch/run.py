@@ -39,7 +39,7 @@ from tritonforge.batch.result import (
     latency_summary,
 )
 from tritonforge.batch.runner import Event, Runner, signals
-from tritonforge.batch.server_stats import composing, splits, statistics
+from tritonforge.batch.server_stats import composing, splits, statistics, statistics_after
 from tritonforge.batch.sources import Dataset, open_dataset
 from tritonforge.client.wire import streams_for
 from tritonforge.errors import BatchError
@@ -184,7 +184,7 @@ async def arun_batch(
         finally:
             if lanes is not None:
                 await lanes.aclose()
-        after = await statistics(url_list, stats_models, options)
+        after = await statistics_after(url_list, stats_models, options, before, engine.requests)
     result = _result(root, runner, engine, shards, started, splits(before, after))
     emit("done", {"result": result})
     if runner.fatal is not None:

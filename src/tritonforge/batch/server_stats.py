@@ -4,7 +4,9 @@ statistics counters, snapshotted before and after the run and diffed into a :cla
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,7 +14,7 @@ from tritonforge.client.stats import Counters, ServerSplit, split
 from tritonforge.config import ComposingWalk
 from tritonforge.errors import ClientError
 
-__all__ = ["composing", "splits", "statistics"]
+__all__ = ["composing", "splits", "statistics", "statistics_after"]
 
 
 async def composing(client: Any, model: str, config: Any) -> list[str]:
@@ -47,6 +49,30 @@ async def statistics(
             if name in models:
                 totals[name] = totals.get(name, Counters()) + Counters.from_dict(stat)
     return totals
+
+
+async def statistics_after(
+    urls: Sequence[str],
+    models: Sequence[str],
+    options: Mapping[str, Any],
+    before: Mapping[str, Counters],
+    answered: int,
+    timeout_s: float = 2.0,
+) -> dict[str, Counters]:
+    """:func:`statistics` once every one of ``models`` has counted ``answered`` successful requests since
+    ``before`` (at most ``timeout_s``, then as they are).
+
+    A backend sends a request's response before it reports the request's statistics, so counters read
+    right after the last answer can be one short. The run's model and an ensemble's steps each count one
+    request per answered request (every step of an ensemble runs for each of its requests).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        after = await statistics(urls, models, options)
+        counted = [(after.get(m, Counters()) - before.get(m, Counters())).success for m in models]
+        if all(n >= answered for n in counted) or time.monotonic() >= deadline:
+            return after
+        await asyncio.sleep(0.05)
 
 
 def splits(before: Mapping[str, Counters], after: Mapping[str, Counters]) -> list[ServerSplit]:
