@@ -125,11 +125,13 @@ def test_a_repository_of_complete_configs_starts_one_stub_per_instance_that_stil
         # nor once it has answered: Triton's stub asks asyncio whether execute returned a coroutine after
         # every execute, and our backends' list is answered without importing asyncio (nor, with it,
         # socket, ssl and subprocess: ~3.3 MiB a stub)
-        # nor numpy's random module (its extensions, and OpenSSL's libcrypto through hashlib), fft or ma
+        # nor numpy's random module (its extensions, and OpenSSL's libcrypto through hashlib), fft, ma, or
+        # the pickle numpy imports for saving arrays
         for stub in stubs.values():
             maps = Path(f"/proc/{stub.pid}/maps").read_text()
             assert "/_asyncio." not in maps and "/_ssl." not in maps and "_posixsubprocess" not in maps
             assert "/mtrand." not in maps and "/_pocketfft_internal." not in maps and "libcrypto" not in maps
+            assert "/_pickle." not in maps
         expected = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, {"x": x})[
             0
         ]
@@ -233,11 +235,14 @@ def test_the_asyncio_stand_in_answers_a_list_alone_and_hands_anything_else_to_as
 def test_numpy_submodules_a_stub_never_uses_load_on_first_use_and_then_are_numpys_own():
     code = textwrap.dedent(
         """
-        import pickle, sys
+        import sys
         from tritonforge.server.stub_modules import NUMPY_ON_DEMAND, OnDemandModule, defer_numpy_extras
         defer_numpy_extras()
         import numpy as np
         assert all(type(sys.modules[name]) is OnDemandModule for name in NUMPY_ON_DEMAND)
+        assert "_pickle" not in sys.modules
+        import ast, pickle, textwrap  # the standard library's, on first use
+        assert ast.literal_eval("[1, 2]") == [1, 2] and textwrap.dedent("  a") == "a"
         assert "numpy.random.mtrand" not in sys.modules and "numpy.ma.core" not in sys.modules
         assert float(np.ones(3).sum()) == 3.0  # numpy itself as usual
         # each loads when used, by attribute or by import, and is then numpy's own

@@ -3,9 +3,10 @@
 A stub is one process per model instance, so every module it imports is paid once per loaded model, in
 memory and in the CPU time of each load. Two imports are larger than what serving uses:
 
-- numpy imports ``random``, ``ma``, ``polynomial``, ``fft`` and ``ctypeslib`` with itself (numpy 1.x):
-  ~4 MiB of private memory and ~17 ms of a stub's start, which neither Triton's utilities, our runtime,
-  onnxruntime nor a request use (``random`` also loads OpenSSL's libcrypto through ``hashlib``).
+- numpy imports ``random``, ``ma``, ``polynomial``, ``fft`` and ``ctypeslib`` with itself (numpy 1.x),
+  and ``ast``, ``pickle`` and ``textwrap`` for functions a stub never calls: ~4.7 MiB of private memory
+  and ~20 ms of a stub's start, which neither Triton's utilities, our runtime, onnxruntime nor a request
+  use (``random`` also loads OpenSSL's libcrypto through ``hashlib``).
 - Triton's stub asks ``asyncio.iscoroutine`` of what every ``execute`` returns (to run an ``async def
   execute``): importing asyncio for that costs ~3.3 MiB (socket, ssl, subprocess, logging...).
 
@@ -37,8 +38,19 @@ __all__ = [
     "load_nice",
 ]
 
-#: numpy's submodules that ``import numpy`` (1.x) loads and a serving stub never uses
-NUMPY_ON_DEMAND = ("numpy.random", "numpy.ma", "numpy.polynomial", "numpy.fft", "numpy.ctypeslib")
+#: what ``import numpy`` (1.x) loads and a serving stub never uses: numpy's submodules, and the standard
+#: library modules numpy imports at its top for functions a stub never calls (``ast`` for buffer-format
+#: parsing, ``pickle`` for loading and saving, ``textwrap`` for help texts)
+NUMPY_ON_DEMAND = (
+    "numpy.random",
+    "numpy.ma",
+    "numpy.polynomial",
+    "numpy.fft",
+    "numpy.ctypeslib",
+    "ast",
+    "pickle",
+    "textwrap",
+)
 
 
 class OnDemandModule(types.ModuleType):
@@ -71,7 +83,7 @@ def defer_asyncio() -> None:
 
 
 def defer_numpy_extras() -> None:
-    """Before numpy's first import: its submodules in :data:`NUMPY_ON_DEMAND` load on first use. Nothing
+    """Before numpy's first import: the modules in :data:`NUMPY_ON_DEMAND` load on first use. Nothing
     changes once numpy is imported (they are loaded already) or for one imported already."""
     if "numpy" in sys.modules:
         return
