@@ -4,8 +4,6 @@ thread pools as the config names them — while the model still batches and answ
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import subprocess
 import sys
@@ -79,15 +77,6 @@ def _stubs(server: EmbeddedServer) -> dict[str, psutil.Process]:
     return found
 
 
-def _thread_nice(pid: int) -> dict[int, int]:
-    """The nice value of each of ``pid``'s threads (``/proc/<pid>/task/<tid>/stat``)."""
-    found = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):  # a thread that ended meanwhile
-            found[int(task.name)] = int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
-    return found
-
-
 def _answers(server: EmbeddedServer) -> bool:
     """Model "one" of :func:`_onnx_repository` answers a request with its output's shape."""
     client = grpcclient.InferenceServerClient(server.grpc_url)
@@ -138,10 +127,6 @@ def test_a_repository_of_complete_configs_starts_one_stub_per_instance_that_stil
         np.testing.assert_allclose(np.concatenate(outs), expected, rtol=1e-5, atol=1e-6)
         # the config's intra-op threads are in effect: a pool of 3 runs 2 worker threads beside the caller
         assert stubs["three_0_0"].num_threads() - stubs["one_0_0"].num_threads() == 2
-        # the load's imports ran below the stub's priority in a thread of their own: nothing that serves
-        # (the main thread, onnxruntime's pool) is left at a lower priority
-        for stub in stubs.values():
-            assert set(_thread_nice(stub.pid).values()) == {_thread_nice(server.pid)[server.pid]}
 
 
 def test_a_server_that_can_only_serve_framework_models_keeps_no_bls_thread_pool_per_instance(tmp_path: Path):
@@ -266,51 +251,6 @@ def test_numpy_submodules_a_stub_never_uses_load_on_first_use_and_then_are_numpy
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
-
-
-def test_a_loads_imports_run_below_the_stubs_priority_in_a_thread_of_their_own(tmp_path: Path):
-    (tmp_path / "probe_module.py").write_text(
-        "import os, threading\n"
-        "tid = threading.get_native_id()\n"
-        "IN_MAIN = threading.current_thread() is threading.main_thread()\n"
-        "NICE = os.getpriority(os.PRIO_PROCESS, tid)\n"
-    )
-    code = textwrap.dedent(
-        """
-        import os, sys, threading
-        from tritonforge.server.stub_modules import import_at_low_priority
-        before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        import_at_low_priority(("probe_module",))
-        import probe_module
-        after = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        print(probe_module.IN_MAIN, probe_module.NICE - before, after - before, threading.active_count())
-        try:
-            import_at_low_priority(("no_such_module_here",))
-        except ModuleNotFoundError as exc:  # raised in the caller
-            print(exc.name)
-        """
-    )
-
-    def run(nice: str | None) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if k != "TRITONFORGE_LOAD_NICE"}
-        env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *sys.path])
-        if nice is not None:
-            env["TRITONFORGE_LOAD_NICE"] = nice
-        command = [sys.executable, "-c", code]
-        return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
-
-    base = run(None)
-    assert base.returncode == 0, base.stderr
-    # 10 steps lower by default, in another thread; the caller keeps its priority and no thread is left
-    assert base.stdout.split() == ["False", "10", "0", "1", "no_such_module_here"]
-    three = run("3")
-    assert three.stdout.split()[:3] == ["False", "3", "0"]
-    off = run("0")
-    assert off.stdout.split()[:3] == ["True", "0", "0"]  # off: imported in the caller, as it is
-    for wrong in ("-1", "20", "high"):
-        failed = run(wrong)
-        assert failed.returncode != 0
-        assert f"TRITONFORGE_LOAD_NICE={wrong!r}: give a whole number from 0 (off) to 19" in failed.stderr
 
 
 def test_a_model_added_after_start_that_needs_auto_completion_loads_when_it_is_turned_back_on(tmp_path: Path):

@@ -19,13 +19,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # numpy's submodules that serving never uses load on first use (~4 MiB and ~17 ms a stub), which only
 # works before numpy's first import: Triton's utilities and our runtime import it next.
-from tritonforge.server.stub_modules import defer_numpy_extras, import_at_low_priority
+from tritonforge.server.stub_modules import defer_numpy_extras
 
 defer_numpy_extras()
-# numpy's and our runtime's import, about half of a load's CPU, yields the CPU to the models answering
-# requests (with one OpenBLAS thread numpy starts none; onnxruntime starts one at import and is imported
-# as usual, in initialize)
-import_at_low_priority(("tritonforge.server.runtime",))
 
 from tritonforge.server.runtime import OnnxRuntimeModel as TritonPythonModel  # noqa: E402 (after defer_numpy_extras)
 

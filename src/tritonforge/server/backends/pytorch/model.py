@@ -17,7 +17,6 @@ sys.path += [
 from tritonforge.server.stub_modules import defer_numpy_extras
 
 defer_numpy_extras()
-# (numpy is imported at the stub's priority here: its OpenBLAS starts threads, which torch's BLAS may share)
 
 from tritonforge.server.runtime import PyTorchModel as TritonPythonModel  # noqa: E402 (after defer_numpy_extras)
 
