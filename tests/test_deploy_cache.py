@@ -18,6 +18,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from triton_stats import settled
 from tritonforge.cache import CACHE_MODEL, CacheBudget
 from tritonforge.cli import app
 from tritonforge.client import Client
@@ -299,12 +300,10 @@ def _load(server: EmbeddedServer, model: str) -> int:
         return int(exc.code)
 
 
-def _wait_loading(server: EmbeddedServer, model: str, timeout_s: float = 30.0) -> None:
+def _wait_loading(server: EmbeddedServer, model: str) -> None:
     """Until Triton has begun loading ``model`` (by its log: its repository index waits for a load)."""
-    deadline = time.monotonic() + timeout_s
-    while f"loading: {model}:" not in server.log and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert f"loading: {model}:" in server.log, server.log_tail()
+    mark = f"loading: {model}:"
+    assert mark in settled(lambda: server.log, lambda log: mark in log, timeout_s=30), server.log_tail()
 
 
 def test_the_pods_probes_stay_ready_through_a_slow_load_and_a_failed_one_where_strict_readiness_would_not(

@@ -23,7 +23,7 @@ import tritonclient.grpc as grpcclient
 import tiny_models
 from conftest import triton_infer
 from test_ensemble import GOOD_SPECS, build_models, encoder_graph, tiny_encoder_onnx, write_specs
-from triton_stats import settled
+from triton_stats import counted_since, counts, counts_when
 from tritonforge.config import (
     DataType,
     DynamicBatching,
@@ -217,22 +217,20 @@ def test_texts_of_any_length_batch_in_the_tokenizer_with_its_encoder_and_answer_
     from concurrent.futures import ThreadPoolExecutor
 
     sentences = ["hi", "a cat sat on the mat today", "Triton serves many models at once, fast, " * 3]
-    client = grpcclient.InferenceServerClient(served.grpc_url)
+    url = served.grpc_url
+    client = grpcclient.InferenceServerClient(url)
     try:
-        before = inference_count(client, model)
-        fused_before = inference_count(client, FUSED)
+        before, fused_before = counts(url, model), counts(url, FUSED)
         want = [
             triton_infer(client, FUSED, triton_infer(client, "tiny_tokenizer", {"TEXT": text}))["EMBEDDING"]
             for text in (np.array([[s.encode()]], dtype=np.object_) for s in sentences)
         ]
         # (every one of these counted before the concurrent calls start: a count read at once may be short)
-        fused_alone = settled(
-            lambda: inference_count(client, FUSED) - fused_before, lambda n: n >= len(sentences)
-        )
+        fused_before = counts_when(url, FUSED, rows=fused_before.rows + len(sentences))
         texts = [np.array([[s.encode()]], dtype=np.object_) for s in sentences * 8]
 
         def one(text: np.ndarray) -> np.ndarray:
-            own = grpcclient.InferenceServerClient(served.grpc_url)
+            own = grpcclient.InferenceServerClient(url)
             try:
                 return triton_infer(own, model, {"TEXT": text})["EMBEDDING"]
             finally:
@@ -242,22 +240,12 @@ def test_texts_of_any_length_batch_in_the_tokenizer_with_its_encoder_and_answer_
             got = list(pool.map(one, texts))
         for i, answer in enumerate(got):
             np.testing.assert_allclose(answer, want[i % len(sentences)], atol=1e-6)
-        counted = settled(lambda: inference_count(client, model) - before, lambda n: n >= len(texts))
-        assert counted == len(texts)
+        assert counted_since(url, model, before, len(texts)).rows == len(texts)
         # the fused model ran these requests only when the tokenizer called it through BLS
         expected = len(texts) if model == BLS else 0
-        called = settled(
-            lambda: inference_count(client, FUSED) - fused_before - fused_alone, lambda n: n >= expected
-        )
-        assert called == expected
+        assert counted_since(url, FUSED, fused_before, expected).rows == expected
     finally:
         client.close()
-
-
-def inference_count(client: Any, model: str) -> int:
-    """Requests (rows) the model has answered, by Triton's statistics (every version)."""
-    stats = client.get_inference_statistics(model_name=model, as_json=True)
-    return sum(int(m.get("inference_count", 0)) for m in stats.get("model_stats", []))
 
 
 def assert_pipeline_answers_as_its_chain(client: Any, sentences: list[str], atol: float) -> None:
