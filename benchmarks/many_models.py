@@ -33,7 +33,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -188,25 +188,31 @@ def traffic(
     return latencies, failures, wall
 
 
+class Steady(NamedTuple):
+    """The warmed-up half of the Zipf traffic, on the cache's server and on the only-hot one."""
+
+    cache: dict[str, list[float]]  # latencies per model
+    cache_failures: list[str]
+    cache_wall_s: float
+    only_hot: dict[str, list[float]]
+    only_hot_failures: list[str]
+    round_p99_ratios: list[float]  # each round's hot p99, cache / only-hot
+
+
 def steady_rounds(
     server: EmbeddedServer,
     repo: Path,
     sequence: list[str],
     hot: set[str],
-    every: dict[str, list[float]],
     args: argparse.Namespace,
     console: Any,
-) -> tuple[dict[str, Any], dict[str, list[float]], list[str], list[float]]:
+) -> Steady:
     """The warmed-up part of the Zipf traffic against a server with only the ``hot`` models loaded, in
     ``args.p99_rounds`` alternating rounds (ABBA...): each round sends one slice of ``sequence`` to the
     cache's ``server`` and the same slice's requests for hot models to the other, at the same concurrency,
-    so both sides meet the machine's ups and downs alike. The cache's latencies are also added to
-    ``every``. Returns the cache's latencies per model (with ``_failures`` and ``_wall``), the other
-    server's, its failures, and each round's hot p99 ratio (cache / only-hot)."""
-    steady: dict[str, Any] = {"_failures": [], "_wall": 0.0}
-    base: dict[str, list[float]] = {}
-    base_failures: list[str] = []
-    ratios: list[float] = []
+    so both sides meet the machine's ups and downs alike."""
+    steady = Steady({}, [], 0.0, {}, [], [])
+    wall = 0.0
     slices = np.array_split(np.arange(len(sequence)), args.p99_rounds)
     load = (args.concurrency, args.timeout_s)
     with EmbeddedServer(repo, model_control="explicit", load_models=sorted(hot)) as plain:
@@ -216,21 +222,19 @@ def steady_rounds(
             for side in order:
                 label = f"round {k + 1}/{args.p99_rounds}: {side}"
                 if side == "cache":
-                    got, failures, wall = traffic(server, part, *load, label, console)
-                    steady["_failures"] += failures
-                    steady["_wall"] += wall
-                    for target in (steady, every):
-                        for name, values in got.items():
-                            target.setdefault(name, []).extend(values)
+                    got, failures, took = traffic(server, part, *load, label, console)
+                    latencies, failed = steady.cache, steady.cache_failures
+                    wall += took
                 else:
                     wanted = [n for n in part if n in hot]
                     got, failures, _ = traffic(plain, wanted, *load, label, console)
-                    base_failures += failures
-                    for name, values in got.items():
-                        base.setdefault(name, []).extend(values)
+                    latencies, failed = steady.only_hot, steady.only_hot_failures
+                failed += failures
+                for name, values in got.items():
+                    latencies.setdefault(name, []).extend(values)
                 p99s[side] = p([t for m in hot for t in got.get(m, [])], 99)
-            ratios.append(p99s["cache"] / p99s["only-hot"])
-    return steady, base, base_failures, ratios
+            steady.round_p99_ratios.append(p99s["cache"] / p99s["only-hot"])
+    return steady._replace(cache_wall_s=wall)
 
 
 def closed_loop(server: EmbeddedServer, name: str, concurrency: int, duration_s: float) -> float:
@@ -376,11 +380,12 @@ def main() -> None:
                 zipf, zfails, zwall = traffic(
                     server, sequence[:half], args.concurrency, args.timeout_s, "Zipf (warm-up)", console
                 )
-                steady, base, bfails, round_ratios = steady_rounds(
-                    server, repo, sequence[half:], hot, zipf, args, console
-                )
-                zfails += steady.pop("_failures")
-                zwall += steady.pop("_wall")
+                rounds = steady_rounds(server, repo, sequence[half:], hot, args, console)
+                steady = rounds.cache
+                zfails += rounds.cache_failures
+                zwall += rounds.cache_wall_s
+                for name, values in steady.items():
+                    zipf.setdefault(name, []).extend(values)
                 figures["zipf"] = {
                     "failures": zfails,
                     "answered": sum(len(v) for v in zipf.values()),
@@ -391,12 +396,13 @@ def main() -> None:
                     "steady_hot_p50_ms": p([t for m in hot for t in steady.get(m, [])], 50),
                     "steady_hot_p99_ms": p([t for m in hot for t in steady.get(m, [])], 99),
                 }
+                base = [t for v in rounds.only_hot.values() for t in v]
                 figures["plain"] = {
-                    "failures": bfails,
-                    "hot_p50_ms": p([t for v in base.values() for t in v], 50),
-                    "hot_p99_ms": p([t for v in base.values() for t in v], 99),
+                    "failures": rounds.only_hot_failures,
+                    "hot_p50_ms": p(base, 50),
+                    "hot_p99_ms": p(base, 99),
                 }
-                figures["steady_round_p99_ratios"] = round_ratios
+                figures["steady_round_p99_ratios"] = rounds.round_p99_ratios
                 status = ask_status(server)
                 figures["zipf"]["loads"] = status["loads"] - before["loads"]
             figures["cache"] = {
